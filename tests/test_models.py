@@ -1,0 +1,143 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from safety_patch import models
+from safety_patch.errors import SafetyPatchError
+from safety_patch.fingerprint import fingerprint
+from safety_patch.generation import conversation, render
+from safety_patch.testing import tiny_llama
+
+
+def test_load_local_dir(tiny_dir):
+    lm = models.load_model(str(tiny_dir), device="cpu")
+    assert lm.source == "local" and lm.runtime.dtype is torch.float32
+    info = models.model_info(lm)
+    assert info["layers"] == 2 and info["chat_template"] is True
+    assert info["linear_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert info["n_linear_modules"] == 2 * 7  # lm_head excluded
+    assert len(lm.fingerprint) == 64
+
+
+def test_load_in_bfloat16(tiny_dir):
+    lm = models.load_model(str(tiny_dir), device="cpu", dtype="bfloat16")
+    assert next(lm.model.parameters()).dtype is torch.bfloat16
+
+
+def test_fingerprint_stable_across_loads_and_processes(tiny_dir, tmp_path):
+    a = models.load_model(str(tiny_dir), device="cpu").fingerprint
+    b = models.load_model(str(tiny_dir), device="cpu").fingerprint
+    code = (
+        "import sys; from safety_patch.models import load_model; "
+        f"print(load_model({str(tiny_dir)!r}, device='cpu').fingerprint)"
+    )
+    env = dict(os.environ, SAFETY_PATCH_HOME=str(tmp_path / "fresh-home"))  # no cached value: recomputed
+    c = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.strip()
+    assert a == b == c
+
+
+def test_fingerprint_same_for_lossless_dtype_change():
+    model, tok = tiny_llama()
+    fp32 = fingerprint(model, tok)
+    model.to(torch.bfloat16).to(torch.float32)  # makes the weights bf16-representable
+    rounded = fingerprint(model, tok)
+    assert fingerprint(model.to(torch.bfloat16), tok) == rounded
+    assert rounded != fp32
+
+
+def test_fingerprint_sensitive_to_one_weight_and_tokenizer():
+    model, tok = tiny_llama()
+    base = fingerprint(model, tok)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    assert fingerprint(model, tok) != base
+    model2, tok2 = tiny_llama()
+    tok2.chat_template = tok2.chat_template.replace("helpful", "harmless")
+    assert fingerprint(model2, tok2) != base
+    assert fingerprint(model2, tiny_llama()[1]) == base
+
+
+def test_fingerprint_cache_invalidated_when_weights_change(tiny_dir, tmp_path):
+    import shutil
+
+    from safety_patch.testing import save_tiny_model
+
+    a = models.load_model(str(tiny_dir), device="cpu").fingerprint
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    shutil.copy(other / "model.safetensors", tmp_path / "copy.safetensors")
+    local = tmp_path / "m"
+    shutil.copytree(tiny_dir, local)
+    assert models.load_model(str(local), device="cpu").fingerprint == a
+    shutil.copy(tmp_path / "copy.safetensors", local / "model.safetensors")
+    assert models.load_model(str(local), device="cpu").fingerprint != a
+
+
+def test_chat_template_rendering():
+    _, tok = tiny_llama()
+    text = render(tok, conversation("Hi {there}", system="Be brief."))
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi {there}<|im_end|>\n<|im_start|>assistant\n"
+    default_sys = render(tok, conversation("Hi"))
+    assert default_sys.startswith("<|im_start|>system\nYou are a helpful assistant.")
+
+
+def test_missing_path_errors():
+    with pytest.raises(SafetyPatchError, match="model path not found: ./nope"):
+        models.load_model("./nope")
+    with pytest.raises(SafetyPatchError, match="model file not found"):
+        models.load_model("/tmp/definitely-missing.gguf")
+
+
+def test_dir_without_config(tmp_path):
+    with pytest.raises(SafetyPatchError, match="no config.json"):
+        models.load_model(str(tmp_path))
+
+
+def test_hub_id_offline_is_one_clear_error(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SafetyPatchError, match="use --model default or a local model folder"):
+        models.load_model("some-org/some-model")
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + b"\0" * 100)
+    with pytest.raises(SafetyPatchError, match="not a GGUF file"):
+        models.load_model(str(bad))
+
+
+def test_truncated_gguf_leaves_no_cache(tmp_path, monkeypatch):
+    path = models.embedded_gguf_path()
+    trunc = tmp_path / "trunc.gguf"
+    with open(path, "rb") as f:
+        trunc.write_bytes(f.read(2_000_000))
+    with pytest.raises(SafetyPatchError, match="truncated or corrupt|truncated"):
+        models.load_model(str(trunc))
+    cache = models.home() / "models"
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_unwritable_cache_dir(monkeypatch, tmp_path):
+    ro = tmp_path / "ro"
+    ro.write_text("a file, not a folder")
+    monkeypatch.setenv("SAFETY_PATCH_HOME", str(ro))
+    with pytest.raises(SafetyPatchError, match="not writable"):
+        models.load_model("default")
+
+
+def test_killed_conversion_leaves_no_loadable_cache(tmp_path, monkeypatch):
+    """A conversion that dies mid-save leaves only a .tmp-* sibling, never a checkpoint."""
+    from safety_patch import atomic
+
+    out = tmp_path / "models" / "x"
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_dir(out) as tmp:
+            (tmp / "config.json").write_text(json.dumps({}))
+            raise RuntimeError("killed")
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir()] == []
