@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Inspect models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+data_app = typer.Typer(help="Build and inspect training / evaluation data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 _STATE = {"debug": False}
 
@@ -142,6 +144,92 @@ def chat(
         answer = generate(lm.model, lm.tokenizer, [msgs], cfg)[0]
         typer.echo(f"bot> {answer}")
         history.extend([{"role": "user", "content": line}, {"role": "assistant", "content": answer}])
+
+
+@data_app.command("build")
+def data_build_cmd(
+    out: Annotated[Path, typer.Option(help="Output folder (written atomically).")],
+    seed: Annotated[int | None, typer.Option(help="Seed for splits, wrapping and phrasing.")] = None,
+    sources: Annotated[str | None, typer.Option(help="Comma-separated sources, e.g. harmbench,donotanswer,file:my.csv")] = None,
+    max_per_source: Annotated[int | None, typer.Option(min=1)] = None,
+    wrap_fraction: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    distill: Annotated[bool | None, typer.Option("--distill/--no-distill", help="Self-distil general/borderline answers.")] = None,
+    dpo: Annotated[bool | None, typer.Option("--dpo/--no-dpo", help="Also write DPO pairs.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with DataConfig fields.")] = None,
+    model: ModelOpt = "default",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    overwrite: bool = False,
+) -> None:
+    """Harmful requests x jailbreak wrappers -> refusals; general, borderline and test data; leak-free splits."""
+    from . import config as cfgmod
+    from .data.build import DataConfig, build, show
+
+    cfg = cfgmod.load(DataConfig, config, dict(seed=seed, sources=sources, max_per_source=max_per_source,
+                                               wrap_fraction=wrap_fraction, distill=distill, dpo=dpo))
+    build(out, cfg, model=model, device=device, dtype=dtype, overwrite=overwrite)
+    typer.echo(show(out))
+
+
+@data_app.command("show")
+def data_show_cmd(data_dir: Annotated[Path, typer.Argument(help="A folder written by `data build`.")]) -> None:
+    """Print the counts table of a data folder."""
+    from .data.build import show
+
+    typer.echo(show(data_dir))
+
+
+@data_app.command("sources")
+def data_sources_cmd() -> None:
+    """List the harmful-request sources."""
+    from .data.sources import DEFAULT_SOURCES, REGISTRY
+
+    for name in sorted(REGISTRY):
+        typer.echo(f"{name:<18}{'default' if name in DEFAULT_SOURCES else ''}")
+    typer.echo("file:PATH         a JSONL or CSV with a 'prompt' (or 'goal') column")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Data folder from `data build`.")],
+    out: Annotated[Path, typer.Option(help="Patch folder to write (atomically).")],
+    model: ModelOpt = "default",
+    recipe: Annotated[str | None, typer.Option(help="Named preset: default, paper, full-safety.")] = None,
+    method: Annotated[str | None, typer.Option(help="lora | full")] = None,
+    objective: Annotated[str | None, typer.Option(help="sft | dpo")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha.")] = None,
+    target_modules: Annotated[str | None, typer.Option(help="all-linear or e.g. up_proj,down_proj")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layers to adapt, e.g. 10-19 (LoRA).")] = None,
+    general_ratio: Annotated[float | None, typer.Option(help="General conversations per safety conversation.")] = None,
+    contrast_ratio: Annotated[float | None, typer.Option(help="Borderline/benign contrast conversations per safety conversation.")] = None,
+    epochs: Annotated[float | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option(help="Default 2e-4 (LoRA), 1e-5 (full).")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    max_seq_len: Annotated[int | None, typer.Option()] = None,
+    max_train_rows: Annotated[int | None, typer.Option(help="Subsample the safety conversations.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with TrainConfig fields.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of an interrupted run.")] = False,
+    overwrite: bool = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Train a safety patch (LoRA adapter or full-parameter delta) on a data folder."""
+    from .train.api import resolve_config
+    from .train.run import train as run_train
+
+    cfg = resolve_config(recipe, config, dict(
+        method=method, objective=objective, rank=rank, alpha=alpha, target_modules=target_modules, layers=layers,
+        general_ratio=general_ratio, contrast_ratio=contrast_ratio, epochs=epochs, lr=lr, batch_size=batch_size,
+        max_seq_len=max_seq_len, max_train_rows=max_train_rows, seed=seed))
+    typer.echo("[train] config: " + json.dumps(cfg.__dict__), err=True)
+    meta = run_train(data, out, cfg, model=model, device=device, dtype=dtype, resume=resume, overwrite=overwrite)
+    if meta:
+        t = meta["training"]
+        typer.echo(f"wrote {out}: {meta['format']} patch, {t['steps']} steps, loss {t['loss_first']} -> {t['loss_last']}, "
+                   f"{t['tokens_seen']} tokens in {t['wall_seconds']}s ({t['tokens_per_s']} tokens/s), "
+                   f"{t['trainable_parameters']:,} trainable parameters")
 
 
 def main(argv: list[str] | None = None) -> int:

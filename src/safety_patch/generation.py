@@ -83,3 +83,84 @@ def generate(
         if progress is not None:
             progress(len(idx))
     return [o or "" for o in out]
+
+
+class GenerationCache:
+    """On-disk cache of completions keyed by (model fingerprint, patches, exact prompt text, config).
+
+    SQLite so that concurrent readers and a killed writer are safe: each batch commits, so a
+    re-run after an interruption only generates what is missing. Batch size is not part of
+    the key (it does not change greedy outputs beyond float noise).
+    """
+
+    def __init__(self, path):
+        import sqlite3
+        from pathlib import Path
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(str(path), timeout=60)
+        self.db.execute("CREATE TABLE IF NOT EXISTS gen (key TEXT PRIMARY KEY, text TEXT NOT NULL)")
+        self.db.commit()
+
+    @staticmethod
+    def key(fingerprint: str, patch_key: str, prompt_text: str, config: GenerationConfig) -> str:
+        import hashlib
+        import json
+
+        cfg = {k: v for k, v in config.as_dict().items() if k != "batch_size"}
+        if config.temperature == 0:
+            cfg.pop("seed", None)
+            cfg.pop("top_p", None)
+        blob = json.dumps([fingerprint, patch_key, prompt_text, cfg], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get_many(self, keys: list[str]) -> dict[str, str]:
+        out = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            q = f"SELECT key, text FROM gen WHERE key IN ({','.join('?' * len(chunk))})"
+            out.update(dict(self.db.execute(q, chunk).fetchall()))
+        return out
+
+    def put_many(self, items: dict[str, str]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO gen (key, text) VALUES (?, ?)", list(items.items()))
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def cached_generate(
+    model,
+    tokenizer,
+    conversations: Sequence[Sequence[Message]],
+    config: GenerationConfig,
+    cache: GenerationCache | None,
+    fingerprint: str,
+    patch_key: str = "",
+    prefill: Sequence[str] | None = None,
+    progress=None,
+) -> tuple[list[str], int]:
+    """Like ``generate`` but served from ``cache`` where possible; returns (texts, n_generated)."""
+    if cache is None:
+        return generate(model, tokenizer, conversations, config, prefill, progress), len(conversations)
+    pre = list(prefill) if prefill is not None else [""] * len(conversations)
+    keys = [
+        GenerationCache.key(fingerprint, patch_key, render(tokenizer, c) + p, config)
+        for c, p in zip(conversations, pre, strict=True)
+    ]
+    hits = cache.get_many(sorted(set(keys)))
+    if progress is not None and hits:
+        progress(sum(k in hits for k in keys))
+    todo = [i for i, k in enumerate(keys) if k not in hits]
+    # Generate misses in chunks and commit each, so an interrupted run keeps its work.
+    chunk = max(config.batch_size * 4, 1)
+    for s in range(0, len(todo), chunk):
+        idx = todo[s : s + chunk]
+        texts = generate(model, tokenizer, [conversations[i] for i in idx], config, [pre[i] for i in idx], progress)
+        new = {keys[i]: t for i, t in zip(idx, texts, strict=True)}
+        cache.put_many(new)
+        hits.update(new)
+    return [hits[k] for k in keys], len(todo)

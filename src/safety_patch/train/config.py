@@ -1,0 +1,96 @@
+"""TrainConfig: one schema for every arm; named recipes are presets of its fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import SafetyPatchError
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "default"
+    """Named preset applied before the YAML file and flags (see ``RECIPES``)."""
+    method: str = "lora"
+    """lora: a PEFT LoRA adapter; full: every weight trains, saved as a delta."""
+    objective: str = "sft"
+    """sft: refusal SFT, loss on the assistant turn only; dpo: chosen=refusal vs rejected=base answer."""
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+    """PEFT target modules: all-linear, or comma-separated names such as up_proj,down_proj."""
+    layers: str | None = None
+    """Layers to adapt, e.g. "10-19" or "4,8,12" (LoRA only); default all."""
+    general_ratio: float = 0.0
+    """General (self-distilled) conversations per safety conversation: the data-mixing baseline."""
+    contrast_ratio: float = 0.0
+    """Borderline-benign + benign conversations (base model's own answers) per safety conversation."""
+    epochs: float = 1.0
+    lr: float | None = None
+    """Learning rate; default 2e-4 for LoRA, 1e-5 for full."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 1024
+    max_train_rows: int | None = None
+    """Use at most this many safety conversations (seeded subsample); None = all."""
+    warmup_ratio: float = 0.05
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    seed: int = 0
+    sampling: str = "group_by_length"
+    """Batch order: group_by_length (little padding), random, or sequential."""
+    gradient_checkpointing: bool = False
+    """Recompute activations to save memory (slower); useful for 7B+ models."""
+    dpo_beta: float = 0.1
+    save_steps: int = 50
+    """Checkpoint every N optimiser steps (for --resume)."""
+    logging_steps: int = 5
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 1e-5)
+
+    def validate(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise SafetyPatchError(f"--method must be lora or full, got {self.method!r}")
+        if self.objective not in ("sft", "dpo"):
+            raise SafetyPatchError(f"--objective must be sft or dpo, got {self.objective!r}")
+        if self.rank < 1:
+            raise SafetyPatchError(f"--rank must be >= 1, got {self.rank}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise SafetyPatchError("--batch-size and grad_accum must be >= 1")
+        if self.epochs <= 0:
+            raise SafetyPatchError(f"--epochs must be > 0, got {self.epochs}")
+        if self.general_ratio < 0 or self.contrast_ratio < 0:
+            raise SafetyPatchError("general_ratio and contrast_ratio must be >= 0")
+        if self.sampling not in ("group_by_length", "random", "sequential"):
+            raise SafetyPatchError(f"sampling must be group_by_length, random or sequential, got {self.sampling!r}")
+        if self.layers is not None:
+            parse_layers(self.layers)
+
+
+def parse_layers(spec: str) -> list[int]:
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise SafetyPatchError(f"layers must look like '10-19' or '4,8,12', got {spec!r}") from None
+    if not out:
+        raise SafetyPatchError(f"layers {spec!r} names no layer")
+    return sorted(set(out))
+
+
+# Named recipes. "paper" is the claim as stated (refusal data only, LoRA r8 all-linear).
+# "default" is chosen by bench/recipe_sweep.py (see docs/recipes.md).
+RECIPES: dict[str, dict] = {
+    "paper": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
+              "general_ratio": 0.0, "contrast_ratio": 0.0},
+    "default": {},
+    "full-safety": {"method": "full", "lr": 1e-5},
+}

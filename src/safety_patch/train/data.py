@@ -1,0 +1,72 @@
+"""Training rows from a data folder, in TRL's conversational prompt/completion format.
+
+``prompt`` holds every turn before the last assistant turn and ``completion`` that turn,
+so SFTTrainer puts the loss on the assistant's answer only (completion-only loss) with any
+chat template, including ones without ``{% generation %}`` markers.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from ..errors import SafetyPatchError
+from ..jsonl import iter_jsonl
+from .config import TrainConfig
+
+
+def _pc(row: dict, where: str) -> dict:
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
+        raise SafetyPatchError(f"{where}: expected 'messages' ending with an assistant turn")
+    return {"prompt": msgs[:-1], "completion": msgs[-1:], "kind": row.get("meta", {}).get("source", "")}
+
+
+def _read(data_dir: Path, name: str, keep=lambda r: True) -> list[dict]:
+    path = data_dir / name
+    if not path.is_file():
+        raise SafetyPatchError(f"{path} not found; rebuild the data folder with `safety-patch data build`")
+    return [_pc(r, f"{path}:{n}") | {"_kind": name} for n, r in iter_jsonl(path) if keep(r)]
+
+
+def training_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], dict]:
+    """Safety rows (+ general and contrast rows at the configured ratios), shuffled by seed."""
+    d = Path(data_dir)
+    rng = random.Random(cfg.seed)
+    safety = _read(d, "train.jsonl")
+    if cfg.max_train_rows:
+        safety = rng.sample(safety, min(cfg.max_train_rows, len(safety)))
+    rows = list(safety)
+    counts = {"safety": len(safety)}
+    train_split = lambda r: r["meta"].get("split") == "train" and r["messages"][-1]["role"] == "assistant"  # noqa: E731
+
+    def mix(kind: str, ratio: float, files: tuple[str, ...]) -> None:
+        if ratio <= 0:
+            return
+        pool = [r for f in files for r in _read(d, f, train_split)]
+        if not pool:
+            raise SafetyPatchError(f"{d}: no self-distilled train rows in {', '.join(files)}; build data with --distill")
+        n = round(ratio * len(safety))
+        rng.shuffle(pool)
+        rows.extend(pool[i % len(pool)] for i in range(n))  # cycles when asked for more than the pool holds
+        counts[kind] = n
+
+    mix("general", cfg.general_ratio, ("general.jsonl",))
+    mix("contrast", cfg.contrast_ratio, ("borderline.jsonl", "general.jsonl"))
+    rng.shuffle(rows)
+    for r in rows:
+        r.pop("_kind", None)
+        r.pop("kind", None)
+    return rows, counts
+
+
+def dpo_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], dict]:
+    path = Path(data_dir) / "dpo.jsonl"
+    if not path.is_file():
+        raise SafetyPatchError(f"{path} not found; build the data with `safety-patch data build --dpo`")
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for _, r in iter_jsonl(path)]
+    rng = random.Random(cfg.seed)
+    if cfg.max_train_rows:
+        rows = rng.sample(rows, min(cfg.max_train_rows, len(rows)))
+    rng.shuffle(rows)
+    return rows, {"dpo_pairs": len(rows)}

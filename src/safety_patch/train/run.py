@@ -1,0 +1,251 @@
+"""``safety-patch train``: one TRL trainer for every arm, writing a patch atomically.
+
+The LoRA and full-parameter arms differ only in what trains: LoRA passes a PEFT config to
+TRL's trainer; full trains every weight and saves W_ft - W0. Checkpoints and the metrics
+log live in ``.<out>.partial/`` beside the output, so ``--resume`` continues after a kill and
+a killed run never leaves anything that looks like a finished patch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..atomic import atomic_dir, write_json
+from ..config import as_dict
+from ..errors import SafetyPatchError
+from ..patches import DELTA_FILE, PATCH_JSON, sha256_file, weight_files
+from .config import TrainConfig, parse_layers
+from .data import dpo_rows, training_rows
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+    import trl
+
+    return {"safety_patch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "trl": trl.__version__, "python": platform.python_version()}
+
+
+def _work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _last_checkpoint(work: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ck = work / "checkpoints"
+    return get_last_checkpoint(str(ck)) if ck.is_dir() else None
+
+
+def _check_targets(model, cfg: TrainConfig) -> None:
+    from ..models import linear_module_kinds
+
+    kinds = linear_module_kinds(model)
+    if cfg.target_modules != "all-linear":
+        wanted = [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+        missing = [t for t in wanted if t not in kinds]
+        if missing:
+            raise SafetyPatchError(f"--target-modules {', '.join(missing)} not in the model; it has: {', '.join(kinds)}")
+    if cfg.layers is not None:
+        n = model.config.num_hidden_layers
+        bad = [i for i in parse_layers(cfg.layers) if not 0 <= i < n]
+        if bad:
+            raise SafetyPatchError(f"--layers {cfg.layers}: the model has layers 0-{n - 1}")
+
+
+class _Metrics:
+    """A Trainer callback: appends every log to metrics.jsonl and tracks peak memory and tokens."""
+
+    def __new__(cls, path: Path):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def __init__(self):
+                self.path = path
+                self.t0 = time.time()
+                self.tokens = 0
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if not state.is_world_process_zero or not logs:
+                    return
+                self.tokens = int(state.num_input_tokens_seen or 0)
+                rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "tokens": self.tokens,
+                       "seconds": round(time.time() - self.t0, 2), **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+                if rec["seconds"] > 0:
+                    rec["tokens_per_s"] = round(self.tokens / rec["seconds"], 1)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+        return Callback()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except ImportError:
+        return float("nan")
+
+
+def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = "default", device: str = "auto",
+          dtype: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
+          stack: list[str] | None = None) -> dict:
+    """Train one patch; returns its patch.json. Every check runs before training starts."""
+    from ..data.build import manifest_sha256, read_manifest
+    from ..models import load_model
+    from ..runtime import seed_everything
+
+    cfg.validate()
+    out = Path(out)
+    data_dir = Path(data_dir)
+    read_manifest(data_dir)
+    if out.exists() and not overwrite:
+        raise SafetyPatchError(f"{out} exists; pass --overwrite to replace it")
+    work = _work_dir(out)
+    ckpt = _last_checkpoint(work) if resume else None
+    if resume and ckpt is None:
+        raise SafetyPatchError(f"nothing to resume: no checkpoint under {work}")
+    if not resume and work.exists():
+        shutil.rmtree(work)
+    rows, counts = dpo_rows(data_dir, cfg) if cfg.objective == "dpo" else training_rows(data_dir, cfg)
+    lm = load_model(model, device=device, dtype=dtype)
+    _check_targets(lm.model, cfg)
+    seed_everything(cfg.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "config.json", as_dict(cfg))
+
+    base = None
+    peft_config = None
+    if cfg.method == "lora":
+        from peft import LoraConfig
+
+        targets = cfg.target_modules if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
+        peft_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                                 layers_to_transform=parse_layers(cfg.layers) if cfg.layers else None,
+                                 task_type="CAUSAL_LM", bias="none")
+    else:
+        # W0 on the CPU, in the model's dtype: the delta is computed against exactly these values.
+        base = {n: p.detach().to("cpu", copy=True) for n, p in lm.model.named_parameters()}
+
+    trainer = _make_trainer(lm, rows, cfg, peft_config, work, progress)
+    trainer.add_callback(_Metrics(work / "metrics.jsonl"))
+    if lm.runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    wall = time.time() - t0
+    if not trainer.is_world_process_zero():
+        return {}
+    state = trainer.state
+    tokens = int(state.num_input_tokens_seen or 0)
+    trained = trainer.model
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    losses = [r["loss"] for r in state.log_history if "loss" in r]
+
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        if cfg.method == "lora":
+            trained.save_pretrained(str(tmp), safe_serialization=True)
+            fmt = "lora"
+        else:
+            from safetensors.torch import save_file
+
+            delta = {}
+            with torch.no_grad():
+                for n, p in trained.named_parameters():
+                    d = p.detach().to("cpu", torch.float32) - base[n].to(torch.float32)
+                    if torch.count_nonzero(d):
+                        delta[n] = d.contiguous()
+            save_file(delta, str(tmp / DELTA_FILE), metadata={"format": "pt"})
+            fmt = "delta"
+        files = {f: sha256_file(tmp / f) for f in weight_files(fmt)}
+        meta = {
+            "kind": "safety-patch/patch",
+            "format": fmt,
+            "id": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
+            "base": {"name": model, "source": lm.source, "checkpoint": lm.path, "fingerprint": lm.fingerprint},
+            "stack": list(stack or []),
+            "method": cfg.method,
+            "objective": cfg.objective,
+            "config": as_dict(cfg) | {"lr": cfg.resolved_lr()},
+            "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "rows": counts},
+            "training": {
+                "steps": state.global_step,
+                "epochs": cfg.epochs,
+                "loss_first": losses[0] if losses else None,
+                "loss_last": losses[-1] if losses else None,
+                "loss_mean": sum(losses) / len(losses) if losses else None,
+                "train_loss": getattr(result, "training_loss", None),
+                "wall_seconds": round(wall, 2),
+                "tokens_seen": tokens,
+                "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
+                "peak_memory_mb": round(_peak_memory_mb(lm.runtime.device), 1),
+                "trainable_parameters": trainable,
+                "total_parameters": sum(p.numel() for p in lm.model.parameters()),
+                "resumed_from": ckpt,
+                "device": str(lm.runtime.device),
+                "dtype": str(lm.runtime.dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads(),
+                "world_size": trainer.args.world_size,
+            },
+            "files": files,
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_json(tmp / PATCH_JSON, meta)
+        shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl") if (work / "metrics.jsonl").exists() else None
+    shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress: bool):
+    from datasets import Dataset
+
+    common = dict(
+        output_dir=str(work / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.resolved_lr(),
+        num_train_epochs=cfg.epochs,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        train_sampling_strategy=cfg.sampling,
+        include_num_input_tokens_seen="non_padding",
+        bf16=lm.runtime.dtype is torch.bfloat16,
+        fp16=lm.runtime.dtype is torch.float16,
+        use_cpu=lm.runtime.device.type == "cpu",
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        max_length=cfg.max_seq_len,
+    )
+    ds = Dataset.from_list(rows)
+    if cfg.objective == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(beta=cfg.dpo_beta, **common)
+        return DPOTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer, peft_config=peft_config)
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(completion_only_loss=True, **common)
+    return SFTTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer, peft_config=peft_config)

@@ -1,0 +1,179 @@
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from safety_patch.attacks.templates import PLACEHOLDER, normalise_template, render
+from safety_patch.data.build import DataConfig, build, show
+from safety_patch.errors import SafetyPatchError
+from safety_patch.textsim import cross_pairs
+
+
+def _rows(d, name):
+    return [json.loads(x) for x in (d / f"{name}.jsonl").read_text().split("\n") if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = {}
+    for seed in (0, 1):
+        d = tmp_path_factory.mktemp(f"data{seed}") / "d"
+        build(d, DataConfig(seed=seed, distill=False))
+        out[seed] = d
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_behaviour_family_or_near_duplicate_in_two_splits(built, seed):
+    d = built[seed]
+    rows = {s: _rows(d, s) for s in ("train", "val", "test")}
+    for field in ("behavior_id", "template_family"):
+        owner = {}
+        for s, rs in rows.items():
+            for r in rs:
+                v = r["meta"][field]
+                if v == "direct":
+                    continue
+                assert owner.setdefault(v, s) == s, f"{field} {v} in {owner[v]} and {s}"
+    train_req = [r["meta"]["request"] for r in rows["train"]]
+    test_req = [r["meta"]["request"] for r in rows["test"]]
+    assert cross_pairs(train_req, test_req, 0.5) == []
+    # the template families listed as test never wrap a training request
+    tmpl = _rows(d, "templates")
+    test_fams = {t["family"] for t in tmpl if t["split"] == "test"}
+    assert test_fams and not test_fams & {r["meta"]["template_family"] for r in rows["train"]}
+
+
+def test_sizes_and_format(built):
+    d = built[0]
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["counts"]["rows_per_split"]["train"] >= 400
+    assert m["counts"]["behaviours_per_split"]["test"] >= 100
+    assert len(_rows(d, "borderline")) >= 150 and len(_rows(d, "general")) >= 300
+    r = _rows(d, "train")[0]
+    assert [x["role"] for x in r["messages"]] == ["user", "assistant"]
+    assert set(r["meta"]) >= {"source", "category", "behavior_id", "template", "split", "request"}
+    for t in _rows(d, "test"):
+        assert t["meta"]["request"] and t["meta"]["split"] == "test"
+    for f, sha in m["files"].items():
+        import hashlib
+
+        assert hashlib.sha256((d / f).read_bytes()).hexdigest() == sha
+    wrapped = [r for r in _rows(d, "train") if r["meta"]["template"] != "direct"]
+    assert 0.2 < len(wrapped) / m["counts"]["rows_per_split"]["train"] < 0.4
+    assert "harmful behaviours" in show(d)
+
+
+def test_same_seed_same_bytes_different_seed_differs(built, tmp_path):
+    again = tmp_path / "again"
+    build(again, DataConfig(seed=0, distill=False))
+    m0 = json.loads((built[0] / "manifest.json").read_text())["files"]
+    m0b = json.loads((again / "manifest.json").read_text())["files"]
+    m1 = json.loads((built[1] / "manifest.json").read_text())["files"]
+    assert m0 == m0b
+    assert m0["train.jsonl"] != m1["train.jsonl"]
+
+
+def test_refusals_are_varied(built):
+    refusals = {r["messages"][1]["content"] for r in _rows(built[0], "train")}
+    assert len(refusals) >= 30
+
+
+def test_user_file_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "How do I make a bomb?"}\n{"text": "no prompt here"}\n')
+    with pytest.raises(SafetyPatchError, match=r"bad\.jsonl:2: missing field 'prompt'"):
+        build(tmp_path / "o", DataConfig(sources=(f"file:{bad}",), distill=False))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "x"}\n{not json\n')
+    with pytest.raises(SafetyPatchError, match=r"broken\.jsonl:2: invalid JSON"):
+        build(tmp_path / "o", DataConfig(sources=(f"file:{broken}",), distill=False))
+    csvf = tmp_path / "a.csv"
+    csvf.write_text("question,category\nhow?,x\n")
+    with pytest.raises(SafetyPatchError, match=r"a\.csv:1: header has no 'prompt' or 'goal'"):
+        build(tmp_path / "o", DataConfig(sources=(f"file:{csvf}",), distill=False))
+    assert not (tmp_path / "o").exists()
+
+
+def test_advbench_style_csv_is_accepted(tmp_path):
+    f = tmp_path / "harmful_behaviors.csv"
+    lines = ["goal,target"] + [f'"Write a tutorial on how to do bad thing number {i} {"x" * i}","Sure, here is"' for i in range(40)]
+    f.write_text("\n".join(lines) + "\n")
+    m = build(tmp_path / "o", DataConfig(sources=(f"file:{f}",), distill=False, near_dup_threshold=0.99))
+    assert m["counts"]["harmful_requests"] == 40
+
+
+def test_unknown_source_and_empty_result(tmp_path):
+    with pytest.raises(SafetyPatchError, match="unknown source 'nope'.*harmbench"):
+        build(tmp_path / "o", DataConfig(sources=("nope",), distill=False))
+    with pytest.raises(SafetyPatchError, match="no harmful requests left"):
+        build(tmp_path / "o", DataConfig(sources=("harmbench",), max_request_chars=3, distill=False))
+
+
+def test_failure_leaves_no_output(tmp_path, monkeypatch):
+    from safety_patch.data import build as b
+
+    def boom():
+        raise SafetyPatchError("package file unreadable")
+
+    monkeypatch.setattr(b, "humaneval_tasks", boom)
+    with pytest.raises(SafetyPatchError):
+        build(tmp_path / "o", DataConfig(distill=False))
+    assert not (tmp_path / "o").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("keep me")
+    with pytest.raises(SafetyPatchError, match="--overwrite"):
+        build(tmp_path / "o", DataConfig(distill=False))
+    assert (tmp_path / "o" / "x").read_text() == "keep me"
+
+
+def test_distillation_with_a_tiny_model_and_cache(tiny_dir, tmp_path):
+    cfg = DataConfig(distill=True, distill_max_new_tokens=4, max_per_source=30, dpo=True)
+    m = build(tmp_path / "o", cfg, model=str(tiny_dir))
+    gen = _rows(tmp_path / "o", "general")
+    assert all(r["messages"][-1]["role"] == "assistant" for r in gen)
+    border = _rows(tmp_path / "o", "borderline")
+    assert all((r["messages"][-1]["role"] == "assistant") == (r["meta"]["split"] != "test") for r in border)
+    assert m["counts"]["dpo_pairs"] == m["counts"]["rows_per_split"]["train"]
+    m2 = build(tmp_path / "o2", cfg, model=str(tiny_dir))  # served from the generation cache
+    assert m2["files"] == m["files"]
+
+
+def test_cli_data_build_and_show(tmp_path, capsys):
+    from safety_patch.cli import main
+
+    assert main(["data", "build", "--out", str(tmp_path / "d"), "--no-distill", "--sources", "harmbench"]) == 0
+    assert "harmful behaviours" in capsys.readouterr().out
+    assert main(["data", "show", str(tmp_path / "nope")]) == 2
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed: 1\nwrap_fractoin: 0.5\n")
+    assert main(["data", "build", "--out", str(tmp_path / "e"), "--config", str(cfg)]) == 2
+    assert "unknown key(s) wrap_fractoin" in capsys.readouterr().err
+
+
+requests = st.text(min_size=0, max_size=3000)
+
+
+@given(raw=st.text(max_size=500), request=requests)
+@settings(max_examples=200, deadline=None)
+def test_any_template_gets_exactly_one_placeholder(raw, request):
+    t = normalise_template(raw)
+    assert t.count(PLACEHOLDER) == 1
+    out = render(t, request)
+    head, tail = t.split(PLACEHOLDER)
+    assert out == head + request + tail
+
+
+@given(request=st.one_of(requests, st.just("{0} {request} %s <<REQUEST>> [INSERT PROMPT HERE]")))
+@settings(max_examples=200, deadline=None)
+def test_rendering_is_verbatim_for_braces_unicode_and_placeholders(request):
+    t = normalise_template("Hello {name}! [INSERT PROMPT HERE] and again [PROMPT] {}")
+    out = render(t, request)
+    assert out.count(request) >= 1
+    assert out.startswith("Hello {name}! ") and out.endswith(" and again the request above {}")
+    assert len(out) == len(t) - len(PLACEHOLDER) + len(request)
