@@ -125,8 +125,32 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
     return Patch(path, meta, fmt, pid)
 
 
+def finalize_patch(folder: Path, fmt: str, base: dict, **fields) -> dict:
+    """Write ``patch.json`` into a folder that already holds the weight files; returns it."""
+    import time
+
+    from . import __version__
+
+    files = {f: sha256_file(folder / f) for f in weight_files(fmt)}
+    meta = {
+        "kind": "safety-patch/patch",
+        "format": fmt,
+        "id": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
+        "base": base,
+        "stack": [],
+        **fields,
+        "files": files,
+        "safety_patch_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    from .atomic import write_json
+
+    write_json(folder / PATCH_JSON, meta)
+    return meta
+
+
 def _module_names(model: torch.nn.Module) -> set[str]:
-    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force: bool = False) -> list[str]:
@@ -140,9 +164,13 @@ def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force:
     if patch.format == "lora":
         cfg = json.loads((patch.path / "adapter_config.json").read_text())
         targets = cfg.get("target_modules")
-        if isinstance(targets, str):
-            targets = [] if targets == "all-linear" else [targets]
-        missing = sorted(set(targets or []) - _module_names(model))
+        names = _module_names(model)
+        if isinstance(targets, str):  # PEFT: a string is a regex matched against full module names
+            import re
+
+            missing = [] if targets == "all-linear" or any(re.fullmatch(targets, n) for n in names) else [targets]
+        else:  # a list matches a module by full name or by dotted suffix
+            missing = sorted(t for t in targets or [] if not any(n == t or n.endswith("." + t) for n in names))
         if missing:
             raise SafetyPatchError(f"{patch.path}/adapter_config.json targets modules the model lacks: {', '.join(missing)}")
     else:

@@ -79,3 +79,47 @@ def save_tiny_model(path: str | Path, seed: int = 0, **kw) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def make_lora_patch(model, path: str | Path, fingerprint: str, seed: int = 0, rank: int = 4,
+                    targets="all-linear", scale: float = 0.5, stack: list[str] | None = None) -> Path:
+    """A LoRA patch with random (non-zero) A and B for ``model``, written like a trained one."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from .patches import finalize_patch
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    peft_model.save_pretrained(str(path))
+    meta = finalize_patch(path, "lora", {"name": "test", "fingerprint": fingerprint}, method="lora")
+    if stack:
+        meta["stack"] = stack
+        from .atomic import write_json
+
+        write_json(path / "patch.json", meta)
+    return path
+
+
+def make_delta_patch(model, path: str | Path, fingerprint: str, seed: int = 0, scale: float = 0.01,
+                     every: int = 2) -> Path:
+    """A delta patch changing every ``every``-th parameter tensor by small random values."""
+    from safetensors.torch import save_file
+
+    from .patches import DELTA_FILE, finalize_patch
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    delta = {n: torch.randn(p.shape, generator=g) * scale
+             for i, (n, p) in enumerate(model.named_parameters()) if i % every == 0}
+    save_file(delta, str(path / DELTA_FILE))
+    finalize_patch(path, "delta", {"name": "test", "fingerprint": fingerprint}, method="full")
+    return path

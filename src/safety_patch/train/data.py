@@ -60,6 +60,26 @@ def training_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], d
     return rows, counts
 
 
+def drop_too_long(rows: list[dict], tokenizer, max_len: int) -> tuple[list[dict], int]:
+    """Drop rows whose full conversation exceeds ``max_len`` tokens instead of truncating them.
+
+    Truncation would cut the refusal (or leave no completion tokens at all), and TRL's own
+    handling of fully truncated rows differs between single- and multi-process runs.
+    """
+    from ..generation import render
+
+    keep = []
+    for r in rows:
+        if "completion" in r:
+            msgs = r["prompt"] + r["completion"]
+        else:  # DPO: the longer of the two answers decides
+            msgs = r["prompt"] + max(r["chosen"], r["rejected"], key=lambda m: len(m[0]["content"]))
+        n = len(tokenizer(render(tokenizer, msgs, add_generation_prompt=False), add_special_tokens=False)["input_ids"])
+        if n <= max_len:
+            keep.append(r)
+    return keep, len(rows) - len(keep)
+
+
 def dpo_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], dict]:
     path = Path(data_dir) / "dpo.jsonl"
     if not path.is_file():

@@ -8,8 +8,8 @@ a killed run never leaves anything that looks like a finished patch.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import platform
 import shutil
 import time
@@ -21,9 +21,9 @@ from .. import __version__
 from ..atomic import atomic_dir, write_json
 from ..config import as_dict
 from ..errors import SafetyPatchError
-from ..patches import DELTA_FILE, PATCH_JSON, sha256_file, weight_files
+from ..patches import DELTA_FILE, finalize_patch
 from .config import TrainConfig, parse_layers
-from .data import dpo_rows, training_rows
+from .data import dpo_rows, drop_too_long, training_rows
 
 
 def _versions() -> dict:
@@ -117,14 +117,19 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     ckpt = _last_checkpoint(work) if resume else None
     if resume and ckpt is None:
         raise SafetyPatchError(f"nothing to resume: no checkpoint under {work}")
-    if not resume and work.exists():
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 touches files
+    if not resume and work.exists() and main_process:
         shutil.rmtree(work)
     rows, counts = dpo_rows(data_dir, cfg) if cfg.objective == "dpo" else training_rows(data_dir, cfg)
     lm = load_model(model, device=device, dtype=dtype)
     _check_targets(lm.model, cfg)
+    rows, counts["dropped_too_long"] = drop_too_long(rows, lm.tokenizer, cfg.max_seq_len)
+    if not rows:
+        raise SafetyPatchError(f"every training row is longer than --max-seq-len {cfg.max_seq_len} tokens")
     seed_everything(cfg.seed)
     work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "config.json", as_dict(cfg))
+    if main_process:
+        write_json(work / "config.json", as_dict(cfg))
 
     base = None
     peft_config = None
@@ -170,23 +175,19 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                         delta[n] = d.contiguous()
             save_file(delta, str(tmp / DELTA_FILE), metadata={"format": "pt"})
             fmt = "delta"
-        files = {f: sha256_file(tmp / f) for f in weight_files(fmt)}
-        meta = {
-            "kind": "safety-patch/patch",
-            "format": fmt,
-            "id": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
-            "base": {"name": model, "source": lm.source, "checkpoint": lm.path, "fingerprint": lm.fingerprint},
-            "stack": list(stack or []),
-            "method": cfg.method,
-            "objective": cfg.objective,
-            "config": as_dict(cfg) | {"lr": cfg.resolved_lr()},
-            "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "rows": counts},
-            "training": {
+        meta = finalize_patch(
+            tmp, fmt,
+            {"name": model, "source": lm.source, "checkpoint": lm.path, "fingerprint": lm.fingerprint},
+            stack=list(stack or []),
+            method=cfg.method,
+            objective=cfg.objective,
+            config=as_dict(cfg) | {"lr": cfg.resolved_lr()},
+            data={"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "rows": counts},
+            training={
                 "steps": state.global_step,
                 "epochs": cfg.epochs,
                 "loss_first": losses[0] if losses else None,
                 "loss_last": losses[-1] if losses else None,
-                "loss_mean": sum(losses) / len(losses) if losses else None,
                 "train_loss": getattr(result, "training_loss", None),
                 "wall_seconds": round(wall, 2),
                 "tokens_seen": tokens,
@@ -200,11 +201,8 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                 "threads": torch.get_num_threads(),
                 "world_size": trainer.args.world_size,
             },
-            "files": files,
-            "versions": _versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        write_json(tmp / PATCH_JSON, meta)
+            versions=_versions(),
+        )
         shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl") if (work / "metrics.jsonl").exists() else None
     shutil.rmtree(work, ignore_errors=True)
     return meta
@@ -229,8 +227,10 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        train_sampling_strategy=cfg.sampling,
+        # TRL turns recomputation on by default; on a 135M model it only costs time.
+        activation_checkpointing=cfg.gradient_checkpointing,
+        # DPO rows have no input_ids column to group by until the trainer tokenizes them.
+        train_sampling_strategy="random" if cfg.objective == "dpo" and cfg.sampling == "group_by_length" else cfg.sampling,
         include_num_input_tokens_seen="non_padding",
         bf16=lm.runtime.dtype is torch.bfloat16,
         fp16=lm.runtime.dtype is torch.float16,

@@ -1,0 +1,155 @@
+import json
+
+import pytest
+import torch
+
+from safety_patch.errors import SafetyPatchError
+from safety_patch.fingerprint import fingerprint
+from safety_patch.patches import attached, finalize_patch, merged_state_dict, read_patch
+from safety_patch.testing import make_delta_patch, make_lora_patch, tiny_llama
+
+
+@pytest.fixture()
+def base():
+    model, tok = tiny_llama()
+    ids = tok("The capital of France is Paris.", return_tensors="pt")["input_ids"]
+    return model, tok, fingerprint(model, tok), ids
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_detached_logits_are_bit_identical(base, tmp_path):
+    model, tok, fp, ids = base
+    before = logits(model, ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = make_lora_patch(model, tmp_path / "l", fp)
+    delta = make_delta_patch(model, tmp_path / "d", fp)
+    with attached(model, [delta, lora], fp) as m:
+        patched = logits(m, ids)
+    assert not torch.allclose(patched, before)
+    assert torch.equal(logits(model, ids), before)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert all("lora" not in n for n, _ in model.named_modules())
+
+
+def test_restored_even_after_an_exception(base, tmp_path):
+    model, tok, fp, ids = base
+    before = logits(model, ids)
+    delta = make_delta_patch(model, tmp_path / "d", fp)
+    with pytest.raises(RuntimeError), attached(model, [delta], fp):
+        raise RuntimeError("boom")
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_merged_equals_attached(base, tmp_path):
+    model, tok, fp, ids = base
+    patches = [make_delta_patch(model, tmp_path / "d", fp), make_lora_patch(model, tmp_path / "l", fp)]
+    with attached(model, patches, fp) as m:
+        want = logits(m, ids)
+    merged_sd = merged_state_dict(model, [read_patch(p) for p in patches], fp)
+    merged, _ = tiny_llama()
+    merged.load_state_dict(merged_sd)
+    assert torch.allclose(logits(merged, ids), want, atol=1e-5)
+
+
+def test_merging_two_loras_equals_attaching_both_and_order_does_not_matter(base, tmp_path):
+    model, tok, fp, ids = base
+    a = make_lora_patch(model, tmp_path / "a", fp, seed=1)
+    b = make_lora_patch(model, tmp_path / "b", fp, seed=2, targets=["up_proj", "down_proj"])
+    with attached(model, [a, b], fp) as m:
+        ab = logits(m, ids)
+    with attached(model, [b, a], fp) as m:
+        ba = logits(m, ids)
+    with attached(model, [a], fp) as m:
+        only_a = logits(m, ids)
+    assert torch.allclose(ab, ba, atol=1e-5)
+    assert not torch.allclose(ab, only_a, atol=1e-4)  # both adapters are active, not just the first
+    merged, _ = tiny_llama()
+    merged.load_state_dict(merged_state_dict(model, [read_patch(a), read_patch(b)], fp))
+    assert torch.allclose(logits(merged, ids), ab, atol=1e-5)
+
+
+def test_stacked_patch_requires_its_prerequisite_first(base, tmp_path):
+    model, tok, fp, ids = base
+    first = make_lora_patch(model, tmp_path / "r1", fp, seed=1)
+    pid = read_patch(first).id
+    second = make_lora_patch(model, tmp_path / "r2", fp, seed=2, stack=[pid])
+    with pytest.raises(SafetyPatchError, match="trained on top of"):
+        with attached(model, [second], fp):
+            pass
+    with pytest.raises(SafetyPatchError, match="trained on top of"):
+        with attached(model, [second, first], fp):
+            pass
+    with attached(model, [first, second], fp):
+        pass
+
+
+def test_wrong_base_is_refused_unless_forced(base, tmp_path):
+    model, tok, fp, ids = base
+    p = make_lora_patch(model, tmp_path / "l", "0" * 64)
+    with pytest.raises(SafetyPatchError, match="was made for base 000000000000"):
+        with attached(model, [p], fp):
+            pass
+    with attached(model, [p], fp, force=True) as m:
+        assert not torch.allclose(logits(m, ids), logits(model.__class__(model.config), ids))
+
+
+def test_adapter_naming_missing_modules_is_rejected(base, tmp_path):
+    model, tok, fp, ids = base
+    p = make_lora_patch(model, tmp_path / "l", fp)
+    cfg = json.loads((p / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "c_attn"]
+    (p / "adapter_config.json").write_text(json.dumps(cfg))
+    finalize_patch(p, "lora", {"name": "test", "fingerprint": fp})  # a consistent patch made for another model
+    with pytest.raises(SafetyPatchError, match="targets modules the model lacks: c_attn"):
+        with attached(model, [p], fp):
+            pass
+
+
+def test_corrupt_truncated_missing_and_pickled_patches(base, tmp_path):
+    model, tok, fp, ids = base
+    p = make_lora_patch(model, tmp_path / "l", fp)
+    w = p / "adapter_model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SafetyPatchError, match="corrupt or truncated safetensors"):
+        read_patch(p)
+    w.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(SafetyPatchError, match="sha256 differs"):
+        read_patch(p)
+    w.write_bytes(data)
+    read_patch(p)
+    (p / "evil.bin").write_bytes(b"pickle")
+    with pytest.raises(SafetyPatchError, match="pickle"):
+        read_patch(p)
+    (p / "evil.bin").unlink()
+    (p / "patch.json").unlink()
+    with pytest.raises(SafetyPatchError, match="has no patch.json"):
+        read_patch(p)
+    with pytest.raises(SafetyPatchError, match="patch folder not found"):
+        read_patch(tmp_path / "nope")
+
+
+def test_delta_shape_mismatch(base, tmp_path):
+    model, tok, fp, ids = base
+    other, _ = tiny_llama(hidden=16)
+    p = make_delta_patch(other, tmp_path / "d", fp)
+    with pytest.raises(SafetyPatchError, match="has shape"):
+        with attached(model, [p], fp):
+            pass
+
+
+def test_lora_patch_loads_in_plain_peft(base, tmp_path):
+    from peft import PeftModel
+
+    model, tok, fp, ids = base
+    p = make_lora_patch(model, tmp_path / "l", fp)
+    with attached(model, [p], fp) as m:
+        ours = logits(m, ids)
+    fresh, _ = tiny_llama()
+    theirs = logits(PeftModel.from_pretrained(fresh, str(p)), ids)
+    assert torch.allclose(ours, theirs, atol=1e-6)

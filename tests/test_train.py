@@ -1,0 +1,184 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safety_patch.data.build import DataConfig, build
+from safety_patch.errors import SafetyPatchError
+from safety_patch.models import load_model
+from safety_patch.patches import attached, merged_state_dict, read_patch
+from safety_patch.train.config import TrainConfig
+from safety_patch.train.run import train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_dir):
+    d = tmp_path_factory.mktemp("data") / "d"
+    build(d, DataConfig(max_per_source=40, distill=True, distill_max_new_tokens=6, dpo=True, template_max_chars=600),
+          model=str(tiny_dir))
+    return d
+
+
+def small(**kw):
+    base = dict(max_train_rows=24, batch_size=4, max_seq_len=512, save_steps=2, logging_steps=1, lr=1e-3)
+    return TrainConfig(**(base | kw))
+
+
+def test_lora_changes_only_the_targeted_modules(data_dir, tiny_dir, tmp_path):
+    meta = train(data_dir, tmp_path / "p", small(target_modules="up_proj,down_proj", layers="1"), model=str(tiny_dir),
+                 progress=False)
+    assert meta["format"] == "lora" and meta["training"]["tokens_seen"] > 0
+    keys = load_file(tmp_path / "p" / "adapter_model.safetensors").keys()
+    assert keys and all(".layers.1.mlp." in k and ("up_proj" in k or "down_proj" in k) for k in keys)
+    lm = load_model(str(tiny_dir), device="cpu")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    merged = merged_state_dict(lm.model, [read_patch(tmp_path / "p")], lm.fingerprint)
+    changed = {k for k in before if not torch.equal(before[k], merged[k])}
+    assert changed == {"model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    # no leftovers: no work folder, the patch is a complete PEFT adapter with provenance
+    assert not (tmp_path / ".p.partial").exists()
+    assert meta["base"]["fingerprint"] == lm.fingerprint and meta["data"]["manifest_sha256"]
+    assert (tmp_path / "p" / "metrics.jsonl").is_file()
+
+
+def _loss(model, tok, rows):
+    from safety_patch.generation import render
+
+    total = 0.0
+    for r in rows:
+        ids = tok(render(tok, r["messages"], add_generation_prompt=False), return_tensors="pt")["input_ids"][:, :256]
+        with torch.no_grad():
+            total += model(input_ids=ids, labels=ids).loss.item()
+    return total / len(rows)
+
+
+def test_full_parameter_delta_reproduces_training(data_dir, tiny_dir, tmp_path):
+    meta = train(data_dir, tmp_path / "f", small(method="full", lr=3e-3, epochs=2), model=str(tiny_dir), progress=False)
+    assert meta["format"] == "delta"
+    assert meta["training"]["trainable_parameters"] == meta["training"]["total_parameters"]
+    lm = load_model(str(tiny_dir), device="cpu")
+    rows = [json.loads(x) for x in (data_dir / "train.jsonl").read_text().split("\n") if x.strip()][:8]
+    base_loss = _loss(lm.model, lm.tokenizer, rows)
+    with attached(lm.model, [tmp_path / "f"], lm.fingerprint) as m:
+        patched_loss = _loss(m, lm.tokenizer, rows)
+    assert patched_loss < base_loss - 0.05
+
+
+def test_mixing_and_contrast_rows_are_counted(data_dir, tiny_dir, tmp_path):
+    meta = train(data_dir, tmp_path / "m", small(general_ratio=1.0, contrast_ratio=0.5, max_train_rows=8),
+                 model=str(tiny_dir), progress=False)
+    rows = meta["data"]["rows"]
+    assert (rows["safety"], rows["general"], rows["contrast"]) == (8, 8, 4)
+
+
+def test_dpo_objective(data_dir, tiny_dir, tmp_path):
+    meta = train(data_dir, tmp_path / "dpo", small(objective="dpo", max_train_rows=8), model=str(tiny_dir), progress=False)
+    assert meta["objective"] == "dpo" and meta["data"]["rows"]["dpo_pairs"] == 8
+
+
+class Kill(Exception):
+    pass
+
+
+def test_resume_after_kill_matches_uninterrupted(data_dir, tiny_dir, tmp_path, monkeypatch):
+    cfg = small(max_train_rows=32, sampling="random")
+    train(data_dir, tmp_path / "ref", cfg, model=str(tiny_dir), progress=False)
+
+    from safety_patch.train import run
+
+    orig = run._Metrics
+
+    def killer(path):
+        cb = orig(path)
+        inner = cb.on_log
+
+        def on_log(args, state, control, logs=None, **kw):
+            inner(args, state, control, logs, **kw)
+            if state.global_step == 5:
+                raise Kill()
+
+        cb.on_log = on_log
+        return cb
+
+    monkeypatch.setattr(run, "_Metrics", killer)
+    with pytest.raises(Kill):
+        train(data_dir, tmp_path / "res", cfg, model=str(tiny_dir), progress=False)
+    assert not (tmp_path / "res").exists()  # nothing that looks like a finished patch
+    assert (tmp_path / ".res.partial" / "checkpoints" / "checkpoint-4").is_dir()
+    monkeypatch.setattr(run, "_Metrics", orig)
+    meta = train(data_dir, tmp_path / "res", cfg, model=str(tiny_dir), progress=False, resume=True)
+    assert meta["training"]["resumed_from"].endswith("checkpoint-4")
+    a = load_file(tmp_path / "ref" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "res" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_bad_inputs_fail_before_training(data_dir, tiny_dir, tmp_path):
+    with pytest.raises(SafetyPatchError, match="not a data folder"):
+        train(tmp_path, tmp_path / "x", small(), model=str(tiny_dir))
+    with pytest.raises(SafetyPatchError, match="--rank must be >= 1"):
+        train(data_dir, tmp_path / "x", small(rank=0), model=str(tiny_dir))
+    with pytest.raises(SafetyPatchError, match="--target-modules c_attn not in the model"):
+        train(data_dir, tmp_path / "x", small(target_modules="q_proj,c_attn"), model=str(tiny_dir))
+    with pytest.raises(SafetyPatchError, match="the model has layers 0-1"):
+        train(data_dir, tmp_path / "x", small(layers="0-5"), model=str(tiny_dir))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(SafetyPatchError, match="--overwrite"):
+        train(data_dir, tmp_path / "exists", small(), model=str(tiny_dir))
+    with pytest.raises(SafetyPatchError, match="nothing to resume"):
+        train(data_dir, tmp_path / "y", small(), model=str(tiny_dir), resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+def test_cli_train_recipe_and_yaml(data_dir, tiny_dir, tmp_path, capsys):
+    from safety_patch.cli import main
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("rank: 2\nmax_train_rows: 8\nbatch_size: 4\nmax_seq_len: 512\n")
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "p"), "--model", str(tiny_dir),
+                 "--config", str(cfg), "--alpha", "4"]) == 0
+    meta = json.loads((tmp_path / "p" / "patch.json").read_text())
+    assert meta["config"]["rank"] == 2 and meta["config"]["alpha"] == 4.0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rnak: 2\n")
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "q"), "--config", str(bad)]) == 2
+    assert "unknown key(s) rnak" in capsys.readouterr().err
+
+
+def test_two_process_ddp_matches_single_process(data_dir, tiny_dir, tmp_path):
+    """accelerate launch, 2 CPU processes (gloo): same global batch -> same adapter within tolerance.
+
+    16 rows, none too long, global batch 8: every step holds the same rows in both runs (with an
+    uneven last batch accelerate would repeat rows on one side).
+    """
+    common = ["--data", str(data_dir), "--model", str(tiny_dir), "--max-train-rows", "16", "--max-seq-len", "4096",
+              "--seed", "0", "--lr", "1e-3", "--epochs", "2"]
+    yaml = tmp_path / "seq.yaml"
+    yaml.write_text("sampling: sequential\n")
+    # On a machine without GPUs, `--multi_gpu` makes accelerate start torchrun; the processes use gloo.
+    env = dict(os.environ, OMP_NUM_THREADS="1", SAFETY_PATCH_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    single = [sys.executable, "-m", "safety_patch.cli", "train", *common, "--batch-size", "8", "--config", str(yaml),
+              "--out", str(tmp_path / "one")]
+    subprocess.run(single, check=True, env=env, capture_output=True, timeout=600)
+    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safety_patch.cli", "train", *common,
+           "--batch-size", "4", "--config", str(yaml), "--out", str(tmp_path / "two")]
+    r = subprocess.run(ddp, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((tmp_path / "two" / "patch.json").read_text())
+    assert meta["training"]["world_size"] == 2
+    one = json.loads((tmp_path / "one" / "patch.json").read_text())
+    assert one["training"]["steps"] == meta["training"]["steps"] >= 2
+    assert one["data"]["rows"]["dropped_too_long"] == 0
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    for m in sorted({k.rsplit(".lora_", 1)[0] for k in a}):
+        da = a[m + ".lora_B.weight"] @ a[m + ".lora_A.weight"]
+        db = b[m + ".lora_B.weight"] @ b[m + ".lora_A.weight"]
+        assert (da - db).norm() <= 1e-3 * da.norm(), m
