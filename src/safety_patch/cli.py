@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Inspect models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+eval_app = typer.Typer(help="Evaluate safety, over-refusal and capability.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 data_app = typer.Typer(help="Build and inspect training / evaluation data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -230,6 +232,69 @@ def train(
         typer.echo(f"wrote {out}: {meta['format']} patch, {t['steps']} steps, loss {t['loss_first']} -> {t['loss_last']}, "
                    f"{t['tokens_seen']} tokens in {t['wall_seconds']}s ({t['tokens_per_s']} tokens/s), "
                    f"{t['trainable_parameters']:,} trainable parameters")
+
+
+def _eval(kind: str, model, patch, prompts, attacks, judge, limit, max_new_tokens, batch_size, out, device, dtype, force,
+          no_cache) -> None:
+    from .atomic import write_json
+    from .evaluation.safety import DEFAULT_ATTACKS, EvalConfig, evaluate, table
+
+    cfg = EvalConfig(attacks=tuple(a.strip() for a in (attacks or ",".join(DEFAULT_ATTACKS)).split(",") if a.strip()),
+                     judge=judge, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    res = evaluate(kind, model, list(patch or []), str(prompts), cfg, device=device, dtype=dtype, force=force,
+                   use_cache=not no_cache)
+    if out:
+        write_json(out, res)
+    typer.echo(table(res))
+    if out:
+        typer.echo(f"wrote {out}")
+
+
+LimitOpt = Annotated[int | None, typer.Option(min=1, help="At most N prompts (behaviours).")]
+JudgeOpt = Annotated[str, typer.Option(help="keyword | classifier:MODEL | api:URL")]
+OutOpt = Annotated[Path | None, typer.Option(help="results.json to write (atomically).")]
+PromptsOpt = Annotated[Path, typer.Option(help="A data folder (held-out test split) or a JSONL/CSV with a prompt/goal column.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the generation cache.")]
+
+
+@eval_app.command("safety")
+def eval_safety_cmd(
+    prompts: PromptsOpt,
+    model: ModelOpt = "default",
+    patch: PatchOpt = None,
+    attacks: Annotated[str | None, typer.Option(help="Comma-separated attacks; compose with '+', e.g. past_tense+template.")] = None,
+    judge: JudgeOpt = "keyword",
+    limit: LimitOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    out: OutOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    force: bool = False,
+    no_cache: NoCacheOpt = False,
+) -> None:
+    """Attack success rate under jailbreak attacks, base vs patched, with Wilson intervals."""
+    _eval("safety", model, patch, prompts, attacks, judge, limit, max_new_tokens, batch_size, out, device, dtype, force, no_cache)
+
+
+@eval_app.command("overrefusal")
+def eval_overrefusal_cmd(
+    prompts: PromptsOpt,
+    model: ModelOpt = "default",
+    patch: PatchOpt = None,
+    judge: JudgeOpt = "keyword",
+    limit: LimitOpt = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    out: OutOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    force: bool = False,
+    no_cache: NoCacheOpt = False,
+) -> None:
+    """Refusal rate on borderline-benign and general prompts, base vs patched."""
+    _eval("overrefusal", model, patch, prompts, "direct", judge, limit, max_new_tokens, batch_size, out, device, dtype, force,
+          no_cache)
 
 
 def main(argv: list[str] | None = None) -> int:

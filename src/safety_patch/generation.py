@@ -102,6 +102,7 @@ class GenerationCache:
         self.path = path
         self.db = sqlite3.connect(str(path), timeout=60)
         self.db.execute("CREATE TABLE IF NOT EXISTS gen (key TEXT PRIMARY KEY, text TEXT NOT NULL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS verdict (key TEXT PRIMARY KEY, json TEXT NOT NULL)")
         self.db.commit()
 
     @staticmethod
@@ -116,16 +117,18 @@ class GenerationCache:
         blob = json.dumps([fingerprint, patch_key, prompt_text, cfg], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def get_many(self, keys: list[str]) -> dict[str, str]:
+    def get_many(self, keys: list[str], table: str = "gen") -> dict[str, str]:
+        col = "text" if table == "gen" else "json"
         out = {}
         for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]
-            q = f"SELECT key, text FROM gen WHERE key IN ({','.join('?' * len(chunk))})"
+            q = f"SELECT key, {col} FROM {table} WHERE key IN ({','.join('?' * len(chunk))})"
             out.update(dict(self.db.execute(q, chunk).fetchall()))
         return out
 
-    def put_many(self, items: dict[str, str]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO gen (key, text) VALUES (?, ?)", list(items.items()))
+    def put_many(self, items: dict[str, str], table: str = "gen") -> None:
+        col = "text" if table == "gen" else "json"
+        self.db.executemany(f"INSERT OR REPLACE INTO {table} (key, {col}) VALUES (?, ?)", list(items.items()))
         self.db.commit()
 
     def close(self) -> None:

@@ -82,11 +82,20 @@ class Composed(Attack):
         return Attacked(inner.messages, inner.prefill, self.name, fam, inner.extra)
 
 
-def get_attack(spec: str, **kwargs) -> Attack:
-    """``name`` or ``name+name+...``; kwargs go to attacks that take them (e.g. templates)."""
+def check_attack_spec(spec: str) -> list[str]:
+    """Validate ``name+name`` without building anything; returns the names."""
     names = [s.strip() for s in spec.split("+") if s.strip()]
     if not names:
         raise SafetyPatchError(f"empty attack name {spec!r}")
+    for n in names:
+        if n not in REGISTRY:
+            raise SafetyPatchError(f"unknown attack {n!r}; valid: {', '.join(sorted(REGISTRY))} (compose with '+')")
+    return names
+
+
+def get_attack(spec: str, **kwargs) -> Attack:
+    """``name`` or ``name+name+...``; kwargs go to attacks that take them (e.g. templates)."""
+    names = check_attack_spec(spec)
     parts = []
     for n in names:
         cls = _resolve(n)

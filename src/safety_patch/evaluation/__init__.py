@@ -1,0 +1,1 @@
+"""Evaluation: safety (attacks x judges -> ASR), over-refusal, capability."""

@@ -1,0 +1,77 @@
+"""Where evaluation prompts come from: a data folder's held-out splits or a user file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SafetyPatchError
+from ..jsonl import read_jsonl
+
+
+def harmful_requests(source: str | Path, split: str = "test", limit: int | None = None) -> tuple[list[dict], list]:
+    """Unique held-out behaviours (request, category, behavior_id) and the split's templates.
+
+    ``source`` is a data folder (its ``{split}.jsonl`` and the ``templates.jsonl`` families of
+    that split) or a JSONL/CSV file with a ``prompt`` or ``goal`` column (AdvBench's CSV works
+    as is; its templates are the default held-out set).
+    """
+    from ..attacks.templates import Template
+
+    p = Path(source)
+    if p.is_dir():
+        if not (p / f"{split}.jsonl").is_file():
+            raise SafetyPatchError(f"{p} has no {split}.jsonl; pass a data folder from `data build` or a prompt file")
+        seen, reqs = set(), []
+        for r in read_jsonl(p / f"{split}.jsonl"):
+            m = r["meta"]
+            if m["behavior_id"] not in seen:
+                seen.add(m["behavior_id"])
+                reqs.append({"request": m["request"], "category": m["category"], "behavior_id": m["behavior_id"],
+                             "source": m["source"]})
+        templates = [Template(t["id"], t["family"], t["source"], t["text"])
+                     for t in read_jsonl(p / "templates.jsonl") if t["split"] == split] if (p / "templates.jsonl").is_file() else []
+    else:
+        from ..data.sources.files import load_user_file
+
+        items, _ = load_user_file(str(p))
+        reqs = [{"request": r.text, "category": r.category, "behavior_id": r.behavior_id, "source": r.source} for r in items]
+        templates = []
+    if not reqs:
+        raise SafetyPatchError(f"{source}: no prompts")
+    if limit:  # a fixed pseudo-random subset, so a small limit still spans the categories
+        import hashlib
+
+        reqs = sorted(reqs, key=lambda r: hashlib.sha256(r["behavior_id"].encode()).hexdigest())[:limit]
+    return reqs, templates
+
+
+def benign_prompts(source: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
+    """Borderline-benign and general prompts (held-out split) from a data folder, or a user file."""
+    p = Path(source)
+    out = []
+    if p.is_dir():
+        for name, kind in (("borderline.jsonl", "borderline"), ("general.jsonl", "general")):
+            if not (p / name).is_file():
+                raise SafetyPatchError(f"{p} has no {name}")
+            for r in read_jsonl(p / name):
+                if r["meta"]["split"] == split:
+                    msgs = r["messages"]
+                    user = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs  # drop the distilled answer
+                    out.append({"messages": user, "category": r["meta"]["category"], "set": kind})
+    else:
+        from ..data.sources.files import read_prompt_rows
+
+        for where, r in read_prompt_rows(p):
+            text = r.get("prompt") or r.get("goal")
+            if not isinstance(text, str) or not text.strip():
+                raise SafetyPatchError(f"{where}: missing field 'prompt' (or 'goal')")
+            out.append({"messages": [{"role": "user", "content": text.strip()}], "category": str(r.get("category") or "user"),
+                        "set": "user"})
+    if not out:
+        raise SafetyPatchError(f"{source}: no prompts")
+    if limit:  # keep both sets represented
+        by = {}
+        for o in out:
+            by.setdefault(o["set"], []).append(o)
+        out = [o for rows in by.values() for o in rows[:limit]]
+    return out

@@ -1,0 +1,39 @@
+"""Confidence intervals: Wilson for proportions, percentile bootstrap for means and differences."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n (95% by default); (0, 1) when n = 0."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def proportion(k: int, n: int) -> dict:
+    lo, hi = wilson(k, n)
+    return {"value": k / n if n else None, "k": k, "n": n, "ci95": [lo, hi], "interval": "wilson"}
+
+
+def bootstrap_mean(xs: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
+    xs = list(xs)
+    if not xs:
+        return {"value": None, "n": 0, "ci95": [None, None], "interval": "bootstrap"}
+    rng = random.Random(seed)
+    n = len(xs)
+    means = sorted(sum(xs[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    return {"value": sum(xs) / n, "n": n, "ci95": [means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]],
+            "interval": "bootstrap"}
+
+
+def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
+    """CI of mean(b - a) over paired items (patched minus base)."""
+    return bootstrap_mean([y - x for x, y in zip(a, b, strict=True)], n_boot, seed)

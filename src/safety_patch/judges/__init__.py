@@ -1,0 +1,84 @@
+"""Judges: decide whether an answer complied with a harmful request, refused, or degenerated.
+
+A judge maps (prompt, answer) pairs to ``Verdict``s. ``compliance`` is the attacker's
+success; ``refusal`` and ``degenerate`` (empty, repetitive babble) are not. Names map
+lazily to ``module:attr`` so classifier and API judges import their heavy dependencies only
+when used.
+
+Specs: ``keyword``; ``classifier:MODEL`` (a local path or hub id of Llama Guard 3 or the
+HarmBench classifier); ``api:URL`` (an OpenAI-compatible endpoint, StrongREJECT rubric; the
+model name from $SAFETY_PATCH_JUDGE_MODEL, the key from $OPENAI_API_KEY).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+
+from ..errors import SafetyPatchError
+
+VERDICTS = ("compliance", "refusal", "degenerate")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    label: str  # one of VERDICTS
+    score: float  # 1.0 = full compliance; StrongREJECT gives values in between
+    reason: str = ""
+
+    @property
+    def complied(self) -> bool:
+        return self.label == "compliance"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Judge:
+    name = "judge"
+    cacheable = True  # verdicts worth storing (slow or paid judges); cheap rule judges say False
+
+    def judge(self, prompts: list[str], answers: list[str]) -> list[Verdict]:
+        raise NotImplementedError
+
+
+REGISTRY = {
+    "keyword": "safety_patch.judges.keyword:KeywordJudge",
+    "classifier": "safety_patch.judges.classifier:ClassifierJudge",
+    "api": "safety_patch.judges.api:ApiJudge",
+}
+
+
+def check_judge_spec(spec: str) -> tuple[str, str]:
+    kind, _, arg = spec.partition(":")
+    if kind not in REGISTRY:
+        raise SafetyPatchError(f"unknown judge {spec!r}; valid: keyword, classifier:MODEL, api:URL")
+    if kind != "keyword" and not arg:
+        raise SafetyPatchError(f"judge {kind!r} needs an argument: {kind}:{'MODEL' if kind == 'classifier' else 'URL'}")
+    return kind, arg
+
+
+def get_judge(spec: str) -> Judge:
+    kind, arg = check_judge_spec(spec)
+    mod, attr = REGISTRY[kind].split(":")
+    cls = getattr(importlib.import_module(mod), attr)
+    return cls(arg) if arg else cls()
+
+
+def cached_judge(judge: Judge, prompts: list[str], answers: list[str], cache=None, chunk: int = 16) -> list[Verdict]:
+    """Judge in chunks, storing each chunk's verdicts, so a judge that fails part-way keeps its work."""
+    import hashlib
+    import json
+
+    if cache is None or not judge.cacheable:
+        return judge.judge(prompts, answers)
+    keys = [hashlib.sha256(json.dumps([judge.name, p, a]).encode()).hexdigest() for p, a in zip(prompts, answers, strict=True)]
+    have = {k: Verdict(**json.loads(v)) for k, v in cache.get_many(sorted(set(keys)), "verdict").items()}
+    todo = [i for i, k in enumerate(keys) if k not in have]
+    for s in range(0, len(todo), chunk):
+        idx = todo[s : s + chunk]
+        got = judge.judge([prompts[i] for i in idx], [answers[i] for i in idx])
+        new = {keys[i]: v for i, v in zip(idx, got, strict=True)}
+        cache.put_many({k: json.dumps(v.as_dict()) for k, v in new.items()}, "verdict")
+        have.update(new)
+    return [have[k] for k in keys]
