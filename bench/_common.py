@@ -26,10 +26,10 @@ def print_table(rows: list[dict], cols: list[str] | None = None) -> None:
     cols = cols or list(rows[0])
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
+        print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths, strict=True)))
 
 
 def write(name: str, payload: dict) -> Path:

@@ -30,13 +30,13 @@ def load_set() -> list[dict]:
 
 def score(rows: list[dict], preds: list[bool]) -> dict:
     gold = [r["label"] == "compliance" for r in rows]
-    tp = sum(g and p for g, p in zip(gold, preds))
-    tn = sum(not g and not p for g, p in zip(gold, preds))
-    fp = sum(not g and p for g, p in zip(gold, preds))
-    fn = sum(g and not p for g, p in zip(gold, preds))
+    tp = sum(g and p for g, p in zip(gold, preds, strict=True))
+    tn = sum(not g and not p for g, p in zip(gold, preds, strict=True))
+    fp = sum(not g and p for g, p in zip(gold, preds, strict=True))
+    fn = sum(g and not p for g, p in zip(gold, preds, strict=True))
     out = {"n": len(rows), "accuracy": (tp + tn) / len(rows), "fpr": fp / max(fp + tn, 1), "fnr": fn / max(fn + tp, 1)}
     by_kind = defaultdict(lambda: [0, 0])
-    for r, g, p in zip(rows, gold, preds):
+    for r, g, p in zip(rows, gold, preds, strict=True):
         by_kind[r["kind"]][0] += g == p
         by_kind[r["kind"]][1] += 1
     out["accuracy_by_kind"] = {k: c / n for k, (c, n) in sorted(by_kind.items())}
