@@ -297,6 +297,48 @@ def eval_overrefusal_cmd(
           no_cache)
 
 
+@eval_app.command("capability")
+def eval_capability_cmd(
+    model: ModelOpt = "default",
+    patch: PatchOpt = None,
+    data: Annotated[Path | None, typer.Option(help="Data folder (held-out general answers and prompts).")] = None,
+    suite: Annotated[str, typer.Option(help="offline | lm-eval")] = "offline",
+    tasks: Annotated[str | None, typer.Option(help="offline: nll,kl,compliance,humaneval; lm-eval: its task names")] = None,
+    limit: LimitOpt = None,
+    humaneval_limit: Annotated[int | None, typer.Option(min=1, help="HumanEval tasks to run (164 in all).")] = 40,
+    references: Annotated[Path | None, typer.Option(help="JSONL of prompt/reference pairs for nll/kl.")] = None,
+    mc: Annotated[Path | None, typer.Option(help="Multiple-choice JSONL (question, choices, answer).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    out: OutOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    force: bool = False,
+    no_cache: NoCacheOpt = False,
+) -> None:
+    """General capability: NLL and KL on benign answers, compliance, HumanEval, multiple choice; or lm-eval tasks."""
+    from .atomic import write_json
+
+    if suite == "lm-eval":
+        from .evaluation.lm_eval_adapter import evaluate_lm_eval, table
+        if not tasks:
+            raise SafetyPatchError("--suite lm-eval needs --tasks, e.g. --tasks arc_easy,hellaswag")
+        res = evaluate_lm_eval(model, list(patch or []), [t.strip() for t in tasks.split(",")], limit, batch_size,
+                               device, dtype, force)
+    elif suite == "offline":
+        from .evaluation.capability import OFFLINE_TASKS, CapabilityConfig, evaluate_capability, table
+
+        cfg = CapabilityConfig(tasks=tuple(t.strip() for t in (tasks or ",".join(OFFLINE_TASKS)).split(",") if t.strip()),
+                               limit=limit, humaneval_limit=humaneval_limit, batch_size=batch_size,
+                               references=str(references) if references else None, mc_file=str(mc) if mc else None)
+        res = evaluate_capability(model, list(patch or []), str(data) if data else None, cfg, device, dtype, force,
+                                  use_cache=not no_cache)
+    else:
+        raise SafetyPatchError(f"--suite must be offline or lm-eval, got {suite!r}")
+    if out:
+        write_json(out, res)
+    typer.echo(table(res))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     # typer vendors its own click; its exception types live under typer.exceptions.

@@ -55,6 +55,7 @@ REGISTRY: dict[str, str] = {
     "few_shot": "safety_patch.attacks.rules:FewShot",
     "prefill": "safety_patch.attacks.rules:Prefill",
     "template": "safety_patch.attacks.templates:TemplateAttack",
+    "gcg": "safety_patch.attacks.gcg:GCG",
 }
 
 

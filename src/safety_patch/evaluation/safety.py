@@ -86,6 +86,8 @@ def run_safety(lm, requests: list[dict], templates, cfg: EvalConfig, cache: Gene
     for name in cfg.attacks:
         kw = {"templates": templates} if "template" in name.split("+") and templates else {}
         attacks[name] = get_attack(name, **kw)
+        if getattr(attacks[name], "needs_model", False):
+            attacks[name].bind(lm)  # white-box attacks optimise against the model under test
     rows, attacked = [], []
     for name, atk in attacks.items():
         for r in requests:

@@ -1,0 +1,53 @@
+"""Wall time of `safety-patch data build` on a fresh cache (self-distillation included), and cached.
+
+Run: .venv/bin/python bench/data_build.py
+
+The model cache is shared (conversion is measured by bench/model_load.py); the generation
+cache starts empty for the cold build and is reused by the warm build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write  # noqa: E402
+
+
+def main() -> None:
+    from safety_patch.data.build import read_manifest
+    from safety_patch.models import home
+
+    real_home = home()
+    with tempfile.TemporaryDirectory() as tmp:
+        h = Path(tmp) / "home"
+        h.mkdir()
+        if (real_home / "models").is_dir():  # reuse the converted model, not the generations
+            os.symlink(real_home / "models", h / "models")
+        env = dict(os.environ, SAFETY_PATCH_HOME=str(h))
+        rows = []
+        for label in ("cold (distillation runs)", "warm (generation cache)"):
+            out = Path(tmp) / "data"
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.time()
+            subprocess.run([sys.executable, "-m", "safety_patch.cli", "data", "build", "--out", str(out)], env=env,
+                           check=True, capture_output=True)
+            m = read_manifest(out)
+            c = m["counts"]
+            rows.append({"build": label, "seconds": round(time.time() - t0, 1),
+                         "train_conversations": c["rows_per_split"]["train"],
+                         "test_behaviours": c["behaviours_per_split"]["test"],
+                         "general": sum(c["general_per_split"].values()),
+                         "borderline": sum(c["borderline_per_split"].values())})
+    print_table(rows)
+    write("data_build", {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()

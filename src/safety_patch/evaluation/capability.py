@@ -1,0 +1,307 @@
+"""General-capability evaluation: does the patch leave what the model already does alone?
+
+Offline suite (no downloads):
+
+* ``nll``: teacher-forced negative log-likelihood per token of reference answers (the data
+  stage's held-out general set: the base model's own answers, so the base is at its best
+  here and any patch can only drift; or a user JSONL of prompt/reference pairs);
+* ``kl``: KL(base || patched) of next-token distributions over the same answer tokens:
+  the most direct measure of "the patch does not touch benign behaviour";
+* ``compliance``: share of held-out benign prompts answered rather than refused (judge);
+* ``humaneval``: pass@1 (greedy) with execution in a separate, limited process;
+* ``mc``: multiple-choice log-likelihood accuracy on a user JSONL
+  (``{"question", "choices": [...], "answer": index or letter}``).
+
+Every metric has a bootstrap (means) or Wilson (proportions) 95% interval and its n; with
+patches, the patched run and the paired difference are reported.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SafetyPatchError
+from ..generation import GenerationConfig, cached_generate, render
+from ..jsonl import iter_jsonl
+from .stats import bootstrap_mean, paired_bootstrap_diff, proportion
+
+OFFLINE_TASKS = ("nll", "kl", "compliance", "humaneval")
+
+
+@dataclass
+class CapabilityConfig:
+    tasks: tuple[str, ...] = OFFLINE_TASKS
+    limit: int | None = None
+    humaneval_limit: int | None = 40
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    max_len: int = 512
+    references: str | None = None
+    mc_file: str | None = None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def reference_pairs(source: str | Path, limit: int | None = None) -> list[dict]:
+    """(messages, reference) pairs: a data folder's held-out general set or a user JSONL."""
+    p = Path(source)
+    out = []
+    if p.is_dir():
+        for _, r in iter_jsonl(p / "general.jsonl"):
+            if r["meta"]["split"] == "test" and r["messages"][-1]["role"] == "assistant":
+                out.append({"messages": r["messages"][:-1], "reference": r["messages"][-1]["content"]})
+    else:
+        for n, r in iter_jsonl(p):
+            prompt, ref = r.get("prompt"), r.get("reference") or r.get("response")
+            if not isinstance(prompt, str) or not isinstance(ref, str):
+                raise SafetyPatchError(f"{p}:{n}: expected string fields 'prompt' and 'reference'")
+            out.append({"messages": [{"role": "user", "content": prompt}], "reference": ref})
+    if not out:
+        raise SafetyPatchError(f"{source}: no reference answers (build the data folder with distillation)")
+    return out[:limit] if limit else out
+
+
+def mc_items(path: str | Path) -> list[dict]:
+    items = []
+    for n, r in iter_jsonl(path):
+        q, ch, ans = r.get("question"), r.get("choices"), r.get("answer")
+        if not isinstance(q, str) or not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) for c in ch):
+            raise SafetyPatchError(f"{path}:{n}: expected 'question' (string) and 'choices' (list of >= 2 strings)")
+        if isinstance(ans, str) and len(ans) == 1 and ans.upper().isalpha():
+            ans = ord(ans.upper()) - ord("A")
+        if not isinstance(ans, int) or not 0 <= ans < len(ch):
+            raise SafetyPatchError(f"{path}:{n}: 'answer' must be a choice index or letter within the choices")
+        items.append({"question": q, "choices": ch, "answer": ans})
+    if not items:
+        raise SafetyPatchError(f"{path}: no items")
+    return items
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[tuple[list[int], int]]:
+    """Token ids of prompt + reference and the index where the reference starts (truncated to max_len)."""
+    out = []
+    for p in pairs:
+        prompt = render(tokenizer, p["messages"])
+        full = prompt + p["reference"]
+        ids_p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_len]
+        if len(ids) <= len(ids_p):
+            continue
+        out.append((ids, len(ids_p)))
+    return out
+
+
+@torch.inference_mode()
+def answer_logprobs(model, tokenizer, encoded: list[tuple[list[int], int]], batch_size: int = 8, keep: bool = False):
+    """Per example: summed NLL, token count, and (if ``keep``) the log-prob rows of the answer tokens.
+
+    Batches are sorted by length and right-padded; one forward per batch (the "naive" way is
+    one forward per example).
+    """
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    nll, ntok, rows = [0.0] * len(encoded), [0] * len(encoded), [None] * len(encoded)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        width = max(len(encoded[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            seq = encoded[i][0]
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        for r, i in enumerate(idx):
+            seq, start = encoded[i]
+            tgt = torch.tensor(seq[start:], device=device)
+            lp = logp[r, start - 1 : len(seq) - 1]
+            nll[i] = -lp.gather(1, tgt[:, None]).sum().item()
+            ntok[i] = len(tgt)
+            if keep:
+                rows[i] = lp.to("cpu", torch.float16)
+    return nll, ntok, rows
+
+
+@torch.inference_mode()
+def kl_to(model, tokenizer, encoded, base_rows, batch_size: int = 8) -> list[float]:
+    """Mean per-token KL(base || model) over each example's answer tokens."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = [0.0] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        width = max(len(encoded[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, : len(encoded[i][0])] = torch.tensor(encoded[i][0])
+            mask[r, : len(encoded[i][0])] = 1
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()[:, :-1], -1)
+        for r, i in enumerate(idx):
+            seq, start = encoded[i]
+            q = logp[r, start - 1 : len(seq) - 1]
+            p = base_rows[i].to(device, torch.float32)
+            out[i] = (p.exp() * (p - q)).sum(-1).clamp(min=0).mean().item()
+    return out
+
+
+def _code_from(answer: str, task: dict) -> str:
+    """The program text to run: a full function from a code block, or a body completing the prompt."""
+    blocks = re.findall(r"```(?:python|py)?\n(.*?)(?:```|$)", answer, re.S)
+    code = blocks[0] if blocks else answer
+    if re.search(rf"def\s+{re.escape(task['entry_point'])}\s*\(", code):
+        header = "\n".join(line for line in task["prompt"].splitlines() if line.startswith(("import ", "from ")))
+        return f"{header}\n{code}"
+    return task["prompt"] + code
+
+
+def humaneval(lm, tasks: list[dict], cfg: CapabilityConfig, cache, patch_key: str) -> dict:
+    from .execution import humaneval_program, run_program
+
+    convs = [[{"role": "user", "content": "Complete the following Python function. Reply with the full function in "
+               f"one ```python code block.\n\n```python\n{t['prompt']}```"}] for t in tasks]
+    gcfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    answers, _ = cached_generate(lm.model, lm.tokenizer, convs, gcfg, cache, lm.fingerprint, patch_key)
+    results = []
+    for t, a in zip(tasks, answers, strict=True):
+        r = run_program(humaneval_program(t, _code_from(a, t)))
+        results.append({"task_id": t["task_id"], "passed": r.passed, "status": r.status, "detail": r.detail})
+    k = sum(r["passed"] for r in results)
+    return {"pass@1": proportion(k, len(results)), "records": results}
+
+
+def multiple_choice(lm, items: list[dict], batch_size: int = 8) -> dict:
+    """Accuracy by the highest summed log-likelihood of the choice text after the question."""
+    encoded, owner = [], []
+    for qi, it in enumerate(items):
+        for ci, ch in enumerate(it["choices"]):
+            pair = {"messages": [{"role": "user", "content": it["question"]}], "reference": ch}
+            enc = _encode_pairs(lm.tokenizer, [pair], 10**6)
+            if enc:
+                encoded.append(enc[0])
+                owner.append((qi, ci))
+    nll, _, _ = answer_logprobs(lm.model, lm.tokenizer, encoded, batch_size)
+    best: dict[int, tuple[float, int]] = {}
+    for (qi, ci), v in zip(owner, nll, strict=True):
+        if qi not in best or -v > best[qi][0]:
+            best[qi] = (-v, ci)
+    picks = [best[qi][1] for qi in range(len(items))]
+    k = sum(p == it["answer"] for p, it in zip(picks, items, strict=True))
+    return {"accuracy": proportion(k, len(items)), "picks": picks}
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+def _one_run(lm, cfg, pairs, encoded, base_rows, he_tasks, bl_prompts, mc, cache, patch_key, judge) -> tuple[dict, dict]:
+    res, raw = {}, {}
+    t0 = time.time()
+    if "nll" in cfg.tasks or "kl" in cfg.tasks:
+        nll, ntok, rows = answer_logprobs(lm.model, lm.tokenizer, encoded, cfg.batch_size, keep=base_rows is None and "kl" in cfg.tasks)
+        per = [a / b for a, b in zip(nll, ntok, strict=True)]
+        raw["nll"], raw["rows"] = per, rows
+        res["nll"] = bootstrap_mean(per) | {"tokens": sum(ntok), "seconds": round(time.time() - t0, 1)}
+        if base_rows is not None and "kl" in cfg.tasks:
+            t1 = time.time()
+            kl = kl_to(lm.model, lm.tokenizer, encoded, base_rows, cfg.batch_size)
+            raw["kl"] = kl
+            res["kl"] = bootstrap_mean(kl) | {"seconds": round(time.time() - t1, 1)}
+    if "compliance" in cfg.tasks and bl_prompts:
+        from .safety import EvalConfig, run_overrefusal
+
+        ecfg = EvalConfig(max_new_tokens=64, batch_size=cfg.batch_size)
+        r = run_overrefusal(lm, bl_prompts, ecfg, cache, "compliance", judge)
+        res["compliance"] = r["aggregates"]["answered"]
+        raw["compliance"] = [float(x["verdict"]["label"] == "compliance") for x in r["records"]]
+    if "humaneval" in cfg.tasks and he_tasks:
+        t1 = time.time()
+        h = humaneval(lm, he_tasks, cfg, cache, patch_key)
+        res["humaneval"] = h["pass@1"] | {"seconds": round(time.time() - t1, 1)}
+        raw["humaneval"] = [float(x["passed"]) for x in h["records"]]
+    if mc is not None:
+        m = multiple_choice(lm, mc, cfg.batch_size)
+        res["mc"] = m["accuracy"]
+        raw["mc"] = [float(p == it["answer"]) for p, it in zip(m["picks"], mc, strict=True)]
+    return res, raw
+
+
+def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg: CapabilityConfig, device: str = "auto",
+                        dtype: str = "auto", force: bool = False, use_cache: bool = True) -> dict:
+    from ..config import as_dict
+    from ..data.prompts import humaneval_tasks
+    from ..generation import GenerationCache
+    from ..judges.keyword import KeywordJudge
+    from ..models import home, load_model
+    from ..patches import attached, read_patch, stack_key
+    from .prompts import benign_prompts
+    from .safety import provenance
+
+    unknown = [t for t in cfg.tasks if t not in OFFLINE_TASKS]
+    if unknown:
+        raise SafetyPatchError(f"unknown capability task(s) {', '.join(unknown)}; offline tasks: {', '.join(OFFLINE_TASKS)}")
+    ps = [read_patch(p) for p in patches]
+    ref_src = cfg.references or data
+    need_refs = "nll" in cfg.tasks or "kl" in cfg.tasks
+    if need_refs and ref_src is None:
+        raise SafetyPatchError("nll/kl need reference answers: pass --data DIR (a data folder) or --references FILE")
+    pairs = reference_pairs(ref_src, cfg.limit) if need_refs else []
+    bl = [p for p in benign_prompts(data, limit=None) if p["set"] == "general"][: cfg.limit] if data and "compliance" in cfg.tasks else []
+    he = humaneval_tasks()[: cfg.humaneval_limit] if "humaneval" in cfg.tasks else []
+    mc = mc_items(cfg.mc_file) if cfg.mc_file else None
+    lm = load_model(model, device=device, dtype=dtype)
+    encoded = _encode_pairs(lm.tokenizer, pairs, cfg.max_len)
+    cache = GenerationCache(home() / "generations.sqlite") if use_cache else None
+    judge = KeywordJudge()
+    try:
+        base, braw = _one_run(lm, cfg, pairs, encoded, None, he, bl, mc, cache, "", judge)
+        runs = {"base": base}
+        if ps:
+            with attached(lm.model, ps, lm.fingerprint, force) as m:
+                orig, lm.model = lm.model, m
+                try:
+                    patched, praw = _one_run(lm, cfg, pairs, encoded, braw.get("rows"), he, bl, mc, cache, stack_key(ps), judge)
+                finally:
+                    lm.model = orig
+            runs["patched"] = patched
+            runs["delta"] = {k: paired_bootstrap_diff(braw[k], praw[k]) for k in ("nll", "compliance", "humaneval", "mc")
+                             if k in braw and k in praw}
+            if "nll" in braw:
+                b, p = base["nll"]["value"], patched["nll"]["value"]
+                runs["delta"]["nll_ratio"] = p / b if b else None
+    finally:
+        if cache:
+            cache.close()
+    return {"kind": "safety-patch/eval-capability", "schema": 1, "config": as_dict(cfg) | {"data": str(data)},
+            "provenance": provenance(lm, ps), "runs": runs}
+
+
+def table(res: dict) -> str:
+    runs = res["runs"]
+
+    def fmt(m):
+        if not m or m.get("value") is None:
+            return "-"
+        lo, hi = m["ci95"]
+        return f"{m['value']:.4f} [{lo:.4f}, {hi:.4f}] n={m['n']}"
+
+    names = [n for n in ("base", "patched", "delta") if n in runs]
+    lines = [f"{'metric':<16}" + "".join(f"{n:<36}" for n in names)]
+    for key, label in (("nll", "nll/token"), ("kl", "kl(base||p)"), ("compliance", "answered"), ("humaneval", "humaneval@1"),
+                       ("mc", "mc accuracy")):
+        if any(key in runs[n] for n in names):
+            lines.append(f"{label:<16}" + "".join(f"{fmt(runs[n].get(key)):<36}" for n in names))
+    if "delta" in runs and runs["delta"].get("nll_ratio"):
+        lines.append(f"patched/base NLL ratio: {runs['delta']['nll_ratio']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""lm-evaluation-harness on the already-patched model object (``HFLM(pretrained=model)``).
+
+For users with hub access: lm-eval downloads each task's dataset. Offline, the error names
+the dataset that could not be fetched.
+"""
+
+from __future__ import annotations
+
+from ..errors import SafetyPatchError
+
+
+def _run(lm, tasks, limit, batch_size) -> dict:
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise SafetyPatchError("lm-eval is not installed: pip install 'safety-patch[lm-eval]'") from None
+    hflm = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size)
+    try:
+        out = lm_eval.simple_evaluate(model=hflm, tasks=tasks, limit=limit)
+    except Exception as e:  # datasets raises ConnectionError / DatasetNotFoundError / OSError offline
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SafetyPatchError(f"lm-eval could not run {', '.join(tasks)}: could not fetch a dataset ({msg[:200]})") from None
+    return out["results"]
+
+
+def evaluate_lm_eval(model: str, patches: list, tasks: list[str], limit, batch_size, device="auto", dtype="auto", force=False) -> dict:
+    from ..models import load_model
+    from ..patches import attached, read_patch
+    from .safety import provenance
+
+    ps = [read_patch(p) for p in patches]
+    lm = load_model(model, device=device, dtype=dtype)
+    runs = {"base": _run(lm, tasks, limit, batch_size)}
+    if ps:
+        with attached(lm.model, ps, lm.fingerprint, force) as m:
+            orig, lm.model = lm.model, m
+            try:
+                runs["patched"] = _run(lm, tasks, limit, batch_size)
+            finally:
+                lm.model = orig
+    return {"kind": "safety-patch/eval-lm-eval", "schema": 1, "tasks": tasks, "provenance": provenance(lm, ps), "runs": runs}
+
+
+def table(res: dict) -> str:
+    lines = []
+    for name, results in res["runs"].items():
+        for task, metrics in results.items():
+            vals = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            lines.append(f"[{name}] {task}: {vals}")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+
+from safety_patch.errors import SafetyPatchError
+from safety_patch.evaluation.capability import (
+    CapabilityConfig,
+    _code_from,
+    _encode_pairs,
+    answer_logprobs,
+    evaluate_capability,
+    kl_to,
+    mc_items,
+    multiple_choice,
+)
+from safety_patch.evaluation.execution import humaneval_program, run_program
+from safety_patch.models import LoadedModel
+from safety_patch.patches import attached
+from safety_patch.testing import make_lora_patch, tiny_llama
+
+PAIRS = [{"messages": [{"role": "user", "content": f"Say something about {w}."}], "reference": f"{w} is a fine thing to talk about."}
+         for w in ("Paris", "Python", "kill a process", "rome")]
+
+
+def test_kl_of_a_model_with_itself_is_zero_and_nll_unchanged_after_detach(tmp_path):
+    model, tok = tiny_llama()
+    enc = _encode_pairs(tok, PAIRS, 256)
+    nll, ntok, rows = answer_logprobs(model, tok, enc, batch_size=3, keep=True)
+    assert all(abs(k) < 1e-3 for k in kl_to(model, tok, enc, rows, batch_size=2))
+    lm = LoadedModel.from_objects(model, tok)
+    p = make_lora_patch(model, tmp_path / "p", lm.fingerprint)
+    with attached(model, [p], lm.fingerprint) as m:
+        assert min(kl_to(m, tok, enc, rows)) > 1e-4
+    nll2, _, _ = answer_logprobs(model, tok, enc, batch_size=3)
+    assert nll2 == nll
+
+
+def test_batched_scoring_equals_one_by_one():
+    model, tok = tiny_llama()
+    enc = _encode_pairs(tok, PAIRS, 256)
+    batched, _, _ = answer_logprobs(model, tok, enc, batch_size=4)
+    single = [answer_logprobs(model, tok, [e], batch_size=1)[0][0] for e in enc]
+    assert all(abs(a - b) < 1e-3 for a, b in zip(batched, single, strict=True))
+
+
+def test_multiple_choice_picks_the_most_likely_choice(tmp_path):
+    model, tok = tiny_llama()
+    lm = LoadedModel.from_objects(model, tok)
+    items = [{"question": "Pick one.", "choices": ["alpha beta", "gamma", "delta epsilon zeta"], "answer": 0}]
+    res = multiple_choice(lm, items)
+    nlls = [answer_logprobs(model, tok, _encode_pairs(tok, [{"messages": [{"role": "user", "content": "Pick one."}],
+                                                             "reference": c}], 10**6))[0][0] for c in items[0]["choices"]]
+    assert res["picks"] == [min(range(3), key=lambda i: nlls[i])]
+    f = tmp_path / "mc.jsonl"
+    f.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": "B"}) + "\n" + json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(SafetyPatchError, match=r"mc.jsonl:2: expected 'question'"):
+        mc_items(f)
+
+
+def test_executor_passes_good_code_and_contains_bad_code(tmp_path):
+    task = {"prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(2, 3) == 5\n", "entry_point": "add"}
+    assert run_program(humaneval_program(task, "def add(a, b):\n    return a + b\n")).passed
+    assert run_program(humaneval_program(task, "def add(a, b):\n    return a - b\n")).status == "failed"
+    assert run_program(humaneval_program(task, "def add(a, b):\n    while True:\n        pass\n"), timeout=2).status == "timeout"
+    assert not run_program(humaneval_program(task, "def add(a, b)\n    return a + b\n")).passed  # syntax error
+    assert not run_program("raise ValueError('boom')").passed
+    target = tmp_path / "written.txt"
+    r = run_program(f"open({str(target)!r}, 'w').write('x')")
+    assert not r.passed and not target.exists()
+    r = run_program("import subprocess; subprocess.run(['touch', '/tmp/sp-should-not-exist'])")
+    assert not r.passed and "blocked" in r.detail
+    r = run_program("import os; os.system('echo hi')")
+    assert not r.passed
+
+
+def test_code_extraction():
+    task = {"prompt": "import math\ndef f(x):\n    \"\"\"doc\"\"\"\n", "entry_point": "f"}
+    full = _code_from("Here:\n```python\ndef f(x):\n    return math.sqrt(x)\n```", task)
+    assert full.startswith("import math") and "def f(x):" in full
+    body = _code_from("    return x\n", task)
+    assert body == task["prompt"] + "    return x\n"
+
+
+def test_evaluate_capability_offline_with_patch(tiny_dir, tmp_path):
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text("".join(json.dumps({"prompt": p["messages"][0]["content"], "reference": p["reference"]}) + "\n" for p in PAIRS))
+    from safety_patch.models import load_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    p = make_lora_patch(lm.model, tmp_path / "p", lm.fingerprint)
+    cfg = CapabilityConfig(tasks=("nll", "kl"), references=str(refs))
+    res = evaluate_capability(str(tiny_dir), [p], None, cfg)
+    runs = res["runs"]
+    assert runs["base"]["nll"]["n"] == 4 and runs["patched"]["kl"]["value"] > 0
+    assert "nll" in runs["delta"] and runs["delta"]["nll_ratio"] > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(SafetyPatchError, match=r"bad.jsonl:1: expected string fields 'prompt' and 'reference'"):
+        evaluate_capability(str(tiny_dir), [], None, CapabilityConfig(tasks=("nll",), references=str(bad)))
+    with pytest.raises(SafetyPatchError, match="unknown capability task"):
+        evaluate_capability(str(tiny_dir), [], None, CapabilityConfig(tasks=("mmlu",)))
