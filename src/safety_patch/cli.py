@@ -339,6 +339,40 @@ def eval_capability_cmd(
     typer.echo(table(res))
 
 
+@app.command()
+def analyze(
+    patch: Annotated[list[Path], typer.Option("--patch", "-p", help="Patch folder; repeat to compare patches.")],
+    out: Annotated[Path, typer.Option(help="Output folder (CSV/JSON/PNG), written atomically.")],
+    model: ModelOpt = "default",
+    k: Annotated[str, typer.Option(help="Sizes of W0's top singular subspace to compare against.")] = "8,32,128",
+    r: Annotated[int | None, typer.Option(help="Update directions to use (default: LoRA rank; 8 for deltas).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data folder for default benign/jailbreak prompts.")] = None,
+    benign: Annotated[Path | None, typer.Option(help="JSONL/CSV of benign prompts (activation analysis).")] = None,
+    jailbreak: Annotated[Path | None, typer.Option(help="JSONL/CSV of jailbreak prompts (activation analysis).")] = None,
+    n_prompts: Annotated[int, typer.Option(min=1)] = 16,
+    device: DeviceOpt = "auto",
+    force: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Per-layer subspace orthogonality, update magnitude, hidden-state shift and interference of patches."""
+    from .analysis.run import analyze as run_analyze
+    from .analysis.run import default_prompts, summary_text
+    from .evaluation.prompts import benign_prompts
+
+    try:
+        ks = tuple(int(x) for x in k.split(",") if x.strip())
+    except ValueError:
+        raise SafetyPatchError(f"--k must be comma-separated integers, got {k!r}") from None
+    b, j = default_prompts(data, n_prompts) if data else ([], [])
+    if benign:
+        b = [p["messages"] for p in benign_prompts(benign)][:n_prompts]
+    if jailbreak:
+        j = [p["messages"] for p in benign_prompts(jailbreak)][:n_prompts]
+    res = run_analyze(model, list(patch), out, ks, r, b, j, device=device, force=force, overwrite=overwrite)
+    typer.echo(summary_text(res["summary"], sorted(set(ks)), res["activations"]))
+    typer.echo(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     # typer vendors its own click; its exception types live under typer.exceptions.

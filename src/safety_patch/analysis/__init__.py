@@ -1,0 +1,1 @@
+"""Explain a patch: weight-space geometry, magnitudes, activation shifts, interference."""

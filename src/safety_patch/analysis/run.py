@@ -1,0 +1,184 @@
+"""``safety-patch analyze``: weight-space and activation-space analysis of one or more patches.
+
+Writes into DIR: ``weights.csv`` (tidy: layer, module, patch, metric, value), ``weights.json``
+(one record per module and patch), ``activations.json`` (hidden shifts, interference),
+``summary.json`` / ``summary.txt`` (medians against the random baseline, worst modules) and
+PNG figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+import time
+from pathlib import Path
+
+from ..atomic import atomic_dir, write_json, write_text
+from ..errors import SafetyPatchError
+from ..patches import read_patch
+from . import plots
+from .subspace import interference_terms
+from .weights import analyse_update, checkpoint_reader, iter_updates
+
+SCALARS_SKIP = {"layer", "module", "name", "patch"}
+
+
+def analyse_weights(patch, read_w0, ks: list[int], r: int | None = None, keep_vectors: set[str] | None = None):
+    rows, vectors, baselines = [], {}, {}
+    for u in iter_updates(patch):
+        row, extra = analyse_update(u, read_w0(u.module + ".weight"), ks, r, baselines)
+        row["patch"] = patch.name
+        rows.append(row)
+        if keep_vectors is not None and u.module in keep_vectors:
+            vectors[u.module] = (u, extra)
+    return rows, vectors
+
+
+def summarise(rows: list[dict], ks: list[int]) -> dict:
+    out = {}
+    for patch in dict.fromkeys(r["patch"] for r in rows):
+        rs = [r for r in rows if r["patch"] == patch]
+        s = {"modules": len(rs), "median_rel_norm": statistics.median(r["rel_norm"] for r in rs),
+             "median_dW_fro": statistics.median(r["dW_fro"] for r in rs)}
+        for k in ks:
+            s[f"median_in_overlap@{k}"] = statistics.median(r[f"in_overlap@{k}"] for r in rs)
+            s[f"random_in_overlap@{k}"] = statistics.median(r[f"in_random_overlap@{k}"] for r in rs)
+            s[f"median_in_max_entry@{k}"] = statistics.median(r[f"in_max_entry@{k}"] for r in rs)
+            s[f"random_in_max_entry@{k}"] = statistics.median(r[f"in_random_max_entry@{k}"] for r in rs)
+            s[f"median_out_overlap@{k}"] = statistics.median(r[f"out_overlap@{k}"] for r in rs)
+            s[f"random_out_overlap@{k}"] = statistics.median(r[f"out_random_overlap@{k}"] for r in rs)
+        k = ks[len(ks) // 2]
+        worst = sorted(rs, key=lambda r: r[f"in_overlap@{k}"] / max(r[f"in_random_overlap@{k}"], 1e-12), reverse=True)[:3]
+        s["worst_modules"] = [{"name": r["name"], f"in_overlap@{k}": r[f"in_overlap@{k}"],
+                               "random": r[f"in_random_overlap@{k}"]} for r in worst]
+        out[patch] = s
+    return out
+
+
+def _tidy_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["layer", "module", "patch", "metric", "value"])
+    for r in rows:
+        for k, v in r.items():
+            if k not in SCALARS_SKIP:
+                w.writerow([r["layer"], r["module"], r["patch"], k, v])
+    return buf.getvalue()
+
+
+def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8, 32, 128), r: int | None = None,
+            benign: list[list[dict]] | None = None, jailbreak: list[list[dict]] | None = None, device: str = "auto",
+            force: bool = False, overwrite: bool = False, interference_k: int | None = None) -> dict:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SafetyPatchError(f"{out} exists; pass --overwrite to replace it")
+    ps = [read_patch(p) for p in patches]
+    if len({p.name for p in ps}) != len(ps):
+        raise SafetyPatchError("patch folder names must differ (they label the results)")
+    ks = sorted(set(ks))
+    read_w0 = checkpoint_reader(model)
+    t0 = time.time()
+    all_rows, vecs = [], {}
+    want_vectors = bool(benign or jailbreak)
+    for p in ps:
+        rows, v = analyse_weights(p, read_w0, ks, r, keep_vectors=_sample_modules(p) if want_vectors else None)
+        all_rows.extend(rows)
+        vecs[p.name] = v
+    weight_s = time.time() - t0
+    summary = summarise(all_rows, ks)
+    activ = {}
+    if want_vectors:
+        activ = _activations(model, ps, vecs, benign or [], jailbreak or [], read_w0, device, force, interference_k or ks[len(ks) // 2])
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_text(tmp / "weights.csv", _tidy_csv(all_rows))
+        write_json(tmp / "weights.json", all_rows)
+        write_json(tmp / "summary.json", {"summary": summary, "ks": ks, "weight_seconds": round(weight_s, 2),
+                                          "patches": [{"name": p.name, "path": str(p.path), "id": p.id,
+                                                       "method": p.meta.get("method")} for p in ps]})
+        if activ:
+            write_json(tmp / "activations.json", activ)
+        k_mid = ks[len(ks) // 2]
+        for p in ps:
+            plots.overlap_heatmap(all_rows, p.name, k_mid, tmp)
+        plots.per_layer(all_rows, f"in_overlap@{k_mid}", f"overlap with W0 top-{k_mid} (input side)", tmp,
+                        "overlap_per_layer", baseline=f"in_random_overlap@{k_mid}")
+        plots.per_layer(all_rows, "rel_norm", "||dW||_F / ||W0||_F", tmp, "magnitude_per_layer")
+        if activ.get("hidden_shift"):
+            plots.hidden_shift(activ["hidden_shift"], tmp)
+        write_text(tmp / "summary.txt", summary_text(summary, ks, activ))
+    return {"summary": summary, "activations": activ, "weight_seconds": weight_s}
+
+
+def _sample_modules(patch) -> set[str]:
+    """Modules whose inputs feed the interference analysis: every module of every 4th layer."""
+    names = {u.module for u in iter_updates(patch)}
+    return {n for n in names if (int(n.split(".layers.")[1].split(".")[0]) % 4 == 0 if ".layers." in n else False)}
+
+
+def _activations(model_spec, ps, vecs, benign, jailbreak, read_w0, device, force, k) -> dict:
+    from ..models import load_model
+    from ..patches import attached
+    from .activations import _encode, capture_linear_inputs, hidden_states, relative_shift
+
+    lm = load_model(model_spec, device=device)
+    sets = {"benign": _encode(lm.tokenizer, benign), "jailbreak": _encode(lm.tokenizer, jailbreak)}
+    sets = {k_: v for k_, v in sets.items() if v}
+    base_h = {name: hidden_states(lm.model, enc) for name, enc in sets.items()}
+    modules = set().union(*[set(v) for v in vecs.values()]) if vecs else set()
+    inputs = {name: capture_linear_inputs(lm.model, enc, modules) for name, enc in sets.items()}
+    shifts, inter = {}, {}
+    for p in ps:
+        with attached(lm.model, [p], lm.fingerprint, force) as m:
+            shifts[p.name] = {name: relative_shift(base_h[name], hidden_states(m, enc)) for name, enc in sets.items()}
+        rows = []
+        for mod, (u, extra) in vecs[p.name].items():
+            W0 = read_w0(mod + ".weight")
+            dW = u.factors if u.factors is not None else u.dense
+            for name in sets:
+                if mod not in inputs[name]:
+                    continue
+                t = interference_terms(W0, dW, inputs[name][mod], extra["V0"][:, :k], extra["Vd"])
+                t.pop("_terms")
+                rows.append({"module": mod, "layer": u.layer, "set": name, **t})
+        inter[p.name] = rows
+    return {"hidden_shift": shifts, "interference": inter, "interference_k": k,
+            "n_prompts": {name: len(enc) for name, enc in sets.items()}}
+
+
+def summary_text(summary: dict, ks: list[int], activ: dict) -> str:
+    lines = []
+    for patch, s in summary.items():
+        lines.append(f"== {patch} ({s['modules']} modules)")
+        lines.append(f"  median ||dW||/||W0||: {s['median_rel_norm']:.4g}   median ||dW||_F: {s['median_dW_fro']:.4g}")
+        for k in ks:
+            lines.append(f"  k={k:<4} input-side overlap {s[f'median_in_overlap@{k}']:.4f} (random {s[f'random_in_overlap@{k}']:.4f}); "
+                         f"paper max-entry {s[f'median_in_max_entry@{k}']:.4f} (random {s[f'random_in_max_entry@{k}']:.4f}); "
+                         f"output-side overlap {s[f'median_out_overlap@{k}']:.4f} (random {s[f'random_out_overlap@{k}']:.4f})")
+        lines.append("  most aligned modules: " + ", ".join(w["name"] for w in s["worst_modules"]))
+        sh = activ.get("hidden_shift", {}).get(patch)
+        if sh:
+            for name, d in sh.items():
+                lines.append(f"  hidden shift on {name} prompts (last token, final layer): {d['last_token'][-1]:.4f}")
+        rows = activ.get("interference", {}).get(patch)
+        if rows:
+            for name in sorted({r["set"] for r in rows}):
+                rs = [r for r in rows if r["set"] == name]
+                lines.append(f"  interference/intended on {name} inputs (median): "
+                             f"{statistics.median(r['interference_over_intended'] for r in rs):.4f}; "
+                             f"interference/base: {statistics.median(r['interference_over_base'] for r in rs):.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def default_prompts(data_dir: str | Path, n: int = 16) -> tuple[list, list]:
+    """Benign (held-out general) and jailbreak (held-out wrapped requests) conversations from a data folder."""
+    from ..jsonl import read_jsonl
+
+    d = Path(data_dir)
+    benign = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"]
+              for r in read_jsonl(d / "general.jsonl") if r["meta"]["split"] == "test"][:n]
+    jail = [r["messages"][:1] for r in read_jsonl(d / "test.jsonl") if r["meta"]["template"] != "direct"][:n]
+    return benign, jail
+
+
+__all__ = ["analyze", "default_prompts"]

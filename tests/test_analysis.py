@@ -1,0 +1,105 @@
+import math
+
+import pytest
+import torch
+
+from safety_patch.analysis import subspace as sm
+
+
+def orth(d, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0].float()
+
+
+def test_orthogonal_identical_and_known_angle():
+    e = torch.eye(6)
+    assert sm.overlap_metrics(e[:, :2], e[:, 2:4])["overlap"] == pytest.approx(0, abs=1e-7)
+    assert sm.overlap_metrics(e[:, :2], e[:, 2:4])["max_entry"] == pytest.approx(0, abs=1e-7)
+    q = orth(10, 3)
+    m = sm.overlap_metrics(q, q)
+    assert m["overlap"] == pytest.approx(1, abs=1e-5) and m["top_cosine"] == pytest.approx(1, abs=1e-5)
+    for theta in (0.1, 0.7, 1.2):
+        u = torch.tensor([[1.0], [0.0], [0.0]])
+        v = torch.tensor([[math.cos(theta)], [math.sin(theta)], [0.0]])
+        assert sm.principal_cosines(u, v)[0].item() == pytest.approx(math.cos(theta), abs=1e-5)
+        assert sm.overlap_metrics(u, v)["overlap"] == pytest.approx(math.cos(theta) ** 2, abs=1e-5)
+
+
+def test_factored_svd_equals_dense_svd():
+    g = torch.Generator().manual_seed(1)
+    B, A = torch.randn(20, 4, generator=g), torch.randn(4, 30, generator=g)
+    U, S, V = sm.factored_svd(B, A, scale=2.0)
+    dense = 2.0 * B @ A
+    assert torch.allclose(S, torch.linalg.svdvals(dense)[:4], atol=1e-4)
+    assert torch.allclose(U @ torch.diag(S) @ V.T, dense, atol=1e-4)
+    _, _, Vd = torch.linalg.svd(dense.double())
+    assert sm.overlap_metrics(V, Vd[:4].T.float())["overlap"] == pytest.approx(1, abs=1e-5)
+
+
+def test_invariant_to_lora_scale_and_gauge():
+    g = torch.Generator().manual_seed(2)
+    B, A = torch.randn(16, 3, generator=g), torch.randn(3, 24, generator=g)
+    V0 = orth(24, 8, seed=3)
+    _, _, V = sm.factored_svd(B, A, 1.0)
+    ref = sm.overlap_metrics(V, V0)
+    M = torch.randn(3, 3, generator=g) + 3 * torch.eye(3)
+    for Bx, Ax, s in ((B, A, 7.5), (B @ M, torch.linalg.solve(M, A), 1.0), (B, A, -0.3)):
+        _, _, Vx = sm.factored_svd(Bx, Ax, s)
+        got = sm.overlap_metrics(Vx, V0)
+        for key in ("overlap", "top_cosine", "mean_cosine"):
+            assert got[key] == pytest.approx(ref[key], abs=1e-4)
+
+
+def test_random_subspaces_near_the_analytic_expectation():
+    d, r, k = 256, 8, 32
+    vals = [sm.overlap_metrics(orth(d, r, s), orth(d, k, s + 100))["overlap"] for s in range(30)]
+    assert sum(vals) / len(vals) == pytest.approx(k / d, rel=0.15)
+    assert sm.random_baseline(d, r, k)["overlap"] == k / d
+
+
+def test_interference_decomposition_adds_back_up():
+    g = torch.Generator().manual_seed(4)
+    W0 = torch.randn(12, 20, generator=g)
+    B, A = torch.randn(12, 2, generator=g), torch.randn(2, 20, generator=g)
+    x = torch.randn(5, 20, generator=g)
+    _, _, V0 = sm.top_singular(W0, 6)
+    _, _, Vd = sm.factored_svd(B, A, 0.5)
+    res = sm.interference_terms(W0, (B, A, 0.5), x, V0, Vd)
+    total = sum(res["_terms"].values())
+    assert torch.allclose(total, x @ (W0 + 0.5 * B @ A).T, atol=1e-4)
+    dense = sm.interference_terms(W0, 0.5 * B @ A, x, V0, Vd)
+    assert dense["interference"] == pytest.approx(res["interference"], rel=1e-4)
+
+
+def test_effective_rank():
+    assert sm.effective_rank(torch.ones(4)) == pytest.approx(4)
+    assert sm.effective_rank(torch.tensor([1.0, 0, 0])) == pytest.approx(1)
+
+
+def test_top_singular_randomised_matches_exact():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(300, 40, generator=g) @ torch.diag(torch.linspace(10, 0.1, 40)) @ torch.randn(40, 200, generator=g)
+    _, S1, V1 = sm.top_singular(W, 8)
+    _, S2, V2 = sm.top_singular(W, 8, exact_limit=10)
+    assert torch.allclose(S1, S2, rtol=1e-3)
+    assert sm.overlap_metrics(V1, V2)["overlap"] == pytest.approx(1, abs=1e-3)
+
+
+def test_analyze_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
+    from safety_patch.analysis.run import analyze
+    from safety_patch.models import load_model
+    from safety_patch.testing import make_delta_patch, make_lora_patch
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    lora = make_lora_patch(lm.model, tmp_path / "lora", lm.fingerprint)
+    full = make_delta_patch(lm.model, tmp_path / "full", lm.fingerprint, every=1)
+    prompts = [[{"role": "user", "content": f"hello number {i}"}] for i in range(3)]
+    res = analyze(str(tiny_dir), [lora, full], tmp_path / "out", ks=(4, 8), benign=prompts, jailbreak=prompts)
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"weights.csv", "weights.json", "summary.json", "summary.txt", "activations.json", "overlap_per_layer.png",
+            "magnitude_per_layer.png", "hidden_shift.png", "overlap_heatmap_lora_k8.png", "overlap_heatmap_full_k8.png"} <= files
+    assert set(res["summary"]) == {"lora", "full"} and res["summary"]["lora"]["modules"] == 14
+    header = (tmp_path / "out" / "weights.csv").read_text().split("\n")[0]
+    assert header == "layer,module,patch,metric,value"
+    shift = res["activations"]["hidden_shift"]["lora"]["benign"]["last_token"]
+    assert shift[0] == pytest.approx(0, abs=1e-6) and max(shift) > 0  # embeddings untouched, later layers move
