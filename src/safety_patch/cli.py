@@ -373,6 +373,38 @@ def analyze(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def reproduce(
+    out: Annotated[Path, typer.Option(help="Run folder (stages are cached inside; re-runs resume).")],
+    model: ModelOpt = "default",
+    quick: Annotated[bool, typer.Option(help="Small sizes: minutes on a laptop CPU.")] = False,
+    full: Annotated[bool, typer.Option(help="Add DPO arms, a rank ablation and cross-domain arms.")] = False,
+    seeds: Annotated[int, typer.Option(min=1, help="Train every arm with this many seeds.")] = 1,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """The paper's experiments end to end: data, arms, evaluation, analysis, report with a verdict per claim."""
+    from .pipeline import make_plan
+    from .pipeline import reproduce as run_reproduce
+    from .report import write_report
+
+    info = run_reproduce(out, make_plan(model, quick, full, seeds), device=device, dtype=dtype)
+    typer.echo(f"done in {info['total_seconds'] / 60:.1f} min; report: {out / 'report.md'} and {out / 'report.html'}")
+    for c in write_report(out)["claims"]:
+        typer.echo(f"  [{c['verdict'].upper()}] {c['claim']}: {c['evidence']}")
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Argument(help="A run folder from `reproduce`.")]) -> None:
+    """(Re)write report.md and report.html from a run folder's stage outputs."""
+    from .report import write_report
+
+    if not (run / "run.json").is_file():
+        raise SafetyPatchError(f"{run} is not a reproduce run folder (no run.json)")
+    for c in write_report(run)["claims"]:
+        typer.echo(f"[{c['verdict'].upper()}] {c['claim']}: {c['evidence']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     # typer vendors its own click; its exception types live under typer.exceptions.

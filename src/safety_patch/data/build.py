@@ -73,6 +73,8 @@ class DataConfig:
     general_val_fraction: float = 0.2
     borderline_test_fraction: float = 0.5
     borderline_val_fraction: float = 0.2
+    general_limit: int | None = None
+    """Keep at most this many general prompts (seeded subset; quick runs)."""
     distill: bool = True
     """Generate the base model's answers for general and borderline train/val prompts."""
     distill_max_new_tokens: int = 128
@@ -111,7 +113,8 @@ def load_requests(cfg: DataConfig):
         items, info = load_source(name)
         n_loaded = len(items)
         items = [r for r in items if len(r.text) <= cfg.max_request_chars]
-        if cfg.max_per_source:
+        if cfg.max_per_source:  # a seeded subset that spans the source's categories, not its first rows
+            items = sorted(items, key=lambda r: hashlib.sha256(f"{cfg.seed}:{r.behavior_id}".encode()).hexdigest())
             items = items[: cfg.max_per_source]
         infos.append(dict(as_dict(info), loaded=n_loaded, kept=len(items)))
         reqs.extend(items)
@@ -199,6 +202,9 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
 
     # 3. general and borderline prompts, split by prompt
     gen = general_prompts()
+    if cfg.general_limit:
+        gen = sorted(gen, key=lambda g: hashlib.sha256(f"{cfg.seed}:{json.dumps(g['messages'])}".encode()).hexdigest())
+        gen = gen[: cfg.general_limit]
     gkeys = [json.dumps(g["messages"]) for g in gen]
     gsplit = splits.assign(gkeys, [g["category"] for g in gen],
                            {"test": cfg.general_test_fraction, "val": cfg.general_val_fraction}, cfg.seed)

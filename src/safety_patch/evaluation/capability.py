@@ -39,6 +39,8 @@ class CapabilityConfig:
     limit: int | None = None
     humaneval_limit: int | None = 40
     max_new_tokens: int = 256
+    """HumanEval completion length."""
+    compliance_max_new_tokens: int = 64
     batch_size: int = 8
     max_len: int = 512
     references: str | None = None
@@ -221,7 +223,7 @@ def _one_run(lm, cfg, pairs, encoded, base_rows, he_tasks, bl_prompts, mc, cache
     if "compliance" in cfg.tasks and bl_prompts:
         from .safety import EvalConfig, run_overrefusal
 
-        ecfg = EvalConfig(max_new_tokens=64, batch_size=cfg.batch_size)
+        ecfg = EvalConfig(max_new_tokens=cfg.compliance_max_new_tokens, batch_size=cfg.batch_size)
         r = run_overrefusal(lm, bl_prompts, ecfg, cache, "compliance", judge)
         res["compliance"] = r["aggregates"]["answered"]
         raw["compliance"] = [float(x["verdict"]["label"] == "compliance") for x in r["records"]]

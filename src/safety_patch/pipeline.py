@@ -1,0 +1,305 @@
+"""``safety-patch reproduce``: the paper's experiments as numbered stages in one run folder.
+
+RUN/
+  run.json                 resolved plan, provenance, per-stage timings
+  01-data/                 data folder (data build)
+  02-arms/<arm>/           one patch per arm (train)
+  03-eval/<model>/         safety.json, overrefusal.json, capability.json per model (base and arms)
+  04-plug/plug.json        plug-and-play checks (detach exactness, merge vs attach) on the real model
+  05-analysis/             analyze over every arm
+  report.md, report.html   the report (a pure reader of the stage outputs)
+
+Every stage folder carries ``stage.json`` with a content hash of its inputs (its settings
+and the hashes of the stages it reads). A re-run skips stages whose hash matches, so an
+interrupted run resumes where it stopped and a changed setting re-runs only what depends
+on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .atomic import write_json
+from .errors import SafetyPatchError
+
+
+@dataclass
+class Arm:
+    name: str
+    train: dict  # TrainConfig fields
+    role: str  # "lora-safety" | "full-safety" | "full-mix" | "lora-dpo" | "full-dpo" | "rank" | "cross-domain"
+
+
+@dataclass
+class Plan:
+    model: str = "default"
+    mode: str = "default"  # quick | default | full
+    seeds: int = 1
+    data: dict = field(default_factory=dict)
+    arms: list[Arm] = field(default_factory=list)
+    eval_limit: int | None = 100
+    eval_attacks: tuple[str, ...] = ("direct", "template")
+    max_new_tokens: int = 48
+    capability_tasks: tuple[str, ...] = ("nll", "kl", "compliance", "humaneval")
+    humaneval_limit: int = 20
+    capability_limit: int | None = None
+    analysis_ks: tuple[int, ...] = (8, 32, 128)
+    analysis_prompts: int = 12
+
+
+def make_plan(model: str = "default", quick: bool = False, full: bool = False, seeds: int = 1) -> Plan:
+    if quick and full:
+        raise SafetyPatchError("--quick and --full exclude each other")
+    if seeds < 1:
+        raise SafetyPatchError("--seeds must be >= 1")
+    mode = "quick" if quick else "full" if full else "default"
+    rows = {"quick": 48, "default": 200, "full": 400}[mode]
+    common = {"max_train_rows": rows, "max_seq_len": 384 if quick else 512, "save_steps": 10**6}
+    lora = {"recipe": "paper", "method": "lora", "rank": 8, "alpha": 16.0, "lr": 2e-4} | common
+    fullp = {"recipe": "full-safety", "method": "full", "lr": 1e-5} | common
+    arms = [Arm("lora-safety", lora, "lora-safety"), Arm("full-safety", fullp, "full-safety"),
+            Arm("full-mix-1", fullp | {"general_ratio": 1.0}, "full-mix"),
+            Arm("full-mix-2", fullp | {"general_ratio": 2.0}, "full-mix")]
+    if full:
+        arms += [Arm("lora-dpo", lora | {"objective": "dpo", "lr": 5e-5}, "lora-dpo"),
+                 Arm("full-dpo", fullp | {"objective": "dpo", "lr": 5e-7}, "full-dpo")]
+        arms += [Arm(f"lora-r{r}", lora | {"rank": r, "alpha": 2.0 * r}, "rank") for r in (1, 2, 4, 16, 32)]
+        arms += [Arm("lora-code", lora | {"general_only": True}, "cross-domain"),
+                 Arm("full-code", fullp | {"general_only": True}, "cross-domain")]
+    if seeds > 1:
+        arms = [Arm(f"{a.name}@s{s}", a.train | {"seed": s}, a.role) for a in arms for s in range(seeds)]
+    data = {"max_per_source": 120, "general_limit": 96, "distill_max_new_tokens": 48, "dpo": full} if quick else \
+        {"distill_max_new_tokens": 128, "dpo": full}
+    plan = Plan(model=model, mode=mode, seeds=seeds, data=data, arms=arms)
+    if quick:
+        plan.eval_limit, plan.max_new_tokens, plan.humaneval_limit, plan.capability_limit = 24, 32, 0, 32
+        plan.capability_tasks = ("nll", "kl", "compliance")
+        plan.analysis_prompts = 6
+    return plan
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """Content-hash bookkeeping: ``done(dir, key)`` / ``mark(dir, key, seconds)``."""
+
+    def __init__(self, run: Path):
+        self.run = run
+        self.timings: dict[str, float] = {}
+        self.t0 = time.time()
+
+    def done(self, d: Path, key: str) -> bool:
+        f = d / "stage.json"
+        return f.is_file() and json.loads(f.read_text()).get("key") == key
+
+    def mark(self, d: Path, key: str, seconds: float, **extra) -> None:
+        write_json(d / "stage.json", {"key": key, "seconds": round(seconds, 1), **extra})
+        self.timings[str(d.relative_to(self.run))] = round(seconds, 1)
+
+    def say(self, i: int, n: int, what: str, skipped: bool = False) -> None:
+        el = time.time() - self.t0
+        print(f"[{i}/{n}] {what}{' (cached)' if skipped else ''}  elapsed {el / 60:.1f} min", flush=True)
+
+
+def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "auto") -> dict:
+    from . import __version__
+    from .data.build import DataConfig, build, manifest_sha256
+    from .evaluation.capability import CapabilityConfig, evaluate_capability
+    from .evaluation.safety import EvalConfig, evaluate
+    from .models import resolve_checkpoint
+    from .report import write_report
+    from .train.api import resolve_config
+    from .train.run import train
+
+    run = Path(out)
+    run.mkdir(parents=True, exist_ok=True)
+    st = Stages(run)
+    resolve_checkpoint(plan.model)  # fail early on a bad --model (and convert the GGUF once)
+    n_steps = 1 + len(plan.arms) + (1 + len(plan.arms)) + 1 + 1 + 1
+    step = 0
+
+    # 1. data
+    step += 1
+    data_dir = run / "01-data"
+    data_key = _hash({"data": plan.data, "model": plan.model, "v": __version__})
+    if not st.done(data_dir, data_key):
+        st.say(step, n_steps, "data: building harmful, general and borderline sets")
+        t = time.time()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        build(data_dir, DataConfig(**plan.data), model=plan.model, device=device, dtype=dtype)
+        st.mark(data_dir, data_key, time.time() - t)
+    else:
+        st.say(step, n_steps, "data", skipped=True)
+    data_hash = manifest_sha256(data_dir)
+
+    # 2. arms: one patch each; the LoRA and full arms share the trainer and differ in what trains
+    arm_keys = {}
+    for arm in plan.arms:
+        step += 1
+        d = run / "02-arms" / arm.name
+        key = _hash({"arm": asdict(arm), "data": data_hash, "model": plan.model})
+        arm_keys[arm.name] = key
+        if st.done(d, key):
+            st.say(step, n_steps, f"train {arm.name}", skipped=True)
+            continue
+        st.say(step, n_steps, f"train {arm.name} ({arm.train.get('method')}, {arm.train.get('objective', 'sft')})")
+        t = time.time()
+        fields = dict(arm.train)
+        recipe = fields.pop("recipe", None)
+        general_only = fields.pop("general_only", False)
+        cfg = resolve_config(recipe, None, fields)
+        src = _general_only_data(data_dir, run / "02-arms" / ".general-data") if general_only else data_dir
+        d.parent.mkdir(parents=True, exist_ok=True)
+        train(src, d / "patch", cfg, model=plan.model, device=device, dtype=dtype, overwrite=True, progress=False)
+        st.mark(d, key, time.time() - t)
+
+    # 3. evaluation of the base and every arm
+    ecfg = EvalConfig(attacks=plan.eval_attacks, limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens, batch_size=16)
+    ocfg = EvalConfig(attacks=("direct",), limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens, batch_size=16)
+    ccfg = CapabilityConfig(tasks=plan.capability_tasks, limit=plan.capability_limit, humaneval_limit=plan.humaneval_limit,
+                            compliance_max_new_tokens=plan.max_new_tokens)
+    for name in ["base"] + [a.name for a in plan.arms]:
+        step += 1
+        d = run / "03-eval" / name
+        patches = [] if name == "base" else [run / "02-arms" / name / "patch"]
+        key = _hash({"e": asdict(ecfg), "o": asdict(ocfg), "c": asdict(ccfg), "data": data_hash,
+                     "arm": arm_keys.get(name, "base"), "model": plan.model})
+        if st.done(d, key):
+            st.say(step, n_steps, f"evaluate {name}", skipped=True)
+            continue
+        st.say(step, n_steps, f"evaluate {name}: attacks, over-refusal, capability")
+        t = time.time()
+        d.mkdir(parents=True, exist_ok=True)
+        # patched runs also compute the base (served from the generation cache after the first model)
+        write_json(d / "safety.json", evaluate("safety", plan.model, patches, str(data_dir), ecfg, device, dtype))
+        write_json(d / "overrefusal.json", evaluate("overrefusal", plan.model, patches, str(data_dir), ocfg, device, dtype))
+        if name != "base":
+            write_json(d / "capability.json", evaluate_capability(plan.model, patches, str(data_dir), ccfg, device, dtype))
+        st.mark(d, key, time.time() - t)
+
+    # 4. plug-and-play on the real model: detach exactness, merge == attach, stacking
+    step += 1
+    d = run / "04-plug"
+    lora_arms = [a.name for a in plan.arms if a.role in ("lora-safety",)]
+    key = _hash({"arms": [arm_keys[a] for a in lora_arms], "model": plan.model})
+    if lora_arms and not st.done(d, key):
+        st.say(step, n_steps, "plug-and-play checks")
+        t = time.time()
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(d / "plug.json", plug_checks(plan.model, run / "02-arms" / lora_arms[0] / "patch",
+                                                [run / "02-arms" / a.name / "patch" for a in plan.arms if a.role == "full-safety"],
+                                                device, dtype))
+        st.mark(d, key, time.time() - t)
+    else:
+        st.say(step, n_steps, "plug-and-play checks", skipped=True)
+
+    # 5. analysis of every arm (weights; activations on a few benign and jailbreak prompts)
+    step += 1
+    d = run / "05-analysis"
+    key = _hash({"arms": arm_keys, "ks": plan.analysis_ks, "n": plan.analysis_prompts, "data": data_hash})
+    if not st.done(d, key):
+        st.say(step, n_steps, "analysis: subspaces, magnitudes, hidden shifts")
+        t = time.time()
+        from .analysis.run import analyze, default_prompts
+
+        benign, jail = default_prompts(data_dir, plan.analysis_prompts)
+        arm_dirs = _analysis_links(run, plan)
+        analyze(plan.model, arm_dirs, d / "out", plan.analysis_ks, None, benign, jail, device=device, overwrite=True)
+        st.mark(d, key, time.time() - t)
+    else:
+        st.say(step, n_steps, "analysis", skipped=True)
+
+    # 6. report: reads the stage outputs only
+    step += 1
+    st.say(step, n_steps, "report")
+    info = {"plan": _plan_dict(plan), "timings": st.timings, "total_seconds": round(time.time() - st.t0, 1),
+            "version": __version__}
+    prev = run / "run.json"
+    if prev.is_file():  # keep timings of cached stages from the run that computed them
+        old = json.loads(prev.read_text()).get("timings", {})
+        info["timings"] = old | st.timings
+    write_json(run / "run.json", info)
+    write_report(run)
+    return info
+
+
+def _plan_dict(plan: Plan) -> dict:
+    d = asdict(plan)
+    d["arms"] = [asdict(a) for a in plan.arms]
+    return d
+
+
+def _analysis_links(run: Path, plan: Plan) -> list[Path]:
+    """Patch folders named after their arms (analysis labels results by folder name)."""
+    links = run / "05-analysis" / "patches"
+    links.mkdir(parents=True, exist_ok=True)
+    out = []
+    for a in plan.arms:
+        if a.train.get("objective", "sft") == "dpo" and a.role != "lora-dpo":
+            continue
+        link = links / a.name.replace("@", "_")
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to((run / "02-arms" / a.name / "patch").resolve(), target_is_directory=True)
+        out.append(link)
+    return out
+
+
+def _general_only_data(data_dir: Path, out: Path) -> Path:
+    """A data folder whose 'safety' rows are the general (self-distilled) train conversations: the
+    cross-domain arm trains on non-safety data with the same trainer."""
+    from .jsonl import read_jsonl
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(data_dir, out, ignore=shutil.ignore_patterns("stage.json"))
+    rows = [r for r in read_jsonl(data_dir / "general.jsonl") if r["meta"]["split"] == "train" and r["messages"][-1]["role"] == "assistant"]
+    from .atomic import write_jsonl
+
+    write_jsonl(out / "train.jsonl", rows)
+    return out
+
+
+def plug_checks(model: str, lora: Path, fulls: list[Path], device: str, dtype: str) -> dict:
+    """Exactness of attach/detach/merge on the real model, for the report's plug-and-play claim."""
+    import torch
+
+    from .models import load_model
+    from .patches import attached, merged_state_dict, read_patch
+
+    lm = load_model(model, device=device, dtype=dtype)
+    ids = lm.tokenizer(["What is the capital of France?", "How do I kill a Python process?"], return_tensors="pt",
+                       padding=True)["input_ids"].to(lm.runtime.device)
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=ids).logits.float()
+
+    base = logits(lm.model)
+    p = read_patch(lora)
+    with attached(lm.model, [p], lm.fingerprint) as m:
+        att = logits(m)
+    after = logits(lm.model)
+    merged_sd = merged_state_dict(lm.model, [p], lm.fingerprint)
+    backup = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    lm.model.load_state_dict(merged_sd, strict=False)
+    merged = logits(lm.model)
+    lm.model.load_state_dict(backup)
+    out = {"detach_max_abs_diff": (after - base).abs().max().item(), "merge_vs_attach_max_abs_diff": (merged - att).abs().max().item(),
+           "patch_effect_max_abs_diff": (att - base).abs().max().item()}
+    if fulls:
+        q = read_patch(fulls[0])
+        with attached(lm.model, [p, q], lm.fingerprint) as m:
+            pq = logits(m)
+        with attached(lm.model, [q, p], lm.fingerprint) as m:
+            qp = logits(m)
+        out["stack_order_max_abs_diff"] = (pq - qp).abs().max().item()
+        out["detach_after_stack_max_abs_diff"] = (logits(lm.model) - base).abs().max().item()
+    return out

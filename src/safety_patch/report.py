@@ -1,0 +1,371 @@
+"""The reproduce report: a pure reader of a run folder's stage outputs -> report.md + report.html.
+
+Every verdict is computed here from the numbers and intervals in the stage outputs, by the
+rules printed next to it; nothing is written by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import statistics
+from pathlib import Path
+
+from .atomic import write_text
+
+ROLE_ORDER = ("lora-safety", "full-safety", "full-mix", "lora-dpo", "full-dpo", "rank", "cross-domain")
+
+
+def _load(p: Path):
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _pct(p) -> str:
+    if not p or p.get("value") is None:
+        return "-"
+    return f"{100 * p['value']:.1f}% [{100 * p['ci95'][0]:.1f}, {100 * p['ci95'][1]:.1f}]"
+
+
+def _num(m, digits=4) -> str:
+    if not m or m.get("value") is None:
+        return "-"
+    return f"{m['value']:.{digits}f} [{m['ci95'][0]:.{digits}f}, {m['ci95'][1]:.{digits}f}]"
+
+
+def compare(a: dict, b: dict, lower_is_better: bool = True) -> str:
+    """'better' / 'worse' when the 95% intervals do not overlap, else 'tie'."""
+    (alo, ahi), (blo, bhi) = a["ci95"], b["ci95"]
+    if None in (alo, ahi, blo, bhi):
+        return "tie"
+    if ahi < blo:
+        return "better" if lower_is_better else "worse"
+    if alo > bhi:
+        return "worse" if lower_is_better else "better"
+    return "tie"
+
+
+class RunData:
+    def __init__(self, run: Path):
+        self.run = run
+        self.info = _load(run / "run.json") or {}
+        self.arms = self.info.get("plan", {}).get("arms", [])
+        self.models = ["base"] + [a["name"] for a in self.arms]
+        self.eval = {m: {k: _load(run / "03-eval" / m / f"{k}.json") for k in ("safety", "overrefusal", "capability")}
+                     for m in self.models}
+        self.patch = {a["name"]: _load(run / "02-arms" / a["name"] / "patch" / "patch.json") for a in self.arms}
+        self.analysis = _load(run / "05-analysis" / "out" / "summary.json")
+        self.activ = _load(run / "05-analysis" / "out" / "activations.json")
+        self.plug = _load(run / "04-plug" / "plug.json")
+        self.manifest = _load(run / "01-data" / "manifest.json")
+
+    def run_of(self, model: str, kind: str) -> dict | None:
+        r = self.eval[model][kind]
+        if not r:
+            return None
+        return r["runs"]["base" if model == "base" else "patched"]
+
+    def asr(self, model: str):
+        r = self.run_of(model, "safety")
+        return r["aggregates"]["overall"] if r else None
+
+    def borderline(self, model: str):
+        r = self.run_of(model, "overrefusal")
+        return r["aggregates"]["per_set"].get("borderline") if r else None
+
+    def general_refusal(self, model: str):
+        r = self.run_of(model, "overrefusal")
+        return r["aggregates"]["per_set"].get("general") if r else None
+
+    def cap(self, model: str, key: str):
+        c = self.eval[model]["capability"]
+        return c["runs"]["patched"].get(key) if c and "patched" in c["runs"] else None
+
+    def nll_ratio(self, model: str):
+        c = self.eval[model]["capability"]
+        return c["runs"]["delta"].get("nll_ratio") if c and "delta" in c["runs"] else None
+
+    def by_role(self, role: str) -> list[str]:
+        return [a["name"] for a in self.arms if a["role"] == role]
+
+
+# ----------------------------------------------------------------------------- claims
+
+
+def claims(rd: RunData) -> list[dict]:
+    out = []
+    lora = (rd.by_role("lora-safety") or [None])[0]
+    full = (rd.by_role("full-safety") or [None])[0]
+    mixes = rd.by_role("full-mix")
+    if lora and rd.asr(lora):
+        a, b = rd.asr(lora), rd.asr("base")
+        hi = a["ci95"][1]
+        v = "supported" if hi <= 0.10 and compare(a, b) == "better" else "not supported" if a["ci95"][0] > 0.10 else "inconclusive"
+        out.append({"claim": "Safety-only LoRA gives strong safety (attack success <= 10%)", "verdict": v,
+                    "rule": "supported if the upper 95% bound of the LoRA arm's ASR is <= 10% and below the base's interval; "
+                            "not supported if its lower bound is > 10%",
+                    "evidence": f"ASR base {_pct(b)}, LoRA {_pct(a)} (direct + held-out templates, keyword judge); "
+                                f"borderline refusal base {_pct(rd.borderline('base'))}, LoRA {_pct(rd.borderline(lora))}"})
+    if lora and full and rd.cap(lora, "kl") and rd.cap(full, "kl"):
+        c = compare(rd.cap(lora, "kl"), rd.cap(full, "kl"))
+        v = {"better": "supported", "worse": "not supported", "tie": "inconclusive"}[c]
+        out.append({"claim": "LoRA preserves capability better than full-parameter safety-only training", "verdict": v,
+                    "rule": "KL(base||patched) on held-out benign answers; supported if LoRA's 95% interval lies below full's, "
+                            "not supported if above, else inconclusive",
+                    "evidence": f"KL LoRA {_num(rd.cap(lora, 'kl'))} vs full {_num(rd.cap(full, 'kl'))}; NLL ratio LoRA "
+                                f"{_fmt(rd.nll_ratio(lora))} vs full {_fmt(rd.nll_ratio(full))}"})
+    if lora and mixes and rd.cap(lora, "kl"):
+        results = {m: compare(rd.cap(lora, "kl"), rd.cap(m, "kl")) for m in mixes if rd.cap(m, "kl")}
+        if results:
+            v = "not supported" if "worse" in results.values() else "supported" if all(r == "better" for r in results.values()) \
+                else "inconclusive"
+            out.append({"claim": "LoRA preserves capability at least as well as the data-mixing baselines", "verdict": v,
+                        "rule": "KL intervals: supported if LoRA's lies below every mixing arm's, not supported if above any, "
+                                "else inconclusive (overlapping intervals cannot show 'at least as well')",
+                        "evidence": "; ".join(f"{m}: KL {_num(rd.cap(m, 'kl'))}, ASR {_pct(rd.asr(m))} ({r} for LoRA)"
+                                              for m, r in results.items())})
+    if rd.analysis and lora and full:
+        s = rd.analysis["summary"]
+        la, fa = _arm_key(lora), _arm_key(full)
+        if la in s and fa in s:
+            k = rd.analysis["ks"][len(rd.analysis["ks"]) // 2]
+            lo, fo, rb = s[la][f"median_in_overlap@{k}"], s[fa][f"median_in_overlap@{k}"], s[la][f"random_in_overlap@{k}"]
+            lme, fme = s[la][f"median_in_max_entry@{k}"], s[fa][f"median_in_max_entry@{k}"]
+            p = _sign_test(rd, la, fa, f"in_overlap@{k}")
+            v = "supported" if lo < fo and p is not None and p < 0.05 else "not supported" if lo >= fo and p is not None and p < 0.05 \
+                else "inconclusive"
+            out.append({"claim": "LoRA's update is more orthogonal to W0's dominant subspace than full fine-tuning's",
+                        "verdict": v,
+                        "rule": f"per-module overlap of the top-r input directions with W0's top-{k} right singular subspace; "
+                                "supported if LoRA's median is lower and a paired sign test over modules gives p < 0.05",
+                        "evidence": f"median overlap LoRA {lo:.4f}, full {fo:.4f}, random subspaces {rb:.4f} "
+                                    f"(sign test p={_fmt(p)}); paper's max-entry similarity LoRA {lme:.3f}, full {fme:.3f} "
+                                    f"(paper: <0.1 vs >0.4)"})
+            lm_, fm_ = s[la]["median_rel_norm"], s[fa]["median_rel_norm"]
+            shifts = (rd.activ or {}).get("hidden_shift", {})
+            if la in shifts and fa in shifts and "benign" in shifts[la]:
+                lb = statistics.mean(shifts[la]["benign"]["last_token"][1:])
+                fb = statistics.mean(shifts[fa]["benign"]["last_token"][1:])
+                bigger, smaller = lm_ > fm_, lb < fb
+                v = "supported" if bigger and smaller else "not supported"
+                out.append({"claim": "LoRA makes larger weight updates yet smaller hidden-state shifts on benign inputs",
+                            "verdict": v, "rule": "both must hold: median ||dW||/||W0|| larger for LoRA, and mean benign "
+                                                  "last-token relative shift (over layers) smaller",
+                            "evidence": f"median ||dW||/||W0|| LoRA {lm_:.4g} vs full {fm_:.4g}; benign shift LoRA {lb:.4g} "
+                                        f"vs full {fb:.4g}"})
+    if rd.plug:
+        p = rd.plug
+        ok = p["detach_max_abs_diff"] == 0 and p["merge_vs_attach_max_abs_diff"] < 1e-2
+        out.append({"claim": "The LoRA patch is plug-and-play (attach, detach exactly, merge)", "verdict": "supported" if ok else "not supported",
+                    "rule": "detached logits must equal the base exactly; merged logits must equal attached within 1e-2",
+                    "evidence": f"detach max |diff| {p['detach_max_abs_diff']:.3g}, merge vs attach {p['merge_vs_attach_max_abs_diff']:.3g}, "
+                                f"patch effect {p['patch_effect_max_abs_diff']:.3g}"
+                                + (f", stack order {p['stack_order_max_abs_diff']:.3g}" if "stack_order_max_abs_diff" in p else "")})
+    return out
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _arm_key(name: str) -> str:
+    return name.replace("@", "_")
+
+
+def _sign_test(rd: RunData, a: str, b: str, metric: str) -> float | None:
+    rows = _load(rd.run / "05-analysis" / "out" / "weights.json") or []
+    va = {r["name"]: r[metric] for r in rows if r["patch"] == a}
+    vb = {r["name"]: r[metric] for r in rows if r["patch"] == b}
+    pairs = [(va[n], vb[n]) for n in va if n in vb and va[n] != vb[n]]
+    if not pairs:
+        return None
+    from scipy.stats import binomtest
+
+    k = sum(x < y for x, y in pairs)
+    return float(binomtest(k, len(pairs), 0.5).pvalue)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def tradeoff_figure(rd: RunData, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = []
+    for m in rd.models:
+        a = rd.asr(m)
+        if not a:
+            continue
+        ratio = 1.0 if m == "base" else rd.nll_ratio(m)
+        bl = rd.borderline(m)
+        pts.append((m, 1 - a["value"], ratio, bl["value"] if bl else None))
+    if not pts:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, safety, ratio, over in pts:
+        if ratio is not None:
+            axes[0].scatter(ratio, safety, s=40)
+            axes[0].annotate(name, (ratio, safety), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        if over is not None:
+            axes[1].scatter(over, safety, s=40)
+            axes[1].annotate(name, (over, safety), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    axes[0].set_xlabel("reference-answer NLL, patched / base (lower is better)")
+    axes[1].set_xlabel("refusal rate on borderline-benign prompts (lower is better)")
+    for ax in axes:
+        ax.set_ylabel("safety: 1 - attack success")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Safety against capability and over-refusal")
+    fig.tight_layout()
+    path = out / "tradeoff.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- the document
+
+
+def blocks(rd: RunData) -> list[tuple]:
+    B: list[tuple] = []
+    plan = rd.info.get("plan", {})
+    B.append(("h1", "safety-patch reproduce report"))
+    B.append(("p", f"Model `{plan.get('model')}`, mode `{plan.get('mode')}`, seeds {plan.get('seeds')}, "
+                   f"total time {rd.info.get('total_seconds', 0) / 60:.1f} min (this invocation; cached stages cost nothing). "
+                   "Attack success is judged by the keyword judge (validation: bench/judge_validation.py); intervals are "
+                   "Wilson 95% for rates and bootstrap 95% for means."))
+    if rd.manifest:
+        c = rd.manifest["counts"]
+        B.append(("p", f"Data: {c['rows_per_split']['train']} training conversations, {c['behaviours_per_split']['test']} "
+                       f"held-out test behaviours, {c['template_families_per_split']['test']} held-out template families."))
+    B.append(("h2", "Claims"))
+    cl = claims(rd)
+    B.append(("table", ["claim", "verdict", "evidence", "rule"], [[c["claim"], c["verdict"].upper(), c["evidence"], c["rule"]] for c in cl]))
+    fig = rd.run / "tradeoff.png"
+    if fig.is_file():
+        B.append(("h2", "Trade-off"))
+        B.append(("img", fig, "safety against capability retention and over-refusal"))
+    B.append(("h2", "Attack success per attack"))
+    attacks = []
+    for m in rd.models:
+        r = rd.run_of(m, "safety")
+        if r:
+            attacks = list(r["aggregates"]["per_attack"])
+            break
+    rows = []
+    for m in rd.models:
+        r = rd.run_of(m, "safety")
+        if r:
+            rows.append([m, _pct(r["aggregates"]["overall"])] + [_pct(r["aggregates"]["per_attack"].get(a)) for a in attacks])
+    B.append(("table", ["model", "overall"] + attacks, rows))
+    B.append(("h2", "Attack success per category"))
+    cats = sorted({c for m in rd.models if rd.run_of(m, "safety") for c in rd.run_of(m, "safety")["aggregates"]["per_category"]})
+    B.append(("table", ["model"] + cats, [[m] + [_pct(rd.run_of(m, "safety")["aggregates"]["per_category"].get(c)) for c in cats]
+                                         for m in rd.models if rd.run_of(m, "safety")]))
+    B.append(("h2", "Over-refusal"))
+    B.append(("table", ["model", "borderline-benign refused", "general refused"],
+              [[m, _pct(rd.borderline(m)), _pct(rd.general_refusal(m))] for m in rd.models if rd.run_of(m, "overrefusal")]))
+    B.append(("h2", "Capability"))
+    crow = []
+    for m in rd.models[1:]:
+        c = rd.eval[m]["capability"]
+        if not c:
+            continue
+        runs = c["runs"]
+        crow.append([m, _num(runs["base"].get("nll")), _num(runs["patched"].get("nll")), _fmt(rd.nll_ratio(m)),
+                     _num(runs["patched"].get("kl")), _pct(runs["patched"].get("compliance")), _pct(runs["patched"].get("humaneval"))])
+    B.append(("table", ["arm", "NLL base", "NLL patched", "NLL ratio", "KL(base||patched)", "benign answered", "HumanEval pass@1"], crow))
+    B.append(("h2", "Cost"))
+    cost, mix_total, lora_total = [], 0.0, 0.0
+    for a in rd.arms:
+        pj = rd.patch.get(a["name"])
+        if not pj:
+            continue
+        t = pj["training"]
+        cost.append([a["name"], a["role"], f"{t['wall_seconds']:.0f}", f"{t['peak_memory_mb']:.0f}", str(t["tokens_seen"]),
+                     f"{t['trainable_parameters']:,}"])
+        if a["role"] == "full-mix":
+            mix_total += t["wall_seconds"]
+        if a["role"] == "lora-safety":
+            lora_total += t["wall_seconds"]
+    B.append(("table", ["arm", "role", "train seconds", "peak memory MB", "tokens", "trainable parameters"], cost))
+    if mix_total and lora_total:
+        B.append(("p", f"The data-mixing search ({len(rd.by_role('full-mix'))} ratios) cost {mix_total:.0f} s of training; the "
+                       f"single LoRA patch {lora_total:.0f} s ({mix_total / lora_total:.1f}x less)."))
+    if rd.analysis:
+        B.append(("h2", "Orthogonality and magnitude"))
+        ks = rd.analysis["ks"]
+        srows = []
+        for name, s in rd.analysis["summary"].items():
+            srows.append([name] + [f"{s[f'median_in_overlap@{k}']:.4f} (rand {s[f'random_in_overlap@{k}']:.4f})" for k in ks]
+                         + [f"{s[f'median_in_max_entry@{ks[0]}']:.3f} (rand {s[f'random_in_max_entry@{ks[0]}']:.3f})",
+                            f"{s['median_rel_norm']:.4g}"])
+        B.append(("table", ["patch"] + [f"overlap k={k}" for k in ks] + [f"paper max-entry k={ks[0]}", "median ||dW||/||W0||"], srows))
+        for f in ("overlap_per_layer.png", "magnitude_per_layer.png"):
+            p = rd.run / "05-analysis" / "out" / f
+            if p.is_file():
+                B.append(("img", p, f))
+    hs = rd.run / "05-analysis" / "out" / "hidden_shift.png"
+    if hs.is_file():
+        B.append(("h2", "Hidden-state shifts"))
+        B.append(("img", hs, "relative hidden-state shift, benign vs jailbreak"))
+    if rd.plug:
+        B.append(("h2", "Plug-and-play"))
+        B.append(("table", ["check", "value"], [[k, f"{v:.3g}"] for k, v in rd.plug.items()]))
+    B.append(("h2", "Stage timings"))
+    B.append(("table", ["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in sorted(rd.info.get("timings", {}).items())]))
+    return B
+
+
+def to_markdown(B: list[tuple], root: Path) -> str:
+    out = []
+    for b in B:
+        if b[0] == "h1":
+            out.append(f"# {b[1]}\n")
+        elif b[0] == "h2":
+            out.append(f"## {b[1]}\n")
+        elif b[0] == "p":
+            out.append(b[1] + "\n")
+        elif b[0] == "table":
+            _, head, rows = b
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "---|" * len(head))
+            out += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+            out.append("")
+        elif b[0] == "img":
+            out.append(f"![{b[2]}]({Path(b[1]).relative_to(root)})\n")
+    return "\n".join(out) + "\n"
+
+
+def to_html(B: list[tuple]) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>safety-patch report</title><style>"
+             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 6px;"
+             "vertical-align:top}th{background:#f3f3f3}img{max-width:100%}</style></head><body>"]
+    for b in B:
+        if b[0] in ("h1", "h2"):
+            parts.append(f"<{b[0]}>{html.escape(b[1])}</{b[0]}>")
+        elif b[0] == "p":
+            parts.append(f"<p>{html.escape(b[1])}</p>")
+        elif b[0] == "table":
+            _, head, rows = b
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows]
+            parts.append("</table>")
+        elif b[0] == "img":
+            data = base64.b64encode(Path(b[1]).read_bytes()).decode()
+            parts.append(f"<img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run: str | Path) -> dict:
+    run = Path(run)
+    rd = RunData(run)
+    tradeoff_figure(rd, run)
+    B = blocks(rd)
+    write_text(run / "report.md", to_markdown(B, run))
+    write_text(run / "report.html", to_html(B))
+    return {"claims": claims(rd)}
