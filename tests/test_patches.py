@@ -153,3 +153,40 @@ def test_lora_patch_loads_in_plain_peft(base, tmp_path):
     fresh, _ = tiny_llama()
     theirs = logits(PeftModel.from_pretrained(fresh, str(p)), ids)
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_cli_info_verify_merge(tiny_dir, tmp_path, capsys):
+    from safety_patch.cli import main
+    from safety_patch.models import load_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    p = make_lora_patch(lm.model, tmp_path / "p", lm.fingerprint)
+    assert main(["patch", "info", str(p)]) == 0
+    assert "format" in capsys.readouterr().out
+    assert main(["patch", "verify", str(p), "--model", str(tiny_dir)]) == 0
+    assert main(["patch", "merge", "--model", str(tiny_dir), "--patch", str(p), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_model(str(tmp_path / "merged"), device="cpu")
+    ids = lm.tokenizer("hello there", return_tensors="pt")["input_ids"]
+    with attached(lm.model, [p], lm.fingerprint) as m:
+        want = logits(m, ids)
+    assert torch.allclose(logits(merged.model, ids), want, atol=1e-5)
+    assert main(["patch", "merge", "--model", str(tiny_dir), "--patch", str(p), "--out", str(tmp_path / "merged")]) == 2
+    assert "exists" in capsys.readouterr().err
+    other = make_lora_patch(lm.model, tmp_path / "o", "f" * 64)
+    assert main(["patch", "verify", str(other), "--model", str(tiny_dir)]) == 2
+    assert "was made for base" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tiny_dir), "--patch", str(p), "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+
+
+def test_vllm_lora_module_format(base, tmp_path):
+    """vLLM's LoRA loader reads adapter_config.json (r, lora_alpha, target_modules) and adapter_model.safetensors
+    with PEFT key names; this checks that format without vLLM installed."""
+    from safetensors import safe_open
+
+    model, tok, fp, ids = base
+    p = make_lora_patch(model, tmp_path / "l", fp)
+    cfg = json.loads((p / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and isinstance(cfg["r"], int) and "lora_alpha" in cfg and cfg["target_modules"]
+    with safe_open(str(p / "adapter_model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("base_model.model.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)

@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Inspect models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+patch_app = typer.Typer(help="Inspect, verify and merge patches.", no_args_is_help=True)
+app.add_typer(patch_app, name="patch")
 eval_app = typer.Typer(help="Evaluate safety, over-refusal and capability.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 data_app = typer.Typer(help="Build and inspect training / evaluation data.", no_args_is_help=True)
@@ -403,6 +405,50 @@ def report(run: Annotated[Path, typer.Argument(help="A run folder from `reproduc
         raise SafetyPatchError(f"{run} is not a reproduce run folder (no run.json)")
     for c in write_report(run)["claims"]:
         typer.echo(f"[{c['verdict'].upper()}] {c['claim']}: {c['evidence']}")
+
+
+@patch_app.command("info")
+def patch_info_cmd(patch: Annotated[Path, typer.Argument(help="Patch folder.")]) -> None:
+    """What a patch is and what made it."""
+    from .patches import info, read_patch
+
+    for k, v in info(read_patch(patch)).items():
+        typer.echo(f"{k:<22}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
+
+
+@patch_app.command("verify")
+def patch_verify_cmd(
+    patch: Annotated[Path, typer.Argument(help="Patch folder.")],
+    model: ModelOpt = "default",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Check file hashes, base fingerprint and target modules against a model."""
+    from .models import load_model
+    from .patches import read_patch, verify
+
+    p = read_patch(patch)  # hashes, safetensors integrity, no pickles
+    lm = load_model(model, device=device, dtype=dtype)
+    verify(p, lm.model, lm.fingerprint)
+    typer.echo(f"OK: {patch} (id {p.id}) matches {model} (fingerprint {lm.fingerprint[:12]}…); files intact")
+
+
+@patch_app.command("merge")
+def patch_merge_cmd(
+    patch: Annotated[list[Path], typer.Option("--patch", "-p", help="Patch folder; repeat to fold in several.")],
+    out: Annotated[Path, typer.Option(help="New folder for the merged Hugging Face checkpoint.")],
+    model: ModelOpt = "default",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    force: bool = False,
+) -> None:
+    """Fold patches into the base weights and save a standard checkpoint (usable as --model)."""
+    from .models import load_model
+    from .patches import merge_to_checkpoint
+
+    lm = load_model(model, device=device, dtype=dtype)
+    merge_to_checkpoint(lm, patch, out, force)
+    typer.echo(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

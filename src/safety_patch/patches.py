@@ -289,3 +289,38 @@ def merged_state_dict(model: torch.nn.Module, patches: Sequence[Patch], fingerpr
                     total = sum(mod.get_delta_weight(a).float() for a in mod.active_adapters if a in mod.lora_A)
                     sd[key] = (w.float() + total).to(w.dtype)
     return sd
+
+
+def merge_to_checkpoint(lm, patches: Sequence[str | Path], out: str | Path, force: bool = False) -> Path:
+    """Export the base with patches folded in as a standard Hugging Face checkpoint (atomically)."""
+    from .atomic import atomic_dir, write_json
+
+    out = Path(out)
+    if out.exists():
+        raise SafetyPatchError(f"{out} exists; merge writes a new folder (remove it or choose another path)")
+    ps = [read_patch(p) for p in patches]
+    sd = merged_state_dict(lm.model, ps, lm.fingerprint, force)
+    backup = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+    try:
+        lm.model.load_state_dict(sd, strict=False)
+        with atomic_dir(out) as tmp:
+            lm.model.save_pretrained(str(tmp), safe_serialization=True)
+            lm.tokenizer.save_pretrained(str(tmp))
+            write_json(tmp / "merged_from.json", {"base": {"name": lm.name, "fingerprint": lm.fingerprint},
+                                                  "patches": [{"path": str(p.path), "id": p.id} for p in ps]})
+    finally:
+        lm.model.load_state_dict(backup)
+    return out
+
+
+def info(patch: Patch) -> dict:
+    m = patch.meta
+    t = m.get("training", {})
+    return {"path": str(patch.path), "id": patch.id, "format": patch.format, "method": m.get("method"),
+            "objective": m.get("objective"), "base": m.get("base", {}).get("name"),
+            "base_fingerprint": patch.base_fingerprint, "stack": patch.stack,
+            "rank": m.get("config", {}).get("rank"), "target_modules": m.get("config", {}).get("target_modules"),
+            "trainable_parameters": t.get("trainable_parameters"), "steps": t.get("steps"),
+            "tokens_seen": t.get("tokens_seen"), "wall_seconds": t.get("wall_seconds"),
+            "data_manifest_sha256": m.get("data", {}).get("manifest_sha256"), "created": m.get("created"),
+            "files": m.get("files")}

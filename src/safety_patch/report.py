@@ -332,7 +332,7 @@ def to_markdown(B: list[tuple], root: Path) -> str:
             _, head, rows = b
             out.append("| " + " | ".join(head) + " |")
             out.append("|" + "---|" * len(head))
-            out += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+            out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
             out.append("")
         elif b[0] == "img":
             out.append(f"![{b[2]}]({Path(b[1]).relative_to(root)})\n")
