@@ -451,6 +451,31 @@ def patch_merge_cmd(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def redteam(
+    attack: Annotated[str, typer.Option(help="Attack family for this round (compose with '+').")],
+    data: Annotated[Path, typer.Option(help="Data folder from `data build`.")],
+    out: Annotated[Path, typer.Option(help="Round folder to write.")],
+    model: ModelOpt = "default",
+    patch: PatchOpt = None,
+    previous: Annotated[list[Path] | None, typer.Option(help="Earlier round folders (replay and regression).")] = None,
+    method: Annotated[str, typer.Option(help="lora | full")] = "lora",
+    replay: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of each earlier round's rows to replay.")] = 0.5,
+    limit: LimitOpt = 100,
+    lr: Annotated[float | None, typer.Option()] = None,
+    epochs: Annotated[float | None, typer.Option()] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """One lifelong red-teaming round: attack, collect jailbreaks, train the next patch, regression-check."""
+    from .redteam import round_table, run_round
+
+    t = run_round(model, list(patch or []), attack, data, out, method, list(previous or []), replay, limit,
+                  train_overrides={k: v for k, v in dict(lr=lr, epochs=epochs).items() if v is not None},
+                  device=device, dtype=dtype)
+    typer.echo(round_table(t))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     # typer vendors its own click; its exception types live under typer.exceptions.

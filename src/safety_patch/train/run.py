@@ -101,8 +101,13 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = "default", device: str = "auto",
           dtype: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
-          stack: list[str] | None = None) -> dict:
-    """Train one patch; returns its patch.json. Every check runs before training starts."""
+          stack: list[str | Path] | None = None) -> dict:
+    """Train one patch; returns its patch.json. Every check runs before training starts.
+
+    ``stack``: patches already applied (lifelong rounds). They are folded into the weights
+    before training, so the new patch learns only what the stack still lacks; its
+    ``patch.json`` lists them, and attaching it requires them first.
+    """
     from ..data.build import manifest_sha256, read_manifest
     from ..models import load_model
     from ..runtime import seed_everything
@@ -121,7 +126,12 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     if not resume and work.exists() and main_process:
         shutil.rmtree(work)
     rows, counts = dpo_rows(data_dir, cfg) if cfg.objective == "dpo" else training_rows(data_dir, cfg)
+    from ..patches import merged_state_dict, read_patch
+
+    stack_patches = [read_patch(p) for p in stack or []]
     lm = load_model(model, device=device, dtype=dtype)
+    if stack_patches:
+        lm.model.load_state_dict(merged_state_dict(lm.model, stack_patches, lm.fingerprint), strict=False)
     _check_targets(lm.model, cfg)
     rows, counts["dropped_too_long"] = drop_too_long(rows, lm.tokenizer, cfg.max_seq_len)
     if not rows:
@@ -178,7 +188,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         meta = finalize_patch(
             tmp, fmt,
             {"name": model, "source": lm.source, "checkpoint": lm.path, "fingerprint": lm.fingerprint},
-            stack=list(stack or []),
+            stack=[p.id for p in stack_patches],
             method=cfg.method,
             objective=cfg.objective,
             config=as_dict(cfg) | {"lr": cfg.resolved_lr()},

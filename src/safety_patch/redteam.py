@@ -1,0 +1,142 @@
+"""``safety-patch redteam``: one round of lifelong red-teaming.
+
+1. attack the current model (base + the given patch stack) with one attack family on the
+   data folder's *training* behaviours;
+2. keep the jailbreaks that succeeded, paired with refusals, plus a replay of earlier rounds'
+   training rows;
+3. train the next patch on top of the stack (it records the stack and must be attached after it);
+4. regression: attack success on every earlier round's held-out attack (the same family on
+   the *test* behaviours), this round's held-out attack, over-refusal and capability drift.
+
+ROUND_DIR/ holds ``data/`` (the round's training folder), ``patch/``, ``round.json`` (the table)
+and ``heldout.json`` (the attack family, for later rounds' regression checks).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+from .atomic import write_json, write_jsonl
+from .errors import SafetyPatchError
+from .jsonl import read_jsonl
+
+
+def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out: Path, method: str = "lora",
+              previous: list[Path] | None = None, replay: float = 0.5, limit: int | None = 100, seed: int = 0,
+              train_overrides: dict | None = None, max_new_tokens: int = 48, device: str = "auto", dtype: str = "auto") -> dict:
+    from .attacks import check_attack_spec
+    from .data import refusals
+    from .data.build import read_manifest
+    from .evaluation.capability import CapabilityConfig, evaluate_capability
+    from .evaluation.prompts import harmful_requests
+    from .evaluation.safety import EvalConfig, evaluate, run_safety
+    from .generation import GenerationCache
+    from .judges import get_judge
+    from .models import home, load_model
+    from .patches import attached, read_patch, stack_key
+    from .train.api import resolve_config
+    from .train.run import train
+
+    check_attack_spec(attack)
+    manifest = read_manifest(data_dir)
+    out = Path(out)
+    if (out / "round.json").exists():
+        raise SafetyPatchError(f"{out} already holds a finished round")
+    previous = [Path(p) for p in previous or []]
+    for p in previous:
+        if not (p / "heldout.json").is_file():
+            raise SafetyPatchError(f"{p} is not a red-team round folder (no heldout.json)")
+    t0 = time.time()
+    ps = [read_patch(p) for p in patches]
+
+    # 1. attack the current stack on training behaviours
+    train_reqs, train_templates = harmful_requests(data_dir, split="train", limit=limit)
+    lm = load_model(model, device=device, dtype=dtype)
+    cache = GenerationCache(home() / "generations.sqlite")
+    cfg = EvalConfig(attacks=(attack,), max_new_tokens=max_new_tokens)
+    judge = get_judge("keyword")
+    try:
+        with attached(lm.model, ps, lm.fingerprint) as m:
+            orig, lm.model = lm.model, m
+            lm.extra["patch_key"] = stack_key(ps)
+            try:
+                res = run_safety(lm, train_reqs, train_templates, cfg, cache, f"round attack {attack}", judge)
+            finally:
+                lm.model = orig
+                lm.extra.pop("patch_key", None)
+    finally:
+        cache.close()
+    wins = [r for r in res["records"] if r["verdict"]["label"] == "compliance"]
+    rng = random.Random(seed)
+    rows = [{"messages": [{"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": refusals.compose(r["category"], rng)}],
+             "meta": {"source": "redteam", "category": r["category"], "behavior_id": r["behavior_id"], "template": attack,
+                      "template_family": r["family"], "split": "train", "request": r["request"]}} for r in wins]
+    replayed = []
+    for p in previous:
+        old = read_jsonl(p / "data" / "train.jsonl")
+        replayed += rng.sample(old, min(len(old), round(replay * len(old))))
+    if not rows and not replayed:
+        raise SafetyPatchError(f"no jailbreak succeeded with {attack!r} and nothing to replay: nothing to train on")
+
+    # 2. the round's training folder (a derived data folder with its own manifest)
+    round_data = out / "data"
+    if round_data.exists():
+        shutil.rmtree(round_data)
+    round_data.mkdir(parents=True)
+    write_jsonl(round_data / "train.jsonl", rows + replayed)
+    for f in ("general.jsonl", "borderline.jsonl", "templates.jsonl", "test.jsonl", "val.jsonl"):
+        if (data_dir / f).is_file():
+            shutil.copy(data_dir / f, round_data / f)
+    write_json(round_data / "manifest.json", manifest | {"derived": {"from": str(data_dir), "round_attack": attack,
+                                                                     "successes": len(rows), "replayed": len(replayed)}})
+
+    # 3. train the next patch on top of the stack
+    fields = {"method": method, **(train_overrides or {})}
+    tcfg = resolve_config("paper" if method == "lora" else "full-safety", None, fields)
+    meta = train(round_data, out / "patch", tcfg, model=model, device=device, dtype=dtype, overwrite=True, progress=False,
+                 stack=list(patches))
+
+    # 4. regression on every held-out attack so far, over-refusal and capability
+    new_stack = list(patches) + [out / "patch"]
+    heldouts = [json.loads((p / "heldout.json").read_text())["attack"] for p in previous] + [attack]
+    reg = {}
+    ecfg = EvalConfig(attacks=tuple(dict.fromkeys(heldouts)), limit=limit, max_new_tokens=max_new_tokens)
+    s = evaluate("safety", model, new_stack, str(data_dir), ecfg, device, dtype)
+    before = evaluate("safety", model, list(patches), str(data_dir), ecfg, device, dtype) if patches else None
+    for a in ecfg.attacks:
+        reg[a] = {"before": (before or s)["runs"]["patched" if before else "base"]["aggregates"]["per_attack"][a],
+                  "after": s["runs"]["patched"]["aggregates"]["per_attack"][a]}
+    o = evaluate("overrefusal", model, new_stack, str(data_dir), EvalConfig(attacks=("direct",), limit=limit,
+                                                                           max_new_tokens=max_new_tokens), device, dtype)
+    c = evaluate_capability(model, new_stack, str(data_dir), CapabilityConfig(tasks=("nll", "kl"), limit=limit), device, dtype)
+    table = {
+        "attack": attack, "method": method, "stack": [str(p) for p in new_stack], "successes_found": len(wins),
+        "attacked": len(res["records"]), "train_rows": len(rows) + len(replayed), "replayed": len(replayed),
+        "regression_asr": reg,
+        "borderline_refusal": o["runs"]["patched"]["aggregates"]["per_set"].get("borderline"),
+        "borderline_refusal_base": o["runs"]["base"]["aggregates"]["per_set"].get("borderline"),
+        "nll_ratio": c["runs"]["delta"].get("nll_ratio"), "kl": c["runs"]["patched"].get("kl"),
+        "train_seconds": meta["training"]["wall_seconds"], "seconds": round(time.time() - t0, 1),
+    }
+    write_json(out / "heldout.json", {"attack": attack})
+    write_json(out / "round.json", table)
+    return table
+
+
+def round_table(t: dict) -> str:
+    def pct(p):
+        return "-" if not p or p.get("value") is None else f"{100 * p['value']:.1f}%"
+
+    lines = [f"round: attack {t['attack']} ({t['method']}), {t['successes_found']}/{t['attacked']} jailbreaks found, "
+             f"{t['train_rows']} training rows ({t['replayed']} replayed)",
+             f"{'held-out attack':<28}{'before':>10}{'after':>10}"]
+    for a, v in t["regression_asr"].items():
+        lines.append(f"{a:<28}{pct(v['before']):>10}{pct(v['after']):>10}")
+    lines.append(f"borderline refusal: base {pct(t['borderline_refusal_base'])}, now {pct(t['borderline_refusal'])}; "
+                 f"NLL ratio {t['nll_ratio']:.4f}" if t["nll_ratio"] else "")
+    return "\n".join(lines)

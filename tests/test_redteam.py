@@ -1,0 +1,36 @@
+import json
+
+import pytest
+
+from safety_patch.data.build import DataConfig, build
+from safety_patch.errors import SafetyPatchError
+from safety_patch.patches import attached, read_patch
+from safety_patch.redteam import round_table, run_round
+
+
+def test_two_lifelong_rounds_on_a_tiny_model(tmp_path):
+    from safety_patch.testing import save_tiny_model
+
+    # untied embeddings: this random model babbles instead of echoing newlines, so some attacks "succeed"
+    tiny_dir = save_tiny_model(tmp_path / "tiny", seed=3, tie=False)
+    data = tmp_path / "d"
+    build(data, DataConfig(max_per_source=24, distill=True, distill_max_new_tokens=8, template_max_chars=300), model=str(tiny_dir))
+    kw = dict(limit=6, max_new_tokens=16, train_overrides={"max_seq_len": 1024, "batch_size": 4}, device="cpu")
+    r1 = run_round(str(tiny_dir), [], "direct", data, tmp_path / "r1", **kw)
+    assert r1["train_rows"] == r1["successes_found"] > 0 and set(r1["regression_asr"]) == {"direct"}
+    r2 = run_round(str(tiny_dir), [tmp_path / "r1" / "patch"], "refusal_suppression", data, tmp_path / "r2",
+                   previous=[tmp_path / "r1"], **kw)
+    assert set(r2["regression_asr"]) == {"direct", "refusal_suppression"}
+    assert r2["replayed"] == round(0.5 * r1["train_rows"])
+    p1, p2 = read_patch(tmp_path / "r1" / "patch"), read_patch(tmp_path / "r2" / "patch")
+    assert p2.stack == [p1.id]  # round 2 was trained on top of round 1
+    from safety_patch.models import load_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    with pytest.raises(SafetyPatchError, match="trained on top of"):
+        with attached(lm.model, [p2], lm.fingerprint):
+            pass
+    assert "held-out attack" in round_table(r2)
+    assert json.loads((tmp_path / "r2" / "heldout.json").read_text())["attack"] == "refusal_suppression"
+    with pytest.raises(SafetyPatchError, match="already holds a finished round"):
+        run_round(str(tiny_dir), [], "direct", data, tmp_path / "r1", **kw)
