@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-nodeps.txt | sha256sum | cut -c1-16)
 RUN ?= runs/demo
 
-.PHONY: setup demo test test-all bench lint clean-venv
+.PHONY: setup demo reproduce test bench lint clean-venv
 
 setup: $(STAMP)
 
@@ -24,11 +24,23 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 demo: setup
 	$(BIN)/safety-patch reproduce --quick --out $(RUN)
 
+# The default (larger) configuration; see docs/reproduce.md for budgets.
+reproduce: setup
+	$(BIN)/safety-patch reproduce --out runs/default
+
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# Benchmarks need a data folder; `make bench` builds one under runs/bench-data first.
 bench: setup
-	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+	test -f runs/bench-data/manifest.json || $(BIN)/safety-patch data build --out runs/bench-data --overwrite
+	$(BIN)/python bench/model_load.py
+	$(BIN)/python bench/data_build.py
+	$(BIN)/python bench/judge_validation.py
+	$(BIN)/python bench/train_throughput.py --data runs/bench-data
+	$(BIN)/python bench/eval_throughput.py --data runs/bench-data
+	$(BIN)/python bench/capability_speed.py --data runs/bench-data
+	$(BIN)/python bench/analysis_speed.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

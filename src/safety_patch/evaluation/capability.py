@@ -45,18 +45,20 @@ class CapabilityConfig:
     max_len: int = 512
     references: str | None = None
     mc_file: str | None = None
+    split: str = "test"
+    """Which held-out split of a data folder to use (val for recipe selection)."""
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def reference_pairs(source: str | Path, limit: int | None = None) -> list[dict]:
+def reference_pairs(source: str | Path, limit: int | None = None, split: str = "test") -> list[dict]:
     """(messages, reference) pairs: a data folder's held-out general set or a user JSONL."""
     p = Path(source)
     out = []
     if p.is_dir():
         for _, r in iter_jsonl(p / "general.jsonl"):
-            if r["meta"]["split"] == "test" and r["messages"][-1]["role"] == "assistant":
+            if r["meta"]["split"] == split and r["messages"][-1]["role"] == "assistant":
                 out.append({"messages": r["messages"][:-1], "reference": r["messages"][-1]["content"]})
     else:
         for n, r in iter_jsonl(p):
@@ -258,8 +260,8 @@ def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg:
     need_refs = "nll" in cfg.tasks or "kl" in cfg.tasks
     if need_refs and ref_src is None:
         raise SafetyPatchError("nll/kl need reference answers: pass --data DIR (a data folder) or --references FILE")
-    pairs = reference_pairs(ref_src, cfg.limit) if need_refs else []
-    bl = [p for p in benign_prompts(data, limit=None) if p["set"] == "general"][: cfg.limit] if data and "compliance" in cfg.tasks else []
+    pairs = reference_pairs(ref_src, cfg.limit, cfg.split) if need_refs else []
+    bl = [p for p in benign_prompts(data, split=cfg.split) if p["set"] == "general"][: cfg.limit] if data and "compliance" in cfg.tasks else []
     he = humaneval_tasks()[: cfg.humaneval_limit] if "humaneval" in cfg.tasks else []
     mc = mc_items(cfg.mc_file) if cfg.mc_file else None
     lm = load_model(model, device=device, dtype=dtype)

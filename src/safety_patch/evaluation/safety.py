@@ -140,7 +140,7 @@ def provenance(lm, patches) -> dict:
 
 
 def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig, device: str = "auto",
-             dtype: str = "auto", force: bool = False, use_cache: bool = True) -> dict:
+             dtype: str = "auto", force: bool = False, use_cache: bool = True, split: str = "test") -> dict:
     """Base (and, with patches, patched) runs of the safety or over-refusal evaluation."""
     from ..config import as_dict
     from ..models import home, load_model
@@ -154,9 +154,9 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
     check_judge_spec(cfg.judge)
     ps = [read_patch(p) for p in patches]
     if kind == "safety":
-        items, templates = harmful_requests(prompts, limit=cfg.limit)
+        items, templates = harmful_requests(prompts, split=split, limit=cfg.limit)
     else:
-        items, templates = benign_prompts(prompts, limit=cfg.limit), None
+        items, templates = benign_prompts(prompts, split=split, limit=cfg.limit), None
     lm = load_model(model, device=device, dtype=dtype)
     judge = get_judge(cfg.judge)
     cache = GenerationCache(home() / "generations.sqlite") if use_cache else None
@@ -180,7 +180,7 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
     finally:
         if cache:
             cache.close()
-    return {"kind": f"safety-patch/eval-{kind}", "schema": 1, "config": as_dict(cfg) | {"prompts": str(prompts)},
+    return {"kind": f"safety-patch/eval-{kind}", "schema": 1, "config": as_dict(cfg) | {"prompts": str(prompts), "split": split},
             "provenance": provenance(lm, ps), "runs": runs}
 
 
