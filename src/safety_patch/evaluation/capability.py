@@ -104,17 +104,9 @@ def _encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[tuple[list
     return out
 
 
-@torch.inference_mode()
-def answer_logprobs(model, tokenizer, encoded: list[tuple[list[int], int]], batch_size: int = 8, keep: bool = False):
-    """Per example: summed NLL, token count, and (if ``keep``) the log-prob rows of the answer tokens.
-
-    Batches are sorted by length and right-padded; one forward per batch (the "naive" way is
-    one forward per example).
-    """
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+def _batches(encoded: list[tuple[list[int], int]], batch_size: int, pad: int):
+    """Length-sorted, right-padded batches: (example indices, input ids, attention mask)."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    nll, ntok, rows = [0.0] * len(encoded), [0] * len(encoded), [None] * len(encoded)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         width = max(len(encoded[i][0]) for i in idx)
@@ -124,40 +116,43 @@ def answer_logprobs(model, tokenizer, encoded: list[tuple[list[int], int]], batc
             seq = encoded[i][0]
             ids[r, : len(seq)] = torch.tensor(seq)
             mask[r, : len(seq)] = 1
+        yield idx, ids, mask
+
+
+def _answer_logp(model, tokenizer, encoded, batch_size):
+    """Yield (example index, log-prob rows [answer tokens, vocab], answer token ids) batch by batch."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for idx, ids, mask in _batches(encoded, batch_size, pad):
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         for r, i in enumerate(idx):
             seq, start = encoded[i]
-            tgt = torch.tensor(seq[start:], device=device)
-            lp = logp[r, start - 1 : len(seq) - 1]
-            nll[i] = -lp.gather(1, tgt[:, None]).sum().item()
-            ntok[i] = len(tgt)
-            if keep:
-                rows[i] = lp.to("cpu", torch.float16)
+            yield i, logp[r, start - 1 : len(seq) - 1], torch.tensor(seq[start:], device=device)
+
+
+@torch.inference_mode()
+def answer_logprobs(model, tokenizer, encoded: list[tuple[list[int], int]], batch_size: int = 8, keep: bool = False):
+    """Per example: summed NLL, token count, and (if ``keep``) the log-prob rows of the answer tokens.
+
+    One forward per length-sorted batch (the naive way is one forward per example).
+    """
+    nll, ntok, rows = [0.0] * len(encoded), [0] * len(encoded), [None] * len(encoded)
+    for i, lp, tgt in _answer_logp(model, tokenizer, encoded, batch_size):
+        nll[i] = -lp.gather(1, tgt[:, None]).sum().item()
+        ntok[i] = len(tgt)
+        if keep:
+            rows[i] = lp.to("cpu", torch.float16)
     return nll, ntok, rows
 
 
 @torch.inference_mode()
 def kl_to(model, tokenizer, encoded, base_rows, batch_size: int = 8) -> list[float]:
     """Mean per-token KL(base || model) over each example's answer tokens."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = [0.0] * len(encoded)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        width = max(len(encoded[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            ids[r, : len(encoded[i][0])] = torch.tensor(encoded[i][0])
-            mask[r, : len(encoded[i][0])] = 1
-        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()[:, :-1], -1)
-        for r, i in enumerate(idx):
-            seq, start = encoded[i]
-            q = logp[r, start - 1 : len(seq) - 1]
-            p = base_rows[i].to(device, torch.float32)
-            out[i] = (p.exp() * (p - q)).sum(-1).clamp(min=0).mean().item()
+    for i, q, _ in _answer_logp(model, tokenizer, encoded, batch_size):
+        p = base_rows[i].to(q.device, torch.float32)
+        out[i] = (p.exp() * (p - q)).sum(-1).clamp(min=0).mean().item()
     return out
 
 
