@@ -58,8 +58,8 @@ def make_plan(model: str = "default", quick: bool = False, full: bool = False, s
     if seeds < 1:
         raise SafetyPatchError("--seeds must be >= 1")
     mode = "quick" if quick else "full" if full else "default"
-    rows = {"quick": 48, "default": 200, "full": 400}[mode]
-    common = {"max_train_rows": rows, "max_seq_len": 384 if quick else 512, "save_steps": 10**6}
+    rows = {"quick": 32, "default": 200, "full": 400}[mode]
+    common = {"max_train_rows": rows, "max_seq_len": 320 if quick else 512, "save_steps": 10**6}
     lora = {"recipe": "paper", "method": "lora", "rank": 8, "alpha": 16.0, "lr": 2e-4} | common
     fullp = {"recipe": "full-safety", "method": "full", "lr": 1e-5} | common
     arms = [Arm("lora-safety", lora, "lora-safety"), Arm("full-safety", fullp, "full-safety"),
@@ -73,11 +73,11 @@ def make_plan(model: str = "default", quick: bool = False, full: bool = False, s
                  Arm("full-code", fullp | {"general_only": True}, "cross-domain")]
     if seeds > 1:
         arms = [Arm(f"{a.name}@s{s}", a.train | {"seed": s}, a.role) for a in arms for s in range(seeds)]
-    data = {"max_per_source": 120, "general_limit": 96, "distill_max_new_tokens": 48, "dpo": full} if quick else \
-        {"distill_max_new_tokens": 128, "dpo": full}
+    data = {"max_per_source": 120, "general_limit": 96, "distill_max_new_tokens": 48, "template_max_chars": 1000,
+            "dpo": full} if quick else {"distill_max_new_tokens": 128, "dpo": full}
     plan = Plan(model=model, mode=mode, seeds=seeds, data=data, arms=arms)
     if quick:
-        plan.eval_limit, plan.max_new_tokens, plan.humaneval_limit, plan.capability_limit = 24, 32, 0, 32
+        plan.eval_limit, plan.max_new_tokens, plan.humaneval_limit, plan.capability_limit = 20, 32, 0, 24
         plan.capability_tasks = ("nll", "kl", "compliance")
         plan.analysis_prompts = 6
     return plan
