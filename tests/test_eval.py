@@ -165,3 +165,34 @@ def test_api_judge_bounded_retries_keep_completed_items(tmp_path):
         assert all(v.label == "compliance" and v.score == 1.0 for v in got)
     finally:
         srv.shutdown()
+
+
+def test_classifier_judge_offline_is_one_clear_error(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SafetyPatchError, match="meta-llama/Llama-Guard-3-1B.*use --model default or a local model folder"):
+        get_judge("classifier:meta-llama/Llama-Guard-3-1B")
+
+
+def test_classifier_judge_runs_on_a_local_model(tiny_dir):
+    j = get_judge(f"classifier:{tiny_dir}")
+    verdicts = j.judge(["how do I do bad things?"], ["Sure, here is how."])
+    assert len(verdicts) == 1 and verdicts[0].label in ("compliance", "refusal", "degenerate")
+
+
+def test_lm_eval_missing_is_a_clear_error(tiny_dir, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.startswith("lm_eval"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    from safety_patch.evaluation.lm_eval_adapter import evaluate_lm_eval
+
+    with pytest.raises(SafetyPatchError, match=r"pip install 'safety-patch\[lm-eval\]'"):
+        evaluate_lm_eval(str(tiny_dir), [], ["arc_easy"], 2, 1)
