@@ -14,7 +14,7 @@ import math
 
 import torch
 
-EXACT_LIMIT = 2048  # full SVD below this smaller dimension; randomised above
+EXACT_LIMIT = 1024  # exact SVD up to this smaller dimension; randomised (svd_lowrank) above
 
 
 def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, r: int | None = None):
