@@ -49,6 +49,10 @@ def _quiet_libraries(verbose: bool) -> None:
     import transformers
 
     if not verbose:
+        import warnings
+
+        # transformers 5 deprecation notices raised inside TRL/PEFT calls we do not control
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         try:
