@@ -99,3 +99,12 @@ def test_evaluate_capability_offline_with_patch(tiny_dir, tmp_path):
         evaluate_capability(str(tiny_dir), [], None, CapabilityConfig(tasks=("nll",), references=str(bad)))
     with pytest.raises(SafetyPatchError, match="unknown capability task"):
         evaluate_capability(str(tiny_dir), [], None, CapabilityConfig(tasks=("mmlu",)))
+
+
+def test_capability_without_a_data_folder_uses_built_in_prompts(tmp_path):
+    from safety_patch.testing import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "m", seed=3, tie=False)  # babbles, so references are non-empty
+    res = evaluate_capability(str(model_dir), [], None, CapabilityConfig(tasks=("nll", "compliance"), limit=6,
+                                                                          humaneval_limit=None))
+    assert res["runs"]["base"]["nll"]["n"] > 0 and res["runs"]["base"]["compliance"]["n"] == 6
