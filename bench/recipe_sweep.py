@@ -25,6 +25,7 @@ from _common import RESULTS, print_table, write  # noqa: E402
 COMMON = {"max_train_rows": 200, "max_seq_len": 512, "save_steps": 10**6}
 ARMS = {
     "paper": {"recipe": "paper"},
+    "contrast-0.25": {"recipe": "paper", "contrast_ratio": 0.25},
     "contrast-1": {"recipe": "paper", "contrast_ratio": 1.0},
     "contrast-1-lr1e-4": {"recipe": "paper", "contrast_ratio": 1.0, "lr": 1e-4},
     "contrast-2": {"recipe": "paper", "contrast_ratio": 2.0},
