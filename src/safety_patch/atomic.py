@@ -17,6 +17,17 @@ from pathlib import Path
 from typing import Any
 
 
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, read in chunks (weights can be many GB)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
 def write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

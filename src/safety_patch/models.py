@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import runtime as rt
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, sha256_file, write_json
 from .errors import SafetyPatchError
 from .fingerprint import fingerprint
 
@@ -166,17 +166,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         write_json(
             tmp / "safety_patch_source.json",
-            {"converted_from": str(gguf), "gguf_sha256": _sha256_file(gguf), "seconds": round(time.time() - t0, 1)},
+            {"converted_from": str(gguf), "gguf_sha256": sha256_file(gguf), "seconds": round(time.time() - t0, 1)},
         )
     return out
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def cached_checkpoint(gguf: Path, name: str | None = None) -> Path:

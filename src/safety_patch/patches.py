@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import sha256_file
 from .errors import SafetyPatchError
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,6 @@ class Patch:
     @property
     def name(self) -> str:
         return self.path.name
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
 
 
 def weight_files(fmt: str) -> tuple[str, ...]:

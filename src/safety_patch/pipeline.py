@@ -113,7 +113,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     from .data.build import DataConfig, build, manifest_sha256
     from .evaluation.capability import CapabilityConfig, evaluate_capability
     from .evaluation.safety import EvalConfig, evaluate
-    from .models import resolve_checkpoint
+    from .models import load_model, resolve_checkpoint
     from .report import write_report
     from .train.api import resolve_config
     from .train.run import train
@@ -177,11 +177,13 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
         st.say(step, n_steps, f"evaluate {name}: attacks, over-refusal, capability")
         t = time.time()
         d.mkdir(parents=True, exist_ok=True)
+        lm = load_model(plan.model, device=device, dtype=dtype)  # once for the three evaluations
         # patched runs also compute the base (served from the generation cache after the first model)
-        write_json(d / "safety.json", evaluate("safety", plan.model, patches, str(data_dir), ecfg, device, dtype))
-        write_json(d / "overrefusal.json", evaluate("overrefusal", plan.model, patches, str(data_dir), ocfg, device, dtype))
+        write_json(d / "safety.json", evaluate("safety", plan.model, patches, str(data_dir), ecfg, lm=lm))
+        write_json(d / "overrefusal.json", evaluate("overrefusal", plan.model, patches, str(data_dir), ocfg, lm=lm))
         if name != "base":
-            write_json(d / "capability.json", evaluate_capability(plan.model, patches, str(data_dir), ccfg, device, dtype))
+            write_json(d / "capability.json", evaluate_capability(plan.model, patches, str(data_dir), ccfg, lm=lm))
+        del lm
         st.mark(d, key, time.time() - t)
 
     # 4. plug-and-play on the real model: detach exactness, merge == attach, stacking

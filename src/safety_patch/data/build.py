@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..atomic import atomic_dir, write_json, write_jsonl
+from ..atomic import atomic_dir, sha256_file, write_json, write_jsonl
 from ..attacks import get_attack
 from ..attacks.templates import load_templates
 from ..config import as_dict
@@ -93,10 +93,6 @@ class DataConfig:
             raise SafetyPatchError("no sources given")
         for t in self.train_transforms:
             get_attack(t)  # unknown names fail here, before any work
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _trim(text: str, truncated: bool) -> str:
@@ -298,7 +294,7 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
             ],
             "distillation": distill_info,
             "counts": counts,
-            "files": {f: _sha256(tmp / f) for f in files},
+            "files": {f: sha256_file(tmp / f) for f in files},
             "seconds": round(time.time() - t0, 1),
         }
         write_json(tmp / "manifest.json", manifest)
@@ -306,7 +302,7 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
 
 
 def manifest_sha256(data_dir: str | Path) -> str:
-    return _sha256(Path(data_dir) / "manifest.json")
+    return sha256_file(Path(data_dir) / "manifest.json")
 
 
 def read_manifest(data_dir: str | Path) -> dict:

@@ -260,7 +260,7 @@ def _one_run(lm, cfg, pairs, encoded, base_rows, he_tasks, bl_prompts, mc, cache
 
 
 def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg: CapabilityConfig, device: str = "auto",
-                        dtype: str = "auto", force: bool = False, use_cache: bool = True) -> dict:
+                        dtype: str = "auto", force: bool = False, use_cache: bool = True, lm=None) -> dict:
     from ..config import as_dict
     from ..data.prompts import humaneval_tasks
     from ..generation import GenerationCache
@@ -283,7 +283,7 @@ def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg:
         bl = builtin_general(cfg.limit) if "compliance" in cfg.tasks else []
     he = humaneval_tasks()[: cfg.humaneval_limit] if "humaneval" in cfg.tasks else []
     mc = mc_items(cfg.mc_file) if cfg.mc_file else None
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = lm or load_model(model, device=device, dtype=dtype)
     cache = GenerationCache(home() / "generations.sqlite") if use_cache else None
     if need_refs and ref_src is None:
         pairs = self_references(lm, builtin_general(cfg.limit), cache)

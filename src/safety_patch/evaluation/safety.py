@@ -140,8 +140,11 @@ def provenance(lm, patches) -> dict:
 
 
 def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig, device: str = "auto",
-             dtype: str = "auto", force: bool = False, use_cache: bool = True, split: str = "test") -> dict:
-    """Base (and, with patches, patched) runs of the safety or over-refusal evaluation."""
+             dtype: str = "auto", force: bool = False, use_cache: bool = True, split: str = "test", lm=None) -> dict:
+    """Base (and, with patches, patched) runs of the safety or over-refusal evaluation.
+
+    ``lm``: an already-loaded model for ``model`` (saves a load when several evaluations run in a row).
+    """
     from ..config import as_dict
     from ..models import home, load_model
     from ..patches import attached, read_patch, stack_key
@@ -157,7 +160,7 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
         items, templates = harmful_requests(prompts, split=split, limit=cfg.limit)
     else:
         items, templates = benign_prompts(prompts, split=split, limit=cfg.limit), None
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = lm or load_model(model, device=device, dtype=dtype)
     judge = get_judge(cfg.judge)
     cache = GenerationCache(home() / "generations.sqlite") if use_cache else None
 
