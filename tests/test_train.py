@@ -145,20 +145,28 @@ def test_cli_train_recipe_and_yaml(data_dir, tiny_dir, tmp_path, capsys):
                  "--config", str(cfg), "--alpha", "4"]) == 0
     meta = json.loads((tmp_path / "p" / "patch.json").read_text())
     assert meta["config"]["rank"] == 2 and meta["config"]["alpha"] == 4.0
+    # no --recipe: the default recipe's fields apply unless the file or a flag overrides them
+    from safety_patch.train.config import RECIPES
+
+    assert meta["config"]["recipe"] == "default"
+    assert meta["config"]["anchor_kl"] == RECIPES["default"]["anchor_kl"] > 0 and meta["data"]["rows"]["anchor"] > 0
+    assert meta["config"]["max_train_rows"] == 8 and meta["data"]["rows"]["safety"] == 8
     bad = tmp_path / "bad.yaml"
     bad.write_text("rnak: 2\n")
     assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "q"), "--config", str(bad)]) == 2
     assert "unknown key(s) rnak" in capsys.readouterr().err
 
 
-def test_two_process_ddp_matches_single_process(data_dir, tiny_dir, tmp_path):
+@pytest.mark.parametrize("anchor_kl", ["0", "2.0"])
+def test_two_process_ddp_matches_single_process(data_dir, tiny_dir, tmp_path, anchor_kl):
     """accelerate launch, 2 CPU processes (gloo): same global batch -> same adapter within tolerance.
 
     16 rows, none too long, global batch 8: every step holds the same rows in both runs (with an
-    uneven last batch accelerate would repeat rows on one side).
+    uneven last batch accelerate would repeat rows on one side). With the KL anchor, each rank
+    takes its slice of the same global anchor batch, so the update is the same too.
     """
     common = ["--data", str(data_dir), "--model", str(tiny_dir), "--max-train-rows", "16", "--max-seq-len", "4096",
-              "--seed", "0", "--lr", "1e-3", "--epochs", "2"]
+              "--seed", "0", "--lr", "1e-3", "--epochs", "2", "--anchor-kl", anchor_kl]
     yaml = tmp_path / "seq.yaml"
     yaml.write_text("sampling: sequential\n")
     # On a machine without GPUs, `--multi_gpu` makes accelerate start torchrun; the processes use gloo.
@@ -182,3 +190,58 @@ def test_two_process_ddp_matches_single_process(data_dir, tiny_dir, tmp_path):
         da = a[m + ".lora_B.weight"] @ a[m + ".lora_A.weight"]
         db = b[m + ".lora_B.weight"] @ b[m + ".lora_A.weight"]
         assert (da - db).norm() <= 1e-3 * da.norm(), m
+
+
+def test_borderline_share_sets_the_contrast_mix(data_dir, tiny_dir, tmp_path):
+    from safety_patch.train.data import training_rows
+
+    _, counts = training_rows(data_dir, small(contrast_ratio=1.0, borderline_share=0.75, max_train_rows=8))
+    assert (counts["contrast"], counts["contrast_borderline"], counts["contrast_general"]) == (8, 6, 2)
+    with pytest.raises(SafetyPatchError, match="borderline_share"):
+        small(borderline_share=1.5).validate()
+
+
+def test_kl_to_reference_matches_its_definition():
+    from safety_patch.train.anchor import kl_to_reference
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 0, 0, 1]], dtype=torch.bool)
+    p, q = a[mask].softmax(-1), b[mask].softmax(-1)  # q is the reference
+    want = (q * (q.log() - p.log())).sum(-1).mean()
+    assert torch.allclose(kl_to_reference(a, b, mask), want, atol=1e-6)
+    assert kl_to_reference(a, a, mask).abs() < 1e-6
+
+
+def _anchor_kl(lm, patch, data_dir):
+    """Mean KL(base || patched) on the anchor pool's answer tokens."""
+    from safety_patch.train.anchor import AnchorStream, kl_to_reference, tokenize_anchor
+    from safety_patch.train.data import anchor_rows
+
+    ex = tokenize_anchor(anchor_rows(data_dir, small()), lm.tokenizer, 512)
+    batch = AnchorStream(ex, len(ex), lm.tokenizer.pad_token_id or 0, seed=0).next("cpu")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        ref = lm.model(**inputs).logits
+        with attached(lm.model, [patch], lm.fingerprint) as m:
+            out = m(**inputs).logits
+    return float(kl_to_reference(out, ref, batch["mask"]))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_anchor_kl_keeps_benign_answers_closer_to_the_base(data_dir, tiny_dir, tmp_path, method):
+    # Big steps so the unanchored patch drifts measurably on a tiny random model.
+    cfg = dict(method=method, lr=2e-2 if method == "lora" else 3e-3, epochs=2)
+    free = train(data_dir, tmp_path / "free", small(**cfg), model=str(tiny_dir), progress=False)
+    anch = train(data_dir, tmp_path / "anch", small(**cfg, anchor_kl=5.0), model=str(tiny_dir), progress=False)
+    assert anch["data"]["rows"]["anchor"] > 0 and "anchor" not in free["data"]["rows"]
+    logged = [json.loads(x) for x in (tmp_path / "anch" / "metrics.jsonl").read_text().splitlines()]
+    assert any("anchor_kl" in r for r in logged)
+    lm = load_model(str(tiny_dir), device="cpu")
+    kl_free, kl_anch = _anchor_kl(lm, tmp_path / "free", data_dir), _anchor_kl(lm, tmp_path / "anch", data_dir)
+    assert kl_anch < 0.7 * kl_free, (kl_anch, kl_free)
+
+
+def test_anchor_kl_is_refused_with_dpo():
+    with pytest.raises(SafetyPatchError, match="anchor_kl"):
+        small(objective="dpo", anchor_kl=1.0).validate()

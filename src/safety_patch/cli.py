@@ -211,11 +211,13 @@ def train(
     layers: Annotated[str | None, typer.Option(help="Layers to adapt, e.g. 10-19 (LoRA).")] = None,
     general_ratio: Annotated[float | None, typer.Option(help="General conversations per safety conversation.")] = None,
     contrast_ratio: Annotated[float | None, typer.Option(help="Borderline/benign contrast conversations per safety conversation.")] = None,
+    borderline_share: Annotated[float | None, typer.Option(help="Share of contrast/anchor rows drawn from borderline prompts.")] = None,
+    anchor_kl: Annotated[float | None, typer.Option(help="Weight of KL(base||patched) on benign answers (0 = off).")] = None,
     epochs: Annotated[float | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option(help="Default 2e-4 (LoRA), 1e-5 (full).")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     max_seq_len: Annotated[int | None, typer.Option()] = None,
-    max_train_rows: Annotated[int | None, typer.Option(help="Subsample the safety conversations.")] = None,
+    max_train_rows: Annotated[int | None, typer.Option(help="Subsample the safety conversations (0 = all; the default recipe takes 400).")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with TrainConfig fields.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of an interrupted run.")] = False,
@@ -229,7 +231,8 @@ def train(
 
     cfg = resolve_config(recipe, config, dict(
         method=method, objective=objective, rank=rank, alpha=alpha, target_modules=target_modules, layers=layers,
-        general_ratio=general_ratio, contrast_ratio=contrast_ratio, epochs=epochs, lr=lr, batch_size=batch_size,
+        general_ratio=general_ratio, contrast_ratio=contrast_ratio, borderline_share=borderline_share,
+        anchor_kl=anchor_kl, epochs=epochs, lr=lr, batch_size=batch_size,
         max_seq_len=max_seq_len, max_train_rows=max_train_rows, seed=seed))
     typer.echo("[train] config: " + json.dumps(cfg.__dict__), err=True)
     meta = run_train(data, out, cfg, model=model, device=device, dtype=dtype, resume=resume, overwrite=overwrite)

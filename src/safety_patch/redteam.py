@@ -97,7 +97,8 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
 
     # 3. train the next patch on top of the stack
     fields = {"method": method, **(train_overrides or {})}
-    tcfg = resolve_config("paper" if method == "lora" else "full-safety", None, fields)
+    # LoRA rounds use the default recipe (KL-anchored) so each round does not add over-refusal.
+    tcfg = resolve_config("default" if method == "lora" else "full-safety", None, fields)
     meta = train(round_data, out / "patch", tcfg, model=model, device=device, dtype=dtype, overwrite=True, progress=False,
                  stack=list(patches))
 

@@ -40,24 +40,55 @@ def training_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], d
     counts = {"safety": len(safety)}
     train_split = lambda r: r["meta"].get("split") == "train" and r["messages"][-1]["role"] == "assistant"  # noqa: E731
 
-    def mix(kind: str, ratio: float, files: tuple[str, ...]) -> None:
-        if ratio <= 0:
+    def mix(kind: str, n: int, files: tuple[str, ...]) -> None:
+        if n <= 0:
             return
         pool = [r for f in files for r in _read(d, f, train_split)]
         if not pool:
             raise SafetyPatchError(f"{d}: no self-distilled train rows in {', '.join(files)}; build data with --distill")
-        n = round(ratio * len(safety))
         rng.shuffle(pool)
         rows.extend(pool[i % len(pool)] for i in range(n))  # cycles when asked for more than the pool holds
         counts[kind] = n
 
-    mix("general", cfg.general_ratio, ("general.jsonl",))
-    mix("contrast", cfg.contrast_ratio, ("borderline.jsonl", "general.jsonl"))
+    mix("general", round(cfg.general_ratio * len(safety)), ("general.jsonl",))
+    n_contrast = round(cfg.contrast_ratio * len(safety))
+    if cfg.borderline_share is None:
+        mix("contrast", n_contrast, ("borderline.jsonl", "general.jsonl"))
+    elif n_contrast:
+        nb = round(cfg.borderline_share * n_contrast)
+        mix("contrast_borderline", nb, ("borderline.jsonl",))
+        mix("contrast_general", n_contrast - nb, ("general.jsonl",))
+        counts["contrast"] = n_contrast
     rng.shuffle(rows)
     for r in rows:
         r.pop("_kind", None)
         r.pop("kind", None)
     return rows, counts
+
+
+def anchor_rows(data_dir: str | Path, cfg: TrainConfig) -> list[dict]:
+    """The KL anchor's pool: borderline-benign and general train prompts with the base's answers.
+
+    With ``borderline_share`` set, borderline rows are repeated so they make up that share
+    of the pool (the boundary is what the anchor must hold)."""
+    d = Path(data_dir)
+    train_split = lambda r: r["meta"].get("split") == "train" and r["messages"][-1]["role"] == "assistant"  # noqa: E731
+    bl = _read(d, "borderline.jsonl", train_split)
+    gen = _read(d, "general.jsonl", train_split)
+    if not bl and not gen:
+        raise SafetyPatchError(f"{d}: anchor_kl needs self-distilled borderline/general train rows; build data with --distill")
+    if cfg.borderline_share is not None and bl and gen and cfg.borderline_share < 1:
+        want = round(cfg.borderline_share / (1 - cfg.borderline_share) * len(gen))
+        bl = [bl[i % len(bl)] for i in range(max(want, 1))]
+    elif cfg.borderline_share == 1:
+        gen = []
+    elif cfg.borderline_share == 0:
+        bl = []
+    rows = bl + gen
+    for r in rows:
+        r.pop("_kind", None)
+        r.pop("kind", None)
+    return rows
 
 
 def drop_too_long(rows: list[dict], tokenizer, max_len: int) -> tuple[list[dict], int]:

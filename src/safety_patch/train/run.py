@@ -154,7 +154,19 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         # W0 on the CPU, in the model's dtype: the delta is computed against exactly these values.
         base = {n: p.detach().to("cpu", copy=True) for n, p in lm.model.named_parameters()}
 
-    trainer = _make_trainer(lm, rows, cfg, peft_config, work, progress)
+    anchor = None
+    if cfg.anchor_kl > 0:
+        from .anchor import AnchorStream, tokenize_anchor
+        from .data import anchor_rows
+
+        examples = tokenize_anchor(anchor_rows(data_dir, cfg), lm.tokenizer, cfg.max_seq_len, cfg.anchor_max_tokens)
+        if not examples:
+            raise SafetyPatchError(f"every anchor row is longer than --max-seq-len {cfg.max_seq_len} tokens")
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+        anchor = AnchorStream(examples, cfg.batch_size, pad, cfg.seed, rank=int(os.environ.get("RANK", "0")),
+                              world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        counts["anchor"] = len(examples)
+    trainer = _make_trainer(lm, rows, cfg, peft_config, work, progress, anchor)
     trainer.add_callback(_Metrics(work / "metrics.jsonl"))
     if lm.runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -218,7 +230,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     return meta
 
 
-def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress: bool):
+def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress: bool, anchor=None):
     from datasets import Dataset
 
     common = dict(
@@ -258,4 +270,14 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(completion_only_loss=True, **common)
-    return SFTTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer, peft_config=peft_config)
+    if anchor is None:
+        return SFTTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer, peft_config=peft_config)
+    from .anchor import make_anchored_trainer
+
+    ref = None
+    if peft_config is None:  # full-parameter: the reference is a frozen copy of W0
+        import copy
+
+        ref = copy.deepcopy(lm.model).eval().requires_grad_(False)
+    return make_anchored_trainer(SFTTrainer)(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer,
+                                             peft_config=peft_config, anchor=anchor, anchor_kl=cfg.anchor_kl, ref_model=ref)

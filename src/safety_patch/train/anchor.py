@@ -1,0 +1,144 @@
+"""A KL anchor to the base model on benign answers, added to the refusal SFT loss.
+
+loss = SFT(refusals | harmful prompts) + anchor_kl * KL(p_base || p_patched)
+
+The KL term is measured on the answer tokens of *anchor* conversations: borderline-benign
+and ordinary prompts with the base model's own answers (the data folder's contrast pool).
+It is a regulariser, not training data: the patch is still trained to refuse only on safety
+data, and the penalty says "wherever the prompt is benign, keep the base model's whole next-
+token distribution", which is a denser signal than SFT on the base's greedy answers (every
+vocabulary entry at every position, not one token). Anchor batches are drawn from their own
+cycling stream, one per micro-batch, so the refusal data's batches are unchanged.
+
+The reference distribution comes from the same weights with the adapter switched off (LoRA,
+no extra memory) or from a frozen copy of the base (full-parameter; twice the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import torch
+import torch.nn.functional as F
+
+
+def tokenize_anchor(rows: list[dict], tokenizer, max_len: int, answer_tokens: int | None = None) -> list[dict]:
+    """Prompt/completion rows -> input_ids (cut ``answer_tokens`` into the answer) and where the
+    answer starts; rows longer than ``max_len`` are dropped."""
+    from ..generation import render
+
+    out = []
+    for r in rows:
+        prompt = render(tokenizer, r["prompt"], add_generation_prompt=True)
+        full = render(tokenizer, r["prompt"] + r["completion"], add_generation_prompt=False)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_len or len(ids) <= len(p_ids) or ids[: len(p_ids)] != p_ids:
+            continue
+        if answer_tokens is not None:
+            ids = ids[: len(p_ids) + answer_tokens]
+        out.append({"input_ids": ids, "answer_from": len(p_ids)})
+    return out
+
+
+class AnchorStream:
+    """Endless, seeded stream of right-padded anchor batches, the same on every rank.
+
+    Every rank draws the same global batch (``batch_size * world_size`` rows) and keeps its
+    slice, so a DDP run sees exactly the anchor rows a single process with the global batch
+    sees; ``global_tokens`` lets the loss be normalised like the single-process one."""
+
+    def __init__(self, examples: list[dict], batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not examples:
+            raise ValueError("no anchor examples")
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        self.rank, self.world_size = rank, world_size
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def next(self, device) -> dict:
+        drawn = []
+        for _ in range(self.batch_size * self.world_size):
+            if not self.order:
+                self.order = list(range(len(self.examples)))
+                self.rng.shuffle(self.order)
+            drawn.append(self.examples[self.order.pop()])
+        global_tokens = sum(len(e["input_ids"]) - e["answer_from"] for e in drawn)
+        batch = drawn[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        n = max(len(e["input_ids"]) for e in batch)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(batch), n), dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.bool)
+        for i, e in enumerate(batch):
+            L = len(e["input_ids"])
+            ids[i, :L] = torch.tensor(e["input_ids"])
+            attn[i, :L] = 1
+            # logits at position t predict token t+1: answer tokens start at answer_from.
+            mask[i, e["answer_from"] - 1 : L - 1] = True
+        return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "mask": mask.to(device),
+                "global_tokens": global_tokens}
+
+
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor,
+                    denominator: float | None = None) -> torch.Tensor:
+    """Sum over masked positions of KL(p_ref || p) divided by ``denominator`` (default: their
+    count, i.e. the mean per token), computed in fp32."""
+    lp = F.log_softmax(logits[mask].float(), dim=-1)
+    lq = F.log_softmax(ref_logits[mask].float(), dim=-1)
+    total = F.kl_div(lp, lq, log_target=True, reduction="sum")
+    return total / (denominator if denominator is not None else max(int(mask.sum()), 1))
+
+
+def make_anchored_trainer(base_cls):
+    """Subclass of a TRL trainer class whose loss adds the KL anchor."""
+
+    class AnchoredTrainer(base_cls):
+        def __init__(self, *args, anchor: AnchorStream, anchor_kl: float, ref_model=None, **kw):
+            super().__init__(*args, **kw)
+            self.anchor, self.anchor_kl, self.ref_model = anchor, anchor_kl, ref_model
+            self._kl_log: list[float] = []
+
+        def _reference(self, model, batch):
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            with torch.no_grad():
+                if self.ref_model is not None:
+                    return self.ref_model(**inputs).logits
+                unwrapped = self.accelerator.unwrap_model(model)
+                ctx = unwrapped.disable_adapter() if hasattr(unwrapped, "disable_adapter") else contextlib.nullcontext()
+                with ctx:
+                    return unwrapped(**inputs).logits
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            res = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if not model.training or self.anchor_kl <= 0:
+                return res
+            loss, outputs = res if return_outputs else (res, None)
+            batch = self.anchor.next(loss.device)
+            ref = self._reference(model, batch)
+            # The unwrapped module: a second forward through a DDP wrapper before one backward
+            # is an error; the parameters' gradient hooks still fire once per backward.
+            unwrapped = self.accelerator.unwrap_model(model)
+            logits = unwrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            # Sum over this rank's tokens / the global batch's tokens, times the world size:
+            # DDP averages gradients over ranks, so the update equals the single-process one.
+            ws = self.anchor.world_size
+            kl = kl_to_reference(logits, ref, batch["mask"], batch["global_tokens"] / ws)
+            self._kl_log.append(float(kl.detach()) / ws if ws > 1 else float(kl.detach()))
+            # Match the Trainer's gradient-accumulation scaling of the SFT loss (transformers'
+            # training_step divides only losses that were not normalised by num_items_in_batch).
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.2x
+            if scaled is None:
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            if scaled:
+                kl = kl / self.current_gradient_accumulation_steps
+            loss = loss + self.anchor_kl * kl
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kw):
+            if self._kl_log and "loss" in logs:
+                logs["anchor_kl"] = round(sum(self._kl_log) / len(self._kl_log), 5)
+                self._kl_log.clear()
+            return super().log(logs, *args, **kw)
+
+    return AnchoredTrainer
