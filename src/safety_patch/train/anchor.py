@@ -124,10 +124,10 @@ def make_anchored_trainer(base_cls):
             # DDP averages gradients over ranks, so the update equals the single-process one.
             ws = self.anchor.world_size
             kl = kl_to_reference(logits, ref, batch["mask"], batch["global_tokens"] / ws)
-            self._kl_log.append(float(kl.detach()) / ws if ws > 1 else float(kl.detach()))
+            self._kl_log.append(float(kl.detach()))  # this rank's per-token mean (exact with one process)
             # Match the Trainer's gradient-accumulation scaling of the SFT loss (transformers'
             # training_step divides only losses that were not normalised by num_items_in_batch).
-            scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.2x
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)  # absent in older transformers 5.x
             if scaled is None:
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
             if scaled:
