@@ -65,13 +65,15 @@ def _key(cfg: dict) -> str:
 def score(data: Path, patch: Path | None, split: str, limit: int, mnt: int) -> dict:
     from safety_patch.evaluation.capability import CapabilityConfig, evaluate_capability
     from safety_patch.evaluation.safety import EvalConfig, evaluate
+    from safety_patch.models import load_model
 
+    lm = load_model("default")  # once for the three evaluations
     ps = [patch] if patch else []
     run = "patched" if patch else "base"
     s = evaluate("safety", "default", ps, str(data), EvalConfig(attacks=("direct", "template"), limit=limit,
-                                                                max_new_tokens=mnt, batch_size=32), split=split)
+                                                                max_new_tokens=mnt, batch_size=32), split=split, lm=lm)
     o = evaluate("overrefusal", "default", ps, str(data), EvalConfig(attacks=("direct",), max_new_tokens=mnt, batch_size=32),
-                 split=split)
+                 split=split, lm=lm)
     out = {"asr_direct": s["runs"][run]["aggregates"]["per_attack"]["direct"],
            "asr_template": s["runs"][run]["aggregates"]["per_attack"]["template"],
            "borderline_refusal": o["runs"][run]["aggregates"]["per_set"]["borderline"],
@@ -79,7 +81,7 @@ def score(data: Path, patch: Path | None, split: str, limit: int, mnt: int) -> d
            "asr_per_category": s["runs"][run]["aggregates"]["per_category"],
            "refusal_per_category": o["runs"][run]["aggregates"]["per_category"]}
     if patch:
-        c = evaluate_capability("default", ps, str(data), CapabilityConfig(tasks=("nll", "kl"), split=split))
+        c = evaluate_capability("default", ps, str(data), CapabilityConfig(tasks=("nll", "kl"), split=split), lm=lm)
         out["nll_ratio"] = c["runs"]["delta"]["nll_ratio"]
         out["kl"] = c["runs"]["patched"]["kl"]
     return out
@@ -164,23 +166,24 @@ def main() -> None:
     print(f"\nselection: {winner or 'no arm'} ({rule})")
     payload = {"split": "val", "limit": args.limit, "base": base, "arms": results, "table": rows, "winner": winner,
                "met_constraints": bool(eligible), "rule": rule}
-    test_arms = ([winner] if winner else []) + [a.strip() for a in args.test_arms.split(",") if a.strip()]
-    if args.test and test_arms:
-        def cached(f: Path, fn):
-            if not f.is_file():
-                write_json(f, fn())
-            return json.loads(f.read_text())
-
-        payload["test"] = {"base": cached(work / "base-test.json", lambda: score(data, None, "test", None, args.max_new_tokens))}
-        for name in dict.fromkeys(test_arms):
-            key = _key(COMMON | ARMS[name])
-            payload["test"][name] = cached(work / name / f"test-{key}.json",
-                                           lambda: score(data, work / name / "patch", "test", None, args.max_new_tokens))
-        trows = []
-        for name, r in payload["test"].items():
-            trows.append({"arm": name, "asr_direct": v(r["asr_direct"]), "asr_template": v(r["asr_template"]),
-                          "borderline_refusal": v(r["borderline_refusal"]), "general_refusal": v(r["general_refusal"]),
-                          "nll_ratio": r.get("nll_ratio"), "kl": v(r["kl"]) if "kl" in r else None})
+    # Test-split scores are cached per arm: --test computes missing ones; without it, the ones
+    # already measured are carried into the results file (a plain re-run must not drop them).
+    test_arms = ["base"] + ([winner] if winner else []) + [a.strip() for a in args.test_arms.split(",") if a.strip()]
+    test = {}
+    for name in dict.fromkeys(test_arms):
+        if name == "base":
+            f, patch = work / "base-test.json", None
+        else:
+            f, patch = work / name / f"test-{_key(COMMON | ARMS[name])}.json", work / name / "patch"
+        if args.test and not f.is_file():
+            write_json(f, score(data, patch, "test", None, args.max_new_tokens))
+        if f.is_file():
+            test[name] = json.loads(f.read_text())
+    if len(test) > 1:
+        payload["test"] = test
+        trows = [{"arm": name, "asr_direct": v(r["asr_direct"]), "asr_template": v(r["asr_template"]),
+                  "borderline_refusal": v(r["borderline_refusal"]), "general_refusal": v(r["general_refusal"]),
+                  "nll_ratio": r.get("nll_ratio"), "kl": v(r["kl"]) if "kl" in r else None} for name, r in test.items()]
         print("\ntest split:")
         print_table(trows, ["arm", "asr_direct", "asr_template", "borderline_refusal", "general_refusal", "nll_ratio", "kl"])
     write("recipe_sweep", payload)

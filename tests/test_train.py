@@ -201,6 +201,20 @@ def test_borderline_share_sets_the_contrast_mix(data_dir, tiny_dir, tmp_path):
         small(borderline_share=1.5).validate()
 
 
+def test_anchor_pool_follows_borderline_share(data_dir):
+    from safety_patch.jsonl import read_jsonl
+    from safety_patch.train.data import anchor_rows
+
+    bl = {r["messages"][0]["content"] for r in read_jsonl(data_dir / "borderline.jsonl") if r["meta"]["split"] == "train"}
+    is_bl = lambda rows: [r["prompt"][0]["content"] in bl for r in rows]  # noqa: E731
+    natural = is_bl(anchor_rows(data_dir, small()))
+    assert 0 < sum(natural) < len(natural)
+    assert not any(is_bl(anchor_rows(data_dir, small(borderline_share=0.0))))
+    assert all(is_bl(anchor_rows(data_dir, small(borderline_share=1.0))))
+    half = is_bl(anchor_rows(data_dir, small(borderline_share=0.5)))
+    assert abs(sum(half) - len(half) / 2) <= 1
+
+
 def test_kl_to_reference_matches_its_definition():
     from safety_patch.train.anchor import kl_to_reference
 
@@ -242,6 +256,10 @@ def test_anchor_kl_keeps_benign_answers_closer_to_the_base(data_dir, tiny_dir, t
     assert kl_anch < 0.7 * kl_free, (kl_anch, kl_free)
 
 
-def test_anchor_kl_is_refused_with_dpo():
+def test_anchor_kl_is_refused_with_dpo_and_bad_values():
     with pytest.raises(SafetyPatchError, match="anchor_kl"):
         small(objective="dpo", anchor_kl=1.0).validate()
+    with pytest.raises(SafetyPatchError, match="anchor_kl must be >= 0"):
+        small(anchor_kl=-1.0).validate()
+    with pytest.raises(SafetyPatchError, match="anchor_max_tokens must be >= 1"):
+        small(anchor_kl=1.0, anchor_max_tokens=0).validate()

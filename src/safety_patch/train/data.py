@@ -19,14 +19,19 @@ def _pc(row: dict, where: str) -> dict:
     msgs = row.get("messages")
     if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
         raise SafetyPatchError(f"{where}: expected 'messages' ending with an assistant turn")
-    return {"prompt": msgs[:-1], "completion": msgs[-1:], "kind": row.get("meta", {}).get("source", "")}
+    return {"prompt": msgs[:-1], "completion": msgs[-1:]}
 
 
 def _read(data_dir: Path, name: str, keep=lambda r: True) -> list[dict]:
     path = data_dir / name
     if not path.is_file():
         raise SafetyPatchError(f"{path} not found; rebuild the data folder with `safety-patch data build`")
-    return [_pc(r, f"{path}:{n}") | {"_kind": name} for n, r in iter_jsonl(path) if keep(r)]
+    return [_pc(r, f"{path}:{n}") for n, r in iter_jsonl(path) if keep(r)]
+
+
+def _distilled_train(data_dir: Path, name: str) -> list[dict]:
+    """Train-split rows of a benign file that carry the base model's own answer."""
+    return _read(data_dir, name, lambda r: r["meta"].get("split") == "train" and r["messages"][-1]["role"] == "assistant")
 
 
 def training_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], dict]:
@@ -38,12 +43,11 @@ def training_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], d
         safety = rng.sample(safety, min(cfg.max_train_rows, len(safety)))
     rows = list(safety)
     counts = {"safety": len(safety)}
-    train_split = lambda r: r["meta"].get("split") == "train" and r["messages"][-1]["role"] == "assistant"  # noqa: E731
 
     def mix(kind: str, n: int, files: tuple[str, ...]) -> None:
         if n <= 0:
             return
-        pool = [r for f in files for r in _read(d, f, train_split)]
+        pool = [r for f in files for r in _distilled_train(d, f)]
         if not pool:
             raise SafetyPatchError(f"{d}: no self-distilled train rows in {', '.join(files)}; build data with --distill")
         rng.shuffle(pool)
@@ -60,9 +64,6 @@ def training_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], d
         mix("contrast_general", n_contrast - nb, ("general.jsonl",))
         counts["contrast"] = n_contrast
     rng.shuffle(rows)
-    for r in rows:
-        r.pop("_kind", None)
-        r.pop("kind", None)
     return rows, counts
 
 
@@ -72,23 +73,19 @@ def anchor_rows(data_dir: str | Path, cfg: TrainConfig) -> list[dict]:
     With ``borderline_share`` set, borderline rows are repeated so they make up that share
     of the pool (the boundary is what the anchor must hold)."""
     d = Path(data_dir)
-    train_split = lambda r: r["meta"].get("split") == "train" and r["messages"][-1]["role"] == "assistant"  # noqa: E731
-    bl = _read(d, "borderline.jsonl", train_split)
-    gen = _read(d, "general.jsonl", train_split)
+    bl, gen = _distilled_train(d, "borderline.jsonl"), _distilled_train(d, "general.jsonl")
+    share = cfg.borderline_share
+    if share is not None:
+        if share <= 0:
+            bl = []
+        elif share >= 1:
+            gen = []
+        elif bl and gen:  # cycle borderline rows until they are `share` of the pool
+            bl = [bl[i % len(bl)] for i in range(max(round(share / (1 - share) * len(gen)), 1))]
     if not bl and not gen:
-        raise SafetyPatchError(f"{d}: anchor_kl needs self-distilled borderline/general train rows; build data with --distill")
-    if cfg.borderline_share is not None and bl and gen and cfg.borderline_share < 1:
-        want = round(cfg.borderline_share / (1 - cfg.borderline_share) * len(gen))
-        bl = [bl[i % len(bl)] for i in range(max(want, 1))]
-    elif cfg.borderline_share == 1:
-        gen = []
-    elif cfg.borderline_share == 0:
-        bl = []
-    rows = bl + gen
-    for r in rows:
-        r.pop("_kind", None)
-        r.pop("kind", None)
-    return rows
+        raise SafetyPatchError(f"{d}: anchor_kl needs self-distilled borderline/general train rows "
+                               f"(borderline_share {share}); build data with --distill")
+    return bl + gen
 
 
 def drop_too_long(rows: list[dict], tokenizer, max_len: int) -> tuple[list[dict], int]:
