@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -51,3 +53,18 @@ def test_threads_from_env(monkeypatch):
             runtime.configure_threads()
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_peak_memory_window_resets_between_runs():
+    from safety_patch.runtime import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    start = peak_memory_mb(cpu)
+    big = torch.ones(300 * 2**20 // 4)  # 300 MB, touched
+    first = peak_memory_mb(cpu)
+    del big
+    reset_peak_memory(cpu)
+    second = peak_memory_mb(cpu)
+    assert first - start > 250 and first - second > 250, (start, first, second)

@@ -263,3 +263,48 @@ def test_anchor_kl_is_refused_with_dpo_and_bad_values():
         small(anchor_kl=-1.0).validate()
     with pytest.raises(SafetyPatchError, match="anchor_max_tokens must be >= 1"):
         small(anchor_kl=1.0, anchor_max_tokens=0).validate()
+
+
+def _lora_deltas(patch_dir) -> dict[str, torch.Tensor]:
+    """ΔW = (alpha / r) B A of every adapted module, keyed like the base model's weights."""
+    cfg = json.loads((patch_dir / "adapter_config.json").read_text())
+    sd = load_file(patch_dir / "adapter_model.safetensors")
+    out = {}
+    for k, a in sd.items():
+        if k.endswith("lora_A.weight"):
+            b = sd[k.replace("lora_A", "lora_B")]
+            name = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+            out[name] = (cfg["lora_alpha"] / cfg["r"]) * b.float() @ a.float()
+    return out
+
+
+def _worst_dominant_overlap(deltas, w0, k):
+    """Largest share of ‖ΔW‖ that reads from W0's top-k input or writes into its top-k output directions."""
+    worst = 0.0
+    for name, d in deltas.items():
+        u, _, vh = torch.linalg.svd(w0[name].float(), full_matrices=False)
+        worst = max(worst, float((d @ vh[:k].T).norm() / d.norm()), float((u[:, :k].T @ d).norm() / d.norm()))
+    return worst
+
+
+def test_orthogonal_k_keeps_the_lora_update_off_w0_dominant_subspaces(data_dir, tiny_dir, tmp_path):
+    k = 8
+    con = train(data_dir, tmp_path / "con", small(orthogonal_k=k), model=str(tiny_dir), progress=False)
+    free = train(data_dir, tmp_path / "free", small(), model=str(tiny_dir), progress=False)
+    w0 = load_model(str(tiny_dir), device="cpu").model.state_dict()
+    d_con, d_free = _lora_deltas(tmp_path / "con"), _lora_deltas(tmp_path / "free")
+    assert d_con.keys() == d_free.keys() and all(d.norm() > 0 for d in d_con.values())
+    assert _worst_dominant_overlap(d_con, w0, k) < 1e-4
+    assert _worst_dominant_overlap(d_free, w0, k) > 0.05  # without the constraint the update does touch them
+    assert con["config"]["orthogonal_k"] == k and con["training"]["orthogonal_overlap"] < 1e-5
+    assert "orthogonal_overlap" not in free["training"]
+
+
+def test_orthogonal_k_bad_values_fail_before_training(data_dir, tiny_dir, tmp_path):
+    with pytest.raises(SafetyPatchError, match="orthogonal_k must be >= 0"):
+        small(orthogonal_k=-1).validate()
+    with pytest.raises(SafetyPatchError, match="needs --method lora"):
+        small(method="full", orthogonal_k=4).validate()
+    with pytest.raises(SafetyPatchError, match="--orthogonal-k 64 must be below the smallest dimension"):
+        train(data_dir, tmp_path / "p", small(orthogonal_k=64), model=str(tiny_dir), progress=False)
+    assert not (tmp_path / "p").exists()

@@ -202,7 +202,7 @@ def train(
     data: Annotated[Path, typer.Option(help="Data folder from `data build`.")],
     out: Annotated[Path, typer.Option(help="Patch folder to write (atomically).")],
     model: ModelOpt = "default",
-    recipe: Annotated[str | None, typer.Option(help="Named preset: default, paper, full-safety.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="Named preset: default, paper, full-safety, full-anchor.")] = None,
     method: Annotated[str | None, typer.Option(help="lora | full")] = None,
     objective: Annotated[str | None, typer.Option(help="sft | dpo")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
@@ -213,6 +213,7 @@ def train(
     contrast_ratio: Annotated[float | None, typer.Option(help="Borderline/benign contrast conversations per safety conversation.")] = None,
     borderline_share: Annotated[float | None, typer.Option(help="Share of contrast/anchor rows drawn from borderline prompts.")] = None,
     anchor_kl: Annotated[float | None, typer.Option(help="Weight of KL(base||patched) on benign answers (0 = off).")] = None,
+    orthogonal_k: Annotated[int | None, typer.Option(help="OPLoRA-style: keep the LoRA update off W0's top-k singular subspaces (0 = off).")] = None,
     epochs: Annotated[float | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option(help="Default 2e-4 (LoRA), 1e-5 (full).")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
@@ -232,7 +233,7 @@ def train(
     cfg = resolve_config(recipe, config, dict(
         method=method, objective=objective, rank=rank, alpha=alpha, target_modules=target_modules, layers=layers,
         general_ratio=general_ratio, contrast_ratio=contrast_ratio, borderline_share=borderline_share,
-        anchor_kl=anchor_kl, epochs=epochs, lr=lr, batch_size=batch_size,
+        anchor_kl=anchor_kl, orthogonal_k=orthogonal_k, epochs=epochs, lr=lr, batch_size=batch_size,
         max_seq_len=max_seq_len, max_train_rows=max_train_rows, seed=seed))
     typer.echo("[train] config: " + json.dumps(cfg.__dict__), err=True)
     meta = run_train(data, out, cfg, model=model, device=device, dtype=dtype, resume=resume, overwrite=overwrite)

@@ -297,7 +297,7 @@ def blocks(rd: RunData) -> list[tuple]:
             mix_total += t["wall_seconds"]
         if a["role"] == "lora-safety":
             lora_total += t["wall_seconds"]
-    B.append(("table", ["arm", "role", "train seconds", "peak memory MB (GPU: allocator peak; CPU: process max RSS so far)", "tokens", "trainable parameters"], cost))
+    B.append(("table", ["arm", "role", "train seconds", "peak memory MB (GPU: allocator peak; CPU: peak resident set while training)", "tokens", "trainable parameters"], cost))
     if mix_total and lora_total:
         B.append(("p", f"The data-mixing search ({len(rd.by_role('full-mix'))} ratios) cost {mix_total:.0f} s of training; the "
                        f"single LoRA patch {lora_total:.0f} s ({mix_total / lora_total:.1f}x less)."))

@@ -105,3 +105,37 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % (2**32))
     except ImportError:  # numpy is optional here
         pass
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak-memory window: CUDA's allocator peak, or on Linux the process's
+    peak resident set (writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS),
+    so several runs in one process each report their own peak, not the largest so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: peak_memory_mb falls back to the lifetime peak
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since ``reset_peak_memory``: CUDA allocator peak, else the process's peak
+    resident set (VmHWM; the lifetime maximum RSS where /proc is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except ImportError:
+        return float("nan")

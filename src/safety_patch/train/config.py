@@ -36,6 +36,10 @@ class TrainConfig:
     anchor_max_tokens: int = 48
     """Anchor only the first N answer tokens: whether and how the model starts answering is
     what refusal training disturbs, and the KL cost grows with every anchored token."""
+    orthogonal_k: int = 0
+    """OPLoRA-style constraint (LoRA only; 0 = off): keep A off W0's top-k right singular
+    vectors and B off its top-k left ones, so ΔW = BA is orthogonal to W0's dominant
+    subspaces by construction (train/oplora.py)."""
     epochs: float = 1.0
     lr: float | None = None
     """Learning rate; default 2e-4 for LoRA, 1e-5 for full."""
@@ -79,6 +83,10 @@ class TrainConfig:
             raise SafetyPatchError(f"anchor_kl must be >= 0, got {self.anchor_kl}")
         if self.anchor_kl > 0 and self.objective != "sft":
             raise SafetyPatchError("anchor_kl applies to the sft objective only (DPO has its own reference term)")
+        if self.orthogonal_k < 0:
+            raise SafetyPatchError(f"orthogonal_k must be >= 0, got {self.orthogonal_k}")
+        if self.orthogonal_k > 0 and self.method != "lora":
+            raise SafetyPatchError("orthogonal_k constrains a LoRA adapter; it needs --method lora")
         if self.borderline_share is not None and not 0 <= self.borderline_share <= 1:
             raise SafetyPatchError(f"borderline_share must be in [0, 1], got {self.borderline_share}")
         if self.sampling not in ("group_by_length", "random", "sequential"):
@@ -108,11 +116,17 @@ def parse_layers(spec: str) -> list[int]:
 # "default" is the arm bench/recipe_sweep.py selected on the validation split (docs/recipes.md):
 # the paper's LoRA on refusal data, plus a KL anchor to the base on benign answers. No arm met
 # every target on the 135M embedded model; this one won the documented fallback rule (lowest
-# worst error), so it is a trade-off, not a solution: check `eval safety` and `eval overrefusal`.
+# worst error) among the LoRA arms, so it is a trade-off, not a solution: check `eval safety` and `eval overrefusal`.
 RECIPES: dict[str, dict] = {
     "paper": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
               "general_ratio": 0.0, "contrast_ratio": 0.0},
     "default": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
                 "anchor_kl": 3.0, "borderline_share": 0.5, "max_train_rows": 400, "max_seq_len": 512},
     "full-safety": {"method": "full", "lr": 1e-5},
+    # The best-measured recipe on the 135M model (bench/recipe_sweep.py, full-anchor3-bl0.5):
+    # the default's data and KL anchor, every weight trained. Not the default because its
+    # output is a full delta, not a plug-in adapter, and it needs W0 + Adam states + a frozen
+    # reference copy in memory (10-18 bytes per parameter before activations: 70-130 GB at 7B).
+    "full-anchor": {"method": "full", "lr": 1e-5, "anchor_kl": 3.0, "borderline_share": 0.5, "max_train_rows": 400,
+                    "max_seq_len": 512},
 }

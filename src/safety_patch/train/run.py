@@ -88,17 +88,6 @@ class _Metrics:
         return Callback()
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    except ImportError:
-        return float("nan")
-
-
 def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = "default", device: str = "auto",
           dtype: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
           stack: list[str | Path] | None = None) -> dict:
@@ -110,7 +99,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     """
     from ..data.build import manifest_sha256, read_manifest
     from ..models import load_model
-    from ..runtime import seed_everything
+    from ..runtime import peak_memory_mb, reset_peak_memory, seed_everything
 
     cfg.validate()
     out = Path(out)
@@ -168,8 +157,15 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         counts["anchor"] = len(examples)
     trainer = _make_trainer(lm, rows, cfg, peft_config, work, progress, anchor)
     trainer.add_callback(_Metrics(work / "metrics.jsonl"))
-    if lm.runtime.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    projection = None
+    if cfg.orthogonal_k > 0:
+        from .oplora import dominant_bases, projection_callback
+
+        # Bases of the weights being trained (a stack folded in counts as W0); a bad k fails
+        # here, before any training.
+        projection = projection_callback(dominant_bases(trainer.model, cfg.orthogonal_k))
+        trainer.add_callback(projection)
+    reset_peak_memory(lm.runtime.device)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=ckpt)
     wall = time.time() - t0
@@ -180,7 +176,11 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     trained = trainer.model
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     losses = [r["loss"] for r in state.log_history if "loss" in r]
+    extra = {}
+    if projection is not None:
+        from .oplora import overlap
 
+        extra["orthogonal_overlap"] = round(overlap(trained, projection.bases), 8)
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if cfg.method == "lora":
@@ -214,7 +214,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                 "wall_seconds": round(wall, 2),
                 "tokens_seen": tokens,
                 "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
-                "peak_memory_mb": round(_peak_memory_mb(lm.runtime.device), 1),
+                "peak_memory_mb": round(peak_memory_mb(lm.runtime.device), 1),
                 "trainable_parameters": trainable,
                 "total_parameters": sum(p.numel() for p in lm.model.parameters()),
                 "resumed_from": ckpt,
@@ -222,6 +222,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                 "dtype": str(lm.runtime.dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(),
                 "world_size": trainer.args.world_size,
+                **extra,
             },
             versions=_versions(),
         )
