@@ -56,6 +56,10 @@ ARMS = {
     # calibration run's lr (1e-5 drove ASR to ~0 on refusal data alone).
     "full-c0.5-bl0.6": {"recipe": "full-safety", "max_train_rows": 400, "contrast_ratio": 0.5, "borderline_share": 0.6},
     "full-anchor3-bl0.5": {"recipe": "full-safety", "max_train_rows": 400, "anchor_kl": 3.0, "borderline_share": 0.5},
+    # At lr 1e-5 the full arm came out safer than the LoRA default; half the lr, to compare the
+    # two at matched safety.
+    "full-anchor3-bl0.5-lr5e-6": {"recipe": "full-safety", "max_train_rows": 400, "anchor_kl": 3.0,
+                                  "borderline_share": 0.5, "lr": 5e-6},
     # OPLoRA-style constraint (train/oplora.py): ΔW kept off W0's top-64 left and right singular
     # subspaces. If orthogonality to W0's dominant directions is why a safety LoRA spares
     # capability (the paper's mechanism), enforcing it should cut the drift and over-refusal of
