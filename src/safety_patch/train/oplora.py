@@ -16,7 +16,8 @@ unchanged (a re-parametrisation would change the saved keys).
 
 We project the weights, not the gradients: Adam's moment estimates would re-introduce the
 projected-out components a step later, while projecting after every step keeps the
-constraint exact whatever the optimiser does. Every rank projects the same weights with the same bases, so DDP replicas stay identical.
+constraint exact whatever the optimiser does. Every rank projects the same weights with the
+same bases, so DDP replicas stay identical.
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ def lora_layers(model, adapter: str = "default"):
 
 def dominant_bases(model, k: int, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Top-``k`` left (U_k: out × k) and right (V_k: in × k) singular vectors of every adapted
-    layer's W0, in fp32 on the weight's device."""
+    layer's W0, in fp32 on the weight's device; the same SVD the analysis measures overlap
+    with (exact up to 1024 dimensions, randomised above)."""
+    from ..analysis.subspace import top_singular
+
     bases = {}
     for name, w0, _, _ in lora_layers(model, adapter):
         if k >= min(w0.shape):
             raise SafetyPatchError(f"--orthogonal-k {k} must be below the smallest dimension of {name} ({tuple(w0.shape)})")
-        u, _, vh = torch.linalg.svd(w0.detach().float(), full_matrices=False)
-        bases[name] = (u[:, :k].contiguous(), vh[:k].T.contiguous())
+        u, _, v = top_singular(w0.detach(), k)
+        bases[name] = (u.contiguous(), v.contiguous())
     if not bases:
         raise SafetyPatchError("--orthogonal-k needs a LoRA model; no LoRA layer found")
     return bases
