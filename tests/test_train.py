@@ -308,3 +308,114 @@ def test_orthogonal_k_bad_values_fail_before_training(data_dir, tiny_dir, tmp_pa
     with pytest.raises(SafetyPatchError, match="--orthogonal-k 64 must be below the smallest dimension"):
         train(data_dir, tmp_path / "p", small(orthogonal_k=64), model=str(tiny_dir), progress=False)
     assert not (tmp_path / "p").exists()
+
+
+def test_decision_weights_mark_the_first_answer_tokens():
+    from safety_patch.train.anchor import decision_weights
+
+    pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4, -1], [0, 1, -1, -1, -1, -1, -1, -1]])
+    w = decision_weights(pos, tokens=3, weight=5.0)
+    assert w.tolist() == [[1, 1, 5, 5, 5, 1, 1, 1], [5, 5, 1, 1, 1, 1, 1, 1]]
+
+
+def test_weighted_kl_to_reference_matches_its_definition():
+    from safety_patch.train.anchor import kl_to_reference
+
+    torch.manual_seed(1)
+    a, b = torch.randn(2, 6, 7), torch.randn(2, 6, 7)
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    w = torch.rand(2, 6) + 0.5
+    p, q = a.softmax(-1), b.softmax(-1)
+    per = (q * (q.log() - p.log())).sum(-1)
+    want = (per * w)[mask].sum() / 9.0
+    assert torch.allclose(kl_to_reference(a, b, mask, 9.0, w), want, atol=1e-6)
+    assert torch.allclose(kl_to_reference(a, b, mask, 9.0, torch.ones(2, 6)), kl_to_reference(a, b, mask, 9.0), atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_decision_weighted_loss_equals_trl_loss_plus_weighted_decision_tokens(data_dir, tiny_dir, tmp_path, method):
+    """The restated SFT loss is TRL's at weight 1, and adds (w - 1) x the decision tokens' NLL above it."""
+    from peft import LoraConfig
+
+    from safety_patch.train.data import training_rows
+    from safety_patch.train.run import _make_trainer
+
+    cfg = small(method=method, decision_weight=4.0, decision_tokens=3)
+    lm = load_model(str(tiny_dir), device="cpu")
+    rows, _ = training_rows(data_dir, cfg)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if method == "lora" else None
+    trainer = _make_trainer(lm, rows[:6], cfg, peft_config, tmp_path / "w", False)
+    model = trainer.model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    labels = batch["labels"]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none",
+                                               ignore_index=-100)
+        valid = labels[:, 1:] != -100
+        first = valid & (valid.long().cumsum(-1) <= 3)
+        assert int(first.sum()) == 3 * 4 and bool((valid.sum(-1) > 3).all())
+        plain = ce[valid].sum() / valid.sum()
+        want = plain + 3.0 * ce[first].sum() / valid.sum()
+        got = trainer.compute_loss(model, dict(batch))
+        trainer.decision_weight = 1.0
+        trl = trainer.compute_loss(model, dict(batch))
+        restated_at_1 = trainer._weighted_sft_loss(model, dict(batch), None)
+    assert torch.allclose(trl, plain, rtol=1e-4), (trl, plain)
+    assert torch.allclose(restated_at_1, trl, rtol=1e-5)
+    assert torch.allclose(got, want, rtol=1e-4), (got, want)
+
+
+def test_decision_weight_trains_and_is_recorded(data_dir, tiny_dir, tmp_path):
+    meta = train(data_dir, tmp_path / "p", small(decision_weight=3.0, anchor_kl=1.0, epochs=1), model=str(tiny_dir),
+                 progress=False)
+    assert meta["config"]["decision_weight"] == 3.0 and meta["config"]["decision_tokens"] == 4
+    logged = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert any("anchor_kl" in r and "mean_token_accuracy" in r for r in logged)
+    for bad, msg in [(dict(decision_weight=0.0), "decision_weight must be > 0"),
+                     (dict(decision_tokens=0), "decision_tokens must be >= 1"),
+                     (dict(decision_weight=2.0, objective="dpo"), "decision_weight applies to the sft objective")]:
+        with pytest.raises(SafetyPatchError, match=msg):
+            small(**bad).validate()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_snapshots_are_complete_patches_of_the_weights_at_that_step(data_dir, tiny_dir, tmp_path, method):
+    """A snapshot at the last step equals the final patch; an earlier one differs, and each attaches."""
+    from safety_patch.patches import read_patch
+
+    cfg = small(method=method, snapshot_steps="2,6,99")  # 24 rows / batch 4 = 6 steps; 99 is never reached
+    meta = train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), progress=False)
+    assert meta["training"]["steps"] == 6
+    assert meta["training"]["snapshots"] == {"2": "snapshots/step-2", "6": "snapshots/step-6"}
+    assert meta["training"]["snapshots_not_reached"] == [99]
+    weights = "adapter_model.safetensors" if method == "lora" else "delta.safetensors"
+    final = load_file(tmp_path / "p" / weights)
+    at6, at2 = (load_file(tmp_path / "p" / "snapshots" / s / weights) for s in ("step-6", "step-2"))
+    assert final.keys() == at6.keys() and all(torch.equal(final[k], at6[k]) for k in final)
+    assert any(not torch.equal(final[k], at2[k]) for k in final)
+    snap = read_patch(tmp_path / "p" / "snapshots" / "step-2")
+    assert snap.meta["training"]["steps"] == 2 and snap.meta["base"] == meta["base"]
+    lm = load_model(str(tiny_dir), device="cpu")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with attached(lm.model, [snap], lm.fingerprint) as m:
+        assert m(input_ids=ids).logits.shape[-1] == lm.model.config.vocab_size
+    with pytest.raises(SafetyPatchError, match="snapshot_steps"):
+        small(snapshot_steps="10,x").validate()
+    with pytest.raises(SafetyPatchError, match="positive"):
+        small(snapshot_steps="0,5").validate()
+
+
+def test_stop_after_equals_the_snapshot_of_a_full_run(data_dir, tiny_dir, tmp_path):
+    """Early stopping keeps the whole run's LR schedule: stopping after half of the planned
+    steps gives exactly the full run's snapshot at that step (what the sweep selected)."""
+    full = train(data_dir, tmp_path / "full", small(snapshot_steps="3"), model=str(tiny_dir), progress=False)
+    half = train(data_dir, tmp_path / "half", small(stop_after=0.5), model=str(tiny_dir), progress=False)
+    assert (full["training"]["steps"], half["training"]["steps"]) == (6, 3)
+    assert half["training"]["planned_steps"] == 6
+    a = load_file(tmp_path / "full" / "snapshots" / "step-3" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "half" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for bad in (0.0, 1.5):
+        with pytest.raises(SafetyPatchError, match="stop_after must be in"):
+            small(stop_after=bad).validate()

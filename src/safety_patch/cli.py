@@ -202,7 +202,7 @@ def train(
     data: Annotated[Path, typer.Option(help="Data folder from `data build`.")],
     out: Annotated[Path, typer.Option(help="Patch folder to write (atomically).")],
     model: ModelOpt = "default",
-    recipe: Annotated[str | None, typer.Option(help="Named preset: default, paper, full-safety, full-anchor.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="Named preset: default, paper, full-safety, full-anchor, anchor-v1.")] = None,
     method: Annotated[str | None, typer.Option(help="lora | full")] = None,
     objective: Annotated[str | None, typer.Option(help="sft | dpo")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
@@ -213,12 +213,16 @@ def train(
     contrast_ratio: Annotated[float | None, typer.Option(help="Borderline/benign contrast conversations per safety conversation.")] = None,
     borderline_share: Annotated[float | None, typer.Option(help="Share of contrast/anchor rows drawn from borderline prompts.")] = None,
     anchor_kl: Annotated[float | None, typer.Option(help="Weight of KL(base||patched) on benign answers (0 = off).")] = None,
+    decision_weight: Annotated[float | None, typer.Option(help="Weight of the first --decision-tokens answer tokens in the refusal loss and the anchor (1 = off).")] = None,
+    decision_tokens: Annotated[int | None, typer.Option(help="How many answer tokens count as the answer/refuse decision (default 4).")] = None,
     orthogonal_k: Annotated[int | None, typer.Option(help="OPLoRA-style: keep the LoRA update off W0's top-k singular subspaces (0 = off).")] = None,
     epochs: Annotated[float | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option(help="Default 2e-4 (LoRA), 1e-5 (full).")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     max_seq_len: Annotated[int | None, typer.Option()] = None,
     max_train_rows: Annotated[int | None, typer.Option(help="Subsample the safety conversations (0 = all; the default recipe takes 400).")] = None,
+    stop_after: Annotated[float | None, typer.Option(help="Stop after this fraction of the planned steps (schedule kept), e.g. 0.685.")] = None,
+    snapshot_steps: Annotated[str | None, typer.Option(help="Also keep the patch after these steps, e.g. 10,20,30 (PATCH/snapshots/step-N).")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with TrainConfig fields.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of an interrupted run.")] = False,
@@ -233,8 +237,10 @@ def train(
     cfg = resolve_config(recipe, config, dict(
         method=method, objective=objective, rank=rank, alpha=alpha, target_modules=target_modules, layers=layers,
         general_ratio=general_ratio, contrast_ratio=contrast_ratio, borderline_share=borderline_share,
-        anchor_kl=anchor_kl, orthogonal_k=orthogonal_k, epochs=epochs, lr=lr, batch_size=batch_size,
-        max_seq_len=max_seq_len, max_train_rows=max_train_rows, seed=seed))
+        anchor_kl=anchor_kl, decision_weight=decision_weight, decision_tokens=decision_tokens,
+        orthogonal_k=orthogonal_k, epochs=epochs, lr=lr, batch_size=batch_size,
+        max_seq_len=max_seq_len, max_train_rows=max_train_rows, snapshot_steps=snapshot_steps,
+        stop_after=stop_after, seed=seed))
     typer.echo("[train] config: " + json.dumps(cfg.__dict__), err=True)
     meta = run_train(data, out, cfg, model=model, device=device, dtype=dtype, resume=resume, overwrite=overwrite)
     if meta:

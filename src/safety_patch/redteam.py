@@ -97,8 +97,10 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
 
     # 3. train the next patch on top of the stack
     fields = {"method": method, **(train_overrides or {})}
-    # LoRA rounds use the default recipe (KL-anchored) so each round does not add over-refusal.
-    tcfg = resolve_config("default" if method == "lora" else "full-safety", None, fields)
+    # LoRA rounds use the KL-anchored recipe they were measured with (docs/training.md), so a
+    # round does not add over-refusal. Not `default`: its stop point (68.5% of the schedule) was
+    # chosen on a one-shot patch of ~600 rows, not on rounds of a few dozen rows over 3 epochs.
+    tcfg = resolve_config("anchor-v1" if method == "lora" else "full-safety", None, fields)
     meta = train(round_data, out / "patch", tcfg, model=model, device=device, dtype=dtype, overwrite=True, progress=False,
                  stack=list(patches))
 

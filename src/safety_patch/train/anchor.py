@@ -22,6 +22,8 @@ import random
 import torch
 import torch.nn.functional as F
 
+from ..errors import SafetyPatchError
+
 
 def tokenize_anchor(rows: list[dict], tokenizer, max_len: int, answer_tokens: int | None = None) -> list[dict]:
     """Prompt/completion rows -> input_ids (cut ``answer_tokens`` into the answer) and where the
@@ -70,33 +72,51 @@ class AnchorStream:
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(batch), n), dtype=torch.long)
         mask = torch.zeros((len(batch), n), dtype=torch.bool)
+        answer_pos = torch.full((len(batch), n), -1, dtype=torch.long)  # index within the answer, -1 elsewhere
         for i, e in enumerate(batch):
             L = len(e["input_ids"])
             ids[i, :L] = torch.tensor(e["input_ids"])
             attn[i, :L] = 1
             # logits at position t predict token t+1: answer tokens start at answer_from.
             mask[i, e["answer_from"] - 1 : L - 1] = True
+            answer_pos[i, e["answer_from"] - 1 : L - 1] = torch.arange(L - e["answer_from"])
         return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "mask": mask.to(device),
-                "global_tokens": global_tokens}
+                "answer_pos": answer_pos.to(device), "global_tokens": global_tokens}
 
 
 def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor,
-                    denominator: float | None = None) -> torch.Tensor:
-    """Sum over masked positions of KL(p_ref || p) divided by ``denominator`` (default: their
-    count, i.e. the mean per token), computed in fp32."""
+                    denominator: float | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over masked positions of KL(p_ref || p) (times ``weights`` there, if given) divided
+    by ``denominator`` (default: their count, i.e. the mean per token), computed in fp32."""
     lp = F.log_softmax(logits[mask].float(), dim=-1)
     lq = F.log_softmax(ref_logits[mask].float(), dim=-1)
-    total = F.kl_div(lp, lq, log_target=True, reduction="sum")
-    return total / (denominator if denominator is not None else max(int(mask.sum()), 1))
+    per_token = F.kl_div(lp, lq, log_target=True, reduction="none").sum(-1)
+    if weights is not None:
+        per_token = per_token * weights[mask].to(per_token.dtype)
+    return per_token.sum() / (denominator if denominator is not None else max(int(mask.sum()), 1))
+
+
+def decision_weights(answer_pos: torch.Tensor, tokens: int, weight: float) -> torch.Tensor:
+    """Per-position loss weights: ``weight`` on the first ``tokens`` answer tokens, 1 elsewhere.
+
+    Whether a model answers or refuses is decided in its first answer tokens; after "I'm sorry"
+    or "Sure, here", the rest follows. A per-token mean gives those decisive tokens 1/len of
+    the loss, and the long, easy remainder of a refusal the rest, so the patch learns the
+    refusal's style more than *when* to refuse. Up-weighting the decision tokens (in the
+    refusal loss and in the KL anchor alike) puts the gradient where the boundary is drawn."""
+    w = torch.ones(answer_pos.shape, dtype=torch.float32, device=answer_pos.device)
+    return w.masked_fill((answer_pos >= 0) & (answer_pos < tokens), weight)
 
 
 def make_anchored_trainer(base_cls):
-    """Subclass of a TRL trainer class whose loss adds the KL anchor."""
+    """Subclass of TRL's SFT trainer whose loss adds the KL anchor and/or weights decision tokens."""
 
     class AnchoredTrainer(base_cls):
-        def __init__(self, *args, anchor: AnchorStream, anchor_kl: float, ref_model=None, **kw):
+        def __init__(self, *args, anchor: AnchorStream | None, anchor_kl: float, ref_model=None,
+                     decision_tokens: int = 0, decision_weight: float = 1.0, **kw):
             super().__init__(*args, **kw)
             self.anchor, self.anchor_kl, self.ref_model = anchor, anchor_kl, ref_model
+            self.decision_tokens, self.decision_weight = decision_tokens, decision_weight
             self._kl_log: list[float] = []
 
         def _reference(self, model, batch):
@@ -109,9 +129,36 @@ def make_anchored_trainer(base_cls):
                 with ctx:
                     return unwrapped(**inputs).logits
 
+        def _weighted_sft_loss(self, model, inputs, num_items_in_batch):
+            """TRL's default SFT loss (the fused LM head's per-token log-probs over the completion,
+            summed and divided by the global token count), with the decision tokens weighted.
+            TRL has no per-token loss weights, so this restates its few lines for that case."""
+            if getattr(self, "aux_loss_enabled", False):
+                raise SafetyPatchError("decision_weight is not supported for models with a router aux loss (MoE)")
+            inputs = {**inputs, "use_cache": False}
+            outputs = model(**inputs, fused_lm_head=True)
+            mask = outputs.label_mask.bool()
+            pos = torch.where(mask, mask.long().cumsum(-1) - 1, torch.full_like(mask, -1, dtype=torch.long))
+            w = decision_weights(pos, self.decision_tokens, self.decision_weight)
+            num = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = (-outputs.log_probs * w).sum() / torch.as_tensor(num).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+            n_valid = self.accelerator.gather_for_metrics(mask.sum()).sum()
+            if n_valid > 0:  # the metrics TRL logs for its own loss
+                ent = self.accelerator.gather_for_metrics(outputs.entropy.detach().sum()).sum()
+                top1 = self.accelerator.gather_for_metrics(outputs.is_top1.sum()).sum()
+                self._metrics["train"]["entropy"].append((ent / n_valid).item())
+                self._metrics["train"]["mean_token_accuracy"].append((top1 / n_valid).item())
+            return loss
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            res = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            if not model.training or self.anchor_kl <= 0:
+            if model.training and self.decision_weight != 1.0 and not return_outputs:
+                res = self._weighted_sft_loss(model, inputs, num_items_in_batch)
+            else:
+                res = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+            if not model.training or self.anchor_kl <= 0 or self.anchor is None:
                 return res
             loss, outputs = res if return_outputs else (res, None)
             batch = self.anchor.next(loss.device)
@@ -123,7 +170,10 @@ def make_anchored_trainer(base_cls):
             # Sum over this rank's tokens / the global batch's tokens, times the world size:
             # DDP averages gradients over ranks, so the update equals the single-process one.
             ws = self.anchor.world_size
-            kl = kl_to_reference(logits, ref, batch["mask"], batch["global_tokens"] / ws)
+            weights = None
+            if self.decision_weight != 1.0:
+                weights = decision_weights(batch["answer_pos"], self.decision_tokens, self.decision_weight)
+            kl = kl_to_reference(logits, ref, batch["mask"], batch["global_tokens"] / ws, weights)
             self._kl_log.append(float(kl.detach()))  # this rank's per-token mean (exact with one process)
             # Match the Trainer's gradient-accumulation scaling of the SFT loss (transformers'
             # training_step divides only losses that were not normalised by num_items_in_batch).

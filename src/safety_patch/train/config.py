@@ -36,6 +36,13 @@ class TrainConfig:
     anchor_max_tokens: int = 48
     """Anchor only the first N answer tokens: whether and how the model starts answering is
     what refusal training disturbs, and the KL cost grows with every anchored token."""
+    decision_tokens: int = 4
+    """The first N answer tokens, where a model commits to answering or refusing."""
+    decision_weight: float = 1.0
+    """Weight of those tokens in the refusal SFT loss and in the KL anchor (1 = plain per-token
+    mean). A per-token mean gives the decision 1/len of the loss and the refusal's easy
+    remainder the rest; weighting it puts the gradient where harmful and benign prompts
+    must part (train/anchor.py)."""
     orthogonal_k: int = 0
     """OPLoRA-style constraint (LoRA only; 0 = off): keep A off W0's top-k right singular
     vectors and B off its top-k left ones, so ΔW = BA is orthogonal to W0's dominant
@@ -57,6 +64,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations to save memory (slower); useful for 7B+ models."""
     dpo_beta: float = 0.1
+    snapshot_steps: str | None = None
+    """Also keep the patch as it was after these optimiser steps, e.g. "10,20,30", as complete
+    patches under <out>/snapshots/step-N/: early stopping on a validation score picks one
+    afterwards (bench/recipe_sweep.py does), without a training run per step count."""
+    stop_after: float | None = None
+    """Stop after this fraction of the planned optimiser steps, with the learning-rate schedule
+    still planned for the whole run: early stopping at a point chosen on validation (the
+    default's 0.685 is step 50 of 73, its best snapshot in bench/recipe_sweep.py)."""
     save_steps: int = 50
     """Checkpoint every N optimiser steps (for --resume)."""
     logging_steps: int = 5
@@ -83,6 +98,12 @@ class TrainConfig:
             raise SafetyPatchError(f"anchor_kl must be >= 0, got {self.anchor_kl}")
         if self.anchor_kl > 0 and self.objective != "sft":
             raise SafetyPatchError("anchor_kl applies to the sft objective only (DPO has its own reference term)")
+        if self.decision_tokens < 1:
+            raise SafetyPatchError(f"decision_tokens must be >= 1, got {self.decision_tokens}")
+        if self.decision_weight <= 0:
+            raise SafetyPatchError(f"decision_weight must be > 0, got {self.decision_weight}")
+        if self.decision_weight != 1.0 and self.objective != "sft":
+            raise SafetyPatchError("decision_weight applies to the sft objective only")
         if self.orthogonal_k < 0:
             raise SafetyPatchError(f"orthogonal_k must be >= 0, got {self.orthogonal_k}")
         if self.orthogonal_k > 0 and self.method != "lora":
@@ -93,6 +114,10 @@ class TrainConfig:
             raise SafetyPatchError(f"sampling must be group_by_length, random or sequential, got {self.sampling!r}")
         if self.layers is not None:
             parse_layers(self.layers)
+        if self.stop_after is not None and not 0 < self.stop_after <= 1:
+            raise SafetyPatchError(f"stop_after must be in (0, 1], a fraction of the planned steps; got {self.stop_after}")
+        if self.snapshot_steps is not None:
+            parse_steps(self.snapshot_steps)
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -112,21 +137,38 @@ def parse_layers(spec: str) -> list[int]:
     return sorted(set(out))
 
 
+def parse_steps(spec: str) -> list[int]:
+    """ "10,20,30" -> [10, 20, 30] (positive step numbers)."""
+    try:
+        steps = sorted({int(x) for x in str(spec).split(",") if x.strip()})
+    except ValueError:
+        raise SafetyPatchError(f"snapshot_steps must look like '10,20,30', got {spec!r}") from None
+    if not steps or steps[0] < 1:
+        raise SafetyPatchError(f"snapshot_steps must name positive step numbers, got {spec!r}")
+    return steps
+
+
 # Named recipes. "paper" is the claim as stated (refusal data only, LoRA r8 all-linear).
 # "default" is the arm bench/recipe_sweep.py selected on the validation split (docs/recipes.md):
-# the paper's LoRA on refusal data, plus a KL anchor to the base on benign answers. No arm met
-# every target on the 135M embedded model; this one won the documented fallback rule (lowest
-# worst error) among the LoRA arms, so it is a trade-off, not a solution: check `eval safety` and `eval overrefusal`.
+# the paper's LoRA on refusal data (every train row), plus a KL anchor to the base on benign
+# answers (weight 8), the first 4 answer tokens weighted 8x in both losses, stopped after 68.5%
+# of the schedule (its best snapshot, step 50 of 73). No arm met every target on the 135M
+# embedded model; this one won the documented fallback rule (lowest worst error), so it is a
+# trade-off, not a solution: check `eval safety` and `eval overrefusal`.
 RECIPES: dict[str, dict] = {
     "paper": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
               "general_ratio": 0.0, "contrast_ratio": 0.0},
     "default": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
-                "anchor_kl": 3.0, "borderline_share": 0.5, "max_train_rows": 400, "max_seq_len": 512},
+                "anchor_kl": 8.0, "borderline_share": 0.5, "decision_weight": 8.0, "decision_tokens": 4,
+                "max_train_rows": None, "max_seq_len": 512, "stop_after": 0.685},
+    # The previous default (2026-11-27), kept by name: anchor 3, no decision weighting, 400 rows.
+    "anchor-v1": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
+                  "anchor_kl": 3.0, "borderline_share": 0.5, "max_train_rows": 400, "max_seq_len": 512},
     "full-safety": {"method": "full", "lr": 1e-5},
-    # The best-measured recipe on the 135M model (bench/recipe_sweep.py, full-anchor3-bl0.5):
-    # the default's data and KL anchor, every weight trained. Not the default because its
-    # output is a full delta, not a plug-in adapter, and it needs W0 + Adam states + a frozen
-    # reference copy in memory (10-18 bytes per parameter before activations: 70-130 GB at 7B).
+    # anchor-v1's data and KL anchor with every weight trained (bench/recipe_sweep.py,
+    # full-anchor3-bl0.5): it beat anchor-v1 on the test split. Never a default: its output is
+    # a full delta, not a plug-in adapter, and it needs W0 + Adam states + a frozen reference
+    # copy in memory (10-18 bytes per parameter before activations: 70-130 GB at 7B).
     "full-anchor": {"method": "full", "lr": 1e-5, "anchor_kl": 3.0, "borderline_share": 0.5, "max_train_rows": 400,
                     "max_seq_len": 512},
 }

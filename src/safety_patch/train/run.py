@@ -88,6 +88,49 @@ class _Metrics:
         return Callback()
 
 
+def _delta(model, base: dict) -> dict[str, torch.Tensor]:
+    """W - W0 (fp32) of every tensor that changed: the full-parameter patch's weights."""
+    delta = {}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            d = p.detach().to("cpu", torch.float32) - base[n].to(torch.float32)
+            if torch.count_nonzero(d):
+                delta[n] = d.contiguous()
+    return delta
+
+
+def _snapshotter(work: Path, steps: list[int], base: dict | None):
+    """A callback that writes the weights after each listed optimiser step to work/snapshots/step-N."""
+    from safetensors.torch import save_file
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step not in steps or not state.is_world_process_zero:
+                return
+            d = work / "snapshots" / f"step-{state.global_step}"
+            d.mkdir(parents=True, exist_ok=True)
+            if base is None:
+                model.save_pretrained(str(d), safe_serialization=True)
+            else:
+                save_file(_delta(model, base), str(d / DELTA_FILE), metadata={"format": "pt"})
+
+    return Snapshots()
+
+
+def _early_stop(fraction: float):
+    """A callback that ends training after ``fraction`` of the planned steps; the scheduler
+    keeps the whole run's plan, so the weights equal that step's snapshot of a full run."""
+    from transformers import TrainerCallback
+
+    class EarlyStop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= max(round(fraction * state.max_steps), 1):
+                control.should_training_stop = True
+
+    return EarlyStop()
+
+
 def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = "default", device: str = "auto",
           dtype: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
           stack: list[str | Path] | None = None) -> dict:
@@ -165,6 +208,12 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         # here, before any training.
         projection = projection_callback(dominant_bases(trainer.model, cfg.orthogonal_k))
         trainer.add_callback(projection)
+    if cfg.snapshot_steps:
+        from .config import parse_steps
+
+        trainer.add_callback(_snapshotter(work, parse_steps(cfg.snapshot_steps), base))
+    if cfg.stop_after is not None and cfg.stop_after < 1:
+        trainer.add_callback(_early_stop(cfg.stop_after))
     reset_peak_memory(lm.runtime.device)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=ckpt)
@@ -189,24 +238,38 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         else:
             from safetensors.torch import save_file
 
-            delta = {}
-            with torch.no_grad():
-                for n, p in trained.named_parameters():
-                    d = p.detach().to("cpu", torch.float32) - base[n].to(torch.float32)
-                    if torch.count_nonzero(d):
-                        delta[n] = d.contiguous()
-            save_file(delta, str(tmp / DELTA_FILE), metadata={"format": "pt"})
+            save_file(_delta(trained, base), str(tmp / DELTA_FILE), metadata={"format": "pt"})
             fmt = "delta"
-        meta = finalize_patch(
-            tmp, fmt,
-            {"name": model, "source": lm.source, "checkpoint": lm.path, "fingerprint": lm.fingerprint},
+        common = dict(
             stack=[p.id for p in stack_patches],
             method=cfg.method,
             objective=cfg.objective,
             config=as_dict(cfg) | {"lr": cfg.resolved_lr()},
             data={"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "rows": counts},
+        )
+        base_info = {"name": model, "source": lm.source, "checkpoint": lm.path, "fingerprint": lm.fingerprint}
+        # Snapshots are complete patches of their own (attach/eval/merge them like any other);
+        # a step past the end of training is reported, not silently missing.
+        snaps = {}
+        for d in sorted((work / "snapshots").glob("step-*"), key=lambda p: int(p.name[5:])):
+            step = int(d.name[5:])
+            dst = tmp / "snapshots" / d.name
+            shutil.copytree(d, dst)
+            finalize_patch(dst, fmt, base_info, **common,
+                           training={"steps": step, "snapshot_of": str(out), "epochs_done": round(step / max(state.max_steps, 1) * cfg.epochs, 4)})
+            snaps[str(step)] = f"snapshots/{d.name}"
+        if cfg.snapshot_steps:
+            from .config import parse_steps
+
+            extra["snapshots"] = snaps
+            missing = [s for s in parse_steps(cfg.snapshot_steps) if str(s) not in snaps]
+            if missing:
+                extra["snapshots_not_reached"] = missing
+        meta = finalize_patch(
+            tmp, fmt, base_info, **common,
             training={
                 "steps": state.global_step,
+                "planned_steps": state.max_steps,
                 "epochs": cfg.epochs,
                 "loss_first": losses[0] if losses else None,
                 "loss_last": losses[-1] if losses else None,
@@ -271,14 +334,15 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(completion_only_loss=True, **common)
-    if anchor is None:
+    if anchor is None and cfg.decision_weight == 1.0:
         return SFTTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer, peft_config=peft_config)
     from .anchor import make_anchored_trainer
 
     ref = None
-    if peft_config is None:  # full-parameter: the reference is a frozen copy of W0
+    if peft_config is None and anchor is not None:  # full-parameter: the reference is a frozen copy of W0
         import copy
 
         ref = copy.deepcopy(lm.model).eval().requires_grad_(False)
     return make_anchored_trainer(SFTTrainer)(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer,
-                                             peft_config=peft_config, anchor=anchor, anchor_kl=cfg.anchor_kl, ref_model=ref)
+                                             peft_config=peft_config, anchor=anchor, anchor_kl=cfg.anchor_kl, ref_model=ref,
+                                             decision_tokens=cfg.decision_tokens, decision_weight=cfg.decision_weight)
