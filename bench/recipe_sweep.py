@@ -89,8 +89,8 @@ ARMS = {
     "r594-anchor8-bl0.5-dw8": {"recipe": "paper", "max_train_rows": 0, "anchor_kl": 8.0, "borderline_share": 0.5,
                                "decision_weight": 8.0, "snapshot_steps": "50"},
     # The full-parameter arm on the LoRA winner's data and loss (all rows, anchor 8, decision
-    # weight 8), at the full baseline's lr; its snapshots are less-trained points, so together
-    # they bracket the LoRA winner's safety for the matched-safety comparison.
+    # weight 8), at the full baseline's lr; its snapshots are less-trained points meant to
+    # bracket the LoRA winner's safety (measured: every point was safer; docs/recipes.md).
     "full-r594-anchor8-bl0.5-dw8": {"recipe": "full-safety", "max_train_rows": 0, "anchor_kl": 8.0,
                                     "borderline_share": 0.5, "decision_weight": 8.0, "snapshot_steps": "30,50"},
     "r400-anchor3-bl0.5-op64": {"recipe": "paper", "max_train_rows": 400, "anchor_kl": 3.0, "borderline_share": 0.5,

@@ -140,9 +140,9 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     before training, so the new patch learns only what the stack still lacks; its
     ``patch.json`` lists them, and attaching it requires them first.
     """
-    from ..data.build import manifest_sha256, read_manifest
+    from ..data.build import read_manifest
     from ..models import load_model
-    from ..runtime import peak_memory_mb, reset_peak_memory, seed_everything
+    from ..runtime import reset_peak_memory, seed_everything
 
     cfg.validate()
     out = Path(out)
@@ -219,7 +219,32 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     result = trainer.train(resume_from_checkpoint=ckpt)
     wall = time.time() - t0
     if not trainer.is_world_process_zero():
+        _leave_together(trainer)  # wait for rank 0 to write the patch, then leave the group cleanly
         return {}
+    try:
+        return _write_patch(trainer, result, wall, out, overwrite, work, cfg, model, lm, base, stack_patches, counts,
+                            data_dir, ckpt, projection)
+    finally:
+        _leave_together(trainer)
+
+
+def _leave_together(trainer) -> None:
+    """Under DDP, every rank waits here and tears the process group down before it returns: a
+    rank that exits while another still holds the group can abort in gloo's teardown (seen
+    when training stops early, mid-epoch)."""
+    if trainer.accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        trainer.accelerator.wait_for_everyone()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _write_patch(trainer, result, wall, out, overwrite, work, cfg, model, lm, base, stack_patches, counts, data_dir, ckpt,
+                 projection) -> dict:
+    from ..data.build import manifest_sha256
+    from ..runtime import peak_memory_mb
+
     state = trainer.state
     tokens = int(state.num_input_tokens_seen or 0)
     trained = trainer.model
