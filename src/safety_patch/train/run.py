@@ -8,6 +8,7 @@ a killed run never leaves anything that looks like a finished patch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -140,9 +141,9 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     before training, so the new patch learns only what the stack still lacks; its
     ``patch.json`` lists them, and attaching it requires them first.
     """
-    from ..data.build import read_manifest
+    from ..data.build import manifest_sha256, read_manifest
     from ..models import load_model
-    from ..runtime import reset_peak_memory, seed_everything
+    from ..runtime import peak_memory_mb, reset_peak_memory, seed_everything
 
     cfg.validate()
     out = Path(out)
@@ -218,105 +219,100 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=ckpt)
     wall = time.time() - t0
-    if not trainer.is_world_process_zero():
-        _leave_together(trainer)  # wait for rank 0 to write the patch, then leave the group cleanly
-        return {}
+    # Under DDP every rank leaves together, after rank 0 has written the patch (see _ranks_leave_together).
+    with _ranks_leave_together(trainer):
+        if not trainer.is_world_process_zero():
+            return {}
+        state = trainer.state
+        tokens = int(state.num_input_tokens_seen or 0)
+        trained = trainer.model
+        trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+        losses = [r["loss"] for r in state.log_history if "loss" in r]
+        extra = {}
+        if projection is not None:
+            from .oplora import overlap
+
+            extra["orthogonal_overlap"] = round(overlap(trained, projection.bases), 8)
+
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            if cfg.method == "lora":
+                trained.save_pretrained(str(tmp), safe_serialization=True)
+                fmt = "lora"
+            else:
+                from safetensors.torch import save_file
+
+                save_file(_delta(trained, base), str(tmp / DELTA_FILE), metadata={"format": "pt"})
+                fmt = "delta"
+            common = dict(
+                stack=[p.id for p in stack_patches],
+                method=cfg.method,
+                objective=cfg.objective,
+                config=as_dict(cfg) | {"lr": cfg.resolved_lr()},
+                data={"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "rows": counts},
+            )
+            base_info = {"name": model, "source": lm.source, "checkpoint": lm.path, "fingerprint": lm.fingerprint}
+            # Snapshots are complete patches of their own (attach/eval/merge them like any other);
+            # a step past the end of training is reported, not silently missing.
+            if cfg.snapshot_steps:
+                from .config import parse_steps
+
+                snaps, missing = {}, []
+                for step in parse_steps(cfg.snapshot_steps):
+                    src = work / "snapshots" / f"step-{step}"
+                    if not src.is_dir():
+                        missing.append(step)
+                        continue
+                    shutil.copytree(src, tmp / "snapshots" / src.name)
+                    finalize_patch(tmp / "snapshots" / src.name, fmt, base_info, **common,
+                                   training={"steps": step, "snapshot_of": str(out),
+                                             "epochs_done": round(step / max(state.max_steps, 1) * cfg.epochs, 4)})
+                    snaps[str(step)] = f"snapshots/{src.name}"
+                extra["snapshots"] = snaps
+                if missing:
+                    extra["snapshots_not_reached"] = missing
+            meta = finalize_patch(
+                tmp, fmt, base_info, **common,
+                training={
+                    "steps": state.global_step,
+                    "planned_steps": state.max_steps,
+                    "epochs": cfg.epochs,
+                    "loss_first": losses[0] if losses else None,
+                    "loss_last": losses[-1] if losses else None,
+                    "train_loss": getattr(result, "training_loss", None),
+                    "wall_seconds": round(wall, 2),
+                    "tokens_seen": tokens,
+                    "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
+                    "peak_memory_mb": round(peak_memory_mb(lm.runtime.device), 1),
+                    "trainable_parameters": trainable,
+                    "total_parameters": sum(p.numel() for p in lm.model.parameters()),
+                    "resumed_from": ckpt,
+                    "device": str(lm.runtime.device),
+                    "dtype": str(lm.runtime.dtype).removeprefix("torch."),
+                    "threads": torch.get_num_threads(),
+                    "world_size": trainer.args.world_size,
+                    **extra,
+                },
+                versions=_versions(),
+            )
+            shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl") if (work / "metrics.jsonl").exists() else None
+        shutil.rmtree(work, ignore_errors=True)
+        return meta
+
+
+@contextlib.contextmanager
+def _ranks_leave_together(trainer):
+    """Under DDP, every rank waits at the end of this block and tears the process group down
+    before it returns: a rank that exits while another still holds the group can abort in
+    gloo's teardown (seen when training stops early, mid-epoch)."""
     try:
-        return _write_patch(trainer, result, wall, out, overwrite, work, cfg, model, lm, base, stack_patches, counts,
-                            data_dir, ckpt, projection)
+        yield
     finally:
-        _leave_together(trainer)
+        if trainer.accelerator.num_processes > 1:
+            import torch.distributed as dist
 
-
-def _leave_together(trainer) -> None:
-    """Under DDP, every rank waits here and tears the process group down before it returns: a
-    rank that exits while another still holds the group can abort in gloo's teardown (seen
-    when training stops early, mid-epoch)."""
-    if trainer.accelerator.num_processes > 1:
-        import torch.distributed as dist
-
-        trainer.accelerator.wait_for_everyone()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _write_patch(trainer, result, wall, out, overwrite, work, cfg, model, lm, base, stack_patches, counts, data_dir, ckpt,
-                 projection) -> dict:
-    from ..data.build import manifest_sha256
-    from ..runtime import peak_memory_mb
-
-    state = trainer.state
-    tokens = int(state.num_input_tokens_seen or 0)
-    trained = trainer.model
-    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    losses = [r["loss"] for r in state.log_history if "loss" in r]
-    extra = {}
-    if projection is not None:
-        from .oplora import overlap
-
-        extra["orthogonal_overlap"] = round(overlap(trained, projection.bases), 8)
-
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        if cfg.method == "lora":
-            trained.save_pretrained(str(tmp), safe_serialization=True)
-            fmt = "lora"
-        else:
-            from safetensors.torch import save_file
-
-            save_file(_delta(trained, base), str(tmp / DELTA_FILE), metadata={"format": "pt"})
-            fmt = "delta"
-        common = dict(
-            stack=[p.id for p in stack_patches],
-            method=cfg.method,
-            objective=cfg.objective,
-            config=as_dict(cfg) | {"lr": cfg.resolved_lr()},
-            data={"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "rows": counts},
-        )
-        base_info = {"name": model, "source": lm.source, "checkpoint": lm.path, "fingerprint": lm.fingerprint}
-        # Snapshots are complete patches of their own (attach/eval/merge them like any other);
-        # a step past the end of training is reported, not silently missing.
-        snaps = {}
-        for d in sorted((work / "snapshots").glob("step-*"), key=lambda p: int(p.name[5:])):
-            step = int(d.name[5:])
-            dst = tmp / "snapshots" / d.name
-            shutil.copytree(d, dst)
-            finalize_patch(dst, fmt, base_info, **common,
-                           training={"steps": step, "snapshot_of": str(out), "epochs_done": round(step / max(state.max_steps, 1) * cfg.epochs, 4)})
-            snaps[str(step)] = f"snapshots/{d.name}"
-        if cfg.snapshot_steps:
-            from .config import parse_steps
-
-            extra["snapshots"] = snaps
-            missing = [s for s in parse_steps(cfg.snapshot_steps) if str(s) not in snaps]
-            if missing:
-                extra["snapshots_not_reached"] = missing
-        meta = finalize_patch(
-            tmp, fmt, base_info, **common,
-            training={
-                "steps": state.global_step,
-                "planned_steps": state.max_steps,
-                "epochs": cfg.epochs,
-                "loss_first": losses[0] if losses else None,
-                "loss_last": losses[-1] if losses else None,
-                "train_loss": getattr(result, "training_loss", None),
-                "wall_seconds": round(wall, 2),
-                "tokens_seen": tokens,
-                "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
-                "peak_memory_mb": round(peak_memory_mb(lm.runtime.device), 1),
-                "trainable_parameters": trainable,
-                "total_parameters": sum(p.numel() for p in lm.model.parameters()),
-                "resumed_from": ckpt,
-                "device": str(lm.runtime.device),
-                "dtype": str(lm.runtime.dtype).removeprefix("torch."),
-                "threads": torch.get_num_threads(),
-                "world_size": trainer.args.world_size,
-                **extra,
-            },
-            versions=_versions(),
-        )
-        shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl") if (work / "metrics.jsonl").exists() else None
-    shutil.rmtree(work, ignore_errors=True)
-    return meta
+            trainer.accelerator.wait_for_everyone()
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress: bool, anchor=None):
