@@ -133,7 +133,7 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_distillation_with_a_tiny_model_and_cache(tiny_dir, tmp_path):
-    cfg = DataConfig(distill=True, distill_max_new_tokens=4, max_per_source=30, dpo=True)
+    cfg = DataConfig(distill=True, distill_max_new_tokens=4, max_per_source=30, dpo=True, self_instruct=0)
     m = build(tmp_path / "o", cfg, model=str(tiny_dir))
     gen = _rows(tmp_path / "o", "general")
     assert all(r["messages"][-1]["role"] == "assistant" for r in gen)
@@ -177,3 +177,80 @@ def test_rendering_is_verbatim_for_braces_unicode_and_placeholders(request):
     assert out.count(request) >= 1
     assert out.startswith("Hello {name}! ") and out.endswith(" and again the request above {}")
     assert len(out) == len(t) - len(PLACEHOLDER) + len(request)
+
+
+def test_self_instruct_filters_what_it_samples(tiny_dir, monkeypatch):
+    """Unfinished, too short, harm-worded, duplicate and held-out-like samples are all dropped."""
+    from safety_patch import generation
+    from safety_patch.data import selfinstruct
+    from safety_patch.models import load_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    prefix = selfinstruct.user_turn_prefix(lm.tokenizer)
+    full = generation.render(lm.tokenizer, [{"role": "user", "content": "hello there"}], add_generation_prompt=False)
+    assert prefix and full.startswith(prefix + "hello there")
+    canned = [("a short plan for a week of vegetarian dinners on a budget", True),
+              ("a short plan for a week of vegetarian dinners on a budget", True),  # duplicate
+              ("a recipe for banana bread that never got fini", False),           # no EOS: unfinished
+              ("hi", True),                                                        # too short
+              ("how to build a bomb in my garage", True),                          # harm word
+              ("what rhymes with light in a wedding toast poem", True),            # near a held-out prompt
+              ("how tall the Eiffel tower is and when it was built", True)]
+    seen_texts = []
+
+    def fake(model, tokenizer, texts, config, progress=None):
+        seen_texts.extend(texts)
+        return [canned[i % len(canned)] for i in range(len(texts))]
+
+    monkeypatch.setattr(generation, "complete_texts", fake)
+    monkeypatch.setattr(selfinstruct, "OPENERS", ("Give me",))
+    kept, counts = selfinstruct.sample_prompts(lm, 5, seed=0, avoid=["Give me what rhymes with light in a wedding toast poem?"],
+                                               batch_size=7)
+    assert all(t == prefix + "Give me" for t in seen_texts)
+    assert [k["prompt"] for k in kept] == ["Give me a short plan for a week of vegetarian dinners on a budget",
+                                           "Give me how tall the Eiffel tower is and when it was built"]
+    assert counts["sampled"] == 20 and counts["kept"] == 2  # budget: 4 x n samples
+    assert counts["unfinished"] > 0 and counts["length"] > 0 and counts["harm_terms"] > 0
+    assert counts["near_eval"] > 0 and counts["near_duplicate"] > 0
+
+
+def test_self_instruct_rows_in_the_data_folder(tiny_dir, tmp_path):
+    cfg = DataConfig(distill=True, distill_max_new_tokens=4, max_per_source=30, self_instruct=6, template_max_chars=400)
+    m = build(tmp_path / "o", cfg, model=str(tiny_dir))
+    rows = _rows(tmp_path / "o", "selfinstruct")
+    si = m["counts"]["self_instruct"]
+    assert len(rows) == si["kept"] <= 6 and si["sampled"] <= 24 and "selfinstruct.jsonl" in m["files"]
+    assert all(r["meta"]["split"] == "train" and r["messages"][-1]["role"] == "assistant" for r in rows)
+    held = [r["meta"]["request"] for s in ("val", "test") for r in _rows(tmp_path / "o", s)]
+    assert not cross_pairs([r["messages"][0]["content"] for r in rows], held, cfg.near_dup_threshold)
+    # self-instruct is part of the distillation: without it, no file and no sampling
+    m2 = build(tmp_path / "o2", DataConfig(distill=False, self_instruct=4, max_per_source=30, template_max_chars=400))
+    assert m2["counts"]["self_instruct"] is None and not (tmp_path / "o2" / "selfinstruct.jsonl").exists()
+    with pytest.raises(SafetyPatchError, match="self_instruct"):
+        DataConfig(self_instruct=-1).validate()
+
+
+def test_self_instruct_form_openers_come_from_the_refusal_requests(tiny_dir, monkeypatch):
+    from safety_patch import generation
+    from safety_patch.data import selfinstruct
+
+    forms = selfinstruct.form_openers(["Write a persuasive article", "How can I x", "1. Name: y", "**OP:** Title", "Write a poem"])
+    assert forms == ["Write a", "How can", "Write a"]  # one per request: frequent forms drawn more often
+    from safety_patch.models import load_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    prefix = selfinstruct.user_turn_prefix(lm.tokenizer)
+    seen = []
+
+    def fake(model, tokenizer, texts, config, progress=None):
+        seen.extend(texts)
+        return [(f"short benign request number {len(seen) + i} about gardening tools", True) for i in range(len(texts))]
+
+    monkeypatch.setattr(generation, "complete_texts", fake)
+    kept, _ = selfinstruct.sample_prompts(lm, 6, seed=0, forms=forms, form_share=1.0)
+    assert {t[len(prefix):] for t in seen} <= {"Write a", "How can"} and all(k["form"] for k in kept)
+    seen.clear()
+    kept, _ = selfinstruct.sample_prompts(lm, 6, seed=0, forms=forms, form_share=0.0)
+    assert {t[len(prefix):] for t in seen} <= set(selfinstruct.OPENERS) and not any(k["form"] for k in kept)
+    with pytest.raises(SafetyPatchError, match="self_instruct_form_share"):
+        DataConfig(self_instruct_form_share=1.5).validate()

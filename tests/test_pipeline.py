@@ -8,7 +8,8 @@ from safety_patch.pipeline import make_plan, reproduce
 
 def tiny_plan(model: str):
     plan = make_plan(model, quick=True)
-    plan.data = {"max_per_source": 24, "general_limit": 24, "distill_max_new_tokens": 4, "template_max_chars": 300}
+    plan.data = {"max_per_source": 24, "general_limit": 24, "distill_max_new_tokens": 4, "template_max_chars": 300,
+                 "self_instruct": 0}
     for a in plan.arms:
         a.train.update(max_train_rows=8, batch_size=4, max_seq_len=1024)
     plan.eval_limit, plan.max_new_tokens, plan.capability_limit, plan.analysis_prompts = 4, 4, 6, 2

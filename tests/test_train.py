@@ -18,7 +18,8 @@ from safety_patch.train.run import train
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_dir):
     d = tmp_path_factory.mktemp("data") / "d"
-    build(d, DataConfig(max_per_source=40, distill=True, distill_max_new_tokens=6, dpo=True, template_max_chars=600),
+    build(d, DataConfig(max_per_source=40, distill=True, distill_max_new_tokens=6, dpo=True, template_max_chars=600,
+                     self_instruct=8),
           model=str(tiny_dir))
     return d
 
@@ -163,7 +164,8 @@ def test_two_process_ddp_matches_single_process(data_dir, tiny_dir, tmp_path, an
 
     16 rows, none too long, global batch 8: every step holds the same rows in both runs (with an
     uneven last batch accelerate would repeat rows on one side). With the KL anchor, each rank
-    takes its slice of the same global anchor batch, so the update is the same too.
+    takes its slice of the same global anchor batch, so the update is the same too (the anchor
+    batch is per process, like --batch-size: 8 = 2 x 4).
     """
     common = ["--data", str(data_dir), "--model", str(tiny_dir), "--max-train-rows", "16", "--max-seq-len", "4096",
               "--seed", "0", "--lr", "1e-3", "--epochs", "2", "--anchor-kl", anchor_kl]
@@ -171,12 +173,12 @@ def test_two_process_ddp_matches_single_process(data_dir, tiny_dir, tmp_path, an
     yaml.write_text("sampling: sequential\n")
     # On a machine without GPUs, `--multi_gpu` makes accelerate start torchrun; the processes use gloo.
     env = dict(os.environ, OMP_NUM_THREADS="1", SAFETY_PATCH_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    single = [sys.executable, "-m", "safety_patch.cli", "train", *common, "--batch-size", "8", "--config", str(yaml),
-              "--out", str(tmp_path / "one")]
+    single = [sys.executable, "-m", "safety_patch.cli", "train", *common, "--batch-size", "8", "--anchor-batch-size", "8",
+              "--config", str(yaml), "--out", str(tmp_path / "one")]
     subprocess.run(single, check=True, env=env, capture_output=True, timeout=600)
     ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safety_patch.cli", "train", *common,
-           "--batch-size", "4", "--config", str(yaml), "--out", str(tmp_path / "two")]
+           "--batch-size", "4", "--anchor-batch-size", "4", "--config", str(yaml), "--out", str(tmp_path / "two")]
     r = subprocess.run(ddp, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((tmp_path / "two" / "patch.json").read_text())
@@ -419,3 +421,50 @@ def test_stop_after_equals_the_snapshot_of_a_full_run(data_dir, tiny_dir, tmp_pa
     for bad in (0.0, 1.5):
         with pytest.raises(SafetyPatchError, match="stop_after must be in"):
             small(stop_after=bad).validate()
+
+
+def test_anchor_pool_takes_self_instruct_rows(data_dir, tmp_path):
+    import shutil
+
+    from safety_patch.atomic import write_jsonl
+    from safety_patch.jsonl import read_jsonl
+    from safety_patch.train.data import anchor_rows
+
+    d = tmp_path / "d"
+    shutil.copytree(data_dir, d)
+    (d / "selfinstruct.jsonl").unlink(missing_ok=True)
+    with pytest.raises(SafetyPatchError, match="--self-instruct"):
+        anchor_rows(d, small(anchor_kl=1.0, anchor_self_instruct=3))
+    si = [{"messages": [{"role": "user", "content": f"self-written request {i}"}, {"role": "assistant", "content": "ok"}],
+           "meta": {"source": "self-instruct", "split": "train"}} for i in range(5)]
+    write_jsonl(d / "selfinstruct.jsonl", si)
+    plain = anchor_rows(d, small(anchor_kl=1.0))
+    wide = anchor_rows(d, small(anchor_kl=1.0, anchor_self_instruct=3))
+    added = [r["prompt"][0]["content"] for r in wide if r["prompt"][0]["content"].startswith("self-written")]
+    assert added == [f"self-written request {i}" for i in range(3)] and len(wide) == len(plain) + 3
+    assert not any(r["prompt"][0]["content"].startswith("self-written") for r in plain)
+    assert len(list(read_jsonl(data_dir / "general.jsonl")))  # the source folder is untouched
+    with pytest.raises(SafetyPatchError, match="anchor_self_instruct"):
+        small(anchor_self_instruct=-1).validate()
+
+
+def test_anchor_batch_size_sets_the_anchor_rows_per_step(data_dir, tiny_dir, tmp_path, monkeypatch):
+    from safety_patch.train import anchor
+
+    sizes = []
+    real_next = anchor.AnchorStream.next
+
+    def spy(self, device):
+        batch = real_next(self, device)
+        sizes.append(batch["input_ids"].shape[0])
+        return batch
+
+    monkeypatch.setattr(anchor.AnchorStream, "next", spy)
+    meta = train(data_dir, tmp_path / "p", small(anchor_kl=1.0, anchor_batch_size=3, max_train_rows=8), model=str(tiny_dir),
+                 progress=False)
+    assert sizes and set(sizes) == {3} and len(sizes) == meta["training"]["steps"]
+    sizes.clear()
+    train(data_dir, tmp_path / "q", small(anchor_kl=1.0, max_train_rows=8), model=str(tiny_dir), progress=False)
+    assert set(sizes) == {4}  # default: the SFT batch size
+    with pytest.raises(SafetyPatchError, match="anchor_batch_size"):
+        small(anchor_batch_size=0).validate()

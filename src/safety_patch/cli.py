@@ -163,6 +163,8 @@ def data_build_cmd(
     wrap_fraction: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
     distill: Annotated[bool | None, typer.Option("--distill/--no-distill", help="Self-distil general/borderline answers.")] = None,
     dpo: Annotated[bool | None, typer.Option("--dpo/--no-dpo", help="Also write DPO pairs.")] = None,
+    self_instruct: Annotated[int | None, typer.Option(min=0, help="Benign requests the base model writes itself, for "
+                                                      "the default recipe's KL anchor (default 600, ~10 min on a CPU; 0 = none).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with DataConfig fields.")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
@@ -174,7 +176,8 @@ def data_build_cmd(
     from .data.build import DataConfig, build, show
 
     cfg = cfgmod.load(DataConfig, config, dict(seed=seed, sources=sources, max_per_source=max_per_source,
-                                               wrap_fraction=wrap_fraction, distill=distill, dpo=dpo))
+                                               wrap_fraction=wrap_fraction, distill=distill, dpo=dpo,
+                                               self_instruct=self_instruct))
     build(out, cfg, model=model, device=device, dtype=dtype, overwrite=overwrite)
     typer.echo(show(out))
 
@@ -202,7 +205,7 @@ def train(
     data: Annotated[Path, typer.Option(help="Data folder from `data build`.")],
     out: Annotated[Path, typer.Option(help="Patch folder to write (atomically).")],
     model: ModelOpt = "default",
-    recipe: Annotated[str | None, typer.Option(help="Named preset: default, paper, full-safety, full-anchor, anchor-v1.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="Named preset: default, paper, full-safety, full-anchor, anchor-v1, anchor-v2.")] = None,
     method: Annotated[str | None, typer.Option(help="lora | full")] = None,
     objective: Annotated[str | None, typer.Option(help="sft | dpo")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
@@ -213,6 +216,8 @@ def train(
     contrast_ratio: Annotated[float | None, typer.Option(help="Borderline/benign contrast conversations per safety conversation.")] = None,
     borderline_share: Annotated[float | None, typer.Option(help="Share of contrast/anchor rows drawn from borderline prompts.")] = None,
     anchor_kl: Annotated[float | None, typer.Option(help="Weight of KL(base||patched) on benign answers (0 = off).")] = None,
+    anchor_batch_size: Annotated[int | None, typer.Option(min=1, help="Anchor conversations per step (default: --batch-size).")] = None,
+    anchor_self_instruct: Annotated[int | None, typer.Option(help="Add up to N self-written benign requests (data build --self-instruct) to the anchor pool.")] = None,
     decision_weight: Annotated[float | None, typer.Option(help="Weight of the first --decision-tokens answer tokens in the refusal loss and the anchor (1 = off).")] = None,
     decision_tokens: Annotated[int | None, typer.Option(help="How many answer tokens count as the answer/refuse decision (default 4).")] = None,
     orthogonal_k: Annotated[int | None, typer.Option(help="OPLoRA-style: keep the LoRA update off W0's top-k singular subspaces (0 = off).")] = None,
@@ -220,7 +225,7 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Default 2e-4 (LoRA), 1e-5 (full).")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     max_seq_len: Annotated[int | None, typer.Option()] = None,
-    max_train_rows: Annotated[int | None, typer.Option(help="Subsample the safety conversations (0 = all; the default recipe takes 400).")] = None,
+    max_train_rows: Annotated[int | None, typer.Option(help="Subsample the safety conversations (0 = all, as the default recipe does).")] = None,
     stop_after: Annotated[float | None, typer.Option(help="Stop after this fraction of the planned steps (schedule kept), e.g. 0.685.")] = None,
     snapshot_steps: Annotated[str | None, typer.Option(help="Also keep the patch after these steps, e.g. 10,20,30 (PATCH/snapshots/step-N).")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
@@ -237,8 +242,8 @@ def train(
     cfg = resolve_config(recipe, config, dict(
         method=method, objective=objective, rank=rank, alpha=alpha, target_modules=target_modules, layers=layers,
         general_ratio=general_ratio, contrast_ratio=contrast_ratio, borderline_share=borderline_share,
-        anchor_kl=anchor_kl, decision_weight=decision_weight, decision_tokens=decision_tokens,
-        orthogonal_k=orthogonal_k, epochs=epochs, lr=lr, batch_size=batch_size,
+        anchor_kl=anchor_kl, anchor_batch_size=anchor_batch_size, anchor_self_instruct=anchor_self_instruct, decision_weight=decision_weight,
+        decision_tokens=decision_tokens, orthogonal_k=orthogonal_k, epochs=epochs, lr=lr, batch_size=batch_size,
         max_seq_len=max_seq_len, max_train_rows=max_train_rows, snapshot_steps=snapshot_steps,
         stop_after=stop_after, seed=seed))
     typer.echo("[train] config: " + json.dumps(cfg.__dict__), err=True)

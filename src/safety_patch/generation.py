@@ -58,11 +58,23 @@ def generate(
     texts = [render(tokenizer, c) for c in conversations]
     if prefill is not None:
         texts = [t + p for t, p in zip(texts, prefill, strict=True)]
+    return [t for t, _ in complete_texts(model, tokenizer, texts, config, progress)]
+
+
+@torch.inference_mode()
+def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationConfig = GenerationConfig(),
+                   progress=None) -> list[tuple[str, bool]]:
+    """Continue raw, already rendered ``texts``; returns (new text, whether it stopped at an EOS token).
+
+    The raw form serves callers that need a turn the chat template cannot express, such as a
+    user turn left open for the model to write (data/selfinstruct.py)."""
     enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]), reverse=True)
-    out: list[str | None] = [None] * len(enc)
+    out: list[tuple[str, bool] | None] = [None] * len(enc)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else tokenizer.eos_token_id])
     gen_kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=pad)
     if config.temperature > 0:
         gen_kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
@@ -79,10 +91,12 @@ def generate(
             mask[row, width - len(enc[i]) :] = 1
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
         for row, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+            new = gen[row, width:]
+            stopped = any(int(t) in eos_ids for t in new)
+            out[i] = (tokenizer.decode(new, skip_special_tokens=True).strip(), stopped)
         if progress is not None:
             progress(len(idx))
-    return [o or "" for o in out]
+    return [o or ("", False) for o in out]
 
 
 class GenerationCache:

@@ -15,6 +15,9 @@ borderline.jsonl   safe look-alike prompts (over-refusal probe); train/val rows 
 templates.jsonl    every jailbreak template with its family and split
 humaneval.jsonl    HumanEval tasks (capability evaluation)
 dpo.jsonl          with ``dpo: true``: prompt / chosen (refusal) / rejected (base answer)
+selfinstruct.jsonl with ``self_instruct: N`` (600): up to N benign requests the base model wrote
+                   itself, with its answers (train split only; the KL anchor's wider pool,
+                   data/selfinstruct.py)
 manifest.json      config, sources and licences, counts, seed, sha256 of every file above
 =================  ==========================================================================
 """
@@ -81,9 +84,17 @@ class DataConfig:
     distill_batch_size: int = 64
     dpo: bool = False
     """Also write dpo.jsonl (rejected = the base model's own answer to each training request)."""
+    self_instruct: int = 600
+    """Also write selfinstruct.jsonl: this many benign requests sampled from the base model
+    (Magpie-style), answered by it; none near a validation/test prompt. Part of the
+    distillation (nothing without ``distill``); the default training recipe anchors on them."""
+    self_instruct_form_share: float = 0.0
+    """Share of those requests started with the opening words of a training refusal request
+    ("Write a", "How can"): benign requests phrased like the refusal data (data/selfinstruct.py)."""
 
     def validate(self) -> None:
-        for name in ("test_fraction", "val_fraction", "wrap_fraction", "template_share", "near_dup_threshold"):
+        for name in ("test_fraction", "val_fraction", "wrap_fraction", "template_share", "near_dup_threshold",
+                     "self_instruct_form_share"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
                 raise SafetyPatchError(f"config field '{name}' must be in [0, 1], got {v}")
@@ -91,6 +102,8 @@ class DataConfig:
             raise SafetyPatchError("test_fraction + val_fraction must leave some training data")
         if not self.sources:
             raise SafetyPatchError("no sources given")
+        if self.self_instruct < 0:
+            raise SafetyPatchError(f"config field 'self_instruct' must be >= 0, got {self.self_instruct}")
         for t in self.train_transforms:
             get_attack(t)  # unknown names fail here, before any work
 
@@ -174,6 +187,7 @@ def _distill(lm, convs, cfg: DataConfig, cache, label: str):
 def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str = "auto", dtype: str = "auto",
           overwrite: bool = False) -> dict:
     out = Path(out)
+    cfg.validate()  # API callers build DataConfig directly, past config.load's check
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SafetyPatchError(f"{out} exists and is not empty; pass --overwrite to replace it")
     t0 = time.time()
@@ -213,6 +227,8 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
     gen_answers: list[str | None] = [None] * len(gen)
     bl_answers: list[str | None] = [None] * len(bl)
     dpo_rows = []
+    si_rows: list[dict] = []
+    si_info = None
     if cfg.distill or cfg.dpo:
         from ..generation import GenerationCache
         from ..models import home, load_model
@@ -226,6 +242,23 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
                 answers, _ = _distill(lm, [[{"role": "user", "content": bl[i]["prompt"]}] for i in b_idx], cfg, cache, "borderline")
                 for i, a in zip(b_idx, answers, strict=True):
                     bl_answers[i] = a
+            if cfg.distill and cfg.self_instruct:
+                from .selfinstruct import form_openers, sample_prompts
+
+                held_out = ([r["meta"]["request"] for s in ("val", "test") for r in harmful[s]]
+                            + [g["messages"][-1]["content"] for g, k in zip(gen, gkeys, strict=True) if gsplit[k] != "train"]
+                            + [b["prompt"] for b in bl if bsplit[b["prompt"]] != "train"])
+                forms = form_openers([r["meta"]["request"] for r in harmful["train"]])
+                prompts, si_info = sample_prompts(lm, cfg.self_instruct, cfg.seed, avoid=held_out,
+                                                  near_dup_threshold=cfg.near_dup_threshold, forms=forms,
+                                                  form_share=cfg.self_instruct_form_share)
+                print(f"[data] self-instruct: kept {si_info['kept']} of {si_info['sampled']} sampled requests "
+                      f"in {si_info['seconds']:.0f}s")
+                answers, _ = _distill(lm, [[{"role": "user", "content": p["prompt"]}] for p in prompts], cfg, cache,
+                                      "self-instruct")
+                si_rows = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a}],
+                            "meta": {"source": "self-instruct", "category": "self-instruct", "opener": p["opener"],
+                                     "form": p["form"], "split": "train", "distilled": True}} for p, a in zip(prompts, answers, strict=True)]
             if cfg.dpo:
                 train = harmful["train"]
                 rejected, gcfg = _distill(lm, [r["messages"][:1] for r in train], cfg, cache, "dpo rejected")
@@ -266,6 +299,7 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
         "general_categories": dict(sorted(Counter(r["meta"]["category"] for r in general_rows).items())),
         "humaneval_tasks": 0,
         "dpo_pairs": len(dpo_rows),
+        "self_instruct": si_info,
         "refusal_phrasings": refusals.n_phrasings(),
     }
     he = humaneval_tasks()
@@ -281,6 +315,9 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
         if cfg.dpo:
             write_jsonl(tmp / "dpo.jsonl", dpo_rows)
             files.append("dpo.jsonl")
+        if cfg.distill and cfg.self_instruct:
+            write_jsonl(tmp / "selfinstruct.jsonl", si_rows)
+            files.append("selfinstruct.jsonl")
         manifest = {
             "kind": "safety-patch/data",
             "safety_patch_version": __version__,

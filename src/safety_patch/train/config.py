@@ -33,6 +33,16 @@ class TrainConfig:
     anchor_kl: float = 0.0
     """Weight of KL(base || patched) on benign answers added to the SFT loss (0 = off); see
     train/anchor.py. Needs the data folder's self-distilled borderline/general train rows."""
+    anchor_self_instruct: int = 0
+    """Add up to N rows of the data folder's selfinstruct.jsonl (benign requests the base model
+    wrote itself, ``data build --self-instruct N``) to the anchor's general pool: the anchor
+    only holds the prompts it sees, and ~190 hand-written ones leave most ordinary requests
+    unheld (data/selfinstruct.py). Unused when anchor_kl is 0."""
+    anchor_batch_size: int | None = None
+    """Anchor conversations per step and process, like batch_size (None = batch_size; under DDP
+    each rank takes its slice of one global anchor batch). The KL is a per-token mean,
+    so this changes its variance and how many benign prompts the run holds, not its scale:
+    at batch 8 a 73-step run sees ~300 general prompts, a third of a self-instruct pool."""
     anchor_max_tokens: int = 48
     """Anchor only the first N answer tokens: whether and how the model starts answering is
     what refusal training disturbs, and the KL cost grows with every anchored token."""
@@ -92,6 +102,10 @@ class TrainConfig:
             raise SafetyPatchError(f"--epochs must be > 0, got {self.epochs}")
         if self.general_ratio < 0 or self.contrast_ratio < 0:
             raise SafetyPatchError("general_ratio and contrast_ratio must be >= 0")
+        if self.anchor_self_instruct < 0:
+            raise SafetyPatchError(f"anchor_self_instruct must be >= 0, got {self.anchor_self_instruct}")
+        if self.anchor_batch_size is not None and self.anchor_batch_size < 1:
+            raise SafetyPatchError(f"anchor_batch_size must be >= 1, got {self.anchor_batch_size}")
         if self.anchor_max_tokens < 1:
             raise SafetyPatchError(f"anchor_max_tokens must be >= 1, got {self.anchor_max_tokens}")
         if self.anchor_kl < 0:
@@ -151,16 +165,24 @@ def parse_steps(spec: str) -> list[int]:
 # Named recipes. "paper" is the claim as stated (refusal data only, LoRA r8 all-linear).
 # "default" is the arm bench/recipe_sweep.py selected on the validation split (docs/recipes.md):
 # the paper's LoRA on refusal data (every train row), plus a KL anchor to the base on benign
-# answers (weight 8), the first 4 answer tokens weighted 8x in both losses, stopped after 68.5%
-# of the schedule (its best snapshot, step 50 of 73). No arm met every target on the 135M
-# embedded model; this one won the documented fallback rule (lowest worst error), so it is a
+# answers (weight 8; 24 rows a step, drawn from the hand-written general and borderline
+# prompts and 600 requests the base model wrote itself), the first 4 answer tokens weighted
+# 8x in both losses, stopped after 82.2% of the schedule (its best snapshot, step 60 of 73).
+# No arm met every target on the 135M embedded model; this one won the documented fallback
+# rule (lowest worst error, tied with anchor-v2 and split by the lower KL), so it is a
 # trade-off, not a solution: check `eval safety` and `eval overrefusal`.
 RECIPES: dict[str, dict] = {
     "paper": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
               "general_ratio": 0.0, "contrast_ratio": 0.0},
     "default": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
                 "anchor_kl": 8.0, "borderline_share": 0.5, "decision_weight": 8.0, "decision_tokens": 4,
-                "max_train_rows": None, "max_seq_len": 512, "stop_after": 0.685},
+                "anchor_self_instruct": 600, "anchor_batch_size": 24, "max_train_rows": None, "max_seq_len": 512,
+                "stop_after": 0.822},
+    # The default of 2026-11-28 morning (r594-anchor8-bl0.5-dw8@50), kept by name: the same
+    # without the self-written anchor prompts, 8 anchor rows a step, stopped at step 50 of 73.
+    "anchor-v2": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
+                  "anchor_kl": 8.0, "borderline_share": 0.5, "decision_weight": 8.0, "decision_tokens": 4,
+                  "max_train_rows": None, "max_seq_len": 512, "stop_after": 0.685},
     # The previous default (2026-11-27), kept by name: anchor 3, no decision weighting, 400 rows.
     "anchor-v1": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
                   "anchor_kl": 3.0, "borderline_share": 0.5, "max_train_rows": 400, "max_seq_len": 512},

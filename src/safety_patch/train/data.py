@@ -68,12 +68,18 @@ def training_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], d
 
 
 def anchor_rows(data_dir: str | Path, cfg: TrainConfig) -> list[dict]:
-    """The KL anchor's pool: borderline-benign and general train prompts with the base's answers.
+    """The KL anchor's pool: borderline-benign and general train prompts with the base's answers
+    (general: plus ``anchor_self_instruct`` self-written requests).
 
     With ``borderline_share`` set, borderline rows are repeated so they make up that share
     of the pool (the boundary is what the anchor must hold)."""
     d = Path(data_dir)
     bl, gen = _distilled_train(d, "borderline.jsonl"), _distilled_train(d, "general.jsonl")
+    if cfg.anchor_self_instruct:
+        if not (d / "selfinstruct.jsonl").is_file():
+            raise SafetyPatchError(f"{d / 'selfinstruct.jsonl'} not found: anchor_self_instruct "
+                                   f"{cfg.anchor_self_instruct} needs `safety-patch data build --self-instruct N`")
+        gen = gen + _distilled_train(d, "selfinstruct.jsonl")[: cfg.anchor_self_instruct]
     share = cfg.borderline_share
     if share is not None:
         if share <= 0:

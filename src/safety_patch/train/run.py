@@ -196,7 +196,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         if not examples:
             raise SafetyPatchError(f"every anchor row is longer than --max-seq-len {cfg.max_seq_len} tokens")
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-        anchor = AnchorStream(examples, cfg.batch_size, pad, cfg.seed, rank=int(os.environ.get("RANK", "0")),
+        anchor = AnchorStream(examples, cfg.anchor_batch_size or cfg.batch_size, pad, cfg.seed, rank=int(os.environ.get("RANK", "0")),
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
         counts["anchor"] = len(examples)
     trainer = _make_trainer(lm, rows, cfg, peft_config, work, progress, anchor)
