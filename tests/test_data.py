@@ -221,6 +221,7 @@ def test_self_instruct_rows_in_the_data_folder(tiny_dir, tmp_path):
     si = m["counts"]["self_instruct"]
     assert len(rows) == si["kept"] <= 6 and si["sampled"] <= 24 and "selfinstruct.jsonl" in m["files"]
     assert all(r["meta"]["split"] == "train" and r["messages"][-1]["role"] == "assistant" for r in rows)
+    assert f"{si['kept']} kept of {si['sampled']} sampled" in show(tmp_path / "o")
     held = [r["meta"]["request"] for s in ("val", "test") for r in _rows(tmp_path / "o", s)]
     assert not cross_pairs([r["messages"][0]["content"] for r in rows], held, cfg.near_dup_threshold)
     # self-instruct is part of the distillation: without it, no file and no sampling

@@ -377,5 +377,10 @@ def show(data_dir: str | Path) -> str:
     lines.append("")
     lines.append(f"wrapped training rows: {c['wrapped_train_rows']} of {c['rows_per_split']['train']}; "
                  f"refusal phrasings: {c['refusal_phrasings']}; HumanEval tasks: {c['humaneval_tasks']}; DPO pairs: {c['dpo_pairs']}")
+    si = c.get("self_instruct")
+    if si:
+        lines.append(f"self-written benign requests (anchor pool): {si['kept']} kept of {si['sampled']} sampled "
+                     f"({si['unfinished']} unfinished, {si['harm_terms']} harm words, {si['near_duplicate']} near-duplicates, "
+                     f"{si['near_eval']} near a val/test prompt)")
     lines.append("sources: " + ", ".join(f"{s['name']} ({s.get('license', '?')}, {s.get('kept', '-')} kept)" for s in m["sources"][: len(m['config']['sources'])]))
     return "\n".join(lines)
