@@ -42,12 +42,15 @@ OPENERS: tuple[str, ...] = (
 HARM_TERMS = re.compile(
     r"\b(kill\w*|murder\w*|bomb\w*|explosi\w*|weapon\w*|guns?|firearm\w*|poison\w*|drugs?|cocaine|heroin|meth\w*|"
     r"hack\w*|malware|virus\w*|phish\w*|steal\w*|theft|fraud\w*|scam\w*|launder\w*|counterfeit\w*|illegal\w*|"
-    r"suicid\w*|self-harm|harm\w*|abus\w*|violen\w*|attack\w*|terror\w*|extremis\w*|weapon|racis\w*|hate\w*|"
+    r"suicid\w*|self-harm|harm\w*|abus\w*|violen\w*|attack\w*|terror\w*|extremis\w*|racis\w*|hate\w*|"
     r"sex\w*|porn\w*|nude\w*|explicit|slur\w*|stalk\w*|spy\w*|surveil\w*|password\w*|exploit\w*|blackmail\w*|"
     r"threat\w*|torture\w*|kidnap\w*|abduct\w*|smuggl\w*|cheat\w*|bypass\w*|evad\w*|dangerous)\b",
     re.IGNORECASE,
 )
-"""Requests mentioning any of these are dropped (see the module docstring for why)."""
+"""Requests mentioning any of these are dropped (see the module docstring for why). Broad on
+purpose, with false positives ("meth..." also drops "method", "harm..." "harmony"): a dropped
+benign request costs little (10 of 750 samples on the embedded model). Changing the list
+changes which requests a seeded build keeps, and so the default patch."""
 
 
 def user_turn_prefix(tokenizer) -> str:
