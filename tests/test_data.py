@@ -133,7 +133,8 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_distillation_with_a_tiny_model_and_cache(tiny_dir, tmp_path):
-    cfg = DataConfig(distill=True, distill_max_new_tokens=4, max_per_source=30, dpo=True, self_instruct=0)
+    cfg = DataConfig(distill=True, distill_max_new_tokens=4, max_per_source=30, dpo=True, self_instruct=0,
+                     borderline_train_extra=True)
     m = build(tmp_path / "o", cfg, model=str(tiny_dir))
     gen = _rows(tmp_path / "o", "general")
     assert all(r["messages"][-1]["role"] == "assistant" for r in gen)
@@ -142,13 +143,44 @@ def test_distillation_with_a_tiny_model_and_cache(tiny_dir, tmp_path):
     assert m["counts"]["dpo_pairs"] == m["counts"]["rows_per_split"]["train"]
     m2 = build(tmp_path / "o2", cfg, model=str(tiny_dir))  # served from the generation cache
     assert m2["files"] == m["files"]
+    # The train-only safe look-alikes: train split, answered, never near an evaluated prompt.
+    extra = [r for r in border if r["meta"]["source"] == "borderline-train"]
+    bx = m["counts"]["borderline_train_extra"]
+    assert len(extra) == bx["kept"] > 0 and bx["kept"] + bx["near_eval"] <= bx["written"]
+    assert all(r["meta"]["split"] == "train" and r["messages"][-1]["role"] == "assistant" for r in extra)
+    held = [r["meta"]["request"] for r in border if r["meta"]["split"] != "train"]
+    assert not cross_pairs([r["meta"]["request"] for r in extra], held, cfg.near_dup_threshold)
+
+
+def test_train_only_look_alikes_near_an_evaluated_prompt_are_dropped(tmp_path, monkeypatch):
+    import safety_patch.data.build as b
+
+    bl = b.borderline_prompts()
+    fake = [{"category": "homonym", "prompt": p["prompt"]} for p in bl[:20]]  # 20 copies of evaluated prompts...
+    fake.append({"category": "homonym", "prompt": "How do I kill a stuck build job in Jenkins from the web UI?"})
+    monkeypatch.setattr(b, "borderline_train_prompts", lambda: fake)
+    m = build(tmp_path / "o", DataConfig(distill=False, max_per_source=30, template_max_chars=400,
+                                         borderline_train_extra=True))
+    border = _rows(tmp_path / "o", "borderline")
+    test_val = {r["meta"]["request"] for r in border if r["meta"]["split"] != "train"}
+    train_copies = sum(p["prompt"] not in test_val for p in fake[:20])  # ...copies of train ones are exact repeats
+    bx = m["counts"]["borderline_train_extra"]
+    assert bx["written"] == 21 and bx["kept"] == 1 and bx["near_eval"] + bx["duplicate"] == 20
+    assert bx["near_eval"] >= 20 - train_copies > 0
+    assert [r["meta"]["request"] for r in border if r["meta"]["source"] == "borderline-train"] == [fake[-1]["prompt"]]
+    m2 = build(tmp_path / "o2", DataConfig(distill=False, max_per_source=30, template_max_chars=400))  # default: off
+    assert m2["counts"]["borderline_train_extra"] is None
+    assert m2["counts"]["borderline_per_split"]["train"] == m["counts"]["borderline_per_split"]["train"] - 1
 
 
 def test_cli_data_build_and_show(tmp_path, capsys):
     from safety_patch.cli import main
 
-    assert main(["data", "build", "--out", str(tmp_path / "d"), "--no-distill", "--sources", "harmbench"]) == 0
-    assert "harmful behaviours" in capsys.readouterr().out
+    assert main(["data", "build", "--out", str(tmp_path / "d"), "--no-distill", "--sources", "harmbench",
+                 "--borderline-extra"]) == 0
+    assert "train-only safe look-alikes" in capsys.readouterr().out
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert m["config"]["borderline_train_extra"] is True and m["counts"]["borderline_train_extra"]["kept"] > 0
     assert main(["data", "show", str(tmp_path / "nope")]) == 2
     cfg = tmp_path / "c.yaml"
     cfg.write_text("seed: 1\nwrap_fractoin: 0.5\n")

