@@ -123,12 +123,13 @@ ARMS = {
     # "How can", "Give detailed"), so the phrasing alone cannot be the trigger.
     "si600f-r594-anchor8-bl0.5-dw8": {"recipe": "paper", "max_train_rows": 0, "anchor_kl": 8.0, "borderline_share": 0.5,
                                       "decision_weight": 8.0, "anchor_self_instruct": 600, "snapshot_steps": "50,60"},
-    # Every arm so far anchored on the same 66 train look-alikes, each repeated ~12x in the pool;
-    # held-out figurative and "Write a ..." prompts stayed refused (val: 4 of 4 figurative, 3-5 of
-    # 7 writing). anchor-v2's and the default's recipes on data built with `data build` defaults
-    # now, which add ~200 train-only look-alikes (resources/borderline_train_prompts.tsv): does a
-    # wider boundary sample generalise where repetition did not? (The other arms' data: the same
-    # build with --no-borderline-extra.)
+    # Every arm so far anchored on the same 66 train look-alikes, cycled to fill half the pool
+    # (~3x each for anchor-v2, ~12x with the self-written prompts); held-out figurative and
+    # "Write a ..." prompts stayed refused (val: 4 of 4 figurative, 3-5 of 7 writing).
+    # anchor-v2's and anchor-si's recipes on data built with `data build --borderline-extra`,
+    # which adds 224 train-only look-alikes (resources/borderline_train_prompts.tsv): does a
+    # wider boundary sample generalise where repetition did not? (Measured for anchor-v2: no,
+    # docs/recipes.md; the anchor-si one is unrun.)
     "bx-r594-anchor8-bl0.5-dw8": {"recipe": "paper", "max_train_rows": 0, "anchor_kl": 8.0, "borderline_share": 0.5,
                                   "decision_weight": 8.0, "snapshot_steps": "50,60", "borderline_train_extra": True},
     "bx-si600-ab24-r594-anchor8-bl0.5-dw8": {"recipe": "paper", "max_train_rows": 0, "anchor_kl": 8.0,
