@@ -75,9 +75,9 @@ def make_plan(model: str = "default", quick: bool = False, full: bool = False, s
         arms = [Arm(f"{a.name}@s{s}", a.train | {"seed": s}, a.role) for a in arms for s in range(seeds)]
     # No self-written anchor prompts: the arms here train the paper's recipe and its baselines,
     # none of which anchors (saves ~10 min of sampling on a CPU).
-    data = {"max_per_source": 120, "general_limit": 96, "distill_max_new_tokens": 48, "template_max_chars": 1000,
-            "dpo": full, "self_instruct": 0, "borderline_train_extra": False} if quick else {
-            "distill_max_new_tokens": 128, "dpo": full, "self_instruct": 0, "borderline_train_extra": False}
+    data = {"distill_max_new_tokens": 128, "dpo": full, "self_instruct": 0, "borderline_train_extra": False}
+    if quick:
+        data |= {"max_per_source": 120, "general_limit": 96, "distill_max_new_tokens": 48, "template_max_chars": 1000}
     plan = Plan(model=model, mode=mode, seeds=seeds, data=data, arms=arms)
     if quick:
         plan.eval_limit, plan.max_new_tokens, plan.humaneval_limit, plan.capability_limit = 20, 32, 0, 24

@@ -184,10 +184,7 @@ RECIPES: dict[str, dict] = {
     # anchor-v2 with 600 self-written requests in the anchor's general pool (needs `data build
     # --self-instruct 600`), 24 anchor rows a step, stopped at step 60 of 73. It tied anchor-v2's
     # first seed on validation and lost to the two seeds pooled; training takes 2.5x as long.
-    "anchor-si": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
-                  "anchor_kl": 8.0, "borderline_share": 0.5, "decision_weight": 8.0, "decision_tokens": 4,
-                  "anchor_self_instruct": 600, "anchor_batch_size": 24, "max_train_rows": None, "max_seq_len": 512,
-                  "stop_after": 0.822},
+    "anchor-si": _ANCHOR_V2 | {"anchor_self_instruct": 600, "anchor_batch_size": 24, "stop_after": 0.822},
     # The previous default (2026-11-27), kept by name: anchor 3, no decision weighting, 400 rows.
     "anchor-v1": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
                   "anchor_kl": 3.0, "borderline_share": 0.5, "max_train_rows": 400, "max_seq_len": 512},

@@ -34,6 +34,11 @@ def _distilled_train(data_dir: Path, name: str) -> list[dict]:
     return _read(data_dir, name, lambda r: r["meta"].get("split") == "train" and r["messages"][-1]["role"] == "assistant")
 
 
+def _cycle(rows: list[dict], n: int) -> list[dict]:
+    """``n`` rows from ``rows`` in order, starting over when asked for more than it holds."""
+    return [rows[i % len(rows)] for i in range(n)]
+
+
 def training_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], dict]:
     """Safety rows (+ general and contrast rows at the configured ratios), shuffled by seed."""
     d = Path(data_dir)
@@ -51,7 +56,7 @@ def training_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], d
         if not pool:
             raise SafetyPatchError(f"{d}: no self-distilled train rows in {', '.join(files)}; build data with --distill")
         rng.shuffle(pool)
-        rows.extend(pool[i % len(pool)] for i in range(n))  # cycles when asked for more than the pool holds
+        rows.extend(_cycle(pool, n))
         counts[kind] = n
 
     mix("general", round(cfg.general_ratio * len(safety)), ("general.jsonl",))
@@ -88,13 +93,13 @@ def anchor_rows(data_dir: str | Path, cfg: TrainConfig) -> list[dict]:
         elif share >= 1:
             gen = []
         elif bl and gen:
+            # Cycle the smaller side up to its share; cutting the larger one instead (as this
+            # did before 2026-11-28 when borderline rows outnumbered) leaves rows never anchored.
             want_bl = round(share / (1 - share) * len(gen))
-            if want_bl >= len(bl):  # cycle borderline rows until they are `share` of the pool
-                bl = [bl[i % len(bl)] for i in range(max(want_bl, 1))]
-            else:  # more borderline rows than that: cycle the general ones instead (cutting
-                # borderline rows, as this did before 2026-11-28, left some never anchored)
-                want_gen = round((1 - share) / share * len(bl))
-                gen = [gen[i % len(gen)] for i in range(max(want_gen, 1))]
+            if want_bl >= len(bl):
+                bl = _cycle(bl, want_bl)
+            else:
+                gen = _cycle(gen, max(round((1 - share) / share * len(bl)), 1))
     if not bl and not gen:
         raise SafetyPatchError(f"{d}: anchor_kl needs self-distilled borderline/general train rows "
                                f"(borderline_share {share}); build data with --distill")
