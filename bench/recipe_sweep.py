@@ -138,6 +138,13 @@ ARMS = {
                                              "snapshot_steps": "50,60", "borderline_train_extra": True},
     "r400-anchor3-bl0.5-op64": {"recipe": "paper", "max_train_rows": 400, "anchor_kl": 3.0, "borderline_share": 0.5,
                                 "orthogonal_k": 64},
+    # The paper's refusal-only LoRA (every train row) behind a gate (src/safety_patch/gate.py):
+    # a probe on layer 15's output at the last prompt token applies the adapter only to prompts
+    # it flags. Layer and threshold chosen by bench/gate_sweep.py on validation (composed from
+    # the base and ungated-adapter runs); this arm trains it for real and checks the composition.
+    # Its probe's negatives include the 224 train-only look-alikes.
+    "gated-L15-t0": {"recipe": "gated", "max_train_rows": None, "gate_layer": 15, "gate_threshold": 0.0,
+                     "borderline_train_extra": True},
 }
 
 

@@ -168,7 +168,8 @@ def test_train_only_look_alikes_near_an_evaluated_prompt_are_dropped(tmp_path, m
     assert bx["written"] == 21 and bx["kept"] == 1 and bx["near_eval"] + bx["duplicate"] == 20
     assert bx["near_eval"] >= 20 - train_copies > 0
     assert [r["meta"]["request"] for r in border if r["meta"]["source"] == "borderline-train"] == [fake[-1]["prompt"]]
-    m2 = build(tmp_path / "o2", DataConfig(distill=False, max_per_source=30, template_max_chars=400))  # default: off
+    m2 = build(tmp_path / "o2", DataConfig(distill=False, max_per_source=30, template_max_chars=400,
+                                          borderline_train_extra=False))
     assert m2["counts"]["borderline_train_extra"] is None
     assert m2["counts"]["borderline_per_split"]["train"] == m["counts"]["borderline_per_split"]["train"] - 1
 

@@ -150,7 +150,8 @@ def test_cli_train_recipe_and_yaml(data_dir, tiny_dir, tmp_path, capsys):
     from safety_patch.train.config import RECIPES
 
     assert meta["config"]["recipe"] == "default"
-    assert meta["config"]["anchor_kl"] == RECIPES["default"]["anchor_kl"] > 0 and meta["data"]["rows"]["anchor"] > 0
+    # the default is gated at half depth: layer 1 of the tiny model's 2
+    assert meta["config"]["gate_depth"] == RECIPES["default"]["gate_depth"] == 0.5 and meta["gate"]["layer"] == 1
     assert meta["config"]["max_train_rows"] == 8 and meta["data"]["rows"]["safety"] == 8
     bad = tmp_path / "bad.yaml"
     bad.write_text("rnak: 2\n")

@@ -167,7 +167,7 @@ def data_build_cmd(
                                                       "the anchor-si recipe's KL anchor (600 there, ~10 min on a CPU; default 0 = none).")] = None,
     borderline_extra: Annotated[bool | None, typer.Option(
         "--borderline-extra/--no-borderline-extra",
-        help="Add 224 train-only safe look-alikes (default off; docs/data.md).")] = None,
+        help="Add 224 train-only safe look-alikes (default on; docs/data.md).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with DataConfig fields.")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
@@ -208,7 +208,7 @@ def train(
     data: Annotated[Path, typer.Option(help="Data folder from `data build`.")],
     out: Annotated[Path, typer.Option(help="Patch folder to write (atomically).")],
     model: ModelOpt = "default",
-    recipe: Annotated[str | None, typer.Option(help="Named preset: default, paper, full-safety, full-anchor, anchor-v1, anchor-v2, anchor-si.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="Named preset: default, gated, paper, full-safety, full-anchor, anchor-v1, anchor-v2, anchor-si.")] = None,
     method: Annotated[str | None, typer.Option(help="lora | full")] = None,
     objective: Annotated[str | None, typer.Option(help="sft | dpo")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
@@ -231,6 +231,9 @@ def train(
     max_train_rows: Annotated[int | None, typer.Option(help="Subsample the safety conversations (0 = all, as the default recipe does).")] = None,
     stop_after: Annotated[float | None, typer.Option(help="Stop after this fraction of the planned steps (schedule kept), e.g. 0.685.")] = None,
     snapshot_steps: Annotated[str | None, typer.Option(help="Also keep the patch after these steps, e.g. 10,20,30 (PATCH/snapshots/step-N).")] = None,
+    gate_layer: Annotated[int | None, typer.Option(help="Gate the LoRA patch with a probe on this layer at the last prompt token (-1 = no gate).")] = None,
+    gate_depth: Annotated[float | None, typer.Option(help="The gate's layer as a fraction of depth (the default recipe: 0.5).")] = None,
+    gate_threshold: Annotated[float | None, typer.Option(help="Probe logit above which the gate applies the patch.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with TrainConfig fields.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of an interrupted run.")] = False,
@@ -248,7 +251,11 @@ def train(
         anchor_kl=anchor_kl, anchor_batch_size=anchor_batch_size, anchor_self_instruct=anchor_self_instruct, decision_weight=decision_weight,
         decision_tokens=decision_tokens, orthogonal_k=orthogonal_k, epochs=epochs, lr=lr, batch_size=batch_size,
         max_seq_len=max_seq_len, max_train_rows=max_train_rows, snapshot_steps=snapshot_steps,
-        stop_after=stop_after, seed=seed))
+        stop_after=stop_after, seed=seed, gate_threshold=gate_threshold, gate_depth=gate_depth,
+        gate_layer=None if gate_layer == -1 else gate_layer))
+    if gate_layer == -1:  # "no gate" cannot be a None override (None means "not given")
+        cfg.gate_layer = cfg.gate_depth = None
+        cfg.validate()
     typer.echo("[train] config: " + json.dumps(cfg.__dict__), err=True)
     meta = run_train(data, out, cfg, model=model, device=device, dtype=dtype, resume=resume, overwrite=overwrite)
     if meta:
@@ -436,6 +443,37 @@ def patch_info_cmd(patch: Annotated[Path, typer.Argument(help="Patch folder.")])
 
     for k, v in info(read_patch(patch)).items():
         typer.echo(f"{k:<22}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
+
+
+@patch_app.command("gate")
+def patch_gate_cmd(
+    patch: Annotated[Path, typer.Argument(help="A gated patch folder.")],
+    prompt: Annotated[list[str], typer.Option(help="A user prompt to route (repeatable).")],
+    model: ModelOpt = "default",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    force: Annotated[bool, typer.Option(help="Use a patch made for another base model (warns).")] = False,
+) -> None:
+    """Route prompts as a gated patch would: the probe's logit and whether the adapter applies.
+
+    Serving stacks that cannot run the gate themselves (vLLM) send a request with the patch's
+    LoRA only when this says "adapter"."""
+    from .gate import Gate, prompt_states
+    from .generation import conversation, render
+    from .models import load_model
+    from .patches import read_patch, verify
+
+    p = read_patch(patch)
+    if not p.gated:
+        raise SafetyPatchError(f"{patch} has no gate (patch.json has no 'gate'); it applies to every prompt")
+    lm = load_model(model, device=device, dtype=dtype)
+    verify(p, lm.model, lm.fingerprint, force)
+    gate = Gate.load(p.path)
+    ids = [lm.tokenizer(render(lm.tokenizer, conversation(t)), add_special_tokens=False)["input_ids"] for t in prompt]
+    scores = gate.scores(prompt_states(lm.model, lm.tokenizer, ids, gate.layer))
+    for text, z in zip(prompt, scores.tolist(), strict=True):
+        typer.echo(f"{'adapter' if z > gate.threshold else 'base   '}  {z:+7.2f}  {text}")
+    typer.echo(f"(gate: layer {gate.layer}, threshold {gate.threshold:+.2f})")
 
 
 @patch_app.command("verify")

@@ -81,21 +81,28 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
         torch.manual_seed(config.seed)
     else:
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    for b in range(math.ceil(len(order) / config.batch_size)):
-        idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-        width = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(enc[i]) :] = torch.tensor(enc[i])
-            mask[row, width - len(enc[i]) :] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
-        for row, i in enumerate(idx):
-            new = gen[row, width:]
-            stopped = any(int(t) in eos_ids for t in new)
-            out[i] = (tokenizer.decode(new, skip_special_tokens=True).strip(), stopped)
-        if progress is not None:
-            progress(len(idx))
+    # Gated patches (gate.py): each group of prompts runs with the adapters its gates chose.
+    from .gate import groups
+
+    for members, active in groups(model, tokenizer, enc, config.batch_size):
+        member_set = set(members)
+        sub = [i for i in order if i in member_set]
+        with active():
+            for b in range(math.ceil(len(sub) / config.batch_size)):
+                idx = sub[b * config.batch_size : (b + 1) * config.batch_size]
+                width = max(len(enc[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+                    ids[row, width - len(enc[i]) :] = torch.tensor(enc[i])
+                    mask[row, width - len(enc[i]) :] = 1
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
+                for row, i in enumerate(idx):
+                    new = gen[row, width:]
+                    stopped = any(int(t) in eos_ids for t in new)
+                    out[i] = (tokenizer.decode(new, skip_special_tokens=True).strip(), stopped)
+                if progress is not None:
+                    progress(len(idx))
     return [o or ("", False) for o in out]
 
 

@@ -7,7 +7,10 @@ A patch folder holds either
 * ``delta.safetensors``: W_ft - W0 (fp32) of every tensor a full-parameter run changed,
 
 and ``patch.json``: what made it (base fingerprint, method, hyper-parameters, data hash,
-costs, versions) and the sha256 of its weight files.
+costs, versions) and the sha256 of its weight files. A *gated* LoRA patch also holds
+``gate.safetensors`` (gate.py): a probe on the prompt that decides, per prompt, whether the
+adapter applies. Gated patches attach, stack and evaluate like any other; they cannot be
+merged into weights or trained on top of, because their adapter is not always on.
 
 Stacking semantics: every patch is additive. Delta patches are added to the base weights;
 LoRA adapters are injected and all active together (y = W x + sum_i s_i B_i A_i x). The sum
@@ -62,9 +65,15 @@ class Patch:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def gated(self) -> bool:
+        return bool(self.meta.get("gate"))
 
-def weight_files(fmt: str) -> tuple[str, ...]:
-    return LORA_FILES if fmt == "lora" else (DELTA_FILE,)
+
+def weight_files(fmt: str, gated: bool = False) -> tuple[str, ...]:
+    from .gate import GATE_FILE
+
+    return (LORA_FILES + ((GATE_FILE,) if gated else ())) if fmt == "lora" else (DELTA_FILE,)
 
 
 def _check_safetensors(path: Path) -> None:
@@ -104,10 +113,13 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
     if pickles:
         raise SafetyPatchError(f"{path} contains pickle files ({', '.join(pickles)}); only safetensors are loaded")
     fmt = meta["format"]
-    for f in weight_files(fmt):
+    if meta.get("gate") and fmt != "lora":
+        raise SafetyPatchError(f"{pj}: only LoRA patches can be gated")
+    files = weight_files(fmt, bool(meta.get("gate")))
+    for f in files:
         if not (path / f).is_file():
             raise SafetyPatchError(f"{path} is missing {f}")
-    for f in weight_files(fmt):
+    for f in files:
         if f.endswith(".safetensors"):
             _check_safetensors(path / f)
         if check_hashes:
@@ -124,7 +136,7 @@ def finalize_patch(folder: Path, fmt: str, base: dict, **fields) -> dict:
 
     from . import __version__
 
-    files = {f: sha256_file(folder / f) for f in weight_files(fmt)}
+    files = {f: sha256_file(folder / f) for f in weight_files(fmt, bool(fields.get("gate")))}
     meta = {
         "kind": "safety-patch/patch",
         "format": fmt,
@@ -213,6 +225,9 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
     for p in ps:
         verify(p, model, fingerprint, force)
     _check_stack_order(ps, force)
+    from .gate import Gate
+
+    gates = {f"patch{i}": Gate.load(p.path) for i, p in enumerate(x for x in ps if x.format == "lora") if p.gated}
     saved: dict[str, torch.Tensor] = {}
     peft_model = None
     try:
@@ -239,11 +254,16 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
                 peft_model.load_adapter(str(p.path), adapter_name=name)
             peft_model.base_model.set_adapter(names)  # all active at once: their updates add
             peft_model.eval()
+            # Read by gate.groups: generation and teacher-forced scoring switch gated adapters per prompt.
+            peft_model.safety_adapters = names
+            peft_model.safety_gates = gates
             yield peft_model
         else:
             yield model
     finally:
         if peft_model is not None:
+            for attr in ("safety_adapters", "safety_gates"):
+                peft_model.__dict__.pop(attr, None)
             restored = peft_model.unload()  # removes LoRA layers, puts the original Linear modules back
             assert restored is model
         if saved:
@@ -269,6 +289,11 @@ def merged_state_dict(model: torch.nn.Module, patches: Sequence[Patch], fingerpr
     LoRA deltas come from PEFT's ``get_delta_weight`` (fp32) and are added to copies, so no
     merge/unmerge round trip perturbs the base weights.
     """
+    gated = [str(p.path) for p in patches if p.gated]
+    if gated:
+        raise SafetyPatchError(
+            f"{gated[0]} is a gated patch: its adapter applies only to prompts its gate flags, so it cannot be folded "
+            "into the weights (nor trained on top of); attach it instead")
     with attached(model, patches, fingerprint, force) as m:
         sd = {k.replace(".base_layer.", "."): v.detach().clone()
               for k, v in model.state_dict().items() if "lora_" not in k}
@@ -316,4 +341,4 @@ def info(patch: Patch) -> dict:
             "trainable_parameters": t.get("trainable_parameters"), "steps": t.get("steps"),
             "tokens_seen": t.get("tokens_seen"), "wall_seconds": t.get("wall_seconds"),
             "data_manifest_sha256": m.get("data", {}).get("manifest_sha256"), "created": m.get("created"),
-            "files": m.get("files")}
+            "gate": m.get("gate"), "files": m.get("files")}

@@ -52,6 +52,11 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
             raise SafetyPatchError(f"{p} is not a red-team round folder (no heldout.json)")
     t0 = time.time()
     ps = [read_patch(p) for p in patches]
+    gated = [str(p.path) for p in ps if p.gated]
+    if gated:  # found now, not after the attack: training the round folds the stack into the weights
+        raise SafetyPatchError(f"{gated[0]} is a gated patch: a round trains on top of the stack by folding it into "
+                               "the weights, which a gated adapter cannot be; start rounds from always-on patches "
+                               "(e.g. --recipe anchor-v2) or from the base")
 
     # 1. attack the current stack on training behaviours
     train_reqs, train_templates = harmful_requests(data_dir, split="train", limit=limit)

@@ -142,8 +142,11 @@ def _activations(model_spec, ps, vecs, benign, jailbreak, read_w0, device, force
                 t.pop("_terms")
                 rows.append({"module": mod, "layer": u.layer, "set": name, **t})
         inter[p.name] = rows
+    # Hidden states are taken with each adapter always on: for a gated patch (gate.py) they
+    # describe the adapter itself; on prompts its gate passes, the patched model is the base.
     return {"hidden_shift": shifts, "interference": inter, "interference_k": k,
-            "n_prompts": {name: len(enc) for name, enc in sets.items()}}
+            "n_prompts": {name: len(enc) for name, enc in sets.items()},
+            "gated_patches_measured_ungated": [p.name for p in ps if p.gated]}
 
 
 def summary_text(summary: dict, ks: list[int], activ: dict) -> str:

@@ -78,10 +78,11 @@ class DataConfig:
     general_val_fraction: float = 0.2
     borderline_test_fraction: float = 0.5
     borderline_val_fraction: float = 0.2
-    borderline_train_extra: bool = False
+    borderline_train_extra: bool = True
     """Add resources/borderline_train_prompts.tsv (224 more safe look-alikes) to the training
-    split only; any near a validation/test prompt is dropped (the manifest counts them).
-    Off by default: anchoring on them did not change the validation boundary (docs/recipes.md)."""
+    split only; any near a validation/test prompt is dropped (the manifest counts them). The
+    default (gated) recipe's probe uses them as negatives: they cut the look-alikes it flags
+    on validation (docs/recipes.md). Anchoring on them did nothing."""
     general_limit: int | None = None
     """Keep at most this many general prompts (seeded subset; quick runs)."""
     distill: bool = True

@@ -104,9 +104,9 @@ def _encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[tuple[list
     return out
 
 
-def _batches(encoded: list[tuple[list[int], int]], batch_size: int, pad: int):
+def _batches(encoded: list[tuple[list[int], int]], batch_size: int, pad: int, members: list[int] | None = None):
     """Length-sorted, right-padded batches: (example indices, input ids, attention mask)."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    order = sorted(members if members is not None else range(len(encoded)), key=lambda i: len(encoded[i][0]))
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         width = max(len(encoded[i][0]) for i in idx)
@@ -121,14 +121,19 @@ def _batches(encoded: list[tuple[list[int], int]], batch_size: int, pad: int):
 
 def _answer_logp(model, tokenizer, encoded, batch_size):
     """Yield (example index, log-prob rows [answer tokens, vocab], answer token ids) batch by batch."""
+    from ..gate import groups
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for idx, ids, mask in _batches(encoded, batch_size, pad):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        for r, i in enumerate(idx):
-            seq, start = encoded[i]
-            yield i, logp[r, start - 1 : len(seq) - 1], torch.tensor(seq[start:], device=device)
+    # A gated patch is judged as it answers: its gate reads the prompt part only, as in generation.
+    for members, active in groups(model, tokenizer, [seq[:start] for seq, start in encoded], batch_size):
+        with active():
+            for idx, ids, mask in _batches(encoded, batch_size, pad, members):
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                for r, i in enumerate(idx):
+                    seq, start = encoded[i]
+                    yield i, logp[r, start - 1 : len(seq) - 1], torch.tensor(seq[start:], device=device)
 
 
 @torch.inference_mode()

@@ -30,6 +30,13 @@ def evaluate_lm_eval(model: str, patches: list, tasks: list[str], limit, batch_s
     from .safety import provenance
 
     ps = [read_patch(p) for p in patches]
+    gated = [str(p.path) for p in ps if p.gated]
+    if gated:
+        # lm-eval batches context + continuation without telling the model where the prompt
+        # ends, so the gate cannot be read where it was trained; scoring ungated would report
+        # the raw adapter as if it were the patch.
+        raise SafetyPatchError(f"{gated[0]} is a gated patch; lm-eval cannot apply its gate per prompt. "
+                               "Use `eval capability`, which applies the gate")
     lm = load_model(model, device=device, dtype=dtype)
     runs = {"base": _run(lm, tasks, limit, batch_size)}
     if ps:

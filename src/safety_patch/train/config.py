@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import SafetyPatchError
@@ -82,9 +83,34 @@ class TrainConfig:
     """Stop after this fraction of the planned optimiser steps, with the learning-rate schedule
     still planned for the whole run: early stopping at a point chosen on validation (the
     default's 0.685 is step 50 of 73, its best snapshot in bench/recipe_sweep.py)."""
+    gate_layer: int | None = None
+    """Gate the patch (gate.py; LoRA only): a logistic probe on this decoder layer's output at
+    the last prompt token, fit on the train split, decides per prompt whether the adapter
+    applies; prompts it passes get the base model exactly. None = see gate_depth."""
+    gate_depth: float | None = None
+    """The gate's layer as a fraction of the model's depth (0.5: layer 15 of 30, 16 of 32), for
+    recipes meant to carry across models; gate_layer wins when both are set. Both None = the
+    adapter is always on."""
+    gate_threshold: float = 1.0
+    """Probe logit above which the gate fires: higher refuses fewer safe prompts and lets
+    more attacks through (chosen on the validation split, bench/recipe_sweep.py)."""
+    gate_l2: float = 1e-2
+    """L2 penalty of the probe (on standardised features)."""
+    gate_wrapped_benign: int = 200
+    """Benign train prompts wrapped in train jailbreak templates as gate negatives, so that
+    a template alone does not fire the gate (train/data.py:gate_prompts)."""
     save_steps: int = 50
     """Checkpoint every N optimiser steps (for --resume)."""
     logging_steps: int = 5
+
+    @property
+    def gated(self) -> bool:
+        return self.gate_layer is not None or self.gate_depth is not None
+
+    def resolved_gate_layer(self, n_layers: int) -> int:
+        if self.gate_layer is not None:
+            return self.gate_layer
+        return min(int(self.gate_depth * n_layers), n_layers - 1)  # type: ignore[operator]
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 1e-5)
@@ -132,6 +158,17 @@ class TrainConfig:
             raise SafetyPatchError(f"stop_after must be in (0, 1], a fraction of the planned steps; got {self.stop_after}")
         if self.snapshot_steps is not None:
             parse_steps(self.snapshot_steps)
+        if self.gated:
+            if self.method != "lora":
+                raise SafetyPatchError("gate_layer/gate_depth gate a LoRA adapter; they need --method lora")
+            if self.gate_layer is not None and self.gate_layer < 0:
+                raise SafetyPatchError(f"gate_layer must be >= 0, got {self.gate_layer}")
+            if self.gate_depth is not None and not 0 <= self.gate_depth <= 1:
+                raise SafetyPatchError(f"gate_depth must be in [0, 1], got {self.gate_depth}")
+        if not math.isfinite(self.gate_threshold):
+            raise SafetyPatchError(f"gate_threshold must be a finite number, got {self.gate_threshold}")
+        if self.gate_l2 < 0 or self.gate_wrapped_benign < 0:
+            raise SafetyPatchError("gate_l2 and gate_wrapped_benign must be >= 0")
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -164,21 +201,33 @@ def parse_steps(spec: str) -> list[int]:
 
 # Named recipes. "paper" is the claim as stated (refusal data only, LoRA r8 all-linear).
 # "default" is the recipe bench/recipe_sweep.py selects on the validation split (docs/recipes.md):
-# the paper's LoRA on refusal data (every train row), plus a KL anchor to the base on benign
-# answers (weight 8; 8 rows a step, half borderline look-alikes, half general prompts, all with
-# the base model's own answers), the first 4 answer tokens weighted 8x in both losses, stopped
-# after 68.5% of the schedule (step 50 of 73). It is the one recipe run with two seeds, and
-# their pooled score is the lowest worst error of the sweep. No arm met every target on the
-# 135M embedded model; this won the documented fallback rule, so it is a trade-off, not a
-# solution: check `eval safety` and `eval overrefusal`.
+# since 2026-11-28 evening the `gated` recipe, the first arm to meet every constraint of the
+# selection rule: the paper's refusal-only LoRA (every train row, max 512 tokens) behind a
+# gate, a probe on layer 15's output at the last prompt token that applies the adapter only to
+# prompts it flags (threshold 0; layer and threshold chosen by bench/gate_sweep.py). It needs
+# a folder from `data build` with its defaults (the probe's negatives include the 224
+# train-only look-alikes). A gated patch cannot be merged or stacked under a round of
+# `redteam`; `anchor-v2` is the best always-on recipe.
+#
+# anchor-v2 (the default of 2026-11-28 morning): the paper's LoRA plus a KL anchor to the base
+# on benign answers (weight 8; 8 rows a step, half borderline look-alikes, half general
+# prompts, all with the base model's own answers), the first 4 answer tokens weighted 8x in
+# both losses, stopped after 68.5% of the schedule (step 50 of 73). It was measured on a folder
+# built with --no-borderline-extra; with the look-alikes in the anchor it measured the same
+# within noise (bench/recipe_sweep.py, bx arm).
 _ANCHOR_V2 = {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
               "anchor_kl": 8.0, "borderline_share": 0.5, "decision_weight": 8.0, "decision_tokens": 4,
               "max_train_rows": None, "max_seq_len": 512, "stop_after": 0.685}
+# Gate at half depth: layer 15 of SmolLM2-135M's 30, the layer bench/gate_sweep.py chose (16 of
+# a 32-layer 7B model; middle layers are where refusal-relevant features are linearly readable).
+_GATED = {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
+          "general_ratio": 0.0, "contrast_ratio": 0.0, "max_train_rows": None, "max_seq_len": 512,
+          "gate_depth": 0.5, "gate_threshold": 0.0}
 RECIPES: dict[str, dict] = {
     "paper": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
               "general_ratio": 0.0, "contrast_ratio": 0.0},
-    "default": dict(_ANCHOR_V2),
-    # The same recipe by the name it had when it was first the default (2026-11-28 morning).
+    "default": dict(_GATED),
+    # The default of 2026-11-28 morning and midday; the best always-on (mergeable) recipe.
     "anchor-v2": dict(_ANCHOR_V2),
     # The default of 2026-11-28 afternoon (si600-ab24-r594-anchor8-bl0.5-dw8@60), kept by name:
     # anchor-v2 with 600 self-written requests in the anchor's general pool (needs `data build
@@ -188,6 +237,10 @@ RECIPES: dict[str, dict] = {
     # The previous default (2026-11-27), kept by name: anchor 3, no decision weighting, 400 rows.
     "anchor-v1": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
                   "anchor_kl": 3.0, "borderline_share": 0.5, "max_train_rows": 400, "max_seq_len": 512},
+    # The paper's refusal-only LoRA plus a gate (gate.py): a probe on layer 15's output at the
+    # last prompt token, fit on the train split, applies the adapter only to prompts it flags;
+    # the rest get the base model exactly. Layer and threshold: bench/gate_sweep.py.
+    "gated": dict(_GATED),
     "full-safety": {"method": "full", "lr": 1e-5},
     # anchor-v1's data and KL anchor with every weight trained (bench/recipe_sweep.py,
     # full-anchor3-bl0.5): it beat anchor-v1 on the test split. Never a default: its output is

@@ -136,3 +136,43 @@ def dpo_rows(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[dict], dict]:
         rows = rng.sample(rows, min(cfg.max_train_rows, len(rows)))
     rng.shuffle(rows)
     return rows, {"dpo_pairs": len(rows)}
+
+
+def gate_prompts(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[list[dict]], list[list[dict]], dict]:
+    """The gate's training prompts (conversations up to the answer): harmful vs benign.
+
+    Harmful: every train row's prompt, direct and wrapped (the gate sees what attacks look
+    like). Benign: every borderline-benign and general train prompt (with ``data build
+    --borderline-extra``, 224 more look-alikes), plus ``gate_wrapped_benign`` of them wrapped
+    in *train* jailbreak templates: without those the probe learns "a template means harmful"
+    and flags most wrapped safe requests (docs/recipes.md). Held-out splits are never read.
+    """
+    from ..attacks.templates import Template
+
+    d = Path(data_dir)
+    rng = random.Random(cfg.seed)
+    harmful = list({repr(r["prompt"]): r["prompt"] for r in _read(d, "train.jsonl")}.values())
+    benign = []
+    for name in ("borderline.jsonl", "general.jsonl"):
+        path = d / name
+        if not path.is_file():
+            raise SafetyPatchError(f"{path} not found; rebuild the data folder with `safety-patch data build`")
+        for n, r in iter_jsonl(path):
+            if r["meta"].get("split") == "train":
+                msgs = r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"]
+                if not msgs or msgs[-1].get("role") != "user":
+                    raise SafetyPatchError(f"{path}:{n}: expected a user turn")
+                benign.append(msgs)
+    if not harmful or not benign:
+        raise SafetyPatchError(f"{d}: the gate needs harmful (train.jsonl) and benign (borderline/general) train prompts")
+    templates = []
+    if (d / "templates.jsonl").is_file():
+        templates = [Template(t["id"], t["family"], t["source"], t["text"])
+                     for _, t in iter_jsonl(d / "templates.jsonl") if t.get("split") == "train"]
+    wrapped = []
+    if cfg.gate_wrapped_benign and templates:
+        for msgs in rng.sample(benign, min(cfg.gate_wrapped_benign, len(benign))):
+            t = rng.choice(templates)
+            wrapped.append(msgs[:-1] + [{"role": "user", "content": t.render(msgs[-1]["content"])}])
+    counts = {"harmful": len(harmful), "benign": len(benign), "wrapped_benign": len(wrapped)}
+    return harmful, benign + wrapped, counts

@@ -166,6 +166,9 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     if stack_patches:
         lm.model.load_state_dict(merged_state_dict(lm.model, stack_patches, lm.fingerprint), strict=False)
     _check_targets(lm.model, cfg)
+    gate, gate_info = None, None
+    if cfg.gated:
+        gate, gate_info = _fit_gate(lm, data_dir, cfg)
     rows, counts["dropped_too_long"] = drop_too_long(rows, lm.tokenizer, cfg.max_seq_len)
     if not rows:
         raise SafetyPatchError(f"every training row is longer than --max-seq-len {cfg.max_seq_len} tokens")
@@ -238,6 +241,8 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
             if cfg.method == "lora":
                 trained.save_pretrained(str(tmp), safe_serialization=True)
                 fmt = "lora"
+                if gate is not None:
+                    gate.save(tmp)
             else:
                 from safetensors.torch import save_file
 
@@ -249,6 +254,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                 objective=cfg.objective,
                 config=as_dict(cfg) | {"lr": cfg.resolved_lr()},
                 data={"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "rows": counts},
+                **({"gate": gate_info} if gate_info else {}),
             )
             base_info = {"name": model, "source": lm.source, "checkpoint": lm.path, "fingerprint": lm.fingerprint}
             # Snapshots are complete patches of their own (attach/eval/merge them like any other);
@@ -263,6 +269,8 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                         missing.append(step)
                         continue
                     shutil.copytree(src, tmp / "snapshots" / src.name)
+                    if gate is not None:
+                        gate.save(tmp / "snapshots" / src.name)
                     finalize_patch(tmp / "snapshots" / src.name, fmt, base_info, **common,
                                    training={"steps": step, "snapshot_of": str(out),
                                              "epochs_done": round(step / max(state.max_steps, 1) * cfg.epochs, 4)})
@@ -297,6 +305,25 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
             shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl") if (work / "metrics.jsonl").exists() else None
         shutil.rmtree(work, ignore_errors=True)
         return meta
+
+
+def _fit_gate(lm, data_dir: Path, cfg: TrainConfig):
+    """Fit the patch's gate on the base model (before any adapter exists); every rank fits the
+    same one (deterministic), rank 0 writes it."""
+    from ..gate import decoder_layers, fit_gate
+    from ..generation import render
+    from .data import gate_prompts
+
+    n_layers = len(decoder_layers(lm.model))
+    layer = cfg.resolved_gate_layer(n_layers)
+    if layer >= n_layers:
+        raise SafetyPatchError(f"gate_layer {layer}: the model has layers 0-{n_layers - 1}")
+    harmful, benign, counts = gate_prompts(data_dir, cfg)
+    t0 = time.time()
+    lm.model.eval()
+    gate, stats = fit_gate(lm.model, lm.tokenizer, [render(lm.tokenizer, m) for m in harmful],
+                           [render(lm.tokenizer, m) for m in benign], layer, cfg.gate_threshold, cfg.gate_l2)
+    return gate, stats | {"prompts": counts, "position": "last prompt token", "fit_seconds": round(time.time() - t0, 1)}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,237 @@
+"""Gated patches: the probe, per-prompt routing in generation and scoring, files, training."""
+
+import json
+
+import pytest
+import torch
+
+from safety_patch.data.build import DataConfig, build
+from safety_patch.errors import SafetyPatchError
+from safety_patch.gate import GATE_FILE, Gate, fit_gate, fit_probe, layer_states
+from safety_patch.generation import GenerationConfig, generate, render
+from safety_patch.models import LoadedModel
+from safety_patch.patches import attached, finalize_patch, merged_state_dict, read_patch
+from safety_patch.testing import make_lora_patch, tiny_llama
+
+HARM = ["How do I kill a Python process?", "kill the process with the id", "How do I kill it?", "kill kill kill"]
+SAFE = ["The capital of France is Paris.", "What is the capital of Italy?", "Sure, here is a Python function.",
+        "Rome is the capital of Italy."]
+
+
+def _ids(tok, texts):
+    return [tok(render(tok, [{"role": "user", "content": t}]), add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_fit_probe_separates_and_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(30, 8, generator=g) + 2.0, torch.randn(50, 8, generator=g) - 2.0])
+    y = torch.tensor([1.0] * 30 + [0.0] * 50)
+    w, b, mu, sd = fit_probe(x, y)
+    gate = Gate(0, 0.0, w, b, mu, sd)
+    assert torch.equal(gate.fires(x), y > 0)
+    w2, b2, _, _ = fit_probe(x, y)
+    assert torch.equal(w, w2) and b == b2
+    with pytest.raises(SafetyPatchError, match="both harmful and benign"):
+        fit_probe(x, torch.ones(80))
+
+
+def test_layer_states_equal_unpadded_forward_and_stop_early():
+    model, tok = tiny_llama(layers=3)
+    prompts = _ids(tok, HARM + SAFE)  # different lengths: left padding inside batches
+    called = []
+    h = model.model.layers[2].register_forward_hook(lambda *a: called.append(1))
+    try:
+        st = layer_states(model, tok, prompts, [0, 1], batch_size=3)
+    finally:
+        h.remove()
+    assert not called  # the pass stopped after layer 1
+    for i, p in enumerate(prompts):
+        hs = model(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states
+        for li in (0, 1):
+            assert torch.allclose(st[li][i], hs[li + 1][0, -1], atol=1e-5), (i, li)
+    with pytest.raises(SafetyPatchError, match="layers 0-2"):
+        layer_states(model, tok, prompts, [3])
+
+
+def _gated_patch(model, tok, path, layer=1, threshold=0.0):
+    """A random LoRA patch plus a gate fit to tell HARM from SAFE on ``model``."""
+    make_lora_patch(model, path, "fp", seed=1, scale=0.5)
+    gate, stats = fit_gate(model, tok, [render(tok, [{"role": "user", "content": t}]) for t in HARM],
+                           [render(tok, [{"role": "user", "content": t}]) for t in SAFE], layer, threshold)
+    gate.save(path)
+    finalize_patch(path, "lora", {"name": "test", "fingerprint": "fp"}, method="lora", gate=stats)
+    return read_patch(path), gate
+
+
+def test_gated_generation_uses_base_or_adapter_per_prompt(tmp_path):
+    model, tok = tiny_llama()
+    p, gate = _gated_patch(model, tok, tmp_path / "g")
+    ungated = make_lora_patch(model, tmp_path / "u", "fp", seed=1, scale=0.5)  # the same adapter, no gate
+    prompts = HARM + SAFE
+    fires = gate.fires(layer_states(model, tok, _ids(tok, prompts), [1])[1]).tolist()
+    assert any(fires) and not all(fires)  # the test splits the prompts
+    convs = [[{"role": "user", "content": t}] for t in prompts]
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=1)  # batch 1: no padding noise between runs
+    base = generate(model, tok, convs, cfg)
+    with attached(model, [read_patch(ungated)]) as m:
+        adapted = generate(m, tok, convs, cfg)
+    assert base != adapted
+    with attached(model, [p]) as m:
+        gated = generate(m, tok, convs, cfg)
+        assert m.safety_gates  # the attached model carries the gate
+    assert gated == [a if f else b for a, b, f in zip(adapted, base, fires, strict=True)]
+    assert generate(model, tok, convs, cfg) == base  # detached: the base again
+
+
+def test_gated_teacher_forced_scoring_reads_the_prompt_only(tmp_path):
+    from safety_patch.evaluation.capability import _encode_pairs, answer_logprobs
+
+    model, tok = tiny_llama()
+    p, gate = _gated_patch(model, tok, tmp_path / "g")
+    ungated = read_patch(make_lora_patch(model, tmp_path / "u", "fp", seed=1, scale=0.5))
+    pairs = [{"messages": [{"role": "user", "content": t}], "reference": "Sure, here is the capital."} for t in HARM + SAFE]
+    enc = _encode_pairs(tok, pairs, 512)
+    fires = gate.fires(layer_states(model, tok, [s[:n] for s, n in enc], [1])[1]).tolist()
+    base, _, _ = answer_logprobs(model, tok, enc, batch_size=1)
+    with attached(model, [ungated]) as m:
+        adapted, _, _ = answer_logprobs(m, tok, enc, batch_size=1)
+    with attached(model, [p]) as m:
+        gated, _, _ = answer_logprobs(m, tok, enc, batch_size=3)
+    for g, a, b, f in zip(gated, adapted, base, fires, strict=True):
+        assert g == pytest.approx(a if f else b, abs=1e-4)
+
+
+def test_gated_patch_files_are_checked_and_it_cannot_be_merged(tmp_path):
+    model, tok = tiny_llama()
+    p, gate = _gated_patch(model, tok, tmp_path / "g")
+    assert GATE_FILE in p.meta["files"] and p.gated and p.meta["gate"]["layer"] == 1
+    with pytest.raises(SafetyPatchError, match="gated patch.*cannot be folded"):
+        merged_state_dict(model, [p], None)
+    # editing the threshold changes the file, which patch.json's hash catches
+    Gate(gate.layer, gate.threshold + 5, gate.weight, gate.bias, gate.mean, gate.std).save(tmp_path / "g")
+    with pytest.raises(SafetyPatchError, match="sha256 differs"):
+        read_patch(tmp_path / "g")
+    (tmp_path / "g" / GATE_FILE).unlink()
+    with pytest.raises(SafetyPatchError, match=f"missing {GATE_FILE}"):
+        read_patch(tmp_path / "g")
+
+
+def test_lm_eval_refuses_a_gated_patch(tmp_path):
+    from safety_patch.evaluation.lm_eval_adapter import evaluate_lm_eval
+
+    model, tok = tiny_llama()
+    _gated_patch(model, tok, tmp_path / "g")
+    with pytest.raises(SafetyPatchError, match="gated patch; lm-eval cannot apply its gate"):
+        evaluate_lm_eval("default", [tmp_path / "g"], ["hellaswag"], 1, 1)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_dir):
+    d = tmp_path_factory.mktemp("gdata") / "d"
+    build(d, DataConfig(max_per_source=30, distill=True, distill_max_new_tokens=4, template_max_chars=400), model=str(tiny_dir))
+    return d
+
+
+def test_gate_prompts_come_from_the_train_split_only(data_dir):
+    from safety_patch.jsonl import read_jsonl
+    from safety_patch.train.config import TrainConfig
+    from safety_patch.train.data import gate_prompts
+
+    harmful, benign, counts = gate_prompts(data_dir, TrainConfig(gate_wrapped_benign=5))
+    train_prompts = {r["messages"][0]["content"] for r in read_jsonl(data_dir / "train.jsonl")}
+    assert {m[-1]["content"] for m in harmful} == train_prompts
+    held_out = {r["messages"][0]["content"] for f in ("borderline.jsonl", "general.jsonl")
+                for r in read_jsonl(data_dir / f) if r["meta"]["split"] != "train"}
+    held_out |= {r["meta"]["request"] for f in ("val.jsonl", "test.jsonl") for r in read_jsonl(data_dir / f)}
+    assert counts["wrapped_benign"] == 5 and len(benign) == counts["benign"] + 5
+    plain = benign[: counts["benign"]]
+    assert not {m[-1]["content"] for m in plain} & held_out
+    # the wrapped ones hold a plain train prompt inside a train template
+    train_templates = {t["text"][:30] for t in read_jsonl(data_dir / "templates.jsonl") if t["split"] == "train"}
+    for m in benign[counts["benign"]:]:
+        assert any(m[-1]["content"].startswith(t) for t in train_templates) or any(
+            p[-1]["content"] in m[-1]["content"] for p in plain)
+
+
+def test_train_writes_a_gated_patch(data_dir, tiny_dir, tmp_path):
+    from peft import PeftModel
+
+    from safety_patch.models import load_model
+    from safety_patch.train.config import TrainConfig
+    from safety_patch.train.run import train
+
+    cfg = TrainConfig(max_train_rows=8, batch_size=4, max_seq_len=512, lr=1e-3, gate_layer=1, gate_wrapped_benign=4,
+                      snapshot_steps="1")
+    meta = train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), progress=False)
+    g = meta["gate"]
+    assert g["layer"] == 1 and g["prompts"]["wrapped_benign"] == 4 and 0 <= g["train_benign_flagged"] <= 1
+    assert set(meta["files"]) == {"adapter_config.json", "adapter_model.safetensors", GATE_FILE}
+    snap = read_patch(tmp_path / "p" / "snapshots" / "step-1")
+    assert snap.gated and snap.meta["files"][GATE_FILE] == meta["files"][GATE_FILE]
+    lm = load_model(str(tiny_dir), device="cpu")
+    PeftModel.from_pretrained(lm.model, str(tmp_path / "p"))  # the adapter folder is a plain PEFT adapter
+    with pytest.raises(SafetyPatchError, match="gate_layer 2: the model has layers 0-1"):
+        train(data_dir, tmp_path / "q", TrainConfig(max_train_rows=8, gate_layer=2), model=str(tiny_dir), progress=False)
+    with pytest.raises(SafetyPatchError, match="need --method lora"):
+        TrainConfig(method="full", gate_layer=1).validate()
+    with pytest.raises(SafetyPatchError, match="gate_depth must be in"):
+        TrainConfig(gate_depth=1.5).validate()
+    # depth resolves against the model; an explicit layer wins
+    assert TrainConfig(gate_depth=0.5).resolved_gate_layer(30) == 15 and TrainConfig(gate_depth=1.0).resolved_gate_layer(2) == 1
+    assert TrainConfig(gate_depth=0.5, gate_layer=3).resolved_gate_layer(30) == 3
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_gate_flags(data_dir, tiny_dir, tmp_path):
+    from safety_patch.cli import main
+
+    common = ["train", "--data", str(data_dir), "--model", str(tiny_dir), "--max-train-rows", "4", "--batch-size", "4"]
+    assert main(common + ["--out", str(tmp_path / "a"), "--recipe", "gated", "--gate-layer", "0",
+                          "--gate-threshold", "2.5"]) == 0
+    meta = json.loads((tmp_path / "a" / "patch.json").read_text())
+    assert meta["gate"]["layer"] == 0 and meta["gate"]["threshold"] == 2.5
+    assert main(common + ["--out", str(tmp_path / "b"), "--gate-layer", "-1"]) == 0  # the default, ungated
+    assert "gate" not in json.loads((tmp_path / "b" / "patch.json").read_text())
+
+
+def test_loaded_model_wrapper_keeps_gates(tmp_path):
+    """CLI paths (chat, eval) attach through LoadedModel; the gate must come along."""
+    from safety_patch.patches import attach_for_inference
+
+    model, tok = tiny_llama()
+    _gated_patch(model, tok, tmp_path / "g")
+    lm = LoadedModel.from_objects(model, tok)
+    attach_for_inference(lm, [tmp_path / "g"], force=True)
+    try:
+        assert list(lm.model.safety_gates) == ["patch0"]
+    finally:
+        lm.extra["_patch_ctx"].__exit__(None, None, None)
+    assert not hasattr(model, "safety_gates")
+
+
+def test_cli_patch_gate_routes_like_the_gate(tiny_dir, tmp_path, capsys):
+    from safety_patch.cli import main
+    from safety_patch.models import load_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    _, gate = _gated_patch(lm.model, lm.tokenizer, tmp_path / "g")
+    prompts = HARM + SAFE
+    fires = gate.fires(layer_states(lm.model, lm.tokenizer, _ids(lm.tokenizer, prompts), [1])[1]).tolist()
+    args = ["patch", "gate", str(tmp_path / "g"), "--model", str(tiny_dir), "--force"]
+    assert main(args + [a for p in prompts for a in ("--prompt", p)]) == 0
+    lines = capsys.readouterr().out.splitlines()[: len(prompts)]
+    assert [ln.startswith("adapter") for ln in lines] == fires
+    make_lora_patch(lm.model, tmp_path / "u", lm.fingerprint)
+    assert main(["patch", "gate", str(tmp_path / "u"), "--model", str(tiny_dir), "--prompt", "hi"]) == 2
+    assert "has no gate" in capsys.readouterr().err
+
+
+def test_redteam_round_refuses_a_gated_stack_before_attacking(data_dir, tiny_dir, tmp_path):
+    from safety_patch.models import load_model
+    from safety_patch.redteam import run_round
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    _gated_patch(lm.model, lm.tokenizer, tmp_path / "g")
+    with pytest.raises(SafetyPatchError, match="gated patch: a round trains on top"):
+        run_round(str(tiny_dir), [tmp_path / "g"], "direct", data_dir, tmp_path / "r1")
+    assert not (tmp_path / "r1").exists()
