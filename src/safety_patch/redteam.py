@@ -56,7 +56,7 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     if gated:  # found now, not after the attack: training the round folds the stack into the weights
         raise SafetyPatchError(f"{gated[0]} is a gated patch: a round trains on top of the stack by folding it into "
                                "the weights, which a gated adapter cannot be; start rounds from always-on patches "
-                               "(e.g. --recipe anchor-v2) or from the base")
+                               "(trained with e.g. `train --recipe anchor-v2`) or from the base")
 
     # 1. attack the current stack on training behaviours
     train_reqs, train_templates = harmful_requests(data_dir, split="train", limit=limit)
