@@ -224,14 +224,9 @@ def decide(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int =
     if not gates:
         return {}
     ungated = [a for a in model.safety_adapters if a not in gates]
-    out: dict[str, list[bool]] = {}
-    with active_adapters(model, ungated):
-        states: dict[int, torch.Tensor] = {}
-        for name, g in gates.items():
-            if g.layer not in states:
-                states[g.layer] = prompt_states(model, tokenizer, prompts, g.layer, batch_size)
-            out[name] = [bool(v) for v in g.fires(states[g.layer])]
-    return out
+    with active_adapters(model, ungated):  # one pass, however many gates and layers
+        states = layer_states(model, tokenizer, prompts, sorted({g.layer for g in gates.values()}), batch_size)
+    return {name: g.fires(states[g.layer]).tolist() for name, g in gates.items()}
 
 
 def groups(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8):
@@ -243,9 +238,8 @@ def groups(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int =
     fired = decide(model, tokenizer, prompts, batch_size)
     if not fired:
         return [(list(range(len(prompts))), contextlib.nullcontext)]
-    ungated = [a for a in model.safety_adapters if a not in fired]
     by: dict[tuple[str, ...], list[int]] = {}
     for i in range(len(prompts)):
-        on = tuple(a for a in model.safety_adapters if a in ungated or fired.get(a, [False] * len(prompts))[i])
+        on = tuple(a for a in model.safety_adapters if a not in fired or fired[a][i])
         by.setdefault(on, []).append(i)
     return [(idx, (lambda on=on: active_adapters(model, on))) for on, idx in by.items()]
