@@ -143,8 +143,14 @@ ARMS = {
     # it flags. Layer and threshold chosen by bench/gate_sweep.py on validation (composed from
     # the base and ungated-adapter runs); this arm trains it for real and checks the composition.
     # Its probe's negatives include the 224 train-only look-alikes.
-    "gated-L15-t0": {"recipe": "gated", "max_train_rows": None, "gate_layer": 15, "gate_threshold": 0.0,
+    "gated-L15-t0": {"recipe": "gated-v1", "max_train_rows": None, "gate_layer": 15, "gate_threshold": 0.0,
                      "borderline_train_extra": True},
+    # gated-L15-t0 met every validation constraint but flagged 3 of 65 ordinary *test* prompts,
+    # whose drift under the refusal adapter alone broke the NLL target: the probe's only
+    # ordinary negatives were 190 hand-written prompts. Its negatives here add the 600 requests
+    # the base model wrote itself (selfinstruct.jsonl, `data build` default); bench/gate_sweep.py
+    # then chose layer 18 (depth 0.6), threshold 0.5 on validation. The `gated` recipe (default).
+    "gated-v2": {"recipe": "gated", "max_train_rows": None, "borderline_train_extra": True},
 }
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from safety_patch.attacks.templates import PLACEHOLDER
 from safety_patch.data.build import DataConfig, build
 from safety_patch.errors import SafetyPatchError
 from safety_patch.gate import GATE_FILE, Gate, fit_gate, fit_probe, layer_states
@@ -128,7 +129,8 @@ def test_lm_eval_refuses_a_gated_patch(tmp_path):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_dir):
     d = tmp_path_factory.mktemp("gdata") / "d"
-    build(d, DataConfig(max_per_source=30, distill=True, distill_max_new_tokens=4, template_max_chars=400), model=str(tiny_dir))
+    build(d, DataConfig(max_per_source=30, distill=True, distill_max_new_tokens=4, template_max_chars=400,
+                        self_instruct=0), model=str(tiny_dir))
     return d
 
 
@@ -151,6 +153,52 @@ def test_gate_prompts_come_from_the_train_split_only(data_dir):
     for m in benign[counts["benign"]:]:
         assert any(m[-1]["content"].startswith(t) for t in train_templates) or any(
             p[-1]["content"] in m[-1]["content"] for p in plain)
+
+
+def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path):
+    import shutil
+
+    from safety_patch.atomic import write_jsonl
+    from safety_patch.train.config import TrainConfig
+    from safety_patch.train.data import gate_prompts
+
+    d = tmp_path / "d"
+    shutil.copytree(data_dir, d)
+    with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl not found: gate_self_instruct 2"):
+        gate_prompts(d, TrainConfig(gate_self_instruct=2))
+    si = [f"Plan a picnic for {n} friends." for n in range(5)]
+    write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Sure."}],
+                                           "meta": {"source": "self-instruct", "split": "train"}} for p in si])
+    _, plain, c0 = gate_prompts(d, TrainConfig(gate_wrapped_benign=0))
+    harmful, benign, c = gate_prompts(d, TrainConfig(gate_wrapped_benign=0, gate_self_instruct=3))
+    # the first N requests join the negatives, as bare user turns; nothing else changes
+    assert c["self_instruct"] == 3 and c["benign"] == c0["benign"] + 3 and "self_instruct" not in c0
+    assert benign[:len(plain)] == plain and [m[-1]["content"] for m in benign[len(plain):]] == si[:3]
+    assert all(len(m) == 1 and m[0]["role"] == "user" for m in benign[len(plain):])
+    write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "assistant", "content": "x"}], "meta": {}}])
+    with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl: expected user/assistant rows"):
+        gate_prompts(d, TrainConfig(gate_self_instruct=1))
+    with pytest.raises(SafetyPatchError, match="gate_self_instruct must be >= 0"):
+        TrainConfig(gate_self_instruct=-1).validate()
+
+
+def test_gate_prompts_wrap_harmful_train_requests_in_train_templates(data_dir):
+    from safety_patch.jsonl import read_jsonl
+    from safety_patch.train.config import TrainConfig
+    from safety_patch.train.data import gate_prompts
+
+    h0, b0, c0 = gate_prompts(data_dir, TrainConfig(gate_wrapped_benign=5))
+    h, b, c = gate_prompts(data_dir, TrainConfig(gate_wrapped_benign=5, gate_wrapped_harmful=7))
+    assert b == b0 and h[: len(h0)] == h0 and c["wrapped_harmful"] == 7 and len(h) == len(h0) + 7
+    requests = {r["meta"]["request"] for r in read_jsonl(data_dir / "train.jsonl")}
+    held_out = {r["meta"]["request"] for f in ("val.jsonl", "test.jsonl") for r in read_jsonl(data_dir / f)}
+    templates = [t["text"] for t in read_jsonl(data_dir / "templates.jsonl") if t["split"] == "train"]
+    for m in h[len(h0):]:
+        text = m[-1]["content"]
+        inside = [q for q in requests if q in text]
+        assert inside and not any(q in text for q in held_out)
+        # what is left around the request is a train template
+        assert any(text == t.replace(PLACEHOLDER, q) for t in templates for q in inside)
 
 
 def test_train_writes_a_gated_patch(data_dir, tiny_dir, tmp_path):

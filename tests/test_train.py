@@ -138,11 +138,21 @@ def test_bad_inputs_fail_before_training(data_dir, tiny_dir, tmp_path):
 
 
 def test_cli_train_recipe_and_yaml(data_dir, tiny_dir, tmp_path, capsys):
+    import shutil
+
+    from safety_patch.atomic import write_jsonl
     from safety_patch.cli import main
 
+    # The default recipe's gate takes the folder's self-written requests as negatives; the tiny
+    # model rarely closes a sampled turn, so the fixture builds without them: write three.
+    d = tmp_path / "d"
+    shutil.copytree(data_dir, d)
+    write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "user", "content": f"Name {k} rivers."},
+                                                         {"role": "assistant", "content": "Nile."}],
+                                            "meta": {"split": "train"}} for k in range(3)])
     cfg = tmp_path / "t.yaml"
     cfg.write_text("rank: 2\nmax_train_rows: 8\nbatch_size: 4\nmax_seq_len: 512\n")
-    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "p"), "--model", str(tiny_dir),
+    assert main(["train", "--data", str(d), "--out", str(tmp_path / "p"), "--model", str(tiny_dir),
                  "--config", str(cfg), "--alpha", "4"]) == 0
     meta = json.loads((tmp_path / "p" / "patch.json").read_text())
     assert meta["config"]["rank"] == 2 and meta["config"]["alpha"] == 4.0
@@ -150,12 +160,13 @@ def test_cli_train_recipe_and_yaml(data_dir, tiny_dir, tmp_path, capsys):
     from safety_patch.train.config import RECIPES
 
     assert meta["config"]["recipe"] == "default"
-    # the default is gated at half depth: layer 1 of the tiny model's 2
-    assert meta["config"]["gate_depth"] == RECIPES["default"]["gate_depth"] == 0.5 and meta["gate"]["layer"] == 1
+    # the default is gated at depth 0.6: layer 1 of the tiny model's 2, with the self-written negatives
+    assert meta["config"]["gate_depth"] == RECIPES["default"]["gate_depth"] == 0.6 and meta["gate"]["layer"] == 1
+    assert meta["gate"]["prompts"]["self_instruct"] == 3 and meta["gate"]["threshold"] == 0.5
     assert meta["config"]["max_train_rows"] == 8 and meta["data"]["rows"]["safety"] == 8
     bad = tmp_path / "bad.yaml"
     bad.write_text("rnak: 2\n")
-    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "q"), "--config", str(bad)]) == 2
+    assert main(["train", "--data", str(d), "--out", str(tmp_path / "q"), "--config", str(bad)]) == 2
     assert "unknown key(s) rnak" in capsys.readouterr().err
 
 

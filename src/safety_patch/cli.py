@@ -163,8 +163,8 @@ def data_build_cmd(
     wrap_fraction: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
     distill: Annotated[bool | None, typer.Option("--distill/--no-distill", help="Self-distil general/borderline answers.")] = None,
     dpo: Annotated[bool | None, typer.Option("--dpo/--no-dpo", help="Also write DPO pairs.")] = None,
-    self_instruct: Annotated[int | None, typer.Option(min=0, help="Benign requests the base model writes itself, for "
-                                                      "the anchor-si recipe's KL anchor (600 there, ~10 min on a CPU; default 0 = none).")] = None,
+    self_instruct: Annotated[int | None, typer.Option(min=0, help="Benign requests the base model writes itself: the "
+                                                      "default recipe's gate negatives (default 600, ~10 min on a CPU; 0 = none).")] = None,
     borderline_extra: Annotated[bool | None, typer.Option(
         "--borderline-extra/--no-borderline-extra",
         help="Add 224 train-only safe look-alikes (default on; docs/data.md).")] = None,
@@ -232,8 +232,11 @@ def train(
     stop_after: Annotated[float | None, typer.Option(help="Stop after this fraction of the planned steps (schedule kept), e.g. 0.685.")] = None,
     snapshot_steps: Annotated[str | None, typer.Option(help="Also keep the patch after these steps, e.g. 10,20,30 (PATCH/snapshots/step-N).")] = None,
     gate_layer: Annotated[int | None, typer.Option(help="Gate the LoRA patch with a probe on this layer at the last prompt token (-1 = no gate).")] = None,
-    gate_depth: Annotated[float | None, typer.Option(help="The gate's layer as a fraction of depth (the default recipe: 0.5).")] = None,
-    gate_threshold: Annotated[float | None, typer.Option(help="Probe logit above which the gate applies the patch.")] = None,
+    gate_depth: Annotated[float | None, typer.Option(help="The gate's layer as a fraction of depth (the default recipe: 0.6).")] = None,
+    gate_threshold: Annotated[float | None, typer.Option(help="Probe logit above which the gate applies the patch (the default recipe: 0.5).")] = None,
+    gate_self_instruct: Annotated[int | None, typer.Option(min=0, help="Self-written requests (data build --self-instruct) as gate negatives (the default recipe: 600).")] = None,
+    gate_wrapped_benign: Annotated[int | None, typer.Option(min=0, help="Benign train prompts wrapped in train templates as gate negatives (the default recipe: 600).")] = None,
+    gate_wrapped_harmful: Annotated[int | None, typer.Option(min=0, help="Harmful train requests wrapped in train templates added to the gate's positives (the default recipe: 400).")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with TrainConfig fields.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of an interrupted run.")] = False,
@@ -252,6 +255,8 @@ def train(
         decision_tokens=decision_tokens, orthogonal_k=orthogonal_k, epochs=epochs, lr=lr, batch_size=batch_size,
         max_seq_len=max_seq_len, max_train_rows=max_train_rows, snapshot_steps=snapshot_steps,
         stop_after=stop_after, seed=seed, gate_threshold=gate_threshold, gate_depth=gate_depth,
+        gate_self_instruct=gate_self_instruct, gate_wrapped_benign=gate_wrapped_benign,
+        gate_wrapped_harmful=gate_wrapped_harmful,
         gate_layer=None if gate_layer == -1 else gate_layer))
     if gate_layer == -1:  # "no gate" cannot be a None override (None means "not given")
         cfg.gate_layer = cfg.gate_depth = None

@@ -17,9 +17,9 @@ borderline.jsonl   safe look-alike prompts (over-refusal probe); train/val rows 
 templates.jsonl    every jailbreak template with its family and split
 humaneval.jsonl    HumanEval tasks (capability evaluation)
 dpo.jsonl          with ``dpo: true``: prompt / chosen (refusal) / rejected (base answer)
-selfinstruct.jsonl with ``self_instruct: N`` (e.g. 600): up to N benign requests the base model wrote
-                   itself, with its answers (train split only; the KL anchor's wider pool,
-                   data/selfinstruct.py)
+selfinstruct.jsonl with ``self_instruct: N`` (default 600): up to N benign requests the base model
+                   wrote itself, with its answers (train split only; the default gate's
+                   negatives and the KL anchor's wider pool, data/selfinstruct.py)
 manifest.json      config, sources and licences, counts, seed, sha256 of every file above
 =================  ==========================================================================
 """
@@ -91,10 +91,12 @@ class DataConfig:
     distill_batch_size: int = 64
     dpo: bool = False
     """Also write dpo.jsonl (rejected = the base model's own answer to each training request)."""
-    self_instruct: int = 0
+    self_instruct: int = 600
     """Also write selfinstruct.jsonl: this many benign requests sampled from the base model
     (Magpie-style), answered by it; none near a validation/test prompt. Part of the
-    distillation (nothing without ``distill``); the ``anchor-si`` recipe anchors on 600."""
+    distillation (nothing without ``distill``). The default recipe's gate takes all 600 as
+    negatives (train/config.py); the ``anchor-si`` recipe anchors on them. 0 skips them
+    (~10 min less on a CPU)."""
     self_instruct_form_share: float = 0.0
     """Share of those requests started with the opening words of a training refusal request
     ("Write a", "How can"): benign requests phrased like the refusal data (data/selfinstruct.py)."""

@@ -99,6 +99,14 @@ class TrainConfig:
     gate_wrapped_benign: int = 200
     """Benign train prompts wrapped in train jailbreak templates as gate negatives, so that
     a template alone does not fire the gate (train/data.py:gate_prompts)."""
+    gate_wrapped_harmful: int = 0
+    """Harmful train requests wrapped in train jailbreak templates added to the gate's harmful
+    side (beside the train rows, 30% of which are wrapped): with wrapped requests on both sides
+    in numbers, what separates them is the request inside, not the template."""
+    gate_self_instruct: int = 0
+    """Add up to N prompts of the data folder's selfinstruct.jsonl (ordinary requests the base
+    model wrote itself, `data build --self-instruct N`) to the gate's negatives: the hand-written
+    general prompts alone are too few for the probe to know what ordinary requests look like."""
     save_steps: int = 50
     """Checkpoint every N optimiser steps (for --resume)."""
     logging_steps: int = 5
@@ -167,8 +175,8 @@ class TrainConfig:
                 raise SafetyPatchError(f"gate_depth must be in [0, 1], got {self.gate_depth}")
         if not math.isfinite(self.gate_threshold):
             raise SafetyPatchError(f"gate_threshold must be a finite number, got {self.gate_threshold}")
-        if self.gate_l2 < 0 or self.gate_wrapped_benign < 0:
-            raise SafetyPatchError("gate_l2 and gate_wrapped_benign must be >= 0")
+        if min(self.gate_l2, self.gate_wrapped_benign, self.gate_wrapped_harmful, self.gate_self_instruct) < 0:
+            raise SafetyPatchError("gate_l2, gate_wrapped_benign, gate_wrapped_harmful and gate_self_instruct must be >= 0")
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -200,14 +208,18 @@ def parse_steps(spec: str) -> list[int]:
 
 
 # Named recipes. "paper" is the claim as stated (refusal data only, LoRA r8 all-linear).
-# "default" is the recipe bench/recipe_sweep.py selects on the validation split (docs/recipes.md):
-# since 2026-11-28 evening the `gated` recipe, the first arm to meet every constraint of the
-# selection rule: the paper's refusal-only LoRA (every train row, max 512 tokens) behind a
-# gate, a probe on layer 15's output at the last prompt token that applies the adapter only to
-# prompts it flags (threshold 0; layer and threshold chosen by bench/gate_sweep.py). It needs
-# a folder from `data build` with its defaults (the probe's negatives include the 224
-# train-only look-alikes). A gated patch cannot be merged or stacked under a round of
-# `redteam`; `anchor-v2` is the best always-on recipe.
+# "default" is the recipe bench/recipe_sweep.py and bench/gate_sweep.py select on the
+# validation split (docs/recipes.md): since 2026-11-28 the `gated` recipe, the paper's
+# refusal-only LoRA (every train row, max 512 tokens) behind a gate, a logistic probe on one
+# decoder layer's output at the last prompt token that applies the adapter only to prompts it
+# flags. gated-v2 (the default since the evening of 2026-11-28): the probe reads layer 18 of 30
+# (depth 0.6) and fires above logit 0.5; its negatives include 600 ordinary requests the base
+# model wrote itself (selfinstruct.jsonl), so it flags fewer ordinary prompts, and 400 harmful
+# and 600 benign train requests wrapped in train templates, so that the request inside a
+# template decides, not the template. Chosen on the whole validation split by
+# bench/gate_sweep.py. It needs a folder from `data build` with its defaults (the 224
+# train-only look-alikes and the 600 self-written requests). A gated patch cannot be merged or stacked under a round of `redteam`; `anchor-v2`
+# is the best always-on recipe.
 #
 # anchor-v2 (the default of 2026-11-28 morning): the paper's LoRA plus a KL anchor to the base
 # on benign answers (weight 8; 8 rows a step, half borderline look-alikes, half general
@@ -218,11 +230,16 @@ def parse_steps(spec: str) -> list[int]:
 _ANCHOR_V2 = {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
               "anchor_kl": 8.0, "borderline_share": 0.5, "decision_weight": 8.0, "decision_tokens": 4,
               "max_train_rows": None, "max_seq_len": 512, "stop_after": 0.685}
-# Gate at half depth: layer 15 of SmolLM2-135M's 30, the layer bench/gate_sweep.py chose (16 of
-# a 32-layer 7B model; middle layers are where refusal-relevant features are linearly readable).
-_GATED = {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
-          "general_ratio": 0.0, "contrast_ratio": 0.0, "max_train_rows": None, "max_seq_len": 512,
-          "gate_depth": 0.5, "gate_threshold": 0.0}
+# The gate's depth is a fraction so that the recipe carries across models (0.6: layer 18 of
+# SmolLM2-135M's 30, 19 of a 32-layer 7B model; middle layers are where refusal-relevant
+# features are linearly readable). v1 read layer 15 at threshold 0 without self-written
+# negatives: it met every validation constraint but flagged 3 of 65 ordinary test prompts,
+# and their NLL drift alone broke the NLL target (docs/recipes.md).
+_GATED_V1 = {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
+             "general_ratio": 0.0, "contrast_ratio": 0.0, "max_train_rows": None, "max_seq_len": 512,
+             "gate_depth": 0.5, "gate_threshold": 0.0}
+_GATED = _GATED_V1 | {"gate_depth": 0.6, "gate_threshold": 0.5, "gate_self_instruct": 600, "gate_wrapped_harmful": 400,
+                      "gate_wrapped_benign": 600}
 RECIPES: dict[str, dict] = {
     "paper": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
               "general_ratio": 0.0, "contrast_ratio": 0.0},
@@ -237,10 +254,13 @@ RECIPES: dict[str, dict] = {
     # The previous default (2026-11-27), kept by name: anchor 3, no decision weighting, 400 rows.
     "anchor-v1": {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
                   "anchor_kl": 3.0, "borderline_share": 0.5, "max_train_rows": 400, "max_seq_len": 512},
-    # The paper's refusal-only LoRA plus a gate (gate.py): a probe on layer 15's output at the
+    # The paper's refusal-only LoRA plus a gate (gate.py): a probe on layer 18's output at the
     # last prompt token, fit on the train split, applies the adapter only to prompts it flags;
     # the rest get the base model exactly. Layer and threshold: bench/gate_sweep.py.
     "gated": dict(_GATED),
+    # The default of 2026-11-28 afternoon, kept by name (layer 15, threshold 0, no self-written
+    # negatives; 4 of the 5 test targets, docs/recipes.md). The adapter is the same.
+    "gated-v1": dict(_GATED_V1),
     "full-safety": {"method": "full", "lr": 1e-5},
     # anchor-v1's data and KL anchor with every weight trained (bench/recipe_sweep.py,
     # full-anchor3-bl0.5): it beat anchor-v1 on the test split. Never a default: its output is

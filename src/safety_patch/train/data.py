@@ -163,6 +163,16 @@ def gate_prompts(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[list[dict
                 if not msgs or msgs[-1].get("role") != "user":
                     raise SafetyPatchError(f"{path}:{n}: expected a user turn")
                 benign.append(msgs)
+    si: list[list[dict]] = []
+    if cfg.gate_self_instruct:
+        path = d / "selfinstruct.jsonl"
+        if not path.is_file():
+            raise SafetyPatchError(f"{path} not found: gate_self_instruct {cfg.gate_self_instruct} needs "
+                                   f"`safety-patch data build --self-instruct N`")
+        si = [r["messages"][:-1] for _, r in iter_jsonl(path)][: cfg.gate_self_instruct]
+        if any(not m or m[-1].get("role") != "user" for m in si):
+            raise SafetyPatchError(f"{path}: expected user/assistant rows")
+        benign.extend(si)
     if not harmful or not benign:
         raise SafetyPatchError(f"{d}: the gate needs harmful (train.jsonl) and benign (borderline/general) train prompts")
     templates = []
@@ -174,5 +184,15 @@ def gate_prompts(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[list[dict
         for msgs in rng.sample(benign, min(cfg.gate_wrapped_benign, len(benign))):
             t = rng.choice(templates)
             wrapped.append(msgs[:-1] + [{"role": "user", "content": t.render(msgs[-1]["content"])}])
+    wrapped_h = []
+    if cfg.gate_wrapped_harmful and templates:
+        # Drawn after the benign ones, so that adding them leaves the benign draw unchanged.
+        requests = sorted({r["meta"]["request"] for _, r in iter_jsonl(d / "train.jsonl") if r.get("meta", {}).get("request")})
+        for req in rng.sample(requests, min(cfg.gate_wrapped_harmful, len(requests))):
+            wrapped_h.append([{"role": "user", "content": rng.choice(templates).render(req)}])
     counts = {"harmful": len(harmful), "benign": len(benign), "wrapped_benign": len(wrapped)}
-    return harmful, benign + wrapped, counts
+    if wrapped_h:
+        counts["wrapped_harmful"] = len(wrapped_h)
+    if si:
+        counts["self_instruct"] = len(si)
+    return harmful + wrapped_h, benign + wrapped, counts
