@@ -234,10 +234,14 @@ def test_cli_gate_flags(data_dir, tiny_dir, tmp_path):
     from safety_patch.cli import main
 
     common = ["train", "--data", str(data_dir), "--model", str(tiny_dir), "--max-train-rows", "4", "--batch-size", "4"]
+    # the folder has no selfinstruct.jsonl: the recipe's 600 self-written negatives are turned off
     assert main(common + ["--out", str(tmp_path / "a"), "--recipe", "gated", "--gate-layer", "0",
-                          "--gate-threshold", "2.5"]) == 0
+                          "--gate-threshold", "2.5", "--gate-self-instruct", "0", "--gate-wrapped-harmful", "3",
+                          "--gate-wrapped-benign", "2"]) == 0
     meta = json.loads((tmp_path / "a" / "patch.json").read_text())
     assert meta["gate"]["layer"] == 0 and meta["gate"]["threshold"] == 2.5
+    assert meta["gate"]["prompts"]["wrapped_harmful"] == 3 and meta["gate"]["prompts"]["wrapped_benign"] == 2
+    assert "self_instruct" not in meta["gate"]["prompts"]
     assert main(common + ["--out", str(tmp_path / "b"), "--gate-layer", "-1"]) == 0  # the default, ungated
     assert "gate" not in json.loads((tmp_path / "b" / "patch.json").read_text())
 
