@@ -1,5 +1,8 @@
 """Wall time of `safety-patch data build` on a fresh cache (self-distillation included), and cached.
 
+The warm build must write the same files as the cold one (sha256 from both manifests): the
+generation cache holds greedy answers and the self-written requests' sampling rounds.
+
 Run: .venv/bin/python bench/data_build.py
 
 The model cache is shared (conversion is measured by bench/model_load.py); the generation
@@ -32,6 +35,7 @@ def main() -> None:
             os.symlink(real_home / "models", h / "models")
         env = dict(os.environ, SAFETY_PATCH_HOME=str(h))
         rows = []
+        cold_files = None
         for label in ("cold (distillation runs)", "warm (generation cache)"):
             out = Path(tmp) / "data"
             shutil.rmtree(out, ignore_errors=True)
@@ -40,11 +44,15 @@ def main() -> None:
                            check=True, capture_output=True)
             m = read_manifest(out)
             c = m["counts"]
+            cold_files = cold_files or m["files"]
+            si = c.get("self_instruct") or {}
             rows.append({"build": label, "seconds": round(time.time() - t0, 1),
                          "train_conversations": c["rows_per_split"]["train"],
                          "test_behaviours": c["behaviours_per_split"]["test"],
                          "general": sum(c["general_per_split"].values()),
-                         "borderline": sum(c["borderline_per_split"].values())})
+                         "borderline": sum(c["borderline_per_split"].values()),
+                         "self_instruct": si.get("kept", 0), "self_instruct_s": si.get("seconds"),
+                         "files_identical_to_cold": m["files"] == cold_files})
     print_table(rows)
     write("data_build", {"rows": rows})
 

@@ -247,6 +247,36 @@ def test_self_instruct_filters_what_it_samples(tiny_dir, monkeypatch):
     assert counts["near_eval"] > 0 and counts["near_duplicate"] > 0
 
 
+def test_self_instruct_sampling_rounds_are_cached(tiny_dir, tmp_path, monkeypatch):
+    """A rebuild reads the sampled requests back (same requests, no sampling); other settings miss."""
+    from safety_patch import generation
+    from safety_patch.data import selfinstruct
+    from safety_patch.models import load_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    calls = []
+
+    def fake(model, tokenizer, texts, config, progress=None):  # a new answer on every call, like sampling
+        calls.append(len(texts))
+        return [(f"request {len(calls)}-{i} about planting tomatoes in spring", i % 3 != 0) for i in range(len(texts))]
+
+    monkeypatch.setattr(generation, "complete_texts", fake)
+    cache = generation.GenerationCache(tmp_path / "gen.sqlite")
+    first, c1 = selfinstruct.sample_prompts(lm, 6, seed=0, batch_size=4, cache=cache)
+    n_calls = len(calls)
+    assert n_calls >= 1 and c1["cached_rounds"] == 0
+    again, c2 = selfinstruct.sample_prompts(lm, 6, seed=0, batch_size=4, cache=cache)
+    assert len(calls) == n_calls and again == first and c2["cached_rounds"] == n_calls
+    assert {k: v for k, v in c2.items() if k not in ("seconds", "cached_rounds")} == \
+        {k: v for k, v in c1.items() if k not in ("seconds", "cached_rounds")}
+    # another seed or batch size samples afresh (a sample depends on both)
+    for kw in ({"seed": 1, "batch_size": 4}, {"seed": 0, "batch_size": 5}):
+        before = len(calls)
+        other, c3 = selfinstruct.sample_prompts(lm, 6, cache=cache, **kw)
+        assert len(calls) > before and c3["cached_rounds"] == 0 and other != first
+    cache.close()
+
+
 def test_self_instruct_rows_in_the_data_folder(tiny_dir, tmp_path):
     cfg = DataConfig(distill=True, distill_max_new_tokens=4, max_per_source=30, self_instruct=6, template_max_chars=400)
     m = build(tmp_path / "o", cfg, model=str(tiny_dir))

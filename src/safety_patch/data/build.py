@@ -289,9 +289,9 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
                 forms = form_openers([r["meta"]["request"] for r in harmful["train"]])
                 prompts, si_info = sample_prompts(lm, cfg.self_instruct, cfg.seed, avoid=held_out,
                                                   near_dup_threshold=cfg.near_dup_threshold, forms=forms,
-                                                  form_share=cfg.self_instruct_form_share)
+                                                  form_share=cfg.self_instruct_form_share, cache=cache)
                 print(f"[data] self-instruct: kept {si_info['kept']} of {si_info['sampled']} sampled requests "
-                      f"in {si_info['seconds']:.0f}s")
+                      f"in {si_info['seconds']:.0f}s ({si_info['cached_rounds']} sampling rounds read from the cache)")
                 answers, _ = _distill(lm, [[{"role": "user", "content": p["prompt"]}] for p in prompts], cfg, cache,
                                       "self-instruct")
                 si_rows = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a}],

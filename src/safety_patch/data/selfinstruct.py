@@ -80,13 +80,21 @@ def form_openers(requests: Sequence[str], words: int = 2) -> list[str]:
 
 def sample_prompts(lm, n: int, seed: int, avoid: Sequence[str] = (), near_dup_threshold: float = 0.5,
                    max_new_tokens: int = 64, batch_size: int = 32, temperature: float = 1.0,
-                   top_p: float = 0.95, forms: Sequence[str] = (), form_share: float = 0.0) -> tuple[list[dict], dict]:
+                   top_p: float = 0.95, forms: Sequence[str] = (), form_share: float = 0.0,
+                   cache=None) -> tuple[list[dict], dict]:
     """Up to ``n`` filtered self-written user requests: ([{"prompt", "opener", "form"}], counts).
 
     Each sample starts from a generic opener, or with probability ``form_share`` from one of
     ``forms`` (the opening words of the refusal data, see ``form_openers``): benign requests in
     the refusal data's own phrasing, so that a patch cannot use the phrasing as its trigger.
-    Samples in rounds until ``n`` survive the filters or a round budget (4x n samples) is spent."""
+    Samples in rounds until ``n`` survive the filters or a round budget (4x n samples) is spent.
+
+    ``cache`` (a ``GenerationCache``): each round's completions are stored under the model's
+    fingerprint, the round's exact inputs (openers, batch size) and sampling settings (seed
+    included), so a rebuild with the same settings reads them back instead of sampling for
+    minutes, and gets the same requests. The round structure is deterministic given those
+    completions, so a cached rebuild is the same as the first build."""
+    import json
     import random
 
     from ..generation import GenerationConfig, complete_texts
@@ -95,7 +103,8 @@ def sample_prompts(lm, n: int, seed: int, avoid: Sequence[str] = (), near_dup_th
     prefix = user_turn_prefix(lm.tokenizer)
     kept: list[dict] = []
     seen: list[str] = []
-    counts = {"sampled": 0, "unfinished": 0, "length": 0, "harm_terms": 0, "near_duplicate": 0, "near_eval": 0}
+    counts = {"sampled": 0, "unfinished": 0, "length": 0, "harm_terms": 0, "near_duplicate": 0, "near_eval": 0,
+              "cached_rounds": 0}
     t0 = time.time()
     rnd = 0
     while len(kept) < n and counts["sampled"] < 4 * n:
@@ -105,7 +114,20 @@ def sample_prompts(lm, n: int, seed: int, avoid: Sequence[str] = (), near_dup_th
         openers = [o for o, _ in drawn]
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                batch_size=batch_size, seed=seed * 1000 + rnd)
-        outs = complete_texts(lm.model, lm.tokenizer, [prefix + o for o in openers], cfg)
+        texts_in = [prefix + o for o in openers]
+        key = None
+        if cache is not None:
+            # batch_size is in the inputs: unlike greedy decoding, a sample depends on how the
+            # prompts are batched (the RNG stream is shared across a batch).
+            key = cache.key(lm.fingerprint, "self-instruct-round", json.dumps([texts_in, batch_size]), cfg)
+            hit = cache.get_many([key]).get(key)
+        if key is not None and hit is not None:
+            outs = [(t, bool(stop)) for t, stop in json.loads(hit)]
+            counts["cached_rounds"] += 1
+        else:
+            outs = complete_texts(lm.model, lm.tokenizer, texts_in, cfg)
+            if key is not None:
+                cache.put_many({key: json.dumps(outs)})
         counts["sampled"] += m
         rnd += 1
         cands = []

@@ -218,8 +218,8 @@ def parse_steps(spec: str) -> list[int]:
 # and 600 benign train requests wrapped in train templates, so that the request inside a
 # template decides, not the template. Chosen on the whole validation split by
 # bench/gate_sweep.py. It needs a folder from `data build` with its defaults (the 224
-# train-only look-alikes and the 600 self-written requests). A gated patch cannot be merged or stacked under a round of `redteam`; `anchor-v2`
-# is the best always-on recipe.
+# train-only look-alikes and the 600 self-written requests). A gated patch cannot be merged
+# or stacked under a round of `redteam`; `anchor-v2` is the best always-on recipe.
 #
 # anchor-v2 (the default of 2026-11-28 morning): the paper's LoRA plus a KL anchor to the base
 # on benign answers (weight 8; 8 rows a step, half borderline look-alikes, half general
