@@ -176,8 +176,14 @@ def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path
     assert benign[:len(plain)] == plain and [m[-1]["content"] for m in benign[len(plain):]] == si[:3]
     assert all(len(m) == 1 and m[0]["role"] == "user" for m in benign[len(plain):])
     write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "assistant", "content": "x"}], "meta": {}}])
-    with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl: expected user/assistant rows"):
+    with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl:1: expected 'messages' ending with an assistant turn"):
         gate_prompts(d, TrainConfig(gate_self_instruct=1))
+    write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Sure."}],
+                                           "meta": {}} for p in si[:2]]
+                + [{"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}], "meta": {}}])
+    with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl:3: expected a user turn before the answer"):
+        gate_prompts(d, TrainConfig(gate_self_instruct=3))
+    assert gate_prompts(d, TrainConfig(gate_self_instruct=2))[2]["self_instruct"] == 2  # rows past N are not read
     with pytest.raises(SafetyPatchError, match="gate_self_instruct must be >= 0"):
         TrainConfig(gate_self_instruct=-1).validate()
 

@@ -151,7 +151,11 @@ def gate_prompts(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[list[dict
 
     d = Path(data_dir)
     rng = random.Random(cfg.seed)
-    harmful = list({repr(r["prompt"]): r["prompt"] for r in _read(d, "train.jsonl")}.values())
+    train_path = d / "train.jsonl"
+    if not train_path.is_file():
+        raise SafetyPatchError(f"{train_path} not found; rebuild the data folder with `safety-patch data build`")
+    train_rows = list(iter_jsonl(train_path))  # read once: the prompts here, the bare requests below
+    harmful = list({repr(p): p for p in (_pc(r, f"{train_path}:{n}")["prompt"] for n, r in train_rows)}.values())
     benign = []
     for name in ("borderline.jsonl", "general.jsonl"):
         path = d / name
@@ -169,9 +173,13 @@ def gate_prompts(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[list[dict
         if not path.is_file():
             raise SafetyPatchError(f"{path} not found: gate_self_instruct {cfg.gate_self_instruct} needs "
                                    f"`safety-patch data build --self-instruct N`")
-        si = [r["messages"][:-1] for _, r in iter_jsonl(path)][: cfg.gate_self_instruct]
-        if any(not m or m[-1].get("role") != "user" for m in si):
-            raise SafetyPatchError(f"{path}: expected user/assistant rows")
+        for n, r in iter_jsonl(path):
+            if len(si) == cfg.gate_self_instruct:
+                break
+            msgs = _pc(r, f"{path}:{n}")["prompt"]
+            if msgs[-1].get("role") != "user":
+                raise SafetyPatchError(f"{path}:{n}: expected a user turn before the answer")
+            si.append(msgs)
         benign.extend(si)
     if not harmful or not benign:
         raise SafetyPatchError(f"{d}: the gate needs harmful (train.jsonl) and benign (borderline/general) train prompts")
@@ -187,7 +195,7 @@ def gate_prompts(data_dir: str | Path, cfg: TrainConfig) -> tuple[list[list[dict
     wrapped_h = []
     if cfg.gate_wrapped_harmful and templates:
         # Drawn after the benign ones, so that adding them leaves the benign draw unchanged.
-        requests = sorted({r["meta"]["request"] for _, r in iter_jsonl(d / "train.jsonl") if r.get("meta", {}).get("request")})
+        requests = sorted({r["meta"]["request"] for _, r in train_rows if r.get("meta", {}).get("request")})
         for req in rng.sample(requests, min(cfg.gate_wrapped_harmful, len(requests))):
             wrapped_h.append([{"role": "user", "content": rng.choice(templates).render(req)}])
     counts = {"harmful": len(harmful), "benign": len(benign), "wrapped_benign": len(wrapped)}
