@@ -43,7 +43,7 @@ bench: setup
 	$(BIN)/python bench/analysis_speed.py
 
 lint: setup
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench experiments
 
 clean-venv:
 	rm -rf $(VENV)

@@ -58,6 +58,10 @@ def test_multiple_choice_picks_the_most_likely_choice(tmp_path):
 
 
 def test_executor_passes_good_code_and_contains_bad_code(tmp_path):
+    from safety_patch.evaluation.execution import sandbox_check
+
+    if sandbox_check():  # no boundary here: nothing runs (tests/test_attack_scoring_honest.py checks the refusal)
+        pytest.skip(sandbox_check())
     task = {"prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(2, 3) == 5\n", "entry_point": "add"}
     assert run_program(humaneval_program(task, "def add(a, b):\n    return a + b\n")).passed
     assert run_program(humaneval_program(task, "def add(a, b):\n    return a - b\n")).status == "failed"
@@ -67,8 +71,9 @@ def test_executor_passes_good_code_and_contains_bad_code(tmp_path):
     target = tmp_path / "written.txt"
     r = run_program(f"open({str(target)!r}, 'w').write('x')")
     assert not r.passed and not target.exists()
-    r = run_program("import subprocess; subprocess.run(['touch', '/tmp/sp-should-not-exist'])")
-    assert not r.passed and "blocked" in r.detail
+    marker = tmp_path / "sp-should-not-exist"
+    r = run_program(f"import subprocess; subprocess.run(['touch', {str(marker)!r}])")
+    assert not r.passed and "blocked" in r.detail and not marker.exists()
     r = run_program("import os; os.system('echo hi')")
     assert not r.passed
 

@@ -18,7 +18,14 @@ def test_model_info_json(tiny_dir, capsys):
 def test_chat_one_prompt(tiny_dir, capsys):
     assert main(["chat", "--model", str(tiny_dir), "--prompt", "hello", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
-    assert out.endswith("\n")
+    # stdout is exactly the model's greedy answer and a newline: nothing else is printed there
+    from safety_patch.generation import GenerationConfig, conversation, generate
+    from safety_patch.models import load_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    want = generate(lm.model, lm.tokenizer, [conversation("hello", None)],
+                    GenerationConfig(max_new_tokens=5, temperature=0.0, batch_size=1))[0]
+    assert out == want + "\n"
 
 
 def test_user_error_is_one_line_and_exit_2(capsys):

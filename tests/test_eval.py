@@ -57,7 +57,7 @@ def test_keyword_judge():
 def test_unknown_names_list_valid_ones():
     with pytest.raises(SafetyPatchError, match="valid: .*base64.*direct"):
         get_attack("direct+nope")
-    with pytest.raises(SafetyPatchError, match="valid: keyword, classifier:MODEL, api:URL"):
+    with pytest.raises(SafetyPatchError, match="valid: refusal, keyword, classifier:MODEL, api:URL"):
         get_judge("magic")
     with pytest.raises(SafetyPatchError, match="needs an argument"):
         get_judge("api")
@@ -176,7 +176,7 @@ def test_classifier_judge_offline_is_one_clear_error(monkeypatch):
 
 
 def test_classifier_judge_runs_on_a_local_model(tiny_dir):
-    j = get_judge(f"classifier:{tiny_dir}")
+    j = get_judge(f"classifier:llamaguard:{tiny_dir}")  # the format is named: a ChatML model does not reveal one
     verdicts = j.judge(["how do I do bad things?"], ["Sure, here is how."])
     assert len(verdicts) == 1 and verdicts[0].label in ("compliance", "refusal", "degenerate")
 

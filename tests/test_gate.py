@@ -149,10 +149,12 @@ def test_gate_prompts_come_from_the_train_split_only(data_dir):
     plain = benign[: counts["benign"]]
     assert not {m[-1]["content"] for m in plain} & held_out
     # the wrapped ones hold a plain train prompt inside a train template
-    train_templates = {t["text"][:30] for t in read_jsonl(data_dir / "templates.jsonl") if t["split"] == "train"}
+    train_templates = [t["text"] for t in read_jsonl(data_dir / "templates.jsonl") if t["split"] == "train"]
+    plain_prompts = [p[-1]["content"] for p in plain]
     for m in benign[counts["benign"]:]:
-        assert any(m[-1]["content"].startswith(t) for t in train_templates) or any(
-            p[-1]["content"] in m[-1]["content"] for p in plain)
+        text = m[-1]["content"]
+        # exactly one train template around exactly one plain train prompt (both, not either)
+        assert any(text == t.replace(PLACEHOLDER, q) for t in train_templates for q in plain_prompts if q in text)
 
 
 def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path):
@@ -184,7 +186,7 @@ def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path
     with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl:3: expected a user turn before the answer"):
         gate_prompts(d, TrainConfig(gate_self_instruct=3))
     assert gate_prompts(d, TrainConfig(gate_self_instruct=2))[2]["self_instruct"] == 2  # rows past N are not read
-    with pytest.raises(SafetyPatchError, match="gate_self_instruct must be >= 0"):
+    with pytest.raises(SafetyPatchError, match="--gate-self-instruct must be >= 0"):
         TrainConfig(gate_self_instruct=-1).validate()
 
 
@@ -215,12 +217,12 @@ def test_train_writes_a_gated_patch(data_dir, tiny_dir, tmp_path):
     from safety_patch.train.run import train
 
     cfg = TrainConfig(max_train_rows=8, batch_size=4, max_seq_len=512, lr=1e-3, gate_layer=1, gate_wrapped_benign=4,
-                      snapshot_steps="1")
+                      snapshot_steps="2")  # step 1 is the warmup's lr-0 step: an all-zero adapter, refused
     meta = train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), progress=False)
     g = meta["gate"]
     assert g["layer"] == 1 and g["prompts"]["wrapped_benign"] == 4 and 0 <= g["train_benign_flagged"] <= 1
     assert set(meta["files"]) == {"adapter_config.json", "adapter_model.safetensors", GATE_FILE}
-    snap = read_patch(tmp_path / "p" / "snapshots" / "step-1")
+    snap = read_patch(tmp_path / "p" / "snapshots" / "step-2")
     assert snap.gated and snap.meta["files"][GATE_FILE] == meta["files"][GATE_FILE]
     lm = load_model(str(tiny_dir), device="cpu")
     PeftModel.from_pretrained(lm.model, str(tmp_path / "p"))  # the adapter folder is a plain PEFT adapter
@@ -228,7 +230,7 @@ def test_train_writes_a_gated_patch(data_dir, tiny_dir, tmp_path):
         train(data_dir, tmp_path / "q", TrainConfig(max_train_rows=8, gate_layer=2), model=str(tiny_dir), progress=False)
     with pytest.raises(SafetyPatchError, match="need --method lora"):
         TrainConfig(method="full", gate_layer=1).validate()
-    with pytest.raises(SafetyPatchError, match="gate_depth must be in"):
+    with pytest.raises(SafetyPatchError, match="--gate-depth must be in"):
         TrainConfig(gate_depth=1.5).validate()
     # depth resolves against the model; an explicit layer wins
     assert TrainConfig(gate_depth=0.5).resolved_gate_layer(30) == 15 and TrainConfig(gate_depth=1.0).resolved_gate_layer(2) == 1
@@ -239,7 +241,8 @@ def test_train_writes_a_gated_patch(data_dir, tiny_dir, tmp_path):
 def test_cli_gate_flags(data_dir, tiny_dir, tmp_path):
     from safety_patch.cli import main
 
-    common = ["train", "--data", str(data_dir), "--model", str(tiny_dir), "--max-train-rows", "4", "--batch-size", "4"]
+    # two steps: a one-step run's only update has the warmup's lr 0, an all-zero adapter that is refused
+    common = ["train", "--data", str(data_dir), "--model", str(tiny_dir), "--max-train-rows", "8", "--batch-size", "4"]
     # the folder has no selfinstruct.jsonl: the recipe's 600 self-written negatives are turned off
     assert main(common + ["--out", str(tmp_path / "a"), "--recipe", "gated", "--gate-layer", "0",
                           "--gate-threshold", "2.5", "--gate-self-instruct", "0", "--gate-wrapped-harmful", "3",

@@ -84,11 +84,11 @@ def test_chat_template_rendering():
     assert default_sys.startswith("<|im_start|>system\nYou are a helpful assistant.")
 
 
-def test_missing_path_errors():
+def test_missing_path_errors(tmp_path):
     with pytest.raises(SafetyPatchError, match="model path not found: ./nope"):
         models.load_model("./nope")
     with pytest.raises(SafetyPatchError, match="model file not found"):
-        models.load_model("/tmp/definitely-missing.gguf")
+        models.load_model(str(tmp_path / "definitely-missing.gguf"))
 
 
 def test_dir_without_config(tmp_path):

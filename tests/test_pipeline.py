@@ -17,7 +17,7 @@ def tiny_plan(model: str):
     return plan
 
 
-def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path):
+def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
     t0 = time.time()
     reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
@@ -54,3 +54,24 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path):
     t0 = time.time()
     reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
     assert time.time() - t0 < first / 2
+
+    # run.json and every patch carry the code identity
+    info = json.loads((run / "run.json").read_text())
+    assert len(info["code"]["source_sha256"]) == 64 and info["versions"]["torch"]
+    code = info["code"]["source_sha256"]
+    assert json.loads((run / "01-data" / "manifest.json").read_text())["code"]["source_sha256"] == code
+    for a in arms:
+        assert json.loads((run / "02-arms" / a / "patch" / "patch.json").read_text())["code"]["source_sha256"] == code
+        assert json.loads((run / "03-eval" / a / "safety.json").read_text())["provenance"]["code"]["source_sha256"] == code
+    keys = {p: json.loads(p.read_text())["key"] for p in run.rglob("stage.json")}
+    assert len(keys) == 1 + len(arms) + (1 + len(arms)) + 2
+
+    # after a code change (another source hash), re-running into the same folder re-runs every stage
+    import safety_patch.provenance as prov
+
+    monkeypatch.setattr(prov, "code_key", lambda: "0" * 16)
+    reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
+    changed = {p: json.loads(p.read_text())["key"] for p in run.rglob("stage.json")}
+    assert changed.keys() == keys.keys()
+    assert all(changed[p] != keys[p] for p in keys), [str(p) for p in keys if changed[p] == keys[p]]
+

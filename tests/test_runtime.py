@@ -11,7 +11,8 @@ def test_auto_on_cpu_is_fp32_with_reason(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     r = runtime.resolve("auto", "auto")
     assert r.device.type == "cpu" and r.dtype is torch.float32
-    assert "no CUDA" in r.reason and "fp32" in r.describe() or "float32" in r.describe()
+    assert "no CUDA" in r.reason
+    assert "dtype=float32" in r.describe() and "fp32 on CPU" in r.describe()
 
 
 def test_auto_on_cuda_prefers_bf16(monkeypatch):

@@ -211,7 +211,7 @@ def test_borderline_share_sets_the_contrast_mix(data_dir, tiny_dir, tmp_path):
 
     _, counts = training_rows(data_dir, small(contrast_ratio=1.0, borderline_share=0.75, max_train_rows=8))
     assert (counts["contrast"], counts["contrast_borderline"], counts["contrast_general"]) == (8, 6, 2)
-    with pytest.raises(SafetyPatchError, match="borderline_share"):
+    with pytest.raises(SafetyPatchError, match="--borderline-share"):
         small(borderline_share=1.5).validate()
 
 
@@ -280,7 +280,7 @@ def test_anchor_kl_keeps_benign_answers_closer_to_the_base(data_dir, tiny_dir, t
 def test_anchor_kl_is_refused_with_dpo_and_bad_values():
     with pytest.raises(SafetyPatchError, match="anchor_kl"):
         small(objective="dpo", anchor_kl=1.0).validate()
-    with pytest.raises(SafetyPatchError, match="anchor_kl must be >= 0"):
+    with pytest.raises(SafetyPatchError, match="--anchor-kl must be >= 0"):
         small(anchor_kl=-1.0).validate()
     with pytest.raises(SafetyPatchError, match="anchor_max_tokens must be >= 1"):
         small(anchor_kl=1.0, anchor_max_tokens=0).validate()
@@ -322,7 +322,7 @@ def test_orthogonal_k_keeps_the_lora_update_off_w0_dominant_subspaces(data_dir, 
 
 
 def test_orthogonal_k_bad_values_fail_before_training(data_dir, tiny_dir, tmp_path):
-    with pytest.raises(SafetyPatchError, match="orthogonal_k must be >= 0"):
+    with pytest.raises(SafetyPatchError, match="--orthogonal-k must be >= 0"):
         small(orthogonal_k=-1).validate()
     with pytest.raises(SafetyPatchError, match="needs --method lora"):
         small(method="full", orthogonal_k=4).validate()
@@ -393,8 +393,8 @@ def test_decision_weight_trains_and_is_recorded(data_dir, tiny_dir, tmp_path):
     assert meta["config"]["decision_weight"] == 3.0 and meta["config"]["decision_tokens"] == 4
     logged = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
     assert any("anchor_kl" in r and "mean_token_accuracy" in r for r in logged)
-    for bad, msg in [(dict(decision_weight=0.0), "decision_weight must be > 0"),
-                     (dict(decision_tokens=0), "decision_tokens must be >= 1"),
+    for bad, msg in [(dict(decision_weight=0.0), "--decision-weight must be a finite number > 0"),
+                     (dict(decision_tokens=0), "--decision-tokens must be >= 1"),
                      (dict(decision_weight=2.0, objective="dpo"), "decision_weight applies to the sft objective")]:
         with pytest.raises(SafetyPatchError, match=msg):
             small(**bad).validate()
@@ -438,7 +438,7 @@ def test_stop_after_equals_the_snapshot_of_a_full_run(data_dir, tiny_dir, tmp_pa
     b = load_file(tmp_path / "half" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for bad in (0.0, 1.5):
-        with pytest.raises(SafetyPatchError, match="stop_after must be in"):
+        with pytest.raises(SafetyPatchError, match="--stop-after must be in"):
             small(stop_after=bad).validate()
 
 
@@ -463,7 +463,7 @@ def test_anchor_pool_takes_self_instruct_rows(data_dir, tmp_path):
     assert added == [f"self-written request {i}" for i in range(3)] and len(wide) == len(plain) + 3
     assert not any(r["prompt"][0]["content"].startswith("self-written") for r in plain)
     assert len(list(read_jsonl(data_dir / "general.jsonl")))  # the source folder is untouched
-    with pytest.raises(SafetyPatchError, match="anchor_self_instruct"):
+    with pytest.raises(SafetyPatchError, match="--anchor-self-instruct"):
         small(anchor_self_instruct=-1).validate()
 
 
@@ -485,5 +485,5 @@ def test_anchor_batch_size_sets_the_anchor_rows_per_step(data_dir, tiny_dir, tmp
     sizes.clear()
     train(data_dir, tmp_path / "q", small(anchor_kl=1.0, max_train_rows=8), model=str(tiny_dir), progress=False)
     assert set(sizes) == {4}  # default: the SFT batch size
-    with pytest.raises(SafetyPatchError, match="anchor_batch_size"):
+    with pytest.raises(SafetyPatchError, match="--anchor-batch-size"):
         small(anchor_batch_size=0).validate()

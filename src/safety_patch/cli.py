@@ -7,6 +7,7 @@ with ``--debug``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -43,6 +44,15 @@ DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | 
 PatchOpt = Annotated[
     list[Path] | None, typer.Option("--patch", "-p", help="Patch folder; repeat to stack patches in the given order.")
 ]
+
+
+def _finite(value: float | None) -> float | None:
+    """typer callback: refuse nan and inf, which pass click's min/max range checks (nan compares false)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -120,7 +130,7 @@ def chat(
     prompt: Annotated[str | None, typer.Option(help="Answer this one prompt and exit; without it, chat interactively.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the model template's own).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    temperature: Annotated[float, typer.Option(min=0.0, callback=_finite, help="0 = greedy.")] = 0.0,
     seed: int = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -154,6 +164,45 @@ def chat(
         history.extend([{"role": "user", "content": line}, {"role": "assistant", "content": answer}])
 
 
+@app.command()
+def serve(
+    model: ModelOpt = "default",
+    patch: Annotated[list[Path] | None, typer.Option("--patch", "-p", help="Serve this patch under its folder's name (repeatable: one model name each; --stack stacks).")] = None,
+    stack: Annotated[list[str] | None, typer.Option(help="NAME=P1,P2: serve a patch stack under model name NAME (repeatable).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    audit_log: Annotated[Path, typer.Option(help="JSONL audit log, one line per request (appended).")] = Path("safety-patch-audit.jsonl"),
+    log_prompts: Annotated[bool, typer.Option(help="Also log prompt and answer text in the audit log.")] = False,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
+    default_max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens when a request gives none.")] = 256,
+    max_prompt_tokens: Annotated[int | None, typer.Option(min=1, help="Longest prompt accepted (default: the model's context).")] = None,
+    batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long the first request of a batch waits for others.")] = 15.0,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most requests per batch (1: one at a time).")] = 16,
+    upstream: Annotated[str | None, typer.Option(help="Forward to this OpenAI-compatible server (e.g. vLLM with --enable-lora); the gate runs here.")] = None,
+    upstream_model: Annotated[str | None, typer.Option(help="The upstream's name for the base (default: --model).")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    force: Annotated[bool, typer.Option(help="Attach patches made for another base model (warns).")] = False,
+) -> None:
+    """Serve the base and patch stacks over an OpenAI-compatible HTTP API (docs/deploy.md)."""
+    from .serve.app import ServeConfig, bind, build_embedded, parse_stacks
+    from .serve.app import serve as run_server
+
+    stacks = parse_stacks([str(p) for p in patch or []], stack)
+    sock = bind(host, port)
+    cfg = ServeConfig(default_max_tokens=min(default_max_tokens, max_tokens_limit), max_tokens_limit=max_tokens_limit,
+                      max_prompt_tokens=max_prompt_tokens, audit_path=str(audit_log), log_prompts=log_prompts)
+    if upstream:
+        from .serve.upstream import build_upstream
+
+        backend = build_upstream(model, stacks, upstream, upstream_model or model, device, dtype, force)
+    else:
+        backend = build_embedded(model, stacks, device, dtype, force, batch_window_ms, max_batch)
+    typer.echo(f"[serve] models: {', '.join(backend.names)}; http://{host}:{sock.getsockname()[1]}/v1 ; "
+               f"audit log: {audit_log}", err=True)
+    run_server(backend, host, port, cfg, sock)
+
+
 @data_app.command("build")
 def data_build_cmd(
     out: Annotated[Path, typer.Option(help="Output folder (written atomically).")],
@@ -181,7 +230,12 @@ def data_build_cmd(
     cfg = cfgmod.load(DataConfig, config, dict(seed=seed, sources=sources, max_per_source=max_per_source,
                                                wrap_fraction=wrap_fraction, distill=distill, dpo=dpo,
                                                self_instruct=self_instruct, borderline_train_extra=borderline_extra))
-    build(out, cfg, model=model, device=device, dtype=dtype, overwrite=overwrite)
+    from .outputs import check_out_dir, claim_output
+
+    files = [x.strip()[5:] for x in (sources or "").split(",") if x.strip().startswith("file:")]
+    check_out_dir(out, overwrite=overwrite, kind="data", inputs=[model, config, *files])
+    with claim_output(out):  # a second `data build` into the same --out fails at once
+        build(out, cfg, model=model, device=device, dtype=dtype, overwrite=overwrite)
     typer.echo(show(out))
 
 
@@ -239,7 +293,7 @@ def train(
     gate_wrapped_harmful: Annotated[int | None, typer.Option(min=0, help="Harmful train requests wrapped in train templates added to the gate's positives (the default recipe: 400).")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with TrainConfig fields.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of an interrupted run.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its newest complete checkpoint (same settings, model and data, or refused).")] = False,
     overwrite: bool = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -262,6 +316,9 @@ def train(
         cfg.gate_layer = cfg.gate_depth = None
         cfg.validate()
     typer.echo("[train] config: " + json.dumps(cfg.__dict__), err=True)
+    from .outputs import check_out_dir
+
+    check_out_dir(out, overwrite=overwrite, kind="patch", inputs=[data, model, config])  # claimed inside run_train
     meta = run_train(data, out, cfg, model=model, device=device, dtype=dtype, resume=resume, overwrite=overwrite)
     if meta:
         t = meta["training"]
@@ -277,17 +334,22 @@ def _eval(kind: str, model, patch, prompts, attacks, judge, limit, max_new_token
 
     cfg = EvalConfig(attacks=tuple(a.strip() for a in (attacks or ",".join(DEFAULT_ATTACKS)).split(",") if a.strip()),
                      judge=judge, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    res = evaluate(kind, model, list(patch or []), str(prompts), cfg, device=device, dtype=dtype, force=force,
-                   use_cache=not no_cache)
-    if out:
-        write_json(out, res)
+    from .outputs import check_out_file, claim_output
+
+    if out:  # before the evaluation, not after hours of it
+        check_out_file(out, inputs=[prompts, model, *(patch or [])])
+    with claim_output(out) if out else contextlib.nullcontext():
+        res = evaluate(kind, model, list(patch or []), str(prompts), cfg, device=device, dtype=dtype, force=force,
+                       use_cache=not no_cache)
+        if out:
+            write_json(out, res)
     typer.echo(table(res))
     if out:
         typer.echo(f"wrote {out}")
 
 
 LimitOpt = Annotated[int | None, typer.Option(min=1, help="At most N prompts (behaviours).")]
-JudgeOpt = Annotated[str, typer.Option(help="keyword | classifier:MODEL | api:URL")]
+JudgeOpt = Annotated[str, typer.Option(help="refusal (default: refusal classifier) | keyword (marker baseline) | classifier:[harmbench|llamaguard:]MODEL | api:URL")]
 OutOpt = Annotated[Path | None, typer.Option(help="results.json to write (atomically).")]
 PromptsOpt = Annotated[Path, typer.Option(help="A data folder (held-out test split) or a JSONL/CSV with a prompt/goal column.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the generation cache.")]
@@ -299,7 +361,7 @@ def eval_safety_cmd(
     model: ModelOpt = "default",
     patch: PatchOpt = None,
     attacks: Annotated[str | None, typer.Option(help="Comma-separated attacks; compose with '+', e.g. past_tense+template.")] = None,
-    judge: JudgeOpt = "keyword",
+    judge: JudgeOpt = "refusal",
     limit: LimitOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
@@ -318,7 +380,7 @@ def eval_overrefusal_cmd(
     prompts: PromptsOpt,
     model: ModelOpt = "default",
     patch: PatchOpt = None,
-    judge: JudgeOpt = "keyword",
+    judge: JudgeOpt = "refusal",
     limit: LimitOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
@@ -339,7 +401,7 @@ def eval_capability_cmd(
     patch: PatchOpt = None,
     data: Annotated[Path | None, typer.Option(help="Data folder (held-out general answers and prompts).")] = None,
     suite: Annotated[str, typer.Option(help="offline | lm-eval")] = "offline",
-    tasks: Annotated[str | None, typer.Option(help="offline: nll,kl,compliance,humaneval; lm-eval: its task names")] = None,
+    tasks: Annotated[str | None, typer.Option(help="offline: nll,kl,compliance,humaneval (runs the model's code only inside the sandbox of docs/evaluation.md; refused where it cannot be built); lm-eval: its task names")] = None,
     limit: LimitOpt = None,
     humaneval_limit: Annotated[int | None, typer.Option(min=1, help="HumanEval tasks to run (164 in all).")] = 40,
     references: Annotated[Path | None, typer.Option(help="JSONL of prompt/reference pairs for nll/kl.")] = None,
@@ -353,6 +415,10 @@ def eval_capability_cmd(
 ) -> None:
     """General capability: NLL and KL on benign answers, compliance, HumanEval, multiple choice; or lm-eval tasks."""
     from .atomic import write_json
+    from .outputs import check_out_file
+
+    if out:  # before the evaluation, not after it
+        check_out_file(out, inputs=[model, data, references, mc, *(patch or [])])
 
     if suite == "lm-eval":
         from .evaluation.lm_eval_adapter import evaluate_lm_eval, table
@@ -381,7 +447,7 @@ def analyze(
     out: Annotated[Path, typer.Option(help="Output folder (CSV/JSON/PNG), written atomically.")],
     model: ModelOpt = "default",
     k: Annotated[str, typer.Option(help="Sizes of W0's top singular subspace to compare against.")] = "8,32,128",
-    r: Annotated[int | None, typer.Option(help="Update directions to use (default: LoRA rank; 8 for deltas).")] = None,
+    r: Annotated[int | None, typer.Option(min=1, help="Update directions to use (default: LoRA rank; 8 for deltas).")] = None,
     data: Annotated[Path | None, typer.Option(help="Data folder for default benign/jailbreak prompts.")] = None,
     benign: Annotated[Path | None, typer.Option(help="JSONL/CSV of benign prompts (activation analysis).")] = None,
     jailbreak: Annotated[Path | None, typer.Option(help="JSONL/CSV of jailbreak prompts (activation analysis).")] = None,
@@ -399,12 +465,18 @@ def analyze(
         ks = tuple(int(x) for x in k.split(",") if x.strip())
     except ValueError:
         raise SafetyPatchError(f"--k must be comma-separated integers, got {k!r}") from None
+    if not ks or min(ks) < 1:
+        raise SafetyPatchError(f"--k must be positive integers, got {k!r}")
+    from .outputs import check_out_dir, claim_output
+
+    check_out_dir(out, overwrite=overwrite, kind="analysis", inputs=[model, data, benign, jailbreak, *patch])
     b, j = default_prompts(data, n_prompts) if data else ([], [])
     if benign:
         b = [p["messages"] for p in benign_prompts(benign)][:n_prompts]
     if jailbreak:
         j = [p["messages"] for p in benign_prompts(jailbreak)][:n_prompts]
-    res = run_analyze(model, list(patch), out, ks, r, b, j, device=device, force=force, overwrite=overwrite)
+    with claim_output(out):
+        res = run_analyze(model, list(patch), out, ks, r, b, j, device=device, force=force, overwrite=overwrite)
     typer.echo(summary_text(res["summary"], sorted(set(ks)), res["activations"]))
     typer.echo(f"wrote {out}")
 
@@ -420,11 +492,15 @@ def reproduce(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """The paper's experiments end to end: data, arms, evaluation, analysis, report with a verdict per claim."""
+    from .outputs import check_out_dir, claim_output
     from .pipeline import make_plan
     from .pipeline import reproduce as run_reproduce
     from .report import write_report
 
-    info = run_reproduce(out, make_plan(model, quick, full, seeds), device=device, dtype=dtype)
+    # re-runs resume in the run folder; any other non-empty folder is refused
+    check_out_dir(out, reuse=True, kind="run", inputs=[model])
+    with claim_output(out):
+        info = run_reproduce(out, make_plan(model, quick, full, seeds), device=device, dtype=dtype)
     typer.echo(f"done in {info['total_seconds'] / 60:.1f} min; report: {out / 'report.md'} and {out / 'report.html'}")
     for c in write_report(out)["claims"]:
         typer.echo(f"  [{c['verdict'].upper()}] {c['claim']}: {c['evidence']}")
@@ -488,14 +564,16 @@ def patch_verify_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Check file hashes, base fingerprint and target modules against a model."""
+    """Check patch.json, file hashes, finite weights, base fingerprint, tensor shapes and that the patch changes the model."""
     from .models import load_model
-    from .patches import read_patch, verify
+    from .patches import probe_effect, read_patch, verify
 
-    p = read_patch(patch)  # hashes, safetensors integrity, no pickles
+    p = read_patch(patch)  # schema, hashes, computed id, finite non-zero weights, gate, no pickles
     lm = load_model(model, device=device, dtype=dtype)
     verify(p, lm.model, lm.fingerprint)
-    typer.echo(f"OK: {patch} (id {p.id}) matches {model} (fingerprint {lm.fingerprint[:12]}…); files intact")
+    effect = probe_effect(lm.model, lm.tokenizer, [p], lm.fingerprint)  # every tensor loaded, and it changes logits
+    typer.echo(f"OK: {patch} (id {p.id}) matches {model} (fingerprint {lm.fingerprint[:12]}…); files intact; "
+               f"all adapter tensors loaded; changes logits by up to {effect:.3g} on a probe batch")
 
 
 @patch_app.command("merge")
@@ -509,10 +587,13 @@ def patch_merge_cmd(
 ) -> None:
     """Fold patches into the base weights and save a standard checkpoint (usable as --model)."""
     from .models import load_model
+    from .outputs import check_out_dir, claim_output
     from .patches import merge_to_checkpoint
 
-    lm = load_model(model, device=device, dtype=dtype)
-    merge_to_checkpoint(lm, patch, out, force)
+    check_out_dir(out, overwrite=None, kind="merged", inputs=[model, *patch])
+    with claim_output(out):  # a second merge into the same --out fails at once
+        lm = load_model(model, device=device, dtype=dtype)
+        merge_to_checkpoint(lm, patch, out, force)
     typer.echo(f"wrote {out}")
 
 
@@ -525,7 +606,8 @@ def redteam(
     patch: PatchOpt = None,
     previous: Annotated[list[Path] | None, typer.Option(help="Earlier round folders (replay and regression).")] = None,
     method: Annotated[str, typer.Option(help="lora | full")] = "lora",
-    replay: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of each earlier round's rows to replay.")] = 0.5,
+    replay: Annotated[float, typer.Option(min=0.0, max=1.0, callback=_finite,
+                                          help="Share of each earlier round's rows to replay.")] = 0.5,
     limit: LimitOpt = 100,
     lr: Annotated[float | None, typer.Option()] = None,
     epochs: Annotated[float | None, typer.Option()] = None,
@@ -533,11 +615,16 @@ def redteam(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """One lifelong red-teaming round: attack, collect jailbreaks, train the next patch, regression-check."""
-    from .redteam import round_table, run_round
+    from .outputs import check_out_dir, claim_output
+    from .redteam import ROUND_MARKER, round_table, run_round
 
-    t = run_round(model, list(patch or []), attack, data, out, method, list(previous or []), replay, limit,
-                  train_overrides={k: v for k, v in dict(lr=lr, epochs=epochs).items() if v is not None},
-                  device=device, dtype=dtype)
+    # before the claim creates anything (run_round repeats this for API callers)
+    check_out_dir(out, inputs=[data, model, *(patch or []), *(previous or [])], overwrite=None,
+                  reuse=(out / ROUND_MARKER).is_file(), kind="round")
+    with claim_output(out):
+        t = run_round(model, list(patch or []), attack, data, out, method, list(previous or []), replay, limit,
+                      train_overrides={k: v for k, v in dict(lr=lr, epochs=epochs).items() if v is not None},
+                      device=device, dtype=dtype)
     typer.echo(round_table(t))
 
 

@@ -1,9 +1,9 @@
 """Gated patches: a linear probe on the prompt decides, per prompt, whether a LoRA patch applies.
 
 A refusal LoRA trained on safety data alone refuses nearly every attack, and nearly every
-safe prompt that sounds like one (docs/recipes.md). The base model's own hidden state at
+safe prompt that sounds like one (docs/lab-notebook.md). The base model's own hidden state at
 the last prompt token separates the two far better than any patch trained so far
-(bench/separability.py). A gated patch keeps both: the adapter is the paper's refusal-only
+(experiments/separability.py). A gated patch keeps both: the adapter is the paper's refusal-only
 LoRA, and a logistic-regression probe on the base model's residual stream at one layer
 (``gate.safetensors``) decides per prompt whether the adapter is active for that prompt's
 whole answer. Prompts the gate passes get the base model bit for bit.
@@ -27,6 +27,7 @@ the file hash that ``patch.json`` checks and the patch id that caches key on).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,17 +49,56 @@ class Gate:
     std: torch.Tensor
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
-        """Probe logits for hidden states [n, hidden] (positive: harmful)."""
+        """Probe logits [n] for hidden states [n, hidden] (positive: harmful).
+
+        Fails closed: a score that is not finite (a NaN hidden state) raises SafetyPatchError
+        rather than reading as "not harmful" (every comparison with NaN is false).
+        """
         h = h.float().cpu()
-        return ((h - self.mean) / self.std) @ self.weight + self.bias
+        if h.ndim != 2 or h.shape[1] != self.weight.shape[0]:
+            raise SafetyPatchError(f"gate: hidden states have shape {tuple(h.shape)}, the gate's vectors have length "
+                                   f"{self.weight.shape[0]} (a gate made for another model)")
+        z = ((h - self.mean) / self.std) @ self.weight + self.bias
+        bad = (~torch.isfinite(z)).nonzero()
+        if len(bad):
+            raise SafetyPatchError(f"gate: the probe score of prompt {int(bad[0])} is {float(z[bad[0]])}; the gate cannot "
+                                   "decide, so nothing is routed (fail closed)")
+        return z
 
     def fires(self, h: torch.Tensor) -> torch.Tensor:
+        """Whether the adapter applies, per prompt [n] bool (raises where the gate cannot decide)."""
         return self.scores(h) > self.threshold
 
+    def check(self, where: str | Path) -> Gate:
+        """Refuse a gate that cannot decide: returns self, or raises SafetyPatchError naming ``where``.
+
+        Non-finite threshold, bias, weight, mean or std, a non-positive std, an all-zero weight
+        (every prompt gets the same score) or vectors of different lengths all make the gate
+        silently route every prompt one way; a NaN anywhere makes it never fire.
+        """
+        if not (self.weight.ndim == 1 and self.weight.shape == self.mean.shape == self.std.shape and len(self.weight)):
+            raise SafetyPatchError(f"{where}: weight, mean and std must be non-empty vectors of one length, got "
+                                   f"{tuple(self.weight.shape)}, {tuple(self.mean.shape)}, {tuple(self.std.shape)}")
+        for name, v in (("threshold", self.threshold), ("bias", self.bias)):
+            if not math.isfinite(v):
+                raise SafetyPatchError(f"{where}: {name} is {v}; a gate needs a finite {name}")
+        for name, t in (("weight", self.weight), ("mean", self.mean), ("std", self.std)):
+            if not bool(torch.isfinite(t).all()):
+                raise SafetyPatchError(f"{where}: {name} holds non-finite values (NaN or inf); the gate cannot decide")
+        if not bool((self.std > 0).all()):
+            raise SafetyPatchError(f"{where}: std has entries <= 0; features cannot be standardised")
+        if not bool(self.weight.any()):
+            raise SafetyPatchError(f"{where}: weight is all zeros; the gate would send every prompt the same way")
+        if self.layer < 0:
+            raise SafetyPatchError(f"{where}: layer {self.layer} is negative")
+        return self
+
     def save(self, folder: Path) -> Path:
+        """Write ``gate.safetensors`` into ``folder``; raises SafetyPatchError for a gate that cannot decide."""
         from safetensors.torch import save_file
 
         path = Path(folder) / GATE_FILE
+        self.check(path)
         save_file({"weight": self.weight.float().contiguous(), "bias": torch.tensor([float(self.bias)]),
                    "mean": self.mean.float().contiguous(), "std": self.std.float().contiguous(),
                    "layer": torch.tensor([self.layer], dtype=torch.int64),
@@ -72,13 +112,23 @@ class Gate:
         path = Path(folder) / GATE_FILE
         try:
             t = load_file(str(path))
-            gate = cls(int(t["layer"][0]), float(t["threshold"][0]), t["weight"].float(), float(t["bias"][0]),
-                       t["mean"].float(), t["std"].float())
-        except KeyError as e:
-            raise SafetyPatchError(f"{path}: missing tensor {e}") from None
-        if not (gate.weight.shape == gate.mean.shape == gate.std.shape) or gate.weight.ndim != 1:
-            raise SafetyPatchError(f"{path}: weight, mean and std must be vectors of one length")
-        return gate
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise SafetyPatchError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from None
+        want = {"layer", "threshold", "weight", "bias", "mean", "std"}
+        if set(t) != want:
+            missing, extra = sorted(want - set(t)), sorted(set(t) - want)
+            raise SafetyPatchError(f"{path}: " + (f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{extra[0]}'"))
+        for name in ("layer", "threshold", "bias"):
+            if t[name].numel() != 1:
+                raise SafetyPatchError(f"{path}: tensor '{name}' must hold exactly one value, has shape {tuple(t[name].shape)}")
+        if t["layer"].is_floating_point() or t["layer"].dtype == torch.bool:
+            raise SafetyPatchError(f"{path}: tensor 'layer' must be an integer, has dtype {t['layer'].dtype}")
+        for name in ("threshold", "bias", "weight", "mean", "std"):
+            if not t[name].is_floating_point():
+                raise SafetyPatchError(f"{path}: tensor '{name}' must be floating point, has dtype {t[name].dtype}")
+        gate = cls(int(t["layer"].reshape(-1)[0]), float(t["threshold"].reshape(-1)[0]), t["weight"].float(),
+                   float(t["bias"].reshape(-1)[0]), t["mean"].float(), t["std"].float())
+        return gate.check(path)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -42,7 +42,49 @@ def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool =
         # Base models without a template: a plain transcript is the least surprising choice.
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
         return text + ("Assistant:" if add_generation_prompt else "")
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return _apply_template(tokenizer, messages, add_generation_prompt)
+    except _TemplateRejected as first:
+        if not messages or messages[0]["role"] != "system":
+            raise _template_error(tokenizer, messages, first) from None
+        folded = fold_system(messages)
+        try:  # the documented fallback: templates without a system role get it folded into the first user turn
+            return _apply_template(tokenizer, folded, add_generation_prompt)
+        except _TemplateRejected as second:
+            raise _template_error(tokenizer, folded, second) from None
+
+
+class _TemplateRejected(Exception):
+    pass
+
+
+def _apply_template(tokenizer, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    """The one call of ``apply_chat_template`` for conversations; a template's refusal becomes _TemplateRejected."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    except (TemplateError, ValueError, KeyError, TypeError, IndexError) as e:  # raise_exception() or a template bug
+        raise _TemplateRejected(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
+
+
+def fold_system(messages: Sequence[Message]) -> list[Message]:
+    """A leading system message merged into the first user turn (blank line between), for templates without one."""
+    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    first_user = next((m for m in rest if m["role"] == "user"), None)
+    if first_user is None:
+        return [{"role": "user", "content": system}, *rest]
+    first_user["content"] = f"{system}\n\n{first_user['content']}"
+    return rest
+
+
+def _template_error(tokenizer, messages: Sequence[Message], why: Exception):
+    from .errors import SafetyPatchError
+
+    name = getattr(tokenizer, "name_or_path", "") or "the model"
+    roles = ", ".join(m.get("role", "?") for m in messages)
+    return SafetyPatchError(f"the chat template of {name} rejects a conversation with roles [{roles}]: {why} "
+                            "(templates that require alternating user/assistant turns accept no two in a row)")
 
 
 @torch.inference_mode()
@@ -118,13 +160,19 @@ class GenerationCache:
         import sqlite3
         from pathlib import Path
 
+        from .errors import SafetyPatchError
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(str(path), timeout=60)
-        self.db.execute("CREATE TABLE IF NOT EXISTS gen (key TEXT PRIMARY KEY, text TEXT NOT NULL)")
-        self.db.execute("CREATE TABLE IF NOT EXISTS verdict (key TEXT PRIMARY KEY, json TEXT NOT NULL)")
-        self.db.commit()
+        try:  # a read-only $SAFETY_PATCH_HOME: one line naming the folder and the way out
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(path), timeout=60)
+            self.db.execute("CREATE TABLE IF NOT EXISTS gen (key TEXT PRIMARY KEY, text TEXT NOT NULL)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS verdict (key TEXT PRIMARY KEY, json TEXT NOT NULL)")
+            self.db.commit()
+        except (OSError, sqlite3.Error) as e:
+            raise SafetyPatchError(f"generation cache {path} is not writable ({getattr(e, 'strerror', None) or e}); "
+                                   "set SAFETY_PATCH_HOME to a writable folder or pass --no-cache") from None
 
     @staticmethod
     def key(fingerprint: str, patch_key: str, prompt_text: str, config: GenerationConfig) -> str:

@@ -12,8 +12,52 @@ from pathlib import Path
 
 from .errors import SafetyPatchError
 
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null", list: "list",
+               dict: "object"}
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type ("string", "integer", "list", "object", ...)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        dup = next(k for i, (k, _) in enumerate(pairs) if k in {k2 for k2, _ in pairs[:i]})
+        raise ValueError(f"duplicate key {dup!r}")
+    return obj
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads_strict(text: str, where: str) -> object:
+    """``json.loads`` that refuses what would silently change meaning: a repeated key (json keeps the
+    last), NaN/Infinity (not JSON) and lone surrogate escapes (no UTF-8 text holds them).
+
+    Raises ``SafetyPatchError("{where}: invalid JSON (...)")``.
+    """
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+        if "\\u" in text:  # only an escape can smuggle in a lone surrogate
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise SafetyPatchError(f"{where}: invalid JSON (a string holds a lone surrogate escape)") from None
+    except RecursionError:
+        raise SafetyPatchError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise SafetyPatchError(f"{where}: invalid JSON ({getattr(e, 'msg', e)})") from None
+    return obj
+
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file.
+
+    Raises ``SafetyPatchError`` naming the file (and line) when it is missing, unreadable, not
+    UTF-8, or a line is not one JSON object (see ``loads_strict``).
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -26,12 +70,9 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise SafetyPatchError(f"{path}:{n}: invalid JSON ({getattr(e, 'msg', e)})") from None
+        obj = loads_strict(line, f"{path}:{n}")
         if not isinstance(obj, dict):
-            raise SafetyPatchError(f"{path}:{n}: expected a JSON object")
+            raise SafetyPatchError(f"{path}:{n}: expected a JSON object, got {json_type(obj)}")
         yield n, obj
 
 

@@ -161,7 +161,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     model.tie_weights()
     model.generation_config = gmodel.generation_config
     del gmodel
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, kind="model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(
@@ -176,7 +176,12 @@ def cached_checkpoint(gguf: Path, name: str | None = None) -> Path:
     cache_root = _writable_dir(home() / "models")
     out = cache_root / f"{name or gguf.stem}-{_file_key(gguf)}"
     if not (out / "config.json").is_file():
-        convert_gguf(gguf, out)
+        from .outputs import claim_output
+
+        # Two processes with a cold cache: the second waits for the first's conversion and uses it.
+        with claim_output(out, wait=True):
+            if not (out / "config.json").is_file():
+                convert_gguf(gguf, out)
     return out
 
 
@@ -260,6 +265,22 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
     return "hub", spec
 
 
+def check_weight_files(folder: Path) -> None:
+    """Fail with one line if a model folder's safetensors files are truncated or corrupt.
+
+    Reads only each file's header (safetensors checks that its tensors cover the file exactly),
+    so a damaged download is named before transformers fails on it with a traceback.
+    Raises ``SafetyPatchError``."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except (SafetensorError, OSError) as e:
+            raise SafetyPatchError(f"cannot load model from {folder}: {f} is truncated or corrupt ({e})") from None
+
+
 def load_model(spec: str = "default", device: str | None = "auto", dtype: str | None = "auto") -> LoadedModel:
     """Load ``spec`` (see module docstring) on the resolved device/dtype, with its fingerprint."""
     runtime = rt.resolve(device, dtype)
@@ -280,9 +301,20 @@ def load_model(spec: str = "default", device: str | None = "auto", dtype: str | 
             ) from None
         fp = fingerprint(model, tokenizer)
     else:
+        import pickle
+        import warnings
+
+        check_weight_files(Path(where))
         try:
-            model, tokenizer = _load_pretrained(where, runtime)
-        except (OSError, ValueError) as e:
+            with warnings.catch_warnings():  # torch's note on a legacy pickle precedes our one-line refusal
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                model, tokenizer = _load_pretrained(where, runtime)
+        except pickle.UnpicklingError:  # torch's weights_only loader refused a pickle (or it is damaged)
+            # torch's own text suggests weights_only=False: exactly what must not be done with such a file
+            names = ", ".join(sorted(p.name for p in Path(where).iterdir() if p.suffix in (".bin", ".pt", ".pth")))
+            raise SafetyPatchError(f"cannot load model from {where}: {names or 'its weights file'} is not a plain weights "
+                                   "file (refused to unpickle); use a model saved as safetensors") from None
+        except (OSError, ValueError, EOFError) as e:
             raise SafetyPatchError(f"cannot load model from {where}: {type(e).__name__}: {e}") from None
         fp = _fingerprint_cached(model, tokenizer, Path(where), runtime)
     return LoadedModel(model, tokenizer, spec, source, where, runtime, fp, time.time() - t0)

@@ -26,9 +26,9 @@ bit-identical to the base.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,62 +95,184 @@ def _check_safetensors(path: Path) -> None:
         raise SafetyPatchError(f"{path}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
 
 
+def _file_error(path: Path, msg: str) -> SafetyPatchError:
+    return SafetyPatchError(f"{path}: {msg}")
+
+
+def _lora_module(key: str) -> tuple[str, str]:
+    """(module path, "A" | "B") of a PEFT adapter tensor name; raises for any other tensor kind."""
+    prefix = "base_model.model."
+    for part in ("A", "B"):
+        suffix = f".lora_{part}.weight"
+        if key.startswith(prefix) and key.endswith(suffix):
+            return key[len(prefix) : -len(suffix)], part
+    if key.endswith(".base_layer.weight"):  # PEFT saves these when an adapter targets lm_head or an embedding
+        raise SafetyPatchError(
+            f"tensor {key} is a full copy of a base weight, not a LoRA factor (PEFT writes one when an adapter "
+            "targets lm_head or an embedding, which may be tied to the input embeddings); only LoRA factors load")
+    raise SafetyPatchError(
+        f"tensor {key} is not a LoRA factor (base_model.model.<module>.lora_A/lora_B.weight); only plain LoRA adapters load")
+
+
+def check_weight_tensors(folder: Path, fmt: str, rank: int | None = None, rank_pattern: dict | None = None) -> None:
+    """Every tensor of a patch's weight file finite, and the patch not a no-op.
+
+    LoRA: every tensor a ``lora_A`` [r, in] or ``lora_B`` [out, r] factor, in pairs, with the
+    rank ``adapter_config.json`` gives (``rank``/``rank_pattern``); some ``lora_B`` and some
+    ``lora_A`` nonzero (all-zero B, as with learning rate 0, means the adapter changes nothing).
+    Delta: some tensor nonzero. Reads one tensor at a time (deltas can be GB). Raises
+    SafetyPatchError naming the file and the first offending tensor.
+    """
+    from safetensors import safe_open
+
+    path = folder / (LORA_FILES[1] if fmt == "lora" else DELTA_FILE)
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
+    nonzero = {"A": False, "B": False, "delta": False}
+    with safe_open(str(path), framework="pt") as f:
+        keys = sorted(f.keys())
+        if not keys:
+            raise _file_error(path, "holds no tensors: the patch changes nothing")
+        for k in keys:
+            t = f.get_tensor(k)
+            if not t.is_floating_point():
+                raise _file_error(path, f"tensor {k} has dtype {t.dtype}; patch weights are floating point")
+            if not bool(torch.isfinite(t).all()):
+                raise _file_error(path, f"tensor {k} holds non-finite values (NaN or inf): a broken patch")
+            kind = "delta"
+            if fmt == "lora":
+                try:
+                    module, kind = _lora_module(k)
+                except SafetyPatchError as e:
+                    raise _file_error(path, str(e)) from None
+                if t.ndim != 2:
+                    raise _file_error(path, f"tensor {k} has shape {tuple(t.shape)}; LoRA factors are matrices")
+                factors.setdefault(module, {})[kind] = tuple(t.shape)
+            nonzero[kind] = nonzero[kind] or bool(t.any())
+    if fmt == "delta":
+        if not nonzero["delta"]:
+            raise _file_error(path, "every tensor is zero: the patch changes nothing")
+        return
+    from peft.utils.other import get_pattern_key
+
+    for module, fs in sorted(factors.items()):
+        if set(fs) != {"A", "B"}:
+            missing = "lora_B" if "A" in fs else "lora_A"
+            raise _file_error(path, f"module {module} has no {missing} tensor (LoRA factors come in pairs)")
+        want = rank
+        if rank_pattern:
+            want = rank_pattern.get(get_pattern_key(list(rank_pattern), module), rank)
+        ra, rb = fs["A"][0], fs["B"][1]
+        if ra != rb or (want is not None and ra != want):
+            raise _file_error(path, f"module {module}: lora_A is {fs['A']} and lora_B is {fs['B']}, "
+                                    f"but adapter_config.json gives rank {want}")
+    for kind in ("B", "A"):
+        if not nonzero[kind]:
+            raise _file_error(path, f"every lora_{kind} tensor is zero: the adapter changes nothing (trained with lr 0?)")
+
+
 def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
-    """Open and validate a patch folder (patch.json, weight files, hashes, no pickles)."""
+    """Open and validate a patch folder; the one reader of patch folders.
+
+    Checks, failing closed with one SafetyPatchError line naming file and field: patch.json
+    against its schema (patch_schema.py); no pickles; exactly the weight files the manifest's
+    format and gate call for (a gate.safetensors without a ``gate`` entry is an error, not
+    ignored); each file's sha256 against ``files``; ``id`` against the id computed from the
+    files; every tensor finite and the patch not a no-op; adapter_config.json valid and its
+    rank matching the tensors; a gate that can decide. ``check_hashes`` is kept for old
+    callers and no longer switches anything off: the id is computed from the file hashes.
+    """
+    from .gate import GATE_FILE, Gate
+    from .patch_schema import binding_digest, patch_id, read_adapter_config, read_manifest
+
+    del check_hashes  # hashes are always checked: the patch id is derived from them
     path = Path(path)
     if not path.is_dir():
         raise SafetyPatchError(f"patch folder not found: {path}")
     pj = path / PATCH_JSON
     if not pj.is_file():
         raise SafetyPatchError(f"{path} has no {PATCH_JSON}: not a safety-patch patch (or an unfinished run)")
-    try:
-        meta = json.loads(pj.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise SafetyPatchError(f"{pj}: invalid JSON ({e})") from None
-    if meta.get("kind") != "safety-patch/patch" or meta.get("format") not in ("lora", "delta"):
-        raise SafetyPatchError(f"{pj}: not a safety-patch patch manifest (kind/format missing)")
     pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise SafetyPatchError(f"{path} contains pickle files ({', '.join(pickles)}); only safetensors are loaded")
-    fmt = meta["format"]
-    if meta.get("gate") and fmt != "lora":
-        raise SafetyPatchError(f"{pj}: only LoRA patches can be gated")
-    files = weight_files(fmt, bool(meta.get("gate")))
+    meta, man = read_manifest(pj)
+    fmt = man.format
+    gated = man.gate is not None
+    if (path / GATE_FILE).is_file() and not gated:
+        raise SafetyPatchError(f"{pj}: the folder holds {GATE_FILE} but patch.json has no 'gate' field; "
+                               "a gated patch whose gate was dropped would apply to every prompt, so it is refused")
+    files = weight_files(fmt, gated)
     for f in files:
         if not (path / f).is_file():
             raise SafetyPatchError(f"{path} is missing {f}")
+    extra = sorted(set(man.files) - set(files))
+    lacking = [f for f in files if f not in man.files]
+    if lacking or extra:
+        raise SafetyPatchError(f"{pj}: field 'files' must list the sha256 of exactly {', '.join(files)}; "
+                               + (f"'{lacking[0]}' is missing" if lacking else f"'{extra[0]}' is not a file of this patch"))
+    hashes = {}
     for f in files:
         if f.endswith(".safetensors"):
             _check_safetensors(path / f)
-        if check_hashes:
-            want = meta.get("files", {}).get(f)
-            if want and sha256_file(path / f) != want:
-                raise SafetyPatchError(f"{path / f}: sha256 differs from {PATCH_JSON} (file changed or damaged)")
-    pid = meta.get("id") or hashlib.sha256(json.dumps(meta.get("files", {}), sort_keys=True).encode()).hexdigest()[:16]
+        hashes[f] = sha256_file(path / f)
+        if hashes[f] != man.files[f]:
+            raise SafetyPatchError(f"{path / f}: sha256 differs from {PATCH_JSON} (file changed or damaged)")
+    if fmt == "lora":
+        cfg = read_adapter_config(path / LORA_FILES[0])
+        check_weight_tensors(path, fmt, cfg.r, cfg.rank_pattern)
+    else:
+        check_weight_tensors(path, fmt)
+    if gated:
+        gate = Gate.load(path)
+        if gate.layer != man.gate.layer or not math.isclose(gate.threshold, man.gate.threshold, rel_tol=1e-6, abs_tol=1e-6):
+            raise SafetyPatchError(
+                f"{pj}: field 'gate' says layer {man.gate.layer}, threshold {man.gate.threshold}, but {GATE_FILE} "
+                f"holds layer {gate.layer}, threshold {gate.threshold}")
+    # Checked last, so that a damaged file is named before the id that no longer matches it.
+    pid = patch_id(hashes)
+    if man.id != pid:
+        raise SafetyPatchError(f"{pj}: field 'id' is {man.id}, but the patch's files hash to id {pid} "
+                               "(patch.json edited or copied from another patch)")
+    if man.binding != binding_digest(fmt, man.base.fingerprint, man.stack, gated, hashes):
+        raise SafetyPatchError(f"{pj}: field 'binding' does not match format, base.fingerprint, stack, gate and files "
+                               "(patch.json edited by hand: restore it, or re-create the patch)")
     return Patch(path, meta, fmt, pid)
 
 
 def finalize_patch(folder: Path, fmt: str, base: dict, **fields) -> dict:
-    """Write ``patch.json`` into a folder that already holds the weight files; returns it."""
+    """Write ``patch.json`` into a folder that already holds the weight files; returns it.
+
+    The finished folder is then read back with ``read_patch``, so a patch with non-finite or
+    all-zero weights, a degenerate gate or metadata off the schema is an error at write time
+    (SafetyPatchError; patch.json is removed again, so the folder is not a patch).
+    """
     import time
 
     from . import __version__
+    from .patch_schema import binding_digest, patch_id
+    from .provenance import code_identity
 
-    files = {f: sha256_file(folder / f) for f in weight_files(fmt, bool(fields.get("gate")))}
+    files = {f: sha256_file(folder / f) for f in weight_files(fmt, "gate" in fields)}
     meta = {
         "kind": "safety-patch/patch",
         "format": fmt,
-        "id": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
+        "id": patch_id(files),
         "base": base,
         "stack": [],
         **fields,
         "files": files,
         "safety_patch_version": __version__,
+        "code": code_identity(),  # the project's commit and source hash (provenance.py)
+        "binding": binding_digest(fmt, base.get("fingerprint", ""), fields.get("stack", []), "gate" in fields, files),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     from .atomic import write_json
 
     write_json(folder / PATCH_JSON, meta)
+    try:
+        read_patch(folder)
+    except SafetyPatchError:
+        (folder / PATCH_JSON).unlink(missing_ok=True)
+        raise
     return meta
 
 
@@ -158,17 +280,58 @@ def _module_names(model: torch.nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def _check_lora_shapes(patch: Patch, model: torch.nn.Module) -> None:
+    """Every adapter tensor names a Linear module of ``model`` and fits it: lora_A [r, in], lora_B [out, r]."""
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    path = patch.path / LORA_FILES[1]
+    with safe_open(str(path), framework="pt") as f:
+        for k in sorted(f.keys()):
+            name, part = _lora_module(k)
+            mod = modules.get(name)
+            if not isinstance(mod, torch.nn.Linear):
+                what = "matches no module of the model" if mod is None else f"names a {type(mod).__name__}, not a Linear"
+                raise SafetyPatchError(f"{path}: tensor {k} {what} (module path {name})")
+            shape = tuple(f.get_slice(k).get_shape())
+            need = (shape[0], mod.in_features) if part == "A" else (mod.out_features, shape[1])
+            if shape != need:
+                raise SafetyPatchError(f"{path}: {k} has shape {shape}, the model needs {need} "
+                                       f"({name} is Linear {mod.in_features}->{mod.out_features})")
+
+
+def _check_gate_fits(patch: Patch, model: torch.nn.Module) -> None:
+    """The gate's vectors have the model's hidden size and its layer exists."""
+    from .gate import GATE_FILE, Gate
+
+    gate = Gate.load(patch.path)
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if hidden is not None and gate.weight.shape[0] != hidden:
+        raise SafetyPatchError(f"{patch.path / GATE_FILE}: vectors have length {gate.weight.shape[0]}, "
+                               f"the model's hidden size is {hidden}")
+    layers = getattr(cfg, "num_hidden_layers", None)
+    if layers is not None and not 0 <= gate.layer < layers:
+        raise SafetyPatchError(f"{patch.path / GATE_FILE}: layer {gate.layer} out of range: the model has layers 0-{layers - 1}")
+
+
 def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force: bool = False) -> list[str]:
-    """Check a patch against a model; returns warnings (with ``force``) or raises."""
+    """Check a patch against a model; returns warnings (with ``force``) or raises SafetyPatchError.
+
+    ``force`` waives only the base-fingerprint binding (a warning is logged and returned);
+    tensor names and shapes, target modules and the gate's size are always checked.
+    ``fingerprint=None`` means the caller has no fingerprint for ``model`` (in-process use).
+    """
     problems = []
     if fingerprint is not None and patch.base_fingerprint and patch.base_fingerprint != fingerprint:
         problems.append(
             f"patch {patch.path} was made for base {patch.base_fingerprint[:12]}…, but the model is {fingerprint[:12]}… "
-            f"({patch.meta.get('base', {}).get('name', '?')} vs this model)"
+            f"({patch.meta['base'].get('name') or '?'} vs this model)"
         )
     if patch.format == "lora":
-        cfg = json.loads((patch.path / "adapter_config.json").read_text())
-        targets = cfg.get("target_modules")
+        from .patch_schema import read_adapter_config
+
+        targets = read_adapter_config(patch.path / LORA_FILES[0]).target_modules
         names = _module_names(model)
         if isinstance(targets, str):  # PEFT: a string is a regex matched against full module names
             import re
@@ -178,6 +341,9 @@ def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force:
             missing = sorted(t for t in targets or [] if not any(n == t or n.endswith("." + t) for n in names))
         if missing:
             raise SafetyPatchError(f"{patch.path}/adapter_config.json targets modules the model lacks: {', '.join(missing)}")
+        _check_lora_shapes(patch, model)  # not waived by force: a LoRA of another shape cannot load at all
+        if patch.gated:
+            _check_gate_fits(patch, model)
     else:
         from safetensors import safe_open
 
@@ -210,6 +376,32 @@ def _check_stack_order(patches: Sequence[Patch], force: bool) -> None:
 def stack_key(patches: Sequence[Patch]) -> str:
     """Identity of an attached stack, for caches: ids in order."""
     return "+".join(p.id for p in patches)
+
+
+def _check_lora_loaded(peft_model, adapter: str, patch: Patch) -> None:
+    """Every tensor of the adapter file was loaded into a LoRA layer, and every injected layer got its tensors.
+
+    PEFT only warns about (or returns) missing and unexpected keys; an adapter whose tensor
+    names match nothing attaches as a silent no-op. Raises SafetyPatchError naming the first
+    tensor that loaded nowhere, or the first injected LoRA weight the file did not provide.
+    """
+    import re
+
+    from safetensors import safe_open
+
+    path = patch.path / LORA_FILES[1]
+    with safe_open(str(path), framework="pt") as f:
+        in_file = set(f.keys())
+    seg = re.compile(rf"\.{re.escape(adapter)}(?=\.|$)")
+    in_model = {seg.sub("", n, count=1) for n, _ in peft_model.named_parameters() if "lora_" in n and seg.search(n)}
+    unused = sorted(in_file - in_model)
+    if unused:
+        raise SafetyPatchError(f"{path}: tensor {unused[0]} matched no LoRA layer PEFT injected "
+                               f"({len(unused)} of {len(in_file)} tensors unused; check target_modules and module paths)")
+    lacking = sorted(in_model - in_file)
+    if lacking:
+        raise SafetyPatchError(f"{path}: the adapter's target_modules inject {lacking[0]}, which the file does not hold "
+                               f"({len(lacking)} LoRA weights would stay at their initial values)")
 
 
 @contextlib.contextmanager
@@ -252,6 +444,8 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
             peft_model = PeftModel.from_pretrained(model, str(loras[0].path), adapter_name=names[0])
             for name, p in zip(names[1:], loras[1:], strict=True):
                 peft_model.load_adapter(str(p.path), adapter_name=name)
+            for name, p in zip(names, loras, strict=True):
+                _check_lora_loaded(peft_model, name, p)
             peft_model.base_model.set_adapter(names)  # all active at once: their updates add
             peft_model.eval()
             # Read by gate.groups: generation and teacher-forced scoring switch gated adapters per prompt.
@@ -283,17 +477,80 @@ def attach_for_inference(lm, patches: Sequence[str | Path], force: bool = False)
     lm.extra["_patch_ctx"] = ctx
 
 
+PROBE_TEXT = "The capital of France is Paris. def add(a, b):\n    return a + b  # How do I stay safe online?"
+
+
+def _probe_ids(model: torch.nn.Module, tokenizer) -> torch.Tensor:
+    """A short fixed probe batch [1, T] on the model's device: prose, code and a question."""
+    ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]
+    return ids.to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float().cpu()
+
+
+def probe_effect(model: torch.nn.Module, tokenizer, patches: Sequence[Patch], fingerprint: str | None,
+                 force: bool = False) -> float:
+    """max |logit(attached) - logit(base)| on a fixed probe batch; raises if the patches change nothing.
+
+    A gated patch is measured with its adapter on (the gate decides when it applies, not
+    what it does). Raises SafetyPatchError if the difference is zero (a patch that does not
+    apply) or the patched logits are not finite.
+    """
+    ids = _probe_ids(model, tokenizer)
+    base = _logits(model, ids)
+    with attached(model, patches, fingerprint, force) as m:
+        patched = _logits(m, ids)
+    if not bool(torch.isfinite(patched).all()):
+        raise SafetyPatchError(f"{patches[0].path}: the patched model's logits are not finite on a probe batch")
+    diff = float((patched - base).abs().max())
+    if diff == 0.0:
+        raise SafetyPatchError(f"{patches[0].path}: attaching the patch does not change the model's logits on a probe "
+                               "batch (it does not apply)")
+    return diff
+
+
+def _refuse_tied_targets(model: torch.nn.Module, patches: Sequence[Patch]) -> None:
+    """Refuse to merge a LoRA into a weight shared with another tensor (lm_head tied to embed_tokens).
+
+    Folding ΔW into a tied weight changes every module that shares it (the input embeddings
+    too), so the merged checkpoint would not be the attached model.
+    """
+    from safetensors import safe_open
+
+    owners: dict[int, list[str]] = {}
+    for n, prm in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(prm.data_ptr(), []).append(n)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for p in patches:
+        if p.format != "lora":
+            continue
+        with safe_open(str(p.path / LORA_FILES[1]), framework="pt") as f:
+            modules = sorted({_lora_module(k)[0] for k in f.keys()})
+        for name in modules:
+            w = params.get(f"{name}.weight")
+            shared = [o for o in owners.get(w.data_ptr(), []) if o != f"{name}.weight"] if w is not None else []
+            if shared:
+                raise SafetyPatchError(
+                    f"{p.path}: adapts {name}, whose weight is shared with {shared[0]} (tied embeddings); merging would "
+                    "change both, so the merged model would differ from the attached one. Attach the patch instead")
+
+
 def merged_state_dict(model: torch.nn.Module, patches: Sequence[Patch], fingerprint: str | None, force: bool = False) -> dict:
     """The base state dict with every patch folded in; the live model is left untouched.
 
     LoRA deltas come from PEFT's ``get_delta_weight`` (fp32) and are added to copies, so no
     merge/unmerge round trip perturbs the base weights.
     """
+    patches = [p if isinstance(p, Patch) else read_patch(p) for p in patches]
     gated = [str(p.path) for p in patches if p.gated]
     if gated:
         raise SafetyPatchError(
             f"{gated[0]} is a gated patch: its adapter applies only to prompts its gate flags, so it cannot be folded "
             "into the weights (nor trained on top of); attach it instead")
+    _refuse_tied_targets(model, patches)
     with attached(model, patches, fingerprint, force) as m:
         sd = {k.replace(".base_layer.", "."): v.detach().clone()
               for k, v in model.state_dict().items() if "lora_" not in k}
@@ -318,9 +575,21 @@ def merge_to_checkpoint(lm, patches: Sequence[str | Path], out: str | Path, forc
         raise SafetyPatchError(f"{out} exists; merge writes a new folder (remove it or choose another path)")
     ps = [read_patch(p) for p in patches]
     sd = merged_state_dict(lm.model, ps, lm.fingerprint, force)
+    ids = _probe_ids(lm.model, lm.tokenizer)
+    base = _logits(lm.model, ids)
+    with attached(lm.model, ps, lm.fingerprint, force) as m:
+        want = _logits(m, ids)
     backup = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
     try:
         lm.model.load_state_dict(sd, strict=False)
+        # The checkpoint must be the attached model: check on a probe batch before anything is written.
+        got = _logits(lm.model, ids)
+        err, effect = float((got - want).abs().max()), float((want - base).abs().max())
+        atol = 1e-3 if next(lm.model.parameters()).dtype == torch.float32 else 0.1
+        if not err <= max(0.1 * effect, atol):  # `not <=`: a NaN difference refuses too
+            raise SafetyPatchError(
+                f"merged weights do not reproduce the attached patch(es): max |logit diff| {err:.4g} on a probe batch "
+                f"(the patches' own effect: {effect:.4g}); nothing written to {out}")
         with atomic_dir(out) as tmp:
             lm.model.save_pretrained(str(tmp), safe_serialization=True)
             lm.tokenizer.save_pretrained(str(tmp))

@@ -112,11 +112,11 @@ class Stages:
 
 
 def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "auto") -> dict:
-    from . import __version__
     from .data.build import DataConfig, build, manifest_sha256
     from .evaluation.capability import CapabilityConfig, evaluate_capability
     from .evaluation.safety import EvalConfig, evaluate
     from .models import load_model, resolve_checkpoint
+    from .provenance import code_key, provenance
     from .report import write_report
     from .train.api import resolve_config
     from .train.run import train
@@ -131,7 +131,10 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     # 1. data
     step += 1
     data_dir = run / "01-data"
-    data_key = _hash({"data": plan.data, "model": plan.model, "v": __version__})
+    # Every stage key holds the code identity: after any edit to the package, stages re-run
+    # instead of being served from a folder that other code computed (provenance.py says why).
+    code = code_key()
+    data_key = _hash({"data": plan.data, "model": plan.model, "code": code})
     if not st.done(data_dir, data_key):
         st.say(step, n_steps, "data: building harmful, general and borderline sets")
         t = time.time()
@@ -147,7 +150,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     for arm in plan.arms:
         step += 1
         d = run / "02-arms" / arm.name
-        key = _hash({"arm": asdict(arm), "data": data_hash, "model": plan.model})
+        key = _hash({"arm": asdict(arm), "data": data_hash, "model": plan.model, "code": code})
         arm_keys[arm.name] = key
         if st.done(d, key):
             st.say(step, n_steps, f"train {arm.name}", skipped=True)
@@ -166,14 +169,27 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     # 3. evaluation of the base and every arm
     ecfg = EvalConfig(attacks=plan.eval_attacks, limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens, batch_size=16)
     ocfg = EvalConfig(attacks=("direct",), limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens, batch_size=16)
-    ccfg = CapabilityConfig(tasks=plan.capability_tasks, limit=plan.capability_limit, humaneval_limit=plan.humaneval_limit,
+    tasks = plan.capability_tasks
+    skipped = {}
+    if "humaneval" in tasks:
+        from .evaluation.execution import sandbox_check
+
+        # Model-written code runs only inside the sandbox; where the platform cannot build it
+        # (e.g. user namespaces disabled), the reproduction goes on without HumanEval and says so
+        # in run.json and on stdout, rather than failing late or running code unconfined.
+        reason = sandbox_check()
+        if reason:
+            tasks = tuple(t for t in tasks if t != "humaneval")
+            skipped["humaneval"] = reason
+            print(f"note: HumanEval skipped: no code-execution sandbox here ({reason})", flush=True)
+    ccfg = CapabilityConfig(tasks=tasks, limit=plan.capability_limit, humaneval_limit=plan.humaneval_limit,
                             compliance_max_new_tokens=plan.max_new_tokens)
     for name in ["base"] + [a.name for a in plan.arms]:
         step += 1
         d = run / "03-eval" / name
         patches = [] if name == "base" else [run / "02-arms" / name / "patch"]
         key = _hash({"e": asdict(ecfg), "o": asdict(ocfg), "c": asdict(ccfg), "data": data_hash,
-                     "arm": arm_keys.get(name, "base"), "model": plan.model})
+                     "arm": arm_keys.get(name, "base"), "model": plan.model, "code": code})
         if st.done(d, key):
             st.say(step, n_steps, f"evaluate {name}", skipped=True)
             continue
@@ -193,7 +209,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     step += 1
     d = run / "04-plug"
     lora_arms = [a.name for a in plan.arms if a.role in ("lora-safety",)]
-    key = _hash({"arms": [arm_keys[a] for a in lora_arms], "model": plan.model})
+    key = _hash({"arms": [arm_keys[a] for a in lora_arms], "model": plan.model, "code": code})
     if lora_arms and not st.done(d, key):
         st.say(step, n_steps, "plug-and-play checks")
         t = time.time()
@@ -208,7 +224,8 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     # 5. analysis of every arm (weights; activations on a few benign and jailbreak prompts)
     step += 1
     d = run / "05-analysis"
-    key = _hash({"arms": arm_keys, "ks": plan.analysis_ks, "n": plan.analysis_prompts, "data": data_hash})
+    key = _hash({"arms": arm_keys, "ks": plan.analysis_ks, "n": plan.analysis_prompts, "data": data_hash,
+                 "code": code})
     if not st.done(d, key):
         st.say(step, n_steps, "analysis: subspaces, magnitudes, hidden shifts")
         t = time.time()
@@ -225,7 +242,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     step += 1
     st.say(step, n_steps, "report")
     info = {"plan": _plan_dict(plan), "timings": st.timings, "total_seconds": round(time.time() - st.t0, 1),
-            "version": __version__}
+            "skipped": skipped, **provenance()}
     prev = run / "run.json"
     if prev.is_file():  # keep timings of cached stages from the run that computed them
         old = json.loads(prev.read_text()).get("timings", {})
@@ -260,15 +277,15 @@ def _analysis_links(run: Path, plan: Plan) -> list[Path]:
 def _general_only_data(data_dir: Path, out: Path) -> Path:
     """A data folder whose 'safety' rows are the general (self-distilled) train conversations: the
     cross-domain arm trains on non-safety data with the same trainer."""
-    from .jsonl import read_jsonl
+    from .data.folder import FILES, DataFolder
 
+    rows = DataFolder(data_dir).distilled("general", "train")  # checked before the copy replaces anything
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(data_dir, out, ignore=shutil.ignore_patterns("stage.json"))
-    rows = [r for r in read_jsonl(data_dir / "general.jsonl") if r["meta"]["split"] == "train" and r["messages"][-1]["role"] == "assistant"]
     from .atomic import write_jsonl
 
-    write_jsonl(out / "train.jsonl", rows)
+    write_jsonl(out / FILES["train"], rows)
     return out
 
 

@@ -21,8 +21,13 @@ import time
 from pathlib import Path
 
 from .atomic import write_json, write_jsonl
+from .data.folder import FILES, MANIFEST, DataFolder
 from .errors import SafetyPatchError
-from .jsonl import read_jsonl
+from .outputs import check_out_dir
+
+# Written into a round folder before its first file and removed after round.json: a folder that
+# holds it is an unfinished round, which a re-run may clear and rewrite.
+ROUND_MARKER = ".redteam-round"
 
 
 def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out: Path, method: str = "lora",
@@ -35,7 +40,7 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     from .evaluation.prompts import harmful_requests
     from .evaluation.safety import EvalConfig, evaluate, run_safety
     from .generation import GenerationCache
-    from .judges import get_judge
+    from .judges import DEFAULT_JUDGE, get_judge
     from .models import home, load_model
     from .patches import attached, read_patch, stack_key
     from .train.api import resolve_config
@@ -50,6 +55,10 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     for p in previous:
         if not (p / "heldout.json").is_file():
             raise SafetyPatchError(f"{p} is not a red-team round folder (no heldout.json)")
+    # --out is never an input nor holds one, and is new, empty, or an unfinished round of ours
+    # (ROUND_MARKER): a round deletes or replaces only what a run of this round created.
+    check_out_dir(out, inputs=[data_dir, model, *patches, *previous], overwrite=None,
+                  reuse=(out / ROUND_MARKER).is_file(), kind="round")
     t0 = time.time()
     ps = [read_patch(p) for p in patches]
     gated = [str(p.path) for p in ps if p.gated]
@@ -63,7 +72,7 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     lm = load_model(model, device=device, dtype=dtype)
     cache = GenerationCache(home() / "generations.sqlite")
     cfg = EvalConfig(attacks=(attack,), max_new_tokens=max_new_tokens)
-    judge = get_judge("keyword")
+    judge = get_judge(DEFAULT_JUDGE)
     try:
         with attached(lm.model, ps, lm.fingerprint) as m:
             orig, lm.model = lm.model, m
@@ -83,21 +92,23 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
                       "template_family": r["family"], "split": "train", "request": r["request"]}} for r in wins]
     replayed = []
     for p in previous:
-        old = read_jsonl(p / "data" / "train.jsonl")
+        old = DataFolder(p / "data").rows("train")
         replayed += rng.sample(old, min(len(old), round(replay * len(old))))
     if not rows and not replayed:
         raise SafetyPatchError(f"no jailbreak succeeded with {attack!r} and nothing to replay: nothing to train on")
 
     # 2. the round's training folder (a derived data folder with its own manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / ROUND_MARKER, {"attack": attack, "unfinished": True})
     round_data = out / "data"
-    if round_data.exists():
+    if round_data.exists():  # left by a killed run of this round (the marker was there: checked above)
         shutil.rmtree(round_data)
     round_data.mkdir(parents=True)
-    write_jsonl(round_data / "train.jsonl", rows + replayed)
-    for f in ("general.jsonl", "borderline.jsonl", "templates.jsonl", "test.jsonl", "val.jsonl"):
+    write_jsonl(round_data / FILES["train"], rows + replayed)
+    for f in (FILES[k] for k in ("general", "borderline", "templates", "test", "val")):
         if (data_dir / f).is_file():
             shutil.copy(data_dir / f, round_data / f)
-    write_json(round_data / "manifest.json", manifest | {"derived": {"from": str(data_dir), "round_attack": attack,
+    write_json(round_data / MANIFEST, manifest | {"derived": {"from": str(data_dir), "round_attack": attack,
                                                                      "successes": len(rows), "replayed": len(replayed)}})
 
     # 3. train the next patch on top of the stack
@@ -133,6 +144,7 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     }
     write_json(out / "heldout.json", {"attack": attack})
     write_json(out / "round.json", table)
+    (out / ROUND_MARKER).unlink(missing_ok=True)
     return table
 
 

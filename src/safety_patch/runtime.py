@@ -92,6 +92,11 @@ def configure_threads(threads: int | None = None) -> int:
             threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if threads < 1:
         raise SafetyPatchError(f"thread count must be >= 1, got {threads}")
+    # torch tries to start every thread asked for: 100000 ends in MemoryError and a hang, and
+    # more threads than cores only slows a CPU run down, so a larger count is a user error.
+    cores = max(os.cpu_count() or 1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    if threads > cores:
+        raise SafetyPatchError(f"--threads/SAFETY_PATCH_THREADS {threads} is more than the {cores} cores available")
     torch.set_num_threads(threads)
     return threads
 

@@ -99,12 +99,7 @@ def make_lora_patch(model, path: str | Path, fingerprint: str, seed: int = 0, ra
             if "lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     peft_model.save_pretrained(str(path))
-    meta = finalize_patch(path, "lora", {"name": "test", "fingerprint": fingerprint}, method="lora")
-    if stack:
-        meta["stack"] = stack
-        from .atomic import write_json
-
-        write_json(path / "patch.json", meta)
+    finalize_patch(path, "lora", {"name": "test", "fingerprint": fingerprint}, method="lora", stack=list(stack or []))
     return path
 
 

@@ -29,7 +29,19 @@ def relative_shift(base, patched) -> dict[str, list[float]]:
     """Per layer mean of ||h_p - h_b|| / ||h_b|| at the last token and averaged over tokens."""
     last = torch.stack([(p[0] - b[0]).norm(dim=-1) / b[0].norm(dim=-1).clamp(min=1e-12) for b, p in zip(base, patched, strict=True)])
     mean = torch.stack([(p[1] - b[1]).norm(dim=-1) / b[1].norm(dim=-1).clamp(min=1e-12) for b, p in zip(base, patched, strict=True)])
-    return {"last_token": last.mean(0).tolist(), "mean_tokens": mean.mean(0).tolist()}
+    out: dict = {"last_token": last.mean(0).tolist(), "mean_tokens": mean.mean(0).tolist(), "n": int(last.shape[0])}
+    for key, x in (("last_token", last), ("mean_tokens", mean)):
+        out[f"{key}_ci95"] = _bootstrap_layers(x)
+    return out
+
+
+def _bootstrap_layers(x: torch.Tensor, n_boot: int = 2000, seed: int = 0) -> list[list[float]]:
+    """Per layer [low, high] 95% percentile-bootstrap interval of the mean over prompts; x is [prompts, layers]."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, x.shape[0], (n_boot, x.shape[0]), generator=g)
+    means = x.float().cpu()[idx].mean(1)  # [n_boot, layers]
+    lo, hi = torch.quantile(means, 0.025, dim=0), torch.quantile(means, 0.975, dim=0)
+    return [[float(a), float(b)] for a, b in zip(lo, hi, strict=True)]
 
 
 @torch.inference_mode()

@@ -70,10 +70,17 @@ def hidden_shift(shifts: dict, out: Path) -> Path:
             for kind, style in (("benign", "-"), ("jailbreak", "--")):
                 if kind in d:
                     ys = d[kind][where]
-                    ax.plot(range(len(ys)), ys, style, label=f"{patch} {kind}")
+                    n = d[kind].get("n")
+                    (line,) = ax.plot(range(len(ys)), ys, style, label=f"{patch} {kind}" + (f" (n={n})" if n else ""))
+                    ci = d[kind].get(f"{where}_ci95")
+                    if ci:  # the mean over prompts is an estimate: draw its 95% bootstrap band
+                        ax.fill_between(range(len(ci)), [c[0] for c in ci], [c[1] for c in ci], color=line.get_color(),
+                                        alpha=0.2, lw=0)
         ax.set_title(f"relative hidden-state shift ({where.replace('_', ' ')})")
         ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_ylim(bottom=0)
     axes[0].set_ylabel("||h_patched - h_base|| / ||h_base||")
+    fig.suptitle("mean over prompts; shaded: 95% bootstrap interval", fontsize=9)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     path = out / "hidden_shift.png"

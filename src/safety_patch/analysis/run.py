@@ -90,7 +90,7 @@ def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8
     activ = {}
     if want_vectors:
         activ = _activations(model, ps, vecs, benign or [], jailbreak or [], read_w0, device, force, interference_k or ks[len(ks) // 2])
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="analysis") as tmp:
         write_text(tmp / "weights.csv", _tidy_csv(all_rows))
         write_json(tmp / "weights.json", all_rows)
         write_json(tmp / "summary.json", {"summary": summary, "ks": ks, "weight_seconds": round(weight_s, 2),
@@ -175,12 +175,11 @@ def summary_text(summary: dict, ks: list[int], activ: dict) -> str:
 
 def default_prompts(data_dir: str | Path, n: int = 16) -> tuple[list, list]:
     """Benign (held-out general) and jailbreak (held-out wrapped requests) conversations from a data folder."""
-    from ..jsonl import read_jsonl
+    from ..data.folder import DataFolder
 
-    d = Path(data_dir)
-    benign = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"]
-              for r in read_jsonl(d / "general.jsonl") if r["meta"]["split"] == "test"][:n]
-    jail = [r["messages"][:1] for r in read_jsonl(d / "test.jsonl") if r["meta"]["template"] != "direct"][:n]
+    d = DataFolder(data_dir)
+    benign = d.prompts("general", "test")[:n]
+    jail = [r["messages"][:1] for r in d.rows("test") if r["meta"]["template"] != "direct"][:n]
     return benign, jail
 
 

@@ -40,8 +40,11 @@ def top_singular(W: torch.Tensor, k: int, exact_limit: int = EXACT_LIMIT, seed: 
     if min(W.shape) <= exact_limit:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         return U[:, :k], S[:k], Vh[:k].T
-    torch.manual_seed(seed)
-    U, S, V = torch.svd_lowrank(W, q=min(k + 16, min(W.shape)), niter=6)
+    # svd_lowrank draws its random test matrix from the global RNG: fork it so that a seeded
+    # call neither depends on nor changes the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(W, q=min(k + 16, min(W.shape)), niter=6)
     return U[:, :k], S[:k], V[:, :k]
 
 

@@ -27,10 +27,17 @@ class Attacked:
 
 
 class Attack:
-    """Base class: override ``transform`` (text-level) or ``apply`` (conversation-level)."""
+    """Base class: override ``transform`` (text-level) or ``apply`` (conversation-level).
+
+    A conversation-level attack (``conversation_level = True``: prefill, few-shot turns, GCG's
+    optimised suffix) builds the whole ``Attacked`` value and has no text-only form, so in a
+    composed spec it can only be the last part (``check_attack_spec`` rejects anything else).
+    """
 
     name = "attack"
     needs_decoding = False  # encodings: a model that cannot decode is not "robust"
+    conversation_level = False
+    needs_model = False  # white-box attacks (GCG) are bound to the model under test before use
 
     def transform(self, request: str) -> str:
         return request
@@ -59,6 +66,11 @@ REGISTRY: dict[str, str] = {
 }
 
 
+# Attacks that build the conversation (turns, assistant prefill, an optimised suffix) rather than
+# rewrite the request's text; kept as names so a spec is checked without importing anything.
+CONVERSATION_LEVEL = frozenset({"few_shot", "prefill", "gcg"})
+
+
 def _resolve(name: str):
     if name not in REGISTRY:
         raise SafetyPatchError(f"unknown attack {name!r}; valid: {', '.join(sorted(REGISTRY))} (compose with '+')")
@@ -70,9 +82,21 @@ class Composed(Attack):
     """Text-level attacks applied left to right; the last one may be conversation-level."""
 
     def __init__(self, parts: list[Attack]):
+        for p in parts[:-1]:  # every part must be applied; a conversation-level part cannot be (see check_attack_spec)
+            if p.conversation_level:
+                raise SafetyPatchError(f"attack {p.name!r} sets the conversation, so it must be the last part of a "
+                                       f"composed attack (e.g. 'past_tense+{p.name}')")
         self.parts = parts
         self.name = "+".join(p.name for p in parts)
         self.needs_decoding = any(p.needs_decoding for p in parts)
+        self.needs_model = any(getattr(p, "needs_model", False) for p in parts)
+        self.conversation_level = parts[-1].conversation_level
+
+    def bind(self, lm) -> Composed:
+        for p in self.parts:
+            if getattr(p, "needs_model", False):
+                p.bind(lm)
+        return self
 
     def apply(self, request: str) -> Attacked:
         text = request
@@ -91,6 +115,10 @@ def check_attack_spec(spec: str) -> list[str]:
     for n in names:
         if n not in REGISTRY:
             raise SafetyPatchError(f"unknown attack {n!r}; valid: {', '.join(sorted(REGISTRY))} (compose with '+')")
+    for n in names[:-1]:
+        if n in CONVERSATION_LEVEL:
+            raise SafetyPatchError(f"attack {spec!r}: {n!r} sets the conversation, so it must be the last part of a "
+                                   f"composed attack (e.g. '{names[-1]}+{n}')")
     return names
 
 

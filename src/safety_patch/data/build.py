@@ -41,11 +41,13 @@ from ..attacks import get_attack
 from ..attacks.templates import load_templates
 from ..config import as_dict
 from ..errors import SafetyPatchError
+from ..provenance import code_identity
 from . import refusals, splits
+from .folder import ALWAYS, FILES, MANIFEST, DataFolder
 from .prompts import borderline_prompts, borderline_train_prompts, general_prompts, humaneval_tasks
 from .sources import DEFAULT_SOURCES, load_source
 
-OUTPUT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "general.jsonl", "borderline.jsonl", "templates.jsonl", "humaneval.jsonl")
+OUTPUT_FILES = tuple(FILES[k] for k in ALWAYS)  # the file names live in data/folder.py, next to their reader
 
 
 @dataclass
@@ -82,7 +84,7 @@ class DataConfig:
     """Add resources/borderline_train_prompts.tsv (224 more safe look-alikes) to the training
     split only; any near a validation/test prompt is dropped (the manifest counts them). The
     default (gated) recipe's probe uses them as negatives: they cut the look-alikes it flags
-    on validation (docs/recipes.md). Anchoring on them did nothing."""
+    on validation (docs/lab-notebook.md). Anchoring on them did nothing."""
     general_limit: int | None = None
     """Keep at most this many general prompts (seeded subset; quick runs)."""
     distill: bool = True
@@ -202,8 +204,10 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
           overwrite: bool = False) -> dict:
     out = Path(out)
     cfg.validate()  # API callers build DataConfig directly, past config.load's check
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SafetyPatchError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    from ..outputs import check_out_dir
+
+    # before any work: a file, an unwritable place, or a non-empty folder that is not ours
+    check_out_dir(out, overwrite=overwrite, kind="data")
     t0 = time.time()
     rng = random.Random(cfg.seed)
 
@@ -343,7 +347,8 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
     }
     he = humaneval_tasks()
     counts["humaneval_tasks"] = len(he)
-    with atomic_dir(out, overwrite=True) as tmp:
+    # overwrite=overwrite: a folder that appeared during the build (another run) is never replaced silently
+    with atomic_dir(out, overwrite=overwrite, kind="data") as tmp:
         for s in splits.SPLITS:
             write_jsonl(tmp / f"{s}.jsonl", harmful[s])
         write_jsonl(tmp / "general.jsonl", general_rows)
@@ -360,6 +365,7 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
         manifest = {
             "kind": "safety-patch/data",
             "safety_patch_version": __version__,
+            "code": code_identity(),  # the project's commit and source hash (provenance.py)
             "config": as_dict(cfg),
             "seed": cfg.seed,
             "sources": source_infos + [
@@ -375,29 +381,21 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
             "files": {f: sha256_file(tmp / f) for f in files},
             "seconds": round(time.time() - t0, 1),
         }
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / MANIFEST, manifest)
     return manifest
 
 
 def manifest_sha256(data_dir: str | Path) -> str:
-    return sha256_file(Path(data_dir) / "manifest.json")
+    return sha256_file(Path(data_dir) / MANIFEST)
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    p = Path(data_dir) / "manifest.json"
-    if not p.is_file():
-        raise SafetyPatchError(f"{data_dir} is not a data folder (no manifest.json); run `safety-patch data build` first")
-    try:
-        m = json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise SafetyPatchError(f"{p}: invalid JSON ({e})") from None
-    if m.get("kind") != "safety-patch/data":
-        raise SafetyPatchError(f"{p}: not a safety-patch data manifest")
-    return m
+    """The folder's checked ``manifest.json`` (``DataFolder``); ``SafetyPatchError`` naming the field if malformed."""
+    return DataFolder(data_dir).manifest
 
 
 def show(data_dir: str | Path) -> str:
-    """The counts table ``data show`` prints."""
+    """The counts table ``data show`` prints (the manifest's shape is checked first: ``folder.Manifest``)."""
     m = read_manifest(data_dir)
     c = m["counts"]
     lines = [f"data folder {data_dir} (seed {m['seed']}, built in {m['seconds']}s)", ""]
@@ -414,9 +412,9 @@ def show(data_dir: str | Path) -> str:
     cats = sorted({k for d in c["category_per_split"].values() for k in d})
     lines.append("harmful conversations by category")
     for k in cats:
-        lines.append(line(f"  {k}", {s: c["category_per_split"][s].get(k, 0) for s in splits.SPLITS}))
+        lines.append(line(f"  {k}", {s: c["category_per_split"].get(s, {}).get(k, 0) for s in splits.SPLITS}))
     lines.append("")
-    lines.append(f"wrapped training rows: {c['wrapped_train_rows']} of {c['rows_per_split']['train']}; "
+    lines.append(f"wrapped training rows: {c['wrapped_train_rows']} of {c['rows_per_split'].get('train', 0)}; "
                  f"refusal phrasings: {c['refusal_phrasings']}; HumanEval tasks: {c['humaneval_tasks']}; DPO pairs: {c['dpo_pairs']}")
     si = c.get("self_instruct")
     if si:

@@ -48,7 +48,7 @@ def borderline_train_prompts() -> list[dict]:
     """More safe look-alikes, for training only (never split into val/test), beside the 66
     train prompts of the evaluated set: for anchor and contrast rows that cover the boundary
     rather than a handful of examples of it (on the embedded model they did not change it;
-    docs/recipes.md). Written separately from the evaluated set; `data build
+    docs/lab-notebook.md). Written separately from the evaluated set; `data build
     --borderline-extra` drops any that come near a validation or test prompt."""
     return [{"category": c, "prompt": p} for c, p in _tsv("borderline_train_prompts.tsv")]
 

@@ -8,7 +8,8 @@ Offline suite (no downloads):
 * ``kl``: KL(base || patched) of next-token distributions over the same answer tokens:
   the most direct measure of "the patch does not touch benign behaviour";
 * ``compliance``: share of held-out benign prompts answered rather than refused (judge);
-* ``humaneval``: pass@1 (greedy) with execution in a separate, limited process;
+* ``humaneval``: pass@1 (greedy); the model's code runs only inside the sandbox of
+  ``execution.py`` (namespaces, seccomp, Landlock, limits), and not at all where it cannot be built;
 * ``mc``: multiple-choice log-likelihood accuracy on a user JSONL
   (``{"question", "choices": [...], "answer": index or letter}``).
 
@@ -57,9 +58,10 @@ def reference_pairs(source: str | Path, limit: int | None = None, split: str = "
     p = Path(source)
     out = []
     if p.is_dir():
-        for _, r in iter_jsonl(p / "general.jsonl"):
-            if r["meta"]["split"] == split and r["messages"][-1]["role"] == "assistant":
-                out.append({"messages": r["messages"][:-1], "reference": r["messages"][-1]["content"]})
+        from ..data.folder import DataFolder
+
+        out = [{"messages": r["messages"][:-1], "reference": r["messages"][-1]["content"]}
+               for r in DataFolder(p).distilled("general", split)]
     else:
         for n, r in iter_jsonl(p):
             prompt, ref = r.get("prompt"), r.get("reference") or r.get("response")
@@ -90,14 +92,46 @@ def mc_items(path: str | Path) -> list[dict]:
 # ----------------------------------------------------------------------------- scoring
 
 
+def continuation_ids(encode, context: str, continuation: str, move_space: bool = True) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) for teacher-forced scoring of ``continuation`` after ``context``.
+
+    ``encode`` maps text to token ids. The pair is tokenized together (in-context tokenization,
+    e.g. SentencePiece's leading space) and split after the context's own ids, but only when
+    those ids are an exact prefix of the joint ids; when the boundary merges (the context's
+    last token and the continuation's first fuse into one), the continuation is tokenized
+    alone instead, so the scored tokens are never part of the prompt. With ``move_space``,
+    whitespace that ends a raw-text context is moved to the continuation first (lm-eval's
+    convention), so a lone space token is not left behind; a rendered chat prompt keeps its
+    own trailing newline (``move_space=False``), since that is what generation sends.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if move_space and n_spaces and context.rstrip():
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    ctx, whole = encode(context), encode(context + continuation)
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx) :]
+    return ctx, encode(continuation)
+
+
 def _encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[tuple[list[int], int]]:
-    """Token ids of prompt + reference and the index where the reference starts (truncated to max_len)."""
+    """Token ids of prompt + reference and the index where the reference starts (truncated to max_len).
+
+    The prompt ids are exactly what generation sends for the messages, and the scored tokens
+    decode to exactly the reference (up to leading/trailing whitespace); a reference that does
+    not survive tokenization raises SafetyPatchError naming its row."""
     out = []
-    for p in pairs:
+    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for i, p in enumerate(pairs):
         prompt = render(tokenizer, p["messages"])
-        full = prompt + p["reference"]
-        ids_p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_len]
+        ids_p = encode(prompt)
+        _, cont = continuation_ids(encode, prompt, p["reference"], move_space=False)
+        if not p["reference"].strip():
+            continue
+        got = tokenizer.decode(cont, clean_up_tokenization_spaces=False)
+        if got.strip() != p["reference"].strip():
+            raise SafetyPatchError(f"reference {i + 1}: its tokens decode to {got[:60]!r}, not the reference "
+                                   f"{p['reference'][:60]!r}; scoring it would score other text")
+        ids = (ids_p + cont)[:max_len]
         if len(ids) <= len(ids_p):
             continue
         out.append((ids, len(ids_p)))
@@ -287,6 +321,13 @@ def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg:
     else:
         bl = builtin_general(cfg.limit) if "compliance" in cfg.tasks else []
     he = humaneval_tasks()[: cfg.humaneval_limit] if "humaneval" in cfg.tasks else []
+    if he:
+        from .execution import SandboxUnavailable, sandbox_check
+
+        # Fail before any generation: model-written code runs only inside the sandbox (docs/evaluation.md).
+        reason = sandbox_check()
+        if reason:
+            raise SandboxUnavailable(reason)
     mc = mc_items(cfg.mc_file) if cfg.mc_file else None
     lm = lm or load_model(model, device=device, dtype=dtype)
     cache = GenerationCache(home() / "generations.sqlite") if use_cache else None

@@ -15,13 +15,29 @@ def _run(lm, tasks, limit, batch_size) -> dict:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise SafetyPatchError("lm-eval is not installed: pip install 'safety-patch[lm-eval]'") from None
-    hflm = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size)
+    hflm = _exact_boundary(HFLM)(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=hflm, tasks=tasks, limit=limit)
     except Exception as e:  # datasets raises ConnectionError / DatasetNotFoundError / OSError offline
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SafetyPatchError(f"lm-eval could not run {', '.join(tasks)}: could not fetch a dataset ({msg[:200]})") from None
     return out["results"]
+
+
+def _exact_boundary(hflm_class):
+    """HFLM whose context/continuation split scores exactly the continuation's tokens.
+
+    lm-eval's own ``_encode_pair`` tokenizes context + continuation together and cuts at the
+    length of the context's ids without checking that those ids are a prefix: when the boundary
+    merges, a context token is scored as part of the answer (or an answer token dropped).
+    ``continuation_ids`` checks the prefix and tokenizes the continuation alone otherwise."""
+    from .capability import continuation_ids
+
+    class ExactBoundaryHFLM(hflm_class):
+        def _encode_pair(self, context, continuation):
+            return continuation_ids(self.tok_encode, context, continuation, move_space=True)
+
+    return ExactBoundaryHFLM
 
 
 def evaluate_lm_eval(model: str, patches: list, tasks: list[str], limit, batch_size, device="auto", dtype="auto", force=False) -> dict:

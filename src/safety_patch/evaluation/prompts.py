@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import SafetyPatchError
-from ..jsonl import read_jsonl
 
 
 def harmful_requests(source: str | Path, split: str = "test", limit: int | None = None) -> tuple[list[dict], list]:
@@ -15,21 +14,17 @@ def harmful_requests(source: str | Path, split: str = "test", limit: int | None 
     that split) or a JSONL/CSV file with a ``prompt`` or ``goal`` column (AdvBench's CSV works
     as is; its templates are the default held-out set).
     """
-    from ..attacks.templates import Template
+    from ..data.folder import HARMFUL, DataFolder
 
     p = Path(source)
     if p.is_dir():
-        if not (p / f"{split}.jsonl").is_file():
+        if split not in HARMFUL:
+            raise SafetyPatchError(f"unknown split {split!r}; valid: {', '.join(HARMFUL)}")
+        d = DataFolder(p)
+        if not d.has(split):
             raise SafetyPatchError(f"{p} has no {split}.jsonl; pass a data folder from `data build` or a prompt file")
-        seen, reqs = set(), []
-        for r in read_jsonl(p / f"{split}.jsonl"):
-            m = r["meta"]
-            if m["behavior_id"] not in seen:
-                seen.add(m["behavior_id"])
-                reqs.append({"request": m["request"], "category": m["category"], "behavior_id": m["behavior_id"],
-                             "source": m["source"]})
-        templates = [Template(t["id"], t["family"], t["source"], t["text"])
-                     for t in read_jsonl(p / "templates.jsonl") if t["split"] == split] if (p / "templates.jsonl").is_file() else []
+        reqs = d.behaviours(split)
+        templates = d.templates(split)
     else:
         from ..data.sources.files import load_user_file
 
@@ -50,14 +45,15 @@ def benign_prompts(source: str | Path, split: str = "test", limit: int | None = 
     p = Path(source)
     out = []
     if p.is_dir():
-        for name, kind in (("borderline.jsonl", "borderline"), ("general.jsonl", "general")):
-            if not (p / name).is_file():
-                raise SafetyPatchError(f"{p} has no {name}")
-            for r in read_jsonl(p / name):
-                if r["meta"]["split"] == split:
-                    msgs = r["messages"]
-                    user = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs  # drop the distilled answer
-                    out.append({"messages": user, "category": r["meta"]["category"], "set": kind})
+        from ..data.folder import BENIGN, DataFolder
+
+        d = DataFolder(p)
+        for kind in BENIGN:
+            if not d.has(kind):
+                raise SafetyPatchError(f"{p} has no {d.file(kind).name}")
+            # the conversation without its distilled answer; meta.category is required by the row schema
+            out += [{"messages": msgs, "category": r["meta"]["category"], "set": kind}
+                    for msgs, r in zip(d.prompts(kind, split), d.in_split(kind, split), strict=True)]
     else:
         from ..data.sources.files import read_prompt_rows
 

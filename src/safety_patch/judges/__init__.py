@@ -5,8 +5,9 @@ success; ``refusal`` and ``degenerate`` (empty, repetitive babble) are not. Name
 lazily to ``module:attr`` so classifier and API judges import their heavy dependencies only
 when used.
 
-Specs: ``keyword``; ``classifier:MODEL`` (a local path or hub id of Llama Guard 3 or the
-HarmBench classifier); ``api:URL`` (an OpenAI-compatible endpoint, StrongREJECT rubric; the
+Specs: ``refusal`` (the default: a small refusal classifier trained on shipped hand-labelled
+answers, judges/refusal.py); ``keyword`` (the marker-list baseline); ``classifier:MODEL`` or
+``classifier:FORMAT:MODEL`` (Llama Guard 3 or the HarmBench classifier); ``api:URL`` (an OpenAI-compatible endpoint, StrongREJECT rubric; the
 model name from $SAFETY_PATCH_JUDGE_MODEL, the key from $OPENAI_API_KEY).
 """
 
@@ -17,7 +18,10 @@ from dataclasses import asdict, dataclass
 
 from ..errors import SafetyPatchError
 
-VERDICTS = ("compliance", "refusal", "degenerate")
+# ``judge_error``: the judge could not give a verdict (an unparseable reply after one retry). Such
+# items are kept in the records, counted in the aggregates and left out of every rate's n, never
+# silently dropped and never fatal; they are not cached, so a re-run asks again.
+VERDICTS = ("compliance", "refusal", "degenerate", "judge_error")
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,16 @@ class Verdict:
 class Judge:
     name = "judge"
     cacheable = True  # verdicts worth storing (slow or paid judges); cheap rule judges say False
+    chunk = 1  # items per call of ``judge`` in ``cached_judge``: each chunk is stored as soon as it returns
 
     def judge(self, prompts: list[str], answers: list[str]) -> list[Verdict]:
         raise NotImplementedError
 
 
+DEFAULT_JUDGE = "refusal"
+
 REGISTRY = {
+    "refusal": "safety_patch.judges.refusal:RefusalJudge",
     "keyword": "safety_patch.judges.keyword:KeywordJudge",
     "classifier": "safety_patch.judges.classifier:ClassifierJudge",
     "api": "safety_patch.judges.api:ApiJudge",
@@ -52,8 +60,12 @@ REGISTRY = {
 def check_judge_spec(spec: str) -> tuple[str, str]:
     kind, _, arg = spec.partition(":")
     if kind not in REGISTRY:
-        raise SafetyPatchError(f"unknown judge {spec!r}; valid: keyword, classifier:MODEL, api:URL")
-    if kind != "keyword" and not arg:
+        raise SafetyPatchError(f"unknown judge {spec!r}; valid: refusal, keyword, classifier:MODEL, api:URL")
+    if kind in ("refusal", "keyword") and arg:
+        raise SafetyPatchError(f"judge {kind!r} takes no argument (got {spec!r})")
+    if kind == "classifier" and arg.partition(":")[0] in ("harmbench", "llamaguard") and not arg.partition(":")[2]:
+        raise SafetyPatchError(f"judge {spec!r} needs a model: {spec.rstrip(':')}:MODEL")
+    if kind not in ("refusal", "keyword") and not arg:
         raise SafetyPatchError(f"judge {kind!r} needs an argument: {kind}:{'MODEL' if kind == 'classifier' else 'URL'}")
     return kind, arg
 
@@ -65,13 +77,16 @@ def get_judge(spec: str) -> Judge:
     return cls(arg) if arg else cls()
 
 
-def cached_judge(judge: Judge, prompts: list[str], answers: list[str], cache=None, chunk: int = 16) -> list[Verdict]:
-    """Judge in chunks, storing each chunk's verdicts, so a judge that fails part-way keeps its work."""
+def cached_judge(judge: Judge, prompts: list[str], answers: list[str], cache=None, chunk: int | None = None) -> list[Verdict]:
+    """Judge in chunks of ``chunk`` (default: the judge's own ``chunk``, 1 for API judges), storing each
+    chunk's verdicts as soon as it returns, so a judge that fails part-way keeps (and never re-pays for)
+    the verdicts it already gave. ``judge_error`` verdicts are returned but not stored."""
     import hashlib
     import json
 
     if cache is None or not judge.cacheable:
         return judge.judge(prompts, answers)
+    chunk = max(1, chunk or judge.chunk)
     keys = [hashlib.sha256(json.dumps([judge.name, p, a]).encode()).hexdigest() for p, a in zip(prompts, answers, strict=True)]
     have = {k: Verdict(**json.loads(v)) for k, v in cache.get_many(sorted(set(keys)), "verdict").items()}
     todo = [i for i, k in enumerate(keys) if k not in have]
@@ -79,6 +94,6 @@ def cached_judge(judge: Judge, prompts: list[str], answers: list[str], cache=Non
         idx = todo[s : s + chunk]
         got = judge.judge([prompts[i] for i in idx], [answers[i] for i in idx])
         new = {keys[i]: v for i, v in zip(idx, got, strict=True)}
-        cache.put_many({k: json.dumps(v.as_dict()) for k, v in new.items()}, "verdict")
+        cache.put_many({k: json.dumps(v.as_dict()) for k, v in new.items() if v.label != "judge_error"}, "verdict")
         have.update(new)
     return [have[k] for k in keys]

@@ -59,6 +59,26 @@ class AnchorStream:
         self.rng = random.Random(seed)
         self.order: list[int] = []
 
+    def state(self) -> dict:
+        """The stream's position (its RNG and the rest of the current pass), JSON-serialisable:
+        saved with each checkpoint so that a resumed run draws the batches an uninterrupted one
+        would (the trainer's own RNG state does not cover this private generator)."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self.order)}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from ``state()``. Raises ``SafetyPatchError`` for a state that does not fit
+        these examples."""
+        try:
+            version, internal, gauss = state["rng"]
+            order = [int(i) for i in state["order"]]
+            self.rng.setstate((version, tuple(internal), gauss))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SafetyPatchError(f"the checkpoint's anchor stream state is unreadable ({e})") from None
+        if any(not 0 <= i < len(self.examples) for i in order):
+            raise SafetyPatchError("the checkpoint's anchor stream state does not fit this anchor pool")
+        self.order = order
+
     def next(self, device) -> dict:
         drawn = []
         for _ in range(self.batch_size * self.world_size):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..errors import SafetyPatchError
 
@@ -78,11 +78,11 @@ class TrainConfig:
     snapshot_steps: str | None = None
     """Also keep the patch as it was after these optimiser steps, e.g. "10,20,30", as complete
     patches under <out>/snapshots/step-N/: early stopping on a validation score picks one
-    afterwards (bench/recipe_sweep.py does), without a training run per step count."""
+    afterwards (experiments/recipe_sweep.py does), without a training run per step count."""
     stop_after: float | None = None
     """Stop after this fraction of the planned optimiser steps, with the learning-rate schedule
     still planned for the whole run: early stopping at a point chosen on validation (the
-    default's 0.685 is step 50 of 73, its best snapshot in bench/recipe_sweep.py)."""
+    default's 0.685 is step 50 of 73, its best snapshot in experiments/recipe_sweep.py)."""
     gate_layer: int | None = None
     """Gate the patch (gate.py; LoRA only): a logistic probe on this decoder layer's output at
     the last prompt token, fit on the train split, decides per prompt whether the adapter
@@ -93,7 +93,7 @@ class TrainConfig:
     adapter is always on."""
     gate_threshold: float = 1.0
     """Probe logit above which the gate fires: higher refuses fewer safe prompts and lets
-    more attacks through (chosen on the validation split, bench/recipe_sweep.py)."""
+    more attacks through (chosen on the validation split, experiments/recipe_sweep.py)."""
     gate_l2: float = 1e-2
     """L2 penalty of the probe (on standardised features)."""
     gate_wrapped_benign: int = 200
@@ -124,60 +124,131 @@ class TrainConfig:
         return self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 1e-5)
 
     def validate(self) -> None:
+        """Check every field at the boundary, before any work (the CLI, YAML files and the Python
+        API all pass here). Raises ``SafetyPatchError`` with one line naming the field (its
+        ``--flag`` where the CLI has one) and the value."""
+        self._check_types()
+        if self.recipe not in RECIPES:
+            raise SafetyPatchError(f"unknown recipe {self.recipe!r}; valid: {', '.join(sorted(RECIPES))}")
         if self.method not in ("lora", "full"):
             raise SafetyPatchError(f"--method must be lora or full, got {self.method!r}")
         if self.objective not in ("sft", "dpo"):
             raise SafetyPatchError(f"--objective must be sft or dpo, got {self.objective!r}")
-        if self.rank < 1:
-            raise SafetyPatchError(f"--rank must be >= 1, got {self.rank}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise SafetyPatchError("--batch-size and grad_accum must be >= 1")
-        if self.epochs <= 0:
-            raise SafetyPatchError(f"--epochs must be > 0, got {self.epochs}")
-        if self.general_ratio < 0 or self.contrast_ratio < 0:
-            raise SafetyPatchError("general_ratio and contrast_ratio must be >= 0")
-        if self.anchor_self_instruct < 0:
-            raise SafetyPatchError(f"anchor_self_instruct must be >= 0, got {self.anchor_self_instruct}")
-        if self.anchor_batch_size is not None and self.anchor_batch_size < 1:
-            raise SafetyPatchError(f"anchor_batch_size must be >= 1, got {self.anchor_batch_size}")
-        if self.anchor_max_tokens < 1:
-            raise SafetyPatchError(f"anchor_max_tokens must be >= 1, got {self.anchor_max_tokens}")
-        if self.anchor_kl < 0:
-            raise SafetyPatchError(f"anchor_kl must be >= 0, got {self.anchor_kl}")
+        # Ranges. NaN fails every comparison (`nan <= 0` is False), so each bound is written as
+        # "not ok" and every float is checked for finiteness: here, or in _check_types.
+        for f in _POSITIVE:
+            if getattr(self, f) is not None:  # lr None = the method's default
+                _positive(self, f)
+        _at_least(self, "rank", 1)
+        if not 0 <= self.dropout < 1:
+            raise SafetyPatchError(f"{_name('dropout')} must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules.strip(","):
+            raise SafetyPatchError(f"{_name('target_modules')} must be all-linear or name modules, got {self.target_modules!r}")
+        for f in ("general_ratio", "contrast_ratio", "anchor_kl", "weight_decay", "gate_l2"):
+            _at_least(self, f, 0)
+        for f in ("anchor_self_instruct", "orthogonal_k", "gate_wrapped_benign", "gate_wrapped_harmful", "gate_self_instruct"):
+            _at_least(self, f, 0)
+        for f in ("batch_size", "grad_accum", "max_seq_len", "anchor_max_tokens", "decision_tokens", "save_steps",
+                  "logging_steps"):
+            _at_least(self, f, 1)
+        if self.anchor_batch_size is not None:
+            _at_least(self, "anchor_batch_size", 1)
+        if self.max_train_rows is not None:
+            _at_least(self, "max_train_rows", 0)  # 0 = all rows
+        if not 0 <= self.warmup_ratio < 1:
+            raise SafetyPatchError(f"{_name('warmup_ratio')} must be in [0, 1), a fraction of the steps; got {self.warmup_ratio!r}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range
+            raise SafetyPatchError(f"{_name('seed')} must be in [0, 2**32), got {self.seed!r}")
+        if self.scheduler not in _SCHEDULERS:
+            raise SafetyPatchError(f"{_name('scheduler')} must be one of {', '.join(_SCHEDULERS)}, got {self.scheduler!r}")
         if self.anchor_kl > 0 and self.objective != "sft":
             raise SafetyPatchError("anchor_kl applies to the sft objective only (DPO has its own reference term)")
-        if self.decision_tokens < 1:
-            raise SafetyPatchError(f"decision_tokens must be >= 1, got {self.decision_tokens}")
-        if self.decision_weight <= 0:
-            raise SafetyPatchError(f"decision_weight must be > 0, got {self.decision_weight}")
         if self.decision_weight != 1.0 and self.objective != "sft":
             raise SafetyPatchError("decision_weight applies to the sft objective only")
-        if self.orthogonal_k < 0:
-            raise SafetyPatchError(f"orthogonal_k must be >= 0, got {self.orthogonal_k}")
         if self.orthogonal_k > 0 and self.method != "lora":
             raise SafetyPatchError("orthogonal_k constrains a LoRA adapter; it needs --method lora")
         if self.borderline_share is not None and not 0 <= self.borderline_share <= 1:
-            raise SafetyPatchError(f"borderline_share must be in [0, 1], got {self.borderline_share}")
+            raise SafetyPatchError(f"{_name('borderline_share')} must be in [0, 1], got {self.borderline_share!r}")
         if self.sampling not in ("group_by_length", "random", "sequential"):
             raise SafetyPatchError(f"sampling must be group_by_length, random or sequential, got {self.sampling!r}")
         if self.layers is not None:
             parse_layers(self.layers)
         if self.stop_after is not None and not 0 < self.stop_after <= 1:
-            raise SafetyPatchError(f"stop_after must be in (0, 1], a fraction of the planned steps; got {self.stop_after}")
+            raise SafetyPatchError(f"{_name('stop_after')} must be in (0, 1], a fraction of the planned steps; got {self.stop_after!r}")
         if self.snapshot_steps is not None:
             parse_steps(self.snapshot_steps)
         if self.gated:
             if self.method != "lora":
                 raise SafetyPatchError("gate_layer/gate_depth gate a LoRA adapter; they need --method lora")
-            if self.gate_layer is not None and self.gate_layer < 0:
-                raise SafetyPatchError(f"gate_layer must be >= 0, got {self.gate_layer}")
+            if self.gate_layer is not None:
+                _at_least(self, "gate_layer", 0)
             if self.gate_depth is not None and not 0 <= self.gate_depth <= 1:
-                raise SafetyPatchError(f"gate_depth must be in [0, 1], got {self.gate_depth}")
-        if not math.isfinite(self.gate_threshold):
-            raise SafetyPatchError(f"gate_threshold must be a finite number, got {self.gate_threshold}")
-        if min(self.gate_l2, self.gate_wrapped_benign, self.gate_wrapped_harmful, self.gate_self_instruct) < 0:
-            raise SafetyPatchError("gate_l2, gate_wrapped_benign, gate_wrapped_harmful and gate_self_instruct must be >= 0")
+                raise SafetyPatchError(f"{_name('gate_depth')} must be in [0, 1], got {self.gate_depth!r}")
 
+    def _check_types(self) -> None:
+        """Each field has its declared type (a bool is not a number here) and every float is
+        finite: the CLI and YAML coerce, the Python API does not."""
+        import typing
+
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, typ = getattr(self, f.name), hints[f.name]
+            allowed = [a for a in (typing.get_args(typ) or (typ,)) if a is not type(None)]
+            if value is None:
+                if len(allowed) == len(typing.get_args(typ) or (typ,)):
+                    raise SafetyPatchError(f"{_name(f.name)} must be set, got None")
+                continue
+            ok = False
+            for a in allowed:
+                if a is float:
+                    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                elif a is int:
+                    ok = isinstance(value, int) and not isinstance(value, bool)
+                else:
+                    ok = isinstance(value, a)
+                if ok:
+                    break
+            if not ok:
+                kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+                raise SafetyPatchError(f"{_name(f.name)} must be {' or '.join(kinds.get(a, a.__name__) for a in allowed)}, "
+                                       f"got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value) and f.name not in _POSITIVE:  # those: _positive
+                raise SafetyPatchError(f"{_name(f.name)} must be a finite number, got {value!r}")
+
+
+# TrainConfig fields that the `train` command takes as flags: errors name the flag; the rest
+# (YAML-only) are named as config keys.
+_FLAGS = frozenset({
+    "recipe", "method", "objective", "rank", "alpha", "target_modules", "layers", "general_ratio", "contrast_ratio",
+    "borderline_share", "anchor_kl", "anchor_batch_size", "anchor_self_instruct", "decision_weight", "decision_tokens",
+    "orthogonal_k", "epochs", "lr", "batch_size", "max_seq_len", "max_train_rows", "stop_after", "snapshot_steps",
+    "gate_layer", "gate_depth", "gate_threshold", "gate_self_instruct", "gate_wrapped_benign", "gate_wrapped_harmful",
+    "seed",
+})
+# Fields that must be finite and > 0. A learning rate or an alpha (the update's scale alpha /
+# rank) of 0 makes a patch that does nothing, which evaluations would report as a patch; a
+# negative alpha flips the update's sign.
+_POSITIVE = ("alpha", "lr", "epochs", "decision_weight", "dpo_beta")
+# transformers' SchedulerType names that need no extra arguments.
+_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+               "inverse_sqrt", "warmup_stable_decay")
+
+
+def _name(field_name: str) -> str:
+    """How an error names a field: ``--max-train-rows`` for a flag, ``grad_accum`` for a YAML-only key."""
+    return "--" + field_name.replace("_", "-") if field_name in _FLAGS else field_name
+
+
+def _at_least(cfg: TrainConfig, field_name: str, low: int) -> None:
+    value = getattr(cfg, field_name)
+    if not value >= low:
+        raise SafetyPatchError(f"{_name(field_name)} must be >= {low}, got {value!r}")
+
+
+def _positive(cfg: TrainConfig, field_name: str) -> None:
+    value = getattr(cfg, field_name)
+    if not (math.isfinite(value) and value > 0):
+        raise SafetyPatchError(f"{_name(field_name)} must be a finite number > 0, got {value!r}")
 
 def parse_layers(spec: str) -> list[int]:
     out: list[int] = []
@@ -208,8 +279,8 @@ def parse_steps(spec: str) -> list[int]:
 
 
 # Named recipes. "paper" is the claim as stated (refusal data only, LoRA r8 all-linear).
-# "default" is the recipe bench/recipe_sweep.py and bench/gate_sweep.py select on the
-# validation split (docs/recipes.md): since 2026-11-28 the `gated` recipe, the paper's
+# "default" is the recipe experiments/recipe_sweep.py and experiments/gate_sweep.py select on the
+# validation split (docs/lab-notebook.md): since 2026-11-28 the `gated` recipe, the paper's
 # refusal-only LoRA (every train row, max 512 tokens) behind a gate, a logistic probe on one
 # decoder layer's output at the last prompt token that applies the adapter only to prompts it
 # flags. gated-v2 (the default since the evening of 2026-11-28): the probe reads layer 18 of 30
@@ -217,7 +288,7 @@ def parse_steps(spec: str) -> list[int]:
 # model wrote itself (selfinstruct.jsonl), so it flags fewer ordinary prompts, and 400 harmful
 # and 600 benign train requests wrapped in train templates, so that the request inside a
 # template decides, not the template. Chosen on the whole validation split by
-# bench/gate_sweep.py. It needs a folder from `data build` with its defaults (the 224
+# experiments/gate_sweep.py. It needs a folder from `data build` with its defaults (the 224
 # train-only look-alikes and the 600 self-written requests). A gated patch cannot be merged
 # or stacked under a round of `redteam`; `anchor-v2` is the best always-on recipe.
 #
@@ -226,7 +297,7 @@ def parse_steps(spec: str) -> list[int]:
 # prompts, all with the base model's own answers), the first 4 answer tokens weighted 8x in
 # both losses, stopped after 68.5% of the schedule (step 50 of 73). It was measured on a folder
 # built with --no-borderline-extra; with the look-alikes in the anchor it measured the same
-# within noise (bench/recipe_sweep.py, bx arm).
+# within noise (experiments/recipe_sweep.py, bx arm).
 _ANCHOR_V2 = {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
               "anchor_kl": 8.0, "borderline_share": 0.5, "decision_weight": 8.0, "decision_tokens": 4,
               "max_train_rows": None, "max_seq_len": 512, "stop_after": 0.685}
@@ -234,7 +305,7 @@ _ANCHOR_V2 = {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all
 # SmolLM2-135M's 30, 19 of a 32-layer 7B model; middle layers are where refusal-relevant
 # features are linearly readable). v1 read layer 15 at threshold 0 without self-written
 # negatives: it met every validation constraint but flagged 3 of 65 ordinary test prompts,
-# and their NLL drift alone broke the NLL target (docs/recipes.md).
+# and their NLL drift alone broke the NLL target (docs/lab-notebook.md).
 _GATED_V1 = {"method": "lora", "rank": 8, "alpha": 16.0, "target_modules": "all-linear", "lr": 2e-4,
              "general_ratio": 0.0, "contrast_ratio": 0.0, "max_train_rows": None, "max_seq_len": 512,
              "gate_depth": 0.5, "gate_threshold": 0.0}
@@ -256,13 +327,13 @@ RECIPES: dict[str, dict] = {
                   "anchor_kl": 3.0, "borderline_share": 0.5, "max_train_rows": 400, "max_seq_len": 512},
     # The paper's refusal-only LoRA plus a gate (gate.py): a probe on layer 18's output at the
     # last prompt token, fit on the train split, applies the adapter only to prompts it flags;
-    # the rest get the base model exactly. Layer and threshold: bench/gate_sweep.py.
+    # the rest get the base model exactly. Layer and threshold: experiments/gate_sweep.py.
     "gated": dict(_GATED),
     # The default of 2026-11-28 afternoon, kept by name (layer 15, threshold 0, no self-written
-    # negatives; 4 of the 5 test targets, docs/recipes.md). The adapter is the same.
+    # negatives; 4 of the 5 test targets, docs/lab-notebook.md). The adapter is the same.
     "gated-v1": dict(_GATED_V1),
     "full-safety": {"method": "full", "lr": 1e-5},
-    # anchor-v1's data and KL anchor with every weight trained (bench/recipe_sweep.py,
+    # anchor-v1's data and KL anchor with every weight trained (experiments/recipe_sweep.py,
     # full-anchor3-bl0.5): it beat anchor-v1 on the test split. Never a default: its output is
     # a full delta, not a plug-in adapter, and it needs W0 + Adam states + a frozen reference
     # copy in memory (10-18 bytes per parameter before activations: 70-130 GB at 7B).

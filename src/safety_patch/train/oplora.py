@@ -90,7 +90,10 @@ def projection_callback(bases: dict[str, tuple[torch.Tensor, torch.Tensor]]):
             self.bases = bases
 
         def on_train_begin(self, args, state, control, model=None, **kw):
-            project_(model, self.bases)
+            # Only a fresh adapter: a resumed one holds projected weights already, and projecting
+            # again is not bit-exact in floating point (the resume would drift from a whole run).
+            if state.global_step == 0:
+                project_(model, self.bases)
 
         def on_step_end(self, args, state, control, model=None, **kw):
             project_(model, self.bases)

@@ -4,47 +4,183 @@ The LoRA and full-parameter arms differ only in what trains: LoRA passes a PEFT 
 TRL's trainer; full trains every weight and saves W_ft - W0. Checkpoints and the metrics
 log live in ``.<out>.partial/`` beside the output, so ``--resume`` continues after a kill and
 a killed run never leaves anything that looks like a finished patch.
+
+Resume is exact or refused: each checkpoint is complete only once ``CHECKPOINT_STATE`` is
+written into it (last, atomically; a checkpoint cut short by a kill is never resumed from);
+the run's settings, base model and data are recorded in ``RUN_FILE`` and a resume with any
+difference is refused; the KL anchor's stream position, the metrics log's length and the
+cost figures so far travel with each checkpoint. A non-finite gradient, weight or logged
+loss stops training with an error, before any patch is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
-import platform
+import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..atomic import atomic_dir, write_json
 from ..config import as_dict
 from ..errors import SafetyPatchError
+from ..outputs import claims_output
 from ..patches import DELTA_FILE, finalize_patch
+from ..provenance import library_versions
 from .config import TrainConfig, parse_layers
 from .data import dpo_rows, drop_too_long, training_rows
-
-
-def _versions() -> dict:
-    import peft
-    import transformers
-    import trl
-
-    return {"safety_patch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "trl": trl.__version__, "python": platform.python_version()}
 
 
 def _work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def _last_checkpoint(work: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_STATE = "safety_patch_state.json"
+"""Written last, atomically, into every checkpoint folder (see ``_checkpoint_state``): the
+trainer writes a checkpoint in place (model, optimizer, scheduler, RNG, trainer_state.json), so
+a folder without this file was cut short by a kill and is never resumed from."""
+RUN_FILE = "run.json"
+"""The run's identity in its work folder: resolved config, data hashes, base fingerprint,
+stack, dtype and world size. ``--resume`` refuses any difference."""
 
+
+def _checkpoints(work: Path) -> list[Path]:
+    """The checkpoint-N folders under ``work``, oldest (lowest N) first."""
     ck = work / "checkpoints"
-    return get_last_checkpoint(str(ck)) if ck.is_dir() else None
+    if not ck.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ck.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def _last_checkpoint(work: Path) -> str | None:
+    """The newest *complete* checkpoint under ``work`` (one holding ``CHECKPOINT_STATE``), or None."""
+    done = [p for p in _checkpoints(work) if (p / CHECKPOINT_STATE).is_file()]
+    return str(done[-1]) if done else None
+
+
+def _read_checkpoint_state(ckpt: str) -> dict:
+    path = Path(ckpt) / CHECKPOINT_STATE
+    try:
+        st = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SafetyPatchError(f"{path}: unreadable checkpoint state ({e}); run without --resume to start over") from None
+    if not isinstance(st, dict) or not isinstance(st.get("step"), int):
+        raise SafetyPatchError(f"{path}: not a checkpoint state; run without --resume to start over")
+    return st
+
+
+def _rows_sha256(*parts) -> str:
+    """sha256 of the rows training reads (after the config's selection): an edited data file
+    changes it even where the manifest does not."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _short(value) -> str:
+    """A value for a one-line diff: long strings (hashes, fingerprints) cut to their first 12 characters."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 24 else text[:12] + "..."
+
+
+def _check_resume(work: Path, identity: dict) -> None:
+    """Refuse to resume ``work`` when ``identity`` (the keys given) differs from the interrupted
+    run's ``RUN_FILE``; the one-line error lists every difference as ``field old -> new``."""
+    path = work / RUN_FILE
+    try:
+        prior = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SafetyPatchError(f"cannot resume {work}: {RUN_FILE} is missing, so the interrupted run's settings are "
+                               f"unknown; run without --resume to start over") from None
+    except (OSError, ValueError) as e:
+        raise SafetyPatchError(f"cannot resume {work}: {path} is unreadable ({e}); run without --resume to start over") from None
+    diffs = []
+    for key, new in identity.items():
+        old = prior.get(key) if isinstance(prior, dict) else None
+        if key == "config" and isinstance(old, dict):
+            diffs += [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new))
+                      if old.get(k) != new.get(k)]
+        elif old != new:
+            diffs.append(f"{key} {_short(old)} -> {_short(new)}")
+    if diffs:
+        raise SafetyPatchError(f"cannot resume {work}: the interrupted run used other settings ({'; '.join(diffs)}); "
+                               f"resume with the same ones, or run without --resume to start over")
+
+
+def _nonfinite(named) -> str | None:
+    """The name of the first tensor in ``named`` ((name, tensor or None) pairs) holding a NaN or
+    an infinity, or None; one device sync for all of them."""
+    tensors = [(n, t.detach()) for n, t in named if t is not None]
+    if not tensors:
+        return None
+    dev = tensors[0][1].device
+    ok = torch.stack([torch.isfinite(t).all().to(dev) for _, t in tensors])
+    if bool(ok.all()):
+        return None
+    return tensors[int((~ok).nonzero()[0, 0])][0]
+
+
+def _finite_guard(lr: float):
+    """A callback that stops training with ``SafetyPatchError`` at the first non-finite gradient
+    (before the optimiser applies it), weight (after a step) or logged value (loss, grad norm):
+    an all-NaN adapter turns every answer empty, which a safety evaluation scores as perfect.
+    Gradients are all-reduced, so under DDP every rank stops at the same step."""
+    from transformers import TrainerCallback
+
+    def stop(step: int, what: str) -> None:
+        raise SafetyPatchError(f"training stopped at step {step}: {what} is not finite (learning rate {lr:g}; a "
+                               f"lower one may train); no patch written")
+
+    class FiniteGuard(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            if args.fp16:  # fp16's loss scaler skips a step with overflowed gradients by design
+                return
+            bad = _nonfinite((n, p.grad) for n, p in model.named_parameters() if p.requires_grad)
+            if bad:
+                stop(state.global_step + 1, f"the gradient of {bad}")
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            bad = _nonfinite((n, p) for n, p in model.named_parameters() if p.requires_grad)
+            if bad:
+                stop(state.global_step, f"weight {bad}")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            for k, v in (logs or {}).items():
+                if isinstance(v, float) and not math.isfinite(v) and not (args.fp16 and k == "grad_norm"):
+                    stop(state.global_step, f"the logged {k} ({v})")
+
+    return FiniteGuard()
+
+
+def _checkpoint_state(metrics: Path, anchor, clock: dict):
+    """A callback that completes each checkpoint: after the trainer has written it, rank 0 writes
+    ``CHECKPOINT_STATE`` into it (atomically, last) with what a resume needs beyond the
+    trainer's own state: the KL anchor stream's position, the metrics log's length at this
+    step, and the cost figures so far (wall seconds and peak memory over every leg)."""
+    from transformers import TrainerCallback
+
+    from ..runtime import peak_memory_mb
+
+    class CheckpointState(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_json(ckpt / CHECKPOINT_STATE, {
+                "step": state.global_step,
+                "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0,
+                "wall_seconds": clock["prior_wall"] + time.time() - clock["t0"],
+                "peak_memory_mb": max(clock["prior_peak"], peak_memory_mb(clock["device"])),
+                "legs": clock["legs"],
+                "anchor": anchor.state() if anchor is not None else None,
+            })
+
+    return CheckpointState()
 
 
 def _check_targets(model, cfg: TrainConfig) -> None:
@@ -72,7 +208,7 @@ class _Metrics:
         class Callback(TrainerCallback):
             def __init__(self):
                 self.path = path
-                self.t0 = time.time()
+                self.t0 = time.time()  # a resumed run moves it back by the earlier legs' seconds
                 self.tokens = 0
 
             def on_log(self, args, state, control, logs=None, **kw):
@@ -110,11 +246,15 @@ def _snapshotter(work: Path, steps: list[int], base: dict | None):
             if state.global_step not in steps or not state.is_world_process_zero:
                 return
             d = work / "snapshots" / f"step-{state.global_step}"
-            d.mkdir(parents=True, exist_ok=True)
+            tmp = d.with_name(d.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
             if base is None:
-                model.save_pretrained(str(d), safe_serialization=True)
+                model.save_pretrained(str(tmp), safe_serialization=True)
             else:
-                save_file(_delta(model, base), str(d / DELTA_FILE), metadata={"format": "pt"})
+                save_file(_delta(model, base), str(tmp / DELTA_FILE), metadata={"format": "pt"})
+            shutil.rmtree(d, ignore_errors=True)  # a replay after --resume writes the same step again
+            tmp.rename(d)
 
     return Snapshots()
 
@@ -132,6 +272,9 @@ def _early_stop(fraction: float):
     return EarlyStop()
 
 
+# [outputs helper] hold a claim (flock on .<out>.lock) on --out for the whole run: a second
+# `train` into the same --out fails at once instead of deleting this run's work folder.
+@claims_output("out")
 def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = "default", device: str = "auto",
           dtype: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
           stack: list[str | Path] | None = None) -> dict:
@@ -141,41 +284,68 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     before training, so the new patch learns only what the stack still lacks; its
     ``patch.json`` lists them, and attaching it requires them first.
     """
-    from ..data.build import manifest_sha256, read_manifest
+    from ..data.build import manifest_sha256
+    from ..data.folder import DataFolder
     from ..models import load_model
     from ..runtime import peak_memory_mb, reset_peak_memory, seed_everything
 
     cfg.validate()
     out = Path(out)
     data_dir = Path(data_dir)
-    read_manifest(data_dir)
+    data = DataFolder(data_dir)  # the manifest checked now; each file's rows on first read, once
     if out.exists() and not overwrite:
         raise SafetyPatchError(f"{out} exists; pass --overwrite to replace it")
     work = _work_dir(out)
     ckpt = _last_checkpoint(work) if resume else None
     if resume and ckpt is None:
-        raise SafetyPatchError(f"nothing to resume: no checkpoint under {work}")
+        cut = [p.name for p in _checkpoints(work)]
+        raise SafetyPatchError(f"nothing to resume: no complete checkpoint under {work}" + (
+            f" ({', '.join(cut)} cut short by a kill); run without --resume to start over" if cut else ""))
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 touches files
     if not resume and work.exists() and main_process:
         shutil.rmtree(work)
-    rows, counts = dpo_rows(data_dir, cfg) if cfg.objective == "dpo" else training_rows(data_dir, cfg)
+    rows, counts = dpo_rows(data, cfg) if cfg.objective == "dpo" else training_rows(data, cfg)
     from ..patches import merged_state_dict, read_patch
 
     stack_patches = [read_patch(p) for p in stack or []]
+    anchor_pool = None
+    if cfg.anchor_kl > 0:
+        from .data import anchor_rows
+
+        anchor_pool = anchor_rows(data, cfg)  # read before the model loads: a data error fails fast
+    gate_data = None
+    if cfg.gated:
+        from .data import gate_prompts
+
+        gate_data = gate_prompts(data, cfg)  # the gate's files checked before the model loads too (rows kept: read once)
+    # What the run is: a resume must match it in full, or patch.json would record settings,
+    # data or a base model that trained only part of the patch.
+    identity = {"config": as_dict(cfg) | {"lr": cfg.resolved_lr()}, "data_manifest_sha256": manifest_sha256(data_dir),
+                "data_rows_sha256": _rows_sha256(rows, anchor_pool, gate_data), "stack": [p.id for p in stack_patches],
+                "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    if resume:
+        _check_resume(work, identity)
     lm = load_model(model, device=device, dtype=dtype)
+    identity_model = {"base_fingerprint": lm.fingerprint, "dtype": str(lm.runtime.dtype).removeprefix("torch.")}
+    if resume:
+        _check_resume(work, identity_model)
     if stack_patches:
         lm.model.load_state_dict(merged_state_dict(lm.model, stack_patches, lm.fingerprint), strict=False)
     _check_targets(lm.model, cfg)
     gate, gate_info = None, None
     if cfg.gated:
-        gate, gate_info = _fit_gate(lm, data_dir, cfg)
+        gate, gate_info = _fit_gate(lm, data, cfg)
     rows, counts["dropped_too_long"] = drop_too_long(rows, lm.tokenizer, cfg.max_seq_len)
     if not rows:
         raise SafetyPatchError(f"every training row is longer than --max-seq-len {cfg.max_seq_len} tokens")
     seed_everything(cfg.seed)
     work.mkdir(parents=True, exist_ok=True)
+    prior = _read_checkpoint_state(ckpt) if ckpt else {}
     if main_process:
-        write_json(work / "config.json", as_dict(cfg))
+        if ckpt:
+            _rewind(work, ckpt, prior)
+        else:
+            write_json(work / RUN_FILE, identity | identity_model)
 
     base = None
     peft_config = None
@@ -193,17 +363,26 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     anchor = None
     if cfg.anchor_kl > 0:
         from .anchor import AnchorStream, tokenize_anchor
-        from .data import anchor_rows
 
-        examples = tokenize_anchor(anchor_rows(data_dir, cfg), lm.tokenizer, cfg.max_seq_len, cfg.anchor_max_tokens)
+        examples = tokenize_anchor(anchor_pool, lm.tokenizer, cfg.max_seq_len, cfg.anchor_max_tokens)
         if not examples:
             raise SafetyPatchError(f"every anchor row is longer than --max-seq-len {cfg.max_seq_len} tokens")
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
         anchor = AnchorStream(examples, cfg.anchor_batch_size or cfg.batch_size, pad, cfg.seed, rank=int(os.environ.get("RANK", "0")),
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if prior.get("anchor") is not None:  # where the interrupted run's stream stood at the checkpoint
+            anchor.load_state(prior["anchor"])
         counts["anchor"] = len(examples)
     trainer = _make_trainer(lm, rows, cfg, peft_config, work, progress, anchor)
-    trainer.add_callback(_Metrics(work / "metrics.jsonl"))
+    # The guard first: a non-finite value stops the run before another callback logs or saves it.
+    trainer.add_callback(_finite_guard(cfg.resolved_lr()))
+    metrics = _Metrics(work / "metrics.jsonl")
+    metrics.t0 -= prior.get("wall_seconds", 0.0)  # seconds count from the run's start, over every leg
+    trainer.add_callback(metrics)
+    legs = prior.get("legs", 0) + 1
+    clock = {"t0": time.time(), "prior_wall": prior.get("wall_seconds", 0.0), "prior_peak": prior.get("peak_memory_mb", 0.0),
+             "legs": legs, "device": lm.runtime.device}
+    trainer.add_callback(_checkpoint_state(work / "metrics.jsonl", anchor, clock))
     projection = None
     if cfg.orthogonal_k > 0:
         from .oplora import dominant_bases, projection_callback
@@ -219,9 +398,11 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     if cfg.stop_after is not None and cfg.stop_after < 1:
         trainer.add_callback(_early_stop(cfg.stop_after))
     reset_peak_memory(lm.runtime.device)
-    t0 = time.time()
+    t0 = clock["t0"] = time.time()
     result = trainer.train(resume_from_checkpoint=ckpt)
-    wall = time.time() - t0
+    # Cost figures cover every leg of a resumed run (the work a kill threw away is not counted).
+    wall = clock["prior_wall"] + time.time() - t0
+    peak = max(clock["prior_peak"], peak_memory_mb(lm.runtime.device))
     # Under DDP every rank leaves together, after rank 0 has written the patch (see _ranks_leave_together).
     with _ranks_leave_together(trainer):
         if not trainer.is_world_process_zero():
@@ -231,6 +412,9 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         trained = trainer.model
         trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
         losses = [r["loss"] for r in state.log_history if "loss" in r]
+        bad = _nonfinite((n, p) for n, p in trained.named_parameters() if p.requires_grad)
+        if bad:  # fail closed: also a checkpoint resumed at its last step never passed the per-step guard
+            raise SafetyPatchError(f"trained weight {bad} is not finite; no patch written")
         extra = {}
         if projection is not None:
             from .oplora import overlap
@@ -290,24 +474,44 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                     "wall_seconds": round(wall, 2),
                     "tokens_seen": tokens,
                     "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
-                    "peak_memory_mb": round(peak_memory_mb(lm.runtime.device), 1),
+                    "peak_memory_mb": round(peak, 1),
                     "trainable_parameters": trainable,
                     "total_parameters": sum(p.numel() for p in lm.model.parameters()),
                     "resumed_from": ckpt,
+                    "legs": legs,
                     "device": str(lm.runtime.device),
                     "dtype": str(lm.runtime.dtype).removeprefix("torch."),
                     "threads": torch.get_num_threads(),
                     "world_size": trainer.args.world_size,
                     **extra,
                 },
-                versions=_versions(),
+                versions=library_versions(),
             )
             shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl") if (work / "metrics.jsonl").exists() else None
         shutil.rmtree(work, ignore_errors=True)
         return meta
 
 
-def _fit_gate(lm, data_dir: Path, cfg: TrainConfig):
+def _rewind(work: Path, ckpt: str, state: dict) -> None:
+    """Before resuming from ``ckpt``: drop the newer checkpoints (cut short by the kill, or the
+    trainer would mix their files with the replayed ones), half-written snapshots, and the
+    metrics rows logged after the checkpoint's step (the resumed run logs them again)."""
+    keep = Path(ckpt)
+    later = False
+    for p in _checkpoints(work):
+        if later:
+            shutil.rmtree(p)
+        later = later or p == keep
+    for tmp in (work / "snapshots").glob("*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    metrics = work / "metrics.jsonl"
+    size = state.get("metrics_bytes", 0)
+    if metrics.exists() and metrics.stat().st_size > size:
+        with open(metrics, "r+b") as f:
+            f.truncate(size)
+
+
+def _fit_gate(lm, data_dir, cfg: TrainConfig):
     """Fit the patch's gate on the base model (before any adapter exists); every rank fits the
     same one (deterministic), rank 0 writes it."""
     from ..gate import decoder_layers, fit_gate
@@ -355,6 +559,9 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps,
+        # Log a NaN/inf loss as it is (the trainer's default logs the running mean instead), so
+        # that _finite_guard sees it.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
@@ -375,13 +582,17 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
     )
     ds = Dataset.from_list(rows)
     if cfg.objective == "dpo":
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOTrainer
 
-        args = DPOConfig(beta=cfg.dpo_beta, **common)
+        from .trl_configs import PatchDPOConfig
+
+        args = PatchDPOConfig(beta=cfg.dpo_beta, **common)
         return DPOTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer, peft_config=peft_config)
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    args = SFTConfig(completion_only_loss=True, **common)
+    from .trl_configs import PatchSFTConfig
+
+    args = PatchSFTConfig(completion_only_loss=True, **common)
     if anchor is None and cfg.decision_weight == 1.0:
         return SFTTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer, peft_config=peft_config)
     from .anchor import make_anchored_trainer

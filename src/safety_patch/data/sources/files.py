@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 from ...errors import SafetyPatchError
-from ...jsonl import iter_jsonl
+from ...jsonl import iter_jsonl, json_type
 from ...textsim import normalise
 from ..records import Request, SourceInfo
 from ..refusals import unified_category
@@ -16,6 +16,13 @@ PROMPT_KEYS = ("prompt", "goal")
 
 
 def _row_to_request(row: dict, where: str, source: str) -> Request:
+    # A JSONL row's typed fields: a list or number must not turn into its str() (an id "[1, 2]",
+    # a category "5") or quietly vanish (a non-string response replaced by a composed refusal).
+    # An integer id is fine: "7" means what 7 did.
+    for k in PROMPT_KEYS + ("category", "behavior_id", "response"):
+        v = row.get(k)
+        if v is not None and not isinstance(v, str) and not (k == "behavior_id" and type(v) is int):
+            raise SafetyPatchError(f"{where}: '{k}' must be a string, got {json_type(v)}")
     key = next((k for k in PROMPT_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
     if key is None:
         raise SafetyPatchError(f"{where}: missing field 'prompt' (or 'goal')")
@@ -24,6 +31,38 @@ def _row_to_request(row: dict, where: str, source: str) -> Request:
     bid = str(row.get("behavior_id") or f"user-{hashlib.sha256(normalise(text).encode()).hexdigest()[:12]}")
     resp = row.get("response") if isinstance(row.get("response"), str) and row["response"].strip() else None
     return Request(text, source, bid, unified_category(cat), cat, "user-provided", resp)
+
+
+def _csv_rows(path: Path) -> list[tuple[str, dict]]:
+    """(``file:line``, row) for every record of a CSV file with a header; line = where the record starts.
+
+    ``strict=True``: a quote left open (``"How to forge...`` and no closing quote) is an error
+    naming the line it opened on; the default reader silently swallows every later line into
+    that one field. A record with more fields than the header is an error too (DictReader would
+    file them under ``None`` and drop them).
+    """
+    rows: list[tuple[str, dict]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, strict=True)
+        start = 1
+        try:
+            header = next(reader, None)
+            if not header or not set(PROMPT_KEYS) & {h.strip() for h in header}:
+                raise SafetyPatchError(f"{path}:1: header has no 'prompt' or 'goal' column")
+            keys = [h.strip() for h in header]
+            start = reader.line_num + 1
+            for rec in reader:
+                where = f"{path}:{start}"
+                start = reader.line_num + 1
+                if not rec:  # a blank line
+                    continue
+                if len(rec) > len(keys):
+                    raise SafetyPatchError(f"{where}: {len(rec)} fields, but the header has {len(keys)}")
+                rows.append((where, {k: v for k, v in zip(keys, rec, strict=False) if k}))
+        except csv.Error as e:
+            msg = "unterminated quoted field" if "unexpected end of data" in str(e) else str(e)
+            raise SafetyPatchError(f"{path}:{start}: {msg}") from None
+    return rows
 
 
 def read_prompt_rows(path: str | Path) -> list[tuple[str, dict]]:
@@ -36,12 +75,7 @@ def read_prompt_rows(path: str | Path) -> list[tuple[str, dict]]:
         if path.suffix.lower() in (".jsonl", ".json"):
             rows = [(f"{path}:{n}", obj) for n, obj in iter_jsonl(path)]
         elif path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or not set(PROMPT_KEYS) & {h.strip() for h in reader.fieldnames}:
-                    raise SafetyPatchError(f"{path}:1: header has no 'prompt' or 'goal' column")
-                for n, r in enumerate(reader, start=2):
-                    rows.append((f"{path}:{n}", {k.strip(): v for k, v in r.items() if k}))
+            rows = _csv_rows(path)
         else:
             raise SafetyPatchError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .csv")
     except UnicodeDecodeError as e:

@@ -1,0 +1,509 @@
+"""OpenAI-compatible HTTP server for a base model and its safety-patch stacks (FastAPI).
+
+Routes: ``POST /v1/chat/completions`` (JSON or ``stream: true`` server-sent events),
+``GET /v1/models``, ``GET /health``. The request's ``model`` names the unpatched ``base`` or
+a patch stack; a gated patch routes each request as ``chat --patch`` does. Each answer says
+how it was routed: the ``x-safety-patch-route`` header and a ``safety_patch`` object in the
+body (in the first chunk when streaming), with every gate's logit, threshold and decision.
+
+Differences from the OpenAI API, on purpose: an omitted ``temperature`` means greedy (as
+``chat``); ``n`` must be 1; ``stop``, tools and logprobs are refused with a 400 rather than
+silently ignored; the last message must be the user's. Every error is a JSON body in the
+OpenAI shape ``{"error": {"message", "type", "param", "code"}}``, never a traceback.
+
+Backends: :class:`EmbeddedBackend` (the model in this process, micro-batched by
+:mod:`.batcher`) and ``upstream.UpstreamBackend`` (gate here, answer from a vLLM server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import SafetyPatchError
+from .audit import AuditLog
+from .batcher import Batcher, Job, QueueFull
+from .engine import BASE, Engine, Route, Sampling
+
+log = logging.getLogger(__name__)
+
+ROUTE_HEADER = "x-safety-patch-route"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {...}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------------------- request schema
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatRequest(BaseModel):
+    """The subset of OpenAI's chat-completions request this server honours (unknown fields are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: dict | None = None
+    n: int | None = Field(default=None, ge=1, le=1)
+    stop: str | list[str] | None = None
+    tools: list | None = None
+    logprobs: bool | None = None
+    user: str | None = None
+
+
+@dataclass
+class ServeConfig:
+    """Limits and options; every limit is checked before a request reaches the model."""
+
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 1024
+    max_prompt_tokens: int | None = None  # None: only the model's context length bounds it
+    audit_path: str | None = None
+    log_prompts: bool = False
+
+
+@dataclass
+class Prepared:
+    """A validated request: what the backend needs."""
+
+    model: str
+    messages: list[dict]
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stream: bool
+    include_usage: bool
+
+
+def _plain_messages(req: ChatRequest) -> list[dict]:
+    out = []
+    for m in req.messages:
+        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        # OpenAI's newer name for the system role; chat templates know only "system".
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    return out
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str]:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    return f"{loc or 'body'}: {err.get('msg', 'invalid value')}", loc
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+class EmbeddedBackend:
+    """The model in this process; requests go through the micro-batcher's worker thread."""
+
+    def __init__(self, engine: Engine, batcher: Batcher):
+        self.engine, self.batcher = engine, batcher
+
+    @property
+    def names(self) -> list[str]:
+        return self.engine.names
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    def describe(self, name: str) -> dict:
+        return self.engine.describe(name)
+
+    def prepare(self, messages: list[dict]) -> list[int]:
+        return self.engine.encode(self.engine.render(messages))
+
+    def health(self) -> dict:
+        b = self.batcher
+        return {"mode": "embedded", "queued": b.queued, "running": b.running, "batches": b.batches,
+                "max_batch": b.max_batch, "window_ms": round(b.window_s * 1000, 3)}
+
+    async def events(self, p: Prepared, want_text: bool) -> AsyncIterator[tuple]:
+        """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens)."""
+        job = Job(p.model, p.prompt, p.max_tokens, p.sampling, asyncio.get_running_loop())
+        try:
+            self.batcher.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy ({e}); retry later", "rate_limit_error", code="queue_full") from None
+        except RuntimeError as e:
+            raise ApiError(503, str(e), "server_error") from None
+        ids: list[int] = []
+        finished = False
+        try:
+            while True:
+                kind, value = await job.events.get()
+                if kind == "route":
+                    yield ("route", value)
+                elif kind == "token":
+                    ids.append(value)
+                    if want_text:
+                        yield ("text", self.engine.decode(ids))
+                elif kind == "done":
+                    finished = True
+                    yield ("done", self.engine.decode(value.tokens).strip(), value.finish_reason, len(value.tokens))
+                    return
+                else:
+                    finished = True
+                    raise ApiError(500, str(value), "server_error")
+        finally:
+            if not finished:  # the client went away (or the consumer stopped): free the batch row
+                job.cancel()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.batcher.stop)
+
+
+class _Deltas:
+    """Turns successive full texts into stream deltas whose concatenation is the final ``text.strip()``.
+
+    Leading whitespace is dropped, trailing whitespace and a trailing U+FFFD (half a UTF-8
+    character) are held back until more text follows, as ``chat`` strips its answer.
+    """
+
+    def __init__(self):
+        self.sent = ""
+
+    def update(self, full: str, final: bool = False) -> str:
+        text = full.strip() if final else full.lstrip().rstrip()
+        if not final and text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def _error(e: ApiError, headers: dict | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | None = None):
+    """The FastAPI application over ``backend`` (embedded or upstream)."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    audit = audit or AuditLog(config.audit_path, config.log_prompts)
+    started = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await backend.aclose()
+        audit.close()
+
+    app = FastAPI(title="safety-patch", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.backend, app.state.audit, app.state.config = backend, audit, config
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error(ApiError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        return _error(ApiError(400, f"{loc or 'request'}: {err.get('msg', 'invalid request')}"))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request, exc: Exception):
+        log.exception("internal error")
+        return _error(ApiError(500, f"internal error ({type(exc).__name__})", "server_error"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": backend.names, **backend.health()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": started, "owned_by": "safety-patch",
+                                            "safety_patch": backend.describe(n)} for n in backend.names]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        if name not in backend.names:
+            raise ApiError(404, f"the model {name!r} does not exist; served: {', '.join(backend.names)}",
+                           param="model", code="model_not_found")
+        return {"id": name, "object": "model", "created": started, "owned_by": "safety-patch",
+                "safety_patch": backend.describe(name)}
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, exc: ApiError):
+        return _error(exc)
+
+    async def parse(request: Request, rec: dict) -> Prepared:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        if not isinstance(obj, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        if isinstance(obj.get("model"), str):  # the audit line of a rejected request still says which model
+            rec["model"] = obj["model"][:200]
+        try:
+            req = ChatRequest.model_validate(obj)
+        except ValidationError as e:
+            msg, loc = _validation_message(e)
+            raise ApiError(400, msg, param=loc or None) from None
+        if req.model not in backend.names:
+            raise ApiError(404, f"the model {req.model!r} does not exist; served: {', '.join(backend.names)}",
+                           param="model", code="model_not_found")
+        for name in ("stop", "tools", "logprobs"):
+            if getattr(req, name):
+                raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+        if req.messages[-1].role != "user":
+            raise ApiError(400, "the last message must have role 'user'", param="messages", code="invalid_messages")
+        messages = _plain_messages(req)
+        try:
+            prompt = await asyncio.to_thread(backend.prepare, messages)
+        except SafetyPatchError as e:
+            raise ApiError(400, str(e), param="messages", code="invalid_messages") from None
+        n = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        n = config.default_max_tokens if n is None else n
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        if n <= 0:
+            raise ApiError(400, f"{param} must be at least 1 (got {n})", param=param)
+        if n > config.max_tokens_limit:
+            raise ApiError(400, f"{param} is {n}, over this server's limit of {config.max_tokens_limit}", param=param)
+        if config.max_prompt_tokens is not None and len(prompt) > config.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens, over this server's limit of "
+                                f"{config.max_prompt_tokens}", param="messages", code="context_length_exceeded")
+        if len(prompt) + n > backend.max_context:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens and {param} is {n}: over the model's context "
+                                f"length of {backend.max_context} tokens", param="messages", code="context_length_exceeded")
+        t = req.temperature or 0.0
+        sampling = Sampling(t, req.top_p if (t > 0 and req.top_p is not None) else 1.0, (req.seed or 0) if t > 0 else 0)
+        opts = req.stream_options or {}
+        return Prepared(req.model, messages, prompt, n, sampling, bool(req.stream), bool(opts.get("include_usage")))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        t0 = time.monotonic()
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        rec: dict[str, Any] = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "id": rid}
+
+        def finish(status: int, **fields) -> None:
+            rec.update(status=status, latency_s=round(time.monotonic() - t0, 4), **fields)
+            audit.write(rec)
+
+        try:
+            p = await parse(request, rec)
+        except ApiError as e:
+            finish(e.status, error=e.message)
+            return _error(e)
+        rec.update(model=p.model, stream=p.stream, prompt_tokens=len(p.prompt), max_tokens=p.max_tokens,
+                   messages=p.messages)
+        events = backend.events(p, want_text=p.stream)
+        try:
+            kind, route = await anext(events)
+        except ApiError as e:
+            await events.aclose()
+            finish(e.status, error=e.message)
+            return _error(e)
+        assert kind == "route"
+        rec.update(route_fields(route))
+        headers = {ROUTE_HEADER: route.header()}
+        if not p.stream:
+            return await complete(request, p, events, route, rid, created, headers, rec, finish)
+        return StreamingResponse(sse(p, events, route, rid, created, rec, finish), media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache"})
+
+    def route_fields(route: Route) -> dict:
+        d = route.as_dict()
+        return {"decision": d["decision"], "gates": d["gates"], "active_patches": d["active_patches"]}
+
+    async def complete(request, p: Prepared, events, route: Route, rid, created, headers, rec, finish):
+        result: dict = {}
+
+        async def collect():
+            async for ev in events:
+                if ev[0] == "done":
+                    result.update(text=ev[1], finish=ev[2], tokens=ev[3])
+
+        task = asyncio.ensure_future(collect())
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if not done and await request.is_disconnected():
+                    task.cancel()
+                    with _suppress():
+                        await task
+                    finish(499, finish_reason="cancelled", completion_tokens=0, error="client disconnected")
+                    return JSONResponse({}, status_code=499)
+            task.result()
+        except ApiError as e:
+            finish(e.status, error=e.message)
+            return _error(e, headers)
+        finally:
+            if not task.done():
+                task.cancel()
+        usage = {"prompt_tokens": len(p.prompt), "completion_tokens": result["tokens"],
+                 "total_tokens": len(p.prompt) + result["tokens"]}
+        finish(200, finish_reason=result["finish"], completion_tokens=result["tokens"], completion=result["text"])
+        body = {"id": rid, "object": "chat.completion", "created": created, "model": p.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                             "finish_reason": result["finish"], "logprobs": None}],
+                "usage": usage, "safety_patch": route.as_dict()}
+        return JSONResponse(body, headers=headers)
+
+    async def sse(p: Prepared, events, route: Route, rid, created, rec, finish):
+        def chunk(delta: dict, finish_reason=None, **extra) -> str:
+            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": p.model,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+            return f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+
+        deltas = _Deltas()
+        n_tokens, ended = 0, False
+        try:
+            yield chunk({"role": "assistant", "content": ""}, safety_patch=route.as_dict())
+            async for ev in events:
+                if ev[0] == "text":
+                    n_tokens += 1
+                    d = deltas.update(ev[1])
+                    if d:
+                        yield chunk({"content": d})
+                elif ev[0] == "done":
+                    _, text, reason, n_tokens = ev
+                    d = deltas.update(text, final=True)
+                    if d:
+                        yield chunk({"content": d})
+                    yield chunk({}, reason)
+                    if p.include_usage:
+                        usage = {"prompt_tokens": len(p.prompt), "completion_tokens": n_tokens,
+                                 "total_tokens": len(p.prompt) + n_tokens}
+                        c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": p.model,
+                             "choices": [], "usage": usage}
+                        yield f"data: {json.dumps(c)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    ended = True
+                    finish(200, finish_reason=reason, completion_tokens=n_tokens, completion=text)
+        except ApiError as e:
+            ended = True
+            finish(e.status, error=e.message, completion_tokens=n_tokens)
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            if not ended:  # the client went away mid-stream (the events generator has cancelled the job)
+                await events.aclose()
+                finish(499, finish_reason="cancelled", completion_tokens=n_tokens, error="client disconnected")
+
+    return app
+
+
+class _suppress:
+    """``contextlib.suppress`` for the exceptions a cancelled collector may end with."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], (asyncio.CancelledError, ApiError))
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def build_embedded(model: str, stacks: dict[str, list[str]], device: str = "auto", dtype: str = "auto",
+                   force: bool = False, window_ms: float = 15.0, max_batch: int = 16, max_queue: int = 1024):
+    """Load the base and stacks and start the batcher; returns an EmbeddedBackend. Raises SafetyPatchError."""
+    engine = Engine.load(model, stacks, device, dtype, force)
+    return EmbeddedBackend(engine, Batcher(engine, window_ms / 1000.0, max_batch, max_queue).start())
+
+
+def parse_stacks(patches: list[str] | None, stacks: list[str] | None) -> dict[str, list[str]]:
+    """Model names for ``--patch P`` (the folder's name) and ``--stack NAME=P1,P2``; raises SafetyPatchError."""
+    from pathlib import Path
+
+    out: dict[str, list[str]] = {}
+
+    def add(name: str, paths: list[str], flag: str) -> None:
+        if not name or name == BASE or name in out or any(c.isspace() or c == "/" for c in name):
+            why = "reserved" if name == BASE else "already used" if name in out else "not a valid name"
+            raise SafetyPatchError(f"{flag}: model name {name!r} is {why}")
+        out[name] = paths
+
+    for p in patches or []:
+        add(Path(str(p)).resolve().name, [str(p)], f"--patch {p}")
+    for s in stacks or []:
+        name, sep, rest = s.partition("=")
+        paths = [x for x in rest.split(",") if x.strip()]
+        if not sep or not paths:
+            raise SafetyPatchError(f"--stack {s!r}: expected NAME=PATCH[,PATCH...]")
+        add(name.strip(), [x.strip() for x in paths], f"--stack {s}")
+    return out
+
+
+def bind(host: str, port: int):
+    """A socket bound to host:port (before the model loads: a busy port is one line, exit code 2).
+
+    Raises SafetyPatchError if the address cannot be bound."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise SafetyPatchError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(backend, host: str, port: int, config: ServeConfig, sock=None) -> None:
+    """Run the server until interrupted (uvicorn); ``sock`` an already bound socket (tests)."""
+    import uvicorn
+
+    sock = sock if sock is not None else bind(host, port)
+    app = create_app(backend, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])

@@ -1,0 +1,436 @@
+"""The server's one point of contact with models, patches and gates.
+
+Everything the server knows about how a patch stack is attached and routed lives here, so
+that a later "base + stack + routing" value can replace this module without touching the
+HTTP, batching or audit code. The rest of ``safety_patch.serve`` sees only:
+
+* :class:`Engine`: one base model plus named patch stacks (``base`` always exists);
+* :meth:`Engine.run`: route a batch of tokenized prompts for one stack and generate,
+  calling back per new token so answers can stream;
+* :class:`GateProbe`: the gate alone on a copy of the base truncated after the gate's layer
+  (upstream mode).
+
+Routing is the one ``chat --patch`` uses (``generation.complete_texts`` → ``gate.groups``): a
+gated adapter is active for a prompt's whole answer iff its gate's logit on the base model's
+hidden state after its layer, at the prompt's last token, exceeds its threshold; ungated
+adapters in the stack are always on and are on while the gate reads. Generation is the
+same ``model.generate`` call on left-padded prompts, so a greedy request gets the tokens
+``chat`` prints (tests/test_serve.py checks this).
+
+Threading: :meth:`Engine.run` must be called from one thread at a time (the batcher's
+worker); tokenizer calls from other threads go through :meth:`Engine.encode` /
+:meth:`Engine.decode`, which take a lock (a fast tokenizer is not safe to share unguarded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+from ..errors import SafetyPatchError
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings shared by every request of one batch (temperature 0 = greedy)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class GateReading:
+    """One gate's verdict on one prompt: ``logit`` is the probe's score, fired iff logit > threshold."""
+
+    patch: str
+    layer: int
+    logit: float
+    threshold: float
+    fired: bool
+
+    def as_dict(self) -> dict:
+        return {"patch": self.patch, "layer": self.layer, "logit": round(self.logit, 6),
+                "threshold": self.threshold, "fired": self.fired}
+
+
+@dataclass
+class Route:
+    """How one request was served: the stack asked for, the patches active for its answer, the gates read."""
+
+    model: str
+    active: list[str] = field(default_factory=list)  # patch names (folder names), in stack order
+    gates: list[GateReading] = field(default_factory=list)
+
+    @property
+    def decision(self) -> str:
+        """``patched`` if any gated patch fired, ``base`` if gates exist and none fired, else ``always``."""
+        if not self.gates:
+            return "always" if self.active else "base"
+        return "patched" if any(g.fired for g in self.gates) else "base"
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "decision": self.decision, "active_patches": list(self.active),
+                "gates": [g.as_dict() for g in self.gates]}
+
+    def header(self) -> str:
+        """Compact form for the ``x-safety-patch-route`` response header."""
+        parts = [f"decision={self.decision}"] + [f"{g.patch}:logit={g.logit:.4f},fired={int(g.fired)}" for g in self.gates]
+        return "; ".join(parts)
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    finish_reason: str  # "stop" | "length" | "cancelled"
+
+
+def _render(render, tokenizer, messages) -> str:
+    """``generation.render``, with any template failure as one SafetyPatchError line (a 400 for the server)."""
+    try:
+        return render(tokenizer, messages)
+    except SafetyPatchError:
+        raise
+    except Exception as e:  # a template's own raise_exception, or a template bug on unusual input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SafetyPatchError(f"the chat template rejects these messages: {first}") from None
+
+
+def _read_stack(paths: Sequence[str | Path]):
+    from ..patches import read_patch
+
+    return [read_patch(p) for p in paths]
+
+
+class _RowStop(StoppingCriteria):
+    """Stopping criterion: each row stops at its own token budget, or when its request was cancelled."""
+
+    def __init__(self, width: int, budgets: list[int], cancelled: Callable[[int], bool]):
+        self.width, self.budgets, self.cancelled = width, budgets, cancelled
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
+        made = input_ids.shape[1] - self.width
+        done = [made >= b or self.cancelled(r) for r, b in enumerate(self.budgets)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _Streamer(BaseStreamer):
+    """Hands each step's new token of every row to ``on_step`` (the first put is the prompt: skipped)."""
+
+    def __init__(self, on_step: Callable[[list[int]], None]):
+        self.on_step, self.seen_prompt = on_step, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.on_step([int(t) for t in value.reshape(-1).tolist()])
+
+    def end(self) -> None:
+        pass
+
+
+class Engine:
+    """A base model and named patch stacks, served one batch at a time.
+
+    Only the stack a batch asks for is attached, for that batch (it stays attached until a
+    batch for another stack comes), and ``patches.attached`` restores the base bit for bit
+    when it is detached, so one request's adapters never reach another's.
+    """
+
+    def __init__(self, lm, stacks: dict[str, list], force: bool = False):
+        if BASE in stacks:
+            raise SafetyPatchError(f"model name {BASE!r} is reserved for the unpatched base")
+        self.lm = lm
+        self.base_model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.stacks = {BASE: [], **stacks}
+        self.force = force
+        self._tok_lock = threading.Lock()
+        self._current: tuple[str, object, torch.nn.Module] | None = None  # (name, context, model to call)
+        eos = getattr(self.base_model.generation_config, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else self.tokenizer.eos_token_id])
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # Check every stack attaches (fingerprint, shapes, gate fit, order) now, not on the first request.
+        for name in stacks:
+            self._use(name)
+        self._use(BASE)
+
+    @classmethod
+    def load(cls, model: str, stacks: dict[str, list[str | Path]], device: str = "auto", dtype: str = "auto",
+             force: bool = False) -> Engine:
+        """Load the base (``models.load_model``) and read each stack's patches; raises SafetyPatchError."""
+        from ..models import load_model
+
+        lm = load_model(model, device=device, dtype=dtype)
+        return cls(lm, {name: _read_stack(paths) for name, paths in stacks.items()}, force)
+
+    # ------------------------------------------------------------------ facts the server needs
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.stacks)
+
+    def describe(self, name: str) -> dict:
+        """Public facts about a served model name (for /v1/models)."""
+        return {"patches": [str(p.path) for p in self.stacks[name]], "gated": any(p.gated for p in self.stacks[name]),
+                "base": self.lm.name, "fingerprint": self.lm.fingerprint}
+
+    @property
+    def max_context(self) -> int:
+        """Longest prompt + answer the model's positions allow (tokens)."""
+        return int(getattr(self.base_model.config, "max_position_embeddings", 0) or 2048)
+
+    def render(self, messages: Sequence[dict]) -> str:
+        """The chat-template text ``chat`` would feed; raises SafetyPatchError if the template rejects it."""
+        from ..generation import render
+
+        with self._tok_lock:
+            return _render(render, self.tokenizer, messages)
+
+    def encode(self, text: str) -> list[int]:
+        with self._tok_lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of answer tokens, exactly as ``generation.complete_texts`` returns it (before its strip)."""
+        with self._tok_lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ attaching and routing
+
+    def _use(self, name: str) -> torch.nn.Module:
+        """Attach stack ``name`` (detaching the previous one first); returns the model to call."""
+        if self._current is not None and self._current[0] == name:
+            return self._current[2]
+        self.release()
+        if not self.stacks[name]:
+            self._current = (name, None, self.base_model)
+            return self.base_model
+        from ..patches import attached
+
+        ctx = attached(self.base_model, self.stacks[name], self.lm.fingerprint, self.force)
+        model = ctx.__enter__()
+        self._current = (name, ctx, model)
+        return model
+
+    def release(self) -> None:
+        """Detach whatever stack is attached (the base is restored exactly)."""
+        if self._current is not None and self._current[1] is not None:
+            self._current[1].__exit__(None, None, None)
+        self._current = None
+
+    def _adapter_patches(self, name: str) -> dict[str, str]:
+        """{PEFT adapter name: patch folder name}; ``patches.attached`` names LoRA patches patch0, patch1, …"""
+        loras = [p for p in self.stacks[name] if p.format == "lora"]
+        return {f"patch{i}": p.name for i, p in enumerate(loras)}
+
+    def route(self, name: str, model: torch.nn.Module, prompts: Sequence[Sequence[int]]):
+        """Per prompt: (adapters to activate or None for the stack as attached, Route).
+
+        Mirrors ``gate.groups``: gates read with only the ungated adapters on, one stopped
+        pass for every gate's layer; a gated adapter is on iff its logit > threshold.
+        """
+        from ..gate import gates_of, layer_states
+
+        names = self._adapter_patches(name)
+        always = [p.name for p in self.stacks[name]]
+        gates = gates_of(model)
+        if not gates:
+            return [(None, Route(name, always)) for _ in prompts]
+        adapters = list(model.safety_adapters)
+        ungated = [a for a in adapters if a not in gates]
+        from ..gate import active_adapters
+
+        with active_adapters(model, ungated):
+            states = layer_states(model, self.tokenizer, prompts, sorted({g.layer for g in gates.values()}),
+                                  batch_size=max(1, len(prompts)))
+        logits = {a: g.scores(states[g.layer]) for a, g in gates.items()}
+        out = []
+        for i in range(len(prompts)):
+            readings = [GateReading(names[a], g.layer, float(logits[a][i]), float(g.threshold),
+                                    bool(logits[a][i] > g.threshold)) for a, g in gates.items()]
+            fired = {names[a]: r.fired for a, r in zip(gates, readings, strict=True)}
+            on = tuple(a for a in adapters if a not in gates or fired[names[a]])
+            active = [p.name for p in self.stacks[name] if p.format != "lora" or p.name in {names[a] for a in on}]
+            out.append((on, Route(name, active, readings)))
+        return out
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def run(self, name: str, prompts: Sequence[Sequence[int]], budgets: Sequence[int], sampling: Sampling = Sampling(),
+            on_route: Callable[[int, Route], None] | None = None,
+            on_token: Callable[[int, int], None] | None = None,
+            cancelled: Callable[[int], bool] = lambda i: False) -> list[Result]:
+        """Route and complete ``prompts`` (token ids of rendered chats) with stack ``name``.
+
+        ``budgets[i]``: max new tokens of prompt i. ``on_route(i, route)`` is called once per
+        prompt before generation, ``on_token(i, id)`` per new answer token (EOS excluded), and
+        a prompt whose ``cancelled(i)`` turns true stops at the next step. Returns per prompt
+        its answer token ids (EOS excluded) and why it ended. Raises KeyError on an unknown name.
+        """
+        from ..gate import active_adapters
+
+        if name not in self.stacks:
+            raise KeyError(name)
+        model = self._use(name)
+        routes = self.route(name, model, prompts)
+        for i, (_, r) in enumerate(routes):
+            if on_route is not None:
+                on_route(i, r)
+        by: dict[tuple | None, list[int]] = {}
+        for i, (on, _) in enumerate(routes):
+            by.setdefault(on, []).append(i)
+        results: list[Result | None] = [None] * len(prompts)
+        for on, members in by.items():
+            ctx = contextlib.nullcontext() if on is None else active_adapters(model, on)
+            with ctx:
+                part = self._generate(model, [prompts[i] for i in members], [budgets[i] for i in members], sampling,
+                                      (lambda r, t, m=members: on_token(m[r], t)) if on_token else None,
+                                      lambda r, m=members: cancelled(m[r]))
+            for i, res in zip(members, part, strict=True):
+                results[i] = res
+        return [r for r in results if r is not None]
+
+    def _generate(self, model, prompts, budgets, sampling: Sampling, on_token, cancelled) -> list[Result]:
+        """One ``model.generate`` call on left-padded prompts, as ``generation.complete_texts`` makes it."""
+        from transformers import StoppingCriteriaList
+
+        device = next(model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(p):] = torch.tensor(list(p))
+            mask[row, width - len(p):] = 1
+        kw = dict(max_new_tokens=max(budgets), pad_token_id=self.pad_id)
+        if sampling.temperature > 0:
+            kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            torch.manual_seed(sampling.seed)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        done = [False] * len(prompts)
+        made = [0] * len(prompts)
+
+        def step(tokens: list[int]) -> None:
+            for r, t in enumerate(tokens):
+                if done[r]:
+                    continue
+                if t in self.eos_ids or made[r] >= budgets[r]:
+                    done[r] = True
+                    continue
+                made[r] += 1
+                if on_token is not None:
+                    on_token(r, t)
+
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             stopping_criteria=StoppingCriteriaList([_RowStop(width, list(budgets), cancelled)]),
+                             streamer=_Streamer(step), **kw)
+        out = []
+        for r in range(len(prompts)):
+            new = [int(t) for t in gen[r, width:].tolist()][: budgets[r]]
+            cut = next((k for k, t in enumerate(new) if t in self.eos_ids), None)
+            if cut is not None:
+                out.append(Result(new[:cut], "stop"))
+            elif cancelled(r):
+                out.append(Result(new[: made[r]], "cancelled"))
+            else:
+                out.append(Result(new, "length"))
+        return out
+
+
+class GateProbe:
+    """The gates of patch stacks, run on a copy of the base truncated after the deepest gate layer.
+
+    For upstream mode: the answer comes from another engine, so only the gates run here; a
+    gate at layer L of N costs about (L+1)/N of a prefill and the memory of L+1 layers. Each
+    stack is one LoRA patch (an engine such as vLLM applies one LoRA module per request).
+    Raises SafetyPatchError for a stack that is not one LoRA patch, or a patch not made for
+    this base (checked once on the full model, unless ``force``).
+    """
+
+    def __init__(self, model_spec: str, stacks: dict[str, list[str | Path]], device: str = "auto",
+                 dtype: str = "auto", force: bool = False):
+        from transformers import AutoConfig, AutoModel
+
+        from .. import runtime as rt
+        from ..gate import Gate
+        from ..models import load_model
+        from ..patches import verify
+
+        if BASE in stacks:
+            raise SafetyPatchError(f"model name {BASE!r} is reserved for the unpatched base")
+        self.patches = {}
+        for name, paths in stacks.items():
+            ps = _read_stack(paths)
+            if len(ps) != 1 or ps[0].format != "lora":
+                raise SafetyPatchError(f"stack {name!r}: upstream mode serves one LoRA patch per model name "
+                                       "(the upstream engine applies one LoRA module per request)")
+            self.patches[name] = ps[0]
+        self.gates = {n: Gate.load(p.path) for n, p in self.patches.items() if p.gated}
+        # Fail closed: a gate was fit on one base; check that this is it (fingerprint, shapes, gate fit) on the full
+        # model once, then keep only the truncated copy.
+        full = load_model(model_spec, device=device, dtype=dtype)
+        for p in self.patches.values():
+            verify(p, full.model, full.fingerprint, force)
+        self.tokenizer, self.name, where = full.tokenizer, full.name, full.path
+        self.max_context = int(getattr(full.model.config, "max_position_embeddings", 0) or 2048)
+        del full
+        self.model = None
+        self.layers_loaded = 0
+        cfg = AutoConfig.from_pretrained(where)
+        self.layers_total = cfg.num_hidden_layers
+        if self.gates:
+            runtime = rt.resolve(device, dtype)
+            cfg.num_hidden_layers = max(g.layer for g in self.gates.values()) + 1  # only these layers are loaded
+            self.model = AutoModel.from_pretrained(where, config=cfg, dtype=runtime.dtype).to(runtime.device).eval()
+            self.layers_loaded = cfg.num_hidden_layers
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return [BASE, *self.patches]
+
+    def render(self, messages: Sequence[dict]) -> str:
+        from ..generation import render
+
+        with self._lock:
+            return _render(render, self.tokenizer, messages)
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def read(self, name: str, prompts: Sequence[Sequence[int]]) -> list[Route]:
+        """Route each prompt for model ``name``: its patch is active iff ungated or its gate fires."""
+        from ..gate import layer_states
+
+        if name == BASE:
+            return [Route(name) for _ in prompts]
+        patch, gate = self.patches[name], self.gates.get(name)
+        if gate is None:
+            return [Route(name, [patch.name]) for _ in prompts]
+        with self._lock:
+            states = layer_states(self.model, self.tokenizer, prompts, [gate.layer], max(1, len(prompts)))
+        logits = gate.scores(states[gate.layer])
+        out = []
+        for i in range(len(prompts)):
+            fired = bool(logits[i] > gate.threshold)
+            out.append(Route(name, [patch.name] if fired else [],
+                             [GateReading(patch.name, gate.layer, float(logits[i]), float(gate.threshold), fired)]))
+        return out

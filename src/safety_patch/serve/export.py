@@ -1,0 +1,166 @@
+"""The gate as a standard artifact: a Hugging Face sequence-classification checkpoint.
+
+The exported folder is the base truncated after the gate's layer plus a one-logit score head,
+with the threshold in its config; ``AutoModelForSequenceClassification.from_pretrained`` and
+the ``text-classification`` pipeline run it without this project's code (feed the
+chat-template text, ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``).
+
+Why a gate must be fit for export (the final-norm question). A transformers
+``*ForSequenceClassification`` model reads ``score(final_norm(h))`` at the last token: the
+model's final RMSNorm always runs, and ``score`` has no bias. The project's gates
+(``gate.Gate``) read the *pre-norm* residual ``h`` after layer L and use a bias. Neither folds:
+``final_norm`` divides by ``rms(h)``, which varies per prompt, so no linear head on
+``final_norm(h)`` equals ``w·h + b``; and the head cannot add a constant. So an exportable
+gate is a :class:`NormGate`: a logistic probe on ``final_norm(h_L)`` (the base's own final
+norm, as the exported model computes it) with no intercept, the threshold playing the
+intercept's role (fires iff ``w·x > threshold``). Features are scaled by their std for the fit
+(the scale folds into the head exactly); they are not centred (centring would need a bias).
+Its exported logits equal :meth:`NormGate.scores` to float precision (tests/test_serve.py:
+< 1e-4).
+
+Scope today: ``fit_norm_gate`` and ``export_norm_gate`` are the tested format. Trained
+patches still ship pre-norm gates (``train`` does not fit a NormGate yet), so a shipped patch
+cannot be exported exactly: :func:`export_patch_gate` refuses one with that reason rather
+than writing an approximation of a safety gate. Switching ``train`` to NormGates needs the
+routing (``gate.decide``) to read the same features and the targets re-measured.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SafetyPatchError
+
+CONFIG_KEY = "safety_patch_gate"
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder's final norm (``model.model.norm`` for Llama/Qwen/Mistral); raises SafetyPatchError."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    norm = getattr(base, "norm", None)
+    if not isinstance(norm, torch.nn.Module):
+        raise SafetyPatchError("cannot find the model's final norm (expected model.model.norm)")
+    return norm
+
+
+@torch.no_grad()
+def norm_states(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int, batch_size: int = 8) -> torch.Tensor:
+    """``final_norm(hidden state after decoder layer `layer`)`` at each prompt's last token: [n, hidden] fp32."""
+    from ..gate import layer_states
+
+    h = layer_states(model, tokenizer, prompts, [layer], batch_size)[layer]
+    p = next(model.parameters())
+    return final_norm(model)(h.to(device=p.device, dtype=p.dtype)).float().cpu()
+
+
+@dataclass
+class NormGate:
+    """An exportable gate: logit = (x / scale) · weight with x = final_norm(h_layer); fires iff logit > threshold."""
+
+    layer: int
+    threshold: float
+    weight: torch.Tensor  # [hidden]
+    scale: torch.Tensor  # [hidden], > 0
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [n] for final-norm features [n, hidden]."""
+        return (x.float().cpu() / self.scale) @ self.weight
+
+    def fires(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scores(x) > self.threshold
+
+
+def fit_norm_gate(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], layer: int, threshold: float = 0.0,
+                  l2: float = 1e-2, steps: int = 300) -> NormGate:
+    """Class-balanced, L2-regularised logistic regression without intercept on final-norm features (LBFGS).
+
+    ``harmful``/``benign``: rendered prompt texts. Deterministic. Raises SafetyPatchError
+    without both classes.
+    """
+    if not harmful or not benign:
+        raise SafetyPatchError("the gate needs both harmful and benign training prompts")
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in list(harmful) + list(benign)]
+    x = norm_states(model, tokenizer, enc, layer)
+    y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
+    scale = x.std(0) + 1e-6
+    z = x / scale
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    pos = float(y.mean())
+    weight = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
+    opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w, y, weight=weight) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return NormGate(layer, float(threshold), w.detach(), scale)
+
+
+def export_norm_gate(lm, gate: NormGate, out: str | Path) -> Path:
+    """Write ``gate`` on ``lm`` (a models.LoadedModel) as a sequence-classification checkpoint at ``out``.
+
+    The folder holds config.json (``num_hidden_layers`` = layer + 1, ``num_labels`` = 1, the
+    threshold under ``safety_patch_gate``), the weights and the tokenizer; written atomically.
+    Raises SafetyPatchError for a gate that does not fit the model.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from ..atomic import atomic_dir
+
+    cfg = AutoConfig.from_pretrained(lm.path) if lm.path and Path(lm.path).is_dir() else lm.model.config
+    cfg = cfg.__class__.from_dict(cfg.to_dict())  # a copy: the loaded model's config stays as it is
+    total = cfg.num_hidden_layers
+    if not 0 <= gate.layer < total:
+        raise SafetyPatchError(f"gate layer {gate.layer} out of range: the model has layers 0-{total - 1}")
+    if gate.weight.shape != (cfg.hidden_size,) or gate.scale.shape != (cfg.hidden_size,):
+        raise SafetyPatchError(f"gate vectors have length {gate.weight.shape[0]}, the model's hidden size is {cfg.hidden_size}")
+    if not (math.isfinite(gate.threshold) and bool(torch.isfinite(gate.weight).all()) and bool((gate.scale > 0).all())):
+        raise SafetyPatchError("gate has non-finite values or a non-positive scale; it cannot decide")
+    cfg.num_hidden_layers = gate.layer + 1
+    cfg.num_labels = 1
+    cfg.id2label, cfg.label2id = {0: "harmful"}, {"harmful": 0}
+    cfg.problem_type = "regression"  # one logit, no softmax over one class
+    cfg.pad_token_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    prob = 1.0 / (1.0 + math.exp(-gate.threshold))
+    setattr(cfg, CONFIG_KEY, {
+        "layer": gate.layer, "layers_of_base": total, "threshold_logit": gate.threshold,
+        "threshold_probability": prob, "base": lm.name, "base_fingerprint": lm.fingerprint,
+        "input": "the chat-template text with the generation prompt (apply_chat_template(messages, tokenize=False, "
+                 "add_generation_prompt=True)), tokenized without added special tokens",
+        "decision": "harmful (route to the safety patch) iff logit > threshold_logit (sigmoid score > threshold_probability)",
+    })
+    clf = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
+    src = lm.model.state_dict()  # the causal LM's "model.*" names are the classifier's ("score" is the head)
+    with torch.no_grad():
+        for k, v in clf.state_dict().items():
+            if k == "score.weight":  # the std scaling folds into the head exactly
+                v.copy_((gate.weight / gate.scale).reshape(1, -1).to(v.dtype))
+            elif k in src:
+                v.copy_(src[k].to(v.dtype))
+            else:
+                raise SafetyPatchError(f"export: the base has no tensor {k} (architecture {cfg.model_type} not supported)")
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        clf.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+    return out
+
+
+def export_patch_gate(patch_path: str | Path) -> None:
+    """Export a shipped patch's gate: refused, with the reason (see the module docstring)."""
+    from ..patches import read_patch
+
+    p = read_patch(patch_path)
+    if not p.gated:
+        raise SafetyPatchError(f"{p.path}: not a gated patch; there is no gate to export")
+    raise SafetyPatchError(f"{p.path}: its gate reads the pre-norm residual stream with a bias, which a transformers "
+                           "sequence-classification head (final norm, no bias) cannot reproduce; an exact export needs a "
+                           "gate fit on final-norm features (serve/export.py: fit_norm_gate), which `train` does not fit yet")

@@ -1,0 +1,125 @@
+"""Upstream mode: the gate runs here, the answer comes from an OpenAI-compatible engine (vLLM).
+
+The upstream serves the base and each patch as a LoRA module named like the stack here::
+
+    vllm serve BASE --enable-lora --max-lora-rank 64 --lora-modules safety=patches/safety
+
+For a request to model ``safety`` this server renders the chat with the base's template,
+reads the patch's gate on a copy of the base truncated after the gate's layer
+(:class:`~.engine.GateProbe`), and forwards the request to the upstream's LoRA module
+``safety`` if the gate fires, else to the upstream base; ``base`` always goes to the
+upstream base. Answers are streamed back (the upstream is always asked to stream), stripped
+like ``chat``'s, with the route header, body field and audit line of embedded mode.
+
+Failures of the upstream (unreachable, non-200, malformed stream, no finish) are answered
+502 in the OpenAI error shape; a request is never answered by the base when its gate fired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+
+from .app import ApiError, Prepared
+from .engine import BASE, GateProbe
+
+
+def _api_base(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+class UpstreamBackend:
+    """Backend for ``serve --upstream URL`` (see the module docstring)."""
+
+    def __init__(self, probe: GateProbe, url: str, upstream_model: str, timeout_s: float = 600.0):
+        self.probe, self.url, self.upstream_model = probe, _api_base(url), upstream_model
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
+
+    @property
+    def names(self) -> list[str]:
+        return self.probe.names
+
+    @property
+    def max_context(self) -> int:
+        return self.probe.max_context
+
+    def target(self, name: str, patched: bool) -> str:
+        """The upstream model name a request goes to: the LoRA module ``name`` or the base."""
+        return name if (patched and name != BASE) else self.upstream_model
+
+    def describe(self, name: str) -> dict:
+        p = self.probe.patches.get(name)
+        return {"patches": [str(p.path)] if p else [], "gated": name in self.probe.gates, "base": self.probe.name,
+                "upstream": self.url, "upstream_models": sorted({self.target(name, False), self.target(name, True)})}
+
+    def prepare(self, messages: list[dict]) -> list[int]:
+        return self.probe.encode(self.probe.render(messages))
+
+    def health(self) -> dict:
+        return {"mode": "upstream", "upstream": self.url, "gate_layers_loaded": self.probe.layers_loaded,
+                "layers_total": self.probe.layers_total}
+
+    async def events(self, p: Prepared, want_text: bool) -> AsyncIterator[tuple]:
+        """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens)."""
+        route = (await asyncio.to_thread(self.probe.read, p.model, [p.prompt]))[0]
+        yield ("route", route)
+        target = self.target(p.model, bool(route.active))
+        body = {"model": target, "messages": p.messages, "max_tokens": p.max_tokens, "stream": True,
+                "stream_options": {"include_usage": True}, "temperature": p.sampling.temperature}
+        if p.sampling.temperature > 0:
+            body.update(top_p=p.sampling.top_p, seed=p.sampling.seed)
+        text, finish, n_tokens, chunks = "", None, None, 0
+        try:
+            async with self.client.stream("POST", "/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    raw = (await r.aread()).decode("utf-8", "replace")
+                    try:
+                        why = json.loads(raw)["error"]["message"]
+                    except (ValueError, KeyError, TypeError):
+                        why = raw[:200]
+                    raise ApiError(502, f"upstream {self.url} answered {r.status_code} for model {target!r}: {why}",
+                                   "upstream_error", code="upstream_error")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise ApiError(502, f"upstream {self.url} sent a malformed stream event", "upstream_error",
+                                       code="upstream_error") from None
+                    if "error" in chunk:
+                        raise ApiError(502, f"upstream {self.url} failed: {chunk['error']}", "upstream_error",
+                                       code="upstream_error")
+                    for choice in chunk.get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content") or ""
+                        if piece:
+                            text += piece
+                            chunks += 1
+                            if want_text:
+                                yield ("text", text)
+                        finish = choice.get("finish_reason") or finish
+                    if chunk.get("usage"):
+                        n_tokens = chunk["usage"].get("completion_tokens")
+        except httpx.HTTPError as e:
+            raise ApiError(502, f"cannot reach upstream {self.url}: {type(e).__name__}: {e}", "upstream_error",
+                           code="upstream_error") from None
+        if finish is None:
+            raise ApiError(502, f"upstream {self.url} ended the answer without a finish_reason", "upstream_error",
+                           code="upstream_error")
+        yield ("done", text.strip(), finish, n_tokens if n_tokens is not None else chunks)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def build_upstream(model: str, stacks: dict[str, list[str]], url: str, upstream_model: str, device: str = "auto",
+                   dtype: str = "auto", force: bool = False, timeout_s: float = 600.0) -> UpstreamBackend:
+    """Load the truncated gate model(s) and point at ``url``; raises SafetyPatchError."""
+    return UpstreamBackend(GateProbe(model, stacks, device, dtype, force), url, upstream_model, timeout_s)

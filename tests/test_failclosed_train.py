@@ -1,0 +1,259 @@
+"""Training fails closed: every TrainConfig number is checked at the boundary, a non-finite
+gradient, weight or loss stops the run without a patch, and ``--resume`` is exact or refused
+(complete checkpoints only, the same settings only, every recipe bit-identical to an
+uninterrupted run, metrics and cost figures over the whole run)."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safety_patch.data.build import DataConfig, build
+from safety_patch.errors import SafetyPatchError
+from safety_patch.train import run
+from safety_patch.train.config import RECIPES, TrainConfig
+from safety_patch.train.run import train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_dir):
+    # distilled (the KL anchor needs the base model's own answers) and with DPO pairs; small
+    d = tmp_path_factory.mktemp("data") / "d"
+    build(d, DataConfig(max_per_source=8, distill=True, distill_max_new_tokens=4, dpo=True, template_max_chars=600,
+                        self_instruct=0, borderline_train_extra=False, general_limit=16), model=str(tiny_dir))
+    return d
+
+
+# --- numbers at the boundary -------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(lr=math.inf), "--lr must be a finite number > 0, got inf"),
+    (dict(lr=math.nan), "--lr must be a finite number > 0, got nan"),
+    (dict(lr=-1e-3), "--lr must be a finite number > 0, got -0.001"),
+    (dict(lr=0.0), "--lr must be a finite number > 0, got 0.0"),
+    (dict(alpha=-16.0), "--alpha must be a finite number > 0, got -16.0"),
+    (dict(alpha=0.0), "--alpha must be a finite number > 0"),
+    (dict(epochs=math.nan), "--epochs must be a finite number > 0, got nan"),
+    (dict(epochs=0.0), "--epochs must be a finite number > 0"),
+    (dict(max_train_rows=-3), "--max-train-rows must be >= 0, got -3"),
+    (dict(rank=0), "--rank must be >= 1, got 0"),
+    (dict(rank=2.5), "--rank must be an integer, got 2.5"),
+    (dict(batch_size=True), "--batch-size must be an integer"),
+    (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(grad_accum=0), "grad_accum must be >= 1"),
+    (dict(max_seq_len=0), "--max-seq-len must be >= 1"),
+    (dict(general_ratio=math.nan), "--general-ratio must be a finite number, got nan"),
+    (dict(contrast_ratio=-0.5), "--contrast-ratio must be >= 0"),
+    (dict(borderline_share=math.nan), "--borderline-share must be a finite number"),
+    (dict(anchor_kl=math.inf), "--anchor-kl must be a finite number, got inf"),
+    (dict(decision_weight=math.nan), "--decision-weight must be a finite number > 0"),
+    (dict(stop_after=math.nan), "--stop-after must be a finite number"),
+    (dict(stop_after=0.0), "--stop-after must be in"),
+    (dict(dropout=1.0), "dropout must be in"),
+    (dict(dropout=math.nan), "dropout must be a finite number"),
+    (dict(warmup_ratio=-0.1), "warmup_ratio must be in"),
+    (dict(weight_decay=math.inf), "weight_decay must be a finite number"),
+    (dict(dpo_beta=0.0), "dpo_beta must be a finite number > 0"),
+    (dict(gate_threshold=math.nan), "--gate-threshold must be a finite number"),
+    (dict(gate_l2=-1.0), "gate_l2 must be >= 0"),
+    (dict(seed=-1), "--seed must be in"),
+    (dict(save_steps=0), "save_steps must be >= 1"),
+    (dict(logging_steps=0), "logging_steps must be >= 1"),
+    (dict(scheduler="cosine_annealing"), "scheduler must be one of"),
+    (dict(lr="1e-3"), "--lr must be a number, got '1e-3'"),
+    (dict(epochs=None), "--epochs must be set"),
+    (dict(recipe="nope"), "unknown recipe 'nope'"),
+])
+def test_every_bad_number_is_refused_naming_the_field(kw, message):
+    with pytest.raises(SafetyPatchError) as e:
+        TrainConfig(**kw).validate()
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_recipe_is_valid():
+    for name, preset in RECIPES.items():
+        TrainConfig(recipe=name, **preset).validate()
+
+
+def test_yaml_and_cli_numbers_are_checked_before_any_work(tmp_path, capsys):
+    from safety_patch.cli import main
+    from safety_patch.train.api import resolve_config
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("lr: .nan\n")
+    with pytest.raises(SafetyPatchError, match="--lr must be a finite number > 0, got nan"):
+        resolve_config("paper", cfg)
+    # no data folder, no model: the flag fails first (exit 2, one line)
+    for flags, message in [(["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+                           (["--alpha", "-16"], "--alpha must be a finite number > 0, got -16.0"),
+                           (["--epochs", "nan"], "--epochs must be a finite number > 0, got nan"),
+                           (["--max-train-rows", "-3"], "--max-train-rows must be >= 0, got -3")]:
+        code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--recipe", "paper", *flags])
+        assert code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.yaml"]
+
+
+# --- non-finite training -------------------------------------------------------------------
+
+def small(**kw) -> TrainConfig:
+    # 8 steps of 2 rows, a checkpoint every 2: small enough for a test, long enough to resume
+    base = dict(recipe="paper", max_train_rows=8, batch_size=2, max_seq_len=512, save_steps=2, logging_steps=1,
+                lr=1e-3, epochs=2.0, sampling="random")
+    return TrainConfig(**(base | kw))
+
+
+def test_nonfinite_helper_names_the_first_bad_tensor():
+    ok, bad = torch.ones(3), torch.tensor([1.0, math.nan])
+    assert run._nonfinite([("a", ok), ("b", None)]) is None
+    assert run._nonfinite([("a", ok), ("b", bad), ("c", torch.tensor([math.inf]))]) == "b"
+
+
+def test_a_diverging_run_stops_without_a_patch(data_dir, tiny_dir, tmp_path):
+    # a finite but absurd learning rate: the weights overflow within a few steps
+    with pytest.raises(SafetyPatchError, match=r"training stopped at step \d+: .* is not finite .*no patch written"):
+        train(data_dir, tmp_path / "p", small(lr=1e38), model=str(tiny_dir), progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_nan_loss_stops_the_run(data_dir, tiny_dir, tmp_path, monkeypatch):
+    from trl import SFTTrainer
+
+    orig = SFTTrainer.compute_loss
+
+    def nan_loss(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        return out * math.nan if self.state.global_step >= 1 else out
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", nan_loss)
+    with pytest.raises(SafetyPatchError, match="training stopped at step 2: the gradient of .* is not finite"):
+        train(data_dir, tmp_path / "p", small(), model=str(tiny_dir), progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+# --- resume --------------------------------------------------------------------------------
+
+class Kill(Exception):
+    pass
+
+
+def _killed_while_saving(data_dir, tiny_dir, out, cfg: TrainConfig, step: int) -> None:
+    """Train until the trainer dies while it writes checkpoint-``step``: after the adapter and
+    optimizer, before its RNG state and trainer_state.json (a kill mid-save)."""
+    from transformers import Trainer
+
+    orig = Trainer._save_rng_state
+
+    def dying(self, output_dir):
+        if self.state.global_step == step:
+            raise Kill()
+        return orig(self, output_dir)
+
+    # a patch of its own: conftest's monkeypatch (the private SAFETY_PATCH_HOME) stays in place
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "_save_rng_state", dying)
+        with pytest.raises(Kill):
+            train(data_dir, out, cfg, model=str(tiny_dir), progress=False)
+    assert not out.exists()
+
+
+def _weights(patch) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(patch.glob("*.safetensors")):
+        out |= {f"{f.name}:{k}": v for k, v in load_file(f).items()}
+    return out
+
+
+# Every family of the recipe table (train/config.py) and the options beside it, at test size:
+# what differs between them on resume is the state that lives outside the trainer (the anchor
+# stream, the gate, W0 and the frozen reference of full-parameter runs, the early stop, the
+# OPLoRA projection). anchor-v2 holds anchor-v1's anchor (plus decision weights and an early
+# stop), full-anchor holds full-safety's full-parameter delta (plus a frozen reference).
+FAMILIES = {
+    "paper": {},
+    "gated-v1": {"gate_wrapped_benign": 8},
+    "anchor-v2": {},
+    "full-anchor": {"lr": 1e-4},
+    "paper+orthogonal": {"orthogonal_k": 2},
+    "paper+dpo": {"objective": "dpo"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_resume_after_a_kill_mid_checkpoint_is_bit_identical(family, data_dir, tiny_dir, tmp_path):
+    recipe = family.split("+")[0]
+    preset = RECIPES[recipe] | {"lr": 1e-3} | FAMILIES[family]
+    cfg = small(**(preset | {"recipe": recipe, "max_train_rows": 8, "max_seq_len": 512}))
+    ref = train(data_dir, tmp_path / "ref", cfg, model=str(tiny_dir), progress=False)
+
+    _killed_while_saving(data_dir, tiny_dir, tmp_path / "res", cfg, 4)
+    work = tmp_path / ".res.partial"
+    assert (work / "checkpoints" / "checkpoint-4").is_dir()  # cut short: never resumed from
+    assert not (work / "checkpoints" / "checkpoint-4" / run.CHECKPOINT_STATE).exists()
+    leg1 = json.loads((work / "checkpoints" / "checkpoint-2" / run.CHECKPOINT_STATE).read_text())
+
+    meta = train(data_dir, tmp_path / "res", cfg, model=str(tiny_dir), progress=False, resume=True)
+    t = meta["training"]
+    assert t["resumed_from"].endswith("checkpoint-2") and t["legs"] == 2
+    assert t["steps"] == ref["training"]["steps"] > 4 and t["loss_last"] == ref["training"]["loss_last"]
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "res")
+    assert a and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    # every step logged once (the last twice: the trainer's closing summary), as uninterrupted
+    steps = [json.loads(x)["step"] for x in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
+    ref_steps = [json.loads(x)["step"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == ref_steps
+    # cost figures cover both legs; tokens are the whole run's
+    assert t["tokens_seen"] == ref["training"]["tokens_seen"]
+    assert t["wall_seconds"] >= leg1["wall_seconds"] > 0
+    assert math.isclose(t["tokens_per_s"], t["tokens_seen"] / t["wall_seconds"], rel_tol=0.05)
+
+
+def test_resume_refuses_changed_settings_data_or_base(data_dir, tiny_dir, tmp_path):
+    from safety_patch.testing import save_tiny_model
+
+    cfg = small()
+    _killed_while_saving(data_dir, tiny_dir, tmp_path / "p", cfg, 4)
+    for changed, message in [(small(lr=5e-3), "lr 0.001 -> 0.005"),
+                             (small(epochs=3.0), "epochs 2.0 -> 3.0"),
+                             (small(rank=4, lr=5e-3), "lr 0.001 -> 0.005; rank 8 -> 4"),
+                             (small(recipe="anchor-v1"), "recipe paper -> anchor-v1")]:
+        with pytest.raises(SafetyPatchError, match="cannot resume .*other settings") as e:
+            train(data_dir, tmp_path / "p", changed, model=str(tiny_dir), progress=False, resume=True)
+        assert message in str(e.value)
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    with pytest.raises(SafetyPatchError, match="other settings \\(base_fingerprint "):
+        train(data_dir, tmp_path / "p", cfg, model=str(other), progress=False, resume=True)
+    with pytest.raises(SafetyPatchError, match="; dtype float32 -> bfloat16\\)"):
+        train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), dtype="bf16", progress=False, resume=True)
+    assert not (tmp_path / "p").exists()
+    # the same settings resume
+    meta = train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), progress=False, resume=True)
+    assert meta["config"]["lr"] == 1e-3 and meta["training"]["resumed_from"].endswith("checkpoint-2")
+
+
+def test_resume_refuses_a_run_without_a_complete_checkpoint_or_its_record(data_dir, tiny_dir, tmp_path):
+    _killed_while_saving(data_dir, tiny_dir, tmp_path / "p", small(), 2)
+    with pytest.raises(SafetyPatchError, match="nothing to resume: no complete checkpoint .*checkpoint-2 cut short"):
+        train(data_dir, tmp_path / "p", small(), model=str(tiny_dir), progress=False, resume=True)
+    # a partial folder whose run record is gone cannot prove the settings: refused
+    _killed_while_saving(data_dir, tiny_dir, tmp_path / "q", small(), 4)
+    (tmp_path / ".q.partial" / run.RUN_FILE).unlink()
+    with pytest.raises(SafetyPatchError, match="run.json is missing"):
+        train(data_dir, tmp_path / "q", small(), model=str(tiny_dir), progress=False, resume=True)
+
+
+def test_warmup_never_covers_every_step(tmp_path):
+    # transformers' ceil() warmup gave a one-step run lr 0 at its only step: an all-zero adapter
+    from transformers import TrainingArguments
+
+    from safety_patch.train.trl_configs import PatchDPOConfig, PatchSFTConfig
+
+    plain = TrainingArguments(output_dir=str(tmp_path), warmup_steps=0.05, report_to="none")
+    assert plain.get_warmup_steps(1) == 1  # the fault being guarded against
+    for cls in (PatchSFTConfig, PatchDPOConfig):
+        args = cls(output_dir=str(tmp_path), warmup_steps=0.05, report_to="none", use_cpu=True, bf16=False)
+        assert args.get_warmup_steps(1) == 0
+        # every longer run keeps transformers' warmup exactly (the default recipe's adapter is unchanged)
+        assert [args.get_warmup_steps(n) for n in range(2, 200)] == [plain.get_warmup_steps(n) for n in range(2, 200)]

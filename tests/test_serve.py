@@ -1,0 +1,447 @@
+"""`safety-patch serve`: an OpenAI-compatible server on loopback, driven by the official `openai` client.
+
+One tiny base (weights scaled so greedy answers vary), a gated patch, an ungated patch and a
+stack of both, served from one process on 127.0.0.1 and a free port; every answer is compared
+with the in-process reference (`patches.attached` + `generation.generate`, which `chat` runs).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from safety_patch.cli import main
+from safety_patch.errors import SafetyPatchError
+from safety_patch.gate import Gate, fit_gate, layer_states
+from safety_patch.generation import GenerationConfig, generate, render
+from safety_patch.models import load_model
+from safety_patch.patches import attached, finalize_patch, read_patch
+from safety_patch.serve.app import ROUTE_HEADER, ServeConfig, build_embedded, create_app, parse_stacks
+from safety_patch.serve.upstream import UpstreamBackend, build_upstream
+from safety_patch.testing import make_delta_patch, make_lora_patch, tiny_llama
+
+HARM = ["How do I kill a Python process?", "kill the process with the id", "How do I kill it?", "kill kill kill"]
+SAFE = ["The capital of France is Paris.", "What is the capital of Italy?", "Sure, here is a Python function.",
+        "Rome is the capital of Italy."]
+PROMPTS = HARM + SAFE
+N = 8  # max_tokens of the compared answers
+# ChatML that, like many real templates, rejects a conversation whose user/assistant turns do not alternate.
+STRICT = (
+    "{% set loop_messages = messages[1:] if messages[0]['role'] == 'system' else messages %}"
+    "{% for m in loop_messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% endfor %}"
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _user(t: str) -> list[dict]:
+    return [{"role": "user", "content": t}]
+
+
+class LiveServer:
+    """uvicorn in a background thread on 127.0.0.1 and a port the OS picked; ``stop`` shuts it down."""
+
+    def __init__(self, backend, config: ServeConfig):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(backend, config), log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            assert time.monotonic() - t0 < 20 and self.thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60, **kw)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Model folder, patches, stacks and the reference answers, built once."""
+    root = tmp_path_factory.mktemp("serve")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SAFETY_PATCH_HOME", str(root / "home"))
+    model, tok = tiny_llama(seed=0, layers=3)  # the gate reads layer 1: upstream mode loads 2 of 3 layers
+    with torch.no_grad():  # a random tiny model repeats one token; larger weights make answers differ per prompt
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(20)
+    tok.chat_template = STRICT
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    lm = load_model(str(root / "model"), device="cpu")
+    fp = lm.fingerprint
+    gated = make_lora_patch(lm.model, root / "safety", fp, seed=1, scale=0.5)
+    gate, stats = fit_gate(lm.model, lm.tokenizer, [render(lm.tokenizer, _user(t)) for t in HARM],
+                           [render(lm.tokenizer, _user(t)) for t in SAFE], 1, 0.0)
+    gate.save(gated)
+    finalize_patch(gated, "lora", {"name": "test", "fingerprint": fp}, method="lora", gate=stats)
+    other = make_lora_patch(lm.model, root / "other", fp, seed=2, scale=0.5)
+    ungated = make_lora_patch(lm.model, root / "safety-ungated", fp, seed=1, scale=0.5)  # the gated one's adapter
+    delta = make_delta_patch(lm.model, root / "delta", fp, seed=3, scale=0.2)  # full-weight: added in place
+    stacks = {"safety": [str(gated)], "other": [str(other)], "combo": [str(other), str(gated)], "delta": [str(delta)]}
+    cfg = GenerationConfig(max_new_tokens=N, batch_size=1)
+    convs = [_user(t) for t in PROMPTS]
+    ref = {"base": generate(lm.model, lm.tokenizer, convs, cfg)}
+    for name, paths in stacks.items():
+        with attached(lm.model, [read_patch(p) for p in paths], fp) as m:
+            ref[name] = generate(m, lm.tokenizer, convs, cfg)
+    ids = [lm.tokenizer(render(lm.tokenizer, c), add_special_tokens=False)["input_ids"] for c in convs]
+    logits = Gate.load(gated).scores(layer_states(lm.model, lm.tokenizer, ids, [1])[1]).tolist()
+    yield {"root": root, "model": str(root / "model"), "stacks": stacks, "ref": ref, "logits": logits, "gated": gated,
+           "ungated": ungated}
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def live(world):
+    backend = build_embedded(world["model"], world["stacks"], device="cpu", window_ms=15, max_batch=8)
+    audit = world["root"] / "audit.jsonl"
+    srv = LiveServer(backend, ServeConfig(default_max_tokens=N, max_tokens_limit=450, audit_path=str(audit)))
+    srv.audit = audit
+    yield srv
+    srv.stop()
+
+
+def _audit(srv) -> list[dict]:
+    return [json.loads(line) for line in Path(srv.audit).read_text().splitlines()]
+
+
+def test_reference_is_a_real_test(world):
+    """The fixture's answers differ per prompt and per stack, and the gate splits the prompts."""
+    ref = world["ref"]
+    assert len(set(ref["base"])) > 4 and all(ref["base"])
+    assert ref["safety"] != ref["base"] and ref["other"] != ref["base"] and ref["combo"] != ref["other"]
+    assert ref["delta"] != ref["base"]
+    fired = [lg > 0 for lg in world["logits"]]
+    assert any(fired) and not all(fired)
+
+
+def test_models_and_health(live):
+    c = live.client()
+    assert [m.id for m in c.models.list()] == ["base", "safety", "other", "combo", "delta"]
+    h = httpx.get(live.url + "/health").json()
+    assert h["status"] == "ok" and h["mode"] == "embedded"
+
+
+def test_routing_and_tokens_match_chat(world, live):
+    """Each greedy answer equals the reference; the route says which patches ran and the gate's logit."""
+    c = live.client()
+    for name in ("base", "safety", "other", "combo", "delta"):
+        # every prompt for the gated stacks; the load test below covers the others on every prompt
+        for i in range(0, len(PROMPTS), 1 if name in ("safety", "combo") else 3):
+            prompt = PROMPTS[i]
+            raw = c.chat.completions.with_raw_response.create(model=name, messages=_user(prompt), max_tokens=N)
+            r = raw.parse()
+            assert r.choices[0].message.content == world["ref"][name][i], (name, prompt)
+            route = r.model_extra["safety_patch"]
+            header = raw.headers[ROUTE_HEADER]
+            if name in ("safety", "combo"):
+                (g,) = route["gates"]
+                fired = g["logit"] > 0
+                if name == "safety":  # in "combo" the gate reads with the ungated "other" on
+                    assert abs(g["logit"] - world["logits"][i]) < 1e-3
+                assert g["patch"] == "safety" and g["fired"] == fired
+                assert route["decision"] == ("patched" if fired else "base") and f"fired={int(fired)}" in header
+                assert ("safety" in route["active_patches"]) == fired
+                assert ("other" in route["active_patches"]) == (name == "combo")
+            else:
+                assert route["gates"] == [] and route["decision"] == ("base" if name == "base" else "always")
+            assert r.usage.completion_tokens <= N and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_cli_chat_prints_what_the_server_answers(world, live, capsys):
+    c = live.client()
+    for prompt in (HARM[0], SAFE[1]):  # one the gate sends to the patch, one it does not
+        assert main(["chat", "--model", world["model"], "--patch", str(world["gated"]), "--prompt", prompt,
+                     "--max-new-tokens", str(N)]) == 0
+        printed = capsys.readouterr().out.strip()
+        served = c.chat.completions.create(model="safety", messages=_user(prompt), max_tokens=N)
+        assert served.choices[0].message.content == printed
+
+
+def test_streaming_equals_the_whole_answer(world, live):
+    c = live.client()
+    for i in (0, 5):
+        with c.chat.completions.with_streaming_response.create(
+                model="safety", messages=_user(PROMPTS[i]), max_tokens=N, stream=True,
+                stream_options={"include_usage": True}) as resp:
+            assert "fired=" in resp.headers[ROUTE_HEADER]
+            chunks = list(resp.parse())
+        first = chunks[0]
+        assert first.model_extra["safety_patch"]["gates"][0]["fired"] == (world["logits"][i] > 0)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == world["ref"]["safety"][i]
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
+        assert chunks[-1].usage.completion_tokens >= 1 and chunks[-1].usage.prompt_tokens > 10
+
+
+def test_bad_requests_get_openai_errors(live):
+    url = live.url + "/v1/chat/completions"
+    ok = {"model": "safety", "messages": _user("hi")}
+    cases = [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        ({"model": "nope", "messages": _user("hi")}, 404, "model"),
+        ({"model": "safety"}, 400, "messages"),
+        ({"model": "safety", "messages": []}, 400, "messages"),
+        ({**ok, "messages": [{"role": "tool", "content": "x"}]}, 400, None),
+        ({**ok, "messages": [{"role": "user"}]}, 400, None),
+        ({**ok, "messages": _user("a") + [{"role": "assistant", "content": "b"}]}, 400, "messages"),
+        ({**ok, "messages": _user("a") + _user("b")}, 400, "messages"),  # the template rejects it
+        ({**ok, "max_tokens": 0}, 400, "max_tokens"),
+        ({**ok, "max_tokens": -3}, 400, "max_tokens"),
+        ({**ok, "max_tokens": 451}, 400, "max_tokens"),
+        ({**ok, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+        ({**ok, "max_tokens": "many"}, 400, None),
+        ({**ok, "messages": _user("kill " * 600)}, 400, "messages"),  # over the 512-token context
+        ({**ok, "temperature": 7}, 400, None),
+        ({**ok, "n": 2}, 400, None),
+        ({**ok, "stop": ["x"]}, 400, "stop"),
+    ]
+    for body, status, param in cases:
+        r = httpx.post(url, content=body if isinstance(body, bytes) else json.dumps(body),
+                       headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert isinstance(err["message"], str) and err["message"] and "Traceback" not in r.text
+        assert err["type"] == "invalid_request_error"
+        if param:
+            assert err["param"] == param, (body, err)
+    assert httpx.get(live.url + "/v1/nothing").json()["error"]["code"] == "not_found"
+    c = live.client()
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        c.chat.completions.create(model="base", messages=_user("kill " * 600))
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="gpt-4", messages=_user("hi"))
+    assert c.chat.completions.create(model="base", messages=_user("hi"), max_tokens=2).choices[0].finish_reason
+    sampled = c.chat.completions.create(model="safety", messages=_user("hi"), max_tokens=4, temperature=0.8, seed=3)
+    assert sampled.usage.completion_tokens >= 1
+
+
+def test_load_64_requests_8_clients_batched_no_leaks(world, live):
+    """64 requests from 8 concurrent clients over all stacks: every answer complete and equal to its
+    own stack's reference (no adapter leaks between requests batched together), one audit line each."""
+    before = {r["id"] for r in _audit(live)}
+    batches0 = httpx.get(live.url + "/health").json()["batches"]
+    names = ["base", "safety", "other", "combo", "delta"]
+
+    def client_run(k: int) -> list[tuple]:
+        c = live.client()
+        out = []
+        for j in range(8):
+            name, i = names[(k + j) % len(names)], (3 * k + j) % len(PROMPTS)
+            if j % 2:
+                chunks = list(c.chat.completions.create(model=name, messages=_user(PROMPTS[i]), max_tokens=N, stream=True))
+                text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+                out.append((name, i, text, chunks[-1].choices[0].finish_reason, chunks[0].id))
+            else:
+                r = c.chat.completions.create(model=name, messages=_user(PROMPTS[i]), max_tokens=N)
+                out.append((name, i, r.choices[0].message.content, r.choices[0].finish_reason, r.id))
+        return out
+
+    with ThreadPoolExecutor(8) as ex:
+        results = [x for part in ex.map(client_run, range(8)) for x in part]
+    assert len(results) == 64
+    for name, i, text, reason, _ in results:
+        assert reason in ("stop", "length")
+        assert text == world["ref"][name][i], (name, PROMPTS[i])
+    ids = [r[4] for r in results]
+    lines = [r for r in _audit(live) if r["id"] not in before]
+    assert sorted(r["id"] for r in lines) == sorted(ids) and len(set(ids)) == 64
+    assert all(r["status"] == 200 and r["completion_tokens"] >= 1 and "messages" not in r for r in lines)
+    assert not any(PROMPTS[0] in json.dumps(r) for r in lines)  # no prompt text without --log-prompts
+    batches = httpx.get(live.url + "/health").json()["batches"] - batches0
+    assert batches < 64  # concurrent requests shared batches
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(world, live):
+    body = {"model": "base", "messages": _user(SAFE[1]), "max_tokens": 440, "stream": True}
+    with httpx.Client(timeout=30) as h, h.stream("POST", live.url + "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"content": "' in line and '"content": ""' not in line:
+                rid = json.loads(line[5:])["id"]
+                break
+    t0 = time.monotonic()
+    while True:  # the row stops at the next step and the worker is free again
+        h = httpx.get(live.url + "/health").json()
+        if h["running"] == 0 and h["queued"] == 0:
+            break
+        assert time.monotonic() - t0 < 10, h
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    while not [x for x in _audit(live) if x["id"] == rid]:
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.02)
+    (line,) = [x for x in _audit(live) if x["id"] == rid]
+    assert line["finish_reason"] == "cancelled" and line["completion_tokens"] < 440
+    # a non-streaming request whose client gives up is cancelled too
+    n0 = len(_audit(live))
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(live.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
+    t0 = time.monotonic()
+    while len(_audit(live)) == n0:
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.05)
+    assert _audit(live)[-1]["finish_reason"] == "cancelled" and httpx.get(live.url + "/health").json()["running"] == 0
+    # the server still answers afterwards
+    assert live.client().chat.completions.create(model="base", messages=_user(SAFE[1]), max_tokens=N
+                                                 ).choices[0].message.content == world["ref"]["base"][5]
+
+
+def test_stack_names_from_flags(world, tmp_path):
+    assert parse_stacks([str(world["gated"])], ["both=a,b"]) == {"safety": [str(world["gated"])], "both": ["a", "b"]}
+    assert main(["serve", "--model", world["model"], "--stack", "base=" + str(world["gated"])]) == 2
+    assert main(["serve", "--model", world["model"], "--stack", "nothing"]) == 2
+    assert main(["serve", "--model", world["model"], "--patch", str(tmp_path / "missing")]) == 2
+    with socket.socket() as busy:  # a port in use: one line and exit code 2, before the model loads
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--model", world["model"], "--port", str(busy.getsockname()[1])]) == 2
+
+
+# ----------------------------------------------------------------------------- upstream mode
+
+
+@pytest.fixture(scope="module")
+def upstream(world):
+    """A stand-in for `vllm serve BASE --enable-lora --lora-modules safety=P` (our own server with the gated
+    patch's adapter always on under the name "safety"), and a gate-only front server forwarding to it."""
+    root = world["root"]
+    standin = LiveServer(build_embedded(world["model"], {"safety": [str(world["ungated"])]}, device="cpu"),
+                         ServeConfig(max_tokens_limit=450, audit_path=str(root / "standin.jsonl")))
+    standin.audit = root / "standin.jsonl"
+    backend = build_upstream(world["model"], {"safety": [str(world["gated"])]}, standin.url, "base", device="cpu")
+    front = LiveServer(backend, ServeConfig(max_tokens_limit=450, audit_path=str(root / "front.jsonl")))
+    front.audit = root / "front.jsonl"
+    yield standin, front, backend
+    front.stop()
+    standin.stop()
+
+
+def test_upstream_mode_routes_by_the_local_truncated_gate(world, upstream):
+    standin, front, backend = upstream
+    assert (backend.probe.layers_loaded, backend.probe.layers_total) == (2, 3)
+    assert len(backend.probe.model.layers) == 2 and not hasattr(backend.probe.model, "lm_head")
+    c = front.client()
+    assert [m.id for m in c.models.list()] == ["base", "safety"]
+    n0 = len(_audit(standin))
+    for i, prompt in enumerate(PROMPTS):
+        r = c.chat.completions.create(model="safety", messages=_user(prompt), max_tokens=N)
+        assert r.choices[0].message.content == world["ref"]["safety"][i], prompt
+        (g,) = r.model_extra["safety_patch"]["gates"]
+        assert abs(g["logit"] - world["logits"][i]) < 1e-3 and g["fired"] == (world["logits"][i] > 0)
+    asked = [x["model"] for x in _audit(standin)[n0:]]
+    assert asked == ["safety" if lg > 0 else "base" for lg in world["logits"]]  # the adapter only when the gate fired
+    chunks = list(c.chat.completions.create(model="safety", messages=_user(HARM[0]), max_tokens=N, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == world["ref"]["safety"][0]
+    assert chunks[0].model_extra["safety_patch"]["decision"] == "patched"
+    r = c.chat.completions.create(model="base", messages=_user(HARM[0]), max_tokens=N)
+    assert r.choices[0].message.content == world["ref"]["base"][0]
+    assert _audit(standin)[-1]["model"] == "base"
+    lines = _audit(front)
+    assert len(lines) == len(PROMPTS) + 2 and all(x["status"] == 200 for x in lines)
+
+
+def test_upstream_failures_are_502_in_the_openai_shape(world, upstream):
+    _, _, backend = upstream
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()  # nothing listens there now
+    front = LiveServer(UpstreamBackend(backend.probe, dead, "base"), ServeConfig())
+    try:
+        for stream in (False, True):
+            r = httpx.post(front.url + "/v1/chat/completions", json={"model": "safety", "messages": _user(HARM[0]),
+                                                                     "stream": stream}, timeout=30)
+            if not stream:
+                assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
+            else:  # the route went out with the headers; the failure is the stream's error event
+                assert "upstream_error" in r.text and "[DONE]" not in r.text
+        with pytest.raises(openai.APIStatusError) as e:
+            front.client().chat.completions.create(model="base", messages=_user("hi"))
+        assert e.value.status_code == 502
+        good = LiveServer(UpstreamBackend(backend.probe, upstream[0].url, "no-such-model"), ServeConfig())
+        try:
+            r = httpx.post(good.url + "/v1/chat/completions", json={"model": "base", "messages": _user("hi")}, timeout=30)
+            assert r.status_code == 502 and "answered 404" in r.json()["error"]["message"]
+        finally:
+            good.stop()
+    finally:
+        front.stop()
+
+
+def test_audit_log_keeps_text_only_with_log_prompts(tmp_path):
+    from safety_patch.serve.audit import AuditLog
+
+    for flag in (False, True):
+        a = AuditLog(tmp_path / f"{flag}.jsonl", log_prompts=flag)
+        a.write({"id": "x", "messages": [{"role": "user", "content": "secret prompt"}], "completion": "the answer"})
+        a.write({"id": "y", "status": 400})
+        a.close()
+        lines = (tmp_path / f"{flag}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["id"] for x in lines] == ["x", "y"]
+        assert ("secret prompt" in lines[0]) == flag and ("the answer" in lines[0]) == flag
+
+
+# ----------------------------------------------------------------------------- the gate as a standard artifact
+
+
+def test_exported_gate_runs_in_plain_transformers(world, tmp_path):
+    """An exportable (final-norm, intercept-free) gate, written as a sequence-classification checkpoint:
+    AutoModelForSequenceClassification and the text-classification pipeline give its logits to 1e-4."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from safety_patch.serve.export import (
+        CONFIG_KEY,
+        export_norm_gate,
+        export_patch_gate,
+        fit_norm_gate,
+        norm_states,
+    )
+
+    lm = load_model(world["model"], device="cpu")
+    tok = lm.tokenizer
+    texts = [render(tok, _user(t)) for t in PROMPTS]
+    gate = fit_norm_gate(lm.model, tok, texts[:4], texts[4:], layer=1)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    want = gate.scores(norm_states(lm.model, tok, ids, 1))
+    assert bool(gate.fires(norm_states(lm.model, tok, ids, 1))[:4].all()) and not bool(gate.fires(
+        norm_states(lm.model, tok, ids, 1))[4:].any())  # it separates its training prompts
+    out = export_norm_gate(lm, gate, tmp_path / "gate")
+    clf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert clf.config.num_hidden_layers == 2 and clf.config.num_labels == 1
+    assert clf.config.to_dict()[CONFIG_KEY]["threshold_logit"] == gate.threshold
+    with torch.no_grad():
+        one = torch.stack([clf(input_ids=torch.tensor([i])).logits[0, 0] for i in ids])
+        t2 = AutoTokenizer.from_pretrained(out)
+        t2.padding_side = "right"
+        batch = t2(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        many = clf(**batch).logits[:, 0]
+    assert (one - want).abs().max() < 1e-4 and (many - want).abs().max() < 1e-4
+    pipe = pipeline("text-classification", model=str(out), device="cpu", function_to_apply="none")
+    got = torch.tensor([r["score"] for r in pipe(texts, tokenizer_kwargs={"add_special_tokens": False})])
+    assert (got - want).abs().max() < 1e-4
+    with pytest.raises(SafetyPatchError, match="pre-norm"):  # a shipped pre-norm gate is refused, not approximated
+        export_patch_gate(world["gated"])
