@@ -41,3 +41,19 @@ def test_debug_shows_traceback(capsys):
 
 def test_bad_flag_is_usage_error(capsys):
     assert main(["chat", "--max-new-tokens", "0"]) == 2
+
+
+def test_a_bad_patch_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import safety_patch.models as models
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "patch.json").write_text("[]")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the patch was checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    assert main(["chat", "--patch", str(bad), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "patch.json" in err and "AssertionError" not in err

@@ -91,12 +91,17 @@ def _global(
 def _load(model: str, device: str, dtype: str, patches: list[Path] | None = None, force: bool = False):
     from .models import load_model
 
+    read = []
+    if patches:  # a malformed patch folder is refused before the (possibly minutes-long) model load
+        from .patches import read_patch
+
+        read = [read_patch(p) for p in patches]
     lm = load_model(model, device=device, dtype=dtype)
     typer.echo(f"[model] {lm.name}: {lm.runtime.describe()}, loaded in {lm.load_seconds:.1f}s", err=True)
-    if patches:
+    if read:
         from .patches import attach_for_inference
 
-        attach_for_inference(lm, patches, force=force)
+        attach_for_inference(lm, read, force=force)
     return lm
 
 

@@ -467,9 +467,9 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
                     params[k].copy_(w)
 
 
-def attach_for_inference(lm, patches: Sequence[str | Path], force: bool = False) -> None:
+def attach_for_inference(lm, patches: Sequence[str | Path | Patch], force: bool = False) -> None:
     """Attach patches to a LoadedModel for the rest of the process (CLI use)."""
-    ps = [read_patch(p) for p in patches]
+    ps = [p if isinstance(p, Patch) else read_patch(p) for p in patches]
     ctx = attached(lm.model, ps, lm.fingerprint, force)
     lm.model = ctx.__enter__()
     lm.extra["patches"] = ps

@@ -267,7 +267,7 @@ def tradeoff_figure(rd: RunData, out: Path) -> Path | None:
                              label=f"{name} (n={sn}; borderline n={on})", **style)
     axes[0].axvline(0, color="grey", lw=0.8, ls="--")
     axes[0].set_xlabel("reference-answer NLL/token, patched - base (lower is better)")
-    axes[1].set_xlabel("refusal rate on borderline-benign prompts (lower is better)")
+    axes[1].set_xlabel("borderline-benign prompts not answered (refused + degenerate; lower is better)")
     axes[1].set_xlim(-0.02, 1.02)
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
