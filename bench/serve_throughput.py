@@ -111,6 +111,19 @@ def _load(url: str, model: str, clients: int, per_client: int, max_tokens: int) 
             "p50_s": round(statistics.median(lat), 3), "p95_s": round(q[18], 3)}
 
 
+def _describe(patches) -> list[dict]:
+    """A patch by folder name, id and gate, never by its absolute path (results are committed)."""
+    from safety_patch.patches import read_patch
+
+    out = []
+    for p in patches:
+        rp = read_patch(p)
+        gate = rp.meta.get("gate")
+        out.append({"name": Path(p).name, "id": rp.id, "gated": rp.gated,
+                    "gate": {k: gate.get(k) for k in ("layer", "threshold")} if gate else None})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -128,6 +141,7 @@ def main() -> None:
     max_tokens = args.max_tokens or (8 if args.tiny else 64)
     with tempfile.TemporaryDirectory() as tmp:
         model, patches = (_tiny_setup(Path(tmp)) if args.tiny else (args.model, args.patch or []))
+        described = _describe(patches)
         stacks = {"patched": patches} if patches else {}
         name = "patched" if patches else "base"
         rows = []
@@ -150,7 +164,7 @@ def main() -> None:
             for c in args.clients}
     print(f"\nthroughput gain of batching (batched / one-at-a-time req/s) by clients: {gain}")
     if not args.tiny or args.out:
-        write(args.out or "serve_throughput", {"model": "tiny" if args.tiny else args.model, "patches": patches,
+        write(args.out or "serve_throughput", {"model": "tiny" if args.tiny else args.model, "patches": described,
                                                "max_tokens": max_tokens, "requests_per_client": per_client,
                                                "window_ms": 15, "max_batch": 16, "rows": rows, "gain": gain})
 
