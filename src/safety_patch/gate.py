@@ -268,15 +268,26 @@ def active_adapters(model, names: Sequence[str]) -> Iterator[None]:
         model.base_model.set_adapter(everything)
 
 
-def decide(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8) -> dict[str, list[bool]]:
-    """Per gated adapter, whether its gate fires on each prompt (token ids of the text to continue)."""
+def gate_scores(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Per gated adapter, its probe logits [n] on each prompt (token ids of the text to continue).
+
+    The gates read the hidden states with only the ungated adapters on, in one stopped pass
+    for every gate's layer. Raises SafetyPatchError where a gate cannot decide (NaN score).
+    """
     gates = gates_of(model)
     if not gates:
         return {}
     ungated = [a for a in model.safety_adapters if a not in gates]
     with active_adapters(model, ungated):  # one pass, however many gates and layers
         states = layer_states(model, tokenizer, prompts, sorted({g.layer for g in gates.values()}), batch_size)
-    return {name: g.fires(states[g.layer]).tolist() for name, g in gates.items()}
+    return {name: g.scores(states[g.layer]) for name, g in gates.items()}
+
+
+def decide(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8) -> dict[str, list[bool]]:
+    """Per gated adapter, whether its gate fires on each prompt (logit above its threshold)."""
+    gates = gates_of(model)
+    return {name: (z > gates[name].threshold).tolist()
+            for name, z in gate_scores(model, tokenizer, prompts, batch_size).items()}
 
 
 def groups(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8):

@@ -241,10 +241,10 @@ class Engine:
     def route(self, name: str, model: torch.nn.Module, prompts: Sequence[Sequence[int]]):
         """Per prompt: (adapters to activate or None for the stack as attached, Route).
 
-        Mirrors ``gate.groups``: gates read with only the ungated adapters on, one stopped
-        pass for every gate's layer; a gated adapter is on iff its logit > threshold.
+        The same scores as ``gate.groups`` (``gate.gate_scores``); a gated adapter is on iff its
+        logit > threshold.
         """
-        from ..gate import gates_of, layer_states
+        from ..gate import gate_scores, gates_of
 
         names = self._adapter_patches(name)
         always = [p.name for p in self.stacks[name]]
@@ -252,13 +252,7 @@ class Engine:
         if not gates:
             return [(None, Route(name, always)) for _ in prompts]
         adapters = list(model.safety_adapters)
-        ungated = [a for a in adapters if a not in gates]
-        from ..gate import active_adapters
-
-        with active_adapters(model, ungated):
-            states = layer_states(model, self.tokenizer, prompts, sorted({g.layer for g in gates.values()}),
-                                  batch_size=max(1, len(prompts)))
-        logits = {a: g.scores(states[g.layer]) for a, g in gates.items()}
+        logits = gate_scores(model, self.tokenizer, prompts, batch_size=max(1, len(prompts)))
         out = []
         for i in range(len(prompts)):
             readings = [GateReading(names[a], g.layer, float(logits[a][i]), float(g.threshold),
