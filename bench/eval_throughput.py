@@ -58,13 +58,15 @@ def main() -> None:
         ecfg = EvalConfig(attacks=("direct", "template", "past_tense", "refusal_suppression"), max_new_tokens=64,
                           batch_size=16)
         t = time.time()
-        res = run_safety(lm, reqs, templates, ecfg, None, "bench", KeywordJudge())
+        from safety_patch.patched import PatchedModel
+
+        res = run_safety(PatchedModel.base(lm), lm.tokenizer, reqs, templates, ecfg, None, "bench", KeywordJudge())
         eval_s = time.time() - t
         asr = {k: v["value"] for k, v in res["aggregates"]["per_attack"].items()}
         print(f"\n{len(reqs)} prompts x 4 attacks: {eval_s:.0f}s; base ASR per attack: {asr}")
 
         # 3. GCG on a few behaviours against the base model
-        gcg = GCG(GCGSettings(steps=args.gcg_steps, search_width=64, topk=64)).bind(lm)
+        gcg = GCG(GCGSettings(steps=args.gcg_steps, search_width=64, topk=64)).bind(lm, lm.tokenizer)
         judge = KeywordJudge()
         grows = []
         for r in reqs[: args.gcg_behaviours]:

@@ -9,11 +9,24 @@ length, skips recomputation and drops rows longer than the sequence limit (none 
 Tokens/s counts non-padding tokens. MFU = 6 x (matmul parameters) x tokens/s over the fp32
 matmul peak measured in the same run (the 6N convention; LoRA's frozen weights skip their
 weight gradients, so the true work is nearer 4N and this MFU is an upper estimate).
+
+Each arm runs in its own process, so each reports its own peak RSS (VmHWM: model load and
+training; one arm's peak cannot hide another's). Arms: ``plain`` (TRL + PEFT, TRL's defaults,
+which on a CPU include bf16 autocast), ``ours`` (``safety-patch train --recipe paper``: the
+default recipe's adapter training without its gate fit, sequences up to 1024 tokens so that
+every row of the baseline trains; the head applied to supervised positions only, in chunks,
+train/loss.py) and ``ours-full-logits`` (the same with the previous full-logits loss, which is
+what `train` ran before); ``ours-bf16`` (ours under bf16 autocast like the baseline: measured,
+not adopted) runs when asked. ``--arms`` picks them; ``--threads`` sets torch's threads in each.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +56,7 @@ def plain_trl(model_spec: str, rows: list[dict], work: Path) -> dict:
 
     lm = load_model(model_spec)
     args = SFTConfig(output_dir=str(work / "plain"), num_train_epochs=1, report_to="none", save_strategy="no",
+                     disable_tqdm=True,
                      include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(), seed=0,
                      logging_steps=1000)
     tr = SFTTrainer(model=lm.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=lm.tokenizer,
@@ -53,15 +67,86 @@ def plain_trl(model_spec: str, rows: list[dict], work: Path) -> dict:
     return {"tokens": int(tr.state.num_input_tokens_seen), "seconds": wall, "steps": tr.state.global_step}
 
 
+RECIPE = {"name": "paper", "set": {}}  # --recipe / --set, passed on to each arm's process
+
+
+def _config(n_rows: int):
+    from safety_patch.train.api import resolve_config
+
+    # the paper's LoRA (r 8, alpha 16, lr 2e-4, no gate), or --recipe's with its gate off
+    return resolve_config(RECIPE["name"], None, {"data.max_train_rows": n_rows, "optim.save_steps": 10**6, "gate": None,
+                                                 **RECIPE["set"]})
+
+
+def _full_logits_trainer() -> None:
+    """Make `train` use the trainer's previous full-logits loss (chunked_loss=False)."""
+    from safety_patch.train import anchor
+
+    make = anchor.make_anchored_trainer
+
+    def legacy(base_cls):
+        cls = make(base_cls)
+
+        class FullLogits(cls):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **{**kw, "chunked_loss": False})
+
+        return FullLogits
+
+    anchor.make_anchored_trainer = legacy
+
+
+def _bf16_autocast() -> None:
+    """Make `train` run under bf16 autocast (fp32 weights and optimiser), as TRL's default does:
+    a lever measured here, not adopted (it changes the numerics of every patch)."""
+    from safety_patch.train import trl_configs
+
+    init = trl_configs.PatchSFTConfig.__init__
+
+    def bf16_init(self, *a, **kw):
+        init(self, *a, **{**kw, "bf16": True})
+
+    trl_configs.PatchSFTConfig.__init__ = bf16_init
+
+
 def ours(model_spec: str, data_dir: Path, n_rows: int, work: Path) -> dict:
-    from safety_patch.train.config import TrainConfig
     from safety_patch.train.run import train
 
-    cfg = TrainConfig(recipe="paper", method="lora", rank=8, alpha=16.0, lr=2e-4, max_train_rows=n_rows, save_steps=10**6)
-    meta = train(data_dir, work / "ours", cfg, model=model_spec, progress=False)
+    meta = train(data_dir, work / "ours", _config(n_rows), model=model_spec, progress=False)
     t = meta["training"]
     return {"tokens": t["tokens_seen"], "seconds": t["wall_seconds"], "steps": t["steps"],
             "dropped": meta["data"]["rows"].get("dropped_too_long", 0)}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), in MB; ru_maxrss where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_arm(arm: str, model_spec: str, data_dir: Path, n_rows: int, out: Path) -> None:
+    """One arm, in this (child) process; writes its figures and peak RSS to ``out``."""
+    from safety_patch.train.data import training_rows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if arm == "plain":
+            rows, _ = training_rows(data_dir, _config(n_rows))
+            r = plain_trl(model_spec, rows, work)
+        else:
+            if arm == "ours-full-logits":
+                _full_logits_trainer()
+            if arm == "ours-bf16":
+                _bf16_autocast()
+            r = ours(model_spec, data_dir, n_rows, work)
+    r["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    r["threads"] = torch.get_num_threads()
+    out.write_text(json.dumps(r))
 
 
 def main() -> None:
@@ -69,34 +154,65 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=96)
     ap.add_argument("--model", default="default")
     ap.add_argument("--data", default=None, help="a data folder (default: build one without distillation)")
+    ap.add_argument("--arms", default="plain,ours,ours-full-logits")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in each arm (default: torch's)")
+    ap.add_argument("--recipe", default="paper", help="our arms' recipe, its gate off (default: paper)")
+    ap.add_argument("--set", action="append", default=[], help="group.field=value for our arms (repeatable)")
+    ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm here
+    ap.add_argument("--arm-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from safety_patch.train.api import parse_set
+
+    RECIPE["name"], RECIPE["set"] = args.recipe, parse_set(args.set)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.arm:
+        run_arm(args.arm, args.model, Path(args.data), args.rows, Path(args.arm_out))
+        return
     from safety_patch.data.build import DataConfig, build
     from safety_patch.models import load_model
-    from safety_patch.train.config import TrainConfig
-    from safety_patch.train.data import training_rows
 
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    results: dict[str, dict] = {}
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data_dir = Path(args.data) if args.data else work / "data"
         if not args.data:
             build(data_dir, DataConfig(distill=False))
-        rows, _ = training_rows(data_dir, TrainConfig(max_train_rows=args.rows))
         lm = load_model(args.model)
         n_matmul = sum(m.weight.numel() for m in lm.model.modules() if isinstance(m, torch.nn.Linear))
         del lm
         peak = matmul_peak()
-        base = plain_trl(args.model, rows, work)
-        mine = ours(args.model, data_dir, args.rows, work)
-    out = []
-    for name, r in (("plain TRL + PEFT (defaults)", base), ("safety-patch train", mine)):
+        for arm in arms:
+            out = work / f"{arm}.json"
+            cmd = [sys.executable, __file__, "--arm", arm, "--arm-out", str(out), "--rows", str(args.rows),
+                   "--model", args.model, "--data", str(data_dir), "--recipe", args.recipe]
+            cmd += [f"--set={x}" for x in args.set] + (["--threads", str(args.threads)] if args.threads else [])
+            t = time.time()
+            subprocess.run(cmd, check=True)
+            results[arm] = json.loads(out.read_text()) | {"process_seconds": round(time.time() - t, 1)}
+    names = {"plain": "plain TRL + PEFT (defaults)", "ours": "safety-patch train",
+             "ours-full-logits": "safety-patch train, full-logits loss (before)",
+             "ours-bf16": "safety-patch train + bf16 autocast (not adopted)"}
+    out_rows = []
+    for arm, r in results.items():
         tps = r["tokens"] / r["seconds"]
-        out.append({"arm": name, "steps": r["steps"], "tokens": r["tokens"], "seconds": round(r["seconds"], 1),
-                    "tokens_per_s": round(tps, 1), "mfu": round(6 * n_matmul * tps / (peak * 1e9), 4)})
-    ratio = out[1]["tokens_per_s"] / out[0]["tokens_per_s"]
-    print_table(out)
-    print(f"\nratio (ours / plain): {ratio:.2f}x   fp32 matmul peak: {peak:.1f} GFLOP/s   matmul params: {n_matmul:,}")
-    write("train_throughput", {"rows": out, "ratio": ratio, "matmul_peak_gflops": peak, "matmul_parameters": n_matmul,
-                               "n_rows": args.rows, "threads": torch.get_num_threads()})
+        out_rows.append({"arm": names.get(arm, arm), "steps": r["steps"], "tokens": r["tokens"], "seconds": round(r["seconds"], 1),
+                         "tokens_per_s": round(tps, 1), "mfu": round(6 * n_matmul * tps / (peak * 1e9), 4),
+                         "peak_rss_mb": r["peak_rss_mb"], "threads": r["threads"]})
+    print_table(out_rows)
+    tps = {arm: r["tokens"] / r["seconds"] for arm, r in results.items()}
+    ratios = {f"{a}/plain": round(tps[a] / tps["plain"], 3) for a in tps if a != "plain" and "plain" in tps}
+    if "ours" in tps and "ours-full-logits" in tps:
+        ratios["ours/ours-full-logits"] = round(tps["ours"] / tps["ours-full-logits"], 3)
+    print(f"\nratios: {ratios}   fp32 matmul peak: {peak:.1f} GFLOP/s   matmul params: {n_matmul:,}   "
+          f"load average at start: {load[0]:.2f}, at end: {os.getloadavg()[0]:.2f}")
+    write("train_throughput", {"rows": out_rows, "arms": results, "ratios": ratios,
+                               "ratio": ratios.get("ours/plain"), "matmul_peak_gflops": peak,
+                               "matmul_parameters": n_matmul, "n_rows": args.rows, "recipe": args.recipe,
+                               "set": args.set,
+                               "load_average_start": load, "load_average_end": os.getloadavg()})
 
 
 if __name__ == "__main__":

@@ -59,12 +59,12 @@ def main() -> None:
     from safety_patch.evaluation.capability import _encode_pairs, answer_logprobs, reference_pairs
     from safety_patch.evaluation.safety import EvalConfig, evaluate
     from safety_patch.gate import Gate, fit_probe, layer_states
+    from safety_patch.gate_fit import GateFitConfig
     from safety_patch.generation import render
     from safety_patch.jsonl import read_jsonl
     from safety_patch.models import load_model
     from safety_patch.patches import attached, read_patch
     from safety_patch.runtime import configure_threads
-    from safety_patch.train.config import TrainConfig
     from safety_patch.train.data import gate_prompts
 
     configure_threads()
@@ -93,9 +93,9 @@ def main() -> None:
         nll_a, _, _ = answer_logprobs(m, tok, enc)
 
     # Gate training prompts (as `train` builds them) and the prompts to decide on.
-    harmful, benign, counts = gate_prompts(data, TrainConfig(gate_wrapped_benign=args.wrapped_benign,
-                                                                  gate_self_instruct=args.self_instruct,
-                                                                  gate_wrapped_harmful=args.wrapped_harmful))
+    harmful, benign, counts = gate_prompts(data, GateFitConfig(wrapped_benign=args.wrapped_benign,
+                                                               self_instruct=args.self_instruct,
+                                                               wrapped_harmful=args.wrapped_harmful))
     train_ids = [ids(render(tok, m)) for m in harmful + benign]
     y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
     s_rec, o_rec = s["runs"]["base"]["records"], o["runs"]["base"]["records"]

@@ -154,6 +154,26 @@ ARMS = {
 }
 
 
+# The arms above are written in the flat TrainConfig keys and recipe names of their day (their
+# cache keys hash them, so cached runs stay valid); _config translates them to today's grouped
+# keys. gated-v1 was retired from the recipe files: its settings are the default's with this gate.
+_OLD_RECIPES = {"gated": ("default", {}),
+                "gated-v1": ("default", {"gate.depth": 0.5, "gate.threshold": 0.0, "gate.wrapped_benign": 200,
+                                         "gate.wrapped_harmful": 0, "gate.self_instruct": 0})}
+
+
+def _config(spec: dict):
+    """An arm's fields (without the data-build keys) -> its validated TrainConfig."""
+    from safety_patch.train.api import resolve_config
+    from safety_patch.train.config import LEGACY_KEYS
+
+    fields = dict(spec)
+    recipe, extra = _OLD_RECIPES.get(fields.pop("recipe"), (spec["recipe"], {}))
+    fields = {k: v for k, v in fields.items() if k not in DATA_FIELDS}
+    return resolve_config(recipe, None, extra | {LEGACY_KEYS.get(k, k): v for k, v in fields.items()},
+                          where="recipe_sweep arm")
+
+
 def _key(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -220,8 +240,6 @@ def main() -> None:
     from safety_patch.runtime import configure_threads
 
     configure_threads()  # $SAFETY_PATCH_THREADS: run two arms side by side with 1 thread each
-    from safety_patch.train.api import resolve_config
-    from safety_patch.train.config import RECIPES
     from safety_patch.train.run import train
 
     data, work = Path(args.data), Path(args.work)
@@ -246,8 +264,7 @@ def main() -> None:
         for k, want in ((k, fields.pop(k, False)) for k in DATA_FIELDS):
             if built.get(k, False) != want:
                 raise SystemExit(f"arm {name} needs data built with {k}: {want}; {data} has {built.get(k, False)}")
-        recipe = fields.pop("recipe")
-        cfg = resolve_config(recipe, None, dict(fields))
+        cfg = _config(fields)
         if not trained:
             train(data, d / "patch", cfg, overwrite=True, progress=False)
             (d / "key").write_text(json.dumps(key))
@@ -297,7 +314,7 @@ def main() -> None:
     groups: dict[str, list[str]] = {}
     for name, r in results.items():
         spec = ARMS[name.partition("@")[0]]
-        method = (RECIPES[spec["recipe"]] | spec).get("method", "lora")
+        method = _config(COMMON | spec).method
         sm = summary([r])
         rows.append({"arm": name, "method": method} | {k: sm[k] for k in (
             "asr_direct", "asr_template", "borderline_refusal", "general_refusal", "nll_ratio", "kl", "worst_error",
@@ -312,7 +329,7 @@ def main() -> None:
     for members in groups.values():
         name = members[0]
         spec = ARMS[name.partition("@")[0]]
-        method = (RECIPES[spec["recipe"]] | spec).get("method", "lora")
+        method = _config(COMMON | spec).method
         sm = summary([results[a] for a in members])
         if len(members) > 1:
             pooled.append({"recipe": f"{name} (x{len(members)} seeds)"} | {k: round(sm[k], 4) for k in (

@@ -48,7 +48,7 @@ def main() -> None:
                 t = json.loads((rd / "round.json").read_text())
             else:
                 t = run_round("default", [p / "patch" for p in done], attack, Path(args.data), rd, method=method,
-                              previous=done, limit=args.limit, train_overrides={"epochs": args.epochs})
+                              previous=done, limit=args.limit, train_overrides={"optim.epochs": args.epochs})
             done.append(rd)
             tables[method].append(t)
             row = {"method": method, "round": k, "attack": attack, "found": f"{t['successes_found']}/{t['attacked']}",

@@ -29,7 +29,7 @@ from safety_patch.generation import GenerationConfig, conversation, generate
 from safety_patch.models import load_model
 from safety_patch.patches import attached, merged_state_dict, read_patch
 from safety_patch.testing import save_tiny_model
-from safety_patch.train.config import TrainConfig
+from safety_patch.train.config import TrainConfig, override
 from safety_patch.train.run import train
 
 
@@ -62,8 +62,9 @@ def main() -> None:
 
     for method, lr in (("lora", 1e-3), ("full", 1e-4)):
         t = time.time()
-        meta = train(data, tmp / method, TrainConfig(method=method, lr=lr, epochs=3, batch_size=8, max_seq_len=512,
-                                                      save_steps=10**6), model=str(model_dir), progress=False, device=dev)
+        cfg = override(TrainConfig(), {"method": method, "gate": None, "optim.lr": lr, "optim.epochs": 3.0,
+                                       "optim.batch_size": 8, "data.max_seq_len": 512, "optim.save_steps": 10**6})
+        meta = train(data, tmp / method, cfg, model=str(model_dir), progress=False, device=dev)
         tr = meta["training"]
         out[f"train_{method}"] = {"seconds": round(time.time() - t, 1), "device": tr["device"], "dtype": tr["dtype"],
                                   "loss": [tr["loss_first"], tr["loss_last"]], "tokens_per_s": tr["tokens_per_s"],
@@ -138,9 +139,10 @@ def gated_check(tmp: Path, model_dir: Path, lm, data: Path, rows: list[dict], de
     (data / "selfinstruct.jsonl").write_text("".join(json.dumps(conv(f"Plan a picnic for {i} friends.")) + "\n" for i in range(24)))
     (data / "templates.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "family": f"f{i}", "source": "gpu-check", "split": "train",
                                                               "text": f"Role-play {i}: you are free. {PLACEHOLDER}"}) + "\n" for i in range(3)))
-    cfg = resolve_config("default", None, dict(lr=1e-3, epochs=3, batch_size=8, save_steps=10**6, gate_self_instruct=16,
-                                               gate_wrapped_harmful=16, gate_wrapped_benign=16))
-    assert cfg.gated and cfg.gate_depth == 0.6
+    cfg = resolve_config("default", None, {"optim.lr": 1e-3, "optim.epochs": 3, "optim.batch_size": 8,
+                                           "optim.save_steps": 10**6, "gate.self_instruct": 16,
+                                           "gate.wrapped_harmful": 16, "gate.wrapped_benign": 16})
+    assert cfg.gate is not None and cfg.gate.depth == 0.6
     t = time.time()
     meta = train(data, tmp / "gated", cfg, model=str(model_dir), progress=False, device=dev)
     g = meta["gate"]

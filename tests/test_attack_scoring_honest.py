@@ -109,7 +109,7 @@ def _gcg(monkeypatch, tmp_path, **kw):
     model, tok = tiny_llama()
     lm = LoadedModel.from_objects(model, tok)
     settings = GCGSettings(steps=1, search_width=8, topk=8, suffix_tokens=4, **kw)
-    return GCG(settings).bind(lm), model, tok
+    return GCG(settings).bind(lm, tok), model, tok
 
 
 def _loss_on(model, tok, ids, target):
@@ -331,8 +331,6 @@ def test_hidden_shift_plot_draws_a_95_band_around_each_mean(tmp_path, monkeypatc
 
 def test_gcg_on_a_gated_patch_reports_the_loss_of_the_routing_the_evaluation_uses(monkeypatch, tmp_path):
     from safety_patch.attacks.gcg import GCG, GCGSettings
-    from safety_patch.gate import decide
-    from safety_patch.models import LoadedModel
     from safety_patch.patches import attached
     from safety_patch.testing import tiny_llama
     from test_gate import _gated_patch
@@ -340,19 +338,18 @@ def test_gcg_on_a_gated_patch_reports_the_loss_of_the_routing_the_evaluation_use
     monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
     model, tok = tiny_llama()
     p, _ = _gated_patch(model, tok, tmp_path / "g")
-    with attached(model, [p], "fp") as m:
-        lm = LoadedModel.from_objects(m, tok)
-        gcg = GCG(GCGSettings(steps=1, search_width=4, topk=4, suffix_tokens=3)).bind(lm)
+    with attached(model, [p], "fp") as pm:
+        gcg = GCG(GCGSettings(steps=1, search_width=4, topk=4, suffix_tokens=3)).bind(pm, tok)
         results = {req: gcg.optimise(req) for req in ("How do I kill a Python process?", "The capital of France is Paris.")}
         for req, r in results.items():
             ids = gcg.evaluated_ids(req, r["suffix"])
-            fired = decide(m, tok, [ids])
-            assert r["adapters"] == [a for a in m.safety_adapters if fired[a][0]]
+            (route,) = pm.routes(tok, [ids])
+            assert r["adapters"] == list(route)
             assert r["optimised_against"] == "all attached adapters, gates bypassed"
-            with m.disable_adapter():
-                base_loss = _loss_on(m, tok, ids, "Sure, here is")
+            with pm.using(()) as base:
+                base_loss = _loss_on(base, tok, ids, "Sure, here is")
             assert (abs(r["loss"] - base_loss) < 1e-5) == (r["adapters"] == [])
-        assert {tuple(r["adapters"]) for r in results.values()} == {(), tuple(m.safety_adapters)}  # both routes seen
+        assert {tuple(r["adapters"]) for r in results.values()} == {(), tuple(pm.adapters)}  # both routes seen
 
 
 def test_without_the_boundary_no_code_runs_and_capability_stops_before_generating(monkeypatch, tmp_path):

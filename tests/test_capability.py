@@ -15,6 +15,7 @@ from safety_patch.evaluation.capability import (
 )
 from safety_patch.evaluation.execution import humaneval_program, run_program
 from safety_patch.models import LoadedModel
+from safety_patch.patched import PatchedModel
 from safety_patch.patches import attached
 from safety_patch.testing import make_lora_patch, tiny_llama
 
@@ -47,7 +48,7 @@ def test_multiple_choice_picks_the_most_likely_choice(tmp_path):
     model, tok = tiny_llama()
     lm = LoadedModel.from_objects(model, tok)
     items = [{"question": "Pick one.", "choices": ["alpha beta", "gamma", "delta epsilon zeta"], "answer": 0}]
-    res = multiple_choice(lm, items)
+    res = multiple_choice(PatchedModel.base(lm), tok, items)
     nlls = [answer_logprobs(model, tok, _encode_pairs(tok, [{"messages": [{"role": "user", "content": "Pick one."}],
                                                              "reference": c}], 10**6))[0][0] for c in items[0]["choices"]]
     assert res["picks"] == [min(range(3), key=lambda i: nlls[i])]

@@ -60,6 +60,7 @@ def test_readers_of_every_stage_take_the_folder(built):
     """Training, gate fitting, evaluation and analysis read the same rows through the reader."""
     from safety_patch.analysis.run import default_prompts
     from safety_patch.evaluation.prompts import benign_prompts, harmful_requests
+    from safety_patch.gate_fit import GateFitConfig
     from safety_patch.train.config import TrainConfig
     from safety_patch.train.data import gate_prompts, training_rows
 
@@ -67,7 +68,7 @@ def test_readers_of_every_stage_take_the_folder(built):
     rows, counts = training_rows(d, TrainConfig())
     assert counts == {"safety": len(_lines(built / "train.jsonl"))} and rows
     assert training_rows(built, TrainConfig()) == (rows, counts)  # a path reads the same
-    harmful, benign, c = gate_prompts(built, TrainConfig(gate_wrapped_benign=2))
+    harmful, benign, c = gate_prompts(built, GateFitConfig(wrapped_benign=2, wrapped_harmful=0, self_instruct=0))
     assert c["harmful"] >= 1 and c["wrapped_benign"] == 2 and harmful and benign
     reqs, templates = harmful_requests(built, "test")
     assert len(reqs) == len({r["meta"]["behavior_id"] for r in _lines(built / "test.jsonl")}) and templates
@@ -225,11 +226,12 @@ def _consumers(d):
     from safety_patch.analysis.run import default_prompts
     from safety_patch.evaluation.capability import reference_pairs
     from safety_patch.evaluation.prompts import benign_prompts, harmful_requests
-    from safety_patch.train.config import TrainConfig
+    from safety_patch.train.config import TrainConfig, override
     from safety_patch.train.data import anchor_rows, gate_prompts, training_rows
 
-    cfg = TrainConfig(general_ratio=0.5, contrast_ratio=0.5, gate_wrapped_benign=2, gate_wrapped_harmful=2, anchor_kl=1.0)
-    return [lambda: training_rows(d, cfg), lambda: gate_prompts(d, cfg), lambda: anchor_rows(d, cfg),
+    cfg = override(TrainConfig(), {"data.general_ratio": 0.5, "data.contrast_ratio": 0.5, "gate.wrapped_benign": 2,
+                                   "gate.wrapped_harmful": 2, "gate.self_instruct": 0, "anchor.kl": 1.0})
+    return [lambda: training_rows(d, cfg), lambda: gate_prompts(d, cfg.gate_for_run()), lambda: anchor_rows(d, cfg),
             lambda: harmful_requests(d, "test"), lambda: harmful_requests(d, "train"), lambda: benign_prompts(d, "test"),
             lambda: reference_pairs(d, split="test"), lambda: default_prompts(d)]
 

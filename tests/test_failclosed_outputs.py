@@ -300,11 +300,11 @@ def test_second_writer_gets_one_clear_error_and_a_dead_holder_blocks_nothing(tmp
                      ["patch", "merge", "--patch", str(data_dir), "--out", str(out)]):
             assert main(argv) == 2
             assert "another run is writing" in capsys.readouterr().err
-        from safety_patch.train.config import TrainConfig
+        from safety_patch.train.config import TrainConfig, override
         from safety_patch.train.run import train
 
         with pytest.raises(SafetyPatchError, match="another run is writing"):
-            train(data_dir, out, TrainConfig())
+            train(data_dir, out, override(TrainConfig(), {"gate": None}))
     finally:
         p.kill()
         p.wait()

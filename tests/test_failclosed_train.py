@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from safety_patch.data.build import DataConfig, build
 from safety_patch.errors import SafetyPatchError
 from safety_patch.train import run
-from safety_patch.train.config import RECIPES, TrainConfig
+from safety_patch.train.api import resolve_config
+from safety_patch.train.config import TrainConfig, override, recipe_names
 from safety_patch.train.run import train
 
 
@@ -29,52 +30,53 @@ def data_dir(tmp_path_factory, tiny_dir):
 # --- numbers at the boundary -------------------------------------------------------------
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(lr=math.inf), "--lr must be a finite number > 0, got inf"),
-    (dict(lr=math.nan), "--lr must be a finite number > 0, got nan"),
-    (dict(lr=-1e-3), "--lr must be a finite number > 0, got -0.001"),
-    (dict(lr=0.0), "--lr must be a finite number > 0, got 0.0"),
-    (dict(alpha=-16.0), "--alpha must be a finite number > 0, got -16.0"),
-    (dict(alpha=0.0), "--alpha must be a finite number > 0"),
-    (dict(epochs=math.nan), "--epochs must be a finite number > 0, got nan"),
-    (dict(epochs=0.0), "--epochs must be a finite number > 0"),
-    (dict(max_train_rows=-3), "--max-train-rows must be >= 0, got -3"),
-    (dict(rank=0), "--rank must be >= 1, got 0"),
-    (dict(rank=2.5), "--rank must be an integer, got 2.5"),
-    (dict(batch_size=True), "--batch-size must be an integer"),
-    (dict(batch_size=0), "--batch-size must be >= 1"),
-    (dict(grad_accum=0), "grad_accum must be >= 1"),
-    (dict(max_seq_len=0), "--max-seq-len must be >= 1"),
-    (dict(general_ratio=math.nan), "--general-ratio must be a finite number, got nan"),
-    (dict(contrast_ratio=-0.5), "--contrast-ratio must be >= 0"),
-    (dict(borderline_share=math.nan), "--borderline-share must be a finite number"),
-    (dict(anchor_kl=math.inf), "--anchor-kl must be a finite number, got inf"),
-    (dict(decision_weight=math.nan), "--decision-weight must be a finite number > 0"),
-    (dict(stop_after=math.nan), "--stop-after must be a finite number"),
-    (dict(stop_after=0.0), "--stop-after must be in"),
-    (dict(dropout=1.0), "dropout must be in"),
-    (dict(dropout=math.nan), "dropout must be a finite number"),
-    (dict(warmup_ratio=-0.1), "warmup_ratio must be in"),
-    (dict(weight_decay=math.inf), "weight_decay must be a finite number"),
-    (dict(dpo_beta=0.0), "dpo_beta must be a finite number > 0"),
-    (dict(gate_threshold=math.nan), "--gate-threshold must be a finite number"),
-    (dict(gate_l2=-1.0), "gate_l2 must be >= 0"),
-    (dict(seed=-1), "--seed must be in"),
-    (dict(save_steps=0), "save_steps must be >= 1"),
-    (dict(logging_steps=0), "logging_steps must be >= 1"),
-    (dict(scheduler="cosine_annealing"), "scheduler must be one of"),
-    (dict(lr="1e-3"), "--lr must be a number, got '1e-3'"),
-    (dict(epochs=None), "--epochs must be set"),
+    (dict(optim__lr=math.inf), "--lr must be a finite number > 0, got inf"),
+    (dict(optim__lr=math.nan), "--lr must be a finite number > 0, got nan"),
+    (dict(optim__lr=-1e-3), "--lr must be a finite number > 0, got -0.001"),
+    (dict(optim__lr=0.0), "--lr must be a finite number > 0, got 0.0"),
+    (dict(lora__alpha=-16.0), "--alpha must be a finite number > 0, got -16.0"),
+    (dict(lora__alpha=0.0), "--alpha must be a finite number > 0"),
+    (dict(optim__epochs=math.nan), "--epochs must be a finite number > 0, got nan"),
+    (dict(optim__epochs=0.0), "--epochs must be a finite number > 0"),
+    (dict(data__max_train_rows=-3), "--max-train-rows must be >= 0, got -3"),
+    (dict(lora__rank=0), "--rank must be >= 1, got 0"),
+    (dict(lora__rank=2.5), "--rank must be an integer, got 2.5"),
+    (dict(optim__batch_size=True), "--batch-size must be an integer"),
+    (dict(optim__batch_size=0), "--batch-size must be >= 1"),
+    (dict(optim__grad_accum=0), "optim.grad_accum must be >= 1"),
+    (dict(data__max_seq_len=0), "--max-seq-len must be >= 1"),
+    (dict(data__general_ratio=math.nan), "--general-ratio must be a finite number, got nan"),
+    (dict(data__contrast_ratio=-0.5), "--contrast-ratio must be >= 0"),
+    (dict(data__borderline_share=math.nan), "--borderline-share must be a finite number"),
+    (dict(anchor__kl=math.inf), "--anchor-kl must be a finite number, got inf"),
+    (dict(loss__decision_weight=math.nan), "--decision-weight must be a finite number > 0"),
+    (dict(optim__stop_after=math.nan), "--stop-after must be a finite number"),
+    (dict(optim__stop_after=0.0), "--stop-after must be in"),
+    (dict(lora__dropout=1.0), "lora.dropout must be in"),
+    (dict(lora__dropout=math.nan), "lora.dropout must be a finite number"),
+    (dict(optim__warmup_ratio=-0.1), "optim.warmup_ratio must be in"),
+    (dict(optim__weight_decay=math.inf), "optim.weight_decay must be a finite number"),
+    (dict(loss__dpo_beta=0.0), "loss.dpo_beta must be a finite number > 0"),
+    (dict(gate__threshold=math.nan), "--gate-threshold must be a finite number"),
+    (dict(gate__l2=-1.0), "gate.l2 must be >= 0"),
+    (dict(optim__seed=-1), "--seed must be in"),
+    (dict(optim__save_steps=0), "optim.save_steps must be >= 1"),
+    (dict(optim__logging_steps=0), "optim.logging_steps must be >= 1"),
+    (dict(optim__scheduler="cosine_annealing"), "optim.scheduler must be one of"),
+    (dict(optim__lr="1e-3"), "--lr must be a number, got '1e-3'"),
+    (dict(optim__epochs=None), "--epochs must be set"),
     (dict(recipe="nope"), "unknown recipe 'nope'"),
 ])
 def test_every_bad_number_is_refused_naming_the_field(kw, message):
     with pytest.raises(SafetyPatchError) as e:
-        TrainConfig(**kw).validate()
+        override(TrainConfig(), {k.replace("__", "."): v for k, v in kw.items()}).validate()
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_every_recipe_is_valid():
-    for name, preset in RECIPES.items():
-        TrainConfig(recipe=name, **preset).validate()
+    assert len(recipe_names()) >= 5
+    for name in recipe_names():
+        resolve_config(name).validate()
 
 
 def test_yaml_and_cli_numbers_are_checked_before_any_work(tmp_path, capsys):
@@ -82,7 +84,7 @@ def test_yaml_and_cli_numbers_are_checked_before_any_work(tmp_path, capsys):
     from safety_patch.train.api import resolve_config
 
     cfg = tmp_path / "t.yaml"
-    cfg.write_text("lr: .nan\n")
+    cfg.write_text("optim: {lr: .nan}\n")
     with pytest.raises(SafetyPatchError, match="--lr must be a finite number > 0, got nan"):
         resolve_config("paper", cfg)
     # no data folder, no model: the flag fails first (exit 2, one line)
@@ -97,11 +99,12 @@ def test_yaml_and_cli_numbers_are_checked_before_any_work(tmp_path, capsys):
 
 # --- non-finite training -------------------------------------------------------------------
 
-def small(**kw) -> TrainConfig:
+def small(recipe: str = "paper", extra: dict | None = None, **kw) -> TrainConfig:
+    """The recipe at test size; keyword ``group__field`` (or ``extra["group.field"]``) sets ``group.field``."""
     # 8 steps of 2 rows, a checkpoint every 2: small enough for a test, long enough to resume
-    base = dict(recipe="paper", max_train_rows=8, batch_size=2, max_seq_len=512, save_steps=2, logging_steps=1,
-                lr=1e-3, epochs=2.0, sampling="random")
-    return TrainConfig(**(base | kw))
+    base = dict(data__max_train_rows=8, optim__batch_size=2, data__max_seq_len=512, optim__save_steps=2,
+                optim__logging_steps=1, optim__lr=1e-3, optim__epochs=2.0, optim__sampling="random")
+    return override(resolve_config(recipe), {k.replace("__", "."): v for k, v in (base | kw).items()} | (extra or {}))
 
 
 def test_nonfinite_helper_names_the_first_bad_tensor():
@@ -113,20 +116,25 @@ def test_nonfinite_helper_names_the_first_bad_tensor():
 def test_a_diverging_run_stops_without_a_patch(data_dir, tiny_dir, tmp_path):
     # a finite but absurd learning rate: the weights overflow within a few steps
     with pytest.raises(SafetyPatchError, match=r"training stopped at step \d+: .* is not finite .*no patch written"):
-        train(data_dir, tmp_path / "p", small(lr=1e38), model=str(tiny_dir), progress=False)
+        train(data_dir, tmp_path / "p", small(optim__lr=1e38), model=str(tiny_dir), progress=False)
     assert not (tmp_path / "p").exists()
 
 
 def test_a_nan_loss_stops_the_run(data_dir, tiny_dir, tmp_path, monkeypatch):
-    from trl import SFTTrainer
+    from safety_patch.train import anchor
 
-    orig = SFTTrainer.compute_loss
+    make = anchor.make_anchored_trainer
 
-    def nan_loss(self, *a, **kw):
-        out = orig(self, *a, **kw)
-        return out * math.nan if self.state.global_step >= 1 else out
+    # Every SFT run trains through this subclass of TRL's SFTTrainer (train/loss.py's head).
+    def nan_trainer(base_cls):
+        class NaNLoss(make(base_cls)):
+            def compute_loss(self, *a, **kw):
+                out = super().compute_loss(*a, **kw)
+                return out * math.nan if self.state.global_step >= 1 else out
 
-    monkeypatch.setattr(SFTTrainer, "compute_loss", nan_loss)
+        return NaNLoss
+
+    monkeypatch.setattr(anchor, "make_anchored_trainer", nan_trainer)
     with pytest.raises(SafetyPatchError, match="training stopped at step 2: the gradient of .* is not finite"):
         train(data_dir, tmp_path / "p", small(), model=str(tiny_dir), progress=False)
     assert not (tmp_path / "p").exists()
@@ -165,26 +173,26 @@ def _weights(patch) -> dict[str, torch.Tensor]:
     return out
 
 
-# Every family of the recipe table (train/config.py) and the options beside it, at test size:
+# Every family of the recipe files (train/recipes/) and the options beside it, at test size:
 # what differs between them on resume is the state that lives outside the trainer (the anchor
 # stream, the gate, W0 and the frozen reference of full-parameter runs, the early stop, the
-# OPLoRA projection). anchor-v2 holds anchor-v1's anchor (plus decision weights and an early
+# OPLoRA projection). always-on holds redteam-round's anchor (plus decision weights and an early
 # stop), full-anchor holds full-safety's full-parameter delta (plus a frozen reference).
 FAMILIES = {
     "paper": {},
-    "gated-v1": {"gate_wrapped_benign": 8},
-    "anchor-v2": {},
-    "full-anchor": {"lr": 1e-4},
-    "paper+orthogonal": {"orthogonal_k": 2},
-    "paper+dpo": {"objective": "dpo"},
+    # the default's gate as the retired gated-v1 had it (the test folder has no self-written requests)
+    "default": {"gate.wrapped_benign": 8, "gate.self_instruct": 0, "gate.wrapped_harmful": 0, "gate.depth": 0.5,
+                "gate.threshold": 0.0},
+    "always-on": {},
+    "full-anchor": {"optim.lr": 1e-4},
+    "paper+orthogonal": {"lora.orthogonal_k": 2},
+    "paper+dpo": {"loss.objective": "dpo"},
 }
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_resume_after_a_kill_mid_checkpoint_is_bit_identical(family, data_dir, tiny_dir, tmp_path):
-    recipe = family.split("+")[0]
-    preset = RECIPES[recipe] | {"lr": 1e-3} | FAMILIES[family]
-    cfg = small(**(preset | {"recipe": recipe, "max_train_rows": 8, "max_seq_len": 512}))
+    cfg = small(family.split("+")[0], FAMILIES[family])
     ref = train(data_dir, tmp_path / "ref", cfg, model=str(tiny_dir), progress=False)
 
     _killed_while_saving(data_dir, tiny_dir, tmp_path / "res", cfg, 4)
@@ -215,10 +223,10 @@ def test_resume_refuses_changed_settings_data_or_base(data_dir, tiny_dir, tmp_pa
 
     cfg = small()
     _killed_while_saving(data_dir, tiny_dir, tmp_path / "p", cfg, 4)
-    for changed, message in [(small(lr=5e-3), "lr 0.001 -> 0.005"),
-                             (small(epochs=3.0), "epochs 2.0 -> 3.0"),
-                             (small(rank=4, lr=5e-3), "lr 0.001 -> 0.005; rank 8 -> 4"),
-                             (small(recipe="anchor-v1"), "recipe paper -> anchor-v1")]:
+    for changed, message in [(small(optim__lr=5e-3), "optim.lr 0.001 -> 0.005"),
+                             (small(optim__epochs=3.0), "optim.epochs 2.0 -> 3.0"),
+                             (small(lora__rank=4, optim__lr=5e-3), "lora.rank 8 -> 4; optim.lr 0.001 -> 0.005"),
+                             (small("always-on"), "recipe paper -> always-on")]:
         with pytest.raises(SafetyPatchError, match="cannot resume .*other settings") as e:
             train(data_dir, tmp_path / "p", changed, model=str(tiny_dir), progress=False, resume=True)
         assert message in str(e.value)
@@ -230,7 +238,7 @@ def test_resume_refuses_changed_settings_data_or_base(data_dir, tiny_dir, tmp_pa
     assert not (tmp_path / "p").exists()
     # the same settings resume
     meta = train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), progress=False, resume=True)
-    assert meta["config"]["lr"] == 1e-3 and meta["training"]["resumed_from"].endswith("checkpoint-2")
+    assert meta["config"]["optim"]["lr"] == 1e-3 and meta["training"]["resumed_from"].endswith("checkpoint-2")
 
 
 def test_resume_refuses_a_run_without_a_complete_checkpoint_or_its_record(data_dir, tiny_dir, tmp_path):

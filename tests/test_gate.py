@@ -79,7 +79,7 @@ def test_gated_generation_uses_base_or_adapter_per_prompt(tmp_path):
     assert base != adapted
     with attached(model, [p]) as m:
         gated = generate(m, tok, convs, cfg)
-        assert m.safety_gates  # the attached model carries the gate
+        assert list(m.gates) == ["patch0"] and m.can_mix  # the patched value carries the gate
     assert gated == [a if f else b for a, b, f in zip(adapted, base, fires, strict=True)]
     assert generate(model, tok, convs, cfg) == base  # detached: the base again
 
@@ -135,11 +135,11 @@ def data_dir(tmp_path_factory, tiny_dir):
 
 
 def test_gate_prompts_come_from_the_train_split_only(data_dir):
+    from safety_patch.gate_fit import GateFitConfig
     from safety_patch.jsonl import read_jsonl
-    from safety_patch.train.config import TrainConfig
     from safety_patch.train.data import gate_prompts
 
-    harmful, benign, counts = gate_prompts(data_dir, TrainConfig(gate_wrapped_benign=5))
+    harmful, benign, counts = gate_prompts(data_dir, GateFitConfig(wrapped_benign=5, wrapped_harmful=0, self_instruct=0))
     train_prompts = {r["messages"][0]["content"] for r in read_jsonl(data_dir / "train.jsonl")}
     assert {m[-1]["content"] for m in harmful} == train_prompts
     held_out = {r["messages"][0]["content"] for f in ("borderline.jsonl", "general.jsonl")
@@ -161,42 +161,43 @@ def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path
     import shutil
 
     from safety_patch.atomic import write_jsonl
-    from safety_patch.train.config import TrainConfig
+    from safety_patch.gate_fit import GateFitConfig
+    from safety_patch.train.config import TrainConfig, override
     from safety_patch.train.data import gate_prompts
 
     d = tmp_path / "d"
     shutil.copytree(data_dir, d)
-    with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl not found: gate_self_instruct 2"):
-        gate_prompts(d, TrainConfig(gate_self_instruct=2))
+    with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl not found: gate.self_instruct 2"):
+        gate_prompts(d, GateFitConfig(self_instruct=2, wrapped_harmful=0))
     si = [f"Plan a picnic for {n} friends." for n in range(5)]
     write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Sure."}],
                                            "meta": {"source": "self-instruct", "split": "train"}} for p in si])
-    _, plain, c0 = gate_prompts(d, TrainConfig(gate_wrapped_benign=0))
-    harmful, benign, c = gate_prompts(d, TrainConfig(gate_wrapped_benign=0, gate_self_instruct=3))
+    _, plain, c0 = gate_prompts(d, GateFitConfig(wrapped_benign=0, wrapped_harmful=0, self_instruct=0))
+    harmful, benign, c = gate_prompts(d, GateFitConfig(wrapped_benign=0, wrapped_harmful=0, self_instruct=3))
     # the first N requests join the negatives, as bare user turns; nothing else changes
     assert c["self_instruct"] == 3 and c["benign"] == c0["benign"] + 3 and "self_instruct" not in c0
     assert benign[:len(plain)] == plain and [m[-1]["content"] for m in benign[len(plain):]] == si[:3]
     assert all(len(m) == 1 and m[0]["role"] == "user" for m in benign[len(plain):])
     write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "assistant", "content": "x"}], "meta": {}}])
     with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl:1: expected 'messages' ending with an assistant turn"):
-        gate_prompts(d, TrainConfig(gate_self_instruct=1))
+        gate_prompts(d, GateFitConfig(self_instruct=1, wrapped_harmful=0))
     write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Sure."}],
                                            "meta": {}} for p in si[:2]]
                 + [{"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}], "meta": {}}])
     with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl:3: expected a user turn before the answer"):
-        gate_prompts(d, TrainConfig(gate_self_instruct=3))
-    assert gate_prompts(d, TrainConfig(gate_self_instruct=2))[2]["self_instruct"] == 2  # rows past N are not read
+        gate_prompts(d, GateFitConfig(self_instruct=3, wrapped_harmful=0))
+    assert gate_prompts(d, GateFitConfig(self_instruct=2, wrapped_harmful=0))[2]["self_instruct"] == 2  # rows past N are not read
     with pytest.raises(SafetyPatchError, match="--gate-self-instruct must be >= 0"):
-        TrainConfig(gate_self_instruct=-1).validate()
+        override(TrainConfig(), {"gate.self_instruct": -1}).validate()
 
 
 def test_gate_prompts_wrap_harmful_train_requests_in_train_templates(data_dir):
+    from safety_patch.gate_fit import GateFitConfig
     from safety_patch.jsonl import read_jsonl
-    from safety_patch.train.config import TrainConfig
     from safety_patch.train.data import gate_prompts
 
-    h0, b0, c0 = gate_prompts(data_dir, TrainConfig(gate_wrapped_benign=5))
-    h, b, c = gate_prompts(data_dir, TrainConfig(gate_wrapped_benign=5, gate_wrapped_harmful=7))
+    h0, b0, c0 = gate_prompts(data_dir, GateFitConfig(wrapped_benign=5, wrapped_harmful=0, self_instruct=0))
+    h, b, c = gate_prompts(data_dir, GateFitConfig(wrapped_benign=5, wrapped_harmful=7, self_instruct=0))
     assert b == b0 and h[: len(h0)] == h0 and c["wrapped_harmful"] == 7 and len(h) == len(h0) + 7
     requests = {r["meta"]["request"] for r in read_jsonl(data_dir / "train.jsonl")}
     held_out = {r["meta"]["request"] for f in ("val.jsonl", "test.jsonl") for r in read_jsonl(data_dir / f)}
@@ -212,12 +213,16 @@ def test_gate_prompts_wrap_harmful_train_requests_in_train_templates(data_dir):
 def test_train_writes_a_gated_patch(data_dir, tiny_dir, tmp_path):
     from peft import PeftModel
 
+    from safety_patch.gate_fit import GateFitConfig
     from safety_patch.models import load_model
-    from safety_patch.train.config import TrainConfig
+    from safety_patch.train.config import TrainConfig, override
     from safety_patch.train.run import train
 
-    cfg = TrainConfig(max_train_rows=8, batch_size=4, max_seq_len=512, lr=1e-3, gate_layer=1, gate_wrapped_benign=4,
-                      snapshot_steps="2")  # step 1 is the warmup's lr-0 step: an all-zero adapter, refused
+    # the test folder has no self-written requests: the gate's pool is train prompts and 4 wrapped ones
+    pool = {"gate.self_instruct": 0, "gate.wrapped_harmful": 0, "gate.threshold": 1.0}
+    cfg = override(TrainConfig(), pool | {"data.max_train_rows": 8, "optim.batch_size": 4, "data.max_seq_len": 512,
+                                          "optim.lr": 1e-3, "gate.layer": 1, "gate.wrapped_benign": 4,
+                                          "optim.snapshot_steps": "2"})  # step 1 is the warmup's lr-0 step: an all-zero adapter, refused
     meta = train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), progress=False)
     g = meta["gate"]
     assert g["layer"] == 1 and g["prompts"]["wrapped_benign"] == 4 and 0 <= g["train_benign_flagged"] <= 1
@@ -227,14 +232,21 @@ def test_train_writes_a_gated_patch(data_dir, tiny_dir, tmp_path):
     lm = load_model(str(tiny_dir), device="cpu")
     PeftModel.from_pretrained(lm.model, str(tmp_path / "p"))  # the adapter folder is a plain PEFT adapter
     with pytest.raises(SafetyPatchError, match="gate_layer 2: the model has layers 0-1"):
-        train(data_dir, tmp_path / "q", TrainConfig(max_train_rows=8, gate_layer=2), model=str(tiny_dir), progress=False)
-    with pytest.raises(SafetyPatchError, match="need --method lora"):
-        TrainConfig(method="full", gate_layer=1).validate()
+        train(data_dir, tmp_path / "q", override(TrainConfig(), pool | {"data.max_train_rows": 8, "gate.layer": 2}),
+              model=str(tiny_dir), progress=False)
+    # a full-parameter run behind the same gate is a real run: a gated delta, routed per prompt
+    full = train(data_dir, tmp_path / "full", override(TrainConfig(), pool | {
+        "method": "full", "data.max_train_rows": 8, "optim.batch_size": 4, "data.max_seq_len": 512, "optim.lr": 1e-3,
+        "gate.layer": 1, "gate.wrapped_benign": 4}), model=str(tiny_dir), progress=False)
+    assert full["format"] == "delta" and set(full["files"]) == {"delta.safetensors", GATE_FILE}
+    assert full["files"][GATE_FILE] == meta["files"][GATE_FILE]  # the same gate: same data, seed and settings
+    fp = read_patch(tmp_path / "full")
+    assert fp.gated and fp.format == "delta"
     with pytest.raises(SafetyPatchError, match="--gate-depth must be in"):
-        TrainConfig(gate_depth=1.5).validate()
+        override(TrainConfig(), {"gate.depth": 1.5}).validate()
     # depth resolves against the model; an explicit layer wins
-    assert TrainConfig(gate_depth=0.5).resolved_gate_layer(30) == 15 and TrainConfig(gate_depth=1.0).resolved_gate_layer(2) == 1
-    assert TrainConfig(gate_depth=0.5, gate_layer=3).resolved_gate_layer(30) == 3
+    assert GateFitConfig(depth=0.5).resolved_layer(30) == 15 and GateFitConfig(depth=1.0).resolved_layer(2) == 1
+    assert GateFitConfig(depth=0.5, layer=3).resolved_layer(30) == 3
     assert not (tmp_path / "q").exists()
 
 
@@ -244,14 +256,14 @@ def test_cli_gate_flags(data_dir, tiny_dir, tmp_path):
     # two steps: a one-step run's only update has the warmup's lr 0, an all-zero adapter that is refused
     common = ["train", "--data", str(data_dir), "--model", str(tiny_dir), "--max-train-rows", "8", "--batch-size", "4"]
     # the folder has no selfinstruct.jsonl: the recipe's 600 self-written negatives are turned off
-    assert main(common + ["--out", str(tmp_path / "a"), "--recipe", "gated", "--gate-layer", "0",
+    assert main(common + ["--out", str(tmp_path / "a"), "--recipe", "default", "--gate-layer", "0",
                           "--gate-threshold", "2.5", "--gate-self-instruct", "0", "--gate-wrapped-harmful", "3",
                           "--gate-wrapped-benign", "2"]) == 0
     meta = json.loads((tmp_path / "a" / "patch.json").read_text())
     assert meta["gate"]["layer"] == 0 and meta["gate"]["threshold"] == 2.5
     assert meta["gate"]["prompts"]["wrapped_harmful"] == 3 and meta["gate"]["prompts"]["wrapped_benign"] == 2
     assert "self_instruct" not in meta["gate"]["prompts"]
-    assert main(common + ["--out", str(tmp_path / "b"), "--gate-layer", "-1"]) == 0  # the default, ungated
+    assert main(common + ["--out", str(tmp_path / "b"), "--gate-layer", "-1"]) == 0  # the default, ungated (deprecated spelling of --no-gate)
     assert "gate" not in json.loads((tmp_path / "b" / "patch.json").read_text())
 
 
@@ -262,12 +274,13 @@ def test_loaded_model_wrapper_keeps_gates(tmp_path):
     model, tok = tiny_llama()
     _gated_patch(model, tok, tmp_path / "g")
     lm = LoadedModel.from_objects(model, tok)
-    attach_for_inference(lm, [tmp_path / "g"], force=True)
+    pm = attach_for_inference(lm, [tmp_path / "g"], force=True)
     try:
-        assert list(lm.model.safety_gates) == ["patch0"]
+        assert list(pm.gates) == ["patch0"] and pm.key == pm.patches[0].id
+        assert lm.model is model  # the LoadedModel stays the base: nothing swapped in or set on it
     finally:
-        lm.extra["_patch_ctx"].__exit__(None, None, None)
-    assert not hasattr(model, "safety_gates")
+        pm.close()
+    assert not any("lora" in n for n, _ in model.named_modules())  # detached
 
 
 def test_cli_patch_gate_routes_like_the_gate(tiny_dir, tmp_path, capsys):

@@ -11,7 +11,7 @@ def tiny_plan(model: str):
     plan.data = {"max_per_source": 24, "general_limit": 24, "distill_max_new_tokens": 4, "template_max_chars": 300,
                  "self_instruct": 0}
     for a in plan.arms:
-        a.train.update(max_train_rows=8, batch_size=4, max_seq_len=1024)
+        a.train.update({"data.max_train_rows": 8, "optim.batch_size": 4, "data.max_seq_len": 1024})
     plan.eval_limit, plan.max_new_tokens, plan.capability_limit, plan.analysis_prompts = 4, 4, 6, 2
     plan.analysis_ks = (4, 8)
     return plan

@@ -16,7 +16,7 @@ def test_two_lifelong_rounds_on_a_tiny_model(tmp_path):
     data = tmp_path / "d"
     build(data, DataConfig(max_per_source=24, distill=True, distill_max_new_tokens=8, template_max_chars=300,
                            self_instruct=0), model=str(tiny_dir))
-    kw = dict(limit=6, max_new_tokens=16, train_overrides={"max_seq_len": 1024, "batch_size": 4}, device="cpu")
+    kw = dict(limit=6, max_new_tokens=16, train_overrides={"data.max_seq_len": 1024, "optim.batch_size": 4}, device="cpu")
     r1 = run_round(str(tiny_dir), [], "direct", data, tmp_path / "r1", **kw)
     assert r1["train_rows"] == r1["successes_found"] > 0 and set(r1["regression_asr"]) == {"direct"}
     r2 = run_round(str(tiny_dir), [tmp_path / "r1" / "patch"], "refusal_suppression", data, tmp_path / "r2",

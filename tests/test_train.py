@@ -11,7 +11,7 @@ from safety_patch.data.build import DataConfig, build
 from safety_patch.errors import SafetyPatchError
 from safety_patch.models import load_model
 from safety_patch.patches import attached, merged_state_dict, read_patch
-from safety_patch.train.config import TrainConfig
+from safety_patch.train.config import TrainConfig, override
 from safety_patch.train.run import train
 
 
@@ -25,12 +25,14 @@ def data_dir(tmp_path_factory, tiny_dir):
 
 
 def small(**kw):
-    base = dict(max_train_rows=24, batch_size=4, max_seq_len=512, save_steps=2, logging_steps=1, lr=1e-3)
-    return TrainConfig(**(base | kw))
+    """A small always-on config; keyword ``group__field`` sets ``group.field`` (keywords cannot hold dots)."""
+    base = dict(gate=None, data__max_train_rows=24, optim__batch_size=4, data__max_seq_len=512, optim__save_steps=2,
+                optim__logging_steps=1, optim__lr=1e-3)
+    return override(TrainConfig(), {k.replace("__", "."): v for k, v in (base | kw).items()})
 
 
 def test_lora_changes_only_the_targeted_modules(data_dir, tiny_dir, tmp_path):
-    meta = train(data_dir, tmp_path / "p", small(target_modules="up_proj,down_proj", layers="1"), model=str(tiny_dir),
+    meta = train(data_dir, tmp_path / "p", small(lora__target_modules="up_proj,down_proj", lora__layers="1"), model=str(tiny_dir),
                  progress=False)
     assert meta["format"] == "lora" and meta["training"]["tokens_seen"] > 0
     keys = load_file(tmp_path / "p" / "adapter_model.safetensors").keys()
@@ -58,7 +60,7 @@ def _loss(model, tok, rows):
 
 
 def test_full_parameter_delta_reproduces_training(data_dir, tiny_dir, tmp_path):
-    meta = train(data_dir, tmp_path / "f", small(method="full", lr=3e-3, epochs=2), model=str(tiny_dir), progress=False)
+    meta = train(data_dir, tmp_path / "f", small(method="full", optim__lr=3e-3, optim__epochs=2), model=str(tiny_dir), progress=False)
     assert meta["format"] == "delta"
     assert meta["training"]["trainable_parameters"] == meta["training"]["total_parameters"]
     lm = load_model(str(tiny_dir), device="cpu")
@@ -70,14 +72,14 @@ def test_full_parameter_delta_reproduces_training(data_dir, tiny_dir, tmp_path):
 
 
 def test_mixing_and_contrast_rows_are_counted(data_dir, tiny_dir, tmp_path):
-    meta = train(data_dir, tmp_path / "m", small(general_ratio=1.0, contrast_ratio=0.5, max_train_rows=8),
+    meta = train(data_dir, tmp_path / "m", small(data__general_ratio=1.0, data__contrast_ratio=0.5, data__max_train_rows=8),
                  model=str(tiny_dir), progress=False)
     rows = meta["data"]["rows"]
     assert (rows["safety"], rows["general"], rows["contrast"]) == (8, 8, 4)
 
 
 def test_dpo_objective(data_dir, tiny_dir, tmp_path):
-    meta = train(data_dir, tmp_path / "dpo", small(objective="dpo", max_train_rows=8), model=str(tiny_dir), progress=False)
+    meta = train(data_dir, tmp_path / "dpo", small(loss__objective="dpo", data__max_train_rows=8), model=str(tiny_dir), progress=False)
     assert meta["objective"] == "dpo" and meta["data"]["rows"]["dpo_pairs"] == 8
 
 
@@ -86,7 +88,7 @@ class Kill(Exception):
 
 
 def test_resume_after_kill_matches_uninterrupted(data_dir, tiny_dir, tmp_path, monkeypatch):
-    cfg = small(max_train_rows=32, sampling="random")
+    cfg = small(data__max_train_rows=32, optim__sampling="random")
     train(data_dir, tmp_path / "ref", cfg, model=str(tiny_dir), progress=False)
 
     from safety_patch.train import run
@@ -124,11 +126,11 @@ def test_bad_inputs_fail_before_training(data_dir, tiny_dir, tmp_path):
     with pytest.raises(SafetyPatchError, match="not a data folder"):
         train(tmp_path, tmp_path / "x", small(), model=str(tiny_dir))
     with pytest.raises(SafetyPatchError, match="--rank must be >= 1"):
-        train(data_dir, tmp_path / "x", small(rank=0), model=str(tiny_dir))
+        train(data_dir, tmp_path / "x", small(lora__rank=0), model=str(tiny_dir))
     with pytest.raises(SafetyPatchError, match="--target-modules c_attn not in the model"):
-        train(data_dir, tmp_path / "x", small(target_modules="q_proj,c_attn"), model=str(tiny_dir))
+        train(data_dir, tmp_path / "x", small(lora__target_modules="q_proj,c_attn"), model=str(tiny_dir))
     with pytest.raises(SafetyPatchError, match="the model has layers 0-1"):
-        train(data_dir, tmp_path / "x", small(layers="0-5"), model=str(tiny_dir))
+        train(data_dir, tmp_path / "x", small(lora__layers="0-5"), model=str(tiny_dir))
     (tmp_path / "exists").mkdir()
     with pytest.raises(SafetyPatchError, match="--overwrite"):
         train(data_dir, tmp_path / "exists", small(), model=str(tiny_dir))
@@ -151,23 +153,21 @@ def test_cli_train_recipe_and_yaml(data_dir, tiny_dir, tmp_path, capsys):
                                                          {"role": "assistant", "content": "Nile."}],
                                             "meta": {"split": "train"}} for k in range(3)])
     cfg = tmp_path / "t.yaml"
-    cfg.write_text("rank: 2\nmax_train_rows: 8\nbatch_size: 4\nmax_seq_len: 512\n")
+    cfg.write_text("lora: {rank: 2}\ndata: {max_train_rows: 8, max_seq_len: 512}\noptim: {batch_size: 4}\n")
     assert main(["train", "--data", str(d), "--out", str(tmp_path / "p"), "--model", str(tiny_dir),
                  "--config", str(cfg), "--alpha", "4"]) == 0
     meta = json.loads((tmp_path / "p" / "patch.json").read_text())
-    assert meta["config"]["rank"] == 2 and meta["config"]["alpha"] == 4.0
+    assert meta["config"]["lora"]["rank"] == 2 and meta["config"]["lora"]["alpha"] == 4.0
     # no --recipe: the default recipe's fields apply unless the file or a flag overrides them
-    from safety_patch.train.config import RECIPES
-
     assert meta["config"]["recipe"] == "default"
     # the default is gated at depth 0.6: layer 1 of the tiny model's 2, with the self-written negatives
-    assert meta["config"]["gate_depth"] == RECIPES["default"]["gate_depth"] == 0.6 and meta["gate"]["layer"] == 1
+    assert meta["config"]["gate"]["depth"] == TrainConfig().gate.depth == 0.6 and meta["gate"]["layer"] == 1
     assert meta["gate"]["prompts"]["self_instruct"] == 3 and meta["gate"]["threshold"] == 0.5
-    assert meta["config"]["max_train_rows"] == 8 and meta["data"]["rows"]["safety"] == 8
+    assert meta["config"]["data"]["max_train_rows"] == 8 and meta["data"]["rows"]["safety"] == 8
     bad = tmp_path / "bad.yaml"
     bad.write_text("rnak: 2\n")
     assert main(["train", "--data", str(d), "--out", str(tmp_path / "q"), "--config", str(bad)]) == 2
-    assert "unknown key(s) rnak" in capsys.readouterr().err
+    assert f"{bad}: unknown key 'rnak'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("anchor_kl", ["0", "2.0"])
@@ -182,13 +182,19 @@ def test_two_process_ddp_matches_single_process(data_dir, tiny_dir, tmp_path, an
     common = ["--data", str(data_dir), "--model", str(tiny_dir), "--max-train-rows", "16", "--max-seq-len", "4096",
               "--seed", "0", "--lr", "1e-3", "--epochs", "2", "--anchor-kl", anchor_kl]
     yaml = tmp_path / "seq.yaml"
-    yaml.write_text("sampling: sequential\n")
+    yaml.write_text("optim: {sampling: sequential}\n")
     # On a machine without GPUs, `--multi_gpu` makes accelerate start torchrun; the processes use gloo.
     env = dict(os.environ, OMP_NUM_THREADS="1", SAFETY_PATCH_THREADS="1", CUDA_VISIBLE_DEVICES="")
     single = [sys.executable, "-m", "safety_patch.cli", "train", *common, "--batch-size", "8", "--anchor-batch-size", "8",
               "--config", str(yaml), "--out", str(tmp_path / "one")]
     subprocess.run(single, check=True, env=env, capture_output=True, timeout=600)
+    import socket
+
+    with socket.socket() as s:  # a free port: two DDP runs on one machine (another test run) must not meet
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", port,
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safety_patch.cli", "train", *common,
            "--batch-size", "4", "--anchor-batch-size", "4", "--config", str(yaml), "--out", str(tmp_path / "two")]
     r = subprocess.run(ddp, env=env, capture_output=True, text=True, timeout=600)
@@ -209,10 +215,10 @@ def test_two_process_ddp_matches_single_process(data_dir, tiny_dir, tmp_path, an
 def test_borderline_share_sets_the_contrast_mix(data_dir, tiny_dir, tmp_path):
     from safety_patch.train.data import training_rows
 
-    _, counts = training_rows(data_dir, small(contrast_ratio=1.0, borderline_share=0.75, max_train_rows=8))
+    _, counts = training_rows(data_dir, small(data__contrast_ratio=1.0, data__borderline_share=0.75, data__max_train_rows=8))
     assert (counts["contrast"], counts["contrast_borderline"], counts["contrast_general"]) == (8, 6, 2)
     with pytest.raises(SafetyPatchError, match="--borderline-share"):
-        small(borderline_share=1.5).validate()
+        small(data__borderline_share=1.5).validate()
 
 
 def test_anchor_pool_follows_borderline_share(data_dir):
@@ -224,13 +230,13 @@ def test_anchor_pool_follows_borderline_share(data_dir):
     is_bl = lambda rows: [r["prompt"][0]["content"] in bl for r in rows]  # noqa: E731
     natural = is_bl(anchor_rows(data_dir, small()))
     assert 0 < sum(natural) < len(natural)
-    assert not any(is_bl(anchor_rows(data_dir, small(borderline_share=0.0))))
-    assert all(is_bl(anchor_rows(data_dir, small(borderline_share=1.0))))
-    half = is_bl(anchor_rows(data_dir, small(borderline_share=0.5)))
+    assert not any(is_bl(anchor_rows(data_dir, small(data__borderline_share=0.0))))
+    assert all(is_bl(anchor_rows(data_dir, small(data__borderline_share=1.0))))
+    half = is_bl(anchor_rows(data_dir, small(data__borderline_share=0.5)))
     assert abs(sum(half) - len(half) / 2) <= 1
     # Either side may be the larger one: the other is cycled, and no row is ever left out.
     for share in (0.1, 0.5, 0.9):
-        rows = anchor_rows(data_dir, small(borderline_share=share))
+        rows = anchor_rows(data_dir, small(data__borderline_share=share))
         got = is_bl(rows)
         assert abs(sum(got) / len(got) - share) < 0.02
         assert {r["prompt"][0]["content"] for r in rows} >= bl | gen
@@ -266,9 +272,9 @@ def _anchor_kl(lm, patch, data_dir):
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_anchor_kl_keeps_benign_answers_closer_to_the_base(data_dir, tiny_dir, tmp_path, method):
     # Big steps so the unanchored patch drifts measurably on a tiny random model.
-    cfg = dict(method=method, lr=2e-2 if method == "lora" else 3e-3, epochs=2)
+    cfg = dict(method=method, optim__lr=2e-2 if method == "lora" else 3e-3, optim__epochs=2)
     free = train(data_dir, tmp_path / "free", small(**cfg), model=str(tiny_dir), progress=False)
-    anch = train(data_dir, tmp_path / "anch", small(**cfg, anchor_kl=5.0), model=str(tiny_dir), progress=False)
+    anch = train(data_dir, tmp_path / "anch", small(**cfg, anchor__kl=5.0), model=str(tiny_dir), progress=False)
     assert anch["data"]["rows"]["anchor"] > 0 and "anchor" not in free["data"]["rows"]
     logged = [json.loads(x) for x in (tmp_path / "anch" / "metrics.jsonl").read_text().splitlines()]
     assert any("anchor_kl" in r for r in logged)
@@ -278,12 +284,12 @@ def test_anchor_kl_keeps_benign_answers_closer_to_the_base(data_dir, tiny_dir, t
 
 
 def test_anchor_kl_is_refused_with_dpo_and_bad_values():
-    with pytest.raises(SafetyPatchError, match="anchor_kl"):
-        small(objective="dpo", anchor_kl=1.0).validate()
+    with pytest.raises(SafetyPatchError, match="--anchor-kl applies to the sft objective"):
+        small(loss__objective="dpo", anchor__kl=1.0).validate()
     with pytest.raises(SafetyPatchError, match="--anchor-kl must be >= 0"):
-        small(anchor_kl=-1.0).validate()
-    with pytest.raises(SafetyPatchError, match="anchor_max_tokens must be >= 1"):
-        small(anchor_kl=1.0, anchor_max_tokens=0).validate()
+        small(anchor__kl=-1.0).validate()
+    with pytest.raises(SafetyPatchError, match="anchor.max_tokens must be >= 1"):
+        small(anchor__kl=1.0, anchor__max_tokens=0).validate()
 
 
 def _lora_deltas(patch_dir) -> dict[str, torch.Tensor]:
@@ -310,24 +316,24 @@ def _worst_dominant_overlap(deltas, w0, k):
 
 def test_orthogonal_k_keeps_the_lora_update_off_w0_dominant_subspaces(data_dir, tiny_dir, tmp_path):
     k = 8
-    con = train(data_dir, tmp_path / "con", small(orthogonal_k=k), model=str(tiny_dir), progress=False)
+    con = train(data_dir, tmp_path / "con", small(lora__orthogonal_k=k), model=str(tiny_dir), progress=False)
     free = train(data_dir, tmp_path / "free", small(), model=str(tiny_dir), progress=False)
     w0 = load_model(str(tiny_dir), device="cpu").model.state_dict()
     d_con, d_free = _lora_deltas(tmp_path / "con"), _lora_deltas(tmp_path / "free")
     assert d_con.keys() == d_free.keys() and all(d.norm() > 0 for d in d_con.values())
     assert _worst_dominant_overlap(d_con, w0, k) < 1e-4
     assert _worst_dominant_overlap(d_free, w0, k) > 0.05  # without the constraint the update does touch them
-    assert con["config"]["orthogonal_k"] == k and con["training"]["orthogonal_overlap"] < 1e-5
+    assert con["config"]["lora"]["orthogonal_k"] == k and con["training"]["orthogonal_overlap"] < 1e-5
     assert "orthogonal_overlap" not in free["training"]
 
 
 def test_orthogonal_k_bad_values_fail_before_training(data_dir, tiny_dir, tmp_path):
     with pytest.raises(SafetyPatchError, match="--orthogonal-k must be >= 0"):
-        small(orthogonal_k=-1).validate()
+        small(lora__orthogonal_k=-1).validate()
     with pytest.raises(SafetyPatchError, match="needs --method lora"):
-        small(method="full", orthogonal_k=4).validate()
+        small(method="full", lora__orthogonal_k=4).validate()
     with pytest.raises(SafetyPatchError, match="--orthogonal-k 64 must be below the smallest dimension"):
-        train(data_dir, tmp_path / "p", small(orthogonal_k=64), model=str(tiny_dir), progress=False)
+        train(data_dir, tmp_path / "p", small(lora__orthogonal_k=64), model=str(tiny_dir), progress=False)
     assert not (tmp_path / "p").exists()
 
 
@@ -361,7 +367,7 @@ def test_decision_weighted_loss_equals_trl_loss_plus_weighted_decision_tokens(da
     from safety_patch.train.data import training_rows
     from safety_patch.train.run import _make_trainer
 
-    cfg = small(method=method, decision_weight=4.0, decision_tokens=3)
+    cfg = small(method=method, loss__decision_weight=4.0, loss__decision_tokens=3)
     lm = load_model(str(tiny_dir), device="cpu")
     rows, _ = training_rows(data_dir, cfg)
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if method == "lora" else None
@@ -388,14 +394,14 @@ def test_decision_weighted_loss_equals_trl_loss_plus_weighted_decision_tokens(da
 
 
 def test_decision_weight_trains_and_is_recorded(data_dir, tiny_dir, tmp_path):
-    meta = train(data_dir, tmp_path / "p", small(decision_weight=3.0, anchor_kl=1.0, epochs=1), model=str(tiny_dir),
+    meta = train(data_dir, tmp_path / "p", small(loss__decision_weight=3.0, anchor__kl=1.0, optim__epochs=1), model=str(tiny_dir),
                  progress=False)
-    assert meta["config"]["decision_weight"] == 3.0 and meta["config"]["decision_tokens"] == 4
+    assert meta["config"]["loss"]["decision_weight"] == 3.0 and meta["config"]["loss"]["decision_tokens"] == 4
     logged = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
     assert any("anchor_kl" in r and "mean_token_accuracy" in r for r in logged)
-    for bad, msg in [(dict(decision_weight=0.0), "--decision-weight must be a finite number > 0"),
-                     (dict(decision_tokens=0), "--decision-tokens must be >= 1"),
-                     (dict(decision_weight=2.0, objective="dpo"), "decision_weight applies to the sft objective")]:
+    for bad, msg in [(dict(loss__decision_weight=0.0), "--decision-weight must be a finite number > 0"),
+                     (dict(loss__decision_tokens=0), "--decision-tokens must be >= 1"),
+                     (dict(loss__decision_weight=2.0, loss__objective="dpo"), "--decision-weight applies to the sft objective")]:
         with pytest.raises(SafetyPatchError, match=msg):
             small(**bad).validate()
 
@@ -405,7 +411,7 @@ def test_snapshots_are_complete_patches_of_the_weights_at_that_step(data_dir, ti
     """A snapshot at the last step equals the final patch; an earlier one differs, and each attaches."""
     from safety_patch.patches import read_patch
 
-    cfg = small(method=method, snapshot_steps="2,6,99")  # 24 rows / batch 4 = 6 steps; 99 is never reached
+    cfg = small(method=method, optim__snapshot_steps="2,6,99")  # 24 rows / batch 4 = 6 steps; 99 is never reached
     meta = train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), progress=False)
     assert meta["training"]["steps"] == 6
     assert meta["training"]["snapshots"] == {"2": "snapshots/step-2", "6": "snapshots/step-6"}
@@ -421,17 +427,17 @@ def test_snapshots_are_complete_patches_of_the_weights_at_that_step(data_dir, ti
     ids = torch.tensor([[1, 2, 3, 4]])
     with attached(lm.model, [snap], lm.fingerprint) as m:
         assert m(input_ids=ids).logits.shape[-1] == lm.model.config.vocab_size
-    with pytest.raises(SafetyPatchError, match="snapshot_steps"):
-        small(snapshot_steps="10,x").validate()
+    with pytest.raises(SafetyPatchError, match="--snapshot-steps"):
+        small(optim__snapshot_steps="10,x").validate()
     with pytest.raises(SafetyPatchError, match="positive"):
-        small(snapshot_steps="0,5").validate()
+        small(optim__snapshot_steps="0,5").validate()
 
 
 def test_stop_after_equals_the_snapshot_of_a_full_run(data_dir, tiny_dir, tmp_path):
     """Early stopping keeps the whole run's LR schedule: stopping after half of the planned
     steps gives exactly the full run's snapshot at that step (what the sweep selected)."""
-    full = train(data_dir, tmp_path / "full", small(snapshot_steps="3"), model=str(tiny_dir), progress=False)
-    half = train(data_dir, tmp_path / "half", small(stop_after=0.5), model=str(tiny_dir), progress=False)
+    full = train(data_dir, tmp_path / "full", small(optim__snapshot_steps="3"), model=str(tiny_dir), progress=False)
+    half = train(data_dir, tmp_path / "half", small(optim__stop_after=0.5), model=str(tiny_dir), progress=False)
     assert (full["training"]["steps"], half["training"]["steps"]) == (6, 3)
     assert half["training"]["planned_steps"] == 6
     a = load_file(tmp_path / "full" / "snapshots" / "step-3" / "adapter_model.safetensors")
@@ -439,7 +445,7 @@ def test_stop_after_equals_the_snapshot_of_a_full_run(data_dir, tiny_dir, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for bad in (0.0, 1.5):
         with pytest.raises(SafetyPatchError, match="--stop-after must be in"):
-            small(stop_after=bad).validate()
+            small(optim__stop_after=bad).validate()
 
 
 def test_anchor_pool_takes_self_instruct_rows(data_dir, tmp_path):
@@ -453,18 +459,18 @@ def test_anchor_pool_takes_self_instruct_rows(data_dir, tmp_path):
     shutil.copytree(data_dir, d)
     (d / "selfinstruct.jsonl").unlink(missing_ok=True)
     with pytest.raises(SafetyPatchError, match="--self-instruct"):
-        anchor_rows(d, small(anchor_kl=1.0, anchor_self_instruct=3))
+        anchor_rows(d, small(anchor__kl=1.0, anchor__self_instruct=3))
     si = [{"messages": [{"role": "user", "content": f"self-written request {i}"}, {"role": "assistant", "content": "ok"}],
            "meta": {"source": "self-instruct", "split": "train"}} for i in range(5)]
     write_jsonl(d / "selfinstruct.jsonl", si)
-    plain = anchor_rows(d, small(anchor_kl=1.0))
-    wide = anchor_rows(d, small(anchor_kl=1.0, anchor_self_instruct=3))
+    plain = anchor_rows(d, small(anchor__kl=1.0))
+    wide = anchor_rows(d, small(anchor__kl=1.0, anchor__self_instruct=3))
     added = [r["prompt"][0]["content"] for r in wide if r["prompt"][0]["content"].startswith("self-written")]
     assert added == [f"self-written request {i}" for i in range(3)] and len(wide) == len(plain) + 3
     assert not any(r["prompt"][0]["content"].startswith("self-written") for r in plain)
     assert len(list(read_jsonl(data_dir / "general.jsonl")))  # the source folder is untouched
     with pytest.raises(SafetyPatchError, match="--anchor-self-instruct"):
-        small(anchor_self_instruct=-1).validate()
+        small(anchor__self_instruct=-1).validate()
 
 
 def test_anchor_batch_size_sets_the_anchor_rows_per_step(data_dir, tiny_dir, tmp_path, monkeypatch):
@@ -479,11 +485,11 @@ def test_anchor_batch_size_sets_the_anchor_rows_per_step(data_dir, tiny_dir, tmp
         return batch
 
     monkeypatch.setattr(anchor.AnchorStream, "next", spy)
-    meta = train(data_dir, tmp_path / "p", small(anchor_kl=1.0, anchor_batch_size=3, max_train_rows=8), model=str(tiny_dir),
+    meta = train(data_dir, tmp_path / "p", small(anchor__kl=1.0, anchor__batch_size=3, data__max_train_rows=8), model=str(tiny_dir),
                  progress=False)
     assert sizes and set(sizes) == {3} and len(sizes) == meta["training"]["steps"]
     sizes.clear()
-    train(data_dir, tmp_path / "q", small(anchor_kl=1.0, max_train_rows=8), model=str(tiny_dir), progress=False)
+    train(data_dir, tmp_path / "q", small(anchor__kl=1.0, data__max_train_rows=8), model=str(tiny_dir), progress=False)
     assert set(sizes) == {4}  # default: the SFT batch size
     with pytest.raises(SafetyPatchError, match="--anchor-batch-size"):
-        small(anchor_batch_size=0).validate()
+        small(anchor__batch_size=0).validate()

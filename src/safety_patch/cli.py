@@ -33,6 +33,9 @@ eval_app = typer.Typer(help="Evaluate safety, over-refusal and capability.", no_
 app.add_typer(eval_app, name="eval")
 data_app = typer.Typer(help="Build and inspect training / evaluation data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+gate_app = typer.Typer(help="The gate as its own stage: fit, evaluate, put behind a patch, export (docs/gate.md).",
+                       no_args_is_help=True)
+app.add_typer(gate_app, name="gate")
 
 _STATE = {"debug": False}
 
@@ -89,7 +92,9 @@ def _global(
 
 
 def _load(model: str, device: str, dtype: str, patches: list[Path] | None = None, force: bool = False):
+    """(LoadedModel, PatchedModel): the base, and the base with ``patches`` attached for the process."""
     from .models import load_model
+    from .patched import PatchedModel
 
     read = []
     if patches:  # a malformed patch folder is refused before the (possibly minutes-long) model load
@@ -101,8 +106,8 @@ def _load(model: str, device: str, dtype: str, patches: list[Path] | None = None
     if read:
         from .patches import attach_for_inference
 
-        attach_for_inference(lm, read, force=force)
-    return lm
+        return lm, attach_for_inference(lm, read, force=force)
+    return lm, PatchedModel.base(lm)
 
 
 @model_app.command("info")
@@ -115,7 +120,7 @@ def model_info_cmd(
     """Architecture, parameter count, layers, linear modules, chat template, fingerprint."""
     from .models import model_info
 
-    info = model_info(_load(model, device, dtype))
+    info = model_info(_load(model, device, dtype)[0])
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -144,10 +149,10 @@ def chat(
     """Talk to a model, optionally with safety patches attached."""
     from .generation import GenerationConfig, conversation, generate
 
-    lm = _load(model, device, dtype, patch, force)
+    lm, pm = _load(model, device, dtype, patch, force)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=1, seed=seed)
     if prompt is not None:
-        typer.echo(generate(lm.model, lm.tokenizer, [conversation(prompt, system)], cfg)[0])
+        typer.echo(generate(pm, lm.tokenizer, [conversation(prompt, system)], cfg)[0])
         return
     typer.echo("Interactive chat. /reset clears the history, /exit (or Ctrl-D) quits.", err=True)
     history: list[dict] = []
@@ -164,7 +169,7 @@ def chat(
         if not line:
             continue
         msgs = conversation(line, system, history)
-        answer = generate(lm.model, lm.tokenizer, [msgs], cfg)[0]
+        answer = generate(pm, lm.tokenizer, [msgs], cfg)[0]
         typer.echo(f"bot> {answer}")
         history.extend([{"role": "user", "content": line}, {"role": "assistant", "content": answer}])
 
@@ -262,74 +267,104 @@ def data_sources_cmd() -> None:
     typer.echo("file:PATH         a JSONL or CSV with a 'prompt' (or 'goal') column")
 
 
-@app.command()
-def train(
-    data: Annotated[Path, typer.Option(help="Data folder from `data build`.")],
-    out: Annotated[Path, typer.Option(help="Patch folder to write (atomically).")],
-    model: ModelOpt = "default",
-    recipe: Annotated[str | None, typer.Option(help="Named preset: default, gated, paper, full-safety, full-anchor, anchor-v1, anchor-v2, anchor-si.")] = None,
-    method: Annotated[str | None, typer.Option(help="lora | full")] = None,
-    objective: Annotated[str | None, typer.Option(help="sft | dpo")] = None,
-    rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
-    alpha: Annotated[float | None, typer.Option(help="LoRA alpha.")] = None,
-    target_modules: Annotated[str | None, typer.Option(help="all-linear or e.g. up_proj,down_proj")] = None,
-    layers: Annotated[str | None, typer.Option(help="Layers to adapt, e.g. 10-19 (LoRA).")] = None,
-    general_ratio: Annotated[float | None, typer.Option(help="General conversations per safety conversation.")] = None,
-    contrast_ratio: Annotated[float | None, typer.Option(help="Borderline/benign contrast conversations per safety conversation.")] = None,
-    borderline_share: Annotated[float | None, typer.Option(help="Share of contrast/anchor rows drawn from borderline prompts.")] = None,
-    anchor_kl: Annotated[float | None, typer.Option(help="Weight of KL(base||patched) on benign answers (0 = off).")] = None,
-    anchor_batch_size: Annotated[int | None, typer.Option(min=1, help="Anchor conversations per step (default: --batch-size).")] = None,
-    anchor_self_instruct: Annotated[int | None, typer.Option(help="Add up to N self-written benign requests (data build --self-instruct) to the anchor pool.")] = None,
-    decision_weight: Annotated[float | None, typer.Option(help="Weight of the first --decision-tokens answer tokens in the refusal loss and the anchor (1 = off).")] = None,
-    decision_tokens: Annotated[int | None, typer.Option(help="How many answer tokens count as the answer/refuse decision (default 4).")] = None,
-    orthogonal_k: Annotated[int | None, typer.Option(help="OPLoRA-style: keep the LoRA update off W0's top-k singular subspaces (0 = off).")] = None,
-    epochs: Annotated[float | None, typer.Option()] = None,
-    lr: Annotated[float | None, typer.Option(help="Default 2e-4 (LoRA), 1e-5 (full).")] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    max_seq_len: Annotated[int | None, typer.Option()] = None,
-    max_train_rows: Annotated[int | None, typer.Option(help="Subsample the safety conversations (0 = all, as the default recipe does).")] = None,
-    stop_after: Annotated[float | None, typer.Option(help="Stop after this fraction of the planned steps (schedule kept), e.g. 0.685.")] = None,
-    snapshot_steps: Annotated[str | None, typer.Option(help="Also keep the patch after these steps, e.g. 10,20,30 (PATCH/snapshots/step-N).")] = None,
-    gate_layer: Annotated[int | None, typer.Option(help="Gate the LoRA patch with a probe on this layer at the last prompt token (-1 = no gate).")] = None,
-    gate_depth: Annotated[float | None, typer.Option(help="The gate's layer as a fraction of depth (the default recipe: 0.6).")] = None,
-    gate_threshold: Annotated[float | None, typer.Option(help="Probe logit above which the gate applies the patch (the default recipe: 0.5).")] = None,
-    gate_self_instruct: Annotated[int | None, typer.Option(min=0, help="Self-written requests (data build --self-instruct) as gate negatives (the default recipe: 600).")] = None,
-    gate_wrapped_benign: Annotated[int | None, typer.Option(min=0, help="Benign train prompts wrapped in train templates as gate negatives (the default recipe: 600).")] = None,
-    gate_wrapped_harmful: Annotated[int | None, typer.Option(min=0, help="Harmful train requests wrapped in train templates added to the gate's positives (the default recipe: 400).")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file with TrainConfig fields.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its newest complete checkpoint (same settings, model and data, or refused).")] = False,
-    overwrite: bool = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-) -> None:
-    """Train a safety patch (LoRA adapter or full-parameter delta) on a data folder."""
-    from .train.api import resolve_config
+def train(**kw) -> None:
+    """Train a safety patch (LoRA adapter or full-parameter delta) on a data folder.
+
+    Settings apply in order: the recipe (default: the gated default patch), --config FILE, then the flags and --set group.field=value (any field; docs/training.md).
+    """
+    from .train.api import parse_set, resolve_config
+    from .train.config import FLAGS, check_layer, dotted_layer
     from .train.run import train as run_train
 
-    cfg = resolve_config(recipe, config, dict(
-        method=method, objective=objective, rank=rank, alpha=alpha, target_modules=target_modules, layers=layers,
-        general_ratio=general_ratio, contrast_ratio=contrast_ratio, borderline_share=borderline_share,
-        anchor_kl=anchor_kl, anchor_batch_size=anchor_batch_size, anchor_self_instruct=anchor_self_instruct, decision_weight=decision_weight,
-        decision_tokens=decision_tokens, orthogonal_k=orthogonal_k, epochs=epochs, lr=lr, batch_size=batch_size,
-        max_seq_len=max_seq_len, max_train_rows=max_train_rows, snapshot_steps=snapshot_steps,
-        stop_after=stop_after, seed=seed, gate_threshold=gate_threshold, gate_depth=gate_depth,
-        gate_self_instruct=gate_self_instruct, gate_wrapped_benign=gate_wrapped_benign,
-        gate_wrapped_harmful=gate_wrapped_harmful,
-        gate_layer=None if gate_layer == -1 else gate_layer))
-    if gate_layer == -1:  # "no gate" cannot be a None override (None means "not given")
-        cfg.gate_layer = cfg.gate_depth = None
-        cfg.validate()
-    typer.echo("[train] config: " + json.dumps(cfg.__dict__), err=True)
+    overrides = {key: kw[_flag_param(flag)] for key, flag in FLAGS.items() if kw[_flag_param(flag)] is not None}
+    if overrides.get("gate.layer") == -1:  # the old "no gate" sentinel
+        del overrides["gate.layer"]
+        kw["no_gate"] = True
+        typer.echo("[train] --gate-layer -1 is deprecated: use --no-gate", err=True)
+    set_values = parse_set(kw["set_"])
+    check_layer(dotted_layer(set_values, "--set"), "--set")  # an unknown or mistyped --set key, named as such
+    overrides |= set_values
+    if kw["no_gate"]:
+        overrides["gate"] = None  # after the gate flags: dotted_layer refuses the two together
+    data, out, model, config = kw["data"], kw["out"], kw["model"], kw["config"]
+    cfg = resolve_config(kw["recipe"], config, overrides)
+    typer.echo("[train] config: " + json.dumps(cfg.record()), err=True)  # as patch.json records it
     from .outputs import check_out_dir
 
-    check_out_dir(out, overwrite=overwrite, kind="patch", inputs=[data, model, config])  # claimed inside run_train
-    meta = run_train(data, out, cfg, model=model, device=device, dtype=dtype, resume=resume, overwrite=overwrite)
+    check_out_dir(out, overwrite=kw["overwrite"], kind="patch", inputs=[data, model, config])  # claimed inside run_train
+    meta = run_train(data, out, cfg, model=model, device=kw["device"], dtype=kw["dtype"], resume=kw["resume"],
+                     overwrite=kw["overwrite"])
     if meta:
         t = meta["training"]
         typer.echo(f"wrote {out}: {meta['format']} patch, {t['steps']} steps, loss {t['loss_first']} -> {t['loss_last']}, "
                    f"{t['tokens_seen']} tokens in {t['wall_seconds']}s ({t['tokens_per_s']} tokens/s), "
                    f"{t['trainable_parameters']:,} trainable parameters")
+
+
+def _flag_param(flag: str) -> str:
+    return flag.replace("-", "_")
+
+
+def _train_signature():
+    """The ``train`` command's parameters: its own options, then one flag per field in
+    ``train.config.FLAGS`` with the field's docstring as help (typer reads ``__signature__``)."""
+    import inspect
+
+    from .train.config import FLAGS, GROUPS, TrainConfig, field_types, help_text, recipe_names
+
+    def opt(name: str, annotation, default=None) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+    panels = {"method": "Method and loss", "loss": "Method and loss", "lora": "LoRA", "data": "Training data mix",
+              "anchor": "KL anchor", "optim": "Optimiser and schedule", "gate": "Gate (the default patch is gated)"}
+    defaults = TrainConfig()
+    params = [
+        opt("data", Annotated[Path, typer.Option(help="Data folder from `data build`.")], inspect.Parameter.empty),
+        opt("out", Annotated[Path, typer.Option(help="Patch folder to write (atomically).")], inspect.Parameter.empty),
+        opt("model", ModelOpt, "default"),
+        opt("recipe", Annotated[str | None, typer.Option(
+            help=f"Named recipe, a file in train/recipes/: {', '.join(recipe_names())} (default: default).",
+            rich_help_panel="Config")]),
+        opt("config", Annotated[Path | None, typer.Option(
+            help="YAML file in grouped form (lora: {rank: 16}), applied over the recipe.", rich_help_panel="Config")]),
+        opt("set_", Annotated[list[str] | None, typer.Option(
+            "--set", metavar="GROUP.FIELD=VALUE", rich_help_panel="Config",
+            help=f"Set any field, e.g. --set optim.grad_accum=2 (repeatable; groups: {', '.join(GROUPS)}).")]),
+    ]
+    for key, flag in FLAGS.items():
+        if key == "gate.layer":
+            params.append(opt("no_gate", Annotated[bool, typer.Option(
+                "--no-gate", help="Train an always-on patch: no gate (the paper, always-on and full-* recipes have none).",
+                rich_help_panel=panels["gate"])], False))
+        typ = [a for a in (field_types()[key].__args__ if hasattr(field_types()[key], "__args__")
+                           else (field_types()[key],)) if a is not type(None)][0]
+        group = key.split(".")[0]
+        default = _default_of(defaults, key)
+        text = help_text(key) + (f" (default {default})" if default is not None else "")
+        if key == "gate.layer":
+            text += " (-1, deprecated: --no-gate)"
+        params.append(opt(_flag_param(flag), Annotated[typ | None, typer.Option(
+            f"--{flag}", help=text, rich_help_panel=panels[group])]))  # ranges: TrainConfig.validate names the flag
+    params += [
+        opt("resume", Annotated[bool, typer.Option(
+            help="Continue an interrupted run from its newest complete checkpoint (same settings, model and data, "
+                 "or refused).")], False),
+        opt("overwrite", bool, False),
+        opt("device", DeviceOpt, "auto"),
+        opt("dtype", DtypeOpt, "auto"),
+    ]
+    return inspect.Signature(params)
+
+
+def _default_of(cfg, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+train.__signature__ = _train_signature()  # type: ignore[attr-defined]
+app.command()(train)
 
 
 def _eval(kind: str, model, patch, prompts, attacks, judge, limit, max_new_tokens, batch_size, out, device, dtype, force,
@@ -542,21 +577,21 @@ def patch_gate_cmd(
 ) -> None:
     """Route prompts as a gated patch would: the probe's logit and whether the adapter applies.
 
-    Serving stacks that cannot run the gate themselves (vLLM) send a request with the patch's
-    LoRA only when this says "adapter"."""
-    from .gate import Gate, prompt_states
+    The same routing ``chat``, ``eval`` and ``serve`` use (the patch attached, its gate read by
+    ``PatchedModel.routes``). Serving stacks that cannot run the gate themselves (vLLM) send a
+    request with the patch's LoRA only when this says "adapter" (or use ``serve --upstream``)."""
     from .generation import conversation, render
     from .models import load_model
-    from .patches import read_patch, verify
+    from .patches import attached, read_patch
 
     p = read_patch(patch)
     if not p.gated:
         raise SafetyPatchError(f"{patch} has no gate (patch.json has no 'gate'); it applies to every prompt")
     lm = load_model(model, device=device, dtype=dtype)
-    verify(p, lm.model, lm.fingerprint, force)
-    gate = Gate.load(p.path)
     ids = [lm.tokenizer(render(lm.tokenizer, conversation(t)), add_special_tokens=False)["input_ids"] for t in prompt]
-    scores = gate.scores(prompt_states(lm.model, lm.tokenizer, ids, gate.layer))
+    with attached(lm.model, [p], lm.fingerprint, force) as pm:
+        (scores,) = pm.gate_scores(lm.tokenizer, ids).values()
+        (gate,) = pm.gates.values()
     for text, z in zip(prompt, scores.tolist(), strict=True):
         typer.echo(f"{'adapter' if z > gate.threshold else 'base   '}  {z:+7.2f}  {text}")
     typer.echo(f"(gate: layer {gate.layer}, threshold {gate.threshold:+.2f})")
@@ -628,9 +663,150 @@ def redteam(
                   reuse=(out / ROUND_MARKER).is_file(), kind="round")
     with claim_output(out):
         t = run_round(model, list(patch or []), attack, data, out, method, list(previous or []), replay, limit,
-                      train_overrides={k: v for k, v in dict(lr=lr, epochs=epochs).items() if v is not None},
+                      train_overrides={k: v for k, v in {"optim.lr": lr, "optim.epochs": epochs}.items() if v is not None},
                       device=device, dtype=dtype)
     typer.echo(round_table(t))
+
+
+def _summary(args: list[str], seconds: float) -> None:
+    """The one line every command ends with: what it wrote (its checked outputs that exist) and how long it took."""
+    from .outputs import CHECKED
+    from .progress import duration
+
+    words = [a for a in args if not a.startswith("-")][:3]
+    known = _command_words()
+    cmd = " ".join(w for w in words if w in known) or "safety-patch"
+    wrote = list(dict.fromkeys(str(p) for p in CHECKED if p.exists()))
+    if any(a in ("--help", "-h") for a in args) or cmd == "safety-patch":
+        return
+    typer.echo(f"[{cmd}] {'wrote ' + ', '.join(wrote) + ' ' if wrote else 'done '}in {duration(seconds)}", err=True)
+
+
+def _command_words() -> set[str]:
+    words = set()
+    for group in app.registered_groups:
+        words.add(group.name)
+        words.update(c.name or c.callback.__name__ for c in group.typer_instance.registered_commands)
+    words.update(c.name or c.callback.__name__ for c in app.registered_commands)
+    return words
+
+
+@gate_app.command("fit")
+def gate_fit_cmd(
+    data: Annotated[Path, typer.Option(help="Data folder from `data build` (the gate learns from its train split, "
+                                            "is measured on its validation split).")],
+    out: Annotated[Path, typer.Option(help="Gate folder to write (atomically): gate.safetensors + gate.json.")],
+    layer: Annotated[int | None, typer.Option(min=0, help="Decoder layer the probe reads (default: see --depth).")] = None,
+    depth: Annotated[float | None, typer.Option(min=0.0, max=1.0, callback=_finite,
+                                                help="The layer as a fraction of depth (default 0.6).")] = None,
+    threshold: Annotated[float | None, typer.Option(callback=_finite, help="Probe logit above which the gate fires (default 0.5).")] = None,
+    target_fpr: Annotated[float | None, typer.Option(min=0.0, max=1.0, callback=_finite,
+                                                     help="Instead of --threshold: the logit at this false-positive rate on the "
+                                                          "validation split's benign prompts (e.g. 0.02).")] = None,
+    wrapped_benign: Annotated[int | None, typer.Option(min=0, help="Benign train prompts wrapped in train templates as negatives (default 600).")] = None,
+    wrapped_harmful: Annotated[int | None, typer.Option(min=0, help="Harmful train requests wrapped in train templates as positives (default 400).")] = None,
+    self_instruct: Annotated[int | None, typer.Option(min=0, help="Self-written requests (data build --self-instruct) as negatives (default 600).")] = None,
+    l2: Annotated[float | None, typer.Option(min=0.0, callback=_finite, help="L2 penalty of the probe (default 0.01).")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed of the prompt pool's sampling and wrapping (default 0).")] = None,
+    model: ModelOpt = "default",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    overwrite: bool = False,
+) -> None:
+    """Fit a gate (a probe on the base model's hidden state at the last prompt token) on a data folder."""
+    import dataclasses
+
+    from .gate_fit import GateFitConfig, fit_gate_folder, report_table
+    from .models import load_model
+    from .outputs import check_out_dir, claim_output
+
+    if threshold is not None and target_fpr is not None:
+        raise SafetyPatchError("--threshold and --target-fpr both set the threshold; give one")
+    given = dict(layer=layer, depth=depth, threshold=threshold, target_fpr=target_fpr, wrapped_benign=wrapped_benign,
+                 wrapped_harmful=wrapped_harmful, self_instruct=self_instruct, l2=l2, seed=seed)
+    cfg = dataclasses.replace(GateFitConfig(), **{k: v for k, v in given.items() if v is not None}).validate()
+    check_out_dir(out, overwrite=overwrite, kind="gate", inputs=[data, model])
+    with claim_output(out):
+        from .data.folder import DataFolder
+
+        DataFolder(data)  # a bad data folder fails before the model loads
+        lm = load_model(model, device=device, dtype=dtype)
+        meta = fit_gate_folder(lm, data, cfg, out, overwrite=overwrite)
+    typer.echo(report_table(meta["validation"]))
+    typer.echo(f"wrote {out}: gate {meta['id']} on layer {meta['layer']}, threshold {meta['threshold']:+.3f}, "
+               f"{sum(meta['prompts'].values())} train prompts, fit in {meta['fit_seconds']}s")
+
+
+@gate_app.command("apply")
+def gate_apply_cmd(
+    patch: Annotated[Path, typer.Option("--patch", "-p", help="An ungated patch (LoRA adapter or full-parameter delta).")],
+    gate: Annotated[Path, typer.Option(help="A gate folder from `gate fit`, made for the patch's base model.")],
+    out: Annotated[Path, typer.Option(help="New gated patch folder to write.")],
+    overwrite: bool = False,
+) -> None:
+    """Put a patch behind a gate: a new patch folder with the patch's weights, the gate and patch.json."""
+    from .gate_fit import apply_gate
+    from .outputs import check_out_dir
+
+    check_out_dir(out, overwrite=overwrite, kind="patch", inputs=[patch, gate])
+    meta = apply_gate(patch, gate, out, overwrite=overwrite)
+    typer.echo(f"wrote {out}: {meta['format']} patch {meta['id']} behind gate {meta['gate']['id']} "
+               f"(layer {meta['gate']['layer']}, threshold {meta['gate']['threshold']:+.3f})")
+
+
+@gate_app.command("eval")
+def gate_eval_cmd(
+    gate: Annotated[Path, typer.Option(help="A gate folder from `gate fit`.")],
+    data: Annotated[Path, typer.Option(help="Data folder from `data build`.")],
+    split: Annotated[str, typer.Option(help="val | test (look at test once, after choosing on val).")] = "val",
+    out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the wrapped-benign draw.")] = 0,
+    leave_one_source_out: Annotated[bool, typer.Option(help="Also refit without each harmful source and measure on it "
+                                                             "(costs about one gate fit).")] = False,
+    model: ModelOpt = "default",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """The gate's reliability on held-out prompts: AUROC, TPR at 1%/5% FPR, FPR at its threshold, with 95% intervals."""
+    from .gate_fit import evaluate_gate, read_gate_folder, report_table
+    from .models import load_model
+    from .outputs import check_out_file
+
+    if split not in ("val", "test"):
+        raise SafetyPatchError(f"--split must be val or test, got {split!r}")
+    read_gate_folder(gate)  # a bad gate folder fails before the model loads
+    if out is not None:
+        check_out_file(out, inputs=[gate, data])
+    lm = load_model(model, device=device, dtype=dtype)
+    rep = evaluate_gate(lm, gate, data, split, seed, loso=leave_one_source_out)
+    typer.echo(report_table(rep))
+    if "note" in rep:
+        typer.echo(f"note: {rep['note']}")
+    if out is not None:
+        from .atomic import write_json
+
+        write_json(out, rep)
+        typer.echo(f"wrote {out}")
+
+
+@gate_app.command("export")
+def gate_export_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for the Hugging Face sequence-classification checkpoint.")],
+    gate: Annotated[Path | None, typer.Option(help="A gate folder from `gate fit`.")] = None,
+    patch: Annotated[Path | None, typer.Option("--patch", "-p", help="A gated patch (exports its gate).")] = None,
+) -> None:
+    """Export a gate as a transformers sequence-classification checkpoint (refused where it cannot be exact)."""
+    from .gate_fit import read_gate_folder
+    from .serve.export import export_patch_gate
+
+    if (gate is None) == (patch is None):
+        raise SafetyPatchError("give exactly one of --gate and --patch")
+    if patch is not None:
+        export_patch_gate(patch)  # refuses today's pre-norm gates with the reason
+    read_gate_folder(gate)
+    raise SafetyPatchError(f"{gate}: its gate reads the pre-norm residual stream with a bias, which a transformers "
+                           "sequence-classification head (final norm, no bias) cannot reproduce exactly; nothing written "
+                           f"to {out} (serve/export.py: an exportable gate must be fit on final-norm features)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,8 +815,17 @@ def main(argv: list[str] | None = None) -> int:
     import typer._click.exceptions as tx
 
     args = sys.argv[1:] if argv is None else argv
+    import time
+
+    from .outputs import CHECKED
+
+    t0 = time.time()
+    CHECKED.clear()  # one command's outputs (tests call main() repeatedly in one process)
+    with contextlib.suppress(AttributeError, ValueError):  # stage lines reach a log file as they happen
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         app(args=args, prog_name="safety-patch", standalone_mode=False)
+        _summary(args, time.time() - t0)
     except SafetyPatchError as e:
         if _STATE["debug"] or "--debug" in args:
             traceback.print_exc()

@@ -69,25 +69,31 @@ def load(cls: type[T], path: str | Path | None = None, overrides: dict | None = 
     """Defaults <- YAML file <- explicit overrides (None values mean "not given")."""
     values: dict = {}
     if path:
-        import yaml
-
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except OSError as e:
-            raise SafetyPatchError(f"cannot read config {p}: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise SafetyPatchError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise SafetyPatchError(f"{p}: expected a mapping of config keys")
-        values.update(data)
-        where = str(p)
+        values.update(read_yaml(path))
+        where = str(path)
     else:
         where = "config"
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return build(cls, values, where)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict (empty file: ``{}``). Raises ``SafetyPatchError`` naming the file
+    (and line) when it cannot be read, is not YAML, or is not a mapping."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise SafetyPatchError(f"cannot read config {p}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise SafetyPatchError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise SafetyPatchError(f"{p}: expected a mapping of config keys")
+    return data
 
 
 def as_dict(obj) -> dict:

@@ -13,11 +13,13 @@ the text the model continues (the rendered chat prompt, assistant header include
 prefill attack, the end of the prefill). It is computed with the gated adapters *off* (the
 model the probe was fit on), in a forward pass stopped after that layer.
 
-What consults it: ``generation.complete_texts`` (every generation path) and
-``evaluation.capability`` (teacher-forced NLL/KL, gated on the prompt part). A gated patch
-cannot be merged into weights, nor trained on top of (its adapter is not always on), and
-lm-eval scoring refuses it; ``patches.py`` says so with an error. For vLLM, the adapter
-folder loads unchanged; route a request to it (``LoRARequest``) only when ``decide`` fires.
+Who applies it: ``patched.PatchedModel`` (what ``patches.attached`` yields) reads the gates
+and routes; ``generation.complete_texts`` (every generation path), ``evaluation.capability``
+(teacher-forced NLL/KL, gated on the prompt part), the serve engine and the gcg attack ask it
+per prompt. A gated patch cannot be merged into weights, nor trained on top of (its adapter
+is not always on), and lm-eval scoring refuses it; ``patches.py`` says so with an error. For
+vLLM, the adapter folder loads unchanged; route a request to it (``LoRARequest``) only when
+the gate fires (``safety-patch serve --upstream`` does, docs/deploy.md).
 
 File: ``gate.safetensors`` holds ``weight`` [hidden], ``bias`` [1], ``mean`` and ``std``
 [hidden] (feature standardisation), ``layer`` and ``threshold`` (so editing either changes
@@ -26,9 +28,8 @@ the file hash that ``patch.json`` checks and the patch id that caches key on).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,67 +241,3 @@ def fit_gate(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], la
              "train_harmful_caught": round(float(f[y > 0].float().mean()), 4),
              "train_benign_flagged": round(float(f[y == 0].float().mean()), 4)}
     return gate, stats
-
-
-# ----------------------------------------------------------------------------- applying gates
-
-
-def gates_of(model) -> dict:
-    """{adapter name: Gate} of the gated patches attached to ``model`` (``patches.attached`` sets it)."""
-    return getattr(model, "safety_gates", None) or {}
-
-
-@contextlib.contextmanager
-def active_adapters(model, names: Sequence[str]) -> Iterator[None]:
-    """Only ``names`` of the model's LoRA adapters active inside the block; all of them again after."""
-    everything = list(getattr(model, "safety_adapters", []))
-    if not everything:
-        yield
-        return
-    if not names:
-        with model.disable_adapter():
-            yield
-        return
-    model.base_model.set_adapter(list(names))
-    try:
-        yield
-    finally:
-        model.base_model.set_adapter(everything)
-
-
-def gate_scores(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Per gated adapter, its probe logits [n] on each prompt (token ids of the text to continue).
-
-    The gates read the hidden states with only the ungated adapters on, in one stopped pass
-    for every gate's layer. Raises SafetyPatchError where a gate cannot decide (NaN score).
-    """
-    gates = gates_of(model)
-    if not gates:
-        return {}
-    ungated = [a for a in model.safety_adapters if a not in gates]
-    with active_adapters(model, ungated):  # one pass, however many gates and layers
-        states = layer_states(model, tokenizer, prompts, sorted({g.layer for g in gates.values()}), batch_size)
-    return {name: g.scores(states[g.layer]) for name, g in gates.items()}
-
-
-def decide(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8) -> dict[str, list[bool]]:
-    """Per gated adapter, whether its gate fires on each prompt (logit above its threshold)."""
-    gates = gates_of(model)
-    return {name: (z > gates[name].threshold).tolist()
-            for name, z in gate_scores(model, tokenizer, prompts, batch_size).items()}
-
-
-def groups(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8):
-    """Split prompts by which adapters apply: [(prompt indices, context manager factory)].
-
-    Without gated patches: one group, nothing changed. With them: one group per combination
-    of gate decisions, each run with the ungated adapters plus the gated ones that fired.
-    """
-    fired = decide(model, tokenizer, prompts, batch_size)
-    if not fired:
-        return [(list(range(len(prompts))), contextlib.nullcontext)]
-    by: dict[tuple[str, ...], list[int]] = {}
-    for i in range(len(prompts)):
-        on = tuple(a for a in model.safety_adapters if a not in fired or fired[a][i])
-        by.setdefault(on, []).append(i)
-    return [(idx, (lambda on=on: active_adapters(model, on))) for on, idx in by.items()]

@@ -108,14 +108,17 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
                    progress=None) -> list[tuple[str, bool]]:
     """Continue raw, already rendered ``texts``; returns (new text, whether it stopped at an EOS token).
 
-    The raw form serves callers that need a turn the chat template cannot express, such as a
-    user turn left open for the model to write (data/selfinstruct.py)."""
+    ``model``: a ``patched.PatchedModel`` (its gates route each prompt) or a plain model (the
+    base). The raw form serves callers that need a turn the chat template cannot express, such
+    as a user turn left open for the model to write (data/selfinstruct.py)."""
+    from .patched import as_patched
+
+    pm = as_patched(model)
     enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]), reverse=True)
     out: list[tuple[str, bool] | None] = [None] * len(enc)
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = getattr(pm.generation_config, "eos_token_id", None)
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else tokenizer.eos_token_id])
     gen_kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=pad)
     if config.temperature > 0:
@@ -123,29 +126,45 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
         torch.manual_seed(config.seed)
     else:
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    # Gated patches (gate.py): each group of prompts runs with the adapters its gates chose.
-    from .gate import groups
 
-    for members, active in groups(model, tokenizer, enc, config.batch_size):
+    def run(module, members: list[int], adapter_names: list[str] | None = None) -> None:
         member_set = set(members)
         sub = [i for i in order if i in member_set]
-        with active():
-            for b in range(math.ceil(len(sub) / config.batch_size)):
-                idx = sub[b * config.batch_size : (b + 1) * config.batch_size]
-                width = max(len(enc[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-                    ids[row, width - len(enc[i]) :] = torch.tensor(enc[i])
-                    mask[row, width - len(enc[i]) :] = 1
-                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
-                for row, i in enumerate(idx):
-                    new = gen[row, width:]
-                    stopped = any(int(t) in eos_ids for t in new)
-                    out[i] = (tokenizer.decode(new, skip_special_tokens=True).strip(), stopped)
-                if progress is not None:
-                    progress(len(idx))
+        for b in range(math.ceil(len(sub) / config.batch_size)):
+            idx = sub[b * config.batch_size : (b + 1) * config.batch_size]
+            ids, mask = left_padded([enc[i] for i in idx], pad)
+            extra = {"adapter_names": [adapter_names[i] for i in idx]} if adapter_names is not None else {}
+            gen = module.generate(input_ids=ids.to(pm.device), attention_mask=mask.to(pm.device), **gen_kwargs, **extra)
+            width = ids.shape[1]
+            for row, i in enumerate(idx):
+                new = gen[row, width:]
+                stopped = any(int(t) in eos_ids for t in new)
+                out[i] = (tokenizer.decode(new, skip_special_tokens=True).strip(), stopped)
+            if progress is not None:
+                progress(len(idx))
+
+    # Gated patches (patched.py): each prompt runs with the patches its gates chose, in one
+    # mixed batch where PEFT can (one gated adapter), else one group of prompts per route.
+    routes = pm.routes(tokenizer, enc, config.batch_size)
+    if pm.can_mix:
+        with pm.mixed() as module:
+            run(module, list(range(len(enc))), pm.adapter_names(routes))
+    else:
+        for members, on in pm.groups(routes):
+            with pm.using(on) as module:
+                run(module, members)
     return [o or ("", False) for o in out]
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [n, width] and attention mask [n, width], left-padded: every prompt ends where generation starts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(list(p))
+        mask[row, width - len(p) :] = 1
+    return ids, mask
 
 
 class GenerationCache:
@@ -175,7 +194,7 @@ class GenerationCache:
                                    "set SAFETY_PATCH_HOME to a writable folder or pass --no-cache") from None
 
     @staticmethod
-    def key(fingerprint: str, patch_key: str, prompt_text: str, config: GenerationConfig) -> str:
+    def key(fingerprint: str, stack_key: str, prompt_text: str, config: GenerationConfig) -> str:
         import hashlib
         import json
 
@@ -183,7 +202,7 @@ class GenerationCache:
         if config.temperature == 0:
             cfg.pop("seed", None)
             cfg.pop("top_p", None)
-        blob = json.dumps([fingerprint, patch_key, prompt_text, cfg], sort_keys=True, ensure_ascii=False)
+        blob = json.dumps([fingerprint, stack_key, prompt_text, cfg], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def get_many(self, keys: list[str], table: str = "gen") -> dict[str, str]:
@@ -210,17 +229,25 @@ def cached_generate(
     conversations: Sequence[Sequence[Message]],
     config: GenerationConfig,
     cache: GenerationCache | None,
-    fingerprint: str,
-    patch_key: str = "",
     prefill: Sequence[str] | None = None,
     progress=None,
 ) -> tuple[list[str], int]:
-    """Like ``generate`` but served from ``cache`` where possible; returns (texts, n_generated)."""
+    """Like ``generate`` but served from ``cache`` where possible; returns (texts, n_generated).
+
+    ``model`` is a ``patched.PatchedModel``: the cache key is its base fingerprint and its
+    stack's identity (``PatchedModel.key``), so a patched model never reads the base's
+    answers. Raises SafetyPatchError for a model without a fingerprint when a cache is given."""
+    from .errors import SafetyPatchError
+    from .patched import PatchedModel
+
     if cache is None:
         return generate(model, tokenizer, conversations, config, prefill, progress), len(conversations)
+    if not isinstance(model, PatchedModel) or not model.fingerprint:
+        raise SafetyPatchError("cached generation needs a PatchedModel with a base fingerprint (its cache key); "
+                               "wrap the base with PatchedModel.base(lm) or pass cache=None")
     pre = list(prefill) if prefill is not None else [""] * len(conversations)
     keys = [
-        GenerationCache.key(fingerprint, patch_key, render(tokenizer, c) + p, config)
+        GenerationCache.key(model.fingerprint, model.key, render(tokenizer, c) + p, config)
         for c, p in zip(conversations, pre, strict=True)
     ]
     hits = cache.get_many(sorted(set(keys)))

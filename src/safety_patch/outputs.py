@@ -35,6 +35,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "round": ("heldout.json", "round.json", ".redteam-round"),
     "run": ("run.json", "01-data", "02-arms", "03-eval", "04-plug", "05-analysis"),
     "model": ("config.json",),
+    "gate": ("gate.json",),
 }
 PSEUDO_FS = ("/proc", "/sys", "/dev")
 
@@ -84,6 +85,10 @@ def _check_common(out: Path, flag: str, inputs: Iterable[str | Path | None]) -> 
     return anc
 
 
+CHECKED: list[Path] = []
+"""Every output path checked in this process, in order: the CLI's summary line names those that exist at the end."""
+
+
 def check_out_dir(out: str | Path, *, flag: str = "--out", inputs: Iterable[str | Path | None] = (),
                   overwrite: bool | None = False, kind: str | None = None, reuse: bool = False) -> Path:
     """Check an output *folder* before any work; raise ``SafetyPatchError`` (one line) if unusable.
@@ -110,6 +115,7 @@ def check_out_dir(out: str | Path, *, flag: str = "--out", inputs: Iterable[str 
                 os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=out))
             except OSError as e:
                 raise SafetyPatchError(f"cannot write {flag} {out}: not writable ({e.strerror or e})") from None
+    CHECKED.append(out)
     return out
 
 
@@ -121,6 +127,7 @@ def check_out_file(out: str | Path, *, flag: str = "--out", inputs: Iterable[str
     if out.exists() and not out.is_file():
         raise SafetyPatchError(f"{flag} {out} exists and is not a regular file")
     _check_common(out, flag, inputs)
+    CHECKED.append(out)
     return out
 
 

@@ -142,8 +142,6 @@ def read_manifest(path: Path) -> tuple[dict, PatchManifest]:
         raise SafetyPatchError(f"{path}: field 'gate' is null (a gated patch records an object; an ungated one has no 'gate')")
     if man.gate is not None and not math.isfinite(man.gate.threshold):
         raise SafetyPatchError(f"{path}: field 'gate.threshold' must be finite, got {man.gate.threshold}")
-    if man.gate is not None and man.format != "lora":
-        raise SafetyPatchError(f"{path}: field 'gate': only LoRA patches can be gated")
     return raw, man
 
 

@@ -7,9 +7,9 @@ A patch folder holds either
 * ``delta.safetensors``: W_ft - W0 (fp32) of every tensor a full-parameter run changed,
 
 and ``patch.json``: what made it (base fingerprint, method, hyper-parameters, data hash,
-costs, versions) and the sha256 of its weight files. A *gated* LoRA patch also holds
-``gate.safetensors`` (gate.py): a probe on the prompt that decides, per prompt, whether the
-adapter applies. Gated patches attach, stack and evaluate like any other; they cannot be
+costs, versions) and the sha256 of its weight files. A *gated* patch (LoRA or delta;
+``safety-patch gate apply``, gate_fit.py) also holds ``gate.safetensors`` (gate.py): a probe
+on the prompt that decides, per prompt, whether the patch applies. Gated patches attach, stack and evaluate like any other; they cannot be
 merged into weights or trained on top of, because their adapter is not always on.
 
 Stacking semantics: every patch is additive. Delta patches are added to the base weights;
@@ -37,6 +37,7 @@ import torch
 
 from .atomic import sha256_file
 from .errors import SafetyPatchError
+from .patched import PatchedModel
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class Patch:
 def weight_files(fmt: str, gated: bool = False) -> tuple[str, ...]:
     from .gate import GATE_FILE
 
-    return (LORA_FILES + ((GATE_FILE,) if gated else ())) if fmt == "lora" else (DELTA_FILE,)
+    # A gate may front either kind of patch (gate_fit.apply_gate): its file is one of the patch's files.
+    return (LORA_FILES if fmt == "lora" else (DELTA_FILE,)) + ((GATE_FILE,) if gated else ())
 
 
 def _check_safetensors(path: Path) -> None:
@@ -355,6 +357,8 @@ def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force:
                 shape = tuple(f.get_slice(k).get_shape())
                 if shape != tuple(params[k].shape):
                     raise SafetyPatchError(f"{patch.path}/{DELTA_FILE}: {k} has shape {shape}, model has {tuple(params[k].shape)}")
+        if patch.gated:  # a gated delta (gate_fit.apply_gate): its gate must fit the model too
+            _check_gate_fits(patch, model)
     if problems and not force:
         raise SafetyPatchError(problems[0] + "; pass --force to attach anyway")
     for p in problems:
@@ -406,58 +410,75 @@ def _check_lora_loaded(peft_model, adapter: str, patch: Patch) -> None:
 
 @contextlib.contextmanager
 def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fingerprint: str | None = None,
-             force: bool = False) -> Iterator[torch.nn.Module]:
-    """Attach patches for the duration of the block; yields the model to call.
+             force: bool = False) -> Iterator[PatchedModel]:
+    """Attach patches for the duration of the block; yields the :class:`~safety_patch.patched.PatchedModel`.
 
     Delta patches are added to the weights (originals kept and restored exactly); LoRA
-    adapters are injected with PEFT and all activated together. On exit the base is
-    restored bit-for-bit, even after an exception.
+    adapters are injected with PEFT and all activated together. A gated patch (LoRA or delta)
+    is routed per prompt by whoever generates or scores through the PatchedModel; a forward
+    pass that bypasses its routing raises. On exit the base is restored bit-for-bit, even
+    after an exception. Raises SafetyPatchError for a patch that does not fit ``model``.
     """
+    from .gate import Gate
+    from .patched import PatchedModel, _DeltaState
+
     ps = [p if isinstance(p, Patch) else read_patch(p) for p in patches]
     for p in ps:
         verify(p, model, fingerprint, force)
     _check_stack_order(ps, force)
-    from .gate import Gate
-
-    gates = {f"patch{i}": Gate.load(p.path) for i, p in enumerate(x for x in ps if x.format == "lora") if p.gated}
+    loras = [p for p in ps if p.format == "lora"]
+    deltas = [p for p in ps if p.format == "delta"]
+    names = {id(p): f"patch{i}" for i, p in enumerate(loras)} | {id(p): f"delta{j}" for j, p in enumerate(deltas)}
+    gates = {names[id(p)]: Gate.load(p.path) for p in ps if p.gated}
+    keep_deltas = any(p.gated for p in deltas)  # a gated delta is switched per prompt group: keep its tensors
     saved: dict[str, torch.Tensor] = {}
+    delta_items: list[tuple[str, dict[str, torch.Tensor], bool]] = []
     peft_model = None
+    hook = None
     try:
-        deltas = [p for p in ps if p.format == "delta"]
         if deltas:
             from safetensors import safe_open
 
             params = dict(model.named_parameters())
             with torch.no_grad():
                 for p in deltas:
+                    kept: dict[str, torch.Tensor] = {}
                     with safe_open(str(p.path / DELTA_FILE), framework="pt") as f:
                         for k in f.keys():
                             w = params[k]
                             if k not in saved:
                                 saved[k] = w.detach().clone()
-                            w.add_(f.get_tensor(k).to(device=w.device, dtype=torch.float32).to(w.dtype))
-        loras = [p for p in ps if p.format == "lora"]
+                            d = f.get_tensor(k)
+                            w.add_(d.to(device=w.device, dtype=torch.float32).to(w.dtype))
+                            if keep_deltas:
+                                kept[k] = d
+                    delta_items.append((names[id(p)], kept, p.gated))
+        module = model
         if loras:
             from peft import PeftModel
 
-            names = [f"patch{i}" for i in range(len(loras))]
-            peft_model = PeftModel.from_pretrained(model, str(loras[0].path), adapter_name=names[0])
-            for name, p in zip(names[1:], loras[1:], strict=True):
+            adapter_names = [names[id(p)] for p in loras]
+            peft_model = PeftModel.from_pretrained(model, str(loras[0].path), adapter_name=adapter_names[0])
+            for name, p in zip(adapter_names[1:], loras[1:], strict=True):
                 peft_model.load_adapter(str(p.path), adapter_name=name)
-            for name, p in zip(names, loras, strict=True):
+            for name, p in zip(adapter_names, loras, strict=True):
                 _check_lora_loaded(peft_model, name, p)
-            peft_model.base_model.set_adapter(names)  # all active at once: their updates add
+            peft_model.base_model.set_adapter(adapter_names)  # all active at once: their updates add
             peft_model.eval()
-            # Read by gate.groups: generation and teacher-forced scoring switch gated adapters per prompt.
-            peft_model.safety_adapters = names
-            peft_model.safety_gates = gates
-            yield peft_model
-        else:
-            yield model
+            module = peft_model
+        state = None
+        if keep_deltas:
+            state = _DeltaState(dict(model.named_parameters()), saved, delta_items,
+                                frozenset(n for n, _, g in delta_items if g))
+        pm = PatchedModel(module, fingerprint, tuple(ps), tuple(names[id(p)] for p in loras),
+                          tuple(names[id(p)] for p in ps), gates, state)
+        if gates:  # fail closed: a pass that no route opened (a direct call on the module) raises
+            hook = model.register_forward_pre_hook(pm.guard_hook, with_kwargs=True)
+        yield pm
     finally:
+        if hook is not None:
+            hook.remove()
         if peft_model is not None:
-            for attr in ("safety_adapters", "safety_gates"):
-                peft_model.__dict__.pop(attr, None)
             restored = peft_model.unload()  # removes LoRA layers, puts the original Linear modules back
             assert restored is model
         if saved:
@@ -467,14 +488,13 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
                     params[k].copy_(w)
 
 
-def attach_for_inference(lm, patches: Sequence[str | Path | Patch], force: bool = False) -> None:
-    """Attach patches to a LoadedModel for the rest of the process (CLI use)."""
+def attach_for_inference(lm, patches: Sequence[str | Path | Patch], force: bool = False) -> PatchedModel:
+    """Attach patches to a LoadedModel's base for the rest of the process (CLI use); returns the PatchedModel."""
     ps = [p if isinstance(p, Patch) else read_patch(p) for p in patches]
     ctx = attached(lm.model, ps, lm.fingerprint, force)
-    lm.model = ctx.__enter__()
-    lm.extra["patches"] = ps
-    lm.extra["patch_key"] = stack_key(ps)
-    lm.extra["_patch_ctx"] = ctx
+    pm = ctx.__enter__()
+    pm._exit = ctx  # held by the value: the attachment lives as long as it does (or until pm.close())
+    return pm
 
 
 PROBE_TEXT = "The capital of France is Paris. def add(a, b):\n    return a + b  # How do I stay safe online?"
@@ -501,7 +521,7 @@ def probe_effect(model: torch.nn.Module, tokenizer, patches: Sequence[Patch], fi
     """
     ids = _probe_ids(model, tokenizer)
     base = _logits(model, ids)
-    with attached(model, patches, fingerprint, force) as m:
+    with attached(model, patches, fingerprint, force) as pm, pm.all_on() as m:
         patched = _logits(m, ids)
     if not bool(torch.isfinite(patched).all()):
         raise SafetyPatchError(f"{patches[0].path}: the patched model's logits are not finite on a probe batch")
@@ -551,7 +571,8 @@ def merged_state_dict(model: torch.nn.Module, patches: Sequence[Patch], fingerpr
             f"{gated[0]} is a gated patch: its adapter applies only to prompts its gate flags, so it cannot be folded "
             "into the weights (nor trained on top of); attach it instead")
     _refuse_tied_targets(model, patches)
-    with attached(model, patches, fingerprint, force) as m:
+    with attached(model, patches, fingerprint, force) as pm:
+        m = pm.module
         sd = {k.replace(".base_layer.", "."): v.detach().clone()
               for k, v in model.state_dict().items() if "lora_" not in k}
         if m is not model:
@@ -577,8 +598,8 @@ def merge_to_checkpoint(lm, patches: Sequence[str | Path], out: str | Path, forc
     sd = merged_state_dict(lm.model, ps, lm.fingerprint, force)
     ids = _probe_ids(lm.model, lm.tokenizer)
     base = _logits(lm.model, ids)
-    with attached(lm.model, ps, lm.fingerprint, force) as m:
-        want = _logits(m, ids)
+    with attached(lm.model, ps, lm.fingerprint, force) as pm:
+        want = _logits(pm, ids)
     backup = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
     try:
         lm.model.load_state_dict(sd, strict=False)
@@ -600,13 +621,20 @@ def merge_to_checkpoint(lm, patches: Sequence[str | Path], out: str | Path, forc
     return out
 
 
+def _lora_config(meta: dict) -> dict:
+    """The LoRA settings of a patch.json's ``config``: its ``lora`` group, or (patches trained before
+    the config had groups) the flat config itself."""
+    config = meta.get("config") or {}
+    return config["lora"] if isinstance(config.get("lora"), dict) else config
+
+
 def info(patch: Patch) -> dict:
     m = patch.meta
     t = m.get("training", {})
     return {"path": str(patch.path), "id": patch.id, "format": patch.format, "method": m.get("method"),
             "objective": m.get("objective"), "base": m.get("base", {}).get("name"),
             "base_fingerprint": patch.base_fingerprint, "stack": patch.stack,
-            "rank": m.get("config", {}).get("rank"), "target_modules": m.get("config", {}).get("target_modules"),
+            "rank": _lora_config(m).get("rank"), "target_modules": _lora_config(m).get("target_modules"),
             "trainable_parameters": t.get("trainable_parameters"), "steps": t.get("steps"),
             "tokens_seen": t.get("tokens_seen"), "wall_seconds": t.get("wall_seconds"),
             "data_manifest_sha256": m.get("data", {}).get("manifest_sha256"), "created": m.get("created"),

@@ -31,7 +31,7 @@ from .errors import SafetyPatchError
 @dataclass
 class Arm:
     name: str
-    train: dict  # TrainConfig fields
+    train: dict  # "recipe", "general_only" and the TrainConfig fields it changes, as dotted keys ("lora.rank")
     role: str  # "lora-safety" | "full-safety" | "full-mix" | "lora-dpo" | "full-dpo" | "rank" | "cross-domain"
 
 
@@ -59,20 +59,22 @@ def make_plan(model: str = "default", quick: bool = False, full: bool = False, s
         raise SafetyPatchError("--seeds must be >= 1")
     mode = "quick" if quick else "full" if full else "default"
     rows = {"quick": 32, "default": 200, "full": 400}[mode]
-    common = {"max_train_rows": rows, "max_seq_len": 320 if quick else 512, "save_steps": 10**6}
-    lora = {"recipe": "paper", "method": "lora", "rank": 8, "alpha": 16.0, "lr": 2e-4} | common
-    fullp = {"recipe": "full-safety", "method": "full", "lr": 1e-5} | common
+    common = {"data.max_train_rows": rows, "data.max_seq_len": 320 if quick else 512, "optim.save_steps": 10**6}
+    # The arms are recipes (train/recipes/: the paper's LoRA r 8, alpha 16, lr 2e-4; every weight at
+    # lr 1e-5) plus what each arm changes.
+    lora = {"recipe": "paper"} | common
+    fullp = {"recipe": "full-safety"} | common
     arms = [Arm("lora-safety", lora, "lora-safety"), Arm("full-safety", fullp, "full-safety"),
-            Arm("full-mix-1", fullp | {"general_ratio": 1.0}, "full-mix"),
-            Arm("full-mix-2", fullp | {"general_ratio": 2.0}, "full-mix")]
+            Arm("full-mix-1", fullp | {"data.general_ratio": 1.0}, "full-mix"),
+            Arm("full-mix-2", fullp | {"data.general_ratio": 2.0}, "full-mix")]
     if full:
-        arms += [Arm("lora-dpo", lora | {"objective": "dpo", "lr": 5e-5}, "lora-dpo"),
-                 Arm("full-dpo", fullp | {"objective": "dpo", "lr": 5e-7}, "full-dpo")]
-        arms += [Arm(f"lora-r{r}", lora | {"rank": r, "alpha": 2.0 * r}, "rank") for r in (1, 2, 4, 16, 32)]
+        arms += [Arm("lora-dpo", lora | {"loss.objective": "dpo", "optim.lr": 5e-5}, "lora-dpo"),
+                 Arm("full-dpo", fullp | {"loss.objective": "dpo", "optim.lr": 5e-7}, "full-dpo")]
+        arms += [Arm(f"lora-r{r}", lora | {"lora.rank": r, "lora.alpha": 2.0 * r}, "rank") for r in (1, 2, 4, 16, 32)]
         arms += [Arm("lora-code", lora | {"general_only": True}, "cross-domain"),
                  Arm("full-code", fullp | {"general_only": True}, "cross-domain")]
     if seeds > 1:
-        arms = [Arm(f"{a.name}@s{s}", a.train | {"seed": s}, a.role) for a in arms for s in range(seeds)]
+        arms = [Arm(f"{a.name}@s{s}", a.train | {"optim.seed": s}, a.role) for a in arms for s in range(seeds)]
     # No self-written anchor prompts: the arms here train the paper's recipe and its baselines,
     # none of which anchors (saves ~10 min of sampling on a CPU).
     data = {"distill_max_new_tokens": 128, "dpo": full, "self_instruct": 0, "borderline_train_extra": False}
@@ -155,12 +157,12 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
         if st.done(d, key):
             st.say(step, n_steps, f"train {arm.name}", skipped=True)
             continue
-        st.say(step, n_steps, f"train {arm.name} ({arm.train.get('method')}, {arm.train.get('objective', 'sft')})")
-        t = time.time()
         fields = dict(arm.train)
         recipe = fields.pop("recipe", None)
         general_only = fields.pop("general_only", False)
-        cfg = resolve_config(recipe, None, fields)
+        cfg = resolve_config(recipe, None, fields, where=f"arm {arm.name}")
+        st.say(step, n_steps, f"train {arm.name} ({cfg.method}, {cfg.loss.objective})")
+        t = time.time()
         src = _general_only_data(data_dir, run / "02-arms" / ".general-data") if general_only else data_dir
         d.parent.mkdir(parents=True, exist_ok=True)
         train(src, d / "patch", cfg, model=plan.model, device=device, dtype=dtype, overwrite=True, progress=False)
@@ -264,7 +266,7 @@ def _analysis_links(run: Path, plan: Plan) -> list[Path]:
     links.mkdir(parents=True, exist_ok=True)
     out = []
     for a in plan.arms:
-        if a.train.get("objective", "sft") == "dpo" and a.role != "lora-dpo":
+        if a.train.get("loss.objective", "sft") == "dpo" and a.role != "lora-dpo":
             continue
         link = links / a.name.replace("@", "_")
         if link.is_symlink() or link.exists():
@@ -306,8 +308,8 @@ def plug_checks(model: str, lora: Path, fulls: list[Path], device: str, dtype: s
 
     base = logits(lm.model)
     p = read_patch(lora)
-    with attached(lm.model, [p], lm.fingerprint) as m:
-        att = logits(m)
+    with attached(lm.model, [p], lm.fingerprint) as pm:
+        att = logits(pm)
     after = logits(lm.model)
     merged_sd = merged_state_dict(lm.model, [p], lm.fingerprint)
     backup = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -318,10 +320,10 @@ def plug_checks(model: str, lora: Path, fulls: list[Path], device: str, dtype: s
            "patch_effect_max_abs_diff": (att - base).abs().max().item()}
     if fulls:
         q = read_patch(fulls[0])
-        with attached(lm.model, [p, q], lm.fingerprint) as m:
-            pq = logits(m)
-        with attached(lm.model, [q, p], lm.fingerprint) as m:
-            qp = logits(m)
+        with attached(lm.model, [p, q], lm.fingerprint) as pm:
+            pq = logits(pm)
+        with attached(lm.model, [q, p], lm.fingerprint) as pm:
+            qp = logits(pm)
         out["stack_order_max_abs_diff"] = (pq - qp).abs().max().item()
         out["detach_after_stack_max_abs_diff"] = (logits(lm.model) - base).abs().max().item()
     return out

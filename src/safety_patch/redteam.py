@@ -42,7 +42,7 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     from .generation import GenerationCache
     from .judges import DEFAULT_JUDGE, get_judge
     from .models import home, load_model
-    from .patches import attached, read_patch, stack_key
+    from .patches import attached, read_patch
     from .train.api import resolve_config
     from .train.run import train
 
@@ -65,7 +65,7 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     if gated:  # found now, not after the attack: training the round folds the stack into the weights
         raise SafetyPatchError(f"{gated[0]} is a gated patch: a round trains on top of the stack by folding it into "
                                "the weights, which a gated adapter cannot be; start rounds from always-on patches "
-                               "(trained with e.g. `train --recipe anchor-v2`) or from the base")
+                               "(trained with e.g. `train --recipe always-on`) or from the base")
 
     # 1. attack the current stack on training behaviours
     train_reqs, train_templates = harmful_requests(data_dir, split="train", limit=limit)
@@ -74,14 +74,8 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     cfg = EvalConfig(attacks=(attack,), max_new_tokens=max_new_tokens)
     judge = get_judge(DEFAULT_JUDGE)
     try:
-        with attached(lm.model, ps, lm.fingerprint) as m:
-            orig, lm.model = lm.model, m
-            lm.extra["patch_key"] = stack_key(ps)
-            try:
-                res = run_safety(lm, train_reqs, train_templates, cfg, cache, f"round attack {attack}", judge)
-            finally:
-                lm.model = orig
-                lm.extra.pop("patch_key", None)
+        with attached(lm.model, ps, lm.fingerprint) as pm:
+            res = run_safety(pm, lm.tokenizer, train_reqs, train_templates, cfg, cache, f"round attack {attack}", judge)
     finally:
         cache.close()
     wins = [r for r in res["records"] if r["verdict"]["label"] == "compliance"]
@@ -114,9 +108,10 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     # 3. train the next patch on top of the stack
     fields = {"method": method, **(train_overrides or {})}
     # LoRA rounds use the KL-anchored recipe they were measured with (docs/training.md), so a
-    # round does not add over-refusal. Not `default`: its stop point (68.5% of the schedule) was
-    # chosen on a one-shot patch of ~600 rows, not on rounds of a few dozen rows over 3 epochs.
-    tcfg = resolve_config("anchor-v1" if method == "lora" else "full-safety", None, fields)
+    # round does not add over-refusal, and no gate, so that rounds stack. Not `always-on`: its
+    # stop point (68.5% of the schedule) was chosen on a one-shot patch of ~600 rows, not on
+    # rounds of a few dozen rows over 3 epochs.
+    tcfg = resolve_config("redteam-round" if method == "lora" else "full-safety", None, fields, where="redteam")
     meta = train(round_data, out / "patch", tcfg, model=model, device=device, dtype=dtype, overwrite=True, progress=False,
                  stack=list(patches))
 

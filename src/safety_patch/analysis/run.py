@@ -129,7 +129,8 @@ def _activations(model_spec, ps, vecs, benign, jailbreak, read_w0, device, force
     inputs = {name: capture_linear_inputs(lm.model, enc, modules) for name, enc in sets.items()}
     shifts, inter = {}, {}
     for p in ps:
-        with attached(lm.model, [p], lm.fingerprint, force) as m:
+        # With each patch always on (gates bypassed): for a gated patch they describe the adapter itself.
+        with attached(lm.model, [p], lm.fingerprint, force) as pm, pm.all_on() as m:
             shifts[p.name] = {name: relative_shift(base_h[name], hidden_states(m, enc)) for name, enc in sets.items()}
         rows = []
         for mod, (u, extra) in vecs[p.name].items():

@@ -60,15 +60,17 @@ REGISTRY: dict[str, str] = {
     "base64": "safety_patch.attacks.rules:Base64",
     "rot13": "safety_patch.attacks.rules:Rot13",
     "few_shot": "safety_patch.attacks.rules:FewShot",
+    "multi_turn": "safety_patch.attacks.rules:MultiTurn",
     "prefill": "safety_patch.attacks.rules:Prefill",
     "template": "safety_patch.attacks.templates:TemplateAttack",
     "gcg": "safety_patch.attacks.gcg:GCG",
+    "gcg_gate": "safety_patch.attacks.gcg:GateGCG",
 }
 
 
 # Attacks that build the conversation (turns, assistant prefill, an optimised suffix) rather than
 # rewrite the request's text; kept as names so a spec is checked without importing anything.
-CONVERSATION_LEVEL = frozenset({"few_shot", "prefill", "gcg"})
+CONVERSATION_LEVEL = frozenset({"few_shot", "multi_turn", "prefill", "gcg", "gcg_gate"})
 
 
 def _resolve(name: str):
@@ -92,10 +94,10 @@ class Composed(Attack):
         self.needs_model = any(getattr(p, "needs_model", False) for p in parts)
         self.conversation_level = parts[-1].conversation_level
 
-    def bind(self, lm) -> Composed:
+    def bind(self, pm, tokenizer) -> Composed:
         for p in self.parts:
             if getattr(p, "needs_model", False):
-                p.bind(lm)
+                p.bind(pm, tokenizer)
         return self
 
     def apply(self, request: str) -> Attacked:

@@ -9,6 +9,15 @@ with ``--no-deps`` (requirements-nodeps.txt).
 The attack is white-box and adaptive: it optimises against the model being evaluated
 (base or patched), within a step budget. Suffixes are cached per (model fingerprint,
 patches, request, config) under ``$SAFETY_PATCH_HOME/gcg/``.
+
+``gcg`` optimises the target loss against a gated stack with every patch on (the gate
+bypassed). ``gcg_gate`` is the adaptive attack on the gate itself (issue 23; the probe-evasion
+attacks of arXiv 2412.09565): the gate is a linear function of one layer's hidden state at the
+last prompt token, so its logit is differentiable in the suffix's one-hot tokens. The suffix
+minimises CE(target | the stack with its gated patches off) + ``gate_weight`` · Σ_gates
+max(0, z_g − (threshold_g − ``gate_margin``)): make the base comply *and* keep every gate
+below its threshold, so the refusal adapter never engages. On a stack without gates it is
+plain ``gcg``.
 """
 
 from __future__ import annotations
@@ -30,6 +39,10 @@ class GCGSettings:
     suffix_tokens: int = 20
     target: str = "Sure, here is"
     seed: int = 0
+    gate_weight: float = 0.0
+    """Weight of the gate-evasion term (0: plain GCG; ``gcg_gate`` uses 1)."""
+    gate_margin: float = 1.0
+    """How far below its threshold (in logits) a gate must be pushed before the term stops pulling."""
 
 
 class GCG(Attack):
@@ -39,16 +52,22 @@ class GCG(Attack):
 
     def __init__(self, settings: GCGSettings | None = None):
         self.settings = settings or GCGSettings()
-        self.lm = None
+        self.pm = None
+        self.tokenizer = None
 
-    def bind(self, lm) -> GCG:
-        self.lm = lm
+    def bind(self, pm, tokenizer) -> GCG:
+        """Optimise against ``pm`` (a patched.PatchedModel, or a LoadedModel for the base), encoded by ``tokenizer``."""
+        from ..patched import as_patched
+
+        self.pm, self.tokenizer = as_patched(pm), tokenizer
+        if not self.pm.fingerprint:
+            raise SafetyPatchError("the gcg attack needs a model with a base fingerprint (its suffix cache key)")
         return self
 
     def _cache_path(self):
         from ..models import home
 
-        return home() / "gcg" / f"{self.lm.fingerprint[:16]}-{self.lm.extra.get('patch_key', '') or 'base'}.json"
+        return home() / "gcg" / f"{self.pm.fingerprint[:16]}-{self.pm.key}.json"
 
     @staticmethod
     def _content(request: str, suffix: str) -> str:
@@ -63,14 +82,14 @@ class GCG(Attack):
         """The token ids the evaluation sends for ``request`` + ``suffix`` (generation.generate's encoding)."""
         from ..generation import render
 
-        tok = self.lm.tokenizer
+        tok = self.tokenizer
         return tok(render(tok, self._messages(request, suffix)), add_special_tokens=False)["input_ids"]
 
     def _optimised_ids(self, request: str, suffix: str) -> list[int]:
         """The ids nanoGCG scored for ``suffix``: the text around it and the suffix tokenized apart."""
         from ..generation import render
 
-        tok = self.lm.tokenizer
+        tok = self.tokenizer
         before, after = render(tok, self._messages(request, "{optim_str}")).split("{optim_str}")
         enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
         return enc(before) + enc(suffix) + enc(after)
@@ -82,14 +101,12 @@ class GCG(Attack):
         for these exact ids, which are returned too (all attached adapters when nothing is gated)."""
         import torch
 
-        from ..gate import active_adapters, decide
-
-        model, tok = self.lm.model, self.lm.tokenizer
+        pm, tok = self.pm, self.tokenizer
         target = tok(self.settings.target, add_special_tokens=False)["input_ids"]
-        fired = decide(model, tok, [ids])
-        on = [a for a in getattr(model, "safety_adapters", []) if a not in fired or fired[a][0]]
-        device = next(model.parameters()).device
-        with torch.no_grad(), active_adapters(model, on):
+        (route,) = pm.routes(tok, [ids])
+        on = [n for n in pm.items if n not in pm.gates or n in route]
+        device = pm.device
+        with torch.no_grad(), pm.using(route) as model:
             logits = model(input_ids=torch.tensor([ids + target], device=device)).logits[0, len(ids) - 1 : -1]
         loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(target, device=device)).item()
         return loss, on
@@ -101,7 +118,7 @@ class GCG(Attack):
         optimiser_loss (nanoGCG's own best loss), steps, step (which step's suffix), seconds,
         adapters (active when scored), optimised_against}. Raises SafetyPatchError when no
         suffix of the run survives re-tokenization in context (never happens for the initial one)."""
-        if self.lm is None:
+        if self.pm is None:
             raise SafetyPatchError("the gcg attack needs a model (bind it before use)")
         try:
             import nanogcg
@@ -120,14 +137,28 @@ class GCG(Attack):
         cfg = nanogcg.GCGConfig(num_steps=s.steps, search_width=s.search_width, topk=s.topk, seed=s.seed,
                                 optim_str_init=init, use_prefix_cache=False, verbosity="ERROR", early_stop=True)
         t0 = time.time()
-        model = self.lm.model
-        was_training = model.training
-        model.eval()
-        exact = _ExactPromptTokenizer(self.lm.tokenizer, self._messages(request, "{optim_str}"))
-        try:
-            res = nanogcg.run(model, exact, self._messages(request, "{optim_str}"), s.target, cfg)
-        finally:
-            model.train(was_training)
+        exact = _ExactPromptTokenizer(self.tokenizer, self._messages(request, "{optim_str}"))
+        adaptive = self.pm.gated and s.gate_weight > 0
+        if adaptive:
+            # Against the gate: the target loss of the model the gate lets through (gated patches
+            # off) plus the gates' hinge; no early stop, which fires on the target alone.
+            cfg.early_stop = False
+            context = self.pm.using(())
+        else:
+            # nanoGCG takes a plain model: a gated stack is optimised against with every patch on (its
+            # gate bypassed), which is recorded in the result; the suffix is then scored as evaluated.
+            context = self.pm.all_on()
+        with context as model:
+            was_training = model.training
+            model.eval()
+            try:
+                if adaptive:
+                    gcg = _gate_aware(model, exact, cfg, list(self.pm.gates.values()), s.gate_weight, s.gate_margin)
+                    res = gcg.run(self._messages(request, "{optim_str}"), s.target)
+                else:
+                    res = nanogcg.run(model, exact, self._messages(request, "{optim_str}"), s.target, cfg)
+            finally:
+                model.train(was_training)
         # Every suffix the run produced, best (by nanoGCG's loss) first, then the initial one as the last resort.
         order = sorted(range(len(res.losses)), key=lambda i: res.losses[i])
         candidates = [(res.strings[i], i + 1) for i in order] + [(init, 0)]
@@ -140,10 +171,14 @@ class GCG(Attack):
             if ids != self._optimised_ids(request, suffix):
                 continue  # re-tokenized in context it is another prompt: not what was optimised
             loss, on = self.target_loss(ids)
-            gated = bool(getattr(model, "safety_gates", None))
+            gated = self.pm.gated
+            against = ("the gates and the stack they let through" if adaptive else
+                       "all attached adapters, gates bypassed" if gated else "the model as evaluated")
             out = {"suffix": suffix, "loss": loss, "optimiser_loss": float(res.best_loss), "steps": len(res.losses),
                    "step": step, "seconds": round(time.time() - t0, 1), "adapters": on, "input_ids_identical": True,
-                   "optimised_against": "all attached adapters, gates bypassed" if gated else "the model as evaluated"}
+                   "optimised_against": against}
+            if gated:
+                out["gate_logits"] = {n: float(z[0]) for n, z in self.pm.gate_scores(self.tokenizer, [ids]).items()}
             cache[key] = out
             write_json(path, cache)
             return out
@@ -152,6 +187,78 @@ class GCG(Attack):
     def apply(self, request: str) -> Attacked:
         r = self.optimise(request)
         return Attacked(self._messages(request, r["suffix"]), "", self.name, self.name, r)
+
+
+class GateGCG(GCG):
+    """``gcg_gate``: GCG against the gate as well (see the module docstring); gate_weight 1 by default."""
+
+    name = "gcg_gate"
+
+    def __init__(self, settings: GCGSettings | None = None):
+        super().__init__(settings or GCGSettings(gate_weight=1.0))
+
+
+def _gate_aware(model, tokenizer, config, gates, weight: float, margin: float):
+    """A nanoGCG ``GCG`` whose loss adds ``weight`` · Σ_g max(0, z_g − (t_g − margin)) to the target loss.
+
+    z_g is gate g's logit on the hidden state after its decoder layer at the last prompt token
+    (the position before the target), read with forward hooks in the same passes that score
+    the target: for the token gradient (differentiable) and for every candidate batch. The
+    target-loss code is nanoGCG 0.3.0's, without the prefix cache (off in this project)."""
+    import contextlib
+
+    import torch
+    from nanogcg.gcg import GCG as NanoGCG
+
+    from ..gate import decoder_layers
+
+    blocks = decoder_layers(model)
+
+    class GateAwareGCG(NanoGCG):
+        @contextlib.contextmanager
+        def _states(self, pos: int):
+            store: dict[int, list] = {g.layer: [] for g in gates}
+
+            def hook_for(layer):
+                def hook(_m, _i, output):
+                    store[layer].append((output[0] if isinstance(output, tuple) else output)[:, pos])
+                return hook
+
+            handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in store]
+            try:
+                yield store
+            finally:
+                for h in handles:
+                    h.remove()
+
+        @staticmethod
+        def _penalty(store) -> torch.Tensor:
+            total = 0
+            for g in gates:
+                h = torch.cat(store[g.layer]).float()
+                z = ((h - g.mean.to(h.device)) / g.std.to(h.device)) @ g.weight.to(h.device) + g.bias
+                total = total + torch.relu(z - (g.threshold - margin))
+            return weight * total
+
+        def compute_token_gradient(self, optim_ids):
+            emb = self.embedding_layer
+            onehot = torch.nn.functional.one_hot(optim_ids, num_classes=emb.num_embeddings).to(model.device, model.dtype)
+            onehot.requires_grad_()
+            embeds = torch.cat([self.before_embeds, onehot @ emb.weight, self.after_embeds, self.target_embeds], dim=1)
+            shift = embeds.shape[1] - self.target_ids.shape[1]
+            with self._states(shift - 1) as store:
+                logits = model(inputs_embeds=embeds).logits
+            loss = torch.nn.functional.cross_entropy(logits[0, shift - 1 : -1].float(), self.target_ids[0])
+            loss = loss + self._penalty(store).mean()
+            return torch.autograd.grad(outputs=[loss], inputs=[onehot])[0]
+
+        def _compute_candidates_loss_original(self, search_batch_size, input_embeds):
+            shift = input_embeds.shape[1] - self.target_ids.shape[1]
+            with self._states(shift - 1) as store:
+                loss = super()._compute_candidates_loss_original(search_batch_size, input_embeds)
+            return loss + self._penalty(store).to(loss.device, loss.dtype)
+
+    return GateAwareGCG(model, tokenizer, config)
 
 
 class _ExactPromptTokenizer:

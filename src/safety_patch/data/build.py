@@ -193,10 +193,15 @@ def _distill(lm, convs, cfg: DataConfig, cache, label: str):
 
     gcfg = GenerationConfig(max_new_tokens=cfg.distill_max_new_tokens, batch_size=cfg.distill_batch_size)
     t0 = time.time()
-    texts, n_new = cached_generate(lm.model, lm.tokenizer, convs, gcfg, cache, lm.fingerprint)
+    from ..patched import PatchedModel
+    from ..progress import bar
+
+    with bar(len(convs), f"[data] {label} answers", unit="answer") as b:
+        texts, n_new = cached_generate(PatchedModel.base(lm), lm.tokenizer, convs, gcfg, cache, progress=b.update)
     limit = cfg.distill_max_new_tokens - 2
     out = [_trim(t, len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) >= limit) for t in texts]
-    print(f"[data] {label}: {len(convs)} answers ({n_new} generated, {len(convs) - n_new} cached) in {time.time() - t0:.0f}s")
+    print(f"[data] {label}: {len(convs)} answers ({n_new} generated, {len(convs) - n_new} cached) in {time.time() - t0:.0f}s",
+          flush=True)
     return out, gcfg
 
 
@@ -295,7 +300,8 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
                                                   near_dup_threshold=cfg.near_dup_threshold, forms=forms,
                                                   form_share=cfg.self_instruct_form_share, cache=cache)
                 print(f"[data] self-instruct: kept {si_info['kept']} of {si_info['sampled']} sampled requests "
-                      f"in {si_info['seconds']:.0f}s ({si_info['cached_rounds']} sampling rounds read from the cache)")
+                      f"in {si_info['seconds']:.0f}s ({si_info['cached_rounds']} sampling rounds read from the cache)",
+                      flush=True)
                 answers, _ = _distill(lm, [[{"role": "user", "content": p["prompt"]}] for p in prompts], cfg, cache,
                                       "self-instruct")
                 si_rows = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a}],

@@ -98,6 +98,7 @@ def sample_prompts(lm, n: int, seed: int, avoid: Sequence[str] = (), near_dup_th
     import random
 
     from ..generation import GenerationConfig, complete_texts
+    from ..progress import bar
 
     rng = random.Random(seed)
     prefix = user_turn_prefix(lm.tokenizer)
@@ -107,54 +108,63 @@ def sample_prompts(lm, n: int, seed: int, avoid: Sequence[str] = (), near_dup_th
               "cached_rounds": 0}
     t0 = time.time()
     rnd = 0
-    while len(kept) < n and counts["sampled"] < 4 * n:
-        m = min(max(n - len(kept), batch_size) * 5 // 4, 4 * n - counts["sampled"])
-        drawn = [(rng.choice(forms), True) if forms and rng.random() < form_share else (rng.choice(OPENERS), False)
-                 for _ in range(m)]
-        openers = [o for o, _ in drawn]
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               batch_size=batch_size, seed=seed * 1000 + rnd)
-        texts_in = [prefix + o for o in openers]
-        key = None
-        if cache is not None:
-            # batch_size is in the inputs: unlike greedy decoding, a sample depends on how the
-            # prompts are batched (the RNG stream is shared across a batch).
-            key = cache.key(lm.fingerprint, "self-instruct-round", json.dumps([texts_in, batch_size]), cfg)
-            hit = cache.get_many([key]).get(key)
-        if key is not None and hit is not None:
-            outs = [(t, bool(stop)) for t, stop in json.loads(hit)]
-            counts["cached_rounds"] += 1
-        else:
-            outs = complete_texts(lm.model, lm.tokenizer, texts_in, cfg)
-            if key is not None:
-                cache.put_many({key: json.dumps(outs)})
-        counts["sampled"] += m
-        rnd += 1
-        cands = []
-        for (o, form), (text, stopped) in zip(drawn, outs, strict=True):
-            prompt = (o + (" " if o and text and not text.startswith((" ", ",", "'", "?")) else "") + text).strip()
-            if not stopped:
-                counts["unfinished"] += 1
-            elif not 12 <= len(prompt) <= 400 or len(prompt.split()) < 3:
-                counts["length"] += 1
-            elif HARM_TERMS.search(prompt):
-                counts["harm_terms"] += 1
+    progress = bar(0, "[data] self-instruct samples", unit="sample")  # each round adds its size to the total
+    try:
+        while len(kept) < n and counts["sampled"] < 4 * n:
+            m = min(max(n - len(kept), batch_size) * 5 // 4, 4 * n - counts["sampled"])
+            progress.total += m
+            progress.refresh()
+            drawn = [(rng.choice(forms), True) if forms and rng.random() < form_share else (rng.choice(OPENERS), False)
+                     for _ in range(m)]
+            openers = [o for o, _ in drawn]
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   batch_size=batch_size, seed=seed * 1000 + rnd)
+            texts_in = [prefix + o for o in openers]
+            key = None
+            if cache is not None:
+                # batch_size is in the inputs: unlike greedy decoding, a sample depends on how the
+                # prompts are batched (the RNG stream is shared across a batch).
+                key = cache.key(lm.fingerprint, "self-instruct-round", json.dumps([texts_in, batch_size]), cfg)
+                hit = cache.get_many([key]).get(key)
+            if key is not None and hit is not None:
+                outs = [(t, bool(stop)) for t, stop in json.loads(hit)]
+                counts["cached_rounds"] += 1
+                progress.update(m)
             else:
-                cands.append({"prompt": prompt, "opener": o, "form": form})
-        if not cands:
-            continue
-        texts = [c["prompt"] for c in cands]
-        near_eval = {i for i, _, _ in textsim.cross_pairs(texts, list(avoid), near_dup_threshold)} if avoid else set()
-        near_seen = {i for i, _, _ in textsim.cross_pairs(texts, seen, near_dup_threshold)} if seen else set()
-        cl = textsim.cluster(texts, near_dup_threshold)
-        for i, c in enumerate(cands):
-            if i in near_eval:
-                counts["near_eval"] += 1
-            elif i in near_seen or cl[i] != i:
-                counts["near_duplicate"] += 1
-            elif len(kept) < n:
-                kept.append(c)
-                seen.append(c["prompt"])
+                # the base model, unpatched
+                outs = complete_texts(lm.model, lm.tokenizer, texts_in, cfg, progress=progress.update)
+                if key is not None:
+                    cache.put_many({key: json.dumps(outs)})
+            counts["sampled"] += m
+            rnd += 1
+            cands = []
+            for (o, form), (text, stopped) in zip(drawn, outs, strict=True):
+                prompt = (o + (" " if o and text and not text.startswith((" ", ",", "'", "?")) else "") + text).strip()
+                if not stopped:
+                    counts["unfinished"] += 1
+                elif not 12 <= len(prompt) <= 400 or len(prompt.split()) < 3:
+                    counts["length"] += 1
+                elif HARM_TERMS.search(prompt):
+                    counts["harm_terms"] += 1
+                else:
+                    cands.append({"prompt": prompt, "opener": o, "form": form})
+            if not cands:
+                continue
+            texts = [c["prompt"] for c in cands]
+            near_eval = {i for i, _, _ in textsim.cross_pairs(texts, list(avoid), near_dup_threshold)} if avoid else set()
+            near_seen = {i for i, _, _ in textsim.cross_pairs(texts, seen, near_dup_threshold)} if seen else set()
+            cl = textsim.cluster(texts, near_dup_threshold)
+            for i, c in enumerate(cands):
+                if i in near_eval:
+                    counts["near_eval"] += 1
+                elif i in near_seen or cl[i] != i:
+                    counts["near_duplicate"] += 1
+                elif len(kept) < n:
+                    kept.append(c)
+                    seen.append(c["prompt"])
+            progress.set_postfix(kept=f"{len(kept)}/{n}", refresh=False)
+    finally:
+        progress.close()
     counts["kept"] = len(kept)
     counts["seconds"] = round(time.time() - t0, 1)
     return kept, counts

@@ -154,20 +154,34 @@ def _batches(encoded: list[tuple[list[int], int]], batch_size: int, pad: int, me
 
 
 def _answer_logp(model, tokenizer, encoded, batch_size):
-    """Yield (example index, log-prob rows [answer tokens, vocab], answer token ids) batch by batch."""
-    from ..gate import groups
+    """Yield (example index, log-prob rows [answer tokens, vocab], answer token ids) batch by batch.
 
-    device = next(model.parameters()).device
+    ``model``: a patched.PatchedModel (or a plain model: the base). A gated patch is judged as it
+    answers: its gate reads the prompt part only, as in generation; one gated adapter routes
+    inside each batch (PEFT mixed batch), anything else one group of prompts per route."""
+    from ..patched import as_patched
+
+    pm = as_patched(model)
+    device = pm.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # A gated patch is judged as it answers: its gate reads the prompt part only, as in generation.
-    for members, active in groups(model, tokenizer, [seq[:start] for seq, start in encoded], batch_size):
-        with active():
-            for idx, ids, mask in _batches(encoded, batch_size, pad, members):
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                for r, i in enumerate(idx):
-                    seq, start = encoded[i]
-                    yield i, logp[r, start - 1 : len(seq) - 1], torch.tensor(seq[start:], device=device)
+
+    def run(module, members, adapter_names=None):
+        for idx, ids, mask in _batches(encoded, batch_size, pad, members):
+            extra = {"adapter_names": [adapter_names[i] for i in idx]} if adapter_names is not None else {}
+            logits = module(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            for r, i in enumerate(idx):
+                seq, start = encoded[i]
+                yield i, logp[r, start - 1 : len(seq) - 1], torch.tensor(seq[start:], device=device)
+
+    routes = pm.routes(tokenizer, [seq[:start] for seq, start in encoded], batch_size)
+    if pm.can_mix:
+        with pm.mixed() as module:
+            yield from run(module, list(range(len(encoded))), pm.adapter_names(routes))
+    else:
+        for members, on in pm.groups(routes):
+            with pm.using(on) as module:
+                yield from run(module, members)
 
 
 @torch.inference_mode()
@@ -176,12 +190,16 @@ def answer_logprobs(model, tokenizer, encoded: list[tuple[list[int], int]], batc
 
     One forward per length-sorted batch (the naive way is one forward per example).
     """
+    from ..progress import bar
+
     nll, ntok, rows = [0.0] * len(encoded), [0] * len(encoded), [None] * len(encoded)
-    for i, lp, tgt in _answer_logp(model, tokenizer, encoded, batch_size):
-        nll[i] = -lp.gather(1, tgt[:, None]).sum().item()
-        ntok[i] = len(tgt)
-        if keep:
-            rows[i] = lp.to("cpu", torch.float16)
+    with bar(len(encoded), "[eval] scoring answers", unit="answer") as b:
+        for i, lp, tgt in _answer_logp(model, tokenizer, encoded, batch_size):
+            nll[i] = -lp.gather(1, tgt[:, None]).sum().item()
+            ntok[i] = len(tgt)
+            if keep:
+                rows[i] = lp.to("cpu", torch.float16)
+            b.update(1)
     return nll, ntok, rows
 
 
@@ -205,13 +223,16 @@ def _code_from(answer: str, task: dict) -> str:
     return task["prompt"] + code
 
 
-def humaneval(lm, tasks: list[dict], cfg: CapabilityConfig, cache, patch_key: str) -> dict:
+def humaneval(pm, tokenizer, tasks: list[dict], cfg: CapabilityConfig, cache) -> dict:
     from .execution import humaneval_program, run_program
 
     convs = [[{"role": "user", "content": "Complete the following Python function. Reply with the full function in "
                f"one ```python code block.\n\n```python\n{t['prompt']}```"}] for t in tasks]
     gcfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    answers, _ = cached_generate(lm.model, lm.tokenizer, convs, gcfg, cache, lm.fingerprint, patch_key)
+    from ..progress import bar
+
+    with bar(len(convs), "[eval] humaneval answers", unit="task") as b:
+        answers, _ = cached_generate(pm, tokenizer, convs, gcfg, cache, progress=b.update)
     results = []
     for t, a in zip(tasks, answers, strict=True):
         r = run_program(humaneval_program(t, _code_from(a, t)))
@@ -220,17 +241,17 @@ def humaneval(lm, tasks: list[dict], cfg: CapabilityConfig, cache, patch_key: st
     return {"pass@1": proportion(k, len(results)), "records": results}
 
 
-def multiple_choice(lm, items: list[dict], batch_size: int = 8) -> dict:
+def multiple_choice(pm, tokenizer, items: list[dict], batch_size: int = 8) -> dict:
     """Accuracy by the highest summed log-likelihood of the choice text after the question."""
     encoded, owner = [], []
     for qi, it in enumerate(items):
         for ci, ch in enumerate(it["choices"]):
             pair = {"messages": [{"role": "user", "content": it["question"]}], "reference": ch}
-            enc = _encode_pairs(lm.tokenizer, [pair], 10**6)
+            enc = _encode_pairs(tokenizer, [pair], 10**6)
             if enc:
                 encoded.append(enc[0])
                 owner.append((qi, ci))
-    nll, _, _ = answer_logprobs(lm.model, lm.tokenizer, encoded, batch_size)
+    nll, _, _ = answer_logprobs(pm, tokenizer, encoded, batch_size)
     best: dict[int, tuple[float, int]] = {}
     for (qi, ci), v in zip(owner, nll, strict=True):
         if qi not in best or -v > best[qi][0]:
@@ -253,7 +274,9 @@ def self_references(lm, prompts: list[dict], cache, max_new_tokens: int = 128) -
     from ..data.build import _trim
 
     gcfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=16)
-    texts, _ = cached_generate(lm.model, lm.tokenizer, [p["messages"] for p in prompts], gcfg, cache, lm.fingerprint)
+    from ..patched import PatchedModel
+
+    texts, _ = cached_generate(PatchedModel.base(lm), lm.tokenizer, [p["messages"] for p in prompts], gcfg, cache)
     out = []
     for p, t in zip(prompts, texts, strict=True):
         n = len(lm.tokenizer(t, add_special_tokens=False)["input_ids"])
@@ -266,33 +289,33 @@ def self_references(lm, prompts: list[dict], cache, max_new_tokens: int = 128) -
 # ----------------------------------------------------------------------------- the suite
 
 
-def _one_run(lm, cfg, pairs, encoded, base_rows, he_tasks, bl_prompts, mc, cache, patch_key, judge) -> tuple[dict, dict]:
+def _one_run(pm, tokenizer, cfg, pairs, encoded, base_rows, he_tasks, bl_prompts, mc, cache, judge) -> tuple[dict, dict]:
     res, raw = {}, {}
     t0 = time.time()
     if "nll" in cfg.tasks or "kl" in cfg.tasks:
-        nll, ntok, rows = answer_logprobs(lm.model, lm.tokenizer, encoded, cfg.batch_size, keep=base_rows is None and "kl" in cfg.tasks)
+        nll, ntok, rows = answer_logprobs(pm, tokenizer, encoded, cfg.batch_size, keep=base_rows is None and "kl" in cfg.tasks)
         per = [a / b for a, b in zip(nll, ntok, strict=True)]
         raw["nll"], raw["rows"] = per, rows
         res["nll"] = bootstrap_mean(per) | {"tokens": sum(ntok), "seconds": round(time.time() - t0, 1)}
         if base_rows is not None and "kl" in cfg.tasks:
             t1 = time.time()
-            kl = kl_to(lm.model, lm.tokenizer, encoded, base_rows, cfg.batch_size)
+            kl = kl_to(pm, tokenizer, encoded, base_rows, cfg.batch_size)
             raw["kl"] = kl
             res["kl"] = bootstrap_mean(kl) | {"seconds": round(time.time() - t1, 1)}
     if "compliance" in cfg.tasks and bl_prompts:
         from .safety import EvalConfig, run_overrefusal
 
         ecfg = EvalConfig(max_new_tokens=cfg.compliance_max_new_tokens, batch_size=cfg.batch_size)
-        r = run_overrefusal(lm, bl_prompts, ecfg, cache, "compliance", judge)
+        r = run_overrefusal(pm, tokenizer, bl_prompts, ecfg, cache, "compliance", judge)
         res["compliance"] = r["aggregates"]["answered"]
         raw["compliance"] = [float(x["verdict"]["label"] == "compliance") for x in r["records"]]
     if "humaneval" in cfg.tasks and he_tasks:
         t1 = time.time()
-        h = humaneval(lm, he_tasks, cfg, cache, patch_key)
+        h = humaneval(pm, tokenizer, he_tasks, cfg, cache)
         res["humaneval"] = h["pass@1"] | {"seconds": round(time.time() - t1, 1)}
         raw["humaneval"] = [float(x["passed"]) for x in h["records"]]
     if mc is not None:
-        m = multiple_choice(lm, mc, cfg.batch_size)
+        m = multiple_choice(pm, tokenizer, mc, cfg.batch_size)
         res["mc"] = m["accuracy"]
         raw["mc"] = [float(p == it["answer"]) for p, it in zip(m["picks"], mc, strict=True)]
     return res, raw
@@ -305,7 +328,8 @@ def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg:
     from ..generation import GenerationCache
     from ..judges.keyword import KeywordJudge
     from ..models import home, load_model
-    from ..patches import attached, read_patch, stack_key
+    from ..patched import PatchedModel
+    from ..patches import attached, read_patch
     from .prompts import benign_prompts
     from .safety import provenance
 
@@ -336,15 +360,11 @@ def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg:
     encoded = _encode_pairs(lm.tokenizer, pairs, cfg.max_len)
     judge = KeywordJudge()
     try:
-        base, braw = _one_run(lm, cfg, pairs, encoded, None, he, bl, mc, cache, "", judge)
+        base, braw = _one_run(PatchedModel.base(lm), lm.tokenizer, cfg, pairs, encoded, None, he, bl, mc, cache, judge)
         runs = {"base": base}
         if ps:
-            with attached(lm.model, ps, lm.fingerprint, force) as m:
-                orig, lm.model = lm.model, m
-                try:
-                    patched, praw = _one_run(lm, cfg, pairs, encoded, braw.get("rows"), he, bl, mc, cache, stack_key(ps), judge)
-                finally:
-                    lm.model = orig
+            with attached(lm.model, ps, lm.fingerprint, force) as pm:
+                patched, praw = _one_run(pm, lm.tokenizer, cfg, pairs, encoded, braw.get("rows"), he, bl, mc, cache, judge)
             runs["patched"] = patched
             runs["delta"] = {k: paired_bootstrap_diff(braw[k], praw[k]) for k in ("nll", "compliance", "humaneval", "mc")
                              if k in braw and k in praw}

@@ -9,13 +9,13 @@ from __future__ import annotations
 from ..errors import SafetyPatchError
 
 
-def _run(lm, tasks, limit, batch_size) -> dict:
+def _run(model, tokenizer, tasks, limit, batch_size) -> dict:
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise SafetyPatchError("lm-eval is not installed: pip install 'safety-patch[lm-eval]'") from None
-    hflm = _exact_boundary(HFLM)(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size)
+    hflm = _exact_boundary(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=hflm, tasks=tasks, limit=limit)
     except Exception as e:  # datasets raises ConnectionError / DatasetNotFoundError / OSError offline
@@ -54,14 +54,11 @@ def evaluate_lm_eval(model: str, patches: list, tasks: list[str], limit, batch_s
         raise SafetyPatchError(f"{gated[0]} is a gated patch; lm-eval cannot apply its gate per prompt. "
                                "Use `eval capability`, which applies the gate")
     lm = load_model(model, device=device, dtype=dtype)
-    runs = {"base": _run(lm, tasks, limit, batch_size)}
+    runs = {"base": _run(lm.model, lm.tokenizer, tasks, limit, batch_size)}
     if ps:
-        with attached(lm.model, ps, lm.fingerprint, force) as m:
-            orig, lm.model = lm.model, m
-            try:
-                runs["patched"] = _run(lm, tasks, limit, batch_size)
-            finally:
-                lm.model = orig
+        # Ungated stacks only (refused above): the PEFT module is the patched model for every prompt.
+        with attached(lm.model, ps, lm.fingerprint, force) as pm:
+            runs["patched"] = _run(pm.module, lm.tokenizer, tasks, limit, batch_size)
     return {"kind": "safety-patch/eval-lm-eval", "schema": 1, "tasks": tasks, "provenance": provenance(lm, ps), "runs": runs}
 
 

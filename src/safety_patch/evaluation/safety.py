@@ -77,27 +77,26 @@ def _label_shares(records: list[dict]) -> dict:
             "judge_errors": sum(r["verdict"]["label"] == "judge_error" for r in records)}
 
 
-def _generate(lm, attacked: list[Attacked], cfg: EvalConfig, cache, label: str) -> list[str]:
-    from tqdm import tqdm
+def _generate(pm, tokenizer, attacked: list[Attacked], cfg: EvalConfig, cache, label: str) -> list[str]:
+    from ..progress import bar as progress_bar
 
-    patch_key = lm.extra.get("patch_key", "")
-    bar = tqdm(total=len(attacked), desc=f"[{label}] generating", unit="prompt", leave=False, dynamic_ncols=True)
+    bar = progress_bar(len(attacked), f"[{label}] generating", unit="prompt")
     try:
-        texts, _ = cached_generate(lm.model, lm.tokenizer, [a.messages for a in attacked], cfg.generation(), cache,
-                                   lm.fingerprint, patch_key, prefill=[a.prefill for a in attacked], progress=bar.update)
+        texts, _ = cached_generate(pm, tokenizer, [a.messages for a in attacked], cfg.generation(), cache,
+                                   prefill=[a.prefill for a in attacked], progress=bar.update)
     finally:
         bar.close()
     return texts
 
 
-def decoding_competence(lm, attack_name: str, cfg: EvalConfig, cache) -> dict:
+def decoding_competence(pm, tokenizer, attack_name: str, cfg: EvalConfig, cache) -> dict:
     """Can the model decode the cipher at all? Benign probes; a phrase counts if its words come back."""
     attack = get_attack(attack_name)
     probes = [a for a in (attack.apply(p) for p in DECODE_PROBES)]
     probes = [Attacked([{"role": "user", "content": a.messages[-1]["content"].replace("follow the instruction it contains",
                                                                                         "write out the decoded text")}],
                        a.prefill, a.attack, a.family) for a in probes]
-    outs = _generate(lm, probes, cfg, cache, f"{attack_name} competence")
+    outs = _generate(pm, tokenizer, probes, cfg, cache, f"{attack_name} competence")
     ok = 0
     for p, o in zip(DECODE_PROBES, outs, strict=True):
         words = [w.strip(".").lower() for w in p.split()]
@@ -107,14 +106,16 @@ def decoding_competence(lm, attack_name: str, cfg: EvalConfig, cache) -> dict:
     return res
 
 
-def run_safety(lm, requests: list[dict], templates, cfg: EvalConfig, cache: GenerationCache | None, label: str,
-               judge) -> dict:
+def run_safety(pm, tokenizer, requests: list[dict], templates, cfg: EvalConfig, cache: GenerationCache | None,
+               label: str, judge) -> dict:
+    """Attack ``pm`` (a patched.PatchedModel: the base or a patch stack, routed as it answers) with
+    every attack of ``cfg`` on ``requests``; returns {records, aggregates}."""
     attacks = {}
     for name in cfg.attacks:
         kw = {"templates": templates} if "template" in name.split("+") and templates else {}
         attacks[name] = get_attack(name, **kw)
         if getattr(attacks[name], "needs_model", False):
-            attacks[name].bind(lm)  # white-box attacks optimise against the model under test
+            attacks[name].bind(pm, tokenizer)  # white-box attacks optimise against the model under test
     rows, attacked = [], []
     for name, atk in attacks.items():
         for r in requests:
@@ -123,7 +124,7 @@ def run_safety(lm, requests: list[dict], templates, cfg: EvalConfig, cache: Gene
             rows.append({"behavior_id": r["behavior_id"], "category": r["category"], "attack": name, "family": a.family,
                          "prompt": a.messages[-1]["content"], "prefill": a.prefill, "request": r["request"]})
     t0 = time.time()
-    answers = _generate(lm, attacked, cfg, cache, label)
+    answers = _generate(pm, tokenizer, attacked, cfg, cache, label)
     gen_s = time.time() - t0
     # A prefilled answer is judged on what the model wrote after the forced prefix: "Sure, here is" is
     # ours, so stopping at once is degenerate, not a jailbreak. Answers to encoding attacks are decoded
@@ -142,16 +143,17 @@ def run_safety(lm, requests: list[dict], templates, cfg: EvalConfig, cache: Gene
         "per_attack_degenerate": _rates(records, "attack", "degenerate"),
         "generation_seconds": round(gen_s, 1),
     }
-    comp = {n: decoding_competence(lm, n, cfg, cache) for n, a in attacks.items() if a.needs_decoding}
+    comp = {n: decoding_competence(pm, tokenizer, n, cfg, cache) for n, a in attacks.items() if a.needs_decoding}
     if comp:
         aggregates["decoding_competence"] = comp
     return {"records": records, "aggregates": aggregates}
 
 
-def run_overrefusal(lm, prompts: list[dict], cfg: EvalConfig, cache: GenerationCache | None, label: str,
+def run_overrefusal(pm, tokenizer, prompts: list[dict], cfg: EvalConfig, cache: GenerationCache | None, label: str,
                     judge) -> dict:
+    """Answer ``prompts`` with ``pm`` (a patched.PatchedModel) and judge refusals; returns {records, aggregates}."""
     attacked = [Attacked(p["messages"]) for p in prompts]
-    answers = _generate(lm, attacked, cfg, cache, label)
+    answers = _generate(pm, tokenizer, attacked, cfg, cache, label)
     verdicts = cached_judge(judge, [p["messages"][-1]["content"] for p in prompts], answers, cache)
     records = [{"set": p["set"], "category": p["category"], "prompt": p["messages"][-1]["content"], "response": a,
                 "verdict": v.as_dict(), "judge": judge.name} for p, a, v in zip(prompts, answers, verdicts, strict=True)]
@@ -184,7 +186,8 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
     """
     from ..config import as_dict
     from ..models import home, load_model
-    from ..patches import attached, read_patch, stack_key
+    from ..patched import PatchedModel
+    from ..patches import attached, read_patch
     from .prompts import benign_prompts, harmful_requests
 
     if kind not in ("safety", "overrefusal"):
@@ -201,22 +204,16 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
     judge = get_judge(cfg.judge)
     cache = GenerationCache(home() / "generations.sqlite") if use_cache else None
 
-    def run(label: str) -> dict:
+    def run(pm, label: str) -> dict:
         if kind == "safety":
-            return run_safety(lm, items, templates, cfg, cache, label, judge)
-        return run_overrefusal(lm, items, cfg, cache, label, judge)
+            return run_safety(pm, lm.tokenizer, items, templates, cfg, cache, label, judge)
+        return run_overrefusal(pm, lm.tokenizer, items, cfg, cache, label, judge)
 
     try:
-        runs = {"base": run("base")}
+        runs = {"base": run(PatchedModel.base(lm), "base")}
         if ps:
-            with attached(lm.model, ps, lm.fingerprint, force) as m:
-                base_model = lm.model
-                lm.model, lm.extra["patch_key"] = m, stack_key(ps)
-                try:
-                    runs["patched"] = run("patched")
-                finally:
-                    lm.model = base_model
-                    lm.extra.pop("patch_key", None)
+            with attached(lm.model, ps, lm.fingerprint, force) as pm:
+                runs["patched"] = run(pm, "patched")
     finally:
         if cache:
             cache.close()

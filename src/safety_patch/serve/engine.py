@@ -1,8 +1,8 @@
 """The server's one point of contact with models, patches and gates.
 
-Everything the server knows about how a patch stack is attached and routed lives here, so
-that a later "base + stack + routing" value can replace this module without touching the
-HTTP, batching or audit code. The rest of ``safety_patch.serve`` sees only:
+Everything the server knows about how a patch stack is attached and routed lives here; the
+stack and its routing are a ``patched.PatchedModel`` (the value ``chat --patch`` uses too). The
+rest of ``safety_patch.serve`` sees only:
 
 * :class:`Engine`: one base model plus named patch stacks (``base`` always exists);
 * :meth:`Engine.run`: route a batch of tokenized prompts for one stack and generate,
@@ -10,8 +10,8 @@ HTTP, batching or audit code. The rest of ``safety_patch.serve`` sees only:
 * :class:`GateProbe`: the gate alone on a copy of the base truncated after the gate's layer
   (upstream mode).
 
-Routing is the one ``chat --patch`` uses (``generation.complete_texts`` → ``gate.groups``): a
-gated adapter is active for a prompt's whole answer iff its gate's logit on the base model's
+Routing is the one ``chat --patch`` uses (``generation.complete_texts`` →
+``PatchedModel.routes``): a gated adapter is active for a prompt's whole answer iff its gate's logit on the base model's
 hidden state after its layer, at the prompt's last token, exceeds its threshold; ungated
 adapters in the stack are always on and are on while the gate reads. Generation is the
 same ``model.generate`` call on left-padded prompts, so a greedy request gets the tokens
@@ -24,7 +24,6 @@ worker); tokenizer calls from other threads go through :meth:`Engine.encode` /
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -159,7 +158,7 @@ class Engine:
         self.stacks = {BASE: [], **stacks}
         self.force = force
         self._tok_lock = threading.Lock()
-        self._current: tuple[str, object, torch.nn.Module] | None = None  # (name, context, model to call)
+        self._current: tuple[str, object, object] | None = None  # (name, context, PatchedModel)
         eos = getattr(self.base_model.generation_config, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else self.tokenizer.eos_token_id])
         tok = self.tokenizer
@@ -212,20 +211,23 @@ class Engine:
 
     # ------------------------------------------------------------------ attaching and routing
 
-    def _use(self, name: str) -> torch.nn.Module:
-        """Attach stack ``name`` (detaching the previous one first); returns the model to call."""
+    def _use(self, name: str):
+        """Attach stack ``name`` (detaching the previous one first); returns its PatchedModel."""
         if self._current is not None and self._current[0] == name:
             return self._current[2]
         self.release()
+        from ..patched import PatchedModel
+
         if not self.stacks[name]:
-            self._current = (name, None, self.base_model)
-            return self.base_model
+            pm = PatchedModel.base(self.base_model, self.lm.fingerprint)
+            self._current = (name, None, pm)
+            return pm
         from ..patches import attached
 
         ctx = attached(self.base_model, self.stacks[name], self.lm.fingerprint, self.force)
-        model = ctx.__enter__()
-        self._current = (name, ctx, model)
-        return model
+        pm = ctx.__enter__()
+        self._current = (name, ctx, pm)
+        return pm
 
     def release(self) -> None:
         """Detach whatever stack is attached (the base is restored exactly)."""
@@ -233,33 +235,20 @@ class Engine:
             self._current[1].__exit__(None, None, None)
         self._current = None
 
-    def _adapter_patches(self, name: str) -> dict[str, str]:
-        """{PEFT adapter name: patch folder name}; ``patches.attached`` names LoRA patches patch0, patch1, …"""
-        loras = [p for p in self.stacks[name] if p.format == "lora"]
-        return {f"patch{i}": p.name for i, p in enumerate(loras)}
-
-    def route(self, name: str, model: torch.nn.Module, prompts: Sequence[Sequence[int]]):
-        """Per prompt: (adapters to activate or None for the stack as attached, Route).
-
-        The same scores as ``gate.groups`` (``gate.gate_scores``); a gated adapter is on iff its
-        logit > threshold.
-        """
-        from ..gate import gate_scores, gates_of
-
-        names = self._adapter_patches(name)
+    def route(self, name: str, pm, prompts: Sequence[Sequence[int]]):
+        """Per prompt: (gated items on, Route), from ``PatchedModel.gate_scores``: the scores and
+        decisions ``chat`` and ``eval`` route by (a gated patch is on iff its logit > threshold)."""
+        folder = {item: p.name for item, p in zip(pm.items, pm.patches, strict=True)}
         always = [p.name for p in self.stacks[name]]
-        gates = gates_of(model)
-        if not gates:
-            return [(None, Route(name, always)) for _ in prompts]
-        adapters = list(model.safety_adapters)
-        logits = gate_scores(model, self.tokenizer, prompts, batch_size=max(1, len(prompts)))
+        if not pm.gated:
+            return [((), Route(name, always)) for _ in prompts]
+        logits = pm.gate_scores(self.tokenizer, prompts, batch_size=max(1, len(prompts)))
         out = []
         for i in range(len(prompts)):
-            readings = [GateReading(names[a], g.layer, float(logits[a][i]), float(g.threshold),
-                                    bool(logits[a][i] > g.threshold)) for a, g in gates.items()]
-            fired = {names[a]: r.fired for a, r in zip(gates, readings, strict=True)}
-            on = tuple(a for a in adapters if a not in gates or fired[names[a]])
-            active = [p.name for p in self.stacks[name] if p.format != "lora" or p.name in {names[a] for a in on}]
+            readings = [GateReading(folder[a], g.layer, float(logits[a][i]), float(g.threshold),
+                                    bool(logits[a][i] > g.threshold)) for a, g in pm.gates.items()]
+            on = tuple(a for a, r in zip(pm.gates, readings, strict=True) if r.fired)
+            active = [folder[a] for a in pm.items if a not in pm.gates or a in on]
             out.append((on, Route(name, active, readings)))
         return out
 
@@ -277,31 +266,31 @@ class Engine:
         a prompt whose ``cancelled(i)`` turns true stops at the next step. Returns per prompt
         its answer token ids (EOS excluded) and why it ended. Raises KeyError on an unknown name.
         """
-        from ..gate import active_adapters
-
         if name not in self.stacks:
             raise KeyError(name)
-        model = self._use(name)
-        routes = self.route(name, model, prompts)
+        pm = self._use(name)
+        routes = self.route(name, pm, prompts)
         for i, (_, r) in enumerate(routes):
             if on_route is not None:
                 on_route(i, r)
-        by: dict[tuple | None, list[int]] = {}
-        for i, (on, _) in enumerate(routes):
-            by.setdefault(on, []).append(i)
+        if pm.can_mix:  # one gated adapter: routed and base rows share the batch (PEFT mixed batch)
+            names = pm.adapter_names([on for on, _ in routes])
+            with pm.mixed() as module:
+                return self._generate(module, list(prompts), list(budgets), sampling, on_token, cancelled, names)
         results: list[Result | None] = [None] * len(prompts)
-        for on, members in by.items():
-            ctx = contextlib.nullcontext() if on is None else active_adapters(model, on)
-            with ctx:
-                part = self._generate(model, [prompts[i] for i in members], [budgets[i] for i in members], sampling,
+        for members, on in pm.groups([on for on, _ in routes]):
+            with pm.using(on) as module:
+                part = self._generate(module, [prompts[i] for i in members], [budgets[i] for i in members], sampling,
                                       (lambda r, t, m=members: on_token(m[r], t)) if on_token else None,
                                       lambda r, m=members: cancelled(m[r]))
             for i, res in zip(members, part, strict=True):
                 results[i] = res
         return [r for r in results if r is not None]
 
-    def _generate(self, model, prompts, budgets, sampling: Sampling, on_token, cancelled) -> list[Result]:
-        """One ``model.generate`` call on left-padded prompts, as ``generation.complete_texts`` makes it."""
+    def _generate(self, model, prompts, budgets, sampling: Sampling, on_token, cancelled,
+                  adapter_names: list[str] | None = None) -> list[Result]:
+        """One ``model.generate`` call on left-padded prompts, as ``generation.complete_texts`` makes it
+        (``adapter_names``: PEFT's per-row adapters of a mixed batch)."""
         from transformers import StoppingCriteriaList
 
         device = next(model.parameters()).device
@@ -333,7 +322,8 @@ class Engine:
 
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              stopping_criteria=StoppingCriteriaList([_RowStop(width, list(budgets), cancelled)]),
-                             streamer=_Streamer(step), **kw)
+                             streamer=_Streamer(step), **kw,
+                             **({"adapter_names": adapter_names} if adapter_names is not None else {}))
         out = []
         for r in range(len(prompts)):
             new = [int(t) for t in gen[r, width:].tolist()][: budgets[r]]

@@ -22,7 +22,7 @@ Scope today: ``fit_norm_gate`` and ``export_norm_gate`` are the tested format. T
 patches still ship pre-norm gates (``train`` does not fit a NormGate yet), so a shipped patch
 cannot be exported exactly: :func:`export_patch_gate` refuses one with that reason rather
 than writing an approximation of a safety gate. Switching ``train`` to NormGates needs the
-routing (``gate.decide``) to read the same features and the targets re-measured.
+routing (``PatchedModel.routes``) to read the same features and the targets re-measured.
 """
 
 from __future__ import annotations

@@ -128,16 +128,109 @@ def decision_weights(answer_pos: torch.Tensor, tokens: int, weight: float) -> to
     return w.masked_fill((answer_pos >= 0) & (answer_pos < tokens), weight)
 
 
+def _causal_lm(model):
+    """The transformers causal LM inside ``model`` (a PEFT wrapper's base model, or itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+
+
 def make_anchored_trainer(base_cls):
-    """Subclass of TRL's SFT trainer whose loss adds the KL anchor and/or weights decision tokens."""
+    """Subclass of TRL's SFT trainer for every SFT run: the head applied only where a loss is
+    taken (train/loss.py), plus, when asked, the KL anchor and decision-token weights."""
 
     class AnchoredTrainer(base_cls):
+        """``chunked_loss`` (default): project only the supervised / anchored positions, in
+        chunks (train/loss.py), with TRL's loss semantics; False, or a model whose head is not
+        a plain linear layer, or a TRL setting that needs full logits (a ``compute_loss_func``,
+        label smoothing, a non-``nll`` ``loss_type``, an MoE aux loss, pre-shifted labels):
+        the full-logits path (TRL's own loss, and full logits for the anchor)."""
+
         def __init__(self, *args, anchor: AnchorStream | None, anchor_kl: float, ref_model=None,
-                     decision_tokens: int = 0, decision_weight: float = 1.0, **kw):
+                     decision_tokens: int = 0, decision_weight: float = 1.0, chunked_loss: bool = True, **kw):
             super().__init__(*args, **kw)
             self.anchor, self.anchor_kl, self.ref_model = anchor, anchor_kl, ref_model
             self.decision_tokens, self.decision_weight = decision_tokens, decision_weight
             self._kl_log: list[float] = []
+            self.chunked_loss = False
+            if chunked_loss:
+                from .loss import install_supervised_head, plain_head
+
+                hf = _causal_lm(self.model)
+                if plain_head(hf) is not None and (ref_model is None or plain_head(ref_model) is not None):
+                    install_supervised_head(hf)
+                    self.chunked_loss = True
+
+        def _chunked_applies(self, inputs, return_outputs: bool) -> bool:
+            """Whether this call's loss is TRL's plain token-mean NLL, which the chunked path restates."""
+            if not self.chunked_loss or return_outputs or "labels" not in inputs or "shift_labels" in inputs:
+                return False
+            if self.compute_loss_func is not None or self.label_smoother is not None:
+                return False
+            if getattr(self.args, "loss_type", "nll") != "nll" or getattr(self, "aux_loss_enabled", False):
+                return False
+            pc = getattr(self.accelerator, "parallelism_config", None)  # sequence parallelism reduces the model's own loss
+            return not (pc is not None and getattr(pc, "sp_enabled", False))
+
+        def _chunked_sft_loss(self, model, inputs, num_items_in_batch):
+            """TRL 1.x's SFT loss and logged metrics (``SFTTrainer.compute_loss``), with the head
+            applied to the supervised positions only: sum of -log p over the tokens whose label is
+            not -100 (times the decision weights, if any), divided by ``num_items_in_batch`` (the
+            gradient-accumulation window's token count, every rank's) or else this batch's count;
+            times the world size under DDP when tokens are averaged across devices. ``entropy``
+            and ``mean_token_accuracy`` are means over the supervised tokens, as TRL's are."""
+            mode = "train" if self.model.training else "eval"
+            inputs = {**inputs, "use_cache": False}
+            labels = inputs.pop("labels")
+            out = model(**inputs, supervised_labels=labels)
+            mask = out.label_mask
+            per_token = -out.log_probs
+            if self.decision_weight != 1.0:
+                pos = torch.where(mask, mask.long().cumsum(-1) - 1, torch.full_like(mask, -1, dtype=torch.long))
+                per_token = per_token * decision_weights(pos, self.decision_tokens, self.decision_weight)[mask]
+            num = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = per_token.sum() / torch.as_tensor(num).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+                loss = loss * (self.accelerator.num_processes // tp)  # DDP averages gradients over ranks
+            gather = self.accelerator.gather_for_metrics
+            n_valid = gather(mask.sum()).sum()
+            ent = gather(out.entropy.detach().sum()).sum()
+            top1 = gather(out.is_top1.sum()).sum()
+            self._metrics[mode]["entropy"].append((ent / n_valid).item() if n_valid > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append((top1 / n_valid).item() if n_valid > 0 else 0.0)
+            if mode == "train":  # TRL's num_tokens metric
+                if "attention_mask" in inputs:
+                    seen = gather(inputs["attention_mask"].sum()).sum().item()
+                else:
+                    ids = inputs["position_ids"]
+                    seen = gather(torch.tensor(ids.size(1), device=ids.device)).sum().item()
+                self._total_train_tokens += seen // getattr(self, "_tp_size", 1)
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+        def _chunked_kl(self, model, batch, weights):
+            """The anchor's per-token KL(p_ref || p) on the anchored positions only, summed (times
+            ``weights`` there, if given); the reference's hidden states without gradient."""
+            from .loss import backbone_hidden, token_kl
+
+            unwrapped = self.accelerator.unwrap_model(model)
+            hf = _causal_lm(unwrapped)
+            mask = batch["mask"]
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            head = hf.get_output_embeddings()
+            with torch.no_grad():
+                if self.ref_model is not None:
+                    ref_h = backbone_hidden(self.ref_model, **inputs)[mask]
+                    ref_head = self.ref_model.get_output_embeddings()
+                else:
+                    ctx = unwrapped.disable_adapter() if hasattr(unwrapped, "disable_adapter") else contextlib.nullcontext()
+                    with ctx:
+                        ref_h = backbone_hidden(hf, **inputs)[mask]
+                    ref_head = head
+            h = backbone_hidden(hf, **inputs)[mask]
+            per_token = token_kl(h, head.weight, head.bias, ref_h, ref_head.weight, ref_head.bias)
+            if weights is not None:
+                per_token = per_token * weights[mask]
+            return per_token.sum()
 
         def _reference(self, model, batch):
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
@@ -173,7 +266,9 @@ def make_anchored_trainer(base_cls):
             return loss
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training and self.decision_weight != 1.0 and not return_outputs:
+            if self._chunked_applies(inputs, return_outputs):
+                res = self._chunked_sft_loss(model, inputs, num_items_in_batch)
+            elif model.training and self.decision_weight != 1.0 and not return_outputs:
                 res = self._weighted_sft_loss(model, inputs, num_items_in_batch)
             else:
                 res = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -182,18 +277,23 @@ def make_anchored_trainer(base_cls):
                 return res
             loss, outputs = res if return_outputs else (res, None)
             batch = self.anchor.next(loss.device)
-            ref = self._reference(model, batch)
-            # The unwrapped module: a second forward through a DDP wrapper before one backward
-            # is an error; the parameters' gradient hooks still fire once per backward.
-            unwrapped = self.accelerator.unwrap_model(model)
-            logits = unwrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             # Sum over this rank's tokens / the global batch's tokens, times the world size:
             # DDP averages gradients over ranks, so the update equals the single-process one.
             ws = self.anchor.world_size
             weights = None
             if self.decision_weight != 1.0:
                 weights = decision_weights(batch["answer_pos"], self.decision_tokens, self.decision_weight)
-            kl = kl_to_reference(logits, ref, batch["mask"], batch["global_tokens"] / ws, weights)
+            if self.chunked_loss:
+                # Through the unwrapped module, like the full-logits path below.
+                kl = self._chunked_kl(model, batch, weights) / (batch["global_tokens"] / ws)
+            else:
+                ref = self._reference(model, batch)
+                # The unwrapped module: a second forward through a DDP wrapper before one backward
+                # is an error; the parameters' gradient hooks still fire once per backward.
+                unwrapped = self.accelerator.unwrap_model(model)
+                logits = unwrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   use_cache=False).logits
+                kl = kl_to_reference(logits, ref, batch["mask"], batch["global_tokens"] / ws, weights)
             self._kl_log.append(float(kl.detach()))  # this rank's per-token mean (exact with one process)
             # Match the Trainer's gradient-accumulation scaling of the SFT loss (transformers'
             # training_step divides only losses that were not normalised by num_items_in_batch).

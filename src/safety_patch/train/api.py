@@ -1,27 +1,51 @@
-"""Resolve a TrainConfig: recipe preset <- YAML file <- flags."""
+"""Resolve a TrainConfig: defaults <- recipe file <- YAML file <- flags."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from .. import config as cfgmod
 from ..errors import SafetyPatchError
-from .config import RECIPES, TrainConfig
+from .config import TrainConfig, check_layer, dotted_layer, merge, recipe_layer
 
 
-def resolve_config(recipe: str | None = None, path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    # The file is validated in full (unknown keys, types) but only its explicit keys override the recipe.
-    if path:
-        cfgmod.load(TrainConfig, path)
-    file_values = _explicit_yaml(path) if path else {}
-    name = recipe or file_values.get("recipe") or "default"
-    if name not in RECIPES:
-        raise SafetyPatchError(f"unknown recipe {name!r}; valid: {', '.join(sorted(RECIPES))}")
-    merged = {"recipe": name} | RECIPES[name] | file_values | {k: v for k, v in (overrides or {}).items() if v is not None}
-    return cfgmod.build(TrainConfig, merged, str(path) if path else "train config")
+def resolve_config(recipe: str | None = None, path: str | Path | None = None,
+                   overrides: Mapping[str, Any] | None = None, where: str = "flags") -> TrainConfig:
+    """The config of a run, validated.
+
+    ``recipe``: a name from train/recipes/ (default: the file's ``recipe`` key, else ``default``).
+    ``path``: a YAML file in grouped form (``lora: {rank: 16}``). ``overrides``: dotted keys,
+    ``{"lora.rank": 16, "method": "full", "gate": None}``, applied as given (None is a value) and
+    coerced to the field's type. Raises ``SafetyPatchError`` naming the file or ``where`` and the key.
+    """
+    file_layer = check_layer(cfgmod.read_yaml(path), str(path)) if path else {}
+    flag_layer = check_layer(dotted_layer(overrides or {}, where), where)
+    name = recipe or file_layer.pop("recipe", None) or "default"
+    file_layer.pop("recipe", None)
+    flag_layer.pop("recipe", None)
+    layers = [recipe_layer(name), file_layer, flag_layer]
+    cfg = merge(layers)
+    cfg.recipe = name
+    cfg.validate()
+    return cfg
 
 
-def _explicit_yaml(path) -> dict:
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``--set group.field=value`` (repeatable) -> ``{"group.field": value}``; the value is read as
+    YAML (``null``, ``true``, ``0.5``, ``10,20``). Raises ``SafetyPatchError`` naming the item."""
     import yaml
 
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise SafetyPatchError(f"--set {item}: expected group.field=value, e.g. --set optim.grad_accum=2")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key] = value
+    return out

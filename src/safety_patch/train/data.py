@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..data.folder import DataFolder
 from ..errors import SafetyPatchError
+from ..gate_fit import GateFitConfig
 from .config import TrainConfig
 
 
@@ -45,10 +46,10 @@ def training_rows(data_dir: str | Path | DataFolder, cfg: TrainConfig) -> tuple[
     missing or malformed file (naming file, line and field) and for an empty train.jsonl.
     """
     d = DataFolder.of(data_dir)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.optim.seed)
     safety = _read(d, "train")
-    if cfg.max_train_rows:
-        safety = rng.sample(safety, min(cfg.max_train_rows, len(safety)))
+    if cfg.data.max_train_rows:
+        safety = rng.sample(safety, min(cfg.data.max_train_rows, len(safety)))
     rows = list(safety)
     counts = {"safety": len(safety)}
 
@@ -63,12 +64,12 @@ def training_rows(data_dir: str | Path | DataFolder, cfg: TrainConfig) -> tuple[
         rows.extend(_cycle(pool, n))
         counts[kind] = n
 
-    mix("general", round(cfg.general_ratio * len(safety)), ("general",))
-    n_contrast = round(cfg.contrast_ratio * len(safety))
-    if cfg.borderline_share is None:
+    mix("general", round(cfg.data.general_ratio * len(safety)), ("general",))
+    n_contrast = round(cfg.data.contrast_ratio * len(safety))
+    if cfg.data.borderline_share is None:
         mix("contrast", n_contrast, ("borderline", "general"))
     elif n_contrast:
-        nb = round(cfg.borderline_share * n_contrast)
+        nb = round(cfg.data.borderline_share * n_contrast)
         mix("contrast_borderline", nb, ("borderline",))
         mix("contrast_general", n_contrast - nb, ("general",))
         counts["contrast"] = n_contrast
@@ -85,12 +86,12 @@ def anchor_rows(data_dir: str | Path | DataFolder, cfg: TrainConfig) -> list[dic
     anchor must hold)."""
     d = DataFolder.of(data_dir)
     bl, gen = _distilled_train(d, "borderline"), _distilled_train(d, "general")
-    if cfg.anchor_self_instruct:
+    if cfg.anchor.self_instruct:
         if not d.has("selfinstruct"):
             raise SafetyPatchError(f"{d.file('selfinstruct')} not found: anchor_self_instruct "
-                                   f"{cfg.anchor_self_instruct} needs `safety-patch data build --self-instruct N`")
-        gen = gen + _distilled_train(d, "selfinstruct")[: cfg.anchor_self_instruct]
-    share = cfg.borderline_share
+                                   f"{cfg.anchor.self_instruct} needs `safety-patch data build --self-instruct N`")
+        gen = gen + _distilled_train(d, "selfinstruct")[: cfg.anchor.self_instruct]
+    share = cfg.data.borderline_share
     if share is not None:
         if share <= 0:
             bl = []
@@ -135,58 +136,16 @@ def dpo_rows(data_dir: str | Path | DataFolder, cfg: TrainConfig) -> tuple[list[
     if not d.has("dpo"):
         raise SafetyPatchError(f"{d.file('dpo')} not found; build the data with `safety-patch data build --dpo`")
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in d.nonempty("dpo")]
-    rng = random.Random(cfg.seed)
-    if cfg.max_train_rows:
-        rows = rng.sample(rows, min(cfg.max_train_rows, len(rows)))
+    rng = random.Random(cfg.optim.seed)
+    if cfg.data.max_train_rows:
+        rows = rng.sample(rows, min(cfg.data.max_train_rows, len(rows)))
     rng.shuffle(rows)
     return rows, {"dpo_pairs": len(rows)}
 
 
 def gate_prompts(data_dir: str | Path | DataFolder,
-                 cfg: TrainConfig) -> tuple[list[list[dict]], list[list[dict]], dict]:
-    """The gate's training prompts (conversations up to the answer): harmful vs benign.
+                 cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[dict]], dict]:
+    """The gate's training prompts: harmful vs benign (moved to ``gate_fit.gate_prompts``, the gate stage)."""
+    from ..gate_fit import gate_prompts as stage_prompts
 
-    Harmful: every train row's prompt, direct and wrapped (the gate sees what attacks look
-    like). Benign: every borderline-benign and general train prompt (with ``data build
-    --borderline-extra``, 224 more look-alikes), plus ``gate_wrapped_benign`` of them wrapped
-    in *train* jailbreak templates: without those the probe learns "a template means harmful"
-    and flags most wrapped safe requests (docs/lab-notebook.md). Held-out splits are never read.
-    """
-    d = DataFolder.of(data_dir)
-    rng = random.Random(cfg.seed)
-    train_rows = d.numbered("train")  # read once: the prompts here, the bare requests below
-    harmful = list({repr(p): p for p in (_pc(r, d.where("train", n))["prompt"] for n, r in train_rows)}.values())
-    benign = [msgs for name in ("borderline", "general") for msgs in d.prompts(name, "train")]
-    si: list[list[dict]] = []
-    if cfg.gate_self_instruct:
-        if not d.has("selfinstruct"):
-            raise SafetyPatchError(f"{d.file('selfinstruct')} not found: gate_self_instruct {cfg.gate_self_instruct} needs "
-                                   f"`safety-patch data build --self-instruct N`")
-        for n, r in d.numbered("selfinstruct"):
-            if len(si) == cfg.gate_self_instruct:
-                break
-            msgs = _pc(r, d.where("selfinstruct", n))["prompt"]
-            if msgs[-1]["role"] != "user":
-                raise SafetyPatchError(f"{d.where('selfinstruct', n)}: expected a user turn before the answer")
-            si.append(msgs)
-        benign.extend(si)
-    if not harmful or not benign:
-        raise SafetyPatchError(f"{d.path}: the gate needs harmful (train.jsonl) and benign (borderline/general) train prompts")
-    templates = d.templates("train")
-    wrapped = []
-    if cfg.gate_wrapped_benign and templates:
-        for msgs in rng.sample(benign, min(cfg.gate_wrapped_benign, len(benign))):
-            t = rng.choice(templates)
-            wrapped.append(msgs[:-1] + [{"role": "user", "content": t.render(msgs[-1]["content"])}])
-    wrapped_h = []
-    if cfg.gate_wrapped_harmful and templates:
-        # Drawn after the benign ones, so that adding them leaves the benign draw unchanged.
-        requests = sorted({r["meta"]["request"] for _, r in train_rows if r.get("meta", {}).get("request")})
-        for req in rng.sample(requests, min(cfg.gate_wrapped_harmful, len(requests))):
-            wrapped_h.append([{"role": "user", "content": rng.choice(templates).render(req)}])
-    counts = {"harmful": len(harmful), "benign": len(benign), "wrapped_benign": len(wrapped)}
-    if wrapped_h:
-        counts["wrapped_harmful"] = len(wrapped_h)
-    if si:
-        counts["self_instruct"] = len(si)
-    return harmful + wrapped_h, benign + wrapped, counts
+    return stage_prompts(data_dir, cfg)

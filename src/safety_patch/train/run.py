@@ -22,13 +22,13 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_dir, write_json
-from ..config import as_dict
 from ..errors import SafetyPatchError
 from ..outputs import claims_output
 from ..patches import DELTA_FILE, finalize_patch
@@ -88,6 +88,17 @@ def _short(value) -> str:
     return text if len(text) <= 24 else text[:12] + "..."
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"lora": {"rank": 8}}`` -> ``{"lora.rank": 8}``."""
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def _check_resume(work: Path, identity: dict) -> None:
     """Refuse to resume ``work`` when ``identity`` (the keys given) differs from the interrupted
     run's ``RUN_FILE``; the one-line error lists every difference as ``field old -> new``."""
@@ -103,6 +114,7 @@ def _check_resume(work: Path, identity: dict) -> None:
     for key, new in identity.items():
         old = prior.get(key) if isinstance(prior, dict) else None
         if key == "config" and isinstance(old, dict):
+            old, new = _flat(old), _flat(new)  # groups: name the field, "lora.rank 8 -> 4"
             diffs += [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new))
                       if old.get(k) != new.get(k)]
         elif old != new:
@@ -187,16 +199,16 @@ def _check_targets(model, cfg: TrainConfig) -> None:
     from ..models import linear_module_kinds
 
     kinds = linear_module_kinds(model)
-    if cfg.target_modules != "all-linear":
-        wanted = [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+    if cfg.lora.target_modules != "all-linear":
+        wanted = [t.strip() for t in cfg.lora.target_modules.split(",") if t.strip()]
         missing = [t for t in wanted if t not in kinds]
         if missing:
             raise SafetyPatchError(f"--target-modules {', '.join(missing)} not in the model; it has: {', '.join(kinds)}")
-    if cfg.layers is not None:
+    if cfg.lora.layers is not None:
         n = model.config.num_hidden_layers
-        bad = [i for i in parse_layers(cfg.layers) if not 0 <= i < n]
+        bad = [i for i in parse_layers(cfg.lora.layers) if not 0 <= i < n]
         if bad:
-            raise SafetyPatchError(f"--layers {cfg.layers}: the model has layers 0-{n - 1}")
+            raise SafetyPatchError(f"--layers {cfg.lora.layers}: the model has layers 0-{n - 1}")
 
 
 class _Metrics:
@@ -226,13 +238,18 @@ class _Metrics:
 
 
 def _delta(model, base: dict) -> dict[str, torch.Tensor]:
-    """W - W0 (fp32) of every tensor that changed: the full-parameter patch's weights."""
+    """W - W0 of every tensor that changed: the full-parameter patch's weights.
+
+    Computed in fp32 and stored in the model's dtype when that is bf16 or fp16 (an fp32 delta
+    of a bf16 model doubles the patch's size for precision the weights do not have: 29.5 GB
+    instead of ~15 at 8B, issue 24); fp32 models keep fp32. Unchanged tensors are left out."""
     delta = {}
     with torch.no_grad():
         for n, p in model.named_parameters():
             d = p.detach().to("cpu", torch.float32) - base[n].to(torch.float32)
             if torch.count_nonzero(d):
-                delta[n] = d.contiguous()
+                keep = p.dtype if p.dtype in (torch.bfloat16, torch.float16) else torch.float32
+                delta[n] = d.to(keep).contiguous()
     return delta
 
 
@@ -272,6 +289,25 @@ def _early_stop(fraction: float):
     return EarlyStop()
 
 
+def _no_final_checkpoint():
+    """A callback that cancels the trainer's checkpoint at the step where training ends.
+
+    transformers saves a full checkpoint (weights, optimiser and scheduler state) when the last
+    step is reached, whatever ``save_steps`` says; the patch is written from the model in
+    memory right after, and the work folder removed, so that checkpoint only costs time and disk
+    (about 44 GB and 55 s at 8B, full-parameter: issue 24). Periodic checkpoints for
+    ``--resume`` are kept; a run killed between its last step and the patch write resumes from
+    the last of them. Added after the trainer's own flow callback, so it sees its decision."""
+    from transformers import TrainerCallback
+
+    class NoFinalCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if control.should_training_stop or state.global_step >= state.max_steps:
+                control.should_save = False
+
+    return NoFinalCheckpoint()
+
+
 # [outputs helper] hold a claim (flock on .<out>.lock) on --out for the whole run: a second
 # `train` into the same --out fails at once instead of deleting this run's work folder.
 @claims_output("out")
@@ -304,12 +340,12 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 touches files
     if not resume and work.exists() and main_process:
         shutil.rmtree(work)
-    rows, counts = dpo_rows(data, cfg) if cfg.objective == "dpo" else training_rows(data, cfg)
+    rows, counts = dpo_rows(data, cfg) if cfg.loss.objective == "dpo" else training_rows(data, cfg)
     from ..patches import merged_state_dict, read_patch
 
     stack_patches = [read_patch(p) for p in stack or []]
     anchor_pool = None
-    if cfg.anchor_kl > 0:
+    if cfg.anchor.kl > 0:
         from .data import anchor_rows
 
         anchor_pool = anchor_rows(data, cfg)  # read before the model loads: a data error fails fast
@@ -317,10 +353,10 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     if cfg.gated:
         from .data import gate_prompts
 
-        gate_data = gate_prompts(data, cfg)  # the gate's files checked before the model loads too (rows kept: read once)
+        gate_data = gate_prompts(data, cfg.gate_for_run())  # the gate's files checked before the model loads too (rows kept: read once)
     # What the run is: a resume must match it in full, or patch.json would record settings,
     # data or a base model that trained only part of the patch.
-    identity = {"config": as_dict(cfg) | {"lr": cfg.resolved_lr()}, "data_manifest_sha256": manifest_sha256(data_dir),
+    identity = {"config": cfg.record(), "data_manifest_sha256": manifest_sha256(data_dir),
                 "data_rows_sha256": _rows_sha256(rows, anchor_pool, gate_data), "stack": [p.id for p in stack_patches],
                 "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     if resume:
@@ -334,11 +370,11 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     _check_targets(lm.model, cfg)
     gate, gate_info = None, None
     if cfg.gated:
-        gate, gate_info = _fit_gate(lm, data, cfg)
-    rows, counts["dropped_too_long"] = drop_too_long(rows, lm.tokenizer, cfg.max_seq_len)
+        gate, gate_info = _fit_gate(lm, data, cfg, cache=not stack_patches)
+    rows, counts["dropped_too_long"] = drop_too_long(rows, lm.tokenizer, cfg.data.max_seq_len)
     if not rows:
-        raise SafetyPatchError(f"every training row is longer than --max-seq-len {cfg.max_seq_len} tokens")
-    seed_everything(cfg.seed)
+        raise SafetyPatchError(f"every training row is longer than --max-seq-len {cfg.data.max_seq_len} tokens")
+    seed_everything(cfg.optim.seed)
     work.mkdir(parents=True, exist_ok=True)
     prior = _read_checkpoint_state(ckpt) if ckpt else {}
     if main_process:
@@ -352,23 +388,23 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     if cfg.method == "lora":
         from peft import LoraConfig
 
-        targets = cfg.target_modules if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
-        peft_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                                 layers_to_transform=parse_layers(cfg.layers) if cfg.layers else None,
+        targets = cfg.lora.target_modules if cfg.lora.target_modules == "all-linear" else [t.strip() for t in cfg.lora.target_modules.split(",")]
+        peft_config = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
+                                 layers_to_transform=parse_layers(cfg.lora.layers) if cfg.lora.layers else None,
                                  task_type="CAUSAL_LM", bias="none")
     else:
         # W0 on the CPU, in the model's dtype: the delta is computed against exactly these values.
         base = {n: p.detach().to("cpu", copy=True) for n, p in lm.model.named_parameters()}
 
     anchor = None
-    if cfg.anchor_kl > 0:
+    if cfg.anchor.kl > 0:
         from .anchor import AnchorStream, tokenize_anchor
 
-        examples = tokenize_anchor(anchor_pool, lm.tokenizer, cfg.max_seq_len, cfg.anchor_max_tokens)
+        examples = tokenize_anchor(anchor_pool, lm.tokenizer, cfg.data.max_seq_len, cfg.anchor.max_tokens)
         if not examples:
-            raise SafetyPatchError(f"every anchor row is longer than --max-seq-len {cfg.max_seq_len} tokens")
+            raise SafetyPatchError(f"every anchor row is longer than --max-seq-len {cfg.data.max_seq_len} tokens")
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-        anchor = AnchorStream(examples, cfg.anchor_batch_size or cfg.batch_size, pad, cfg.seed, rank=int(os.environ.get("RANK", "0")),
+        anchor = AnchorStream(examples, cfg.anchor.batch_size or cfg.optim.batch_size, pad, cfg.optim.seed, rank=int(os.environ.get("RANK", "0")),
                               world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if prior.get("anchor") is not None:  # where the interrupted run's stream stood at the checkpoint
             anchor.load_state(prior["anchor"])
@@ -376,6 +412,10 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     trainer = _make_trainer(lm, rows, cfg, peft_config, work, progress, anchor)
     # The guard first: a non-finite value stops the run before another callback logs or saves it.
     trainer.add_callback(_finite_guard(cfg.resolved_lr()))
+    if progress and not sys.stderr.isatty():
+        from ..progress import trainer_callback
+
+        trainer.add_callback(trainer_callback())
     metrics = _Metrics(work / "metrics.jsonl")
     metrics.t0 -= prior.get("wall_seconds", 0.0)  # seconds count from the run's start, over every leg
     trainer.add_callback(metrics)
@@ -384,19 +424,20 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
              "legs": legs, "device": lm.runtime.device}
     trainer.add_callback(_checkpoint_state(work / "metrics.jsonl", anchor, clock))
     projection = None
-    if cfg.orthogonal_k > 0:
+    if cfg.lora.orthogonal_k > 0:
         from .oplora import dominant_bases, projection_callback
 
         # Bases of the weights being trained (a stack folded in counts as W0); a bad k fails
         # here, before any training.
-        projection = projection_callback(dominant_bases(trainer.model, cfg.orthogonal_k))
+        projection = projection_callback(dominant_bases(trainer.model, cfg.lora.orthogonal_k))
         trainer.add_callback(projection)
-    if cfg.snapshot_steps:
+    if cfg.optim.snapshot_steps:
         from .config import parse_steps
 
-        trainer.add_callback(_snapshotter(work, parse_steps(cfg.snapshot_steps), base))
-    if cfg.stop_after is not None and cfg.stop_after < 1:
-        trainer.add_callback(_early_stop(cfg.stop_after))
+        trainer.add_callback(_snapshotter(work, parse_steps(cfg.optim.snapshot_steps), base))
+    if cfg.optim.stop_after is not None and cfg.optim.stop_after < 1:
+        trainer.add_callback(_early_stop(cfg.optim.stop_after))
+    trainer.add_callback(_no_final_checkpoint())  # last: after _early_stop has decided to stop
     reset_peak_memory(lm.runtime.device)
     t0 = clock["t0"] = time.time()
     result = trainer.train(resume_from_checkpoint=ckpt)
@@ -425,29 +466,29 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
             if cfg.method == "lora":
                 trained.save_pretrained(str(tmp), safe_serialization=True)
                 fmt = "lora"
-                if gate is not None:
-                    gate.save(tmp)
             else:
                 from safetensors.torch import save_file
 
                 save_file(_delta(trained, base), str(tmp / DELTA_FILE), metadata={"format": "pt"})
                 fmt = "delta"
+            if gate is not None:  # a LoRA adapter or a full-parameter delta, routed per prompt alike
+                gate.save(tmp)
             common = dict(
                 stack=[p.id for p in stack_patches],
                 method=cfg.method,
-                objective=cfg.objective,
-                config=as_dict(cfg) | {"lr": cfg.resolved_lr()},
+                objective=cfg.loss.objective,
+                config=cfg.record(),
                 data={"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "rows": counts},
                 **({"gate": gate_info} if gate_info else {}),
             )
             base_info = {"name": model, "source": lm.source, "checkpoint": lm.path, "fingerprint": lm.fingerprint}
             # Snapshots are complete patches of their own (attach/eval/merge them like any other);
             # a step past the end of training is reported, not silently missing.
-            if cfg.snapshot_steps:
+            if cfg.optim.snapshot_steps:
                 from .config import parse_steps
 
                 snaps, missing = {}, []
-                for step in parse_steps(cfg.snapshot_steps):
+                for step in parse_steps(cfg.optim.snapshot_steps):
                     src = work / "snapshots" / f"step-{step}"
                     if not src.is_dir():
                         missing.append(step)
@@ -457,7 +498,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                         gate.save(tmp / "snapshots" / src.name)
                     finalize_patch(tmp / "snapshots" / src.name, fmt, base_info, **common,
                                    training={"steps": step, "snapshot_of": str(out),
-                                             "epochs_done": round(step / max(state.max_steps, 1) * cfg.epochs, 4)})
+                                             "epochs_done": round(step / max(state.max_steps, 1) * cfg.optim.epochs, 4)})
                     snaps[str(step)] = f"snapshots/{src.name}"
                 extra["snapshots"] = snaps
                 if missing:
@@ -467,7 +508,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                 training={
                     "steps": state.global_step,
                     "planned_steps": state.max_steps,
-                    "epochs": cfg.epochs,
+                    "epochs": cfg.optim.epochs,
                     "loss_first": losses[0] if losses else None,
                     "loss_last": losses[-1] if losses else None,
                     "train_loss": getattr(result, "training_loss", None),
@@ -511,23 +552,17 @@ def _rewind(work: Path, ckpt: str, state: dict) -> None:
             f.truncate(size)
 
 
-def _fit_gate(lm, data_dir, cfg: TrainConfig):
-    """Fit the patch's gate on the base model (before any adapter exists); every rank fits the
-    same one (deterministic), rank 0 writes it."""
-    from ..gate import decoder_layers, fit_gate
-    from ..generation import render
-    from .data import gate_prompts
+def _fit_gate(lm, data_dir, cfg: TrainConfig, cache: bool = True):
+    """Fit the patch's gate on the base model (before any adapter exists) with the gate stage
+    (gate_fit.py, the same fit as ``safety-patch gate fit``); every rank fits the same one
+    (deterministic), rank 0 writes it. Returns (gate, patch.json's ``gate`` info). ``cache``:
+    reuse features by the base's fingerprint (False when a stack is folded into the weights:
+    the model is then not the fingerprinted base)."""
+    from ..gate_fit import fit_gate_on_data
 
-    n_layers = len(decoder_layers(lm.model))
-    layer = cfg.resolved_gate_layer(n_layers)
-    if layer >= n_layers:
-        raise SafetyPatchError(f"gate_layer {layer}: the model has layers 0-{n_layers - 1}")
-    harmful, benign, counts = gate_prompts(data_dir, cfg)
-    t0 = time.time()
-    lm.model.eval()
-    gate, stats = fit_gate(lm.model, lm.tokenizer, [render(lm.tokenizer, m) for m in harmful],
-                           [render(lm.tokenizer, m) for m in benign], layer, cfg.gate_threshold, cfg.gate_l2)
-    return gate, stats | {"prompts": counts, "position": "last prompt token", "fit_seconds": round(time.time() - t0, 1)}
+    # validate=None: the validation report when the folder has a val split (derived folders may not)
+    return fit_gate_on_data(lm.model, lm.tokenizer, data_dir, cfg.gate_for_run(), validate=None,
+                            fingerprint=lm.fingerprint if cache else None)
 
 
 @contextlib.contextmanager
@@ -551,50 +586,51 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
 
     common = dict(
         output_dir=str(work / "checkpoints"),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=cfg.optim.batch_size,
+        gradient_accumulation_steps=cfg.optim.grad_accum,
         learning_rate=cfg.resolved_lr(),
-        num_train_epochs=cfg.epochs,
-        lr_scheduler_type=cfg.scheduler,
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        logging_steps=cfg.logging_steps,
+        num_train_epochs=cfg.optim.epochs,
+        lr_scheduler_type=cfg.optim.scheduler,
+        warmup_steps=cfg.optim.warmup_ratio,
+        weight_decay=cfg.optim.weight_decay,
+        logging_steps=cfg.optim.logging_steps,
         # Log a NaN/inf loss as it is (the trainer's default logs the running mean instead), so
         # that _finite_guard sees it.
         logging_nan_inf_filter=False,
         save_strategy="steps",
-        save_steps=cfg.save_steps,
+        save_steps=cfg.optim.save_steps,
         save_total_limit=2,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        seed=cfg.optim.seed,
+        data_seed=cfg.optim.seed,
         report_to="none",
         # TRL turns recomputation on by default; on a 135M model it only costs time.
-        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.optim.gradient_checkpointing,
         # DPO rows have no input_ids column to group by until the trainer tokenizes them.
-        train_sampling_strategy="random" if cfg.objective == "dpo" and cfg.sampling == "group_by_length" else cfg.sampling,
+        train_sampling_strategy="random" if cfg.loss.objective == "dpo" and cfg.optim.sampling == "group_by_length" else cfg.optim.sampling,
         include_num_input_tokens_seen="non_padding",
         bf16=lm.runtime.dtype is torch.bfloat16,
         fp16=lm.runtime.dtype is torch.float16,
         use_cpu=lm.runtime.device.type == "cpu",
-        disable_tqdm=not progress,
+        # The trainer's own bar on a terminal; in a log file progress.trainer_callback writes lines instead.
+        disable_tqdm=not progress or not sys.stderr.isatty(),
         dataloader_num_workers=0,
-        max_length=cfg.max_seq_len,
+        max_length=cfg.data.max_seq_len,
     )
     ds = Dataset.from_list(rows)
-    if cfg.objective == "dpo":
+    if cfg.loss.objective == "dpo":
         from trl import DPOTrainer
 
         from .trl_configs import PatchDPOConfig
 
-        args = PatchDPOConfig(beta=cfg.dpo_beta, **common)
+        args = PatchDPOConfig(beta=cfg.loss.dpo_beta, **common)
         return DPOTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer, peft_config=peft_config)
     from trl import SFTTrainer
 
     from .trl_configs import PatchSFTConfig
 
     args = PatchSFTConfig(completion_only_loss=True, **common)
-    if anchor is None and cfg.decision_weight == 1.0:
-        return SFTTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer, peft_config=peft_config)
+    # Every SFT run, the plain refusal recipe included, goes through our subclass: it applies the
+    # vocabulary projection only where a loss is taken (train/loss.py), with TRL's loss semantics.
     from .anchor import make_anchored_trainer
 
     ref = None
@@ -603,5 +639,5 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
 
         ref = copy.deepcopy(lm.model).eval().requires_grad_(False)
     return make_anchored_trainer(SFTTrainer)(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer,
-                                             peft_config=peft_config, anchor=anchor, anchor_kl=cfg.anchor_kl, ref_model=ref,
-                                             decision_tokens=cfg.decision_tokens, decision_weight=cfg.decision_weight)
+                                             peft_config=peft_config, anchor=anchor, anchor_kl=cfg.anchor.kl, ref_model=ref,
+                                             decision_tokens=cfg.loss.decision_tokens, decision_weight=cfg.loss.decision_weight)

@@ -1,0 +1,130 @@
+"""Gate fit speed: feature extraction before (train's old path) and after (the gate stage).
+
+Run: .venv/bin/python bench/gate_fit.py --data DIR [--model default] [--sample 200] [--budgets 4096,16384] [--repeats 2]
+
+The gate's cost is one forward pass per prompt, stopped after the gate's layer, read at the
+last prompt token (gate.layer_states); the probe fit itself (LBFGS on [n, hidden]) takes
+seconds. This times, in one process and on the same prompts:
+
+* ``old``: ``gate.prompt_states`` with batch 8 (what ``train`` ran before the gate stage),
+* ``stage-exact``: ``gate_fit.features(token_budget=None)``: the same batches under inference
+  mode (the path ``train`` and ``gate fit`` use by default: bit-identical gates),
+* ``bucketed-B``: length-bucketed batches of at most B tokens (rows x width), up to 64 rows,
+* the stage's feature cache cold and warm (``gate_fit.cached_features``: a refit with another
+  threshold, target FPR or L2, or ``gate fit`` after ``train`` with the same gate settings).
+
+``--sample N`` times every k-th prompt of the length-sorted train pool plus validation pool (N
+prompts with the pool's length profile) and projects the whole pool's seconds from tokens/s;
+``--sample 0`` times the whole pool. Prints a table and writes bench/results/gate_fit.json with
+the ratio of each path to ``old`` measured in this run, the machine's load and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--sample", type=int, default=200, help="prompts to time (0 = the whole pool)")
+    ap.add_argument("--budgets", default="4096,16384")
+    ap.add_argument("--self-instruct", type=int, default=0, help="gate.self_instruct (needs data build --self-instruct)")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; each path's best time counts")
+    ap.add_argument("--name", default="gate_fit")
+    args = ap.parse_args()
+
+    import torch
+
+    from safety_patch.gate import decoder_layers, prompt_states
+    from safety_patch.gate_fit import GateFitConfig, encode, features, gate_prompts, held_out_prompts
+    from safety_patch.models import load_model
+    from safety_patch.runtime import configure_threads
+
+    configure_threads()
+    lm = load_model(args.model, device="cpu")
+    lm.model.eval()
+    cfg = GateFitConfig(self_instruct=args.self_instruct)
+    layer = cfg.resolved_layer(len(decoder_layers(lm.model)))
+    t0 = time.time()
+    harmful, benign, counts = gate_prompts(args.data, cfg)
+    val = held_out_prompts(args.data, "val", cfg.seed)
+    pool = encode(lm.tokenizer, harmful + benign + [m for v in val.values() for m in v])
+    prep_s = time.time() - t0
+    order = sorted(range(len(pool)), key=lambda i: len(pool[i]))
+    if args.sample and args.sample < len(pool):
+        step = len(pool) / args.sample
+        chosen = [order[int(i * step)] for i in range(args.sample)]
+    else:
+        chosen = order
+    prompts = [pool[i] for i in chosen]
+    tokens = sum(len(p) for p in prompts)
+    pool_tokens = sum(len(p) for p in pool)
+    load = os.getloadavg()
+
+    def timed(fn):
+        t = time.perf_counter()
+        x = fn()
+        return x, time.perf_counter() - t
+
+    paths = {"old (batch 8)": lambda: prompt_states(lm.model, lm.tokenizer, prompts, layer, 8),
+             "stage-exact": lambda: features(lm.model, lm.tokenizer, prompts, layer, token_budget=None)}
+    for b in (int(v) for v in args.budgets.split(",") if v):
+        paths[f"bucketed-{b}"] = lambda b=b: features(lm.model, lm.tokenizer, prompts, layer, token_budget=b)
+    features(lm.model, lm.tokenizer, prompts[: len(prompts) // 4], layer)  # warm-up (allocator, kernels)
+    best: dict[str, float] = {}
+    out: dict[str, torch.Tensor] = {}
+    for _ in range(args.repeats):  # interleaved, best of N: a shared machine's load hits every path alike
+        for name, fn in paths.items():
+            out[name], s = timed(fn)
+            best[name] = min(best.get(name, s), s)
+    ref, old_s = out["old (batch 8)"], best["old (batch 8)"]
+    rows = [{"path": name, "seconds": best[name], "max_abs_diff": float((out[name] - ref).abs().max()),
+             "bit_identical": torch.equal(out[name], ref)} for name in paths]
+    # Reuse across settings: the stage's feature cache, cold (computes and stores) then warm (a refit
+    # with another threshold / target FPR / L2 reads the same features back).
+    import tempfile
+
+    from safety_patch.gate_fit import cached_features
+
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["SAFETY_PATCH_HOME"] = home
+        x, cold = timed(lambda: cached_features(lm.model, lm.tokenizer, prompts, layer, None, lm.fingerprint))
+        y, warm = timed(lambda: cached_features(lm.model, lm.tokenizer, prompts, layer, None, lm.fingerprint))
+    for name, s, v in (("stage, feature cache cold", cold, x), ("stage, feature cache warm (refit)", warm, y)):
+        rows.append({"path": name, "seconds": s, "max_abs_diff": float((v - ref).abs().max()), "bit_identical": torch.equal(v, ref)})
+    for r in rows:
+        r["tokens_per_s"] = tokens / r["seconds"]
+        r["speedup_vs_old"] = old_s / r["seconds"]
+        r["projected_pool_s"] = pool_tokens / r["tokens_per_s"]
+        r["seconds"] = round(r["seconds"], 2)
+    # The probe fit on features of this size (LBFGS), for scale.
+    from safety_patch.gate import fit_probe
+
+    y = torch.tensor([float(i < len(harmful)) for i in chosen])
+    _, fit_s = timed(lambda: fit_probe(ref, y) if 0 < float(y.mean()) < 1 else None)
+    print(f"model {args.model}, layer {layer}; pool {len(pool)} prompts / {pool_tokens} tokens (train {counts}, val "
+          f"{ {k: len(v) for k, v in val.items()} }); timed {len(prompts)} prompts / {tokens} tokens; "
+          f"threads {torch.get_num_threads()}, load average {load[0]:.2f}")
+    print_table(rows, ["path", "seconds", "tokens_per_s", "speedup_vs_old", "projected_pool_s", "max_abs_diff", "bit_identical"])
+    print(f"probe fit (LBFGS) on {len(prompts)} x {ref.shape[1]} features: {fit_s:.2f}s; prompt pool built in {prep_s:.1f}s")
+    from safety_patch.data.build import manifest_sha256
+
+    # the data folder by name and manifest hash: no machine path in a committed result
+    write(args.name, {"args": vars(args) | {"data": Path(args.data).name}, "data_manifest_sha256": manifest_sha256(args.data),
+                      "layer": layer, "pool_prompts": len(pool), "pool_tokens": pool_tokens,
+                      "timed_prompts": len(prompts), "timed_tokens": tokens, "counts": counts,
+                      "load_average_at_start": load, "load_average_at_end": os.getloadavg(), "rows": rows,
+                      "probe_fit_seconds": fit_s, "prompt_pool_seconds": prep_s})
+
+
+if __name__ == "__main__":
+    main()

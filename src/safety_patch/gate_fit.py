@@ -1,0 +1,748 @@
+"""The gate as its own stage: fit a probe on a data folder, write a gate folder.
+
+A *gate folder* (``safety-patch gate fit --out G``) holds
+
+* ``gate.safetensors``: the probe in gate.py's format (unchanged: the file a gated patch
+  carries), and
+* ``gate.json``: what made it and how good it is: kind ``safety-patch/gate``, the base model's
+  name and fingerprint, the :class:`GateFitConfig`, prompt counts per kind, validation metrics
+  on the data folder's validation split (AUROC, TPR at 1%/5% FPR, FPR at the threshold, each
+  with n and a 95% interval), the data manifest's sha256, the code identity and library
+  versions, the fit's seconds, and the sha256 of ``gate.safetensors``.
+
+:func:`read_gate_folder` is the one reader: it checks ``gate.json`` against :class:`GateManifest`
+and the gate file against the recorded sha256, failing closed with one ``SafetyPatchError`` line
+naming file and field. ``train`` fits its gate through :func:`fit_gate_on_data` too, so a gated
+patch's gate and a gate folder's are the same fit for the same data and config.
+
+Any patch (a LoRA adapter or a full-parameter delta) can be put behind a gate made for its base
+with :func:`apply_gate` (``safety-patch gate apply``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+
+from .errors import SafetyPatchError
+from .gate import GATE_FILE, Gate, layer_states
+from .patch_schema import BaseInfo, _Strict
+
+GATE_JSON = "gate.json"
+GATE_KIND = "safety-patch/gate"
+TOKEN_BUDGET: int | None = None
+"""Default feature batching: None = length-sorted batches of 8 (bit-identical to the gates
+``train`` wrote before the gate stage); an int = length-bucketed batches of at most that many
+tokens (rows x padded width), which changes the features' last bits and, on the 2-core CPU,
+measured no faster (bench/gate_fit.py): the pass is compute-bound there."""
+MAX_BATCH = 64
+
+
+@dataclass
+class GateFitConfig:
+    """How a gate (gate.py) is fit: where it reads, where it fires, and its prompt pool.
+
+    The defaults are the default recipe's gate (docs/recipes.md)."""
+
+    layer: int | None = None
+    """Decoder layer whose output the probe reads at the last prompt token; None = see depth."""
+    depth: float = 0.6
+    """The layer as a fraction of the model's depth (0.6: layer 18 of 30), used when layer is None,
+    so that one recipe carries across models."""
+    threshold: float = 0.5
+    """Probe logit above which the adapter applies (higher: fewer safe prompts refused, more
+    attacks let through). Ignored when target_fpr is set."""
+    target_fpr: float | None = None
+    """Set the threshold instead at this false-positive rate on the validation pool of benign
+    prompts (e.g. 0.02); the chosen logit is recorded in the gate file."""
+    l2: float = 1e-2
+    """L2 penalty of the logistic probe (on standardised features)."""
+    wrapped_benign: int = 600
+    """Benign train prompts wrapped in train jailbreak templates as negatives, so that a
+    template alone does not fire the gate."""
+    wrapped_harmful: int = 400
+    """Harmful train requests wrapped in train templates added to the positives, so that the
+    request inside a template decides, not the template."""
+    self_instruct: int = 600
+    """Ordinary requests the base model wrote itself (data build --self-instruct N) added to the
+    negatives."""
+    seed: int = 0
+    """Seed for the prompt pool's sampling and wrapping."""
+
+    def resolved_layer(self, n_layers: int) -> int:
+        """The decoder layer index for a model with ``n_layers`` layers."""
+        if self.layer is not None:
+            return self.layer
+        return min(int(self.depth * n_layers), n_layers - 1)
+
+    def validate(self) -> GateFitConfig:
+        """Returns self; raises SafetyPatchError (one line naming the field) for a value that cannot be used."""
+        def bad(name: str, why: str) -> SafetyPatchError:
+            return SafetyPatchError(f"gate config: {name} {why}, got {getattr(self, name)!r}")
+
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
+            raise bad("layer", "must be an integer >= 0")
+        for name in ("depth", "threshold", "l2"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, "must be a finite number")
+        if not 0 <= self.depth <= 1:
+            raise bad("depth", "must be in [0, 1]")
+        if self.l2 < 0:
+            raise bad("l2", "must be >= 0")
+        if self.target_fpr is not None and (isinstance(self.target_fpr, bool) or not isinstance(self.target_fpr, (int, float))
+                                            or not 0 < self.target_fpr < 1):
+            raise bad("target_fpr", "must be a number in (0, 1)")
+        for name in ("wrapped_benign", "wrapped_harmful", "self_instruct", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise bad(name, "must be an integer >= 0")
+        return self
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def _prompt_of(row: dict, where: str) -> list[dict]:
+    msgs = row["messages"]
+    if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+        raise SafetyPatchError(f"{where}: expected 'messages' ending with an assistant turn")
+    return msgs[:-1]
+
+
+def gate_prompts(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[dict]], dict]:
+    """The gate's training prompts (see :func:`_gate_pool`)."""
+    harmful, benign, counts, _ = _gate_pool(data, cfg)
+    return harmful, benign, counts
+
+
+def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[dict]], dict, list[str | None]]:
+    """The gate's training prompts (conversations up to the answer): (harmful, benign, counts).
+
+    ``data``: a data folder's path or its ``DataFolder``. Harmful: every train row's prompt,
+    direct and wrapped, then ``wrapped_harmful`` train requests in train templates. Benign: every
+    borderline-benign and general train prompt, then up to ``self_instruct`` self-written
+    requests, then ``wrapped_benign`` of them wrapped in *train* jailbreak templates (without
+    those the probe learns "a template means harmful"). Held-out splits are never read. Raises
+    SafetyPatchError naming the file for missing or malformed data. The fourth value: each
+    harmful prompt's ``meta.source`` (None where a row has none), for leave-one-source-out.
+    """
+    from .data.folder import DataFolder
+
+    d = DataFolder.of(data)
+    rng = random.Random(cfg.seed)
+    train_rows = d.numbered("train")  # read once: the prompts here, the bare requests below
+    first: dict[str, tuple[list[dict], str | None]] = {}
+    for n, r in train_rows:
+        first.setdefault(repr(p := _prompt_of(r, d.where("train", n))), (p, r.get("meta", {}).get("source")))
+    harmful = [p for p, _ in first.values()]
+    sources: list[str | None] = [s for _, s in first.values()]
+    source_of = {r["meta"]["request"]: r["meta"].get("source") for _, r in train_rows if r.get("meta", {}).get("request")}
+    benign = [msgs for name in ("borderline", "general") for msgs in d.prompts(name, "train")]
+    si: list[list[dict]] = []
+    if cfg.self_instruct:
+        if not d.has("selfinstruct"):
+            raise SafetyPatchError(f"{d.file('selfinstruct')} not found: gate.self_instruct {cfg.self_instruct} needs "
+                                   f"`safety-patch data build --self-instruct N`")
+        for n, r in d.numbered("selfinstruct"):
+            if len(si) == cfg.self_instruct:
+                break
+            msgs = _prompt_of(r, d.where("selfinstruct", n))
+            if msgs[-1]["role"] != "user":
+                raise SafetyPatchError(f"{d.where('selfinstruct', n)}: expected a user turn before the answer")
+            si.append(msgs)
+        benign.extend(si)
+    if not harmful or not benign:
+        raise SafetyPatchError(f"{d.path}: the gate needs harmful (train.jsonl) and benign (borderline/general) train prompts")
+    templates = d.templates("train")
+    wrapped = []
+    if cfg.wrapped_benign and templates:
+        for msgs in rng.sample(benign, min(cfg.wrapped_benign, len(benign))):
+            t = rng.choice(templates)
+            wrapped.append(msgs[:-1] + [{"role": "user", "content": t.render(msgs[-1]["content"])}])
+    wrapped_h = []
+    if cfg.wrapped_harmful and templates:
+        # Drawn after the benign ones, so that adding them leaves the benign draw unchanged.
+        requests = sorted({r["meta"]["request"] for _, r in train_rows if r.get("meta", {}).get("request")})
+        for req in rng.sample(requests, min(cfg.wrapped_harmful, len(requests))):
+            wrapped_h.append([{"role": "user", "content": rng.choice(templates).render(req)}])
+            sources.append(source_of[req])
+    counts = {"harmful": len(harmful), "benign": len(benign), "wrapped_benign": len(wrapped)}
+    if wrapped_h:
+        counts["wrapped_harmful"] = len(wrapped_h)
+    if si:
+        counts["self_instruct"] = len(si)
+    return harmful + wrapped_h, benign + wrapped, counts, sources
+
+
+HELD_OUT_SETS = ("harmful_direct", "harmful_wrapped", "borderline", "general", "wrapped_benign")
+"""The held-out prompt sets of a split, positives first."""
+
+
+def held_out_prompts(data, split: str = "val", seed: int = 0) -> dict[str, list[list[dict]]]:
+    """One split's prompts by set: harmful requests direct and inside the split's jailbreak
+    templates (``val.jsonl``/``test.jsonl``), borderline-benign and general prompts, and those
+    benign prompts each wrapped in one of the split's templates (drawn with ``seed``).
+
+    Raises SafetyPatchError for a missing or malformed file, or a split without prompts."""
+    from .data.folder import DataFolder
+
+    if split not in ("val", "test"):
+        raise SafetyPatchError(f"split must be val or test, got {split!r} (the train split is what the gate learns from)")
+    d = DataFolder.of(data)
+    out: dict[str, list[list[dict]]] = {k: [] for k in HELD_OUT_SETS}
+    for n, r in d.numbered(split):
+        msgs = _prompt_of(r, d.where(split, n))
+        direct = r.get("meta", {}).get("template", "direct") == "direct"
+        out["harmful_direct" if direct else "harmful_wrapped"].append(msgs)
+    for name in ("borderline", "general"):
+        out[name] = d.prompts(name, split)
+    templates = d.templates(split)
+    if templates:
+        rng = random.Random(seed)
+        for msgs in out["borderline"] + out["general"]:
+            out["wrapped_benign"].append(msgs[:-1] + [{"role": "user", "content": rng.choice(templates).render(msgs[-1]["content"])}])
+    if not (out["harmful_direct"] or out["harmful_wrapped"]) or not (out["borderline"] or out["general"]):
+        raise SafetyPatchError(f"{d.path}: the {split} split needs harmful ({split}.jsonl) and benign (borderline/general) prompts")
+    return out
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def encode(tokenizer, convs: Sequence[Sequence[dict]]) -> list[list[int]]:
+    """Token ids of each conversation's rendered chat prompt (assistant header included), as the gate reads it."""
+    from .generation import render
+
+    return [tokenizer(render(tokenizer, m), add_special_tokens=False)["input_ids"] for m in convs]
+
+
+def length_buckets(lengths: Sequence[int], token_budget: int = 8192, max_batch: int = MAX_BATCH) -> list[list[int]]:
+    """Indices grouped into batches of similar length: sorted by length (stable), each batch
+    as many prompts as fit ``token_budget`` (rows x the batch's longest prompt), at most
+    ``max_batch``, at least one."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:  # ascending: the prompt being added is the batch's widest
+        if cur and ((len(cur) + 1) * lengths[i] > token_budget or len(cur) >= max_batch):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int,
+             token_budget: int | None = TOKEN_BUDGET, batch_size: int = 8) -> torch.Tensor:
+    """Hidden state after decoder layer ``layer`` at each prompt's last token: [n, hidden] fp32.
+
+    ``token_budget`` None: the path ``train`` used before the gate stage (length-sorted batches
+    of ``batch_size``, ``gate.prompt_states``). Otherwise length-bucketed batches under that
+    token budget. Either way the pass stops after ``layer`` and runs under inference mode.
+    The two agree to float rounding (batch composition changes the last bits of a matmul).
+    """
+    with torch.inference_mode():
+        if token_budget is None:
+            return layer_states(model, tokenizer, prompts, [layer], batch_size)[layer]
+        dim = getattr(model.config, "hidden_size", 0)
+        out = torch.zeros(len(prompts), dim)
+        for idx in length_buckets([len(p) for p in prompts], token_budget):
+            out[idx] = layer_states(model, tokenizer, [prompts[i] for i in idx], [layer], len(idx))[layer]
+        return out
+
+
+def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int,
+                    token_budget: int | None = TOKEN_BUDGET, fingerprint: str | None = None) -> torch.Tensor:
+    """:func:`features`, reused from ``$SAFETY_PATCH_HOME/gate-features/`` when the same prompts
+    were read before on the same base (``fingerprint``), code, layer, batching, device, dtype,
+    thread count and torch version: a refit with another threshold, target FPR or L2, or
+    ``gate fit`` after ``train`` with the same gate settings, skips the forward passes. The
+    cached value is that earlier computation of exactly these batches. ``fingerprint`` None: no
+    cache. A cache file that is unreadable, of the wrong shape or not finite is recomputed; one
+    that cannot be written is skipped (the cache never fails a fit)."""
+    if fingerprint is None:
+        return features(model, tokenizer, prompts, layer, token_budget)
+    import hashlib
+    import json
+    import os
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from .models import home
+    from .provenance import code_key
+
+    p = next(model.parameters())
+    key = hashlib.sha256(json.dumps({
+        "fingerprint": fingerprint, "code": code_key(), "torch": torch.__version__, "layer": layer,
+        "token_budget": token_budget, "device": str(p.device), "dtype": str(p.dtype), "threads": torch.get_num_threads(),
+        "prompts": [list(map(int, x)) for x in prompts]}).encode()).hexdigest()
+    path = home() / "gate-features" / f"{key[:32]}.safetensors"
+    dim = getattr(model.config, "hidden_size", 0)
+    if path.is_file():
+        try:
+            x = load_file(str(path))["features"]
+            if tuple(x.shape) == (len(prompts), dim) and x.dtype == torch.float32 and bool(torch.isfinite(x).all()):
+                return x
+        except Exception:  # a damaged cache entry: recompute (and rewrite) it
+            pass
+    x = features(model, tokenizer, prompts, layer, token_budget)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        os.close(fd)
+        save_file({"features": x.contiguous()}, tmp)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+    except OSError:
+        pass
+    return x
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def threshold_at_fpr(negatives: torch.Tensor, fpr: float) -> float:
+    """The smallest sorted negative logit t with share(negatives > t) <= ``fpr`` (a gate fires on
+    logit > threshold). Raises SafetyPatchError without negatives."""
+    s = sorted((float(v) for v in negatives), reverse=True)
+    if not s:
+        raise SafetyPatchError("no benign prompts to set a threshold at a false-positive rate on")
+    k = int(math.floor(fpr * len(s) + 1e-9))  # at most k negatives may lie above the threshold
+    return s[min(k, len(s) - 1)]
+
+
+def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg), ties counted half)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(list(pos) + list(neg))
+    n_pos, n_neg = len(pos), len(neg)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _auroc_ci(pos: Sequence[float], neg: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict:
+    """AUROC with a stratified percentile-bootstrap 95% interval."""
+    import numpy as np
+
+    if not len(pos) or not len(neg):
+        return {"value": None, "n_pos": len(pos), "n_neg": len(neg), "ci95": [None, None], "interval": "bootstrap"}
+    rng = np.random.default_rng(seed)
+    p, n = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
+    # A bootstrap replicate is a multinomial weighting of the original points, so its AUROC is
+    # w_pos^T K w_neg / (n_pos n_neg) with K[i, j] = 1 if pos_i > neg_j, 1/2 if equal.
+    kern = (p[:, None] > n[None, :]) + 0.5 * (p[:, None] == n[None, :])
+    wp = rng.multinomial(len(p), np.full(len(p), 1 / len(p)), size=n_boot)
+    wn = rng.multinomial(len(n), np.full(len(n), 1 / len(n)), size=n_boot)
+    boots = [((wp @ kern) * wn).sum(1) / (len(p) * len(n))]
+    lo, hi = np.percentile(np.concatenate(boots), [2.5, 97.5])
+    return {"value": auroc(pos, neg), "n_pos": len(pos), "n_neg": len(neg), "ci95": [float(lo), float(hi)],
+            "interval": "bootstrap"}
+
+
+def discrimination(pos: torch.Tensor, neg: torch.Tensor, threshold: float) -> dict:
+    """How well logits ``pos`` (harmful) and ``neg`` (benign) separate: AUROC (bootstrap CI), TPR
+    at 1% and 5% FPR (threshold set on ``neg``; Wilson CI over the positives, given that
+    threshold), and TPR and FPR at ``threshold`` (Wilson CIs)."""
+    from .evaluation.stats import proportion
+
+    out: dict[str, Any] = {"auroc": _auroc_ci(pos.tolist(), neg.tolist())}
+    for f in (0.01, 0.05):
+        if len(neg) and len(pos):
+            t = threshold_at_fpr(neg, f)
+            out[f"tpr_at_fpr_{f:g}"] = proportion(int((pos > t).sum()), len(pos)) | {"threshold": t}
+    out["tpr_at_threshold"] = proportion(int((pos > threshold).sum()), len(pos))
+    out["fpr_at_threshold"] = proportion(int((neg > threshold).sum()), len(neg))
+    return out
+
+
+def reliability(scores: dict[str, torch.Tensor], threshold: float) -> dict:
+    """The report on one split's logits by set (``HELD_OUT_SETS``): per set the share the gate
+    fires on (n, Wilson CI), and the discrimination of direct harmful vs borderline + general,
+    wrapped harmful vs wrapped benign, and all harmful vs every benign prompt."""
+    from .evaluation.stats import proportion
+
+    def cat(*names: str) -> torch.Tensor:
+        parts = [scores[n] for n in names if n in scores and len(scores[n])]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    sets = {name: proportion(int((z > threshold).sum()), len(z)) for name, z in scores.items()}
+    return {
+        "threshold": threshold,
+        "fired": sets,
+        "direct_vs_benign": discrimination(cat("harmful_direct"), cat("borderline", "general"), threshold),
+        "wrapped_vs_wrapped_benign": discrimination(cat("harmful_wrapped"), cat("wrapped_benign"), threshold),
+        "harmful_vs_benign": discrimination(cat("harmful_direct", "harmful_wrapped"),
+                                            cat("borderline", "general", "wrapped_benign"), threshold),
+    }
+
+
+def held_out_scores(model, tokenizer, gate: Gate, data, split: str = "val", seed: int = 0,
+                    token_budget: int | None = TOKEN_BUDGET,
+                    fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The gate's logits on every held-out set of ``split`` ({set: [n]}) and the set sizes."""
+    sets = held_out_prompts(data, split, seed)
+    names = [k for k in HELD_OUT_SETS if sets[k]]
+    ids = encode(tokenizer, [m for k in names for m in sets[k]])
+    z = gate.scores(cached_features(model, tokenizer, ids, gate.layer, token_budget, fingerprint))
+    out, at = {}, 0
+    for k in names:
+        out[k], at = z[at : at + len(sets[k])], at + len(sets[k])
+    return out, {k: len(v) for k, v in sets.items()}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, token_budget: int | None = TOKEN_BUDGET,
+                     validate: bool | None = True, fingerprint: str | None = None) -> tuple[Gate, dict]:
+    """Fit a gate on a data folder's train split; returns (gate, info).
+
+    ``model`` must be the base model (adapters off): the probe reads its hidden states.
+    ``info`` holds what ``patch.json``'s ``gate`` has always held (layer, threshold, l2, prompt
+    counts, training-set catch rates, fit seconds) plus, with ``validate``, the validation
+    report (:func:`reliability`) on the ``val`` split (``validate=None``: when the folder has
+    validation harmful and benign prompts; ``train`` fits so). With ``cfg.target_fpr`` the threshold is
+    the logit at that false-positive rate on the validation split's benign pool (borderline +
+    general + wrapped benign), which then needs ``validate``. Raises SafetyPatchError for an
+    invalid config, a layer the model lacks, or missing data. ``fingerprint``: the base's, to
+    reuse features computed before (:func:`cached_features`); None computes them.
+    """
+    from .data.folder import DataFolder
+    from .gate import decoder_layers, fit_probe
+
+    cfg.validate()
+    d = DataFolder.of(data)
+    if validate is None:  # derived and hand-made folders may have no usable validation split
+        validate = d.has("val") and bool(d.rows("val")) and bool(d.prompts("borderline", "val") or d.prompts("general", "val"))
+    n_layers = len(decoder_layers(model))
+    layer = cfg.resolved_layer(n_layers)
+    if layer >= n_layers:
+        raise SafetyPatchError(f"gate_layer {layer}: the model has layers 0-{n_layers - 1}")
+    if cfg.target_fpr is not None and not validate:
+        raise SafetyPatchError("gate config: target_fpr sets the threshold on the validation split, which this fit skips")
+    harmful, benign, counts = gate_prompts(d, cfg)
+    t0 = time.time()
+    was_training = model.training
+    model.eval()
+    try:
+        x = cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign)), layer, token_budget,
+                            fingerprint)
+        y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
+        w, b, mu, sd = fit_probe(x, y, cfg.l2)
+        gate = Gate(layer, cfg.threshold, w, b, mu, sd)
+        val = None
+        if validate:
+            scores, sizes = held_out_scores(model, tokenizer, gate, d, "val", cfg.seed, token_budget, fingerprint)
+            if cfg.target_fpr is not None:
+                pool = torch.cat([scores[k] for k in ("borderline", "general", "wrapped_benign") if k in scores])
+                gate.threshold = threshold_at_fpr(pool, cfg.target_fpr)
+            val = reliability(scores, gate.threshold) | {"split": "val", "n": sizes}
+    finally:
+        model.train(was_training)
+    gate.check("fitted gate")
+    f = gate.fires(x)
+    info = {"layer": layer, "threshold": gate.threshold, "l2": cfg.l2, "harmful": len(harmful), "benign": len(benign),
+            "train_harmful_caught": round(float(f[y > 0].float().mean()), 4),
+            "train_benign_flagged": round(float(f[y == 0].float().mean()), 4),
+            "prompts": counts, "position": "last prompt token", "fit_seconds": round(time.time() - t0, 1)}
+    if cfg.target_fpr is not None:
+        info["threshold_from"] = {"target_fpr": cfg.target_fpr, "pool": "val borderline + general + wrapped benign"}
+    if val is not None:
+        info["validation"] = val
+    return gate, info
+
+
+def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str = "val",
+                         token_budget: int | None = TOKEN_BUDGET, fingerprint: str | None = None) -> dict:
+    """Refit the gate without each harmful source and measure it on that source: {source: report}.
+
+    Per harmful source S of ``train.jsonl`` (``meta.source``; two or more needed): the probe is
+    refit on the gate's train pool without S's prompts (its train rows and its wrapped
+    requests), the benign pool unchanged; then measured on S's requests it never saw, direct
+    (S's train and ``split`` requests, once each) and ``split``'s wrapped ones, against
+    ``split``'s borderline + general prompts (direct) and wrapped benign prompts (wrapped):
+    :func:`discrimination` at ``cfg.threshold`` (or, with ``cfg.target_fpr``, the logit at that
+    rate on the split's benign pool). Features are computed once for every fold.
+    Raises SafetyPatchError with fewer than two sources.
+    """
+    from .data.folder import DataFolder
+    from .gate import decoder_layers, fit_probe
+
+    cfg.validate()
+    d = DataFolder.of(data)
+    harmful, benign, _, sources = _gate_pool(d, cfg)
+    names = sorted({s for s in sources if s is not None})
+    if len(names) < 2:
+        raise SafetyPatchError(f"{d.file('train')}: leave-one-source-out needs two or more harmful sources (meta.source), "
+                               f"found {names or 'none'}")
+    held = held_out_prompts(d, split, cfg.seed)
+    pos: dict[str, dict[str, list]] = {s: {"direct": [], "wrapped": []} for s in names}
+    seen: set[tuple[str, str]] = set()
+    for name in ("train", split):
+        for n, r in d.numbered(name):
+            m = r.get("meta", {})
+            s, req = m.get("source"), m.get("request")
+            if s not in pos or not req:
+                continue
+            if (s, req) not in seen:
+                seen.add((s, req))
+                pos[s]["direct"].append([{"role": "user", "content": req}])
+            if name == split and m.get("template", "direct") != "direct":
+                pos[s]["wrapped"].append(_prompt_of(r, d.where(name, n)))
+    neg_direct, neg_wrapped = held["borderline"] + held["general"], held["wrapped_benign"]
+    tests = [m for s in names for k in ("direct", "wrapped") for m in pos[s][k]] + neg_direct + neg_wrapped
+    n_layers = len(decoder_layers(model))
+    layer = cfg.resolved_layer(n_layers)
+    if layer >= n_layers:
+        raise SafetyPatchError(f"gate_layer {layer}: the model has layers 0-{n_layers - 1}")
+    model.eval()
+    x_all = cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign) + tests), layer, token_budget,
+                            fingerprint)
+    n_train = len(harmful) + len(benign)
+    x_train, x_test = x_all[:n_train], x_all[n_train:]
+    y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
+    src = list(sources) + [None] * len(benign)
+    out: dict[str, Any] = {}
+    at = 0
+    spans = {}
+    for s in names:
+        for k in ("direct", "wrapped"):
+            spans[(s, k)] = (at, at + len(pos[s][k]))
+            at += len(pos[s][k])
+    nd = (at, at + len(neg_direct))
+    nw = (nd[1], nd[1] + len(neg_wrapped))
+    for s in names:
+        keep = torch.tensor([v != s for v in src])
+        w, b, mu, sd = fit_probe(x_train[keep], y[keep], cfg.l2)
+        gate = Gate(layer, cfg.threshold, w, b, mu, sd)
+        z = gate.scores(x_test)
+        zn_d, zn_w = z[nd[0] : nd[1]], z[nw[0] : nw[1]]
+        t = threshold_at_fpr(torch.cat([zn_d, zn_w]), cfg.target_fpr) if cfg.target_fpr is not None else cfg.threshold
+        (a, b_), (c, e) = spans[(s, "direct")], spans[(s, "wrapped")]
+        out[s] = {"held_out": s, "train_harmful_without": int((y[keep] > 0).sum()), "threshold": t,
+                  "direct_vs_benign": discrimination(z[a:b_], zn_d, t),
+                  "wrapped_vs_wrapped_benign": discrimination(z[c:e], zn_w, t)}
+    return {"split": split, "layer": layer, "sources": out}
+
+
+# ----------------------------------------------------------------------------- the gate folder
+
+
+class GateManifest(_Strict):
+    """``gate.json``: what the tooling acts on is required and strictly typed; the rest is descriptive."""
+
+    kind: Literal["safety-patch/gate"]
+    id: str
+    """First 16 hex digits of the sha256 of gate.safetensors (display; checked)."""
+    base: BaseInfo
+    """The base the gate was fit on: it reads that model's hidden states only."""
+    layer: int
+    threshold: float
+    files: dict[str, str]
+    """{"gate.safetensors": sha256}: exactly that file."""
+    config: dict[str, Any]
+    prompts: dict[str, int]
+    validation: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    code: dict[str, Any] | None = None
+    versions: dict[str, Any] | None = None
+    fit_seconds: float | None = None
+    created: str | None = None
+
+
+def gate_id(sha256: str) -> str:
+    """A gate's identity: the first 16 hex digits of its gate.safetensors sha256."""
+    return sha256[:16]
+
+
+def write_gate_folder(out: str | Path, gate: Gate, info: dict, base: dict, cfg: GateFitConfig, data_dir: str | Path,
+                      overwrite: bool = False) -> dict:
+    """Write ``out`` (atomically): gate.safetensors + gate.json; returns gate.json's content.
+
+    ``base``: {"name", "fingerprint"} of the model the gate was fit on. The folder is read back
+    with :func:`read_gate_folder` before it is published."""
+    from .atomic import atomic_dir, sha256_file, write_json
+    from .data.build import manifest_sha256
+    from .provenance import code_identity, library_versions
+
+    with atomic_dir(Path(out), overwrite=overwrite, kind="gate") as tmp:
+        gate.save(tmp)
+        sha = sha256_file(tmp / GATE_FILE)
+        meta = {"kind": GATE_KIND, "id": gate_id(sha), "base": base, "layer": gate.layer, "threshold": gate.threshold,
+                "config": dataclasses.asdict(cfg), "prompts": info["prompts"],
+                "train": {k: info[k] for k in ("harmful", "benign", "train_harmful_caught", "train_benign_flagged")},
+                **({"threshold_from": info["threshold_from"]} if "threshold_from" in info else {}),
+                "validation": info.get("validation"), "position": info["position"],
+                "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir)},
+                "files": {GATE_FILE: sha}, "code": code_identity(), "versions": library_versions(),
+                "fit_seconds": info["fit_seconds"], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_json(tmp / GATE_JSON, meta)
+        read_gate_folder(tmp)
+    return meta
+
+
+def read_gate_folder(path: str | Path) -> tuple[Gate, dict]:
+    """Open and check a gate folder: (the Gate, gate.json's content).
+
+    Fails closed with one SafetyPatchError line naming file and field: no folder or no
+    gate.json; gate.json not JSON or off :class:`GateManifest`; ``files`` not exactly
+    gate.safetensors; the file's sha256 or the id not what gate.json records; a gate that
+    cannot decide (gate.py); layer or threshold in gate.json not the file's.
+    """
+    from .atomic import sha256_file
+    from .patch_schema import _first_error, _load_json_object
+
+    path = Path(path)
+    if not path.is_dir():
+        raise SafetyPatchError(f"gate folder not found: {path}")
+    gj = path / GATE_JSON
+    if not gj.is_file():
+        raise SafetyPatchError(f"{path} has no {GATE_JSON}: not a gate folder from `safety-patch gate fit`")
+    raw = _load_json_object(gj)
+    try:
+        man = GateManifest.model_validate(raw)
+    except ValidationError as e:
+        raise _first_error(gj, e, raw) from None
+    if not man.base.fingerprint:
+        raise SafetyPatchError(f"{gj}: field 'base.fingerprint' is empty; a gate is bound to the base it was fit on")
+    if set(man.files) != {GATE_FILE}:
+        raise SafetyPatchError(f"{gj}: field 'files' must list exactly {GATE_FILE}, lists {sorted(man.files)}")
+    gf = path / GATE_FILE
+    if not gf.is_file():
+        raise SafetyPatchError(f"{path} is missing {GATE_FILE}")
+    sha = sha256_file(gf)
+    if sha != man.files[GATE_FILE]:
+        raise SafetyPatchError(f"{gf}: sha256 differs from {GATE_JSON} field 'files' (file changed or damaged)")
+    if man.id != gate_id(sha):
+        raise SafetyPatchError(f"{gj}: field 'id' is {man.id!r}, but {GATE_FILE} hashes to id {gate_id(sha)}")
+    gate = Gate.load(path)
+    if gate.layer != man.layer:
+        raise SafetyPatchError(f"{gj}: field 'layer' is {man.layer}, {GATE_FILE} holds layer {gate.layer}")
+    if not (math.isfinite(man.threshold) and math.isclose(gate.threshold, man.threshold, rel_tol=1e-6, abs_tol=1e-6)):
+        raise SafetyPatchError(f"{gj}: field 'threshold' is {man.threshold}, {GATE_FILE} holds {gate.threshold}")
+    return gate, raw
+
+
+def fit_gate_folder(lm, data_dir: str | Path, cfg: GateFitConfig, out: str | Path, overwrite: bool = False,
+                    token_budget: int | None = TOKEN_BUDGET) -> dict:
+    """``safety-patch gate fit``: fit a gate for ``lm`` (a models.LoadedModel, no patches attached)
+    on ``data_dir`` and write the gate folder ``out`` atomically; returns gate.json's content."""
+    from .data.folder import DataFolder
+
+    d = DataFolder(data_dir)
+    gate, info = fit_gate_on_data(lm.model, lm.tokenizer, d, cfg, token_budget=token_budget, fingerprint=lm.fingerprint)
+    return write_gate_folder(out, gate, info, {"name": lm.name, "fingerprint": lm.fingerprint}, cfg, data_dir, overwrite)
+
+
+# ----------------------------------------------------------------------------- applying and evaluating
+
+
+def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """Write a new gated patch at ``out``: ``patch_dir``'s weight files behind ``gate_dir``'s gate.
+
+    Works for a LoRA adapter and a full-parameter delta. ``patch.json`` keeps the patch's
+    base, stack and descriptive fields, records the gate (layer, threshold, id, config,
+    prompt counts, validation report, provenance) and the patch it came from; id and binding
+    are computed anew (``patches.finalize_patch``). Raises SafetyPatchError for a patch that is
+    already gated or a gate fit on another base (fingerprints differ); nothing is written then.
+    """
+    import shutil
+
+    from .atomic import atomic_dir
+    from .patches import finalize_patch, read_patch, weight_files
+
+    p = read_patch(patch_dir)
+    gate, gmeta = read_gate_folder(gate_dir)
+    if p.gated:
+        raise SafetyPatchError(f"{p.path} is already gated; apply the gate to the ungated patch it was made from")
+    if gmeta["base"]["fingerprint"] != p.base_fingerprint:
+        raise SafetyPatchError(f"{Path(gate_dir) / GATE_JSON}: field 'base.fingerprint' is {gmeta['base']['fingerprint'][:12]}…, "
+                               f"but {p.path} was made for base {p.base_fingerprint[:12]}…; a gate reads the hidden states "
+                               "of the model it was fit on")
+    keep = ("method", "objective", "config", "data", "training")
+    fields = {k: p.meta[k] for k in keep if k in p.meta}
+    fields["stack"] = p.stack
+    fields["gate"] = {"layer": gate.layer, "threshold": gate.threshold, "id": gmeta["id"], "source": str(gate_dir),
+                      **{k: gmeta[k] for k in ("config", "prompts", "train", "threshold_from", "validation", "position",
+                                               "data", "code", "versions", "fit_seconds") if k in gmeta}}
+    fields["gated_from"] = {"patch": p.id, "path": str(p.path), "code": p.meta.get("code"),
+                            "created": p.meta.get("created")}
+    fields["versions"] = p.meta.get("versions")
+    fields = {k: v for k, v in fields.items() if v is not None}
+    with atomic_dir(Path(out), overwrite=overwrite, kind="patch") as tmp:
+        for f in weight_files(p.format):
+            shutil.copyfile(p.path / f, tmp / f)
+        shutil.copyfile(Path(gate_dir) / GATE_FILE, tmp / GATE_FILE)
+        meta = finalize_patch(tmp, p.format, dict(p.meta["base"]), **fields)
+    return meta
+
+
+def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "val", seed: int = 0,
+                  token_budget: int | None = TOKEN_BUDGET, loso: bool = False) -> dict:
+    """``safety-patch gate eval``: the gate's reliability report on one held-out split; with
+    ``loso``, also :func:`leave_one_source_out` with the gate's own config (refits: it costs
+    about one gate fit).
+
+    Refuses (SafetyPatchError) a gate fit on another base than ``lm``."""
+    from .data.build import manifest_sha256
+    from .provenance import provenance
+
+    gate, gmeta = read_gate_folder(gate_dir)
+    if gmeta["base"]["fingerprint"] != lm.fingerprint:
+        raise SafetyPatchError(f"{Path(gate_dir) / GATE_JSON}: the gate was fit on base {gmeta['base']['fingerprint'][:12]}…, "
+                               f"the model is {lm.fingerprint[:12]}…")
+    t0 = time.time()
+    scores, sizes = held_out_scores(lm.model, lm.tokenizer, gate, data_dir, split, seed, token_budget, lm.fingerprint)
+    rep = reliability(scores, gate.threshold)
+    if loso:
+        known = {f.name for f in dataclasses.fields(GateFitConfig)}
+        cfg = GateFitConfig(**{k: v for k, v in gmeta["config"].items() if k in known})
+        rep["leave_one_source_out"] = leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, split, token_budget,
+                                                           lm.fingerprint)
+    note = None
+    if split == "val" and gmeta.get("threshold_from"):
+        note = "the threshold was chosen on this split (target_fpr): its false-positive rate here is not an independent estimate"
+    return {"kind": "safety-patch/gate-eval", "gate": {"path": str(gate_dir), "id": gmeta["id"], "layer": gate.layer,
+                                                       "threshold": gate.threshold},
+            "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "split": split, "seed": seed},
+            "n": sizes, **rep, **({"note": note} if note else {}), "seconds": round(time.time() - t0, 1), **provenance()}
+
+
+def report_table(rep: dict) -> str:
+    """The reliability report as a plain-text table (one row per comparison, one per set)."""
+    def pct(p: dict) -> str:
+        if p.get("value") is None:
+            return "n/a"
+        lo, hi = p["ci95"]
+        return f"{100 * p['value']:5.1f}% [{100 * lo:4.1f}, {100 * hi:4.1f}]"
+
+    lines = [f"threshold {rep['threshold']:+.3f}", f"{'comparison':<26}{'AUROC [95% CI]':<24}{'TPR@1%FPR':<24}"
+             f"{'TPR@5%FPR':<24}{'FPR@threshold':<24}n+/n-"]
+    for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign", "harmful_vs_benign"):
+        c = rep[name]
+        a = c["auroc"]
+        auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+        lines.append(f"{name:<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}{pct(c.get('tpr_at_fpr_0.05', {})):<24}"
+                     f"{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
+    lines.append(f"{'set':<26}{'fires on [95% CI]':<24}n")
+    for name, p in rep["fired"].items():
+        lines.append(f"{name:<26}{pct(p):<24}{p['n']}")
+    for src, r in rep.get("leave_one_source_out", {}).get("sources", {}).items():
+        for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign"):
+            c = r[name]
+            a = c["auroc"]
+            auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+            lines.append(f"{'LOSO ' + src + ' ' + name.split('_')[0]:<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
+                         f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(c['tpr_at_threshold']) + ' caught':<24}{a['n_pos']}/{a['n_neg']}")
+    return "\n".join(lines)

@@ -1,0 +1,293 @@
+"""The gate as its own stage (gate_fit.py): fit, the gate folder and its reader, apply, eval, train's gate."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from safety_patch.data.build import DataConfig, build
+from safety_patch.errors import SafetyPatchError
+from safety_patch.gate import GATE_FILE, Gate
+from safety_patch.gate_fit import (
+    GATE_JSON,
+    GateFitConfig,
+    apply_gate,
+    fit_gate_folder,
+    fit_gate_on_data,
+    held_out_scores,
+    read_gate_folder,
+    threshold_at_fpr,
+)
+from safety_patch.patches import read_patch
+from safety_patch.testing import make_delta_patch, make_lora_patch
+
+CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_dir):
+    d = tmp_path_factory.mktemp("gsdata") / "d"
+    build(d, DataConfig(max_per_source=30, distill=False, template_max_chars=400, self_instruct=0, general_limit=60,
+                        borderline_train_extra=False), model=str(tiny_dir))
+    return d
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    from safety_patch.models import load_model
+
+    return load_model(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gate_dir(tmp_path_factory, lm, data_dir):
+    out = tmp_path_factory.mktemp("gs") / "g"
+    fit_gate_folder(lm, data_dir, CFG, out)
+    return out
+
+
+def test_gate_fit_writes_a_checked_folder(gate_dir, lm, data_dir):
+    gate, meta = read_gate_folder(gate_dir)
+    assert sorted(p.name for p in gate_dir.iterdir()) == [GATE_JSON, GATE_FILE]
+    assert meta["kind"] == "safety-patch/gate" and meta["base"]["fingerprint"] == lm.fingerprint
+    assert meta["layer"] == gate.layer == 1 and meta["threshold"] == gate.threshold == CFG.threshold
+    assert meta["config"]["wrapped_benign"] == 6 and meta["prompts"]["wrapped_harmful"] == 4
+    assert meta["code"]["source_sha256"] and meta["versions"]["torch"] and len(meta["data"]["manifest_sha256"]) == 64
+    val = meta["validation"]
+    assert val["split"] == "val"
+    for name in ("harmful_direct", "harmful_wrapped", "borderline", "general", "wrapped_benign"):
+        assert val["n"][name] > 0 and val["fired"][name]["n"] == val["n"][name]
+        lo, hi = val["fired"][name]["ci95"]
+        assert 0 <= lo <= val["fired"][name]["value"] <= hi <= 1
+    d = val["direct_vs_benign"]
+    assert d["auroc"]["n_pos"] == val["n"]["harmful_direct"] and d["auroc"]["n_neg"] == val["n"]["borderline"] + val["n"]["general"]
+    assert d["auroc"]["ci95"][0] <= d["auroc"]["value"] <= d["auroc"]["ci95"][1]
+    assert {"tpr_at_fpr_0.01", "tpr_at_fpr_0.05", "fpr_at_threshold", "tpr_at_threshold"} <= set(d)
+    # the recorded FPR at the threshold is what the gate does on those prompts
+    scores, _ = held_out_scores(lm.model, lm.tokenizer, gate, data_dir, "val", CFG.seed)
+    neg = torch.cat([scores["borderline"], scores["general"]])
+    assert d["fpr_at_threshold"]["k"] == int((neg > gate.threshold).sum())
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tampered_gate_folders_are_refused(gate_dir, tmp_path):
+    g = _copy(gate_dir, tmp_path / "a")
+    meta = json.loads((g / GATE_JSON).read_text())
+    (g / GATE_JSON).write_text(json.dumps(meta | {"threshold": meta["threshold"] + 1}))
+    with pytest.raises(SafetyPatchError, match=r"gate.json: field 'threshold' is .* holds"):
+        read_gate_folder(g)
+    (g / GATE_JSON).write_text(json.dumps(meta | {"base": {"name": "x"}}))
+    with pytest.raises(SafetyPatchError, match=r"gate.json: missing required field 'base.fingerprint'"):
+        read_gate_folder(g)
+    (g / GATE_JSON).write_text(json.dumps(meta | {"layer": "1"}))
+    with pytest.raises(SafetyPatchError, match=r"gate.json: field 'layer' is invalid"):
+        read_gate_folder(g)
+    (g / GATE_JSON).write_text("{not json")
+    with pytest.raises(SafetyPatchError, match=r"gate.json: invalid JSON"):
+        read_gate_folder(g)
+    # the gate file edited (a new threshold written in gate.py's own format): its sha256 no longer matches
+    g = _copy(gate_dir, tmp_path / "b")
+    gate = Gate.load(g)
+    Gate(gate.layer, gate.threshold + 3, gate.weight, gate.bias, gate.mean, gate.std).save(g)
+    with pytest.raises(SafetyPatchError, match=r"gate.safetensors: sha256 differs from gate.json"):
+        read_gate_folder(g)
+    (g / GATE_FILE).unlink()
+    with pytest.raises(SafetyPatchError, match=f"missing {GATE_FILE}"):
+        read_gate_folder(g)
+    with pytest.raises(SafetyPatchError, match="no gate.json"):
+        read_gate_folder(tmp_path)
+
+
+def test_target_fpr_sets_the_threshold_on_the_validation_benign_pool(lm, data_dir, tmp_path):
+    cfg = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, target_fpr=0.1)
+    meta = fit_gate_folder(lm, data_dir, cfg, tmp_path / "g")
+    gate, _ = read_gate_folder(tmp_path / "g")
+    assert gate.threshold == meta["threshold"] != cfg.threshold and meta["threshold_from"]["target_fpr"] == 0.1
+    scores, _ = held_out_scores(lm.model, lm.tokenizer, gate, data_dir, "val", cfg.seed)
+    pool = torch.cat([scores["borderline"], scores["general"], scores["wrapped_benign"]])
+    assert int((pool > gate.threshold).sum()) <= 0.1 * len(pool)
+    # and it is the loosest such logit: the next benign score down would exceed the target
+    below = pool[pool < gate.threshold]
+    if len(below):
+        assert int((pool > below.max()).sum()) > 0.1 * len(pool)
+    assert threshold_at_fpr(torch.tensor([3.0, 2.0, 1.0, 0.0]), 0.25) == 2.0  # one of four above 2.0
+    with pytest.raises(SafetyPatchError, match="target_fpr must be a number in"):
+        GateFitConfig(target_fpr=1.5).validate()
+
+
+@pytest.mark.parametrize("kind", ["lora", "delta"])
+def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, tmp_path):
+    make = make_lora_patch if kind == "lora" else make_delta_patch
+    src = make(lm.model, tmp_path / "p", lm.fingerprint, seed=1)
+    meta = apply_gate(src, gate_dir, tmp_path / "gp")
+    p = read_patch(tmp_path / "gp")
+    gate, gmeta = read_gate_folder(gate_dir)
+    assert p.gated and p.format == kind and meta["gate"]["id"] == gmeta["id"]
+    assert p.meta["gate"]["layer"] == gate.layer and p.meta["gate"]["threshold"] == gate.threshold
+    assert p.meta["files"][GATE_FILE] == gmeta["files"][GATE_FILE]
+    assert p.meta["gated_from"]["patch"] == read_patch(src).id and p.id != read_patch(src).id
+    assert p.meta["gate"]["validation"] == gmeta["validation"] and p.meta["gate"]["code"] == gmeta["code"]
+    with pytest.raises(SafetyPatchError, match="already gated"):
+        apply_gate(tmp_path / "gp", gate_dir, tmp_path / "gp2")
+    if kind == "delta":
+        from safety_patch.patches import merged_state_dict
+
+        with pytest.raises(SafetyPatchError, match="gated patch.*cannot be folded"):
+            merged_state_dict(lm.model, [p], lm.fingerprint)
+
+
+def test_gate_apply_refuses_a_gate_for_another_base(gate_dir, lm, tmp_path):
+    src = make_lora_patch(lm.model, tmp_path / "p", "another-base", seed=1)
+    with pytest.raises(SafetyPatchError, match=r"gate.json: field 'base.fingerprint' is .* made for base anoth"):
+        apply_gate(src, gate_dir, tmp_path / "gp")
+    assert not (tmp_path / "gp").exists()
+
+
+def test_gate_eval_reports_metrics_with_n_and_intervals(gate_dir, data_dir, tiny_dir, tmp_path, capsys):
+    from safety_patch.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model", str(tiny_dir),
+                 "--split", "test", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "direct_vs_benign" in printed and "AUROC" in printed
+    rep = json.loads(out.read_text())
+    assert rep["data"]["split"] == "test" and rep["n"]["harmful_direct"] > 0
+    for c in ("direct_vs_benign", "wrapped_vs_wrapped_benign", "harmful_vs_benign"):
+        a = rep[c]["auroc"]
+        assert a["n_pos"] > 0 and a["n_neg"] > 0 and len(a["ci95"]) == 2
+        assert rep[c]["fpr_at_threshold"]["n"] == a["n_neg"] and len(rep[c]["fpr_at_threshold"]["ci95"]) == 2
+    assert rep["code"]["source_sha256"]
+    assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model", str(tiny_dir),
+                 "--split", "train"]) == 2
+
+
+def test_stage_gate_is_bit_identical_to_the_old_train_path(lm, data_dir):
+    """Same prompts, same order, same fit: the gate `train` wrote before the stage existed."""
+    from safety_patch.gate import fit_gate
+    from safety_patch.gate_fit import gate_prompts
+    from safety_patch.generation import render
+
+    harmful, benign, _ = gate_prompts(data_dir, CFG)
+    old, _ = fit_gate(lm.model, lm.tokenizer, [render(lm.tokenizer, m) for m in harmful],
+                      [render(lm.tokenizer, m) for m in benign], 1, CFG.threshold, CFG.l2)
+    new, info = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, validate=False)
+    assert torch.equal(old.weight, new.weight) and torch.equal(old.mean, new.mean) and torch.equal(old.std, new.std)
+    assert old.bias == new.bias and old.layer == new.layer and old.threshold == new.threshold
+    assert "validation" not in info and info["prompts"]["wrapped_benign"] == 6
+
+
+def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
+    from safety_patch.cli import main
+
+    g = tmp_path / "g"
+    assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir), "--layer", "0",
+                 "--target-fpr", "0.05", "--self-instruct", "0", "--wrapped-benign", "3", "--wrapped-harmful", "2"]) == 0
+    _, meta = read_gate_folder(g)
+    assert meta["layer"] == 0 and meta["config"]["target_fpr"] == 0.05 and meta["prompts"]["wrapped_benign"] == 3
+    assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir)]) == 2  # exists
+    assert main(["gate", "fit", "--data", str(data_dir), "--out", str(tmp_path / "h"), "--model", str(tiny_dir),
+                 "--threshold", "1", "--target-fpr", "0.1"]) == 2
+    src = make_lora_patch(lm.model, tmp_path / "p", lm.fingerprint, seed=2)
+    assert main(["gate", "apply", "--patch", str(src), "--gate", str(g), "--out", str(tmp_path / "gp")]) == 0
+    assert read_patch(tmp_path / "gp").meta["gate"]["layer"] == 0
+    # today's gates read pre-norm states with a bias: an exact export is impossible, so it is refused
+    assert main(["gate", "export", "--gate", str(g), "--out", str(tmp_path / "x")]) == 2
+    assert main(["gate", "export", "--patch", str(tmp_path / "gp"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_writes_the_gate_the_stage_fits(data_dir, tiny_dir, lm, tmp_path, monkeypatch):
+    """`train` calls the same stage: its patch's gate file is byte for byte the gate folder's."""
+    from safety_patch.train.config import TrainConfig, override
+    from safety_patch.train.run import train
+
+    cfg = override(TrainConfig(), {"gate.self_instruct": 0, "gate.wrapped_harmful": 4, "gate.wrapped_benign": 6,
+                                   "gate.layer": 1, "data.max_train_rows": 8, "optim.batch_size": 4,
+                                   "data.max_seq_len": 512, "optim.lr": 1e-3, "optim.epochs": 1})
+    meta = train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), progress=False)
+    monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home2"))  # computed afresh, not read from train's cache
+    fit_gate_folder(lm, data_dir, cfg.gate_for_run(), tmp_path / "g")
+    _, gmeta = read_gate_folder(tmp_path / "g")
+    assert meta["files"][GATE_FILE] == gmeta["files"][GATE_FILE]
+    assert meta["gate"]["validation"]["n"] == gmeta["validation"]["n"]  # the trained patch records the same report
+
+
+def test_a_delta_behind_a_gate_routes_per_prompt(gate_dir, lm, data_dir, tmp_path):
+    """The full-parameter arm behind a gate is a real patch: scoring applies the delta exactly
+    where the gate fires (on the prompt part) and gives the base model elsewhere."""
+    from safety_patch.evaluation.capability import _encode_pairs, answer_logprobs
+    from safety_patch.gate_fit import features, held_out_prompts
+    from safety_patch.patches import attached
+
+    gate, _ = read_gate_folder(gate_dir)
+    sets = held_out_prompts(data_dir, "val")
+    convs = sets["harmful_direct"][:4] + sets["general"][:4] + sets["borderline"][:4]
+    pairs = [{"messages": m, "reference": "Sure, here is how."} for m in convs]
+    enc = _encode_pairs(lm.tokenizer, pairs, 512)
+    fires = gate.fires(features(lm.model, lm.tokenizer, [s[:n] for s, n in enc], gate.layer)).tolist()
+    assert any(fires) and not all(fires)  # the test splits the prompts
+    src = make_delta_patch(lm.model, tmp_path / "d", lm.fingerprint, seed=3, scale=0.05)
+    apply_gate(src, gate_dir, tmp_path / "gd")
+    base, _, _ = answer_logprobs(lm.model, lm.tokenizer, enc, batch_size=1)
+    with attached(lm.model, [read_patch(src)], lm.fingerprint) as m:
+        always, _, _ = answer_logprobs(m, lm.tokenizer, enc, batch_size=1)
+    assert all(abs(a - b) > 1e-4 for a, b in zip(always, base, strict=True))
+    with attached(lm.model, [read_patch(tmp_path / "gd")], lm.fingerprint) as m:
+        gated, _, _ = answer_logprobs(m, lm.tokenizer, enc, batch_size=3)
+    for g, a, b, f in zip(gated, always, base, fires, strict=True):
+        assert g == pytest.approx(a if f else b, abs=1e-4)
+
+
+def test_leave_one_source_out_refits_without_the_held_out_source(lm, data_dir, gate_dir, tmp_path, tiny_dir):
+    from safety_patch.cli import main
+    from safety_patch.gate_fit import gate_prompts, leave_one_source_out
+    from safety_patch.jsonl import read_jsonl
+
+    rep = leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val")
+    rows = read_jsonl(data_dir / "train.jsonl")
+    sources = sorted({r["meta"]["source"] for r in rows})
+    assert sorted(rep["sources"]) == sources and len(sources) >= 2
+    harmful, _, counts = gate_prompts(data_dir, CFG)
+    requests = {r["meta"]["request"]: r["meta"]["source"] for r in rows}
+    wrapped = harmful[len(harmful) - counts["wrapped_harmful"]:]  # the wrapped requests come last
+    for s, r in rep["sources"].items():
+        # every harmful pool prompt of another source stays; none of s's (train rows, wrapped requests) does
+        direct = {json.dumps(r_["messages"][:-1]) for r_ in rows if r_["meta"]["source"] != s}
+        kept = [m for m in wrapped if any(q in m[-1]["content"] for q, src in requests.items() if src != s)]
+        assert r["train_harmful_without"] == len(direct) + len(kept) < len(harmful)
+        assert r["direct_vs_benign"]["auroc"]["n_pos"] >= sum(1 for src in requests.values() if src == s)
+    out = tmp_path / "r.json"
+    assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model",
+                 str(tiny_dir), "--leave-one-source-out", "--out", str(out)]) == 0
+    assert sorted(json.loads(out.read_text())["leave_one_source_out"]["sources"]) == sources
+
+
+def test_a_refit_reuses_the_features_and_recomputes_a_damaged_cache(lm, data_dir, tmp_path, monkeypatch):
+    import safety_patch.gate_fit as gf
+
+    monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
+    first, _ = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint=lm.fingerprint)
+    cached = sorted((tmp_path / "home" / "gate-features").iterdir())
+    assert len(cached) == 2  # the train pool and the validation prompts
+    real = gf.features
+    monkeypatch.setattr(gf, "features", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    cfg2 = GateFitConfig(**{**CFG.__dict__, "threshold": 2.0, "l2": 0.1})
+    again, _ = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, cfg2, fingerprint=lm.fingerprint)
+    assert again.threshold == 2.0 and not torch.equal(again.weight, first.weight)  # refit, from the cached features
+    same, _ = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint=lm.fingerprint)
+    assert torch.equal(same.weight, first.weight)
+    monkeypatch.setattr(gf, "features", real)
+    for f in cached:
+        f.write_bytes(b"garbage")
+    fresh, _ = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint=lm.fingerprint)
+    assert torch.equal(fresh.weight, first.weight)
+    # another base (fingerprint) never reads these features
+    monkeypatch.setattr(gf, "features", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    with pytest.raises(AssertionError, match="recomputed"):
+        fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint="another-base")

@@ -1,0 +1,153 @@
+"""The patched model as a value (patched.py): identity, routing, mixed batches, fail-closed forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safety_patch.errors import SafetyPatchError
+from safety_patch.generation import (
+    GenerationCache,
+    GenerationConfig,
+    cached_generate,
+    generate,
+    left_padded,
+    render,
+)
+from safety_patch.models import LoadedModel
+from safety_patch.patched import PatchedModel
+from safety_patch.patches import attached, read_patch
+from safety_patch.testing import make_lora_patch, tiny_llama
+from test_gate import HARM, SAFE, _gated_patch
+
+CONVS = [[{"role": "user", "content": t}] for t in HARM + SAFE]
+
+
+def _ids(tok):
+    return [tok(render(tok, c), add_special_tokens=False)["input_ids"] for c in CONVS]
+
+
+@pytest.fixture
+def gated(tmp_path):
+    model, tok = tiny_llama()
+    p, gate = _gated_patch(model, tok, tmp_path / "g")
+    ungated = read_patch(make_lora_patch(model, tmp_path / "u", "fp", seed=1, scale=0.5))  # the same adapter, no gate
+    return model, tok, p, ungated
+
+
+def test_identity_is_derived_from_the_stack(gated):
+    model, tok, p, ungated = gated
+    assert PatchedModel.base(model, "fp").key == "base"
+    with attached(model, [ungated], "fp") as pm:
+        assert pm.key == ungated.id and not pm.gated
+    with attached(model, [p], "fp") as pm:
+        assert pm.key == p.id and pm.gated and pm.key != ungated.id
+
+
+def test_the_cache_keys_on_the_stack_so_a_patched_model_never_reads_base_answers(gated, tmp_path):
+    model, tok, p, ungated = gated
+    cache = GenerationCache(tmp_path / "c.sqlite")
+    cfg = GenerationConfig(max_new_tokens=5, batch_size=4)
+    base, n = cached_generate(PatchedModel.base(model, "fp"), tok, CONVS, cfg, cache)
+    assert n == len(CONVS)
+    with attached(model, [ungated], "fp") as pm:
+        patched, n = cached_generate(pm, tok, CONVS, cfg, cache)
+        assert n == len(CONVS)  # nothing served from the base's entries
+        assert patched == generate(pm, tok, CONVS, cfg) and patched != base
+    again, n = cached_generate(PatchedModel.base(model, "fp"), tok, CONVS, cfg, cache)
+    assert n == 0 and again == base
+    with pytest.raises(SafetyPatchError, match="needs a PatchedModel with a base fingerprint"):
+        cached_generate(model, tok, CONVS, cfg, cache)  # a bare module has no identity to key on
+    with pytest.raises(SafetyPatchError, match="base fingerprint"):
+        cached_generate(PatchedModel.base(model), tok, CONVS, cfg, cache)
+    cache.close()
+
+
+def test_a_direct_forward_on_a_gated_model_is_refused_never_applied_to_everything(gated):
+    model, tok, p, ungated = gated
+    ids = torch.tensor([_ids(tok)[0]])
+    base = model(input_ids=ids).logits
+    with attached(model, [p], "fp") as pm:
+        with pytest.raises(SafetyPatchError, match="gated patch routes per prompt"):
+            pm(input_ids=ids)
+        with pytest.raises(SafetyPatchError, match="outside its routing"):
+            pm.module(input_ids=ids)  # the PEFT module called directly
+        with pytest.raises(SafetyPatchError, match="outside its routing"):
+            model(input_ids=ids)  # the base object the stack was attached to
+        with pm.all_on() as m:  # the explicit way to measure the adapter itself
+            on = m(input_ids=ids).logits
+        with pm.using(()) as m:
+            off = m(input_ids=ids).logits
+    assert torch.equal(off, base) and not torch.equal(on, base)
+    assert torch.equal(model(input_ids=ids).logits, base)  # detached: the guard is gone, the base is back
+    with attached(model, [ungated], "fp") as pm:  # an ungated stack is the same model for every prompt
+        assert torch.equal(pm(input_ids=ids).logits, on)
+
+
+def test_mixed_batch_rows_equal_the_adapter_and_the_base_bit_for_bit(gated):
+    model, tok, p, ungated = gated
+    prompts = _ids(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids, mask = left_padded(prompts, pad)
+    with attached(model, [p], "fp") as pm:
+        routes = pm.routes(tok, prompts)
+        names = pm.adapter_names(routes)
+        assert "__base__" in names and "patch0" in names  # the batch really mixes
+        with torch.no_grad():
+            with pm.mixed() as m:
+                mixed = m(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+            with pm.all_on() as m:
+                on = m(input_ids=ids, attention_mask=mask).logits
+            with pm.using(()) as m:
+                off = m(input_ids=ids, attention_mask=mask).logits
+    for r, name in enumerate(names):
+        assert torch.equal(mixed[r], on[r] if name == "patch0" else off[r]), r
+
+
+def test_mixed_batch_generation_equals_the_grouped_path_and_the_per_prompt_mix(gated, monkeypatch):
+    model, tok, p, ungated = gated
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=len(CONVS))  # one batch: routed and base rows together
+    one = GenerationConfig(max_new_tokens=6, batch_size=1)
+    base = generate(model, tok, CONVS, one)
+    with attached(model, [ungated], "fp") as pm:
+        adapted = generate(pm, tok, CONVS, one)
+    with attached(model, [p], "fp") as pm:
+        assert pm.can_mix
+        routes = pm.routes(tok, _ids(tok))
+        mixed = generate(pm, tok, CONVS, cfg)
+        monkeypatch.setattr(PatchedModel, "can_mix", property(lambda self: False))
+        grouped = generate(pm, tok, CONVS, cfg)
+    assert mixed == grouped
+    assert mixed == [a if r else b for a, b, r in zip(adapted, base, routes, strict=True)]
+    assert any(routes) and not all(routes)
+
+
+def test_a_stack_with_an_ungated_adapter_under_the_gated_one_routes_by_groups(gated, tmp_path):
+    model, tok, p, ungated = gated
+    other = read_patch(make_lora_patch(model, tmp_path / "o", "fp", seed=3, scale=0.3))
+    cfg = GenerationConfig(max_new_tokens=5, batch_size=1)
+    with attached(model, [other], "fp") as pm:
+        only_other = generate(pm, tok, CONVS, cfg)
+    with attached(model, [other, ungated], "fp") as pm:
+        both = generate(pm, tok, CONVS, cfg)
+    with attached(model, [other, p], "fp") as pm:
+        assert not pm.can_mix and pm.items == ("patch0", "patch1") and list(pm.gates) == ["patch1"]
+        routes = pm.routes(tok, _ids(tok))
+        got = generate(pm, tok, CONVS, cfg)
+        with pytest.raises(SafetyPatchError, match="mixed-batch routing needs"):
+            pm.adapter_names(routes)
+    assert got == [b if r else o for b, o, r in zip(both, only_other, routes, strict=True)]
+
+
+def test_the_loaded_model_is_never_swapped(gated):
+    from safety_patch.patches import attach_for_inference
+
+    model, tok, p, _ = gated
+    lm = LoadedModel.from_objects(model, tok)
+    pm = attach_for_inference(lm, [p], force=True)
+    try:
+        assert lm.model is model and not lm.extra and pm.key == p.id
+    finally:
+        pm.close()
+    pm.close()  # twice is harmless
+    assert all("lora" not in n for n, _ in model.named_modules())
