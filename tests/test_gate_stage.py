@@ -196,10 +196,43 @@ def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
     src = make_lora_patch(lm.model, tmp_path / "p", lm.fingerprint, seed=2)
     assert main(["gate", "apply", "--patch", str(src), "--gate", str(g), "--out", str(tmp_path / "gp")]) == 0
     assert read_patch(tmp_path / "gp").meta["gate"]["layer"] == 0
-    # today's gates read pre-norm states with a bias: an exact export is impossible, so it is refused
-    assert main(["gate", "export", "--gate", str(g), "--out", str(tmp_path / "x")]) == 2
-    assert main(["gate", "export", "--patch", str(tmp_path / "gp"), "--out", str(tmp_path / "x")]) == 2
+    # a residual gate reads pre-norm states with a bias: an exact export is impossible, so it is refused
+    assert main(["gate", "export", "--gate", str(g), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]) == 2
+    assert main(["gate", "export", "--patch", str(tmp_path / "gp"), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_a_final_norm_gate_routes_and_exports_exactly(data_dir, tiny_dir, lm, tmp_path):
+    """issue 22 item 3: `gate fit --features final-norm` + `gate export`; the exported checkpoint's
+    logits (plain transformers) equal the routing's gate logits to 1e-4, and the routing uses it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from safety_patch.cli import main
+    from safety_patch.gate import Gate
+    from safety_patch.generation import render
+    from safety_patch.patches import attached
+
+    g = tmp_path / "g"
+    assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir), "--layer", "1",
+                 "--features", "final-norm", "--self-instruct", "0", "--wrapped-benign", "3", "--wrapped-harmful", "2"]) == 0
+    gate, meta = read_gate_folder(g)
+    assert gate.exportable and meta["config"]["features"] == "final-norm" and gate.bias == 0.0
+    x = tmp_path / "x"
+    assert main(["gate", "export", "--gate", str(g), "--model", str(tiny_dir), "--out", str(x)]) == 0
+    src = make_lora_patch(lm.model, tmp_path / "p", lm.fingerprint, seed=2)
+    assert main(["gate", "apply", "--patch", str(src), "--gate", str(g), "--out", str(tmp_path / "gp")]) == 0
+    assert Gate.load(tmp_path / "gp").exportable
+    texts = [render(lm.tokenizer, [{"role": "user", "content": t}]) for t in
+             ("How do I kill a Python process?", "What is the capital of Italy?", "kill kill kill")]
+    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    with attached(lm.model, [tmp_path / "gp"], lm.fingerprint) as pm:
+        (want,) = pm.gate_scores(lm.tokenizer, ids).values()
+    clf = AutoModelForSequenceClassification.from_pretrained(x).eval()
+    with torch.no_grad():
+        got = torch.stack([clf(input_ids=torch.tensor([i])).logits[0, 0] for i in ids])
+    assert (got - want).abs().max() < 1e-4
+    assert main(["gate", "export", "--patch", str(tmp_path / "gp"), "--model", str(tiny_dir), "--out", str(x)]) == 2  # exists
 
 
 def test_train_writes_the_gate_the_stage_fits(data_dir, tiny_dir, lm, tmp_path, monkeypatch):
@@ -291,3 +324,27 @@ def test_a_refit_reuses_the_features_and_recomputes_a_damaged_cache(lm, data_dir
     monkeypatch.setattr(gf, "features", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     with pytest.raises(AssertionError, match="recomputed"):
         fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint="another-base")
+
+
+def test_final_norm_fields_are_both_present_and_sane_or_the_gate_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from safety_patch.gate import GATE_FILE, Gate
+
+    g = Gate(0, 0.0, torch.ones(4), 0.0, torch.zeros(4), torch.ones(4), torch.ones(4), 1e-5)
+    g.save(tmp_path)
+    assert Gate.load(tmp_path).exportable and Gate.load(tmp_path).norm_eps == pytest.approx(1e-5)
+    good = load_file(str(tmp_path / GATE_FILE))
+    for edit, message in ((lambda t: t.pop("norm_eps"), "missing tensor 'norm_eps'"),
+                          (lambda t: t.__setitem__("norm_eps", torch.tensor([0.0])), "norm_eps is 0.0"),
+                          (lambda t: t.__setitem__("norm_weight", torch.ones(3)), "norm_weight must be a finite vector"),
+                          (lambda t: t.__setitem__("norm_weight", torch.full((4,), float("nan"))), "norm_weight must be")):
+        t = dict(good)
+        edit(t)
+        save_file(t, str(tmp_path / GATE_FILE))
+        with pytest.raises(SafetyPatchError, match=message):
+            Gate.load(tmp_path)
+    # a residual gate with an offset is not exportable; one without the norm never is
+    assert not Gate(0, 0.0, torch.ones(4), 0.5, torch.zeros(4), torch.ones(4), torch.ones(4), 1e-5).exportable
+    assert not Gate(0, 0.0, torch.ones(4), 0.0, torch.zeros(4), torch.ones(4)).exportable

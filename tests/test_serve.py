@@ -415,8 +415,8 @@ def test_exported_gate_runs_in_plain_transformers(world, tmp_path):
 
     from safety_patch.serve.export import (
         CONFIG_KEY,
+        export_gate,
         export_norm_gate,
-        export_patch_gate,
         fit_norm_gate,
         norm_states,
     )
@@ -443,5 +443,8 @@ def test_exported_gate_runs_in_plain_transformers(world, tmp_path):
     pipe = pipeline("text-classification", model=str(out), device="cpu", function_to_apply="none")
     got = torch.tensor([r["score"] for r in pipe(texts, tokenizer_kwargs={"add_special_tokens": False})])
     assert (got - want).abs().max() < 1e-4
-    with pytest.raises(SafetyPatchError, match="pre-norm"):  # a shipped pre-norm gate is refused, not approximated
-        export_patch_gate(world["gated"])
+    from safety_patch.gate import Gate
+
+    with pytest.raises(SafetyPatchError, match="pre-norm"):  # a residual (pre-norm) gate is refused, not approximated
+        export_gate(lm, Gate.load(world["gated"]), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

@@ -676,7 +676,8 @@ def _summary(args: list[str], seconds: float) -> None:
     words = [a for a in args if not a.startswith("-")][:3]
     known = _command_words()
     cmd = " ".join(w for w in words if w in known) or "safety-patch"
-    wrote = list(dict.fromkeys(str(p) for p in CHECKED if p.exists()))
+    outs = list(dict.fromkeys(p for p in CHECKED if p.exists()))
+    wrote = [str(p) for p in outs if not any(q != p and p.is_relative_to(q) for q in outs)]  # not a stage's inner folder
     if any(a in ("--help", "-h") for a in args) or cmd == "safety-patch":
         return
     typer.echo(f"[{cmd}] {'wrote ' + ', '.join(wrote) + ' ' if wrote else 'done '}in {duration(seconds)}", err=True)
@@ -708,6 +709,8 @@ def gate_fit_cmd(
     self_instruct: Annotated[int | None, typer.Option(min=0, help="Self-written requests (data build --self-instruct) as negatives (default 600).")] = None,
     l2: Annotated[float | None, typer.Option(min=0.0, callback=_finite, help="L2 penalty of the probe (default 0.01).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Seed of the prompt pool's sampling and wrapping (default 0).")] = None,
+    features: Annotated[str | None, typer.Option(help="residual (default) | final-norm: read the layer's state through the "
+                                                 "base's final norm, fit without intercept, so `gate export` is exact.")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -723,7 +726,7 @@ def gate_fit_cmd(
     if threshold is not None and target_fpr is not None:
         raise SafetyPatchError("--threshold and --target-fpr both set the threshold; give one")
     given = dict(layer=layer, depth=depth, threshold=threshold, target_fpr=target_fpr, wrapped_benign=wrapped_benign,
-                 wrapped_harmful=wrapped_harmful, self_instruct=self_instruct, l2=l2, seed=seed)
+                 wrapped_harmful=wrapped_harmful, self_instruct=self_instruct, l2=l2, seed=seed, features=features)
     cfg = dataclasses.replace(GateFitConfig(), **{k: v for k, v in given.items() if v is not None}).validate()
     check_out_dir(out, overwrite=overwrite, kind="gate", inputs=[data, model])
     with claim_output(out):
@@ -794,19 +797,37 @@ def gate_export_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the Hugging Face sequence-classification checkpoint.")],
     gate: Annotated[Path | None, typer.Option(help="A gate folder from `gate fit`.")] = None,
     patch: Annotated[Path | None, typer.Option("--patch", "-p", help="A gated patch (exports its gate).")] = None,
+    model: ModelOpt = "default",
 ) -> None:
-    """Export a gate as a transformers sequence-classification checkpoint (refused where it cannot be exact)."""
+    """Export a gate as a transformers sequence-classification checkpoint (refused where it cannot be exact).
+
+    Exact for final-norm gates (`gate fit --features final-norm`): the base truncated after the
+    gate's layer plus a one-logit head, the threshold in config.json; its logits equal the gate's.
+    A residual gate (the default) is refused with the reason; nothing is written."""
     from .gate_fit import read_gate_folder
-    from .serve.export import export_patch_gate
+    from .models import load_model
+    from .outputs import check_out_dir
+    from .serve.export import export_gate
 
     if (gate is None) == (patch is None):
         raise SafetyPatchError("give exactly one of --gate and --patch")
+    check_out_dir(out, overwrite=None, inputs=[model, gate, patch])
     if patch is not None:
-        export_patch_gate(patch)  # refuses today's pre-norm gates with the reason
-    read_gate_folder(gate)
-    raise SafetyPatchError(f"{gate}: its gate reads the pre-norm residual stream with a bias, which a transformers "
-                           "sequence-classification head (final norm, no bias) cannot reproduce exactly; nothing written "
-                           f"to {out} (serve/export.py: an exportable gate must be fit on final-norm features)")
+        from .gate import Gate
+        from .patches import read_patch
+
+        p = read_patch(patch)
+        if not p.gated:
+            raise SafetyPatchError(f"{p.path}: not a gated patch; there is no gate to export")
+        g, fingerprint, where = Gate.load(p.path), p.base_fingerprint, p.path
+    else:
+        g, info = read_gate_folder(gate)
+        fingerprint, where = info["base"]["fingerprint"], gate
+    lm = load_model(model, device="cpu", dtype="float32")
+    if lm.fingerprint != fingerprint:
+        raise SafetyPatchError(f"{where}: the gate was fit on base {fingerprint[:12]}…, --model is {lm.fingerprint[:12]}…")
+    export_gate(lm, g, out, where)
+    typer.echo(f"exported the gate of {where} (layer {g.layer}, threshold {g.threshold:+.3f}) to {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

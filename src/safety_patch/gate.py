@@ -42,12 +42,35 @@ GATE_FILE = "gate.safetensors"
 
 @dataclass
 class Gate:
+    """logit = ((x - mean) / std) · weight + bias on the features x of a prompt; fires iff logit > threshold.
+
+    x is the hidden state after decoder layer ``layer`` at the last prompt token ([hidden]), or,
+    for a *final-norm* gate (``norm_weight`` set), that state passed through the base's final
+    RMSNorm, x = h / sqrt(mean(h²) + norm_eps) · norm_weight, as a transformers
+    ``*ForSequenceClassification`` head reads it. A final-norm gate with mean 0 and bias 0 is
+    *exportable* (serve/export.py): its logit is exactly such a head's output.
+    """
+
     layer: int
     threshold: float
     weight: torch.Tensor
     bias: float
     mean: torch.Tensor
     std: torch.Tensor
+    norm_weight: torch.Tensor | None = None
+    norm_eps: float | None = None
+
+    @property
+    def exportable(self) -> bool:
+        """Whether a sequence-classification checkpoint reproduces this gate's logits (final norm, no offset)."""
+        return self.norm_weight is not None and self.bias == 0.0 and not bool(self.mean.any())
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """The probe's input for hidden states ``h`` [n, hidden]: ``h`` itself, or its final-norm image (fp32)."""
+        h = h.float().cpu()
+        if self.norm_weight is None:
+            return h
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """Probe logits [n] for hidden states [n, hidden] (positive: harmful).
@@ -59,7 +82,7 @@ class Gate:
         if h.ndim != 2 or h.shape[1] != self.weight.shape[0]:
             raise SafetyPatchError(f"gate: hidden states have shape {tuple(h.shape)}, the gate's vectors have length "
                                    f"{self.weight.shape[0]} (a gate made for another model)")
-        z = ((h - self.mean) / self.std) @ self.weight + self.bias
+        z = ((self.features(h) - self.mean) / self.std) @ self.weight + self.bias
         bad = (~torch.isfinite(z)).nonzero()
         if len(bad):
             raise SafetyPatchError(f"gate: the probe score of prompt {int(bad[0])} is {float(z[bad[0]])}; the gate cannot "
@@ -92,6 +115,13 @@ class Gate:
             raise SafetyPatchError(f"{where}: weight is all zeros; the gate would send every prompt the same way")
         if self.layer < 0:
             raise SafetyPatchError(f"{where}: layer {self.layer} is negative")
+        if (self.norm_weight is None) != (self.norm_eps is None):
+            raise SafetyPatchError(f"{where}: a final-norm gate needs both norm_weight and norm_eps")
+        if self.norm_weight is not None:
+            if self.norm_weight.shape != self.weight.shape or not bool(torch.isfinite(self.norm_weight).all()):
+                raise SafetyPatchError(f"{where}: norm_weight must be a finite vector of the weight's length")
+            if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
+                raise SafetyPatchError(f"{where}: norm_eps is {self.norm_eps}; it must be finite and > 0")
         return self
 
     def save(self, folder: Path) -> Path:
@@ -100,10 +130,13 @@ class Gate:
 
         path = Path(folder) / GATE_FILE
         self.check(path)
-        save_file({"weight": self.weight.float().contiguous(), "bias": torch.tensor([float(self.bias)]),
+        tensors = {"weight": self.weight.float().contiguous(), "bias": torch.tensor([float(self.bias)]),
                    "mean": self.mean.float().contiguous(), "std": self.std.float().contiguous(),
                    "layer": torch.tensor([self.layer], dtype=torch.int64),
-                   "threshold": torch.tensor([float(self.threshold)])}, str(path), metadata={"format": "pt"})
+                   "threshold": torch.tensor([float(self.threshold)])}
+        if self.norm_weight is not None:  # absent for residual gates: their files (and patch ids) are unchanged
+            tensors |= {"norm_weight": self.norm_weight.float().contiguous(), "norm_eps": torch.tensor([float(self.norm_eps)])}
+        save_file(tensors, str(path), metadata={"format": "pt"})
         return path
 
     @classmethod
@@ -116,10 +149,12 @@ class Gate:
         except Exception as e:  # safetensors raises its own error types for a damaged file
             raise SafetyPatchError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from None
         want = {"layer", "threshold", "weight", "bias", "mean", "std"}
+        if {"norm_weight", "norm_eps"} & set(t):  # a final-norm gate: both or neither
+            want |= {"norm_weight", "norm_eps"}
         if set(t) != want:
             missing, extra = sorted(want - set(t)), sorted(set(t) - want)
             raise SafetyPatchError(f"{path}: " + (f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{extra[0]}'"))
-        for name in ("layer", "threshold", "bias"):
+        for name in ("layer", "threshold", "bias", *(("norm_eps",) if "norm_eps" in t else ())):
             if t[name].numel() != 1:
                 raise SafetyPatchError(f"{path}: tensor '{name}' must hold exactly one value, has shape {tuple(t[name].shape)}")
         if t["layer"].is_floating_point() or t["layer"].dtype == torch.bool:
@@ -127,8 +162,14 @@ class Gate:
         for name in ("threshold", "bias", "weight", "mean", "std"):
             if not t[name].is_floating_point():
                 raise SafetyPatchError(f"{path}: tensor '{name}' must be floating point, has dtype {t[name].dtype}")
+        norm = {}
+        if "norm_weight" in t:
+            for name in ("norm_weight", "norm_eps"):
+                if not t[name].is_floating_point():
+                    raise SafetyPatchError(f"{path}: tensor '{name}' must be floating point, has dtype {t[name].dtype}")
+            norm = {"norm_weight": t["norm_weight"].float(), "norm_eps": float(t["norm_eps"].reshape(-1)[0])}
         gate = cls(int(t["layer"].reshape(-1)[0]), float(t["threshold"].reshape(-1)[0]), t["weight"].float(),
-                   float(t["bias"].reshape(-1)[0]), t["mean"].float(), t["std"].float())
+                   float(t["bias"].reshape(-1)[0]), t["mean"].float(), t["std"].float(), **norm)
         return gate.check(path)
 
 
@@ -203,20 +244,25 @@ def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Seq
     return {li: torch.stack(v) if v else torch.zeros(0, dim) for li, v in out.items()}
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 300) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 300,
+              intercept: bool = True) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
     """Class-balanced L2-regularised logistic regression on standardised features (LBFGS).
 
-    Returns (weight, bias, mean, std). Deterministic for given inputs.
+    Returns (weight, bias, mean, std). Deterministic for given inputs. ``intercept=False``: no
+    centring and no bias (mean 0, bias 0; features only scaled by their std), the form a
+    sequence-classification head can hold; the threshold then plays the intercept's role.
     """
     mu, sd = x.mean(0), x.std(0) + 1e-6
+    if not intercept:
+        mu = torch.zeros_like(mu)
     z = (x - mu) / sd
     w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
+    b = torch.zeros(1, requires_grad=intercept)
     pos = float(y.mean())
     if not 0 < pos < 1:
         raise SafetyPatchError("the gate needs both harmful and benign training prompts")
     weight = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, b] if intercept else [w], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()

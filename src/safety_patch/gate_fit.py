@@ -77,6 +77,10 @@ class GateFitConfig:
     negatives."""
     seed: int = 0
     """Seed for the prompt pool's sampling and wrapping."""
+    features: str = "residual"
+    """What the probe reads: residual (the hidden state after the layer) or final-norm (that
+    state through the base's final RMSNorm, fit without intercept): a final-norm gate exports
+    exactly as a transformers sequence-classification checkpoint (`gate export`)."""
 
     def resolved_layer(self, n_layers: int) -> int:
         """The decoder layer index for a model with ``n_layers`` layers."""
@@ -106,7 +110,40 @@ class GateFitConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise bad(name, "must be an integer >= 0")
+        if self.features not in FEATURES:
+            raise bad("features", f"must be one of {', '.join(FEATURES)}")
         return self
+
+
+FEATURES = ("residual", "final-norm")
+
+
+def _norm_of(model, cfg: GateFitConfig) -> dict:
+    """``{norm_weight, norm_eps}`` of the base's final RMSNorm for a final-norm gate, else ``{}``."""
+    if cfg.features != "final-norm":
+        return {}
+    from .serve.export import final_norm
+
+    norm = final_norm(model)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    weight = getattr(norm, "weight", None)
+    if eps is None or weight is None:
+        raise SafetyPatchError(f"features final-norm: the model's final norm ({type(norm).__name__}) is not an RMSNorm "
+                               "with a weight and an epsilon")
+    return {"norm_weight": weight.detach().float().cpu().clone(), "norm_eps": float(eps)}
+
+
+def fit_gate_probe(x: torch.Tensor, y: torch.Tensor, layer: int, cfg: GateFitConfig, norm: dict) -> Gate:
+    """The probe on features ``x`` ([n, hidden] residual states) with labels ``y``: a residual gate
+    (standardised, with intercept) or, with ``norm``, a final-norm gate without intercept."""
+    from .gate import fit_probe
+
+    if not norm:
+        w, b, mu, sd = fit_probe(x, y, cfg.l2)
+        return Gate(layer, cfg.threshold, w, b, mu, sd)
+    shell = Gate(layer, cfg.threshold, torch.ones(x.shape[1]), 0.0, torch.zeros(x.shape[1]), torch.ones(x.shape[1]), **norm)
+    w, b, mu, sd = fit_probe(shell.features(x), y, cfg.l2, intercept=False)
+    return Gate(layer, cfg.threshold, w, b, mu, sd, **norm)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -419,7 +456,7 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, token_budget: i
     reuse features computed before (:func:`cached_features`); None computes them.
     """
     from .data.folder import DataFolder
-    from .gate import decoder_layers, fit_probe
+    from .gate import decoder_layers
 
     cfg.validate()
     d = DataFolder.of(data)
@@ -439,8 +476,7 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, token_budget: i
         x = cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign)), layer, token_budget,
                             fingerprint)
         y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
-        w, b, mu, sd = fit_probe(x, y, cfg.l2)
-        gate = Gate(layer, cfg.threshold, w, b, mu, sd)
+        gate = fit_gate_probe(x, y, layer, cfg, _norm_of(model, cfg))
         val = None
         if validate:
             scores, sizes = held_out_scores(model, tokenizer, gate, d, "val", cfg.seed, token_budget, fingerprint)
@@ -477,10 +513,11 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     Raises SafetyPatchError with fewer than two sources.
     """
     from .data.folder import DataFolder
-    from .gate import decoder_layers, fit_probe
+    from .gate import decoder_layers
 
     cfg.validate()
     d = DataFolder.of(data)
+    norm = _norm_of(model, cfg)
     harmful, benign, _, sources = _gate_pool(d, cfg)
     names = sorted({s for s in sources if s is not None})
     if len(names) < 2:
@@ -524,8 +561,7 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     nw = (nd[1], nd[1] + len(neg_wrapped))
     for s in names:
         keep = torch.tensor([v != s for v in src])
-        w, b, mu, sd = fit_probe(x_train[keep], y[keep], cfg.l2)
-        gate = Gate(layer, cfg.threshold, w, b, mu, sd)
+        gate = fit_gate_probe(x_train[keep], y[keep], layer, cfg, norm)
         z = gate.scores(x_test)
         zn_d, zn_w = z[nd[0] : nd[1]], z[nw[0] : nw[1]]
         t = threshold_at_fpr(torch.cat([zn_d, zn_w]), cfg.target_fpr) if cfg.target_fpr is not None else cfg.threshold

@@ -18,11 +18,12 @@ intercept's role (fires iff ``w·x > threshold``). Features are scaled by their 
 Its exported logits equal :meth:`NormGate.scores` to float precision (tests/test_serve.py:
 < 1e-4).
 
-Scope today: ``fit_norm_gate`` and ``export_norm_gate`` are the tested format. Trained
-patches still ship pre-norm gates (``train`` does not fit a NormGate yet), so a shipped patch
-cannot be exported exactly: :func:`export_patch_gate` refuses one with that reason rather
-than writing an approximation of a safety gate. Switching ``train`` to NormGates needs the
-routing (``PatchedModel.routes``) to read the same features and the targets re-measured.
+Scope today: ``gate fit --features final-norm`` (or ``train --set gate.features=final-norm``)
+fits such a gate as an ordinary ``gate.Gate`` (``norm_weight``/``norm_eps`` recorded, mean and
+bias 0), which routing reads like any other; :func:`export_gate` exports it exactly and
+refuses every other gate with the reason, rather than writing an approximation of a safety
+gate. The default recipe still fits residual gates: whether final-norm gates discriminate as
+well has not been measured yet (issue 22).
 """
 
 from __future__ import annotations
@@ -154,13 +155,21 @@ def export_norm_gate(lm, gate: NormGate, out: str | Path) -> Path:
     return out
 
 
-def export_patch_gate(patch_path: str | Path) -> None:
-    """Export a shipped patch's gate: refused, with the reason (see the module docstring)."""
-    from ..patches import read_patch
-
-    p = read_patch(patch_path)
-    if not p.gated:
-        raise SafetyPatchError(f"{p.path}: not a gated patch; there is no gate to export")
-    raise SafetyPatchError(f"{p.path}: its gate reads the pre-norm residual stream with a bias, which a transformers "
-                           "sequence-classification head (final norm, no bias) cannot reproduce; an exact export needs a "
-                           "gate fit on final-norm features (serve/export.py: fit_norm_gate), which `train` does not fit yet")
+def export_gate(lm, gate, out: str | Path, where: str | Path = "gate") -> Path:
+    """Export a ``gate.Gate`` exactly, or refuse: a final-norm gate without offset (``Gate.exportable``)
+    becomes the checkpoint of :func:`export_norm_gate`; any other raises SafetyPatchError naming
+    ``where`` and writes nothing. ``lm``: the base the gate was fit on (its final norm's weight
+    must be the one the gate recorded)."""
+    if not gate.exportable:
+        why = ("it reads the pre-norm residual stream with a bias" if gate.norm_weight is None
+               else "it has a mean or bias offset")
+        raise SafetyPatchError(f"{where}: {why}, which a transformers sequence-classification head (final norm, no bias) "
+                               "cannot reproduce exactly; nothing written (fit an exportable gate with "
+                               "`safety-patch gate fit --features final-norm`)")
+    norm = final_norm(lm.model)
+    if not torch.equal(norm.weight.detach().float().cpu(), gate.norm_weight):
+        raise SafetyPatchError(f"{where}: the gate's recorded final-norm weight is not this model's; nothing written")
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if eps is None or not math.isclose(float(eps), gate.norm_eps, rel_tol=1e-6):
+        raise SafetyPatchError(f"{where}: the gate's norm epsilon {gate.norm_eps} is not this model's ({eps}); nothing written")
+    return export_norm_gate(lm, NormGate(gate.layer, gate.threshold, gate.weight, gate.std), out)

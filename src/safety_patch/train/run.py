@@ -412,6 +412,10 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     trainer = _make_trainer(lm, rows, cfg, peft_config, work, progress, anchor)
     # The guard first: a non-finite value stops the run before another callback logs or saves it.
     trainer.add_callback(_finite_guard(cfg.resolved_lr()))
+    # Without its tqdm bar the trainer prints every log dict to stdout; metrics.jsonl keeps them.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     if progress and not sys.stderr.isatty():
         from ..progress import trainer_callback
 
