@@ -193,7 +193,7 @@ def prompt_states(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int
 
 @torch.no_grad()
 def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Sequence[int],
-                 batch_size: int = 8) -> dict[int, torch.Tensor]:
+                 batch_size: int = 8, progress=None) -> dict[int, torch.Tensor]:
     """Hidden states after each of ``layers`` at each prompt's last token: {layer: [n, hidden]}.
 
     Left-padded, length-sorted batches with positions counted from each prompt's first real
@@ -237,6 +237,8 @@ def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Seq
             for li in layers:
                 for r, i in enumerate(idx):
                     out[li][i] = captured[li][r]
+            if progress is not None:  # progress(n): n more prompts read
+                progress(len(idx))
     finally:
         for h in handles:
             h.remove()

@@ -289,13 +289,16 @@ def features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int,
     token budget. Either way the pass stops after ``layer`` and runs under inference mode.
     The two agree to float rounding (batch composition changes the last bits of a matmul).
     """
-    with torch.inference_mode():
+    from .progress import bar
+
+    with torch.inference_mode(), bar(len(prompts), f"[gate] layer {layer} states", unit="prompt") as b:
         if token_budget is None:
-            return layer_states(model, tokenizer, prompts, [layer], batch_size)[layer]
+            return layer_states(model, tokenizer, prompts, [layer], batch_size, progress=b.update)[layer]
         dim = getattr(model.config, "hidden_size", 0)
         out = torch.zeros(len(prompts), dim)
         for idx in length_buckets([len(p) for p in prompts], token_budget):
             out[idx] = layer_states(model, tokenizer, [prompts[i] for i in idx], [layer], len(idx))[layer]
+            b.update(len(idx))
         return out
 
 
