@@ -60,9 +60,9 @@ def test_readers_of_every_stage_take_the_folder(built):
     """Training, gate fitting, evaluation and analysis read the same rows through the reader."""
     from safety_patch.analysis.run import default_prompts
     from safety_patch.evaluation.prompts import benign_prompts, harmful_requests
-    from safety_patch.gate_fit import GateFitConfig
+    from safety_patch.gate_fit import GateFitConfig, gate_prompts
     from safety_patch.train.config import TrainConfig
-    from safety_patch.train.data import gate_prompts, training_rows
+    from safety_patch.train.data import training_rows
 
     d = DataFolder(built)
     rows, counts = training_rows(d, TrainConfig())
@@ -227,7 +227,8 @@ def _consumers(d):
     from safety_patch.evaluation.capability import reference_pairs
     from safety_patch.evaluation.prompts import benign_prompts, harmful_requests
     from safety_patch.train.config import TrainConfig, override
-    from safety_patch.train.data import anchor_rows, gate_prompts, training_rows
+    from safety_patch.gate_fit import gate_prompts
+    from safety_patch.train.data import anchor_rows, training_rows
 
     cfg = override(TrainConfig(), {"data.general_ratio": 0.5, "data.contrast_ratio": 0.5, "gate.wrapped_benign": 2,
                                    "gate.wrapped_harmful": 2, "gate.self_instruct": 0, "anchor.kl": 1.0})

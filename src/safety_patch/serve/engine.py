@@ -294,12 +294,10 @@ class Engine:
         from transformers import StoppingCriteriaList
 
         device = next(model.parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(p):] = torch.tensor(list(p))
-            mask[row, width - len(p):] = 1
+        from ..generation import left_padded
+
+        ids, mask = left_padded(prompts, self.pad_id)
+        width = ids.shape[1]
         kw = dict(max_new_tokens=max(budgets), pad_token_id=self.pad_id)
         if sampling.temperature > 0:
             kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ..data.folder import DataFolder
 from ..errors import SafetyPatchError
-from ..gate_fit import GateFitConfig
 from .config import TrainConfig
 
 
@@ -141,11 +140,3 @@ def dpo_rows(data_dir: str | Path | DataFolder, cfg: TrainConfig) -> tuple[list[
         rows = rng.sample(rows, min(cfg.data.max_train_rows, len(rows)))
     rng.shuffle(rows)
     return rows, {"dpo_pairs": len(rows)}
-
-
-def gate_prompts(data_dir: str | Path | DataFolder,
-                 cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[dict]], dict]:
-    """The gate's training prompts: harmful vs benign (moved to ``gate_fit.gate_prompts``, the gate stage)."""
-    from ..gate_fit import gate_prompts as stage_prompts
-
-    return stage_prompts(data_dir, cfg)

@@ -351,7 +351,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         anchor_pool = anchor_rows(data, cfg)  # read before the model loads: a data error fails fast
     gate_data = None
     if cfg.gated:
-        from .data import gate_prompts
+        from ..gate_fit import gate_prompts
 
         gate_data = gate_prompts(data, cfg.gate_for_run())  # the gate's files checked before the model loads too (rows kept: read once)
     # What the run is: a resume must match it in full, or patch.json would record settings,
