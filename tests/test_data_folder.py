@@ -68,7 +68,7 @@ def test_readers_of_every_stage_take_the_folder(built):
     rows, counts = training_rows(d, TrainConfig())
     assert counts == {"safety": len(_lines(built / "train.jsonl"))} and rows
     assert training_rows(built, TrainConfig()) == (rows, counts)  # a path reads the same
-    harmful, benign, c = gate_prompts(built, GateFitConfig(wrapped_benign=2, wrapped_harmful=0, self_instruct=0))
+    harmful, benign, c = gate_prompts(built, GateFitConfig(rephrased=0, wrapped_benign=2, wrapped_harmful=0, self_instruct=0))
     assert c["harmful"] >= 1 and c["wrapped_benign"] == 2 and harmful and benign
     reqs, templates = harmful_requests(built, "test")
     assert len(reqs) == len({r["meta"]["behavior_id"] for r in _lines(built / "test.jsonl")}) and templates

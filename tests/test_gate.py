@@ -139,7 +139,7 @@ def test_gate_prompts_come_from_the_train_split_only(data_dir):
     from safety_patch.jsonl import read_jsonl
     from safety_patch.gate_fit import gate_prompts
 
-    harmful, benign, counts = gate_prompts(data_dir, GateFitConfig(wrapped_benign=5, wrapped_harmful=0, self_instruct=0))
+    harmful, benign, counts = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0))
     train_prompts = {r["messages"][0]["content"] for r in read_jsonl(data_dir / "train.jsonl")}
     assert {m[-1]["content"] for m in harmful} == train_prompts
     held_out = {r["messages"][0]["content"] for f in ("borderline.jsonl", "general.jsonl")
@@ -168,25 +168,25 @@ def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path
     d = tmp_path / "d"
     shutil.copytree(data_dir, d)
     with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl not found: gate.self_instruct 2"):
-        gate_prompts(d, GateFitConfig(self_instruct=2, wrapped_harmful=0))
+        gate_prompts(d, GateFitConfig(rephrased=0, self_instruct=2, wrapped_harmful=0))
     si = [f"Plan a picnic for {n} friends." for n in range(5)]
     write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Sure."}],
                                            "meta": {"source": "self-instruct", "split": "train"}} for p in si])
-    _, plain, c0 = gate_prompts(d, GateFitConfig(wrapped_benign=0, wrapped_harmful=0, self_instruct=0))
-    harmful, benign, c = gate_prompts(d, GateFitConfig(wrapped_benign=0, wrapped_harmful=0, self_instruct=3))
+    _, plain, c0 = gate_prompts(d, GateFitConfig(rephrased=0, wrapped_benign=0, wrapped_harmful=0, self_instruct=0))
+    harmful, benign, c = gate_prompts(d, GateFitConfig(rephrased=0, wrapped_benign=0, wrapped_harmful=0, self_instruct=3))
     # the first N requests join the negatives, as bare user turns; nothing else changes
     assert c["self_instruct"] == 3 and c["benign"] == c0["benign"] + 3 and "self_instruct" not in c0
     assert benign[:len(plain)] == plain and [m[-1]["content"] for m in benign[len(plain):]] == si[:3]
     assert all(len(m) == 1 and m[0]["role"] == "user" for m in benign[len(plain):])
     write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "assistant", "content": "x"}], "meta": {}}])
     with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl:1: expected 'messages' ending with an assistant turn"):
-        gate_prompts(d, GateFitConfig(self_instruct=1, wrapped_harmful=0))
+        gate_prompts(d, GateFitConfig(rephrased=0, self_instruct=1, wrapped_harmful=0))
     write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Sure."}],
                                            "meta": {}} for p in si[:2]]
                 + [{"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}], "meta": {}}])
     with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl:3: expected a user turn before the answer"):
-        gate_prompts(d, GateFitConfig(self_instruct=3, wrapped_harmful=0))
-    assert gate_prompts(d, GateFitConfig(self_instruct=2, wrapped_harmful=0))[2]["self_instruct"] == 2  # rows past N are not read
+        gate_prompts(d, GateFitConfig(rephrased=0, self_instruct=3, wrapped_harmful=0))
+    assert gate_prompts(d, GateFitConfig(rephrased=0, self_instruct=2, wrapped_harmful=0))[2]["self_instruct"] == 2  # rows past N are not read
     with pytest.raises(SafetyPatchError, match="--gate-self-instruct must be >= 0"):
         override(TrainConfig(), {"gate.self_instruct": -1}).validate()
 
@@ -196,8 +196,8 @@ def test_gate_prompts_wrap_harmful_train_requests_in_train_templates(data_dir):
     from safety_patch.jsonl import read_jsonl
     from safety_patch.gate_fit import gate_prompts
 
-    h0, b0, c0 = gate_prompts(data_dir, GateFitConfig(wrapped_benign=5, wrapped_harmful=0, self_instruct=0))
-    h, b, c = gate_prompts(data_dir, GateFitConfig(wrapped_benign=5, wrapped_harmful=7, self_instruct=0))
+    h0, b0, c0 = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0))
+    h, b, c = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=7, self_instruct=0))
     assert b == b0 and h[: len(h0)] == h0 and c["wrapped_harmful"] == 7 and len(h) == len(h0) + 7
     requests = {r["meta"]["request"] for r in read_jsonl(data_dir / "train.jsonl")}
     held_out = {r["meta"]["request"] for f in ("val.jsonl", "test.jsonl") for r in read_jsonl(data_dir / f)}

@@ -22,7 +22,11 @@ from safety_patch.gate_fit import (
 from safety_patch.patches import read_patch
 from safety_patch.testing import make_delta_patch, make_lora_patch
 
-CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4)
+# The gate of before 2026-12-01 (residual features, a fixed logit, no re-asked prompts): the form the
+# bit-identity test below compares with the pre-stage path. The defaults are tested through `train`
+# (test_train_writes_the_gate_the_stage_fits) and the final-norm tests.
+CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, features="residual", rephrased=0,
+                    threshold=0.5, target_fpr=None)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +108,7 @@ def test_tampered_gate_folders_are_refused(gate_dir, tmp_path):
 
 
 def test_target_fpr_sets_the_threshold_on_the_validation_benign_pool(lm, data_dir, tmp_path):
-    cfg = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, target_fpr=0.1)
+    cfg = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, target_fpr=0.1, rephrased=0)
     meta = fit_gate_folder(lm, data_dir, cfg, tmp_path / "g")
     gate, _ = read_gate_folder(tmp_path / "g")
     assert gate.threshold == meta["threshold"] != cfg.threshold and meta["threshold_from"]["target_fpr"] == 0.1
@@ -187,7 +191,8 @@ def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
 
     g = tmp_path / "g"
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir), "--layer", "0",
-                 "--target-fpr", "0.05", "--self-instruct", "0", "--wrapped-benign", "3", "--wrapped-harmful", "2"]) == 0
+                 "--target-fpr", "0.05", "--self-instruct", "0", "--wrapped-benign", "3", "--wrapped-harmful", "2",
+                 "--features", "residual"]) == 0
     _, meta = read_gate_folder(g)
     assert meta["layer"] == 0 and meta["config"]["target_fpr"] == 0.05 and meta["prompts"]["wrapped_benign"] == 3
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir)]) == 2  # exists

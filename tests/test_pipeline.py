@@ -11,7 +11,10 @@ def tiny_plan(model: str):
     plan.data = {"max_per_source": 24, "general_limit": 24, "distill_max_new_tokens": 4, "template_max_chars": 300,
                  "self_instruct": 0}
     for a in plan.arms:
-        a.train.update({"data.max_train_rows": 8, "optim.batch_size": 4, "data.max_seq_len": 1024})
+        if "from" not in a.train:  # gated twins train nothing
+            a.train.update({"data.max_train_rows": 8, "optim.batch_size": 4, "data.max_seq_len": 1024})
+    plan.gate = {"self_instruct": 0, "wrapped_benign": 6, "wrapped_harmful": 4}
+    plan.gate_attacks = ("past_tense", "prefill")
     plan.eval_limit, plan.max_new_tokens, plan.capability_limit, plan.analysis_prompts = 4, 4, 6, 2
     plan.analysis_ks = (4, 8)
     return plan
@@ -22,11 +25,12 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch):
     t0 = time.time()
     reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
     first = time.time() - t0
-    arms = ["lora-safety", "full-safety", "full-mix-1", "full-mix-2"]
+    arms = ["lora-safety", "full-safety", "full-mix-1", "full-mix-2", "lora-safety+gate"]
     tree = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "01-data" not in p.parts
                   and "patch" not in p.parts and "out" not in p.parts)
     expected = sorted(
         ["run.json", "report.md", "report.html", "tradeoff.png", "05-analysis/stage.json",
+         "02-gate/stage.json", "02-gate/eval.json", "02-gate/gate/gate.json", "02-gate/gate/gate.safetensors",
          "04-plug/plug.json", "04-plug/stage.json"]
         + [f"02-arms/{a}/stage.json" for a in arms]
         + [f"03-eval/{m}/{f}" for m in ["base"] + arms for f in ("safety.json", "overrefusal.json", "stage.json")]
@@ -40,7 +44,7 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch):
     md = (run / "report.md").read_text()
     for section in ("## Claims", "## Trade-off", "## Attack success per attack", "## Attack success per category",
                     "## Over-refusal", "## Capability", "## Cost", "## Orthogonality and magnitude", "## Hidden-state shifts",
-                    "## Plug-and-play", "## Stage timings"):
+                    "## Plug-and-play", "## Stage timings", "## Gate reliability"):
         assert section in md, section
     for claim in ("strong safety", "better than full-parameter", "data-mixing baselines", "more orthogonal",
                   "larger weight updates", "plug-and-play"):
@@ -64,7 +68,15 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch):
         assert json.loads((run / "02-arms" / a / "patch" / "patch.json").read_text())["code"]["source_sha256"] == code
         assert json.loads((run / "03-eval" / a / "safety.json").read_text())["provenance"]["code"]["source_sha256"] == code
     keys = {p: json.loads(p.read_text())["key"] for p in run.rglob("stage.json")}
-    assert len(keys) == 1 + len(arms) + (1 + len(arms)) + 2
+    assert len(keys) == 1 + 1 + len(arms) + (1 + len(arms)) + 2
+
+    # the gated arm is its source adapter behind the run's gate; the gate's report covers the test split
+    gated = json.loads((run / "02-arms" / "lora-safety+gate" / "patch" / "patch.json").read_text())
+    assert gated["gate"]["id"] == json.loads((run / "02-gate" / "gate" / "gate.json").read_text())["id"]
+    rep = json.loads((run / "02-gate" / "eval.json").read_text())
+    assert rep["data"]["split"] == "test" and sorted(rep["attacks"]) == ["past_tense", "prefill"]
+    assert len(rep["leave_one_source_out"]["sources"]) >= 2
+    assert "leave one harmful source out" in md.lower() and "prefill" in md
 
     # after a code change (another source hash), re-running into the same folder re-runs every stage
     import safety_patch.provenance as prov

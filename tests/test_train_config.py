@@ -84,13 +84,20 @@ def test_every_old_flat_key_has_a_new_home():
     assert len(set(LEGACY_KEYS.values())) == len(LEGACY_KEYS)
 
 
+# 2026-12-01 (docs/lab-notebook.md, session 12): the default gate's threshold became a target
+# false-positive rate on validation (gate.target_fpr 0.03; gate.threshold None), it reads final-norm
+# features and learns from 600 re-asked prompts per side. Every other default is the old one.
+GATE_CHANGE = {"gate_threshold": None}
+
+
 def test_the_dataclass_defaults_are_the_old_default_recipe():
     cfg = TrainConfig()
-    _assert_same_as_old(cfg, OLD_CLASS | OLD_PRESETS["default"][1])
+    _assert_same_as_old(cfg, OLD_CLASS | OLD_PRESETS["default"][1] | GATE_CHANGE)
+    assert (cfg.gate.target_fpr, cfg.gate.features, cfg.gate.rephrased) == (0.03, "final-norm", 600)
     assert cfg == resolve_config("default") == resolve_config()
     # spelled out, the figures docs/recipes.md quotes
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.resolved_lr(), cfg.data.max_seq_len) == (8, 16.0, 2e-4, 512)
-    assert cfg.gate is not None and (cfg.gate.depth, cfg.gate.threshold) == (0.6, 0.5)
+    assert cfg.gate is not None and (cfg.gate.depth, cfg.gate.threshold) == (0.6, None)
     assert (cfg.gate.self_instruct, cfg.gate.wrapped_harmful, cfg.gate.wrapped_benign) == (600, 400, 600)
     assert cfg.record()["optim"]["lr"] == 2e-4
 
@@ -98,7 +105,7 @@ def test_the_dataclass_defaults_are_the_old_default_recipe():
 @pytest.mark.parametrize("old", sorted(OLD_PRESETS))
 def test_each_recipe_file_holds_its_old_preset(old):
     role, preset = OLD_PRESETS[old]
-    _assert_same_as_old(resolve_config(role), OLD_CLASS | preset)
+    _assert_same_as_old(resolve_config(role), OLD_CLASS | preset | (GATE_CHANGE if role == "default" else {}))
 
 
 @pytest.mark.parametrize("name", recipe_names())
@@ -214,6 +221,12 @@ def test_flags_set_and_yaml_make_the_same_config(tmp_path, capsys):
                                                           "optim.seed=5", "optim.grad_accum=2"] for a in ("--set", kv)])
     assert by_yaml == by_flags == by_set
     assert by_yaml["lora"]["rank"] == 16 and by_yaml["gate"]["threshold"] == 0.7 and by_yaml["gate"]["seed"] == 5
+    assert by_yaml["gate"]["target_fpr"] is None  # a logit given replaces the default target rate
+    # and a target rate given replaces a logit set before it; giving neither is an error
+    assert _cli_config(tmp_path, capsys, "--config", str(yaml_file), "--set", "gate.target_fpr=0.05")["gate"] == \
+        by_yaml["gate"] | {"threshold": None, "target_fpr": 0.05}
+    code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--set", "gate.target_fpr=null"])
+    assert code == 2 and "set exactly one of threshold" in capsys.readouterr().err
     assert by_yaml == resolve_config(None, yaml_file).record()
     # flags override the file, the file overrides the recipe
     assert _cli_config(tmp_path, capsys, "--config", str(yaml_file), "--rank", "4")["lora"]["rank"] == 4

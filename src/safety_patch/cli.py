@@ -700,17 +700,20 @@ def gate_fit_cmd(
     layer: Annotated[int | None, typer.Option(min=0, help="Decoder layer the probe reads (default: see --depth).")] = None,
     depth: Annotated[float | None, typer.Option(min=0.0, max=1.0, callback=_finite,
                                                 help="The layer as a fraction of depth (default 0.6).")] = None,
-    threshold: Annotated[float | None, typer.Option(callback=_finite, help="Probe logit above which the gate fires (default 0.5).")] = None,
+    threshold: Annotated[float | None, typer.Option(callback=_finite, help="Probe logit above which the gate fires "
+                                                                          "(instead of --target-fpr).")] = None,
     target_fpr: Annotated[float | None, typer.Option(min=0.0, max=1.0, callback=_finite,
-                                                     help="Instead of --threshold: the logit at this false-positive rate on the "
-                                                          "validation split's benign prompts (e.g. 0.02).")] = None,
+                                                     help="The threshold is the logit at this false-positive rate on the "
+                                                          "validation split's benign prompts (default 0.03).")] = None,
     wrapped_benign: Annotated[int | None, typer.Option(min=0, help="Benign train prompts wrapped in train templates as negatives (default 600).")] = None,
     wrapped_harmful: Annotated[int | None, typer.Option(min=0, help="Harmful train requests wrapped in train templates as positives (default 400).")] = None,
     self_instruct: Annotated[int | None, typer.Option(min=0, help="Self-written requests (data build --self-instruct) as negatives (default 600).")] = None,
     l2: Annotated[float | None, typer.Option(min=0.0, callback=_finite, help="L2 penalty of the probe (default 0.01).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Seed of the prompt pool's sampling and wrapping (default 0).")] = None,
-    features: Annotated[str | None, typer.Option(help="residual (default) | final-norm: read the layer's state through the "
-                                                 "base's final norm, fit without intercept, so `gate export` is exact.")] = None,
+    features: Annotated[str | None, typer.Option(help="final-norm (default: the layer's state through the base's final "
+                                                 "norm, fit without intercept, so `gate export` is exact) | residual.")] = None,
+    rephrased: Annotated[int | None, typer.Option(min=0, help="Harmful and benign train requests re-asked in the other "
+                                                  "form, added to each side (default 600).")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -726,8 +729,12 @@ def gate_fit_cmd(
     if threshold is not None and target_fpr is not None:
         raise SafetyPatchError("--threshold and --target-fpr both set the threshold; give one")
     given = dict(layer=layer, depth=depth, threshold=threshold, target_fpr=target_fpr, wrapped_benign=wrapped_benign,
-                 wrapped_harmful=wrapped_harmful, self_instruct=self_instruct, l2=l2, seed=seed, features=features)
-    cfg = dataclasses.replace(GateFitConfig(), **{k: v for k, v in given.items() if v is not None}).validate()
+                 wrapped_harmful=wrapped_harmful, self_instruct=self_instruct, l2=l2, seed=seed, features=features,
+                 rephrased=rephrased)
+    cfg = dataclasses.replace(GateFitConfig(), **{k: v for k, v in given.items() if v is not None})
+    if threshold is not None:  # a logit given: it replaces the default target rate
+        cfg = dataclasses.replace(cfg, target_fpr=None)
+    cfg.validate()
     check_out_dir(out, overwrite=overwrite, kind="gate", inputs=[data, model])
     with claim_output(out):
         from .data.folder import DataFolder
@@ -766,6 +773,9 @@ def gate_eval_cmd(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the wrapped-benign draw.")] = 0,
     leave_one_source_out: Annotated[bool, typer.Option(help="Also refit without each harmful source and measure on it "
                                                              "(costs about one gate fit).")] = False,
+    attacks: Annotated[str, typer.Option(help="Rule attacks to run through the gate, on the split's harmful requests and "
+                                              "on its benign prompts as controls: 'unseen' (those the train split never "
+                                              "used), 'none', or a comma-separated list.")] = "unseen",
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -775,13 +785,21 @@ def gate_eval_cmd(
     from .models import load_model
     from .outputs import check_out_file
 
+    from .gate_fit import RULE_ATTACKS
+
     if split not in ("val", "test"):
         raise SafetyPatchError(f"--split must be val or test, got {split!r}")
+    attack_list = None if attacks.strip() == "unseen" else [] if attacks.strip() == "none" else \
+        [a.strip() for a in attacks.split(",") if a.strip()]
+    for a in attack_list or ():
+        if a not in RULE_ATTACKS:
+            raise SafetyPatchError(f"--attacks: {a!r} is not a rule attack; choose from {', '.join(RULE_ATTACKS)}, "
+                                   "'unseen' or 'none'")
     read_gate_folder(gate)  # a bad gate folder fails before the model loads
     if out is not None:
         check_out_file(out, inputs=[gate, data])
     lm = load_model(model, device=device, dtype=dtype)
-    rep = evaluate_gate(lm, gate, data, split, seed, loso=leave_one_source_out)
+    rep = evaluate_gate(lm, gate, data, split, seed, loso=leave_one_source_out, attacks=attack_list)
     typer.echo(report_table(rep))
     if "note" in rep:
         typer.echo(f"note: {rep['note']}")
@@ -803,7 +821,7 @@ def gate_export_cmd(
 
     Exact for final-norm gates (`gate fit --features final-norm`): the base truncated after the
     gate's layer plus a one-logit head, the threshold in config.json; its logits equal the gate's.
-    A residual gate (the default) is refused with the reason; nothing is written."""
+    A residual gate (`--features residual`) is refused with the reason; nothing is written."""
     from .gate_fit import read_gate_folder
     from .models import load_model
     from .outputs import check_out_dir

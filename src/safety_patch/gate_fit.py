@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,12 +59,14 @@ class GateFitConfig:
     depth: float = 0.6
     """The layer as a fraction of the model's depth (0.6: layer 18 of 30), used when layer is None,
     so that one recipe carries across models."""
-    threshold: float = 0.5
+    threshold: float | None = None
     """Probe logit above which the adapter applies (higher: fewer safe prompts refused, more
-    attacks let through). Ignored when target_fpr is set."""
-    target_fpr: float | None = None
-    """Set the threshold instead at this false-positive rate on the validation pool of benign
-    prompts (e.g. 0.02); the chosen logit is recorded in the gate file."""
+    attacks let through). Exactly one of threshold and target_fpr is set."""
+    target_fpr: float | None = 0.03
+    """The threshold is the logit at this false-positive rate on the validation pool of benign
+    prompts (borderline + general + wrapped benign); the chosen logit is recorded in the gate
+    file. 0.03: chosen on the seed-1 validation split (docs/lab-notebook.md, 2026-12-01) as the
+    rate that keeps wrapped safe prompts routed to the adapter at or under 5%."""
     l2: float = 1e-2
     """L2 penalty of the logistic probe (on standardised features)."""
     wrapped_benign: int = 600
@@ -77,10 +80,17 @@ class GateFitConfig:
     negatives."""
     seed: int = 0
     """Seed for the prompt pool's sampling and wrapping."""
-    features: str = "residual"
-    """What the probe reads: residual (the hidden state after the layer) or final-norm (that
-    state through the base's final RMSNorm, fit without intercept): a final-norm gate exports
-    exactly as a transformers sequence-classification checkpoint (`gate export`)."""
+    rephrased: int = 600
+    """Harmful train requests and as many benign train prompts (single-turn), each re-asked in the
+    other common form (:func:`reask`: an instruction as a question, a "how to" question as an
+    instruction), added to their side: phrasing alone then carries no label, so the probe must
+    read the request (issue 23 item 5: the sources differ in phrasing, HarmBench instructs and
+    DoNotAnswer asks)."""
+    features: str = "final-norm"
+    """What the probe reads: final-norm (the hidden state after the layer through the base's final
+    RMSNorm, fit without intercept: it exports exactly as a transformers sequence-classification
+    checkpoint, `gate export`) or residual (the state itself, standardised, with an intercept: the
+    default until 2026-12-01; on validation the two discriminate alike)."""
 
     def resolved_layer(self, n_layers: int) -> int:
         """The decoder layer index for a model with ``n_layers`` layers."""
@@ -95,7 +105,11 @@ class GateFitConfig:
 
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             raise bad("layer", "must be an integer >= 0")
-        for name in ("depth", "threshold", "l2"):
+        if (self.threshold is None) == (self.target_fpr is None):
+            raise SafetyPatchError("gate config: set exactly one of threshold (a logit) and target_fpr (a false-positive "
+                                   f"rate on validation), got threshold {self.threshold!r}, target_fpr {self.target_fpr!r}"
+                                   " (e.g. --set gate.target_fpr=null with gate.threshold)")
+        for name in ("depth", "l2") + (("threshold",) if self.threshold is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise bad(name, "must be a finite number")
@@ -106,7 +120,7 @@ class GateFitConfig:
         if self.target_fpr is not None and (isinstance(self.target_fpr, bool) or not isinstance(self.target_fpr, (int, float))
                                             or not 0 < self.target_fpr < 1):
             raise bad("target_fpr", "must be a number in (0, 1)")
-        for name in ("wrapped_benign", "wrapped_harmful", "self_instruct", "seed"):
+        for name in ("wrapped_benign", "wrapped_harmful", "self_instruct", "seed", "rephrased"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise bad(name, "must be an integer >= 0")
@@ -138,12 +152,13 @@ def fit_gate_probe(x: torch.Tensor, y: torch.Tensor, layer: int, cfg: GateFitCon
     (standardised, with intercept) or, with ``norm``, a final-norm gate without intercept."""
     from .gate import fit_probe
 
+    t = cfg.threshold if cfg.threshold is not None else 0.0  # with target_fpr the caller sets it from validation
     if not norm:
         w, b, mu, sd = fit_probe(x, y, cfg.l2)
-        return Gate(layer, cfg.threshold, w, b, mu, sd)
-    shell = Gate(layer, cfg.threshold, torch.ones(x.shape[1]), 0.0, torch.zeros(x.shape[1]), torch.ones(x.shape[1]), **norm)
+        return Gate(layer, t, w, b, mu, sd)
+    shell = Gate(layer, t, torch.ones(x.shape[1]), 0.0, torch.zeros(x.shape[1]), torch.ones(x.shape[1]), **norm)
     w, b, mu, sd = fit_probe(shell.features(x), y, cfg.l2, intercept=False)
-    return Gate(layer, cfg.threshold, w, b, mu, sd, **norm)
+    return Gate(layer, t, w, b, mu, sd, **norm)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -213,12 +228,50 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
         for req in rng.sample(requests, min(cfg.wrapped_harmful, len(requests))):
             wrapped_h.append([{"role": "user", "content": rng.choice(templates).render(req)}])
             sources.append(source_of[req])
+    re_h, re_b = [], []
+    if cfg.rephrased:
+        # Drawn last, so that adding them leaves every earlier draw unchanged.
+        requests = sorted({r["meta"]["request"] for _, r in train_rows if r.get("meta", {}).get("request")})
+        for req in rng.sample(requests, min(cfg.rephrased, len(requests))):
+            re_h.append([{"role": "user", "content": reask(req, rng)}])
+            sources.append(source_of[req])
+        single = [m for m in benign if len(m) == 1 and m[0]["role"] == "user"]
+        for msgs in rng.sample(single, min(cfg.rephrased, len(single))):
+            re_b.append([{"role": "user", "content": reask(msgs[0]["content"], rng)}])
     counts = {"harmful": len(harmful), "benign": len(benign), "wrapped_benign": len(wrapped)}
     if wrapped_h:
         counts["wrapped_harmful"] = len(wrapped_h)
+    if re_h or re_b:
+        counts["rephrased_harmful"], counts["rephrased_benign"] = len(re_h), len(re_b)
     if si:
         counts["self_instruct"] = len(si)
-    return harmful + wrapped_h, benign + wrapped, counts, sources
+    return harmful + wrapped_h + re_h, benign + wrapped + re_b, counts, sources
+
+
+_HOW = re.compile(r"^(?:how|what(?:'s| is) the best way|what is a good way)\s+(?:to|do i|can i|could i|would i|should i|"
+                  r"might i|would one|does one|can one|do you|can you|can someone|would someone)\s+(.+?)\s*\?*$",
+                  re.IGNORECASE | re.DOTALL)
+_REASK_Q = ("Explain how to {x}.", "Give me step-by-step instructions to {x}.", "Write a short guide on how to {x}.",
+            "Tell me how to {x}.")
+_REASK_I = ("Can you {x}?", "Could you {x}?", "I need you to {x}.", "Would you please {x}?")
+
+
+def reask(text: str, rng: random.Random) -> str:
+    """``text`` asked in the other common form: "How (do I|to|can I) X?" -> an instruction ("Explain
+    how to X."); an instruction ("Write X", "Give X") -> a question or request ("Can you write X?");
+    any other question gets an instruction frame ("Answer this: Q"). The choice among the forms is
+    drawn from ``rng``. Multi-line texts keep everything before their last line as context."""
+    head, _, last = text.rstrip().rpartition("\n")
+    prefix = head + "\n" if head else ""
+    q = last.strip()
+    m = _HOW.match(q)
+    if m:
+        return prefix + rng.choice(_REASK_Q).format(x=m.group(1).rstrip(" ?."))
+    if q.endswith("?"):
+        return prefix + rng.choice(("Answer this: {x}", "I'd like a clear answer. {x}", "Explain: {x}")).format(x=q)
+    x = q.rstrip(" .!")
+    x = x[:1].lower() + x[1:] if x[:1].isupper() and not x[1:2].isupper() else x
+    return prefix + rng.choice(_REASK_I).format(x=x)
 
 
 HELD_OUT_SETS = ("harmful_direct", "harmful_wrapped", "borderline", "general", "wrapped_benign")
@@ -253,14 +306,88 @@ def held_out_prompts(data, split: str = "val", seed: int = 0) -> dict[str, list[
     return out
 
 
+RULE_ATTACKS = ("past_tense", "future_tense", "prefix_injection", "refusal_suppression", "style_injection", "roleplay",
+                "base64", "rot13", "few_shot", "prefill", "multi_turn")
+"""The rule attacks (attacks/rules.py) a gate report can run: each needs no attacker model."""
+
+
+def unseen_attacks(data) -> list[str]:
+    """The rule attacks the folder's train split never used: :data:`RULE_ATTACKS` minus the
+    manifest's ``config.train_transforms`` (data build wraps some train rows in those)."""
+    from .data.folder import DataFolder
+
+    seen = set((DataFolder.of(data).manifest.get("config") or {}).get("train_transforms") or ())
+    return [a for a in RULE_ATTACKS if a not in seen]
+
+
+def attack_prompts(data, split: str, attacks: Sequence[str]) -> dict[str, dict[str, list[tuple[list[dict], str]]]]:
+    """Per attack, what the gate reads under it: ``{attack: {"harmful": [...], "benign": [...]}}``,
+    each item ``(messages, prefill)``.
+
+    ``harmful``: the split's direct harmful requests (``val.jsonl``/``test.jsonl``) under the attack;
+    ``benign``: the split's borderline + general prompts under the same attack, the cleaned control
+    (a gate that fires on the attack's form rather than the request fires on these too). Raises
+    SafetyPatchError for an unknown attack name or a missing file."""
+    from .attacks import get_attack
+    from .data.folder import DataFolder
+
+    d = DataFolder.of(data)
+    held = held_out_prompts(d, split)
+    out: dict[str, dict[str, list[tuple[list[dict], str]]]] = {}
+    for name in attacks:
+        a = get_attack(name)
+        if getattr(a, "needs_model", False):
+            raise SafetyPatchError(f"attack {name!r} needs a model to optimise against: a gate report runs rule attacks "
+                                   f"({', '.join(RULE_ATTACKS)})")
+        sets = {}
+        for kind, convs in (("harmful", held["harmful_direct"]), ("benign", held["borderline"] + held["general"])):
+            items = []
+            for msgs in convs:
+                att = a.apply(msgs[-1]["content"])
+                items.append((list(msgs[:-1]) + att.messages, att.prefill))
+            sets[kind] = items
+        out[name] = sets
+    return out
+
+
+def attack_scores(model, tokenizer, gate: Gate, sets: dict[str, dict[str, list[tuple[list[dict], str]]]],
+                  token_budget: int | None = TOKEN_BUDGET, fingerprint: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The gate's logits on :func:`attack_prompts`' sets, read where routing reads: at the last
+    token of the rendered prompt, before any prefill (generation.generate routes on the prompt
+    alone, so a prefill cannot move where the gate reads) ({attack: {"harmful": [n], "benign": [m]}})."""
+    flat = [(a, k, it) for a, s in sets.items() for k in ("harmful", "benign") for it in s[k]]
+    ids = encode(tokenizer, [m for _, _, (m, _) in flat])
+    z = gate.scores(cached_features(model, tokenizer, ids, gate.layer, token_budget, fingerprint)) if ids else torch.zeros(0)
+    out: dict[str, dict[str, list]] = {a: {"harmful": [], "benign": []} for a in sets}
+    for (a, k, _), v in zip(flat, z.tolist(), strict=True):
+        out[a][k].append(v)
+    return {a: {k: torch.tensor(v) for k, v in s.items()} for a, s in out.items()}
+
+
+def attack_report(scores: dict[str, dict[str, torch.Tensor]], threshold: float) -> dict:
+    """Per attack: the share of harmful requests the gate fires on under it (caught), of its
+    benign controls (false positives), each with n and a Wilson interval, and their AUROC."""
+    from .evaluation.stats import proportion
+
+    return {a: {"caught": proportion(int((s["harmful"] > threshold).sum()), len(s["harmful"])),
+                "fired_on_benign": proportion(int((s["benign"] > threshold).sum()), len(s["benign"])),
+                "auroc": _auroc_ci(s["harmful"].tolist(), s["benign"].tolist())}
+            for a, s in scores.items()}
+
+
 # ----------------------------------------------------------------------------- features
 
 
-def encode(tokenizer, convs: Sequence[Sequence[dict]]) -> list[list[int]]:
-    """Token ids of each conversation's rendered chat prompt (assistant header included), as the gate reads it."""
+def encode(tokenizer, convs: Sequence[Sequence[dict]], prefills: Sequence[str] | None = None) -> list[list[int]]:
+    """Token ids of each conversation's rendered chat prompt (assistant header included), as the
+    gate reads it; with ``prefills``, each prompt continued by its prefill (where routing reads
+    when an answer is prefilled: generation renders the prompt, then appends the prefill)."""
     from .generation import render
 
-    return [tokenizer(render(tokenizer, m), add_special_tokens=False)["input_ids"] for m in convs]
+    texts = [render(tokenizer, m) for m in convs]
+    if prefills is not None:
+        texts = [t + p for t, p in zip(texts, prefills, strict=True)]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def length_buckets(lengths: Sequence[int], token_budget: int = 8192, max_batch: int = MAX_BATCH) -> list[list[int]]:
@@ -470,7 +597,9 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, token_budget: i
     if layer >= n_layers:
         raise SafetyPatchError(f"gate_layer {layer}: the model has layers 0-{n_layers - 1}")
     if cfg.target_fpr is not None and not validate:
-        raise SafetyPatchError("gate config: target_fpr sets the threshold on the validation split, which this fit skips")
+        raise SafetyPatchError(f"gate config: target_fpr sets the threshold on the validation split, which {d.path} lacks "
+                               "(or this fit skips): give a threshold instead (gate fit --threshold T; train --set "
+                               "gate.threshold=T --set gate.target_fpr=null)")
     harmful, benign, counts = gate_prompts(d, cfg)
     t0 = time.time()
     was_training = model.training
@@ -728,10 +857,13 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
 
 
 def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "val", seed: int = 0,
-                  token_budget: int | None = TOKEN_BUDGET, loso: bool = False) -> dict:
+                  token_budget: int | None = TOKEN_BUDGET, loso: bool = False,
+                  attacks: Sequence[str] | None = None) -> dict:
     """``safety-patch gate eval``: the gate's reliability report on one held-out split; with
     ``loso``, also :func:`leave_one_source_out` with the gate's own config (refits: it costs
-    about one gate fit).
+    about one gate fit). ``attacks``: rule attacks run on the split's direct harmful requests and
+    on its benign prompts (:func:`attack_prompts`); None = those the train split never used
+    (:func:`unseen_attacks`), ``[]`` = none.
 
     Refuses (SafetyPatchError) a gate fit on another base than ``lm``."""
     from .data.build import manifest_sha256
@@ -744,6 +876,11 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
     t0 = time.time()
     scores, sizes = held_out_scores(lm.model, lm.tokenizer, gate, data_dir, split, seed, token_budget, lm.fingerprint)
     rep = reliability(scores, gate.threshold)
+    attacks = unseen_attacks(data_dir) if attacks is None else list(attacks)
+    if attacks:
+        sets = attack_prompts(data_dir, split, attacks)
+        rep["attacks"] = attack_report(attack_scores(lm.model, lm.tokenizer, gate, sets, token_budget, lm.fingerprint),
+                                       gate.threshold)
     if loso:
         known = {f.name for f in dataclasses.fields(GateFitConfig)}
         cfg = GateFitConfig(**{k: v for k, v in gmeta["config"].items() if k in known})
@@ -777,6 +914,12 @@ def report_table(rep: dict) -> str:
     lines.append(f"{'set':<26}{'fires on [95% CI]':<24}n")
     for name, p in rep["fired"].items():
         lines.append(f"{name:<26}{pct(p):<24}{p['n']}")
+    if rep.get("attacks"):
+        lines.append(f"{'attack (unseen rules)':<26}{'caught [95% CI]':<24}{'fires on its benign':<24}{'AUROC':<24}n+/n-")
+        for name, a in rep["attacks"].items():
+            auc = "n/a" if a["auroc"]["value"] is None else f"{a['auroc']['value']:.3f}"
+            lines.append(f"{name:<26}{pct(a['caught']):<24}{pct(a['fired_on_benign']):<24}{auc:<24}"
+                         f"{a['caught']['n']}/{a['fired_on_benign']['n']}")
     for src, r in rep.get("leave_one_source_out", {}).get("sources", {}).items():
         for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign"):
             c = r[name]

@@ -96,17 +96,26 @@ def generate(
     prefill: Sequence[str] | None = None,
     progress=None,
 ) -> list[str]:
-    """Complete each conversation; returns the new text only. ``prefill`` starts each answer."""
-    texts = [render(tokenizer, c) for c in conversations]
+    """Complete each conversation; returns the new text only. ``prefill`` starts each answer.
+
+    Gates read the rendered conversation *without* the prefill: a prefilled answer is text the
+    requester wrote, and reading the gate after it would let the requester choose where the gate
+    reads ("Sure, here is" moved the default gate's logit below its threshold on every harmful
+    validation request; docs/gate.md)."""
+    prompts = [render(tokenizer, c) for c in conversations]
+    texts = prompts
     if prefill is not None:
-        texts = [t + p for t, p in zip(texts, prefill, strict=True)]
-    return [t for t, _ in complete_texts(model, tokenizer, texts, config, progress)]
+        texts = [t + p for t, p in zip(prompts, prefill, strict=True)]
+    return [t for t, _ in complete_texts(model, tokenizer, texts, config, progress, route_texts=prompts)]
 
 
 @torch.inference_mode()
 def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationConfig = GenerationConfig(),
-                   progress=None) -> list[tuple[str, bool]]:
+                   progress=None, route_texts: Sequence[str] | None = None) -> list[tuple[str, bool]]:
     """Continue raw, already rendered ``texts``; returns (new text, whether it stopped at an EOS token).
+
+    ``route_texts``: what each prompt's gates read (default: ``texts``); :func:`generate` passes the
+    rendered prompts without their prefills. Raises ValueError when its length differs.
 
     ``model``: a ``patched.PatchedModel`` (its gates route each prompt) or a plain model (the
     base). The raw form serves callers that need a turn the chat template cannot express, such
@@ -145,7 +154,13 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
 
     # Gated patches (patched.py): each prompt runs with the patches its gates chose, in one
     # mixed batch where PEFT can (one gated adapter), else one group of prompts per route.
-    routes = pm.routes(tokenizer, enc, config.batch_size)
+    if route_texts is None or not pm.gates:  # nothing reads them without gates
+        route_enc = enc
+    else:
+        if len(route_texts) != len(texts):
+            raise ValueError(f"route_texts has {len(route_texts)} items for {len(texts)} texts")
+        route_enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in route_texts]
+    routes = pm.routes(tokenizer, route_enc, config.batch_size)
     if pm.can_mix:
         with pm.mixed() as module:
             run(module, list(range(len(enc))), pm.adapter_names(routes))

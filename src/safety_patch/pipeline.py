@@ -3,7 +3,8 @@
 RUN/
   run.json                 resolved plan, provenance, per-stage timings
   01-data/                 data folder (data build)
-  02-arms/<arm>/           one patch per arm (train)
+  02-gate/                 the gate (gate fit) and its reliability on the test split (eval.json)
+  02-arms/<arm>/           one patch per arm (train); <lora arm>+gate: that adapter behind the gate
   03-eval/<model>/         safety.json, overrefusal.json, capability.json per model (base and arms)
   04-plug/plug.json        plug-and-play checks (detach exactness, merge vs attach) on the real model
   05-analysis/             analyze over every arm
@@ -31,8 +32,9 @@ from .errors import SafetyPatchError
 @dataclass
 class Arm:
     name: str
-    train: dict  # "recipe", "general_only" and the TrainConfig fields it changes, as dotted keys ("lora.rank")
-    role: str  # "lora-safety" | "full-safety" | "full-mix" | "lora-dpo" | "full-dpo" | "rank" | "cross-domain"
+    train: dict  # "recipe", "general_only" and the TrainConfig fields it changes, as dotted keys ("lora.rank");
+    # for a gated arm {"from": arm}: that arm's patch behind the run's gate (no training of its own)
+    role: str  # "lora-safety" | "lora-safety-gated" | "full-safety" | "full-mix" | "lora-dpo" | "full-dpo" | "rank" | "cross-domain"
 
 
 @dataclass
@@ -50,6 +52,11 @@ class Plan:
     capability_limit: int | None = None
     analysis_ks: tuple[int, ...] = (8, 32, 128)
     analysis_prompts: int = 12
+    gate: dict | None = field(default_factory=lambda: {"self_instruct": 0})
+    """GateFitConfig fields of the run's gate (the default gate's, less the self-written negatives
+    the plan's data folder does not build); None = no gate and no gated arm."""
+    gate_attacks: tuple[str, ...] | None = None
+    """Rule attacks of the gate's reliability report; None = those the train split never used."""
 
 
 def make_plan(model: str = "default", quick: bool = False, full: bool = False, seeds: int = 1) -> Plan:
@@ -75,6 +82,9 @@ def make_plan(model: str = "default", quick: bool = False, full: bool = False, s
                  Arm("full-code", fullp | {"general_only": True}, "cross-domain")]
     if seeds > 1:
         arms = [Arm(f"{a.name}@s{s}", a.train | {"optim.seed": s}, a.role) for a in arms for s in range(seeds)]
+    # The product's default patch is the paper's LoRA behind a gate (docs/gate.md): each LoRA
+    # safety arm also runs gated, next to itself, so the report shows what the gate changes.
+    arms += [Arm(f"{a.name}+gate", {"from": a.name}, "lora-safety-gated") for a in arms if a.role == "lora-safety"]
     # No self-written anchor prompts: the arms here train the paper's recipe and its baselines,
     # none of which anchors (saves ~10 min of sampling on a CPU).
     data = {"distill_max_new_tokens": 128, "dpo": full, "self_instruct": 0, "borderline_train_extra": False}
@@ -85,6 +95,10 @@ def make_plan(model: str = "default", quick: bool = False, full: bool = False, s
         plan.eval_limit, plan.max_new_tokens, plan.humaneval_limit, plan.capability_limit = 20, 32, 0, 24
         plan.capability_tasks = ("nll", "kl", "compliance")
         plan.analysis_prompts = 6
+        # a smaller gate pool and four of the unseen attacks (one per kind: rephrasing, encoding,
+        # history, prefill) keep the gate stage to a few minutes on a CPU
+        plan.gate = {"self_instruct": 0, "wrapped_benign": 200, "wrapped_harmful": 100, "rephrased": 150}
+        plan.gate_attacks = ("past_tense", "base64", "multi_turn", "prefill")
     return plan
 
 
@@ -127,7 +141,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     run.mkdir(parents=True, exist_ok=True)
     st = Stages(run)
     resolve_checkpoint(plan.model)  # fail early on a bad --model (and convert the GGUF once)
-    n_steps = 1 + len(plan.arms) + (1 + len(plan.arms)) + 1 + 1 + 1
+    n_steps = 1 + (plan.gate is not None) + len(plan.arms) + (1 + len(plan.arms)) + 1 + 1 + 1
     step = 0
 
     # 1. data
@@ -147,15 +161,49 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
         st.say(step, n_steps, "data", skipped=True)
     data_hash = manifest_sha256(data_dir)
 
-    # 2. arms: one patch each; the LoRA and full arms share the trainer and differ in what trains
+    # 2a. the gate (its own stage: gate fit), and its reliability on the held-out test split
+    gate_dir = run / "02-gate"
+    gate_key = _hash({"gate": plan.gate, "attacks": plan.gate_attacks, "data": data_hash, "model": plan.model,
+                      "code": code})
+    if plan.gate is not None:
+        step += 1
+        if not st.done(gate_dir, gate_key):
+            from .gate_fit import GateFitConfig, evaluate_gate, fit_gate_folder
+
+            st.say(step, n_steps, "gate: fit on the train split, reliability on the test split")
+            t = time.time()
+            shutil.rmtree(gate_dir, ignore_errors=True)
+            gate_dir.mkdir(parents=True)
+            lm = load_model(plan.model, device=device, dtype=dtype)
+            fit_gate_folder(lm, data_dir, GateFitConfig(**plan.gate), gate_dir / "gate")
+            write_json(gate_dir / "eval.json", evaluate_gate(lm, gate_dir / "gate", data_dir, "test", loso=True,
+                                                             attacks=plan.gate_attacks))
+            del lm
+            st.mark(gate_dir, gate_key, time.time() - t)
+        else:
+            st.say(step, n_steps, "gate", skipped=True)
+
+    # 2b. arms: one patch each; the LoRA and full arms share the trainer and differ in what trains
     arm_keys = {}
     for arm in plan.arms:
         step += 1
         d = run / "02-arms" / arm.name
-        key = _hash({"arm": asdict(arm), "data": data_hash, "model": plan.model, "code": code})
+        key = _hash({"arm": asdict(arm), "data": data_hash, "model": plan.model, "code": code,
+                     **({"from": arm_keys[arm.train["from"]], "gate": gate_key} if "from" in arm.train else {})})
         arm_keys[arm.name] = key
         if st.done(d, key):
             st.say(step, n_steps, f"train {arm.name}", skipped=True)
+            continue
+        if "from" in arm.train:  # the source arm's patch behind the run's gate: gate apply, no training
+            from .gate_fit import apply_gate
+
+            if plan.gate is None:
+                raise SafetyPatchError(f"arm {arm.name}: a gated arm needs the plan's gate")
+            st.say(step, n_steps, f"gate {arm.train['from']} -> {arm.name}")
+            t = time.time()
+            d.mkdir(parents=True, exist_ok=True)
+            apply_gate(run / "02-arms" / arm.train["from"] / "patch", gate_dir / "gate", d / "patch", overwrite=True)
+            st.mark(d, key, time.time() - t)
             continue
         fields = dict(arm.train)
         recipe = fields.pop("recipe", None)
@@ -226,7 +274,8 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     # 5. analysis of every arm (weights; activations on a few benign and jailbreak prompts)
     step += 1
     d = run / "05-analysis"
-    key = _hash({"arms": arm_keys, "ks": plan.analysis_ks, "n": plan.analysis_prompts, "data": data_hash,
+    gated = {a.name for a in plan.arms if "from" in a.train}
+    key = _hash({"arms": {a: k for a, k in arm_keys.items() if a not in gated}, "ks": plan.analysis_ks, "n": plan.analysis_prompts, "data": data_hash,
                  "code": code})
     if not st.done(d, key):
         st.say(step, n_steps, "analysis: subspaces, magnitudes, hidden shifts")
@@ -267,6 +316,8 @@ def _analysis_links(run: Path, plan: Plan) -> list[Path]:
     out = []
     for a in plan.arms:
         if a.train.get("loss.objective", "sft") == "dpo" and a.role != "lora-dpo":
+            continue
+        if "from" in a.train:  # a gated twin: the same weights as its source arm
             continue
         link = links / a.name.replace("@", "_")
         if link.is_symlink() or link.exists():

@@ -77,6 +77,7 @@ class RunData:
         self.analysis = _load(run / "05-analysis" / "out" / "summary.json")
         self.activ = _load(run / "05-analysis" / "out" / "activations.json")
         self.plug = _load(run / "04-plug" / "plug.json")
+        self.gate_eval = _load(run / "02-gate" / "eval.json")
         from .data.folder import MANIFEST, DataFolder
 
         # the data stage's manifest, checked like every reader's (one line naming the field if malformed)
@@ -329,6 +330,8 @@ def blocks(rd: RunData) -> list[tuple]:
                    "against itself here (docs/evaluation.md)."))
     B.append(("table", ["model", "borderline-benign not answered", "general not answered"],
               [[m, _pct(rd.borderline(m)), _pct(rd.general_refusal(m))] for m in rd.models if rd.run_of(m, "overrefusal")]))
+    if rd.gate_eval:
+        B += gate_blocks(rd.gate_eval)
     B.append(("h2", "Capability"))
     crow = []
     for m in rd.models[1:]:
@@ -380,6 +383,43 @@ def blocks(rd: RunData) -> list[tuple]:
         B.append(("table", ["check", "value"], [[k, f"{v:.3g}"] for k, v in rd.plug.items()]))
     B.append(("h2", "Stage timings"))
     B.append(("table", ["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in sorted(rd.info.get("timings", {}).items())]))
+    return B
+
+
+def gate_blocks(g: dict) -> list[tuple]:
+    """The gate's reliability on the held-out split (``gate eval``'s report, gate_fit.evaluate_gate)."""
+    def auc(a: dict) -> str:
+        return "n/a" if a.get("value") is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+
+    B: list[tuple] = [("h2", "Gate reliability")]
+    B.append(("p", f"The gate of the `+gate` arms (layer {g['gate']['layer']}, fires above logit "
+                   f"{g['gate']['threshold']:+.3f}), on the held-out `{g['data']['split']}` split: harmful requests direct "
+                   "and inside held-out jailbreak template families against borderline-benign, general and wrapped "
+                   "benign prompts; TPR at 1%/5% FPR sets the threshold on this split's benign prompts (an oracle "
+                   "threshold, for comparison); the rates at the gate's own threshold are what routing does."))
+    rows = []
+    for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign", "harmful_vs_benign"):
+        c = g[name]
+        rows.append([name, auc(c["auroc"]), _pct(c.get("tpr_at_fpr_0.01")), _pct(c.get("tpr_at_fpr_0.05")),
+                     _pct(c["tpr_at_threshold"]), _pct(c["fpr_at_threshold"])])
+    B.append(("table", ["comparison", "AUROC [95% CI]", "TPR at 1% FPR", "TPR at 5% FPR", "TPR at threshold",
+                        "FPR at threshold"], rows))
+    B.append(("table", ["set", "the gate fires on"], [[k, _pct(v)] for k, v in g["fired"].items()]))
+    if g.get("attacks"):
+        B.append(("p", "Rule attacks the gate never trained on, on the split's direct requests (caught: the adapter "
+                       "engages) and on its benign prompts under the same attack (cleaned controls: a gate that reads "
+                       "the attack's form rather than the request fires on these too)."))
+        B.append(("table", ["attack", "caught", "fires on its benign controls", "AUROC"],
+                  [[a, _pct(r["caught"]), _pct(r["fired_on_benign"]), auc(r["auroc"])] for a, r in g["attacks"].items()]))
+    loso = (g.get("leave_one_source_out") or {}).get("sources") or {}
+    if loso:
+        B.append(("p", "Leave one harmful source out: the gate refit without that source's prompts, measured on "
+                       "its requests (direct: every train and held-out request; wrapped: the held-out ones) at the "
+                       "gate's threshold."))
+        B.append(("table", ["held-out source", "direct caught", "direct AUROC", "wrapped caught", "wrapped AUROC"],
+                  [[s, _pct(r["direct_vs_benign"]["tpr_at_threshold"]), auc(r["direct_vs_benign"]["auroc"]),
+                    _pct(r["wrapped_vs_wrapped_benign"]["tpr_at_threshold"]), auc(r["wrapped_vs_wrapped_benign"]["auroc"])]
+                   for s, r in loso.items()]))
     return B
 
 

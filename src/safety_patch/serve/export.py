@@ -18,12 +18,12 @@ intercept's role (fires iff ``w·x > threshold``). Features are scaled by their 
 Its exported logits equal :meth:`NormGate.scores` to float precision (tests/test_serve.py:
 < 1e-4).
 
-Scope today: ``gate fit --features final-norm`` (or ``train --set gate.features=final-norm``)
-fits such a gate as an ordinary ``gate.Gate`` (``norm_weight``/``norm_eps`` recorded, mean and
-bias 0), which routing reads like any other; :func:`export_gate` exports it exactly and
-refuses every other gate with the reason, rather than writing an approximation of a safety
-gate. The default recipe still fits residual gates: whether final-norm gates discriminate as
-well has not been measured yet (issue 22).
+Since 2026-12-01 every default gate (``gate fit``, ``train`` with no flags) is such a gate: an
+ordinary ``gate.Gate`` with ``norm_weight``/``norm_eps`` recorded and mean and bias 0, which
+routing reads like any other; on the seed-1 validation split it discriminates as the residual
+gate did (AUROC 0.992 vs 0.992 direct, 0.909 vs 0.909 wrapped; docs/lab-notebook.md).
+:func:`export_gate` exports it exactly and refuses a residual gate (``--features residual``)
+with the reason, rather than writing an approximation of a safety gate.
 """
 
 from __future__ import annotations

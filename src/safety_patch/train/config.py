@@ -480,6 +480,8 @@ def merge(layers: list[dict[str, Any]]) -> TrainConfig:
     groups: dict[str, dict | None] = {n: dataclasses.asdict(c()) for n, c in GROUPS.items()}
     for layer in layers:
         for k, v in layer.items():
+            if k == "gate" and v is not None:
+                v = _one_threshold(v)
             if k in GROUPS:
                 if v is None:
                     groups[k] = None
@@ -490,11 +492,25 @@ def merge(layers: list[dict[str, Any]]) -> TrainConfig:
     return TrainConfig(**base, **{n: None if d is None else GROUPS[n](**d) for n, d in groups.items()})
 
 
+def _one_threshold(gate: Mapping[str, Any]) -> dict[str, Any]:
+    """A gate layer that gives ``threshold`` or ``target_fpr`` but not the other also clears the
+    other: they are two ways to set one number (gate_fit.GateFitConfig), so a layer that sets a
+    logit replaces the default target rate instead of conflicting with it."""
+    out = dict(gate)
+    if "threshold" in out and "target_fpr" not in out:
+        out["target_fpr"] = None
+    elif "target_fpr" in out and "threshold" not in out:
+        out["threshold"] = None
+    return out
+
+
 def override(cfg: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
     """A copy of ``cfg`` with ``{"group.field": value}`` (``"method"``, ``"recipe"``, ``"gate": None``)
     set as given: no coercion and no validation (call ``validate``). For the Python API and tests;
     unknown keys raise ``SafetyPatchError``."""
     out = replace(cfg)
+    gate = _one_threshold({k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("gate.")})
+    values = {k: v for k, v in values.items() if not k.startswith("gate.")} | {f"gate.{k}": v for k, v in gate.items()}
     for key, v in values.items():
         if "." not in key:
             if key not in ("recipe", "method", *GROUPS):

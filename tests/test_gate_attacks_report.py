@@ -1,0 +1,169 @@
+"""The gate report's rule-attack section (gate_fit.attack_prompts / attack_scores / attack_report)."""
+
+import json
+
+import pytest
+import torch
+
+from safety_patch.attacks import get_attack
+from safety_patch.data.build import DataConfig, build
+from safety_patch.errors import SafetyPatchError
+from safety_patch.gate_fit import (
+    RULE_ATTACKS,
+    GateFitConfig,
+    attack_prompts,
+    attack_scores,
+    encode,
+    features,
+    fit_gate_folder,
+    held_out_prompts,
+    read_gate_folder,
+    unseen_attacks,
+)
+
+CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_dir):
+    d = tmp_path_factory.mktemp("gadata") / "d"
+    build(d, DataConfig(max_per_source=30, distill=False, template_max_chars=400, self_instruct=0, general_limit=60,
+                        borderline_train_extra=False), model=str(tiny_dir))
+    return d
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    from safety_patch.models import load_model
+
+    return load_model(str(tiny_dir), device="cpu")
+
+
+def test_unseen_attacks_leave_out_what_the_train_split_used(data_dir):
+    used = set(json.loads((data_dir / "manifest.json").read_text())["config"]["train_transforms"])
+    got = unseen_attacks(data_dir)
+    assert used and not used & set(got) and set(got) | used == set(RULE_ATTACKS)
+
+
+def test_attack_sets_are_the_split_prompts_under_each_attack(data_dir):
+    held = held_out_prompts(data_dir, "val")
+    sets = attack_prompts(data_dir, "val", ["past_tense", "prefill", "multi_turn"])
+    for name, s in sets.items():
+        a = get_attack(name)
+        assert len(s["harmful"]) == len(held["harmful_direct"])
+        assert len(s["benign"]) == len(held["borderline"]) + len(held["general"])
+        for (msgs, prefill), src in zip(s["harmful"], held["harmful_direct"], strict=True):
+            att = a.apply(src[-1]["content"])
+            assert msgs == list(src[:-1]) + att.messages and prefill == att.prefill
+    assert all(p == "Sure, here is" for _, p in sets["prefill"]["harmful"])
+    benign = held["borderline"] + held["general"]
+    for (m, _), src in zip(sets["multi_turn"]["benign"], benign, strict=True):  # two exchanges, then the prompt
+        assert [x["role"] for x in m].count("user") == [x["role"] for x in src].count("user") + 2 and m[-1]["content"].endswith(src[-1]["content"])
+    with pytest.raises(SafetyPatchError, match="unknown attack"):
+        attack_prompts(data_dir, "val", ["no_such_attack"])
+
+
+def test_attack_scores_read_where_routing_reads(lm, data_dir, tmp_path):
+    gdir = tmp_path / "g"
+    fit_gate_folder(lm, data_dir, CFG, gdir)
+    gate, _ = read_gate_folder(gdir)
+    sets = attack_prompts(data_dir, "val", ["prefill", "base64"])
+    z = attack_scores(lm.model, lm.tokenizer, gate, sets)
+    # a prefilled prompt is read before its prefill, as generation routes it: the prefill changes nothing
+    msgs, pre = sets["prefill"]["harmful"][0]
+    assert pre
+    want = gate.scores(features(lm.model, lm.tokenizer, encode(lm.tokenizer, [msgs]), gate.layer))
+    assert torch.allclose(z["prefill"]["harmful"][:1], want, atol=1e-5)
+    assert len(z["base64"]["benign"]) == len(sets["base64"]["benign"])
+
+
+def test_gate_eval_runs_the_unseen_attacks_by_default(lm, data_dir, tiny_dir, tmp_path, capsys):
+    from safety_patch.cli import main
+
+    gdir = tmp_path / "g"
+    fit_gate_folder(lm, data_dir, CFG, gdir)
+    out = tmp_path / "r.json"
+    assert main(["gate", "eval", "--gate", str(gdir), "--data", str(data_dir), "--model", str(tiny_dir),
+                 "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert sorted(rep["attacks"]) == sorted(unseen_attacks(data_dir))
+    for a in rep["attacks"].values():
+        assert a["caught"]["n"] == rep["n"]["harmful_direct"]
+        assert a["fired_on_benign"]["n"] == rep["n"]["borderline"] + rep["n"]["general"]
+        assert len(a["caught"]["ci95"]) == 2
+    assert "attack (unseen rules)" in capsys.readouterr().out
+    assert main(["gate", "eval", "--gate", str(gdir), "--data", str(data_dir), "--model", str(tiny_dir),
+                 "--attacks", "none", "--out", str(out)]) == 0
+    assert "attacks" not in json.loads(out.read_text())
+    assert main(["gate", "eval", "--gate", str(gdir), "--data", str(data_dir), "--model", str(tiny_dir),
+                 "--attacks", "gcg"]) == 2
+
+
+def test_reask_turns_each_form_into_the_other():
+    import random
+
+    from safety_patch.gate_fit import reask
+
+    rng = random.Random(0)
+    for _ in range(5):
+        q = reask("How can I pick a lock?", rng)
+        assert not q.endswith("?") and "pick a lock" in q and q != "How can I pick a lock?"
+        i = reask("Write a poem about the sea.", rng)
+        assert "write a poem about the sea" in i and i != "Write a poem about the sea."
+        o = reask("What is the capital of France?", rng)
+        assert o.endswith("What is the capital of France?") and o != "What is the capital of France?"
+    ctx = reask("Some context here.\n\nWrite an email to Laura", rng)
+    assert ctx.startswith("Some context here.\n\n") and "write an email to Laura" in ctx
+
+
+def test_rephrased_prompts_join_both_sides_last_with_their_sources(data_dir):
+    from safety_patch.gate_fit import _gate_pool
+
+    h0, b0, c0, s0 = _gate_pool(data_dir, CFG)
+    h1, b1, c1, s1 = _gate_pool(data_dir, GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4,
+                                                       rephrased=5))
+    assert c1["rephrased_harmful"] == 5 and c1["rephrased_benign"] == 5
+    assert h1[: len(h0)] == h0 and b1[: len(b0)] == b0 and s1[: len(s0)] == s0  # earlier draws unchanged
+    assert len(s1) == len(h1) and all(s is not None for s in s1[len(s0):])
+    assert all(len(m) == 1 and m[0]["role"] == "user" for m in h1[len(h0):] + b1[len(b0):])
+    with pytest.raises(SafetyPatchError, match="rephrased"):
+        GateFitConfig(rephrased=-1).validate()
+
+
+
+def test_generation_routes_a_prefilled_prompt_on_the_prompt_alone(tmp_path):
+    """A prefill is requester-written text: the gate reads the prompt before it, so a prefilled
+    request takes the route of the same request without the prefill, and the answer continues
+    the prefill with that route's model."""
+    from unittest import mock
+
+    from safety_patch.generation import GenerationConfig, generate, render
+    from safety_patch.patched import PatchedModel
+    from safety_patch.patches import attached
+    from safety_patch.testing import tiny_llama
+    from test_gate import HARM, SAFE, _gated_patch
+
+    model, tok = tiny_llama()
+    p, _ = _gated_patch(model, tok, tmp_path / "g")
+    convs = [[{"role": "user", "content": t}] for t in HARM + SAFE]
+    prompts = [tok(render(tok, c), add_special_tokens=False)["input_ids"] for c in convs]
+    read: list[list[int]] = []
+    orig = PatchedModel.routes
+
+    def spy(self, tokenizer, ids, batch_size=8):
+        read.extend(list(map(list, ids)))
+        return orig(self, tokenizer, ids, batch_size)
+
+    cfg = GenerationConfig(max_new_tokens=3, batch_size=4)
+    with attached(model, [p], "fp") as pm, mock.patch.object(PatchedModel, "routes", spy):
+        routes = orig(pm, tok, prompts)
+        assert {r for r in routes} == {(), tuple(pm.gates)}  # the gate separates the two sets
+        out = generate(pm, tok, convs, cfg, prefill=["Sure, here is"] * len(convs))
+        assert read == prompts  # the gate read the prompts, not the prefilled texts
+        # each answer is the one its route's model gives the prefilled text
+        for on in set(routes):
+            idx = [i for i, r in enumerate(routes) if r == on]
+            with pm.using(on) as module:
+                plain = PatchedModel.base(module, "x")
+                want = generate(plain, tok, [convs[i] for i in idx], cfg, prefill=["Sure, here is"] * len(idx))
+            assert [out[i] for i in idx] == want
