@@ -22,7 +22,7 @@ from safety_patch.train.run import train
 def data_dir(tmp_path_factory, tiny_dir):
     # distilled (the KL anchor needs the base model's own answers) and with DPO pairs; small
     d = tmp_path_factory.mktemp("data") / "d"
-    build(d, DataConfig(max_per_source=8, distill=True, distill_max_new_tokens=4, dpo=True, template_max_chars=600,
+    build(d, DataConfig(seed=0, max_per_source=8, distill=True, distill_max_new_tokens=4, dpo=True, template_max_chars=600,
                         self_instruct=0, borderline_train_extra=False, general_limit=16), model=str(tiny_dir))
     return d
 

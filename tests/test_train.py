@@ -18,7 +18,7 @@ from safety_patch.train.run import train
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_dir):
     d = tmp_path_factory.mktemp("data") / "d"
-    build(d, DataConfig(max_per_source=40, distill=True, distill_max_new_tokens=6, dpo=True, template_max_chars=600,
+    build(d, DataConfig(seed=0, max_per_source=40, distill=True, distill_max_new_tokens=6, dpo=True, template_max_chars=600,
                      self_instruct=8),
           model=str(tiny_dir))
     return d
@@ -162,7 +162,7 @@ def test_cli_train_recipe_and_yaml(data_dir, tiny_dir, tmp_path, capsys):
     assert meta["config"]["recipe"] == "default"
     # the default is gated at depth 0.6: layer 1 of the tiny model's 2, with the self-written negatives
     assert meta["config"]["gate"]["depth"] == TrainConfig().gate.depth == 0.6 and meta["gate"]["layer"] == 1
-    assert meta["gate"]["prompts"]["self_instruct"] == 3 and meta["gate"]["threshold"] == 0.5
+    assert meta["gate"]["prompts"]["self_instruct"] == 3 and meta["gate"]["threshold_from"]["target_fpr"] == 0.03
     assert meta["config"]["data"]["max_train_rows"] == 8 and meta["data"]["rows"]["safety"] == 8
     bad = tmp_path / "bad.yaml"
     bad.write_text("rnak: 2\n")
