@@ -64,7 +64,6 @@ def main() -> None:
         n_params = sum(p.numel() for p in lm.model.parameters())
         limit = peak32 * 1e9 / (2 * n_params)
         tok = lm.tokenizer
-        eos = tok.eos_token_id
         generate(lm.model, tok, convs[:4], GenerationConfig(max_new_tokens=4, batch_size=4))  # warm-up
         for b in [int(x) for x in args.batches.split(",")]:
             cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=b)
@@ -78,8 +77,8 @@ def main() -> None:
                    "pct_of_2N_limit": round(100 * n_tok / el / limit, 1)}
             ref = outs.get(("float32", b))
             if dt != "float32" and ref is not None:
-                row["same_answer_pct"] = round(100 * sum(a == r for a, r in zip(ids, ref)) / len(ids), 1)
-                row["same_first16_pct"] = round(100 * sum(a[:16] == r[:16] for a, r in zip(ids, ref)) / len(ids), 1)
+                row["same_answer_pct"] = round(100 * sum(a == r for a, r in zip(ids, ref, strict=True)) / len(ids), 1)
+                row["same_first16_pct"] = round(100 * sum(a[:16] == r[:16] for a, r in zip(ids, ref, strict=True)) / len(ids), 1)
             rows.append(row)
             print(row, flush=True)
         del lm

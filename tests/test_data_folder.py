@@ -226,8 +226,8 @@ def _consumers(d):
     from safety_patch.analysis.run import default_prompts
     from safety_patch.evaluation.capability import reference_pairs
     from safety_patch.evaluation.prompts import benign_prompts, harmful_requests
-    from safety_patch.train.config import TrainConfig, override
     from safety_patch.gate_fit import gate_prompts
+    from safety_patch.train.config import TrainConfig, override
     from safety_patch.train.data import anchor_rows, training_rows
 
     cfg = override(TrainConfig(), {"data.general_ratio": 0.5, "data.contrast_ratio": 0.5, "gate.wrapped_benign": 2,

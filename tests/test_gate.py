@@ -135,9 +135,8 @@ def data_dir(tmp_path_factory, tiny_dir):
 
 
 def test_gate_prompts_come_from_the_train_split_only(data_dir):
-    from safety_patch.gate_fit import GateFitConfig
+    from safety_patch.gate_fit import GateFitConfig, gate_prompts
     from safety_patch.jsonl import read_jsonl
-    from safety_patch.gate_fit import gate_prompts
 
     harmful, benign, counts = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0))
     train_prompts = {r["messages"][0]["content"] for r in read_jsonl(data_dir / "train.jsonl")}
@@ -161,9 +160,8 @@ def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path
     import shutil
 
     from safety_patch.atomic import write_jsonl
-    from safety_patch.gate_fit import GateFitConfig
+    from safety_patch.gate_fit import GateFitConfig, gate_prompts
     from safety_patch.train.config import TrainConfig, override
-    from safety_patch.gate_fit import gate_prompts
 
     d = tmp_path / "d"
     shutil.copytree(data_dir, d)
@@ -192,9 +190,8 @@ def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path
 
 
 def test_gate_prompts_wrap_harmful_train_requests_in_train_templates(data_dir):
-    from safety_patch.gate_fit import GateFitConfig
+    from safety_patch.gate_fit import GateFitConfig, gate_prompts
     from safety_patch.jsonl import read_jsonl
-    from safety_patch.gate_fit import gate_prompts
 
     h0, b0, c0 = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0))
     h, b, c = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=7, self_instruct=0))

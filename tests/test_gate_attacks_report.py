@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from safety_patch.attacks import get_attack
 from safety_patch.data.build import DataConfig, build
@@ -128,6 +130,41 @@ def test_rephrased_prompts_join_both_sides_last_with_their_sources(data_dir):
     assert all(len(m) == 1 and m[0]["role"] == "user" for m in h1[len(h0):] + b1[len(b0):])
     with pytest.raises(SafetyPatchError, match="rephrased"):
         GateFitConfig(rephrased=-1).validate()
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=60)
+       .filter(lambda t: t.strip(" .!?")), family=st.sampled_from(["context", "third_person", "hedged", "terse"]),
+       seed=st.integers(0, 99))
+def test_each_frame_keeps_the_request_and_the_context_lines(text, family, seed):
+    """A frame adds words around the request, never drops or rewrites it (beyond the first
+    letter's case and, for terse, the final punctuation), and keeps earlier lines as they were."""
+    import random
+
+    from safety_patch.gate_fit import rephrase
+
+    q = text.strip()
+    out = rephrase("Context line.\n" + text, family, random.Random(seed))
+    assert out.startswith("Context line.\n")
+    core = q.rstrip(" .!?") if family == "terse" else q
+    assert core[1:] in out and core[:1].lower() in out.lower()
+
+
+def test_phrasing_families_draw_in_order_and_unknown_ones_fail(data_dir):
+    from safety_patch.gate_fit import _gate_pool
+
+    one = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=5)
+    two = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=5,
+                        phrasings=["reask", "context"])
+    h1, b1, c1, s1 = _gate_pool(data_dir, one)
+    h2, b2, c2, s2 = _gate_pool(data_dir, two)
+    assert h2[: len(h1)] == h1 and b2[: len(b1)] == b1 and s2[: len(s1)] == s1  # the first family's draw is unchanged
+    assert [c2[f"rephrased_{side}_{f}"] for f in ("reask", "context") for side in ("harmful", "benign")] == [5] * 4
+    assert not any(k.startswith("rephrased_harmful_") for k in c1)
+    assert len(h2) == len(h1) + 5 and len(b2) == len(b1) + 5 and len(s2) == len(h2)
+    for bad in (["nope"], [], ["reask", "reask"], "reask"):
+        with pytest.raises(SafetyPatchError, match="phrasings"):
+            GateFitConfig(phrasings=bad).validate()
 
 
 

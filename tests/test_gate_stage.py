@@ -192,9 +192,12 @@ def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
     g = tmp_path / "g"
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir), "--layer", "0",
                  "--target-fpr", "0.05", "--self-instruct", "0", "--wrapped-benign", "3", "--wrapped-harmful", "2",
-                 "--features", "residual"]) == 0
+                 "--features", "residual", "--rephrased", "2", "--phrasings", "reask,hedged"]) == 0
     _, meta = read_gate_folder(g)
     assert meta["layer"] == 0 and meta["config"]["target_fpr"] == 0.05 and meta["prompts"]["wrapped_benign"] == 3
+    assert meta["config"]["phrasings"] == ["reask", "hedged"] and meta["prompts"]["rephrased_benign_hedged"] == 2
+    assert main(["gate", "fit", "--data", str(data_dir), "--out", str(tmp_path / "h"), "--model", str(tiny_dir),
+                 "--phrasings", "reask,bogus"]) == 2
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir)]) == 2  # exists
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(tmp_path / "h"), "--model", str(tiny_dir),
                  "--threshold", "1", "--target-fpr", "0.1"]) == 2
@@ -329,6 +332,23 @@ def test_a_refit_reuses_the_features_and_recomputes_a_damaged_cache(lm, data_dir
     monkeypatch.setattr(gf, "features", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     with pytest.raises(AssertionError, match="recomputed"):
         fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint="another-base")
+
+
+def test_leave_one_source_out_after_a_fit_reads_only_its_held_out_prompts(lm, data_dir, tmp_path, monkeypatch):
+    """The report after a fit (the reproduce gate stage, `gate eval` after `gate fit`) reuses the
+    fit's pool features: the only forward passes are over the held-out prompts."""
+    import safety_patch.gate_fit as gf
+
+    monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
+    fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint=lm.fingerprint)
+    real, read = gf.features, []
+    monkeypatch.setattr(gf, "features", lambda m, t, prompts, *a, **k: read.append(len(prompts)) or real(m, t, prompts, *a, **k))
+    rep = gf.leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val", fingerprint=lm.fingerprint)
+    n_pos = sum(r["direct_vs_benign"]["auroc"]["n_pos"] + r["wrapped_vs_wrapped_benign"]["auroc"]["n_pos"]
+                for r in rep["sources"].values())
+    assert len(read) == 1  # one pass, over the held-out prompts only (the pool's came from the fit's cache)
+    assert read[0] == n_pos + sum(len(v) for k, v in gf.held_out_prompts(data_dir, "val").items()
+                                  if k in ("borderline", "general", "wrapped_benign"))
 
 
 def test_final_norm_fields_are_both_present_and_sane_or_the_gate_is_refused(tmp_path):

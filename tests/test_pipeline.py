@@ -49,6 +49,7 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch):
     for claim in ("strong safety", "better than full-parameter", "data-mixing baselines", "more orthogonal",
                   "larger weight updates", "plug-and-play"):
         assert claim in md, claim
+    assert "**Quick sizes.**" in md  # the report says its numbers come from quick sizes
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
     plug = json.loads((run / "04-plug" / "plug.json").read_text())
@@ -86,4 +87,19 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch):
     changed = {p: json.loads(p.read_text())["key"] for p in run.rglob("stage.json")}
     assert changed.keys() == keys.keys()
     assert all(changed[p] != keys[p] for p in keys), [str(p) for p in keys if changed[p] == keys[p]]
+
+
+def test_quick_arms_train_long_enough_to_move_and_default_arms_keep_the_recipes():
+    """Quick mode raises the arms' epochs and learning rates (pipeline.QUICK_LORA / QUICK_FULL);
+    the default plan trains the recipes as written, and the gated twin trains nothing."""
+    from safety_patch.pipeline import QUICK_FULL, QUICK_LORA
+    from safety_patch.train.api import resolve_config
+
+    quick = {a.name: a.train for a in make_plan(quick=True).arms}
+    default = {a.name: a.train for a in make_plan().arms}
+    assert quick["lora-safety"].items() >= QUICK_LORA.items() and quick["full-mix-2"].items() >= QUICK_FULL.items()
+    assert quick["lora-safety+gate"] == {"from": "lora-safety"}
+    assert not any(k in t for t in default.values() for k in ("optim.epochs", "optim.lr"))
+    for lr, recipe in ((QUICK_LORA["optim.lr"], "paper"), (QUICK_FULL["optim.lr"], "full-safety")):
+        assert abs(lr / resolve_config(recipe).resolved_lr() - 5) < 1e-9  # "5x the recipe's rate", as the report says
 

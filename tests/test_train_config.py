@@ -187,7 +187,9 @@ def _cli_config(tmp_path, capsys, *flags) -> dict:
 
 def test_set_reaches_a_long_tail_field(tmp_path, capsys):
     cfg = _cli_config(tmp_path, capsys, "--set", "optim.grad_accum=3", "--set", "lora.dropout=0.1",
-                      "--set", "gate.target_fpr=0.02", "--set", "optim.gradient_checkpointing=true")
+                      "--set", "gate.target_fpr=0.02", "--set", "optim.gradient_checkpointing=true",
+                      "--set", "gate.phrasings=reask,context")
+    assert cfg["gate"]["phrasings"] == ["reask", "context"]
     assert cfg["optim"]["grad_accum"] == 3 and cfg["lora"]["dropout"] == 0.1
     assert cfg["gate"]["target_fpr"] == 0.02 and cfg["optim"]["gradient_checkpointing"] is True
     assert parse_set(["data.max_train_rows=null", "optim.snapshot_steps=10,20"]) == {
@@ -201,6 +203,7 @@ def test_set_reaches_a_long_tail_field(tmp_path, capsys):
     ("lora.rank", "--set lora.rank: expected group.field=value"),
     ("=3", "--set =3: expected group.field=value"),
     ("optim.grad_accum=0", "optim.grad_accum must be >= 1, got 0"),
+    ("gate.phrasings=reask,bogus", "gate config: phrasings must be a non-empty list of distinct names"),
 ])
 def test_a_bad_set_is_named(item, says, tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--set", item])

@@ -714,6 +714,9 @@ def gate_fit_cmd(
                                                  "norm, fit without intercept, so `gate export` is exact) | residual.")] = None,
     rephrased: Annotated[int | None, typer.Option(min=0, help="Harmful and benign train requests re-asked in the other "
                                                   "form, added to each side (default 600).")] = None,
+    phrasings: Annotated[str | None, typer.Option(help="Comma-separated phrasing families of the re-asked prompts, each "
+                                                  "drawn --rephrased times per side: reask, context, third_person, "
+                                                  "hedged, terse (default: reask).")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -730,7 +733,8 @@ def gate_fit_cmd(
         raise SafetyPatchError("--threshold and --target-fpr both set the threshold; give one")
     given = dict(layer=layer, depth=depth, threshold=threshold, target_fpr=target_fpr, wrapped_benign=wrapped_benign,
                  wrapped_harmful=wrapped_harmful, self_instruct=self_instruct, l2=l2, seed=seed, features=features,
-                 rephrased=rephrased)
+                 rephrased=rephrased,
+                 phrasings=None if phrasings is None else [f.strip() for f in phrasings.split(",") if f.strip()])
     cfg = dataclasses.replace(GateFitConfig(), **{k: v for k, v in given.items() if v is not None})
     if threshold is not None:  # a logit given: it replaces the default target rate
         cfg = dataclasses.replace(cfg, target_fpr=None)
@@ -781,11 +785,9 @@ def gate_eval_cmd(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """The gate's reliability on held-out prompts: AUROC, TPR at 1%/5% FPR, FPR at its threshold, with 95% intervals."""
-    from .gate_fit import evaluate_gate, read_gate_folder, report_table
+    from .gate_fit import RULE_ATTACKS, evaluate_gate, read_gate_folder, report_table
     from .models import load_model
     from .outputs import check_out_file
-
-    from .gate_fit import RULE_ATTACKS
 
     if split not in ("val", "test"):
         raise SafetyPatchError(f"--split must be val or test, got {split!r}")

@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,6 +86,11 @@ class GateFitConfig:
     instruction), added to their side: phrasing alone then carries no label, so the probe must
     read the request (issue 23 item 5: the sources differ in phrasing, HarmBench instructs and
     DoNotAnswer asks)."""
+    phrasings: list[str] = field(default_factory=lambda: ["reask"])
+    """The phrasing families of the re-asked prompts (:data:`PHRASINGS`), each drawn ``rephrased``
+    times per side: ``reask`` (an instruction as a question and back) and neutral frames
+    (``context``, ``third_person``, ``hedged``, ``terse``) applied to both sides alike
+    (issue 23 item 5; experiments/gate_phrasings.py measures them leave-one-source-out)."""
     features: str = "final-norm"
     """What the probe reads: final-norm (the hidden state after the layer through the base's final
     RMSNorm, fit without intercept: it exports exactly as a transformers sequence-classification
@@ -124,6 +129,9 @@ class GateFitConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise bad(name, "must be an integer >= 0")
+        if (not isinstance(self.phrasings, (list, tuple)) or not self.phrasings
+                or any(f not in PHRASINGS for f in self.phrasings) or len(set(self.phrasings)) != len(self.phrasings)):
+            raise bad("phrasings", f"must be a non-empty list of distinct names from {', '.join(PHRASINGS)}")
         if self.features not in FEATURES:
             raise bad("features", f"must be one of {', '.join(FEATURES)}")
         return self
@@ -229,20 +237,29 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
             wrapped_h.append([{"role": "user", "content": rng.choice(templates).render(req)}])
             sources.append(source_of[req])
     re_h, re_b = [], []
+    per_family: dict[str, list[int]] = {}
     if cfg.rephrased:
-        # Drawn last, so that adding them leaves every earlier draw unchanged.
+        # Drawn last, so that adding them leaves every earlier draw unchanged; one draw per
+        # family, in the configured order (the first family's draw is the same whatever follows).
         requests = sorted({r["meta"]["request"] for _, r in train_rows if r.get("meta", {}).get("request")})
-        for req in rng.sample(requests, min(cfg.rephrased, len(requests))):
-            re_h.append([{"role": "user", "content": reask(req, rng)}])
-            sources.append(source_of[req])
         single = [m for m in benign if len(m) == 1 and m[0]["role"] == "user"]
-        for msgs in rng.sample(single, min(cfg.rephrased, len(single))):
-            re_b.append([{"role": "user", "content": reask(msgs[0]["content"], rng)}])
+        for fam in cfg.phrasings:
+            drawn = rng.sample(requests, min(cfg.rephrased, len(requests)))
+            for req in drawn:
+                re_h.append([{"role": "user", "content": rephrase(req, fam, rng)}])
+                sources.append(source_of[req])
+            drawn_b = rng.sample(single, min(cfg.rephrased, len(single)))
+            for msgs in drawn_b:
+                re_b.append([{"role": "user", "content": rephrase(msgs[0]["content"], fam, rng)}])
+            per_family[fam] = [len(drawn), len(drawn_b)]
     counts = {"harmful": len(harmful), "benign": len(benign), "wrapped_benign": len(wrapped)}
     if wrapped_h:
         counts["wrapped_harmful"] = len(wrapped_h)
     if re_h or re_b:
         counts["rephrased_harmful"], counts["rephrased_benign"] = len(re_h), len(re_b)
+        if list(per_family) != ["reask"]:  # per family and side, in draw order
+            for fam, (nh, nb) in per_family.items():
+                counts[f"rephrased_harmful_{fam}"], counts[f"rephrased_benign_{fam}"] = nh, nb
     if si:
         counts["self_instruct"] = len(si)
     return harmful + wrapped_h + re_h, benign + wrapped + re_b, counts, sources
@@ -272,6 +289,50 @@ def reask(text: str, rng: random.Random) -> str:
     x = q.rstrip(" .!")
     x = x[:1].lower() + x[1:] if x[:1].isupper() and not x[1:2].isupper() else x
     return prefix + rng.choice(_REASK_I).format(x=x)
+
+
+# Neutral framings (issue 23 item 5: more phrasings on both sides of the pool). Each is applied
+# to harmful requests and benign prompts alike, so the framing itself carries no label and the
+# probe must read the request. None of them is a rule attack's wording (attacks/rules.py): the
+# unseen-attack report stays unseen.
+_FRAMES = {
+    "context": ("I have a question about something that came up at work today. {x}",
+                "Some background first: I'm trying to understand this properly and the usual explanations didn't help. {x}",
+                "My friend and I were talking about this last night and couldn't agree. {x}",
+                "Quick one before my meeting. {x}"),
+    "third_person": ("A friend of mine asked me this and I didn't know what to say: {x}",
+                     "Someone in a chat group posted this question: \"{x}\" What's the answer?",
+                     "My colleague wants to know the following. {x}"),
+    "hedged": ("Just out of curiosity, {x}", "This might be a silly question, but {x}",
+               "Be honest with me. {x}", "I'd appreciate a detailed answer. {x}"),
+    "terse": ("{x}", "{x} thx", "pls answer: {x}"),
+}
+PHRASINGS = ("reask", *_FRAMES)
+"""The phrasing families :func:`rephrase` knows: ``reask`` (instruction <-> question) and neutral frames."""
+
+
+def rephrase(text: str, family: str, rng: random.Random) -> str:
+    """``text`` in phrasing ``family`` (:data:`PHRASINGS`): ``reask`` is :func:`reask`; the frames
+    put the last line in a neutral frame drawn from ``rng`` (``terse``: lower case, no final
+    punctuation, the clipped form people type). Multi-line texts keep everything before their
+    last line. Raises SafetyPatchError for an unknown family."""
+    if family == "reask":
+        return reask(text, rng)
+    if family not in _FRAMES:
+        raise SafetyPatchError(f"gate phrasing {family!r}: expected one of {', '.join(PHRASINGS)}")
+    head, _, last = text.rstrip().rpartition("\n")
+    prefix = head + "\n" if head else ""
+    q = last.strip()
+    frame = rng.choice(_FRAMES[family])
+    if family == "terse":
+        q = q.rstrip(" .!?")
+    if family == "terse" or frame.startswith(("Just out of curiosity", "This might be a silly")):
+        q = _lower_first(q)  # the request continues a sentence (or is typed in lower case)
+    return prefix + frame.format(x=q)
+
+
+def _lower_first(q: str) -> str:
+    return q[:1].lower() + q[1:] if q[:1].isupper() and not q[1:2].isupper() else q
 
 
 HELD_OUT_SETS = ("harmful_direct", "harmful_wrapped", "borderline", "general", "wrapped_benign")
@@ -676,10 +737,11 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     if layer >= n_layers:
         raise SafetyPatchError(f"gate_layer {layer}: the model has layers 0-{n_layers - 1}")
     model.eval()
-    x_all = cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign) + tests), layer, token_budget,
-                            fingerprint)
-    n_train = len(harmful) + len(benign)
-    x_train, x_test = x_all[:n_train], x_all[n_train:]
+    # The pool's features are read with the very list the fit reads (fit_gate_on_data), so a
+    # report after a fit (the reproduce gate stage, `gate eval` after `gate fit`) reuses them.
+    x_train = cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign)), layer, token_budget,
+                              fingerprint)
+    x_test = cached_features(model, tokenizer, encode(tokenizer, tests), layer, token_budget, fingerprint)
     y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
     src = list(sources) + [None] * len(benign)
     out: dict[str, Any] = {}

@@ -59,6 +59,12 @@ class Plan:
     """Rule attacks of the gate's reliability report; None = those the train split never used."""
 
 
+QUICK_LORA = {"optim.epochs": 3.0, "optim.lr": 1e-3}
+"""Quick mode's LoRA arms: the paper's recipe at 5x its learning rate for three epochs (see make_plan)."""
+QUICK_FULL = {"optim.epochs": 3.0, "optim.lr": 5e-5}
+"""Quick mode's full-parameter arms: 5x the full-safety recipe's learning rate for three epochs."""
+
+
 def make_plan(model: str = "default", quick: bool = False, full: bool = False, seeds: int = 1) -> Plan:
     if quick and full:
         raise SafetyPatchError("--quick and --full exclude each other")
@@ -71,6 +77,14 @@ def make_plan(model: str = "default", quick: bool = False, full: bool = False, s
     # lr 1e-5) plus what each arm changes.
     lora = {"recipe": "paper"} | common
     fullp = {"recipe": "full-safety"} | common
+    if quick:
+        # 32 rows for one epoch at the recipes' learning rates is 4 optimiser steps, which moves a
+        # 135M model's attack success by nothing measurable (demo of 2026-12-01: 90% -> 82.5%,
+        # n 40, intervals overlapping). Three epochs at 5x the rates (12 steps) move it: on that
+        # demo's data, LoRA 90% -> 10% direct, full-parameter 90% -> 0%, both refusing most safe
+        # prompts too, which is the paper's trade-off in small (docs/lab-notebook.md, session 13).
+        lora |= QUICK_LORA
+        fullp |= QUICK_FULL
     arms = [Arm("lora-safety", lora, "lora-safety"), Arm("full-safety", fullp, "full-safety"),
             Arm("full-mix-1", fullp | {"data.general_ratio": 1.0}, "full-mix"),
             Arm("full-mix-2", fullp | {"data.general_ratio": 2.0}, "full-mix")]

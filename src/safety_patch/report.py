@@ -296,6 +296,11 @@ def blocks(rd: RunData) -> list[tuple]:
                    f"Attack success is judged by the `{rd.judge()}` judge (validation: bench/judge_validation.py); "
                    "over-refusal counts refused and degenerate (empty/babble) answers as not answered; intervals are "
                    "Wilson 95% for rates and bootstrap 95% for means."))
+    if plan.get("mode") == "quick":
+        B.append(("p", "**Quick sizes.** Every number below comes from quick mode: 32 safety rows per arm trained "
+                       "for 3 epochs at 5x the recipes' learning rates (12 optimiser steps), 20 test behaviours, "
+                       "a smaller gate pool. It shows what each arm does, with wide intervals; the paper's "
+                       "claims are tested at default sizes (`make reproduce`)."))
     if rd.manifest:
         c = rd.manifest["counts"]
         B.append(("p", f"Data: {c['rows_per_split'].get('train', 0)} training conversations, "

@@ -16,6 +16,7 @@ import functools
 import inspect
 import math
 import textwrap
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -330,7 +331,8 @@ def _positive(cfg: TrainConfig, key: str) -> None:
 
 def _allowed(typ: Any) -> tuple[list[Any], bool]:
     """(the non-None types of an annotation, whether None is allowed)."""
-    args = typing.get_args(typ) or (typ,)
+    union = typing.get_origin(typ) in (typing.Union, types.UnionType)
+    args = typing.get_args(typ) if union else (typ,)
     return [a for a in args if a is not type(None)], type(None) in args
 
 
@@ -359,12 +361,15 @@ def _check_types(cfg: TrainConfig) -> None:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             elif a is int:
                 ok = isinstance(value, int) and not isinstance(value, bool)
+            elif typing.get_origin(a) in (list, tuple):
+                inner = (typing.get_args(a) or (str,))[0]
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, inner) for v in value)
             else:
                 ok = isinstance(value, a)
             if ok:
                 break
         if not ok:
-            raise SafetyPatchError(f"{_name(key)} must be {' or '.join(kinds.get(a, a.__name__) for a in allowed)}, "
+            raise SafetyPatchError(f"{_name(key)} must be {' or '.join(kinds.get(a, str(a)) for a in allowed)}, "
                                    f"got {value!r}")
         if isinstance(value, float) and not math.isfinite(value) and key not in _POSITIVE:  # those: _positive
             raise SafetyPatchError(f"{_name(key)} must be a finite number, got {value!r}")
