@@ -130,10 +130,10 @@ def main() -> None:
         GateFitConfig,
         _auroc_ci,
         _gate_pool,
-        _prompt_of,
         attack_prompts,
         encode,
         held_out_prompts,
+        held_out_requests,
         threshold_at_fpr,
         unseen_attacks,
     )
@@ -164,17 +164,7 @@ def main() -> None:
     attacks = unseen_attacks(d)
     att = attack_prompts(d, "val", attacks)
     names = sorted({s for s in sources if s is not None})
-    loso_pos: dict[str, dict[str, list]] = {s: {"direct": [], "wrapped": []} for s in names}
-    seen = set()
-    for split in ("train", "val"):
-        for n, r in d.numbered(split):
-            m = r.get("meta", {})
-            s, req = m.get("source"), m.get("request")
-            if s in loso_pos and req and (s, req) not in seen:
-                seen.add((s, req))
-                loso_pos[s]["direct"].append([{"role": "user", "content": req}])
-            if s in loso_pos and split == "val" and m.get("template", "direct") != "direct":
-                loso_pos[s]["wrapped"].append(_prompt_of(r, d.where(split, n)))
+    loso_pos = held_out_requests(d, names, "val")
 
     # every prompt once: (messages, prefill)
     groups: dict[str, list] = {"pool_harmful": [(m, "") for m in harmful], "pool_benign": [(m, "") for m in benign]}

@@ -1,7 +1,7 @@
 """Breadth of the gate's pool by phrasing, measured leave-one-source-out on validation (issue 23 item 5).
 
 Run: .venv/bin/python experiments/gate_phrasings.py --data DIR [--model default] [--target-fpr 0.03]
-     [--families reask,context,...] [--l2 0.1,1] [--no-attacks]
+     [--families reask,context,...] [--l2 0.1,1] [--no-attacks] [--extra-harmful TSV]
 
 The shipped gate (final-norm, last prompt token, layer ``GateFitConfig().resolved_layer``) is fit
 on the default pool plus re-asked prompts in each subset of phrasing families asked for
@@ -53,6 +53,7 @@ def main() -> None:
         encode,
         fit_gate_probe,
         held_out_prompts,
+        held_out_requests,
         threshold_at_fpr,
         unseen_attacks,
     )
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--families", default=",".join(PHRASINGS), help="families to measure (reask is always in)")
     ap.add_argument("--l2", default=None, help="extra L2 values for the default and the all-families pools")
     ap.add_argument("--no-attacks", action="store_true", help="skip the unseen rule attacks (faster)")
+    ap.add_argument("--extra-harmful", default=None,
+                    help="a TSV (category<TAB>request lines, e.g. src/safety_patch/resources/gate_harmful_prompts.tsv) of harmful requests from another source: '+extra' variants add "
+                         "it to the pool; every variant gets it as a leave-one-source-out fold")
     ap.add_argument("--out-name", default="gate_phrasings")
     args = ap.parse_args()
     threads = rt.configure_threads()
@@ -91,15 +95,7 @@ def main() -> None:
     attacks = [] if args.no_attacks else unseen_attacks(d)
     att = attack_prompts(d, "val", attacks) if attacks else {}
     names = sorted({s for s in sources if s is not None})
-    loso_pos: dict[str, list] = {s: [] for s in names}
-    seen = set()
-    for split in ("train", "val"):
-        for _, r in d.numbered(split):
-            m = r.get("meta", {})
-            s, req = m.get("source"), m.get("request")
-            if s in loso_pos and req and (s, req) not in seen:
-                seen.add((s, req))
-                loso_pos[s].append([{"role": "user", "content": req}])
+    loso_pos = {s: v["direct"] for s, v in held_out_requests(d, names, "val").items()}
     # Features in three parts. The default pool (every family but reask's extra draws left out)
     # and the validation sets are read exactly as `gate fit` / `train` read them
     # (gate_fit.cached_features with the same prompt lists), so either run warms the other's cache;
@@ -130,6 +126,28 @@ def main() -> None:
     g["pool_harmful"] = torch.cat([x_pool0[:n_h0], g.pop("extra_harmful")])
     g["pool_benign"] = torch.cat([x_pool0[n_h0:], g.pop("extra_benign")])
     groups = {"pool_harmful": harmful, "pool_benign": benign, **{f"val:{k}": held[k] for k in names_val}, **rest}
+    if args.extra_harmful:
+        # A further harmful source (category, request TSV): its requests and each re-asked once join
+        # the pool in the '+extra' variants, and it is a third leave-one-source-out fold in every
+        # variant (for those without it, that fold is simply a source the gate never saw).
+        import random
+
+        from safety_patch.gate_fit import reask
+
+        xs = "extra:" + Path(args.extra_harmful).stem
+        lines = Path(args.extra_harmful).read_text(encoding="utf-8").splitlines()
+        reqs = [ln.split("\t", 1)[1].strip() for ln in lines if "\t" in ln and ln.split("\t", 1)[1].strip()]
+        rng = random.Random(0)
+        direct = [[{"role": "user", "content": q}] for q in reqs]
+        re_asked = [[{"role": "user", "content": reask(q, rng)}] for q in reqs]
+        x_extra = cached_features(lm.model, tok, encode(tok, direct + re_asked), layer, TOKEN_BUDGET, lm.fingerprint)
+        g["pool_harmful"] = torch.cat([g["pool_harmful"], x_extra])
+        g[f"loso:{xs}"] = x_extra[: len(direct)]
+        harmful = harmful + direct + re_asked
+        sources = list(sources) + [xs] * (2 * len(direct))
+        fam_h += ["extra"] * (2 * len(direct))
+        names.append(xs)
+        groups["extra_source"] = direct
 
     x_train = torch.cat([g["pool_harmful"], g["pool_benign"]])
     y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
@@ -169,6 +187,8 @@ def main() -> None:
 
     variants = [()] + [("reask",)] + [("reask", f) for f in fams[1:]] + ([tuple(fams)] if len(fams) > 2 else [])
     variants += [tuple(f for f in fams if f != drop) for drop in fams[1:]] if len(fams) > 3 else []
+    if args.extra_harmful:
+        variants += [("reask", "extra"), (*fams, "extra")]
     runs = [(v, base_cfg.l2) for v in dict.fromkeys(variants)]
     if args.l2:
         runs += [(v, float(l2)) for v, l2 in itertools.product([("reask",), tuple(fams)], args.l2.split(","))]

@@ -150,6 +150,39 @@ def test_each_frame_keeps_the_request_and_the_context_lines(text, family, seed):
     assert core[1:] in out and core[:1].lower() in out.lower()
 
 
+def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(data_dir, lm, tmp_path, monkeypatch):
+    """gate.written_harmful: the hand-written requests (as written, then re-asked) come last on
+    the harmful side with source 'written'; earlier draws are unchanged; the pool's other features
+    come from the cache of a fit without them; leave-one-source-out gets a 'written' fold
+    measured on the requests as written (no wrapped rows)."""
+    import safety_patch.gate_fit as gf
+    from safety_patch.data.prompts import gate_harmful_prompts
+
+    base = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=3, threshold=0.0,
+                         target_fpr=None)
+    on = GateFitConfig(**{**base.__dict__, "written_harmful": True})
+    h0, b0, c0, s0 = gf._gate_pool(data_dir, base)
+    h1, b1, c1, s1 = gf._gate_pool(data_dir, on)
+    reqs = [r["prompt"] for r in gate_harmful_prompts()]
+    assert len(reqs) >= 100 and len(set(reqs)) == len(reqs)
+    assert h1[: len(h0)] == h0 and b1 == b0 and s1[: len(s0)] == s0 and c1["written_harmful"] == 2 * len(reqs)
+    assert [m[0]["content"] for m in h1[len(h0): len(h0) + len(reqs)]] == reqs
+    assert set(s1[len(s0):]) == {gf.WRITTEN_SOURCE} and len(s1) == len(h1)
+    with pytest.raises(SafetyPatchError, match="written_harmful"):
+        GateFitConfig(written_harmful="yes").validate()
+
+    monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
+    gf.fit_gate_on_data(lm.model, lm.tokenizer, data_dir, base, validate=False, fingerprint=lm.fingerprint)
+    real, read = gf.features, []
+    monkeypatch.setattr(gf, "features", lambda m, t, prompts, *a, **k: read.append(len(prompts)) or real(m, t, prompts, *a, **k))
+    gf.fit_gate_on_data(lm.model, lm.tokenizer, data_dir, on, validate=False, fingerprint=lm.fingerprint)
+    assert read == [2 * len(reqs)]  # only the hand-written prompts were read
+    rep = gf.leave_one_source_out(lm.model, lm.tokenizer, data_dir, on, "val")
+    w = rep["sources"][gf.WRITTEN_SOURCE]
+    assert w["direct_vs_benign"]["auroc"]["n_pos"] == len(reqs) and "wrapped_vs_wrapped_benign" not in w
+    assert w["train_harmful_without"] == len(h0)
+
+
 def test_phrasing_families_draw_in_order_and_unknown_ones_fail(data_dir):
     from safety_patch.gate_fit import _gate_pool
 

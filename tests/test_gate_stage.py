@@ -192,10 +192,11 @@ def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
     g = tmp_path / "g"
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir), "--layer", "0",
                  "--target-fpr", "0.05", "--self-instruct", "0", "--wrapped-benign", "3", "--wrapped-harmful", "2",
-                 "--features", "residual", "--rephrased", "2", "--phrasings", "reask,hedged"]) == 0
+                 "--features", "residual", "--rephrased", "2", "--phrasings", "reask,hedged", "--written-harmful"]) == 0
     _, meta = read_gate_folder(g)
     assert meta["layer"] == 0 and meta["config"]["target_fpr"] == 0.05 and meta["prompts"]["wrapped_benign"] == 3
     assert meta["config"]["phrasings"] == ["reask", "hedged"] and meta["prompts"]["rephrased_benign_hedged"] == 2
+    assert meta["config"]["written_harmful"] is True and meta["prompts"]["written_harmful"] == 258
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(tmp_path / "h"), "--model", str(tiny_dir),
                  "--phrasings", "reask,bogus"]) == 2
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir)]) == 2  # exists

@@ -717,6 +717,9 @@ def gate_fit_cmd(
     phrasings: Annotated[str | None, typer.Option(help="Comma-separated phrasing families of the re-asked prompts, each "
                                                   "drawn --rephrased times per side: reask, context, third_person, "
                                                   "hedged, terse (default: reask).")] = None,
+    written_harmful: Annotated[bool | None, typer.Option(
+        "--written-harmful/--no-written-harmful",
+        help="Add the 129 hand-written harmful requests (22 harm categories) to the positives as a third source.")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -734,7 +737,8 @@ def gate_fit_cmd(
     given = dict(layer=layer, depth=depth, threshold=threshold, target_fpr=target_fpr, wrapped_benign=wrapped_benign,
                  wrapped_harmful=wrapped_harmful, self_instruct=self_instruct, l2=l2, seed=seed, features=features,
                  rephrased=rephrased,
-                 phrasings=None if phrasings is None else [f.strip() for f in phrasings.split(",") if f.strip()])
+                 phrasings=None if phrasings is None else [f.strip() for f in phrasings.split(",") if f.strip()],
+                 written_harmful=written_harmful)
     cfg = dataclasses.replace(GateFitConfig(), **{k: v for k, v in given.items() if v is not None})
     if threshold is not None:  # a logit given: it replaces the default target rate
         cfg = dataclasses.replace(cfg, target_fpr=None)

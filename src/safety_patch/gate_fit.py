@@ -91,6 +91,11 @@ class GateFitConfig:
     times per side: ``reask`` (an instruction as a question and back) and neutral frames
     (``context``, ``third_person``, ``hedged``, ``terse``) applied to both sides alike
     (issue 23 item 5; experiments/gate_phrasings.py measures them leave-one-source-out)."""
+    written_harmful: bool = False
+    """Add the 129 hand-written harmful requests of resources/gate_harmful_prompts.tsv (22 harm
+    categories; ``data.prompts.gate_harmful_prompts``), each as written and re-asked, to the
+    positives as a third source, ``written`` (issue 23 item 5: the pool's two sources cover
+    different kinds of harm, and a probe fit on one misses the other's)."""
     features: str = "final-norm"
     """What the probe reads: final-norm (the hidden state after the layer through the base's final
     RMSNorm, fit without intercept: it exports exactly as a transformers sequence-classification
@@ -125,6 +130,8 @@ class GateFitConfig:
         if self.target_fpr is not None and (isinstance(self.target_fpr, bool) or not isinstance(self.target_fpr, (int, float))
                                             or not 0 < self.target_fpr < 1):
             raise bad("target_fpr", "must be a number in (0, 1)")
+        if not isinstance(self.written_harmful, bool):
+            raise bad("written_harmful", "must be true or false")
         for name in ("wrapped_benign", "wrapped_harmful", "self_instruct", "seed", "rephrased"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -197,6 +204,7 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
     harmful prompt's ``meta.source`` (None where a row has none), for leave-one-source-out.
     """
     from .data.folder import DataFolder
+    from .data.prompts import gate_harmful_prompts
 
     d = DataFolder.of(data)
     rng = random.Random(cfg.seed)
@@ -252,7 +260,16 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
             for msgs in drawn_b:
                 re_b.append([{"role": "user", "content": rephrase(msgs[0]["content"], fam, rng)}])
             per_family[fam] = [len(drawn), len(drawn_b)]
+    written: list[list[dict]] = []
+    if cfg.written_harmful:
+        # Drawn after everything else (the re-asking uses the same rng), so earlier draws are unchanged.
+        reqs = [r["prompt"] for r in gate_harmful_prompts()]
+        written = [[{"role": "user", "content": q}] for q in reqs] + [[{"role": "user", "content": reask(q, rng)}]
+                                                                       for q in reqs]
+        sources.extend([WRITTEN_SOURCE] * len(written))
     counts = {"harmful": len(harmful), "benign": len(benign), "wrapped_benign": len(wrapped)}
+    if written:
+        counts["written_harmful"] = len(written)
     if wrapped_h:
         counts["wrapped_harmful"] = len(wrapped_h)
     if re_h or re_b:
@@ -262,7 +279,7 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
                 counts[f"rephrased_harmful_{fam}"], counts[f"rephrased_benign_{fam}"] = nh, nb
     if si:
         counts["self_instruct"] = len(si)
-    return harmful + wrapped_h + re_h, benign + wrapped + re_b, counts, sources
+    return harmful + wrapped_h + re_h + written, benign + wrapped + re_b, counts, sources
 
 
 _HOW = re.compile(r"^(?:how|what(?:'s| is) the best way|what is a good way)\s+(?:to|do i|can i|could i|would i|should i|"
@@ -333,6 +350,26 @@ def rephrase(text: str, family: str, rng: random.Random) -> str:
 
 def _lower_first(q: str) -> str:
     return q[:1].lower() + q[1:] if q[:1].isupper() and not q[1:2].isupper() else q
+
+
+WRITTEN_SOURCE = "written"
+"""``meta.source`` of the hand-written gate positives (``gate.written_harmful``)."""
+
+
+def pool_features(model, tokenizer, harmful: Sequence, benign: Sequence, counts: dict, layer: int,
+                  token_budget: int | None = TOKEN_BUDGET, fingerprint: str | None = None) -> torch.Tensor:
+    """Features of the gate pool ``harmful + benign`` ([n, hidden]): the hand-written positives
+    (the last ``counts["written_harmful"]`` harmful prompts) are read apart from the rest, so the
+    rest reuses the cache of a fit without them (:func:`cached_features`)."""
+    n_w = counts.get("written_harmful", 0)
+    if not n_w:
+        return cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign)), layer, token_budget,
+                               fingerprint)
+    k = len(harmful) - n_w
+    base = cached_features(model, tokenizer, encode(tokenizer, list(harmful[:k]) + list(benign)), layer, token_budget,
+                           fingerprint)
+    extra = cached_features(model, tokenizer, encode(tokenizer, list(harmful[k:])), layer, token_budget, fingerprint)
+    return torch.cat([base[:k], extra, base[k:]])
 
 
 HELD_OUT_SETS = ("harmful_direct", "harmful_wrapped", "borderline", "general", "wrapped_benign")
@@ -666,8 +703,7 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, token_budget: i
     was_training = model.training
     model.eval()
     try:
-        x = cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign)), layer, token_budget,
-                            fingerprint)
+        x = pool_features(model, tokenizer, harmful, benign, counts, layer, token_budget, fingerprint)
         y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
         gate = fit_gate_probe(x, y, layer, cfg, _norm_of(model, cfg))
         val = None
@@ -692,6 +728,34 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, token_budget: i
     return gate, info
 
 
+def held_out_requests(data, sources: Sequence[str], split: str = "val") -> dict[str, dict[str, list[list[dict]]]]:
+    """Each harmful source's requests for a leave-one-source-out fold: ``{source: {"direct": [...],
+    "wrapped": [...]}}``. Direct: every request of that source in the train split and ``split``,
+    once each, as a single user turn; wrapped: ``split``'s rows of that source inside a template.
+    The hand-written source (:data:`WRITTEN_SOURCE`) is in no split: its requests as written."""
+    from .data.folder import DataFolder
+
+    d = DataFolder.of(data)
+    pos: dict[str, dict[str, list]] = {s: {"direct": [], "wrapped": []} for s in sources}
+    seen: set[tuple[str, str]] = set()
+    for name in ("train", split):
+        for n, r in d.numbered(name):
+            m = r.get("meta", {})
+            s, req = m.get("source"), m.get("request")
+            if s not in pos or not req:
+                continue
+            if (s, req) not in seen:
+                seen.add((s, req))
+                pos[s]["direct"].append([{"role": "user", "content": req}])
+            if name == split and m.get("template", "direct") != "direct":
+                pos[s]["wrapped"].append(_prompt_of(r, d.where(name, n)))
+    if WRITTEN_SOURCE in pos:
+        from .data.prompts import gate_harmful_prompts
+
+        pos[WRITTEN_SOURCE]["direct"] = [[{"role": "user", "content": r["prompt"]}] for r in gate_harmful_prompts()]
+    return pos
+
+
 def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str = "val",
                          token_budget: int | None = TOKEN_BUDGET, fingerprint: str | None = None) -> dict:
     """Refit the gate without each harmful source and measure it on that source: {source: report}.
@@ -711,25 +775,13 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     cfg.validate()
     d = DataFolder.of(data)
     norm = _norm_of(model, cfg)
-    harmful, benign, _, sources = _gate_pool(d, cfg)
+    harmful, benign, counts, sources = _gate_pool(d, cfg)
     names = sorted({s for s in sources if s is not None})
     if len(names) < 2:
         raise SafetyPatchError(f"{d.file('train')}: leave-one-source-out needs two or more harmful sources (meta.source), "
                                f"found {names or 'none'}")
     held = held_out_prompts(d, split, cfg.seed)
-    pos: dict[str, dict[str, list]] = {s: {"direct": [], "wrapped": []} for s in names}
-    seen: set[tuple[str, str]] = set()
-    for name in ("train", split):
-        for n, r in d.numbered(name):
-            m = r.get("meta", {})
-            s, req = m.get("source"), m.get("request")
-            if s not in pos or not req:
-                continue
-            if (s, req) not in seen:
-                seen.add((s, req))
-                pos[s]["direct"].append([{"role": "user", "content": req}])
-            if name == split and m.get("template", "direct") != "direct":
-                pos[s]["wrapped"].append(_prompt_of(r, d.where(name, n)))
+    pos = held_out_requests(d, names, split)
     neg_direct, neg_wrapped = held["borderline"] + held["general"], held["wrapped_benign"]
     tests = [m for s in names for k in ("direct", "wrapped") for m in pos[s][k]] + neg_direct + neg_wrapped
     n_layers = len(decoder_layers(model))
@@ -739,8 +791,7 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     model.eval()
     # The pool's features are read with the very list the fit reads (fit_gate_on_data), so a
     # report after a fit (the reproduce gate stage, `gate eval` after `gate fit`) reuses them.
-    x_train = cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign)), layer, token_budget,
-                              fingerprint)
+    x_train = pool_features(model, tokenizer, harmful, benign, counts, layer, token_budget, fingerprint)
     x_test = cached_features(model, tokenizer, encode(tokenizer, tests), layer, token_budget, fingerprint)
     y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
     src = list(sources) + [None] * len(benign)
@@ -761,8 +812,9 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
         t = threshold_at_fpr(torch.cat([zn_d, zn_w]), cfg.target_fpr) if cfg.target_fpr is not None else cfg.threshold
         (a, b_), (c, e) = spans[(s, "direct")], spans[(s, "wrapped")]
         out[s] = {"held_out": s, "train_harmful_without": int((y[keep] > 0).sum()), "threshold": t,
-                  "direct_vs_benign": discrimination(z[a:b_], zn_d, t),
-                  "wrapped_vs_wrapped_benign": discrimination(z[c:e], zn_w, t)}
+                  "direct_vs_benign": discrimination(z[a:b_], zn_d, t)}
+        if e > c:  # a source with no wrapped rows (the hand-written one) has no wrapped comparison
+            out[s]["wrapped_vs_wrapped_benign"] = discrimination(z[c:e], zn_w, t)
     return {"split": split, "layer": layer, "sources": out}
 
 
@@ -984,6 +1036,8 @@ def report_table(rep: dict) -> str:
                          f"{a['caught']['n']}/{a['fired_on_benign']['n']}")
     for src, r in rep.get("leave_one_source_out", {}).get("sources", {}).items():
         for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign"):
+            if name not in r:  # a source without wrapped rows
+                continue
             c = r[name]
             a = c["auroc"]
             auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"

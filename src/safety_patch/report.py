@@ -423,7 +423,8 @@ def gate_blocks(g: dict) -> list[tuple]:
                        "gate's threshold."))
         B.append(("table", ["held-out source", "direct caught", "direct AUROC", "wrapped caught", "wrapped AUROC"],
                   [[s, _pct(r["direct_vs_benign"]["tpr_at_threshold"]), auc(r["direct_vs_benign"]["auroc"]),
-                    _pct(r["wrapped_vs_wrapped_benign"]["tpr_at_threshold"]), auc(r["wrapped_vs_wrapped_benign"]["auroc"])]
+                    *((_pct(w["tpr_at_threshold"]), auc(w["auroc"])) if (w := r.get("wrapped_vs_wrapped_benign"))
+                      else ("-", "-"))]
                    for s, r in loso.items()]))
     return B
 

@@ -67,3 +67,11 @@ def humaneval_tasks() -> list[dict]:
             return [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         raise SafetyPatchError(f"cannot read {path}: {e}") from None
+
+
+def gate_harmful_prompts() -> list[dict]:
+    """Hand-written harmful requests across 22 harm categories (weapons, cyber, fraud, hate,
+    privacy, misinformation, self-harm, ...; resources/gate_harmful_prompts.tsv, written for the
+    gate in session 13, 2026-12-01): ``[{"category", "prompt"}]``. Requests only, no answers;
+    used as gate positives (``gate.written_harmful``), never for training an adapter."""
+    return [{"category": c, "prompt": p} for c, p in _tsv("gate_harmful_prompts.tsv")]
