@@ -138,7 +138,8 @@ def test_gate_prompts_come_from_the_train_split_only(data_dir):
     from safety_patch.gate_fit import GateFitConfig, gate_prompts
     from safety_patch.jsonl import read_jsonl
 
-    harmful, benign, counts = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0))
+    harmful, benign, counts = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0,
+                                                                written_harmful=False))
     train_prompts = {r["messages"][0]["content"] for r in read_jsonl(data_dir / "train.jsonl")}
     assert {m[-1]["content"] for m in harmful} == train_prompts
     held_out = {r["messages"][0]["content"] for f in ("borderline.jsonl", "general.jsonl")
@@ -193,8 +194,8 @@ def test_gate_prompts_wrap_harmful_train_requests_in_train_templates(data_dir):
     from safety_patch.gate_fit import GateFitConfig, gate_prompts
     from safety_patch.jsonl import read_jsonl
 
-    h0, b0, c0 = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0))
-    h, b, c = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=7, self_instruct=0))
+    h0, b0, c0 = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0, written_harmful=False))
+    h, b, c = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=7, self_instruct=0, written_harmful=False))
     assert b == b0 and h[: len(h0)] == h0 and c["wrapped_harmful"] == 7 and len(h) == len(h0) + 7
     requests = {r["meta"]["request"] for r in read_jsonl(data_dir / "train.jsonl")}
     held_out = {r["meta"]["request"] for f in ("val.jsonl", "test.jsonl") for r in read_jsonl(data_dir / f)}

@@ -23,7 +23,7 @@ from safety_patch.gate_fit import (
     unseen_attacks,
 )
 
-CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=0)
+CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=0, written_harmful=False)
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +158,9 @@ def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(da
     import safety_patch.gate_fit as gf
     from safety_patch.data.prompts import gate_harmful_prompts
 
+    assert GateFitConfig().written_harmful is True  # the default since session 14
     base = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=3, threshold=0.0,
-                         target_fpr=None)
+                         target_fpr=None, written_harmful=False)
     on = GateFitConfig(**{**base.__dict__, "written_harmful": True})
     h0, b0, c0, s0 = gf._gate_pool(data_dir, base)
     h1, b1, c1, s1 = gf._gate_pool(data_dir, on)
@@ -170,6 +171,17 @@ def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(da
     assert set(s1[len(s0):]) == {gf.WRITTEN_SOURCE} and len(s1) == len(h1)
     with pytest.raises(SafetyPatchError, match="written_harmful"):
         GateFitConfig(written_harmful="yes").validate()
+    # a hand-written request near a held-out (val/test) request of the folder is dropped, and counted
+    import safety_patch.data.prompts as dp
+    from safety_patch.jsonl import read_jsonl
+
+    val_req = read_jsonl(data_dir / "val.jsonl")[0]["meta"]["request"]
+    monkeypatch.setattr(dp, "gate_harmful_prompts", lambda: [{"category": "x", "prompt": val_req + "!"},
+                                                             {"category": "y", "prompt": reqs[0]}])
+    h2, _, c2, _ = gf._gate_pool(data_dir, on)
+    assert c2["written_near_eval"] == 1 and c2["written_harmful"] == 2
+    assert [m[0]["content"] for m in h2[len(h0):len(h0) + 1]] == [reqs[0]]
+    monkeypatch.undo()
 
     monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
     gf.fit_gate_on_data(lm.model, lm.tokenizer, data_dir, base, validate=False, fingerprint=lm.fingerprint)
@@ -186,9 +198,9 @@ def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(da
 def test_phrasing_families_draw_in_order_and_unknown_ones_fail(data_dir):
     from safety_patch.gate_fit import _gate_pool
 
-    one = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=5)
+    one = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=5, written_harmful=False)
     two = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=5,
-                        phrasings=["reask", "context"])
+                        phrasings=["reask", "context"], written_harmful=False)
     h1, b1, c1, s1 = _gate_pool(data_dir, one)
     h2, b2, c2, s2 = _gate_pool(data_dir, two)
     assert h2[: len(h1)] == h1 and b2[: len(b1)] == b1 and s2[: len(s1)] == s1  # the first family's draw is unchanged

@@ -19,14 +19,14 @@ from safety_patch.gate_fit import (
     read_gate_folder,
     threshold_at_fpr,
 )
-from safety_patch.patches import read_patch
+from safety_patch.patches import read_patch, weight_files
 from safety_patch.testing import make_delta_patch, make_lora_patch
 
 # The gate of before 2026-12-01 (residual features, a fixed logit, no re-asked prompts): the form the
 # bit-identity test below compares with the pre-stage path. The defaults are tested through `train`
 # (test_train_writes_the_gate_the_stage_fits) and the final-norm tests.
 CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, features="residual", rephrased=0,
-                    threshold=0.5, target_fpr=None)
+                    threshold=0.5, target_fpr=None, written_harmful=False)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_target_fpr_sets_the_threshold_on_the_validation_benign_pool(lm, data_di
 
 
 @pytest.mark.parametrize("kind", ["lora", "delta"])
-def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, tmp_path):
+def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, data_dir, tmp_path):
     make = make_lora_patch if kind == "lora" else make_delta_patch
     src = make(lm.model, tmp_path / "p", lm.fingerprint, seed=1)
     meta = apply_gate(src, gate_dir, tmp_path / "gp")
@@ -136,8 +136,24 @@ def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, tmp_path):
     assert p.meta["files"][GATE_FILE] == gmeta["files"][GATE_FILE]
     assert p.meta["gated_from"]["patch"] == read_patch(src).id and p.id != read_patch(src).id
     assert p.meta["gate"]["validation"] == gmeta["validation"] and p.meta["gate"]["code"] == gmeta["code"]
-    with pytest.raises(SafetyPatchError, match="already gated"):
+    with pytest.raises(SafetyPatchError, match="already gated .*pass --replace"):
         apply_gate(tmp_path / "gp", gate_dir, tmp_path / "gp2")
+    assert not (tmp_path / "gp2").exists()
+    with pytest.raises(SafetyPatchError, match="no gate to replace"):
+        apply_gate(src, gate_dir, tmp_path / "gp2", replace=True)
+    # --replace swaps the gate of a gated patch: the weights stay, the new gate's file and record
+    # replace the old, the chain back to the ungated patch is kept and the old gate is named
+    other = tmp_path / "g2"
+    fit_gate_folder(lm, data_dir, GateFitConfig(**{**CFG.__dict__, "threshold": CFG.threshold + 1.0}), other)
+    again = apply_gate(tmp_path / "gp", other, tmp_path / "gp2", replace=True)
+    q = read_patch(tmp_path / "gp2")
+    assert q.gated and again["gate"]["threshold"] == gate.threshold + 1.0 and q.id not in (p.id, read_patch(src).id)
+    assert q.meta["gated_from"] == p.meta["gated_from"]
+    assert q.meta["replaced_gate"] == {"id": gmeta["id"], "threshold": gate.threshold, "patch": p.id,
+                                       "path": str(tmp_path / "gp")}
+    assert (tmp_path / "gp2" / GATE_FILE).read_bytes() == (other / GATE_FILE).read_bytes()
+    for f in weight_files(kind):
+        assert (tmp_path / "gp2" / f).read_bytes() == (tmp_path / "gp" / f).read_bytes()
     if kind == "delta":
         from safety_patch.patches import merged_state_dict
 
@@ -333,6 +349,22 @@ def test_a_refit_reuses_the_features_and_recomputes_a_damaged_cache(lm, data_dir
     monkeypatch.setattr(gf, "features", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     with pytest.raises(AssertionError, match="recomputed"):
         fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint="another-base")
+    # an edit elsewhere in the package keeps them; another feature path (here: transformers) does not
+    import transformers
+
+    import safety_patch.provenance as prov
+
+    monkeypatch.setattr(prov, "code_key", lambda: "0" * 16)
+    assert torch.equal(fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint=lm.fingerprint)[0].weight,
+                       first.weight)
+    key = gf.feature_code_key()
+    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + "+other")
+    gf.feature_code_key.cache_clear()
+    assert gf.feature_code_key() != key
+    with pytest.raises(AssertionError, match="recomputed"):
+        fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint=lm.fingerprint)
+    monkeypatch.undo()
+    gf.feature_code_key.cache_clear()
 
 
 def test_leave_one_source_out_after_a_fit_reads_only_its_held_out_prompts(lm, data_dir, tmp_path, monkeypatch):

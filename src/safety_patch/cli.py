@@ -404,7 +404,7 @@ def eval_safety_cmd(
     judge: JudgeOpt = "refusal",
     limit: LimitOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 32,
     out: OutOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -423,7 +423,7 @@ def eval_overrefusal_cmd(
     judge: JudgeOpt = "refusal",
     limit: LimitOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 96,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 32,
     out: OutOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -719,7 +719,8 @@ def gate_fit_cmd(
                                                   "hedged, terse (default: reask).")] = None,
     written_harmful: Annotated[bool | None, typer.Option(
         "--written-harmful/--no-written-harmful",
-        help="Add the 129 hand-written harmful requests (22 harm categories) to the positives as a third source.")] = None,
+        help="Add the 129 hand-written harmful requests (22 harm categories) to the positives as a third source "
+             "(default: on).")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -757,9 +758,12 @@ def gate_fit_cmd(
 
 @gate_app.command("apply")
 def gate_apply_cmd(
-    patch: Annotated[Path, typer.Option("--patch", "-p", help="An ungated patch (LoRA adapter or full-parameter delta).")],
+    patch: Annotated[Path, typer.Option("--patch", "-p", help="An ungated patch (LoRA adapter or full-parameter delta), "
+                                                             "or with --replace a gated one.")],
     gate: Annotated[Path, typer.Option(help="A gate folder from `gate fit`, made for the patch's base model.")],
     out: Annotated[Path, typer.Option(help="New gated patch folder to write.")],
+    replace: Annotated[bool, typer.Option(help="Swap the gate of a gated patch for this one (the old gate's id is "
+                                               "recorded in patch.json).")] = False,
     overwrite: bool = False,
 ) -> None:
     """Put a patch behind a gate: a new patch folder with the patch's weights, the gate and patch.json."""
@@ -767,7 +771,7 @@ def gate_apply_cmd(
     from .outputs import check_out_dir
 
     check_out_dir(out, overwrite=overwrite, kind="patch", inputs=[patch, gate])
-    meta = apply_gate(patch, gate, out, overwrite=overwrite)
+    meta = apply_gate(patch, gate, out, overwrite=overwrite, replace=replace)
     typer.echo(f"wrote {out}: {meta['format']} patch {meta['id']} behind gate {meta['gate']['id']} "
                f"(layer {meta['gate']['layer']}, threshold {meta['gate']['threshold']:+.3f})")
 

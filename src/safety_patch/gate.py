@@ -192,6 +192,17 @@ def prompt_states(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int
 
 
 @torch.no_grad()
+def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one left-padded batch: (ids [n, width] long, attention mask [n, width])."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(list(p))
+        mask[r, width - len(p):] = 1
+    return ids, mask
+
+
 def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Sequence[int],
                  batch_size: int = 8, progress=None) -> dict[int, torch.Tensor]:
     """Hidden states after each of ``layers`` at each prompt's last token: {layer: [n, hidden]}.
@@ -222,12 +233,7 @@ def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Seq
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, i in enumerate(idx):
-                ids[r, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]))
-                mask[r, width - len(prompts[i]) :] = 1
+            ids, mask = left_padded([prompts[i] for i in idx], pad)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             captured.clear()
             try:

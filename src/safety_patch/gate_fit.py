@@ -22,6 +22,7 @@ with :func:`apply_gate` (``safety-patch gate apply``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import re
@@ -34,6 +35,7 @@ from typing import Any, Literal
 import torch
 from pydantic import ValidationError
 
+from . import textsim
 from .errors import SafetyPatchError
 from .gate import GATE_FILE, Gate, layer_states
 from .patch_schema import BaseInfo, _Strict
@@ -91,11 +93,13 @@ class GateFitConfig:
     times per side: ``reask`` (an instruction as a question and back) and neutral frames
     (``context``, ``third_person``, ``hedged``, ``terse``) applied to both sides alike
     (issue 23 item 5; experiments/gate_phrasings.py measures them leave-one-source-out)."""
-    written_harmful: bool = False
+    written_harmful: bool = True
     """Add the 129 hand-written harmful requests of resources/gate_harmful_prompts.tsv (22 harm
     categories; ``data.prompts.gate_harmful_prompts``), each as written and re-asked, to the
     positives as a third source, ``written`` (issue 23 item 5: the pool's two sources cover
-    different kinds of harm, and a probe fit on one misses the other's)."""
+    different kinds of harm, and a probe fit on one misses the other's). On by default since
+    2026-12-01 (session 14): on validation it lifts HarmBench held out from 30% to 49% caught and
+    the default still meets its six targets (docs/lab-notebook.md)."""
     features: str = "final-norm"
     """What the probe reads: final-norm (the hidden state after the layer through the base's final
     RMSNorm, fit without intercept: it exports exactly as a transformers sequence-classification
@@ -192,6 +196,11 @@ def gate_prompts(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[
     return harmful, benign, counts
 
 
+WRITTEN_NEAR_EVAL = 0.5
+"""3-gram Jaccard at which a hand-written gate request counts as a near-duplicate of a held-out
+request and is dropped: ``data build``'s ``near_dup_threshold`` default."""
+
+
 def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[dict]], dict, list[str | None]]:
     """The gate's training prompts (conversations up to the answer): (harmful, benign, counts).
 
@@ -199,7 +208,9 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
     direct and wrapped, then ``wrapped_harmful`` train requests in train templates. Benign: every
     borderline-benign and general train prompt, then up to ``self_instruct`` self-written
     requests, then ``wrapped_benign`` of them wrapped in *train* jailbreak templates (without
-    those the probe learns "a template means harmful"). Held-out splits are never read. Raises
+    those the probe learns "a template means harmful"), then (``written_harmful``) the
+    hand-written requests, as written and re-asked, less any near a val/test request. Held-out
+    prompts are never fit on (val/test requests are read only to drop near-duplicates). Raises
     SafetyPatchError naming the file for missing or malformed data. The fourth value: each
     harmful prompt's ``meta.source`` (None where a row has none), for leave-one-source-out.
     """
@@ -264,12 +275,20 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
     if cfg.written_harmful:
         # Drawn after everything else (the re-asking uses the same rng), so earlier draws are unchanged.
         reqs = [r["prompt"] for r in gate_harmful_prompts()]
+        # Like data build's hand-written look-alikes: none may come near a held-out request of
+        # this folder (3-gram Jaccard >= WRITTEN_NEAR_EVAL), or validation and test would score
+        # a gate on requests it was fit on. Only the requests are read, to drop, never to fit.
+        held = [r["meta"]["request"] for split in ("val", "test") if d.has(split)
+                for r in d.rows(split) if r.get("meta", {}).get("request")]
+        near = {i for i, _, _ in textsim.cross_pairs(reqs, held, WRITTEN_NEAR_EVAL)} if held else set()
+        reqs = [q for i, q in enumerate(reqs) if i not in near]
         written = [[{"role": "user", "content": q}] for q in reqs] + [[{"role": "user", "content": reask(q, rng)}]
                                                                        for q in reqs]
         sources.extend([WRITTEN_SOURCE] * len(written))
     counts = {"harmful": len(harmful), "benign": len(benign), "wrapped_benign": len(wrapped)}
-    if written:
+    if cfg.written_harmful:
         counts["written_harmful"] = len(written)
+        counts["written_near_eval"] = len(near)
     if wrapped_h:
         counts["wrapped_harmful"] = len(wrapped_h)
     if re_h or re_b:
@@ -527,10 +546,31 @@ def features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int,
         return out
 
 
+@functools.cache
+def feature_code_key() -> str:
+    """Identity of the code that computes gate features: the source of the functions on the path
+    from token ids to a layer's last-token state, and the transformers version (the model's
+    forward). Keyed on these rather than on the whole package, so that an edit elsewhere (a pool
+    default, a report) does not throw away a ~10-minute pool read; the base weights, prompts,
+    layer, batching, device, dtype, threads and torch version are keyed beside it. Computed once
+    per process, from the code as imported."""
+    import hashlib
+    import inspect
+
+    import transformers
+
+    from . import gate
+
+    parts = [inspect.getsource(f) for f in (gate.layer_states, gate.left_padded, gate.decoder_layers, gate._Stop,
+                                            features, length_buckets)]
+    parts += [f"MAX_BATCH={MAX_BATCH}", transformers.__version__]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int,
                     token_budget: int | None = TOKEN_BUDGET, fingerprint: str | None = None) -> torch.Tensor:
     """:func:`features`, reused from ``$SAFETY_PATCH_HOME/gate-features/`` when the same prompts
-    were read before on the same base (``fingerprint``), code, layer, batching, device, dtype,
+    were read before on the same base (``fingerprint``), feature code (:func:`feature_code_key`), layer, batching, device, dtype,
     thread count and torch version: a refit with another threshold, target FPR or L2, or
     ``gate fit`` after ``train`` with the same gate settings, skips the forward passes. The
     cached value is that earlier computation of exactly these batches. ``fingerprint`` None: no
@@ -546,11 +586,10 @@ def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: i
     from safetensors.torch import load_file, save_file
 
     from .models import home
-    from .provenance import code_key
 
     p = next(model.parameters())
     key = hashlib.sha256(json.dumps({
-        "fingerprint": fingerprint, "code": code_key(), "torch": torch.__version__, "layer": layer,
+        "fingerprint": fingerprint, "code": feature_code_key(), "torch": torch.__version__, "layer": layer,
         "token_budget": token_budget, "device": str(p.device), "dtype": str(p.dtype), "threads": torch.get_num_threads(),
         "prompts": [list(map(int, x)) for x in prompts]}).encode()).hexdigest()
     path = home() / "gate-features" / f"{key[:32]}.safetensors"
@@ -930,14 +969,18 @@ def fit_gate_folder(lm, data_dir: str | Path, cfg: GateFitConfig, out: str | Pat
 # ----------------------------------------------------------------------------- applying and evaluating
 
 
-def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, overwrite: bool = False,
+               replace: bool = False) -> dict:
     """Write a new gated patch at ``out``: ``patch_dir``'s weight files behind ``gate_dir``'s gate.
 
     Works for a LoRA adapter and a full-parameter delta. ``patch.json`` keeps the patch's
     base, stack and descriptive fields, records the gate (layer, threshold, id, config,
     prompt counts, validation report, provenance) and the patch it came from; id and binding
-    are computed anew (``patches.finalize_patch``). Raises SafetyPatchError for a patch that is
-    already gated or a gate fit on another base (fingerprints differ); nothing is written then.
+    are computed anew (``patches.finalize_patch``). ``replace``: ``patch_dir`` is a gated patch
+    whose gate is swapped for the new one (``gated_from`` still names the ungated patch; the
+    old gate and the gated patch it came from are recorded in ``replaced_gate``). Raises
+    SafetyPatchError for a gated patch without ``replace``, an ungated one with it, or a gate fit
+    on another base (fingerprints differ); nothing is written then.
     """
     import shutil
 
@@ -946,8 +989,11 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
 
     p = read_patch(patch_dir)
     gate, gmeta = read_gate_folder(gate_dir)
-    if p.gated:
-        raise SafetyPatchError(f"{p.path} is already gated; apply the gate to the ungated patch it was made from")
+    if p.gated and not replace:
+        raise SafetyPatchError(f"{p.path} is already gated (gate {p.meta['gate']['id']}); pass --replace to swap its "
+                               "gate, or apply the gate to the ungated patch it was made from")
+    if replace and not p.gated:
+        raise SafetyPatchError(f"{p.path} has no gate to replace; drop --replace to put it behind one")
     if gmeta["base"]["fingerprint"] != p.base_fingerprint:
         raise SafetyPatchError(f"{Path(gate_dir) / GATE_JSON}: field 'base.fingerprint' is {gmeta['base']['fingerprint'][:12]}…, "
                                f"but {p.path} was made for base {p.base_fingerprint[:12]}…; a gate reads the hidden states "
@@ -958,8 +1004,13 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
     fields["gate"] = {"layer": gate.layer, "threshold": gate.threshold, "id": gmeta["id"], "source": str(gate_dir),
                       **{k: gmeta[k] for k in ("config", "prompts", "train", "threshold_from", "validation", "position",
                                                "data", "code", "versions", "fit_seconds") if k in gmeta}}
-    fields["gated_from"] = {"patch": p.id, "path": str(p.path), "code": p.meta.get("code"),
-                            "created": p.meta.get("created")}
+    if replace:
+        fields["gated_from"] = p.meta["gated_from"]
+        fields["replaced_gate"] = {"id": p.meta["gate"]["id"], "threshold": p.meta["gate"]["threshold"],
+                                   "patch": p.id, "path": str(p.path)}
+    else:
+        fields["gated_from"] = {"patch": p.id, "path": str(p.path), "code": p.meta.get("code"),
+                                "created": p.meta.get("created")}
     fields["versions"] = p.meta.get("versions")
     fields = {k: v for k, v in fields.items() if v is not None}
     with atomic_dir(Path(out), overwrite=overwrite, kind="patch") as tmp:

@@ -231,8 +231,8 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
         st.mark(d, key, time.time() - t)
 
     # 3. evaluation of the base and every arm
-    ecfg = EvalConfig(attacks=plan.eval_attacks, limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens, batch_size=16)
-    ocfg = EvalConfig(attacks=("direct",), limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens, batch_size=16)
+    ecfg = EvalConfig(attacks=plan.eval_attacks, limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens)
+    ocfg = EvalConfig(attacks=("direct",), limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens)
     tasks = plan.capability_tasks
     skipped = {}
     if "humaneval" in tasks:
