@@ -191,7 +191,6 @@ def prompt_states(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int
     return layer_states(model, tokenizer, prompts, [layer], batch_size)[layer]
 
 
-@torch.no_grad()
 def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists as one left-padded batch: (ids [n, width] long, attention mask [n, width])."""
     width = max(len(p) for p in prompts)
@@ -203,6 +202,7 @@ def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+@torch.no_grad()
 def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Sequence[int],
                  batch_size: int = 8, progress=None) -> dict[int, torch.Tensor]:
     """Hidden states after each of ``layers`` at each prompt's last token: {layer: [n, hidden]}.
