@@ -25,9 +25,9 @@ leave-one-source-out).
 
 The SafeSwitch *second stage* proper (route to the refusal adapter only where the prompt looks
 harmful *and* a probe says the base would comply) can change no answer's refusal on its own: it
-only withholds the adapter where the base would refuse anyway. Its ceiling is reported from the
-base's measured refusal shares (``base_refuses`` below is read from the default judge on the
-validation answers when ``--judge`` is given).
+only withholds the adapter where the base would refuse anyway; its ceiling is the base's own
+refusal share on each set (experiments/default_targets.py measures it; docs/lab-notebook.md,
+session 14), so this script does not fit it.
 
 Prints a table, writes experiments/results/gate_second_stage.json (n and 95% intervals per figure).
 """

@@ -19,7 +19,7 @@ from safety_patch.gate_fit import (
     read_gate_folder,
     threshold_at_fpr,
 )
-from safety_patch.patches import read_patch, weight_files
+from safety_patch.patches import finalize_patch, read_patch, weight_files
 from safety_patch.testing import make_delta_patch, make_lora_patch
 
 # The gate of before 2026-12-01 (residual features, a fixed logit, no re-asked prompts): the form the
@@ -154,6 +154,19 @@ def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, data_dir, t
     assert (tmp_path / "gp2" / GATE_FILE).read_bytes() == (other / GATE_FILE).read_bytes()
     for f in weight_files(kind):
         assert (tmp_path / "gp2" / f).read_bytes() == (tmp_path / "gp" / f).read_bytes()
+    # a patch gated by `train` itself (no gated_from) gets its gate replaced too
+    own = make(lm.model, tmp_path / "own", lm.fingerprint, seed=1)
+    gate.save(own)
+    finalize_patch(own, kind, {"name": "test", "fingerprint": lm.fingerprint}, method=kind,
+                   gate={"layer": gate.layer, "threshold": gate.threshold})  # as train writes it: no id
+    assert "gated_from" not in read_patch(own).meta
+    with pytest.raises(SafetyPatchError, match=f"already gated \\(gate {gmeta['id']}\\)"):
+        apply_gate(own, other, tmp_path / "own2")
+    apply_gate(own, other, tmp_path / "own2", replace=True)
+    r = read_patch(tmp_path / "own2")
+    assert "gated_from" not in r.meta and r.meta["replaced_gate"]["patch"] == read_patch(own).id
+    assert r.meta["replaced_gate"]["id"] == gmeta["id"]  # the id of the gate file it carried
+    assert r.meta["gate"]["threshold"] == gate.threshold + 1.0
     if kind == "delta":
         from safety_patch.patches import merged_state_dict
 

@@ -977,7 +977,7 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
     base, stack and descriptive fields, records the gate (layer, threshold, id, config,
     prompt counts, validation report, provenance) and the patch it came from; id and binding
     are computed anew (``patches.finalize_patch``). ``replace``: ``patch_dir`` is a gated patch
-    whose gate is swapped for the new one (``gated_from`` still names the ungated patch; the
+    whose gate is swapped for the new one (``gated_from``, where it has one, still names the ungated patch; the
     old gate and the gated patch it came from are recorded in ``replaced_gate``). Raises
     SafetyPatchError for a gated patch without ``replace``, an ungated one with it, or a gate fit
     on another base (fingerprints differ); nothing is written then.
@@ -989,8 +989,10 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
 
     p = read_patch(patch_dir)
     gate, gmeta = read_gate_folder(gate_dir)
+    # A gate fit by `train` itself records no id in patch.json: its id is that of its file, as for a gate folder.
+    old_id = p.meta["gate"].get("id") or gate_id(p.meta["files"][GATE_FILE]) if p.gated else None
     if p.gated and not replace:
-        raise SafetyPatchError(f"{p.path} is already gated (gate {p.meta['gate']['id']}); pass --replace to swap its "
+        raise SafetyPatchError(f"{p.path} is already gated (gate {old_id}); pass --replace to swap its "
                                "gate, or apply the gate to the ungated patch it was made from")
     if replace and not p.gated:
         raise SafetyPatchError(f"{p.path} has no gate to replace; drop --replace to put it behind one")
@@ -1005,8 +1007,9 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
                       **{k: gmeta[k] for k in ("config", "prompts", "train", "threshold_from", "validation", "position",
                                                "data", "code", "versions", "fit_seconds") if k in gmeta}}
     if replace:
-        fields["gated_from"] = p.meta["gated_from"]
-        fields["replaced_gate"] = {"id": p.meta["gate"]["id"], "threshold": p.meta["gate"]["threshold"],
+        # A patch gated by `train` itself has no ungated origin to name (no gated_from).
+        fields["gated_from"] = p.meta.get("gated_from")
+        fields["replaced_gate"] = {"id": old_id, "threshold": p.meta["gate"]["threshold"],
                                    "patch": p.id, "path": str(p.path)}
     else:
         fields["gated_from"] = {"patch": p.id, "path": str(p.path), "code": p.meta.get("code"),
