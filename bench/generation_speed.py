@@ -1,7 +1,7 @@
 """Greedy generation speed on the embedded model by batch size and dtype, against the 2N limit (issue 24 item 2).
 
 Run: .venv/bin/python bench/generation_speed.py [--prompts 64] [--max-new-tokens 64] [--batches 8,16,32,64]
-     [--dtypes float32,bfloat16]
+     [--dtypes float32,bfloat16] [--decoders pruned,hf] [--data DIR --patch DIR [--eval-prompts 128]]
 
 The limit: a decoded token costs about 2N FLOPs (N = the model's parameters, the tied embedding
 counted once as the output projection), so at the fp32 matmul peak P measured in this run
@@ -12,7 +12,17 @@ resources), nothing read from the generation cache. Tokens counted: every positi
 decodes until its EOS or the limit (what the hardware computed for kept rows). Greedy outputs
 are compared: fp32 at each batch size with fp32 at batch 8 (the evaluations' default), bf16
 with fp32 at the same batch size; the share of prompts whose whole answer is identical, and the
-share whose first 16 tokens are. A dtype whose matmul peak is under a quarter of fp32's (bf16
+share whose first 16 tokens are.
+
+Decoders (``--decoders``): ``pruned`` is ``generation.greedy``, the product's greedy path, which
+drops a row from the batch once it has stopped; ``hf`` is transformers' ``generate`` on the same
+batches (the path before it, which computes every row until the whole batch has stopped), run by
+swapping ``generation.greedy`` for a call of ``generate`` in this process. Each ``hf`` row is
+compared with the ``pruned`` row of the same dtype and batch (identical answers, share). With
+``--data`` and ``--patch`` a second workload is timed: the folder's validation harmful prompts
+(direct and wrapped, the first ``--eval-prompts``) through that patch as ``eval safety`` routes
+them (a gated patch: per prompt), ``max_new_tokens`` 96 as ``EvalConfig``: answers of mixed
+lengths (short refusals beside long compliances), where the two decoders differ most. A dtype whose matmul peak is under a quarter of fp32's (bf16
 on a CPU without AVX-512-BF16/AMX) is skipped and recorded with the CPU's flags. Prints a table and writes
 bench/results/generation_speed.json.
 """
@@ -20,6 +30,8 @@ bench/results/generation_speed.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -55,7 +67,15 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="8,16,32,64")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--decoders", default="pruned,hf")
+    ap.add_argument("--data", default=None, help="a data folder: also time its validation harmful prompts")
+    ap.add_argument("--patch", default=None, help="the patch those prompts go through (with --data)")
+    ap.add_argument("--eval-prompts", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time each (workload, batch) this many times, the decoders interleaved; rows keep the fastest")
     args = ap.parse_args()
+    if (args.data is None) != (args.patch is None):
+        ap.error("--data and --patch go together")
     threads = rt.configure_threads()
     res = Path(__file__).resolve().parents[1] / "src" / "safety_patch" / "resources"
     texts = [line.split("\t")[-1] for name in ("general_prompts.tsv", "borderline_prompts.tsv")
@@ -64,7 +84,41 @@ def main() -> None:
     convs = [conversation(t) for t in texts]
     peak32 = matmul_peak(torch.float32)
     peak16 = matmul_peak(torch.bfloat16)
-    rows, outs, skipped = [], {}, {}
+    rows, outs, skipped, rows_by = [], {}, {}, {}
+    steps: list[int] = []  # rows x decoding steps each call computed (finished rows included)
+
+    @contextlib.contextmanager
+    def decoder(name: str):
+        """``generation.greedy`` as the product runs it (pruned), or replaced by transformers'
+        ``generate`` on the same batch (hf); counts the row-steps either computes."""
+        from safety_patch import generation
+
+        product = generation.greedy
+
+        def counted(module, ids, mask, max_new_tokens, eos_ids, adapter_names=None):
+            new = product(module, ids, mask, max_new_tokens, eos_ids, adapter_names)
+            steps.append(sum(len(t) for t in new))
+            return new
+
+        def hf(module, ids, mask, max_new_tokens, eos_ids, adapter_names=None):
+            extra = {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
+            pad = next(iter(eos_ids))
+            gen = module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                  do_sample=False, temperature=None, top_p=None, top_k=None, **extra)[:, ids.shape[1]:]
+            steps.append(gen.numel())
+            out = []
+            for row in gen.tolist():  # up to and including the first EOS, as greedy returns
+                stop = next((k for k, t in enumerate(row) if t in eos_ids), None)
+                out.append(row if stop is None else row[: stop + 1])
+            return out
+
+        if name not in ("pruned", "hf"):
+            raise SystemExit(f"--decoders: unknown decoder {name!r} (pruned, hf)")
+        generation.greedy = counted if name == "pruned" else hf
+        try:
+            yield
+        finally:
+            generation.greedy = product
     peaks = {"float32": peak32, "bfloat16": peak16}
     for dt in args.dtypes.split(","):
         if dt != "float32" and peaks.get(dt, peak32) < 0.25 * peak32:
@@ -78,18 +132,48 @@ def main() -> None:
         limit = peak32 * 1e9 / (2 * n_params)
         tok = lm.tokenizer
         generate(lm.model, tok, convs[:4], GenerationConfig(max_new_tokens=4, batch_size=4))  # warm-up
-        for b in [int(x) for x in args.batches.split(",")]:
-            cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=b)
+        work = [("general+look-alike", lambda lm=lm: lm.model, convs, args.max_new_tokens)]
+        if args.data:  # attached last: attaching hooks the loaded model itself (the base rows need it bare)
+            work.append(("val harmful via patch", lambda lm=lm: attached_patch(lm, args.patch),
+                         eval_prompts(args.data, args.eval_prompts), 96))
+        model, made = None, None
+        for (wl, make, cv, max_new), b, rep, dec in itertools.product(
+                work, [int(x) for x in args.batches.split(",")], range(args.repeats), args.decoders.split(",")):
+            if made != wl:
+                model, made = make(), wl
+            cfg = GenerationConfig(max_new_tokens=max_new, batch_size=b)
+            steps.clear()
             t0 = time.perf_counter()
-            out = generate(lm.model, tok, convs, cfg)
+            with decoder(dec):
+                out = generate(model, tok, cv, cfg)
             el = time.perf_counter() - t0
+            if rep:  # a repeat: keep the faster time (answers are compared on the first)
+                row = rows_by[(wl, dt, b, dec)]
+                row["seconds_each"].append(round(el, 1))
+                if el < row["seconds"]:
+                    row.update(seconds=round(el, 1), tokens_per_s=round(row["tokens"] / el, 1),
+                               pct_of_2N_limit=round(100 * row["tokens"] / el / limit, 1))
+                if dec != "pruned" and (wl, dt, b, "pruned") in rows_by:
+                    row["x_pruned_vs_this"] = round(rows_by[(wl, dt, b, "pruned")]["tokens_per_s"] / row["tokens_per_s"], 2)
+                continue
             ids = [tok(o, add_special_tokens=False)["input_ids"] for o in out]
-            n_tok = sum(min(len(i) + 1, args.max_new_tokens) for i in ids)  # + the EOS step where it stopped
-            outs[(dt, b)] = ids
-            row = {"dtype": dt, "batch": b, "seconds": round(el, 1), "tokens": n_tok, "tokens_per_s": round(n_tok / el, 1),
+            n_tok = sum(min(len(i) + 1, max_new) for i in ids)  # + the EOS step where it stopped
+            outs[(wl, dt, b, dec)] = ids
+            row = {"workload": wl, "dtype": dt, "batch": b, "decoder": dec, "prompts": len(cv), "seconds": round(el, 1),
+                   "seconds_each": [round(el, 1)],
+                   "tokens": n_tok, "row_steps": sum(steps), "tokens_per_s": round(n_tok / el, 1),
                    "pct_of_2N_limit": round(100 * n_tok / el / limit, 1)}
-            ref = outs.get(("float32", b))
-            b8 = outs.get(("float32", 8))
+            pr = outs.get((wl, dt, b, "pruned"))
+            if dec != "pruned" and pr is not None:
+                row["same_answer_as_pruned_pct"] = round(100 * sum(a == r for a, r in zip(ids, pr, strict=True)) / len(ids), 1)
+                row["x_pruned_vs_this"] = round(rows_by[(wl, dt, b, "pruned")]["tokens_per_s"] / row["tokens_per_s"], 2)
+            rows_by[(wl, dt, b, dec)] = row
+            if dec != "pruned":
+                rows.append(row)
+                print(row, flush=True)
+                continue
+            ref = outs.get((wl, "float32", b, dec))
+            b8 = outs.get((wl, "float32", 8, dec))
             if dt == "float32" and b != 8 and b8 is not None:
                 # batch composition changes the last bits of each matmul (padding, shapes): the
                 # share of greedy answers identical to batch 8's, the evaluations' default
@@ -102,15 +186,33 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
         del lm
-    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["dtype"] == "float32"}
     for r in rows:
+        base = {q["batch"]: q["tokens_per_s"] for q in rows if q["dtype"] == "float32" and q["workload"] == r["workload"]
+                and q["decoder"] == r["decoder"]}
         r["x_vs_fp32_batch8"] = round(r["tokens_per_s"] / base[min(base)], 2) if base else None
-    print_table(rows)
+    print_table(rows, ["workload", "dtype", "batch", "decoder", "prompts", "seconds", "tokens", "row_steps",
+                       "tokens_per_s", "pct_of_2N_limit", "x_vs_fp32_batch8", "x_pruned_vs_this",
+                       "same_answer_as_pruned_pct", "same_answer_as_b8_pct"])
     print(f"fp32 matmul peak {peak32:.1f} GFLOP/s, bf16 {peak16:.1f} GFLOP/s; 2N limit at the fp32 peak "
           f"{peak32 * 1e9 / (2 * 134.5e6):.0f} tokens/s; threads {threads}")
     write("generation_speed", {"prompts": len(convs), "max_new_tokens": args.max_new_tokens, "threads": threads,
                                "matmul_peak_gflops": {"float32": round(peak32, 1), "bfloat16": round(peak16, 1)},
                                "cpu_flags": cpu_flags(), "skipped": skipped, "rows": rows})
+
+
+def attached_patch(lm, patch: str):
+    """The patch attached for inference (gates route per prompt), as ``eval safety --patch`` does."""
+    from safety_patch.patches import attach_for_inference
+
+    return attach_for_inference(lm, [patch])
+
+
+def eval_prompts(data: str, limit: int) -> list:
+    """The first ``limit`` validation harmful prompts of a data folder (direct and wrapped), as evaluations render them."""
+    from safety_patch.gate_fit import held_out_prompts
+
+    held = held_out_prompts(data, "val")
+    return (held["harmful_direct"] + held["harmful_wrapped"])[:limit]
 
 
 def cpu_flags() -> list[str]:

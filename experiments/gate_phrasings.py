@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python experiments/gate_phrasings.py --data DIR [--model default] [--target-fpr 0.03]
      [--families reask,context,...] [--l2 0.1,1] [--no-attacks] [--extra-harmful TSV]
+     [--probes mass-mean,lda:0.1,source-balanced]
 
 The shipped gate (final-norm, last prompt token, layer ``GateFitConfig().resolved_layer``) is fit
 on the default pool plus re-asked prompts in each subset of phrasing families asked for
@@ -19,6 +20,10 @@ Measured on the **validation** split only, as experiments/gate_candidates.py doe
 * ``attacks``: the unseen rule attacks on validation direct requests (caught) and their cleaned
   controls (fired on benign); a framing family must not teach the gate an attack's form.
 
+``--probes``: other probe forms on the default pool, measured the same way beside the shipped
+logistic probe: the mass-mean probe and shrinkage LDA (:func:`fit_mass_mean`), and the logistic
+probe with each harmful source weighted alike (:func:`fit_source_balanced`).
+
 Prints a table, writes experiments/results/gate_phrasings.json (n and 95% intervals per figure).
 """
 
@@ -32,6 +37,70 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write  # noqa: E402
+
+
+def fit_mass_mean(x, y, layer: int, norm: dict, alpha: float = 1.0):
+    """A linear gate whose weight is the class-mean difference of the standardised features, after
+    shrinkage LDA: w = ((1 - alpha) S + alpha (tr S / d) I)^-1 (mu_harmful - mu_benign), S the
+    class-balanced within-class covariance. alpha = 1 is the mass-mean probe (difference of means;
+    Marks & Tegmark 2023, "The Geometry of Truth", report it generalises out of distribution better
+    than logistic regression; Arditi et al. 2024 read refusal along such a direction). Same form as
+    the shipped gate (final-norm features when ``norm``: no mean, no bias), so the threshold is set as
+    for any gate."""
+    import torch
+
+    from safety_patch.gate import Gate
+
+    d = x.shape[1]
+    shell = Gate(layer, 0.0, torch.ones(d), 0.0, torch.zeros(d), torch.ones(d), **norm)
+    f = shell.features(x)
+    sd = f.std(0) + 1e-6
+    mu = f.mean(0) if not norm else torch.zeros(d)
+    z = (f - mu) / sd
+    pos, neg = z[y > 0], z[y == 0]
+    diff = pos.mean(0) - neg.mean(0)
+    if alpha >= 1.0:
+        w = diff
+    else:
+        cov = 0.5 * (torch.cov(pos.T) + torch.cov(neg.T))
+        w = torch.linalg.solve((1 - alpha) * cov + alpha * (torch.trace(cov) / d) * torch.eye(d), diff)
+    w = w / w.norm()
+    return Gate(layer, 0.0, w, 0.0, mu, sd, **norm)
+
+
+def fit_source_balanced(x, y, sources, layer: int, l2: float, norm: dict):
+    """The shipped probe (final-norm features, no intercept, L2, LBFGS) with each harmful source
+    weighted to the same total (half the loss over the harmful sources, half over the benign
+    prompts) instead of each harmful prompt alike: a source with many rows (Do-Not-Answer) no
+    longer sets the direction alone (a group-balanced objective, the simplest form of group DRO)."""
+    import torch
+
+    from safety_patch.gate import Gate
+
+    d = x.shape[1]
+    shell = Gate(layer, 0.0, torch.ones(d), 0.0, torch.zeros(d), torch.ones(d), **norm)
+    f = shell.features(x)
+    sd = f.std(0) + 1e-6
+    z = f / sd
+    names = sorted({s for s, v in zip(sources, y.tolist(), strict=True) if v > 0}, key=str)
+    wt = torch.zeros(len(y))
+    for name in names:
+        rows = torch.tensor([s == name and v > 0 for s, v in zip(sources, y.tolist(), strict=True)])
+        wt[rows] = 0.5 / len(names) / int(rows.sum())
+    wt[y == 0] = 0.5 / int((y == 0).sum())
+    w = torch.zeros(d, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        # the same scale as gate.fit_probe's class-balanced mean: the weights sum to 1
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(z @ w, y, reduction="none") * wt).sum() \
+            + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return Gate(layer, 0.0, w.detach(), 0.0, torch.zeros(d), sd, **norm)
 
 
 def main() -> None:
@@ -69,6 +138,9 @@ def main() -> None:
     ap.add_argument("--extra-harmful", default=None,
                     help="a TSV (category<TAB>request lines, e.g. src/safety_patch/resources/gate_harmful_prompts.tsv) of harmful requests from another source: '+extra' variants add "
                          "it to the pool; every variant gets it as a leave-one-source-out fold")
+    ap.add_argument("--probes", default=None,
+                    help="extra probe forms on the default pool, comma-separated: mass-mean, lda:ALPHA (shrinkage "
+                         "ALPHA in (0, 1]; 1 = mass-mean), source-balanced; the logistic probe is always measured")
     ap.add_argument("--out-name", default="gate_phrasings")
     args = ap.parse_args()
     threads = rt.configure_threads()
@@ -86,11 +158,14 @@ def main() -> None:
                counts.get(f"rephrased_benign_{f}", counts["rephrased_benign"])] for f in fams}
     n_re_h, n_re_b = counts["rephrased_harmful"], counts["rephrased_benign"]
     # which family each pool row came from (None: the pool without re-asked prompts)
-    fam_h: list[str | None] = [None] * (len(harmful) - n_re_h)
+    # (harmful side: the hand-written requests come after the re-asked ones, gate_fit._gate_pool)
+    n_w = counts.get("written_harmful", 0)
+    fam_h: list[str | None] = [None] * (len(harmful) - n_re_h - n_w)
     fam_b: list[str | None] = [None] * (len(benign) - n_re_b)
     for f in fams:
         fam_h += [f] * per[f][0]
         fam_b += [f] * per[f][1]
+    fam_h += [None] * n_w
     held = held_out_prompts(d, "val", cfg.seed)
     attacks = [] if args.no_attacks else unseen_attacks(d)
     att = attack_prompts(d, "val", attacks) if attacks else {}
@@ -100,6 +175,11 @@ def main() -> None:
     # and the validation sets are read exactly as `gate fit` / `train` read them
     # (gate_fit.cached_features with the same prompt lists), so either run warms the other's cache;
     # the extra families, LOSO requests and attacks are read once more.
+    if n_w and fams[1:]:
+        # the extra families' rows sit before the written ones; the split below assumes they come last
+        raise SystemExit("--families beyond reask: with the written source in the pool (the default) this script "
+                         "cannot yet tell their rows apart (it reads them as the last harmful rows); sessions 12-13 "
+                         "measured the families without it")
     n_h0 = len(harmful) - sum(per[f][0] for f in fams[1:])
     n_b0 = len(benign) - sum(per[f][1] for f in fams[1:])
     t0 = time.time()
@@ -157,14 +237,21 @@ def main() -> None:
     def rate(z, t):
         return proportion(int((z > t).sum()), len(z))
 
-    def measure(use_fams: tuple[str, ...], l2: float) -> dict:
+    def fit(x, yy, c, probe, src_rows=None):
+        if probe == "logistic":
+            return fit_gate_probe(x, yy, layer, c, norm)
+        if probe == "source-balanced":
+            return fit_source_balanced(x, yy, src_rows, layer, c.l2, norm)
+        return fit_mass_mean(x, yy, layer, norm, 1.0 if probe == "mass-mean" else float(probe.split(":")[1]))
+
+    def measure(use_fams: tuple[str, ...], l2: float, probe: str = "logistic") -> dict:
         c = GateFitConfig(l2=l2, phrasings=list(use_fams) or ["reask"])
         use = torch.tensor([f is None or f in use_fams for f in fam])
-        gate = fit_gate_probe(x_train[use], y[use], layer, c, norm)
+        gate = fit(x_train[use], y[use], c, probe, [v for v, u in zip(src, use.tolist(), strict=True) if u])
         z = {k: gate.scores(v) for k, v in g.items() if not k.startswith("pool")}
         pool = torch.cat([z["val:borderline"], z["val:general"], z["val:wrapped_benign"]])
         t = threshold_at_fpr(pool, args.target_fpr)
-        r = {"families": list(use_fams), "l2": l2, "n_train": int(use.sum()), "threshold": t,
+        r = {"families": list(use_fams), "l2": l2, "probe": probe, "n_train": int(use.sum()), "threshold": t,
              "val": {"auroc_direct": _auroc_ci(z["val:harmful_direct"].tolist(),
                                                torch.cat([z["val:borderline"], z["val:general"]]).tolist()),
                      "auroc_wrapped": _auroc_ci(z["val:harmful_wrapped"].tolist(), z["val:wrapped_benign"].tolist()),
@@ -174,7 +261,7 @@ def main() -> None:
              "loso": {}}
         for s in names:
             keep = torch.tensor([v != s for v in src]) & use
-            gs = fit_gate_probe(x_train[keep], y[keep], layer, c, norm)
+            gs = fit(x_train[keep], y[keep], c, probe, [v for v, u in zip(src, keep.tolist(), strict=True) if u])
             zs = {k: gs.scores(g[k]) for k in ("val:borderline", "val:general", "val:wrapped_benign", f"loso:{s}")}
             ts = threshold_at_fpr(torch.cat([zs["val:borderline"], zs["val:general"], zs["val:wrapped_benign"]]),
                                   args.target_fpr)
@@ -189,15 +276,17 @@ def main() -> None:
     variants += [tuple(f for f in fams if f != drop) for drop in fams[1:]] if len(fams) > 3 else []
     if args.extra_harmful:
         variants += [("reask", "extra"), (*fams, "extra")]
-    runs = [(v, base_cfg.l2) for v in dict.fromkeys(variants)]
+    runs = [(v, base_cfg.l2, "logistic") for v in dict.fromkeys(variants)]
     if args.l2:
-        runs += [(v, float(l2)) for v, l2 in itertools.product([("reask",), tuple(fams)], args.l2.split(","))]
+        runs += [(v, float(l2), "logistic") for v, l2 in itertools.product([("reask",), tuple(fams)], args.l2.split(","))]
+    if args.probes:
+        runs += [(("reask",), base_cfg.l2, p) for p in args.probes.split(",") if p]
     results, table = [], []
-    for v, l2 in runs:
-        r = measure(v, l2)
+    for v, l2, probe in runs:
+        r = measure(v, l2, probe)
         results.append(r)
         f = r["val"]["fired"]
-        row = {"families": "+".join(v) or "(none)", "l2": l2, "n": r["n_train"],
+        row = {"families": "+".join(v) or "(none)", "l2": l2, "probe": probe, "n": r["n_train"],
                "AUROC dir": r["val"]["auroc_direct"]["value"], "dir%": 100 * f["harmful_direct"]["value"],
                "wrap%": 100 * f["harmful_wrapped"]["value"], "border%": 100 * f["borderline"]["value"],
                "wrapsafe%": 100 * f["wrapped_benign"]["value"]}
@@ -209,7 +298,7 @@ def main() -> None:
             row[f"{s}@5%look"] = 100 * r["loso"][s]["caught_direct_at_5pct_lookalike_fpr"]["value"]
             row[f"{s} AUROC"] = r["loso"][s]["auroc_direct"]["value"]
         table.append(row)
-        print(f"  {row['families']} l2={l2}: done", flush=True)
+        print(f"  {row['families']} l2={l2} {probe}: done", flush=True)
     print_table(table)
     write(args.out_name, {"data": str(args.data), "data_manifest_seed": d.manifest.get("seed"), "layer": layer,
                           "target_fpr": args.target_fpr, "attacks": attacks, "feature_seconds": round(feat_s, 1),

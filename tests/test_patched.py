@@ -151,3 +151,98 @@ def test_the_loaded_model_is_never_swapped(gated):
         pm.close()
     pm.close()  # twice is harmless
     assert all("lora" not in n for n, _ in model.named_modules())
+
+
+def _hf_greedy(module, ids, mask, max_new, eos, **extra):
+    """transformers' generate on the same batch, each row cut after its first EOS (as greedy returns rows)."""
+    gen = module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=eos[0],
+                          eos_token_id=list(eos), do_sample=False, temperature=None, top_p=None, top_k=None,
+                          **extra)[:, ids.shape[1]:].tolist()
+    return [r[: next((k + 1 for k, t in enumerate(r) if t in eos), len(r))] for r in gen]
+
+
+def _stop_token(rows):
+    """A token some rows emit after their first step and others never emit: rows stop at different steps."""
+    for r in rows:
+        for t in r[1:]:
+            if any(t not in o for o in rows) and t not in (o[0] for o in rows):
+                return t
+    raise AssertionError("no token splits the rows")
+
+
+def _lively():
+    """A tiny model whose greedy answers vary by prompt and step (the default init repeats one token)."""
+    model, tok = tiny_llama()
+    with torch.no_grad():
+        for q in model.parameters():
+            q.mul_(20.0) if q.ndim > 1 else None
+    return model, tok
+
+
+def test_greedy_drops_stopped_rows_and_equals_generate_token_for_token():
+    from safety_patch.generation import greedy
+
+    model, tok = _lively()
+    prompts = _ids(tok)
+    ids, mask = left_padded(prompts, tok.pad_token_id)
+    with torch.no_grad():
+        free = _hf_greedy(model, ids, mask, 12, [len(tok) + 7])  # an id never emitted: no EOS: every row runs 12 steps
+    eos = _stop_token(free)
+    widths: list[int] = []
+    h = model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        ours = greedy(model, ids, mask, 12, {eos})
+    finally:
+        h.remove()
+    with torch.no_grad():
+        ref = _hf_greedy(model, ids, mask, 12, [eos])
+    assert ours == ref
+    stopped = [r for r in ref if r[-1] == eos and len(r) < 12]
+    assert stopped and len(stopped) < len(ref)  # some rows stop early, some run on
+    assert widths[0] == len(prompts) and min(widths) < len(prompts)  # stopped rows left the batch
+    assert sum(widths[1:]) == sum(len(r) for r in ours) - len(ours)  # each row costs its own length, no more
+
+
+def test_greedy_keeps_each_rows_adapter_as_rows_leave_a_mixed_batch(tmp_path):
+    from safety_patch.generation import greedy
+
+    model, tok = _lively()
+    p, _ = _gated_patch(model, tok, tmp_path / "g")
+    prompts = _ids(tok)
+    ids, mask = left_padded(prompts, tok.pad_token_id)
+    with attached(model, [p], "fp") as pm:
+        names = pm.adapter_names(pm.routes(tok, prompts))
+        assert "__base__" in names and "patch0" in names
+        with pm.mixed() as m, torch.no_grad():
+            free = _hf_greedy(m, ids, mask, 10, [len(tok) + 7], adapter_names=names)
+            eos = _stop_token(free)
+            ours = greedy(m, ids, mask, 10, {eos}, names)
+            ref = _hf_greedy(m, ids, mask, 10, [eos], adapter_names=names)
+    assert ours == ref
+    assert any(r[-1] == eos and len(r) < 10 for r in ref)
+
+
+def test_greedy_per_row_budgets_cancel_and_stream_as_generate_would():
+    from safety_patch.generation import greedy
+
+    model, tok = _lively()
+    prompts = _ids(tok)
+    ids, mask = left_padded(prompts, tok.pad_token_id)
+    n = len(prompts)
+    with torch.no_grad():
+        free = _hf_greedy(model, ids, mask, 9, [len(tok) + 7])
+    eos = _stop_token(free)
+    with torch.no_grad():
+        ref = _hf_greedy(model, ids, mask, 9, [eos])
+    budgets = [0, 1, 3] + [9] * (n - 3)
+    streamed: dict[int, list[int]] = {}
+    out = greedy(model, ids, mask, budgets, {eos}, on_token=lambda r, t: streamed.setdefault(r, []).append(t),
+                 cancelled=lambda r: r == n - 1 and len(streamed.get(r, [])) >= 2)
+    for r in range(n - 1):
+        assert out[r] == ref[r][: budgets[r]], r  # a budget cuts the row; the rest is generate's answer
+        assert streamed.get(r, []) == [t for t in out[r] if t != eos], r  # every token but EOS streamed, in order
+    assert out[0] == [] and len(out[1]) == 1
+    last = ref[n - 1]
+    assert out[n - 1] == last[: min(2, len(last))]  # cancelled after its second token (or ended before)
+    with pytest.raises(ValueError, match="budgets"):
+        greedy(model, ids, mask, [3], {eos})

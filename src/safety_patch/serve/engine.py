@@ -289,14 +289,20 @@ class Engine:
 
     def _generate(self, model, prompts, budgets, sampling: Sampling, on_token, cancelled,
                   adapter_names: list[str] | None = None) -> list[Result]:
-        """One ``model.generate`` call on left-padded prompts, as ``generation.complete_texts`` makes it
-        (``adapter_names``: PEFT's per-row adapters of a mixed batch)."""
+        """One batch of left-padded prompts, as ``generation.complete_texts`` makes it
+        (``adapter_names``: PEFT's per-row adapters of a mixed batch): greedy through
+        ``generation.greedy`` (a row leaves the batch when its answer ends, is cancelled or
+        reaches its budget), sampling through one ``model.generate`` call."""
         from transformers import StoppingCriteriaList
 
         device = next(model.parameters()).device
-        from ..generation import left_padded
+        from ..generation import greedy, left_padded
 
         ids, mask = left_padded(prompts, self.pad_id)
+        if sampling.temperature <= 0:
+            rows = greedy(model, ids.to(device), mask.to(device), list(budgets), set(self.eos_ids), adapter_names,
+                          on_token, cancelled)
+            return [self._result(r, row, budgets[r], cancelled, len(row)) for r, row in enumerate(rows)]
         width = ids.shape[1]
         kw = dict(max_new_tokens=max(budgets), pad_token_id=self.pad_id)
         if sampling.temperature > 0:
@@ -322,17 +328,18 @@ class Engine:
                              stopping_criteria=StoppingCriteriaList([_RowStop(width, list(budgets), cancelled)]),
                              streamer=_Streamer(step), **kw,
                              **({"adapter_names": adapter_names} if adapter_names is not None else {}))
-        out = []
-        for r in range(len(prompts)):
-            new = [int(t) for t in gen[r, width:].tolist()][: budgets[r]]
-            cut = next((k for k, t in enumerate(new) if t in self.eos_ids), None)
-            if cut is not None:
-                out.append(Result(new[:cut], "stop"))
-            elif cancelled(r):
-                out.append(Result(new[: made[r]], "cancelled"))
-            else:
-                out.append(Result(new, "length"))
-        return out
+        return [self._result(r, [int(t) for t in gen[r, width:].tolist()], budgets[r], cancelled, made[r])
+                for r in range(len(prompts))]
+
+    def _result(self, r: int, new: list[int], budget: int, cancelled, made: int) -> Result:
+        """Row ``r``'s answer (EOS excluded) and why it ended: ``made`` tokens were streamed."""
+        new = new[:budget]
+        cut = next((k for k, t in enumerate(new) if t in self.eos_ids), None)
+        if cut is not None:
+            return Result(new[:cut], "stop")
+        if cancelled(r):
+            return Result(new[:made], "cancelled")
+        return Result(new, "length")
 
 
 class GateProbe:
