@@ -14,8 +14,8 @@ Routing is the one ``chat --patch`` uses (``generation.complete_texts`` →
 ``PatchedModel.routes``): a gated adapter is active for a prompt's whole answer iff its gate's logit on the base model's
 hidden state after its layer, at the prompt's last token, exceeds its threshold; ungated
 adapters in the stack are always on and are on while the gate reads. Generation is the
-same ``model.generate`` call on left-padded prompts, so a greedy request gets the tokens
-``chat`` prints (tests/test_serve.py checks this).
+same left-padded batch and decoder (``generation.greedy`` for greedy requests), so a greedy
+request gets the tokens ``chat`` prints (tests/test_serve.py checks this).
 
 Threading: :meth:`Engine.run` must be called from one thread at a time (the batcher's
 worker); tokenizer calls from other threads go through :meth:`Engine.encode` /
