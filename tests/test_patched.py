@@ -246,3 +246,22 @@ def test_greedy_per_row_budgets_cancel_and_stream_as_generate_would():
     assert out[n - 1] == last[: min(2, len(last))]  # cancelled after its second token (or ended before)
     with pytest.raises(ValueError, match="budgets"):
         greedy(model, ids, mask, [3], {eos})
+
+
+def test_a_generation_config_that_asks_for_more_than_argmax_is_decoded_by_generate():
+    from safety_patch.generation import complete_texts, greedy, plain_greedy
+
+    model, tok = _lively()
+    assert plain_greedy(model.generation_config)
+    texts = [render(tok, c) for c in CONVS]
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=len(texts))
+    plain = complete_texts(model, tok, texts, cfg)
+    model.generation_config.repetition_penalty = 5.0  # as some model cards ship (Qwen2.5: 1.05)
+    assert not plain_greedy(model.generation_config)
+    penalised = complete_texts(model, tok, texts, cfg)
+    ids, mask = left_padded([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id)
+    with torch.no_grad():
+        ref = _hf_greedy(model, ids, mask, 8, [tok.eos_token_id])  # generate applies the card's penalty
+    assert [a for a, _ in penalised] == [tok.decode(r, skip_special_tokens=True).strip() for r in ref]
+    assert penalised != plain  # the setting matters here, so greedy alone would have dropped it
+    assert ref != greedy(model, ids, mask, 8, {tok.eos_token_id})

@@ -139,6 +139,8 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
     else:
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
 
+    exact_greedy = plain_greedy(pm.generation_config)
+
     def run(module, members: list[int], adapter_names: list[str] | None = None) -> None:
         member_set = set(members)
         sub = [i for i in order if i in member_set]
@@ -146,7 +148,9 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
             idx = sub[b * config.batch_size : (b + 1) * config.batch_size]
             ids, mask = left_padded([enc[i] for i in idx], pad)
             names = [adapter_names[i] for i in idx] if adapter_names is not None else None
-            if config.temperature > 0:  # HF's sampler, so that a seed draws what it always drew
+            # HF's sampler, so that a seed draws what it always drew; HF's greedy search where the
+            # model's generation config asks for more than argmax (a repetition penalty, beams, …)
+            if config.temperature > 0 or not exact_greedy:
                 extra = {"adapter_names": names} if names is not None else {}
                 gen = module.generate(input_ids=ids.to(pm.device), attention_mask=mask.to(pm.device), **gen_kwargs, **extra)
                 news = [gen[row, ids.shape[1]:].tolist() for row in range(len(idx))]
@@ -178,6 +182,39 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
     return [o or ("", False) for o in out]
 
 
+_GREEDY_NEUTRAL = frozenset({
+    # token ids and lengths (passed or read the same way by both decoders)
+    "_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length",
+    "max_new_tokens", "transformers_version",
+    # sampling settings: greedy calls override do_sample/temperature/top_p/top_k, the rest act only when sampling
+    "do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h",
+    # caches, compilation, outputs and assisted decoding: how a step is computed or returned, not which token wins
+    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
+    "prefill_chunk_size", "continuous_batching_config", "output_attentions", "output_hidden_states", "output_logits",
+    "output_scores", "return_dict_in_generate", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size",
+    "assistant_early_exit", "assistant_ensemble_weight", "speculation_type", "use_mtp",
+    # beam-search settings, inert while num_beams (checked) is 1
+    "early_stopping", "length_penalty",
+})
+
+
+def plain_greedy(generation_config) -> bool:
+    """Whether ``generate(do_sample=False)`` with this model's generation config is plain argmax
+    decoding, the only thing :func:`greedy` does: every field outside a list known not to change
+    which token wins (ids, lengths, sampling-only settings, caches, outputs) equals transformers'
+    default. A repetition penalty, beams, suppressed or forced tokens, a minimum length, or a
+    field this code does not know yet make it False, and generation then calls ``generate``
+    (fail closed: the decoder never silently drops a setting the model's card asks for)."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    if generation_config is None:
+        return True
+    default = HFGenerationConfig().to_dict()
+    mine = generation_config.to_dict()
+    return all(k in _GREEDY_NEUTRAL or mine.get(k) == default.get(k) for k in set(default) | set(mine))
+
+
 @torch.inference_mode()
 def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | Sequence[int], eos_ids: set[int],
            adapter_names: Sequence[str] | None = None, on_token: Callable[[int, int], None] | None = None,
@@ -198,7 +235,8 @@ def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
     refusals cost 32 rows x 96 steps. Here a row costs its own length
     (``Cache.batch_select_indices`` shrinks the cache). Removing rows changes only the shapes of
     the remaining rows' matmuls; tests compare the answers with ``generate``'s token for token,
-    and bench/generation_speed.py on the embedded model."""
+    and bench/generation_speed.py on the embedded model. Callers use it only where
+    :func:`plain_greedy` holds for the model's generation config."""
     from transformers import DynamicCache
 
     n = ids.shape[0]

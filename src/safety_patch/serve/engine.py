@@ -296,10 +296,10 @@ class Engine:
         from transformers import StoppingCriteriaList
 
         device = next(model.parameters()).device
-        from ..generation import greedy, left_padded
+        from ..generation import greedy, left_padded, plain_greedy
 
         ids, mask = left_padded(prompts, self.pad_id)
-        if sampling.temperature <= 0:
+        if sampling.temperature <= 0 and plain_greedy(model.generation_config):
             rows = greedy(model, ids.to(device), mask.to(device), list(budgets), set(self.eos_ids), adapter_names,
                           on_token, cancelled)
             return [self._result(r, row, budgets[r], cancelled, len(row)) for r, row in enumerate(rows)]
