@@ -226,7 +226,9 @@ def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
     row or one per row. ``adapter_names``: PEFT's per-row adapter for a mixed batch (kept aligned
     as rows leave). ``on_token(row, id)``: called for each new token but an EOS, as it is made;
     ``cancelled(row)``: checked after each of the row's tokens, a true value ends the row there.
-    Raises ValueError for budgets of another length than the batch.
+    Raises ValueError for budgets of another length than the batch, SafetyPatchError where the
+    model did not fill the KV cache it was handed (a transformers that names the argument
+    otherwise: decoding on would ignore the prompt).
 
     The same steps as transformers' ``generate(do_sample=False)`` with no logits processors
     (argmax of the fp32 last-position logits; positions from the attention mask, pads at 1; one
@@ -259,7 +261,9 @@ def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
     out = module(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                  logits_to_keep=1, **extra)
     if cache.get_seq_length() != ids.shape[1]:  # a transformers that ignored `cache=` would decode without context
-        raise RuntimeError(f"generation: the model did not fill the KV cache it was given ({cache.get_seq_length()} of "
+        from .errors import SafetyPatchError
+
+        raise SafetyPatchError(f"generation: the model did not fill the KV cache it was given ({cache.get_seq_length()} of "
                            f"{ids.shape[1]} positions); this transformers version names the argument differently")
     last = pos[:, -1:]
     while True:
