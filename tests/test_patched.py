@@ -265,3 +265,21 @@ def test_a_generation_config_that_asks_for_more_than_argmax_is_decoded_by_genera
     assert [a for a, _ in penalised] == [tok.decode(r, skip_special_tokens=True).strip() for r in ref]
     assert penalised != plain  # the setting matters here, so greedy alone would have dropped it
     assert ref != greedy(model, ids, mask, 8, {tok.eos_token_id})
+
+
+def test_greedy_refuses_a_model_that_ignores_the_cache_it_is_handed():
+    from safety_patch.generation import greedy
+
+    model, tok = tiny_llama()
+    ids, mask = left_padded(_ids(tok)[:2], tok.pad_token_id)
+
+    class Forgetful(torch.nn.Module):  # as a transformers that named the argument otherwise would behave
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, cache=None, **kw):
+            return self.inner(**kw)
+
+    with pytest.raises(SafetyPatchError, match="did not fill the KV cache"):
+        greedy(Forgetful(model), ids, mask, 4, {tok.eos_token_id})
