@@ -69,38 +69,27 @@ def fit_mass_mean(x, y, layer: int, norm: dict, alpha: float = 1.0):
 
 
 def fit_source_balanced(x, y, sources, layer: int, l2: float, norm: dict):
-    """The shipped probe (final-norm features, no intercept, L2, LBFGS) with each harmful source
-    weighted to the same total (half the loss over the harmful sources, half over the benign
-    prompts) instead of each harmful prompt alike: a source with many rows (Do-Not-Answer) no
-    longer sets the direction alone (a group-balanced objective, the simplest form of group DRO)."""
+    """The shipped probe (``gate.fit_probe`` on final-norm features, no intercept) with each
+    harmful source weighted to the same total (half the loss over the harmful sources, half over
+    the benign prompts) instead of each harmful prompt alike: a source with many rows
+    (Do-Not-Answer) no longer sets the direction alone (a group-balanced objective, the simplest
+    form of group DRO)."""
     import torch
 
-    from safety_patch.gate import Gate
+    from safety_patch.gate import Gate, fit_probe
 
     d = x.shape[1]
     shell = Gate(layer, 0.0, torch.ones(d), 0.0, torch.zeros(d), torch.ones(d), **norm)
-    f = shell.features(x)
-    sd = f.std(0) + 1e-6
-    z = f / sd
-    names = sorted({s for s, v in zip(sources, y.tolist(), strict=True) if v > 0}, key=str)
+    labels = y.tolist()
+    names = sorted({s for s, v in zip(sources, labels, strict=True) if v > 0}, key=str)
     wt = torch.zeros(len(y))
     for name in names:
-        rows = torch.tensor([s == name and v > 0 for s, v in zip(sources, y.tolist(), strict=True)])
+        rows = torch.tensor([s == name and v > 0 for s, v in zip(sources, labels, strict=True)])
         wt[rows] = 0.5 / len(names) / int(rows.sum())
     wt[y == 0] = 0.5 / int((y == 0).sum())
-    w = torch.zeros(d, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        # the same scale as gate.fit_probe's class-balanced mean: the weights sum to 1
-        loss = (torch.nn.functional.binary_cross_entropy_with_logits(z @ w, y, reduction="none") * wt).sum() \
-            + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return Gate(layer, 0.0, w.detach(), 0.0, torch.zeros(d), sd, **norm)
+    # fit_probe takes the mean of weight x loss: weights summing to n give the same scale as its class balance
+    w, b, mu, sd = fit_probe(shell.features(x), y, l2, intercept=False, sample_weight=wt * len(y))
+    return Gate(layer, 0.0, w, b, mu, sd, **norm)
 
 
 def main() -> None:

@@ -50,8 +50,9 @@ def answer_states(model, tokenizer, prompts, layer: int, k_max: int, token_budge
     prompt's last token. Also the greedy answer ids [n, k_max + 1]."""
     import torch
 
-    from safety_patch.gate import decoder_layers, left_padded
+    from safety_patch.gate import decoder_layers
     from safety_patch.gate_fit import length_buckets
+    from safety_patch.generation import left_padded
     from safety_patch.progress import bar
 
     block = decoder_layers(model)[layer]

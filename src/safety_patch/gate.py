@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .errors import SafetyPatchError
+from .generation import left_padded  # the one left-padding both generation and the gates read with
 
 GATE_FILE = "gate.safetensors"
 
@@ -191,17 +192,6 @@ def prompt_states(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int
     return layer_states(model, tokenizer, prompts, [layer], batch_size)[layer]
 
 
-def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists as one left-padded batch: (ids [n, width] long, attention mask [n, width])."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(list(p))
-        mask[r, width - len(p):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Sequence[int],
                  batch_size: int = 8, progress=None) -> dict[int, torch.Tensor]:
@@ -253,12 +243,15 @@ def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Seq
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 300,
-              intercept: bool = True) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+              intercept: bool = True, sample_weight: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
     """Class-balanced L2-regularised logistic regression on standardised features (LBFGS).
 
     Returns (weight, bias, mean, std). Deterministic for given inputs. ``intercept=False``: no
     centring and no bias (mean 0, bias 0; features only scaled by their std), the form a
     sequence-classification head can hold; the threshold then plays the intercept's role.
+    ``sample_weight`` [n]: each row's weight in the mean loss instead of the class balance
+    (each class half the loss), e.g. to weight groups within a class alike.
     """
     mu, sd = x.mean(0), x.std(0) + 1e-6
     if not intercept:
@@ -269,7 +262,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 3
     pos = float(y.mean())
     if not 0 < pos < 1:
         raise SafetyPatchError("the gate needs both harmful and benign training prompts")
-    weight = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
+    weight = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos)) if sample_weight is None else sample_weight
     opt = torch.optim.LBFGS([w, b] if intercept else [w], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
