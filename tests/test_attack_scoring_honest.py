@@ -151,6 +151,54 @@ def test_gcg_optimises_the_ids_the_evaluation_sends(monkeypatch, tmp_path):
         assert abs(r["loss"] - r["optimiser_loss"]) < 1e-3
 
 
+@pytest.mark.parametrize("with_gate", [False, True])
+def test_gcg_prefix_cache_scores_what_the_whole_prompt_scores(with_gate):
+    """The optimiser's losses and token gradient with the prefix KV cache (a Cache copied per forward,
+    logits at the target only) equal those of the whole prompt run from scratch, for one candidate
+    and for a batch (the copy is repeated to the batch), with and without the gate term."""
+    import nanogcg
+    import torch
+
+    from safety_patch.attacks.gcg import _nano_gcg
+    from safety_patch.gate import Gate
+    from safety_patch.testing import tiny_llama
+
+    model, tok = tiny_llama()
+    torch.manual_seed(0)
+    hidden = model.config.hidden_size
+    gates = [Gate(0, -0.5, torch.randn(hidden), 0.1, torch.zeros(hidden), torch.ones(hidden))] if with_gate else []
+    emb = model.get_input_embeddings()
+    before, after, target = (torch.tensor([ids]) for ids in ([5, 9, 13, 2, 40], [7, 8], [21, 22, 23]))
+    suffixes = torch.tensor([[30, 31, 32, 33], [34, 35, 36, 37], [38, 39, 40, 41]])
+    runs = {}
+    for cached in (False, True):
+        g = _nano_gcg(model, tok, nanogcg.GCGConfig(use_prefix_cache=cached, early_stop=False), gates, 2.0, 0.5)
+        with torch.no_grad():
+            g.before_embeds, g.after_embeds, g.target_embeds = emb(before), emb(after), emb(target)
+            g.prefix_cache = model(inputs_embeds=g.before_embeds, use_cache=True).past_key_values if cached else None
+        g.target_ids = target
+        with torch.no_grad():
+            parts = [emb(suffixes), g.after_embeds.repeat(3, 1, 1), g.target_embeds.repeat(3, 1, 1)]
+            if not cached:
+                parts.insert(0, g.before_embeds.repeat(3, 1, 1))
+            embeds = torch.cat(parts, dim=1)
+        runs[cached] = (g._compute_candidates_loss_original(3, embeds), g._compute_candidates_loss_original(1, embeds),
+                        g.compute_token_gradient(suffixes[:1]))
+    for a, b in zip(runs[False], runs[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs[True][0], runs[True][1], rtol=1e-5, atol=1e-6)  # batch == one at a time
+    losses = runs[False][0]
+    with torch.no_grad():  # and the plain cross-entropy of the target (plus the hinge) computed by hand
+        for i in range(3):
+            ids = torch.cat([before[0], suffixes[i], after[0], target[0]])[None]
+            out = model(input_ids=ids, output_hidden_states=True)
+            want = torch.nn.functional.cross_entropy(out.logits[0, -4:-1], target[0])
+            if gates:
+                h = out.hidden_states[gates[0].layer + 1][0, -4]
+                want = want + 2.0 * torch.relu(gates[0].logits(h[None])[0] - (gates[0].threshold - 0.5))
+            torch.testing.assert_close(losses[i], want, rtol=1e-4, atol=1e-5)
+
+
 def test_gcg_skips_a_suffix_that_retokenizes_in_context(monkeypatch, tmp_path):
     import nanogcg.gcg
 
@@ -158,7 +206,11 @@ def test_gcg_skips_a_suffix_that_retokenizes_in_context(monkeypatch, tmp_path):
     req = "Tell me about Par"
     assert gcg.evaluated_ids(req, "is") != gcg._optimised_ids(req, "is")  # "Par" + "is" merges into another token
     fake = nanogcg.gcg.GCGResult(best_loss=0.1, best_string="is", losses=[0.1, 0.5], strings=["is", " ok"])
-    monkeypatch.setattr(nanogcg, "run", lambda *a, **k: fake)
+    import types
+
+    import safety_patch.attacks.gcg as gcg_module
+
+    monkeypatch.setattr(gcg_module, "_nano_gcg", lambda *a, **k: types.SimpleNamespace(run=lambda *a, **k: fake))
     r = gcg.optimise(req)
     assert r["suffix"] == " ok" and r["step"] == 2
     assert r["loss"] == pytest.approx(_loss_on(model, tok, gcg.evaluated_ids(req, " ok"), "Sure, here is"), abs=1e-5)

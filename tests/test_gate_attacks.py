@@ -60,3 +60,34 @@ def test_multi_turn_puts_the_request_in_a_later_turn_and_the_gate_reads_the_whol
     assert z_multi != z_alone  # the gate reads the conversation's last token, history included
     with pytest.raises(Exception, match="must be the last part"):
         get_attack("multi_turn+past_tense")
+
+
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_the_attack_reads_the_logit_that_routes(gated_pm, final_norm):
+    """The objective's gate logit, read by hooks inside nanoGCG's passes, is the routing logit for
+    both gate kinds; a final-norm gate (the shipped default's kind) differs from its residual form."""
+    import dataclasses
+
+    import nanogcg
+    import torch
+
+    from safety_patch.attacks.gcg import _nano_gcg
+    from safety_patch.gate import layer_states
+
+    pm, tok = gated_pm
+    (gate,) = pm.gates.values()
+    if final_norm:
+        norm = pm.module.get_decoder().norm
+        gate = dataclasses.replace(gate, norm_weight=norm.weight.detach().float() * 1.5, norm_eps=norm.variance_epsilon)
+        assert not torch.allclose(gate.scores(torch.ones(1, gate.weight.numel())),
+                                  dataclasses.replace(gate, norm_weight=None, norm_eps=None).scores(torch.ones(1, gate.weight.numel())))
+    ids = GateGCG().bind(pm, tok).evaluated_ids(REQUEST, " ! ! ! !")
+    with pm.using(()) as model:  # what the attack optimises against: the stack with its gated patch off
+        want = gate.scores(layer_states(model, tok, [ids], [gate.layer])[gate.layer])
+        gcg = _nano_gcg(model, tok, nanogcg.GCGConfig(), [gate], 1.0, 0.0)
+        with torch.no_grad(), gcg._states(len(ids) - 1) as store:
+            model(input_ids=torch.tensor([ids]))
+    (got,) = gcg._logits(store)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    expected_penalty = torch.relu(want - gate.threshold)
+    torch.testing.assert_close(gcg._penalty(store), expected_penalty, rtol=0, atol=1e-5)

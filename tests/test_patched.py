@@ -283,3 +283,24 @@ def test_greedy_refuses_a_model_that_ignores_the_cache_it_is_handed():
 
     with pytest.raises(SafetyPatchError, match="did not fill the KV cache"):
         greedy(Forgetful(model), ids, mask, 4, {tok.eos_token_id})
+
+
+def test_greedy_hands_the_cache_by_the_name_the_forward_takes():
+    """transformers 5.20–5.23 (inside the pin) take ``past_key_values``; 5.24+ take ``cache``."""
+    from safety_patch.generation import cache_argument, greedy
+
+    model, tok = tiny_llama()
+    ids, mask = left_padded(_ids(tok)[:3], tok.pad_token_id)
+
+    class OldStyle(torch.nn.Module):  # a forward with the pre-5.24 keyword only
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                    logits_to_keep=0):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=use_cache, logits_to_keep=logits_to_keep, **{cache_argument(self.inner): past_key_values})
+
+    assert cache_argument(OldStyle(model)) == "past_key_values"
+    assert greedy(OldStyle(model), ids, mask, 6, {tok.eos_token_id}) == greedy(model, ids, mask, 6, {tok.eos_token_id})

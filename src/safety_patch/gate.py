@@ -67,11 +67,21 @@ class Gate:
         return self.norm_weight is not None and self.bias == 0.0 and not bool(self.mean.any())
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
-        """The probe's input for hidden states ``h`` [n, hidden]: ``h`` itself, or its final-norm image (fp32)."""
-        h = h.float().cpu()
+        """The probe's input for hidden states ``h`` [n, hidden]: ``h`` itself, or its final-norm image (fp32).
+
+        Stays on ``h``'s device and is differentiable in ``h`` (the adaptive attack takes its gradient)."""
+        h = h.float()
         if self.norm_weight is None:
             return h
-        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.to(h.device)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Probe logits [n] for hidden states [n, hidden] on ``h``'s device, differentiable, unchecked.
+
+        The one formula every reader of the gate uses: ``scores`` (routing, with its checks) and the
+        adaptive GCG objective (attacks/gcg.py), which must push down exactly the logit that routes."""
+        d = h.device
+        return ((self.features(h) - self.mean.to(d)) / self.std.to(d)) @ self.weight.to(d) + self.bias
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """Probe logits [n] for hidden states [n, hidden] (positive: harmful).
@@ -83,7 +93,7 @@ class Gate:
         if h.ndim != 2 or h.shape[1] != self.weight.shape[0]:
             raise SafetyPatchError(f"gate: hidden states have shape {tuple(h.shape)}, the gate's vectors have length "
                                    f"{self.weight.shape[0]} (a gate made for another model)")
-        z = ((self.features(h) - self.mean) / self.std) @ self.weight + self.bias
+        z = self.logits(h)
         bad = (~torch.isfinite(z)).nonzero()
         if len(bad):
             raise SafetyPatchError(f"gate: the probe score of prompt {int(bad[0])} is {float(z[bad[0]])}; the gate cannot "

@@ -255,16 +255,17 @@ def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
         ids, mask = ids[k], mask[k]
         names = [names[r] for r in alive] if names is not None else None
     cache = DynamicCache(config=module.config)
+    kv = cache_argument(module)
     pos = mask.long().cumsum(-1) - 1
     pos.masked_fill_(mask == 0, 1)  # as generate's prepare_inputs_for_generation
     extra = {"adapter_names": names} if names is not None else {}
-    out = module(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                 logits_to_keep=1, **extra)
+    out = module(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                 **{kv: cache}, **extra)
     if cache.get_seq_length() != ids.shape[1]:  # a transformers that ignored `cache=` would decode without context
         from .errors import SafetyPatchError
 
         raise SafetyPatchError(f"generation: the model did not fill the KV cache it was given ({cache.get_seq_length()} of "
-                           f"{ids.shape[1]} positions); this transformers version names the argument differently")
+                           f"{ids.shape[1]} positions, passed as `{kv}=`); this model's forward names it differently")
     last = pos[:, -1:]
     while True:
         nxt = out.logits[:, -1, :].float().argmax(-1)
@@ -289,8 +290,20 @@ def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
                 extra = {"adapter_names": names}
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=-1)
         last = last + 1
-        out = module(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, cache=cache,
-                     use_cache=True, **extra)
+        out = module(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, use_cache=True,
+                     **{kv: cache}, **extra)
+
+
+def cache_argument(module) -> str:
+    """The keyword a causal LM's ``forward`` takes its KV cache by: ``cache`` (transformers ≥ 5.24,
+    where ``past_key_values`` is deprecated, to be removed in 5.40) or ``past_key_values`` (before).
+
+    ``module`` may be a PEFT wrapper (its ``forward`` takes ``**kwargs``): the base model's
+    signature decides."""
+    import inspect
+
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,9 +2,10 @@
 
 Uses the maintained ``nanogcg`` implementation (GraySwan AI): one-hot token gradients of
 the target loss, top-k candidate swaps per position, batched candidate evaluation, token-
-consistency filtering. nanogcg pins transformers<=4.47 but runs on 5.x with its prefix KV
-cache off (transformers 5 dropped the legacy tuple cache it indexes), so it is installed
-with ``--no-deps`` (requirements-nodeps.txt).
+consistency filtering. nanogcg pins transformers<=4.47, so it is installed with ``--no-deps``
+(requirements-nodeps.txt); on transformers 5 its prefix KV cache (a legacy tuple cache, which 5.x
+dropped) and its loss passes are replaced by ``_nano_gcg``'s (a copied ``Cache`` per forward, logits at
+the target only): 2–3× fewer FLOPs per step on chat prompts, the same search.
 
 The attack is white-box and adaptive: it optimises against the model being evaluated
 (base or patched), within a step budget. Suffixes are cached per (model fingerprint,
@@ -127,15 +128,17 @@ class GCG(Attack):
         from ..atomic import write_json
 
         path = self._cache_path()
-        # "ids-v2": suffixes optimised before the input-identity fix were tuned for another prompt.
-        key = hashlib.sha256(json.dumps([request, asdict(self.settings), "ids-v2"]).encode()).hexdigest()
+        # "ids-v2": suffixes optimised before the input-identity fix were tuned for another prompt;
+        # "v3": the optimiser reads a prefix cache and final-norm gates' real logits (2026-12-01), so a
+        # table never compares suffixes from two optimisers under one budget.
+        key = hashlib.sha256(json.dumps([request, asdict(self.settings), "ids-v2", "v3"]).encode()).hexdigest()
         cache = json.loads(path.read_text()) if path.is_file() else {}
         if key in cache:
             return cache[key]
         s = self.settings
         init = " " + " ".join(["!"] * s.suffix_tokens)
         cfg = nanogcg.GCGConfig(num_steps=s.steps, search_width=s.search_width, topk=s.topk, seed=s.seed,
-                                optim_str_init=init, use_prefix_cache=False, verbosity="ERROR", early_stop=True)
+                                optim_str_init=init, use_prefix_cache=True, verbosity="ERROR", early_stop=True)
         t0 = time.time()
         exact = _ExactPromptTokenizer(self.tokenizer, self._messages(request, "{optim_str}"))
         adaptive = self.pm.gated and s.gate_weight > 0
@@ -152,11 +155,9 @@ class GCG(Attack):
             was_training = model.training
             model.eval()
             try:
-                if adaptive:
-                    gcg = _gate_aware(model, exact, cfg, list(self.pm.gates.values()), s.gate_weight, s.gate_margin)
-                    res = gcg.run(self._messages(request, "{optim_str}"), s.target)
-                else:
-                    res = nanogcg.run(model, exact, self._messages(request, "{optim_str}"), s.target, cfg)
+                gates = list(self.pm.gates.values()) if adaptive else []
+                gcg = _nano_gcg(model, exact, cfg, gates, s.gate_weight, s.gate_margin)
+                res = gcg.run(self._messages(request, "{optim_str}"), s.target)
             finally:
                 model.train(was_training)
         # Every suffix the run produced, best (by nanoGCG's loss) first, then the initial one as the last resort.
@@ -198,23 +199,41 @@ class GateGCG(GCG):
         super().__init__(settings or GCGSettings(gate_weight=1.0))
 
 
-def _gate_aware(model, tokenizer, config, gates, weight: float, margin: float):
-    """A nanoGCG ``GCG`` whose loss adds ``weight`` · Σ_g max(0, z_g − (t_g − margin)) to the target loss.
+def _nano_gcg(model, tokenizer, config, gates=(), weight: float = 0.0, margin: float = 0.0):
+    """nanoGCG 0.3.0's ``GCG`` with a prefix KV cache that works on transformers 5, logits only at the
+    target, and (with ``gates``) the gate-evasion term: ``weight`` · Σ_g max(0, z_g − (t_g − margin)).
 
-    z_g is gate g's logit on the hidden state after its decoder layer at the last prompt token
-    (the position before the target), read with forward hooks in the same passes that score
-    the target: for the token gradient (differentiable) and for every candidate batch. The
-    target-loss code is nanoGCG 0.3.0's, without the prefix cache (off in this project)."""
+    * **Prefix cache**: nanoGCG computes the KV of the text before the suffix once and indexes it as
+      the legacy tuple cache, which transformers 5 dropped (so the project ran it off: every
+      candidate re-read the whole prompt). Here each forward gets its own copy of the prefix's
+      ``Cache``, repeated to the candidate batch (a forward appends to the cache it is given).
+    * **Logits at the target only** (``logits_to_keep``): the loss reads the target's positions, so
+      the 49k-vocabulary head is not applied to the prompt's.
+    * **Gates**: z_g is gate g's logit (``Gate.logits``: the routing formula) on the hidden state after
+      its decoder layer at the last prompt token (the position before the target), read with
+      forward hooks in the same passes that score the target: for the token gradient
+      (differentiable) and for every candidate batch.
+
+    The loss is nanoGCG's cross-entropy of the target (mellowmax and probe sampling are not used
+    by this project and are refused). Source: nanoGCG 0.3.0 (GraySwan AI), ``gcg.py``."""
     import contextlib
+    import copy
+    import inspect
 
     import torch
     from nanogcg.gcg import GCG as NanoGCG
 
     from ..gate import decoder_layers
+    from ..generation import cache_argument
 
-    blocks = decoder_layers(model)
+    if config.use_mellowmax or config.probe_sampling_config is not None:
+        raise SafetyPatchError("gcg: mellowmax and probe sampling are not supported by this project's nanoGCG wrapper")
+    blocks = decoder_layers(model) if gates else None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep_kw = "logits_to_keep" in inspect.signature(base.forward).parameters
+    cache_kw = cache_argument(model)
 
-    class GateAwareGCG(NanoGCG):
+    class ProjectGCG(NanoGCG):
         @contextlib.contextmanager
         def _states(self, pos: int):
             store: dict[int, list] = {g.layer: [] for g in gates}
@@ -232,33 +251,63 @@ def _gate_aware(model, tokenizer, config, gates, weight: float, margin: float):
                     h.remove()
 
         @staticmethod
-        def _penalty(store) -> torch.Tensor:
-            total = 0
-            for g in gates:
-                h = torch.cat(store[g.layer]).float()
-                z = ((h - g.mean.to(h.device)) / g.std.to(h.device)) @ g.weight.to(h.device) + g.bias
-                total = total + torch.relu(z - (g.threshold - margin))
-            return weight * total
+        def _logits(store) -> list[torch.Tensor]:
+            # Gate.logits: the same features (residual or final-norm) and formula as routing.
+            return [g.logits(torch.cat(store[g.layer])) for g in gates]
+
+        @classmethod
+        def _penalty(cls, store) -> torch.Tensor:
+            return weight * sum(torch.relu(z - (g.threshold - margin)) for g, z in zip(gates, cls._logits(store), strict=True))
+
+        def _target_logits(self, embeds: torch.Tensor) -> torch.Tensor:
+            """Logits [batch, target length, vocab] predicting the target, for embeddings of suffix + after + target."""
+            n_target = self.target_ids.shape[1]
+            kwargs = {}
+            if self.prefix_cache:  # nanoGCG's own test when it builds the candidates' embeddings
+                cache = copy.deepcopy(self.prefix_cache)
+                if embeds.shape[0] > 1:
+                    cache.batch_repeat_interleave(embeds.shape[0])
+                kwargs.update({cache_kw: cache, "use_cache": True})
+            if keep_kw:
+                logits = model(inputs_embeds=embeds, logits_to_keep=n_target + 1, **kwargs).logits
+                return logits[:, :-1]
+            logits = model(inputs_embeds=embeds, **kwargs).logits
+            return logits[:, -n_target - 1 : -1]
 
         def compute_token_gradient(self, optim_ids):
             emb = self.embedding_layer
             onehot = torch.nn.functional.one_hot(optim_ids, num_classes=emb.num_embeddings).to(model.device, model.dtype)
             onehot.requires_grad_()
-            embeds = torch.cat([self.before_embeds, onehot @ emb.weight, self.after_embeds, self.target_embeds], dim=1)
+            parts = [onehot @ emb.weight, self.after_embeds, self.target_embeds]
+            if not self.prefix_cache:
+                parts.insert(0, self.before_embeds)
+            embeds = torch.cat(parts, dim=1)
             shift = embeds.shape[1] - self.target_ids.shape[1]
             with self._states(shift - 1) as store:
-                logits = model(inputs_embeds=embeds).logits
-            loss = torch.nn.functional.cross_entropy(logits[0, shift - 1 : -1].float(), self.target_ids[0])
-            loss = loss + self._penalty(store).mean()
+                logits = self._target_logits(embeds)
+            loss = torch.nn.functional.cross_entropy(logits[0].float(), self.target_ids[0])
+            if gates:
+                loss = loss + self._penalty(store).mean()
             return torch.autograd.grad(outputs=[loss], inputs=[onehot])[0]
 
         def _compute_candidates_loss_original(self, search_batch_size, input_embeds):
             shift = input_embeds.shape[1] - self.target_ids.shape[1]
-            with self._states(shift - 1) as store:
-                loss = super()._compute_candidates_loss_original(search_batch_size, input_embeds)
-            return loss + self._penalty(store).to(loss.device, loss.dtype)
+            losses = []
+            for i in range(0, input_embeds.shape[0], search_batch_size):
+                batch = input_embeds[i : i + search_batch_size]
+                labels = self.target_ids.repeat(batch.shape[0], 1)
+                with torch.no_grad(), self._states(shift - 1) as store:
+                    logits = self._target_logits(batch)
+                    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                                             reduction="none").view(batch.shape[0], -1).mean(-1)
+                    if gates:
+                        loss = loss + self._penalty(store).to(loss.device, loss.dtype)
+                if self.config.early_stop and bool((logits.argmax(-1) == labels).all(-1).any()):
+                    self.stop_flag = True
+                losses.append(loss)
+            return torch.cat(losses)
 
-    return GateAwareGCG(model, tokenizer, config)
+    return ProjectGCG(model, tokenizer, config)
 
 
 class _ExactPromptTokenizer:

@@ -6,7 +6,8 @@
   (path, id, base fingerprint), library versions, time;
 * ``runs``: ``{"base": RUN}`` or ``{"base": RUN, "patched": RUN}`` where RUN has
   ``records`` (one per prompt x attack: behavior_id, category, attack, family, prompt,
-  prefill, response, verdict {label, score, reason}, judge) and ``aggregates``:
+  prefill, response, verdict {label, score, reason}, judge, and for GCG ``attack_info``:
+  suffix, target loss, steps, seconds, gate logits) and ``aggregates``:
   ``overall``, ``per_attack``, ``per_category`` (each a proportion {value, k, n, ci95}), and
   side by side ``answered``, ``refused``, ``degenerate`` (proportions) and ``judge_errors`` (a
   count; such items are kept in the records and left out of every n). Safety: ``overall`` is
@@ -109,22 +110,29 @@ def decoding_competence(pm, tokenizer, attack_name: str, cfg: EvalConfig, cache)
 
 
 def run_safety(pm, tokenizer, requests: list[dict], templates, cfg: EvalConfig, cache: GenerationCache | None,
-               label: str, judge) -> dict:
+               label: str, judge, attacks: dict | None = None) -> dict:
     """Attack ``pm`` (a patched.PatchedModel: the base or a patch stack, routed as it answers) with
-    every attack of ``cfg`` on ``requests``; returns {records, aggregates}."""
-    attacks = {}
-    for name in cfg.attacks:
-        kw = {"templates": templates} if "template" in name.split("+") and templates else {}
-        attacks[name] = get_attack(name, **kw)
-        if getattr(attacks[name], "needs_model", False):
-            attacks[name].bind(pm, tokenizer)  # white-box attacks optimise against the model under test
+    every attack of ``cfg`` on ``requests``; returns {records, aggregates}.
+
+    ``attacks``: attack objects by name, used instead of building ``cfg.attacks`` by name (an
+    attack with its own settings, e.g. GCG with a step budget); white-box ones are bound to ``pm``.
+    A record whose attack left details (GCG: suffix, loss, gate logits) carries them as ``attack_info``."""
+    if attacks is None:
+        attacks = {}
+        for name in cfg.attacks:
+            kw = {"templates": templates} if "template" in name.split("+") and templates else {}
+            attacks[name] = get_attack(name, **kw)
+    for atk in attacks.values():
+        if getattr(atk, "needs_model", False):
+            atk.bind(pm, tokenizer)  # white-box attacks optimise against the model under test
     rows, attacked = [], []
     for name, atk in attacks.items():
         for r in requests:
             a = atk.apply(r["request"])
             attacked.append(a)
             rows.append({"behavior_id": r["behavior_id"], "category": r["category"], "attack": name, "family": a.family,
-                         "prompt": a.messages[-1]["content"], "prefill": a.prefill, "request": r["request"]})
+                         "prompt": a.messages[-1]["content"], "prefill": a.prefill, "request": r["request"]}
+                        | ({"attack_info": a.extra} if a.extra else {}))
     t0 = time.time()
     answers = _generate(pm, tokenizer, attacked, cfg, cache, label)
     gen_s = time.time() - t0
