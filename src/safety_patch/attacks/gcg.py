@@ -5,7 +5,7 @@ the target loss, top-k candidate swaps per position, batched candidate evaluatio
 consistency filtering. nanogcg pins transformers<=4.47, so it is installed with ``--no-deps``
 (requirements-nodeps.txt); on transformers 5 its prefix KV cache (a legacy tuple cache, which 5.x
 dropped) and its loss passes are replaced by ``_nano_gcg``'s (a copied ``Cache`` per forward, logits at
-the target only): 2–3× fewer FLOPs per step on chat prompts, the same search.
+the target only): 2.46× faster on the embedded model with the same suffixes (bench/gcg_speed.py).
 
 The attack is white-box and adaptive: it optimises against the model being evaluated
 (base or patched), within a step budget. Suffixes are cached per (model fingerprint,
