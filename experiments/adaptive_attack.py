@@ -16,6 +16,9 @@ seed) each arm is attacked as `eval safety` would attack it and judged by the de
 * ``gcg_gate`` (gated patch only): adaptive GCG whose loss adds a hinge pushing the gate's
   logit below its threshold (attacks/gcg.py): make the base comply *and* keep the refusal
   adapter off.
+* ``gcg_gate_transfer`` (with ``--transfer-gate``): the same adaptive attack against another
+  gate on the same adapter (a probe the attacker fit themselves, without the shipped gate
+  file), its suffixes then sent through the shipped gated patch.
 
 Per arm: attack success (Wilson 95% interval), and for the gated patch the share of attacked
 prompts its gate routed to the refusal adapter, with the suffixes' gate logits. GCG suffixes
@@ -44,6 +47,10 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--suffix-tokens", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--transfer-gate", default=None,
+                    help="the same adapter behind another gate (an attacker's own probe): gcg_gate optimised against it, "
+                         "replayed through --gated as `gcg_gate_transfer`")
+    ap.add_argument("--transfer-limit", type=int, default=None, help="the transfer arm on the first N behaviours only")
     args = ap.parse_args()
 
     from safety_patch.runtime import configure_threads
@@ -87,13 +94,26 @@ def main() -> None:
             res = run_safety(pm, tok, reqs, [], cfg, cache, "always-on", judge, attacks=attacks)
             results["always-on"] = res
             suffixes = {r["request"]: r["attack_info"] for r in res["records"] if r["attack"] == "gcg"}
+        transfer, sub = None, reqs[: args.transfer_limit or len(reqs)]
+        if args.transfer_gate:
+            own = read_patch(args.transfer_gate)
+            if not own.gated or own.meta["files"].get("adapter_model.safetensors") != gated.meta["files"].get(
+                    "adapter_model.safetensors"):
+                sys.exit(f"--transfer-gate must be the same adapter behind a gate ({args.transfer_gate})")
+            with attached(lm.model, [own], lm.fingerprint) as pm:
+                atk = GateGCG(GCGSettings(**{**budget.__dict__, "gate_weight": 1.0})).bind(pm, tok)
+                transfer = {r["request"]: atk.optimise(r["request"]) for r in sub}
         with attached(lm.model, [gated], lm.fingerprint) as pm:
             # The gated patch's `gcg` optimises with every patch on: the always-on model, whose suffixes
             # are reused (same adapter, same budget, same seed) rather than searched again.
-            transfer = _Fixed("gcg", suffixes, GCG(budget))
-            attacks = {"direct": get_attack("direct"), "prefill": get_attack("prefill"), "gcg": transfer,
+            replayed = _Fixed("gcg", suffixes, GCG(budget))
+            attacks = {"direct": get_attack("direct"), "prefill": get_attack("prefill"), "gcg": replayed,
                        "gcg_gate": GateGCG(GCGSettings(**{**budget.__dict__, "gate_weight": 1.0}))}
             res = run_safety(pm, tok, reqs, [], cfg, cache, "gated", judge, attacks=attacks)
+            if transfer is not None:
+                extra = run_safety(pm, tok, sub, [], cfg, cache, "gated, transfer", judge,
+                                   attacks={"gcg_gate_transfer": _Fixed("gcg_gate_transfer", transfer, GCG(budget))})
+                res["records"] += extra["records"]
             for r, f in zip(res["records"], gate_fired(pm, res["records"]), strict=True):
                 r["gate_fired"] = f
             results["gated"] = res
@@ -102,7 +122,7 @@ def main() -> None:
 
     table = {}
     for arm, res in results.items():
-        for attack in ("direct", "prefill", "gcg", "gcg_gate"):
+        for attack in ("direct", "prefill", "gcg", "gcg_gate", "gcg_gate_transfer"):
             recs = [r for r in res["records"] if r["attack"] == attack]
             if not recs:
                 continue
@@ -123,6 +143,7 @@ def main() -> None:
     print_table(rows)
     write("adaptive_attack", {"data": args.data, "split": args.split, "gated": gated.id, "always_on": always_on.id,
                               "gate": gated.meta["gate"].get("id"), "budget": budget.__dict__, "table": table,
+                              "transfer_gate": args.transfer_gate,
                               "records": {arm: res["records"] for arm, res in results.items()}}, args=args)
 
 
