@@ -28,6 +28,7 @@ are cached under $SAFETY_PATCH_HOME/gcg/, so a rerun with the same budget only g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -101,14 +102,14 @@ def main() -> None:
                     "adapter_model.safetensors"):
                 sys.exit(f"--transfer-gate must be the same adapter behind a gate ({args.transfer_gate})")
             with attached(lm.model, [own], lm.fingerprint) as pm:
-                atk = GateGCG(GCGSettings(**{**budget.__dict__, "gate_weight": 1.0})).bind(pm, tok)
+                atk = GateGCG(dataclasses.replace(budget, gate_weight=1.0)).bind(pm, tok)
                 transfer = {r["request"]: atk.optimise(r["request"]) for r in sub}
         with attached(lm.model, [gated], lm.fingerprint) as pm:
             # The gated patch's `gcg` optimises with every patch on: the always-on model, whose suffixes
             # are reused (same adapter, same budget, same seed) rather than searched again.
             replayed = _Fixed("gcg", suffixes, GCG(budget))
             attacks = {"direct": get_attack("direct"), "prefill": get_attack("prefill"), "gcg": replayed,
-                       "gcg_gate": GateGCG(GCGSettings(**{**budget.__dict__, "gate_weight": 1.0}))}
+                       "gcg_gate": GateGCG(dataclasses.replace(budget, gate_weight=1.0))}
             res = run_safety(pm, tok, reqs, [], cfg, cache, "gated", judge, attacks=attacks)
             if transfer is not None:
                 extra = run_safety(pm, tok, sub, [], cfg, cache, "gated, transfer", judge,
@@ -142,7 +143,7 @@ def main() -> None:
                          "GCG s/behaviour": cell.get("gcg_seconds_mean", "–")})
     print_table(rows)
     write("adaptive_attack", {"data": args.data, "split": args.split, "gated": gated.id, "always_on": always_on.id,
-                              "gate": gated.meta["gate"].get("id"), "budget": budget.__dict__, "table": table,
+                              "gate": gated.meta["gate"].get("id"), "budget": dataclasses.asdict(budget), "table": table,
                               "transfer_gate": args.transfer_gate,
                               "records": {arm: res["records"] for arm, res in results.items()}}, args=args)
 

@@ -294,16 +294,19 @@ def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
                      **{kv: cache}, **extra)
 
 
-def cache_argument(module) -> str:
-    """The keyword a causal LM's ``forward`` takes its KV cache by: ``cache`` (transformers ≥ 5.24,
-    where ``past_key_values`` is deprecated, to be removed in 5.40) or ``past_key_values`` (before).
-
-    ``module`` may be a PEFT wrapper (its ``forward`` takes ``**kwargs``): the base model's
-    signature decides."""
+def forward_parameters(module) -> frozenset[str]:
+    """The keyword names a causal LM's ``forward`` takes. ``module`` may be a PEFT wrapper (its
+    ``forward`` takes ``**kwargs``): the base model's signature decides."""
     import inspect
 
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return frozenset(inspect.signature(base.forward).parameters)
+
+
+def cache_argument(module) -> str:
+    """The keyword a causal LM's ``forward`` takes its KV cache by: ``cache`` (transformers ≥ 5.24,
+    where ``past_key_values`` is deprecated, to be removed in 5.40) or ``past_key_values`` (before)."""
+    return "cache" if "cache" in forward_parameters(module) else "past_key_values"
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -218,19 +218,17 @@ def _nano_gcg(model, tokenizer, config, gates=(), weight: float = 0.0, margin: f
     by this project and are refused). Source: nanoGCG 0.3.0 (GraySwan AI), ``gcg.py``."""
     import contextlib
     import copy
-    import inspect
 
     import torch
     from nanogcg.gcg import GCG as NanoGCG
 
     from ..gate import decoder_layers
-    from ..generation import cache_argument
+    from ..generation import cache_argument, forward_parameters
 
     if config.use_mellowmax or config.probe_sampling_config is not None:
         raise SafetyPatchError("gcg: mellowmax and probe sampling are not supported by this project's nanoGCG wrapper")
     blocks = decoder_layers(model) if gates else None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    keep_kw = "logits_to_keep" in inspect.signature(base.forward).parameters
+    keep_kw = "logits_to_keep" in forward_parameters(model)
     cache_kw = cache_argument(model)
 
     class ProjectGCG(NanoGCG):
