@@ -132,8 +132,11 @@ def run_size(size: str, work: Path, args) -> dict:
         if arm in args.skip:
             continue
         out = work / f"patch-{size}-{arm}"
+        # recomputation off unless asked: the first H200 measurement ran without it, and MFU here
+        # counts 6N per token, which a recomputed forward would not show (train's default is on)
         cfg = resolve_config(recipe, None, {"data.max_train_rows": args.rows, "data.max_seq_len": 512,
-                                            "optim.batch_size": args.batch_size})
+                                            "optim.batch_size": args.batch_size,
+                                            "optim.gradient_checkpointing": args.recompute})
         try:
             meta = train(data, out, cfg, model=str(folder), device=args.device, progress=False, overwrite=True)
         except Exception as e:  # a full-parameter 8B run that cannot write its patch is a measured result
@@ -176,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the accelerator's dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--rows", type=int, default=256, help="training rows per arm")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--recompute", action="store_true", help="activation recomputation on (train's default; off here)")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip", default="", help="arms to skip: lora, full")

@@ -17,7 +17,16 @@ default recipe's adapter training without its gate fit, sequences up to 1024 tok
 every row of the baseline trains; the head applied to supervised positions only, in chunks,
 train/loss.py) and ``ours-full-logits`` (the same with the previous full-logits loss, which is
 what `train` ran before); ``ours-bf16`` (ours under bf16 autocast like the baseline: measured,
-not adopted) runs when asked. ``--arms`` picks them; ``--threads`` sets torch's threads in each.
+not adopted) runs when asked. ``plain-fp32`` is the baseline with only its precision matched
+to ours: TRL 1.16 turns bf16 on by default even on a CPU, and on a CPU without bf16 matmul
+units (AVX2 only) that runs at ~1 GFLOP/s, so a ratio against ``plain`` there measures TRL's
+default, not our trainer. ``ours-recompute`` (activation recomputation), ``ours-mmap`` (glibc's
+mmap threshold pinned, allocator.fix_mmap_threshold) and ``ours-recompute-mmap`` (both: the CLI's
+fallback without mimalloc), ``ours-mimalloc`` and ``ours-recompute-mimalloc`` (mimalloc
+preloaded: what the ``safety-patch`` command runs, allocator.py) measure the memory levers; ``ours``
+is the trainer before (no recomputation, glibc as it comes); each arm reports a hash of its trained adapter, so
+levers that must not change the numerics are checked to train the same bits.
+``--arms`` picks them; ``--threads`` sets torch's threads in each.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.time() - t) / 1e9
 
 
-def plain_trl(model_spec: str, rows: list[dict], work: Path) -> dict:
+def plain_trl(model_spec: str, rows: list[dict], work: Path, fp32: bool = False) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -58,7 +67,7 @@ def plain_trl(model_spec: str, rows: list[dict], work: Path) -> dict:
     args = SFTConfig(output_dir=str(work / "plain"), num_train_epochs=1, report_to="none", save_strategy="no",
                      disable_tqdm=True,
                      include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(), seed=0,
-                     logging_steps=1000)
+                     logging_steps=1000, **({"bf16": False} if fp32 else {}))
     tr = SFTTrainer(model=lm.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=lm.tokenizer,
                     peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     t = time.time()
@@ -70,12 +79,12 @@ def plain_trl(model_spec: str, rows: list[dict], work: Path) -> dict:
 RECIPE = {"name": "paper", "set": {}}  # --recipe / --set, passed on to each arm's process
 
 
-def _config(n_rows: int):
+def _config(n_rows: int, extra: dict | None = None):
     from safety_patch.train.api import resolve_config
 
     # the paper's LoRA (r 8, alpha 16, lr 2e-4, no gate), or --recipe's with its gate off
     return resolve_config(RECIPE["name"], None, {"data.max_train_rows": n_rows, "optim.save_steps": 10**6, "gate": None,
-                                                 **RECIPE["set"]})
+                                                 **RECIPE["set"], **(extra or {})})
 
 
 def _full_logits_trainer() -> None:
@@ -109,13 +118,32 @@ def _bf16_autocast() -> None:
     trl_configs.PatchSFTConfig.__init__ = bf16_init
 
 
-def ours(model_spec: str, data_dir: Path, n_rows: int, work: Path) -> dict:
+def ours(model_spec: str, data_dir: Path, n_rows: int, work: Path, extra: dict | None = None) -> dict:
     from safety_patch.train.run import train
 
-    meta = train(data_dir, work / "ours", _config(n_rows), model=model_spec, progress=False)
+    meta = train(data_dir, work / "ours", _config(n_rows, extra), model=model_spec, progress=False)
     t = meta["training"]
     return {"tokens": t["tokens_seen"], "seconds": t["wall_seconds"], "steps": t["steps"],
+            "adapter_sha256": _adapter_hash(work / "ours"),
             "dropped": meta["data"]["rows"].get("dropped_too_long", 0)}
+
+
+def _adapter_hash(patch_dir: Path) -> str | None:
+    """SHA-256 over the trained tensors (names and bytes, sorted): equal hashes mean arms trained
+    bit-identical adapters (recomputation and the allocator must not change the numerics)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    files = sorted(patch_dir.rglob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        for name, t in sorted(load_file(f).items()):
+            h.update(name.encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _peak_rss_mb() -> float:
@@ -135,15 +163,25 @@ def run_arm(arm: str, model_spec: str, data_dir: Path, n_rows: int, out: Path) -
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if arm == "plain":
+        if arm in ("plain", "plain-fp32"):
             rows, _ = training_rows(data_dir, _config(n_rows))
-            r = plain_trl(model_spec, rows, work)
+            r = plain_trl(model_spec, rows, work, fp32=arm == "plain-fp32")
         else:
             if arm == "ours-full-logits":
                 _full_logits_trainer()
             if arm == "ours-bf16":
                 _bf16_autocast()
-            r = ours(model_spec, data_dir, n_rows, work)
+            # explicit either way: recomputation's config default changed (on since 2026-12-02)
+            extra = {"optim.gradient_checkpointing": "recompute" in arm}
+            from safety_patch.allocator import loaded_mimalloc
+
+            # the parent preloaded mimalloc (LD_PRELOAD) for these arms only, as the CLI does
+            assert loaded_mimalloc() == ("mimalloc" in arm), arm
+            if "mmap" in arm:
+                from safety_patch.allocator import fix_mmap_threshold
+
+                assert fix_mmap_threshold()
+            r = ours(model_spec, data_dir, n_rows, work, extra)
     r["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     r["threads"] = torch.get_num_threads()
     out.write_text(json.dumps(r))
@@ -189,27 +227,39 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--arm", arm, "--arm-out", str(out), "--rows", str(args.rows),
                    "--model", args.model, "--data", str(data_dir), "--recipe", args.recipe]
             cmd += [f"--set={x}" for x in args.set] + (["--threads", str(args.threads)] if args.threads else [])
+            env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # glibc unless the arm says
+            if "mimalloc" in arm:
+                from safety_patch.allocator import mimalloc_library
+
+                env["LD_PRELOAD"] = str(mimalloc_library())
             t = time.time()
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, env=env)
             results[arm] = json.loads(out.read_text()) | {"process_seconds": round(time.time() - t, 1)}
-    names = {"plain": "plain TRL + PEFT (defaults)", "ours": "safety-patch train",
+    names = {"plain": "plain TRL + PEFT (defaults)", "plain-fp32": "plain TRL + PEFT (defaults, but fp32)", "ours": "safety-patch train",
              "ours-full-logits": "safety-patch train, full-logits loss (before)",
-             "ours-bf16": "safety-patch train + bf16 autocast (not adopted)"}
+             "ours-bf16": "safety-patch train + bf16 autocast (not adopted)",
+             "ours-mmap": "safety-patch train, mmap threshold pinned",
+             "ours-recompute": "safety-patch train, recomputation",
+             "ours-recompute-mmap": "safety-patch train, recomputation + mmap threshold pinned",
+             "ours-mimalloc": "safety-patch train, mimalloc",
+             "ours-recompute-mimalloc": "safety-patch train, recomputation + mimalloc (the CLI's default)"}
     out_rows = []
     for arm, r in results.items():
         tps = r["tokens"] / r["seconds"]
         out_rows.append({"arm": names.get(arm, arm), "steps": r["steps"], "tokens": r["tokens"], "seconds": round(r["seconds"], 1),
                          "tokens_per_s": round(tps, 1), "mfu": round(6 * n_matmul * tps / (peak * 1e9), 4),
-                         "peak_rss_mb": r["peak_rss_mb"], "threads": r["threads"]})
+                         "peak_rss_mb": r["peak_rss_mb"], "threads": r["threads"],
+                         "adapter_sha256": r.get("adapter_sha256")})
     print_table(out_rows)
     tps = {arm: r["tokens"] / r["seconds"] for arm, r in results.items()}
-    ratios = {f"{a}/plain": round(tps[a] / tps["plain"], 3) for a in tps if a != "plain" and "plain" in tps}
+    ratios = {f"{a}/{b}": round(tps[a] / tps[b], 3) for b in ("plain", "plain-fp32") if b in tps
+              for a in tps if not a.startswith("plain")}
     if "ours" in tps and "ours-full-logits" in tps:
         ratios["ours/ours-full-logits"] = round(tps["ours"] / tps["ours-full-logits"], 3)
     print(f"\nratios: {ratios}   fp32 matmul peak: {peak:.1f} GFLOP/s   matmul params: {n_matmul:,}   "
           f"load average at start: {load[0]:.2f}, at end: {os.getloadavg()[0]:.2f}")
     write("train_throughput", {"rows": out_rows, "arms": results, "ratios": ratios,
-                               "ratio": ratios.get("ours/plain"), "matmul_peak_gflops": peak,
+                               "ratio": ratios.get("ours/plain-fp32", ratios.get("ours/plain")), "matmul_peak_gflops": peak,
                                "matmul_parameters": n_matmul, "n_rows": args.rows, "recipe": args.recipe,
                                "set": args.set,
                                "load_average_start": load, "load_average_end": os.getloadavg()})

@@ -125,7 +125,7 @@ def _rows(k: int = 0):
             for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS, strict=True))]
 
 
-def _train(tmp_path, kind: str, *, anchor_kl: float = 0.0, decision_weight: float = 1.0):
+def _train(tmp_path, kind: str, *, anchor_kl: float = 0.0, decision_weight: float = 1.0, recompute: bool = False):
     """Train a LoRA adapter on a fresh tiny model for 2 epochs of 10 rows (batch 4: 3 steps an
     epoch, the last one short); returns ({name: adapter tensor}, logged losses)."""
     from datasets import Dataset
@@ -135,10 +135,10 @@ def _train(tmp_path, kind: str, *, anchor_kl: float = 0.0, decision_weight: floa
     from safety_patch.train.trl_configs import PatchSFTConfig
 
     model, tok = tiny_llama(seed=0)
-    args = PatchSFTConfig(output_dir=str(tmp_path / kind), per_device_train_batch_size=4, num_train_epochs=2,
+    args = PatchSFTConfig(output_dir=str(tmp_path / f"{kind}-{recompute}"), per_device_train_batch_size=4, num_train_epochs=2,
                           learning_rate=3e-3, lr_scheduler_type="constant", seed=0, data_seed=0, report_to="none",
                           save_strategy="no", use_cpu=True, completion_only_loss=True, max_length=512, logging_steps=1,
-                          activation_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0,
+                          activation_checkpointing=recompute, disable_tqdm=True, dataloader_num_workers=0,
                           train_sampling_strategy="sequential", include_num_input_tokens_seen="non_padding",
                           bf16=False)  # TRL's default is bf16 autocast, even on a CPU; train() runs fp32 there
     kw = dict(model=model, args=args, train_dataset=Dataset.from_list(_rows()), processing_class=tok,
@@ -155,6 +155,7 @@ def _train(tmp_path, kind: str, *, anchor_kl: float = 0.0, decision_weight: floa
                                                decision_weight=decision_weight, chunked_loss=kind == "chunked")
         assert tr.chunked_loss == (kind == "chunked")
     tr.train()
+    assert tr.model.is_activation_checkpointing == recompute  # the setting reached the model
     adapter = {n: p.detach().clone() for n, p in tr.model.named_parameters() if "lora_" in n}
     logs = [r for r in tr.state.log_history if "loss" in r]
     return adapter, logs
@@ -198,3 +199,16 @@ def test_anchored_decision_weighted_matches_full_logits(tmp_path):
     _assert_same(old, new)
     assert [r["anchor_kl"] for r in new_logs] == pytest.approx([r["anchor_kl"] for r in old_logs], rel=1e-4, abs=1.1e-5)  # logged rounded to 5 places
     assert any(r["anchor_kl"] > 0 for r in new_logs)
+
+
+def test_recomputation_trains_the_same_adapter_bit_for_bit(tmp_path):
+    """Activation recomputation (on by default since 2026-12-02, for memory) recomputes the same
+    fp32 operations in the same order: the adapter, anchored and decision-weighted, is identical
+    to the one trained keeping every activation, and so are the logged losses."""
+    kept, kept_logs = _train(tmp_path, "chunked", anchor_kl=2.0, decision_weight=4.0, recompute=False)
+    again, again_logs = _train(tmp_path, "chunked", anchor_kl=2.0, decision_weight=4.0, recompute=True)
+    assert kept.keys() == again.keys() and kept
+    for name, t in kept.items():
+        assert torch.equal(t, again[name]), name
+    assert [r["loss"] for r in again_logs] == [r["loss"] for r in kept_logs]
+    assert max(t.abs().max().item() for k, t in again.items() if "lora_B" in k) > 1e-3

@@ -868,6 +868,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from .outputs import CHECKED
 
+    if argv is None:  # a real command's process (tests pass argv and keep their own allocator)
+        from . import allocator
+
+        allocator.configure()
+
     t0 = time.time()
     CHECKED.clear()  # one command's outputs (tests call main() repeatedly in one process)
     with contextlib.suppress(AttributeError, ValueError):  # stage lines reach a log file as they happen
@@ -894,5 +899,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m safety_patch.cli (accelerate launch): the console script's path
+    from safety_patch.entry import main as _entry
+
+    sys.exit(_entry())

@@ -69,7 +69,8 @@ def code_key() -> str:
 
 
 def library_versions() -> dict:
-    """Versions of the libraries that decide numbers: torch, transformers, peft, trl, python."""
+    """Versions of the libraries that decide numbers (torch, transformers, peft, trl, python) and
+    the memory allocator in use (allocator.describe)."""
     import peft
     import torch
     import transformers
@@ -81,9 +82,11 @@ def library_versions() -> dict:
     except ImportError:  # trl is a dependency, but a results file should never fail on it
         trl_version = None
     from . import __version__
+    from .allocator import describe
 
+    # the allocator changes no number, only memory and time: recorded so that cost figures can be read
     return {"safety_patch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "trl": trl_version, "python": platform.python_version()}
+            "peft": peft.__version__, "trl": trl_version, "python": platform.python_version(), "allocator": describe()}
 
 
 def provenance() -> dict:

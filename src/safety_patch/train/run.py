@@ -607,7 +607,8 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
         seed=cfg.optim.seed,
         data_seed=cfg.optim.seed,
         report_to="none",
-        # TRL turns recomputation on by default; on a 135M model it only costs time.
+        # On by default (config.py): without it a step on the embedded model keeps 6.1 GB of fp32
+        # activations for 8 x 512 tokens; recomputed, the adapter is the same, bit for bit.
         activation_checkpointing=cfg.optim.gradient_checkpointing,
         # DPO rows have no input_ids column to group by until the trainer tokenizes them.
         train_sampling_strategy="random" if cfg.loss.objective == "dpo" and cfg.optim.sampling == "group_by_length" else cfg.optim.sampling,
