@@ -113,3 +113,14 @@ def test_the_console_script_refuses_a_bad_choice_before_loading_anything(tmp_pat
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "safety-patch: error: SAFETY_PATCH_ALLOCATOR must be one of auto, mimalloc, system; got 'bogus'"]
+
+
+def test_asking_for_mimalloc_when_the_loader_did_not_preload_it_is_an_error(monkeypatch):
+    # the re-executed process (marker set) without mimalloc mapped: asked for, not given
+    monkeypatch.setattr(allocator, "loaded_mimalloc", lambda: False)
+    monkeypatch.setenv(allocator._REEXECUTED, "1")
+    monkeypatch.setenv(allocator.ENV, "mimalloc")
+    with pytest.raises(SafetyPatchError, match="could not preload it"):
+        allocator.reexec_under_mimalloc()
+    monkeypatch.setenv(allocator.ENV, "auto")  # auto accepts what it got
+    allocator.reexec_under_mimalloc()

@@ -87,10 +87,14 @@ def reexec_under_mimalloc() -> None:
     Call it first thing in a command-line entry point, before torch is imported. Returns without
     doing anything when mimalloc is already loaded, when ``$SAFETY_PATCH_ALLOCATOR`` is
     ``system``, when this process is already the re-executed one, or (``auto``) when mimalloc is
-    not installed. Raises SafetyPatchError when ``mimalloc`` was asked for and is not installed.
+    not installed. Raises SafetyPatchError when ``mimalloc`` was asked for and is not installed,
+    or the re-executed process could not preload it.
     If the exec itself fails (OSError), the command goes on in this process unchanged.
     """
     wanted = choice()
+    if wanted == "mimalloc" and os.environ.get(_REEXECUTED) and not loaded_mimalloc():
+        # re-executed, yet the loader did not preload it (it says why on stderr): asked for, not given
+        raise SafetyPatchError(f"{ENV}=mimalloc, but the re-executed process could not preload it (LD_PRELOAD)")
     if wanted == "system" or os.environ.get(_REEXECUTED) or loaded_mimalloc():
         return
     lib = mimalloc_library()
