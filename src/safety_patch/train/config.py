@@ -134,8 +134,8 @@ class OptimSettings:
     gradient_checkpointing: bool = True
     """Recompute each decoder layer's activations in the backward pass instead of keeping them:
     the same adapter bit for bit, resident memory at a fraction (embedded model, 8 × 512 tokens:
-    fp32 activations of 6.1 GB not kept), slower (0.80× in bench/train_throughput.py's one-run
-    A/B; docs/benchmarks.md). Set false to trade memory for speed."""
+    fp32 activations of 6.1 GB not kept), slower (0.69× over the default's 74 steps in
+    bench/train_throughput.py's same-run A/B; docs/benchmarks.md). Set false to trade memory for speed."""
     stop_after: float | None = None
     """Stop after this fraction of the planned steps, the schedule kept, e.g. 0.685.
 
