@@ -101,7 +101,7 @@ def main() -> None:
     from safety_patch.gate_fit import (
         HELD_OUT_SETS,
         PHRASINGS,
-        TOKEN_BUDGET,
+        BATCHING,
         GateFitConfig,
         _auroc_ci,
         _gate_pool,
@@ -173,16 +173,16 @@ def main() -> None:
     n_b0 = len(benign) - sum(per[f][1] for f in fams[1:])
     t0 = time.time()
     lm.model.eval()
-    x_pool0 = cached_features(lm.model, tok, encode(tok, harmful[:n_h0] + benign[:n_b0]), layer, TOKEN_BUDGET,
+    x_pool0 = cached_features(lm.model, tok, encode(tok, harmful[:n_h0] + benign[:n_b0]), layer, BATCHING,
                               lm.fingerprint)
     names_val = [k for k in HELD_OUT_SETS if held[k]]
-    x_val = cached_features(lm.model, tok, encode(tok, [m for k in names_val for m in held[k]]), layer, TOKEN_BUDGET,
+    x_val = cached_features(lm.model, tok, encode(tok, [m for k in names_val for m in held[k]]), layer, BATCHING,
                             lm.fingerprint)
     rest: dict[str, list] = {"extra_harmful": harmful[n_h0:], "extra_benign": benign[n_b0:]}
     rest |= {f"att:{a}:{k}": [m for m, _ in v] for a, s in att.items() for k, v in s.items()}
     rest |= {f"loso:{s}": v for s, v in loso_pos.items()}
     flat = [m for v in rest.values() for m in v]
-    x_rest = cached_features(lm.model, tok, encode(tok, flat), layer, TOKEN_BUDGET, lm.fingerprint)
+    x_rest = cached_features(lm.model, tok, encode(tok, flat), layer, BATCHING, lm.fingerprint)
     feat_s = time.time() - t0
     print(f"features: pool {len(x_pool0)}, val {len(x_val)}, rest {len(x_rest)} prompts in {feat_s:.0f} s; "
           f"layer {layer}; threads {threads}", flush=True)
@@ -209,7 +209,7 @@ def main() -> None:
         rng = random.Random(0)
         direct = [[{"role": "user", "content": q}] for q in reqs]
         re_asked = [[{"role": "user", "content": reask(q, rng)}] for q in reqs]
-        x_extra = cached_features(lm.model, tok, encode(tok, direct + re_asked), layer, TOKEN_BUDGET, lm.fingerprint)
+        x_extra = cached_features(lm.model, tok, encode(tok, direct + re_asked), layer, BATCHING, lm.fingerprint)
         g["pool_harmful"] = torch.cat([g["pool_harmful"], x_extra])
         g[f"loso:{xs}"] = x_extra[: len(direct)]
         harmful = harmful + direct + re_asked

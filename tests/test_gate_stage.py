@@ -201,7 +201,8 @@ def test_gate_eval_reports_metrics_with_n_and_intervals(gate_dir, data_dir, tiny
 
 
 def test_stage_gate_is_bit_identical_to_the_old_train_path(lm, data_dir):
-    """Same prompts, same order, same fit: the gate `train` wrote before the stage existed."""
+    """Same prompts, same order, same fit: the gate `train` wrote before the stage existed (on the
+    batches-of-8 path; the default shared-prefix path equals it to rounding, test_shared_prefix.py)."""
     from safety_patch.gate import fit_gate
     from safety_patch.gate_fit import gate_prompts
     from safety_patch.generation import render
@@ -209,7 +210,7 @@ def test_stage_gate_is_bit_identical_to_the_old_train_path(lm, data_dir):
     harmful, benign, _ = gate_prompts(data_dir, CFG)
     old, _ = fit_gate(lm.model, lm.tokenizer, [render(lm.tokenizer, m) for m in harmful],
                       [render(lm.tokenizer, m) for m in benign], 1, CFG.threshold, CFG.l2)
-    new, info = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, validate=False)
+    new, info = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, batching=None, validate=False)
     assert torch.equal(old.weight, new.weight) and torch.equal(old.mean, new.mean) and torch.equal(old.std, new.std)
     assert old.bias == new.bias and old.layer == new.layer and old.threshold == new.threshold
     assert "validation" not in info and info["prompts"]["wrapped_benign"] == 6

@@ -42,11 +42,18 @@ from .patch_schema import BaseInfo, _Strict
 
 GATE_JSON = "gate.json"
 GATE_KIND = "safety-patch/gate"
-TOKEN_BUDGET: int | None = None
-"""Default feature batching: None = length-sorted batches of 8 (bit-identical to the gates
-``train`` wrote before the gate stage); an int = length-bucketed batches of at most that many
-tokens (rows x padded width), which changes the features' last bits and, on the 2-core CPU,
-measured no faster (bench/gate_fit.py): the pass is compute-bound there."""
+SHARED_PREFIX = "shared-prefix"
+Batching = int | str | None
+"""How the gate's feature pass batches prompts: ``"shared-prefix"`` reads each beginning that
+many prompts share (the chat header, a jailbreak template's text before the request) once,
+through a prefix tree (:mod:`.shared_prefix`; on the default pool a third of the token reads);
+None = length-sorted batches of 8, the path of every gate written before session 18
+(2026-12-02), bit-identical to those; an int = length-bucketed batches of at most that many
+tokens (rows x padded width). All three agree to float rounding (the same arithmetic in
+differently shaped matmuls)."""
+BATCHING: Batching = SHARED_PREFIX
+"""The default: the pass is compute-bound on the 2-core CPU, so fewer token reads is the lever
+(bench/gate_fit.py)."""
 MAX_BATCH = 64
 
 
@@ -376,18 +383,18 @@ WRITTEN_SOURCE = "written"
 
 
 def pool_features(model, tokenizer, harmful: Sequence, benign: Sequence, counts: dict, layer: int,
-                  token_budget: int | None = TOKEN_BUDGET, fingerprint: str | None = None) -> torch.Tensor:
+                  batching: Batching = BATCHING, fingerprint: str | None = None) -> torch.Tensor:
     """Features of the gate pool ``harmful + benign`` ([n, hidden]): the hand-written positives
     (the last ``counts["written_harmful"]`` harmful prompts) are read apart from the rest, so the
     rest reuses the cache of a fit without them (:func:`cached_features`)."""
     n_w = counts.get("written_harmful", 0)
     if not n_w:
-        return cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign)), layer, token_budget,
+        return cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign)), layer, batching,
                                fingerprint)
     k = len(harmful) - n_w
-    base = cached_features(model, tokenizer, encode(tokenizer, list(harmful[:k]) + list(benign)), layer, token_budget,
+    base = cached_features(model, tokenizer, encode(tokenizer, list(harmful[:k]) + list(benign)), layer, batching,
                            fingerprint)
-    extra = cached_features(model, tokenizer, encode(tokenizer, list(harmful[k:])), layer, token_budget, fingerprint)
+    extra = cached_features(model, tokenizer, encode(tokenizer, list(harmful[k:])), layer, batching, fingerprint)
     return torch.cat([base[:k], extra, base[k:]])
 
 
@@ -468,13 +475,13 @@ def attack_prompts(data, split: str, attacks: Sequence[str]) -> dict[str, dict[s
 
 
 def attack_scores(model, tokenizer, gate: Gate, sets: dict[str, dict[str, list[tuple[list[dict], str]]]],
-                  token_budget: int | None = TOKEN_BUDGET, fingerprint: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+                  batching: Batching = BATCHING, fingerprint: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """The gate's logits on :func:`attack_prompts`' sets, read where routing reads: at the last
     token of the rendered prompt, before any prefill (generation.generate routes on the prompt
     alone, so a prefill cannot move where the gate reads) ({attack: {"harmful": [n], "benign": [m]}})."""
     flat = [(a, k, it) for a, s in sets.items() for k in ("harmful", "benign") for it in s[k]]
     ids = encode(tokenizer, [m for _, _, (m, _) in flat])
-    z = gate.scores(cached_features(model, tokenizer, ids, gate.layer, token_budget, fingerprint)) if ids else torch.zeros(0)
+    z = gate.scores(cached_features(model, tokenizer, ids, gate.layer, batching, fingerprint)) if ids else torch.zeros(0)
     out: dict[str, dict[str, list]] = {a: {"harmful": [], "benign": []} for a in sets}
     for (a, k, _), v in zip(flat, z.tolist(), strict=True):
         out[a][k].append(v)
@@ -525,22 +532,32 @@ def length_buckets(lengths: Sequence[int], token_budget: int = 8192, max_batch: 
 
 
 def features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int,
-             token_budget: int | None = TOKEN_BUDGET, batch_size: int = 8) -> torch.Tensor:
+             batching: Batching = BATCHING, batch_size: int = 8) -> torch.Tensor:
     """Hidden state after decoder layer ``layer`` at each prompt's last token: [n, hidden] fp32.
 
-    ``token_budget`` None: the path ``train`` used before the gate stage (length-sorted batches
-    of ``batch_size``, ``gate.prompt_states``). Otherwise length-bucketed batches under that
-    token budget. Either way the pass stops after ``layer`` and runs under inference mode.
-    The two agree to float rounding (batch composition changes the last bits of a matmul).
+    ``batching`` (:data:`Batching`): ``"shared-prefix"`` reads shared beginnings once
+    (:func:`.shared_prefix.last_token_states`); None: length-sorted batches of ``batch_size``
+    (``gate.prompt_states``, the path of gates written before session 18); an int:
+    length-bucketed batches under that token budget. Each stops after ``layer`` and runs under
+    inference mode; they agree to float rounding. Raises SafetyPatchError for an unknown
+    ``batching``, a layer the model lacks or an empty prompt.
     """
     from .progress import bar
 
+    if not (batching is None or batching == SHARED_PREFIX or (isinstance(batching, int) and not isinstance(batching, bool)
+                                                              and batching > 0)):
+        raise SafetyPatchError(f"gate feature batching {batching!r}: expected {SHARED_PREFIX!r}, None or a positive "
+                               "token budget")
     with torch.inference_mode(), bar(len(prompts), f"[gate] layer {layer} states", unit="prompt") as b:
-        if token_budget is None:
+        if batching is None:
             return layer_states(model, tokenizer, prompts, [layer], batch_size, progress=b.update)[layer]
+        if batching == SHARED_PREFIX:
+            from .shared_prefix import last_token_states
+
+            return last_token_states(model, prompts, layer, progress=b.update)
         dim = getattr(model.config, "hidden_size", 0)
         out = torch.zeros(len(prompts), dim)
-        for idx in length_buckets([len(p) for p in prompts], token_budget):
+        for idx in length_buckets([len(p) for p in prompts], batching):
             out[idx] = layer_states(model, tokenizer, [prompts[i] for i in idx], [layer], len(idx))[layer]
             b.update(len(idx))
         return out
@@ -559,16 +576,17 @@ def feature_code_key() -> str:
 
     import transformers
 
-    from . import gate
+    from . import gate, shared_prefix
 
     parts = [inspect.getsource(f) for f in (gate.layer_states, gate.left_padded, gate.decoder_layers, gate._Stop,
                                             features, length_buckets)]
+    parts.append(inspect.getsource(shared_prefix))
     parts += [f"MAX_BATCH={MAX_BATCH}", transformers.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int,
-                    token_budget: int | None = TOKEN_BUDGET, fingerprint: str | None = None) -> torch.Tensor:
+                    batching: Batching = BATCHING, fingerprint: str | None = None) -> torch.Tensor:
     """:func:`features`, reused from ``$SAFETY_PATCH_HOME/gate-features/`` when the same prompts
     were read before on the same base (``fingerprint``), feature code (:func:`feature_code_key`), layer, batching, device, dtype,
     thread count and torch version: a refit with another threshold, target FPR or L2, or
@@ -577,7 +595,7 @@ def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: i
     cache. A cache file that is unreadable, of the wrong shape or not finite is recomputed; one
     that cannot be written is skipped (the cache never fails a fit)."""
     if fingerprint is None:
-        return features(model, tokenizer, prompts, layer, token_budget)
+        return features(model, tokenizer, prompts, layer, batching)
     import hashlib
     import json
     import os
@@ -590,7 +608,7 @@ def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: i
     p = next(model.parameters())
     key = hashlib.sha256(json.dumps({
         "fingerprint": fingerprint, "code": feature_code_key(), "torch": torch.__version__, "layer": layer,
-        "token_budget": token_budget, "device": str(p.device), "dtype": str(p.dtype), "threads": torch.get_num_threads(),
+        "batching": batching, "device": str(p.device), "dtype": str(p.dtype), "threads": torch.get_num_threads(),
         "prompts": [list(map(int, x)) for x in prompts]}).encode()).hexdigest()
     path = home() / "gate-features" / f"{key[:32]}.safetensors"
     dim = getattr(model.config, "hidden_size", 0)
@@ -601,7 +619,7 @@ def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: i
                 return x
         except Exception:  # a damaged cache entry: recompute (and rewrite) it
             pass
-    x = features(model, tokenizer, prompts, layer, token_budget)
+    x = features(model, tokenizer, prompts, layer, batching)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
@@ -692,13 +710,13 @@ def reliability(scores: dict[str, torch.Tensor], threshold: float) -> dict:
 
 
 def held_out_scores(model, tokenizer, gate: Gate, data, split: str = "val", seed: int = 0,
-                    token_budget: int | None = TOKEN_BUDGET,
+                    batching: Batching = BATCHING,
                     fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """The gate's logits on every held-out set of ``split`` ({set: [n]}) and the set sizes."""
     sets = held_out_prompts(data, split, seed)
     names = [k for k in HELD_OUT_SETS if sets[k]]
     ids = encode(tokenizer, [m for k in names for m in sets[k]])
-    z = gate.scores(cached_features(model, tokenizer, ids, gate.layer, token_budget, fingerprint))
+    z = gate.scores(cached_features(model, tokenizer, ids, gate.layer, batching, fingerprint))
     out, at = {}, 0
     for k in names:
         out[k], at = z[at : at + len(sets[k])], at + len(sets[k])
@@ -708,7 +726,7 @@ def held_out_scores(model, tokenizer, gate: Gate, data, split: str = "val", seed
 # ----------------------------------------------------------------------------- the stage
 
 
-def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, token_budget: int | None = TOKEN_BUDGET,
+def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, batching: Batching = BATCHING,
                      validate: bool | None = True, fingerprint: str | None = None) -> tuple[Gate, dict]:
     """Fit a gate on a data folder's train split; returns (gate, info).
 
@@ -742,12 +760,12 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, token_budget: i
     was_training = model.training
     model.eval()
     try:
-        x = pool_features(model, tokenizer, harmful, benign, counts, layer, token_budget, fingerprint)
+        x = pool_features(model, tokenizer, harmful, benign, counts, layer, batching, fingerprint)
         y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
         gate = fit_gate_probe(x, y, layer, cfg, _norm_of(model, cfg))
         val = None
         if validate:
-            scores, sizes = held_out_scores(model, tokenizer, gate, d, "val", cfg.seed, token_budget, fingerprint)
+            scores, sizes = held_out_scores(model, tokenizer, gate, d, "val", cfg.seed, batching, fingerprint)
             if cfg.target_fpr is not None:
                 pool = torch.cat([scores[k] for k in ("borderline", "general", "wrapped_benign") if k in scores])
                 gate.threshold = threshold_at_fpr(pool, cfg.target_fpr)
@@ -796,7 +814,7 @@ def held_out_requests(data, sources: Sequence[str], split: str = "val") -> dict[
 
 
 def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str = "val",
-                         token_budget: int | None = TOKEN_BUDGET, fingerprint: str | None = None) -> dict:
+                         batching: Batching = BATCHING, fingerprint: str | None = None) -> dict:
     """Refit the gate without each harmful source and measure it on that source: {source: report}.
 
     Per harmful source S of ``train.jsonl`` (``meta.source``; two or more needed): the probe is
@@ -830,8 +848,8 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     model.eval()
     # The pool's features are read with the very list the fit reads (fit_gate_on_data), so a
     # report after a fit (the reproduce gate stage, `gate eval` after `gate fit`) reuses them.
-    x_train = pool_features(model, tokenizer, harmful, benign, counts, layer, token_budget, fingerprint)
-    x_test = cached_features(model, tokenizer, encode(tokenizer, tests), layer, token_budget, fingerprint)
+    x_train = pool_features(model, tokenizer, harmful, benign, counts, layer, batching, fingerprint)
+    x_test = cached_features(model, tokenizer, encode(tokenizer, tests), layer, batching, fingerprint)
     y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
     src = list(sources) + [None] * len(benign)
     out: dict[str, Any] = {}
@@ -956,13 +974,13 @@ def read_gate_folder(path: str | Path) -> tuple[Gate, dict]:
 
 
 def fit_gate_folder(lm, data_dir: str | Path, cfg: GateFitConfig, out: str | Path, overwrite: bool = False,
-                    token_budget: int | None = TOKEN_BUDGET) -> dict:
+                    batching: Batching = BATCHING) -> dict:
     """``safety-patch gate fit``: fit a gate for ``lm`` (a models.LoadedModel, no patches attached)
     on ``data_dir`` and write the gate folder ``out`` atomically; returns gate.json's content."""
     from .data.folder import DataFolder
 
     d = DataFolder(data_dir)
-    gate, info = fit_gate_on_data(lm.model, lm.tokenizer, d, cfg, token_budget=token_budget, fingerprint=lm.fingerprint)
+    gate, info = fit_gate_on_data(lm.model, lm.tokenizer, d, cfg, batching=batching, fingerprint=lm.fingerprint)
     return write_gate_folder(out, gate, info, {"name": lm.name, "fingerprint": lm.fingerprint}, cfg, data_dir, overwrite)
 
 
@@ -1025,7 +1043,7 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
 
 
 def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "val", seed: int = 0,
-                  token_budget: int | None = TOKEN_BUDGET, loso: bool = False,
+                  batching: Batching = BATCHING, loso: bool = False,
                   attacks: Sequence[str] | None = None) -> dict:
     """``safety-patch gate eval``: the gate's reliability report on one held-out split; with
     ``loso``, also :func:`leave_one_source_out` with the gate's own config (refits: it costs
@@ -1042,17 +1060,17 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
         raise SafetyPatchError(f"{Path(gate_dir) / GATE_JSON}: the gate was fit on base {gmeta['base']['fingerprint'][:12]}…, "
                                f"the model is {lm.fingerprint[:12]}…")
     t0 = time.time()
-    scores, sizes = held_out_scores(lm.model, lm.tokenizer, gate, data_dir, split, seed, token_budget, lm.fingerprint)
+    scores, sizes = held_out_scores(lm.model, lm.tokenizer, gate, data_dir, split, seed, batching, lm.fingerprint)
     rep = reliability(scores, gate.threshold)
     attacks = unseen_attacks(data_dir) if attacks is None else list(attacks)
     if attacks:
         sets = attack_prompts(data_dir, split, attacks)
-        rep["attacks"] = attack_report(attack_scores(lm.model, lm.tokenizer, gate, sets, token_budget, lm.fingerprint),
+        rep["attacks"] = attack_report(attack_scores(lm.model, lm.tokenizer, gate, sets, batching, lm.fingerprint),
                                        gate.threshold)
     if loso:
         known = {f.name for f in dataclasses.fields(GateFitConfig)}
         cfg = GateFitConfig(**{k: v for k, v in gmeta["config"].items() if k in known})
-        rep["leave_one_source_out"] = leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, split, token_budget,
+        rep["leave_one_source_out"] = leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, split, batching,
                                                            lm.fingerprint)
     note = None
     if split == "val" and gmeta.get("threshold_from"):
