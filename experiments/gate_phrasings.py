@@ -99,9 +99,9 @@ def main() -> None:
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.stats import proportion
     from safety_patch.gate_fit import (
+        BATCHING,
         HELD_OUT_SETS,
         PHRASINGS,
-        BATCHING,
         GateFitConfig,
         _auroc_ci,
         _gate_pool,

@@ -111,6 +111,12 @@ def test_nonfinite_helper_names_the_first_bad_tensor():
     ok, bad = torch.ones(3), torch.tensor([1.0, math.nan])
     assert run._nonfinite([("a", ok), ("b", None)]) is None
     assert run._nonfinite([("a", ok), ("b", bad), ("c", torch.tensor([math.inf]))]) == "b"
+    assert run._nonfinite([("a", ok), ("c", torch.tensor([1.0, -math.inf]))]) == "c"
+    # finite values whose sum of squares overflows fp32: the fused norm is inf, the exact scan clears them
+    huge = torch.full((4,), 3e38)
+    assert not torch.isfinite(torch.nn.utils.get_total_norm([huge]))
+    assert run._nonfinite([("a", ok), ("h", huge)]) is None
+    assert run._nonfinite([("h", huge), ("n", torch.tensor([0.0, math.nan]))]) == "n"
 
 
 def test_a_diverging_run_stops_without_a_patch(data_dir, tiny_dir, tmp_path):

@@ -420,3 +420,66 @@ def test_final_norm_fields_are_both_present_and_sane_or_the_gate_is_refused(tmp_
     # a residual gate with an offset is not exportable; one without the norm never is
     assert not Gate(0, 0.0, torch.ones(4), 0.5, torch.zeros(4), torch.ones(4), torch.ones(4), 1e-5).exportable
     assert not Gate(0, 0.0, torch.ones(4), 0.0, torch.zeros(4), torch.ones(4)).exportable
+
+
+def test_template_family_names_the_longest_matching_template():
+    from safety_patch.attacks.templates import PLACEHOLDER, Template
+    from safety_patch.gate_fit import template_family
+
+    ts = [Template("a", "short", "s", f"Hi {PLACEHOLDER}"), Template("b", "long", "s", f"Hi {PLACEHOLDER} now, please."),
+          Template("c", "other", "s", f"{PLACEHOLDER}!")]
+    assert template_family("Hi there now, please.", ts) == "long"
+    assert template_family("Hi there", ts) == "short"
+    assert template_family("Hello!", ts) == "other"
+    assert template_family("Plain request", ts) is None
+    assert template_family("Hi", ts) is None  # shorter than the template's own text
+
+
+def test_leave_one_family_out_scores_every_wrapped_prompt_with_a_gate_that_never_saw_its_family(
+        lm, data_dir, gate_dir, tmp_path, tiny_dir, monkeypatch):
+    import safety_patch.gate_fit as gf
+    from safety_patch.cli import main
+    from safety_patch.data.folder import DataFolder
+
+    cfg = GateFitConfig(**{**CFG.__dict__, "wrapped_benign": 12, "wrapped_harmful": 8})
+    harmful, benign, counts = gf.gate_prompts(data_dir, cfg)
+    templates = DataFolder(data_dir).templates("train")
+    fam = [gf.template_family(m[-1]["content"], templates) for m in harmful + benign]
+    x_all = gf.pool_features(lm.model, lm.tokenizer, harmful, benign, counts, 1)
+    fits = []
+    real = gf.fit_gate_probe
+    monkeypatch.setattr(gf, "fit_gate_probe", lambda x, *a, **k: fits.append(x) or real(x, *a, **k))
+    rep = gf.leave_one_family_out(lm.model, lm.tokenizer, data_dir, cfg, "val", folds=3)
+    wrapped = [i for i, f in enumerate(fam) if f is not None]
+    c = rep["wrapped_vs_wrapped_benign"]
+    # every wrapped pool prompt is scored exactly once, on its side
+    assert c["auroc"]["n_pos"] == sum(1 for i in wrapped if i < len(harmful))
+    assert c["auroc"]["n_neg"] == sum(1 for i in wrapped if i >= len(harmful)) >= 12
+    assert rep["families"] == len({fam[i] for i in wrapped}) and len(rep["folds"]) == len(fits) == 3
+    assert sum(f["wrapped_harmful"] + f["wrapped_benign"] for f in rep["folds"]) == len(wrapped)
+    # each refit saw every unwrapped prompt and no prompt of its held-out families
+    for x, fold in zip(fits, rep["folds"], strict=True):
+        assert len(x) == len(harmful) + len(benign) - fold["wrapped_harmful"] - fold["wrapped_benign"]
+    held_rows = set()
+    for x in fits:
+        seen = {tuple(r.tolist()) for r in x}
+        held_rows |= {i for i in wrapped if tuple(x_all[i].tolist()) not in seen}
+    assert held_rows == set(wrapped)
+    # the fixed-logit config scores margins over its own threshold
+    assert all(f["threshold"] == cfg.threshold for f in rep["folds"])
+    monkeypatch.undo()
+    # every fit's validation report carries the same figures (same folds, same features)
+    _, info = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, cfg)
+    assert info["validation"]["leave_one_family_out"] == gf.leave_one_family_out(lm.model, lm.tokenizer, data_dir, cfg)
+    assert len(info["validation"]["leave_one_family_out"]["folds"]) == gf.LOFO_FOLDS
+    _, none = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, GateFitConfig(**{**CFG.__dict__, "wrapped_benign": 0}))
+    assert "wrapped benign prompts" in none["validation"]["leave_one_family_out"]["skipped"]
+    with pytest.raises(SafetyPatchError, match="leave-one-family-out needs two or more train template families"):
+        gf.leave_one_family_out(lm.model, lm.tokenizer, data_dir, GateFitConfig(**{**CFG.__dict__, "wrapped_benign": 0}))
+    with pytest.raises(SafetyPatchError, match="folds must be an integer >= 2"):
+        gf.leave_one_family_out(lm.model, lm.tokenizer, data_dir, cfg, folds=1)
+    out = tmp_path / "r.json"
+    assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model", str(tiny_dir),
+                 "--attacks", "none", "--leave-one-family-out", "--out", str(out)]) == 0
+    lofo = json.loads(out.read_text())["leave_one_family_out"]
+    assert lofo["wrapped_vs_wrapped_benign"]["auroc"]["n_neg"] == CFG.wrapped_benign

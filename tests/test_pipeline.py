@@ -77,7 +77,10 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch):
     rep = json.loads((run / "02-gate" / "eval.json").read_text())
     assert rep["data"]["split"] == "test" and sorted(rep["attacks"]) == ["past_tense", "prefill"]
     assert len(rep["leave_one_source_out"]["sources"]) >= 2
+    lofo = rep["leave_one_family_out"]["wrapped_vs_wrapped_benign"]["auroc"]
+    assert lofo["n_neg"] == 6 and lofo["n_pos"] >= 4  # the plan's wrapped benign prompts, each out of family
     assert "leave one harmful source out" in md.lower() and "prefill" in md
+    assert "leave one template family out" in md.lower()
 
     # after a code change (another source hash), re-running into the same folder re-runs every stage
     import safety_patch.provenance as prov

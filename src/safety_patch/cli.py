@@ -785,6 +785,8 @@ def gate_eval_cmd(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the wrapped-benign draw.")] = 0,
     leave_one_source_out: Annotated[bool, typer.Option(help="Also refit without each harmful source and measure on it "
                                                              "(costs about one gate fit).")] = False,
+    leave_one_family_out: Annotated[bool, typer.Option(help="Also refit without each group of train template families "
+                                                            "and score their wrapped prompts (five refits).")] = False,
     attacks: Annotated[str, typer.Option(help="Rule attacks to run through the gate, on the split's harmful requests and "
                                               "on its benign prompts as controls: 'unseen' (those the train split never "
                                               "used), 'none', or a comma-separated list.")] = "unseen",
@@ -809,7 +811,8 @@ def gate_eval_cmd(
     if out is not None:
         check_out_file(out, inputs=[gate, data])
     lm = load_model(model, device=device, dtype=dtype)
-    rep = evaluate_gate(lm, gate, data, split, seed, loso=leave_one_source_out, attacks=attack_list)
+    rep = evaluate_gate(lm, gate, data, split, seed, loso=leave_one_source_out, attacks=attack_list,
+                        lofo=leave_one_family_out)
     typer.echo(report_table(rep))
     if "note" in rep:
         typer.echo(f"note: {rep['note']}")

@@ -158,6 +158,17 @@ class GateFitConfig:
 FEATURES = ("residual", "final-norm")
 
 
+def model_layer(model, cfg: GateFitConfig) -> int:
+    """The decoder layer ``cfg`` reads on ``model``; SafetyPatchError where the model has no such layer."""
+    from .gate import decoder_layers
+
+    n_layers = len(decoder_layers(model))
+    layer = cfg.resolved_layer(n_layers)
+    if layer >= n_layers:
+        raise SafetyPatchError(f"gate_layer {layer}: the model has layers 0-{n_layers - 1}")
+    return layer
+
+
 def _norm_of(model, cfg: GateFitConfig) -> dict:
     """``{norm_weight, norm_eps}`` of the base's final RMSNorm for a final-norm gate, else ``{}``."""
     if cfg.features != "final-norm":
@@ -713,14 +724,31 @@ def held_out_scores(model, tokenizer, gate: Gate, data, split: str = "val", seed
                     batching: Batching = BATCHING,
                     fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """The gate's logits on every held-out set of ``split`` ({set: [n]}) and the set sizes."""
+    x, sizes = held_out_features(model, tokenizer, gate.layer, data, split, seed, batching, fingerprint)
+    return _by_set(gate.scores(x), sizes), sizes
+
+
+def held_out_features(model, tokenizer, layer: int, data, split: str = "val", seed: int = 0,
+                      batching: Batching = BATCHING, fingerprint: str | None = None) -> tuple[torch.Tensor, dict[str, int]]:
+    """Layer ``layer``'s features of every held-out set of ``split``, one after the other in
+    :data:`HELD_OUT_SETS` order ([n, hidden]), and the set sizes (:func:`_by_set` splits rows)."""
     sets = held_out_prompts(data, split, seed)
     names = [k for k in HELD_OUT_SETS if sets[k]]
     ids = encode(tokenizer, [m for k in names for m in sets[k]])
-    z = gate.scores(cached_features(model, tokenizer, ids, gate.layer, batching, fingerprint))
+    return cached_features(model, tokenizer, ids, layer, batching, fingerprint), {k: len(v) for k, v in sets.items()}
+
+
+def _by_set(rows: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Rows of :func:`held_out_features` (or anything computed row by row from them) by set."""
     out, at = {}, 0
-    for k in names:
-        out[k], at = z[at : at + len(sets[k])], at + len(sets[k])
-    return out, {k: len(v) for k, v in sets.items()}
+    for k in HELD_OUT_SETS:
+        if sizes.get(k):
+            out[k], at = rows[at : at + sizes[k]], at + sizes[k]
+    return out
+
+
+THRESHOLD_POOL = ("borderline", "general", "wrapped_benign")
+"""The held-out benign sets a ``target_fpr`` threshold is set on."""
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -741,16 +769,12 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, batching: Batch
     reuse features computed before (:func:`cached_features`); None computes them.
     """
     from .data.folder import DataFolder
-    from .gate import decoder_layers
 
     cfg.validate()
     d = DataFolder.of(data)
     if validate is None:  # derived and hand-made folders may have no usable validation split
         validate = d.has("val") and bool(d.rows("val")) and bool(d.prompts("borderline", "val") or d.prompts("general", "val"))
-    n_layers = len(decoder_layers(model))
-    layer = cfg.resolved_layer(n_layers)
-    if layer >= n_layers:
-        raise SafetyPatchError(f"gate_layer {layer}: the model has layers 0-{n_layers - 1}")
+    layer = model_layer(model, cfg)
     if cfg.target_fpr is not None and not validate:
         raise SafetyPatchError(f"gate config: target_fpr sets the threshold on the validation split, which {d.path} lacks "
                                "(or this fit skips): give a threshold instead (gate fit --threshold T; train --set "
@@ -765,11 +789,24 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, batching: Batch
         gate = fit_gate_probe(x, y, layer, cfg, _norm_of(model, cfg))
         val = None
         if validate:
-            scores, sizes = held_out_scores(model, tokenizer, gate, d, "val", cfg.seed, batching, fingerprint)
+            x_val, sizes = held_out_features(model, tokenizer, layer, d, "val", cfg.seed, batching, fingerprint)
+            scores = _by_set(gate.scores(x_val), sizes)
             if cfg.target_fpr is not None:
-                pool = torch.cat([scores[k] for k in ("borderline", "general", "wrapped_benign") if k in scores])
+                pool = torch.cat([scores[k] for k in THRESHOLD_POOL if k in scores])
                 gate.threshold = threshold_at_fpr(pool, cfg.target_fpr)
             val = reliability(scores, gate.threshold) | {"split": "val", "n": sizes}
+            # Validation's wrapped prompts come from its own few template families (31 on the
+            # default folder); refits without each group of the train families give the wider
+            # out-of-family estimate every gate file should carry (leave_one_family_out).
+            templates = d.templates("train")
+            fam = [template_family(m[-1]["content"], templates) for m in harmful + benign]
+            if why := _lofo_impossible(fam, y):
+                val["leave_one_family_out"] = {"skipped": why}
+            else:
+                feats = _by_set(x_val, sizes)
+                x_neg = torch.cat([feats[k] for k in THRESHOLD_POOL if k in feats])
+                val["leave_one_family_out"] = {"split": "val", "layer": layer, **_family_out_of_fold(
+                    x, y, fam, x_neg, layer, cfg, _norm_of(model, cfg), LOFO_FOLDS, cfg.seed)}
     finally:
         model.train(was_training)
     gate.check("fitted gate")
@@ -827,7 +864,6 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     Raises SafetyPatchError with fewer than two sources.
     """
     from .data.folder import DataFolder
-    from .gate import decoder_layers
 
     cfg.validate()
     d = DataFolder.of(data)
@@ -841,10 +877,7 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     pos = held_out_requests(d, names, split)
     neg_direct, neg_wrapped = held["borderline"] + held["general"], held["wrapped_benign"]
     tests = [m for s in names for k in ("direct", "wrapped") for m in pos[s][k]] + neg_direct + neg_wrapped
-    n_layers = len(decoder_layers(model))
-    layer = cfg.resolved_layer(n_layers)
-    if layer >= n_layers:
-        raise SafetyPatchError(f"gate_layer {layer}: the model has layers 0-{n_layers - 1}")
+    layer = model_layer(model, cfg)
     model.eval()
     # The pool's features are read with the very list the fit reads (fit_gate_on_data), so a
     # report after a fit (the reproduce gate stage, `gate eval` after `gate fit`) reuses them.
@@ -873,6 +906,104 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
         if e > c:  # a source with no wrapped rows (the hand-written one) has no wrapped comparison
             out[s]["wrapped_vs_wrapped_benign"] = discrimination(z[c:e], zn_w, t)
     return {"split": split, "layer": layer, "sources": out}
+
+
+def template_family(content: str, templates: Sequence) -> str | None:
+    """The family of the template in ``templates`` that ``content`` was rendered from (the one
+    whose text before and after the placeholder is longest among those that match), or None for a
+    prompt in none of them."""
+    from .attacks.templates import PLACEHOLDER
+
+    best, fam = 0, None
+    for t in templates:
+        pre, post = t.text.split(PLACEHOLDER)
+        n = len(pre) + len(post)
+        if n > best and len(content) >= n and content.startswith(pre) and content.endswith(post):
+            best, fam = n, t.family
+    return fam
+
+
+LOFO_FOLDS = 5
+"""Groups of train template families :func:`leave_one_family_out` refits without, one at a time."""
+
+
+def leave_one_family_out(model, tokenizer, data, cfg: GateFitConfig, split: str = "val", folds: int = LOFO_FOLDS,
+                         seed: int = 0, batching: Batching = BATCHING, fingerprint: str | None = None) -> dict:
+    """Leave-one-template-family-out, cross-fitted over the *train* split's template families.
+
+    The train templates' families are dealt into ``folds`` groups (seeded shuffle). Per group, the
+    probe is refit on the gate's pool without every prompt wrapped in that group's families (both
+    sides: train rows, wrapped harmful requests, wrapped benign prompts), its threshold set as the
+    product sets it (``cfg.target_fpr`` on ``split``'s benign pool, else ``cfg.threshold``), and
+    the held-out prompts are scored by their margin over it. So every wrapped pool prompt is
+    scored once by a gate that never saw its family: on the seed-1 folder 184 families, where
+    validation has 31 (the wrapped figures of :func:`reliability` come from that split's own few
+    families). The benign requests inside held-out wrapped prompts also appear unwrapped in the
+    refit pool, as the validation split's do not: this isolates the template, not the request.
+
+    Returns ``{"split", "layer", "folds", "families", "wrapped_vs_wrapped_benign":
+    discrimination(margins of wrapped harmful, of wrapped benign, 0): the product's threshold,
+    "raise_for_fpr_0.05": the logit to add to each fold's threshold for at most 5% of those
+    wrapped safe prompts to fire}``. Raises SafetyPatchError for fewer than two train template
+    families with wrapped prompts on both sides, or ``folds`` < 2.
+    """
+    from .data.folder import DataFolder
+
+    cfg.validate()
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise SafetyPatchError(f"leave-one-family-out: folds must be an integer >= 2, got {folds!r}")
+    d = DataFolder.of(data)
+    norm = _norm_of(model, cfg)
+    harmful, benign, counts, _ = _gate_pool(d, cfg)
+    templates = d.templates("train")
+    fam = [template_family(m[-1]["content"], templates) for m in harmful + benign]
+    y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
+    if why := _lofo_impossible(fam, y):
+        raise SafetyPatchError(f"{d.file('templates')}: {why}")
+    layer = model_layer(model, cfg)
+    model.eval()
+    x = pool_features(model, tokenizer, harmful, benign, counts, layer, batching, fingerprint)
+    # the split's features as a fit reads them (fit_gate_on_data), so a report after a fit reuses them
+    x_split, sizes = held_out_features(model, tokenizer, layer, d, split, cfg.seed, batching, fingerprint)
+    feats = _by_set(x_split, sizes)
+    x_neg = torch.cat([feats[k] for k in THRESHOLD_POOL if k in feats])
+    return {"split": split, "layer": layer, **_family_out_of_fold(x, y, fam, x_neg, layer, cfg, norm, folds, seed)}
+
+
+def _lofo_impossible(fam: Sequence[str | None], y: torch.Tensor) -> str | None:
+    """Why leave-one-family-out cannot run on a pool with these template families and labels, or None."""
+    families = {f for f in fam if f is not None}
+    sides = {lab > 0 for f, lab in zip(fam, y.tolist(), strict=True) if f is not None}
+    if len(families) < 2 or sides != {True, False}:
+        return (f"leave-one-family-out needs two or more train template families with wrapped harmful and wrapped "
+                f"benign prompts in the gate's pool, found {len(families)} famil{'y' if len(families) == 1 else 'ies'}"
+                f" (gate.wrapped_benign / wrapped_harmful 0?)")
+    return None
+
+
+def _family_out_of_fold(x: torch.Tensor, y: torch.Tensor, fam: Sequence[str | None], x_neg: torch.Tensor, layer: int,
+                        cfg: GateFitConfig, norm: dict, folds: int, seed: int) -> dict:
+    """The refits of :func:`leave_one_family_out` on pool features ``x`` [n, hidden] with labels
+    ``y``, template families ``fam`` (None: unwrapped) and the threshold pool's features ``x_neg``."""
+    families = sorted({f for f in fam if f is not None})
+    order = families[:]
+    random.Random(seed).shuffle(order)
+    k = min(folds, len(order))
+    fold_of = {f: i % k for i, f in enumerate(order)}
+    fold = torch.tensor([fold_of[f] if f is not None else -1 for f in fam])
+    m_h, m_b, per = [], [], []
+    for i in range(k):
+        out = fold == i
+        gate = fit_gate_probe(x[~out], y[~out], layer, cfg, norm)
+        t = threshold_at_fpr(gate.scores(x_neg), cfg.target_fpr) if cfg.target_fpr is not None else cfg.threshold
+        m = gate.scores(x[out]) - t
+        m_h.append(m[y[out] > 0])
+        m_b.append(m[y[out] == 0])
+        per.append({"families": sum(1 for v in fold_of.values() if v == i), "threshold": t,
+                    "wrapped_harmful": int((y[out] > 0).sum()), "wrapped_benign": int((y[out] == 0).sum())})
+    mh, mb = torch.cat(m_h), torch.cat(m_b)
+    return {"folds": per, "families": len(families), "wrapped_vs_wrapped_benign": discrimination(mh, mb, 0.0),
+            "raise_for_fpr_0.05": max(0.0, threshold_at_fpr(mb, 0.05)) if len(mb) else None}
 
 
 # ----------------------------------------------------------------------------- the gate folder
@@ -1044,10 +1175,11 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
 
 def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "val", seed: int = 0,
                   batching: Batching = BATCHING, loso: bool = False,
-                  attacks: Sequence[str] | None = None) -> dict:
+                  attacks: Sequence[str] | None = None, lofo: bool = False) -> dict:
     """``safety-patch gate eval``: the gate's reliability report on one held-out split; with
     ``loso``, also :func:`leave_one_source_out` with the gate's own config (refits: it costs
-    about one gate fit). ``attacks``: rule attacks run on the split's direct harmful requests and
+    about one gate fit); with ``lofo``, also :func:`leave_one_family_out` (five refits on the
+    pool's features, which a fit has cached). ``attacks``: rule attacks run on the split's direct harmful requests and
     on its benign prompts (:func:`attack_prompts`); None = those the train split never used
     (:func:`unseen_attacks`), ``[]`` = none.
 
@@ -1067,11 +1199,14 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
         sets = attack_prompts(data_dir, split, attacks)
         rep["attacks"] = attack_report(attack_scores(lm.model, lm.tokenizer, gate, sets, batching, lm.fingerprint),
                                        gate.threshold)
+    known = {f.name for f in dataclasses.fields(GateFitConfig)}
+    cfg = GateFitConfig(**{k: v for k, v in gmeta["config"].items() if k in known})
     if loso:
-        known = {f.name for f in dataclasses.fields(GateFitConfig)}
-        cfg = GateFitConfig(**{k: v for k, v in gmeta["config"].items() if k in known})
         rep["leave_one_source_out"] = leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, split, batching,
                                                            lm.fingerprint)
+    if lofo:
+        rep["leave_one_family_out"] = leave_one_family_out(lm.model, lm.tokenizer, data_dir, cfg, split,
+                                                           batching=batching, fingerprint=lm.fingerprint)
     note = None
     if split == "val" and gmeta.get("threshold_from"):
         note = "the threshold was chosen on this split (target_fpr): its false-positive rate here is not an independent estimate"
@@ -1115,4 +1250,14 @@ def report_table(rep: dict) -> str:
             auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
             lines.append(f"{'LOSO ' + src + ' ' + name.split('_')[0]:<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
                          f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(c['tpr_at_threshold']) + ' caught':<24}{a['n_pos']}/{a['n_neg']}")
+    if (lofo := rep.get("leave_one_family_out")) and "skipped" in lofo:
+        lines.append(f"leave-one-family-out skipped: {lofo['skipped']}")
+    elif lofo:
+        c = lofo["wrapped_vs_wrapped_benign"]
+        a = c["auroc"]
+        auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+        lines.append(f"{'LOFO wrapped (train fam.)':<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
+                     f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
+        lines.append(f"  {lofo['families']} train template families in {len(lofo['folds'])} folds: out of family the gate "
+                     f"catches {pct(c['tpr_at_threshold']).strip()} of wrapped harmful prompts at its threshold")
     return "\n".join(lines)

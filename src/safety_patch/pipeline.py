@@ -191,7 +191,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
             lm = load_model(plan.model, device=device, dtype=dtype)
             fit_gate_folder(lm, data_dir, GateFitConfig(**plan.gate), gate_dir / "gate")
             write_json(gate_dir / "eval.json", evaluate_gate(lm, gate_dir / "gate", data_dir, "test", loso=True,
-                                                             attacks=plan.gate_attacks))
+                                                             attacks=plan.gate_attacks, lofo=True))
             del lm
             st.mark(gate_dir, gate_key, time.time() - t)
         else:

@@ -426,6 +426,14 @@ def gate_blocks(g: dict) -> list[tuple]:
                     *((_pct(w["tpr_at_threshold"]), auc(w["auroc"])) if (w := r.get("wrapped_vs_wrapped_benign"))
                       else ("-", "-"))]
                    for s, r in loso.items()]))
+    if lofo := g.get("leave_one_family_out"):
+        c = lofo["wrapped_vs_wrapped_benign"]
+        B.append(("p", f"Leave one template family out: the gate refit without each group of the train split's "
+                       f"{lofo['families']} template families ({len(lofo['folds'])} groups), scoring that group's "
+                       f"wrapped prompts at the threshold it would have set (a template it never saw; the held-out "
+                       f"split above has its own, fewer families)."))
+        B.append(("table", ["comparison", "AUROC [95% CI]", "wrapped harmful caught", "wrapped safe fired"],
+                  [["wrapped vs wrapped safe", auc(c["auroc"]), _pct(c["tpr_at_threshold"]), _pct(c["fpr_at_threshold"])]]))
     return B
 
 
