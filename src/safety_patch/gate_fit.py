@@ -928,15 +928,16 @@ LOFO_FOLDS = 5
 
 
 def leave_one_family_out(model, tokenizer, data, cfg: GateFitConfig, split: str = "val", folds: int = LOFO_FOLDS,
-                         seed: int = 0, batching: Batching = BATCHING, fingerprint: str | None = None) -> dict:
+                         seed: int | None = None, batching: Batching = BATCHING, fingerprint: str | None = None) -> dict:
     """Leave-one-template-family-out, cross-fitted over the *train* split's template families.
 
-    The train templates' families are dealt into ``folds`` groups (seeded shuffle). Per group, the
+    The train templates' families are dealt into ``folds`` groups (shuffled with ``seed``; None:
+    ``cfg.seed``, as a fit's own report deals them). Per group, the
     probe is refit on the gate's pool without every prompt wrapped in that group's families (both
     sides: train rows, wrapped harmful requests, wrapped benign prompts), its threshold set as the
     product sets it (``cfg.target_fpr`` on ``split``'s benign pool, else ``cfg.threshold``), and
     the held-out prompts are scored by their margin over it. So every wrapped pool prompt is
-    scored once by a gate that never saw its family: on the seed-1 folder 184 families, where
+    scored once by a gate that never saw its family: on the seed-1 folder 182 families, where
     validation has 31 (the wrapped figures of :func:`reliability` come from that split's own few
     families). The benign requests inside held-out wrapped prompts also appear unwrapped in the
     refit pool, as the validation split's do not: this isolates the template, not the request.
@@ -967,7 +968,8 @@ def leave_one_family_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     x_split, sizes = held_out_features(model, tokenizer, layer, d, split, cfg.seed, batching, fingerprint)
     feats = _by_set(x_split, sizes)
     x_neg = torch.cat([feats[k] for k in THRESHOLD_POOL if k in feats])
-    return {"split": split, "layer": layer, **_family_out_of_fold(x, y, fam, x_neg, layer, cfg, norm, folds, seed)}
+    return {"split": split, "layer": layer,
+            **_family_out_of_fold(x, y, fam, x_neg, layer, cfg, norm, folds, cfg.seed if seed is None else seed)}
 
 
 def _lofo_impossible(fam: Sequence[str | None], y: torch.Tensor) -> str | None:
