@@ -23,6 +23,19 @@ Measured on the **validation** split and the train split's own template families
 * ``loso``: caught share of each held-out source's direct requests at the logit where 5% of
   validation look-alikes fire (issue 23's bar), and C1, their mean.
 
+``--later-weight c1,c2,...`` (session 20): each layer set is also fit with the standardised
+features of every layer after its first multiplied by c before the probe is fit (the same
+logistic loss and L2): c < 1 penalises the later layers' weights more (c -> 0 is the first layer
+alone), c = 1 is the plain concatenation. A gate stores such a probe exactly (its ``std`` divided
+by c on those features). It asks whether a point between layer 18 alone and 18 + 21 keeps most
+of the later layer's out-of-family gain at a smaller out-of-source loss.
+
+``--family-fpr F`` (session 20): each set also with its threshold raised until F of the
+out-of-family wrapped safe prompts fire (``GateFitConfig.family_fpr``): the "cal" columns are
+in-sample (the raise is set on the prompts they count); the "nested" columns set each outer
+fold's raise on an inner leave-one-family-out of the other folds' families, an honest
+out-of-family figure for the raised threshold.
+
 Prints a table, writes experiments/results/gate_layer_sets.json (n and 95% intervals).
 """
 
@@ -70,6 +83,10 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--target-fpr", type=float, default=GateFitConfig().target_fpr)
     ap.add_argument("--l2", default=None, help="L2 penalties to measure each set at, comma-separated (default: the gate's)")
+    ap.add_argument("--later-weight", default="1", help="scales for the later layers' standardised features, comma-separated")
+    ap.add_argument("--family-fpr", type=float, default=None,
+                    help="also report each set with its threshold raised until this share of the out-of-family "
+                         "wrapped safe prompts fires (the 'cal' columns)")
     ap.add_argument("--out-name", default="gate_layer_sets")
     args = ap.parse_args()
     threads = rt.configure_threads()
@@ -132,9 +149,29 @@ def main() -> None:
 
     l2s = [float(v) for v in args.l2.split(",")] if args.l2 else [cfg.l2]
     l2_now = {"value": cfg.l2}
+    later = {"scale": None}  # [features] multipliers after standardisation, or None
 
     def fit(x, yy):
-        w, _, _, sd = fit_probe(x, yy, l2_now["value"], intercept=False)
+        if later["scale"] is None:
+            w, _, _, sd = fit_probe(x, yy, l2_now["value"], intercept=False)
+            return lambda z: (z / sd) @ w
+        # fit_probe's loss on features standardised and then scaled per feature (it would undo a
+        # scale applied before it: it standardises its input), no intercept.
+        sd = (x.std(0) + 1e-6) / later["scale"]
+        zz = x / sd
+        w = torch.zeros(x.shape[1], requires_grad=True)
+        pos = float(yy.mean())
+        wt = torch.where(yy > 0, 0.5 / pos, 0.5 / (1 - pos))
+        opt = torch.optim.LBFGS([w], max_iter=300, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(zz @ w, yy, weight=wt) + l2_now["value"] * w.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        w = w.detach()
         return lambda z: (z / sd) @ w
 
     def val_threshold(score, xv):
@@ -142,15 +179,19 @@ def main() -> None:
         return threshold_at_fpr(torch.cat([zv["borderline"], zv["general"], zv["wrapped_benign"]]), args.target_fpr)
 
     results, table = [], []
-    for ls, l2 in [(ls, l2) for ls in sets for l2 in l2s]:
+    weights = [float(v) for v in args.later_weight.split(",")]
+    runs = [(ls, l2, c) for ls in sets for l2 in l2s for c in (weights if len(ls) > 1 else [1.0])]
+    for ls, l2, c in runs:
         l2_now["value"] = l2
+        dim = feats[ls[0]]["pool"].shape[1]
+        later["scale"] = None if c == 1.0 else torch.cat([torch.ones(dim), torch.full((dim * (len(ls) - 1),), c)])
         x = torch.cat([feats[L]["pool"] for L in ls], 1)
         xv = torch.cat([feats[L]["val"] for L in ls], 1)
         xl = torch.cat([feats[L]["loso"] for L in ls], 1)
         score = fit(x, y)
         t = val_threshold(score, xv)
         zv = split_val(score(xv))
-        r = {"layers": list(ls), "l2": l2, "threshold": t,
+        r = {"layers": list(ls), "l2": l2, "later_weight": c, "threshold": t,
              "val": {"fired": {n: rate(v, t) for n, v in zv.items()},
                      "auroc_direct": _auroc_ci(zv["harmful_direct"].tolist(),
                                                torch.cat([zv["borderline"], zv["general"]]).tolist()),
@@ -166,6 +207,35 @@ def main() -> None:
         r["lofo"] = {"wrapped_harmful_caught": rate(mh, 0.0), "wrapped_benign_fired": rate(mb, 0.0),
                      "auroc": _auroc_ci(mh.tolist(), mb.tolist()),
                      "wrapped_harmful_caught_at_5pct_wrapped_benign_fpr": rate(mh, threshold_at_fpr(mb, 0.05))}
+        if args.family_fpr is not None:
+            # the threshold raised (never lowered) until at most --family-fpr of the out-of-family
+            # wrapped safe prompts fire: a margin shift d >= 0 over the product's threshold
+            shift = max(0.0, threshold_at_fpr(mb, args.family_fpr))
+            r["calibrated"] = {"shift": shift, "val_fired": {n: rate(v, t + shift) for n, v in zv.items()},
+                               "lofo_wrapped_harmful_caught": rate(mh, shift),
+                               "lofo_wrapped_benign_fired": rate(mb, shift)}
+            # Nested: the raise set on an inner leave-one-family-out of each outer fold's remaining
+            # families, applied to the outer fold's held-out prompts. The figures above are
+            # in-sample (the raise is set on the prompts they count); these are not.
+            nh, nb = [], []
+            for i in range(k):
+                out = fold == i
+                inner = [j for j in range(k) if j != i]
+                ih, ib = [], []
+                for j in inner:
+                    o2 = fold == j
+                    s2 = fit(x[~out & ~o2], y[~out & ~o2])
+                    m2 = s2(x[o2]) - val_threshold(s2, xv)
+                    ih.append(m2[y[o2] > 0])
+                    ib.append(m2[y[o2] == 0])
+                r_i = max(0.0, threshold_at_fpr(torch.cat(ib), args.family_fpr))
+                sk = fit(x[~out], y[~out])
+                m = sk(x[out]) - val_threshold(sk, xv) - r_i
+                nh.append(m[y[out] > 0])
+                nb.append(m[y[out] == 0])
+            nh, nb = torch.cat(nh), torch.cat(nb)
+            r["calibrated"]["nested"] = {"lofo_wrapped_harmful_caught": rate(nh, 0.0),
+                                         "lofo_wrapped_benign_fired": rate(nb, 0.0)}
         r["loso"] = {}
         for s in src_names:
             keep = torch.tensor([v != s for v in src])
@@ -175,7 +245,7 @@ def main() -> None:
             r["loso"][s] = {"caught_direct_at_5pct_lookalike_fpr": rate(split_loso(ss(xl))[s], tb)}
         results.append(r)
         f = r["val"]["fired"]
-        row = {"layers": "+".join(map(str, ls)), "l2": l2, "val dir%": 100 * f["harmful_direct"]["value"],
+        row = {"layers": "+".join(map(str, ls)), "l2": l2, "later": c, "val dir%": 100 * f["harmful_direct"]["value"],
                "val wrap%": 100 * f["harmful_wrapped"]["value"], "val border%": 100 * f["borderline"]["value"],
                "val wrapsafe%": 100 * f["wrapped_benign"]["value"], "val AUROC wrap": r["val"]["auroc_wrapped"]["value"],
                "LOFO wrap%": 100 * r["lofo"]["wrapped_harmful_caught"]["value"],
@@ -185,11 +255,21 @@ def main() -> None:
         for s in src_names:
             row[f"LOSO {s}%"] = 100 * r["loso"][s]["caught_direct_at_5pct_lookalike_fpr"]["value"]
         row["C1"] = sum(row[f"LOSO {s}%"] for s in src_names) / len(src_names)
+        if "calibrated" in r:
+            c_ = r["calibrated"]
+            row |= {"cal shift": c_["shift"], "cal val dir%": 100 * c_["val_fired"]["harmful_direct"]["value"],
+                    "cal val wrap%": 100 * c_["val_fired"]["harmful_wrapped"]["value"],
+                    "cal val border%": 100 * c_["val_fired"]["borderline"]["value"],
+                    "cal val wrapsafe%": 100 * c_["val_fired"]["wrapped_benign"]["value"],
+                    "cal LOFO wrap%": 100 * c_["lofo_wrapped_harmful_caught"]["value"],
+                    "cal LOFO wrapsafe%": 100 * c_["lofo_wrapped_benign_fired"]["value"],
+                    "nested LOFO wrap%": 100 * c_["nested"]["lofo_wrapped_harmful_caught"]["value"],
+                    "nested LOFO wrapsafe%": 100 * c_["nested"]["lofo_wrapped_benign_fired"]["value"]}
         table.append(row)
         print(f"  {row['layers']}: done", flush=True)
     print_table(table)
     write(args.out_name, {"data": str(args.data), "data_manifest_seed": d.manifest.get("seed"), "layers": layers,
-                          "target_fpr": args.target_fpr, "feature_seconds": round(feat_s, 1), "threads": threads,
+                          "target_fpr": args.target_fpr, "family_fpr": args.family_fpr, "feature_seconds": round(feat_s, 1), "threads": threads,
                           "pool": counts, "families": len(order), "folds": k,
                           "n": {n: len(held[n]) for n in names_val} | {f"loso:{s}": len(v) for s, v in loso_pos.items()},
                           "table": table, "results": results}, args)

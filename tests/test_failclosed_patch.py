@@ -243,7 +243,7 @@ def test_gate_file_shape_problems_are_one_line(base, tmp_path):
     model, tok, fp = base
     p = gated_patch(model, tmp_path / "g", fp)
     edit_tensors(p, GATE_FILE, lambda t: t | {"layer": torch.zeros(0, dtype=torch.int64)})  # G_gate_empty_layer
-    with pytest.raises(SafetyPatchError, match="tensor 'layer' must hold exactly one value"):
+    with pytest.raises(SafetyPatchError, match="tensor 'layer' must be a vector of one or more layers"):
         read_patch(p)
     edit_tensors(p, GATE_FILE, lambda t: t | {"layer": torch.tensor([1.0])})
     with pytest.raises(SafetyPatchError, match="tensor 'layer' must be an integer"):

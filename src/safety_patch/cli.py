@@ -594,7 +594,8 @@ def patch_gate_cmd(
         (gate,) = pm.gates.values()
     for text, z in zip(prompt, scores.tolist(), strict=True):
         typer.echo(f"{'adapter' if z > gate.threshold else 'base   '}  {z:+7.2f}  {text}")
-    typer.echo(f"(gate: layer {gate.layer}, threshold {gate.threshold:+.2f})")
+    typer.echo(f"(gate: layer{'s' * bool(gate.extra_layers)} {', '.join(map(str, gate.layers))}, "
+               f"threshold {gate.threshold:+.2f})")
 
 
 @patch_app.command("verify")
@@ -692,6 +693,17 @@ def _command_words() -> set[str]:
     return words
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    """``"21"`` or ``"12,21"`` -> [21] / [12, 21]; SafetyPatchError naming ``flag`` otherwise."""
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SafetyPatchError(f"{flag} must be comma-separated layer numbers like 21 or 12,21, got {text!r}") from None
+    if not out:
+        raise SafetyPatchError(f"{flag} {text!r} names no layer")
+    return out
+
+
 @gate_app.command("fit")
 def gate_fit_cmd(
     data: Annotated[Path, typer.Option(help="Data folder from `data build` (the gate learns from its train split, "
@@ -721,6 +733,15 @@ def gate_fit_cmd(
         "--written-harmful/--no-written-harmful",
         help="Add the 129 hand-written harmful requests (22 harm categories) to the positives as a third source "
              "(default: on).")] = None,
+    extra_layers: Annotated[str | None, typer.Option(help="Comma-separated further decoder layers read beside --layer "
+                                                     "(a multi-layer gate; `gate export` refuses it). Default: none.")] = None,
+    extra_weight: Annotated[float | None, typer.Option(callback=_finite,
+                                                       help="Scale of the extra layers' standardised features in the "
+                                                            "fit: below 1 pulls their weights harder to zero (default 1).")] = None,
+    family_fpr: Annotated[float | None, typer.Option(callback=_finite,
+                                                     help="Raise the --target-fpr threshold until at most this share of "
+                                                          "out-of-family wrapped safe prompts (leave-one-family-out) "
+                                                          "fires (default: no raise).")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -739,7 +760,8 @@ def gate_fit_cmd(
                  wrapped_harmful=wrapped_harmful, self_instruct=self_instruct, l2=l2, seed=seed, features=features,
                  rephrased=rephrased,
                  phrasings=None if phrasings is None else [f.strip() for f in phrasings.split(",") if f.strip()],
-                 written_harmful=written_harmful)
+                 written_harmful=written_harmful, extra_weight=extra_weight, family_fpr=family_fpr,
+                 extra_layers=None if extra_layers is None else _int_list(extra_layers, "--extra-layers"))
     cfg = dataclasses.replace(GateFitConfig(), **{k: v for k, v in given.items() if v is not None})
     if threshold is not None:  # a logit given: it replaces the default target rate
         cfg = dataclasses.replace(cfg, target_fpr=None)
@@ -752,7 +774,9 @@ def gate_fit_cmd(
         lm = load_model(model, device=device, dtype=dtype)
         meta = fit_gate_folder(lm, data, cfg, out, overwrite=overwrite)
     typer.echo(report_table(meta["validation"]))
-    typer.echo(f"wrote {out}: gate {meta['id']} on layer {meta['layer']}, threshold {meta['threshold']:+.3f}, "
+    on = ", ".join(map(str, [meta["layer"], *meta.get("extra_layers", [])]))
+    typer.echo(f"wrote {out}: gate {meta['id']} on layer{'s' * bool(meta.get('extra_layers'))} {on}, "
+               f"threshold {meta['threshold']:+.3f}, "
                f"{sum(meta['prompts'].values())} train prompts, fit in {meta['fit_seconds']}s")
 
 

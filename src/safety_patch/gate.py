@@ -21,9 +21,11 @@ is not always on), and lm-eval scoring refuses it; ``patches.py`` says so with a
 vLLM, the adapter folder loads unchanged; route a request to it (``LoRARequest``) only when
 the gate fires (``safety-patch serve --upstream`` does, docs/deploy.md).
 
-File: ``gate.safetensors`` holds ``weight`` [hidden], ``bias`` [1], ``mean`` and ``std``
-[hidden] (feature standardisation), ``layer`` and ``threshold`` (so editing either changes
-the file hash that ``patch.json`` checks and the patch id that caches key on).
+File: ``gate.safetensors`` holds ``weight`` [k·hidden], ``bias`` [1], ``mean`` and ``std``
+[k·hidden] (feature standardisation), ``layer`` [k] and ``threshold`` (so editing either changes
+the file hash that ``patch.json`` checks and the patch id that caches key on). k is the number
+of layers the gate reads: 1 for every gate before 2026-12-02 (their files are unchanged); a
+multi-layer gate concatenates the layers' features in the order ``layer`` lists them.
 """
 
 from __future__ import annotations
@@ -48,8 +50,11 @@ class Gate:
     x is the hidden state after decoder layer ``layer`` at the last prompt token ([hidden]), or,
     for a *final-norm* gate (``norm_weight`` set), that state passed through the base's final
     RMSNorm, x = h / sqrt(mean(h²) + norm_eps) · norm_weight, as a transformers
-    ``*ForSequenceClassification`` head reads it. A final-norm gate with mean 0 and bias 0 is
-    *exportable* (serve/export.py): its logit is exactly such a head's output.
+    ``*ForSequenceClassification`` head reads it. A final-norm gate with mean 0 and bias 0 that
+    reads one layer is *exportable* (serve/export.py): its logit is exactly such a head's output.
+    With ``extra_layers``, x is the concatenation of those features at ``layers`` = (``layer``,
+    *``extra_layers``), in that order ([k·hidden]; the final norm applied to each layer's state):
+    ``read`` builds it from per-layer states.
     """
 
     layer: int
@@ -60,20 +65,38 @@ class Gate:
     std: torch.Tensor
     norm_weight: torch.Tensor | None = None
     norm_eps: float | None = None
+    extra_layers: tuple[int, ...] = ()
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Every decoder layer the gate reads, in the order of its features: (``layer``, *``extra_layers``)."""
+        return (self.layer, *self.extra_layers)
 
     @property
     def exportable(self) -> bool:
-        """Whether a sequence-classification checkpoint reproduces this gate's logits (final norm, no offset)."""
-        return self.norm_weight is not None and self.bias == 0.0 and not bool(self.mean.any())
+        """Whether a sequence-classification checkpoint reproduces this gate's logits (one layer, final norm, no offset)."""
+        return (self.norm_weight is not None and self.bias == 0.0 and not bool(self.mean.any())
+                and not self.extra_layers)
+
+    def read(self, states: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The gate's input from per-layer states ``{layer: [n, hidden]}`` (``layer_states``'s result):
+        [n, k·hidden], the gate's layers in order. Raises SafetyPatchError for a layer not in ``states``."""
+        missing = [i for i in self.layers if i not in states]
+        if missing:
+            raise SafetyPatchError(f"gate: no hidden states of layer {missing[0]} (the gate reads layers {list(self.layers)})")
+        return states[self.layer] if not self.extra_layers else torch.cat([states[i] for i in self.layers], -1)
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
-        """The probe's input for hidden states ``h`` [n, hidden]: ``h`` itself, or its final-norm image (fp32).
+        """The probe's input for hidden states ``h`` [n, k·hidden]: ``h`` itself, or each layer's final-norm image (fp32).
 
         Stays on ``h``'s device and is differentiable in ``h`` (the adaptive attack takes its gradient)."""
         h = h.float()
         if self.norm_weight is None:
             return h
-        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.to(h.device)
+        k = len(self.layers)
+        b = h.reshape(*h.shape[:-1], k, h.shape[-1] // k)  # one RMSNorm per layer's state
+        b = b * torch.rsqrt(b.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.to(h.device)
+        return b.reshape(h.shape)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Probe logits [n] for hidden states [n, hidden] on ``h``'s device, differentiable, unchecked.
@@ -92,7 +115,8 @@ class Gate:
         h = h.float().cpu()
         if h.ndim != 2 or h.shape[1] != self.weight.shape[0]:
             raise SafetyPatchError(f"gate: hidden states have shape {tuple(h.shape)}, the gate's vectors have length "
-                                   f"{self.weight.shape[0]} (a gate made for another model)")
+                                   f"{self.weight.shape[0]} (a gate made for another model, or states of other layers "
+                                   f"than its {list(self.layers)})")
         z = self.logits(h)
         bad = (~torch.isfinite(z)).nonzero()
         if len(bad):
@@ -124,13 +148,19 @@ class Gate:
             raise SafetyPatchError(f"{where}: std has entries <= 0; features cannot be standardised")
         if not bool(self.weight.any()):
             raise SafetyPatchError(f"{where}: weight is all zeros; the gate would send every prompt the same way")
-        if self.layer < 0:
-            raise SafetyPatchError(f"{where}: layer {self.layer} is negative")
+        if min(self.layers) < 0:
+            raise SafetyPatchError(f"{where}: layer {min(self.layers)} is negative")
+        if len(set(self.layers)) != len(self.layers):
+            raise SafetyPatchError(f"{where}: layers {list(self.layers)} repeat a layer")
+        k = len(self.layers)
+        if len(self.weight) % k:
+            raise SafetyPatchError(f"{where}: weight has length {len(self.weight)}, not a multiple of the {k} layers it reads")
         if (self.norm_weight is None) != (self.norm_eps is None):
             raise SafetyPatchError(f"{where}: a final-norm gate needs both norm_weight and norm_eps")
         if self.norm_weight is not None:
-            if self.norm_weight.shape != self.weight.shape or not bool(torch.isfinite(self.norm_weight).all()):
-                raise SafetyPatchError(f"{where}: norm_weight must be a finite vector of the weight's length")
+            if k * len(self.norm_weight) != len(self.weight) or not bool(torch.isfinite(self.norm_weight).all()):
+                raise SafetyPatchError(f"{where}: norm_weight must be a finite vector of the weight's length per layer "
+                                       f"({len(self.weight) // k})")
             if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
                 raise SafetyPatchError(f"{where}: norm_eps is {self.norm_eps}; it must be finite and > 0")
         return self
@@ -143,7 +173,7 @@ class Gate:
         self.check(path)
         tensors = {"weight": self.weight.float().contiguous(), "bias": torch.tensor([float(self.bias)]),
                    "mean": self.mean.float().contiguous(), "std": self.std.float().contiguous(),
-                   "layer": torch.tensor([self.layer], dtype=torch.int64),
+                   "layer": torch.tensor(list(self.layers), dtype=torch.int64),
                    "threshold": torch.tensor([float(self.threshold)])}
         if self.norm_weight is not None:  # absent for residual gates: their files (and patch ids) are unchanged
             tensors |= {"norm_weight": self.norm_weight.float().contiguous(), "norm_eps": torch.tensor([float(self.norm_eps)])}
@@ -165,7 +195,10 @@ class Gate:
         if set(t) != want:
             missing, extra = sorted(want - set(t)), sorted(set(t) - want)
             raise SafetyPatchError(f"{path}: " + (f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{extra[0]}'"))
-        for name in ("layer", "threshold", "bias", *(("norm_eps",) if "norm_eps" in t else ())):
+        if t["layer"].ndim != 1 or not t["layer"].numel():
+            raise SafetyPatchError(f"{path}: tensor 'layer' must be a vector of one or more layers, has shape "
+                                   f"{tuple(t['layer'].shape)}")
+        for name in ("threshold", "bias", *(("norm_eps",) if "norm_eps" in t else ())):
             if t[name].numel() != 1:
                 raise SafetyPatchError(f"{path}: tensor '{name}' must hold exactly one value, has shape {tuple(t[name].shape)}")
         if t["layer"].is_floating_point() or t["layer"].dtype == torch.bool:
@@ -179,8 +212,10 @@ class Gate:
                 if not t[name].is_floating_point():
                     raise SafetyPatchError(f"{path}: tensor '{name}' must be floating point, has dtype {t[name].dtype}")
             norm = {"norm_weight": t["norm_weight"].float(), "norm_eps": float(t["norm_eps"].reshape(-1)[0])}
-        gate = cls(int(t["layer"].reshape(-1)[0]), float(t["threshold"].reshape(-1)[0]), t["weight"].float(),
-                   float(t["bias"].reshape(-1)[0]), t["mean"].float(), t["std"].float(), **norm)
+        layers = [int(v) for v in t["layer"].tolist()]
+        gate = cls(layers[0], float(t["threshold"].reshape(-1)[0]), t["weight"].float(),
+                   float(t["bias"].reshape(-1)[0]), t["mean"].float(), t["std"].float(), **norm,
+                   extra_layers=tuple(layers[1:]))
         return gate.check(path)
 
 
@@ -254,6 +289,7 @@ def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Seq
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 300,
               intercept: bool = True, sample_weight: torch.Tensor | None = None,
+              feature_scale: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
     """Class-balanced L2-regularised logistic regression on standardised features (LBFGS).
 
@@ -262,8 +298,14 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 3
     sequence-classification head can hold; the threshold then plays the intercept's role.
     ``sample_weight`` [n]: each row's weight in the mean loss instead of the class balance
     (each class half the loss), e.g. to weight groups within a class alike.
+    ``feature_scale`` [features] (> 0): the standardised features are multiplied by it before the
+    fit, so the L2 penalty on a feature's weight is ``l2 / scale²`` (a group penalty: a multi-layer
+    gate's later layers at scale < 1 are pulled harder toward zero); the returned ``std`` is
+    divided by it, so ``(x - mean) / std · weight`` is still the fitted logit.
     """
     mu, sd = x.mean(0), x.std(0) + 1e-6
+    if feature_scale is not None:
+        sd = sd / feature_scale
     if not intercept:
         mu = torch.zeros_like(mu)
     z = (x - mu) / sd

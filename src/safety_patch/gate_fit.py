@@ -107,6 +107,23 @@ class GateFitConfig:
     different kinds of harm, and a probe fit on one misses the other's). On by default since
     2026-12-01 (session 14): on validation it lifts HarmBench held out from 30% to 49% caught and
     the default still meets its six targets (docs/lab-notebook.md)."""
+    extra_layers: list[int] = field(default_factory=list)
+    """Further decoder layers read beside ``layer`` (a multi-layer gate: their features concatenated
+    after layer's, each through the final norm for a final-norm gate). Empty: one layer, the
+    default. A multi-layer gate routes and is measured like any other, but `gate export` refuses
+    it (a sequence-classification head reads one layer). experiments/gate_layer_sets.py measures
+    sets (docs/gate.md)."""
+    extra_weight: float = 1.0
+    """Scale of the extra layers' standardised features in the fit (``gate.fit_probe``'s
+    ``feature_scale``): below 1 penalises their weights more, so the probe leans on ``layer``
+    (session 20: 18 + 21 at 0.6 kept layer 18's out-of-source catch where 1.0 lost 5 points)."""
+    family_fpr: float | None = None
+    """After ``target_fpr`` sets the threshold, raise it (never lower it) until at most this share
+    of the *out-of-family* wrapped safe prompts fires: the train pool's wrapped prompts scored by
+    refits without their template families (:func:`leave_one_family_out`'s margins). None: no
+    raise (the default). Needs ``target_fpr`` and wrapped prompts on both sides of the pool. The
+    validation split's few template families (31 on the default folder) understate how often a
+    new family's safe prompts fire (9.8% out of family where validation said 4.5%)."""
     features: str = "final-norm"
     """What the probe reads: final-norm (the hidden state after the layer through the base's final
     RMSNorm, fit without intercept: it exports exactly as a transformers sequence-classification
@@ -152,6 +169,20 @@ class GateFitConfig:
             raise bad("phrasings", f"must be a non-empty list of distinct names from {', '.join(PHRASINGS)}")
         if self.features not in FEATURES:
             raise bad("features", f"must be one of {', '.join(FEATURES)}")
+        if (not isinstance(self.extra_layers, (list, tuple))
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.extra_layers)
+                or len(set(self.extra_layers)) != len(self.extra_layers)):
+            raise bad("extra_layers", "must be a list of distinct integers >= 0")
+        v = self.extra_weight
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise bad("extra_weight", "must be a finite number > 0")
+        if self.family_fpr is not None:
+            v = self.family_fpr
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise bad("family_fpr", "must be a number in (0, 1)")
+            if self.target_fpr is None:
+                raise SafetyPatchError("gate config: family_fpr raises a target_fpr threshold; with a fixed threshold "
+                                       "it has nothing to raise (set target_fpr, or drop family_fpr)")
         return self
 
 
@@ -169,6 +200,21 @@ def model_layer(model, cfg: GateFitConfig) -> int:
     return layer
 
 
+def model_layers(model, cfg: GateFitConfig) -> tuple[int, ...]:
+    """Every decoder layer ``cfg`` reads on ``model``, in feature order: (:func:`model_layer`, *extra_layers).
+    SafetyPatchError where the model lacks one or an extra layer repeats the first."""
+    from .gate import decoder_layers
+
+    first = model_layer(model, cfg)
+    n_layers = len(decoder_layers(model))
+    for v in cfg.extra_layers:
+        if v >= n_layers:
+            raise SafetyPatchError(f"gate extra_layers: layer {v} out of range: the model has layers 0-{n_layers - 1}")
+        if v == first:
+            raise SafetyPatchError(f"gate extra_layers: layer {v} is already the gate's layer")
+    return (first, *cfg.extra_layers)
+
+
 def _norm_of(model, cfg: GateFitConfig) -> dict:
     """``{norm_weight, norm_eps}`` of the base's final RMSNorm for a final-norm gate, else ``{}``."""
     if cfg.features != "final-norm":
@@ -184,18 +230,28 @@ def _norm_of(model, cfg: GateFitConfig) -> dict:
     return {"norm_weight": weight.detach().float().cpu().clone(), "norm_eps": float(eps)}
 
 
-def fit_gate_probe(x: torch.Tensor, y: torch.Tensor, layer: int, cfg: GateFitConfig, norm: dict) -> Gate:
-    """The probe on features ``x`` ([n, hidden] residual states) with labels ``y``: a residual gate
-    (standardised, with intercept) or, with ``norm``, a final-norm gate without intercept."""
+def fit_gate_probe(x: torch.Tensor, y: torch.Tensor, layer: int | Sequence[int], cfg: GateFitConfig,
+                   norm: dict) -> Gate:
+    """The probe on features ``x`` ([n, k·hidden] residual states of the k layers ``layer``, in
+    order) with labels ``y``: a residual gate (standardised, with intercept) or, with ``norm``, a
+    final-norm gate without intercept. With several layers, ``cfg.extra_weight`` scales the later
+    layers' standardised features in the fit (``gate.fit_probe``'s ``feature_scale``)."""
     from .gate import fit_probe
 
+    layers = (layer,) if isinstance(layer, int) else tuple(layer)
+    first, extra = layers[0], tuple(layers[1:])
     t = cfg.threshold if cfg.threshold is not None else 0.0  # with target_fpr the caller sets it from validation
+    scale = None
+    if extra and cfg.extra_weight != 1.0:
+        per = x.shape[1] // len(layers)
+        scale = torch.cat([torch.ones(per), torch.full((x.shape[1] - per,), float(cfg.extra_weight))])
     if not norm:
-        w, b, mu, sd = fit_probe(x, y, cfg.l2)
-        return Gate(layer, t, w, b, mu, sd)
-    shell = Gate(layer, t, torch.ones(x.shape[1]), 0.0, torch.zeros(x.shape[1]), torch.ones(x.shape[1]), **norm)
-    w, b, mu, sd = fit_probe(shell.features(x), y, cfg.l2, intercept=False)
-    return Gate(layer, t, w, b, mu, sd, **norm)
+        w, b, mu, sd = fit_probe(x, y, cfg.l2, feature_scale=scale)
+        return Gate(first, t, w, b, mu, sd, extra_layers=extra)
+    shell = Gate(first, t, torch.ones(x.shape[1]), 0.0, torch.zeros(x.shape[1]), torch.ones(x.shape[1]), **norm,
+                 extra_layers=extra)
+    w, b, mu, sd = fit_probe(shell.features(x), y, cfg.l2, intercept=False, feature_scale=scale)
+    return Gate(first, t, w, b, mu, sd, **norm, extra_layers=extra)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -393,7 +449,7 @@ WRITTEN_SOURCE = "written"
 """``meta.source`` of the hand-written gate positives (``gate.written_harmful``)."""
 
 
-def pool_features(model, tokenizer, harmful: Sequence, benign: Sequence, counts: dict, layer: int,
+def pool_features(model, tokenizer, harmful: Sequence, benign: Sequence, counts: dict, layer: int | Sequence[int],
                   batching: Batching = BATCHING, fingerprint: str | None = None) -> torch.Tensor:
     """Features of the gate pool ``harmful + benign`` ([n, hidden]): the hand-written positives
     (the last ``counts["written_harmful"]`` harmful prompts) are read apart from the rest, so the
@@ -492,7 +548,7 @@ def attack_scores(model, tokenizer, gate: Gate, sets: dict[str, dict[str, list[t
     alone, so a prefill cannot move where the gate reads) ({attack: {"harmful": [n], "benign": [m]}})."""
     flat = [(a, k, it) for a, s in sets.items() for k in ("harmful", "benign") for it in s[k]]
     ids = encode(tokenizer, [m for _, _, (m, _) in flat])
-    z = gate.scores(cached_features(model, tokenizer, ids, gate.layer, batching, fingerprint)) if ids else torch.zeros(0)
+    z = gate.scores(cached_features(model, tokenizer, ids, gate.layers, batching, fingerprint)) if ids else torch.zeros(0)
     out: dict[str, dict[str, list]] = {a: {"harmful": [], "benign": []} for a in sets}
     for (a, k, _), v in zip(flat, z.tolist(), strict=True):
         out[a][k].append(v)
@@ -596,7 +652,7 @@ def feature_code_key() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int,
+def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int | Sequence[int],
                     batching: Batching = BATCHING, fingerprint: str | None = None) -> torch.Tensor:
     """:func:`features`, reused from ``$SAFETY_PATCH_HOME/gate-features/`` when the same prompts
     were read before on the same base (``fingerprint``), feature code (:func:`feature_code_key`), layer, batching, device, dtype,
@@ -604,7 +660,13 @@ def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: i
     ``gate fit`` after ``train`` with the same gate settings, skips the forward passes. The
     cached value is that earlier computation of exactly these batches. ``fingerprint`` None: no
     cache. A cache file that is unreadable, of the wrong shape or not finite is recomputed; one
-    that cannot be written is skipped (the cache never fails a fit)."""
+    that cannot be written is skipped (the cache never fails a fit). ``layer`` a sequence: each
+    layer's features (cached apart, one pass each), concatenated in its order: [n, k·hidden]."""
+    if not isinstance(layer, int):
+        layers = tuple(layer)
+        if len(layers) == 1:
+            return cached_features(model, tokenizer, prompts, layers[0], batching, fingerprint)
+        return torch.cat([cached_features(model, tokenizer, prompts, i, batching, fingerprint) for i in layers], 1)
     if fingerprint is None:
         return features(model, tokenizer, prompts, layer, batching)
     import hashlib
@@ -724,11 +786,11 @@ def held_out_scores(model, tokenizer, gate: Gate, data, split: str = "val", seed
                     batching: Batching = BATCHING,
                     fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """The gate's logits on every held-out set of ``split`` ({set: [n]}) and the set sizes."""
-    x, sizes = held_out_features(model, tokenizer, gate.layer, data, split, seed, batching, fingerprint)
+    x, sizes = held_out_features(model, tokenizer, gate.layers, data, split, seed, batching, fingerprint)
     return _by_set(gate.scores(x), sizes), sizes
 
 
-def held_out_features(model, tokenizer, layer: int, data, split: str = "val", seed: int = 0,
+def held_out_features(model, tokenizer, layer: int | Sequence[int], data, split: str = "val", seed: int = 0,
                       batching: Batching = BATCHING, fingerprint: str | None = None) -> tuple[torch.Tensor, dict[str, int]]:
     """Layer ``layer``'s features of every held-out set of ``split``, one after the other in
     :data:`HELD_OUT_SETS` order ([n, hidden]), and the set sizes (:func:`_by_set` splits rows)."""
@@ -774,7 +836,7 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, batching: Batch
     d = DataFolder.of(data)
     if validate is None:  # derived and hand-made folders may have no usable validation split
         validate = d.has("val") and bool(d.rows("val")) and bool(d.prompts("borderline", "val") or d.prompts("general", "val"))
-    layer = model_layer(model, cfg)
+    layers = model_layers(model, cfg)
     if cfg.target_fpr is not None and not validate:
         raise SafetyPatchError(f"gate config: target_fpr sets the threshold on the validation split, which {d.path} lacks "
                                "(or this fit skips): give a threshold instead (gate fit --threshold T; train --set "
@@ -784,39 +846,50 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, batching: Batch
     was_training = model.training
     model.eval()
     try:
-        x = pool_features(model, tokenizer, harmful, benign, counts, layer, batching, fingerprint)
+        x = pool_features(model, tokenizer, harmful, benign, counts, layers, batching, fingerprint)
         y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
-        gate = fit_gate_probe(x, y, layer, cfg, _norm_of(model, cfg))
-        val = None
+        gate = fit_gate_probe(x, y, layers, cfg, _norm_of(model, cfg))
+        val, raised = None, None
         if validate:
-            x_val, sizes = held_out_features(model, tokenizer, layer, d, "val", cfg.seed, batching, fingerprint)
+            x_val, sizes = held_out_features(model, tokenizer, layers, d, "val", cfg.seed, batching, fingerprint)
             scores = _by_set(gate.scores(x_val), sizes)
             if cfg.target_fpr is not None:
                 pool = torch.cat([scores[k] for k in THRESHOLD_POOL if k in scores])
                 gate.threshold = threshold_at_fpr(pool, cfg.target_fpr)
-            val = reliability(scores, gate.threshold) | {"split": "val", "n": sizes}
             # Validation's wrapped prompts come from its own few template families (31 on the
             # default folder); refits without each group of the train families give the wider
             # out-of-family estimate every gate file should carry (leave_one_family_out).
             templates = d.templates("train")
             fam = [template_family(m[-1]["content"], templates) for m in harmful + benign]
             if why := _lofo_impossible(fam, y):
-                val["leave_one_family_out"] = {"skipped": why}
+                if cfg.family_fpr is not None:  # fail closed: the threshold cannot be set as configured
+                    raise SafetyPatchError(f"gate config: family_fpr {cfg.family_fpr} raises the threshold on out-of-family "
+                                           f"wrapped safe prompts, but {why}")
+                lofo: dict = {"skipped": why}
             else:
                 feats = _by_set(x_val, sizes)
                 x_neg = torch.cat([feats[k] for k in THRESHOLD_POOL if k in feats])
-                val["leave_one_family_out"] = {"split": "val", "layer": layer, **_family_out_of_fold(
-                    x, y, fam, x_neg, layer, cfg, _norm_of(model, cfg), LOFO_FOLDS, cfg.seed)}
+                lofo = {"split": "val", "layer": layers[0], **({"extra_layers": list(layers[1:])} if len(layers) > 1 else {}),
+                        **_family_out_of_fold(x, y, fam, x_neg, layers, cfg, _norm_of(model, cfg), LOFO_FOLDS, cfg.seed)}
+                if cfg.family_fpr is not None:
+                    raised = lofo["raise_for_family_fpr"]
+                    gate.threshold += raised
+            val = reliability(scores, gate.threshold) | {"split": "val", "n": sizes, "leave_one_family_out": lofo}
     finally:
         model.train(was_training)
     gate.check("fitted gate")
     f = gate.fires(x)
-    info = {"layer": layer, "threshold": gate.threshold, "l2": cfg.l2, "harmful": len(harmful), "benign": len(benign),
+    info = {"layer": layers[0], "threshold": gate.threshold, "l2": cfg.l2, "harmful": len(harmful), "benign": len(benign),
             "train_harmful_caught": round(float(f[y > 0].float().mean()), 4),
             "train_benign_flagged": round(float(f[y == 0].float().mean()), 4),
             "prompts": counts, "position": "last prompt token", "fit_seconds": round(time.time() - t0, 1)}
+    if len(layers) > 1:  # absent for one-layer gates: their patch.json is as before
+        info["extra_layers"], info["extra_weight"] = list(layers[1:]), cfg.extra_weight
     if cfg.target_fpr is not None:
         info["threshold_from"] = {"target_fpr": cfg.target_fpr, "pool": "val borderline + general + wrapped benign"}
+        if raised is not None:
+            info["threshold_from"] |= {"family_fpr": cfg.family_fpr, "raised_by": raised,
+                                       "raise_from": "leave-one-family-out margins of the train pool's wrapped safe prompts"}
     if val is not None:
         info["validation"] = val
     return gate, info
@@ -877,7 +950,7 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     pos = held_out_requests(d, names, split)
     neg_direct, neg_wrapped = held["borderline"] + held["general"], held["wrapped_benign"]
     tests = [m for s in names for k in ("direct", "wrapped") for m in pos[s][k]] + neg_direct + neg_wrapped
-    layer = model_layer(model, cfg)
+    layer = model_layers(model, cfg)
     model.eval()
     # The pool's features are read with the very list the fit reads (fit_gate_on_data), so a
     # report after a fit (the reproduce gate stage, `gate eval` after `gate fit`) reuses them.
@@ -905,7 +978,8 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
                   "direct_vs_benign": discrimination(z[a:b_], zn_d, t)}
         if e > c:  # a source with no wrapped rows (the hand-written one) has no wrapped comparison
             out[s]["wrapped_vs_wrapped_benign"] = discrimination(z[c:e], zn_w, t)
-    return {"split": split, "layer": layer, "sources": out}
+    return {"split": split, "layer": layer[0], **({"extra_layers": list(layer[1:])} if len(layer) > 1 else {}),
+            "sources": out}
 
 
 def template_family(content: str, templates: Sequence) -> str | None:
@@ -961,14 +1035,14 @@ def leave_one_family_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
     if why := _lofo_impossible(fam, y):
         raise SafetyPatchError(f"{d.file('templates')}: {why}")
-    layer = model_layer(model, cfg)
+    layer = model_layers(model, cfg)
     model.eval()
     x = pool_features(model, tokenizer, harmful, benign, counts, layer, batching, fingerprint)
     # the split's features as a fit reads them (fit_gate_on_data), so a report after a fit reuses them
     x_split, sizes = held_out_features(model, tokenizer, layer, d, split, cfg.seed, batching, fingerprint)
     feats = _by_set(x_split, sizes)
     x_neg = torch.cat([feats[k] for k in THRESHOLD_POOL if k in feats])
-    return {"split": split, "layer": layer,
+    return {"split": split, "layer": layer[0], **({"extra_layers": list(layer[1:])} if len(layer) > 1 else {}),
             **_family_out_of_fold(x, y, fam, x_neg, layer, cfg, norm, folds, cfg.seed if seed is None else seed)}
 
 
@@ -983,10 +1057,13 @@ def _lofo_impossible(fam: Sequence[str | None], y: torch.Tensor) -> str | None:
     return None
 
 
-def _family_out_of_fold(x: torch.Tensor, y: torch.Tensor, fam: Sequence[str | None], x_neg: torch.Tensor, layer: int,
-                        cfg: GateFitConfig, norm: dict, folds: int, seed: int) -> dict:
-    """The refits of :func:`leave_one_family_out` on pool features ``x`` [n, hidden] with labels
-    ``y``, template families ``fam`` (None: unwrapped) and the threshold pool's features ``x_neg``."""
+def _family_out_of_fold(x: torch.Tensor, y: torch.Tensor, fam: Sequence[str | None], x_neg: torch.Tensor,
+                        layer: int | Sequence[int], cfg: GateFitConfig, norm: dict, folds: int, seed: int) -> dict:
+    """The refits of :func:`leave_one_family_out` on pool features ``x`` [n, k·hidden] with labels
+    ``y``, template families ``fam`` (None: unwrapped) and the threshold pool's features ``x_neg``.
+    With ``cfg.family_fpr``, also ``raise_for_family_fpr`` (the logit to add for at most that share
+    of these wrapped safe prompts to fire) and the figures at that raise, marked in-sample: the
+    raise is set on the very prompts they count."""
     families = sorted({f for f in fam if f is not None})
     order = families[:]
     random.Random(seed).shuffle(order)
@@ -1004,8 +1081,13 @@ def _family_out_of_fold(x: torch.Tensor, y: torch.Tensor, fam: Sequence[str | No
         per.append({"families": sum(1 for v in fold_of.values() if v == i), "threshold": t,
                     "wrapped_harmful": int((y[out] > 0).sum()), "wrapped_benign": int((y[out] == 0).sum())})
     mh, mb = torch.cat(m_h), torch.cat(m_b)
-    return {"folds": per, "families": len(families), "wrapped_vs_wrapped_benign": discrimination(mh, mb, 0.0),
-            "raise_for_fpr_0.05": max(0.0, threshold_at_fpr(mb, 0.05)) if len(mb) else None}
+    out = {"folds": per, "families": len(families), "wrapped_vs_wrapped_benign": discrimination(mh, mb, 0.0),
+           "raise_for_fpr_0.05": max(0.0, threshold_at_fpr(mb, 0.05)) if len(mb) else None}
+    if cfg.family_fpr is not None:
+        r = max(0.0, threshold_at_fpr(mb, cfg.family_fpr))
+        out["raise_for_family_fpr"] = r
+        out["at_family_threshold"] = {"in_sample": True, **discrimination(mh, mb, r)}
+    return out
 
 
 # ----------------------------------------------------------------------------- the gate folder
@@ -1023,6 +1105,8 @@ class GateManifest(_Strict):
     threshold: float
     files: dict[str, str]
     """{"gate.safetensors": sha256}: exactly that file."""
+    extra_layers: list[int] = []
+    """A multi-layer gate's further layers (absent: one layer); checked against the file."""
     config: dict[str, Any]
     prompts: dict[str, int]
     validation: dict[str, Any] | None = None
@@ -1051,7 +1135,8 @@ def write_gate_folder(out: str | Path, gate: Gate, info: dict, base: dict, cfg: 
     with atomic_dir(Path(out), overwrite=overwrite, kind="gate") as tmp:
         gate.save(tmp)
         sha = sha256_file(tmp / GATE_FILE)
-        meta = {"kind": GATE_KIND, "id": gate_id(sha), "base": base, "layer": gate.layer, "threshold": gate.threshold,
+        meta = {"kind": GATE_KIND, "id": gate_id(sha), "base": base, "layer": gate.layer,
+                **({"extra_layers": list(gate.extra_layers)} if gate.extra_layers else {}), "threshold": gate.threshold,
                 "config": dataclasses.asdict(cfg), "prompts": info["prompts"],
                 "train": {k: info[k] for k in ("harmful", "benign", "train_harmful_caught", "train_benign_flagged")},
                 **({"threshold_from": info["threshold_from"]} if "threshold_from" in info else {}),
@@ -1101,6 +1186,9 @@ def read_gate_folder(path: str | Path) -> tuple[Gate, dict]:
     gate = Gate.load(path)
     if gate.layer != man.layer:
         raise SafetyPatchError(f"{gj}: field 'layer' is {man.layer}, {GATE_FILE} holds layer {gate.layer}")
+    if list(gate.extra_layers) != man.extra_layers:
+        raise SafetyPatchError(f"{gj}: field 'extra_layers' is {man.extra_layers}, {GATE_FILE} holds "
+                               f"{list(gate.extra_layers)}")
     if not (math.isfinite(man.threshold) and math.isclose(gate.threshold, man.threshold, rel_tol=1e-6, abs_tol=1e-6)):
         raise SafetyPatchError(f"{gj}: field 'threshold' is {man.threshold}, {GATE_FILE} holds {gate.threshold}")
     return gate, raw
@@ -1154,7 +1242,8 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
     keep = ("method", "objective", "config", "data", "training")
     fields = {k: p.meta[k] for k in keep if k in p.meta}
     fields["stack"] = p.stack
-    fields["gate"] = {"layer": gate.layer, "threshold": gate.threshold, "id": gmeta["id"], "source": str(gate_dir),
+    fields["gate"] = {"layer": gate.layer, **({"extra_layers": list(gate.extra_layers)} if gate.extra_layers else {}),
+                      "threshold": gate.threshold, "id": gmeta["id"], "source": str(gate_dir),
                       **{k: gmeta[k] for k in ("config", "prompts", "train", "threshold_from", "validation", "position",
                                                "data", "code", "versions", "fit_seconds") if k in gmeta}}
     if replace:
@@ -1213,6 +1302,8 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
     if split == "val" and gmeta.get("threshold_from"):
         note = "the threshold was chosen on this split (target_fpr): its false-positive rate here is not an independent estimate"
     return {"kind": "safety-patch/gate-eval", "gate": {"path": str(gate_dir), "id": gmeta["id"], "layer": gate.layer,
+                                                       **({"extra_layers": list(gate.extra_layers)}
+                                                          if gate.extra_layers else {}),
                                                        "threshold": gate.threshold},
             "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "split": split, "seed": seed},
             "n": sizes, **rep, **({"note": note} if note else {}), "seconds": round(time.time() - t0, 1), **provenance()}
@@ -1260,6 +1351,12 @@ def report_table(rep: dict) -> str:
         auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
         lines.append(f"{'LOFO wrapped (train fam.)':<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
                      f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
+        raised = lofo.get("at_family_threshold")
+        where = "the target_fpr threshold" if raised else "its threshold"
         lines.append(f"  {lofo['families']} train template families in {len(lofo['folds'])} folds: out of family the gate "
-                     f"catches {pct(c['tpr_at_threshold']).strip()} of wrapped harmful prompts at its threshold")
+                     f"catches {pct(c['tpr_at_threshold']).strip()} of wrapped harmful prompts at {where}")
+        if raised:  # family_fpr: the shipped threshold is raised on these very prompts
+            lines.append(f"  at the threshold raised by {lofo['raise_for_family_fpr']:+.3f} (family_fpr, set on these "
+                         f"prompts: in-sample): {pct(raised['tpr_at_threshold']).strip()} caught, "
+                         f"{pct(raised['fpr_at_threshold']).strip()} of wrapped safe prompts fire")
     return "\n".join(lines)

@@ -49,6 +49,8 @@ class GateInfo(_Strict):
     """Decoder layer the probe reads; must equal the one in gate.safetensors."""
     threshold: float
     """Probe logit above which the adapter applies; must equal the one in gate.safetensors."""
+    extra_layers: list[int] = []
+    """Further layers a multi-layer gate reads (gate.Gate.extra_layers); must equal gate.safetensors'."""
 
 
 class PatchManifest(_Strict):

@@ -211,8 +211,9 @@ class PatchedModel:
         if not self.gated:
             return {}
         with self.using(()) as m:
-            states = layer_states(m, tokenizer, prompts, sorted({g.layer for g in self.gates.values()}), batch_size)
-        return {name: g.scores(states[g.layer]) for name, g in self.gates.items()}
+            states = layer_states(m, tokenizer, prompts, sorted({i for g in self.gates.values() for i in g.layers}),
+                                  batch_size)
+        return {name: g.scores(g.read(states)) for name, g in self.gates.items()}
 
     def routes(self, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8) -> list[tuple[str, ...]]:
         """Per prompt, the gated items its gates switch on (logit above threshold); ``()`` for every prompt without gates."""

@@ -225,10 +225,12 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
         check_weight_tensors(path, fmt)
     if gated:
         gate = Gate.load(path)
-        if gate.layer != man.gate.layer or not math.isclose(gate.threshold, man.gate.threshold, rel_tol=1e-6, abs_tol=1e-6):
+        said = (man.gate.layer, *man.gate.extra_layers)
+        if gate.layers != said or not math.isclose(gate.threshold, man.gate.threshold, rel_tol=1e-6, abs_tol=1e-6):
             raise SafetyPatchError(
-                f"{pj}: field 'gate' says layer {man.gate.layer}, threshold {man.gate.threshold}, but {GATE_FILE} "
-                f"holds layer {gate.layer}, threshold {gate.threshold}")
+                f"{pj}: field 'gate' says layer{'s' * (len(said) > 1)} {', '.join(map(str, said))}, threshold "
+                f"{man.gate.threshold}, but {GATE_FILE} holds layer{'s' * (len(gate.layers) > 1)} "
+                f"{', '.join(map(str, gate.layers))}, threshold {gate.threshold}")
     # Checked last, so that a damaged file is named before the id that no longer matches it.
     pid = patch_id(hashes)
     if man.id != pid:
@@ -303,18 +305,20 @@ def _check_lora_shapes(patch: Patch, model: torch.nn.Module) -> None:
 
 
 def _check_gate_fits(patch: Patch, model: torch.nn.Module) -> None:
-    """The gate's vectors have the model's hidden size and its layer exists."""
+    """The gate's vectors have the model's hidden size (per layer it reads) and its layers exist."""
     from .gate import GATE_FILE, Gate
 
     gate = Gate.load(patch.path)
     cfg = getattr(model, "config", None)
     hidden = getattr(cfg, "hidden_size", None)
-    if hidden is not None and gate.weight.shape[0] != hidden:
+    k = len(gate.layers)
+    if hidden is not None and gate.weight.shape[0] != k * hidden:
         raise SafetyPatchError(f"{patch.path / GATE_FILE}: vectors have length {gate.weight.shape[0]}, "
-                               f"the model's hidden size is {hidden}")
+                               f"the model's hidden size is {hidden}" + (f" ({k} layers: {k * hidden})" if k > 1 else ""))
     layers = getattr(cfg, "num_hidden_layers", None)
-    if layers is not None and not 0 <= gate.layer < layers:
-        raise SafetyPatchError(f"{patch.path / GATE_FILE}: layer {gate.layer} out of range: the model has layers 0-{layers - 1}")
+    bad = [i for i in gate.layers if layers is not None and not 0 <= i < layers]
+    if bad:
+        raise SafetyPatchError(f"{patch.path / GATE_FILE}: layer {bad[0]} out of range: the model has layers 0-{layers - 1}")
 
 
 def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force: bool = False) -> list[str]:

@@ -234,7 +234,7 @@ def _nano_gcg(model, tokenizer, config, gates=(), weight: float = 0.0, margin: f
     class ProjectGCG(NanoGCG):
         @contextlib.contextmanager
         def _states(self, pos: int):
-            store: dict[int, list] = {g.layer: [] for g in gates}
+            store: dict[int, list] = {i: [] for g in gates for i in g.layers}
 
             def hook_for(layer):
                 def hook(_m, _i, output):
@@ -251,7 +251,7 @@ def _nano_gcg(model, tokenizer, config, gates=(), weight: float = 0.0, margin: f
         @staticmethod
         def _logits(store) -> list[torch.Tensor]:
             # Gate.logits: the same features (residual or final-norm) and formula as routing.
-            return [g.logits(torch.cat(store[g.layer])) for g in gates]
+            return [g.logits(g.read({i: torch.cat(store[i]) for i in g.layers})) for g in gates]
 
         @classmethod
         def _penalty(cls, store) -> torch.Tensor:

@@ -183,7 +183,8 @@ def provenance(lm, patches) -> dict:
     return {"model": lm.name, "fingerprint": lm.fingerprint, "device": str(lm.runtime.device),
             "dtype": str(lm.runtime.dtype).removeprefix("torch."),
             "patches": [{"path": str(p.path), "id": p.id, "base_fingerprint": p.base_fingerprint,
-                         "gate": {k: p.meta["gate"].get(k) for k in ("layer", "threshold")} if p.gated else None}
+                         "gate": {k: p.meta["gate"][k] for k in ("layer", "extra_layers", "threshold")
+                                  if k in p.meta["gate"]} if p.gated else None}
                         for p in patches],
             "versions": library_versions(), "code": code_identity(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

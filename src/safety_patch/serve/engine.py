@@ -59,10 +59,15 @@ class GateReading:
     logit: float
     threshold: float
     fired: bool
+    extra_layers: tuple[int, ...] = ()
+    """A multi-layer gate's further layers (gate.Gate.extra_layers)."""
 
     def as_dict(self) -> dict:
-        return {"patch": self.patch, "layer": self.layer, "logit": round(self.logit, 6),
-                "threshold": self.threshold, "fired": self.fired}
+        out = {"patch": self.patch, "layer": self.layer, "logit": round(self.logit, 6),
+               "threshold": self.threshold, "fired": self.fired}
+        if self.extra_layers:  # single-layer readings keep their old shape
+            out["layers"] = [self.layer, *self.extra_layers]
+        return out
 
 
 @dataclass
@@ -246,7 +251,7 @@ class Engine:
         out = []
         for i in range(len(prompts)):
             readings = [GateReading(folder[a], g.layer, float(logits[a][i]), float(g.threshold),
-                                    bool(logits[a][i] > g.threshold)) for a, g in pm.gates.items()]
+                                    bool(logits[a][i] > g.threshold), g.extra_layers) for a, g in pm.gates.items()]
             on = tuple(a for a, r in zip(pm.gates, readings, strict=True) if r.fired)
             active = [folder[a] for a in pm.items if a not in pm.gates or a in on]
             out.append((on, Route(name, active, readings)))
@@ -385,7 +390,7 @@ class GateProbe:
         self.layers_total = cfg.num_hidden_layers
         if self.gates:
             runtime = rt.resolve(device, dtype)
-            cfg.num_hidden_layers = max(g.layer for g in self.gates.values()) + 1  # only these layers are loaded
+            cfg.num_hidden_layers = max(max(g.layers) for g in self.gates.values()) + 1  # only these layers are loaded
             self.model = AutoModel.from_pretrained(where, config=cfg, dtype=runtime.dtype).to(runtime.device).eval()
             self.layers_loaded = cfg.num_hidden_layers
         self._lock = threading.Lock()
@@ -415,11 +420,12 @@ class GateProbe:
         if gate is None:
             return [Route(name, [patch.name]) for _ in prompts]
         with self._lock:
-            states = layer_states(self.model, self.tokenizer, prompts, [gate.layer], max(1, len(prompts)))
-        logits = gate.scores(states[gate.layer])
+            states = layer_states(self.model, self.tokenizer, prompts, list(gate.layers), max(1, len(prompts)))
+        logits = gate.scores(gate.read(states))
         out = []
         for i in range(len(prompts)):
             fired = bool(logits[i] > gate.threshold)
             out.append(Route(name, [patch.name] if fired else [],
-                             [GateReading(patch.name, gate.layer, float(logits[i]), float(gate.threshold), fired)]))
+                             [GateReading(patch.name, gate.layer, float(logits[i]), float(gate.threshold), fired,
+                                          gate.extra_layers)]))
         return out

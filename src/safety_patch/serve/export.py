@@ -162,10 +162,12 @@ def export_gate(lm, gate, out: str | Path, where: str | Path = "gate") -> Path:
     must be the one the gate recorded)."""
     if not gate.exportable:
         why = ("it reads the pre-norm residual stream with a bias" if gate.norm_weight is None
-               else "it has a mean or bias offset")
+               else f"it reads {len(gate.layers)} layers ({', '.join(map(str, gate.layers))}), a head reads one"
+               if gate.extra_layers else "it has a mean or bias offset")
+        fix = ("a one-layer gate: `safety-patch gate fit` without --extra-layers" if gate.extra_layers
+               else "`safety-patch gate fit --features final-norm`")
         raise SafetyPatchError(f"{where}: {why}, which a transformers sequence-classification head (final norm, no bias) "
-                               "cannot reproduce exactly; nothing written (fit an exportable gate with "
-                               "`safety-patch gate fit --features final-norm`)")
+                               f"cannot reproduce exactly; nothing written (fit an exportable gate with {fix})")
     norm = final_norm(lm.model)
     if not torch.equal(norm.weight.detach().float().cpu(), gate.norm_weight):
         raise SafetyPatchError(f"{where}: the gate's recorded final-norm weight is not this model's; nothing written")

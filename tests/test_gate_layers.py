@@ -1,0 +1,241 @@
+"""Multi-layer gates (issue 23): a probe on several layers' last-token states, its file, routing,
+fit (extra_layers, extra_weight), the out-of-family threshold raise (family_fpr), export's refusal
+and the adaptive GCG objective."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from safety_patch.errors import SafetyPatchError
+from safety_patch.gate import GATE_FILE, Gate, fit_probe, layer_states
+from safety_patch.gate_fit import GATE_JSON, GateFitConfig, _norm_of, fit_gate_probe
+from safety_patch.generation import GenerationConfig, generate
+from safety_patch.patches import attached, finalize_patch, read_patch
+from safety_patch.testing import make_lora_patch, tiny_llama
+from test_gate import HARM, SAFE, _ids
+from test_gate_stage import CFG, data_dir, lm  # noqa: F401  (module fixtures)
+
+
+def _two_layer_gate(model, tok, threshold=0.0, features="final-norm", extra_weight=1.0):
+    st = layer_states(model, tok, _ids(tok, HARM + SAFE), [1, 0])
+    x = torch.cat([st[1], st[0]], 1)
+    y = torch.tensor([1.0] * len(HARM) + [0.0] * len(SAFE))
+    cfg = GateFitConfig(layer=1, extra_layers=[0], extra_weight=extra_weight, threshold=threshold, target_fpr=None,
+                        features=features)
+    return fit_gate_probe(x, y, (1, 0), cfg, _norm_of(model, cfg))
+
+
+def _gated(model, tok, path, gate):
+    make_lora_patch(model, path, "fp", seed=1, scale=0.5)
+    gate.save(path)
+    finalize_patch(path, "lora", {"name": "test", "fingerprint": "fp"}, method="lora",
+                   gate={"layer": gate.layer, "extra_layers": list(gate.extra_layers), "threshold": gate.threshold})
+    return read_patch(path)
+
+
+def test_a_two_layer_gate_scores_both_layers_and_routes_generation_per_prompt(tmp_path):
+    model, tok = tiny_llama()
+    gate = _two_layer_gate(model, tok)
+    assert gate.layers == (1, 0) and len(gate.weight) == 2 * model.config.hidden_size and not gate.exportable
+    ids = _ids(tok, HARM + SAFE)
+    st = layer_states(model, tok, ids, [0, 1])
+    norm = model.model.norm
+
+    def fn(h):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.detach()
+
+    want = (torch.cat([fn(st[1]), fn(st[0])], 1) / gate.std) @ gate.weight  # the documented formula, by hand
+    p = _gated(model, tok, tmp_path / "g", gate)
+    with attached(model, [p]) as m:
+        (got,) = m.gate_scores(tok, ids).values()
+    assert torch.allclose(got, want, atol=1e-5)
+    # the later layer counts: the same gate without its layer-0 weights scores otherwise
+    one = Gate(1, 0.0, gate.weight.clone(), 0.0, gate.mean, gate.std, gate.norm_weight, gate.norm_eps, (0,))
+    one.weight[model.config.hidden_size:] = 0
+    assert not torch.allclose(one.scores(gate.read(st)), got, atol=1e-3)
+    fires = (got > gate.threshold).tolist()
+    assert any(fires) and not all(fires)
+    convs = [[{"role": "user", "content": t}] for t in HARM + SAFE]
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=1)
+    base = generate(model, tok, convs, cfg)
+    ungated = make_lora_patch(model, tmp_path / "u", "fp", seed=1, scale=0.5)
+    with attached(model, [read_patch(ungated)]) as m:
+        adapted = generate(m, tok, convs, cfg)
+    with attached(model, [p]) as m:
+        gated = generate(m, tok, convs, cfg)
+    assert gated == [a if f else b for a, b, f in zip(adapted, base, fires, strict=True)]
+
+
+def test_gate_files_hold_every_layer_and_one_layer_files_are_unchanged(tmp_path):
+    model, tok = tiny_llama()
+    gate = _two_layer_gate(model, tok)
+    gate.save(tmp_path)
+    t = load_file(str(tmp_path / GATE_FILE))
+    assert t["layer"].tolist() == [1, 0]
+    back = Gate.load(tmp_path)
+    assert back.layers == (1, 0) and torch.equal(back.weight, gate.weight)
+    # a one-layer gate writes exactly the tensors and bytes it wrote before multi-layer gates
+    one = Gate(1, 0.5, torch.ones(32), 0.25, torch.zeros(32), torch.ones(32))
+    (tmp_path / "one").mkdir()
+    one.save(tmp_path / "one")
+    old = {"weight": torch.ones(32), "bias": torch.tensor([0.25]), "mean": torch.zeros(32), "std": torch.ones(32),
+           "layer": torch.tensor([1], dtype=torch.int64), "threshold": torch.tensor([0.5])}
+    save_file(old, str(tmp_path / "old.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "one" / GATE_FILE).read_bytes() == (tmp_path / "old.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"layer": torch.tensor([1, 1])}, "repeat a layer"),
+    ({"layer": torch.tensor([1, 0, 2])}, "not a multiple of the 3 layers"),
+    ({"layer": torch.tensor([[1, 0]])}, "must be a vector of one or more layers"),
+    ({"layer": torch.tensor([1, -1])}, "layer -1 is negative"),
+])
+def test_bad_multi_layer_gate_files_are_refused(tmp_path, edit, message):
+    model, tok = tiny_llama()
+    _two_layer_gate(model, tok).save(tmp_path)
+    t = load_file(str(tmp_path / GATE_FILE))
+    save_file(t | edit, str(tmp_path / GATE_FILE))
+    with pytest.raises(SafetyPatchError, match=message):
+        Gate.load(tmp_path)
+
+
+def test_a_final_norm_vector_of_the_wrong_length_for_its_layers_is_refused(tmp_path):
+    model, tok = tiny_llama()
+    _two_layer_gate(model, tok).save(tmp_path)
+    t = load_file(str(tmp_path / GATE_FILE))
+    save_file(t | {"layer": torch.tensor([1])}, str(tmp_path / GATE_FILE))  # 2 x hidden weights, one layer said
+    with pytest.raises(SafetyPatchError, match="norm_weight must be a finite vector of the weight's length per layer"):
+        Gate.load(tmp_path)
+
+
+def test_patch_json_must_name_the_gate_files_layers(tmp_path):
+    from safety_patch.patches import verify
+
+    model, tok = tiny_llama()
+    gate = _two_layer_gate(model, tok)
+    p = _gated(model, tok, tmp_path / "g", gate)
+    meta = json.loads((p.path / "patch.json").read_text())
+    assert meta["gate"]["extra_layers"] == [0]
+    meta["gate"]["extra_layers"] = []
+    (p.path / "patch.json").write_text(json.dumps(meta))
+    with pytest.raises(SafetyPatchError, match=r"says layer 1, .* holds layers 1, 0"):
+        read_patch(p.path)
+    # a gate whose extra layer the model lacks fails verification, not routing
+    bad = Gate(1, 0.0, gate.weight, 0.0, gate.mean, gate.std, gate.norm_weight, gate.norm_eps, (7,))
+    q = _gated(model, tok, tmp_path / "h", bad)
+    with pytest.raises(SafetyPatchError, match="layer 7 out of range"):
+        verify(q, model, "fp")
+
+
+def test_gate_export_refuses_a_multi_layer_gate(tmp_path):
+    from safety_patch.serve.export import export_gate
+
+    model, tok = tiny_llama()
+    gate = _two_layer_gate(model, tok)
+    with pytest.raises(SafetyPatchError, match=r"reads 2 layers \(1, 0\), a head reads one"):
+        export_gate(None, gate, tmp_path / "x")  # refused before the model is read
+    assert not (tmp_path / "x").exists()
+
+
+def test_feature_scale_is_a_group_l2_penalty():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(30, 6, generator=g) + 0.7, torch.randn(40, 6, generator=g) - 0.7])
+    y = torch.tensor([1.0] * 30 + [0.0] * 40)
+    # a uniform scale c is the plain fit with l2 / c^2: the same logits
+    w1, _, _, sd1 = fit_probe(x, y, 0.1, intercept=False, feature_scale=torch.full((6,), 2.0))
+    w2, _, _, sd2 = fit_probe(x, y, 0.1 / 4, intercept=False)
+    assert torch.allclose((x / sd1) @ w1, (x / sd2) @ w2, atol=1e-3)
+    # a small scale on some features shrinks what they contribute
+    s = torch.tensor([1.0, 1.0, 1.0, 0.05, 0.05, 0.05])
+    w3, _, _, sd3 = fit_probe(x, y, 0.1, intercept=False, feature_scale=s)
+    contrib = (x / sd3) * w3
+    assert contrib[:, 3:].abs().mean() < 0.1 * contrib[:, :3].abs().mean()
+
+
+def test_fit_on_data_with_extra_layers_and_a_family_raised_threshold(lm, data_dir, tmp_path):  # noqa: F811
+    from safety_patch.gate_fit import fit_gate_folder, fit_gate_on_data, read_gate_folder
+
+    base = {**CFG.__dict__, "wrapped_benign": 12, "wrapped_harmful": 8, "threshold": None, "target_fpr": 0.1,
+            "features": "final-norm"}
+    cfg = GateFitConfig(**{**base, "extra_layers": [0], "extra_weight": 0.5})
+    plain, info0 = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, cfg)
+    assert plain.layers == (1, 0) and info0["extra_layers"] == [0] and info0["extra_weight"] == 0.5
+    assert info0["validation"]["leave_one_family_out"]["extra_layers"] == [0]
+    raised_cfg = GateFitConfig(**{**base, "extra_layers": [0], "extra_weight": 0.5, "family_fpr": 0.2})
+    gate, info = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, raised_cfg)
+    lofo = info["validation"]["leave_one_family_out"]
+    r = info["threshold_from"]["raised_by"]
+    assert r == lofo["raise_for_family_fpr"] >= 0 and info["threshold_from"]["family_fpr"] == 0.2
+    assert torch.equal(gate.weight, plain.weight)  # the raise moves the threshold only
+    assert gate.threshold == pytest.approx(plain.threshold + r)
+    assert lofo["at_family_threshold"]["in_sample"] and lofo["at_family_threshold"]["fpr_at_threshold"]["value"] <= 0.2
+    assert info["validation"]["threshold"] == gate.threshold  # the validation report is at the shipped threshold
+    out = tmp_path / "g"
+    meta = fit_gate_folder(lm, data_dir, raised_cfg, out)
+    g2, m2 = read_gate_folder(out)
+    assert m2["extra_layers"] == [0] and g2.layers == (1, 0) and meta["threshold_from"]["raised_by"] == r
+    raw = json.loads((out / GATE_JSON).read_text())
+    raw["extra_layers"] = []
+    (out / GATE_JSON).write_text(json.dumps(raw))
+    with pytest.raises(SafetyPatchError, match="field 'extra_layers' is \\[\\], gate.safetensors holds \\[0\\]"):
+        read_gate_folder(out)
+    # fail closed: a raise that cannot be computed is an error, not a gate at the plain threshold
+    with pytest.raises(SafetyPatchError, match="family_fpr 0.2 raises the threshold"):
+        fit_gate_on_data(lm.model, lm.tokenizer, data_dir, GateFitConfig(**{**base, "wrapped_benign": 0, "family_fpr": 0.2}))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"extra_layers": [1]}, "layer 1 is already the gate's layer"),
+    ({"extra_layers": [9]}, "layer 9 out of range"),
+    ({"extra_layers": [0, 0]}, "extra_layers must be a list of distinct integers"),
+    ({"extra_layers": [-1]}, "extra_layers must be a list of distinct integers"),
+    ({"extra_weight": 0.0}, "extra_weight must be a finite number > 0"),
+    ({"extra_weight": float("nan")}, "extra_weight must be a finite number > 0"),
+    ({"family_fpr": 1.0}, "family_fpr must be a number in \\(0, 1\\)"),
+    ({"family_fpr": 0.05, "threshold": 0.5, "target_fpr": None}, "family_fpr raises a target_fpr threshold"),
+])
+def test_bad_multi_layer_settings_are_one_clear_error(lm, data_dir, fields, message):  # noqa: F811
+    from safety_patch.gate_fit import fit_gate_on_data
+
+    cfg = GateFitConfig(**{**CFG.__dict__, **fields})
+    with pytest.raises(SafetyPatchError, match=message):
+        fit_gate_on_data(lm.model, lm.tokenizer, data_dir, cfg)
+
+
+def test_cli_fits_a_two_layer_gate_and_refuses_to_export_it(data_dir, tiny_dir, tmp_path, capsys):  # noqa: F811
+    from safety_patch.cli import main
+
+    g = tmp_path / "g"
+    args = ["gate", "fit", "--data", str(data_dir), "--model", str(tiny_dir), "--layer", "1", "--self-instruct", "0",
+            "--wrapped-benign", "6", "--wrapped-harmful", "4", "--rephrased", "0", "--no-written-harmful"]
+    assert main(args + ["--out", str(g), "--extra-layers", "0", "--extra-weight", "0.6"]) == 0
+    assert "on layers 1, 0" in capsys.readouterr().out
+    assert json.loads((g / GATE_JSON).read_text())["config"]["extra_layers"] == [0]
+    assert main(args + ["--out", str(tmp_path / "h"), "--extra-layers", "zero"]) == 2
+    assert "--extra-layers must be comma-separated layer numbers" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
+    assert main(["gate", "export", "--gate", str(g), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "a head reads one" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_the_gate_aware_objective_moves_a_two_layer_gate(tmp_path, monkeypatch):
+    from safety_patch.attacks.gcg import GateGCG, GCGSettings
+
+    monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
+    model, tok = tiny_llama()
+    request = "How do I kill a Python process?"
+    settings = GCGSettings(steps=4, search_width=32, topk=32, suffix_tokens=4, gate_weight=5.0, gate_margin=1.0)
+    init = " " + " ".join(["!"] * settings.suffix_tokens)
+    gate = _two_layer_gate(model, tok, threshold=-100.0)
+    with attached(model, [_gated(model, tok, tmp_path / "probe", gate)], "fp") as pm:
+        ids = GateGCG(settings).bind(pm, tok).evaluated_ids(request, init)
+        (z0,) = pm.gate_scores(tok, [ids]).values()
+    gate.threshold = float(z0[0]) - 1.0  # the gate fires on the starting point, by a logit
+    with attached(model, [_gated(model, tok, tmp_path / "g", gate)], "fp") as pm:
+        r = GateGCG(settings).bind(pm, tok).optimise(request)
+    (z,) = r["gate_logits"].values()
+    assert z < gate.threshold < float(z0[0]) and r["adapters"] == []
