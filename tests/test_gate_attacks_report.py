@@ -185,8 +185,8 @@ def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(da
 
     monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
     gf.fit_gate_on_data(lm.model, lm.tokenizer, data_dir, base, validate=False, fingerprint=lm.fingerprint)
-    real, read = gf.features, []
-    monkeypatch.setattr(gf, "features", lambda m, t, prompts, *a, **k: read.append(len(prompts)) or real(m, t, prompts, *a, **k))
+    real, read = gf.features_at, []
+    monkeypatch.setattr(gf, "features_at", lambda m, t, prompts, *a, **k: read.append(len(prompts)) or real(m, t, prompts, *a, **k))
     gf.fit_gate_on_data(lm.model, lm.tokenizer, data_dir, on, validate=False, fingerprint=lm.fingerprint)
     assert read == [2 * len(reqs)]  # only the hand-written prompts were read
     rep = gf.leave_one_source_out(lm.model, lm.tokenizer, data_dir, on, "val")

@@ -347,20 +347,20 @@ def test_a_refit_reuses_the_features_and_recomputes_a_damaged_cache(lm, data_dir
     first, _ = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint=lm.fingerprint)
     cached = sorted((tmp_path / "home" / "gate-features").iterdir())
     assert len(cached) == 2  # the train pool and the validation prompts
-    real = gf.features
-    monkeypatch.setattr(gf, "features", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    real = gf.features_at
+    monkeypatch.setattr(gf, "features_at", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     cfg2 = GateFitConfig(**{**CFG.__dict__, "threshold": 2.0, "l2": 0.1})
     again, _ = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, cfg2, fingerprint=lm.fingerprint)
     assert again.threshold == 2.0 and not torch.equal(again.weight, first.weight)  # refit, from the cached features
     same, _ = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint=lm.fingerprint)
     assert torch.equal(same.weight, first.weight)
-    monkeypatch.setattr(gf, "features", real)
+    monkeypatch.setattr(gf, "features_at", real)
     for f in cached:
         f.write_bytes(b"garbage")
     fresh, _ = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint=lm.fingerprint)
     assert torch.equal(fresh.weight, first.weight)
     # another base (fingerprint) never reads these features
-    monkeypatch.setattr(gf, "features", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    monkeypatch.setattr(gf, "features_at", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     with pytest.raises(AssertionError, match="recomputed"):
         fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint="another-base")
     # an edit elsewhere in the package keeps them; another feature path (here: transformers) does not
@@ -388,8 +388,8 @@ def test_leave_one_source_out_after_a_fit_reads_only_its_held_out_prompts(lm, da
 
     monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
     fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint=lm.fingerprint)
-    real, read = gf.features, []
-    monkeypatch.setattr(gf, "features", lambda m, t, prompts, *a, **k: read.append(len(prompts)) or real(m, t, prompts, *a, **k))
+    real, read = gf.features_at, []
+    monkeypatch.setattr(gf, "features_at", lambda m, t, prompts, *a, **k: read.append(len(prompts)) or real(m, t, prompts, *a, **k))
     rep = gf.leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val", fingerprint=lm.fingerprint)
     n_pos = sum(r["direct_vs_benign"]["auroc"]["n_pos"] + r["wrapped_vs_wrapped_benign"]["auroc"]["n_pos"]
                 for r in rep["sources"].values())

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from safety_patch.errors import SafetyPatchError
 from safety_patch.gate import layer_states
-from safety_patch.shared_prefix import last_token_states, plan, plan_cost
+from safety_patch.shared_prefix import last_token_states, last_token_states_at, plan, plan_cost
 from safety_patch.testing import tiny_llama
 
 # Small alphabets and a few shared openings, so that the trees have depth and branching.
@@ -95,6 +95,32 @@ def test_states_equal_a_plain_pass_to_float_rounding(min_saving, token_budget, k
     read = []
     last_token_states(model, prompts, 1, progress=read.append)
     assert sum(read) == len(prompts)
+    # several layers in one pass: each exactly what a pass for that layer alone reads
+    both = last_token_states_at(model, prompts, [2, 0], token_budget=token_budget, kv_budget=kv_budget,
+                                min_saving=min_saving)
+    assert sorted(both) == [0, 2]
+    for layer in (0, 2):
+        assert torch.equal(both[layer], last_token_states(model, prompts, layer, token_budget=token_budget,
+                                                          kv_budget=kv_budget, min_saving=min_saving))
+
+
+def test_a_multi_layer_read_is_one_pass_and_caches_each_layer(tmp_path, monkeypatch):
+    import safety_patch.gate_fit as gf
+
+    monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
+    model, tok = tiny_llama(layers=3)
+    prompts = _templated(12, 1, len(tok))
+    calls = []
+    real = gf.features_at
+    monkeypatch.setattr(gf, "features_at", lambda m, t, p, layers, *a, **k: calls.append(list(layers)) or real(m, t, p, layers, *a, **k))
+    x = gf.cached_features(model, tok, prompts, (2, 0), fingerprint="fp")
+    assert calls == [[0, 2]]  # one pass for both layers
+    one = gf.cached_features(model, tok, prompts, 2, fingerprint="fp")  # from the cache the pass wrote
+    assert calls == [[0, 2]] and torch.equal(x, torch.cat([one, gf.cached_features(model, tok, prompts, 0, fingerprint="fp")], 1))
+    gf.cached_features(model, tok, prompts, (1, 2), fingerprint="fp")
+    assert calls == [[0, 2], [1]]  # only the layer not cached is read
+    with pytest.raises(SafetyPatchError, match="layer 3 out of range"):
+        last_token_states_at(model, prompts, [0, 3])
 
 
 def test_the_gate_on_the_shared_prefix_path_equals_the_old_one_to_rounding(tiny_dir, tmp_path):

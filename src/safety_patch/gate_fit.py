@@ -609,23 +609,34 @@ def features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int,
     inference mode; they agree to float rounding. Raises SafetyPatchError for an unknown
     ``batching``, a layer the model lacks or an empty prompt.
     """
+    return features_at(model, tokenizer, prompts, [layer], batching, batch_size)[layer]
+
+
+def features_at(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Sequence[int],
+                batching: Batching = BATCHING, batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """:func:`features` at each of ``layers`` in one pass that stops after the deepest:
+    {layer: [n, hidden] fp32}, each equal to what :func:`features` reads for that layer alone."""
     from .progress import bar
 
     if not (batching is None or batching == SHARED_PREFIX or (isinstance(batching, int) and not isinstance(batching, bool)
                                                               and batching > 0)):
         raise SafetyPatchError(f"gate feature batching {batching!r}: expected {SHARED_PREFIX!r}, None or a positive "
                                "token budget")
-    with torch.inference_mode(), bar(len(prompts), f"[gate] layer {layer} states", unit="prompt") as b:
+    layers = sorted(set(layers))
+    what = f"layer{'s' * (len(layers) > 1)} {', '.join(map(str, layers))}"
+    with torch.inference_mode(), bar(len(prompts), f"[gate] {what} states", unit="prompt") as b:
         if batching is None:
-            return layer_states(model, tokenizer, prompts, [layer], batch_size, progress=b.update)[layer]
+            return layer_states(model, tokenizer, prompts, layers, batch_size, progress=b.update)
         if batching == SHARED_PREFIX:
-            from .shared_prefix import last_token_states
+            from .shared_prefix import last_token_states_at
 
-            return last_token_states(model, prompts, layer, progress=b.update)
+            return last_token_states_at(model, prompts, layers, progress=b.update)
         dim = getattr(model.config, "hidden_size", 0)
-        out = torch.zeros(len(prompts), dim)
+        out = {li: torch.zeros(len(prompts), dim) for li in layers}
         for idx in length_buckets([len(p) for p in prompts], batching):
-            out[idx] = layer_states(model, tokenizer, [prompts[i] for i in idx], [layer], len(idx))[layer]
+            got = layer_states(model, tokenizer, [prompts[i] for i in idx], layers, len(idx))
+            for li in layers:
+                out[li][idx] = got[li]
             b.update(len(idx))
         return out
 
@@ -646,10 +657,24 @@ def feature_code_key() -> str:
     from . import gate, shared_prefix
 
     parts = [inspect.getsource(f) for f in (gate.layer_states, gate.left_padded, gate.decoder_layers, gate._Stop,
-                                            features, length_buckets)]
+                                            features, features_at, length_buckets)]
     parts.append(inspect.getsource(shared_prefix))
     parts += [f"MAX_BATCH={MAX_BATCH}", transformers.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _feature_cache_path(model, prompts: Sequence[Sequence[int]], layer: int, batching: Batching, fingerprint: str):
+    import hashlib
+    import json
+
+    from .models import home
+
+    p = next(model.parameters())
+    key = hashlib.sha256(json.dumps({
+        "fingerprint": fingerprint, "code": feature_code_key(), "torch": torch.__version__, "layer": layer,
+        "batching": batching, "device": str(p.device), "dtype": str(p.dtype), "threads": torch.get_num_threads(),
+        "prompts": [list(map(int, x)) for x in prompts]}).encode()).hexdigest()
+    return home() / "gate-features" / f"{key[:32]}.safetensors"
 
 
 def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int | Sequence[int],
@@ -661,47 +686,43 @@ def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: i
     cached value is that earlier computation of exactly these batches. ``fingerprint`` None: no
     cache. A cache file that is unreadable, of the wrong shape or not finite is recomputed; one
     that cannot be written is skipped (the cache never fails a fit). ``layer`` a sequence: each
-    layer's features (cached apart, one pass each), concatenated in its order: [n, k·hidden]."""
-    if not isinstance(layer, int):
-        layers = tuple(layer)
-        if len(layers) == 1:
-            return cached_features(model, tokenizer, prompts, layers[0], batching, fingerprint)
-        return torch.cat([cached_features(model, tokenizer, prompts, i, batching, fingerprint) for i in layers], 1)
-    if fingerprint is None:
-        return features(model, tokenizer, prompts, layer, batching)
-    import hashlib
-    import json
+    layer's features (cached apart; the layers not cached read in one pass, :func:`features_at`),
+    concatenated in its order: [n, k·hidden]."""
     import os
     import tempfile
 
     from safetensors.torch import load_file, save_file
 
-    from .models import home
-
-    p = next(model.parameters())
-    key = hashlib.sha256(json.dumps({
-        "fingerprint": fingerprint, "code": feature_code_key(), "torch": torch.__version__, "layer": layer,
-        "batching": batching, "device": str(p.device), "dtype": str(p.dtype), "threads": torch.get_num_threads(),
-        "prompts": [list(map(int, x)) for x in prompts]}).encode()).hexdigest()
-    path = home() / "gate-features" / f"{key[:32]}.safetensors"
+    layers = (layer,) if isinstance(layer, int) else tuple(layer)
     dim = getattr(model.config, "hidden_size", 0)
-    if path.is_file():
-        try:
-            x = load_file(str(path))["features"]
-            if tuple(x.shape) == (len(prompts), dim) and x.dtype == torch.float32 and bool(torch.isfinite(x).all()):
-                return x
-        except Exception:  # a damaged cache entry: recompute (and rewrite) it
-            pass
-    x = features(model, tokenizer, prompts, layer, batching)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        os.close(fd)
-        save_file({"features": x.contiguous()}, tmp)
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
-    except OSError:
-        pass
-    return x
+    got: dict[int, torch.Tensor] = {}
+    paths = {}
+    if fingerprint is not None:
+        for li in set(layers):
+            paths[li] = path = _feature_cache_path(model, prompts, li, batching, fingerprint)
+            if path.is_file():
+                try:
+                    x = load_file(str(path))["features"]
+                    if tuple(x.shape) == (len(prompts), dim) and x.dtype == torch.float32 and bool(torch.isfinite(x).all()):
+                        got[li] = x
+                except Exception:  # a damaged cache entry: recompute (and rewrite) it
+                    pass
+    missing = sorted(set(layers) - set(got))
+    if missing:
+        fresh = features_at(model, tokenizer, prompts, missing, batching)
+        for li in missing:
+            got[li] = x = fresh[li]
+            if li not in paths:
+                continue
+            try:
+                paths[li].parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=paths[li].parent)
+                os.close(fd)
+                save_file({"features": x.contiguous()}, tmp)
+                os.replace(tmp, paths[li])  # atomic: a reader sees the old file or the whole new one
+            except OSError:
+                pass
+    return got[layers[0]] if len(layers) == 1 else torch.cat([got[li] for li in layers], 1)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -168,10 +168,20 @@ class _Stop(Exception):
 def last_token_states(model, prompts: Sequence[Sequence[int]], layer: int, token_budget: int = 2048,
                       kv_budget: int = 16384, max_batch: int = 64, min_saving: int = MIN_SAVING,
                       progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Hidden state after decoder layer ``layer`` at each prompt's last token: [n, hidden] fp32.
+    """Hidden state after decoder layer ``layer`` at each prompt's last token: [n, hidden] fp32
+    (:func:`last_token_states_at` for one layer; see there)."""
+    return last_token_states_at(model, prompts, [layer], token_budget, kv_budget, max_batch, min_saving, progress)[layer]
+
+
+def last_token_states_at(model, prompts: Sequence[Sequence[int]], layers: Sequence[int], token_budget: int = 2048,
+                         kv_budget: int = 16384, max_batch: int = 64, min_saving: int = MIN_SAVING,
+                         progress: Callable[[int], None] | None = None) -> dict[int, torch.Tensor]:
+    """Hidden states after each decoder layer of ``layers`` at each prompt's last token, read in
+    one pass that stops after the deepest: {layer: [n, hidden] fp32} (a multi-layer gate's
+    features cost the deepest layer's pass, not one pass per layer).
 
     ``prompts``: token ids (chat template applied). Reads shared beginnings once through
-    :func:`plan`'s tree; the pass stops after ``layer``. At each node, the children's edges are
+    :func:`plan`'s tree; the pass stops after the deepest layer. At each node, the children's edges are
     read in one batch on top of the node's cache, then the prompts below all those children
     together, each row on top of the node's cache and its own child's edge (rows of different
     children differ in edge length: the gap is masked, positions are each prompt's own). Budgets,
@@ -188,20 +198,28 @@ def last_token_states(model, prompts: Sequence[Sequence[int]], layer: int, token
     from .generation import cache_argument
 
     blocks = decoder_layers(model)
-    if not 0 <= layer < len(blocks):
-        raise SafetyPatchError(f"gate layer {layer} out of range: the model has layers 0-{len(blocks) - 1}")
+    wanted = sorted(set(layers))
+    if not wanted:
+        raise SafetyPatchError("last_token_states_at: no layer asked for")
+    for li in wanted:
+        if not 0 <= li < len(blocks):
+            raise SafetyPatchError(f"gate layer {li} out of range: the model has layers 0-{len(blocks) - 1}")
+    layer = wanted[-1]  # the pass, its KV cache and its stop: the deepest layer's
     root = plan(prompts, min_saving)
     kv = cache_argument(model)
     device = next(model.parameters()).device
-    out = torch.zeros(len(prompts), getattr(model.config, "hidden_size", 0))
-    captured: list[torch.Tensor] = []
+    outs = {li: torch.zeros(len(prompts), getattr(model.config, "hidden_size", 0)) for li in wanted}
+    captured: dict[int, torch.Tensor] = {}
 
-    def hook(_mod, _inp, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _Stop
+    def hook_for(li: int):
+        def hook(_mod, _inp, output):
+            captured[li] = output[0] if isinstance(output, tuple) else output
+            if li == layer:
+                raise _Stop
+        return hook
 
     def read(prefix: KV | None, jobs: Sequence[_Job], keep_kv: bool) -> tuple[list[torch.Tensor], list[KV]]:
-        """Each job's state at its last token and (``keep_kv``) its tokens' cache, [heads, s, d] per layer."""
+        """Each job's states at its last token ({layer: [hidden]}) and (``keep_kv``) its tokens' cache, [heads, s, d] per layer."""
         p = 0 if prefix is None else prefix[0][0].shape[-2]
         states: list = [None] * len(jobs)
         kvs: list = [None] * len(jobs)
@@ -239,13 +257,14 @@ def last_token_states(model, prompts: Sequence[Sequence[int]], layer: int, token
                 model(input_ids=ids.to(device), position_ids=pos, use_cache=cache is not None, **{kv: cache}, **kwargs)
             except _Stop:
                 pass
-            if not captured:
+            if len(captured) != len(wanted):
                 raise SafetyPatchError(f"the forward pass did not reach decoder layer {layer}")
-            h = captured[0]
-            last = torch.tensor([len(j.tokens) - 1 for j in rows], device=h.device)
-            got = h[torch.arange(b, device=h.device), last].float().cpu()
+            got = {}
+            for li, h in captured.items():
+                last = torch.tensor([len(j.tokens) - 1 for j in rows], device=h.device)
+                got[li] = h[torch.arange(b, device=h.device), last].float().cpu()
             for r, i in enumerate(idx):
-                states[i] = got[r]
+                states[i] = {li: g[r] for li, g in got.items()}
                 if keep_kv:  # this row's own tokens (right padding dropped), copied out of the batch
                     n = len(rows[r].tokens)
                     kvs[i] = [(lay.keys[r, :, p + m : p + m + n].clone(), lay.values[r, :, p + m : p + m + n].clone())
@@ -257,13 +276,14 @@ def last_token_states(model, prompts: Sequence[Sequence[int]], layer: int, token
             return [(k[None], v[None]) for k, v in edge]
         return [(torch.cat([pk, k[None]], -2), torch.cat([pv, v[None]], -2)) for (pk, pv), (k, v) in zip(prefix, edge, strict=True)]
 
-    handle = blocks[layer].register_forward_hook(hook)
+    handles = [blocks[li].register_forward_hook(hook_for(li)) for li in wanted]
     try:
         with torch.inference_mode():
             if root.leaves:
                 got, _ = read(None, [_Job(prompts[i]) for i in root.leaves], False)
                 for i, x in zip(root.leaves, got, strict=True):
-                    out[i] = x
+                    for li in wanted:
+                        outs[li][i] = x[li]
                 if progress is not None:
                     progress(len(root.leaves))
             # Each entry: a node whose children are still to read, its parent's cache and its edge's
@@ -287,10 +307,12 @@ def last_token_states(model, prompts: Sequence[Sequence[int]], layer: int, token
                     jobs = [(i, _Job(prompts[i][c.depth:], e)) for c, e in zip(chunk, edges, strict=True) for i in c.leaves]
                     got, _ = read(prefix, [j for _, j in jobs], False)
                     for (i, _), x in zip(jobs, got, strict=True):
-                        out[i] = x
+                        for li in wanted:
+                            outs[li][i] = x[li]
                     if progress is not None:
                         progress(len(jobs))
                     stack.extend((c, prefix, e) for c, e in zip(chunk, edges, strict=True) if c.children)
     finally:
-        handle.remove()
-    return out
+        for h in handles:
+            h.remove()
+    return outs
