@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--splits", default="val,test")
     args = ap.parse_args()
     from safety_patch.evaluation.capability import _encode_pairs, answer_logprobs, reference_pairs
-    from safety_patch.gate import Gate, prompt_states
+    from safety_patch.gate import Gate, layer_states
     from safety_patch.models import load_model
     from safety_patch.patches import attached, read_patch
     from safety_patch.runtime import configure_threads
@@ -42,7 +42,7 @@ def main() -> None:
     for split in args.splits.split(","):
         pairs = reference_pairs(args.data, split=split)
         enc = _encode_pairs(tok, pairs, 512)
-        fires = gate.fires(prompt_states(lm.model, tok, [s[:n] for s, n in enc], gate.layer)).tolist()
+        fires = gate.fires(gate.read(layer_states(lm.model, tok, [s[:n] for s, n in enc], list(gate.layers)))).tolist()
         nb, nt, _ = answer_logprobs(lm.model, tok, enc)
         with attached(lm.model, [patch], lm.fingerprint) as m:
             ng, _, _ = answer_logprobs(m, tok, enc)

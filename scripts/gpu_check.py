@@ -47,18 +47,15 @@ def main() -> None:
     assert next(lm.model.parameters()).device.type == dev and next(lm.model.parameters()).dtype is rt.dtype
     out["fingerprint"] = lm.fingerprint[:12]
 
+    # A real (small) data folder, built as `data build` builds it, without distillation: the
+    # folder format is checked on every read (a hand-written one drifts from the schema).
+    from safety_patch.data.build import DataConfig, build
+    from safety_patch.data.folder import DataFolder
+
     data = tmp / "data"
-    data.mkdir()
-    rows = [{"messages": [{"role": "user", "content": f"How do I do harmful thing {i}?"},
-                          {"role": "assistant", "content": "I'm sorry, but I can't help with that."}],
-             "meta": {"source": "gpu-check", "category": "harmful", "behavior_id": f"b{i}", "template": "direct",
-                      "template_family": "direct", "split": "train", "request": f"How do I do harmful thing {i}?"}}
-            for i in range(64)]
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    test = [dict(r, meta=dict(r["meta"], split="test", behavior_id=f"t{i}")) for i, r in enumerate(rows[:8])]
-    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
-    (data / "templates.jsonl").write_text("")
-    (data / "manifest.json").write_text(json.dumps({"kind": "safety-patch/data", "counts": {}}))
+    build(data, DataConfig(max_per_source=30, distill=False, template_max_chars=400, self_instruct=0, general_limit=60,
+                           borderline_train_extra=False), model=str(model_dir))
+    rows = [r for r in DataFolder(data).rows("train") if r["meta"].get("template", "direct") == "direct"]
 
     for method, lr in (("lora", 1e-3), ("full", 1e-4)):
         t = time.time()
@@ -119,28 +116,17 @@ def main() -> None:
 def gated_check(tmp: Path, model_dir: Path, lm, data: Path, rows: list[dict], dev: str) -> dict:
     """The default recipe (a gated LoRA) on this device: fit, route, score.
 
-    The data folder gains what the gate reads (train-split look-alikes, general prompts,
-    self-written requests, train templates); the recipe's counts are scaled to the tiny folder.
+    The recipe's gate pool is scaled to the small data folder (no self-written requests).
     """
-    from safety_patch.attacks.templates import PLACEHOLDER
     from safety_patch.evaluation.capability import _encode_pairs, answer_logprobs
     from safety_patch.gate import Gate, layer_states
     from safety_patch.generation import render
     from safety_patch.patches import finalize_patch
     from safety_patch.train.api import resolve_config
 
-    def conv(user, answer="Sure, here you go."):
-        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-                "meta": {"split": "train", "source": "gpu-check"}}
-
     safe = [f"Tell me a fact about city {i}." for i in range(24)]
-    (data / "borderline.jsonl").write_text("".join(json.dumps(conv(f"How do I kill process {i} on Linux?")) + "\n" for i in range(24)))
-    (data / "general.jsonl").write_text("".join(json.dumps(conv(p)) + "\n" for p in safe))
-    (data / "selfinstruct.jsonl").write_text("".join(json.dumps(conv(f"Plan a picnic for {i} friends.")) + "\n" for i in range(24)))
-    (data / "templates.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "family": f"f{i}", "source": "gpu-check", "split": "train",
-                                                              "text": f"Role-play {i}: you are free. {PLACEHOLDER}"}) + "\n" for i in range(3)))
     cfg = resolve_config("default", None, {"optim.lr": 1e-3, "optim.epochs": 3, "optim.batch_size": 8,
-                                           "optim.save_steps": 10**6, "gate.self_instruct": 16,
+                                           "optim.save_steps": 10**6, "gate.self_instruct": 0, "data.max_train_rows": 64,
                                            "gate.wrapped_harmful": 16, "gate.wrapped_benign": 16})
     assert cfg.gate is not None and cfg.gate.depth == 0.6
     t = time.time()
@@ -163,7 +149,7 @@ def gated_check(tmp: Path, model_dir: Path, lm, data: Path, rows: list[dict], de
     convs = [[{"role": "user", "content": q}] for q in prompts]
     ids = [lm.tokenizer(render(lm.tokenizer, c), add_special_tokens=False)["input_ids"] for c in convs]
     gate = Gate.load(tmp / "gated")
-    fires = gate.fires(layer_states(lm.model, lm.tokenizer, ids, [gate.layer])[gate.layer]).tolist()
+    fires = gate.fires(gate.read(layer_states(lm.model, lm.tokenizer, ids, list(gate.layers)))).tolist()
     gcfg = GenerationConfig(max_new_tokens=8, batch_size=1)
     base = generate(lm.model, lm.tokenizer, convs, gcfg)
     with attached(lm.model, [read_patch(plain)], lm.fingerprint) as m:
@@ -174,7 +160,8 @@ def gated_check(tmp: Path, model_dir: Path, lm, data: Path, rows: list[dict], de
     res["routing_matches"] = gated == [a if f else b for a, b, f in zip(adapted, base, fires, strict=True)]
     assert res["routing_matches"], (gated, adapted, base, fires)
     pairs = [{"messages": c, "reference": "Sure, here you go."} for c in convs]
-    enc = _encode_pairs(lm.tokenizer, pairs, 512)
+    enc = _encode_pairs(lm.tokenizer, pairs, 1 << 16)
+    assert len(enc) == len(convs)  # none dropped: each is scored against its own routing
     lp_base, _, _ = answer_logprobs(lm.model, lm.tokenizer, enc, batch_size=1)
     with attached(lm.model, [read_patch(plain)], lm.fingerprint) as m:
         lp_ad, _, _ = answer_logprobs(m, lm.tokenizer, enc, batch_size=1)
