@@ -173,6 +173,10 @@ def test_fit_on_data_with_extra_layers_and_a_family_raised_threshold(lm, data_di
     assert torch.equal(gate.weight, plain.weight)  # the raise moves the threshold only
     assert gate.threshold == pytest.approx(plain.threshold + r)
     assert lofo["at_family_threshold"]["in_sample"] and lofo["at_family_threshold"]["fpr_at_threshold"]["value"] <= 0.2
+    nested = lofo["at_family_threshold_nested"]  # each fold against a raise set on the other folds only
+    assert len(nested["raises"]) == len(lofo["folds"]) and min(nested["raises"]) >= 0
+    assert nested["auroc"]["n_pos"] == lofo["wrapped_vs_wrapped_benign"]["auroc"]["n_pos"]
+    assert nested["auroc"]["n_neg"] == lofo["wrapped_vs_wrapped_benign"]["auroc"]["n_neg"]
     assert info["validation"]["threshold"] == gate.threshold  # the validation report is at the shipped threshold
     out = tmp_path / "g"
     meta = fit_gate_folder(lm, data_dir, raised_cfg, out)

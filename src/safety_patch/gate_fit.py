@@ -1083,32 +1083,57 @@ def _family_out_of_fold(x: torch.Tensor, y: torch.Tensor, fam: Sequence[str | No
     """The refits of :func:`leave_one_family_out` on pool features ``x`` [n, k·hidden] with labels
     ``y``, template families ``fam`` (None: unwrapped) and the threshold pool's features ``x_neg``.
     With ``cfg.family_fpr``, also ``raise_for_family_fpr`` (the logit to add for at most that share
-    of these wrapped safe prompts to fire) and the figures at that raise, marked in-sample: the
-    raise is set on the very prompts they count."""
+    of these wrapped safe prompts to fire), the figures at that raise, marked in-sample (the raise
+    is set on the very prompts they count), and ``at_family_threshold_nested``: each fold's
+    prompts scored against a raise set on an inner leave-one-family-out of the *other* folds'
+    families (their refits without the fold and each inner group), the out-of-family estimate of
+    what the raised threshold does to a family the raise never saw. That costs folds x (folds - 1)
+    more refits (LBFGS on cached features: seconds each)."""
     families = sorted({f for f in fam if f is not None})
     order = families[:]
     random.Random(seed).shuffle(order)
     k = min(folds, len(order))
     fold_of = {f: i % k for i, f in enumerate(order)}
     fold = torch.tensor([fold_of[f] if f is not None else -1 for f in fam])
-    m_h, m_b, per = [], [], []
+    def margins(held: torch.Tensor) -> torch.Tensor:
+        """Margins over its threshold of the rows ``held`` under a refit without them."""
+        gate = fit_gate_probe(x[~held], y[~held], layer, cfg, norm)
+        t = threshold_at_fpr(gate.scores(x_neg), cfg.target_fpr) if cfg.target_fpr is not None else cfg.threshold
+        return gate.scores(x[held]) - t, t
+
+    m_h, m_b, per, by_fold = [], [], [], []
     for i in range(k):
         out = fold == i
-        gate = fit_gate_probe(x[~out], y[~out], layer, cfg, norm)
-        t = threshold_at_fpr(gate.scores(x_neg), cfg.target_fpr) if cfg.target_fpr is not None else cfg.threshold
-        m = gate.scores(x[out]) - t
+        m, t = margins(out)
+        by_fold.append(m)
         m_h.append(m[y[out] > 0])
         m_b.append(m[y[out] == 0])
         per.append({"families": sum(1 for v in fold_of.values() if v == i), "threshold": t,
                     "wrapped_harmful": int((y[out] > 0).sum()), "wrapped_benign": int((y[out] == 0).sum())})
     mh, mb = torch.cat(m_h), torch.cat(m_b)
-    out = {"folds": per, "families": len(families), "wrapped_vs_wrapped_benign": discrimination(mh, mb, 0.0),
-           "raise_for_fpr_0.05": max(0.0, threshold_at_fpr(mb, 0.05)) if len(mb) else None}
+    result = {"folds": per, "families": len(families), "wrapped_vs_wrapped_benign": discrimination(mh, mb, 0.0),
+              "raise_for_fpr_0.05": max(0.0, threshold_at_fpr(mb, 0.05)) if len(mb) else None}
     if cfg.family_fpr is not None:
         r = max(0.0, threshold_at_fpr(mb, cfg.family_fpr))
-        out["raise_for_family_fpr"] = r
-        out["at_family_threshold"] = {"in_sample": True, **discrimination(mh, mb, r)}
-    return out
+        result["raise_for_family_fpr"] = r
+        result["at_family_threshold"] = {"in_sample": True, **discrimination(mh, mb, r)}
+        n_h, n_b, raises = [], [], []
+        for i in range(k):
+            out = fold == i
+            inner = []
+            for j in range(k):
+                if j != i:
+                    held = fold == j
+                    m2, _ = margins(out | held)  # fit without the outer fold and this inner group
+                    inner.append(m2[(y[out | held] == 0) & held[out | held]])
+            r_i = max(0.0, threshold_at_fpr(torch.cat(inner), cfg.family_fpr))
+            raises.append(r_i)
+            m = by_fold[i] - r_i
+            n_h.append(m[y[out] > 0])
+            n_b.append(m[y[out] == 0])
+        result["at_family_threshold_nested"] = {"raises": raises,
+                                                **discrimination(torch.cat(n_h), torch.cat(n_b), 0.0)}
+    return result
 
 
 # ----------------------------------------------------------------------------- the gate folder
@@ -1380,4 +1405,8 @@ def report_table(rep: dict) -> str:
             lines.append(f"  at the threshold raised by {lofo['raise_for_family_fpr']:+.3f} (family_fpr, set on these "
                          f"prompts: in-sample): {pct(raised['tpr_at_threshold']).strip()} caught, "
                          f"{pct(raised['fpr_at_threshold']).strip()} of wrapped safe prompts fire")
+        if nested := lofo.get("at_family_threshold_nested"):
+            lines.append(f"  raised on other families only (nested, out of family): "
+                         f"{pct(nested['tpr_at_threshold']).strip()} caught, "
+                         f"{pct(nested['fpr_at_threshold']).strip()} of wrapped safe prompts fire")
     return "\n".join(lines)
