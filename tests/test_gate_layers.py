@@ -243,3 +243,29 @@ def test_the_gate_aware_objective_moves_a_two_layer_gate(tmp_path, monkeypatch):
         r = GateGCG(settings).bind(pm, tok).optimise(request)
     (z,) = r["gate_logits"].values()
     assert z < gate.threshold < float(z0[0]) and r["adapters"] == []
+
+
+def test_the_upstream_gate_probe_reads_every_layer_of_a_two_layer_gate(lm, tiny_dir, tmp_path):  # noqa: F811
+    """`serve --upstream` runs the gates alone on a base truncated after the deepest layer they
+    read: a two-layer gate's readings there equal its routing logits on the whole model."""
+    from safety_patch.serve.engine import GateProbe
+
+    st = layer_states(lm.model, lm.tokenizer, _ids(lm.tokenizer, HARM + SAFE), [1, 0])
+    x = torch.cat([st[0], st[1]], 1)
+    y = torch.tensor([1.0] * len(HARM) + [0.0] * len(SAFE))
+    cfg = GateFitConfig(layer=0, extra_layers=[1], threshold=0.0, target_fpr=None)
+    gate = fit_gate_probe(x, y, (0, 1), cfg, _norm_of(lm.model, cfg))
+    make_lora_patch(lm.model, tmp_path / "g", lm.fingerprint, seed=1, scale=0.5)
+    gate.save(tmp_path / "g")
+    finalize_patch(tmp_path / "g", "lora", {"name": "tiny", "fingerprint": lm.fingerprint}, method="lora",
+                   gate={"layer": 0, "extra_layers": [1], "threshold": 0.0})
+    ids = _ids(lm.tokenizer, HARM + SAFE)
+    with attached(lm.model, [tmp_path / "g"], lm.fingerprint) as pm:
+        (want,) = pm.gate_scores(lm.tokenizer, ids).values()
+    probe = GateProbe(str(tiny_dir), {"g": [tmp_path / "g"]}, device="cpu")
+    assert probe.layers_loaded == 2  # truncated after layer 1, the deepest the gate reads
+    routes = probe.read("g", ids)
+    got = torch.tensor([r.gates[0].logit for r in routes])
+    assert torch.allclose(got, want, atol=1e-4)
+    assert routes[0].gates[0].as_dict()["layers"] == [0, 1]
+    assert [bool(r.active) for r in routes] == (want > 0).tolist() and 0 < int((want > 0).sum()) < len(want)
