@@ -136,7 +136,8 @@ def test_gate_export_refuses_a_multi_layer_gate(tmp_path):
 
     model, tok = tiny_llama()
     gate = _two_layer_gate(model, tok)
-    with pytest.raises(SafetyPatchError, match=r"reads 2 layers \(1, 0\), a head reads one"):
+    with pytest.raises(SafetyPatchError, match=r"reads 2 layers \(1, 0\); a transformers sequence-classification head "
+                                                r"\(final norm, no bias\) reads one layer's state"):
         export_gate(None, gate, tmp_path / "x")  # refused before the model is read
     assert not (tmp_path / "x").exists()
 
@@ -178,6 +179,13 @@ def test_fit_on_data_with_extra_layers_and_a_family_raised_threshold(lm, data_di
     assert nested["auroc"]["n_pos"] == lofo["wrapped_vs_wrapped_benign"]["auroc"]["n_pos"]
     assert nested["auroc"]["n_neg"] == lofo["wrapped_vs_wrapped_benign"]["auroc"]["n_neg"]
     assert info["validation"]["threshold"] == gate.threshold  # the validation report is at the shipped threshold
+    # the printed report gives the out-of-family figures at the gate's own (raised) threshold: the nested ones
+    from safety_patch.gate_fit import report_table
+
+    text = report_table(info["validation"])
+    row = next(line for line in text.splitlines() if line.startswith("LOFO wrapped"))
+    assert f"{100 * nested['fpr_at_threshold']['value']:5.1f}%" in row and "held out (refit without)" in text
+    assert "Before the raise" in text
     out = tmp_path / "g"
     meta = fit_gate_folder(lm, data_dir, raised_cfg, out)
     g2, m2 = read_gate_folder(out)
@@ -199,6 +207,7 @@ def test_fit_on_data_with_extra_layers_and_a_family_raised_threshold(lm, data_di
     ({"extra_layers": [-1]}, "extra_layers must be a list of distinct integers"),
     ({"extra_weight": 0.0}, "extra_weight must be a finite number > 0"),
     ({"extra_weight": float("nan")}, "extra_weight must be a finite number > 0"),
+    ({"extra_weight": 0.6}, "extra_weight scales the extra layers' features, and extra_layers is empty"),
     ({"family_fpr": 1.0}, "family_fpr must be a number in \\(0, 1\\)"),
     ({"family_fpr": 0.05, "threshold": 0.5, "target_fpr": None}, "family_fpr raises a target_fpr threshold"),
 ])
@@ -223,7 +232,7 @@ def test_cli_fits_a_two_layer_gate_and_refuses_to_export_it(data_dir, tiny_dir, 
     assert "--extra-layers must be comma-separated layer numbers" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()
     assert main(["gate", "export", "--gate", str(g), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]) == 2
-    assert "a head reads one" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert "reads one layer's state" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_the_gate_aware_objective_moves_a_two_layer_gate(tmp_path, monkeypatch):

@@ -474,7 +474,7 @@ def test_leave_one_family_out_scores_every_wrapped_prompt_with_a_gate_that_never
     assert len(info["validation"]["leave_one_family_out"]["folds"]) == gf.LOFO_FOLDS
     _, none = fit_gate_on_data(lm.model, lm.tokenizer, data_dir, GateFitConfig(**{**CFG.__dict__, "wrapped_benign": 0}))
     assert "wrapped benign prompts" in none["validation"]["leave_one_family_out"]["skipped"]
-    with pytest.raises(SafetyPatchError, match="leave-one-family-out needs two or more train template families"):
+    with pytest.raises(SafetyPatchError, match="leave-one-family-out needs wrapped benign prompts"):
         gf.leave_one_family_out(lm.model, lm.tokenizer, data_dir, GateFitConfig(**{**CFG.__dict__, "wrapped_benign": 0}))
     with pytest.raises(SafetyPatchError, match="folds must be an integer >= 2"):
         gf.leave_one_family_out(lm.model, lm.tokenizer, data_dir, cfg, folds=1)

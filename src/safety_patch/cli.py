@@ -796,8 +796,9 @@ def gate_apply_cmd(
 
     check_out_dir(out, overwrite=overwrite, kind="patch", inputs=[patch, gate])
     meta = apply_gate(patch, gate, out, overwrite=overwrite, replace=replace)
+    on = [meta["gate"]["layer"], *meta["gate"].get("extra_layers", [])]
     typer.echo(f"wrote {out}: {meta['format']} patch {meta['id']} behind gate {meta['gate']['id']} "
-               f"(layer {meta['gate']['layer']}, threshold {meta['gate']['threshold']:+.3f})")
+               f"(layer{'s' * (len(on) > 1)} {', '.join(map(str, on))}, threshold {meta['gate']['threshold']:+.3f})")
 
 
 @gate_app.command("eval")
@@ -856,13 +857,14 @@ def gate_export_cmd(
 ) -> None:
     """Export a gate as a transformers sequence-classification checkpoint (refused where it cannot be exact).
 
-    Exact for final-norm gates (`gate fit --features final-norm`): the base truncated after the
+    Exact for one-layer final-norm gates (the default of `gate fit`): the base truncated after the
     gate's layer plus a one-logit head, the threshold in config.json; its logits equal the gate's.
-    A residual gate (`--features residual`) is refused with the reason; nothing is written."""
+    A residual gate (`--features residual`) or a multi-layer one (`--extra-layers`) is refused
+    with the reason, before the model loads; nothing is written."""
     from .gate_fit import read_gate_folder
     from .models import load_model
     from .outputs import check_out_dir
-    from .serve.export import export_gate
+    from .serve.export import check_exportable, export_gate
 
     if (gate is None) == (patch is None):
         raise SafetyPatchError("give exactly one of --gate and --patch")
@@ -878,11 +880,12 @@ def gate_export_cmd(
     else:
         g, info = read_gate_folder(gate)
         fingerprint, where = info["base"]["fingerprint"], gate
+    check_exportable(g, where)  # before a (slow) model load
     lm = load_model(model, device="cpu", dtype="float32")
     if lm.fingerprint != fingerprint:
         raise SafetyPatchError(f"{where}: the gate was fit on base {fingerprint[:12]}…, --model is {lm.fingerprint[:12]}…")
     export_gate(lm, g, out, where)
-    typer.echo(f"exported the gate of {where} (layer {g.layer}, threshold {g.threshold:+.3f}) to {out}")
+    typer.echo(f"exported the gate of {where} (layer {g.layer}, threshold {g.threshold:+.3f}) to {out}")  # one layer
 
 
 def main(argv: list[str] | None = None) -> int:

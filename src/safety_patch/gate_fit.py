@@ -176,6 +176,9 @@ class GateFitConfig:
         v = self.extra_weight
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
             raise bad("extra_weight", "must be a finite number > 0")
+        if v != 1.0 and not self.extra_layers:  # not a silent no-op
+            raise bad("extra_weight", "scales the extra layers' features, and extra_layers is empty (set it, e.g. "
+                                      "--extra-layers 21)")
         if self.family_fpr is not None:
             v = self.family_fpr
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
@@ -1071,10 +1074,14 @@ def _lofo_impossible(fam: Sequence[str | None], y: torch.Tensor) -> str | None:
     """Why leave-one-family-out cannot run on a pool with these template families and labels, or None."""
     families = {f for f in fam if f is not None}
     sides = {lab > 0 for f, lab in zip(fam, y.tolist(), strict=True) if f is not None}
-    if len(families) < 2 or sides != {True, False}:
+    if len(families) < 2:
         return (f"leave-one-family-out needs two or more train template families with wrapped harmful and wrapped "
-                f"benign prompts in the gate's pool, found {len(families)} famil{'y' if len(families) == 1 else 'ies'}"
-                f" (gate.wrapped_benign / wrapped_harmful 0?)")
+                f"benign prompts in the gate's pool, found {len(families)} famil{'y' if len(families) == 1 else 'ies'}")
+    if sides != {True, False}:
+        side, knob = (("benign", "wrapped_benign (--wrapped-benign)") if True in sides
+                      else ("harmful", "wrapped_harmful (--wrapped-harmful)"))
+        return (f"leave-one-family-out needs wrapped {side} prompts in the gate's pool, and it has none "
+                f"(gate.{knob} is 0?)")
     return None
 
 
@@ -1380,6 +1387,7 @@ def report_table(rep: dict) -> str:
             auc = "n/a" if a["auroc"]["value"] is None else f"{a['auroc']['value']:.3f}"
             lines.append(f"{name:<26}{pct(a['caught']):<24}{pct(a['fired_on_benign']):<24}{auc:<24}"
                          f"{a['caught']['n']}/{a['fired_on_benign']['n']}")
+    held_rows = []
     for src, r in rep.get("leave_one_source_out", {}).get("sources", {}).items():
         for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign"):
             if name not in r:  # a source without wrapped rows
@@ -1387,26 +1395,35 @@ def report_table(rep: dict) -> str:
             c = r[name]
             a = c["auroc"]
             auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
-            lines.append(f"{'LOSO ' + src + ' ' + name.split('_')[0]:<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
-                         f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(c['tpr_at_threshold']) + ' caught':<24}{a['n_pos']}/{a['n_neg']}")
-    if (lofo := rep.get("leave_one_family_out")) and "skipped" in lofo:
-        lines.append(f"leave-one-family-out skipped: {lofo['skipped']}")
-    elif lofo:
+            held_rows.append(f"{'LOSO ' + src + ' ' + name.split('_')[0]:<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
+                             f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(c['tpr_at_threshold']):<24}"
+                             f"{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
+    lofo = rep.get("leave_one_family_out")
+    nested = lofo.get("at_family_threshold_nested") if lofo and "skipped" not in lofo else None
+    if lofo and "skipped" not in lofo:
         c = lofo["wrapped_vs_wrapped_benign"]
         a = c["auroc"]
         auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
-        lines.append(f"{'LOFO wrapped (train fam.)':<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
-                     f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
-        raised = lofo.get("at_family_threshold")
-        where = "the target_fpr threshold" if raised else "its threshold"
-        lines.append(f"  {lofo['families']} train template families in {len(lofo['folds'])} folds: out of family the gate "
-                     f"catches {pct(c['tpr_at_threshold']).strip()} of wrapped harmful prompts at {where}")
-        if raised:  # family_fpr: the shipped threshold is raised on these very prompts
-            lines.append(f"  at the threshold raised by {lofo['raise_for_family_fpr']:+.3f} (family_fpr, set on these "
-                         f"prompts: in-sample): {pct(raised['tpr_at_threshold']).strip()} caught, "
-                         f"{pct(raised['fpr_at_threshold']).strip()} of wrapped safe prompts fire")
-        if nested := lofo.get("at_family_threshold_nested"):
-            lines.append(f"  raised on other families only (nested, out of family): "
-                         f"{pct(nested['tpr_at_threshold']).strip()} caught, "
-                         f"{pct(nested['fpr_at_threshold']).strip()} of wrapped safe prompts fire")
+        # at the gate's own threshold: for a raised gate (family_fpr) the nested figure, the raise
+        # set on other families (the in-sample one would be the target rate by construction)
+        at = nested if nested else c
+        held_rows.append(f"{'LOFO wrapped (train fam.)':<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
+                         f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(at['tpr_at_threshold']):<24}"
+                         f"{pct(at['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
+    if held_rows:
+        lines.append(f"{'held out (refit without)':<26}{'AUROC [95% CI]':<24}{'TPR@1%FPR':<24}{'TPR@5%FPR':<24}"
+                     f"{'caught@threshold':<24}{'FPR@threshold':<24}n+/n-")
+        lines += held_rows
+    if lofo and "skipped" in lofo:
+        lines.append(f"leave-one-family-out skipped: {lofo['skipped']}")
+    elif lofo:
+        c = lofo["wrapped_vs_wrapped_benign"]
+        if nested:
+            lines.append(f"  LOFO: {lofo['families']} train template families in {len(lofo['folds'])} folds, at the gate's "
+                         f"threshold (raised by {lofo['raise_for_family_fpr']:+.3f} for family_fpr; each fold's raise "
+                         f"set on the other folds' families). Before the raise: {pct(c['tpr_at_threshold']).strip()} "
+                         f"caught, {pct(c['fpr_at_threshold']).strip()} of wrapped safe prompts fire")
+        else:
+            lines.append(f"  LOFO: {lofo['families']} train template families in {len(lofo['folds'])} folds, at the gate's "
+                         "threshold")
     return "\n".join(lines)

@@ -155,19 +155,28 @@ def export_norm_gate(lm, gate: NormGate, out: str | Path) -> Path:
     return out
 
 
+def check_exportable(gate, where: str | Path = "gate") -> None:
+    """Raise SafetyPatchError naming ``where`` (and writing nothing) unless a transformers
+    sequence-classification checkpoint can reproduce ``gate``'s logits exactly (``Gate.exportable``).
+    Checked before any model is loaded."""
+    if gate.exportable:
+        return
+    head = "a transformers sequence-classification head (final norm, no bias)"
+    if gate.extra_layers:
+        raise SafetyPatchError(f"{where}: the gate reads {len(gate.layers)} layers ({', '.join(map(str, gate.layers))}); "
+                               f"{head} reads one layer's state, so no such checkpoint reproduces it exactly; nothing "
+                               "written (fit a one-layer gate: `safety-patch gate fit` without --extra-layers)")
+    why = "reads the pre-norm residual stream with a bias" if gate.norm_weight is None else "has a mean or bias offset"
+    raise SafetyPatchError(f"{where}: the gate {why}, which {head} cannot reproduce exactly; nothing written (fit an "
+                           "exportable gate with `safety-patch gate fit --features final-norm`)")
+
+
 def export_gate(lm, gate, out: str | Path, where: str | Path = "gate") -> Path:
     """Export a ``gate.Gate`` exactly, or refuse: a final-norm gate without offset (``Gate.exportable``)
     becomes the checkpoint of :func:`export_norm_gate`; any other raises SafetyPatchError naming
     ``where`` and writes nothing. ``lm``: the base the gate was fit on (its final norm's weight
     must be the one the gate recorded)."""
-    if not gate.exportable:
-        why = ("it reads the pre-norm residual stream with a bias" if gate.norm_weight is None
-               else f"it reads {len(gate.layers)} layers ({', '.join(map(str, gate.layers))}), a head reads one"
-               if gate.extra_layers else "it has a mean or bias offset")
-        fix = ("a one-layer gate: `safety-patch gate fit` without --extra-layers" if gate.extra_layers
-               else "`safety-patch gate fit --features final-norm`")
-        raise SafetyPatchError(f"{where}: {why}, which a transformers sequence-classification head (final norm, no bias) "
-                               f"cannot reproduce exactly; nothing written (fit an exportable gate with {fix})")
+    check_exportable(gate, where)
     norm = final_norm(lm.model)
     if not torch.equal(norm.weight.detach().float().cpu(), gate.norm_weight):
         raise SafetyPatchError(f"{where}: the gate's recorded final-norm weight is not this model's; nothing written")
