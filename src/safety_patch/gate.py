@@ -99,7 +99,7 @@ class Gate:
         return b.reshape(h.shape)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Probe logits [n] for hidden states [n, hidden] on ``h``'s device, differentiable, unchecked.
+        """Probe logits [n] for hidden states [n, k·hidden] (``read``) on ``h``'s device, differentiable, unchecked.
 
         The one formula every reader of the gate uses: ``scores`` (routing, with its checks) and the
         adaptive GCG objective (attacks/gcg.py), which must push down exactly the logit that routes."""
@@ -107,7 +107,7 @@ class Gate:
         return ((self.features(h) - self.mean.to(d)) / self.std.to(d)) @ self.weight.to(d) + self.bias
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
-        """Probe logits [n] for hidden states [n, hidden] (positive: harmful).
+        """Probe logits [n] for hidden states [n, k·hidden] (``read``; positive: harmful).
 
         Fails closed: a score that is not finite (a NaN hidden state) raises SafetyPatchError
         rather than reading as "not harmful" (every comparison with NaN is false).
