@@ -152,26 +152,8 @@ def main() -> None:
     later = {"scale": None}  # [features] multipliers after standardisation, or None
 
     def fit(x, yy):
-        if later["scale"] is None:
-            w, _, _, sd = fit_probe(x, yy, l2_now["value"], intercept=False)
-            return lambda z: (z / sd) @ w
-        # fit_probe's loss on features standardised and then scaled per feature (it would undo a
-        # scale applied before it: it standardises its input), no intercept.
-        sd = (x.std(0) + 1e-6) / later["scale"]
-        zz = x / sd
-        w = torch.zeros(x.shape[1], requires_grad=True)
-        pos = float(yy.mean())
-        wt = torch.where(yy > 0, 0.5 / pos, 0.5 / (1 - pos))
-        opt = torch.optim.LBFGS([w], max_iter=300, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(zz @ w, yy, weight=wt) + l2_now["value"] * w.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        w = w.detach()
+        # the later layers' scale is gate.fit_probe's feature_scale: the shipped fit's group L2
+        w, _, _, sd = fit_probe(x, yy, l2_now["value"], intercept=False, feature_scale=later["scale"])
         return lambda z: (z / sd) @ w
 
     def val_threshold(score, xv):
