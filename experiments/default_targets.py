@@ -1,7 +1,7 @@
 """The shipped default patch against its five targets, on one split (issue 23 item 6).
 
 Run: .venv/bin/python experiments/default_targets.py --data DIR --patch P [--split val|test]
-     [--limit N] [--max-new-tokens 48] [--out-name NAME]
+     [--limit N] [--max-new-tokens 48] [--out-name NAME] [--compare-gate GATE_DIR]
 
 Scores the base and the patch exactly as ``recipe_sweep.score`` does (attack success direct and
 inside the split's held-out template families, judged by the default judge; refusal of the
@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--out-name", default=None)
+    ap.add_argument("--compare-gate", default=None,
+                    help="A gate folder (gate fit) whose routing rates on the same split are reported beside the "
+                         "patch's, in the same look: gate scores only, no generation.")
     args = ap.parse_args()
     from recipe_sweep import score
     from safety_patch.evaluation.stats import proportion
@@ -51,6 +54,13 @@ def main() -> None:
         gate = Gate.load(patch)
         z, n = held_out_scores(lm.model, lm.tokenizer, gate, data, args.split, fingerprint=lm.fingerprint)
         routed = {k: proportion(int((v > gate.threshold).sum()), len(v)) for k, v in z.items()}
+    compared = None
+    if args.compare_gate:
+        lm = load_model("default")
+        other = Gate.load(Path(args.compare_gate))
+        z, n = held_out_scores(lm.model, lm.tokenizer, other, data, args.split, fingerprint=lm.fingerprint)
+        compared = {"gate": str(args.compare_gate), "layers": list(other.layers), "threshold": other.threshold,
+                    "routed": {k: proportion(int((v > other.threshold).sum()), len(v)) for k, v in z.items()}}
 
     def v(m):
         return m["value"]
@@ -75,7 +85,15 @@ def main() -> None:
             r["patch 95% CI"] = "[{:.1f}, {:.1f}]".format(*(100 * x for x in got[key]["ci95"]))
     print(f"{args.split} split, patch {patch}")
     print_table(rows, ["target", "base", "patch", "patch 95% CI", "n", "met"])
+    if routed is not None:
+        table = [{"prompts": k, "patch's gate": f"{100 * m['value']:.1f} [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]",
+                  "n": m["n"], **({"compared gate": "{:.1f} [{:.1f}, {:.1f}]".format(
+                      100 * compared["routed"][k]["value"], *(100 * x for x in compared["routed"][k]["ci95"]))}
+                      if compared else {})} for k, m in routed.items()]
+        print("routed to the adapter (%)")
+        print_table(table, ["prompts", "patch's gate", *(["compared gate"] if compared else []), "n"])
     write(args.out_name or f"default_targets_{args.split}", {"base": base, "patch": got, "routed": routed, "table": rows,
+                                                               "compared_gate": compared,
                                                                "patch_id": p.meta.get("id")}, args)
 
 

@@ -160,7 +160,7 @@ def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(da
 
     assert GateFitConfig().written_harmful is True  # the default since session 14
     base = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=3, threshold=0.0,
-                         target_fpr=None, written_harmful=False)
+                         target_fpr=None, family_fpr=None, written_harmful=False)
     on = GateFitConfig(**{**base.__dict__, "written_harmful": True})
     h0, b0, c0, s0 = gf._gate_pool(data_dir, base)
     h1, b1, c1, s1 = gf._gate_pool(data_dir, on)

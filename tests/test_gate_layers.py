@@ -196,18 +196,24 @@ def test_fit_on_data_with_extra_layers_and_a_family_raised_threshold(lm, data_di
     with pytest.raises(SafetyPatchError, match="field 'extra_layers' is \\[\\], gate.safetensors holds \\[0\\]"):
         read_gate_folder(out)
     # fail closed: a raise that cannot be computed is an error, not a gate at the plain threshold
-    with pytest.raises(SafetyPatchError, match="family_fpr 0.2 raises the threshold"):
+    with pytest.raises(SafetyPatchError, match="family_fpr sets the threshold on out-of-family wrapped prompts, and "
+                                               "the pool has wrapped_benign 0, wrapped_harmful 8: both must be > 0"):
         fit_gate_on_data(lm.model, lm.tokenizer, data_dir, GateFitConfig(**{**base, "wrapped_benign": 0, "family_fpr": 0.2}))
 
 
 @pytest.mark.parametrize("fields, message", [
     ({"extra_layers": [1]}, "layer 1 is already the gate's layer"),
     ({"extra_layers": [9]}, "layer 9 out of range"),
-    ({"extra_layers": [0, 0]}, "extra_layers must be a list of distinct integers"),
-    ({"extra_layers": [-1]}, "extra_layers must be a list of distinct integers"),
+    ({"extra_layers": [0, 0]}, "extra_layers must be null or a list of distinct integers"),
+    ({"extra_layers": [-1]}, "extra_layers must be null or a list of distinct integers"),
+    ({"extra_layers": None, "extra_depths": [1.5]}, "extra_depths must be a list of numbers in \\[0, 1\\]"),
+    ({"extra_layers": None, "extra_depths": [float("nan")]}, "extra_depths must be a list of numbers"),
     ({"extra_weight": 0.0}, "extra_weight must be a finite number > 0"),
     ({"extra_weight": float("nan")}, "extra_weight must be a finite number > 0"),
-    ({"extra_weight": 0.6}, "extra_weight scales the extra layers' features, and extra_layers is empty"),
+    ({"extra_weight": 0.5, "extra_layers": []}, "extra_weight scales the extra layers' features, and the config reads "
+                                                "no extra layer"),
+    ({"extra_weight": 0.5}, "extra_weight 0.5 scales the extra layers' features, and on this 2-layer model"),
+    ({"extra_weight": 0.5, "extra_layers": None, "extra_depths": []}, "the config reads no extra layer"),
     ({"family_fpr": 1.0}, "family_fpr must be a number in \\(0, 1\\)"),
     ({"family_fpr": 0.05, "threshold": 0.5, "target_fpr": None}, "family_fpr raises a target_fpr threshold"),
 ])
@@ -231,6 +237,17 @@ def test_cli_fits_a_two_layer_gate_and_refuses_to_export_it(data_dir, tiny_dir, 
     assert main(args + ["--out", str(tmp_path / "h"), "--extra-layers", "zero"]) == 2
     assert "--extra-layers must be comma-separated layer numbers" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()
+    assert main(args + ["--out", str(tmp_path / "h"), "--family-fpr", "often"]) == 2
+    assert "--family-fpr must be a rate like 0.05 or none, got 'often'" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
+    # a one-layer gate with no raise, spelled out; and a logit replaces the target rate and its raise
+    assert main(args + ["--out", str(tmp_path / "one"), "--extra-layers", "none", "--family-fpr", "none"]) == 0
+    one = json.loads((tmp_path / "one" / GATE_JSON).read_text())
+    assert one["config"]["extra_layers"] == [] and one["config"]["family_fpr"] is None
+    assert "extra_layers" not in one and "family_fpr" not in one["threshold_from"]
+    assert main(args + ["--out", str(tmp_path / "t"), "--threshold", "0.25"]) == 0
+    t = json.loads((tmp_path / "t" / GATE_JSON).read_text())
+    assert t["threshold"] == 0.25 and t["config"]["family_fpr"] is None and t["config"]["target_fpr"] is None
     assert main(["gate", "export", "--gate", str(g), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]) == 2
     assert "reads one layer's state" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
@@ -278,3 +295,21 @@ def test_the_upstream_gate_probe_reads_every_layer_of_a_two_layer_gate(lm, tiny_
     assert torch.allclose(got, want, atol=1e-4)
     assert routes[0].gates[0].as_dict()["layers"] == [0, 1]
     assert [bool(r.active) for r in routes] == (want > 0).tolist() and 0 < int((want > 0).sum()) < len(want)
+
+
+def test_extra_layers_by_depth_resolve_like_the_gate_layer_and_each_layer_is_read_once(lm):  # noqa: F811
+    from safety_patch.gate_fit import model_layers
+
+    cfg = GateFitConfig(extra_layers=None, extra_depths=[0.7]).validate()
+    assert cfg.resolved_layer(30) == 18 and cfg.resolved_extra_layers(30) == [21]  # the embedded model's 30 layers
+    assert cfg.resolved_extra_layers(40) == [28] and cfg.resolved_extra_layers(10) == [7]
+    # on shallow models depths fall on the gate's own layer or on each other: read once, in order
+    assert GateFitConfig(extra_layers=None, extra_depths=[0.6, 0.7, 0.75]).resolved_extra_layers(4) == [3]
+    assert GateFitConfig(extra_layers=None, extra_depths=[0.7]).resolved_extra_layers(2) == []
+    # explicit indices win over depths, and [] is a one-layer gate whatever the depths say
+    assert GateFitConfig(extra_layers=[5], extra_depths=[0.7]).resolved_extra_layers(30) == [5]
+    assert GateFitConfig(extra_layers=[], extra_depths=[0.7]).resolved_extra_layers(30) == []
+    assert not GateFitConfig(extra_layers=[], extra_depths=[0.7]).has_extra_layers()
+    # on the tiny model (2 layers): depth 0.2 -> layer 0 beside layer 1
+    got = model_layers(lm.model, GateFitConfig(layer=1, extra_layers=None, extra_depths=[0.2]))
+    assert got == (1, 0)

@@ -26,7 +26,7 @@ from safety_patch.testing import make_delta_patch, make_lora_patch
 # bit-identity test below compares with the pre-stage path. The defaults are tested through `train`
 # (test_train_writes_the_gate_the_stage_fits) and the final-norm tests.
 CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, features="residual", rephrased=0,
-                    threshold=0.5, target_fpr=None, written_harmful=False)
+                    threshold=0.5, target_fpr=None, family_fpr=None, written_harmful=False)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,8 @@ def test_tampered_gate_folders_are_refused(gate_dir, tmp_path):
 
 
 def test_target_fpr_sets_the_threshold_on_the_validation_benign_pool(lm, data_dir, tmp_path):
-    cfg = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, target_fpr=0.1, rephrased=0)
+    cfg = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, target_fpr=0.1, rephrased=0,
+                        family_fpr=None)  # the target rate alone; the out-of-family raise: test_gate_layers.py
     meta = fit_gate_folder(lm, data_dir, cfg, tmp_path / "g")
     gate, _ = read_gate_folder(tmp_path / "g")
     assert gate.threshold == meta["threshold"] != cfg.threshold and meta["threshold_from"]["target_fpr"] == 0.1

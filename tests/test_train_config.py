@@ -313,6 +313,19 @@ def test_override_is_checked_by_validate():
     assert TrainConfig().gate is not None  # the default is untouched
 
 
+def test_a_gate_logit_replaces_the_target_rate_and_its_out_of_family_raise():
+    d = TrainConfig().gate
+    assert (d.target_fpr, d.family_fpr, d.extra_layers, d.extra_depths, d.extra_weight) == (0.03, 0.05, None, [0.7], 0.6)
+    g = override(TrainConfig(), {"gate.threshold": 0.5}).gate
+    assert (g.threshold, g.target_fpr, g.family_fpr) == (0.5, None, None)
+    override(TrainConfig(), {"gate.threshold": 0.5}).validate()
+    with pytest.raises(SafetyPatchError, match="family_fpr raises a target_fpr threshold"):  # both asked for: refused
+        override(TrainConfig(), {"gate.threshold": 0.5, "gate.family_fpr": 0.05}).validate()
+    with pytest.raises(SafetyPatchError, match="wrapped_benign 0, wrapped_harmful 400: both must be > 0"):
+        override(TrainConfig(), {"gate.wrapped_benign": 0}).validate()
+    override(TrainConfig(), {"gate.wrapped_benign": 0, "gate.family_fpr": None}).validate()
+
+
 def test_every_generated_flag_sets_its_field(tmp_path, capsys):
     strings = {"method": "lora", "loss.objective": "sft", "lora.target_modules": "q_proj", "lora.layers": "1-2",
                "optim.snapshot_steps": "5"}

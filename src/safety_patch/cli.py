@@ -694,7 +694,9 @@ def _command_words() -> set[str]:
 
 
 def _int_list(text: str, flag: str) -> list[int]:
-    """``"21"`` or ``"12,21"`` -> [21] / [12, 21]; SafetyPatchError naming ``flag`` otherwise."""
+    """``"21"`` or ``"12,21"`` -> [21] / [12, 21], ``"none"`` -> []; SafetyPatchError naming ``flag`` otherwise."""
+    if text.strip().lower() == "none":
+        return []
     try:
         out = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -702,6 +704,35 @@ def _int_list(text: str, flag: str) -> list[int]:
     if not out:
         raise SafetyPatchError(f"{flag} {text!r} names no layer")
     return out
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    """``"0.7"`` or ``"0.5,0.7"`` -> [0.7] / [0.5, 0.7], ``"none"`` -> []; SafetyPatchError naming ``flag`` otherwise."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        out = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SafetyPatchError(f"{flag} must be comma-separated fractions like 0.7 or 0.5,0.7, got {text!r}") from None
+    if not out:
+        raise SafetyPatchError(f"{flag} {text!r} names no depth")
+    return out
+
+
+def _rate_or_none(text: str, flag: str) -> float | None:
+    """``"0.05"`` -> 0.05, ``"none"`` -> None; SafetyPatchError naming ``flag`` otherwise (the range is
+    GateFitConfig.validate's)."""
+    import math
+
+    if text.strip().lower() == "none":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise SafetyPatchError(f"{flag} must be a rate like 0.05 or none, got {text!r}") from None
+    if not math.isfinite(v):
+        raise SafetyPatchError(f"{flag} must be a finite rate like 0.05 or none, got {text!r}")
+    return v
 
 
 @gate_app.command("fit")
@@ -734,14 +765,18 @@ def gate_fit_cmd(
         help="Add the 129 hand-written harmful requests (22 harm categories) to the positives as a third source "
              "(default: on).")] = None,
     extra_layers: Annotated[str | None, typer.Option(help="Comma-separated further decoder layers read beside --layer "
-                                                     "(a multi-layer gate; `gate export` refuses it). Default: none.")] = None,
+                                                     "(a multi-layer gate; `gate export` refuses it), or none for a "
+                                                     "one-layer gate. Default: see --extra-depths.")] = None,
+    extra_depths: Annotated[str | None, typer.Option(help="The extra layers as comma-separated fractions of the "
+                                                     "model's depth, used without --extra-layers (default: "
+                                                     "see docs/gate.md).")] = None,
     extra_weight: Annotated[float | None, typer.Option(callback=_finite,
                                                        help="Scale of the extra layers' standardised features in the "
-                                                            "fit: below 1 pulls their weights harder to zero (default 1).")] = None,
-    family_fpr: Annotated[float | None, typer.Option(callback=_finite,
-                                                     help="Raise the --target-fpr threshold until at most this share of "
-                                                          "out-of-family wrapped safe prompts (leave-one-family-out) "
-                                                          "fires (default: no raise).")] = None,
+                                                            "fit: below 1 pulls their weights harder to zero (default 0.6).")] = None,
+    family_fpr: Annotated[str | None, typer.Option(help="Raise the --target-fpr threshold until at most this share of "
+                                                        "out-of-family wrapped safe prompts (leave-one-family-out) "
+                                                        "fires, or none for no raise (default 0.05; none with "
+                                                        "--threshold).")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -760,11 +795,14 @@ def gate_fit_cmd(
                  wrapped_harmful=wrapped_harmful, self_instruct=self_instruct, l2=l2, seed=seed, features=features,
                  rephrased=rephrased,
                  phrasings=None if phrasings is None else [f.strip() for f in phrasings.split(",") if f.strip()],
-                 written_harmful=written_harmful, extra_weight=extra_weight, family_fpr=family_fpr,
-                 extra_layers=None if extra_layers is None else _int_list(extra_layers, "--extra-layers"))
+                 written_harmful=written_harmful, extra_weight=extra_weight,
+                 extra_layers=None if extra_layers is None else _int_list(extra_layers, "--extra-layers"),
+                 extra_depths=None if extra_depths is None else _float_list(extra_depths, "--extra-depths"))
     cfg = dataclasses.replace(GateFitConfig(), **{k: v for k, v in given.items() if v is not None})
-    if threshold is not None:  # a logit given: it replaces the default target rate
-        cfg = dataclasses.replace(cfg, target_fpr=None)
+    if threshold is not None:  # a logit given: it replaces the default target rate and that rate's raise
+        cfg = dataclasses.replace(cfg, target_fpr=None, family_fpr=None)
+    if family_fpr is not None:
+        cfg = dataclasses.replace(cfg, family_fpr=_rate_or_none(family_fpr, "--family-fpr"))
     cfg.validate()
     check_out_dir(out, overwrite=overwrite, kind="gate", inputs=[data, model])
     with claim_output(out):

@@ -57,6 +57,10 @@ BATCHING: Batching = SHARED_PREFIX
 MAX_BATCH = 64
 
 
+_DEFAULT_EXTRA_WEIGHT = 0.6
+"""GateFitConfig.extra_weight's default: a different weight with no extra layer is refused."""
+
+
 @dataclass
 class GateFitConfig:
     """How a gate (gate.py) is fit: where it reads, where it fires, and its prompt pool.
@@ -107,23 +111,32 @@ class GateFitConfig:
     different kinds of harm, and a probe fit on one misses the other's). On by default since
     2026-12-01 (session 14): on validation it lifts HarmBench held out from 30% to 49% caught and
     the default still meets its six targets (docs/lab-notebook.md)."""
-    extra_layers: list[int] = field(default_factory=list)
-    """Further decoder layers read beside ``layer`` (a multi-layer gate: their features concatenated
-    after layer's, each through the final norm for a final-norm gate). Empty: one layer, the
-    default. A multi-layer gate routes and is measured like any other, but `gate export` refuses
-    it (a sequence-classification head reads one layer). experiments/gate_layer_sets.py measures
-    sets (docs/gate.md)."""
-    extra_weight: float = 1.0
+    extra_layers: list[int] | None = None
+    """Further decoder layers read beside ``layer``, by index (a multi-layer gate: their features
+    concatenated after layer's, each through the final norm for a final-norm gate); None = see
+    ``extra_depths``; [] = none (a one-layer gate, which `gate export` can write as a
+    transformers classifier; it refuses a multi-layer one: a classification head reads one
+    layer). experiments/gate_layer_sets.py measures sets (docs/gate.md)."""
+    extra_depths: list[float] = field(default_factory=lambda: [0.7])
+    """The extra layers as fractions of the model's depth, used when ``extra_layers`` is None, so
+    that one recipe carries across models (0.7: layer 21 of 30). A depth that falls on ``layer``
+    or on another extra layer (models under ten layers) is read once. The default since
+    2026-12-02 (session 21, docs/lab-notebook.md): with ``extra_weight`` 0.6 and ``family_fpr``
+    0.05 it routed 7.8% of the seed-1 test split's wrapped safe prompts to the adapter where the
+    one-layer gate routed 11.7%, meeting the other five targets."""
+    extra_weight: float = _DEFAULT_EXTRA_WEIGHT
     """Scale of the extra layers' standardised features in the fit (``gate.fit_probe``'s
     ``feature_scale``): below 1 penalises their weights more, so the probe leans on ``layer``
-    (session 20: 18 + 21 at 0.6 kept layer 18's out-of-source catch where 1.0 lost 5 points)."""
-    family_fpr: float | None = None
+    (session 20: 18 + 21 at 0.6 kept layer 18's out-of-source catch where 1.0 lost 5 points).
+    A value other than the default with no extra layer is refused (it would change nothing)."""
+    family_fpr: float | None = 0.05
     """After ``target_fpr`` sets the threshold, raise it (never lower it) until at most this share
     of the *out-of-family* wrapped safe prompts fires: the train pool's wrapped prompts scored by
     refits without their template families (:func:`leave_one_family_out`'s margins). None: no
-    raise (the default). Needs ``target_fpr`` and wrapped prompts on both sides of the pool. The
-    validation split's few template families (31 on the default folder) understate how often a
-    new family's safe prompts fire (9.8% out of family where validation said 4.5%)."""
+    raise. Needs ``target_fpr`` and wrapped prompts on both sides of the pool. The validation
+    split's few template families (31 on the default folder) understate how often a new family's
+    safe prompts fire (9.8% out of family where validation said 4.5%). 0.05 is the default since
+    2026-12-02 (with the extra layer at depth 0.7: ``extra_depths``)."""
     features: str = "final-norm"
     """What the probe reads: final-norm (the hidden state after the layer through the base's final
     RMSNorm, fit without intercept: it exports exactly as a transformers sequence-classification
@@ -135,6 +148,23 @@ class GateFitConfig:
         if self.layer is not None:
             return self.layer
         return min(int(self.depth * n_layers), n_layers - 1)
+
+    def resolved_extra_layers(self, n_layers: int) -> list[int]:
+        """The extra decoder layers for a model with ``n_layers`` layers, in feature order:
+        ``extra_layers`` as given, else ``extra_depths`` resolved as ``depth`` is, each layer once
+        and never the gate's own layer."""
+        if self.extra_layers is not None:
+            return list(self.extra_layers)
+        first, out = self.resolved_layer(n_layers), []
+        for d in self.extra_depths:
+            v = min(int(d * n_layers), n_layers - 1)
+            if v != first and v not in out:
+                out.append(v)
+        return out
+
+    def has_extra_layers(self) -> bool:
+        """Whether this config asks for extra layers at all (before resolving depths on a model)."""
+        return bool(self.extra_layers) if self.extra_layers is not None else bool(self.extra_depths)
 
     def validate(self) -> GateFitConfig:
         """Returns self; raises SafetyPatchError (one line naming the field) for a value that cannot be used."""
@@ -169,23 +199,32 @@ class GateFitConfig:
             raise bad("phrasings", f"must be a non-empty list of distinct names from {', '.join(PHRASINGS)}")
         if self.features not in FEATURES:
             raise bad("features", f"must be one of {', '.join(FEATURES)}")
-        if (not isinstance(self.extra_layers, (list, tuple))
+        if self.extra_layers is not None and (
+                not isinstance(self.extra_layers, (list, tuple))
                 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.extra_layers)
                 or len(set(self.extra_layers)) != len(self.extra_layers)):
-            raise bad("extra_layers", "must be a list of distinct integers >= 0")
+            raise bad("extra_layers", "must be null or a list of distinct integers >= 0")
+        if (not isinstance(self.extra_depths, (list, tuple))
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 1)
+                       for v in self.extra_depths)):
+            raise bad("extra_depths", "must be a list of numbers in [0, 1]")
         v = self.extra_weight
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
             raise bad("extra_weight", "must be a finite number > 0")
-        if v != 1.0 and not self.extra_layers:  # not a silent no-op
-            raise bad("extra_weight", "scales the extra layers' features, and extra_layers is empty (set it, e.g. "
-                                      "--extra-layers 21)")
+        if v != _DEFAULT_EXTRA_WEIGHT and not self.has_extra_layers():  # not a silent no-op
+            raise bad("extra_weight", "scales the extra layers' features, and the config reads no extra layer (set "
+                                      "extra_layers, e.g. --extra-layers 21, or extra_depths)")
         if self.family_fpr is not None:
             v = self.family_fpr
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
                 raise bad("family_fpr", "must be a number in (0, 1)")
             if self.target_fpr is None:
                 raise SafetyPatchError("gate config: family_fpr raises a target_fpr threshold; with a fixed threshold "
-                                       "it has nothing to raise (set target_fpr, or drop family_fpr)")
+                                       "it has nothing to raise (set target_fpr, or family_fpr null / --family-fpr none)")
+            if self.wrapped_benign == 0 or self.wrapped_harmful == 0:
+                raise SafetyPatchError("gate config: family_fpr sets the threshold on out-of-family wrapped prompts, and "
+                                       f"the pool has wrapped_benign {self.wrapped_benign}, wrapped_harmful "
+                                       f"{self.wrapped_harmful}: both must be > 0 (or family_fpr null / --family-fpr none)")
         return self
 
 
@@ -210,12 +249,17 @@ def model_layers(model, cfg: GateFitConfig) -> tuple[int, ...]:
 
     first = model_layer(model, cfg)
     n_layers = len(decoder_layers(model))
-    for v in cfg.extra_layers:
+    extra = cfg.resolved_extra_layers(n_layers)
+    for v in extra:
         if v >= n_layers:
             raise SafetyPatchError(f"gate extra_layers: layer {v} out of range: the model has layers 0-{n_layers - 1}")
         if v == first:
             raise SafetyPatchError(f"gate extra_layers: layer {v} is already the gate's layer")
-    return (first, *cfg.extra_layers)
+    if not extra and cfg.extra_weight != _DEFAULT_EXTRA_WEIGHT:  # not a silent no-op on a shallow model
+        raise SafetyPatchError(f"gate config: extra_weight {cfg.extra_weight} scales the extra layers' features, and on "
+                               f"this {n_layers}-layer model extra_depths {cfg.extra_depths} fall on layer {first}, the "
+                               "gate's own layer: no extra layer is read (set extra_layers)")
+    return (first, *extra)
 
 
 def _norm_of(model, cfg: GateFitConfig) -> dict:

@@ -165,7 +165,9 @@ def check_exportable(gate, where: str | Path = "gate") -> None:
     if gate.extra_layers:
         raise SafetyPatchError(f"{where}: the gate reads {len(gate.layers)} layers ({', '.join(map(str, gate.layers))}); "
                                f"{head} reads one layer's state, so no such checkpoint reproduces it exactly; nothing "
-                               "written (fit a one-layer gate: `safety-patch gate fit` without --extra-layers)")
+                               "written (the default gate reads two layers since 2026-12-02; fit a one-layer gate with "
+                               "`safety-patch gate fit --extra-layers none`, or `train --set gate.extra_layers=[]`, "
+                               "and put it behind the patch with `gate apply --replace`)")
     why = "reads the pre-norm residual stream with a bias" if gate.norm_weight is None else "has a mean or bias offset"
     raise SafetyPatchError(f"{where}: the gate {why}, which {head} cannot reproduce exactly; nothing written (fit an "
                            "exportable gate with `safety-patch gate fit --features final-norm`)")

@@ -366,7 +366,9 @@ def _check_types(cfg: TrainConfig) -> None:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             elif typing.get_origin(a) in (list, tuple):
                 inner = (typing.get_args(a) or (str,))[0]
-                ok = isinstance(value, (list, tuple)) and all(isinstance(v, inner) for v in value)
+                inner = (int, float) if inner is float else inner  # a whole number is a number
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, inner) and not isinstance(v, bool)
+                                                              for v in value)
             else:
                 ok = isinstance(value, a)
             if ok:
@@ -503,10 +505,12 @@ def merge(layers: list[dict[str, Any]]) -> TrainConfig:
 def _one_threshold(gate: Mapping[str, Any]) -> dict[str, Any]:
     """A gate layer that gives ``threshold`` or ``target_fpr`` but not the other also clears the
     other: they are two ways to set one number (gate_fit.GateFitConfig), so a layer that sets a
-    logit replaces the default target rate instead of conflicting with it."""
+    logit replaces the default target rate instead of conflicting with it, and the default
+    out-of-family raise of that rate (``family_fpr``) with it."""
     out = dict(gate)
     if "threshold" in out and "target_fpr" not in out:
         out["target_fpr"] = None
+        out.setdefault("family_fpr", None)
     elif "target_fpr" in out and "threshold" not in out:
         out["threshold"] = None
     return out
