@@ -5,6 +5,7 @@ and the adaptive GCG objective."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,3 +314,27 @@ def test_extra_layers_by_depth_resolve_like_the_gate_layer_and_each_layer_is_rea
     # on the tiny model (2 layers): depth 0.2 -> layer 0 beside layer 1
     got = model_layers(lm.model, GateFitConfig(layer=1, extra_layers=None, extra_depths=[0.2]))
     assert got == (1, 0)
+
+
+def test_the_reproduce_report_names_every_gate_layer_and_the_raised_out_of_family_row():
+    from safety_patch.report import gate_blocks, to_markdown
+
+    def m(v, k=1, n=10):
+        return {"value": v, "k": k, "n": n, "ci95": [0.0, 1.0], "interval": "wilson"}
+
+    comp = {"auroc": {"value": 0.9, "ci95": [0.8, 0.95]}, "tpr_at_fpr_0.01": m(0.5), "tpr_at_fpr_0.05": m(0.6),
+            "tpr_at_threshold": m(0.7), "fpr_at_threshold": m(0.1)}
+    nested = {**comp, "raises": [0.25, 0.5], "tpr_at_threshold": m(0.4), "fpr_at_threshold": m(0.03)}
+    g = {"gate": {"layer": 18, "extra_layers": [21], "threshold": 0.736}, "data": {"split": "test"},
+         "direct_vs_benign": comp, "wrapped_vs_wrapped_benign": comp, "harmful_vs_benign": comp,
+         "fired": {"harmful_direct": m(0.9)},
+         "leave_one_family_out": {"families": 12, "folds": [{}, {}], "wrapped_vs_wrapped_benign": comp,
+                                  "at_family_threshold_nested": nested}}
+    md = to_markdown(gate_blocks(g), Path("."))
+    assert "(layers 18, 21, fires above logit +0.736)" in md
+    assert "| the same at the raised threshold (each group's raise set on the other groups: +0.25, +0.50) |" in md
+    assert "| 40.0% [0.0, 100.0] | 3.0% [0.0, 100.0] |" in md
+    one = {**g, "gate": {"layer": 18, "threshold": 0.5},
+           "leave_one_family_out": {**g["leave_one_family_out"], "at_family_threshold_nested": None}}
+    md1 = to_markdown(gate_blocks(one), Path("."))
+    assert "(layer 18, fires above logit +0.500)" in md1 and "raised threshold" not in md1

@@ -397,7 +397,9 @@ def gate_blocks(g: dict) -> list[tuple]:
         return "n/a" if a.get("value") is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
 
     B: list[tuple] = [("h2", "Gate reliability")]
-    B.append(("p", f"The gate of the `+gate` arms (layer {g['gate']['layer']}, fires above logit "
+    layers = [g["gate"]["layer"], *g["gate"].get("extra_layers", [])]
+    B.append(("p", f"The gate of the `+gate` arms (layer{'s' * (len(layers) > 1)} {', '.join(map(str, layers))}, "
+                   f"fires above logit "
                    f"{g['gate']['threshold']:+.3f}), on the held-out `{g['data']['split']}` split: harmful requests direct "
                    "and inside held-out jailbreak template families against borderline-benign, general and wrapped "
                    "benign prompts; TPR at 1%/5% FPR sets the threshold on this split's benign prompts (an oracle "
@@ -432,8 +434,12 @@ def gate_blocks(g: dict) -> list[tuple]:
                        f"{lofo['families']} template families ({len(lofo['folds'])} groups), scoring that group's "
                        f"wrapped prompts at the threshold it would have set (a template it never saw; the held-out "
                        f"split above has its own, fewer families)."))
-        B.append(("table", ["comparison", "AUROC [95% CI]", "wrapped harmful caught", "wrapped safe fired"],
-                  [["wrapped vs wrapped safe", auc(c["auroc"]), _pct(c["tpr_at_threshold"]), _pct(c["fpr_at_threshold"])]]))
+        rows = [["wrapped vs wrapped safe", auc(c["auroc"]), _pct(c["tpr_at_threshold"]), _pct(c["fpr_at_threshold"])]]
+        if n := lofo.get("at_family_threshold_nested"):  # a raised gate (family_fpr): at its own threshold, nested
+            rows.append([f"the same at the raised threshold (each group's raise set on the other groups: "
+                         f"{', '.join(f'{r:+.2f}' for r in n['raises'])})", auc(n["auroc"]),
+                         _pct(n["tpr_at_threshold"]), _pct(n["fpr_at_threshold"])])
+        B.append(("table", ["comparison", "AUROC [95% CI]", "wrapped harmful caught", "wrapped safe fired"], rows))
     return B
 
 
