@@ -695,27 +695,23 @@ def _command_words() -> set[str]:
 
 def _int_list(text: str, flag: str) -> list[int]:
     """``"21"`` or ``"12,21"`` -> [21] / [12, 21], ``"none"`` -> []; SafetyPatchError naming ``flag`` otherwise."""
-    if text.strip().lower() == "none":
-        return []
-    try:
-        out = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SafetyPatchError(f"{flag} must be comma-separated layer numbers like 21 or 12,21, got {text!r}") from None
-    if not out:
-        raise SafetyPatchError(f"{flag} {text!r} names no layer")
-    return out
+    return _number_list(text, flag, int, "layer numbers like 21 or 12,21", "layer")
 
 
 def _float_list(text: str, flag: str) -> list[float]:
     """``"0.7"`` or ``"0.5,0.7"`` -> [0.7] / [0.5, 0.7], ``"none"`` -> []; SafetyPatchError naming ``flag`` otherwise."""
+    return _number_list(text, flag, float, "fractions like 0.7 or 0.5,0.7", "depth")
+
+
+def _number_list(text: str, flag: str, cast, example: str, noun: str) -> list:
     if text.strip().lower() == "none":
         return []
     try:
-        out = [float(v) for v in text.split(",") if v.strip()]
+        out = [cast(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SafetyPatchError(f"{flag} must be comma-separated fractions like 0.7 or 0.5,0.7, got {text!r}") from None
+        raise SafetyPatchError(f"{flag} must be comma-separated {example}, got {text!r}") from None
     if not out:
-        raise SafetyPatchError(f"{flag} {text!r} names no depth")
+        raise SafetyPatchError(f"{flag} {text!r} names no {noun}")
     return out
 
 
