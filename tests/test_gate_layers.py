@@ -209,6 +209,10 @@ def test_fit_on_data_with_extra_layers_and_a_family_raised_threshold(lm, data_di
     ({"extra_layers": [-1]}, "extra_layers must be null or a list of distinct integers"),
     ({"extra_layers": None, "extra_depths": [1.5]}, "extra_depths must be a list of numbers in \\[0, 1\\]"),
     ({"extra_layers": None, "extra_depths": [float("nan")]}, "extra_depths must be a list of numbers"),
+    ({"extra_layers": None, "extra_depths": [0.2, 0.2]}, "extra_depths must be distinct"),
+    ({"extra_layers": [0], "extra_depths": [0.2]}, "extra_layers \\[0\\] and extra_depths \\[0.2\\] both place"),
+    ({"extra_layers": None, "extra_depths": [0.6]}, "on this 2-layer model they fall on layers \\[1\\], and the gate's "
+                                                    "own layer is 1"),
     ({"extra_weight": 0.0}, "extra_weight must be a finite number > 0"),
     ({"extra_weight": float("nan")}, "extra_weight must be a finite number > 0"),
     ({"extra_weight": 0.5, "extra_layers": []}, "extra_weight scales the extra layers' features, and the config reads "

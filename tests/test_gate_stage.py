@@ -275,7 +275,7 @@ def test_a_final_norm_gate_routes_and_exports_exactly(data_dir, tiny_dir, lm, tm
     assert main(["gate", "export", "--patch", str(tmp_path / "gp"), "--model", str(tiny_dir), "--out", str(x)]) == 2  # exists
 
 
-def test_train_writes_the_gate_the_stage_fits(data_dir, tiny_dir, lm, tmp_path, monkeypatch):
+def test_train_writes_the_gate_the_stage_fits(data_dir, tiny_dir, lm, tmp_path, monkeypatch, capsys):
     """`train` calls the same stage: its patch's gate file is byte for byte the gate folder's."""
     from safety_patch.train.config import TrainConfig, override
     from safety_patch.train.run import train
@@ -284,6 +284,10 @@ def test_train_writes_the_gate_the_stage_fits(data_dir, tiny_dir, lm, tmp_path, 
                                    "gate.layer": 1, "data.max_train_rows": 8, "optim.batch_size": 4,
                                    "data.max_seq_len": 512, "optim.lr": 1e-3, "optim.epochs": 1})
     meta = train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), progress=False)
+    said = capsys.readouterr().err  # what was fit is said before the training steps
+    g = meta["gate"]
+    assert (f"[train] gate: layer 1, threshold {g['threshold']:+.3f}, raised by "
+            f"{g['threshold_from']['raised_by']:+.3f} for family_fpr 0.05; fit in") in said
     monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home2"))  # computed afresh, not read from train's cache
     fit_gate_folder(lm, data_dir, cfg.gate_for_run(), tmp_path / "g")
     _, gmeta = read_gate_folder(tmp_path / "g")

@@ -764,8 +764,8 @@ def gate_fit_cmd(
                                                      "(a multi-layer gate; `gate export` refuses it), or none for a "
                                                      "one-layer gate. Default: see --extra-depths.")] = None,
     extra_depths: Annotated[str | None, typer.Option(help="The extra layers as comma-separated fractions of the "
-                                                     "model's depth, used without --extra-layers (default: "
-                                                     "see docs/gate.md).")] = None,
+                                                     "model's depth, used without --extra-layers (default 0.7: "
+                                                     "layer 21 of 30).")] = None,
     extra_weight: Annotated[float | None, typer.Option(callback=_finite,
                                                        help="Scale of the extra layers' standardised features in the "
                                                             "fit: below 1 pulls their weights harder to zero (default 0.6).")] = None,
@@ -891,10 +891,11 @@ def gate_export_cmd(
 ) -> None:
     """Export a gate as a transformers sequence-classification checkpoint (refused where it cannot be exact).
 
-    Exact for one-layer final-norm gates (the default of `gate fit`): the base truncated after the
-    gate's layer plus a one-logit head, the threshold in config.json; its logits equal the gate's.
-    A residual gate (`--features residual`) or a multi-layer one (`--extra-layers`) is refused
-    with the reason, before the model loads; nothing is written."""
+    Exact for one-layer final-norm gates (`gate fit --extra-layers none`): the base truncated
+    after the gate's layer plus a one-logit head, the threshold in config.json; its logits equal
+    the gate's. A multi-layer gate (the default of `gate fit` and `train` since 2026-12-02) or a
+    residual one (`--features residual`) is refused with the reason, before the model loads;
+    nothing is written."""
     from .gate_fit import read_gate_folder
     from .models import load_model
     from .outputs import check_out_dir

@@ -59,6 +59,8 @@ MAX_BATCH = 64
 
 _DEFAULT_EXTRA_WEIGHT = 0.6
 """GateFitConfig.extra_weight's default: a different weight with no extra layer is refused."""
+_DEFAULT_EXTRA_DEPTHS = (0.7,)
+"""GateFitConfig.extra_depths' default: other depths beside explicit extra_layers are refused."""
 
 
 @dataclass
@@ -117,7 +119,7 @@ class GateFitConfig:
     ``extra_depths``; [] = none (a one-layer gate, which `gate export` can write as a
     transformers classifier; it refuses a multi-layer one: a classification head reads one
     layer). experiments/gate_layer_sets.py measures sets (docs/gate.md)."""
-    extra_depths: list[float] = field(default_factory=lambda: [0.7])
+    extra_depths: list[float] = field(default_factory=lambda: list(_DEFAULT_EXTRA_DEPTHS))
     """The extra layers as fractions of the model's depth, used when ``extra_layers`` is None, so
     that one recipe carries across models (0.7: layer 21 of 30). A depth that falls on ``layer``
     or on another extra layer (models under ten layers) is read once. The default since
@@ -208,6 +210,11 @@ class GateFitConfig:
                 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 1)
                        for v in self.extra_depths)):
             raise bad("extra_depths", "must be a list of numbers in [0, 1]")
+        if len(set(self.extra_depths)) != len(self.extra_depths):
+            raise bad("extra_depths", "must be distinct")
+        if self.extra_layers is not None and tuple(self.extra_depths) != _DEFAULT_EXTRA_DEPTHS:
+            raise SafetyPatchError(f"gate config: extra_layers {self.extra_layers} and extra_depths "
+                                   f"{list(self.extra_depths)} both place the extra layers; set one")
         v = self.extra_weight
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
             raise bad("extra_weight", "must be a finite number > 0")
@@ -220,11 +227,13 @@ class GateFitConfig:
                 raise bad("family_fpr", "must be a number in (0, 1)")
             if self.target_fpr is None:
                 raise SafetyPatchError("gate config: family_fpr raises a target_fpr threshold; with a fixed threshold "
-                                       "it has nothing to raise (set target_fpr, or family_fpr null / --family-fpr none)")
+                                       "it has nothing to raise (set target_fpr, or no raise: gate fit --family-fpr none, "
+                                       "train --set gate.family_fpr=null)")
             if self.wrapped_benign == 0 or self.wrapped_harmful == 0:
                 raise SafetyPatchError("gate config: family_fpr sets the threshold on out-of-family wrapped prompts, and "
                                        f"the pool has wrapped_benign {self.wrapped_benign}, wrapped_harmful "
-                                       f"{self.wrapped_harmful}: both must be > 0 (or family_fpr null / --family-fpr none)")
+                                       f"{self.wrapped_harmful}: both must be > 0 (or no raise: gate fit --family-fpr none, "
+                                       "train --set gate.family_fpr=null)")
         return self
 
 
@@ -255,6 +264,12 @@ def model_layers(model, cfg: GateFitConfig) -> tuple[int, ...]:
             raise SafetyPatchError(f"gate extra_layers: layer {v} out of range: the model has layers 0-{n_layers - 1}")
         if v == first:
             raise SafetyPatchError(f"gate extra_layers: layer {v} is already the gate's layer")
+    if (cfg.extra_layers is None and tuple(cfg.extra_depths) != _DEFAULT_EXTRA_DEPTHS
+            and len(extra) < len(cfg.extra_depths)):  # depths asked for, not the default's shallow-model fold
+        at = {d: min(int(d * n_layers), n_layers - 1) for d in cfg.extra_depths}
+        raise SafetyPatchError(f"gate extra_depths {list(cfg.extra_depths)}: on this {n_layers}-layer model they fall on "
+                               f"layers {list(at.values())}, and the gate's own layer is {first}: each extra depth must "
+                               "name a layer of its own")
     if not extra and cfg.extra_weight != _DEFAULT_EXTRA_WEIGHT:  # not a silent no-op on a shallow model
         raise SafetyPatchError(f"gate config: extra_weight {cfg.extra_weight} scales the extra layers' features, and on "
                                f"this {n_layers}-layer model extra_depths {cfg.extra_depths} fall on layer {first}, the "

@@ -378,6 +378,11 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     gate, gate_info = None, None
     if cfg.gated:
         gate, gate_info = _fit_gate(lm, data, cfg, cache=not stack_patches)
+        if main_process:  # what was fit, before the minutes of training steps
+            tf = gate_info.get("threshold_from") or {}
+            raised = f", raised by {tf['raised_by']:+.3f} for family_fpr {tf['family_fpr']}" if "raised_by" in tf else ""
+            print(f"[train] gate: layer{'s' * (len(gate.layers) > 1)} {', '.join(map(str, gate.layers))}, threshold "
+                  f"{gate.threshold:+.3f}{raised}; fit in {gate_info['fit_seconds']} s", file=sys.stderr, flush=True)
     rows, counts["dropped_too_long"] = drop_too_long(rows, lm.tokenizer, cfg.data.max_seq_len)
     if not rows:
         raise SafetyPatchError(f"every training row is longer than --max-seq-len {cfg.data.max_seq_len} tokens")
