@@ -87,7 +87,7 @@ class Kill(Exception):
     pass
 
 
-def test_resume_after_kill_matches_uninterrupted(data_dir, tiny_dir, tmp_path, monkeypatch):
+def test_resume_after_kill_matches_uninterrupted(data_dir, tiny_dir, tmp_path, monkeypatch, capsys):
     cfg = small(data__max_train_rows=32, optim__sampling="random")
     train(data_dir, tmp_path / "ref", cfg, model=str(tiny_dir), progress=False)
 
@@ -113,6 +113,14 @@ def test_resume_after_kill_matches_uninterrupted(data_dir, tiny_dir, tmp_path, m
     assert not (tmp_path / "res").exists()  # nothing that looks like a finished patch
     assert (tmp_path / ".res.partial" / "checkpoints" / "checkpoint-4").is_dir()
     monkeypatch.setattr(run, "_Metrics", orig)
+    # without --resume the interrupted run is dropped, and that is said
+    import shutil
+
+    shutil.copytree(tmp_path / ".res.partial", tmp_path / ".fresh.partial")
+    capsys.readouterr()
+    fresh = train(data_dir, tmp_path / "fresh", cfg, model=str(tiny_dir), progress=False)
+    assert "an interrupted run left a checkpoint (checkpoint-4); starting afresh" in capsys.readouterr().err
+    assert "resumed_from" not in fresh["training"] or not fresh["training"]["resumed_from"]
     meta = train(data_dir, tmp_path / "res", cfg, model=str(tiny_dir), progress=False, resume=True)
     assert meta["training"]["resumed_from"].endswith("checkpoint-4")
     a = load_file(tmp_path / "ref" / "adapter_model.safetensors")

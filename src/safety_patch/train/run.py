@@ -346,6 +346,9 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
             f" ({', '.join(cut)} cut short by a kill); run without --resume to start over" if cut else ""))
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 touches files
     if not resume and work.exists() and main_process:
+        if (last := _last_checkpoint(work)) is not None:  # say what is dropped: --resume would have kept it
+            print(f"[train] {out}: an interrupted run left a checkpoint ({Path(last).name}); starting afresh without it "
+                  "(pass --resume to continue that run instead)", file=sys.stderr, flush=True)
         shutil.rmtree(work)
     rows, counts = dpo_rows(data, cfg) if cfg.loss.objective == "dpo" else training_rows(data, cfg)
     from ..patches import merged_state_dict, read_patch
