@@ -291,8 +291,12 @@ def test_cli_patch_gate_routes_like_the_gate(tiny_dir, tmp_path, capsys):
     fires = gate.fires(layer_states(lm.model, lm.tokenizer, _ids(lm.tokenizer, prompts), [1])[1]).tolist()
     args = ["patch", "gate", str(tmp_path / "g"), "--model", str(tiny_dir), "--force"]
     assert main(args + [a for p in prompts for a in ("--prompt", p)]) == 0
-    lines = capsys.readouterr().out.splitlines()[: len(prompts)]
+    head, *lines = capsys.readouterr().out.splitlines()[: len(prompts) + 1]
+    assert head.split() == ["route", "logit", "margin", "prompt"]
     assert [ln.startswith("adapter") for ln in lines] == fires
+    for ln in lines:  # margin = logit - threshold
+        logit, margin = map(float, ln.split()[1:3])
+        assert margin == pytest.approx(logit - gate.threshold, abs=0.011)
     make_lora_patch(lm.model, tmp_path / "u", lm.fingerprint)
     assert main(["patch", "gate", str(tmp_path / "u"), "--model", str(tiny_dir), "--prompt", "hi"]) == 2
     assert "has no gate" in capsys.readouterr().err

@@ -592,8 +592,11 @@ def patch_gate_cmd(
     with attached(lm.model, [p], lm.fingerprint, force) as pm:
         (scores,) = pm.gate_scores(lm.tokenizer, ids).values()
         (gate,) = pm.gates.values()
+    # route: which weights answer ("adapter": the patch applies; "base": the base model, bit for
+    # bit); margin: logit - threshold, how far from flipping
+    typer.echo(f"{'route':<7}  {'logit':>7}  {'margin':>7}  prompt")
     for text, z in zip(prompt, scores.tolist(), strict=True):
-        typer.echo(f"{'adapter' if z > gate.threshold else 'base   '}  {z:+7.2f}  {text}")
+        typer.echo(f"{'adapter' if z > gate.threshold else 'base':<7}  {z:+7.2f}  {z - gate.threshold:+7.2f}  {text}")
     typer.echo(f"(gate: layer{'s' * bool(gate.extra_layers)} {', '.join(map(str, gate.layers))}, "
                f"threshold {gate.threshold:+.2f})")
 
