@@ -342,3 +342,30 @@ def test_the_reproduce_report_names_every_gate_layer_and_the_raised_out_of_famil
            "leave_one_family_out": {**g["leave_one_family_out"], "at_family_threshold_nested": None}}
     md1 = to_markdown(gate_blocks(one), Path("."))
     assert "(layer 18, fires above logit +0.500)" in md1 and "raised threshold" not in md1
+
+
+@pytest.mark.parametrize("era", ["before-layers", "session-20"])
+def test_gate_folders_written_before_the_two_layer_default_are_refit_as_they_were_fit(lm, data_dir, tmp_path, era):  # noqa: F811
+    """`gate eval`'s refits read a gate's recorded config: a file from before extra layers, depths
+    or the raise existed (no such keys), or from when one layer was the default ([] and weight 1),
+    is refit on its own one layer without a raise, not on today's defaults (nor refused by them)."""
+    import shutil
+
+    from safety_patch.gate_fit import evaluate_gate, fit_gate_folder, read_gate_folder, recorded_config
+
+    cfg = GateFitConfig(**{**CFG.__dict__, "features": "final-norm", "extra_layers": [], "extra_weight": 1.0})
+    src = tmp_path / "g"
+    fit_gate_folder(lm, data_dir, cfg, src)
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    raw = json.loads((old / GATE_JSON).read_text())
+    for k in ("extra_depths",) + (("extra_layers", "extra_weight", "family_fpr") if era == "before-layers" else ()):
+        raw["config"].pop(k)
+    (old / GATE_JSON).write_text(json.dumps(raw))
+    gate, meta = read_gate_folder(old)
+    rec = recorded_config(meta, gate)
+    assert (rec.layer, rec.extra_layers, rec.family_fpr) == (1, [], None)
+    assert rec.extra_weight == (1.0 if era == "before-layers" else raw["config"]["extra_weight"])
+    rep = evaluate_gate(lm, old, data_dir, "val", loso=True, attacks=[], lofo=True)
+    assert rep["leave_one_family_out"]["layer"] == 1 and "extra_layers" not in rep["leave_one_family_out"]
+    assert "raise_for_family_fpr" not in rep["leave_one_family_out"]

@@ -218,7 +218,7 @@ class GateFitConfig:
         v = self.extra_weight
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
             raise bad("extra_weight", "must be a finite number > 0")
-        if v != _DEFAULT_EXTRA_WEIGHT and not self.has_extra_layers():  # not a silent no-op
+        if v not in (_DEFAULT_EXTRA_WEIGHT, 1.0) and not self.has_extra_layers():  # not a silent no-op (1: no scaling)
             raise bad("extra_weight", "scales the extra layers' features, and the config reads no extra layer (set "
                                       "extra_layers, e.g. --extra-layers 21, or extra_depths)")
         if self.family_fpr is not None:
@@ -270,7 +270,7 @@ def model_layers(model, cfg: GateFitConfig) -> tuple[int, ...]:
         raise SafetyPatchError(f"gate extra_depths {list(cfg.extra_depths)}: on this {n_layers}-layer model they fall on "
                                f"layers {list(at.values())}, and the gate's own layer is {first}: each extra depth must "
                                "name a layer of its own")
-    if not extra and cfg.extra_weight != _DEFAULT_EXTRA_WEIGHT:  # not a silent no-op on a shallow model
+    if not extra and cfg.extra_weight not in (_DEFAULT_EXTRA_WEIGHT, 1.0):  # not a silent no-op on a shallow model
         raise SafetyPatchError(f"gate config: extra_weight {cfg.extra_weight} scales the extra layers' features, and on "
                                f"this {n_layers}-layer model extra_depths {cfg.extra_depths} fall on layer {first}, the "
                                "gate's own layer: no extra layer is read (set extra_layers)")
@@ -1376,6 +1376,21 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
     return meta
 
 
+def recorded_config(gmeta: dict, gate) -> GateFitConfig:
+    """The config a gate folder was fit with, for refits (leave one source / family out) that must
+    read what the gate reads: ``gate.json``'s ``config`` with the layers pinned to the gate file's
+    (``layer``, ``extra_layers``: a gate fit before extra layers or depths existed must not be refit
+    on today's default depths), and fields a file written before they existed lacks set to what
+    that code did (no out-of-family raise, extra features unscaled)."""
+    known = {f.name for f in dataclasses.fields(GateFitConfig)}
+    rec = {k: v for k, v in gmeta["config"].items() if k in known}
+    rec.setdefault("family_fpr", None)
+    rec.setdefault("extra_weight", 1.0)
+    rec |= {"layer": gate.layer, "extra_layers": list(gate.extra_layers)}
+    rec.pop("extra_depths", None)  # pinned by extra_layers above
+    return GateFitConfig(**rec)
+
+
 def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "val", seed: int = 0,
                   batching: Batching = BATCHING, loso: bool = False,
                   attacks: Sequence[str] | None = None, lofo: bool = False) -> dict:
@@ -1402,8 +1417,7 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
         sets = attack_prompts(data_dir, split, attacks)
         rep["attacks"] = attack_report(attack_scores(lm.model, lm.tokenizer, gate, sets, batching, lm.fingerprint),
                                        gate.threshold)
-    known = {f.name for f in dataclasses.fields(GateFitConfig)}
-    cfg = GateFitConfig(**{k: v for k, v in gmeta["config"].items() if k in known})
+    cfg = recorded_config(gmeta, gate)
     if loso:
         rep["leave_one_source_out"] = leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, split, batching,
                                                            lm.fingerprint)
