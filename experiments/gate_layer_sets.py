@@ -42,7 +42,6 @@ Prints a table, writes experiments/results/gate_layer_sets.json (n and 95% inter
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
@@ -67,6 +66,7 @@ def main() -> None:
         _norm_of,
         cached_features,
         encode,
+        family_folds,
         held_out_prompts,
         held_out_requests,
         pool_features,
@@ -126,11 +126,8 @@ def main() -> None:
     # the folds of gate_fit.leave_one_family_out
     templates = d.templates("train")
     fam = [template_family(m[-1]["content"], templates) for m in harmful + benign]
-    order = sorted({f for f in fam if f is not None})
-    random.Random(0).shuffle(order)
-    k = min(args.folds, len(order))
-    fold_of = {f: i % k for i, f in enumerate(order)}
-    fold = torch.tensor([fold_of[f] if f is not None else -1 for f in fam])
+    fold, fold_of = family_folds(fam, args.folds, 0)
+    order, k = sorted(fold_of), len(set(fold_of.values()))
 
     def rate(z, t):
         return proportion(int((z > t).sum()), len(z))

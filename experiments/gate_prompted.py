@@ -43,7 +43,6 @@ Prints a table, writes experiments/results/NAME.json (n and 95% intervals).
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
@@ -95,6 +94,7 @@ def main() -> None:
         _norm_of,
         cached_features,
         encode,
+        family_folds,
         held_out_prompts,
         held_out_requests,
         template_family,
@@ -158,11 +158,8 @@ def main() -> None:
     src = list(sources) + [None] * len(benign)
     templates = d.templates("train")  # the folds of gate_fit.leave_one_family_out
     fam = [template_family(m[-1]["content"], templates) for m in harmful + benign]
-    order = sorted({f for f in fam if f is not None})
-    random.Random(cfg.seed).shuffle(order)
-    k = min(args.folds, len(order))
-    fold_of = {f: i % k for i, f in enumerate(order)}
-    fold = torch.tensor([fold_of[f] if f is not None else -1 for f in fam])
+    fold, fold_of = family_folds(fam, args.folds, cfg.seed)
+    order, k = sorted(fold_of), len(set(fold_of.values()))
 
     def rate(z, t):
         return proportion(int((z > t).sum()), len(z))

@@ -369,3 +369,15 @@ def test_gate_folders_written_before_the_two_layer_default_are_refit_as_they_wer
     rep = evaluate_gate(lm, old, data_dir, "val", loso=True, attacks=[], lofo=True)
     assert rep["leave_one_family_out"]["layer"] == 1 and "extra_layers" not in rep["leave_one_family_out"]
     assert "raise_for_family_fpr" not in rep["leave_one_family_out"]
+
+
+def test_family_folds_deal_each_family_into_one_group_and_leave_unwrapped_prompts_out():
+    from safety_patch.gate_fit import family_folds
+
+    fam = ["a", None, "b", "a", "c", None, "d", "e", "f", "b"]
+    fold, fold_of = family_folds(fam, 4, seed=3)
+    assert sorted(fold_of) == ["a", "b", "c", "d", "e", "f"] and set(fold_of.values()) == {0, 1, 2, 3}
+    assert fold.tolist() == [fold_of[f] if f is not None else -1 for f in fam]  # a family's prompts share a group
+    assert torch.equal(family_folds(fam, 4, seed=3)[0], fold)  # seeded
+    assert len(set(family_folds(fam, 10, seed=3)[1].values())) == 6  # never more groups than families
+    assert family_folds([None, None], 5, seed=0)[0].tolist() == [-1, -1]

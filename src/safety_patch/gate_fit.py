@@ -1144,6 +1144,17 @@ def _lofo_impossible(fam: Sequence[str | None], y: torch.Tensor) -> str | None:
     return None
 
 
+def family_folds(fam: Sequence[str | None], folds: int, seed: int) -> tuple[torch.Tensor, dict[str, int]]:
+    """Leave-one-family-out's groups: the distinct template families of ``fam`` (None: an
+    unwrapped prompt) shuffled with ``seed`` and dealt into ``min(folds, families)`` groups.
+    Returns each prompt's group ([n], -1 for unwrapped prompts) and each family's group."""
+    order = sorted({f for f in fam if f is not None})
+    random.Random(seed).shuffle(order)
+    k = min(folds, len(order))
+    fold_of = {f: i % k for i, f in enumerate(order)}
+    return torch.tensor([fold_of[f] if f is not None else -1 for f in fam]), fold_of
+
+
 def _family_out_of_fold(x: torch.Tensor, y: torch.Tensor, fam: Sequence[str | None], x_neg: torch.Tensor,
                         layer: int | Sequence[int], cfg: GateFitConfig, norm: dict, folds: int, seed: int) -> dict:
     """The refits of :func:`leave_one_family_out` on pool features ``x`` [n, k·hidden] with labels
@@ -1155,12 +1166,9 @@ def _family_out_of_fold(x: torch.Tensor, y: torch.Tensor, fam: Sequence[str | No
     families (their refits without the fold and each inner group), the out-of-family estimate of
     what the raised threshold does to a family the raise never saw. That costs folds x (folds - 1)
     more refits (LBFGS on cached features: seconds each)."""
-    families = sorted({f for f in fam if f is not None})
-    order = families[:]
-    random.Random(seed).shuffle(order)
-    k = min(folds, len(order))
-    fold_of = {f: i % k for i, f in enumerate(order)}
-    fold = torch.tensor([fold_of[f] if f is not None else -1 for f in fam])
+    fold, fold_of = family_folds(fam, folds, seed)
+    families, k = sorted(fold_of), len(set(fold_of.values()))
+
     def margins(held: torch.Tensor) -> torch.Tensor:
         """Margins over its threshold of the rows ``held`` under a refit without them."""
         gate = fit_gate_probe(x[~held], y[~held], layer, cfg, norm)
