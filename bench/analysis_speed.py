@@ -2,6 +2,12 @@
 per-module cost on synthetic shapes up to 8B-sized layers (4096 x 14336).
 
 Run: .venv/bin/python bench/analysis_speed.py [--patch DIR]
+     .venv/bin/python bench/analysis_speed.py --patches DIR DIR ... [--model SPEC]
+
+With --patches, only the weight analysis of several patches is timed: together (one merged
+stream, each W0 decomposed once: ``analysis.run.analyse_weights``, what ``analyze`` and
+``reproduce`` run) against one call per patch (each W0 decomposed once per patch, as before
+2026-12-02), in the same run, with the rows checked equal; written to analysis_speed_patches.json.
 
 Without --patch a random r=8 LoRA patch on every linear module of the default model is
 made (the geometry maths costs the same). Peak memory is the process's max RSS after each
@@ -47,7 +53,11 @@ def synthetic(d_out: int, d_in: int, r: int = 8, ks=(8, 32, 128)) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--patch", default=None)
+    ap.add_argument("--patches", nargs="+", default=None, help="time several patches analysed together vs one by one")
+    ap.add_argument("--model", default="default")
     args = ap.parse_args()
+    if args.patches:
+        return several(args.patches, args.model)
     from safety_patch.analysis.run import analyze
     from safety_patch.models import load_model
     from safety_patch.testing import make_lora_patch
@@ -68,6 +78,29 @@ def main() -> None:
     print_table(rows)
     write("analysis_speed", {"default_model": {"modules": n, "seconds": round(model_s, 1), "max_rss_mb": round(rss_mb())},
                              "synthetic": rows})
+
+
+def several(paths: list[str], model: str) -> None:
+    from safety_patch.analysis.run import analyse_weights
+    from safety_patch.analysis.weights import checkpoint_reader
+    from safety_patch.patches import read_patch
+    from safety_patch.runtime import configure_threads
+
+    threads = configure_threads()
+    ps = [read_patch(p) for p in paths]
+    read_w0, ks = checkpoint_reader(model), [8, 32, 128]
+    t = time.time()
+    alone = [row for p in ps for row in analyse_weights([p], read_w0, ks)[0]]
+    alone_s = time.time() - t
+    t = time.time()
+    together = analyse_weights(ps, read_w0, ks)[0]
+    together_s = time.time() - t
+    rows = [{"patches": len(ps), "modules": len(together), "one_by_one_s": round(alone_s, 1),
+             "together_s": round(together_s, 1), "speedup": round(alone_s / together_s, 2),
+             "rows_identical": together == alone}]
+    print_table(rows)
+    write("analysis_speed_patches", {"model": model, "threads": threads, "patches": [
+        {"path": str(p.path), "id": p.id, "method": p.meta.get("method")} for p in ps], "rows": rows})
 
 
 if __name__ == "__main__":

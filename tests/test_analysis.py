@@ -103,3 +103,31 @@ def test_analyze_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
     assert header == "layer,module,patch,metric,value"
     shift = res["activations"]["hidden_shift"]["lora"]["benign"]["last_token"]
     assert shift[0] == pytest.approx(0, abs=1e-6) and max(shift) > 0  # embeddings untouched, later layers move
+
+
+def test_patches_analysed_together_equal_each_analysed_alone(tiny_dir, tmp_path):
+    """analyse_weights reads the patches' modules in step and decomposes each W0 once: every
+    patch's rows (and kept vectors) are those it gets alone, in the same order, also where the
+    patches touch different modules."""
+    from safety_patch.analysis.run import analyse_weights
+    from safety_patch.analysis.weights import checkpoint_reader
+    from safety_patch.models import load_model
+    from safety_patch.patches import read_patch
+    from safety_patch.testing import make_delta_patch, make_lora_patch
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    ps = [read_patch(make_lora_patch(lm.model, tmp_path / "lora", lm.fingerprint, targets=["q_proj", "down_proj"])),
+          read_patch(make_delta_patch(lm.model, tmp_path / "full", lm.fingerprint, every=3)),
+          read_patch(make_lora_patch(lm.model, tmp_path / "lora2", lm.fingerprint, seed=1))]
+    read_w0 = checkpoint_reader(str(tiny_dir))
+    keep = {p.name: {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"} for p in ps}
+    rows, vecs = analyse_weights(ps, read_w0, [4, 8], keep_vectors=keep)
+    alone = [analyse_weights([p], read_w0, [4, 8], keep_vectors=keep) for p in ps]
+    assert rows == [r for rs, _ in alone for r in rs]
+    assert [r["patch"] for r in rows] == sorted((r["patch"] for r in rows), key=[p.name for p in ps].index)
+    assert len({frozenset(r["name"] for r in rs) for rs, _ in alone}) == 3  # the patches cover different module sets
+    for p, (_, v) in zip(ps, alone, strict=True):
+        assert vecs[p.name].keys() == v[p.name].keys()
+        for m in v[p.name]:
+            assert torch.equal(vecs[p.name][m][1]["V0"], v[p.name][m][1]["V0"])
+    assert len(vecs[ps[0].name]) == len(vecs[ps[2].name]) == 2  # the LoRA patches touch both kept modules

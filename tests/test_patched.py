@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from safety_patch.errors import SafetyPatchError
 from safety_patch.generation import (
@@ -304,3 +306,120 @@ def test_greedy_hands_the_cache_by_the_name_the_forward_takes():
 
     assert cache_argument(OldStyle(model)) == "past_key_values"
     assert greedy(OldStyle(model), ids, mask, 6, {tok.eos_token_id}) == greedy(model, ids, mask, 6, {tok.eos_token_id})
+
+
+def _mixed_lengths(tok, n_long: int = 3, n_short: int = 5):
+    """Prompts of very different lengths: several long ones and several short ones, so that the
+    prompt pass splits into groups (length_groups)."""
+    long = [tok(render(tok, [{"role": "user", "content": " ".join(["tell me a long story about boats"] * (6 + k))}]),
+                add_special_tokens=False)["input_ids"] for k in range(n_long)]
+    short = [tok(render(tok, [{"role": "user", "content": w}]), add_special_tokens=False)["input_ids"]
+             for w in ("hi", "ok then", "why", "tea please", "go")[:n_short]]
+    return long + short
+
+
+def test_grouped_prompt_pass_equals_generate_token_for_token():
+    """A batch of long and short prompts is prefilled in groups as wide as each group's longest
+    prompt and decoded from one cache grown in place: the answers are generate's, token for token,
+    and the prompt pass computed fewer positions than one padded pass would."""
+    from safety_patch.generation import greedy, length_groups
+
+    model, tok = _lively()
+    prompts = _mixed_lengths(tok)
+    ids, mask = left_padded(prompts, tok.pad_token_id)
+    assert len(length_groups([len(p) for p in prompts], len(prompts))) > 1  # the case under test
+    with torch.no_grad():
+        free = _hf_greedy(model, ids, mask, 12, [len(tok) + 7])
+    eos = _stop_token(free)
+    shapes: list[tuple[int, int]] = []
+    h = model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        ours = greedy(model, ids, mask, 12, {eos})
+    finally:
+        h.remove()
+    with torch.no_grad():
+        ref = _hf_greedy(model, ids, mask, 12, [eos])
+    assert ours == ref
+    prompt_passes = [s for s in shapes if s[1] > 1]
+    assert len(prompt_passes) > 1 and sum(r for r, _ in prompt_passes) == len(prompts)
+    assert sum(r * w for r, w in prompt_passes) < ids.numel()
+
+
+def test_grouped_prompt_pass_keeps_each_rows_adapter(tmp_path):
+    from safety_patch.generation import greedy
+
+    model, tok = _lively()
+    p, _ = _gated_patch(model, tok, tmp_path / "g")
+    prompts = _mixed_lengths(tok) + _ids(tok)
+    ids, mask = left_padded(prompts, tok.pad_token_id)
+    with attached(model, [p], "fp") as pm:
+        names = pm.adapter_names(pm.routes(tok, prompts))
+        names[0], names[-1] = "patch0", "__base__"  # both routes among the long and the short prompts
+        with pm.mixed() as m, torch.no_grad():
+            free = _hf_greedy(m, ids, mask, 10, [len(tok) + 7], adapter_names=names)
+            eos = _stop_token(free)
+            ours = greedy(m, ids, mask, 10, {eos}, names)
+            ref = _hf_greedy(m, ids, mask, 10, [eos], adapter_names=names)
+    assert ours == ref
+
+
+def test_growing_cache_past_its_room_and_sliding_window_models_equal_generate():
+    """The cache buffer doubles when a row decodes past the room it was given; a model whose cache
+    has sliding-window layers takes one padded prompt pass. Both answer as generate does."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from safety_patch.generation import GrowingLayer, greedy, prefill
+
+    model, tok = _lively()
+    prompts = _mixed_lengths(tok, 2, 3)
+    ids, mask = left_padded(prompts, tok.pad_token_id)
+    pos = mask.long().cumsum(-1) - 1
+    pos.masked_fill_(mask == 0, 1)
+    with torch.no_grad():
+        cache, _ = prefill(model, ids, mask, pos, room=1)
+        assert all(isinstance(layer, GrowingLayer) for layer in cache.layers)
+        free = _hf_greedy(model, ids, mask, 9, [len(tok) + 7])
+    assert greedy(model, ids, mask, 9, {len(tok) + 7}) == free  # 9 steps from a cache with room for 1
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=512,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    mistral = MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for q in mistral.parameters():
+            q.mul_(20.0) if q.ndim > 1 else None
+        cache, _ = prefill(mistral, ids, mask, pos, room=4)
+        assert not any(isinstance(layer, GrowingLayer) for layer in cache.layers)
+        ref = _hf_greedy(mistral, ids, mask, 6, [len(tok) + 7])
+    assert greedy(mistral, ids, mask, 6, {len(tok) + 7}) == ref
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 60), min_size=0, max_size=9), st.integers(1, 5), st.integers(0, 50))
+def test_length_groups_is_the_cheapest_cut_of_the_sorted_prompts(lengths, max_rows, pass_cost):
+    """Every prompt once, at most max_rows a batch, longest first; no way of cutting the sorted
+    prompts into batches costs fewer padded positions plus pass_cost per pass (brute force)."""
+    import itertools
+
+    from safety_patch.generation import length_groups
+
+    groups = length_groups(lengths, max_rows, pass_cost)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(1 <= len(g) <= max_rows for g in groups)
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(lengths, reverse=True)
+
+    def cost(sizes):
+        c, s = 0, 0
+        for k in sizes:
+            c += k * flat[s] + pass_cost
+            s += k
+        return c
+
+    n = len(lengths)
+    best = min((cost([b - a for a, b in zip((0, *cuts), (*cuts, n), strict=True)])
+                for r in range(n) for cuts in itertools.combinations(range(1, n), r)
+                if all(0 < b - a <= max_rows for a, b in zip((0, *cuts), (*cuts, n), strict=True))), default=0)
+    assert cost([len(g) for g in groups]) == best
+    with pytest.raises(ValueError, match="max_rows"):
+        length_groups(lengths, 0)

@@ -25,7 +25,7 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch):
     t0 = time.time()
     reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
     first = time.time() - t0
-    arms = ["lora-safety", "full-safety", "full-mix-1", "full-mix-2", "lora-safety+gate"]
+    arms = ["lora-safety", "full-safety", "full-mix-1", "lora-safety+gate"]  # quick: one mixing ratio
     tree = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "01-data" not in p.parts
                   and "patch" not in p.parts and "out" not in p.parts)
     expected = sorted(
@@ -100,7 +100,10 @@ def test_quick_arms_train_long_enough_to_move_and_default_arms_keep_the_recipes(
 
     quick = {a.name: a.train for a in make_plan(quick=True).arms}
     default = {a.name: a.train for a in make_plan().arms}
-    assert quick["lora-safety"].items() >= QUICK_LORA.items() and quick["full-mix-2"].items() >= QUICK_FULL.items()
+    assert quick["lora-safety"].items() >= QUICK_LORA.items() and quick["full-mix-1"].items() >= QUICK_FULL.items()
+    assert [a for a in quick if a.startswith("full-mix")] == ["full-mix-1"]  # one mixing ratio in quick mode
+    assert [a for a in default if a.startswith("full-mix")] == ["full-mix-1", "full-mix-2"]
+    assert default["full-mix-2"]["data.general_ratio"] == 2.0
     assert quick["lora-safety+gate"] == {"from": "lora-safety"}
     assert not any(k in t for t in default.values() for k in ("optim.epochs", "optim.lr"))
     for lr, recipe in ((QUICK_LORA["optim.lr"], "paper"), (QUICK_FULL["optim.lr"], "full-safety")):

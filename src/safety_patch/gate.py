@@ -38,7 +38,9 @@ from pathlib import Path
 import torch
 
 from .errors import SafetyPatchError
-from .generation import left_padded  # the one left-padding both generation and the gates read with
+
+# the one left-padding and batching that generation and the gates read with
+from .generation import left_padded, length_groups
 
 GATE_FILE = "gate.safetensors"
 
@@ -242,8 +244,8 @@ def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Seq
                  batch_size: int = 8, progress=None) -> dict[int, torch.Tensor]:
     """Hidden states after each of ``layers`` at each prompt's last token: {layer: [n, hidden]}.
 
-    Left-padded, length-sorted batches with positions counted from each prompt's first real
-    token; the forward pass stops after the deepest layer asked for (a gate at layer 15 of 30
+    Left-padded, length-sorted batches of at most ``batch_size`` prompts, cut where padding would
+    cost more than another pass, with positions counted from each prompt's first real token; the forward pass stops after the deepest layer asked for (a gate at layer 15 of 30
     costs half a prefill).
     """
     blocks = decoder_layers(model)
@@ -265,9 +267,9 @@ def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Seq
 
     handles = [blocks[i].register_forward_hook(hook_for(i)) for i in set(layers)]
     try:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
+        # batches cut where padding would cost more than another pass (generation.length_groups):
+        # a router's batch of 550-token jailbreaks beside 40-token requests is otherwise mostly padding
+        for idx in length_groups([len(p) for p in prompts], batch_size):
             ids, mask = left_padded([prompts[i] for i in idx], pad)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             captured.clear()

@@ -299,7 +299,7 @@ def blocks(rd: RunData) -> list[tuple]:
     if plan.get("mode") == "quick":
         B.append(("p", "**Quick sizes.** Every number below comes from quick mode: 32 safety rows per arm trained "
                        "for 3 epochs at 5x the recipes' learning rates (12 optimiser steps), 20 test behaviours, "
-                       "a smaller gate pool. It shows what each arm does, with wide intervals; the paper's "
+                       "a smaller gate pool, and one data-mixing arm (general:safety 1:1) instead of two. It shows what each arm does, with wide intervals; the paper's "
                        "claims are tested at default sizes (`make reproduce`)."))
     if rd.manifest:
         c = rd.manifest["counts"]
@@ -364,7 +364,8 @@ def blocks(rd: RunData) -> list[tuple]:
             lora_total += t["wall_seconds"]
     B.append(("table", ["arm", "role", "train seconds", "peak memory MB (GPU: allocator peak; CPU: peak resident set while training)", "tokens", "trainable parameters"], cost))
     if mix_total and lora_total:
-        B.append(("p", f"The data-mixing search ({len(rd.by_role('full-mix'))} ratios) cost {mix_total:.0f} s of training; the "
+        n_mix = len(rd.by_role('full-mix'))
+        B.append(("p", f"The data-mixing search ({n_mix} ratio{'s' if n_mix != 1 else ''}) cost {mix_total:.0f} s of training; the "
                        f"single LoRA patch {lora_total:.0f} s ({mix_total / lora_total:.1f}x less)."))
     if rd.analysis:
         B.append(("h2", "Orthogonality and magnitude"))

@@ -9,6 +9,7 @@ PNG figures.
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 import statistics
 import time
@@ -19,20 +20,36 @@ from ..errors import SafetyPatchError
 from ..patches import read_patch
 from . import plots
 from .subspace import interference_terms
-from .weights import analyse_update, checkpoint_reader, iter_updates
+from .weights import analyse_update, base_subspace, checkpoint_reader, iter_updates, module_order
 
 SCALARS_SKIP = {"layer", "module", "name", "patch"}
 
 
-def analyse_weights(patch, read_w0, ks: list[int], r: int | None = None, keep_vectors: set[str] | None = None):
-    rows, vectors, baselines = [], {}, {}
-    for u in iter_updates(patch):
-        row, extra = analyse_update(u, read_w0(u.module + ".weight"), ks, r, baselines)
-        row["patch"] = patch.name
-        rows.append(row)
-        if keep_vectors is not None and u.module in keep_vectors:
-            vectors[u.module] = (u, extra)
-    return rows, vectors
+def analyse_weights(patches: list, read_w0, ks: list[int], r: int | None = None,
+                    keep_vectors: dict[str, set[str]] | None = None) -> tuple[list[dict], dict[str, dict]]:
+    """Per-module rows of every patch (patch by patch, modules in layer order) and, per patch, the
+    (update, extras) of the modules ``keep_vectors[patch name]`` names.
+
+    The patches' updates are read module by module in step (one merged stream), so each base
+    weight is read and decomposed once for all patches, and memory holds one module at a time."""
+    rows: list[list[dict]] = [[] for _ in patches]
+    vectors: dict[str, dict] = {p.name: {} for p in patches}
+    baselines: dict = {}
+    def stream(i: int):
+        return ((module_order(u.module), i, u) for u in iter_updates(patches[i]))
+
+    streams = [stream(i) for i in range(len(patches))]
+    module, W0, base = None, None, None
+    for _, i, u in heapq.merge(*streams, key=lambda t: t[:2]):
+        if u.module != module:
+            module, W0 = u.module, read_w0(u.module + ".weight")
+            base = base_subspace(W0, ks)
+        row, extra = analyse_update(u, W0, ks, r, baselines, base)
+        row["patch"] = patches[i].name
+        rows[i].append(row)
+        if keep_vectors is not None and u.module in keep_vectors.get(patches[i].name, ()):
+            vectors[patches[i].name][u.module] = (u, extra)
+    return [row for rs in rows for row in rs], vectors
 
 
 def summarise(rows: list[dict], ks: list[int]) -> dict:
@@ -79,12 +96,9 @@ def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8
     ks = sorted(set(ks))
     read_w0 = checkpoint_reader(model)
     t0 = time.time()
-    all_rows, vecs = [], {}
     want_vectors = bool(benign or jailbreak)
-    for p in ps:
-        rows, v = analyse_weights(p, read_w0, ks, r, keep_vectors=_sample_modules(p) if want_vectors else None)
-        all_rows.extend(rows)
-        vecs[p.name] = v
+    all_rows, vecs = analyse_weights(ps, read_w0, ks, r,
+                                     keep_vectors={p.name: _sample_modules(p) for p in ps} if want_vectors else None)
     weight_s = time.time() - t0
     summary = summarise(all_rows, ks)
     activ = {}

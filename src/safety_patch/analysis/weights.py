@@ -51,7 +51,7 @@ def iter_updates(patch: Patch) -> Iterator[Update]:
         cfg = json.loads((patch.path / "adapter_config.json").read_text())
         with safe_open(str(patch.path / "adapter_model.safetensors"), framework="pt") as f:
             mods = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in f.keys() if ".lora_A." in k},
-                          key=_module_order)
+                          key=module_order)
             for m in mods:
                 A = f.get_tensor(f"base_model.model.{m}.lora_A.weight")
                 B = f.get_tensor(f"base_model.model.{m}.lora_B.weight")
@@ -59,12 +59,12 @@ def iter_updates(patch: Patch) -> Iterator[Update]:
                 yield Update(m, (B, A, scale), None)
     else:
         with safe_open(str(patch.path / DELTA_FILE), framework="pt") as f:
-            for k in sorted(f.keys(), key=_module_order):
+            for k in sorted(f.keys(), key=module_order):
                 if k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2 and ".layers." in k:
                     yield Update(k.removesuffix(".weight"), None, f.get_tensor(k))
 
 
-def _module_order(name: str):
+def module_order(name: str):
     m = _LAYER.search("." + name + ".")
     return (int(m.group(1)) if m else -1, name)
 
@@ -99,8 +99,18 @@ def checkpoint_reader(model_spec: str) -> Callable[[str], torch.Tensor]:
     return read
 
 
-def analyse_update(u: Update, W0: torch.Tensor, ks: list[int], r: int | None, baselines: dict) -> tuple[dict, dict]:
-    """Metrics of one module; returns (row of scalars, extras with vectors for activation analysis)."""
+def base_subspace(W0: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W0's top-max(ks) singular triple (U0 [d_out, k], S0 [k], V0 [d_in, k]), k capped at min(W0.shape):
+    the part of :func:`analyse_update` that depends on the base alone, computed once per module when
+    several patches are analysed together."""
+    W0 = W0.float()
+    return sm.top_singular(W0, min(max(ks), min(W0.shape)))
+
+
+def analyse_update(u: Update, W0: torch.Tensor, ks: list[int], r: int | None, baselines: dict,
+                   base: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """Metrics of one module; returns (row of scalars, extras with vectors for activation analysis).
+    ``base``: :func:`base_subspace` of this ``W0`` where the caller has it already."""
     W0 = W0.float()
     if u.factors is not None:
         B, A, scale = u.factors
@@ -113,7 +123,7 @@ def analyse_update(u: Update, W0: torch.Tensor, ks: list[int], r: int | None, ba
         dW_fro = u.dense.float().norm().item()
     Ur, Vr = U[:, :rr], V[:, :rr]
     kmax = min(max(ks), min(W0.shape))
-    U0, S0, V0 = sm.top_singular(W0, kmax)
+    U0, S0, V0 = base if base is not None else base_subspace(W0, ks)
     d_out, d_in = W0.shape
     row = {"layer": u.layer, "module": u.kind, "name": u.module, "r": rr, "dW_fro": dW_fro, "W0_fro": W0.norm().item(),
            "rel_norm": dW_fro / max(W0.norm().item(), 1e-12), "eff_rank": sm.effective_rank(S), "sigma1": S[0].item()}
