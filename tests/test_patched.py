@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -423,3 +425,39 @@ def test_length_groups_is_the_cheapest_cut_of_the_sorted_prompts(lengths, max_ro
     assert cost([len(g) for g in groups]) == best
     with pytest.raises(ValueError, match="max_rows"):
         length_groups(lengths, 0)
+
+
+
+def test_chat_with_a_patch_exits_after_its_answer(tiny_dir, tmp_path):
+    """`chat --patch --prompt` ends its process once it has answered. It hung there (2026-12-02):
+    the stack, held for the process, was detached by the garbage collector during interpreter
+    shutdown, where PEFT's unload opens a tqdm bar whose monitor thread can never start."""
+    import os
+    import subprocess
+    import sys
+
+    from safety_patch.models import load_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    make_lora_patch(lm.model, tmp_path / "p", lm.fingerprint)
+    exe = Path(sys.executable).with_name("safety-patch")
+    env = os.environ | {"SAFETY_PATCH_HOME": str(tmp_path / "home")}
+    done = subprocess.run([str(exe), "chat", "--model", str(tiny_dir), "--patch", str(tmp_path / "p"), "--prompt", "hi",
+                           "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[chat] done" in done.stderr + done.stdout
+
+
+def test_a_stack_is_not_detached_while_the_interpreter_shuts_down(gated, monkeypatch):
+    """attach_for_inference's stack, closed by the garbage collector at interpreter shutdown, is
+    left as it is (the process is ending; PEFT's unload would start a thread that cannot start).
+    Closed any other time it is detached: test_the_loaded_model_is_never_swapped above."""
+    from safety_patch import patches as patches_mod
+    from safety_patch.patches import attach_for_inference
+
+    model, tok, p, _ = gated
+    lm = LoadedModel.from_objects(model, tok)
+    pm = attach_for_inference(lm, [p], force=True)
+    monkeypatch.setattr(patches_mod.sys, "is_finalizing", lambda: True)
+    pm.close()
+    assert any("lora" in n for n, _ in model.named_modules())  # left attached: no unload ran

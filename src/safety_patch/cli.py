@@ -147,10 +147,19 @@ def chat(
     force: Annotated[bool, typer.Option(help="Attach patches made for another base model (warns).")] = False,
 ) -> None:
     """Talk to a model, optionally with safety patches attached."""
-    from .generation import GenerationConfig, conversation, generate
+    from .generation import GenerationConfig
 
     lm, pm = _load(model, device, dtype, patch, force)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=1, seed=seed)
+    try:
+        _chat(lm, pm, prompt, system, GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                       batch_size=1, seed=seed))
+    finally:
+        pm.close()  # detach before the process ends (the base restored exactly)
+
+
+def _chat(lm, pm, prompt: str | None, system: str | None, cfg) -> None:
+    from .generation import conversation, generate
+
     if prompt is not None:
         typer.echo(generate(pm, lm.tokenizer, [conversation(prompt, system)], cfg)[0])
         return

@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -482,10 +483,14 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
     finally:
         if hook is not None:
             hook.remove()
-        if peft_model is not None:
+        # A stack held for the process (attach_for_inference) is closed here by the garbage
+        # collector when the interpreter shuts down: nothing will run the model again, and PEFT's
+        # unload opens a tqdm bar whose monitor thread can never start at that point, so the
+        # process would hang at exit (`chat --patch` did, 2026-12-02).
+        if peft_model is not None and not sys.is_finalizing():
             restored = peft_model.unload()  # removes LoRA layers, puts the original Linear modules back
             assert restored is model
-        if saved:
+        if saved and not sys.is_finalizing():
             params = dict(model.named_parameters())
             with torch.no_grad():
                 for k, w in saved.items():
