@@ -183,23 +183,32 @@ def _lively():
     return model, tok
 
 
-def test_greedy_drops_stopped_rows_and_equals_generate_token_for_token():
+def _greedy_and_generate(model, tok, prompts, steps: int):
+    """(greedy's answers, generate's answers, the (rows, width) of every forward greedy made, the
+    EOS id used): the EOS is a token some rows emit and others never do, so rows stop at
+    different steps."""
     from safety_patch.generation import greedy
 
-    model, tok = _lively()
-    prompts = _ids(tok)
     ids, mask = left_padded(prompts, tok.pad_token_id)
     with torch.no_grad():
-        free = _hf_greedy(model, ids, mask, 12, [len(tok) + 7])  # an id never emitted: no EOS: every row runs 12 steps
+        free = _hf_greedy(model, ids, mask, steps, [len(tok) + 7])  # an id never emitted: every row runs on
     eos = _stop_token(free)
-    widths: list[int] = []
-    h = model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    shapes: list[tuple[int, int]] = []
+    h = model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
     try:
-        ours = greedy(model, ids, mask, 12, {eos})
+        ours = greedy(model, ids, mask, steps, {eos})
     finally:
         h.remove()
     with torch.no_grad():
-        ref = _hf_greedy(model, ids, mask, 12, [eos])
+        ref = _hf_greedy(model, ids, mask, steps, [eos])
+    return ours, ref, shapes, eos
+
+
+def test_greedy_drops_stopped_rows_and_equals_generate_token_for_token():
+    model, tok = _lively()
+    prompts = _ids(tok)
+    ours, ref, shapes, eos = _greedy_and_generate(model, tok, prompts, 12)
+    widths = [r for r, _ in shapes]
     assert ours == ref
     stopped = [r for r in ref if r[-1] == eos and len(r) < 12]
     assert stopped and len(stopped) < len(ref)  # some rows stop early, some run on
@@ -207,15 +216,19 @@ def test_greedy_drops_stopped_rows_and_equals_generate_token_for_token():
     assert sum(widths[1:]) == sum(len(r) for r in ours) - len(ours)  # each row costs its own length, no more
 
 
-def test_greedy_keeps_each_rows_adapter_as_rows_leave_a_mixed_batch(tmp_path):
+@pytest.mark.parametrize("long_prompts", [False, True])
+def test_greedy_keeps_each_rows_adapter_as_rows_leave_a_mixed_batch(tmp_path, long_prompts):
     from safety_patch.generation import greedy
 
     model, tok = _lively()
     p, _ = _gated_patch(model, tok, tmp_path / "g")
-    prompts = _ids(tok)
+    # with long prompts too, the prompt pass splits into groups (generation.prefill)
+    prompts = (_mixed_lengths(tok) if long_prompts else []) + _ids(tok)
     ids, mask = left_padded(prompts, tok.pad_token_id)
     with attached(model, [p], "fp") as pm:
         names = pm.adapter_names(pm.routes(tok, prompts))
+        if long_prompts:
+            names[0], names[-1] = "patch0", "__base__"  # both routes among the long and the short prompts
         assert "__base__" in names and "patch0" in names
         with pm.mixed() as m, torch.no_grad():
             free = _hf_greedy(m, ids, mask, 10, [len(tok) + 7], adapter_names=names)
@@ -324,45 +337,17 @@ def test_grouped_prompt_pass_equals_generate_token_for_token():
     """A batch of long and short prompts is prefilled in groups as wide as each group's longest
     prompt and decoded from one cache grown in place: the answers are generate's, token for token,
     and the prompt pass computed fewer positions than one padded pass would."""
-    from safety_patch.generation import greedy, length_groups
+    from safety_patch.generation import length_groups
 
     model, tok = _lively()
     prompts = _mixed_lengths(tok)
-    ids, mask = left_padded(prompts, tok.pad_token_id)
+    ids, _ = left_padded(prompts, tok.pad_token_id)
     assert len(length_groups([len(p) for p in prompts], len(prompts))) > 1  # the case under test
-    with torch.no_grad():
-        free = _hf_greedy(model, ids, mask, 12, [len(tok) + 7])
-    eos = _stop_token(free)
-    shapes: list[tuple[int, int]] = []
-    h = model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
-    try:
-        ours = greedy(model, ids, mask, 12, {eos})
-    finally:
-        h.remove()
-    with torch.no_grad():
-        ref = _hf_greedy(model, ids, mask, 12, [eos])
+    ours, ref, shapes, _ = _greedy_and_generate(model, tok, prompts, 12)
     assert ours == ref
     prompt_passes = [s for s in shapes if s[1] > 1]
     assert len(prompt_passes) > 1 and sum(r for r, _ in prompt_passes) == len(prompts)
     assert sum(r * w for r, w in prompt_passes) < ids.numel()
-
-
-def test_grouped_prompt_pass_keeps_each_rows_adapter(tmp_path):
-    from safety_patch.generation import greedy
-
-    model, tok = _lively()
-    p, _ = _gated_patch(model, tok, tmp_path / "g")
-    prompts = _mixed_lengths(tok) + _ids(tok)
-    ids, mask = left_padded(prompts, tok.pad_token_id)
-    with attached(model, [p], "fp") as pm:
-        names = pm.adapter_names(pm.routes(tok, prompts))
-        names[0], names[-1] = "patch0", "__base__"  # both routes among the long and the short prompts
-        with pm.mixed() as m, torch.no_grad():
-            free = _hf_greedy(m, ids, mask, 10, [len(tok) + 7], adapter_names=names)
-            eos = _stop_token(free)
-            ours = greedy(m, ids, mask, 10, {eos}, names)
-            ref = _hf_greedy(m, ids, mask, 10, [eos], adapter_names=names)
-    assert ours == ref
 
 
 def test_growing_cache_past_its_room_and_sliding_window_models_equal_generate():

@@ -92,7 +92,7 @@ def make_plan(model: str = "default", quick: bool = False, full: bool = False, s
         lora |= QUICK_LORA
         fullp |= QUICK_FULL
     # The data-mixing baseline at general:safety ratios 1 and 2; quick mode trains ratio 1 only: the
-    # ratio-2 arm trains three times the full-safety arm's tokens and was the demo's longest stage
+    # ratio-2 arm trains three times the full-safety arm's rows and was the demo's longest stage
     # (147 of its 924 s, 2026-12-02), while the report's claim compares LoRA with every mixing arm run.
     ratios = QUICK_MIX_RATIOS if quick else MIX_RATIOS
     arms = [Arm("lora-safety", lora, "lora-safety"), Arm("full-safety", fullp, "full-safety")]
