@@ -245,8 +245,9 @@ def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Seq
     """Hidden states after each of ``layers`` at each prompt's last token: {layer: [n, hidden]}.
 
     Left-padded, length-sorted batches of at most ``batch_size`` prompts, cut where padding would
-    cost more than another pass, with positions counted from each prompt's first real token; the forward pass stops after the deepest layer asked for (a gate at layer 15 of 30
-    costs half a prefill).
+    cost more than another pass, with positions counted from each prompt's first real token;
+    the forward pass stops after the deepest layer asked for (a gate at layer 15 of 30 costs
+    half a prefill).
     """
     blocks = decoder_layers(model)
     bad = [i for i in layers if not 0 <= i < len(blocks)]

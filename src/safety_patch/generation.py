@@ -7,6 +7,7 @@ sorted by length, and a batch's prompt pass runs in groups of similar length
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -360,7 +361,7 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
     if len(groups) == 1:
         logits = one_pass(list(range(n)), 0, cache)
         for li, layer in enumerate(cache.layers):
-            cache.layers[li] = GrowingLayer(layer.keys, layer.values, room)
+            cache.layers[li] = _growing_layer()(layer.keys, layer.values, room)
         return cache, logits
     keys: list[list] = [[None] * n for _ in cache.layers]
     values: list[list] = [[None] * n for _ in cache.layers]
@@ -376,60 +377,69 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
         for j, r in enumerate(rows):
             logits[r] = got[j]
     for li in range(len(cache.layers)):
-        cache.layers[li] = GrowingLayer(torch.stack(keys[li]), torch.stack(values[li]), room)
+        cache.layers[li] = _growing_layer()(torch.stack(keys[li]), torch.stack(values[li]), room)
     return cache, torch.stack(logits)
 
 
-def _dynamic_layer():
+@functools.cache
+def _growing_layer() -> type:
+    """The :class:`GrowingLayer` class, built on first use: it subclasses transformers'
+    ``DynamicLayer``, and importing transformers here would add ~0.4 s to every command that
+    imports this module (the CLI's start)."""
     from transformers.cache_utils import DynamicLayer
 
-    return DynamicLayer
+    class GrowingLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys and values sit in a buffer with ``room`` free positions: a
+        decode step copies its one new position in and hands attention a view, where
+        ``DynamicLayer.update`` concatenates, i.e. copies the whole cache, at every step (41% of a
+        32-row evaluation batch's decode time on the embedded model, torch.profiler). The views hold
+        exactly the values a ``DynamicLayer`` would; the buffer doubles when full."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+            super().__init__()
+            n, heads, length, dim = keys.shape
+            self._k = keys.new_empty(n, heads, length + max(room, 1), dim)
+            self._v = values.new_empty(n, values.shape[1], length + max(room, 1), values.shape[-1])
+            self._k[:, :, :length] = keys
+            self._v[:, :, :length] = values
+            self.length = length
+            self.device = keys.device
+            self.is_initialized = True
+            self._views()
+
+        def _views(self) -> None:
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            t = key_states.shape[-2]
+            if self.length + t > self._k.shape[-2]:
+                grow = max(self._k.shape[-2], t)
+                self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[-1])], dim=-2)
+                self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[-1])], dim=-2)
+            self._k[:, :, self.length : self.length + t] = key_states
+            self._v[:, :, self.length : self.length + t] = value_states
+            self.length += t
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._k, self._v = self._k[indices, ...], self._v[indices, ...]
+            self._views()
+
+        def crop(self, max_length: int) -> None:
+            self.length = self.length - abs(max_length) if max_length < 0 else min(self.length, max_length)
+            self._views()
+
+    return GrowingLayer
 
 
-class GrowingLayer(_dynamic_layer()):
-    """A ``DynamicLayer`` whose keys and values sit in a buffer with ``room`` free positions: a
-    decode step copies its one new position in and hands attention a view, where
-    ``DynamicLayer.update`` concatenates, i.e. copies the whole cache, at every step (41% of a
-    32-row evaluation batch's decode time on the embedded model, torch.profiler). The views hold
-    exactly the values a ``DynamicLayer`` would; the buffer doubles when full."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
-        super().__init__()
-        n, heads, length, dim = keys.shape
-        self._k = keys.new_empty(n, heads, length + max(room, 1), dim)
-        self._v = values.new_empty(n, values.shape[1], length + max(room, 1), values.shape[-1])
-        self._k[:, :, :length] = keys
-        self._v[:, :, :length] = values
-        self.length = length
-        self.device = keys.device
-        self.is_initialized = True
-        self._views()
-
-    def _views(self) -> None:
-        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        t = key_states.shape[-2]
-        if self.length + t > self._k.shape[-2]:
-            grow = max(self._k.shape[-2], t)
-            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[-1])], dim=-2)
-            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[-1])], dim=-2)
-        self._k[:, :, self.length : self.length + t] = key_states
-        self._v[:, :, self.length : self.length + t] = value_states
-        self.length += t
-        self._views()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._k, self._v = self._k[indices, ...], self._v[indices, ...]
-        self._views()
-
-    def crop(self, max_length: int) -> None:
-        self.length = self.length - abs(max_length) if max_length < 0 else min(self.length, max_length)
-        self._views()
+def __getattr__(name: str):
+    if name == "GrowingLayer":  # PEP 562: the class without importing transformers at module import
+        return _growing_layer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def forward_parameters(module) -> frozenset[str]:

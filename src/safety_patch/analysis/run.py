@@ -35,6 +35,7 @@ def analyse_weights(patches: list, read_w0, ks: list[int], r: int | None = None,
     rows: list[list[dict]] = [[] for _ in patches]
     vectors: dict[str, dict] = {p.name: {} for p in patches}
     baselines: dict = {}
+
     def stream(i: int):
         return ((module_order(u.module), i, u) for u in iter_updates(patches[i]))
 
