@@ -717,11 +717,13 @@ def feature_code_key() -> str:
     import transformers
 
     from . import gate, shared_prefix
+    from .generation import PREFILL_PASS_COST
 
-    parts = [inspect.getsource(f) for f in (gate.layer_states, gate.left_padded, gate.decoder_layers, gate._Stop,
-                                            features, features_at, length_buckets)]
+    # layer_states batches by generation.length_groups: where a batch is cut changes features by rounding
+    parts = [inspect.getsource(f) for f in (gate.layer_states, gate.left_padded, gate.length_groups, gate.decoder_layers,
+                                            gate._Stop, features, features_at, length_buckets)]
     parts.append(inspect.getsource(shared_prefix))
-    parts += [f"MAX_BATCH={MAX_BATCH}", transformers.__version__]
+    parts += [f"MAX_BATCH={MAX_BATCH}", f"PREFILL_PASS_COST={PREFILL_PASS_COST}", transformers.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

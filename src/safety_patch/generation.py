@@ -234,7 +234,8 @@ def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
 
     The same steps as transformers' ``generate(do_sample=False)`` with no logits processors
     (argmax of the fp32 last-position logits; positions from the attention mask, pads at 1; one
-    ``DynamicCache``), except that ``generate`` keeps computing finished rows until the whole
+    KV cache holding the values a ``DynamicCache`` would, filled by :func:`prefill` in length
+    groups and grown in place), except that ``generate`` keeps computing finished rows until the whole
     batch has stopped: in an evaluation batch of 32, one 96-token answer beside 31 short
     refusals cost 32 rows x 96 steps. Here a row costs its own length
     (``Cache.batch_select_indices`` shrinks the cache). Removing rows changes only the shapes of
