@@ -381,6 +381,37 @@ def test_growing_cache_past_its_room_and_sliding_window_models_equal_generate():
     assert greedy(mistral, ids, mask, 6, {len(tok) + 7}) == ref
 
 
+def test_sampling_on_a_growing_cache_draws_what_generate_draws(monkeypatch):
+    """transformers' sampler on a cache that grows in place (generation.growing_cache, sized by the
+    prompt pass, its buffer doubling past the room) draws, for one seed, exactly the tokens it draws
+    on its own DynamicCache; complete_texts samples through it, with the same texts as without."""
+    from safety_patch import generation
+
+    model, tok = _lively()
+    ids, mask = left_padded(_mixed_lengths(tok), tok.pad_token_id)
+
+    def sample(cache):
+        torch.manual_seed(3)
+        extra = {generation.cache_argument(model): cache} if cache is not None else {}
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=1.0,
+                                  top_p=0.9, pad_token_id=tok.pad_token_id, **extra)
+
+    kv = generation.growing_cache(model, room=2)
+    got = sample(kv)
+    assert all(isinstance(layer, generation.GrowingLayer) for layer in kv.layers)
+    assert kv.get_seq_length() == got.shape[1] - 1 and kv.layers[0]._k.shape[2] > ids.shape[1] + 2  # it grew
+    assert torch.equal(got, sample(None))
+    texts = [render(tok, [{"role": "user", "content": w}]) for w in ("hi", "tell me about boats and tea", "why")]
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, batch_size=3)
+    made = []
+    real = generation.growing_cache
+    monkeypatch.setattr(generation, "growing_cache", lambda m, room: made.append(room) or real(m, room))
+    ours = generation.complete_texts(model, tok, texts, cfg)
+    monkeypatch.setattr(generation, "growing_cache", lambda m, room: None)
+    assert made == [10] and ours == generation.complete_texts(model, tok, texts, cfg)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 60), min_size=0, max_size=9), st.integers(1, 5), st.integers(0, 50))
 def test_length_groups_is_the_cheapest_cut_of_the_sorted_prompts(lengths, max_rows, pass_cost):

@@ -154,6 +154,8 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
             # model's generation config asks for more than argmax (a repetition penalty, beams, …)
             if config.temperature > 0 or not exact_greedy:
                 extra = {"adapter_names": names} if names is not None else {}
+                if (kv := growing_cache(module, config.max_new_tokens)) is not None:
+                    extra[cache_argument(module)] = kv
                 gen = module.generate(input_ids=ids.to(pm.device), attention_mask=mask.to(pm.device), **gen_kwargs, **extra)
                 news = [gen[row, ids.shape[1]:].tolist() for row in range(len(idx))]
             else:
@@ -396,11 +398,16 @@ def _growing_layer() -> type:
         32-row evaluation batch's decode time on the embedded model, torch.profiler). The views hold
         exactly the values a ``DynamicLayer`` would; the buffer doubles when full."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None, room: int):
             super().__init__()
+            self.room, self.length = max(room, 1), 0
+            if keys is not None:  # else empty: the first update (transformers' own prompt pass) sizes it
+                self._allocate(keys, values)
+
+        def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
             n, heads, length, dim = keys.shape
-            self._k = keys.new_empty(n, heads, length + max(room, 1), dim)
-            self._v = values.new_empty(n, values.shape[1], length + max(room, 1), values.shape[-1])
+            self._k = keys.new_empty(n, heads, length + self.room, dim)
+            self._v = values.new_empty(n, values.shape[1], length + self.room, values.shape[-1])
             self._k[:, :, :length] = keys
             self._v[:, :, :length] = values
             self.length = length
@@ -412,6 +419,9 @@ def _growing_layer() -> type:
             self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self._allocate(key_states, value_states)
+                return self.keys, self.values
             t = key_states.shape[-2]
             if self.length + t > self._k.shape[-2]:
                 grow = max(self._k.shape[-2], t)
@@ -427,14 +437,48 @@ def _growing_layer() -> type:
             return self.length
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            self._k, self._v = self._k[indices, ...], self._v[indices, ...]
-            self._views()
+            if self.is_initialized:
+                self._k, self._v = self._k[indices, ...], self._v[indices, ...]
+                self._views()
+
+        def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+            self.batch_select_indices(beam_idx.to(self.device))
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+                self._views()
+
+        def reset(self) -> None:
+            self.length = 0
+            if self.is_initialized:
+                self._views()
 
         def crop(self, max_length: int) -> None:
             self.length = self.length - abs(max_length) if max_length < 0 else min(self.length, max_length)
-            self._views()
+            if self.is_initialized:
+                self._views()
 
     return GrowingLayer
+
+
+def growing_cache(module, room: int):
+    """An empty ``DynamicCache`` for ``module`` whose layers are :class:`GrowingLayer` s, each sized
+    by its first update (the prompt pass) with ``room`` free positions, for transformers' own
+    ``generate`` (the sampler, and greedy search under a generation config that asks for more than
+    argmax): the same keys and values its default cache holds, without copying the whole cache at
+    every step. None where the model's cache has other than plain full-attention layers (sliding
+    windows, linear attention): ``generate`` then builds its own."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=module.config)
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    grow = _growing_layer()
+    for li in range(len(cache.layers)):
+        cache.layers[li] = grow(None, None, room)
+    return cache
 
 
 def __getattr__(name: str):
