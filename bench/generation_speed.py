@@ -12,7 +12,8 @@ resources), nothing read from the generation cache. Tokens counted: every positi
 decodes until its EOS or the limit (what the hardware computed for kept rows). Greedy outputs
 are compared: fp32 at each batch size with fp32 at batch 8 (the evaluations' default), bf16
 with fp32 at the same batch size; the share of prompts whose whole answer is identical, and the
-share whose first 16 tokens are.
+share whose first 16 tokens are. Beside each batch size: the model's linear layers alone at that
+many rows (:func:`linear_bound`), the ceiling for an engine that computes the same fp32 matmuls.
 
 Decoders (``--decoders``): ``pruned`` is ``generation.greedy``, the product's greedy path, which
 drops a row from the batch once it has stopped; ``hf`` is transformers' ``generate`` on the same
@@ -55,6 +56,30 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 10, budget_s: float = 5.0) -> 
     return 2 * n**3 * done / (time.time() - t) / 1e9
 
 
+def linear_bound(model, rows: int, reps: int = 10) -> float:
+    """Tokens/s of a decode step's matmuls alone: every ``nn.Linear`` of ``model`` (the decoder's
+    projections and the output head) applied once to ``rows`` rows of random activations, in
+    model order, nothing else (no attention, norms, cache or sampling), best of ``reps`` passes
+    after a warm-up. An upper bound on greedy decoding at that batch size for any engine that
+    computes these fp32 matmuls: at a few dozen rows they stream every weight (about 540 MB in
+    fp32 on the embedded model) for little arithmetic, far from the square-matmul peak."""
+    import torch
+
+    ws = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in ws}
+    f = torch.nn.functional.linear
+    best = float("inf")
+    with torch.inference_mode():
+        for w in ws:
+            f(xs[w.shape[1]], w)
+        for _ in range(reps):
+            t = time.perf_counter()
+            for w in ws:
+                f(xs[w.shape[1]], w)
+            best = min(best, time.perf_counter() - t)
+    return rows / best
+
+
 def main() -> None:
     import torch
 
@@ -84,7 +109,7 @@ def main() -> None:
     convs = [conversation(t) for t in texts]
     peak32 = matmul_peak(torch.float32)
     peak16 = matmul_peak(torch.bfloat16)
-    rows, outs, skipped, rows_by = [], {}, {}, {}
+    rows, outs, skipped, rows_by, bounds = [], {}, {}, {}, {}
     steps: list[int] = []  # rows x decoding steps each call computed (finished rows included)
 
     @contextlib.contextmanager
@@ -132,6 +157,11 @@ def main() -> None:
         limit = peak32 * 1e9 / (2 * n_params)
         tok = lm.tokenizer
         generate(lm.model, tok, convs[:4], GenerationConfig(max_new_tokens=4, batch_size=4))  # warm-up
+        for b in sorted({int(x) for x in args.batches.split(",")}):
+            tps = linear_bound(lm.model, b)
+            bounds[f"{dt}/{b}"] = {"tokens_per_s": round(tps, 1), "pct_of_2N_limit": round(100 * tps / limit, 1)}
+            print(f"{dt} batch {b}: the model's linear layers alone {tps:.1f} tokens/s "
+                  f"({100 * tps / limit:.1f}% of the 2N limit)", flush=True)
         work = [("general+look-alike", lambda lm=lm: lm.model, convs, args.max_new_tokens)]
         if args.data:  # attached last: attaching hooks the loaded model itself (the base rows need it bare)
             work.append(("val harmful via patch", lambda lm=lm: attached_patch(lm, args.patch),
@@ -160,6 +190,7 @@ def main() -> None:
             n_tok = sum(min(len(i) + 1, max_new) for i in ids)  # + the EOS step where it stopped
             outs[(wl, dt, b, dec)] = ids
             row = {"workload": wl, "dtype": dt, "batch": b, "decoder": dec, "prompts": len(cv), "seconds": round(el, 1),
+                   "linear_only_pct_of_2N_limit": bounds[f"{dt}/{b}"]["pct_of_2N_limit"],
                    "seconds_each": [round(el, 1)],
                    "tokens": n_tok, "row_steps": sum(steps), "tokens_per_s": round(n_tok / el, 1),
                    "pct_of_2N_limit": round(100 * n_tok / el / limit, 1)}
@@ -191,13 +222,13 @@ def main() -> None:
                 and q["decoder"] == r["decoder"]}
         r["x_vs_fp32_batch8"] = round(r["tokens_per_s"] / base[min(base)], 2) if base else None
     print_table(rows, ["workload", "dtype", "batch", "decoder", "prompts", "seconds", "tokens", "row_steps",
-                       "tokens_per_s", "pct_of_2N_limit", "x_vs_fp32_batch8", "x_pruned_vs_this",
+                       "tokens_per_s", "pct_of_2N_limit", "linear_only_pct_of_2N_limit", "x_vs_fp32_batch8", "x_pruned_vs_this",
                        "same_answer_as_pruned_pct", "same_answer_as_b8_pct"])
     print(f"fp32 matmul peak {peak32:.1f} GFLOP/s, bf16 {peak16:.1f} GFLOP/s; 2N limit at the fp32 peak "
           f"{peak32 * 1e9 / (2 * 134.5e6):.0f} tokens/s; threads {threads}")
     write("generation_speed", {"prompts": len(convs), "max_new_tokens": args.max_new_tokens, "threads": threads,
                                "matmul_peak_gflops": {"float32": round(peak32, 1), "bfloat16": round(peak16, 1)},
-                               "cpu_flags": cpu_flags(), "skipped": skipped, "rows": rows})
+                               "cpu_flags": cpu_flags(), "skipped": skipped, "linear_only_bound": bounds, "rows": rows})
 
 
 def attached_patch(lm, patch: str):
