@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write  # noqa: E402
 
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -67,8 +68,15 @@ def main() -> None:
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.prompts import harmful_requests
     from safety_patch.evaluation.stats import proportion
-    from safety_patch.gate_fit import (GateFitConfig, apply_gate, cached_features, encode, fit_gate_folder,
-                                       leave_one_source_out, read_gate_folder, recorded_config)
+    from safety_patch.gate_fit import (
+        apply_gate,
+        cached_features,
+        encode,
+        fit_gate_folder,
+        leave_one_source_out,
+        read_gate_folder,
+        recorded_config,
+    )
     from safety_patch.models import load_model
     from safety_patch.patches import attached, read_patch
 
