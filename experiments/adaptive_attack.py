@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write  # noqa: E402
+from _common import add_gcg_budget, gated_pair, gcg_budget, print_table, write  # noqa: E402
 
 
 def main() -> None:
@@ -43,10 +43,7 @@ def main() -> None:
     ap.add_argument("--always-on", required=True, help="the same adapter without its gate")
     ap.add_argument("--split", default="val")
     ap.add_argument("--limit", type=int, default=24)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--topk", type=int, default=64)
-    ap.add_argument("--suffix-tokens", type=int, default=20)
+    add_gcg_budget(ap)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--transfer-gate", default=None,
                     help="the same adapter behind another gate (an attacker's own probe): gcg_gate optimised against it, "
@@ -58,7 +55,7 @@ def main() -> None:
 
     configure_threads()
     from safety_patch.attacks import get_attack
-    from safety_patch.attacks.gcg import GCG, GateGCG, GCGSettings
+    from safety_patch.attacks.gcg import GCG, GateGCG
     from safety_patch.evaluation.prompts import harmful_requests
     from safety_patch.evaluation.safety import EvalConfig, run_safety
     from safety_patch.evaluation.stats import proportion
@@ -67,16 +64,14 @@ def main() -> None:
     from safety_patch.models import home, load_model
     from safety_patch.patches import attached, read_patch
 
-    gated, always_on = read_patch(args.gated), read_patch(args.always_on)
-    if not gated.gated or always_on.gated:
-        sys.exit(f"--gated must carry a gate and --always-on must not ({args.gated}, {args.always_on})")
+    gated, always_on = gated_pair(args.gated, args.always_on)
     if gated.meta["files"].get("adapter_model.safetensors") != always_on.meta["files"].get("adapter_model.safetensors"):
         sys.exit("--gated and --always-on must carry the same adapter (same adapter_model.safetensors hash)")
 
     lm = load_model("default")
     tok = lm.tokenizer
     reqs, _ = harmful_requests(args.data, split=args.split, limit=args.limit)
-    budget = GCGSettings(steps=args.steps, search_width=args.width, topk=args.topk, suffix_tokens=args.suffix_tokens)
+    budget = gcg_budget(args)
     cfg = EvalConfig(attacks=(), max_new_tokens=args.max_new_tokens, batch_size=32)
     judge = get_judge(cfg.judge)
     cache = GenerationCache(home() / "generations.sqlite")

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write  # noqa: E402
+from _common import add_gcg_budget, gated_pair, gcg_budget, print_table, write  # noqa: E402
 
 
 def main() -> None:
@@ -50,10 +50,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="work folder: WORK/gate and WORK/patch are written")
     ap.add_argument("--behaviours", type=int, default=24, help="train behaviours attacked")
     ap.add_argument("--transplant", type=int, default=4, help="other train requests each suffix is also put after")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--topk", type=int, default=64)
-    ap.add_argument("--suffix-tokens", type=int, default=20)
+    add_gcg_budget(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--held-out-from", default=None,
                     help="adaptive_attack.py results JSON: its gated arm's gcg_gate prompts are scored by both gates")
@@ -64,7 +61,7 @@ def main() -> None:
 
     configure_threads()
     from safety_patch import gate_fit
-    from safety_patch.attacks.gcg import GateGCG, GCGSettings
+    from safety_patch.attacks.gcg import GateGCG
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.prompts import harmful_requests
     from safety_patch.evaluation.stats import proportion
@@ -78,11 +75,9 @@ def main() -> None:
         recorded_config,
     )
     from safety_patch.models import load_model
-    from safety_patch.patches import attached, read_patch
+    from safety_patch.patches import attached
 
-    gated, always_on = read_patch(args.gated), read_patch(args.always_on)
-    if not gated.gated or always_on.gated:
-        sys.exit(f"--gated must carry a gate and --always-on must not ({args.gated}, {args.always_on})")
+    gated, always_on = gated_pair(args.gated, args.always_on)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     old_gate, old_meta = read_gate_folder(args.gate)
@@ -95,8 +90,7 @@ def main() -> None:
 
     # 1. suffixes aimed at the shipped gate, on train behaviours only
     reqs, _ = harmful_requests(args.data, split="train", limit=args.behaviours)
-    budget = GCGSettings(steps=args.steps, search_width=args.width, topk=args.topk, suffix_tokens=args.suffix_tokens,
-                         gate_weight=1.0)
+    budget = gcg_budget(args, gate_weight=1.0)
     with attached(lm.model, [gated], lm.fingerprint) as pm:
         atk = GateGCG(budget).bind(pm, tok)
         found = []
