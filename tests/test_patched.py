@@ -410,6 +410,13 @@ def test_sampling_on_a_growing_cache_draws_what_generate_draws(monkeypatch):
     ours = generation.complete_texts(model, tok, texts, cfg)
     monkeypatch.setattr(generation, "growing_cache", lambda m, room: None)
     assert made == [10] and ours == generation.complete_texts(model, tok, texts, cfg)
+    monkeypatch.setattr(generation, "growing_cache", real)
+    model.generation_config.cache_implementation = "static"  # generate refuses a given cache beside it
+    try:
+        assert generation.growing_cache(model, 4) is None
+        assert len(generation.complete_texts(model, tok, texts, cfg)) == 3
+    finally:
+        model.generation_config.cache_implementation = None
 
 
 @settings(max_examples=200, deadline=None)

@@ -442,7 +442,8 @@ def _growing_layer() -> type:
                 self._views()
 
         def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-            self.batch_select_indices(beam_idx.to(self.device))
+            if self.is_initialized:
+                self.batch_select_indices(beam_idx.to(self.device))
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             if self.is_initialized:
@@ -468,10 +469,14 @@ def growing_cache(module, room: int):
     ``generate`` (the sampler, and greedy search under a generation config that asks for more than
     argmax): the same keys and values its default cache holds, without copying the whole cache at
     every step. None where the model's cache has other than plain full-attention layers (sliding
-    windows, linear attention): ``generate`` then builds its own."""
+    windows, linear attention) or its generation config names a cache of its own
+    (``cache_implementation``, which ``generate`` refuses beside a given cache): ``generate`` then
+    builds its own."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
+    if getattr(getattr(module, "generation_config", None), "cache_implementation", None) is not None:
+        return None
     cache = DynamicCache(config=module.config)
     if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
