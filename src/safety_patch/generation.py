@@ -338,7 +338,6 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
     was handed (a transformers that names the argument otherwise: decoding on would ignore the
     prompt)."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     from .errors import SafetyPatchError
 
@@ -347,7 +346,7 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
     lengths = mask.sum(-1).tolist()
     groups = length_groups(lengths, n)
     cache = DynamicCache(config=module.config)
-    plain = bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+    plain = _plain(cache)
 
     def one_pass(rows, cols, into):
         extra = {"adapter_names": [adapter_names[r] for r in rows]} if adapter_names is not None else {}
@@ -382,6 +381,14 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
     for li in range(len(cache.layers)):
         cache.layers[li] = _growing_layer()(torch.stack(keys[li]), torch.stack(values[li]), room)
     return cache, torch.stack(logits)
+
+
+def _plain(cache) -> bool:
+    """Whether every layer of ``cache`` is a plain full-attention ``DynamicLayer``: the only kind a
+    :class:`GrowingLayer` stands in for (a sliding-window layer drops old positions)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 @functools.cache
@@ -473,12 +480,11 @@ def growing_cache(module, room: int):
     (``cache_implementation``, which ``generate`` refuses beside a given cache): ``generate`` then
     builds its own."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     if getattr(getattr(module, "generation_config", None), "cache_implementation", None) is not None:
         return None
     cache = DynamicCache(config=module.config)
-    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+    if not _plain(cache):
         return None
     grow = _growing_layer()
     for li in range(len(cache.layers)):
