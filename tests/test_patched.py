@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -406,6 +407,7 @@ def test_sampling_on_a_growing_cache_draws_what_generate_draws(monkeypatch):
     cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, batch_size=3)
     made = []
     real = generation.growing_cache
+    model.generation_config.min_p = 0.01  # a setting generation.sample does not build: generate samples, on this cache
     monkeypatch.setattr(generation, "growing_cache", lambda m, room: made.append(room) or real(m, room))
     ours = generation.complete_texts(model, tok, texts, cfg)
     monkeypatch.setattr(generation, "growing_cache", lambda m, room: None)
@@ -417,6 +419,68 @@ def test_sampling_on_a_growing_cache_draws_what_generate_draws(monkeypatch):
         assert len(generation.complete_texts(model, tok, texts, cfg)) == 3
     finally:
         model.generation_config.cache_implementation = None
+        model.generation_config.min_p = None
+
+
+def _hf_sample(module, ids, mask, steps, eos, seed, temperature, top_p, **extra):
+    """generate's sampled answers for ``seed``, each row cut after its first EOS, and the RNG's next draw after it."""
+    torch.manual_seed(seed)
+    gen = module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=True,
+                          temperature=temperature, top_p=top_p, pad_token_id=eos[0], eos_token_id=list(eos),
+                          **extra)[:, ids.shape[1]:].tolist()
+    return [r[: next((k + 1 for k, t in enumerate(r) if t in eos), len(r))] for r in gen], torch.rand(1).item()
+
+
+@pytest.mark.parametrize(("temperature", "top_p", "top_k"), [(1.0, 0.9, None), (0.7, 1.0, 3)])
+def test_sampling_drops_stopped_rows_and_draws_what_generate_draws(temperature, top_p, top_k):
+    """generation.sample with the warpers generate builds draws, for one seed, the tokens generate
+    draws, token for token, on a batch of long and short prompts whose rows stop at different
+    steps; finished rows leave the batch, and the RNG ends where generate leaves it. A model card
+    asking for a setting it does not build gets None, and complete_texts then samples through
+    generate."""
+    from safety_patch.generation import complete_texts, sample, sampling_warpers
+
+    model, tok = _lively()
+    model.generation_config.top_k = top_k  # unset: transformers' default 50; 3: a card's own, under the vocabulary
+    prompts = _mixed_lengths(tok) + _ids(tok)
+    ids, mask = left_padded(prompts, tok.pad_token_id)
+    warpers = sampling_warpers(model.generation_config, temperature, top_p)
+    assert [type(w).__name__ for w in warpers] == (["TemperatureLogitsWarper"] if temperature != 1 else []) + \
+        ["TopKLogitsWarper"] + (["TopPAfterTopK"] if top_p < 1 else [])
+    assert warpers[-1 if top_p == 1 else -2].top_k == (top_k or 50) < len(tok)
+    with torch.no_grad():
+        free, _ = _hf_sample(model, ids, mask, 12, [len(tok) + 7], 11, temperature, top_p)
+        eos = _stop_token(free)
+        ref, after = _hf_sample(model, ids, mask, 12, [eos], 11, temperature, top_p)
+    shapes: list[int] = []
+    h = model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        torch.manual_seed(11)
+        ours = sample(model, ids, mask, 12, {eos}, warpers)
+        ours_after = torch.rand(1).item()
+    finally:
+        h.remove()
+    assert ours == ref and ours_after == after
+    assert any(r[-1] == eos and len(r) < 12 for r in ref) and any(len(r) == 12 for r in ref)  # the case under test
+    steps = [w for w in shapes if w < len(prompts)]
+    assert steps and sum(steps) < (max(len(r) for r in ours) - 1) * len(prompts)  # stopped rows left the batch
+
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        assert sampling_warpers(model.generation_config, temperature, top_p) is None
+        texts = [render(tok, c) for c in CONVS]
+        cfg = GenerationConfig(max_new_tokens=8, temperature=temperature, top_p=top_p, seed=4, batch_size=len(texts))
+        got = complete_texts(model, tok, texts, cfg)
+        enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i]), reverse=True)
+        pids, pmask = left_padded([enc[i] for i in order], tok.pad_token_id)
+        with torch.no_grad():
+            want, _ = _hf_sample(model, pids, pmask, 8, [tok.eos_token_id], 4, temperature, top_p)
+        assert [got[i][0] for i in order] == [tok.decode(r, skip_special_tokens=True).strip() for r in want]
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+    with pytest.raises(ValueError, match="temperature"):
+        sampling_warpers(model.generation_config, 0.0, 1.0)
 
 
 @settings(max_examples=200, deadline=None)
@@ -484,3 +548,57 @@ def test_a_stack_is_not_detached_while_the_interpreter_shuts_down(gated, monkeyp
     monkeypatch.setattr(patches_mod.sys, "is_finalizing", lambda: True)
     pm.close()
     assert any("lora" in n for n, _ in model.named_modules())  # left attached: no unload ran
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 5), vocab=st.integers(8, 400), top_k=st.integers(1, 12),
+       top_p=st.floats(0.05, 0.99), ties=st.booleans(), short=st.booleans())
+def test_top_p_after_top_k_removes_what_transformers_top_p_removes(seed, rows, vocab, top_k, top_p, ties, short):
+    """The sort-free top-p (generation.sampling_warpers, after a top-k) keeps exactly the tokens
+    transformers' TopPLogitsWarper keeps: on rows cut by top-k, rows with tied scores (which take
+    transformers' sort), and rows with fewer finite scores than the rest."""
+    from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
+
+    from safety_patch.generation import sampling_warpers
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, vocab, generator=g) * 3
+    if ties:  # tied scores at top-k's cut, which keeps them all; top-p's cut may fall among them
+        scores[:, :3] = scores.topk(min(top_k, vocab), dim=-1).values[:, -1:]
+    cut = TopKLogitsWarper(top_k)(None, scores)
+    if short and rows > 1:
+        cut[0, cut[0].isfinite().nonzero()[1:, 0]] = -math.inf  # one row keeps a single finite score
+    ours = sampling_warpers(None, 1.0, top_p)[-1]
+    assert type(ours).__name__ == "TopPAfterTopK"
+    want = TopPLogitsWarper(top_p)(None, cut.clone())
+    assert torch.equal(ours(None, cut.clone()), want)
+
+
+def test_served_sampling_with_budgets_streams_and_cancels_as_generate_would(monkeypatch):
+    """The server samples through generation.sample: per-row budgets, streamed tokens and a
+    cancelled row give, for one seed, the answers and streams of its generate path (the fallback
+    for a model card the warpers cannot match)."""
+    from safety_patch import generation
+    from safety_patch.serve.engine import Engine, Sampling
+
+    model, tok = _lively()
+    engine = Engine(LoadedModel.from_objects(model, tok), {})
+    prompts = _mixed_lengths(tok) + _ids(tok)
+    budgets = [1, 3] + [9] * (len(prompts) - 2)
+
+    def run():
+        streamed: dict[int, list[int]] = {}
+        out = engine.run("base", prompts, budgets, Sampling(temperature=0.9, top_p=0.8, seed=7),
+                         on_token=lambda i, t: streamed.setdefault(i, []).append(t),
+                         cancelled=lambda i: i == len(prompts) - 1 and len(streamed.get(i, [])) >= 2)
+        return [(r.tokens, r.finish_reason) for r in out], streamed
+
+    calls = []
+    real = generation.sample
+    monkeypatch.setattr(generation, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours = run()
+    monkeypatch.setattr(generation, "sampling_warpers", lambda *a: None)
+    ref = run()
+    assert calls and ours == ref
+    finishes = [f for _, f in ours[0]]
+    assert finishes[:2] == ["length", "length"] and finishes[-1] == "cancelled" and len(ours[0][-1][0]) == 2

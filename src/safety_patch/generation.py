@@ -142,6 +142,7 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
 
     exact_greedy = plain_greedy(pm.generation_config)
+    warpers = sampling_warpers(pm.generation_config, config.temperature, config.top_p) if config.temperature > 0 else None
 
     def run(module, members: list[int], adapter_names: list[str] | None = None) -> None:
         member_set = set(members)
@@ -150,9 +151,11 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
             idx = sub[b * config.batch_size : (b + 1) * config.batch_size]
             ids, mask = left_padded([enc[i] for i in idx], pad)
             names = [adapter_names[i] for i in idx] if adapter_names is not None else None
-            # HF's sampler, so that a seed draws what it always drew; HF's greedy search where the
-            # model's generation config asks for more than argmax (a repetition penalty, beams, …)
-            if config.temperature > 0 or not exact_greedy:
+            if warpers is not None:  # draws what generate draws for the seed, without computing finished rows
+                news = sample(module, ids.to(pm.device), mask.to(pm.device), config.max_new_tokens, eos_ids, warpers, names)
+            # HF's own sampler or greedy search where the model's generation config asks for more
+            # than these warpers or argmax (a repetition penalty, beams, …)
+            elif config.temperature > 0 or not exact_greedy:
                 extra = {"adapter_names": names} if names is not None else {}
                 if (kv := growing_cache(module, config.max_new_tokens)) is not None:
                     extra[cache_argument(module)] = kv
@@ -219,6 +222,88 @@ def plain_greedy(generation_config) -> bool:
     return all(k in _GREEDY_NEUTRAL or mine.get(k) == default.get(k) for k in set(default) | set(mine))
 
 
+_SAMPLING_SETTINGS = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+"""Fields :func:`plain_greedy` may pass over (they act only when sampling) and :func:`sampling_warpers` builds no warper for."""
+
+
+def sampling_warpers(generation_config, temperature: float, top_p: float):
+    """The logits processors ``generate(do_sample=True, temperature=temperature, top_p=top_p)`` applies
+    under this model's generation config, as a ``LogitsProcessorList`` in ``generate``'s order
+    (transformers' ``GenerationMixin._get_logits_processor``: temperature where it is not 1, top-k
+    with the config's ``top_k`` or, where it is unset, transformers' global default (50), top-p
+    where it is under 1, computed by :class:`TopPAfterTopK` after a top-k); None where the config
+    asks for anything else (a repetition penalty, min-p, typical or η sampling, any field
+    :func:`plain_greedy` does not know), and sampling then calls ``generate`` (fail closed).
+    Raises ValueError for a temperature that is not positive."""
+    from transformers import GenerationConfig as HFGenerationConfig
+    from transformers.generation import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    if not temperature > 0:
+        raise ValueError(f"sampling_warpers: temperature must be > 0, got {temperature}")
+    default = HFGenerationConfig()
+    config = generation_config if generation_config is not None else default
+    if not plain_greedy(generation_config) or any(getattr(config, k, None) != getattr(default, k, None)
+                                                  for k in _SAMPLING_SETTINGS):
+        return None
+    top_k = config.top_k
+    if top_k is None:  # generate fills an unset field from transformers' global defaults (top_k 50 in 5.x)
+        defaults = getattr(HFGenerationConfig, "_get_default_generation_params", None)
+        if defaults is None or "top_k" not in defaults():
+            return None  # a transformers that fills it otherwise: let generate sample
+        top_k = defaults()["top_k"]
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p is not None and top_p < 1.0:
+        warpers.append((_top_p_after_top_k() if top_k else TopPLogitsWarper)(top_p=top_p, min_tokens_to_keep=1))
+    return warpers
+
+
+@functools.cache
+def _top_p_after_top_k() -> type:
+    """The :class:`TopPAfterTopK` class, built on first use (it subclasses a transformers class)."""
+    from transformers.generation import TopPLogitsWarper
+
+    class TopPAfterTopK(TopPLogitsWarper):
+        """transformers' ``TopPLogitsWarper`` for scores that top-k has already cut to a few finite
+        entries per row (the rest ``-inf``), computed without sorting the whole vocabulary: a sort of
+        32 rows x 49,152 logits took 23 ms, about a fifth of a sampling step on the embedded model
+        (bench/sampling_speed.py's workload).
+
+        The ascending row the warper's softmax and cumulative sum read is rebuilt exactly: ``-inf``
+        everywhere but its last m places, which hold the m largest scores in ascending order
+        (``torch.topk``; m the most finite entries of any row). Its values equal ``torch.sort``'s
+        element for element, so the fp32 softmax and cumulative sum over the full row, and the
+        tokens removed, are the same. Where two finite scores of a row are exactly equal, which
+        of them the cut removes depends on how ``torch.sort`` orders ties, so such scores take
+        the sort, as do scores with more than a quarter of the vocabulary finite."""
+
+        def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+            m = int(torch.isfinite(scores).sum(-1).max())
+            if scores.ndim != 2 or m * 4 > scores.shape[-1] or m < self.min_tokens_to_keep:
+                return super().__call__(input_ids, scores)
+            top, index = scores.topk(m, dim=-1)
+            if (top[:, 1:] == top[:, :-1]).logical_and_(top[:, 1:].isfinite()).any():
+                return super().__call__(input_ids, scores)  # tied scores: the sort's own order decides
+            top, index = top.flip(-1), index.flip(-1)  # ascending, as the sort leaves the row's end
+            row = scores.new_full(scores.shape, -math.inf)
+            row[:, -m:] = top
+            cumulative = row.softmax(dim=-1).cumsum(dim=-1)[:, -m:]
+            remove = cumulative <= (1 - self.top_p)
+            remove[:, -self.min_tokens_to_keep :] = False
+            mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, remove)
+            return scores.masked_fill(mask, self.filter_value)
+
+    return TopPAfterTopK
+
+
 @torch.inference_mode()
 def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | Sequence[int], eos_ids: set[int],
            adapter_names: Sequence[str] | None = None, on_token: Callable[[int, int], None] | None = None,
@@ -244,6 +329,49 @@ def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
     the remaining rows' matmuls; tests compare the answers with ``generate``'s token for token,
     and bench/generation_speed.py on the embedded model. Callers use it only where
     :func:`plain_greedy` holds for the model's generation config."""
+    return _decode(module, ids, mask, max_new_tokens, eos_ids, lambda logits, alive: logits.float().argmax(-1),
+                   adapter_names, on_token, cancelled)
+
+
+@torch.inference_mode()
+def sample(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | Sequence[int], eos_ids: set[int], warpers,
+           adapter_names: Sequence[str] | None = None, on_token: Callable[[int, int], None] | None = None,
+           cancelled: Callable[[int], bool] | None = None) -> list[list[int]]:
+    """Sampling of a left-padded batch in which each row leaves the batch once it is done: new
+    token ids per row, up to and including its EOS token, [n][<= its budget].
+
+    Draws, for one RNG state, exactly what transformers' ``generate(do_sample=True)`` draws with the
+    same ``warpers`` (:func:`sampling_warpers`: the logits processors ``generate`` builds), up to
+    float rounding of the logits. Each step applies the warpers to the fp32 logits of the rows
+    still running, takes their softmax, and calls ``torch.multinomial`` on all ``n`` rows, as
+    ``generate`` does; the finished rows' slots hold a uniform distribution whose draw is
+    discarded. ``multinomial`` draws one exponential variate per element of its [n, vocab] input,
+    whatever the values (Gumbel-max), so every row sees the random numbers it sees in
+    ``generate``, and the RNG ends where ``generate`` leaves it. What is saved is the compute of
+    finished rows, which ``generate`` runs on until the batch's longest sample ends
+    (bench/sampling_speed.py: 1.29x on `data build`'s self-written requests, every sample the same).
+    ``ids``, ``mask``, budgets, ``adapter_names``, ``on_token`` and ``cancelled`` as in
+    :func:`greedy` (a row whose budget or cancellation ends it is finished, as a stopping
+    criterion ends it in ``generate``). Callers use it only where :func:`sampling_warpers`
+    returned warpers."""
+    n = ids.shape[0]
+
+    def pick(logits: torch.Tensor, alive: list[int]) -> torch.Tensor:
+        probs = torch.softmax(warpers(None, logits.float()), dim=-1)  # these warpers never read the ids
+        full = probs.new_ones(n, probs.shape[-1])
+        rows = torch.tensor(alive, device=probs.device)
+        full[rows] = probs
+        return torch.multinomial(full, num_samples=1).squeeze(1)[rows]
+
+    return _decode(module, ids, mask, max_new_tokens, eos_ids, pick, adapter_names, on_token, cancelled)
+
+
+def _decode(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | Sequence[int], eos_ids: set[int],
+            pick: Callable[[torch.Tensor, list[int]], torch.Tensor], adapter_names: Sequence[str] | None = None,
+            on_token: Callable[[int, int], None] | None = None,
+            cancelled: Callable[[int], bool] | None = None) -> list[list[int]]:
+    """The decode loop of :func:`greedy` and :func:`sample`; ``pick(logits [alive, vocab], the
+    batch rows still running)`` chooses each running row's next token id [alive]."""
     n = ids.shape[0]
     budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
     if len(budgets) != n:
@@ -264,7 +392,7 @@ def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
     cache, logits = prefill(module, ids, mask, pos, names, room=max(budgets))
     last = pos[:, -1:]
     while True:
-        nxt = logits.float().argmax(-1)
+        nxt = pick(logits, alive)
         keep = []
         for j, (r, t) in enumerate(zip(alive, nxt.tolist(), strict=True)):
             new[r].append(t)
@@ -493,8 +621,10 @@ def growing_cache(module, room: int):
 
 
 def __getattr__(name: str):
-    if name == "GrowingLayer":  # PEP 562: the class without importing transformers at module import
+    if name == "GrowingLayer":  # PEP 562: the classes without importing transformers at module import
         return _growing_layer()
+    if name == "TopPAfterTopK":
+        return _top_p_after_top_k()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

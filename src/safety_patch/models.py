@@ -138,26 +138,31 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF once into a safetensors checkpoint at ``out`` (atomically).
 
     transformers dequantizes GGUF to dense tensors but keeps a GGUF quantizer attached, so
-    ``save_pretrained`` refuses. We rebuild a plain model from the config, load the state
-    dict strictly (a future packed-weight loader fails loudly instead of writing garbage),
-    tie weights, and save that.
+    ``save_pretrained`` refuses. We rebuild a plain model from a copy of its config, without
+    initialising weights (on the meta device), take the state dict strictly (a future
+    packed-weight loader fails loudly instead of writing garbage), tie weights, and save that:
+    the same files as building it on the CPU and reading the GGUF's config a second time,
+    ~3.5 s sooner.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_gguf(gguf)
     t0 = time.time()
-    log.warning("converting %s to a safetensors cache at %s (once; ~30 s for the default model)", gguf, out)
+    log.warning("converting %s to a safetensors cache at %s (once; ~20 s for the default model)", gguf, out)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:
         raise SafetyPatchError(f"cannot load GGUF file {gguf}: {type(e).__name__}: {e}") from None
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = copy.deepcopy(gmodel.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = "float32"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gmodel.state_dict(), strict=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gmodel.state_dict(), strict=True, assign=True)
     model.tie_weights()
     model.generation_config = gmodel.generation_config
     del gmodel

@@ -297,16 +297,24 @@ class Engine:
         """One batch of left-padded prompts, as ``generation.complete_texts`` makes it
         (``adapter_names``: PEFT's per-row adapters of a mixed batch): greedy through
         ``generation.greedy`` (a row leaves the batch when its answer ends, is cancelled or
-        reaches its budget), sampling through one ``model.generate`` call."""
+        reaches its budget), sampling through ``generation.sample`` (the same, drawing what
+        ``generate`` draws for the seed); one ``model.generate`` call where the model's
+        generation config asks for more than either builds."""
         from transformers import StoppingCriteriaList
 
         device = next(model.parameters()).device
-        from ..generation import greedy, left_padded, plain_greedy
+        from ..generation import greedy, left_padded, plain_greedy, sample, sampling_warpers
 
         ids, mask = left_padded(prompts, self.pad_id)
-        if sampling.temperature <= 0 and plain_greedy(model.generation_config):
-            rows = greedy(model, ids.to(device), mask.to(device), list(budgets), set(self.eos_ids), adapter_names,
-                          on_token, cancelled)
+        warpers = (sampling_warpers(model.generation_config, sampling.temperature, sampling.top_p)
+                   if sampling.temperature > 0 else None)
+        if warpers is not None or (sampling.temperature <= 0 and plain_greedy(model.generation_config)):
+            args = (model, ids.to(device), mask.to(device), list(budgets), set(self.eos_ids))
+            if warpers is not None:
+                torch.manual_seed(sampling.seed)
+                rows = sample(*args, warpers, adapter_names, on_token, cancelled)
+            else:
+                rows = greedy(*args, adapter_names, on_token, cancelled)
             return [self._result(r, row, budgets[r], cancelled, len(row)) for r, row in enumerate(rows)]
         width = ids.shape[1]
         kw = dict(max_new_tokens=max(budgets), pad_token_id=self.pad_id)
@@ -328,6 +336,9 @@ class Engine:
                 made[r] += 1
                 if on_token is not None:
                     on_token(r, t)
+                # generate pads a row _RowStop ended; a cancelled row ends here, as greedy/sample end it
+                # (before 2026-12-02 its pads were streamed and returned as tokens)
+                done[r] = done[r] or cancelled(r)
 
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              stopping_criteria=StoppingCriteriaList([_RowStop(width, list(budgets), cancelled)]),
