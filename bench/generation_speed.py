@@ -6,8 +6,8 @@ Run: .venv/bin/python bench/generation_speed.py [--prompts 64] [--max-new-tokens
 The limit: a decoded token costs about 2N FLOPs (N = the model's parameters, the tied embedding
 counted once as the output projection), so at the fp32 matmul peak P measured in this run
 (2048 x 2048 fp32 matmuls, bench/train_throughput.py's measure) the limit is P / 2N tokens/s.
-Each row times ``generation.generate`` (the path evaluation uses, HF ``generate`` with a dynamic
-cache, left padding, length-sorted batches) on the same prompts (general + borderline
+Each row times ``generation.generate`` (the path evaluation uses: length-sorted, left-padded
+batches decoded by the decoder below) on the same prompts (general + borderline
 resources), nothing read from the generation cache. Tokens counted: every position each row
 decodes until its EOS or the limit (what the hardware computed for kept rows). Greedy outputs
 are compared: fp32 at each batch size with fp32 at batch 8 (the evaluations' default), bf16

@@ -41,6 +41,11 @@ def test_debug_shows_traceback(capsys):
 
 def test_bad_flag_is_usage_error(capsys):
     assert main(["chat", "--max-new-tokens", "0"]) == 2
+    capsys.readouterr()
+    # a seed torch cannot take is a usage error, not a traceback from torch.manual_seed
+    assert main(["chat", "--seed", "99999999999999999999", "--temperature", "0.8", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "--seed" in err and "Traceback" not in err
 
 
 def test_a_bad_patch_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):

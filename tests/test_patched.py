@@ -574,10 +574,12 @@ def test_top_p_after_top_k_removes_what_transformers_top_p_removes(seed, rows, v
     assert torch.equal(ours(None, cut.clone()), want)
 
 
-def test_served_sampling_with_budgets_streams_and_cancels_as_generate_would(monkeypatch):
-    """The server samples through generation.sample: per-row budgets, streamed tokens and a
-    cancelled row give, for one seed, the answers and streams of its generate path (the fallback
-    for a model card the warpers cannot match)."""
+def test_served_sampling_gives_each_request_its_seeds_answer_whatever_its_batch(monkeypatch):
+    """The server samples through generation.sample with a generator per request: each prompt's
+    answer is the one it gets alone with its seed, whatever the batch beside it (the same seed on
+    several prompts included), and equals, with per-row budgets, streamed tokens and a cancelled
+    row, what its generate path gives (the fallback for a model card the warpers cannot match:
+    one generate call per prompt)."""
     from safety_patch import generation
     from safety_patch.serve.engine import Engine, Sampling
 
@@ -585,20 +587,30 @@ def test_served_sampling_with_budgets_streams_and_cancels_as_generate_would(monk
     engine = Engine(LoadedModel.from_objects(model, tok), {})
     prompts = _mixed_lengths(tok) + _ids(tok)
     budgets = [1, 3] + [9] * (len(prompts) - 2)
+    seeds = [7, 7, 7] + list(range(len(prompts) - 3))
+    sampling = Sampling(temperature=0.9, top_p=0.8, seed=0)
 
-    def run():
+    def run(rows=None):
+        rows = list(range(len(prompts))) if rows is None else rows
         streamed: dict[int, list[int]] = {}
-        out = engine.run("base", prompts, budgets, Sampling(temperature=0.9, top_p=0.8, seed=7),
-                         on_token=lambda i, t: streamed.setdefault(i, []).append(t),
-                         cancelled=lambda i: i == len(prompts) - 1 and len(streamed.get(i, [])) >= 2)
+        out = engine.run("base", [prompts[i] for i in rows], [budgets[i] for i in rows], sampling,
+                         on_token=lambda i, t: streamed.setdefault(rows[i], []).append(t),
+                         cancelled=lambda i: rows[i] == len(prompts) - 1 and len(streamed.get(rows[i], [])) >= 2,
+                         seeds=[seeds[i] for i in rows])
         return [(r.tokens, r.finish_reason) for r in out], streamed
 
     calls = []
     real = generation.sample
     monkeypatch.setattr(generation, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
     ours = run()
+    alone = [run([i])[0][0] for i in range(len(prompts))]
+    assert ours[0] == alone  # nothing a row samples depends on the rows beside it
+    same = engine.run("base", [prompts[4]] * 4, [9] * 4, sampling, seeds=[3, 3, 4, 4])
+    assert same[0].tokens == same[1].tokens != same[2].tokens == same[3].tokens  # one stream per row, not per batch
     monkeypatch.setattr(generation, "sampling_warpers", lambda *a: None)
     ref = run()
     assert calls and ours == ref
     finishes = [f for _, f in ours[0]]
     assert finishes[:2] == ["length", "length"] and finishes[-1] == "cancelled" and len(ours[0][-1][0]) == 2
+    with pytest.raises(ValueError, match="seeds"):
+        engine.run("base", prompts[:2], budgets[:2], sampling, seeds=[1])

@@ -217,6 +217,8 @@ def test_bad_requests_get_openai_errors(live):
         ({**ok, "max_tokens": "many"}, 400, None),
         ({**ok, "messages": _user("kill " * 600)}, 400, "messages"),  # over the 512-token context
         ({**ok, "temperature": 7}, 400, None),
+        ({**ok, "seed": 10**20}, 400, None),  # over what torch.Generator.manual_seed takes
+        (b'{"model": "safety", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None),
         ({**ok, "n": 2}, 400, None),
         ({**ok, "stop": ["x"]}, 400, "stop"),
     ]
@@ -238,6 +240,17 @@ def test_bad_requests_get_openai_errors(live):
     assert c.chat.completions.create(model="base", messages=_user("hi"), max_tokens=2).choices[0].finish_reason
     sampled = c.chat.completions.create(model="safety", messages=_user("hi"), max_tokens=4, temperature=0.8, seed=3)
     assert sampled.usage.completion_tokens >= 1
+    nan = httpx.post(url, content=b'{"model": "safety", "messages": [{"role": "user", "content": "hi"}], "top_p": NaN}',
+                     headers={"content-type": "application/json"}, timeout=30)
+    assert nan.status_code == 400 and "finite" in nan.json()["error"]["message"]
+    # unseeded sampled requests sample anew, each with a seed drawn and logged that reproduces its answer
+    texts = [c.chat.completions.create(model="base", messages=_user("tell me"), max_tokens=6, temperature=1.0)
+             .choices[0].message.content for _ in range(2)]
+    logged = [r for r in _audit(live) if r.get("model") == "base" and r.get("temperature") == 1.0][-2:]
+    assert len(logged) == 2 and logged[0]["seed"] != logged[1]["seed"]
+    again = c.chat.completions.create(model="base", messages=_user("tell me"), max_tokens=6, temperature=1.0,
+                                      seed=logged[1]["seed"]).choices[0].message.content
+    assert again == texts[1]
 
 
 def test_load_64_requests_8_clients_batched_no_leaks(world, live):

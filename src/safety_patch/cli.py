@@ -141,7 +141,7 @@ def chat(
     system: Annotated[str | None, typer.Option(help="System prompt (default: the model template's own).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, callback=_finite, help="0 = greedy.")] = 0.0,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(min=-(2**63), max=2**64 - 1, help="Sampling seed (with --temperature > 0).")] = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     force: Annotated[bool, typer.Option(help="Attach patches made for another base model (warns).")] = False,

@@ -336,7 +336,8 @@ def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
 @torch.inference_mode()
 def sample(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | Sequence[int], eos_ids: set[int], warpers,
            adapter_names: Sequence[str] | None = None, on_token: Callable[[int, int], None] | None = None,
-           cancelled: Callable[[int], bool] | None = None) -> list[list[int]]:
+           cancelled: Callable[[int], bool] | None = None,
+           generators: Sequence[torch.Generator] | None = None) -> list[list[int]]:
     """Sampling of a left-padded batch in which each row leaves the batch once it is done: new
     token ids per row, up to and including its EOS token, [n][<= its budget].
 
@@ -353,11 +354,21 @@ def sample(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
     ``ids``, ``mask``, budgets, ``adapter_names``, ``on_token`` and ``cancelled`` as in
     :func:`greedy` (a row whose budget or cancellation ends it is finished, as a stopping
     criterion ends it in ``generate``). Callers use it only where :func:`sampling_warpers`
-    returned warpers."""
+    returned warpers.
+
+    ``generators``: one ``torch.Generator`` per row, on the batch's device. Each row then draws
+    from its own stream, so what it samples does not depend on the rows beside it (the server: a
+    request's seed gives its answer whatever else shares its batch, up to float rounding of the
+    batch's matmuls); these are not ``generate``'s draws. Raises ValueError for another number
+    of generators than rows."""
     n = ids.shape[0]
+    if generators is not None and len(generators) != n:
+        raise ValueError(f"sample: {len(generators)} generators for a batch of {n}")
 
     def pick(logits: torch.Tensor, alive: list[int]) -> torch.Tensor:
         probs = torch.softmax(warpers(None, logits.float()), dim=-1)  # these warpers never read the ids
+        if generators is not None:
+            return torch.cat([torch.multinomial(probs[j], 1, generator=generators[r]) for j, r in enumerate(alive)])
         full = probs.new_ones(n, probs.shape[-1])
         rows = torch.tensor(alive, device=probs.device)
         full[rows] = probs

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -78,9 +79,9 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     stream: bool | None = False
     stream_options: dict | None = None
     n: int | None = Field(default=None, ge=1, le=1)
@@ -321,7 +322,10 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
             raise ApiError(400, f"the prompt has {len(prompt)} tokens and {param} is {n}: over the model's context "
                                 f"length of {backend.max_context} tokens", param="messages", code="context_length_exceeded")
         t = req.temperature or 0.0
-        sampling = Sampling(t, req.top_p if (t > 0 and req.top_p is not None) else 1.0, (req.seed or 0) if t > 0 else 0)
+        # an unseeded sampled request draws a fresh seed, as OpenAI's API samples anew; the audit
+        # log records it, so any sampled answer can be reproduced
+        seed = (secrets.randbits(63) if req.seed is None else req.seed) if t > 0 else 0
+        sampling = Sampling(t, req.top_p if (t > 0 and req.top_p is not None) else 1.0, seed)
         opts = req.stream_options or {}
         return Prepared(req.model, messages, prompt, n, sampling, bool(req.stream), bool(opts.get("include_usage")))
 
@@ -342,7 +346,8 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
             finish(e.status, error=e.message)
             return _error(e)
         rec.update(model=p.model, stream=p.stream, prompt_tokens=len(p.prompt), max_tokens=p.max_tokens,
-                   messages=p.messages)
+                   messages=p.messages, **({"temperature": p.sampling.temperature, "top_p": p.sampling.top_p,
+                                             "seed": p.sampling.seed} if p.sampling.temperature > 0 else {}))
         events = backend.events(p, want_text=p.stream)
         try:
             kind, route = await anext(events)

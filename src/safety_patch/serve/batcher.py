@@ -5,7 +5,8 @@ at a time; the asyncio side submits :class:`Job` objects and reads each job's ev
 ``asyncio.Queue`` that the worker fills through ``loop.call_soon_threadsafe``.
 
 Policy: the oldest waiting job opens a window of ``window_s`` seconds (default 15 ms); every
-waiting job with the same model name and sampling settings joins it, up to ``max_batch``
+waiting job with the same model name, temperature and top-p joins it (seeds may differ: each
+row samples from its own generator), up to ``max_batch``
 (a full batch starts at once). ``max_batch=1`` serves one request at a time (the benchmark's
 baseline). A cancelled job (client gone) is dropped if it has not started, and stops at the
 next decoding step if it has, so it frees its row and the batch ends without it.
@@ -48,7 +49,9 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return (self.model, self.sampling)
+        # the seed is the request's own (Engine.run draws each row from its own generator), so
+        # requests with different seeds share a batch
+        return (self.model, self.sampling.temperature, self.sampling.top_p)
 
     def post(self, kind: str, value) -> None:
         """Thread-safe: deliver an event to the job's asyncio consumer (dropped if its loop is closed)."""
@@ -138,7 +141,7 @@ class Batcher:
                     batch[0].model, [j.prompt for j in batch], [j.max_tokens for j in batch], batch[0].sampling,
                     on_route=lambda i, r, b=batch: b[i].post("route", r),
                     on_token=lambda i, t, b=batch: b[i].post("token", t),
-                    cancelled=lambda i, b=batch: b[i].cancelled.is_set())
+                    cancelled=lambda i, b=batch: b[i].cancelled.is_set(), seeds=[j.sampling.seed for j in batch])
                 for j, res in zip(batch, results, strict=True):
                     j.post("done", res)
             except Exception as e:  # noqa: BLE001 - a failed batch must answer its requests, not kill the worker

@@ -43,7 +43,8 @@ BASE = "base"
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings shared by every request of one batch (temperature 0 = greedy)."""
+    """A request's decoding settings (temperature 0 = greedy). A batch shares temperature and
+    top-p; ``Engine.run`` takes each request's seed apart (its ``seeds``)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -263,16 +264,22 @@ class Engine:
     def run(self, name: str, prompts: Sequence[Sequence[int]], budgets: Sequence[int], sampling: Sampling = Sampling(),
             on_route: Callable[[int, Route], None] | None = None,
             on_token: Callable[[int, int], None] | None = None,
-            cancelled: Callable[[int], bool] = lambda i: False) -> list[Result]:
+            cancelled: Callable[[int], bool] = lambda i: False, seeds: Sequence[int] | None = None) -> list[Result]:
         """Route and complete ``prompts`` (token ids of rendered chats) with stack ``name``.
 
         ``budgets[i]``: max new tokens of prompt i. ``on_route(i, route)`` is called once per
         prompt before generation, ``on_token(i, id)`` per new answer token (EOS excluded), and
-        a prompt whose ``cancelled(i)`` turns true stops at the next step. Returns per prompt
-        its answer token ids (EOS excluded) and why it ended. Raises KeyError on an unknown name.
+        a prompt whose ``cancelled(i)`` turns true stops at the next step. ``seeds[i]``: prompt
+        i's sampling seed (default: ``sampling.seed`` for every prompt); each sampled prompt
+        draws from its own generator, so its answer does not depend on the prompts batched with
+        it. Returns per prompt its answer token ids (EOS excluded) and why it ended. Raises
+        KeyError on an unknown name, ValueError for another number of seeds than prompts.
         """
         if name not in self.stacks:
             raise KeyError(name)
+        seeds = [sampling.seed] * len(prompts) if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         pm = self._use(name)
         routes = self.route(name, pm, prompts)
         for i, (_, r) in enumerate(routes):
@@ -281,25 +288,26 @@ class Engine:
         if pm.can_mix:  # one gated adapter: routed and base rows share the batch (PEFT mixed batch)
             names = pm.adapter_names([on for on, _ in routes])
             with pm.mixed() as module:
-                return self._generate(module, list(prompts), list(budgets), sampling, on_token, cancelled, names)
+                return self._generate(module, list(prompts), list(budgets), sampling, on_token, cancelled, seeds, names)
         results: list[Result | None] = [None] * len(prompts)
         for members, on in pm.groups([on for on, _ in routes]):
             with pm.using(on) as module:
                 part = self._generate(module, [prompts[i] for i in members], [budgets[i] for i in members], sampling,
                                       (lambda r, t, m=members: on_token(m[r], t)) if on_token else None,
-                                      lambda r, m=members: cancelled(m[r]))
+                                      lambda r, m=members: cancelled(m[r]), [seeds[i] for i in members])
             for i, res in zip(members, part, strict=True):
                 results[i] = res
         return [r for r in results if r is not None]
 
-    def _generate(self, model, prompts, budgets, sampling: Sampling, on_token, cancelled,
+    def _generate(self, model, prompts, budgets, sampling: Sampling, on_token, cancelled, seeds: list[int],
                   adapter_names: list[str] | None = None) -> list[Result]:
         """One batch of left-padded prompts, as ``generation.complete_texts`` makes it
         (``adapter_names``: PEFT's per-row adapters of a mixed batch): greedy through
         ``generation.greedy`` (a row leaves the batch when its answer ends, is cancelled or
-        reaches its budget), sampling through ``generation.sample`` (the same, drawing what
-        ``generate`` draws for the seed); one ``model.generate`` call where the model's
-        generation config asks for more than either builds."""
+        reaches its budget), sampling through ``generation.sample`` (the same, each row drawing
+        from a generator seeded with its own seed). Where the model's generation config asks for
+        more than either builds, ``model.generate``: one call for a greedy batch, one per prompt
+        when sampling (``generate`` shares one random stream across its batch)."""
         from transformers import StoppingCriteriaList
 
         device = next(model.parameters()).device
@@ -311,16 +319,22 @@ class Engine:
         if warpers is not None or (sampling.temperature <= 0 and plain_greedy(model.generation_config)):
             args = (model, ids.to(device), mask.to(device), list(budgets), set(self.eos_ids))
             if warpers is not None:
-                torch.manual_seed(sampling.seed)
-                rows = sample(*args, warpers, adapter_names, on_token, cancelled)
+                gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+                rows = sample(*args, warpers, adapter_names, on_token, cancelled, gens)
             else:
                 rows = greedy(*args, adapter_names, on_token, cancelled)
             return [self._result(r, row, budgets[r], cancelled, len(row)) for r, row in enumerate(rows)]
+        if sampling.temperature > 0 and len(prompts) > 1:
+            return [self._generate(model, [prompts[r]], [budgets[r]], sampling,
+                                   (lambda _r, t, r=r: on_token(r, t)) if on_token else None,
+                                   lambda _r, r=r: cancelled(r), [seeds[r]],
+                                   [adapter_names[r]] if adapter_names is not None else None)[0]
+                    for r in range(len(prompts))]
         width = ids.shape[1]
         kw = dict(max_new_tokens=max(budgets), pad_token_id=self.pad_id)
         if sampling.temperature > 0:
             kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-            torch.manual_seed(sampling.seed)
+            torch.manual_seed(seeds[0])  # one prompt (above)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         done = [False] * len(prompts)
