@@ -252,10 +252,10 @@ def sampling_warpers(generation_config, temperature: float, top_p: float):
         return None
     top_k = config.top_k
     if top_k is None:  # generate fills an unset field from transformers' global defaults (top_k 50 in 5.x)
-        defaults = getattr(HFGenerationConfig, "_get_default_generation_params", None)
-        if defaults is None or "top_k" not in defaults():
+        defaults = getattr(HFGenerationConfig, "_get_default_generation_params", lambda: {})()
+        if "top_k" not in defaults:
             return None  # a transformers that fills it otherwise: let generate sample
-        top_k = defaults()["top_k"]
+        top_k = defaults["top_k"]
     warpers = LogitsProcessorList()
     if temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(temperature))
