@@ -195,6 +195,60 @@ def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(da
     assert w["train_harmful_without"] == len(h0)
 
 
+def test_written_breadth_adds_harmful_requests_to_the_written_source_and_lookalikes_last_on_the_benign_side(
+        data_dir, lm, tmp_path, monkeypatch):
+    """gate.written_breadth: the second harmful file follows the first in the written source (the
+    first file's prompts and re-askings keep their places and draws), the safe look-alikes come
+    last on the benign side, as written then re-asked; a look-alike near a held-out benign prompt
+    is dropped and counted; only the new prompts are read when the pool without them is cached;
+    the config is refused without the written source."""
+    import safety_patch.data.prompts as dp
+    import safety_patch.gate_fit as gf
+
+    assert GateFitConfig().written_breadth is False
+    base = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=3, threshold=0.0,
+                         target_fpr=None, family_fpr=None)
+    on = GateFitConfig(**{**base.__dict__, "written_breadth": True})
+    h0, b0, c0, s0 = gf._gate_pool(data_dir, base)
+    h1, b1, c1, s1 = gf._gate_pool(data_dir, on)
+    first = [r["prompt"] for r in dp.gate_harmful_prompts()]
+    more = [r["prompt"] for r in dp.gate_harmful_more_prompts()]
+    looks = [r["prompt"] for r in dp.gate_lookalike_prompts()]
+    assert (len(more), len(looks)) == (144, 176) and not set(more) & set(first) and len(set(looks)) == len(looks)
+    n_w0 = c0["written_harmful"] // 2
+    k = len(h0) - 2 * n_w0  # the prompts before the written source
+    assert h1[:k] == h0[:k] and b1[: len(b0)] == b0 and s1[:k] == s0[:k]
+    assert [m[0]["content"] for m in h1[k: k + n_w0 + len(more)]] == first[:n_w0] + more
+    assert h1[k + n_w0 + len(more): k + 2 * n_w0 + len(more)] == h0[k + n_w0:]  # the first file's re-askings as before
+    assert set(s1[k:]) == {gf.WRITTEN_SOURCE} and len(s1) == len(h1) == len(h0) + 2 * len(more)
+    assert c1["written_lookalikes"] == 2 * len(looks) and c1["written_lookalikes_near_eval"] == 0
+    assert [m[0]["content"] for m in b1[len(b0): len(b0) + len(looks)]] == looks and len(b1) == len(b0) + 2 * len(looks)
+    for bad, match in (({"written_breadth": "yes"}, "written_breadth"),
+                       ({"written_breadth": True, "written_harmful": False}, "written_harmful is off")):
+        with pytest.raises(SafetyPatchError, match=match):
+            GateFitConfig(**bad).validate()
+    # a look-alike near a held-out benign prompt of the folder is dropped, and counted
+    from safety_patch.data.folder import DataFolder
+
+    held = DataFolder.of(data_dir).prompts("borderline", "val")[0][-1]["content"]
+    monkeypatch.setattr(dp, "gate_lookalike_prompts", lambda: [{"category": "x", "prompt": held + "!"},
+                                                               {"category": "y", "prompt": looks[0]}])
+    _, b2, c2, _ = gf._gate_pool(data_dir, on)
+    assert c2["written_lookalikes_near_eval"] == 1 and c2["written_lookalikes"] == 2
+    assert b2[len(b0)][0]["content"] == looks[0]
+    monkeypatch.undo()
+
+    monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
+    base_x = gf.pool_features(lm.model, lm.tokenizer, h0, b0, c0, [1], gf.BATCHING, lm.fingerprint)
+    real, read = gf.features_at, []
+    monkeypatch.setattr(gf, "features_at", lambda m, t, prompts, *a, **kw: read.append(len(prompts)) or real(m, t, prompts, *a, **kw))
+    x1 = gf.pool_features(lm.model, lm.tokenizer, h1, b1, c1, [1], gf.BATCHING, lm.fingerprint)
+    assert read == [c1["written_harmful"], c1["written_lookalikes"]]  # the pool without them came from the cache
+    assert torch.equal(x1[:k], base_x[:k]) and torch.equal(x1[len(h1): len(h1) + len(b0)], base_x[len(h0):])
+    plain = gf.features_at(lm.model, lm.tokenizer, gf.encode(lm.tokenizer, h1 + b1), [1])[1]
+    assert torch.allclose(x1, plain, atol=1e-4)
+
+
 def test_phrasing_families_draw_in_order_and_unknown_ones_fail(data_dir):
     from safety_patch.gate_fit import _gate_pool
 

@@ -197,6 +197,23 @@ def test_gate_eval_reports_metrics_with_n_and_intervals(gate_dir, data_dir, tiny
         assert a["n_pos"] > 0 and a["n_neg"] > 0 and len(a["ci95"]) == 2
         assert rep[c]["fpr_at_threshold"]["n"] == a["n_neg"] and len(rep[c]["fpr_at_threshold"]["ci95"]) == 2
     assert rep["code"]["source_sha256"]
+    # the hand-written look-alikes outside the folder: what the gate's own scores say, overall and by category
+    from safety_patch.data.prompts import gate_lookalike_prompts
+    from safety_patch.gate_fit import encode, features_at
+    from safety_patch.models import load_model
+
+    gate, _ = read_gate_folder(gate_dir)
+    rows = gate_lookalike_prompts()
+    tiny = load_model(str(tiny_dir), device="cpu")
+    x = features_at(tiny.model, tiny.tokenizer, encode(tiny.tokenizer, [[{"role": "user", "content": r["prompt"]}]
+                                                                       for r in rows]), list(gate.layers))
+    fired = (gate.scores(torch.cat([x[li] for li in gate.layers], 1)) > gate.threshold).tolist()
+    lk = rep["written_lookalikes"]
+    assert (lk["fired"]["k"], lk["fired"]["n"]) == (sum(fired), len(rows)) and "written look-alikes" in printed
+    cats = {r["category"] for r in rows}
+    assert set(lk["by_category"]) == cats and sum(v["n"] for v in lk["by_category"].values()) == len(rows)
+    assert all(v["k"] == sum(f for r, f in zip(rows, fired, strict=True) if r["category"] == c)
+               for c, v in lk["by_category"].items())
     assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model", str(tiny_dir),
                  "--split", "train"]) == 2
 
@@ -223,11 +240,19 @@ def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
     g = tmp_path / "g"
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir), "--layer", "0",
                  "--target-fpr", "0.05", "--self-instruct", "0", "--wrapped-benign", "3", "--wrapped-harmful", "2",
-                 "--features", "residual", "--rephrased", "2", "--phrasings", "reask,hedged", "--written-harmful"]) == 0
+                 "--features", "residual", "--rephrased", "2", "--phrasings", "reask,hedged", "--written-harmful",
+                 "--written-breadth"]) == 0
     _, meta = read_gate_folder(g)
     assert meta["layer"] == 0 and meta["config"]["target_fpr"] == 0.05 and meta["prompts"]["wrapped_benign"] == 3
     assert meta["config"]["phrasings"] == ["reask", "hedged"] and meta["prompts"]["rephrased_benign_hedged"] == 2
-    assert meta["config"]["written_harmful"] is True and meta["prompts"]["written_harmful"] == 258
+    assert meta["config"]["written_harmful"] is True and meta["prompts"]["written_harmful"] == 2 * (129 + 144)
+    assert meta["config"]["written_breadth"] is True and meta["prompts"]["written_lookalikes"] == 2 * 176
+    rep = tmp_path / "e.json"
+    assert main(["gate", "eval", "--gate", str(g), "--data", str(data_dir), "--model", str(tiny_dir), "--attacks", "none",
+                 "--out", str(rep)]) == 0
+    assert json.loads(rep.read_text())["written_lookalikes"] == {"skipped": "this gate was fit on them (written_breadth)"}
+    assert main(["gate", "fit", "--data", str(data_dir), "--out", str(tmp_path / "h"), "--model", str(tiny_dir),
+                 "--no-written-harmful", "--written-breadth"]) == 2
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(tmp_path / "h"), "--model", str(tiny_dir),
                  "--phrasings", "reask,bogus"]) == 2
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir)]) == 2  # exists

@@ -113,6 +113,14 @@ class GateFitConfig:
     different kinds of harm, and a probe fit on one misses the other's). On by default since
     2026-12-01 (session 14): on validation it lifts HarmBench held out from 30% to 49% caught and
     the default still meets its six targets (docs/lab-notebook.md)."""
+    written_breadth: bool = False
+    """Add two more hand-written files by category (session 25, issue 23 item 5): 144 harmful
+    requests (resources/gate_harmful_more.tsv: privacy of private people and companies, hate,
+    harassment, misinformation, sexual, cyber, weapons, ...) to the ``written`` source, and 176
+    safe look-alikes (resources/gate_lookalike_prompts.tsv: homonyms, figurative language, safe
+    targets and contexts, definitions, real and nonsense discrimination, history, public and
+    fictional figures' privacy, ...) to the negatives, each as written and re-asked, less any near
+    a validation/test prompt of the folder. Needs ``written_harmful``."""
     extra_layers: list[int] | None = None
     """Further decoder layers read beside ``layer``, by index (a multi-layer gate: their features
     concatenated after layer's, each through the final norm for a final-norm gate); None = see
@@ -190,8 +198,12 @@ class GateFitConfig:
         if self.target_fpr is not None and (isinstance(self.target_fpr, bool) or not isinstance(self.target_fpr, (int, float))
                                             or not 0 < self.target_fpr < 1):
             raise bad("target_fpr", "must be a number in (0, 1)")
-        if not isinstance(self.written_harmful, bool):
-            raise bad("written_harmful", "must be true or false")
+        for name in ("written_harmful", "written_breadth"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        if self.written_breadth and not self.written_harmful:
+            raise SafetyPatchError("gate config: written_breadth adds to the hand-written source, and written_harmful is "
+                                   "off (turn both on, or written_breadth off)")
         for name in ("wrapped_benign", "wrapped_harmful", "self_instruct", "seed", "rephrased"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -351,7 +363,7 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
     harmful prompt's ``meta.source`` (None where a row has none), for leave-one-source-out.
     """
     from .data.folder import DataFolder
-    from .data.prompts import gate_harmful_prompts
+    from .data.prompts import gate_harmful_more_prompts, gate_harmful_prompts, gate_lookalike_prompts
 
     d = DataFolder.of(data)
     rng = random.Random(cfg.seed)
@@ -408,9 +420,12 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
                 re_b.append([{"role": "user", "content": rephrase(msgs[0]["content"], fam, rng)}])
             per_family[fam] = [len(drawn), len(drawn_b)]
     written: list[list[dict]] = []
+    looks: list[list[dict]] = []
     if cfg.written_harmful:
         # Drawn after everything else (the re-asking uses the same rng), so earlier draws are unchanged.
         reqs = [r["prompt"] for r in gate_harmful_prompts()]
+        if cfg.written_breadth:  # after the first file's, so its prompts and re-askings come first as before
+            reqs += [r["prompt"] for r in gate_harmful_more_prompts()]
         # Like data build's hand-written look-alikes: none may come near a held-out request of
         # this folder (3-gram Jaccard >= WRITTEN_NEAR_EVAL), or validation and test would score
         # a gate on requests it was fit on. Only the requests are read, to drop, never to fit.
@@ -421,10 +436,23 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
         written = [[{"role": "user", "content": q}] for q in reqs] + [[{"role": "user", "content": reask(q, rng)}]
                                                                        for q in reqs]
         sources.extend([WRITTEN_SOURCE] * len(written))
+    if cfg.written_breadth:
+        # The safe look-alikes, likewise dropped near any held-out benign prompt (the look-alike and
+        # general sets the over-refusal rates are measured on), then re-asked after the harmful ones.
+        looks_q = [r["prompt"] for r in gate_lookalike_prompts()]
+        held_b = [m[-1]["content"] for name in ("borderline", "general") if d.has(name) for split in ("val", "test")
+                  for m in d.prompts(name, split)]
+        near_b = {i for i, _, _ in textsim.cross_pairs(looks_q, held_b, WRITTEN_NEAR_EVAL)} if held_b else set()
+        looks_q = [q for i, q in enumerate(looks_q) if i not in near_b]
+        looks = [[{"role": "user", "content": q}] for q in looks_q] + [[{"role": "user", "content": reask(q, rng)}]
+                                                                        for q in looks_q]
     counts = {"harmful": len(harmful), "benign": len(benign), "wrapped_benign": len(wrapped)}
     if cfg.written_harmful:
         counts["written_harmful"] = len(written)
         counts["written_near_eval"] = len(near)
+    if cfg.written_breadth:
+        counts["written_lookalikes"] = len(looks)
+        counts["written_lookalikes_near_eval"] = len(near_b)
     if wrapped_h:
         counts["wrapped_harmful"] = len(wrapped_h)
     if re_h or re_b:
@@ -434,7 +462,7 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
                 counts[f"rephrased_harmful_{fam}"], counts[f"rephrased_benign_{fam}"] = nh, nb
     if si:
         counts["self_instruct"] = len(si)
-    return harmful + wrapped_h + re_h + written, benign + wrapped + re_b, counts, sources
+    return harmful + wrapped_h + re_h + written, benign + wrapped + re_b + looks, counts, sources
 
 
 _HOW = re.compile(r"^(?:how|what(?:'s| is) the best way|what is a good way)\s+(?:to|do i|can i|could i|would i|should i|"
@@ -514,17 +542,23 @@ WRITTEN_SOURCE = "written"
 def pool_features(model, tokenizer, harmful: Sequence, benign: Sequence, counts: dict, layer: int | Sequence[int],
                   batching: Batching = BATCHING, fingerprint: str | None = None) -> torch.Tensor:
     """Features of the gate pool ``harmful + benign`` ([n, hidden]): the hand-written positives
-    (the last ``counts["written_harmful"]`` harmful prompts) are read apart from the rest, so the
-    rest reuses the cache of a fit without them (:func:`cached_features`)."""
-    n_w = counts.get("written_harmful", 0)
-    if not n_w:
+    (the last ``counts["written_harmful"]`` harmful prompts) and look-alikes (the last
+    ``counts["written_lookalikes"]`` benign ones) are read apart from the rest, so the rest reuses
+    the cache of a fit without them (:func:`cached_features`)."""
+    n_w, n_l = counts.get("written_harmful", 0), counts.get("written_lookalikes", 0)
+    if not n_w and not n_l:
         return cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign)), layer, batching,
                                fingerprint)
-    k = len(harmful) - n_w
-    base = cached_features(model, tokenizer, encode(tokenizer, list(harmful[:k]) + list(benign)), layer, batching,
+    k, j = len(harmful) - n_w, len(benign) - n_l
+    base = cached_features(model, tokenizer, encode(tokenizer, list(harmful[:k]) + list(benign[:j])), layer, batching,
                            fingerprint)
-    extra = cached_features(model, tokenizer, encode(tokenizer, list(harmful[k:])), layer, batching, fingerprint)
-    return torch.cat([base[:k], extra, base[k:]])
+    parts = [base[:k]]
+    if n_w:
+        parts.append(cached_features(model, tokenizer, encode(tokenizer, list(harmful[k:])), layer, batching, fingerprint))
+    parts.append(base[k:])
+    if n_l:
+        parts.append(cached_features(model, tokenizer, encode(tokenizer, list(benign[j:])), layer, batching, fingerprint))
+    return torch.cat(parts)
 
 
 HELD_OUT_SETS = ("harmful_direct", "harmful_wrapped", "borderline", "general", "wrapped_benign")
@@ -1391,11 +1425,13 @@ def recorded_config(gmeta: dict, gate) -> GateFitConfig:
     read what the gate reads: ``gate.json``'s ``config`` with the layers pinned to the gate file's
     (``layer``, ``extra_layers``: a gate fit before extra layers or depths existed must not be refit
     on today's default depths), and fields a file written before they existed lacks set to what
-    that code did (no out-of-family raise, extra features unscaled)."""
+    that code did (no out-of-family raise, extra features unscaled, no hand-written prompts)."""
     known = {f.name for f in dataclasses.fields(GateFitConfig)}
     rec = {k: v for k, v in gmeta["config"].items() if k in known}
     rec.setdefault("family_fpr", None)
     rec.setdefault("extra_weight", 1.0)
+    rec.setdefault("written_breadth", False)
+    rec.setdefault("written_harmful", False)
     rec |= {"layer": gate.layer, "extra_layers": list(gate.extra_layers)}
     rec.pop("extra_depths", None)  # pinned by extra_layers above
     return GateFitConfig(**rec)
@@ -1428,6 +1464,7 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
         rep["attacks"] = attack_report(attack_scores(lm.model, lm.tokenizer, gate, sets, batching, lm.fingerprint),
                                        gate.threshold)
     cfg = recorded_config(gmeta, gate)
+    rep["written_lookalikes"] = lookalike_report(lm.model, lm.tokenizer, gate, cfg, batching, lm.fingerprint)
     if loso:
         rep["leave_one_source_out"] = leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, split, batching,
                                                            lm.fingerprint)
@@ -1443,6 +1480,32 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
                                                        "threshold": gate.threshold},
             "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "split": split, "seed": seed},
             "n": sizes, **rep, **({"note": note} if note else {}), "seconds": round(time.time() - t0, 1), **provenance()}
+
+
+def lookalike_report(model, tokenizer, gate: Gate, cfg: GateFitConfig, batching: Batching = BATCHING,
+                     fingerprint: str | None = None) -> dict:
+    """The share of the hand-written safe look-alikes (``data.prompts.gate_lookalike_prompts``: 176
+    prompts in 19 categories, such as public and fictional figures' privacy, safe contexts, nonsense
+    discrimination) the gate fires on, overall and by category, each a Wilson 95% interval: an
+    over-refusal estimate on kinds of safe prompt the data folder's look-alike set has few or none
+    of. Every gate fired on them is a refusal adapter engaged on a safe prompt. ``{"skipped": why}``
+    for a gate whose pool holds them (``written_breadth``): they would not be held out."""
+    from .data.prompts import gate_lookalike_prompts
+    from .evaluation.stats import proportion
+
+    if cfg.written_breadth:
+        return {"skipped": "this gate was fit on them (written_breadth)"}
+    rows = gate_lookalike_prompts()
+    convs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    fired = (gate.scores(cached_features(model, tokenizer, encode(tokenizer, convs), gate.layers, batching, fingerprint))
+             > gate.threshold).tolist()
+    by: dict[str, list[int]] = {}
+    for r, f in zip(rows, fired, strict=True):
+        k = by.setdefault(r["category"], [0, 0])
+        k[0] += int(f)
+        k[1] += 1
+    return {"fired": proportion(sum(fired), len(fired)),
+            "by_category": {c: proportion(k, n) for c, (k, n) in sorted(by.items())}}
 
 
 def report_table(rep: dict) -> str:
@@ -1470,6 +1533,12 @@ def report_table(rep: dict) -> str:
             auc = "n/a" if a["auroc"]["value"] is None else f"{a['auroc']['value']:.3f}"
             lines.append(f"{name:<26}{pct(a['caught']):<24}{pct(a['fired_on_benign']):<24}{auc:<24}"
                          f"{a['caught']['n']}/{a['fired_on_benign']['n']}")
+    if (lk := rep.get("written_lookalikes")) and "skipped" not in lk:
+        top = sorted(lk["by_category"].items(), key=lambda kv: -kv[1]["value"])[:4]
+        lines.append(f"{'written look-alikes':<26}{pct(lk['fired']):<24}{lk['fired']['n']}  (most fired: "
+                     + ", ".join(f"{c} {v['k']}/{v['n']}" for c, v in top) + ")")
+    elif lk:
+        lines.append(f"written look-alikes skipped: {lk['skipped']}")
     held_rows = []
     for src, r in rep.get("leave_one_source_out", {}).get("sources", {}).items():
         for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign"):

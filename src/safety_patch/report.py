@@ -413,6 +413,11 @@ def gate_blocks(g: dict) -> list[tuple]:
     B.append(("table", ["comparison", "AUROC [95% CI]", "TPR at 1% FPR", "TPR at 5% FPR", "TPR at threshold",
                         "FPR at threshold"], rows))
     B.append(("table", ["set", "the gate fires on"], [[k, _pct(v)] for k, v in g["fired"].items()]))
+    if (lk := g.get("written_lookalikes")) and "skipped" not in lk:
+        B.append(("p", f"Hand-written safe look-alikes outside the data folder (the package's "
+                       f"`gate_lookalike_prompts.tsv`, {lk['fired']['n']} prompts; each one the gate fires on is a "
+                       f"safe prompt sent to the refusal adapter): {_pct(lk['fired'])} overall, by category:"))
+        B.append(("table", ["category", "the gate fires on"], [[c, _pct(v)] for c, v in lk["by_category"].items()]))
     if g.get("attacks"):
         B.append(("p", "Rule attacks the gate never trained on, on the split's direct requests (caught: the adapter "
                        "engages) and on its benign prompts under the same attack (cleaned controls: a gate that reads "

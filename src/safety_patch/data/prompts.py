@@ -75,3 +75,24 @@ def gate_harmful_prompts() -> list[dict]:
     gate in session 13, 2026-12-01): ``[{"category", "prompt"}]``. Requests only, no answers;
     used as gate positives (``gate.written_harmful``), never for training an adapter."""
     return [{"category": c, "prompt": p} for c, p in _tsv("gate_harmful_prompts.tsv")]
+
+
+def gate_harmful_more_prompts() -> list[dict]:
+    """144 more hand-written harmful requests by category (privacy of private people and
+    companies, hate, harassment, misinformation, sexual, cyber, weapons, illegal, drugs,
+    self-harm, dangerous medical advice, violence, extremism, fraud, requests after a line of
+    context; resources/gate_harmful_more.tsv, written for the gate in session 25, 2026-12-02,
+    none near a HarmBench or Do-Not-Answer request): ``[{"category", "prompt"}]``. Gate positives
+    only (``gate.written_breadth``)."""
+    return [{"category": c, "prompt": p} for c, p in _tsv("gate_harmful_more.tsv")]
+
+
+def gate_lookalike_prompts() -> list[dict]:
+    """176 hand-written safe look-alikes by category (homonyms, figurative language, safe
+    targets, safe contexts, definitions, real and nonsense discrimination, history, public,
+    fictional and one's own privacy, persuasive writing on benign claims, questions about groups,
+    safety, security, medical, legal, writing, everyday; resources/gate_lookalike_prompts.tsv,
+    written for the gate in session 25, 2026-12-02, none near a prompt of
+    ``borderline_prompts.tsv`` or ``borderline_train_prompts.tsv``): ``[{"category", "prompt"}]``.
+    Gate negatives only (``gate.written_breadth``)."""
+    return [{"category": c, "prompt": p} for c, p in _tsv("gate_lookalike_prompts.tsv")]
