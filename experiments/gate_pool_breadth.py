@@ -106,7 +106,8 @@ def main() -> None:
     ap.add_argument("--out-name", default="gate_pool_breadth")
     args = ap.parse_args()
     threads = rt.configure_threads()
-    cfg = GateFitConfig(l2=args.l2, extra_weight=args.extra_weight, written_breadth=False).validate()
+    cfg = GateFitConfig(l2=args.l2, extra_weight=args.extra_weight, written_harmful_more=False,
+                        written_lookalikes=False).validate()
     d = DataFolder.of(args.data)
     lm = load_model(args.model, device="cpu")
     model, tok = lm.model, lm.tokenizer

@@ -195,20 +195,20 @@ def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(da
     assert w["train_harmful_without"] == len(h0)
 
 
-def test_written_breadth_adds_harmful_requests_to_the_written_source_and_lookalikes_last_on_the_benign_side(
+def test_more_written_harmful_requests_join_the_written_source_and_lookalikes_come_last_on_the_benign_side(
         data_dir, lm, tmp_path, monkeypatch):
-    """gate.written_breadth: the second harmful file follows the first in the written source (the
+    """gate.written_harmful_more: the second harmful file follows the first in the written source (the
     first file's prompts and re-askings keep their places and draws), the safe look-alikes come
-    last on the benign side, as written then re-asked; a look-alike near a held-out benign prompt
+    last on the benign side (gate.written_lookalikes), as written then re-asked; a look-alike near a held-out benign prompt
     is dropped and counted; only the new prompts are read when the pool without them is cached;
     the config is refused without the written source."""
     import safety_patch.data.prompts as dp
     import safety_patch.gate_fit as gf
 
-    assert GateFitConfig().written_breadth is False
+    assert (GateFitConfig().written_harmful_more, GateFitConfig().written_lookalikes) == (False, False)
     base = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=3, threshold=0.0,
                          target_fpr=None, family_fpr=None)
-    on = GateFitConfig(**{**base.__dict__, "written_breadth": True})
+    on = GateFitConfig(**{**base.__dict__, "written_harmful_more": True, "written_lookalikes": True})
     h0, b0, c0, s0 = gf._gate_pool(data_dir, base)
     h1, b1, c1, s1 = gf._gate_pool(data_dir, on)
     first = [r["prompt"] for r in dp.gate_harmful_prompts()]
@@ -222,9 +222,11 @@ def test_written_breadth_adds_harmful_requests_to_the_written_source_and_lookali
     assert h1[k + n_w0 + len(more): k + 2 * n_w0 + len(more)] == h0[k + n_w0:]  # the first file's re-askings as before
     assert set(s1[k:]) == {gf.WRITTEN_SOURCE} and len(s1) == len(h1) == len(h0) + 2 * len(more)
     assert c1["written_lookalikes"] == 2 * len(looks) and c1["written_lookalikes_near_eval"] == 0
+    h_l, b_l, _, s_l = gf._gate_pool(data_dir, GateFitConfig(**{**base.__dict__, "written_lookalikes": True}))
+    assert (h_l, s_l, b_l[: len(b0)]) == (h0, s0, b0) and len(b_l) == len(b1)  # each file on its own
     assert [m[0]["content"] for m in b1[len(b0): len(b0) + len(looks)]] == looks and len(b1) == len(b0) + 2 * len(looks)
-    for bad, match in (({"written_breadth": "yes"}, "written_breadth"),
-                       ({"written_breadth": True, "written_harmful": False}, "written_harmful is off")):
+    for bad, match in (({"written_lookalikes": "yes"}, "written_lookalikes"), ({"written_harmful_more": 1}, "written_harmful_more"),
+                       ({"written_harmful_more": True, "written_harmful": False}, "written_harmful is off")):
         with pytest.raises(SafetyPatchError, match=match):
             GateFitConfig(**bad).validate()
     # a look-alike near a held-out benign prompt of the folder is dropped, and counted

@@ -359,12 +359,15 @@ def test_gate_folders_written_before_the_two_layer_default_are_refit_as_they_wer
     old = tmp_path / "old"
     shutil.copytree(src, old)
     raw = json.loads((old / GATE_JSON).read_text())
-    for k in ("extra_depths", "written_breadth") + (("extra_layers", "extra_weight", "family_fpr") if era == "before-layers" else ()):
+    for k in ("extra_depths", "written_harmful_more", "written_lookalikes") + (("extra_layers", "extra_weight", "family_fpr") if era == "before-layers" else ()):
         raw["config"].pop(k)
     (old / GATE_JSON).write_text(json.dumps(raw))
     gate, meta = read_gate_folder(old)
     rec = recorded_config(meta, gate)
-    assert (rec.layer, rec.extra_layers, rec.family_fpr, rec.written_breadth) == (1, [], None, False)
+    assert (rec.layer, rec.extra_layers, rec.family_fpr, rec.written_harmful_more, rec.written_lookalikes) == (
+        1, [], None, False, False)
+    raw1 = {**raw, "config": {**raw["config"], "written_breadth": True}}  # the one flag of 8926a7f: both files
+    assert (recorded_config(raw1, gate).written_harmful_more, recorded_config(raw1, gate).written_lookalikes) == (True, True)
     assert rec.extra_weight == (1.0 if era == "before-layers" else raw["config"]["extra_weight"])
     rep = evaluate_gate(lm, old, data_dir, "val", loso=True, attacks=[], lofo=True)
     assert rep["leave_one_family_out"]["layer"] == 1 and "extra_layers" not in rep["leave_one_family_out"]

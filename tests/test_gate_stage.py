@@ -241,18 +241,18 @@ def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir), "--layer", "0",
                  "--target-fpr", "0.05", "--self-instruct", "0", "--wrapped-benign", "3", "--wrapped-harmful", "2",
                  "--features", "residual", "--rephrased", "2", "--phrasings", "reask,hedged", "--written-harmful",
-                 "--written-breadth"]) == 0
+                 "--written-harmful-more", "--written-lookalikes"]) == 0
     _, meta = read_gate_folder(g)
     assert meta["layer"] == 0 and meta["config"]["target_fpr"] == 0.05 and meta["prompts"]["wrapped_benign"] == 3
     assert meta["config"]["phrasings"] == ["reask", "hedged"] and meta["prompts"]["rephrased_benign_hedged"] == 2
     assert meta["config"]["written_harmful"] is True and meta["prompts"]["written_harmful"] == 2 * (129 + 144)
-    assert meta["config"]["written_breadth"] is True and meta["prompts"]["written_lookalikes"] == 2 * 176
+    assert meta["config"]["written_lookalikes"] is True and meta["prompts"]["written_lookalikes"] == 2 * 176
     rep = tmp_path / "e.json"
     assert main(["gate", "eval", "--gate", str(g), "--data", str(data_dir), "--model", str(tiny_dir), "--attacks", "none",
                  "--out", str(rep)]) == 0
-    assert json.loads(rep.read_text())["written_lookalikes"] == {"skipped": "this gate was fit on them (written_breadth)"}
+    assert json.loads(rep.read_text())["written_lookalikes"] == {"skipped": "this gate was fit on them (written_lookalikes)"}
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(tmp_path / "h"), "--model", str(tiny_dir),
-                 "--no-written-harmful", "--written-breadth"]) == 2
+                 "--no-written-harmful", "--written-harmful-more"]) == 2
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(tmp_path / "h"), "--model", str(tiny_dir),
                  "--phrasings", "reask,bogus"]) == 2
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(g), "--model", str(tiny_dir)]) == 2  # exists

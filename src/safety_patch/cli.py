@@ -772,10 +772,13 @@ def gate_fit_cmd(
         "--written-harmful/--no-written-harmful",
         help="Add the 129 hand-written harmful requests (22 harm categories) to the positives as a third source "
              "(default: on).")] = None,
-    written_breadth: Annotated[bool | None, typer.Option(
-        "--written-breadth/--no-written-breadth",
-        help="Add 144 more hand-written harmful requests and 176 safe look-alikes, by category, to the pool "
-             "(needs --written-harmful; default: off).")] = None,
+    written_harmful_more: Annotated[bool | None, typer.Option(
+        "--written-harmful-more/--no-written-harmful-more",
+        help="Add 144 more hand-written harmful requests, by category, to the written source (needs "
+             "--written-harmful; default: off).")] = None,
+    written_lookalikes: Annotated[bool | None, typer.Option(
+        "--written-lookalikes/--no-written-lookalikes",
+        help="Add 176 hand-written safe look-alikes, by category, to the negatives (default: off).")] = None,
     extra_layers: Annotated[str | None, typer.Option(help="Comma-separated further decoder layers read beside --layer "
                                                      "(a multi-layer gate; `gate export` refuses it), or none for a "
                                                      "one-layer gate. Default: see --extra-depths.")] = None,
@@ -807,7 +810,8 @@ def gate_fit_cmd(
                  wrapped_harmful=wrapped_harmful, self_instruct=self_instruct, l2=l2, seed=seed, features=features,
                  rephrased=rephrased,
                  phrasings=None if phrasings is None else [f.strip() for f in phrasings.split(",") if f.strip()],
-                 written_harmful=written_harmful, written_breadth=written_breadth, extra_weight=extra_weight,
+                 written_harmful=written_harmful, written_harmful_more=written_harmful_more,
+                 written_lookalikes=written_lookalikes, extra_weight=extra_weight,
                  extra_layers=None if extra_layers is None else _int_list(extra_layers, "--extra-layers"),
                  extra_depths=None if extra_depths is None else _float_list(extra_depths, "--extra-depths"))
     cfg = dataclasses.replace(GateFitConfig(), **{k: v for k, v in given.items() if v is not None})

@@ -113,14 +113,19 @@ class GateFitConfig:
     different kinds of harm, and a probe fit on one misses the other's). On by default since
     2026-12-01 (session 14): on validation it lifts HarmBench held out from 30% to 49% caught and
     the default still meets its six targets (docs/lab-notebook.md)."""
-    written_breadth: bool = False
-    """Add two more hand-written files by category (session 25, issue 23 item 5): 144 harmful
-    requests (resources/gate_harmful_more.tsv: privacy of private people and companies, hate,
-    harassment, misinformation, sexual, cyber, weapons, ...) to the ``written`` source, and 176
-    safe look-alikes (resources/gate_lookalike_prompts.tsv: homonyms, figurative language, safe
-    targets and contexts, definitions, real and nonsense discrimination, history, public and
-    fictional figures' privacy, ...) to the negatives, each as written and re-asked, less any near
-    a validation/test prompt of the folder. Needs ``written_harmful``."""
+    written_harmful_more: bool = False
+    """Add 144 more hand-written harmful requests by category (resources/gate_harmful_more.tsv,
+    session 25: privacy of private people and companies, hate, harassment, misinformation,
+    sexual, cyber, weapons, ...) to the ``written`` source, as written and re-asked, less any near
+    a validation/test request. Needs ``written_harmful``. Off: on validation it lifted
+    Do-Not-Answer held out by 9 points but, with the look-alikes, missed the wrapped ASR target
+    (docs/gate.md, "A pool widened by category")."""
+    written_lookalikes: bool = False
+    """Add 176 hand-written safe look-alikes by category (resources/gate_lookalike_prompts.tsv,
+    session 25: homonyms, figurative language, safe targets and contexts, definitions, real and
+    nonsense discrimination, history, public and fictional figures' privacy, ...) to the
+    negatives, as written and re-asked, less any near a validation/test look-alike or general
+    prompt of the folder. A gate fit on them is not scored on them (``lookalike_report``)."""
     extra_layers: list[int] | None = None
     """Further decoder layers read beside ``layer``, by index (a multi-layer gate: their features
     concatenated after layer's, each through the final norm for a final-norm gate); None = see
@@ -198,12 +203,12 @@ class GateFitConfig:
         if self.target_fpr is not None and (isinstance(self.target_fpr, bool) or not isinstance(self.target_fpr, (int, float))
                                             or not 0 < self.target_fpr < 1):
             raise bad("target_fpr", "must be a number in (0, 1)")
-        for name in ("written_harmful", "written_breadth"):
+        for name in ("written_harmful", "written_harmful_more", "written_lookalikes"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
-        if self.written_breadth and not self.written_harmful:
-            raise SafetyPatchError("gate config: written_breadth adds to the hand-written source, and written_harmful is "
-                                   "off (turn both on, or written_breadth off)")
+        if self.written_harmful_more and not self.written_harmful:
+            raise SafetyPatchError("gate config: written_harmful_more adds to the hand-written source, and written_harmful "
+                                   "is off (turn both on, or written_harmful_more off)")
         for name in ("wrapped_benign", "wrapped_harmful", "self_instruct", "seed", "rephrased"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -424,7 +429,7 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
     if cfg.written_harmful:
         # Drawn after everything else (the re-asking uses the same rng), so earlier draws are unchanged.
         reqs = [r["prompt"] for r in gate_harmful_prompts()]
-        if cfg.written_breadth:  # after the first file's, so its prompts and re-askings come first as before
+        if cfg.written_harmful_more:  # after the first file's, so its prompts and re-askings come first as before
             reqs += [r["prompt"] for r in gate_harmful_more_prompts()]
         # Like data build's hand-written look-alikes: none may come near a held-out request of
         # this folder (3-gram Jaccard >= WRITTEN_NEAR_EVAL), or validation and test would score
@@ -436,7 +441,7 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
         written = [[{"role": "user", "content": q}] for q in reqs] + [[{"role": "user", "content": reask(q, rng)}]
                                                                        for q in reqs]
         sources.extend([WRITTEN_SOURCE] * len(written))
-    if cfg.written_breadth:
+    if cfg.written_lookalikes:
         # The safe look-alikes, likewise dropped near any held-out benign prompt (the look-alike and
         # general sets the over-refusal rates are measured on), then re-asked after the harmful ones.
         looks_q = [r["prompt"] for r in gate_lookalike_prompts()]
@@ -450,7 +455,7 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
     if cfg.written_harmful:
         counts["written_harmful"] = len(written)
         counts["written_near_eval"] = len(near)
-    if cfg.written_breadth:
+    if cfg.written_lookalikes:
         counts["written_lookalikes"] = len(looks)
         counts["written_lookalikes_near_eval"] = len(near_b)
     if wrapped_h:
@@ -1430,7 +1435,10 @@ def recorded_config(gmeta: dict, gate) -> GateFitConfig:
     rec = {k: v for k, v in gmeta["config"].items() if k in known}
     rec.setdefault("family_fpr", None)
     rec.setdefault("extra_weight", 1.0)
-    rec.setdefault("written_breadth", False)
+    if "written_breadth" in gmeta["config"]:  # one flag for both, for a day (session 25)
+        rec |= dict.fromkeys(("written_harmful_more", "written_lookalikes"), bool(gmeta["config"]["written_breadth"]))
+    rec.setdefault("written_harmful_more", False)
+    rec.setdefault("written_lookalikes", False)
     rec.setdefault("written_harmful", False)
     rec |= {"layer": gate.layer, "extra_layers": list(gate.extra_layers)}
     rec.pop("extra_depths", None)  # pinned by extra_layers above
@@ -1489,12 +1497,12 @@ def lookalike_report(model, tokenizer, gate: Gate, cfg: GateFitConfig, batching:
     discrimination) the gate fires on, overall and by category, each a Wilson 95% interval: an
     over-refusal estimate on kinds of safe prompt the data folder's look-alike set has few or none
     of. Every gate fired on them is a refusal adapter engaged on a safe prompt. ``{"skipped": why}``
-    for a gate whose pool holds them (``written_breadth``): they would not be held out."""
+    for a gate whose pool holds them (``written_lookalikes``): they would not be held out."""
     from .data.prompts import gate_lookalike_prompts
     from .evaluation.stats import proportion
 
-    if cfg.written_breadth:
-        return {"skipped": "this gate was fit on them (written_breadth)"}
+    if cfg.written_lookalikes:
+        return {"skipped": "this gate was fit on them (written_lookalikes)"}
     rows = gate_lookalike_prompts()
     convs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
     fired = (gate.scores(cached_features(model, tokenizer, encode(tokenizer, convs), gate.layers, batching, fingerprint))

@@ -83,7 +83,7 @@ def gate_harmful_more_prompts() -> list[dict]:
     self-harm, dangerous medical advice, violence, extremism, fraud, requests after a line of
     context; resources/gate_harmful_more.tsv, written for the gate in session 25, 2026-12-02,
     none near a HarmBench or Do-Not-Answer request): ``[{"category", "prompt"}]``. Gate positives
-    only (``gate.written_breadth``)."""
+    only (``gate.written_harmful_more``)."""
     return [{"category": c, "prompt": p} for c, p in _tsv("gate_harmful_more.tsv")]
 
 
@@ -94,5 +94,5 @@ def gate_lookalike_prompts() -> list[dict]:
     safety, security, medical, legal, writing, everyday; resources/gate_lookalike_prompts.tsv,
     written for the gate in session 25, 2026-12-02, none near a prompt of
     ``borderline_prompts.tsv`` or ``borderline_train_prompts.tsv``): ``[{"category", "prompt"}]``.
-    Gate negatives only (``gate.written_breadth``)."""
+    Gate negatives only (``gate.written_harmful_more``)."""
     return [{"category": c, "prompt": p} for c, p in _tsv("gate_lookalike_prompts.tsv")]
