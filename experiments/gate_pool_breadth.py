@@ -56,15 +56,13 @@ RESOURCES = "src/safety_patch/resources"  # relative to the repository root (as 
 
 def read_tsv(path: Path) -> list[tuple[str, str]]:
     """``category<TAB>prompt`` lines; SystemExit naming the file and line for anything else."""
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        if len(parts) != 2 or not parts[1].strip():
-            raise SystemExit(f"{path}:{n}: expected 'category<TAB>prompt'")
-        rows.append((parts[0].strip(), parts[1].strip()))
-    return rows
+    from safety_patch.data.prompts import parse_tsv
+    from safety_patch.errors import SafetyPatchError
+
+    try:
+        return parse_tsv(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, SafetyPatchError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def main() -> None:

@@ -318,3 +318,22 @@ def test_self_instruct_form_openers_come_from_the_refusal_requests(tiny_dir, mon
     assert {t[len(prefix):] for t in seen} <= set(selfinstruct.OPENERS) and not any(k["form"] for k in kept)
     with pytest.raises(SafetyPatchError, match="self_instruct_form_share"):
         DataConfig(self_instruct_form_share=1.5).validate()
+
+
+@given(st.lists(st.tuples(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=12),
+                          st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1,
+                                  max_size=40).filter(str.strip)), max_size=8),
+       st.integers(0, 8))
+@settings(max_examples=60, deadline=None)
+def test_prompt_tsv_lines_parse_back_and_a_bad_line_is_named(rows, at):
+    """resources' category<TAB>prompt files: written rows read back (stripped, blank lines skipped);
+    a line without exactly one tab, or with an empty prompt, is an error naming the file and line."""
+    from safety_patch.data.prompts import parse_tsv
+
+    text = "\n".join(f"{c}\t{p}" for c, p in rows) + "\n\n"
+    assert parse_tsv(text, "f.tsv") == [(c.strip(), p.strip()) for c, p in rows]
+    lines = text.splitlines()
+    at = min(at, len(lines))
+    bad = lines[:at] + ["no tab here"] + lines[at:]
+    with pytest.raises(SafetyPatchError, match=rf"^f\.tsv:{at + 1}: expected"):
+        parse_tsv("\n".join(bad), "f.tsv")

@@ -21,16 +21,22 @@ def _resource(name: str) -> str:
     return resources.files("safety_patch.resources").joinpath(name).read_text(encoding="utf-8")
 
 
-def _tsv(name: str) -> list[tuple[str, str]]:
+def parse_tsv(text: str, where: str) -> list[tuple[str, str]]:
+    """``category<TAB>prompt`` lines (blank lines skipped) as (category, prompt) pairs; a line of
+    another shape is a SafetyPatchError naming ``where`` and the line number."""
     rows = []
-    for n, line in enumerate(_resource(name).splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split("\t")
         if len(parts) != 2 or not parts[1].strip():
-            raise SafetyPatchError(f"resources/{name}:{n}: expected 'category<TAB>prompt'")
+            raise SafetyPatchError(f"{where}:{n}: expected 'category<TAB>prompt'")
         rows.append((parts[0].strip(), parts[1].strip()))
     return rows
+
+
+def _tsv(name: str) -> list[tuple[str, str]]:
+    return parse_tsv(_resource(name), f"resources/{name}")
 
 
 def general_prompts() -> list[dict]:
