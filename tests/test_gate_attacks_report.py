@@ -249,6 +249,11 @@ def test_more_written_harmful_requests_join_the_written_source_and_lookalikes_co
     assert torch.equal(x1[:k], base_x[:k]) and torch.equal(x1[len(h1): len(h1) + len(b0)], base_x[len(h0):])
     plain = gf.features_at(lm.model, lm.tokenizer, gf.encode(lm.tokenizer, h1 + b1), [1])[1]
     assert torch.allclose(x1, plain, atol=1e-4)
+    # the written source's leave-one-source-out fold scores both files' requests when the pool holds both
+    monkeypatch.undo()
+    for cfg, n in ((base, len(first)), (on, len(first) + len(more))):
+        w = gf.leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, "val")["sources"][gf.WRITTEN_SOURCE]
+        assert w["direct_vs_benign"]["auroc"]["n_pos"] == n
 
 
 def test_phrasing_families_draw_in_order_and_unknown_ones_fail(data_dir):

@@ -198,6 +198,9 @@ def test_set_reaches_a_long_tail_field(tmp_path, capsys):
     assert cfg["gate"]["phrasings"] == ["reask", "context"]
     assert cfg["optim"]["grad_accum"] == 3 and cfg["lora"]["dropout"] == 0.1
     assert cfg["gate"]["target_fpr"] == 0.02 and cfg["optim"]["gradient_checkpointing"] is False
+    for word, value in (("1", True), ("0", False), ("yes", True), ("no", False), ("True", True), ("false", False)):
+        on = _cli_config(tmp_path, capsys, "--set", f"gate.written_lookalikes={word}")  # one spelling, one meaning
+        assert on["gate"]["written_lookalikes"] is value, word
     assert parse_set(["data.max_train_rows=null", "optim.snapshot_steps=10,20"]) == {
         "data.max_train_rows": None, "optim.snapshot_steps": "10,20"}
 
@@ -210,6 +213,8 @@ def test_set_reaches_a_long_tail_field(tmp_path, capsys):
     ("=3", "--set =3: expected group.field=value"),
     ("optim.grad_accum=0", "optim.grad_accum must be >= 1, got 0"),
     ("gate.phrasings=reask,bogus", "gate config: phrasings must be a non-empty list of distinct names"),
+    ("gate.written_lookalikes=maybe", "--set: gate.written_lookalikes: expected true/false, got 'maybe'"),
+    ("gate.written_lookalikes=2", "--set: gate.written_lookalikes: expected true/false, got 2"),
 ])
 def test_a_bad_set_is_named(item, says, tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--set", item])

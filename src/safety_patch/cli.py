@@ -19,21 +19,25 @@ import typer
 
 from .errors import SafetyPatchError
 
+# Plain click help (rich_markup_mode=None): rich's option table cuts long flag names at 80
+# columns ("--written-harm…" for two different flags); click wraps the text instead.
+PLAIN_HELP = {"rich_markup_mode": None}
 app = typer.Typer(
     help="Build, apply, measure and explain LoRA safety patches for chat LLMs.",
     no_args_is_help=True,
+    **PLAIN_HELP,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-model_app = typer.Typer(help="Inspect models.", no_args_is_help=True)
+model_app = typer.Typer(**PLAIN_HELP, help="Inspect models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-patch_app = typer.Typer(help="Inspect, verify and merge patches.", no_args_is_help=True)
+patch_app = typer.Typer(**PLAIN_HELP, help="Inspect, verify and merge patches.", no_args_is_help=True)
 app.add_typer(patch_app, name="patch")
-eval_app = typer.Typer(help="Evaluate safety, over-refusal and capability.", no_args_is_help=True)
+eval_app = typer.Typer(**PLAIN_HELP, help="Evaluate safety, over-refusal and capability.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
-data_app = typer.Typer(help="Build and inspect training / evaluation data.", no_args_is_help=True)
+data_app = typer.Typer(**PLAIN_HELP, help="Build and inspect training / evaluation data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-gate_app = typer.Typer(help="The gate as its own stage: fit, evaluate, put behind a patch, export (docs/gate.md).",
+gate_app = typer.Typer(**PLAIN_HELP, help="The gate as its own stage: fit, evaluate, put behind a patch, export (docs/gate.md).",
                        no_args_is_help=True)
 app.add_typer(gate_app, name="gate")
 
@@ -778,7 +782,8 @@ def gate_fit_cmd(
              "--written-harmful; default: off).")] = None,
     written_lookalikes: Annotated[bool | None, typer.Option(
         "--written-lookalikes/--no-written-lookalikes",
-        help="Add 176 hand-written safe look-alikes, by category, to the negatives (default: off).")] = None,
+        help="Add 176 hand-written safe look-alikes, by category, to the negatives; `gate eval` then no longer "
+             "scores the gate on them (default: off).")] = None,
     extra_layers: Annotated[str | None, typer.Option(help="Comma-separated further decoder layers read beside --layer "
                                                      "(a multi-layer gate; `gate export` refuses it), or none for a "
                                                      "one-layer gate. Default: see --extra-depths.")] = None,

@@ -1019,11 +1019,13 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, batching: Batch
     return gate, info
 
 
-def held_out_requests(data, sources: Sequence[str], split: str = "val") -> dict[str, dict[str, list[list[dict]]]]:
+def held_out_requests(data, sources: Sequence[str], split: str = "val",
+                      written_more: bool = False) -> dict[str, dict[str, list[list[dict]]]]:
     """Each harmful source's requests for a leave-one-source-out fold: ``{source: {"direct": [...],
     "wrapped": [...]}}``. Direct: every request of that source in the train split and ``split``,
     once each, as a single user turn; wrapped: ``split``'s rows of that source inside a template.
-    The hand-written source (:data:`WRITTEN_SOURCE`) is in no split: its requests as written."""
+    The hand-written source (:data:`WRITTEN_SOURCE`) is in no split: its requests as written, with
+    ``written_more`` (a pool with ``written_harmful_more``) the second file's too."""
     from .data.folder import DataFolder
 
     d = DataFolder.of(data)
@@ -1041,9 +1043,10 @@ def held_out_requests(data, sources: Sequence[str], split: str = "val") -> dict[
             if name == split and m.get("template", "direct") != "direct":
                 pos[s]["wrapped"].append(_prompt_of(r, d.where(name, n)))
     if WRITTEN_SOURCE in pos:
-        from .data.prompts import gate_harmful_prompts
+        from .data.prompts import gate_harmful_more_prompts, gate_harmful_prompts
 
-        pos[WRITTEN_SOURCE]["direct"] = [[{"role": "user", "content": r["prompt"]}] for r in gate_harmful_prompts()]
+        rows = gate_harmful_prompts() + (gate_harmful_more_prompts() if written_more else [])
+        pos[WRITTEN_SOURCE]["direct"] = [[{"role": "user", "content": r["prompt"]}] for r in rows]
     return pos
 
 
@@ -1071,7 +1074,7 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
         raise SafetyPatchError(f"{d.file('train')}: leave-one-source-out needs two or more harmful sources (meta.source), "
                                f"found {names or 'none'}")
     held = held_out_prompts(d, split, cfg.seed)
-    pos = held_out_requests(d, names, split)
+    pos = held_out_requests(d, names, split, written_more=cfg.written_harmful_more)
     neg_direct, neg_wrapped = held["borderline"] + held["general"], held["wrapped_benign"]
     tests = [m for s in names for k in ("direct", "wrapped") for m in pos[s][k]] + neg_direct + neg_wrapped
     layer = model_layers(model, cfg)
