@@ -337,3 +337,23 @@ def test_prompt_tsv_lines_parse_back_and_a_bad_line_is_named(rows, at):
     bad = lines[:at] + ["no tab here"] + lines[at:]
     with pytest.raises(SafetyPatchError, match=rf"^f\.tsv:{at + 1}: expected"):
         parse_tsv("\n".join(bad), "f.tsv")
+
+
+@given(st.text(min_size=1, max_size=60), st.integers(1, 9))
+@settings(max_examples=60, deadline=None)
+def test_template_choices_wrap_a_request_in_distinct_templates_the_first_the_usual_one(request, n):
+    """TemplateAttack(choice=k): choices 0..n-1 are n distinct templates, the same on every call;
+    choice 0 is the hash's pick the attack has always made; a choice outside [0, n) is refused."""
+    import hashlib
+
+    from safety_patch.attacks.templates import Template, TemplateAttack
+
+    ts = [Template(f"t{i}", f"f{i % 3}", "test", f"({i}) {PLACEHOLDER}") for i in range(n)]
+    picked = [TemplateAttack(ts, choice=k).pick(request) for k in range(n)]
+    assert sorted(t.id for t in picked) == sorted(t.id for t in ts)
+    assert picked[0] is ts[int(hashlib.sha256(request.encode()).hexdigest(), 16) % n]
+    assert [TemplateAttack(ts, choice=k).apply(request).messages for k in range(n)] == [
+        [{"role": "user", "content": t.render(request)}] for t in picked]
+    for bad in (n, -1, True, 1.0):
+        with pytest.raises(SafetyPatchError, match="choice must be in"):
+            TemplateAttack(ts, choice=bad)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,18 +113,38 @@ def load_templates(max_chars: int | None = None, data_dir: Path | None = None) -
 
 
 class TemplateAttack(Attack):
-    """Wrap each request in one template, chosen by a hash of the request (deterministic)."""
+    """Wrap each request in one template, chosen by a hash of the request (deterministic).
+
+    ``choice`` k (0-based) takes the request's k-th template in its own order: the hash's pick
+    first (k = 0, what the attack has always used), then every other template in an order seeded
+    by the same hash. So ``choice`` 0..K-1 wrap one request in K distinct templates, the first of
+    them the usual one (a larger wrapped set for the same behaviours). Raises SafetyPatchError
+    without templates or for a ``choice`` outside [0, number of templates)."""
 
     name = "template"
 
-    def __init__(self, templates: list[Template] | None = None, max_chars: int | None = 2000):
+    def __init__(self, templates: list[Template] | None = None, max_chars: int | None = 2000, choice: int = 0):
         self.templates = templates if templates is not None else load_templates(max_chars)
         if not self.templates:
             raise SafetyPatchError("the template attack has no templates to use")
+        if isinstance(choice, bool) or not isinstance(choice, int) or not 0 <= choice < len(self.templates):
+            raise SafetyPatchError(f"template attack: choice must be in [0, {len(self.templates)}) (one per template), "
+                                   f"got {choice!r}")
+        self.choice = choice
+
+    def order(self, request: str) -> list[int]:
+        """Indices of every template in this request's order (the hash's pick first)."""
+        h = int(hashlib.sha256(request.encode()).hexdigest(), 16)
+        first = h % len(self.templates)
+        rest = [i for i in range(len(self.templates)) if i != first]
+        random.Random(h).shuffle(rest)
+        return [first, *rest]
 
     def pick(self, request: str) -> Template:
-        h = int(hashlib.sha256(request.encode()).hexdigest(), 16)
-        return self.templates[h % len(self.templates)]
+        if self.choice == 0:
+            h = int(hashlib.sha256(request.encode()).hexdigest(), 16)
+            return self.templates[h % len(self.templates)]
+        return self.templates[self.order(request)[self.choice]]
 
     def transform(self, request: str) -> str:
         return self.pick(request).render(request)
