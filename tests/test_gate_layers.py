@@ -342,6 +342,12 @@ def test_the_reproduce_report_names_every_gate_layer_and_the_raised_out_of_famil
            "leave_one_family_out": {**g["leave_one_family_out"], "at_family_threshold_nested": None}}
     md1 = to_markdown(gate_blocks(one), Path("."))
     assert "(layer 18, fires above logit +0.500)" in md1 and "raised threshold" not in md1
+    lk = {"fired": m(0.2, 35, 176), "by_category": {"homonym": m(0.1, 1, 10), "public_privacy": m(0.5, 5, 10)}}
+    md2 = to_markdown(gate_blocks({**g, "written_lookalikes": lk}), Path("."))
+    assert "176 prompts" in md2 and "| public_privacy | 50.0% [0.0, 100.0] |" in md2
+    md3 = to_markdown(gate_blocks({**g, "written_lookalikes": {"skipped": "this gate was fit on them (written_lookalikes)"}}),
+                      Path("."))
+    assert "not scored, this gate was fit on them" in md3 and "| category |" not in md3
 
 
 @pytest.mark.parametrize("era", ["before-layers", "session-20"])

@@ -418,6 +418,8 @@ def gate_blocks(g: dict) -> list[tuple]:
                        f"`gate_lookalike_prompts.tsv`, {lk['fired']['n']} prompts; each one the gate fires on is a "
                        f"safe prompt sent to the refusal adapter): {_pct(lk['fired'])} overall, by category:"))
         B.append(("table", ["category", "the gate fires on"], [[c, _pct(v)] for c, v in lk["by_category"].items()]))
+    elif lk:  # a gate fit on them: say so rather than leave the section out
+        B.append(("p", f"Hand-written safe look-alikes (`gate_lookalike_prompts.tsv`): not scored, {lk['skipped']}."))
     if g.get("attacks"):
         B.append(("p", "Rule attacks the gate never trained on, on the split's direct requests (caught: the adapter "
                        "engages) and on its benign prompts under the same attack (cleaned controls: a gate that reads "
