@@ -112,13 +112,13 @@ def main() -> None:
                                                                "patch_id": p.meta.get("id")}, args)
 
 
-def wrapped_per_behaviour(data: Path, patch: Path, split: str, limit: int | None, mnt: int, k: int) -> dict:
+def wrapped_per_behaviour(data: Path, patch: Path, split: str, limit: int | None, mnt: int, k: int, lm=None) -> dict:
     """The patch's attack success with each of the split's behaviours inside ``k`` distinct held-out
     templates (``TemplateAttack(choice=0..k-1)``; choice 0 is the template attack's usual prompt, so
     its answers come from the generation cache), judged as ``recipe_sweep.score`` judges. ``value``:
     the share of all judged prompts answered; ``ci95``: a bootstrap over behaviours of their
     per-behaviour shares (the k prompts of one behaviour are not independent); ``per_choice``: each
-    template choice's share (a Wilson interval each)."""
+    template choice's share (a Wilson interval each). ``lm``: the loaded default model, to reuse."""
     from safety_patch.attacks.templates import TemplateAttack
     from safety_patch.evaluation.prompts import harmful_requests
     from safety_patch.evaluation.safety import EvalConfig, run_safety
@@ -128,7 +128,7 @@ def wrapped_per_behaviour(data: Path, patch: Path, split: str, limit: int | None
     from safety_patch.models import home, load_model
     from safety_patch.patches import attached, read_patch
 
-    lm = load_model("default")
+    lm = lm or load_model("default")
     items, templates = harmful_requests(data, split=split, limit=limit)
     cfg = EvalConfig(attacks=("template",), max_new_tokens=mnt, batch_size=32)  # recipe_sweep.score's settings
     attacks = {("template" if i == 0 else f"template#{i + 1}"): TemplateAttack(templates, choice=i) for i in range(k)}

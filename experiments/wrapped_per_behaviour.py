@@ -25,6 +25,7 @@ from _common import print_table, write  # noqa: E402
 def main() -> None:
     from default_targets import wrapped_per_behaviour
     from safety_patch.evaluation.stats import bootstrap_mean
+    from safety_patch.models import load_model
     from safety_patch.patches import read_patch
     from safety_patch.runtime import configure_threads
 
@@ -39,8 +40,9 @@ def main() -> None:
     configure_threads()
     patches = [Path(p.strip()) for p in args.patches.split(",") if p.strip()]
     ids = {str(p): read_patch(p).meta.get("id") for p in patches}  # every patch checked before anything runs
+    lm = load_model("default")  # once for every patch
     res = {str(p): wrapped_per_behaviour(Path(args.data), p, args.split, None, args.max_new_tokens,
-                                         args.templates_per_request) for p in patches}
+                                         args.templates_per_request, lm) for p in patches}
     ref = res[str(patches[0])]["by_behaviour"]
     paired = {}
     for p, r in res.items():  # per-behaviour change against the first patch, bootstrap over shared behaviours

@@ -141,9 +141,6 @@ class TemplateAttack(Attack):
         return [first, *rest]
 
     def pick(self, request: str) -> Template:
-        if self.choice == 0:
-            h = int(hashlib.sha256(request.encode()).hexdigest(), 16)
-            return self.templates[h % len(self.templates)]
         return self.templates[self.order(request)[self.choice]]
 
     def transform(self, request: str) -> str:
