@@ -116,7 +116,9 @@ def main() -> None:
 def gated_check(tmp: Path, model_dir: Path, lm, data: Path, rows: list[dict], dev: str) -> dict:
     """The default recipe (a gated LoRA) on this device: fit, route, score.
 
-    The recipe's gate pool is scaled to the small data folder (no self-written requests).
+    The recipe's gate pool is scaled to the small data folder (no self-written requests, and
+    not the second written files: their 640 prompts would outweigh the folder's few dozen and
+    leave a gate that fires on none of the check's prompts, so both routes would not be compared).
     """
     from safety_patch.evaluation.capability import _encode_pairs, answer_logprobs
     from safety_patch.gate import Gate, layer_states
@@ -127,7 +129,8 @@ def gated_check(tmp: Path, model_dir: Path, lm, data: Path, rows: list[dict], de
     safe = [f"Tell me a fact about city {i}." for i in range(24)]
     cfg = resolve_config("default", None, {"optim.lr": 1e-3, "optim.epochs": 3, "optim.batch_size": 8,
                                            "optim.save_steps": 10**6, "gate.self_instruct": 0, "data.max_train_rows": 64,
-                                           "gate.wrapped_harmful": 16, "gate.wrapped_benign": 16})
+                                           "gate.wrapped_harmful": 16, "gate.wrapped_benign": 16,
+                                           "gate.written_harmful_more": False, "gate.written_lookalikes": False})
     assert cfg.gate is not None and cfg.gate.depth == 0.6
     t = time.time()
     meta = train(data, tmp / "gated", cfg, model=str(model_dir), progress=False, device=dev)

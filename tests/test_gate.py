@@ -139,7 +139,8 @@ def test_gate_prompts_come_from_the_train_split_only(data_dir):
     from safety_patch.jsonl import read_jsonl
 
     harmful, benign, counts = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0,
-                                                                written_harmful=False))
+                                                                written_harmful=False, written_harmful_more=False,
+                                                                written_lookalikes=False))
     train_prompts = {r["messages"][0]["content"] for r in read_jsonl(data_dir / "train.jsonl")}
     assert {m[-1]["content"] for m in harmful} == train_prompts
     held_out = {r["messages"][0]["content"] for f in ("borderline.jsonl", "general.jsonl")
@@ -171,8 +172,9 @@ def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path
     si = [f"Plan a picnic for {n} friends." for n in range(5)]
     write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Sure."}],
                                            "meta": {"source": "self-instruct", "split": "train"}} for p in si])
-    _, plain, c0 = gate_prompts(d, GateFitConfig(rephrased=0, wrapped_benign=0, wrapped_harmful=0, self_instruct=0))
-    harmful, benign, c = gate_prompts(d, GateFitConfig(rephrased=0, wrapped_benign=0, wrapped_harmful=0, self_instruct=3))
+    small = dict(rephrased=0, wrapped_benign=0, wrapped_harmful=0, written_lookalikes=False)  # look-alikes would come last
+    _, plain, c0 = gate_prompts(d, GateFitConfig(self_instruct=0, **small))
+    harmful, benign, c = gate_prompts(d, GateFitConfig(self_instruct=3, **small))
     # the first N requests join the negatives, as bare user turns; nothing else changes
     assert c["self_instruct"] == 3 and c["benign"] == c0["benign"] + 3 and "self_instruct" not in c0
     assert benign[:len(plain)] == plain and [m[-1]["content"] for m in benign[len(plain):]] == si[:3]
@@ -194,8 +196,9 @@ def test_gate_prompts_wrap_harmful_train_requests_in_train_templates(data_dir):
     from safety_patch.gate_fit import GateFitConfig, gate_prompts
     from safety_patch.jsonl import read_jsonl
 
-    h0, b0, c0 = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0, written_harmful=False))
-    h, b, c = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=7, self_instruct=0, written_harmful=False))
+    no_written = dict(written_harmful=False, written_harmful_more=False, written_lookalikes=False)
+    h0, b0, c0 = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0, **no_written))
+    h, b, c = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=7, self_instruct=0, **no_written))
     assert b == b0 and h[: len(h0)] == h0 and c["wrapped_harmful"] == 7 and len(h) == len(h0) + 7
     requests = {r["meta"]["request"] for r in read_jsonl(data_dir / "train.jsonl")}
     held_out = {r["meta"]["request"] for f in ("val.jsonl", "test.jsonl") for r in read_jsonl(data_dir / f)}

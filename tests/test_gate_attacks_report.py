@@ -23,7 +23,8 @@ from safety_patch.gate_fit import (
     unseen_attacks,
 )
 
-CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=0, written_harmful=False)
+CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=0, written_harmful=False,
+                    written_harmful_more=False, written_lookalikes=False)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,8 @@ def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(da
 
     assert GateFitConfig().written_harmful is True  # the default since session 14
     base = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=3, threshold=0.0,
-                         target_fpr=None, family_fpr=None, written_harmful=False)
+                         target_fpr=None, family_fpr=None, written_harmful=False,
+                         written_harmful_more=False, written_lookalikes=False)
     on = GateFitConfig(**{**base.__dict__, "written_harmful": True})
     h0, b0, c0, s0 = gf._gate_pool(data_dir, base)
     h1, b1, c1, s1 = gf._gate_pool(data_dir, on)
@@ -205,9 +207,9 @@ def test_more_written_harmful_requests_join_the_written_source_and_lookalikes_co
     import safety_patch.data.prompts as dp
     import safety_patch.gate_fit as gf
 
-    assert (GateFitConfig().written_harmful_more, GateFitConfig().written_lookalikes) == (False, False)
+    assert (GateFitConfig().written_harmful_more, GateFitConfig().written_lookalikes) == (True, True)  # the default
     base = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=3, threshold=0.0,
-                         target_fpr=None, family_fpr=None)
+                         target_fpr=None, family_fpr=None, written_harmful_more=False, written_lookalikes=False)
     on = GateFitConfig(**{**base.__dict__, "written_harmful_more": True, "written_lookalikes": True})
     h0, b0, c0, s0 = gf._gate_pool(data_dir, base)
     h1, b1, c1, s1 = gf._gate_pool(data_dir, on)
@@ -259,9 +261,11 @@ def test_more_written_harmful_requests_join_the_written_source_and_lookalikes_co
 def test_phrasing_families_draw_in_order_and_unknown_ones_fail(data_dir):
     from safety_patch.gate_fit import _gate_pool
 
-    one = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=5, written_harmful=False)
+    one = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=5, written_harmful=False,
+                        written_harmful_more=False, written_lookalikes=False)
     two = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=5,
-                        phrasings=["reask", "context"], written_harmful=False)
+                        phrasings=["reask", "context"], written_harmful=False,
+                        written_harmful_more=False, written_lookalikes=False)
     h1, b1, c1, s1 = _gate_pool(data_dir, one)
     h2, b2, c2, s2 = _gate_pool(data_dir, two)
     assert h2[: len(h1)] == h1 and b2[: len(b1)] == b1 and s2[: len(s1)] == s1  # the first family's draw is unchanged

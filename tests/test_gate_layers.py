@@ -235,10 +235,14 @@ def test_cli_fits_a_two_layer_gate_and_refuses_to_export_it(data_dir, tiny_dir, 
 
     g = tmp_path / "g"
     args = ["gate", "fit", "--data", str(data_dir), "--model", str(tiny_dir), "--layer", "1", "--self-instruct", "0",
-            "--wrapped-benign", "6", "--wrapped-harmful", "4", "--rephrased", "0", "--no-written-harmful"]
+            "--wrapped-benign", "6", "--wrapped-harmful", "4", "--rephrased", "0", "--no-written-harmful",
+            "--no-written-lookalikes"]
     assert main(args + ["--out", str(g), "--extra-layers", "0", "--extra-weight", "0.6"]) == 0
     assert "on layers 1, 0" in capsys.readouterr().out
-    assert json.loads((g / GATE_JSON).read_text())["config"]["extra_layers"] == [0]
+    gcfg = json.loads((g / GATE_JSON).read_text())["config"]
+    assert gcfg["extra_layers"] == [0] and gcfg["extra_weight"] == 0.6
+    # --no-written-harmful turns the second written file (on by default) off with the first
+    assert (gcfg["written_harmful"], gcfg["written_harmful_more"], gcfg["written_lookalikes"]) == (False, False, False)
     assert main(args + ["--out", str(tmp_path / "h"), "--extra-layers", "zero"]) == 2
     assert "--extra-layers must be comma-separated layer numbers" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()

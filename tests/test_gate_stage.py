@@ -26,7 +26,8 @@ from safety_patch.testing import make_delta_patch, make_lora_patch
 # bit-identity test below compares with the pre-stage path. The defaults are tested through `train`
 # (test_train_writes_the_gate_the_stage_fits) and the final-norm tests.
 CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, features="residual", rephrased=0,
-                    threshold=0.5, target_fpr=None, family_fpr=None, written_harmful=False)
+                    threshold=0.5, target_fpr=None, family_fpr=None, written_harmful=False,
+                    written_harmful_more=False, written_lookalikes=False)
 
 
 @pytest.fixture(scope="module")

@@ -320,7 +320,8 @@ def test_override_is_checked_by_validate():
 
 def test_a_gate_logit_replaces_the_target_rate_and_its_out_of_family_raise():
     d = TrainConfig().gate
-    assert (d.target_fpr, d.family_fpr, d.extra_layers, d.extra_depths, d.extra_weight) == (0.03, 0.05, None, [0.7], 0.6)
+    assert (d.target_fpr, d.family_fpr, d.extra_layers, d.extra_depths, d.extra_weight) == (0.03, 0.05, None, [0.7], 1.0)
+    assert (d.written_harmful, d.written_harmful_more, d.written_lookalikes) == (True, True, True)
     g = override(TrainConfig(), {"gate.threshold": 0.5}).gate
     assert (g.threshold, g.target_fpr, g.family_fpr) == (0.5, None, None)
     override(TrainConfig(), {"gate.threshold": 0.5}).validate()

@@ -779,11 +779,11 @@ def gate_fit_cmd(
     written_harmful_more: Annotated[bool | None, typer.Option(
         "--written-harmful-more/--no-written-harmful-more",
         help="Add 144 more hand-written harmful requests, by category, to the written source (needs "
-             "--written-harmful; default: off).")] = None,
+             "--written-harmful, and off with --no-written-harmful; default: on).")] = None,
     written_lookalikes: Annotated[bool | None, typer.Option(
         "--written-lookalikes/--no-written-lookalikes",
         help="Add 176 hand-written safe look-alikes, by category, to the negatives; `gate eval` then no longer "
-             "scores the gate on them (default: off).")] = None,
+             "scores the gate on them (default: on).")] = None,
     extra_layers: Annotated[str | None, typer.Option(help="Comma-separated further decoder layers read beside --layer "
                                                      "(a multi-layer gate; `gate export` refuses it), or none for a "
                                                      "one-layer gate. Default: see --extra-depths.")] = None,
@@ -792,7 +792,7 @@ def gate_fit_cmd(
                                                      "layer 21 of 30).")] = None,
     extra_weight: Annotated[float | None, typer.Option(callback=_finite,
                                                        help="Scale of the extra layers' standardised features in the "
-                                                            "fit: below 1 pulls their weights harder to zero (default 0.6).")] = None,
+                                                            "fit: below 1 pulls their weights harder to zero (default 1).")] = None,
     family_fpr: Annotated[str | None, typer.Option(help="Raise the --target-fpr threshold until at most this share of "
                                                         "out-of-family wrapped safe prompts (leave-one-family-out) "
                                                         "fires, or none for no raise (default 0.05; none with "
@@ -824,6 +824,8 @@ def gate_fit_cmd(
         cfg = dataclasses.replace(cfg, target_fpr=None, family_fpr=None)
     if family_fpr is not None:
         cfg = dataclasses.replace(cfg, family_fpr=_rate_or_none(family_fpr, "--family-fpr"))
+    if written_harmful is False and written_harmful_more is None:  # the second file adds to the first: off with it
+        cfg = dataclasses.replace(cfg, written_harmful_more=False)
     cfg.validate()
     check_out_dir(out, overwrite=overwrite, kind="gate", inputs=[data, model])
     with claim_output(out):

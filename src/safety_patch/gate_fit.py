@@ -57,8 +57,6 @@ BATCHING: Batching = SHARED_PREFIX
 MAX_BATCH = 64
 
 
-_DEFAULT_EXTRA_WEIGHT = 0.6
-"""GateFitConfig.extra_weight's default: a different weight with no extra layer is refused."""
 _DEFAULT_EXTRA_DEPTHS = (0.7,)
 """GateFitConfig.extra_depths' default: other depths beside explicit extra_layers are refused."""
 
@@ -113,19 +111,22 @@ class GateFitConfig:
     different kinds of harm, and a probe fit on one misses the other's). On by default since
     2026-12-01 (session 14): on validation it lifts HarmBench held out from 30% to 49% caught and
     the default still meets its six targets (docs/lab-notebook.md)."""
-    written_harmful_more: bool = False
+    written_harmful_more: bool = True
     """Add 144 more hand-written harmful requests by category (resources/gate_harmful_more.tsv,
     session 25: privacy of private people and companies, hate, harassment, misinformation,
     sexual, cyber, weapons, ...) to the ``written`` source, as written and re-asked, less any near
-    a validation/test request. Needs ``written_harmful``. Off: on validation it lifted
-    Do-Not-Answer held out by 9 points but, with the look-alikes, missed the wrapped ASR target
-    (docs/gate.md, "A pool widened by category")."""
-    written_lookalikes: bool = False
+    a validation/test request. Needs ``written_harmful``. On by default since 2026-12-02 (session
+    26), with ``written_lookalikes`` and ``extra_weight`` 1.0: on validation and the seed-1 test
+    split that gate met the default's targets, routed fewer wrapped safe prompts (5.6% vs 7.8%
+    on test) and cut the look-alikes it fires on from 18.8% to 6.8% (two-fold) (docs/gate.md,
+    "A pool widened by category")."""
+    written_lookalikes: bool = True
     """Add 176 hand-written safe look-alikes by category (resources/gate_lookalike_prompts.tsv,
     session 25: homonyms, figurative language, safe targets and contexts, definitions, real and
     nonsense discrimination, history, public and fictional figures' privacy, ...) to the
     negatives, as written and re-asked, less any near a validation/test look-alike or general
-    prompt of the folder. A gate fit on them is not scored on them (``lookalike_report``)."""
+    prompt of the folder. A gate fit on them is not scored on them (``lookalike_report``).
+    On by default since session 26 (see ``written_harmful_more``)."""
     extra_layers: list[int] | None = None
     """Further decoder layers read beside ``layer``, by index (a multi-layer gate: their features
     concatenated after layer's, each through the final norm for a final-norm gate); None = see
@@ -138,12 +139,15 @@ class GateFitConfig:
     or on another extra layer (models under ten layers) is read once. The default since
     2026-12-02 (session 21, docs/lab-notebook.md): with ``extra_weight`` 0.6 and ``family_fpr``
     0.05 it routed 7.8% of the seed-1 test split's wrapped safe prompts to the adapter where the
-    one-layer gate routed 11.7%, meeting the other five targets."""
-    extra_weight: float = _DEFAULT_EXTRA_WEIGHT
+    one-layer gate routed 11.7%, meeting the other five targets (then with ``extra_weight`` 0.6 and
+    without the session-25 written files)."""
+    extra_weight: float = 1.0
     """Scale of the extra layers' standardised features in the fit (``gate.fit_probe``'s
     ``feature_scale``): below 1 penalises their weights more, so the probe leans on ``layer``
-    (session 20: 18 + 21 at 0.6 kept layer 18's out-of-source catch where 1.0 lost 5 points).
-    A value other than the default with no extra layer is refused (it would change nothing)."""
+    (session 20: 18 + 21 at 0.6 kept layer 18's out-of-source catch where 1.0 lost 5 points on
+    the narrower pool; with the session-25 written files, 1.0 caught more on validation and held
+    out, docs/gate.md, so the default is 1.0 since session 26). A value other than 1 with no
+    extra layer is refused (it would change nothing)."""
     family_fpr: float | None = 0.05
     """After ``target_fpr`` sets the threshold, raise it (never lower it) until at most this share
     of the *out-of-family* wrapped safe prompts fires: the train pool's wrapped prompts scored by
@@ -208,7 +212,8 @@ class GateFitConfig:
                 raise bad(name, "must be true or false")
         if self.written_harmful_more and not self.written_harmful:
             raise SafetyPatchError("gate config: written_harmful_more adds to the hand-written source, and written_harmful "
-                                   "is off (turn both on, or written_harmful_more off)")
+                                   "is off (turn both on, or both off: gate fit --no-written-harmful, train --set "
+                                   "gate.written_harmful=false --set gate.written_harmful_more=false)")
         for name in ("wrapped_benign", "wrapped_harmful", "self_instruct", "seed", "rephrased"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -235,7 +240,7 @@ class GateFitConfig:
         v = self.extra_weight
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
             raise bad("extra_weight", "must be a finite number > 0")
-        if v not in (_DEFAULT_EXTRA_WEIGHT, 1.0) and not self.has_extra_layers():  # not a silent no-op (1: no scaling)
+        if v != 1.0 and not self.has_extra_layers():  # not a silent no-op (1: no scaling)
             raise bad("extra_weight", "scales the extra layers' features, and the config reads no extra layer (set "
                                       "extra_layers, e.g. --extra-layers 21, or extra_depths)")
         if self.family_fpr is not None:
@@ -287,7 +292,7 @@ def model_layers(model, cfg: GateFitConfig) -> tuple[int, ...]:
         raise SafetyPatchError(f"gate extra_depths {list(cfg.extra_depths)}: on this {n_layers}-layer model they fall on "
                                f"layers {list(at.values())}, and the gate's own layer is {first}: each extra depth must "
                                "name a layer of its own")
-    if not extra and cfg.extra_weight not in (_DEFAULT_EXTRA_WEIGHT, 1.0):  # not a silent no-op on a shallow model
+    if not extra and cfg.extra_weight != 1.0:  # not a silent no-op on a shallow model
         raise SafetyPatchError(f"gate config: extra_weight {cfg.extra_weight} scales the extra layers' features, and on "
                                f"this {n_layers}-layer model extra_depths {cfg.extra_depths} fall on layer {first}, the "
                                "gate's own layer: no extra layer is read (set extra_layers)")
