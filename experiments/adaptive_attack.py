@@ -49,6 +49,7 @@ def main() -> None:
                     help="the same adapter behind another gate (an attacker's own probe): gcg_gate optimised against it, "
                          "replayed through --gated as `gcg_gate_transfer`")
     ap.add_argument("--transfer-limit", type=int, default=None, help="the transfer arm on the first N behaviours only")
+    ap.add_argument("--out-name", default="adaptive_attack", help="results/NAME.json")
     args = ap.parse_args()
 
     from safety_patch.runtime import configure_threads
@@ -137,7 +138,7 @@ def main() -> None:
                          "gate fired %": (f"{100 * cell['gate_fired']['value']:.1f}" if "gate_fired" in cell else "–"),
                          "GCG s/behaviour": cell.get("gcg_seconds_mean", "–")})
     print_table(rows)
-    write("adaptive_attack", {"data": args.data, "split": args.split, "gated": gated.id, "always_on": always_on.id,
+    write(args.out_name, {"data": args.data, "split": args.split, "gated": gated.id, "always_on": always_on.id,
                               "gate": gated.meta["gate"].get("id"), "budget": dataclasses.asdict(budget), "table": table,
                               "transfer_gate": args.transfer_gate,
                               "records": {arm: res["records"] for arm, res in results.items()}}, args=args)

@@ -379,6 +379,8 @@ def test_gate_folders_written_before_the_two_layer_default_are_refit_as_they_wer
     raw1 = {**raw, "config": {**raw["config"], "written_breadth": True}}  # the one flag of 8926a7f: both files
     assert (recorded_config(raw1, gate).written_harmful_more, recorded_config(raw1, gate).written_lookalikes) == (True, True)
     assert rec.extra_weight == (1.0 if era == "before-layers" else raw["config"]["extra_weight"])
+    with pytest.raises(SafetyPatchError, match=r"gate.json: config key 'pooling' unknown to this safety-patch"):
+        recorded_config({**raw, "config": {**raw["config"], "pooling": "mean"}}, gate)  # not refit as another gate
     rep = evaluate_gate(lm, old, data_dir, "val", loso=True, attacks=[], lofo=True)
     assert rep["leave_one_family_out"]["layer"] == 1 and "extra_layers" not in rep["leave_one_family_out"]
     assert "raise_for_family_fpr" not in rep["leave_one_family_out"]

@@ -876,12 +876,17 @@ def gate_eval_cmd(
     attacks: Annotated[str, typer.Option(help="Rule attacks to run through the gate, on the split's harmful requests and "
                                               "on its benign prompts as controls: 'unseen' (those the train split never "
                                               "used), 'none', or a comma-separated list.")] = "unseen",
+    harmful: Annotated[Path | None, typer.Option(help="Your own harmful prompts (JSONL/CSV with a prompt or goal column, "
+                                                     "optional category): the share the gate catches, out of source.")] = None,
+    benign: Annotated[Path | None, typer.Option(help="Your own safe prompts (same format): the share the gate sends to "
+                                                    "the refusal adapter; with --harmful, AUROC and TPR at 1%/5% FPR "
+                                                    "on them.")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
     """The gate's reliability on held-out prompts: AUROC, TPR at 1%/5% FPR, FPR at its threshold, with 95% intervals."""
-    from .gate_fit import RULE_ATTACKS, evaluate_gate, read_gate_folder, report_table
+    from .gate_fit import RULE_ATTACKS, evaluate_gate, read_gate_folder, report_table, user_prompt_sets
     from .models import load_model
     from .outputs import check_out_file
 
@@ -893,12 +898,13 @@ def gate_eval_cmd(
         if a not in RULE_ATTACKS:
             raise SafetyPatchError(f"--attacks: {a!r} is not a rule attack; choose from {', '.join(RULE_ATTACKS)}, "
                                    "'unseen' or 'none'")
-    read_gate_folder(gate)  # a bad gate folder fails before the model loads
+    read_gate_folder(gate)  # a bad gate folder or prompt file fails before the model loads
+    user_sets = user_prompt_sets(harmful, benign)
     if out is not None:
-        check_out_file(out, inputs=[gate, data])
+        check_out_file(out, inputs=[gate, data, *(p for p in (harmful, benign) if p is not None)])
     lm = load_model(model, device=device, dtype=dtype)
     rep = evaluate_gate(lm, gate, data, split, seed, loso=leave_one_source_out, attacks=attack_list,
-                        lofo=leave_one_family_out)
+                        lofo=leave_one_family_out, user_sets=user_sets)
     typer.echo(report_table(rep))
     if "note" in rep:
         typer.echo(f"note: {rep['note']}")

@@ -125,7 +125,8 @@ class GateFitConfig:
     session 25: homonyms, figurative language, safe targets and contexts, definitions, real and
     nonsense discrimination, history, public and fictional figures' privacy, ...) to the
     negatives, as written and re-asked, less any near a validation/test look-alike or general
-    prompt of the folder. A gate fit on them is not scored on them (``lookalike_report``).
+    prompt of the folder. `gate eval` scores a gate fit on them by cross-fitting: each line by a
+    refit without its fold (``lookalike_report``).
     On by default since session 26 (see ``written_harmful_more``)."""
     extra_layers: list[int] | None = None
     """Further decoder layers read beside ``layer``, by index (a multi-layer gate: their features
@@ -981,28 +982,9 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, batching: Batch
         val, raised = None, None
         if validate:
             x_val, sizes = held_out_features(model, tokenizer, layers, d, "val", cfg.seed, batching, fingerprint)
-            scores = _by_set(gate.scores(x_val), sizes)
-            if cfg.target_fpr is not None:
-                pool = torch.cat([scores[k] for k in THRESHOLD_POOL if k in scores])
-                gate.threshold = threshold_at_fpr(pool, cfg.target_fpr)
-            # Validation's wrapped prompts come from its own few template families (31 on the
-            # default folder); refits without each group of the train families give the wider
-            # out-of-family estimate every gate file should carry (leave_one_family_out).
             templates = d.templates("train")
             fam = [template_family(m[-1]["content"], templates) for m in harmful + benign]
-            if why := _lofo_impossible(fam, y):
-                if cfg.family_fpr is not None:  # fail closed: the threshold cannot be set as configured
-                    raise SafetyPatchError(f"gate config: family_fpr {cfg.family_fpr} raises the threshold on out-of-family "
-                                           f"wrapped safe prompts, but {why}")
-                lofo: dict = {"skipped": why}
-            else:
-                feats = _by_set(x_val, sizes)
-                x_neg = torch.cat([feats[k] for k in THRESHOLD_POOL if k in feats])
-                lofo = {"split": "val", "layer": layers[0], **({"extra_layers": list(layers[1:])} if len(layers) > 1 else {}),
-                        **_family_out_of_fold(x, y, fam, x_neg, layers, cfg, _norm_of(model, cfg), LOFO_FOLDS, cfg.seed)}
-                if cfg.family_fpr is not None:
-                    raised = lofo["raise_for_family_fpr"]
-                    gate.threshold += raised
+            scores, lofo, raised = _set_threshold(gate, x, y, fam, x_val, sizes, layers, cfg, _norm_of(model, cfg))
             val = reliability(scores, gate.threshold) | {"split": "val", "n": sizes, "leave_one_family_out": lofo}
     finally:
         model.train(was_training)
@@ -1022,6 +1004,37 @@ def fit_gate_on_data(model, tokenizer, data, cfg: GateFitConfig, batching: Batch
     if val is not None:
         info["validation"] = val
     return gate, info
+
+
+def _set_threshold(gate: Gate, x: torch.Tensor, y: torch.Tensor, fam: Sequence[str | None], x_val: torch.Tensor,
+                   sizes: dict[str, int], layers: Sequence[int], cfg: GateFitConfig,
+                   norm: dict) -> tuple[dict[str, torch.Tensor], dict, float | None]:
+    """Set ``gate.threshold`` as `gate fit` does, for a probe fit on pool features ``x`` (labels
+    ``y``, template families ``fam``): with ``cfg.target_fpr``, the logit at that rate on the
+    validation benign pool (``x_val``'s :data:`THRESHOLD_POOL` sets); with ``cfg.family_fpr``,
+    raised by :func:`_family_out_of_fold`'s margin. Returns (validation scores by set, the
+    leave-one-family-out report or ``{"skipped": why}``, the raise or None). Raises
+    SafetyPatchError when ``family_fpr`` is set and the pool cannot be split by family."""
+    scores = _by_set(gate.scores(x_val), sizes)
+    if cfg.target_fpr is not None:
+        gate.threshold = threshold_at_fpr(torch.cat([scores[k] for k in THRESHOLD_POOL if k in scores]), cfg.target_fpr)
+    # Validation's wrapped prompts come from its own few template families (31 on the default
+    # folder); refits without each group of the train families give the wider out-of-family
+    # estimate every gate file should carry (leave_one_family_out).
+    if why := _lofo_impossible(fam, y):
+        if cfg.family_fpr is not None:  # fail closed: the threshold cannot be set as configured
+            raise SafetyPatchError(f"gate config: family_fpr {cfg.family_fpr} raises the threshold on out-of-family "
+                                   f"wrapped safe prompts, but {why}")
+        return scores, {"skipped": why}, None
+    feats = _by_set(x_val, sizes)
+    x_neg = torch.cat([feats[k] for k in THRESHOLD_POOL if k in feats])
+    lofo = {"split": "val", "layer": layers[0], **({"extra_layers": list(layers[1:])} if len(layers) > 1 else {}),
+            **_family_out_of_fold(x, y, fam, x_neg, layers, cfg, norm, LOFO_FOLDS, cfg.seed)}
+    raised = None
+    if cfg.family_fpr is not None:
+        raised = lofo["raise_for_family_fpr"]
+        gate.threshold += raised
+    return scores, lofo, raised
 
 
 def held_out_requests(data, sources: Sequence[str], split: str = "val",
@@ -1433,13 +1446,23 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
     return meta
 
 
-def recorded_config(gmeta: dict, gate) -> GateFitConfig:
-    """The config a gate folder was fit with, for refits (leave one source / family out) that must
-    read what the gate reads: ``gate.json``'s ``config`` with the layers pinned to the gate file's
-    (``layer``, ``extra_layers``: a gate fit before extra layers or depths existed must not be refit
-    on today's default depths), and fields a file written before they existed lacks set to what
-    that code did (no out-of-family raise, extra features unscaled, no hand-written prompts)."""
+_RETIRED_CONFIG_KEYS = ("written_breadth",)
+"""gate.json config keys older code wrote and recorded_config still reads (as their successors)."""
+
+
+def recorded_config(gmeta: dict, gate, where: str = GATE_JSON) -> GateFitConfig:
+    """The config a gate folder was fit with, for refits (leave one source / family out, the
+    look-alike cross-fit) that must read what the gate reads: ``gate.json``'s ``config`` with the
+    layers pinned to the gate file's (``layer``, ``extra_layers``: a gate fit before extra layers or
+    depths existed must not be refit on today's default depths), and fields a file written before
+    they existed lacks set to what that code did (no out-of-family raise, extra features unscaled,
+    no hand-written prompts). Raises SafetyPatchError (naming ``where``) for a key this code does
+    not know: a refit that ignored it would measure another gate than the one recorded."""
     known = {f.name for f in dataclasses.fields(GateFitConfig)}
+    unknown = sorted(set(gmeta["config"]) - known - set(_RETIRED_CONFIG_KEYS))
+    if unknown:
+        raise SafetyPatchError(f"{where}: config key{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} unknown to "
+                               f"this safety-patch (written by a newer version?): refits would not fit the recorded gate")
     rec = {k: v for k, v in gmeta["config"].items() if k in known}
     rec.setdefault("family_fpr", None)
     rec.setdefault("extra_weight", 1.0)
@@ -1453,15 +1476,72 @@ def recorded_config(gmeta: dict, gate) -> GateFitConfig:
     return GateFitConfig(**rec)
 
 
+def user_prompt_sets(harmful: str | Path | None = None, benign: str | Path | None = None) -> dict[str, dict]:
+    """A user's own prompt files for :func:`evaluate_gate`, read and checked before any model
+    loads: ``{"harmful"|"benign": {"file", "sha256", "prompts": [[user turn]], "categories"}}``.
+    Each file is JSONL or CSV with a ``prompt`` (or ``goal``) column and an optional
+    ``category`` (the format `eval safety --prompts` reads; AdvBench's CSV works as is).
+    Raises SafetyPatchError naming the file and line of a bad row, or an empty file."""
+    from .atomic import sha256_file
+    from .evaluation.prompts import benign_prompts, harmful_requests
+
+    out: dict[str, dict] = {}
+    if harmful is not None:
+        reqs, _ = harmful_requests(harmful)
+        out["harmful"] = {"file": str(harmful), "sha256": sha256_file(harmful),
+                          "prompts": [[{"role": "user", "content": r["request"]}] for r in reqs],
+                          "categories": [r["category"] or "user" for r in reqs]}
+    if benign is not None:
+        rows = benign_prompts(benign)
+        out["benign"] = {"file": str(benign), "sha256": sha256_file(benign), "prompts": [r["messages"] for r in rows],
+                         "categories": [r["category"] for r in rows]}
+    return out
+
+
+def user_prompt_report(model, tokenizer, gate: Gate, sets: dict[str, dict], batching: Batching = BATCHING,
+                       fingerprint: str | None = None) -> dict:
+    """The gate on a user's own prompts (:func:`user_prompt_sets`): per file the share it fires on
+    (``caught`` for harmful, ``fired`` for benign: each a safe prompt sent to the refusal adapter),
+    overall and by category (Wilson 95% intervals), with the prompts it missed / fired on; with
+    both files, :func:`discrimination` of one against the other (AUROC, TPR at 1%/5% FPR on the
+    user's benign prompts, TPR/FPR at the gate's threshold). The out-of-source check the project's
+    own splits cannot give (docs/gate.md)."""
+    from .evaluation.stats import proportion
+
+    out: dict[str, Any] = {}
+    z: dict[str, torch.Tensor] = {}
+    for kind, name in (("harmful", "caught"), ("benign", "fired")):
+        if kind not in sets:
+            continue
+        u = sets[kind]
+        z[kind] = gate.scores(cached_features(model, tokenizer, encode(tokenizer, u["prompts"]), gate.layers, batching,
+                                              fingerprint))
+        fires = (z[kind] > gate.threshold).tolist()
+        by: dict[str, list[int]] = {}
+        for c, f in zip(u["categories"], fires, strict=True):
+            k = by.setdefault(c, [0, 0])
+            k[0] += int(f)
+            k[1] += 1
+        listed = [m[-1]["content"] for m, f in zip(u["prompts"], fires, strict=True) if f != (kind == "harmful")]
+        out[kind] = {"file": u["file"], "sha256": u["sha256"], name: proportion(sum(fires), len(fires)),
+                     "by_category": {c: proportion(k, n) for c, (k, n) in sorted(by.items())},
+                     ("missed_prompts" if kind == "harmful" else "fired_prompts"): listed}
+    if len(z) == 2:
+        out["harmful_vs_benign"] = discrimination(z["harmful"], z["benign"], gate.threshold)
+    return out
+
+
 def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "val", seed: int = 0,
                   batching: Batching = BATCHING, loso: bool = False,
-                  attacks: Sequence[str] | None = None, lofo: bool = False) -> dict:
+                  attacks: Sequence[str] | None = None, lofo: bool = False,
+                  user_sets: dict[str, dict] | None = None) -> dict:
     """``safety-patch gate eval``: the gate's reliability report on one held-out split; with
     ``loso``, also :func:`leave_one_source_out` with the gate's own config (refits: it costs
     about one gate fit); with ``lofo``, also :func:`leave_one_family_out` (five refits on the
     pool's features, which a fit has cached). ``attacks``: rule attacks run on the split's direct harmful requests and
     on its benign prompts (:func:`attack_prompts`); None = those the train split never used
-    (:func:`unseen_attacks`), ``[]`` = none.
+    (:func:`unseen_attacks`), ``[]`` = none. ``user_sets``: the user's own prompt files
+    (:func:`user_prompt_sets`), reported as ``user_prompts`` (:func:`user_prompt_report`).
 
     Refuses (SafetyPatchError) a gate fit on another base than ``lm``."""
     from .data.build import manifest_sha256
@@ -1479,8 +1559,10 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
         sets = attack_prompts(data_dir, split, attacks)
         rep["attacks"] = attack_report(attack_scores(lm.model, lm.tokenizer, gate, sets, batching, lm.fingerprint),
                                        gate.threshold)
-    cfg = recorded_config(gmeta, gate)
-    rep["written_lookalikes"] = lookalike_report(lm.model, lm.tokenizer, gate, cfg, batching, lm.fingerprint)
+    if user_sets:
+        rep["user_prompts"] = user_prompt_report(lm.model, lm.tokenizer, gate, user_sets, batching, lm.fingerprint)
+    cfg = recorded_config(gmeta, gate, str(Path(gate_dir) / GATE_JSON))
+    rep["written_lookalikes"] = lookalike_report(lm.model, lm.tokenizer, gate, cfg, batching, lm.fingerprint, data_dir)
     if loso:
         rep["leave_one_source_out"] = leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, split, batching,
                                                            lm.fingerprint)
@@ -1498,30 +1580,79 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
             "n": sizes, **rep, **({"note": note} if note else {}), "seconds": round(time.time() - t0, 1), **provenance()}
 
 
+LOOKALIKE_FOLDS = 2
+"""Folds of :func:`lookalike_report`'s cross-fit for a gate fit on the look-alikes."""
+
+
 def lookalike_report(model, tokenizer, gate: Gate, cfg: GateFitConfig, batching: Batching = BATCHING,
-                     fingerprint: str | None = None) -> dict:
+                     fingerprint: str | None = None, data=None) -> dict:
     """The share of the hand-written safe look-alikes (``data.prompts.gate_lookalike_prompts``: 176
     prompts in 19 categories, such as public and fictional figures' privacy, safe contexts, nonsense
-    discrimination) the gate fires on, overall and by category, each a Wilson 95% interval: an
-    over-refusal estimate on kinds of safe prompt the data folder's look-alike set has few or none
-    of. Every gate fired on them is a refusal adapter engaged on a safe prompt. ``{"skipped": why}``
-    for a gate whose pool holds them (``written_lookalikes``): they would not be held out."""
+    discrimination) the gate fires on, overall and by category, each a Wilson 95% interval, and
+    the prompts it fires on (``fired_prompts``): an over-refusal estimate on kinds of safe prompt
+    the data folder's look-alike set has few or none of. Every one fired on is a refusal adapter
+    engaged on a safe prompt.
+
+    ``method`` says how each prompt was scored. ``unseen``: a gate whose pool lacks them
+    (``written_lookalikes`` off) is scored on them as it is. ``cross-fit``: for a gate fit on them,
+    each prompt is scored by a refit on the gate's own pool less its fold's look-alikes (line
+    ``i`` in fold ``i % LOOKALIKE_FOLDS``, as written and re-asked), thresholded as `gate fit`
+    thresholds (:func:`_set_threshold` on ``data``'s validation split); a line the fit dropped as
+    near a held-out prompt is scored by the gate itself, which never saw it. The cross-fit needs
+    the data folder the gate was fit on (``data``); without it the report is ``{"skipped": why}``.
+    Raises SafetyPatchError as :func:`fit_gate_on_data` does for a folder it cannot refit on."""
+    from .data.folder import DataFolder
     from .data.prompts import gate_lookalike_prompts
     from .evaluation.stats import proportion
 
-    if cfg.written_lookalikes:
-        return {"skipped": "this gate was fit on them (written_lookalikes)"}
     rows = gate_lookalike_prompts()
     convs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
-    fired = (gate.scores(cached_features(model, tokenizer, encode(tokenizer, convs), gate.layers, batching, fingerprint))
-             > gate.threshold).tolist()
+    x_look = cached_features(model, tokenizer, encode(tokenizer, convs), gate.layers, batching, fingerprint)
+    fired = (gate.scores(x_look) > gate.threshold).tolist()
+    extra: dict[str, Any] = {"method": "unseen"}
+    if cfg.written_lookalikes:
+        if data is None:
+            return {"skipped": "this gate was fit on them (written_lookalikes) and no data folder was given to refit it "
+                               "without them"}
+        d = DataFolder.of(data)
+        harmful, benign, counts, _ = _gate_pool(d, cfg)
+        layers = tuple(gate.layers)
+        model.eval()
+        x = pool_features(model, tokenizer, harmful, benign, counts, layers, batching, fingerprint)
+        y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
+        templates = d.templates("train")
+        fam = [template_family(m[-1]["content"], templates) for m in harmful + benign]
+        x_val, sizes = held_out_features(model, tokenizer, layers, d, "val", cfg.seed, batching, fingerprint)
+        norm = _norm_of(model, cfg)
+        # The look-alike block closes the benign side: the kept lines as written, then each re-asked.
+        n_block = counts["written_lookalikes"]
+        start, half = len(x) - n_block, n_block // 2
+        line_of = {r["prompt"]: i for i, r in enumerate(rows)}
+        pool_rows = {line_of[benign[r - len(harmful)][0]["content"]]: (r, r + half) for r in range(start, start + half)}
+        thresholds = []
+        for h in range(LOOKALIKE_FOLDS):
+            held = [i for i in pool_rows if i % LOOKALIKE_FOLDS == h]
+            keep = torch.ones(len(x), dtype=torch.bool)
+            for i in held:
+                keep[list(pool_rows[i])] = False
+            refit = fit_gate_probe(x[keep], y[keep], layers, cfg, norm)
+            _set_threshold(refit, x[keep], y[keep], [f for f, k in zip(fam, keep.tolist(), strict=True) if k],
+                           x_val, sizes, layers, cfg, norm)
+            thresholds.append(refit.threshold)
+            if held:
+                z = refit.scores(x_look[torch.tensor(held)])
+                for i, v in zip(held, (z > refit.threshold).tolist(), strict=True):
+                    fired[i] = v
+        extra = {"method": "cross-fit", "folds": LOOKALIKE_FOLDS, "refit_thresholds": thresholds,
+                 "scored_by_the_gate": len(rows) - len(pool_rows)}
     by: dict[str, list[int]] = {}
     for r, f in zip(rows, fired, strict=True):
         k = by.setdefault(r["category"], [0, 0])
         k[0] += int(f)
         k[1] += 1
     return {"fired": proportion(sum(fired), len(fired)),
-            "by_category": {c: proportion(k, n) for c, (k, n) in sorted(by.items())}}
+            "by_category": {c: proportion(k, n) for c, (k, n) in sorted(by.items())},
+            "fired_prompts": [r["prompt"] for r, f in zip(rows, fired, strict=True) if f], **extra}
 
 
 def report_table(rep: dict) -> str:
@@ -1551,10 +1682,22 @@ def report_table(rep: dict) -> str:
                          f"{a['caught']['n']}/{a['fired_on_benign']['n']}")
     if (lk := rep.get("written_lookalikes")) and "skipped" not in lk:
         top = sorted(lk["by_category"].items(), key=lambda kv: -kv[1]["value"])[:4]
-        lines.append(f"{'written look-alikes':<26}{pct(lk['fired']):<24}{lk['fired']['n']}  (most fired: "
+        how = " cross-fit" if lk.get("method") == "cross-fit" else ""
+        lines.append(f"{'written look-alikes' + how:<26}{pct(lk['fired']):<24}{lk['fired']['n']}  (most fired: "
                      + ", ".join(f"{c} {v['k']}/{v['n']}" for c, v in top) + ")")
     elif lk:
         lines.append(f"written look-alikes skipped: {lk['skipped']}")
+    if up := rep.get("user_prompts"):
+        for kind, key, label in (("harmful", "caught", "caught"), ("benign", "fired", "fires on")):
+            if kind in up:
+                lines.append(f"{'your ' + kind + ' prompts':<26}{pct(up[kind][key]):<24}{up[kind][key]['n']}  "
+                             f"({label}; {up[kind]['file']})")
+        if "harmful_vs_benign" in up:
+            c = up["harmful_vs_benign"]
+            a = c["auroc"]
+            auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+            lines.append(f"{'yours: harmful vs benign':<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
+                         f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
     held_rows = []
     for src, r in rep.get("leave_one_source_out", {}).get("sources", {}).items():
         for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign"):

@@ -414,9 +414,11 @@ def gate_blocks(g: dict) -> list[tuple]:
                         "FPR at threshold"], rows))
     B.append(("table", ["set", "the gate fires on"], [[k, _pct(v)] for k, v in g["fired"].items()]))
     if (lk := g.get("written_lookalikes")) and "skipped" not in lk:
+        how = (f" Each was scored by a refit of this gate without its fold ({lk['folds']}-fold cross-fit: the gate's "
+               f"pool holds them)." if lk.get("method") == "cross-fit" else "")
         B.append(("p", f"Hand-written safe look-alikes outside the data folder (the package's "
                        f"`gate_lookalike_prompts.tsv`, {lk['fired']['n']} prompts; each one the gate fires on is a "
-                       f"safe prompt sent to the refusal adapter): {_pct(lk['fired'])} overall, by category:"))
+                       f"safe prompt sent to the refusal adapter).{how} {_pct(lk['fired'])} overall, by category:"))
         B.append(("table", ["category", "the gate fires on"], [[c, _pct(v)] for c, v in lk["by_category"].items()]))
     elif lk:  # a gate fit on them: say so rather than leave the section out
         B.append(("p", f"Hand-written safe look-alikes (`gate_lookalike_prompts.tsv`): not scored, {lk['skipped']}."))
