@@ -254,6 +254,17 @@ def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
                  "--out", str(rep)]) == 0
     lk = json.loads(rep.read_text())["written_lookalikes"]
     assert lk["method"] == "cross-fit" and lk["fired"]["n"] == 176 and len(lk["refit_thresholds"]) == 2
+    # a gate fit on another data folder: no refit claims to measure it
+    moved = tmp_path / "moved"
+    shutil.copytree(g, moved)
+    raw = json.loads((moved / GATE_JSON).read_text())
+    raw["data"]["manifest_sha256"] = "0" * 64
+    (moved / GATE_JSON).write_text(json.dumps(raw))
+    assert main(["gate", "eval", "--gate", str(moved), "--data", str(data_dir), "--model", str(tiny_dir), "--attacks",
+                 "none", "--leave-one-family-out", "--out", str(rep)]) == 0
+    other = json.loads(rep.read_text())
+    assert other["written_lookalikes"]["skipped"].startswith("this gate was fit on them, and on another data folder")
+    assert "the gate was fit on another data folder (manifest 000000000000…)" in other["note"]
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(tmp_path / "h"), "--model", str(tiny_dir),
                  "--no-written-harmful", "--written-harmful-more"]) == 2
     assert main(["gate", "fit", "--data", str(data_dir), "--out", str(tmp_path / "h"), "--model", str(tiny_dir),

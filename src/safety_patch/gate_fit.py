@@ -1562,16 +1562,30 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
     if user_sets:
         rep["user_prompts"] = user_prompt_report(lm.model, lm.tokenizer, gate, user_sets, batching, lm.fingerprint)
     cfg = recorded_config(gmeta, gate, str(Path(gate_dir) / GATE_JSON))
-    rep["written_lookalikes"] = lookalike_report(lm.model, lm.tokenizer, gate, cfg, batching, lm.fingerprint, data_dir)
+    # Refits (the look-alike cross-fit, leave one source / family out) draw the gate's pool from
+    # data_dir: on another folder than the gate's own they fit another gate than the file.
+    fit_on = (gmeta.get("data") or {}).get("manifest_sha256")
+    other_data = fit_on is not None and fit_on != manifest_sha256(data_dir)
+    if cfg.written_lookalikes and other_data:
+        rep["written_lookalikes"] = {"skipped": f"this gate was fit on them, and on another data folder (manifest "
+                                                f"{fit_on[:12]}…) than {data_dir}: a refit here would be another gate"}
+    else:
+        rep["written_lookalikes"] = lookalike_report(lm.model, lm.tokenizer, gate, cfg, batching, lm.fingerprint,
+                                                     data_dir)
     if loso:
         rep["leave_one_source_out"] = leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, split, batching,
                                                            lm.fingerprint)
     if lofo:
         rep["leave_one_family_out"] = leave_one_family_out(lm.model, lm.tokenizer, data_dir, cfg, split,
                                                            batching=batching, fingerprint=lm.fingerprint)
-    note = None
+    notes = []
     if split == "val" and gmeta.get("threshold_from"):
-        note = "the threshold was chosen on this split (target_fpr): its false-positive rate here is not an independent estimate"
+        notes.append("the threshold was chosen on this split (target_fpr): its false-positive rate here is not an "
+                     "independent estimate")
+    if other_data and (loso or lofo):
+        notes.append(f"the gate was fit on another data folder (manifest {fit_on[:12]}…): the leave-one-out refits "
+                     f"fit this folder's pool, so they measure a gate like this one, not this one")
+    note = "; ".join(notes) or None
     return {"kind": "safety-patch/gate-eval", "gate": {"path": str(gate_dir), "id": gmeta["id"], "layer": gate.layer,
                                                        **({"extra_layers": list(gate.extra_layers)}
                                                           if gate.extra_layers else {}),
