@@ -348,7 +348,10 @@ def test_the_reproduce_report_names_every_gate_layer_and_the_raised_out_of_famil
     assert "(layer 18, fires above logit +0.500)" in md1 and "raised threshold" not in md1
     lk = {"fired": m(0.2, 35, 176), "by_category": {"homonym": m(0.1, 1, 10), "public_privacy": m(0.5, 5, 10)}}
     md2 = to_markdown(gate_blocks({**g, "written_lookalikes": lk}), Path("."))
-    assert "176 prompts" in md2 and "| public_privacy | 50.0% [0.0, 100.0] |" in md2
+    assert "176 prompts" in md2 and "| public_privacy | 50.0% [0.0, 100.0] |" in md2 and "cross-fit" not in md2
+    cross = {**lk, "method": "cross-fit", "folds": 2, "at_the_gates_rate": {"fired": m(0.25, 44, 176)}}
+    md4 = to_markdown(gate_blocks({**g, "written_lookalikes": cross}), Path("."))
+    assert "(2-fold cross-fit: the gate's pool holds them)" in md4 and "the refits fire on 25.0% [0.0, 100.0]" in md4
     md3 = to_markdown(gate_blocks({**g, "written_lookalikes": {"skipped": "this gate was fit on them (written_lookalikes)"}}),
                       Path("."))
     assert "not scored, this gate was fit on them" in md3 and "| category |" not in md3

@@ -559,13 +559,23 @@ def test_a_gate_fit_on_the_lookalikes_is_scored_by_refits_without_each_fold(data
                                                                                 for r in lines]), g.layers)
         return [r["prompt"] for r, f in zip(lines, (g.scores(x) > g.threshold).tolist(), strict=True) if f]
 
+    x_val, sizes = gf.held_out_features(lm.model, lm.tokenizer, gate.layers, DataFolder.of(data_dir), "val", cfg.seed)
+    neg = torch.cat([v for k, v in gf._by_set(x_val, sizes).items() if k in gf.THRESHOLD_POOL])
+    n_fire = int((gate.scores(neg) > gate.threshold).sum())
     expected = fires(gate, rows[:1])  # dropped from the pool: the gate never saw it
+    matched = len(expected)
     for h in (0, 1):  # line i of the file is in fold i % 2
         refit, _ = fit_on([r for i, r in enumerate(rows) if i == 0 or i % 2 != h])
         assert refit.threshold == pytest.approx(rep["refit_thresholds"][h], abs=1e-5)
-        expected += fires(refit, [r for i, r in enumerate(rows) if i > 0 and i % 2 == h])
+        held = [r for i, r in enumerate(rows) if i > 0 and i % 2 == h]
+        expected += fires(refit, held)
+        # held at the gate's operating point: the refit fires on as many validation benign prompts as the gate
+        refit.threshold = rep["at_the_gates_rate"]["refit_thresholds"][h]
+        assert int((refit.scores(neg) > refit.threshold).sum()) == n_fire
+        matched += len(fires(refit, held))
     assert sorted(rep["fired_prompts"]) == sorted(expected)
     assert rep["fired"]["k"] == len(expected) and rep["by_category"]["near"]["n"] == 1
+    assert rep["at_the_gates_rate"]["fired"]["k"] == matched and rep["at_the_gates_rate"]["val_benign_fired"]["k"] == n_fire
     assert gf.lookalike_report(lm.model, lm.tokenizer, gate, cfg)["skipped"].startswith("this gate was fit on them")
 
 

@@ -118,8 +118,8 @@ class GateFitConfig:
     a validation/test request. Needs ``written_harmful``. On by default since 2026-12-02 (session
     26), with ``written_lookalikes`` and ``extra_weight`` 1.0: on validation and the seed-1 test
     split that gate met the default's targets, routed fewer wrapped safe prompts (5.6% vs 7.8%
-    on test) and cut the look-alikes it fires on from 18.8% to 6.8% (two-fold) (docs/gate.md,
-    "A pool widened by category")."""
+    on test) and cut the look-alikes it fires on from 18.8% to 9.7% (cross-fit at the gate's
+    rate; docs/gate.md, "A pool widened by category")."""
     written_lookalikes: bool = True
     """Add 176 hand-written safe look-alikes by category (resources/gate_lookalike_prompts.tsv,
     session 25: homonyms, figurative language, safe targets and contexts, definitions, real and
@@ -1611,8 +1611,12 @@ def lookalike_report(model, tokenizer, gate: Gate, cfg: GateFitConfig, batching:
     (``written_lookalikes`` off) is scored on them as it is. ``cross-fit``: for a gate fit on them,
     each prompt is scored by a refit on the gate's own pool less its fold's look-alikes (line
     ``i`` in fold ``i % LOOKALIKE_FOLDS``, as written and re-asked), thresholded as `gate fit`
-    thresholds (:func:`_set_threshold` on ``data``'s validation split); a line the fit dropped as
-    near a held-out prompt is scored by the gate itself, which never saw it. The cross-fit needs
+    thresholds (:func:`_set_threshold` on ``data``'s validation split): an estimate of the
+    fitting procedure, whose threshold moves with the pool (``refit_thresholds``,
+    ``refit_raises``). ``at_the_gates_rate`` holds each refit at the gate's own operating point
+    instead: the logit at which it fires on as many of the validation benign pool as the gate
+    does. A line the fit dropped as near a held-out prompt is scored by the gate itself, which
+    never saw it. The cross-fit needs
     the data folder the gate was fit on (``data``); without it the report is ``{"skipped": why}``.
     Raises SafetyPatchError as :func:`fit_gate_on_data` does for a folder it cannot refit on."""
     from .data.folder import DataFolder
@@ -1643,22 +1647,32 @@ def lookalike_report(model, tokenizer, gate: Gate, cfg: GateFitConfig, batching:
         start, half = len(x) - n_block, n_block // 2
         line_of = {r["prompt"]: i for i, r in enumerate(rows)}
         pool_rows = {line_of[benign[r - len(harmful)][0]["content"]]: (r, r + half) for r in range(start, start + half)}
-        thresholds = []
+        # The shipped gate's operating point on the validation benign pool, to hold the refits at too.
+        feats = _by_set(x_val, sizes)
+        x_neg = torch.cat([feats[k] for k in THRESHOLD_POOL if k in feats])
+        n_fire = int((gate.scores(x_neg) > gate.threshold).sum())
+        matched = list(fired)
+        thresholds, raises, at_rate = [], [], []
         for h in range(LOOKALIKE_FOLDS):
             held = [i for i in pool_rows if i % LOOKALIKE_FOLDS == h]
             keep = torch.ones(len(x), dtype=torch.bool)
             for i in held:
                 keep[list(pool_rows[i])] = False
             refit = fit_gate_probe(x[keep], y[keep], layers, cfg, norm)
-            _set_threshold(refit, x[keep], y[keep], [f for f, k in zip(fam, keep.tolist(), strict=True) if k],
-                           x_val, sizes, layers, cfg, norm)
+            _, _, raised = _set_threshold(refit, x[keep], y[keep], [f for f, k in zip(fam, keep.tolist(), strict=True) if k],
+                                          x_val, sizes, layers, cfg, norm)
+            t_rate = threshold_at_fpr(refit.scores(x_neg), n_fire / len(x_neg))
             thresholds.append(refit.threshold)
+            raises.append(raised)
+            at_rate.append(t_rate)
             if held:
                 z = refit.scores(x_look[torch.tensor(held)])
-                for i, v in zip(held, (z > refit.threshold).tolist(), strict=True):
-                    fired[i] = v
-        extra = {"method": "cross-fit", "folds": LOOKALIKE_FOLDS, "refit_thresholds": thresholds,
-                 "scored_by_the_gate": len(rows) - len(pool_rows)}
+                for i, v, m in zip(held, (z > refit.threshold).tolist(), (z > t_rate).tolist(), strict=True):
+                    fired[i], matched[i] = v, m
+        extra = {"method": "cross-fit", "folds": LOOKALIKE_FOLDS, "refit_thresholds": thresholds, "refit_raises": raises,
+                 "scored_by_the_gate": len(rows) - len(pool_rows),
+                 "at_the_gates_rate": {"fired": proportion(sum(matched), len(matched)),
+                                       "val_benign_fired": proportion(n_fire, len(x_neg)), "refit_thresholds": at_rate}}
     by: dict[str, list[int]] = {}
     for r, f in zip(rows, fired, strict=True):
         k = by.setdefault(r["category"], [0, 0])
@@ -1699,6 +1713,10 @@ def report_table(rep: dict) -> str:
         how = " cross-fit" if lk.get("method") == "cross-fit" else ""
         lines.append(f"{'written look-alikes' + how:<26}{pct(lk['fired']):<24}{lk['fired']['n']}  (most fired: "
                      + ", ".join(f"{c} {v['k']}/{v['n']}" for c, v in top) + ")")
+        if "at_the_gates_rate" in lk:
+            label = "  at the gate's own rate"
+            lines.append(f"{label:<26}{pct(lk['at_the_gates_rate']['fired']):<24}"
+                         f"{lk['fired']['n']}  (each refit firing on as many validation benign prompts as the gate)")
     elif lk:
         lines.append(f"written look-alikes skipped: {lk['skipped']}")
     if up := rep.get("user_prompts"):

@@ -415,7 +415,8 @@ def gate_blocks(g: dict) -> list[tuple]:
     B.append(("table", ["set", "the gate fires on"], [[k, _pct(v)] for k, v in g["fired"].items()]))
     if (lk := g.get("written_lookalikes")) and "skipped" not in lk:
         how = (f" Each was scored by a refit of this gate without its fold ({lk['folds']}-fold cross-fit: the gate's "
-               f"pool holds them)." if lk.get("method") == "cross-fit" else "")
+               f"pool holds them); held at the gate's own rate on the validation benign pool, the refits fire on "
+               f"{_pct(lk['at_the_gates_rate']['fired'])}." if lk.get("method") == "cross-fit" else "")
         B.append(("p", f"Hand-written safe look-alikes outside the data folder (the package's "
                        f"`gate_lookalike_prompts.tsv`, {lk['fired']['n']} prompts; each one the gate fires on is a "
                        f"safe prompt sent to the refusal adapter).{how} {_pct(lk['fired'])} overall, by category:"))
