@@ -178,6 +178,27 @@ def test_cli_train_recipe_and_yaml(data_dir, tiny_dir, tmp_path, capsys):
     assert f"{bad}: unknown key 'rnak'" in capsys.readouterr().err
 
 
+def _run_or_dump(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; past ``timeout`` s, SIGABRT the whole group so that every
+    Python process in it (faulthandler on) prints all its threads' stacks, and fail with them: a
+    hang (once seen after rank 0 had written the patch, not reproduced in 20 runs) then says where."""
+    import signal
+
+    p = subprocess.Popen(cmd, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGABRT)
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} … hung past {timeout} s; the processes' stacks:\n{err[-12000:]}\n{out[-2000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 @pytest.mark.parametrize("anchor_kl", ["0", "2.0"])
 def test_two_process_ddp_matches_single_process(data_dir, tiny_dir, tmp_path, anchor_kl):
     """accelerate launch, 2 CPU processes (gloo): same global batch -> same adapter within tolerance.
@@ -205,7 +226,7 @@ def test_two_process_ddp_matches_single_process(data_dir, tiny_dir, tmp_path, an
            "--main_process_port", port,
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safety_patch.cli", "train", *common,
            "--batch-size", "4", "--anchor-batch-size", "4", "--config", str(yaml), "--out", str(tmp_path / "two")]
-    r = subprocess.run(ddp, env=env, capture_output=True, text=True, timeout=600)
+    r = _run_or_dump(ddp, env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((tmp_path / "two" / "patch.json").read_text())
     assert meta["training"]["world_size"] == 2
