@@ -167,7 +167,7 @@ def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path
 
     d = tmp_path / "d"
     shutil.copytree(data_dir, d)
-    with pytest.raises(SafetyPatchError, match="selfinstruct.jsonl not found: gate.self_instruct 2"):
+    with pytest.raises(SafetyPatchError, match=r"selfinstruct.jsonl not found: gate.self_instruct 2 .*`gate fit --self-instruct 0`"):
         gate_prompts(d, GateFitConfig(rephrased=0, self_instruct=2, wrapped_harmful=0))
     si = [f"Plan a picnic for {n} friends." for n in range(5)]
     write_jsonl(d / "selfinstruct.jsonl", [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Sure."}],

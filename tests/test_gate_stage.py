@@ -595,13 +595,18 @@ def test_gate_eval_scores_the_users_own_prompt_files(gate_dir, data_dir, tiny_di
     with hp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["goal", "category"])
-        w.writerows([[q, "illegal" if i % 2 else "privacy"] for i, q in enumerate(harm)])
+        w.writerows([[q, "weapons" if i % 2 else "harassment"] for i, q in enumerate(harm)])
     bp.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in safe))
     out = tmp_path / "u.json"
     assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model", str(tiny_dir),
                  "--attacks", "none", "--harmful", str(hp), "--benign", str(bp), "--out", str(out)]) == 0
-    assert "your harmful prompts" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "your harmful prompts" in printed
     up = json.loads(out.read_text())["user_prompts"]
+    # the printed table names the categories and the prompts the gate erred on (the JSON has all)
+    assert "by category (least caught first): " in printed
+    assert all(f"  missed: {q}" in printed for q in up["harmful"]["missed_prompts"][:5])
+    assert all(f"  fired: {q}" in printed for q in up["benign"]["fired_prompts"][:5])
     gate, _ = read_gate_folder(gate_dir)
 
     def logits(qs):
@@ -613,7 +618,7 @@ def test_gate_eval_scores_the_users_own_prompt_files(gate_dir, data_dir, tiny_di
     assert (up["harmful"]["caught"]["k"], up["harmful"]["caught"]["n"]) == (int((zh > gate.threshold).sum()), 4)
     assert (up["benign"]["fired"]["k"], up["benign"]["fired"]["n"]) == (int((zb > gate.threshold).sum()), 3)
     assert up["harmful"]["missed_prompts"] == [q for q, z in zip(harm, zh.tolist(), strict=True) if z <= gate.threshold]
-    assert {c: v["n"] for c, v in up["harmful"]["by_category"].items()} == {"illegal": 2, "privacy": 2}
+    assert {c: v["n"] for c, v in up["harmful"]["by_category"].items()} == {"weapons": 2, "harassment": 2}  # the file's own categories, not unified ones
     assert up["harmful_vs_benign"]["auroc"]["value"] == pytest.approx(discrimination(zh, zb, gate.threshold)["auroc"]["value"])
     assert up["benign"]["sha256"] and up["harmful"]["file"] == str(hp)
     bp.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"text": "no prompt field"}) + "\n")

@@ -782,8 +782,8 @@ def gate_fit_cmd(
              "--written-harmful, and off with --no-written-harmful; default: on).")] = None,
     written_lookalikes: Annotated[bool | None, typer.Option(
         "--written-lookalikes/--no-written-lookalikes",
-        help="Add 176 hand-written safe look-alikes, by category, to the negatives; `gate eval` then no longer "
-             "scores the gate on them (default: on).")] = None,
+        help="Add 176 hand-written safe look-alikes, by category, to the negatives; `gate eval` then scores the "
+             "gate on them by a 2-fold cross-fit (each half by a refit that never saw it; default: on).")] = None,
     extra_layers: Annotated[str | None, typer.Option(help="Comma-separated further decoder layers read beside --layer "
                                                      "(a multi-layer gate; `gate export` refuses it), or none for a "
                                                      "one-layer gate. Default: see --extra-depths.")] = None,

@@ -390,7 +390,8 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
     if cfg.self_instruct:
         if not d.has("selfinstruct"):
             raise SafetyPatchError(f"{d.file('selfinstruct')} not found: gate.self_instruct {cfg.self_instruct} needs "
-                                   f"`safety-patch data build --self-instruct N`")
+                                   f"`safety-patch data build --self-instruct N` (or fit without them: "
+                                   f"`gate fit --self-instruct 0`, `train --gate-self-instruct 0`)")
         for n, r in d.numbered("selfinstruct"):
             if len(si) == cfg.self_instruct:
                 break
@@ -1490,7 +1491,9 @@ def user_prompt_sets(harmful: str | Path | None = None, benign: str | Path | Non
         reqs, _ = harmful_requests(harmful)
         out["harmful"] = {"file": str(harmful), "sha256": sha256_file(harmful),
                           "prompts": [[{"role": "user", "content": r["request"]}] for r in reqs],
-                          "categories": [r["category"] or "user" for r in reqs]}
+                          # the file's own category, not the unified one eval safety groups by: a user
+                          # asking which of their categories the gate misses means theirs
+                          "categories": [r.get("raw_category") or r["category"] or "user" for r in reqs]}
     if benign is not None:
         rows = benign_prompts(benign)
         out["benign"] = {"file": str(benign), "sha256": sha256_file(benign), "prompts": [r["messages"] for r in rows],
@@ -1596,6 +1599,8 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
 
 LOOKALIKE_FOLDS = 2
 """Folds of :func:`lookalike_report`'s cross-fit for a gate fit on the look-alikes."""
+USER_PROMPTS_SHOWN = 5
+"""Missed / fired user prompts (gate eval --harmful/--benign) the printed table lists; the JSON has all."""
 
 
 def lookalike_report(model, tokenizer, gate: Gate, cfg: GateFitConfig, batching: Batching = BATCHING,
@@ -1724,6 +1729,19 @@ def report_table(rep: dict) -> str:
             if kind in up:
                 lines.append(f"{'your ' + kind + ' prompts':<26}{pct(up[kind][key]):<24}{up[kind][key]['n']}  "
                              f"({label}; {up[kind]['file']})")
+                # the categories where the gate errs most, then a few of the prompts it erred on:
+                # what a user reads the table for (the JSON keeps them all)
+                worst = sorted(up[kind]["by_category"].items(),
+                               key=lambda kv: kv[1]["value"] if kind == "harmful" else -kv[1]["value"])[:6]
+                if len(up[kind]["by_category"]) > 1:
+                    lines.append(f"  by category ({'least caught' if kind == 'harmful' else 'most fired'} first): "
+                                 + ", ".join(f"{c} {v['k']}/{v['n']}" for c, v in worst))
+                errs = up[kind]["missed_prompts" if kind == "harmful" else "fired_prompts"]
+                for q in errs[:USER_PROMPTS_SHOWN]:
+                    q = " ".join(q.split())
+                    lines.append(f"  {'missed' if kind == 'harmful' else 'fired'}: {q[:100]}{'…' if len(q) > 100 else ''}")
+                if len(errs) > USER_PROMPTS_SHOWN:
+                    lines.append(f"  … {len(errs) - USER_PROMPTS_SHOWN} more in the JSON report")
         if "harmful_vs_benign" in up:
             c = up["harmful_vs_benign"]
             a = c["auroc"]

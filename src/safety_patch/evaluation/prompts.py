@@ -29,7 +29,8 @@ def harmful_requests(source: str | Path, split: str = "test", limit: int | None 
         from ..data.sources.files import load_user_file
 
         items, _ = load_user_file(str(p))
-        reqs = [{"request": r.text, "category": r.category, "behavior_id": r.behavior_id, "source": r.source} for r in items]
+        reqs = [{"request": r.text, "category": r.category, "raw_category": r.raw_category, "behavior_id": r.behavior_id,
+                 "source": r.source} for r in items]
         templates = []
     if not reqs:
         raise SafetyPatchError(f"{source}: no prompts")

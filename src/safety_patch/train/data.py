@@ -88,7 +88,8 @@ def anchor_rows(data_dir: str | Path | DataFolder, cfg: TrainConfig) -> list[dic
     if cfg.anchor.self_instruct:
         if not d.has("selfinstruct"):
             raise SafetyPatchError(f"{d.file('selfinstruct')} not found: anchor_self_instruct "
-                                   f"{cfg.anchor.self_instruct} needs `safety-patch data build --self-instruct N`")
+                                   f"{cfg.anchor.self_instruct} needs `safety-patch data build --self-instruct N` (or `train --anchor-self-instruct 0` "
+                                   f"to train without them)")
         gen = gen + _distilled_train(d, "selfinstruct")[: cfg.anchor.self_instruct]
     share = cfg.data.borderline_share
     if share is not None:
