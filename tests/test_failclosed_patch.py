@@ -95,7 +95,7 @@ SCHEMA_EDITS = {
     "id_int": (lambda m: m.__setitem__("id", 5), "field 'id'"),
     "no_id": (lambda m: m.pop("id"), "missing required field 'id'"),
     "stack_str": (lambda m: m.__setitem__("stack", "abc"), "field 'stack'"),
-    "stack_not_ids": (lambda m: m.__setitem__("stack", ["a", "b"]), "field 'stack.0'"),
+    "stack_not_ids": (lambda m: m.__setitem__("stack", ["a", "b"]), r"field 'stack\[0\]'"),
     "no_stack": (lambda m: m.pop("stack"), "missing required field 'stack'"),
     "kind": (lambda m: m.__setitem__("kind", "other"), "field 'kind'"),
     "format": (lambda m: m.__setitem__("format", "full"), "field 'format'"),
@@ -117,6 +117,30 @@ def test_patch_json_schema_violations_are_one_error_naming_the_field(base, tmp_p
     write_meta(p, m)
     with pytest.raises(SafetyPatchError, match=message.replace("(", r"\(")):
         read_patch(p)
+
+
+@pytest.mark.parametrize("key", ["\n", "", "a.b\tc", "x'y"])
+def test_a_field_named_by_an_odd_key_is_one_line_that_names_it(base, tmp_path, key):
+    """A key with a newline, tab, quote or nothing in it is shown JSON-quoted: the error stays one
+    line (hypothesis found files {"\\n": null} printing a newline inside the field's name)."""
+    model, tok, fp = base
+    p = make_lora_patch(model, tmp_path / "p", fp)
+    m = meta_of(p)
+    m["files"] = {key: None}
+    write_meta(p, m)
+    with pytest.raises(SafetyPatchError) as e:
+        read_patch(p)
+    assert "\n" not in str(e.value) and f"field 'files[{json.dumps(key)}]' is invalid" in str(e.value)
+
+
+@given(st.lists(st.one_of(st.text(max_size=8), st.integers(0, 99)), max_size=5))
+def test_field_path_is_one_printable_line_and_plain_names_stay_plain(loc):
+    from safety_patch.errors import field_path
+
+    out = field_path(loc)
+    assert out.isprintable()
+    if all(isinstance(x, str) and x.isidentifier() for x in loc):
+        assert out == ".".join(loc)
 
 
 def test_patch_json_not_an_object_or_not_json(base, tmp_path):

@@ -119,7 +119,7 @@ def live(world):
     backend = build_embedded(world["model"], world["stacks"], device="cpu", window_ms=15, max_batch=8)
     audit = world["root"] / "audit.jsonl"
     srv = LiveServer(backend, ServeConfig(default_max_tokens=N, max_tokens_limit=450, audit_path=str(audit)))
-    srv.audit = audit
+    srv.audit, srv.backend = audit, backend
     yield srv
     srv.stop()
 
@@ -309,15 +309,23 @@ def test_client_disconnect_mid_stream_frees_its_slot(world, live):
         time.sleep(0.02)
     (line,) = [x for x in _audit(live) if x["id"] == rid]
     assert line["finish_reason"] == "cancelled" and line["completion_tokens"] < 440
-    # a non-streaming request whose client gives up is cancelled too
-    n0 = len(_audit(live))
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(live.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
-    t0 = time.monotonic()
-    while len(_audit(live)) == n0:
-        assert time.monotonic() - t0 < 10
-        time.sleep(0.05)
-    assert _audit(live)[-1]["finish_reason"] == "cancelled" and httpx.get(live.url + "/health").json()["running"] == 0
+    # a non-streaming request whose client gives up is cancelled too. Each decoding step is slowed
+    # to >= 5 ms, so the 440 tokens take >= 2.2 s, well past the client's 0.3 s and the server's
+    # disconnect poll: on a fast machine the tiny model wrote all 440 first (finish "length").
+    hook = live.backend.engine.base_model.model.layers[0].register_forward_pre_hook(lambda *_: time.sleep(0.005))
+    try:
+        n0 = len(_audit(live))
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(live.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
+        t0 = time.monotonic()
+        while len(_audit(live)) == n0:
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.05)
+        last = _audit(live)[-1]
+        assert last["finish_reason"] == "cancelled" and httpx.get(live.url + "/health").json()["running"] == 0
+        assert time.monotonic() - t0 < 1.0  # cancelled mid-answer, not when the 440 tokens were done (>= 1.9 s)
+    finally:
+        hook.remove()
     # the server still answers afterwards
     assert live.client().chat.completions.create(model="base", messages=_user(SAFE[1]), max_tokens=N
                                                  ).choices[0].message.content == world["ref"]["base"][5]

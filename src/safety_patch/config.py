@@ -7,7 +7,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import SafetyPatchError
+from .errors import SafetyPatchError, field_path
 
 T = TypeVar("T")
 
@@ -58,7 +58,7 @@ def build(cls: type[T], values: dict, where: str = "config") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise SafetyPatchError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        raise SafetyPatchError(f"{where}: unknown key(s) {', '.join(field_path((u,)) for u in unknown)}; valid: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(v, hints[k], f"{where}: field '{k}'") for k, v in values.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)

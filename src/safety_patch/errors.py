@@ -13,3 +13,23 @@ class SafetyPatchError(Exception):
     """A user-facing error: one clear line, non-zero exit, no traceback by default."""
 
     exit_code = 2
+
+
+def field_path(loc) -> str:
+    """A field's location in a user's file as one printable line: ``files.adapter_config.json``,
+    ``rows[3].meta``. Names are the file's own keys, so a key that is not a plain printable
+    name (a newline, a quote, an empty string, a dot inside it) is shown JSON-quoted in brackets
+    (``files["\\n"]``): the error stays one line and says which key it means."""
+    import json
+
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        s = str(part)
+        if not s or not s.isprintable() or any(c in s for c in "\"'[]") or s != s.strip():
+            out += f"[{json.dumps(s)}]"
+        else:
+            out += f".{s}" if out else s
+    return out

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from .errors import SafetyPatchError
+from .errors import SafetyPatchError, field_path
 
 PatchId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -100,13 +100,13 @@ def _field_path(raw: Any, loc: tuple) -> str:
             node = node[x]
         else:
             continue
-        parts.append(str(x))
-    return ".".join(parts)
+        parts.append(x)
+    return field_path(parts)
 
 
 def _first_error(where: Path | str, e: ValidationError, raw: Any) -> SafetyPatchError:
     err = e.errors()[0]
-    loc = _field_path(raw, err["loc"]) if err["type"] != "missing" else ".".join(str(x) for x in err["loc"])
+    loc = _field_path(raw, err["loc"]) if err["type"] != "missing" else field_path(err["loc"])
     if err["type"] == "missing" and loc == "binding":
         return SafetyPatchError(f"{where}: missing required field 'binding' (patch.json edited, or written by a "
                                 "safety-patch before bindings were sealed: re-create the patch)")

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, NotRequired
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict
 
-from ..errors import SafetyPatchError
+from ..errors import SafetyPatchError, field_path
 from ..jsonl import iter_jsonl, json_type, loads_strict
 
 FILES: dict[str, str] = {
@@ -243,10 +243,7 @@ def _adapter(schema: type) -> TypeAdapter:
 
 
 def _field(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+    return field_path(loc)
 
 
 def describe(e: ValidationError) -> str:

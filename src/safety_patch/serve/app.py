@@ -32,7 +32,7 @@ from typing import Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import SafetyPatchError
+from ..errors import SafetyPatchError, field_path
 from .audit import AuditLog
 from .batcher import Batcher, Job, QueueFull
 from .engine import BASE, Engine, Route, Sampling
@@ -126,7 +126,7 @@ def _plain_messages(req: ChatRequest) -> list[dict]:
 
 def _validation_message(e: ValidationError) -> tuple[str, str]:
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err.get("loc", ()))
+    loc = field_path(err.get("loc", ()))
     return f"{loc or 'body'}: {err.get('msg', 'invalid value')}", loc
 
 
@@ -249,7 +249,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, exc: RequestValidationError):
         err = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(x) for x in err.get("loc", ()))
+        loc = field_path(err.get("loc", ()))
         return _error(ApiError(400, f"{loc or 'request'}: {err.get('msg', 'invalid request')}"))
 
     @app.exception_handler(Exception)

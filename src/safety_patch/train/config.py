@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import SafetyPatchError
+from ..errors import SafetyPatchError, field_path
 from ..gate_fit import GateFitConfig
 
 
@@ -446,7 +446,7 @@ def check_layer(values: Any, where: str) -> dict[str, Any]:
                 key = f"{k}.{f}"
                 if key not in field_types():
                     valid = ", ".join(x.split(".", 1)[1] for x in field_types() if x.startswith(k + "."))
-                    raise SafetyPatchError(f"{where}: unknown key {key}; {k} has {valid}")
+                    raise SafetyPatchError(f"{where}: unknown key {field_path((k, f))}; {k} has {valid}")
                 group[f] = _coerce_value(key, fv, where)
             out[k] = group
         elif k in LEGACY_KEYS:
@@ -470,7 +470,7 @@ def dotted_layer(values: Mapping[str, Any], where: str) -> dict[str, Any]:
             group, f = key.split(".", 1)
             if group not in GROUPS or out.get(group, {}) is None:
                 if group not in GROUPS:
-                    raise SafetyPatchError(f"{where}: unknown key {key}; groups: {', '.join(GROUPS)}")
+                    raise SafetyPatchError(f"{where}: unknown key {field_path((group, f))}; groups: {', '.join(GROUPS)}")
                 raise SafetyPatchError(f"{where}: {key} conflicts with gate = null (--no-gate)")
             out.setdefault(group, {})[f] = v
         elif key == "gate" and v is None:
