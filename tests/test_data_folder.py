@@ -289,8 +289,19 @@ def test_csv_with_an_unterminated_quote_is_named_not_merged(tmp_path):
     with pytest.raises(SafetyPatchError, match=r"u\.csv:3: unterminated quoted field"):
         read_prompt_rows(f)
     f.write_text('prompt\n"ab"c\n')
-    with pytest.raises(SafetyPatchError, match=r"u\.csv:2: "):
+    with pytest.raises(SafetyPatchError, match=r"u\.csv:2: text after a closing quote: a quote left open"):
         read_prompt_rows(f)
+    # a quote left open that a later line's quote closes: named at the line it opened on, in words
+    f.write_text('prompt\nok\n"How to forge a passport\nHow to say "hi" politely\n')
+    with pytest.raises(SafetyPatchError, match=r"u\.csv:3: text after a closing quote"):
+        read_prompt_rows(f)
+    f.write_text("")
+    with pytest.raises(SafetyPatchError, match=r"u\.csv: empty file"):
+        read_prompt_rows(f)
+    j = tmp_path / "u.jsonl"
+    j.write_text('{"prompt": "fine"}\n{"prompt": "cut off\n')
+    with pytest.raises(SafetyPatchError, match=r"u\.jsonl:2: invalid JSON \(Unterminated string starting at: column 12\)$"):
+        read_prompt_rows(j)
     # a comma outside quotes would silently cut the prompt at the comma
     f.write_text("prompt\nHow to do this, then that\n")
     with pytest.raises(SafetyPatchError, match=r"u\.csv:2: 2 fields, but the header has 1"):

@@ -385,6 +385,12 @@ def test_merge_refuses_a_lora_on_a_tied_lm_head(tmp_path):
     finalize_patch(p, "lora", {"name": "test", "fingerprint": lm.fingerprint})
     with attached(model, [p], lm.fingerprint):  # attaching is fine: the LoRA sits on lm_head only
         pass
+    from safety_patch.patches import tied_targets
+
+    # what `patch verify` notes beside its OK (the patch attaches; merge will refuse it)
+    assert [(n, s) for _, n, s in tied_targets(model, [read_patch(p)])] == [("lm_head", "model.embed_tokens.weight")]
+    untied = make_lora_patch(model, tmp_path / "plain", lm.fingerprint)
+    assert tied_targets(model, [read_patch(untied)]) == []
     with pytest.raises(SafetyPatchError, match="shared with model.embed_tokens.weight"):
         merged_state_dict(model, [read_patch(p)], lm.fingerprint)
     with pytest.raises(SafetyPatchError, match="tied"):

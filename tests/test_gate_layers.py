@@ -351,7 +351,13 @@ def test_the_reproduce_report_names_every_gate_layer_and_the_raised_out_of_famil
     assert "176 prompts" in md2 and "| public_privacy | 50.0% [0.0, 100.0] |" in md2 and "cross-fit" not in md2
     cross = {**lk, "method": "cross-fit", "folds": 2, "at_the_gates_rate": {"fired": m(0.25, 44, 176)}}
     md4 = to_markdown(gate_blocks({**g, "written_lookalikes": cross}), Path("."))
-    assert "(2-fold cross-fit: the gate's pool holds them)" in md4 and "the refits fire on 25.0% [0.0, 100.0]" in md4
+    assert "a refit that never saw it (2-fold cross-fit): the refits fire on 20.0% [0.0, 100.0] at their own" in md4
+    assert "and on 25.0% [0.0, 100.0] when each is held at the gate's own firing rate" in md4
+    assert md4.count("20.0% [0.0, 100.0]") == 1  # said once, not repeated after the sentence
+    # no raise moved any group: one row, and a sentence that says the rates hold at the gate's threshold
+    flat = {**g, "leave_one_family_out": {**g["leave_one_family_out"], "at_family_threshold_nested": {**nested, "raises": [0.0, 0.0]}}}
+    md5 = to_markdown(gate_blocks(flat), Path("."))
+    assert "raised threshold" not in md5 and "moved no group's threshold here" in md5
     md3 = to_markdown(gate_blocks({**g, "written_lookalikes": {"skipped": "this gate was fit on them (written_lookalikes)"}}),
                       Path("."))
     assert "not scored, this gate was fit on them" in md3 and "| category |" not in md3

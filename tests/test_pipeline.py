@@ -20,11 +20,13 @@ def tiny_plan(model: str):
     return plan
 
 
-def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch):
+def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     t0 = time.time()
     reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
     first = time.time() - t0
+    # each trained arm shows its steps (in a log: lines), not minutes of silence
+    assert capsys.readouterr().err.count("[train] steps") >= 3
     arms = ["lora-safety", "full-safety", "full-mix-1", "lora-safety+gate"]  # quick: one mixing ratio
     tree = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "01-data" not in p.parts
                   and "patch" not in p.parts and "out" not in p.parts)
@@ -50,6 +52,9 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch):
                   "larger weight updates", "plug-and-play"):
         assert claim in md, claim
     assert "**Quick sizes.**" in md  # the report says its numbers come from quick sizes
+    # quick mode runs no HumanEval: a sentence, not a column of dashes; the data line says how many behaviours are used
+    assert "HumanEval was not run: this plan's capability tasks are nll, kl, compliance (quick mode)." in md
+    assert "HumanEval pass@1" not in md and "held-out test behaviours (the evaluations use 4 of them)" in md
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
     plug = json.loads((run / "04-plug" / "plug.json").read_text())

@@ -623,7 +623,7 @@ def patch_verify_cmd(
 ) -> None:
     """Check patch.json, file hashes, finite weights, base fingerprint, tensor shapes and that the patch changes the model."""
     from .models import load_model
-    from .patches import probe_effect, read_patch, verify
+    from .patches import probe_effect, read_patch, tied_targets, verify
 
     p = read_patch(patch)  # schema, hashes, computed id, finite non-zero weights, gate, no pickles
     lm = load_model(model, device=device, dtype=dtype)
@@ -631,6 +631,9 @@ def patch_verify_cmd(
     effect = probe_effect(lm.model, lm.tokenizer, [p], lm.fingerprint)  # every tensor loaded, and it changes logits
     typer.echo(f"OK: {patch} (id {p.id}) matches {model} (fingerprint {lm.fingerprint[:12]}…); files intact; "
                f"all adapter tensors loaded; changes logits by up to {effect:.3g} on a probe batch")
+    for _, name, shared in tied_targets(lm.model, [p]):  # attaches exactly, but `patch merge` will refuse it
+        typer.echo(f"note: it adapts {name}, whose weight is shared with {shared} (tied embeddings): attach it; "
+                   "`patch merge` and engines that merge adapters cannot apply it exactly")
 
 
 @patch_app.command("merge")

@@ -1716,7 +1716,8 @@ def report_table(rep: dict) -> str:
     if (lk := rep.get("written_lookalikes")) and "skipped" not in lk:
         top = sorted(lk["by_category"].items(), key=lambda kv: -kv[1]["value"])[:4]
         how = " cross-fit" if lk.get("method") == "cross-fit" else ""
-        lines.append(f"{'written look-alikes' + how:<26}{pct(lk['fired']):<24}{lk['fired']['n']}  (most fired: "
+        lines.append(f"{'written look-alikes' + how:<26}{pct(lk['fired']):<24}{lk['fired']['n']}  ("
+                     + ("at each refit's own threshold; " if how else "") + "most fired: "
                      + ", ".join(f"{c} {v['k']}/{v['n']}" for c, v in top) + ")")
         if "at_the_gates_rate" in lk:
             label = "  at the gate's own rate"

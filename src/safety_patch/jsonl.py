@@ -47,8 +47,10 @@ def loads_strict(text: str, where: str) -> object:
         raise SafetyPatchError(f"{where}: invalid JSON (a string holds a lone surrogate escape)") from None
     except RecursionError:
         raise SafetyPatchError(f"{where}: invalid JSON (nested too deeply)") from None
+    except json.JSONDecodeError as e:  # its .msg alone reads "Unterminated string starting at": say where
+        raise SafetyPatchError(f"{where}: invalid JSON ({e.msg}: column {e.colno})") from None
     except ValueError as e:
-        raise SafetyPatchError(f"{where}: invalid JSON ({getattr(e, 'msg', e)})") from None
+        raise SafetyPatchError(f"{where}: invalid JSON ({e})") from None
     return obj
 
 

@@ -541,18 +541,17 @@ def probe_effect(model: torch.nn.Module, tokenizer, patches: Sequence[Patch], fi
     return diff
 
 
-def _refuse_tied_targets(model: torch.nn.Module, patches: Sequence[Patch]) -> None:
-    """Refuse to merge a LoRA into a weight shared with another tensor (lm_head tied to embed_tokens).
-
-    Folding ΔW into a tied weight changes every module that shares it (the input embeddings
-    too), so the merged checkpoint would not be the attached model.
-    """
+def tied_targets(model: torch.nn.Module, patches: Sequence[Patch]) -> list[tuple[Patch, str, str]]:
+    """(patch, adapted module, the tensor its weight is shared with) for every LoRA target whose
+    weight another parameter shares (lm_head tied to embed_tokens): such a patch attaches exactly
+    but cannot be merged (:func:`merge_to_checkpoint`) or exported for an engine that merges."""
     from safetensors import safe_open
 
     owners: dict[int, list[str]] = {}
     for n, prm in model.named_parameters(remove_duplicate=False):
         owners.setdefault(prm.data_ptr(), []).append(n)
     params = dict(model.named_parameters(remove_duplicate=False))
+    out = []
     for p in patches:
         if p.format != "lora":
             continue
@@ -562,9 +561,20 @@ def _refuse_tied_targets(model: torch.nn.Module, patches: Sequence[Patch]) -> No
             w = params.get(f"{name}.weight")
             shared = [o for o in owners.get(w.data_ptr(), []) if o != f"{name}.weight"] if w is not None else []
             if shared:
-                raise SafetyPatchError(
-                    f"{p.path}: adapts {name}, whose weight is shared with {shared[0]} (tied embeddings); merging would "
-                    "change both, so the merged model would differ from the attached one. Attach the patch instead")
+                out.append((p, name, shared[0]))
+    return out
+
+
+def _refuse_tied_targets(model: torch.nn.Module, patches: Sequence[Patch]) -> None:
+    """Refuse to merge a LoRA into a weight shared with another tensor (lm_head tied to embed_tokens).
+
+    Folding ΔW into a tied weight changes every module that shares it (the input embeddings
+    too), so the merged checkpoint would not be the attached model.
+    """
+    for p, name, shared in tied_targets(model, patches)[:1]:
+        raise SafetyPatchError(
+            f"{p.path}: adapts {name}, whose weight is shared with {shared} (tied embeddings); merging would "
+            "change both, so the merged model would differ from the attached one. Attach the patch instead")
 
 
 def merged_state_dict(model: torch.nn.Module, patches: Sequence[Patch], fingerprint: str | None, force: bool = False) -> dict:

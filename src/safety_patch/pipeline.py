@@ -236,7 +236,9 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
         t = time.time()
         src = _general_only_data(data_dir, run / "02-arms" / ".general-data") if general_only else data_dir
         d.parent.mkdir(parents=True, exist_ok=True)
-        train(src, d / "patch", cfg, model=plan.model, device=device, dtype=dtype, overwrite=True, progress=False)
+        # with train's own progress: a bar on a terminal, a line every 10 s in a log (the arms are
+        # the demo's longest silent stretch otherwise: minutes each)
+        train(src, d / "patch", cfg, model=plan.model, device=device, dtype=dtype, overwrite=True)
         st.mark(d, key, time.time() - t)
 
     # 3. evaluation of the base and every arm

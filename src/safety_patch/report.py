@@ -303,8 +303,10 @@ def blocks(rd: RunData) -> list[tuple]:
                        "claims are tested at default sizes (`make reproduce`)."))
     if rd.manifest:
         c = rd.manifest["counts"]
+        n_test, lim = c["behaviours_per_split"].get("test", 0), plan.get("eval_limit")
+        used = f" (the evaluations use {lim} of them)" if lim and lim < n_test else ""
         B.append(("p", f"Data: {c['rows_per_split'].get('train', 0)} training conversations, "
-                       f"{c['behaviours_per_split'].get('test', 0)} held-out test behaviours, "
+                       f"{n_test} held-out test behaviours{used}, "
                        f"{c['template_families_per_split'].get('test', 0)} held-out template families."))
     B.append(("h2", "Claims"))
     cl = claims(rd)
@@ -346,7 +348,14 @@ def blocks(rd: RunData) -> list[tuple]:
         runs = c["runs"]
         crow.append([m, _num(runs["base"].get("nll")), _num(runs["patched"].get("nll")), _fmt(rd.nll_ratio(m)),
                      _num(runs["patched"].get("kl")), _pct(runs["patched"].get("compliance")), _pct(runs["patched"].get("humaneval"))])
-    B.append(("table", ["arm", "NLL base", "NLL patched", "NLL ratio", "KL(base||patched)", "benign answered", "HumanEval pass@1"], crow))
+    head = ["arm", "NLL base", "NLL patched", "NLL ratio", "KL(base||patched)", "benign answered", "HumanEval pass@1"]
+    tasks = plan.get("capability_tasks")
+    if tasks is not None and "humaneval" not in tasks:  # not run by this plan: no column of dashes
+        head, crow = head[:-1], [r[:-1] for r in crow]
+    B.append(("table", head, crow))
+    if tasks is not None and "humaneval" not in tasks:
+        B.append(("p", f"HumanEval was not run: this plan's capability tasks are {', '.join(tasks)}"
+                       + (" (quick mode)." if plan.get("mode") == "quick" else ".")))
     for task, why in (rd.info.get("skipped") or {}).items():
         B.append(("p", f"{task} was not run: {why}."))
     B.append(("h2", "Cost"))
@@ -414,12 +423,17 @@ def gate_blocks(g: dict) -> list[tuple]:
                         "FPR at threshold"], rows))
     B.append(("table", ["set", "the gate fires on"], [[k, _pct(v)] for k, v in g["fired"].items()]))
     if (lk := g.get("written_lookalikes")) and "skipped" not in lk:
-        how = (f" Each was scored by a refit of this gate without its fold ({lk['folds']}-fold cross-fit: the gate's "
-               f"pool holds them); held at the gate's own rate on the validation benign pool, the refits fire on "
-               f"{_pct(lk['at_the_gates_rate']['fired'])}." if lk.get("method") == "cross-fit" else "")
-        B.append(("p", f"Hand-written safe look-alikes outside the data folder (the package's "
+        if lk.get("method") == "cross-fit":
+            rate = lk.get("at_the_gates_rate", {}).get("fired")
+            how = (f"This gate was fit on them, so each half is scored by a refit that never saw it "
+                   f"({lk['folds']}-fold cross-fit): the refits fire on {_pct(lk['fired'])} at their own thresholds"
+                   + (f", and on {_pct(rate)} when each is held at the gate's own firing rate on the validation "
+                      f"benign prompts" if rate else "") + ". By category, at the refits' thresholds:")
+        else:
+            how = f"The gate never saw them: it fires on {_pct(lk['fired'])}. By category:"
+        B.append(("p", f"Hand-written safe look-alikes, not drawn from the data folder's sources (the package's "
                        f"`gate_lookalike_prompts.tsv`, {lk['fired']['n']} prompts; each one the gate fires on is a "
-                       f"safe prompt sent to the refusal adapter).{how} {_pct(lk['fired'])} overall, by category:"))
+                       f"safe prompt sent to the refusal adapter). {how}"))
         B.append(("table", ["category", "the gate fires on"], [[c, _pct(v)] for c, v in lk["by_category"].items()]))
     elif lk:  # a gate fit on them: say so rather than leave the section out
         B.append(("p", f"Hand-written safe look-alikes (`gate_lookalike_prompts.tsv`): not scored, {lk['skipped']}."))
@@ -446,11 +460,15 @@ def gate_blocks(g: dict) -> list[tuple]:
                        f"wrapped prompts at the threshold it would have set (a template it never saw; the held-out "
                        f"split above has its own, fewer families)."))
         rows = [["wrapped vs wrapped safe", auc(c["auroc"]), _pct(c["tpr_at_threshold"]), _pct(c["fpr_at_threshold"])]]
-        if n := lofo.get("at_family_threshold_nested"):  # a raised gate (family_fpr): at its own threshold, nested
+        n = lofo.get("at_family_threshold_nested")  # a raised gate (family_fpr): at its own threshold, nested
+        if n and any(n["raises"]):  # with no group raised the nested row would repeat the first
             rows.append([f"the same at the raised threshold (each group's raise set on the other groups: "
                          f"{', '.join(f'{r:+.2f}' for r in n['raises'])})", auc(n["auroc"]),
                          _pct(n["tpr_at_threshold"]), _pct(n["fpr_at_threshold"])])
         B.append(("table", ["comparison", "AUROC [95% CI]", "wrapped harmful caught", "wrapped safe fired"], rows))
+        if n and not any(n["raises"]):
+            B.append(("p", "The gate's out-of-family raise (`family_fpr`) moved no group's threshold here, so "
+                           "these are also the rates at the gate's own threshold."))
     return B
 
 

@@ -47,7 +47,9 @@ def _csv_rows(path: Path) -> list[tuple[str, dict]]:
         start = 1
         try:
             header = next(reader, None)
-            if not header or not set(PROMPT_KEYS) & {h.strip() for h in header}:
+            if not header:
+                raise SafetyPatchError(f"{path}: empty file (no header row with a 'prompt' or 'goal' column)")
+            if not set(PROMPT_KEYS) & {h.strip() for h in header}:
                 raise SafetyPatchError(f"{path}:1: header has no 'prompt' or 'goal' column")
             keys = [h.strip() for h in header]
             start = reader.line_num + 1
@@ -60,7 +62,14 @@ def _csv_rows(path: Path) -> list[tuple[str, dict]]:
                     raise SafetyPatchError(f"{where}: {len(rec)} fields, but the header has {len(keys)}")
                 rows.append((where, {k: v for k, v in zip(keys, rec, strict=False) if k}))
         except csv.Error as e:
-            msg = "unterminated quoted field" if "unexpected end of data" in str(e) else str(e)
+            msg = str(e)
+            if "unexpected end of data" in msg:
+                msg = "unterminated quoted field"
+            elif "expected after" in msg:  # csv's "',' expected after '\"'": a quote closed mid-field
+                msg = ("text after a closing quote: a quote left open on an earlier line, or a '\"' inside a field "
+                       "(write it as '\"\"')")
+            elif "new-line character seen in unquoted field" in msg:
+                msg = "a line break inside an unquoted field"
             raise SafetyPatchError(f"{path}:{start}: {msg}") from None
     return rows
 
