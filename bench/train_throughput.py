@@ -26,7 +26,10 @@ fallback without mimalloc), ``ours-mimalloc`` and ``ours-recompute-mimalloc`` (m
 preloaded: what the ``safety-patch`` command runs, allocator.py) measure the memory levers; ``ours``
 is the trainer before (no recomputation, glibc as it comes); each arm reports a hash of its trained adapter, so
 levers that must not change the numerics are checked to train the same bits.
-``--arms`` picks them; ``--threads`` sets torch's threads in each.
+``ours-mb1-mimalloc`` (any arm with ``mbN``) runs each batch in passes of N rows
+(``optim.micro_batch_size``; the others pass a batch at once): the same rows per step, the loss
+normalised over the whole batch. Since session 28 the CLI's default on a CPU is
+``ours-mb1-mimalloc``: passes of one row, no recomputation, mimalloc. ``--arms`` picks them; ``--threads`` sets torch's threads in each.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ def plain_trl(model_spec: str, rows: list[dict], work: Path, fp32: bool = False)
 
 
 RECIPE = {"name": "paper", "set": {}}  # --recipe / --set, passed on to each arm's process
+KEEP = {"dir": None}  # --keep: where each arm's trained patch is copied
 
 
 def _config(n_rows: int, extra: dict | None = None):
@@ -157,6 +161,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _micro_batch(arm: str) -> int | None:
+    """``ours-mb4...``: the arm runs each optimiser step's rows in passes of 4 (None: one pass)."""
+    for part in arm.split("-"):
+        if part.startswith("mb") and part[2:].isdigit():
+            return int(part[2:])
+    return None
+
+
 def run_arm(arm: str, model_spec: str, data_dir: Path, n_rows: int, out: Path) -> None:
     """One arm, in this (child) process; writes its figures and peak RSS to ``out``."""
     from safety_patch.train.data import training_rows
@@ -173,6 +185,9 @@ def run_arm(arm: str, model_spec: str, data_dir: Path, n_rows: int, out: Path) -
                 _bf16_autocast()
             # explicit either way: recomputation's config default changed (on since 2026-12-02)
             extra = {"optim.gradient_checkpointing": "recompute" in arm}
+            # passes of N rows for an mbN arm (the CLI's default on a CPU: 1), else one pass per batch
+            micro = _micro_batch(arm)
+            extra["optim.micro_batch_size"] = micro or _config(n_rows).optim.batch_size
             from safety_patch.allocator import loaded_mimalloc
 
             # the parent preloaded mimalloc (LD_PRELOAD) for these arms only, as the CLI does
@@ -182,6 +197,10 @@ def run_arm(arm: str, model_spec: str, data_dir: Path, n_rows: int, out: Path) -
 
                 assert fix_mmap_threshold()
             r = ours(model_spec, data_dir, n_rows, work, extra)
+            if KEEP["dir"]:  # the trained adapter, for comparing arms' weights afterwards
+                import shutil
+
+                shutil.copytree(work / "ours", Path(KEEP["dir"]) / arm, dirs_exist_ok=True)
     r["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     r["threads"] = torch.get_num_threads()
     out.write_text(json.dumps(r))
@@ -196,12 +215,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each arm (default: torch's)")
     ap.add_argument("--recipe", default="paper", help="our arms' recipe, its gate off (default: paper)")
     ap.add_argument("--set", action="append", default=[], help="group.field=value for our arms (repeatable)")
+    ap.add_argument("--out-name", default="train_throughput", help="results file name (bench/results/NAME.json)")
+    ap.add_argument("--keep", default=None, help="copy each of our arms' trained patch to KEEP/ARM")
     ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm here
     ap.add_argument("--arm-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     from safety_patch.train.api import parse_set
 
     RECIPE["name"], RECIPE["set"] = args.recipe, parse_set(args.set)
+    KEEP["dir"] = args.keep
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.arm:
@@ -226,7 +248,8 @@ def main() -> None:
             out = work / f"{arm}.json"
             cmd = [sys.executable, __file__, "--arm", arm, "--arm-out", str(out), "--rows", str(args.rows),
                    "--model", args.model, "--data", str(data_dir), "--recipe", args.recipe]
-            cmd += [f"--set={x}" for x in args.set] + (["--threads", str(args.threads)] if args.threads else [])
+            cmd += [f"--set={x}" for x in args.set] + (["--keep", args.keep] if args.keep else [])
+            cmd += (["--threads", str(args.threads)] if args.threads else [])
             env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # glibc unless the arm says
             if "mimalloc" in arm:
                 from safety_patch.allocator import mimalloc_library
@@ -242,7 +265,8 @@ def main() -> None:
              "ours-recompute": "safety-patch train, recomputation",
              "ours-recompute-mmap": "safety-patch train, recomputation + mmap threshold pinned",
              "ours-mimalloc": "safety-patch train, mimalloc",
-             "ours-recompute-mimalloc": "safety-patch train, recomputation + mimalloc (the CLI's default)"}
+             "ours-recompute-mimalloc": "safety-patch train, recomputation + mimalloc (the default of sessions 17-27)",
+             "ours-mb1-mimalloc": "safety-patch train, passes of 1 row + mimalloc (the CLI's default)"}
     out_rows = []
     for arm, r in results.items():
         tps = r["tokens"] / r["seconds"]
@@ -258,7 +282,7 @@ def main() -> None:
         ratios["ours/ours-full-logits"] = round(tps["ours"] / tps["ours-full-logits"], 3)
     print(f"\nratios: {ratios}   fp32 matmul peak: {peak:.1f} GFLOP/s   matmul params: {n_matmul:,}   "
           f"load average at start: {load[0]:.2f}, at end: {os.getloadavg()[0]:.2f}")
-    write("train_throughput", {"rows": out_rows, "arms": results, "ratios": ratios,
+    write(args.out_name, {"rows": out_rows, "arms": results, "ratios": ratios,
                                "ratio": ratios.get("ours/plain-fp32", ratios.get("ours/plain")), "matmul_peak_gflops": peak,
                                "matmul_parameters": n_matmul, "n_rows": args.rows, "recipe": args.recipe,
                                "set": args.set,

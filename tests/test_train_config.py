@@ -68,8 +68,10 @@ def _new_value(cfg: TrainConfig, old_key: str):
 
 
 # 2026-12-02 (session 17): activation recomputation became the default for every recipe (the
-# same adapter bit for bit, a fraction of the memory; bench/train_throughput.py).
-RECOMPUTE_CHANGE = {"gradient_checkpointing": True}
+# same adapter bit for bit, a fraction of the memory; bench/train_throughput.py); 2026-12-03
+# (session 28) it is unset: off on a CPU, where passes of one row (optim.micro_batch_size, new,
+# unset = 1 on a CPU) keep memory as low at 2.8x the speed, and on on an accelerator.
+RECOMPUTE_CHANGE = {"gradient_checkpointing": None}
 
 
 def _assert_same_as_old(cfg: TrainConfig, old: dict) -> None:
@@ -105,7 +107,7 @@ def test_the_dataclass_defaults_are_the_old_default_recipe():
     assert cfg.gate is not None and (cfg.gate.depth, cfg.gate.threshold) == (0.6, None)
     assert (cfg.gate.self_instruct, cfg.gate.wrapped_harmful, cfg.gate.wrapped_benign) == (600, 400, 600)
     assert cfg.record()["optim"]["lr"] == 2e-4
-    assert cfg.optim.gradient_checkpointing is True
+    assert cfg.optim.gradient_checkpointing is None and cfg.optim.micro_batch_size is None
 
 
 @pytest.mark.parametrize("old", sorted(OLD_PRESETS))
@@ -346,3 +348,37 @@ def test_every_generated_flag_sets_its_field(tmp_path, capsys):
     for key, value in want.items():
         got = cfg[key] if "." not in key else cfg[key.split(".")[0]][key.split(".")[1]]
         assert got == value, key
+
+
+@pytest.mark.parametrize("batch,micro,device,objective,want", [
+    (8, None, "cpu", "sft", 1),      # unset on a CPU: passes of one row
+    (8, None, "cuda", "sft", 8),     # unset on an accelerator: the whole batch
+    (8, 4, "cpu", "sft", 4),
+    (6, 4, "cpu", "sft", 3),         # the largest divisor of the batch not above the setting
+    (7, 4, "cuda", "sft", 1),
+    (4, 16, "cpu", "sft", 4),        # never more than the batch
+    (8, 1, "cpu", "dpo", 8),         # DPO passes its whole batch
+])
+def test_pass_size(batch, micro, device, objective, want):
+    import torch
+
+    from safety_patch.train.run import pass_size
+
+    cfg = override(TrainConfig(), {"optim.batch_size": batch, "optim.micro_batch_size": micro, "loss.objective": objective})
+    assert pass_size(cfg, torch.device(device)) == want
+
+
+@pytest.mark.parametrize("setting,device,want", [(None, "cpu", False), (None, "cuda", True),
+                                                 (True, "cpu", True), (False, "cuda", False)])
+def test_recomputation_resolved_by_device(setting, device, want):
+    import torch
+
+    from safety_patch.train.run import recomputes
+
+    cfg = override(TrainConfig(), {"optim.gradient_checkpointing": setting})
+    assert recomputes(cfg, torch.device(device)) is want
+
+
+def test_micro_batch_size_must_be_positive():
+    with pytest.raises(SafetyPatchError, match="optim.micro_batch_size"):
+        override(TrainConfig(), {"optim.micro_batch_size": 0}).validate()

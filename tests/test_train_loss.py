@@ -125,9 +125,11 @@ def _rows(k: int = 0):
             for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS, strict=True))]
 
 
-def _train(tmp_path, kind: str, *, anchor_kl: float = 0.0, decision_weight: float = 1.0, recompute: bool = False):
+def _train(tmp_path, kind: str, *, anchor_kl: float = 0.0, decision_weight: float = 1.0, recompute: bool = False,
+           passes: int = 1, streams: list | None = None):
     """Train a LoRA adapter on a fresh tiny model for 2 epochs of 10 rows (batch 4: 3 steps an
-    epoch, the last one short); returns ({name: adapter tensor}, logged losses)."""
+    epoch, the last one short), each batch in ``passes`` passes as train/run.py::_make_trainer
+    runs them; returns ({name: adapter tensor}, logged losses). ``streams`` gets the anchor."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTTrainer
@@ -135,7 +137,8 @@ def _train(tmp_path, kind: str, *, anchor_kl: float = 0.0, decision_weight: floa
     from safety_patch.train.trl_configs import PatchSFTConfig
 
     model, tok = tiny_llama(seed=0)
-    args = PatchSFTConfig(output_dir=str(tmp_path / f"{kind}-{recompute}"), per_device_train_batch_size=4, num_train_epochs=2,
+    args = PatchSFTConfig(output_dir=str(tmp_path / f"{kind}-{recompute}-{passes}"), per_device_train_batch_size=4 // passes,
+                          gradient_accumulation_steps=passes, num_train_epochs=2,
                           learning_rate=3e-3, lr_scheduler_type="constant", seed=0, data_seed=0, report_to="none",
                           save_strategy="no", use_cpu=True, completion_only_loss=True, max_length=512, logging_steps=1,
                           activation_checkpointing=recompute, disable_tqdm=True, dataloader_num_workers=0,
@@ -151,8 +154,11 @@ def _train(tmp_path, kind: str, *, anchor_kl: float = 0.0, decision_weight: floa
         if anchor_kl > 0:
             examples = tokenize_anchor(_rows(1), tok, 512, answer_tokens=6)
             anchor = AnchorStream(examples, 4, tok.pad_token_id, seed=0)
+            if streams is not None:
+                streams.append(anchor)
         tr = make_anchored_trainer(SFTTrainer)(**kw, anchor=anchor, anchor_kl=anchor_kl, decision_tokens=3,
-                                               decision_weight=decision_weight, chunked_loss=kind == "chunked")
+                                               decision_weight=decision_weight, chunked_loss=kind == "chunked",
+                                               passes=passes)
         assert tr.chunked_loss == (kind == "chunked")
     tr.train()
     assert tr.model.is_activation_checkpointing == recompute  # the setting reached the model
@@ -212,3 +218,24 @@ def test_recomputation_trains_the_same_adapter_bit_for_bit(tmp_path):
         assert torch.equal(t, again[name]), name
     assert [r["loss"] for r in again_logs] == [r["loss"] for r in kept_logs]
     assert max(t.abs().max().item() for k, t in again.items() if "lora_B" in k) > 1e-3
+
+
+@pytest.mark.parametrize("passes", [2, 4])
+@pytest.mark.parametrize("anchored", [False, True])
+def test_a_batch_in_passes_trains_the_same_adapter(tmp_path, passes, anchored):
+    """``optim.micro_batch_size`` (passes of 1 row on a CPU by default since session 28): each
+    batch of 4 in `passes` passes, gradients accumulated and the loss normalised over the whole
+    batch, the anchor's batch drawn and scored once per batch. The same rows, the same loss and
+    the same anchor draws as one pass, so the adapter equals one pass's to float rounding (the
+    tolerance above), the last short batch of each epoch included."""
+    kw = dict(anchor_kl=2.0, decision_weight=4.0) if anchored else {}
+    one_streams, split_streams = [], []
+    one, one_logs = _train(tmp_path, "chunked", streams=one_streams, **kw)
+    split, split_logs = _train(tmp_path, "chunked", passes=passes, streams=split_streams, **kw)
+    _assert_same(one, split)
+    assert [r["step"] for r in split_logs] == [r["step"] for r in one_logs] and len(one_logs) == 6
+    assert [r["loss"] for r in split_logs] == pytest.approx([r["loss"] for r in one_logs], rel=1e-5)
+    assert max(t.abs().max().item() for k, t in split.items() if "lora_B" in k) > 1e-3
+    if anchored:  # one anchor batch per batch, not per pass: the streams stand at the same place
+        assert split_streams[0].state() == one_streams[0].state()
+        assert [r["anchor_kl"] for r in split_logs] == pytest.approx([r["anchor_kl"] for r in one_logs], rel=1e-4, abs=1.1e-5)

@@ -14,7 +14,7 @@ arm                                     tokens/s  peak RSS
 glibc as it comes (the trainer before)      47.2   10.5 GB
 mimalloc                                    34.6    6.8 GB
 glibc, threshold pinned, recomputation      24.3    1.6 GB
-mimalloc, recomputation (the default)       38.0    1.7 GB
+mimalloc, recomputation (sessions 17-27)    38.0    1.7 GB
 plain TRL + PEFT, fp32                      24.6    8.3 GB
 ======================================  ========  ========
 
@@ -22,7 +22,9 @@ Pinning the threshold returns every large tensor to the OS when freed, but each 
 pays fresh page faults (a VM's page faults are dear). mimalloc (https://github.com/microsoft/mimalloc,
 MIT; PyPI ``cmeel-mimalloc``) reuses freed memory without that fragmentation: with
 recomputation, the pinned threshold's resident memory at 1.56x its speed (0.80x the trainer
-before, which held six times the memory; 0.69x over the default's whole 74 steps). A C allocator can only be swapped
+before, which held six times the memory; 0.69x over the default's whole 74 steps). Since session 28 a CPU run passes each batch one row at a time without recomputation
+(train/config.py ``micro_batch_size``): 1.8 GB under mimalloc at 2.8x recomputation's speed on
+those rows. A C allocator can only be swapped
 before the process starts, so the ``safety-patch`` command re-executes itself once with
 mimalloc in ``LD_PRELOAD`` (``reexec_under_mimalloc``), before torch is imported.
 

@@ -145,9 +145,14 @@ def make_anchored_trainer(base_cls):
         the full-logits path (TRL's own loss, and full logits for the anchor)."""
 
         def __init__(self, *args, anchor: AnchorStream | None, anchor_kl: float, ref_model=None,
-                     decision_tokens: int = 0, decision_weight: float = 1.0, chunked_loss: bool = True, **kw):
+                     decision_tokens: int = 0, decision_weight: float = 1.0, chunked_loss: bool = True,
+                     passes: int = 1, **kw):
             super().__init__(*args, **kw)
             self.anchor, self.anchor_kl, self.ref_model = anchor, anchor_kl, ref_model
+            # Each batch of optim.batch_size rows runs in `passes` passes (train/run.py::pass_size);
+            # the anchor draws and scores its batch once per batch, on the batch's first pass.
+            self.passes = passes
+            self._pass_at = (-1, 0)  # (optimiser step, passes run in it)
             self.decision_tokens, self.decision_weight = decision_tokens, decision_weight
             self._kl_log: list[float] = []
             self.chunked_loss = False
@@ -275,6 +280,12 @@ def make_anchored_trainer(base_cls):
                                            num_items_in_batch=num_items_in_batch)
             if not model.training or self.anchor_kl <= 0 or self.anchor is None:
                 return res
+            step, done = self._pass_at
+            if step != self.state.global_step:
+                step, done = self.state.global_step, 0
+            self._pass_at = (step, done + 1)
+            if done % self.passes:
+                return res  # not a batch's first pass: its anchor term is in already
             loss, outputs = res if return_outputs else (res, None)
             batch = self.anchor.next(loss.device)
             # Sum over this rank's tokens / the global batch's tokens, times the world size:
@@ -301,7 +312,8 @@ def make_anchored_trainer(base_cls):
             if scaled is None:
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
             if scaled:
-                kl = kl / self.current_gradient_accumulation_steps
+                # per batch of the step (the last step of an epoch may hold fewer passes)
+                kl = kl / -(-self.current_gradient_accumulation_steps // self.passes)
             loss = loss + self.anchor_kl * kl
             return (loss, outputs) if return_outputs else loss
 

@@ -119,6 +119,16 @@ class OptimSettings:
     """Learning rate (default: 2e-4 for LoRA, 1e-5 for full)."""
     batch_size: int = 8
     """Training conversations per step and process."""
+    micro_batch_size: int | None = None
+    """Conversations per forward/backward pass: each batch of ``batch_size`` runs in passes of
+    this many (the largest divisor of ``batch_size`` not above it), its gradients summed and its
+    loss normalised over the whole batch's supervised tokens, so a step sees the same rows and
+    the same loss as one pass (the KL anchor's batch is still drawn and scored once per batch);
+    the adapter differs by float rounding only (relative 8e-8 after 4 steps of the embedded
+    model, bench/train_throughput.py). None: 1 on a CPU, where a pass of one row pads nothing
+    and ran 2.8x the speed of one pass of 8 with recomputation, at the same peak memory
+    (session 28, docs/benchmarks.md); the whole batch on an accelerator. Supervised fine-tuning
+    only: a DPO run passes its whole batch at once."""
     grad_accum: int = 1
     """Gradient accumulation steps per optimiser step."""
     warmup_ratio: float = 0.05
@@ -131,11 +141,13 @@ class OptimSettings:
     """Seed of the row subsample, the batch order, the initialisation and the gate's prompt pool."""
     sampling: str = "group_by_length"
     """Batch order: group_by_length (little padding), random, or sequential."""
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | None = None
     """Recompute each decoder layer's activations in the backward pass instead of keeping them:
-    the same adapter bit for bit, resident memory at a fraction (embedded model, 8 × 512 tokens:
-    fp32 activations of 6.1 GB not kept), slower (0.69× over the default's 74 steps in
-    bench/train_throughput.py's same-run A/B; docs/benchmarks.md). Set false to trade memory for speed."""
+    the same adapter bit for bit, resident memory at a fraction, slower (0.69× over the default's
+    74 steps in bench/train_throughput.py's same-run A/B; docs/benchmarks.md). None: off on a
+    CPU, where passes of one row (``micro_batch_size``) keep a step's activations small without
+    it (embedded model, peak RSS 1.8 GB; session 28), on on an accelerator, where a pass holds
+    the whole batch. Set true for long rows or models whose one-row activations do not fit."""
     stop_after: float | None = None
     """Stop after this fraction of the planned steps, the schedule kept, e.g. 0.685.
 
@@ -221,6 +233,8 @@ class TrainConfig:
             _at_least(self, key, 1)
         if an.batch_size is not None:
             _at_least(self, "anchor.batch_size", 1)
+        if op.micro_batch_size is not None:
+            _at_least(self, "optim.micro_batch_size", 1)
         if da.max_train_rows is not None:
             _at_least(self, "data.max_train_rows", 0)  # 0 = all rows
         if not 0 <= op.warmup_ratio < 1:

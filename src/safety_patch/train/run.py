@@ -543,6 +543,8 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                     "dtype": str(lm.runtime.dtype).removeprefix("torch."),
                     "threads": torch.get_num_threads(),
                     "world_size": trainer.args.world_size,
+                    "micro_batch_size": trainer.args.per_device_train_batch_size,
+                    "activation_checkpointing": bool(trainer.args.activation_checkpointing),
                     **extra,
                 },
                 versions=library_versions(),
@@ -600,13 +602,40 @@ def _ranks_leave_together(trainer):
                 dist.destroy_process_group()
 
 
+def pass_size(cfg: TrainConfig, device: torch.device) -> int:
+    """Rows per forward/backward pass: ``optim.micro_batch_size`` resolved (config.py).
+
+    The largest divisor of ``optim.batch_size`` not above the setting, so that every batch splits
+    into equal passes; unset, 1 on a CPU (no padding; docs/benchmarks.md) and the whole batch on
+    an accelerator. A DPO run always passes its whole batch (its loss is a mean per pair)."""
+    b = cfg.optim.batch_size
+    m = cfg.optim.micro_batch_size
+    if cfg.loss.objective == "dpo":
+        return b
+    if m is None:
+        m = 1 if device.type == "cpu" else b
+    return max(d for d in range(1, min(m, b) + 1) if b % d == 0)
+
+
+def recomputes(cfg: TrainConfig, device: torch.device) -> bool:
+    """``optim.gradient_checkpointing`` resolved: unset, off on a CPU and on elsewhere (config.py)."""
+    g = cfg.optim.gradient_checkpointing
+    return device.type != "cpu" if g is None else g
+
+
 def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress: bool, anchor=None):
     from datasets import Dataset
 
+    micro = pass_size(cfg, lm.runtime.device)
+    passes = cfg.optim.batch_size // micro
     common = dict(
         output_dir=str(work / "checkpoints"),
-        per_device_train_batch_size=cfg.optim.batch_size,
-        gradient_accumulation_steps=cfg.optim.grad_accum,
+        # A batch of optim.batch_size rows in `passes` passes of `micro` rows: the trainer's
+        # accumulation sums their gradients and normalises the loss over the batch's supervised
+        # tokens (num_items_in_batch), and its length-grouped sampler groups
+        # micro x accumulation = the same batch_size x grad_accum rows as one pass would.
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=cfg.optim.grad_accum * passes,
         learning_rate=cfg.resolved_lr(),
         num_train_epochs=cfg.optim.epochs,
         lr_scheduler_type=cfg.optim.scheduler,
@@ -622,9 +651,10 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
         seed=cfg.optim.seed,
         data_seed=cfg.optim.seed,
         report_to="none",
-        # On by default (config.py): without it a step on the embedded model keeps 6.1 GB of fp32
-        # activations for 8 x 512 tokens; recomputed, the adapter is the same, bit for bit.
-        activation_checkpointing=cfg.optim.gradient_checkpointing,
+        # Unset: off on a CPU (passes of one row keep activations small), on on an accelerator
+        # (a pass of 8 x 512 tokens keeps 6.1 GB of fp32 activations on the embedded model);
+        # recomputed, the adapter is the same, bit for bit.
+        activation_checkpointing=recomputes(cfg, lm.runtime.device),
         # DPO rows have no input_ids column to group by until the trainer tokenizes them.
         train_sampling_strategy="random" if cfg.loss.objective == "dpo" and cfg.optim.sampling == "group_by_length" else cfg.optim.sampling,
         include_num_input_tokens_seen="non_padding",
@@ -660,4 +690,5 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
         ref = copy.deepcopy(lm.model).eval().requires_grad_(False)
     return make_anchored_trainer(SFTTrainer)(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer,
                                              peft_config=peft_config, anchor=anchor, anchor_kl=cfg.anchor.kl, ref_model=ref,
-                                             decision_tokens=cfg.loss.decision_tokens, decision_weight=cfg.loss.decision_weight)
+                                             decision_tokens=cfg.loss.decision_tokens, decision_weight=cfg.loss.decision_weight,
+                                             passes=passes)
