@@ -11,6 +11,8 @@ seconds. This times, in one process and on the same prompts:
   inference mode (the default of ``train`` and ``gate fit`` until 2026-12-02),
 * ``shared-prefix``: ``gate_fit.features(batching="shared-prefix")``, the default: each beginning
   many prompts share read once through a prefix tree (``shared_prefix.py``),
+* ``one row (batch 1)``: ``features(batching=None, batch_size=1)``, a pass per prompt: no
+  padding, no attention mask (training's passes of one row, session 28),
 * ``bucketed-B`` (``--budgets``): length-bucketed batches of at most B tokens, up to 64 rows,
 * the default path through the stage's feature cache, cold and warm (``gate_fit.cached_features``:
   a refit with another threshold, target FPR or L2, or ``gate fit`` after ``train``).
@@ -92,7 +94,9 @@ def main() -> None:
 
     paths = {"old (batch 8)": lambda: prompt_states(lm.model, lm.tokenizer, prompts, layer, 8),
              "batch 8 (before session 18)": lambda: features(lm.model, lm.tokenizer, prompts, layer, batching=None),
-             "shared-prefix": lambda: features(lm.model, lm.tokenizer, prompts, layer, batching=SHARED_PREFIX)}
+             "shared-prefix": lambda: features(lm.model, lm.tokenizer, prompts, layer, batching=SHARED_PREFIX),
+             # no padding and no attention mask: the lever that sped training up (session 28)
+             "one row (batch 1)": lambda: features(lm.model, lm.tokenizer, prompts, layer, batching=None, batch_size=1)}
     for b in (int(v) for v in args.budgets.split(",") if v):
         paths[f"bucketed-{b}"] = lambda b=b: features(lm.model, lm.tokenizer, prompts, layer, batching=b)
     features(lm.model, lm.tokenizer, prompts[:: 20], layer)  # warm-up (allocator, kernels)

@@ -55,6 +55,12 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     # quick mode runs no HumanEval: a sentence, not a column of dashes; the data line says how many behaviours are used
     assert "HumanEval was not run: this plan's capability tasks are nll, kl, compliance (quick mode)." in md
     assert "HumanEval pass@1" not in md and "held-out test behaviours (the evaluations use 4 of them)" in md
+    # each table names what it measures: the two "answered" figures' judges, the gated arm's training row,
+    # the claims' "not answered" (refused or degenerate), the mixing arm's doubled steps
+    assert "judged by the `keyword` judge" in md and "uses the `refusal` judge" in md
+    assert "lora-safety+gate: the row repeats the training of the patch put behind the gate" in md
+    assert "borderline not answered base" in md and "borderline refusal" not in md
+    assert "24 for a data-mixing arm" in md
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
     plug = json.loads((run / "04-plug" / "plug.json").read_text())

@@ -70,7 +70,7 @@ def _new_value(cfg: TrainConfig, old_key: str):
 # 2026-12-02 (session 17): activation recomputation became the default for every recipe (the
 # same adapter bit for bit, a fraction of the memory; bench/train_throughput.py); 2026-12-03
 # (session 28) it is unset: off on a CPU, where passes of one row (optim.micro_batch_size, new,
-# unset = 1 on a CPU) keep memory as low at 2.8x the speed, and on on an accelerator.
+# unset = 1 on a CPU) keep memory as low, faster, and on on an accelerator.
 RECOMPUTE_CHANGE = {"gradient_checkpointing": None}
 
 

@@ -23,8 +23,8 @@ pays fresh page faults (a VM's page faults are dear). mimalloc (https://github.c
 MIT; PyPI ``cmeel-mimalloc``) reuses freed memory without that fragmentation: with
 recomputation, the pinned threshold's resident memory at 1.56x its speed (0.80x the trainer
 before, which held six times the memory; 0.69x over the default's whole 74 steps). Since session 28 a CPU run passes each batch one row at a time without recomputation
-(train/config.py ``micro_batch_size``): 1.8 GB under mimalloc at 2.8x recomputation's speed on
-those rows. A C allocator can only be swapped
+(train/config.py ``micro_batch_size``): 1.8 GB under mimalloc, 1.05-2.8x recomputation's speed
+(the default's whole set; 32 rows with long ones). A C allocator can only be swapped
 before the process starts, so the ``safety-patch`` command re-executes itself once with
 mimalloc in ``LD_PRELOAD`` (``reexec_under_mimalloc``), before torch is imported.
 

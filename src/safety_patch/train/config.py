@@ -126,8 +126,9 @@ class OptimSettings:
     the same loss as one pass (the KL anchor's batch is still drawn and scored once per batch);
     the adapter differs by float rounding only (relative 8e-8 after 4 steps of the embedded
     model, bench/train_throughput.py). None: 1 on a CPU, where a pass of one row pads nothing
-    and ran 2.8x the speed of one pass of 8 with recomputation, at the same peak memory
-    (session 28, docs/benchmarks.md); the whole batch on an accelerator. Supervised fine-tuning
+    (session 28, docs/benchmarks.md: 1.64x one pass of 8 with recomputation on the bench's 96
+    rows, 1.05x over the default's whole set, the same peak memory); the whole batch on an
+    accelerator. Supervised fine-tuning
     only: a DPO run passes its whole batch at once."""
     grad_accum: int = 1
     """Gradient accumulation steps per optimiser step."""
