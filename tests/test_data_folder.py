@@ -285,19 +285,17 @@ def test_csv_with_an_unterminated_quote_is_named_not_merged(tmp_path):
     from safety_patch.data.sources.files import load_user_file, read_prompt_rows
 
     f = tmp_path / "u.csv"
-    f.write_text('prompt\nHow to pick a lock\n"How to forge a passport\nHow to hack a wifi network\nHow to steal a car\n')
-    with pytest.raises(SafetyPatchError, match=r"u\.csv:3: unterminated quoted field"):
-        read_prompt_rows(f)
-    f.write_text('prompt\n"ab"c\n')
-    with pytest.raises(SafetyPatchError, match=r"u\.csv:2: text after a closing quote: a quote left open"):
-        read_prompt_rows(f)
-    # a quote left open that a later line's quote closes: named at the line it opened on, in words
-    f.write_text('prompt\nok\n"How to forge a passport\nHow to say "hi" politely\n')
-    with pytest.raises(SafetyPatchError, match=r"u\.csv:3: text after a closing quote"):
-        read_prompt_rows(f)
-    f.write_text("")
-    with pytest.raises(SafetyPatchError, match=r"u\.csv: empty file"):
-        read_prompt_rows(f)
+    for text, error in [
+        ('prompt\nHow to pick a lock\n"How to forge a passport\nHow to hack a wifi network\nHow to steal a car\n',
+         r"u\.csv:3: unterminated quoted field"),
+        ('prompt\n"ab"c\n', r"u\.csv:2: text after a closing quote: a quote left open"),
+        # a quote left open that a later line's quote closes: named at the line it opened on, in words
+        ('prompt\nok\n"How to forge a passport\nHow to say "hi" politely\n', r"u\.csv:3: text after a closing quote"),
+        ("", r"u\.csv: empty file"),
+    ]:
+        f.write_text(text)
+        with pytest.raises(SafetyPatchError, match=error):
+            read_prompt_rows(f)
     j = tmp_path / "u.jsonl"
     j.write_text('{"prompt": "fine"}\n{"prompt": "cut off\n')
     with pytest.raises(SafetyPatchError, match=r"u\.jsonl:2: invalid JSON \(Unterminated string starting at: column 12\)$"):
