@@ -61,6 +61,7 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     assert "lora-safety+gate: the row repeats the training of the patch put behind the gate" in md
     assert "borderline not answered base" in md and "borderline refusal" not in md
     assert "24 for a data-mixing arm" in md
+    assert "for LoRA)" not in md and ("KL interval" in md or "KL intervals overlap" in md)
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
     plug = json.loads((run / "04-plug" / "plug.json").read_text())
@@ -120,3 +121,15 @@ def test_quick_arms_train_long_enough_to_move_and_default_arms_keep_the_recipes(
     for lr, recipe in ((QUICK_LORA["optim.lr"], "paper"), (QUICK_FULL["optim.lr"], "full-safety")):
         assert abs(lr / resolve_config(recipe).resolved_lr() - 5) < 1e-9  # "5x the recipe's rate", as the report says
 
+
+
+def test_the_mixing_claims_evidence_says_where_loras_kl_interval_lies():
+    """compare() says 'better' when LoRA's KL interval (lower is better) lies below the arm's: the
+    evidence spells that out instead of '(better for LoRA)', which read either way."""
+    from safety_patch.report import _kl_side, compare
+
+    lo, hi, mid = {"ci95": [0.1, 0.2]}, {"ci95": [0.3, 0.4]}, {"ci95": [0.15, 0.35]}
+    assert _kl_side(compare(lo, hi)) == "LoRA's KL interval lies below this arm's"
+    assert _kl_side(compare(hi, lo)) == "LoRA's KL interval lies above this arm's"
+    assert _kl_side(compare(lo, mid)) == "the KL intervals overlap, or one is missing"
+    assert _kl_side(compare(lo, {"ci95": [None, None]})) == "the KL intervals overlap, or one is missing"

@@ -18,6 +18,11 @@ from .atomic import write_text
 ROLE_ORDER = ("lora-safety", "full-safety", "full-mix", "lora-dpo", "full-dpo", "rank", "cross-domain")
 
 
+def _kl_side(r: str) -> str:
+    """``compare``'s word for LoRA's KL interval against an arm's, in words a reader cannot misread."""
+    return {"better": "LoRA's KL interval lies below this arm's", "worse": "LoRA's KL interval lies above this arm's"}.get(
+        r, "the KL intervals overlap, or one is missing")
+
 def _load(p: Path):
     return json.loads(p.read_text()) if p.is_file() else None
 
@@ -158,7 +163,7 @@ def claims(rd: RunData) -> list[dict]:
             out.append({"claim": "LoRA preserves capability at least as well as the data-mixing baselines", "verdict": v,
                         "rule": "KL intervals: supported if LoRA's lies below every mixing arm's, not supported if above any, "
                                 "else inconclusive (overlapping intervals cannot show 'at least as well')",
-                        "evidence": "; ".join(f"{m}: KL {_num(rd.cap(m, 'kl'))}, ASR {_pct(rd.asr(m))} ({r} for LoRA)"
+                        "evidence": "; ".join(f"{m}: KL {_num(rd.cap(m, 'kl'))}, ASR {_pct(rd.asr(m))} ({_kl_side(r)})"
                                               for m, r in results.items()) + f"; LoRA KL {_num(rd.cap(lora, 'kl'))}" + caveat})
     if rd.analysis and lora and full:
         s = rd.analysis["summary"]
