@@ -128,8 +128,7 @@ class OptimSettings:
     model, bench/train_throughput.py). None: 1 on a CPU, where a pass of one row pads nothing
     (session 28, docs/benchmarks.md: 1.64x one pass of 8 with recomputation on the bench's 96
     rows, 1.05x over the default's whole set, the same peak memory); the whole batch on an
-    accelerator. Supervised fine-tuning
-    only: a DPO run passes its whole batch at once."""
+    accelerator. Supervised fine-tuning only: a DPO run passes its whole batch at once."""
     grad_accum: int = 1
     """Gradient accumulation steps per optimiser step."""
     warmup_ratio: float = 0.05
