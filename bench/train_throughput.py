@@ -183,7 +183,8 @@ def run_arm(arm: str, model_spec: str, data_dir: Path, n_rows: int, out: Path) -
                 _full_logits_trainer()
             if arm == "ours-bf16":
                 _bf16_autocast()
-            # explicit either way: recomputation's config default changed (on since 2026-12-02)
+            # explicit either way: recomputation's config default changed twice (on in sessions 17-27,
+            # unset since 28: off on a CPU), and so did the pass size (one row on a CPU since 28)
             extra = {"optim.gradient_checkpointing": "recompute" in arm}
             # passes of N rows for an mbN arm (the CLI's default on a CPU: 1), else one pass per batch
             micro = _micro_batch(arm)

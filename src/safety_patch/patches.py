@@ -571,7 +571,8 @@ def _refuse_tied_targets(model: torch.nn.Module, patches: Sequence[Patch]) -> No
     Folding ΔW into a tied weight changes every module that shares it (the input embeddings
     too), so the merged checkpoint would not be the attached model.
     """
-    for p, name, shared in tied_targets(model, patches)[:1]:
+    if tied := tied_targets(model, patches):
+        p, name, shared = tied[0]
         raise SafetyPatchError(
             f"{p.path}: adapts {name}, whose weight is shared with {shared} (tied embeddings); merging would "
             "change both, so the merged model would differ from the attached one. Attach the patch instead")

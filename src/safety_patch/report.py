@@ -23,6 +23,7 @@ def _kl_side(r: str) -> str:
     return {"better": "LoRA's KL interval lies below this arm's", "worse": "LoRA's KL interval lies above this arm's"}.get(
         r, "the KL intervals overlap, or one is missing")
 
+
 def _load(p: Path):
     return json.loads(p.read_text()) if p.is_file() else None
 

@@ -242,14 +242,10 @@ def _adapter(schema: type) -> TypeAdapter:
     return TypeAdapter(schema)
 
 
-def _field(loc: tuple) -> str:
-    return field_path(loc)
-
-
 def describe(e: ValidationError) -> str:
     """The first problem of a pydantic error as ``field must be ..., got ...`` (one line)."""
     err = e.errors()[0]
-    where, got, kind = _field(tuple(err["loc"])), json_type(err.get("input")), err["type"]
+    where, got, kind = field_path(err["loc"]), json_type(err.get("input")), err["type"]
     if kind == "missing":
         return f"missing field '{where}'"
     need = {"string_type": "a string", "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
