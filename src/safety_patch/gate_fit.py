@@ -37,6 +37,7 @@ from pydantic import ValidationError
 
 from . import textsim
 from .errors import SafetyPatchError
+from .evaluation.stats import FEW_NEGATIVES_NOTE, few_negatives, tpr_at_fpr_text
 from .gate import GATE_FILE, Gate, layer_states
 from .patch_schema import BaseInfo, _Strict
 
@@ -879,14 +880,21 @@ def _auroc_ci(pos: Sequence[float], neg: Sequence[float], n_boot: int = 1000, se
 def discrimination(pos: torch.Tensor, neg: torch.Tensor, threshold: float) -> dict:
     """How well logits ``pos`` (harmful) and ``neg`` (benign) separate: AUROC (bootstrap CI), TPR
     at 1% and 5% FPR (threshold set on ``neg``; Wilson CI over the positives, given that
-    threshold), and TPR and FPR at ``threshold`` (Wilson CIs)."""
+    threshold), and TPR and FPR at ``threshold`` (Wilson CIs).
+
+    Each TPR at an FPR also records ``fpr_reached`` (the share of ``neg`` above its threshold,
+    which the FPR's step of 1/len(neg) can put below the target) and ``too_few_negatives``:
+    with fewer than 1/FPR benign logits (under 100 for 1%), not one may fire, so that figure
+    is the TPR at 0% FPR, stricter than its name; the tables mark it (``stats.FEW_NEGATIVES``)."""
     from .evaluation.stats import proportion
 
     out: dict[str, Any] = {"auroc": _auroc_ci(pos.tolist(), neg.tolist())}
     for f in (0.01, 0.05):
         if len(neg) and len(pos):
             t = threshold_at_fpr(neg, f)
-            out[f"tpr_at_fpr_{f:g}"] = proportion(int((pos > t).sum()), len(pos)) | {"threshold": t}
+            out[f"tpr_at_fpr_{f:g}"] = proportion(int((pos > t).sum()), len(pos)) | {
+                "threshold": t, "fpr_reached": proportion(int((neg > t).sum()), len(neg)),
+                "too_few_negatives": len(neg) * f < 1 - 1e-9}
     out["tpr_at_threshold"] = proportion(int((pos > threshold).sum()), len(pos))
     out["fpr_at_threshold"] = proportion(int((neg > threshold).sum()), len(neg))
     return out
@@ -1702,7 +1710,7 @@ def report_table(rep: dict) -> str:
         c = rep[name]
         a = c["auroc"]
         auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
-        lines.append(f"{name:<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}{pct(c.get('tpr_at_fpr_0.05', {})):<24}"
+        lines.append(f"{name:<26}{auc:<24}{tpr_at_fpr_text(c, 0.01, pct):<24}{tpr_at_fpr_text(c, 0.05, pct):<24}"
                      f"{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
     lines.append(f"{'set':<26}{'fires on [95% CI]':<24}n")
     for name, p in rep["fired"].items():
@@ -1747,8 +1755,8 @@ def report_table(rep: dict) -> str:
             c = up["harmful_vs_benign"]
             a = c["auroc"]
             auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
-            lines.append(f"{'yours: harmful vs benign':<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
-                         f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
+            lines.append(f"{'yours: harmful vs benign':<26}{auc:<24}{tpr_at_fpr_text(c, 0.01, pct):<24}"
+                         f"{tpr_at_fpr_text(c, 0.05, pct):<24}{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
     held_rows = []
     for src, r in rep.get("leave_one_source_out", {}).get("sources", {}).items():
         for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign"):
@@ -1757,8 +1765,8 @@ def report_table(rep: dict) -> str:
             c = r[name]
             a = c["auroc"]
             auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
-            held_rows.append(f"{'LOSO ' + src + ' ' + name.split('_')[0]:<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
-                             f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(c['tpr_at_threshold']):<24}"
+            held_rows.append(f"{'LOSO ' + src + ' ' + name.split('_')[0]:<26}{auc:<24}{tpr_at_fpr_text(c, 0.01, pct):<24}"
+                             f"{tpr_at_fpr_text(c, 0.05, pct):<24}{pct(c['tpr_at_threshold']):<24}"
                              f"{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
     lofo = rep.get("leave_one_family_out")
     nested = lofo.get("at_family_threshold_nested") if lofo and "skipped" not in lofo else None
@@ -1769,8 +1777,8 @@ def report_table(rep: dict) -> str:
         # at the gate's own threshold: for a raised gate (family_fpr) the nested figure, the raise
         # set on other families (the in-sample one would be the target rate by construction)
         at = nested if nested else c
-        held_rows.append(f"{'LOFO wrapped (train fam.)':<26}{auc:<24}{pct(c.get('tpr_at_fpr_0.01', {})):<24}"
-                         f"{pct(c.get('tpr_at_fpr_0.05', {})):<24}{pct(at['tpr_at_threshold']):<24}"
+        held_rows.append(f"{'LOFO wrapped (train fam.)':<26}{auc:<24}{tpr_at_fpr_text(c, 0.01, pct):<24}"
+                         f"{tpr_at_fpr_text(c, 0.05, pct):<24}{pct(at['tpr_at_threshold']):<24}"
                          f"{pct(at['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
     if held_rows:
         lines.append(f"{'held out (refit without)':<26}{'AUROC [95% CI]':<24}{'TPR@1%FPR':<24}{'TPR@5%FPR':<24}"
@@ -1788,4 +1796,6 @@ def report_table(rep: dict) -> str:
         else:
             lines.append(f"  LOFO: {lofo['families']} train template families in {len(lofo['folds'])} folds, at the gate's "
                          "threshold")
+    if few_negatives(rep):
+        lines.append(FEW_NEGATIVES_NOTE)
     return "\n".join(lines)

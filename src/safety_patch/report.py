@@ -418,6 +418,8 @@ def blocks(rd: RunData) -> list[tuple]:
 
 def gate_blocks(g: dict) -> list[tuple]:
     """The gate's reliability on the held-out split (``gate eval``'s report, gate_fit.evaluate_gate)."""
+    from .evaluation.stats import FEW_NEGATIVES_NOTE, tpr_at_fpr_text
+
     def auc(a: dict) -> str:
         return "n/a" if a.get("value") is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
 
@@ -432,10 +434,13 @@ def gate_blocks(g: dict) -> list[tuple]:
     rows = []
     for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign", "harmful_vs_benign"):
         c = g[name]
-        rows.append([name, auc(c["auroc"]), _pct(c.get("tpr_at_fpr_0.01")), _pct(c.get("tpr_at_fpr_0.05")),
+        rows.append([name, auc(c["auroc"]), tpr_at_fpr_text(c, 0.01, _pct), tpr_at_fpr_text(c, 0.05, _pct),
                      _pct(c["tpr_at_threshold"]), _pct(c["fpr_at_threshold"])])
     B.append(("table", ["comparison", "AUROC [95% CI]", "TPR at 1% FPR", "TPR at 5% FPR", "TPR at threshold",
                         "FPR at threshold"], rows))
+    if any(c.get("too_few_negatives") for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign", "harmful_vs_benign")
+           for c in (g[name].get("tpr_at_fpr_0.01") or {}, g[name].get("tpr_at_fpr_0.05") or {})):
+        B.append(("p", FEW_NEGATIVES_NOTE + "."))
     B.append(("table", ["set", "the gate fires on"], [[k, _pct(v)] for k, v in g["fired"].items()]))
     if (lk := g.get("written_lookalikes")) and "skipped" not in lk:
         if lk.get("method") == "cross-fit":

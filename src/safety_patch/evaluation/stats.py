@@ -39,3 +39,26 @@ def bootstrap_mean(xs: Sequence[float], n_boot: int = 2000, seed: int = 0) -> di
 def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
     """CI of mean(b - a) over paired items (patched minus base)."""
     return bootstrap_mean([y - x for x, y in zip(a, b, strict=True)], n_boot, seed)
+
+
+FEW_NEGATIVES = "†"
+"""Marks a TPR at an FPR read off fewer than 1/FPR benign prompts (``gate_fit.discrimination``): the
+TPR at 0% FPR. Printed tables end with :data:`FEW_NEGATIVES_NOTE` when any figure has it."""
+FEW_NEGATIVES_NOTE = (f"{FEW_NEGATIVES} fewer benign prompts than 1/FPR (100 for 1%, 20 for 5%): no benign prompt may "
+                      "fire, so this is the TPR at 0% FPR")
+
+
+def tpr_at_fpr_text(c: dict, f: float, fmt) -> str:
+    """``c``'s TPR at FPR ``f`` formatted by ``fmt`` (a proportion dict -> str), marked with
+    :data:`FEW_NEGATIVES` when it was read off too few benign prompts."""
+    p = c.get(f"tpr_at_fpr_{f:g}") or {}
+    return fmt(p) + (FEW_NEGATIVES if p.get("too_few_negatives") else "")
+
+
+def few_negatives(rep) -> bool:
+    """Whether any TPR at an FPR anywhere in a report was read off too few benign prompts."""
+    if isinstance(rep, dict):
+        return rep.get("too_few_negatives") is True or any(few_negatives(v) for v in rep.values())
+    if isinstance(rep, list):
+        return any(few_negatives(v) for v in rep)
+    return False
