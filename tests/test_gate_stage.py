@@ -659,3 +659,52 @@ def test_a_tpr_at_an_fpr_read_off_too_few_benign_prompts_says_so(n_neg, few_1, f
          ("direct_vs_benign", "wrapped_vs_wrapped_benign", "harmful_vs_benign")}}
     md = to_markdown(gate_blocks(g), Path("."))
     assert (FEW_NEGATIVES_NOTE in md) is (few_1 or few_5)
+
+
+def _walk_numbers(a, b, path=""):
+    """Pairs of numbers at the same place in two JSON-like reports (their shapes must match)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), path
+        for k in a:
+            if k != "seconds":  # wall time, the one field that may differ
+                yield from _walk_numbers(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            yield from _walk_numbers(x, y, f"{path}[{i}]")
+    elif isinstance(a, (int, float)) and not isinstance(a, bool):
+        yield path, a, b
+    else:
+        assert a == b, path
+
+
+def test_gate_eval_reads_each_prompt_once_and_reports_what_per_list_reads_report(gate_dir, lm, data_dir, tmp_path,
+                                                                                 monkeypatch):
+    """The report's lists overlap (the split's benign prompts in every leave-one-source-out
+    comparison, the sources' train requests in the pool, the prefill attack on the split's own
+    prompts): through the bank each prompt is read once, none the fit already read, and every
+    figure is what reading each list on its own gives (to float rounding of the features)."""
+    import safety_patch.gate_fit as gf
+
+    monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
+    fit_gate_on_data(lm.model, lm.tokenizer, data_dir, CFG, fingerprint=lm.fingerprint)  # the pool, cached
+    harmful, benign, _ = gf.gate_prompts(data_dir, CFG)
+    pool = {tuple(p) for p in gf.encode(lm.tokenizer, harmful + benign)}
+    real, read = gf.features_at, []
+    monkeypatch.setattr(gf, "features_at", lambda m, t, prompts, *a, **k: read.extend(map(tuple, prompts))
+                        or real(m, t, prompts, *a, **k))
+    kw = {"split": "test", "loso": True, "lofo": True, "attacks": ["past_tense", "prefill", "base64"]}
+    got = gf.evaluate_gate(lm, gate_dir, data_dir, **kw)
+    assert read and len(read) == len(set(read))  # each prompt read once
+    assert not set(read) & pool  # the pool's prompts came from the fit's cache
+    once = list(read)
+    # the same report with each list read on its own (the path before the bank)
+    monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home2"))
+    monkeypatch.setattr(gf.FeatureBank, "read", lambda self, prompts, layers: gf.cached_features(
+        self.model, self.tokenizer, prompts, layers, self.batching, self.fingerprint))
+    monkeypatch.setattr(gf.FeatureBank, "add", lambda self, *a: None)
+    read.clear()
+    want = gf.evaluate_gate(lm, gate_dir, data_dir, **kw)
+    assert len(read) > len(once) + len(pool) // 2  # per list, the overlaps and the pool are read again
+    for path, x, y in _walk_numbers(got, want):
+        assert x == pytest.approx(y, abs=1e-5), path

@@ -553,25 +553,88 @@ WRITTEN_SOURCE = "written"
 
 
 def pool_features(model, tokenizer, harmful: Sequence, benign: Sequence, counts: dict, layer: int | Sequence[int],
-                  batching: Batching = BATCHING, fingerprint: str | None = None) -> torch.Tensor:
+                  batching: Batching = BATCHING, fingerprint: str | None = None,
+                  bank: FeatureBank | None = None) -> torch.Tensor:
     """Features of the gate pool ``harmful + benign`` ([n, hidden]): the hand-written positives
     (the last ``counts["written_harmful"]`` harmful prompts) and look-alikes (the last
     ``counts["written_lookalikes"]`` benign ones) are read apart from the rest, so the rest reuses
-    the cache of a fit without them (:func:`cached_features`)."""
+    the cache of a fit without them (:func:`cached_features`). Always read as a fit reads them
+    (the refits must see the fit's own features); with ``bank``, also deposited in it, so a
+    report's later lists skip the pool prompts they hold."""
+    ids_h, ids_b = encode(tokenizer, list(harmful)), encode(tokenizer, list(benign))
     n_w, n_l = counts.get("written_harmful", 0), counts.get("written_lookalikes", 0)
     if not n_w and not n_l:
-        return cached_features(model, tokenizer, encode(tokenizer, list(harmful) + list(benign)), layer, batching,
-                               fingerprint)
-    k, j = len(harmful) - n_w, len(benign) - n_l
-    base = cached_features(model, tokenizer, encode(tokenizer, list(harmful[:k]) + list(benign[:j])), layer, batching,
-                           fingerprint)
-    parts = [base[:k]]
-    if n_w:
-        parts.append(cached_features(model, tokenizer, encode(tokenizer, list(harmful[k:])), layer, batching, fingerprint))
-    parts.append(base[k:])
-    if n_l:
-        parts.append(cached_features(model, tokenizer, encode(tokenizer, list(benign[j:])), layer, batching, fingerprint))
-    return torch.cat(parts)
+        out = cached_features(model, tokenizer, ids_h + ids_b, layer, batching, fingerprint)
+    else:
+        k, j = len(harmful) - n_w, len(benign) - n_l
+        base = cached_features(model, tokenizer, ids_h[:k] + ids_b[:j], layer, batching, fingerprint)
+        parts = [base[:k]]
+        if n_w:
+            parts.append(cached_features(model, tokenizer, ids_h[k:], layer, batching, fingerprint))
+        parts.append(base[k:])
+        if n_l:
+            parts.append(cached_features(model, tokenizer, ids_b[j:], layer, batching, fingerprint))
+        out = torch.cat(parts)
+    if bank is not None:
+        bank.add(ids_h + ids_b, out, layer)
+    return out
+
+
+class FeatureBank:
+    """Gate features by prompt (token ids) for one model, layer set, batching and feature cache:
+    what :func:`evaluate_gate`'s lists read, so that a prompt is read once however many of them
+    hold it. They overlap: a split's benign and wrapped prompts are in every leave-one-source-out
+    comparison, a source's train requests and the hand-written look-alikes are in the gate's pool,
+    the prefill attack reads the split's own prompts: on the ``reproduce --quick`` gate stage the
+    report read 2,132 prompts (195k tokens) on its own lists and 994 (114k) through a bank, 1.76x
+    faster (bench/gate_eval.py, session 29). :meth:`read` reads a list's prompts not yet held in one
+    :func:`cached_features` pass and assembles the list from the bank; :meth:`add` deposits a
+    list read elsewhere (the pool, as the fit read it). A prompt keeps the features of the first
+    list that read it, which equal any other list's read to float rounding (:func:`features`);
+    within one command the order of the reads, and so every value, is fixed."""
+
+    def __init__(self, model, tokenizer, layers: int | Sequence[int], batching: Batching = BATCHING,
+                 fingerprint: str | None = None):
+        self.model, self.tokenizer, self.batching, self.fingerprint = model, tokenizer, batching, fingerprint
+        self.layers = _layer_tuple(layers)
+        self.rows: dict[tuple[int, ...], torch.Tensor] = {}
+        self.read_prompts = 0  # prompts this bank sent to cached_features (the rest it held)
+
+    def add(self, prompts: Sequence[Sequence[int]], x: torch.Tensor, layers: int | Sequence[int]) -> None:
+        """Hold ``x``'s rows ([len(prompts), k·hidden]) for ``prompts``, read at ``layers`` (ignored
+        unless they are the bank's); a prompt already held keeps its first features."""
+        if _layer_tuple(layers) != self.layers:
+            return
+        for p, row in zip(prompts, x, strict=True):
+            self.rows.setdefault(tuple(p), row)
+
+    def read(self, prompts: Sequence[Sequence[int]], layers: int | Sequence[int]) -> torch.Tensor:
+        """:func:`cached_features` of ``prompts`` at ``layers`` ([n, k·hidden]), reading only the
+        prompts not held (once each, in first-seen order); at other layers than the bank's, a
+        plain :func:`cached_features` call."""
+        if _layer_tuple(layers) != self.layers:
+            return cached_features(self.model, self.tokenizer, prompts, layers, self.batching, self.fingerprint)
+        missing = list(dict.fromkeys(tuple(p) for p in prompts if tuple(p) not in self.rows))
+        if missing:
+            self.read_prompts += len(missing)
+            x = cached_features(self.model, self.tokenizer, [list(p) for p in missing], self.layers, self.batching,
+                                self.fingerprint)
+            self.add(missing, x, self.layers)
+        if not prompts:
+            return torch.zeros(0, len(self.layers) * getattr(self.model.config, "hidden_size", 0))
+        return torch.stack([self.rows[tuple(p)] for p in prompts])
+
+
+def _layer_tuple(layers: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(layers),) if isinstance(layers, int) else tuple(int(v) for v in layers)
+
+
+def _read(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int | Sequence[int], batching: Batching,
+          fingerprint: str | None, bank: FeatureBank | None) -> torch.Tensor:
+    """:func:`cached_features`, through ``bank`` when one is given."""
+    if bank is not None:
+        return bank.read(prompts, layer)
+    return cached_features(model, tokenizer, prompts, layer, batching, fingerprint)
 
 
 HELD_OUT_SETS = ("harmful_direct", "harmful_wrapped", "borderline", "general", "wrapped_benign")
@@ -651,13 +714,14 @@ def attack_prompts(data, split: str, attacks: Sequence[str]) -> dict[str, dict[s
 
 
 def attack_scores(model, tokenizer, gate: Gate, sets: dict[str, dict[str, list[tuple[list[dict], str]]]],
-                  batching: Batching = BATCHING, fingerprint: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+                  batching: Batching = BATCHING, fingerprint: str | None = None,
+                  bank: FeatureBank | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """The gate's logits on :func:`attack_prompts`' sets, read where routing reads: at the last
     token of the rendered prompt, before any prefill (generation.generate routes on the prompt
     alone, so a prefill cannot move where the gate reads) ({attack: {"harmful": [n], "benign": [m]}})."""
     flat = [(a, k, it) for a, s in sets.items() for k in ("harmful", "benign") for it in s[k]]
     ids = encode(tokenizer, [m for _, _, (m, _) in flat])
-    z = gate.scores(cached_features(model, tokenizer, ids, gate.layers, batching, fingerprint)) if ids else torch.zeros(0)
+    z = gate.scores(_read(model, tokenizer, ids, gate.layers, batching, fingerprint, bank)) if ids else torch.zeros(0)
     out: dict[str, dict[str, list]] = {a: {"harmful": [], "benign": []} for a in sets}
     for (a, k, _), v in zip(flat, z.tolist(), strict=True):
         out[a][k].append(v)
@@ -922,21 +986,22 @@ def reliability(scores: dict[str, torch.Tensor], threshold: float) -> dict:
 
 
 def held_out_scores(model, tokenizer, gate: Gate, data, split: str = "val", seed: int = 0,
-                    batching: Batching = BATCHING,
-                    fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+                    batching: Batching = BATCHING, fingerprint: str | None = None,
+                    bank: FeatureBank | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """The gate's logits on every held-out set of ``split`` ({set: [n]}) and the set sizes."""
-    x, sizes = held_out_features(model, tokenizer, gate.layers, data, split, seed, batching, fingerprint)
+    x, sizes = held_out_features(model, tokenizer, gate.layers, data, split, seed, batching, fingerprint, bank)
     return _by_set(gate.scores(x), sizes), sizes
 
 
 def held_out_features(model, tokenizer, layer: int | Sequence[int], data, split: str = "val", seed: int = 0,
-                      batching: Batching = BATCHING, fingerprint: str | None = None) -> tuple[torch.Tensor, dict[str, int]]:
+                      batching: Batching = BATCHING, fingerprint: str | None = None,
+                      bank: FeatureBank | None = None) -> tuple[torch.Tensor, dict[str, int]]:
     """Layer ``layer``'s features of every held-out set of ``split``, one after the other in
     :data:`HELD_OUT_SETS` order ([n, hidden]), and the set sizes (:func:`_by_set` splits rows)."""
     sets = held_out_prompts(data, split, seed)
     names = [k for k in HELD_OUT_SETS if sets[k]]
     ids = encode(tokenizer, [m for k in names for m in sets[k]])
-    return cached_features(model, tokenizer, ids, layer, batching, fingerprint), {k: len(v) for k, v in sets.items()}
+    return _read(model, tokenizer, ids, layer, batching, fingerprint, bank), {k: len(v) for k, v in sets.items()}
 
 
 def _by_set(rows: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
@@ -1078,7 +1143,8 @@ def held_out_requests(data, sources: Sequence[str], split: str = "val",
 
 
 def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str = "val",
-                         batching: Batching = BATCHING, fingerprint: str | None = None) -> dict:
+                         batching: Batching = BATCHING, fingerprint: str | None = None,
+                         bank: FeatureBank | None = None) -> dict:
     """Refit the gate without each harmful source and measure it on that source: {source: report}.
 
     Per harmful source S of ``train.jsonl`` (``meta.source``; two or more needed): the probe is
@@ -1108,8 +1174,8 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     model.eval()
     # The pool's features are read with the very list the fit reads (fit_gate_on_data), so a
     # report after a fit (the reproduce gate stage, `gate eval` after `gate fit`) reuses them.
-    x_train = pool_features(model, tokenizer, harmful, benign, counts, layer, batching, fingerprint)
-    x_test = cached_features(model, tokenizer, encode(tokenizer, tests), layer, batching, fingerprint)
+    x_train = pool_features(model, tokenizer, harmful, benign, counts, layer, batching, fingerprint, bank)
+    x_test = _read(model, tokenizer, encode(tokenizer, tests), layer, batching, fingerprint, bank)
     y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
     src = list(sources) + [None] * len(benign)
     out: dict[str, Any] = {}
@@ -1156,7 +1222,8 @@ LOFO_FOLDS = 5
 
 
 def leave_one_family_out(model, tokenizer, data, cfg: GateFitConfig, split: str = "val", folds: int = LOFO_FOLDS,
-                         seed: int | None = None, batching: Batching = BATCHING, fingerprint: str | None = None) -> dict:
+                         seed: int | None = None, batching: Batching = BATCHING, fingerprint: str | None = None,
+                         bank: FeatureBank | None = None) -> dict:
     """Leave-one-template-family-out, cross-fitted over the *train* split's template families.
 
     The train templates' families are dealt into ``folds`` groups (shuffled with ``seed``; None:
@@ -1191,9 +1258,9 @@ def leave_one_family_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
         raise SafetyPatchError(f"{d.file('templates')}: {why}")
     layer = model_layers(model, cfg)
     model.eval()
-    x = pool_features(model, tokenizer, harmful, benign, counts, layer, batching, fingerprint)
+    x = pool_features(model, tokenizer, harmful, benign, counts, layer, batching, fingerprint, bank)
     # the split's features as a fit reads them (fit_gate_on_data), so a report after a fit reuses them
-    x_split, sizes = held_out_features(model, tokenizer, layer, d, split, cfg.seed, batching, fingerprint)
+    x_split, sizes = held_out_features(model, tokenizer, layer, d, split, cfg.seed, batching, fingerprint, bank)
     feats = _by_set(x_split, sizes)
     x_neg = torch.cat([feats[k] for k in THRESHOLD_POOL if k in feats])
     return {"split": split, "layer": layer[0], **({"extra_layers": list(layer[1:])} if len(layer) > 1 else {}),
@@ -1510,7 +1577,7 @@ def user_prompt_sets(harmful: str | Path | None = None, benign: str | Path | Non
 
 
 def user_prompt_report(model, tokenizer, gate: Gate, sets: dict[str, dict], batching: Batching = BATCHING,
-                       fingerprint: str | None = None) -> dict:
+                       fingerprint: str | None = None, bank: FeatureBank | None = None) -> dict:
     """The gate on a user's own prompts (:func:`user_prompt_sets`): per file the share it fires on
     (``caught`` for harmful, ``fired`` for benign: each a safe prompt sent to the refusal adapter),
     overall and by category (Wilson 95% intervals), with the prompts it missed / fired on; with
@@ -1525,8 +1592,8 @@ def user_prompt_report(model, tokenizer, gate: Gate, sets: dict[str, dict], batc
         if kind not in sets:
             continue
         u = sets[kind]
-        z[kind] = gate.scores(cached_features(model, tokenizer, encode(tokenizer, u["prompts"]), gate.layers, batching,
-                                              fingerprint))
+        z[kind] = gate.scores(_read(model, tokenizer, encode(tokenizer, u["prompts"]), gate.layers, batching,
+                                    fingerprint, bank))
         fires = (z[kind] > gate.threshold).tolist()
         by: dict[str, list[int]] = {}
         for c, f in zip(u["categories"], fires, strict=True):
@@ -1563,15 +1630,18 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
         raise SafetyPatchError(f"{Path(gate_dir) / GATE_JSON}: the gate was fit on base {gmeta['base']['fingerprint'][:12]}…, "
                                f"the model is {lm.fingerprint[:12]}…")
     t0 = time.time()
-    scores, sizes = held_out_scores(lm.model, lm.tokenizer, gate, data_dir, split, seed, batching, lm.fingerprint)
+    # Every list below is read through one bank: the lists overlap, and a prompt is read once.
+    bank = FeatureBank(lm.model, lm.tokenizer, gate.layers, batching, lm.fingerprint)
+    scores, sizes = held_out_scores(lm.model, lm.tokenizer, gate, data_dir, split, seed, batching, lm.fingerprint, bank)
     rep = reliability(scores, gate.threshold)
     attacks = unseen_attacks(data_dir) if attacks is None else list(attacks)
     if attacks:
         sets = attack_prompts(data_dir, split, attacks)
-        rep["attacks"] = attack_report(attack_scores(lm.model, lm.tokenizer, gate, sets, batching, lm.fingerprint),
+        rep["attacks"] = attack_report(attack_scores(lm.model, lm.tokenizer, gate, sets, batching, lm.fingerprint, bank),
                                        gate.threshold)
     if user_sets:
-        rep["user_prompts"] = user_prompt_report(lm.model, lm.tokenizer, gate, user_sets, batching, lm.fingerprint)
+        rep["user_prompts"] = user_prompt_report(lm.model, lm.tokenizer, gate, user_sets, batching, lm.fingerprint,
+                                                 bank)
     cfg = recorded_config(gmeta, gate, str(Path(gate_dir) / GATE_JSON))
     # Refits (the look-alike cross-fit, leave one source / family out) draw the gate's pool from
     # data_dir: on another folder than the gate's own they fit another gate than the file.
@@ -1582,13 +1652,13 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
                                                 f"{fit_on[:12]}…) than {data_dir}: a refit here would be another gate"}
     else:
         rep["written_lookalikes"] = lookalike_report(lm.model, lm.tokenizer, gate, cfg, batching, lm.fingerprint,
-                                                     data_dir)
+                                                     data_dir, bank)
     if loso:
         rep["leave_one_source_out"] = leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, split, batching,
-                                                           lm.fingerprint)
+                                                           lm.fingerprint, bank)
     if lofo:
         rep["leave_one_family_out"] = leave_one_family_out(lm.model, lm.tokenizer, data_dir, cfg, split,
-                                                           batching=batching, fingerprint=lm.fingerprint)
+                                                           batching=batching, fingerprint=lm.fingerprint, bank=bank)
     notes = []
     if split == "val" and gmeta.get("threshold_from"):
         notes.append("the threshold was chosen on this split (target_fpr): its false-positive rate here is not an "
@@ -1612,7 +1682,7 @@ USER_PROMPTS_SHOWN = 5
 
 
 def lookalike_report(model, tokenizer, gate: Gate, cfg: GateFitConfig, batching: Batching = BATCHING,
-                     fingerprint: str | None = None, data=None) -> dict:
+                     fingerprint: str | None = None, data=None, bank: FeatureBank | None = None) -> dict:
     """The share of the hand-written safe look-alikes (``data.prompts.gate_lookalike_prompts``: 176
     prompts in 19 categories, such as public and fictional figures' privacy, safe contexts, nonsense
     discrimination) the gate fires on, overall and by category, each a Wilson 95% interval, and
@@ -1638,22 +1708,23 @@ def lookalike_report(model, tokenizer, gate: Gate, cfg: GateFitConfig, batching:
 
     rows = gate_lookalike_prompts()
     convs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
-    x_look = cached_features(model, tokenizer, encode(tokenizer, convs), gate.layers, batching, fingerprint)
+    if cfg.written_lookalikes and data is None:
+        return {"skipped": "this gate was fit on them (written_lookalikes) and no data folder was given to refit it "
+                           "without them"}
+    layers = tuple(gate.layers)
+    if cfg.written_lookalikes:  # the pool first: it holds the lines as written, so a bank reads them once
+        d = DataFolder.of(data)
+        harmful, benign, counts, _ = _gate_pool(d, cfg)
+        model.eval()
+        x = pool_features(model, tokenizer, harmful, benign, counts, layers, batching, fingerprint, bank)
+    x_look = _read(model, tokenizer, encode(tokenizer, convs), layers, batching, fingerprint, bank)
     fired = (gate.scores(x_look) > gate.threshold).tolist()
     extra: dict[str, Any] = {"method": "unseen"}
     if cfg.written_lookalikes:
-        if data is None:
-            return {"skipped": "this gate was fit on them (written_lookalikes) and no data folder was given to refit it "
-                               "without them"}
-        d = DataFolder.of(data)
-        harmful, benign, counts, _ = _gate_pool(d, cfg)
-        layers = tuple(gate.layers)
-        model.eval()
-        x = pool_features(model, tokenizer, harmful, benign, counts, layers, batching, fingerprint)
         y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
         templates = d.templates("train")
         fam = [template_family(m[-1]["content"], templates) for m in harmful + benign]
-        x_val, sizes = held_out_features(model, tokenizer, layers, d, "val", cfg.seed, batching, fingerprint)
+        x_val, sizes = held_out_features(model, tokenizer, layers, d, "val", cfg.seed, batching, fingerprint, bank)
         norm = _norm_of(model, cfg)
         # The look-alike block closes the benign side: the kept lines as written, then each re-asked.
         n_block = counts["written_lookalikes"]
