@@ -380,6 +380,7 @@ def test_gate_folders_written_before_the_two_layer_default_are_refit_as_they_wer
     raw = json.loads((old / GATE_JSON).read_text())
     for k in ("extra_depths", "written_harmful_more", "written_lookalikes") + (("extra_layers", "extra_weight", "family_fpr") if era == "before-layers" else ()):
         raw["config"].pop(k)
+    raw.pop("binding")  # written before gate.json carried one
     (old / GATE_JSON).write_text(json.dumps(raw))
     gate, meta = read_gate_folder(old)
     rec = recorded_config(meta, gate)
@@ -391,6 +392,7 @@ def test_gate_folders_written_before_the_two_layer_default_are_refit_as_they_wer
     with pytest.raises(SafetyPatchError, match=r"gate.json: config key 'pooling' unknown to this safety-patch"):
         recorded_config({**raw, "config": {**raw["config"], "pooling": "mean"}}, gate)  # not refit as another gate
     rep = evaluate_gate(lm, old, data_dir, "val", loso=True, attacks=[], lofo=True)
+    assert "has no binding" in rep["note"]  # its config is read as it stands, and the report says so
     assert rep["leave_one_family_out"]["layer"] == 1 and "extra_layers" not in rep["leave_one_family_out"]
     assert "raise_for_family_fpr" not in rep["leave_one_family_out"]
 

@@ -98,6 +98,21 @@ def test_tampered_gate_folders_are_refused(gate_dir, tmp_path):
     (g / GATE_JSON).write_text("{not json")
     with pytest.raises(SafetyPatchError, match=r"gate.json: invalid JSON"):
         read_gate_folder(g)
+    # what the gate is for and how it was fit is bound: another base, config or data folder written
+    # in by hand is refused (it would gate another model's patches, or be refit as another gate)
+    other = {"base": {**meta["base"], "fingerprint": "f" * 64}, "config": {**meta["config"], "l2": 0.5},
+             "data": {**meta["data"], "manifest_sha256": "0" * 64}}
+    for k, v in other.items():
+        (g / GATE_JSON).write_text(json.dumps(meta | {k: v}))
+        with pytest.raises(SafetyPatchError, match=r"gate.json: field 'binding' does not match base.fingerprint, "
+                                                   r"config, data.manifest_sha256 and files"):
+            read_gate_folder(g)
+    (g / GATE_JSON).write_text(json.dumps(meta | {"binding": "x"}))
+    with pytest.raises(SafetyPatchError, match=r"gate.json: field 'binding' is invalid"):
+        read_gate_folder(g)
+    # a gate.json from before bindings reads as before (its file's hash is still checked)
+    (g / GATE_JSON).write_text(json.dumps({k: v for k, v in meta.items() if k != "binding"} | {"config": other["config"]}))
+    assert read_gate_folder(g)[1]["config"]["l2"] == 0.5
     # the gate file edited (a new threshold written in gate.py's own format): its sha256 no longer matches
     g = _copy(gate_dir, tmp_path / "b")
     gate = Gate.load(g)

@@ -39,7 +39,7 @@ from . import textsim
 from .errors import SafetyPatchError
 from .evaluation.stats import FEW_NEGATIVES_NOTE, few_negatives, tpr_at_fpr_text
 from .gate import GATE_FILE, Gate, layer_states
-from .patch_schema import BaseInfo, _Strict
+from .patch_schema import BaseInfo, Sha256, _Strict
 
 GATE_JSON = "gate.json"
 GATE_KIND = "safety-patch/gate"
@@ -1373,11 +1373,34 @@ class GateManifest(_Strict):
     versions: dict[str, Any] | None = None
     fit_seconds: float | None = None
     created: str | None = None
+    binding: Sha256 | None = None
+    """:func:`gate_binding` of the fields that say what the gate is for and how it was fit; absent
+    only in gate folders written before 2026-12-03."""
 
 
 def gate_id(sha256: str) -> str:
     """A gate's identity: the first 16 hex digits of its gate.safetensors sha256."""
     return sha256[:16]
+
+
+GATE_BOUND_FIELDS = "base.fingerprint, config, data.manifest_sha256 and files"
+"""What :func:`gate_binding` covers, as error messages name it."""
+
+
+def gate_binding(meta: dict) -> str:
+    """sha256 over what a gate folder's ``gate.json`` says the gate *is* beyond its file: the base
+    it reads (``base.fingerprint``: which model's hidden states, so which patches it may gate),
+    the config it was fit with (what ``gate eval``'s refits fit again), the data folder's manifest
+    (whether a refit on a folder is a refit of this gate) and the file's hash. Stored as
+    ``binding``. As a patch's ``binding`` (patch_schema.binding_digest), not a signature: whoever
+    recomputes it can forge it; it makes a hand edit of those fields an error instead of a gate
+    silently applied to another base or refit as another gate."""
+    import hashlib
+    import json
+
+    payload = {"kind": GATE_KIND, "fingerprint": meta["base"]["fingerprint"], "config": meta["config"],
+               "data_manifest_sha256": (meta.get("data") or {}).get("manifest_sha256"), "files": meta["files"]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def write_gate_folder(out: str | Path, gate: Gate, info: dict, base: dict, cfg: GateFitConfig, data_dir: str | Path,
@@ -1402,6 +1425,7 @@ def write_gate_folder(out: str | Path, gate: Gate, info: dict, base: dict, cfg: 
                 "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir)},
                 "files": {GATE_FILE: sha}, "code": code_identity(), "versions": library_versions(),
                 "fit_seconds": info["fit_seconds"], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        meta["binding"] = gate_binding(meta)
         write_json(tmp / GATE_JSON, meta)
         read_gate_folder(tmp)
     return meta
@@ -1412,8 +1436,11 @@ def read_gate_folder(path: str | Path) -> tuple[Gate, dict]:
 
     Fails closed with one SafetyPatchError line naming file and field: no folder or no
     gate.json; gate.json not JSON or off :class:`GateManifest`; ``files`` not exactly
-    gate.safetensors; the file's sha256 or the id not what gate.json records; a gate that
-    cannot decide (gate.py); layer or threshold in gate.json not the file's.
+    gate.safetensors; the file's sha256 or the id not what gate.json records; ``binding`` not
+    :func:`gate_binding` of the fields it covers (a hand-edited base fingerprint, config or data
+    hash); a gate that cannot decide (gate.py); layer or threshold in gate.json not the file's.
+    A gate.json written before bindings (no ``binding``) is read with those fields unchecked
+    (:func:`evaluate_gate` says so in its report).
     """
     from .atomic import sha256_file
     from .patch_schema import _first_error, _load_json_object
@@ -1441,6 +1468,9 @@ def read_gate_folder(path: str | Path) -> tuple[Gate, dict]:
         raise SafetyPatchError(f"{gf}: sha256 differs from {GATE_JSON} field 'files' (file changed or damaged)")
     if man.id != gate_id(sha):
         raise SafetyPatchError(f"{gj}: field 'id' is {man.id!r}, but {GATE_FILE} hashes to id {gate_id(sha)}")
+    if man.binding is not None and man.binding != gate_binding(raw):
+        raise SafetyPatchError(f"{gj}: field 'binding' does not match {GATE_BOUND_FIELDS} (gate.json edited after "
+                               "the fit?); fit the gate again rather than edit what it was fit on")
     gate = Gate.load(path)
     if gate.layer != man.layer:
         raise SafetyPatchError(f"{gj}: field 'layer' is {man.layer}, {GATE_FILE} holds layer {gate.layer}")
@@ -1666,6 +1696,9 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
     if other_data and (loso or lofo):
         notes.append(f"the gate was fit on another data folder (manifest {fit_on[:12]}…): the leave-one-out refits "
                      f"fit this folder's pool, so they measure a gate like this one, not this one")
+    if gmeta.get("binding") is None:
+        notes.append(f"{GATE_JSON} has no binding (written before 2026-12-03): its {GATE_BOUND_FIELDS.replace(' and files', '')} "
+                     "are not checked against hand edits, so the refits fit the config as it now reads")
     note = "; ".join(notes) or None
     return {"kind": "safety-patch/gate-eval", "gate": {"path": str(gate_dir), "id": gmeta["id"], "layer": gate.layer,
                                                        **({"extra_layers": list(gate.extra_layers)}
