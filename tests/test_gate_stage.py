@@ -272,11 +272,15 @@ def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
                  "--out", str(rep)]) == 0
     lk = json.loads(rep.read_text())["written_lookalikes"]
     assert lk["method"] == "cross-fit" and lk["fired"]["n"] == 176 and len(lk["refit_thresholds"]) == 2
-    # a gate fit on another data folder: no refit claims to measure it
+    # a gate fit on another data folder (its gate.json as such a fit writes it, binding included):
+    # no refit claims to measure it
+    from safety_patch.gate_fit import gate_binding
+
     moved = tmp_path / "moved"
     shutil.copytree(g, moved)
     raw = json.loads((moved / GATE_JSON).read_text())
     raw["data"]["manifest_sha256"] = "0" * 64
+    raw["binding"] = gate_binding(raw)
     (moved / GATE_JSON).write_text(json.dumps(raw))
     assert main(["gate", "eval", "--gate", str(moved), "--data", str(data_dir), "--model", str(tiny_dir), "--attacks",
                  "none", "--leave-one-family-out", "--out", str(rep)]) == 0
