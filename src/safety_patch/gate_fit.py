@@ -598,7 +598,6 @@ class FeatureBank:
         self.model, self.tokenizer, self.batching, self.fingerprint = model, tokenizer, batching, fingerprint
         self.layers = _layer_tuple(layers)
         self.rows: dict[tuple[int, ...], torch.Tensor] = {}
-        self.read_prompts = 0  # prompts this bank sent to cached_features (the rest it held)
 
     def add(self, prompts: Sequence[Sequence[int]], x: torch.Tensor, layers: int | Sequence[int]) -> None:
         """Hold ``x``'s rows ([len(prompts), k·hidden]) for ``prompts``, read at ``layers`` (ignored
@@ -616,7 +615,6 @@ class FeatureBank:
             return cached_features(self.model, self.tokenizer, prompts, layers, self.batching, self.fingerprint)
         missing = list(dict.fromkeys(tuple(p) for p in prompts if tuple(p) not in self.rows))
         if missing:
-            self.read_prompts += len(missing)
             x = cached_features(self.model, self.tokenizer, [list(p) for p in missing], self.layers, self.batching,
                                 self.fingerprint)
             self.add(missing, x, self.layers)
