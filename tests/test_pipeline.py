@@ -1,6 +1,7 @@
 """End to end: `reproduce` on a tiny random model produces the exact run tree and the report."""
 
 import json
+import re
 import time
 
 from safety_patch.pipeline import make_plan, reproduce
@@ -62,6 +63,20 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     assert "borderline not answered base" in md and "borderline refusal" not in md
     assert "24 for a data-mixing arm" in md
     assert "for LoRA)" not in md and ("KL interval" in md or "KL intervals overlap" in md)
+    # every markdown table row has as many cells as its header (a "||" in a header is escaped, not a column)
+    lines = md.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|---"):
+            cols = line.count("|") - 1
+            for row in [lines[i - 1]] + [r for r in lines[i + 1:] if r.startswith("| ")][:1]:
+                assert row.replace("\\|", "").count("|") - 1 == cols, row
+    assert "KL(base\\|\\|patched)" in md
+    # attack success shows the count behind each rate; the stages are listed in the order they ran, then the whole run
+    run_info = json.loads((run / "run.json").read_text())
+    per_attack = md.split("## Attack success per attack")[1].split("##")[0]
+    assert re.search(r"\] \(\d+/\d+\) \|", per_attack)
+    timing_rows = [r.split(" | ")[0][2:] for r in md.split("## Stage timings")[1].splitlines() if r.startswith("| ")][1:]
+    assert timing_rows == list(run_info["timings"]) + ["whole run (stages + loading and bookkeeping)"]
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
     plug = json.loads((run / "04-plug" / "plug.json").read_text())

@@ -53,6 +53,13 @@ def _pct(p) -> str:
     return f"{100 * p['value']:.1f}% [{100 * p['ci95'][0]:.1f}, {100 * p['ci95'][1]:.1f}]"
 
 
+def _pct_kn(p) -> str:
+    """:func:`_pct` with the count behind it: "7.5% [2.6, 19.9] (3/40)"."""
+    if not p or p.get("value") is None:
+        return "-"
+    return f"{_pct(p)} ({p['k']}/{p['n']})" if "k" in p and "n" in p else _pct(p)
+
+
 def _num(m, digits=4) -> str:
     if not m or m.get("value") is None:
         return "-"
@@ -333,7 +340,8 @@ def blocks(rd: RunData) -> list[tuple]:
     for m in rd.models:
         r = rd.run_of(m, "safety")
         if r:
-            rows.append([m, _pct(r["aggregates"]["overall"])] + [_pct(r["aggregates"]["per_attack"].get(a)) for a in attacks])
+            rows.append([m, _pct_kn(r["aggregates"]["overall"])]
+                        + [_pct_kn(r["aggregates"]["per_attack"].get(a)) for a in attacks])
     B.append(("table", ["model", "overall"] + attacks, rows))
     B.append(("h2", "Attack success per category"))
     cats = sorted({c for m in rd.models if rd.run_of(m, "safety") for c in rd.run_of(m, "safety")["aggregates"]["per_category"]})
@@ -412,7 +420,11 @@ def blocks(rd: RunData) -> list[tuple]:
         B.append(("h2", "Plug-and-play"))
         B.append(("table", ["check", "value"], [[k, f"{v:.3g}"] for k, v in rd.plug.items()]))
     B.append(("h2", "Stage timings"))
-    B.append(("table", ["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in sorted(rd.info.get("timings", {}).items())]))
+    # in run order (run.json keeps the order the stages ran in), then the whole run with its overhead
+    timings = list(rd.info.get("timings", {}).items())
+    total = rd.info.get("total_seconds")
+    B.append(("table", ["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in timings]
+              + ([["whole run (stages + loading and bookkeeping)", f"{total:.0f}"]] if total is not None else [])))
     return B
 
 
@@ -445,10 +457,13 @@ def gate_blocks(g: dict) -> list[tuple]:
     if (lk := g.get("written_lookalikes")) and "skipped" not in lk:
         if lk.get("method") == "cross-fit":
             rate = lk.get("at_the_gates_rate", {}).get("fired")
+            same = bool(rate) and rate.get("k") == lk["fired"].get("k")
             how = (f"This gate was fit on them, so each half is scored by a refit that never saw it "
-                   f"({lk['folds']}-fold cross-fit): the refits fire on {_pct(lk['fired'])} at their own thresholds"
-                   + (f", and on {_pct(rate)} when each is held at the gate's own firing rate on the validation "
-                      f"benign prompts" if rate else "") + ". By category, at the refits' thresholds:")
+                   f"({lk['folds']}-fold cross-fit): the refits fire on {_pct_kn(lk['fired'])} at their own thresholds"
+                   + ((", and on the same number when each is held at the gate's own firing rate on the validation "
+                       "benign prompts" if same else
+                       f", and on {_pct_kn(rate)} when each is held at the gate's own firing rate on the validation "
+                       f"benign prompts") if rate else "") + ". By category, at the refits' thresholds:")
         else:
             how = f"The gate never saw them: it fires on {_pct(lk['fired'])}. By category:"
         B.append(("p", f"Hand-written safe look-alikes, not drawn from the data folder's sources (the package's "
@@ -503,7 +518,7 @@ def to_markdown(B: list[tuple], root: Path) -> str:
             out.append(b[1] + "\n")
         elif b[0] == "table":
             _, head, rows = b
-            out.append("| " + " | ".join(head) + " |")
+            out.append("| " + " | ".join(str(h).replace("|", "\\|") for h in head) + " |")
             out.append("|" + "---|" * len(head))
             out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
             out.append("")
