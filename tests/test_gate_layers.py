@@ -351,9 +351,14 @@ def test_the_reproduce_report_names_every_gate_layer_and_the_raised_out_of_famil
     assert "176 prompts" in md2 and "| public_privacy | 50.0% [0.0, 100.0] |" in md2 and "cross-fit" not in md2
     cross = {**lk, "method": "cross-fit", "folds": 2, "at_the_gates_rate": {"fired": m(0.25, 44, 176)}}
     md4 = to_markdown(gate_blocks({**g, "written_lookalikes": cross}), Path("."))
-    assert "a refit that never saw it (2-fold cross-fit): the refits fire on 20.0% [0.0, 100.0] at their own" in md4
-    assert "and on 25.0% [0.0, 100.0] when each is held at the gate's own firing rate" in md4
+    assert "a refit that never saw it (2-fold cross-fit): the refits fire on 20.0% [0.0, 100.0] (35/176) at their own" in md4
+    assert "and on 25.0% [0.0, 100.0] (44/176) when each is held at the gate's own firing rate" in md4
     assert md4.count("20.0% [0.0, 100.0]") == 1  # said once, not repeated after the sentence
+    # the same count at the gate's rate is said so, not printed twice as if copied
+    same = {**cross, "at_the_gates_rate": {"fired": m(0.2, 35, 176)}}
+    md6 = to_markdown(gate_blocks({**g, "written_lookalikes": same}), Path("."))
+    assert "and on the same number when each is held at the gate's own firing rate" in md6
+    assert md6.count("20.0% [0.0, 100.0] (35/176)") == 1
     # no raise moved any group: one row, and a sentence that says the rates hold at the gate's threshold
     flat = {**g, "leave_one_family_out": {**g["leave_one_family_out"], "at_family_threshold_nested": {**nested, "raises": [0.0, 0.0]}}}
     md5 = to_markdown(gate_blocks(flat), Path("."))

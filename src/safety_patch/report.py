@@ -447,9 +447,11 @@ def gate_blocks(g: dict) -> list[tuple]:
     for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign", "harmful_vs_benign"):
         c = g[name]
         rows.append([name, auc(c["auroc"]), tpr_at_fpr_text(c, 0.01, _pct), tpr_at_fpr_text(c, 0.05, _pct),
-                     _pct(c["tpr_at_threshold"]), _pct(c["fpr_at_threshold"])])
+                     _pct(c["tpr_at_threshold"]), _pct(c["fpr_at_threshold"]),
+                     f"{c['auroc'].get('n_pos', '-')}/{c['auroc'].get('n_neg', '-')}"])
+    # the gate is measured on every test behaviour, the arms' evaluations on a limited number of them
     B.append(("table", ["comparison", "AUROC [95% CI]", "TPR at 1% FPR", "TPR at 5% FPR", "TPR at threshold",
-                        "FPR at threshold"], rows))
+                        "FPR at threshold", "n harmful / benign"], rows))
     if any(c.get("too_few_negatives") for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign", "harmful_vs_benign")
            for c in (g[name].get("tpr_at_fpr_0.01") or {}, g[name].get("tpr_at_fpr_0.05") or {})):
         B.append(("p", FEW_NEGATIVES_NOTE + "."))
