@@ -324,7 +324,7 @@ def fit_gate_probe(x: torch.Tensor, y: torch.Tensor, layer: int | Sequence[int],
     layers' standardised features in the fit (``gate.fit_probe``'s ``feature_scale``)."""
     from .gate import fit_probe
 
-    layers = (layer,) if isinstance(layer, int) else tuple(layer)
+    layers = _layer_tuple(layer)
     first, extra = layers[0], tuple(layers[1:])
     t = cfg.threshold if cfg.threshold is not None else 0.0  # with target_fpr the caller sets it from validation
     scale = None
@@ -866,7 +866,7 @@ def cached_features(model, tokenizer, prompts: Sequence[Sequence[int]], layer: i
 
     from safetensors.torch import load_file, save_file
 
-    layers = (layer,) if isinstance(layer, int) else tuple(layer)
+    layers = _layer_tuple(layer)
     dim = getattr(model.config, "hidden_size", 0)
     got: dict[int, torch.Tensor] = {}
     paths = {}
