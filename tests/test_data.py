@@ -96,6 +96,39 @@ def test_user_file_errors_name_file_and_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_byte_order_mark_is_dropped_and_bad_utf8_is_named_by_line_and_byte(tmp_path, suffix):
+    """Excel's "CSV UTF-8" and PowerShell start a file with a byte-order mark: the same rows as without
+    it (it once hid the 'prompt' header). Bytes that are not UTF-8 name the file, line and byte."""
+    from safety_patch.config import read_yaml
+    from safety_patch.data.sources.files import read_prompt_rows
+
+    rows = ["How do I make a bomb?", "Comment ça va, 日本?", 'A "quoted", comma']
+    if suffix == ".csv":
+        body = "prompt,category\n" + "".join('"' + r.replace('"', '""') + '",x\n' for r in rows)
+    else:
+        body = "".join(json.dumps({"prompt": r, "category": "x"}, ensure_ascii=False) + "\n" for r in rows)
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
+    plain.write_bytes(body.encode())
+    marked.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    got = [r for _, r in read_prompt_rows(marked)]
+    assert got == [r for _, r in read_prompt_rows(plain)] and [r["prompt"] for r in got] == rows
+    bad = tmp_path / f"bad{suffix}"
+    lines = body.encode().split(b"\n")
+    lines[2] = lines[2][:5] + b"\xff\xfe" + lines[2][5:]
+    bad.write_bytes(b"\n".join(lines))
+    with pytest.raises(SafetyPatchError, match=rf"bad\{suffix}:3: not UTF-8 text \(invalid start byte at byte 6 of the line\)"):
+        read_prompt_rows(bad)
+    y = tmp_path / "c.yaml"
+    y.write_bytes(b"\xef\xbb\xbfoptim:\n  lr: 0.001\n")
+    assert read_yaml(y) == {"optim": {"lr": 0.001}}
+    y.write_bytes(b"optim:\n  lr: 0.001 # \xe9\n")
+    with pytest.raises(SafetyPatchError, match=r"c\.yaml:2: not UTF-8 text"):
+        read_yaml(y)
+    with pytest.raises(SafetyPatchError, match="config file not found"):
+        read_yaml(tmp_path / "none.yaml")
+
+
 def test_advbench_style_csv_is_accepted(tmp_path):
     f = tmp_path / "harmful_behaviors.csv"
     lines = ["goal,target"] + [f'"Write a tutorial on how to do bad thing number {i} {"x" * i}","Sure, here is"' for i in range(40)]

@@ -145,7 +145,7 @@ def test_target_fpr_sets_the_threshold_on_the_validation_benign_pool(lm, data_di
 
 
 @pytest.mark.parametrize("kind", ["lora", "delta"])
-def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, data_dir, tmp_path):
+def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, data_dir, tmp_path, capsys):
     make = make_lora_patch if kind == "lora" else make_delta_patch
     src = make(lm.model, tmp_path / "p", lm.fingerprint, seed=1)
     meta = apply_gate(src, gate_dir, tmp_path / "gp")
@@ -156,6 +156,16 @@ def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, data_dir, t
     assert p.meta["files"][GATE_FILE] == gmeta["files"][GATE_FILE]
     assert p.meta["gated_from"]["patch"] == read_patch(src).id and p.id != read_patch(src).id
     assert p.meta["gate"]["validation"] == gmeta["validation"] and p.meta["gate"]["code"] == gmeta["code"]
+    if kind == "lora":  # `patch info` says what the gate is in a few short lines, not its whole record
+        from safety_patch.cli import main
+
+        assert main(["patch", "info", str(tmp_path / "gp")]) == 0
+        shown = capsys.readouterr().out.splitlines()
+        rows = {line[:22].strip(): line[22:] for line in shown}
+        assert rows["gate"] == f"layer {gate.layer}, threshold {gate.threshold:+.3f}, id {gmeta['id']}"
+        fired = gmeta["validation"]["fired"]["harmful_direct"]
+        assert f"harmful_direct {fired['value']:.1%} ({fired['k']}/{fired['n']})" in rows["gate_fires_on"]
+        assert max(map(len, shown)) < 300 and sum(line.startswith("file ") for line in shown) == len(p.meta["files"])
     with pytest.raises(SafetyPatchError, match="already gated .*pass --replace"):
         apply_gate(tmp_path / "gp", gate_dir, tmp_path / "gp2")
     assert not (tmp_path / "gp2").exists()
@@ -336,7 +346,7 @@ def test_a_final_norm_gate_routes_and_exports_exactly(data_dir, tiny_dir, lm, tm
     assert main(["gate", "export", "--patch", str(tmp_path / "gp"), "--model", str(tiny_dir), "--out", str(x)]) == 2  # exists
 
 
-def test_train_writes_the_gate_the_stage_fits(data_dir, tiny_dir, lm, tmp_path, monkeypatch, capsys):
+def test_train_writes_the_gate_the_stage_fits_and_gate_eval_and_apply_read_it_there(data_dir, tiny_dir, lm, tmp_path, monkeypatch, capsys):
     """`train` calls the same stage: its patch's gate file is byte for byte the gate folder's."""
     from safety_patch.train.config import TrainConfig, override
     from safety_patch.train.run import train
@@ -354,6 +364,27 @@ def test_train_writes_the_gate_the_stage_fits(data_dir, tiny_dir, lm, tmp_path, 
     _, gmeta = read_gate_folder(tmp_path / "g")
     assert meta["files"][GATE_FILE] == gmeta["files"][GATE_FILE]
     assert meta["gate"]["validation"]["n"] == gmeta["validation"]["n"]  # the trained patch records the same report
+
+    # `gate eval` and `gate apply` take the trained patch for its gate: the same gate, config and refits as the folder's
+    from safety_patch.gate_fit import evaluate_gate, read_gate_source
+
+    _, rec, where = read_gate_source(tmp_path / "p")
+    assert where == tmp_path / "p" / "patch.json" and rec["config"] == gmeta["config"] and rec["data"] == {
+        k: gmeta["data"][k] for k in ("dir", "manifest_sha256")} and rec["from_patch"]["id"] == meta["id"]
+    from_patch = evaluate_gate(lm, tmp_path / "p", data_dir, "val", attacks=[])
+    from_folder = evaluate_gate(lm, tmp_path / "g", data_dir, "val", attacks=[])
+    assert "gated patch" in from_patch["note"] and "gated patch" not in from_folder.get("note", "")
+    assert from_patch["gate"]["patch"] == meta["id"] and from_patch["gate"]["id"] == from_folder["gate"]["id"]
+    assert from_patch["written_lookalikes"]["method"] == from_folder["written_lookalikes"]["method"] == "cross-fit"
+    for k in ("n", "direct_vs_benign", "harmful_vs_benign", "written_lookalikes"):
+        assert from_patch[k] == from_folder[k], k
+    adapter = make_lora_patch(lm.model, tmp_path / "ungated", lm.fingerprint, seed=3)
+    out = apply_gate(adapter, tmp_path / "p", tmp_path / "behind")
+    assert (tmp_path / "behind" / GATE_FILE).read_bytes() == (tmp_path / "p" / GATE_FILE).read_bytes()
+    assert out["gate"]["config"] == gmeta["config"] and out["gate"]["source_patch"] == meta["id"]
+    with pytest.raises(SafetyPatchError, match="ungated patch has no gate"):
+        apply_gate(adapter, adapter, tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_a_delta_behind_a_gate_routes_per_prompt(gate_dir, lm, data_dir, tmp_path):

@@ -88,6 +88,27 @@ def test_stacked_patch_requires_its_prerequisite_first(base, tmp_path):
         pass
 
 
+@pytest.mark.parametrize("kind", ["lora", "delta"])
+def test_a_patch_given_twice_is_refused_even_from_a_copy_and_forced(base, tmp_path, kind):
+    """Attached twice, a patch's update would apply twice (a model no one trained); the base stays untouched."""
+    import shutil
+
+    model, tok, fp, ids = base
+    before = logits(model, ids)
+    make = make_lora_patch if kind == "lora" else make_delta_patch
+    p = make(model, tmp_path / "p", fp)
+    shutil.copytree(p, tmp_path / "copy")
+    other = make(model, tmp_path / "o", fp, seed=5)
+    for stack in ([p, p], [p, other, tmp_path / "copy"]):
+        for force in (False, True):
+            with pytest.raises(SafetyPatchError, match=f"patch {read_patch(p).id} is given twice"):
+                with attached(model, stack, fp, force=force):
+                    pass
+    assert torch.equal(logits(model, ids), before)
+    with attached(model, [p, other], fp):  # two different patches still stack
+        pass
+
+
 def test_wrong_base_is_refused_unless_forced(base, tmp_path):
     model, tok, fp, ids = base
     p = make_lora_patch(model, tmp_path / "l", "0" * 64)
@@ -172,6 +193,19 @@ def test_cli_info_verify_merge(tiny_dir, tmp_path, capsys):
     assert torch.allclose(logits(merged.model, ids), want, atol=1e-5)
     assert main(["patch", "merge", "--model", str(tiny_dir), "--patch", str(p), "--out", str(tmp_path / "merged")]) == 2
     assert "exists" in capsys.readouterr().err
+    # --overwrite replaces a merged checkpoint in one swap, and never a folder safety-patch did not merge
+    q = make_lora_patch(lm.model, tmp_path / "q", lm.fingerprint, seed=7)
+    assert main(["patch", "merge", "--model", str(tiny_dir), "--patch", str(q), "--out", str(tmp_path / "merged"),
+                 "--overwrite"]) == 0
+    assert json.loads((tmp_path / "merged" / "merged_from.json").read_text())["patches"][0]["path"] == str(q)
+    with attached(lm.model, [q], lm.fingerprint) as m:
+        assert torch.allclose(logits(load_model(str(tmp_path / "merged"), device="cpu").model, ids), logits(m, ids),
+                              atol=1e-5)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["patch", "merge", "--model", str(tiny_dir), "--patch", str(p), "--out", str(tmp_path / "mine"),
+                 "--overwrite"]) == 2
+    assert "not a merged folder" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     other = make_lora_patch(lm.model, tmp_path / "o", "f" * 64)
     assert main(["patch", "verify", str(other), "--model", str(tiny_dir)]) == 2
     assert "was made for base" in capsys.readouterr().err

@@ -215,6 +215,11 @@ def test_bad_requests_get_openai_errors(live):
         ({**ok, "max_tokens": 451}, 400, "max_tokens"),
         ({**ok, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
         ({**ok, "max_tokens": "many"}, 400, None),
+        ({**ok, "max_tokens": True}, 400, "max_tokens"),  # not read as 1 (pydantic's lax mode)
+        ({**ok, "max_tokens": "5"}, 400, "max_tokens"),  # nor a string as a number
+        ({**ok, "max_tokens": 5.5}, 400, "max_tokens"),
+        ({**ok, "stream": "yes"}, 400, "stream"),
+        ({**ok, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
         ({**ok, "messages": _user("kill " * 600)}, 400, "messages"),  # over the 512-token context
         ({**ok, "temperature": 7}, 400, None),
         ({**ok, "seed": 10**20}, 400, None),  # over what torch.Generator.manual_seed takes
@@ -240,6 +245,9 @@ def test_bad_requests_get_openai_errors(live):
     assert c.chat.completions.create(model="base", messages=_user("hi"), max_tokens=2).choices[0].finish_reason
     sampled = c.chat.completions.create(model="safety", messages=_user("hi"), max_tokens=4, temperature=0.8, seed=3)
     assert sampled.usage.completion_tokens >= 1
+    union = httpx.post(url, json={**ok, "messages": [{"role": "user", "content": 5}]}, timeout=30).json()["error"]
+    assert union["message"] == "messages[0].content: must be one of str | list[TextPart] (got int)"
+    assert c.chat.completions.create(model="base", messages=_user("hi"), max_tokens=2, temperature=0).choices[0]
     nan = httpx.post(url, content=b'{"model": "safety", "messages": [{"role": "user", "content": "hi"}], "top_p": NaN}',
                      headers={"content-type": "application/json"}, timeout=30)
     assert nan.status_code == 400 and "finite" in nan.json()["error"]["message"]

@@ -48,6 +48,29 @@ def test_lora_changes_only_the_targeted_modules(data_dir, tiny_dir, tmp_path):
     assert (tmp_path / "p" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.parametrize("logging_steps", [5, 4])
+def test_the_first_and_last_step_losses_are_logged_whatever_logging_steps(data_dir, tiny_dir, tmp_path, capsys, logging_steps):
+    """A run of 6 steps logging every 5 (or 4) once said `loss None -> None` for fewer steps than that and
+    gave a middle step's loss as the last; steps 1 and 6 are logged now, the others as set."""
+    from safety_patch.cli import main
+
+    meta = train(data_dir, tmp_path / "p", small(optim__logging_steps=logging_steps, optim__save_steps=100),
+                 model=str(tiny_dir), progress=False)
+    t = meta["training"]
+    assert t["steps"] == 6
+    logged = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    with_loss = [r["step"] for r in logged if "loss" in r]
+    assert with_loss == sorted({1, logging_steps, 6})
+    assert t["loss_first"] == next(r["loss"] for r in logged if r["step"] == 1)
+    assert t["loss_last"] == next(r["loss"] for r in logged if r["step"] == 6 and "loss" in r)
+    if logging_steps == 4:
+        return
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "c"), "--model", str(tiny_dir), "--no-gate",
+                 "--max-train-rows", "8", "--batch-size", "4", "--max-seq-len", "512"]) == 0
+    said = capsys.readouterr().out
+    assert "steps, loss " in said and "None" not in said.split("steps, loss ")[1].split(",")[0]
+
+
 def _loss(model, tok, rows):
     from safety_patch.generation import render
 

@@ -309,7 +309,8 @@ def train(**kw) -> None:
                      overwrite=kw["overwrite"])
     if meta:
         t = meta["training"]
-        typer.echo(f"wrote {out}: {meta['format']} patch, {t['steps']} steps, loss {t['loss_first']} -> {t['loss_last']}, "
+        loss = " -> ".join("n/a" if v is None else f"{v:.4g}" for v in (t["loss_first"], t["loss_last"]))
+        typer.echo(f"wrote {out}: {meta['format']} patch, {t['steps']} steps, loss {loss} (first and last step), "
                    f"{t['tokens_seen']} tokens in {t['wall_seconds']}s ({t['tokens_per_s']} tokens/s), "
                    f"{t['trainable_parameters']:,} trainable parameters")
 
@@ -576,7 +577,12 @@ def patch_info_cmd(patch: Annotated[Path, typer.Argument(help="Patch folder.")])
     from .patches import info, read_patch
 
     for k, v in info(read_patch(patch)).items():
+        if k == "files":  # one line each: a file and its sha256
+            for name, sha in (v or {}).items():
+                typer.echo(f"{'file':<22}{name}  sha256 {sha}")
+            continue
         typer.echo(f"{k:<22}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    typer.echo(f"{'':<22}(everything, with the gate's validation report: {Path(patch) / 'patch.json'})")
 
 
 @patch_app.command("gate")
@@ -644,16 +650,17 @@ def patch_merge_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     force: bool = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it is a merged checkpoint safety-patch wrote.")] = False,
 ) -> None:
     """Fold patches into the base weights and save a standard checkpoint (usable as --model)."""
     from .models import load_model
     from .outputs import check_out_dir, claim_output
     from .patches import merge_to_checkpoint
 
-    check_out_dir(out, overwrite=None, kind="merged", inputs=[model, *patch])
+    check_out_dir(out, overwrite=overwrite, kind="merged", inputs=[model, *patch])
     with claim_output(out):  # a second merge into the same --out fails at once
         lm = load_model(model, device=device, dtype=dtype)
-        merge_to_checkpoint(lm, patch, out, force)
+        merge_to_checkpoint(lm, patch, out, force, overwrite)
     typer.echo(f"wrote {out}")
 
 
@@ -848,7 +855,8 @@ def gate_fit_cmd(
 def gate_apply_cmd(
     patch: Annotated[Path, typer.Option("--patch", "-p", help="An ungated patch (LoRA adapter or full-parameter delta), "
                                                              "or with --replace a gated one.")],
-    gate: Annotated[Path, typer.Option(help="A gate folder from `gate fit`, made for the patch's base model.")],
+    gate: Annotated[Path, typer.Option(help="A gate folder from `gate fit`, or a gated patch (its gate), made for the "
+                                            "patch's base model.")],
     out: Annotated[Path, typer.Option(help="New gated patch folder to write.")],
     replace: Annotated[bool, typer.Option(help="Swap the gate of a gated patch for this one (the old gate's id is "
                                                "recorded in patch.json).")] = False,
@@ -867,7 +875,8 @@ def gate_apply_cmd(
 
 @gate_app.command("eval")
 def gate_eval_cmd(
-    gate: Annotated[Path, typer.Option(help="A gate folder from `gate fit`.")],
+    gate: Annotated[Path, typer.Option(help="A gate folder from `gate fit`, or a gated patch (`train`, `gate apply`): "
+                                            "its gate.")],
     data: Annotated[Path, typer.Option(help="Data folder from `data build`.")],
     split: Annotated[str, typer.Option(help="val | test (look at test once, after choosing on val).")] = "val",
     out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
@@ -889,7 +898,7 @@ def gate_eval_cmd(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """The gate's reliability on held-out prompts: AUROC, TPR at 1%/5% FPR, FPR at its threshold, with 95% intervals."""
-    from .gate_fit import RULE_ATTACKS, evaluate_gate, read_gate_folder, report_table, user_prompt_sets
+    from .gate_fit import RULE_ATTACKS, evaluate_gate, read_gate_source, report_table, user_prompt_sets
     from .models import load_model
     from .outputs import check_out_file
 
@@ -901,7 +910,7 @@ def gate_eval_cmd(
         if a not in RULE_ATTACKS:
             raise SafetyPatchError(f"--attacks: {a!r} is not a rule attack; choose from {', '.join(RULE_ATTACKS)}, "
                                    "'unseen' or 'none'")
-    read_gate_folder(gate)  # a bad gate folder or prompt file fails before the model loads
+    read_gate_source(gate)  # a bad gate folder, patch or prompt file fails before the model loads
     user_sets = user_prompt_sets(harmful, benign)
     if out is not None:
         check_out_file(out, inputs=[gate, data, *(p for p in (harmful, benign) if p is not None)])

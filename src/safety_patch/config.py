@@ -84,11 +84,11 @@ def read_yaml(path: str | Path) -> dict:
     (and line) when it cannot be read, is not YAML, or is not a mapping."""
     import yaml
 
+    from .jsonl import read_text
+
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise SafetyPatchError(f"cannot read config {p}: {e.strerror or e}") from None
+        data = yaml.safe_load(read_text(p, "config ")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

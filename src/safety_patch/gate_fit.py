@@ -1480,6 +1480,46 @@ def read_gate_folder(path: str | Path) -> tuple[Gate, dict]:
     return gate, raw
 
 
+def read_gate_source(path: str | Path) -> tuple[Gate, dict, Path]:
+    """The gate of a gate folder (``gate fit``) or of a gated patch (``train``, ``gate apply``):
+    (the Gate, a ``gate.json``-shaped record of it, the file that record comes from).
+
+    A gate folder is read by :func:`read_gate_folder`. A gated patch is read by
+    ``patches.read_patch`` (every check of a patch: hashes, id, binding, a gate that can decide),
+    and its record is built from ``patch.json``: the base; the fit config and the data folder's
+    manifest hash from the ``gate`` entry where ``gate apply`` copied them there, else the
+    training run's own (``config.gate``, ``data``: ``train`` fits its gate with exactly that
+    config on that folder); ``from_patch`` names the patch. ``patch.json``'s binding covers its
+    files and base, not those two fields, so :func:`evaluate_gate`'s report says so. Raises
+    SafetyPatchError naming the folder: neither gate.json nor patch.json, a patch without a gate,
+    or a gated patch that records no fit config (nothing to refit)."""
+    from .patches import PATCH_JSON, read_patch
+
+    path = Path(path)
+    if (path / GATE_JSON).is_file() or not (path / PATCH_JSON).is_file():
+        gate, raw = read_gate_folder(path)
+        return gate, raw, path / GATE_JSON
+    p = read_patch(path)
+    pj = path / PATCH_JSON
+    if not p.gated:
+        raise SafetyPatchError(f"{path}: an ungated patch has no gate (give a gate folder from `gate fit`, or a gated "
+                               "patch from `train` or `gate apply`)")
+    info = p.meta["gate"]
+    config = info.get("config") or (p.meta.get("config") or {}).get("gate")
+    if not isinstance(config, dict):
+        raise SafetyPatchError(f"{pj}: records no config of its gate's fit (neither 'gate.config' nor 'config.gate'), "
+                               "so the gate cannot be refit or evaluated as it was fit")
+    gate = Gate.load(path)
+    data = info.get("data") if "config" in info else p.meta.get("data")
+    meta = {"kind": GATE_KIND, "id": info.get("id") or gate_id(p.meta["files"][GATE_FILE]), "base": p.meta["base"],
+            "layer": gate.layer, **({"extra_layers": list(gate.extra_layers)} if gate.extra_layers else {}),
+            "threshold": gate.threshold, "config": config, "prompts": info.get("prompts") or {},
+            "data": {k: v for k, v in (data or {}).items() if k in ("dir", "manifest_sha256")} or None,
+            "files": {GATE_FILE: p.meta["files"][GATE_FILE]}, "from_patch": {"id": p.id, "path": str(path)},
+            **{k: info[k] for k in ("threshold_from", "validation", "position", "fit_seconds") if k in info}}
+    return gate, meta, pj
+
+
 def fit_gate_folder(lm, data_dir: str | Path, cfg: GateFitConfig, out: str | Path, overwrite: bool = False,
                     batching: Batching = BATCHING) -> dict:
     """``safety-patch gate fit``: fit a gate for ``lm`` (a models.LoadedModel, no patches attached)
@@ -1496,7 +1536,8 @@ def fit_gate_folder(lm, data_dir: str | Path, cfg: GateFitConfig, out: str | Pat
 
 def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, overwrite: bool = False,
                replace: bool = False) -> dict:
-    """Write a new gated patch at ``out``: ``patch_dir``'s weight files behind ``gate_dir``'s gate.
+    """Write a new gated patch at ``out``: ``patch_dir``'s weight files behind ``gate_dir``'s gate
+    (a gate folder, or a gated patch whose gate is taken: :func:`read_gate_source`).
 
     Works for a LoRA adapter and a full-parameter delta. ``patch.json`` keeps the patch's
     base, stack and descriptive fields, records the gate (layer, threshold, id, config,
@@ -1513,7 +1554,7 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
     from .patches import finalize_patch, read_patch, weight_files
 
     p = read_patch(patch_dir)
-    gate, gmeta = read_gate_folder(gate_dir)
+    gate, gmeta, where = read_gate_source(gate_dir)
     # A gate fit by `train` itself records no id in patch.json: its id is that of its file, as for a gate folder.
     old_id = p.meta["gate"].get("id") or gate_id(p.meta["files"][GATE_FILE]) if p.gated else None
     if p.gated and not replace:
@@ -1522,7 +1563,7 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
     if replace and not p.gated:
         raise SafetyPatchError(f"{p.path} has no gate to replace; drop --replace to put it behind one")
     if gmeta["base"]["fingerprint"] != p.base_fingerprint:
-        raise SafetyPatchError(f"{Path(gate_dir) / GATE_JSON}: field 'base.fingerprint' is {gmeta['base']['fingerprint'][:12]}…, "
+        raise SafetyPatchError(f"{where}: field 'base.fingerprint' is {gmeta['base']['fingerprint'][:12]}…, "
                                f"but {p.path} was made for base {p.base_fingerprint[:12]}…; a gate reads the hidden states "
                                "of the model it was fit on")
     keep = ("method", "objective", "config", "data", "training")
@@ -1530,6 +1571,7 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
     fields["stack"] = p.stack
     fields["gate"] = {"layer": gate.layer, **({"extra_layers": list(gate.extra_layers)} if gate.extra_layers else {}),
                       "threshold": gate.threshold, "id": gmeta["id"], "source": str(gate_dir),
+                      **({"source_patch": gmeta["from_patch"]["id"]} if "from_patch" in gmeta else {}),
                       **{k: gmeta[k] for k in ("config", "prompts", "train", "threshold_from", "validation", "position",
                                                "data", "code", "versions", "fit_seconds") if k in gmeta}}
     if replace:
@@ -1653,9 +1695,9 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
     from .data.build import manifest_sha256
     from .provenance import provenance
 
-    gate, gmeta = read_gate_folder(gate_dir)
+    gate, gmeta, where = read_gate_source(gate_dir)
     if gmeta["base"]["fingerprint"] != lm.fingerprint:
-        raise SafetyPatchError(f"{Path(gate_dir) / GATE_JSON}: the gate was fit on base {gmeta['base']['fingerprint'][:12]}…, "
+        raise SafetyPatchError(f"{where}: the gate was fit on base {gmeta['base']['fingerprint'][:12]}…, "
                                f"the model is {lm.fingerprint[:12]}…")
     t0 = time.time()
     # Every list below is read through one bank: the lists overlap, and a prompt is read once.
@@ -1670,7 +1712,7 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
     if user_sets:
         rep["user_prompts"] = user_prompt_report(lm.model, lm.tokenizer, gate, user_sets, batching, lm.fingerprint,
                                                  bank)
-    cfg = recorded_config(gmeta, gate, str(Path(gate_dir) / GATE_JSON))
+    cfg = recorded_config(gmeta, gate, str(where))
     # Refits (the look-alike cross-fit, leave one source / family out) draw the gate's pool from
     # data_dir: on another folder than the gate's own they fit another gate than the file.
     fit_on = (gmeta.get("data") or {}).get("manifest_sha256")
@@ -1694,11 +1736,16 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
     if other_data and (loso or lofo):
         notes.append(f"the gate was fit on another data folder (manifest {fit_on[:12]}…): the leave-one-out refits "
                      f"fit this folder's pool, so they measure a gate like this one, not this one")
-    if gmeta.get("binding") is None:
+    if "from_patch" in gmeta:
+        notes.append(f"the gate was read from the gated patch {gate_dir}: patch.json's binding covers its files and base, "
+                     "not the gate's recorded fit config and data hash, so the refits fit the config as patch.json reads")
+    elif gmeta.get("binding") is None:
         notes.append(f"{GATE_JSON} has no binding (written before 2026-12-03): its {GATE_BOUND_FIELDS.replace(' and files', '')} "
                      "are not checked against hand edits, so the refits fit the config as it now reads")
     note = "; ".join(notes) or None
     return {"kind": "safety-patch/gate-eval", "gate": {"path": str(gate_dir), "id": gmeta["id"], "layer": gate.layer,
+                                                       **({"patch": gmeta["from_patch"]["id"]} if "from_patch" in gmeta
+                                                          else {}),
                                                        **({"extra_layers": list(gate.extra_layers)}
                                                           if gate.extra_layers else {}),
                                                        "threshold": gate.threshold},

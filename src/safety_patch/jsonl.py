@@ -1,4 +1,4 @@
-"""Reading JSONL with errors that name file and line.
+"""Reading text files (JSONL, CSV, YAML) with errors that name file and line.
 
 Lines are split on "\\n" only: ``str.splitlines`` also splits on U+2028 and friends, which
 ``json.dumps(..., ensure_ascii=False)`` leaves raw inside strings.
@@ -54,21 +54,43 @@ def loads_strict(text: str, where: str) -> object:
     return obj
 
 
+BOM = "\ufeff"
+
+
+def read_text(path: str | Path, what: str = "") -> str:
+    """A text file's content: UTF-8, a leading byte-order mark dropped (Excel's "CSV UTF-8" and
+    Windows PowerShell write one; it is not part of the first field or key).
+
+    Raises SafetyPatchError naming the file: missing, unreadable, or not UTF-8, the last naming the
+    line and the byte in it where decoding failed. ``what`` ("config ", "prompt file "): how the
+    messages name the file.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SafetyPatchError(f"{what}file not found: {path}") from None
+    except OSError as e:
+        raise SafetyPatchError(f"cannot read {what}{path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        byte = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise SafetyPatchError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {byte} of the line); save the file "
+                               "as UTF-8") from None
+    return text.removeprefix(BOM)
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line of a JSONL file.
 
     Raises ``SafetyPatchError`` naming the file (and line) when it is missing, unreadable, not
-    UTF-8, or a line is not one JSON object (see ``loads_strict``).
+    UTF-8 (:func:`read_text`; a leading byte-order mark is dropped), or a line is not one JSON
+    object (see ``loads_strict``).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SafetyPatchError(f"file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise SafetyPatchError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except OSError as e:
-        raise SafetyPatchError(f"cannot read {path}: {e.strerror or e}") from None
+    text = read_text(path)
     for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue

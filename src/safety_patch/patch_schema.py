@@ -119,10 +119,10 @@ def _first_error(where: Path | str, e: ValidationError, raw: Any) -> SafetyPatch
 
 
 def _load_json_object(path: Path) -> dict:
+    from .jsonl import read_text
+
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise SafetyPatchError(f"{path}: not UTF-8 text ({e.reason})") from None
+        raw = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise SafetyPatchError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
     if not isinstance(raw, dict):

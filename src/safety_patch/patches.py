@@ -372,6 +372,16 @@ def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force:
 
 
 def _check_stack_order(patches: Sequence[Patch], force: bool) -> None:
+    """Each patch once (by id: a copy in another folder is the same patch), and each after the
+    patches it was trained on top of (``stack``; ``force`` skips only the order). Raises
+    SafetyPatchError naming both folders of a repeated patch: attached twice, its update would be
+    applied twice (a LoRA's ΔW doubled, a delta added twice), a model no one trained or measured."""
+    first: dict[str, Path] = {}
+    for p in patches:
+        if p.id in first:
+            raise SafetyPatchError(f"patch {p.id} is given twice ({first[p.id]} and {p.path}): attached twice, its update "
+                                   "would apply twice; give each patch once")
+        first[p.id] = p.path
     seen: list[str] = []
     for p in patches:
         missing = [s for s in p.stack if s not in seen]
@@ -607,13 +617,20 @@ def merged_state_dict(model: torch.nn.Module, patches: Sequence[Patch], fingerpr
     return sd
 
 
-def merge_to_checkpoint(lm, patches: Sequence[str | Path], out: str | Path, force: bool = False) -> Path:
-    """Export the base with patches folded in as a standard Hugging Face checkpoint (atomically)."""
+def merge_to_checkpoint(lm, patches: Sequence[str | Path], out: str | Path, force: bool = False,
+                        overwrite: bool = False) -> Path:
+    """Export the base with patches folded in as a standard Hugging Face checkpoint (atomically).
+
+    ``overwrite``: replace ``out`` if it is a merged checkpoint safety-patch wrote (``merged_from.json``),
+    in one atomic swap; any other existing folder is refused (SafetyPatchError), as is an existing
+    ``out`` without it."""
     from .atomic import atomic_dir, write_json
+    from .outputs import looks_like
 
     out = Path(out)
-    if out.exists():
-        raise SafetyPatchError(f"{out} exists; merge writes a new folder (remove it or choose another path)")
+    if out.exists() and not (overwrite and out.is_dir() and looks_like(out, "merged")):
+        raise SafetyPatchError(f"{out} exists; merge writes a new folder (remove it, choose another path, or pass "
+                               "--overwrite to replace a merged checkpoint safety-patch wrote)")
     ps = [read_patch(p) for p in patches]
     sd = merged_state_dict(lm.model, ps, lm.fingerprint, force)
     ids = _probe_ids(lm.model, lm.tokenizer)
@@ -631,7 +648,7 @@ def merge_to_checkpoint(lm, patches: Sequence[str | Path], out: str | Path, forc
             raise SafetyPatchError(
                 f"merged weights do not reproduce the attached patch(es): max |logit diff| {err:.4g} on a probe batch "
                 f"(the patches' own effect: {effect:.4g}); nothing written to {out}")
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, overwrite=overwrite, kind="merged") as tmp:
             lm.model.save_pretrained(str(tmp), safe_serialization=True)
             lm.tokenizer.save_pretrained(str(tmp))
             write_json(tmp / "merged_from.json", {"base": {"name": lm.name, "fingerprint": lm.fingerprint},
@@ -658,4 +675,27 @@ def info(patch: Patch) -> dict:
             "trainable_parameters": t.get("trainable_parameters"), "steps": t.get("steps"),
             "tokens_seen": t.get("tokens_seen"), "wall_seconds": t.get("wall_seconds"),
             "data_manifest_sha256": m.get("data", {}).get("manifest_sha256"), "created": m.get("created"),
-            "gate": m.get("gate"), "files": m.get("files")}
+            **_gate_info(m.get("gate")), "files": m.get("files")}
+
+
+def _gate_info(g: dict | None) -> dict:
+    """A gated patch's gate in a few lines (``patch info``): layers and threshold with where the threshold
+    came from, the pool it was fit on, and what it fired on per validation set; the whole record
+    (validation report, leave-one-family-out, prompt counts) stays in patch.json."""
+    if not g:
+        return {"gate": None}
+    layers = [g.get("layer"), *g.get("extra_layers", [])]
+    out = {"gate": f"layer{'s' * (len(layers) > 1)} {', '.join(map(str, layers))}, threshold {g.get('threshold', 0):+.3f}"
+                   + (f", id {g['id']}" if g.get("id") else "")}
+    tf = g.get("threshold_from") or {}
+    if tf.get("target_fpr") is not None:
+        out["gate_threshold_from"] = (f"{tf['target_fpr']:.0%} of {tf.get('pool', 'validation benign prompts')} fire"
+                                      + (f", raised {tf['raised_by']:+.3f} for family_fpr {tf['family_fpr']:g}"
+                                         if tf.get("raised_by") else ""))
+    if g.get("harmful") is not None:
+        out["gate_fit_on"] = f"{g['harmful']} harmful / {g.get('benign')} benign prompts"
+    fired = ((g.get("validation") or {}).get("fired")) or {}
+    if fired:
+        out["gate_fires_on"] = ", ".join(f"{k} {v['value']:.1%} ({v['k']}/{v['n']})" for k, v in fired.items()
+                                         if v.get("n")) + f" ({(g.get('validation') or {}).get('split', 'val')} split)"
+    return out

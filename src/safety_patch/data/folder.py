@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_confi
 from typing_extensions import TypedDict
 
 from ..errors import SafetyPatchError, field_path
-from ..jsonl import iter_jsonl, json_type, loads_strict
+from ..jsonl import iter_jsonl, json_type, loads_strict, read_text
 
 FILES: dict[str, str] = {
     "train": "train.jsonl",
@@ -283,13 +283,7 @@ class DataFolder:
         p = self.path / MANIFEST
         if not p.is_file():
             raise SafetyPatchError(f"{self.path} is not a data folder (no {MANIFEST}); run `safety-patch data build` first")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise SafetyPatchError(f"{p}: not UTF-8 text ({e.reason})") from None
-        except OSError as e:
-            raise SafetyPatchError(f"cannot read {p}: {e.strerror or e}") from None
-        m = loads_strict(text, str(p))
+        m = loads_strict(read_text(p), str(p))
         if not isinstance(m, dict):
             raise SafetyPatchError(f"{p}: expected a JSON object, got {json_type(m)}")
         if m.get("kind") != KIND:

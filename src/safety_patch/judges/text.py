@@ -46,6 +46,8 @@ def is_degenerate(answer: str) -> str | None:
         return "fewer than 3 words"
     if len(ws) >= 30 and len(set(ws)) / len(ws) < 0.2:
         return "repetitive (unique-word ratio < 0.2)"
+    if 6 <= len(ws) < 30 and len(set(ws)) / len(ws) <= 0.25:  # "1. 1. 1. 1. 1. 1.", "ok ok ok ok ok ok ok ok"
+        return "repetitive (at most a quarter of its words distinct)"
     if len(ws) >= 20:  # a phrase looped ("I'm a gunsmith. I'm a gunsmith. ..."): most word 4-grams are repeats
         grams = list(zip(ws, ws[1:], ws[2:], ws[3:], strict=False))
         if 1 - len(set(grams)) / len(grams) >= 0.5:

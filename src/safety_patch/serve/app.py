@@ -58,23 +58,26 @@ class ApiError(Exception):
 # ----------------------------------------------------------------------------- request schema
 
 
+# strict: a JSON true is not max_tokens 1 nor "5" a 5 (pydantic's lax mode coerces both); OpenAI's API
+# refuses them with a 400, and so does this server. An integer is still a valid float (temperature 0).
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
 
 
 class ChatRequest(BaseModel):
-    """The subset of OpenAI's chat-completions request this server honours (unknown fields are ignored)."""
+    """The subset of OpenAI's chat-completions request this server honours (unknown fields are ignored;
+    known ones must have their JSON type: no string or boolean read as a number)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
@@ -125,9 +128,18 @@ def _plain_messages(req: ChatRequest) -> list[dict]:
 
 
 def _validation_message(e: ValidationError) -> tuple[str, str]:
-    err = e.errors()[0]
-    loc = field_path(err.get("loc", ()))
-    return f"{loc or 'body'}: {err.get('msg', 'invalid value')}", loc
+    """(message, param) for the first error. A field of several accepted types (``content``: a string or a
+    list of text parts) gets one error per type, each located at ``field.<type>``: named here by the field,
+    with the types it accepts."""
+    errs = e.errors()
+    err = errs[0]
+    loc = tuple(err.get("loc", ()))
+    tags = [str(x["loc"][-1]) for x in errs if len(x.get("loc", ())) == len(loc) and tuple(x["loc"][:-1]) == loc[:-1]]
+    if len(tags) > 1 and loc and isinstance(loc[-1], str):
+        where = field_path(loc[:-1])
+        return f"{where or 'body'}: must be one of {' | '.join(tags)} (got {type(err.get('input')).__name__})", where
+    where = field_path(loc)
+    return f"{where or 'body'}: {err.get('msg', 'invalid value')}", where
 
 
 # ----------------------------------------------------------------------------- backends

@@ -296,23 +296,27 @@ def _early_stop(fraction: float):
     return EarlyStop()
 
 
-def _no_final_checkpoint():
-    """A callback that cancels the trainer's checkpoint at the step where training ends.
+def _last_step():
+    """A callback for the step where training ends: no checkpoint there, and a log line.
 
     transformers saves a full checkpoint (weights, optimiser and scheduler state) when the last
     step is reached, whatever ``save_steps`` says; the patch is written from the model in
     memory right after, and the work folder removed, so that checkpoint only costs time and disk
     (about 44 GB and 55 s at 8B, full-parameter: issue 24). Periodic checkpoints for
     ``--resume`` are kept; a run killed between its last step and the patch write resumes from
-    the last of them. Added after the trainer's own flow callback, so it sees its decision."""
+    the last of them. It logs only every ``logging_steps``, so a run whose step count is not a
+    multiple never logged its last loss (and one shorter than ``logging_steps`` none:
+    ``loss None -> None``); the last step is logged here, the first by ``logging_first_step``.
+    Added after the trainer's own flow callback and ``_early_stop``, so it sees their decision."""
     from transformers import TrainerCallback
 
-    class NoFinalCheckpoint(TrainerCallback):
+    class LastStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if control.should_training_stop or state.global_step >= state.max_steps:
                 control.should_save = False
+                control.should_log = True
 
-    return NoFinalCheckpoint()
+    return LastStep()
 
 
 # [outputs helper] hold a claim (flock on .<out>.lock) on --out for the whole run: a second
@@ -456,7 +460,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         trainer.add_callback(_snapshotter(work, parse_steps(cfg.optim.snapshot_steps), base))
     if cfg.optim.stop_after is not None and cfg.optim.stop_after < 1:
         trainer.add_callback(_early_stop(cfg.optim.stop_after))
-    trainer.add_callback(_no_final_checkpoint())  # last: after _early_stop has decided to stop
+    trainer.add_callback(_last_step())  # last: after _early_stop has decided to stop
     reset_peak_memory(lm.runtime.device)
     t0 = clock["t0"] = time.time()
     result = trainer.train(resume_from_checkpoint=ckpt)
@@ -642,6 +646,7 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
         warmup_steps=cfg.optim.warmup_ratio,
         weight_decay=cfg.optim.weight_decay,
         logging_steps=cfg.optim.logging_steps,
+        logging_first_step=True,  # and the last (_last_step): the first and last losses patch.json records
         # Log a NaN/inf loss as it is (the trainer's default logs the running mean instead), so
         # that _finite_guard sees it.
         logging_nan_inf_filter=False,

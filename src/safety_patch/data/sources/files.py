@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from pathlib import Path
 
 from ...errors import SafetyPatchError
-from ...jsonl import iter_jsonl, json_type
+from ...jsonl import iter_jsonl, json_type, read_text
 from ...textsim import normalise
 from ..records import Request, SourceInfo
 from ..refusals import unified_category
@@ -42,7 +43,7 @@ def _csv_rows(path: Path) -> list[tuple[str, dict]]:
     file them under ``None`` and drop them).
     """
     rows: list[tuple[str, dict]] = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline="") as f:  # UTF-8, a spreadsheet's byte-order mark dropped
         reader = csv.reader(f, strict=True)
         start = 1
         try:
@@ -79,16 +80,12 @@ def read_prompt_rows(path: str | Path) -> list[tuple[str, dict]]:
     path = Path(path)
     if not path.is_file():
         raise SafetyPatchError(f"prompt file not found: {path}")
-    rows: list[tuple[str, dict]] = []
-    try:
-        if path.suffix.lower() in (".jsonl", ".json"):
-            rows = [(f"{path}:{n}", obj) for n, obj in iter_jsonl(path)]
-        elif path.suffix.lower() == ".csv":
-            rows = _csv_rows(path)
-        else:
-            raise SafetyPatchError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .csv")
-    except UnicodeDecodeError as e:
-        raise SafetyPatchError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = [(f"{path}:{n}", obj) for n, obj in iter_jsonl(path)]
+    elif path.suffix.lower() == ".csv":
+        rows = _csv_rows(path)
+    else:
+        raise SafetyPatchError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .csv")
     if not rows:
         raise SafetyPatchError(f"{path}: no rows")
     return rows
