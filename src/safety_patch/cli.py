@@ -576,13 +576,15 @@ def patch_info_cmd(patch: Annotated[Path, typer.Argument(help="Patch folder.")])
     """What a patch is and what made it."""
     from .patches import info, read_patch
 
-    for k, v in info(read_patch(patch)).items():
+    p = read_patch(patch)
+    for k, v in info(p).items():
         if k == "files":  # one line each: a file and its sha256
             for name, sha in (v or {}).items():
                 typer.echo(f"{'file':<22}{name}  sha256 {sha}")
             continue
         typer.echo(f"{k:<22}{json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    typer.echo(f"{'':<22}(everything, with the gate's validation report: {Path(patch) / 'patch.json'})")
+    typer.echo(f"{'':<22}(the whole record{', the gate validation report included' if p.gated else ''}: "
+               f"{p.path / 'patch.json'})")
 
 
 @patch_app.command("gate")
