@@ -12,6 +12,7 @@ from safety_patch.evaluation.capability import (
     kl_to,
     mc_items,
     multiple_choice,
+    table,
 )
 from safety_patch.evaluation.execution import humaneval_program, run_program
 from safety_patch.models import LoadedModel
@@ -114,3 +115,15 @@ def test_capability_without_a_data_folder_uses_built_in_prompts(tmp_path):
     res = evaluate_capability(str(model_dir), [], None, CapabilityConfig(tasks=("nll", "compliance"), limit=6,
                                                                           humaneval_limit=None))
     assert res["runs"]["base"]["nll"]["n"] > 0 and res["runs"]["base"]["compliance"]["n"] == 6
+
+
+def test_kl_without_a_patch_is_refused_when_asked_for_and_said_when_defaulted(tmp_path, capsys):
+    """`--tasks kl` without --patch once printed an nll row and exited 0; the default task list says it skipped kl."""
+    from safety_patch.cli import main
+    from safety_patch.testing import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "m", seed=3, tie=False)
+    assert main(["eval", "capability", "--model", str(model_dir), "--tasks", "nll,kl", "--limit", "2"]) == 2
+    assert "--tasks kl compares the base with a patched model" in capsys.readouterr().err
+    res = evaluate_capability(str(model_dir), [], None, CapabilityConfig(tasks=("nll", "kl"), limit=2))
+    assert "kl: not computed (no --patch" in table(res) and "kl" not in res["runs"]["base"]

@@ -62,3 +62,17 @@ def test_a_bad_patch_is_refused_before_the_model_loads(tmp_path, monkeypatch, ca
     assert main(["chat", "--patch", str(bad), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "patch.json" in err and "AssertionError" not in err
+
+
+def test_ctrl_c_exits_130_and_never_says_done(monkeypatch, capsys):
+    """typer hands a KeyboardInterrupt back as a return code when not standalone: `main` once ignored it,
+    printed "[cmd] done" and exited 0, so `train ... && eval ...` went on after a Ctrl-C."""
+    import safety_patch.models
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safety_patch.models, "load_model", interrupted)
+    assert main(["model", "info", "--model", "default"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "done" not in err

@@ -95,6 +95,16 @@ def test_yaml_and_cli_numbers_are_checked_before_any_work(tmp_path, capsys):
         code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--recipe", "paper", *flags])
         assert code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.yaml"]
+    # a boolean is no number (int(True) == 1 once trained a rank-1 adapter); a quoted number is that number
+    cfg.write_text("lora: {rank: true}\n")
+    with pytest.raises(SafetyPatchError, match="lora.rank: expected int, got True"):
+        resolve_config("paper", cfg)
+    cfg.write_text("lora: {rank: '4'}\noptim: {lr: 1e-4}\n")  # YAML 1.1 reads 1e-4 as a string
+    got = resolve_config("paper", cfg)
+    assert got.lora.rank == 4 and got.optim.lr == 1e-4
+    code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--recipe", "paper",
+                 "--set", "lora.rank=true"])
+    assert code == 2 and "lora.rank: expected int, got True" in capsys.readouterr().err
 
 
 # --- non-finite training -------------------------------------------------------------------

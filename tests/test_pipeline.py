@@ -75,12 +75,26 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     run_info = json.loads((run / "run.json").read_text())
     per_attack = md.split("## Attack success per attack")[1].split("##")[0]
     assert re.search(r"\] \(\d+/\d+\) \|", per_attack)
+    assert re.search(r"\] \(\d+/\d+\) \|", md.split("## Over-refusal")[1].split("##")[0])  # and each refusal rate
     timing_rows = [r.split(" | ")[0][2:] for r in md.split("## Stage timings")[1].splitlines() if r.startswith("| ")][1:]
     assert timing_rows == list(run_info["timings"]) + ["whole run (stages + loading and bookkeeping)"]
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
     plug = json.loads((run / "04-plug" / "plug.json").read_text())
     assert plug["detach_max_abs_diff"] == 0.0 and plug["merge_vs_attach_max_abs_diff"] < 1e-3
+    # a report over a run missing a stage's files lists the claims it cannot evaluate; it never drops them
+    import shutil
+
+    from safety_patch.report import write_report
+
+    part = tmp_path / "partial"
+    shutil.copytree(run, part)
+    shutil.rmtree(part / "05-analysis")
+    (part / "03-eval" / "base" / "safety.json").unlink()
+    write_report(part)
+    rows = [r for r in (part / "report.md").read_text().split("## Claims")[1].split("##")[0].splitlines()
+            if r.startswith("| ") and not r.startswith("| claim")]
+    assert len(rows) == 6 and [r.split(" | ")[1] for r in rows].count("NOT EVALUATED") == 3
 
     # a second run is incremental: every stage is served from its content hash
     t0 = time.time()

@@ -31,7 +31,10 @@ def test_two_lifelong_rounds_on_a_tiny_model(tmp_path):
     with pytest.raises(SafetyPatchError, match="trained on top of"):
         with attached(lm.model, [p2], lm.fingerprint):
             pass
-    assert "held-out attack" in round_table(r2)
+    shown = round_table(r2)
+    before = r2["regression_asr"]["direct"]["before"]  # every rate with its interval and k/n
+    assert "held-out attack" in shown and f"({before['k']}/{before['n']})" in shown
+    assert f"[{100 * before['ci95'][0]:.1f}, {100 * before['ci95'][1]:.1f}]" in shown
     assert json.loads((tmp_path / "r2" / "heldout.json").read_text())["attack"] == "refusal_suppression"
     with pytest.raises(SafetyPatchError, match="already holds a finished round"):
         run_round(str(tiny_dir), [], "direct", data, tmp_path / "r1", **kw)

@@ -483,6 +483,8 @@ def eval_capability_cmd(
     elif suite == "offline":
         from .evaluation.capability import OFFLINE_TASKS, CapabilityConfig, evaluate_capability, table
 
+        if tasks and "kl" in [t.strip() for t in tasks.split(",")] and not patch:
+            raise SafetyPatchError("--tasks kl compares the base with a patched model: give --patch (or drop kl)")
         cfg = CapabilityConfig(tasks=tuple(t.strip() for t in (tasks or ",".join(OFFLINE_TASKS)).split(",") if t.strip()),
                                limit=limit, humaneval_limit=humaneval_limit, batch_size=batch_size,
                                references=str(references) if references else None, mc_file=str(mc) if mc else None)
@@ -990,7 +992,12 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(AttributeError, ValueError):  # stage lines reach a log file as they happen
         sys.stdout.reconfigure(line_buffering=True)
     try:
-        app(args=args, prog_name="safety-patch", standalone_mode=False)
+        rc = app(args=args, prog_name="safety-patch", standalone_mode=False)
+        # Without standalone mode click *returns* the code of an abort (Ctrl-C: typer's Abort/Exit
+        # become 1 or 130) instead of raising: a command that did not finish must not say "done" and exit 0.
+        if isinstance(rc, int) and rc != 0:
+            typer.echo("interrupted" if rc == 130 else f"stopped (exit {rc})", err=True)
+            return rc
         _summary(args, time.time() - t0)
     except SafetyPatchError as e:
         if _STATE["debug"] or "--debug" in args:

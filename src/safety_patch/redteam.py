@@ -145,13 +145,19 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
 
 def round_table(t: dict) -> str:
     def pct(p):
-        return "-" if not p or p.get("value") is None else f"{100 * p['value']:.1f}%"
+        """A rate with its Wilson 95% interval and k/n (a rate without n is not a result)."""
+        if not p or p.get("value") is None:
+            return "-"
+        lo, hi = p.get("ci95") or (None, None)
+        ci = f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None else ""
+        kn = f" ({p['k']}/{p['n']})" if "k" in p and "n" in p else ""
+        return f"{100 * p['value']:.1f}%{ci}{kn}"
 
     lines = [f"round: attack {t['attack']} ({t['method']}), {t['successes_found']}/{t['attacked']} jailbreaks found, "
              f"{t['train_rows']} training rows ({t['replayed']} replayed)",
-             f"{'held-out attack':<28}{'before':>10}{'after':>10}"]
+             f"{'held-out attack':<28}{'before':>28}{'after':>28}"]
     for a, v in t["regression_asr"].items():
-        lines.append(f"{a:<28}{pct(v['before']):>10}{pct(v['after']):>10}")
+        lines.append(f"{a:<28}{pct(v['before']):>28}{pct(v['after']):>28}")
     lines.append(f"borderline refusal: base {pct(t['borderline_refusal_base'])}, now {pct(t['borderline_refusal'])}; "
                  f"NLL ratio {t['nll_ratio']:.4f}" if t["nll_ratio"] else "")
     return "\n".join(lines)

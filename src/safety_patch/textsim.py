@@ -13,6 +13,10 @@ from collections.abc import Sequence
 
 _WS = re.compile(r"\s+")
 _NONWORD = re.compile(r"[^\w\s]")
+NO_SPACE = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+"""Scripts written without spaces between words (Thai, Lao, Myanmar, Khmer, kana, CJK ideographs): each
+character counts as one word, here and in the judges (judges/text.py)."""
+_TOKEN = re.compile(rf"[{NO_SPACE}]|[^\W{NO_SPACE}]+")
 
 
 def normalise(text: str) -> str:
@@ -22,8 +26,14 @@ def normalise(text: str) -> str:
     return _WS.sub(" ", _NONWORD.sub(" ", text)).strip()
 
 
+def tokens(text: str) -> list[str]:
+    """The words of ``normalise(text)``; in scripts without spaces, one per character (a Chinese request
+    is otherwise one "word", and two that differ in one character share no shingle)."""
+    return _TOKEN.findall(normalise(text))
+
+
 def shingles(text: str, n: int = 3) -> frozenset[str]:
-    words = normalise(text).split()
+    words = tokens(text)
     if len(words) < n:
         return frozenset([" ".join(words)]) if words else frozenset()
     return frozenset(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))

@@ -139,28 +139,40 @@ def _trim(text: str, truncated: bool) -> str:
 
 
 def load_requests(cfg: DataConfig):
-    reqs, infos = [], []
+    """The harmful requests of ``cfg.sources`` and one manifest entry per source: ``loaded``, ``too_long``
+    (over ``max_request_chars``, dropped), ``duplicates`` (exact duplicates after normalisation, within
+    or across sources: the first occurrence kept) and ``kept``. A source that loses requests to length
+    says so on stderr; none left at all raises SafetyPatchError with the reasons."""
+    import sys
+
+    from ..textsim import normalise
+
+    reqs, infos, seen = [], [], set()
     for name in cfg.sources:
         items, info = load_source(name)
         n_loaded = len(items)
+        too_long = sum(len(r.text) > cfg.max_request_chars for r in items)
         items = [r for r in items if len(r.text) <= cfg.max_request_chars]
+        if too_long:
+            print(f"[data] {name}: {too_long} of {n_loaded} requests are longer than max_request_chars "
+                  f"({cfg.max_request_chars} characters) and were dropped", file=sys.stderr, flush=True)
         if cfg.max_per_source:  # a seeded subset that spans the source's categories, not its first rows
             items = sorted(items, key=lambda r: hashlib.sha256(f"{cfg.seed}:{r.behavior_id}".encode()).hexdigest())
             items = items[: cfg.max_per_source]
-        infos.append(dict(as_dict(info), loaded=n_loaded, kept=len(items)))
-        reqs.extend(items)
-    # Exact duplicates across sources (normalised text) keep their first occurrence.
-    from ..textsim import normalise
-
-    seen, unique = set(), []
-    for r in reqs:
-        k = normalise(r.text)
-        if k not in seen:
-            seen.add(k)
-            unique.append(r)
-    if not unique:
-        raise SafetyPatchError(f"no harmful requests left from sources {', '.join(cfg.sources)}")
-    return unique, infos
+        unique = []
+        for r in items:  # exact duplicates (normalised text), within and across sources: the first kept
+            k = normalise(r.text)
+            if k not in seen:
+                seen.add(k)
+                unique.append(r)
+        infos.append(dict(as_dict(info), loaded=n_loaded, too_long=too_long, duplicates=len(items) - len(unique),
+                          kept=len(unique)))
+        reqs.extend(unique)
+    if not reqs:
+        why = "; ".join(f"{i['name']}: {i['loaded']} loaded, {i['too_long']} over max_request_chars "
+                        f"({cfg.max_request_chars}), {i['duplicates']} duplicates" for i in infos)
+        raise SafetyPatchError(f"no harmful requests left from sources {', '.join(cfg.sources)} ({why})")
+    return reqs, infos
 
 
 def _harmful_rows(cfg, reqs, split_of, tmpl_by_split, rng):
@@ -237,6 +249,13 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
     harmful = _harmful_rows(cfg, reqs, split_of, tmpl_by_split, rng)
     if not harmful["train"]:
         raise SafetyPatchError("the training split is empty; add sources or lower test/val fractions")
+    empty = [s for s in ("val", "test") if not harmful[s]]
+    if empty:  # a folder to train from, but `eval --prompts DIR` and the gate's validation have nothing to read
+        import sys
+
+        print(f"[data] warning: the {' and '.join(empty)} split{'s hold' if len(empty) > 1 else ' holds'} no harmful "
+              f"request ({len(reqs)} requests in all, in {len(set(groups))} near-duplicate groups): evaluate with "
+              "--prompts FILE, or add sources", file=sys.stderr, flush=True)
     splits.check_no_leaks({s: [r["meta"] for r in rows] for s, rows in harmful.items()}, cfg.near_dup_threshold)
 
     # 3. general and borderline prompts, split by prompt

@@ -385,6 +385,8 @@ def table(res: dict) -> str:
         if not m or m.get("value") is None:
             return "-"
         lo, hi = m["ci95"]
+        if lo is None:  # one value: no interval
+            return f"{m['value']:.4f} (no interval) n={m['n']}"
         return f"{m['value']:.4f} [{lo:.4f}, {hi:.4f}] n={m['n']}"
 
     names = [n for n in ("base", "patched", "delta") if n in runs]
@@ -395,4 +397,6 @@ def table(res: dict) -> str:
             lines.append(f"{label:<16}" + "".join(f"{fmt(runs[n].get(key)):<36}" for n in names))
     if "delta" in runs and runs["delta"].get("nll_ratio"):
         lines.append(f"patched/base NLL ratio: {runs['delta']['nll_ratio']:.4f}")
+    if "kl" in res.get("config", {}).get("tasks", ()) and "patched" not in runs:
+        lines.append("kl: not computed (no --patch: KL(base||patched) needs a patched model)")
     return "\n".join(lines)

@@ -26,9 +26,11 @@ def proportion(k: int, n: int) -> dict:
 
 
 def bootstrap_mean(xs: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean with a percentile-bootstrap 95% interval. With one value there is no interval (a bootstrap of one
+    value has zero width, which reads as certainty): ``ci95`` is [None, None] then, as for no values."""
     xs = list(xs)
-    if not xs:
-        return {"value": None, "n": 0, "ci95": [None, None], "interval": "bootstrap"}
+    if len(xs) < 2:
+        return {"value": xs[0] if xs else None, "n": len(xs), "ci95": [None, None], "interval": "bootstrap"}
     rng = random.Random(seed)
     n = len(xs)
     means = sorted(sum(xs[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))

@@ -20,8 +20,8 @@ import binascii
 import codecs
 import re
 
-# Scripts written without spaces between words: each character counts as one word.
-_NO_SPACE = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+from ..textsim import NO_SPACE as _NO_SPACE  # scripts without spaces: each character counts as one word
+
 _WORDS = re.compile(rf"[{_NO_SPACE}]|[^\W{_NO_SPACE}]+")
 _B64_RUN = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{12,}={0,2}(?![A-Za-z0-9+/=])")
 # Frequent English words; a ROT13 text has almost none of them, its decoding many.

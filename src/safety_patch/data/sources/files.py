@@ -53,6 +53,9 @@ def _csv_rows(path: Path) -> list[tuple[str, dict]]:
             if not set(PROMPT_KEYS) & {h.strip() for h in header}:
                 raise SafetyPatchError(f"{path}:1: header has no 'prompt' or 'goal' column")
             keys = [h.strip() for h in header]
+            twice = sorted({k for k in keys if k and keys.count(k) > 1})
+            if twice:  # a dict keeps the last column of that name: the first would vanish unread
+                raise SafetyPatchError(f"{path}:1: header names column {twice[0]!r} twice")
             start = reader.line_num + 1
             for rec in reader:
                 where = f"{path}:{start}"
