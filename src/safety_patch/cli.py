@@ -483,9 +483,10 @@ def eval_capability_cmd(
     elif suite == "offline":
         from .evaluation.capability import OFFLINE_TASKS, CapabilityConfig, evaluate_capability, table
 
-        if tasks and "kl" in [t.strip() for t in tasks.split(",")] and not patch:
+        task_list = tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else OFFLINE_TASKS
+        if tasks and "kl" in task_list and not patch:  # asked for: refused; in the default list: said skipped (table)
             raise SafetyPatchError("--tasks kl compares the base with a patched model: give --patch (or drop kl)")
-        cfg = CapabilityConfig(tasks=tuple(t.strip() for t in (tasks or ",".join(OFFLINE_TASKS)).split(",") if t.strip()),
+        cfg = CapabilityConfig(tasks=task_list,
                                limit=limit, humaneval_limit=humaneval_limit, batch_size=batch_size,
                                references=str(references) if references else None, mc_file=str(mc) if mc else None)
         res = evaluate_capability(model, list(patch or []), str(data) if data else None, cfg, device, dtype, force,

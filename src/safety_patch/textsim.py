@@ -16,7 +16,8 @@ _NONWORD = re.compile(r"[^\w\s]")
 NO_SPACE = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 """Scripts written without spaces between words (Thai, Lao, Myanmar, Khmer, kana, CJK ideographs): each
 character counts as one word, here and in the judges (judges/text.py)."""
-_TOKEN = re.compile(rf"[{NO_SPACE}]|[^\W{NO_SPACE}]+")
+WORDS = re.compile(rf"[{NO_SPACE}]|[^\W{NO_SPACE}]+")
+"""A word: one character of a script without spaces, or a run of other word characters."""
 
 
 def normalise(text: str) -> str:
@@ -29,7 +30,7 @@ def normalise(text: str) -> str:
 def tokens(text: str) -> list[str]:
     """The words of ``normalise(text)``; in scripts without spaces, one per character (a Chinese request
     is otherwise one "word", and two that differ in one character share no shingle)."""
-    return _TOKEN.findall(normalise(text))
+    return WORDS.findall(normalise(text))
 
 
 def shingles(text: str, n: int = 3) -> frozenset[str]:

@@ -30,6 +30,7 @@ import hashlib
 import json
 import random
 import re
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -143,8 +144,6 @@ def load_requests(cfg: DataConfig):
     (over ``max_request_chars``, dropped), ``duplicates`` (exact duplicates after normalisation, within
     or across sources: the first occurrence kept) and ``kept``. A source that loses requests to length
     says so on stderr; none left at all raises SafetyPatchError with the reasons."""
-    import sys
-
     from ..textsim import normalise
 
     reqs, infos, seen = [], [], set()
@@ -251,8 +250,6 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
         raise SafetyPatchError("the training split is empty; add sources or lower test/val fractions")
     empty = [s for s in ("val", "test") if not harmful[s]]
     if empty:  # a folder to train from, but `eval --prompts DIR` and the gate's validation have nothing to read
-        import sys
-
         print(f"[data] warning: the {' and '.join(empty)} split{'s hold' if len(empty) > 1 else ' holds'} no harmful "
               f"request ({len(reqs)} requests in all, in {len(set(groups))} near-duplicate groups): evaluate with "
               "--prompts FILE, or add sources", file=sys.stderr, flush=True)

@@ -20,9 +20,8 @@ import binascii
 import codecs
 import re
 
-from ..textsim import NO_SPACE as _NO_SPACE  # scripts without spaces: each character counts as one word
+from ..textsim import WORDS as _WORDS  # scripts without spaces: each character counts as one word
 
-_WORDS = re.compile(rf"[{_NO_SPACE}]|[^\W{_NO_SPACE}]+")
 _B64_RUN = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{12,}={0,2}(?![A-Za-z0-9+/=])")
 # Frequent English words; a ROT13 text has almost none of them, its decoding many.
 _ENGLISH = frozenset(
