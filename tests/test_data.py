@@ -433,3 +433,53 @@ def test_template_choices_wrap_a_request_in_distinct_templates_the_first_the_usu
     for bad in (n, -1, True, 1.0):
         with pytest.raises(SafetyPatchError, match="choice must be in"):
             TemplateAttack(ts, choice=bad)
+
+
+def test_a_data_config_value_out_of_range_is_named_at_its_line_in_the_file(tmp_path):
+    """`data build --config` with a value out of range names the file and the line that set it; the
+    same value given as a flag names only the field (the file did not set it)."""
+    from safety_patch import config as cfgmod
+
+    y = tmp_path / "d.yaml"
+    y.write_text("seed: 3\nval_fraction: 2\n")
+    with pytest.raises(SafetyPatchError, match=r"d\.yaml:2: config field 'val_fraction' must be in \[0, 1\], got 2"):
+        cfgmod.load(DataConfig, y, {})
+    y.write_text("seed: 3\nval_fraction: 0.6\ntest_fraction: 0.5\n")
+    with pytest.raises(SafetyPatchError, match=r"d\.yaml:3: test_fraction \+ val_fraction must leave"):
+        cfgmod.load(DataConfig, y, {})
+    y.write_text("seed: 3\n")
+    with pytest.raises(SafetyPatchError, match=r"^config field 'self_instruct' must be >= 0"):
+        cfgmod.load(DataConfig, y, {"self_instruct": -1})
+
+
+def test_a_user_files_own_categories_are_kept_beside_the_unified_ones(tmp_path):
+    """A user's category outside the unified list ("Tax fraud") picks the generic refusal and
+    stratifies as `harmful`, but was lost from the rows: it is kept as meta.raw_category, read back by
+    the data folder, and evaluation groups attack success by it (`per_user_category`)."""
+    from safety_patch.data.folder import DataFolder
+    from safety_patch.evaluation.safety import _rates
+
+    cats = ["Tax fraud", "cybercrime", "Stalking"]
+    rows = [{"prompt": f"Explain how to commit crime type {i} {'x' * i} without being caught", "category": cats[i % 3]}
+            for i in range(30)]
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build(tmp_path / "o", DataConfig(sources=(f"file:{f}",), distill=False, self_instruct=0))
+    seen = {}
+    for s in ("train", "val", "test"):
+        for r in _rows(tmp_path / "o", s):
+            seen[r["meta"]["request"]] = (r["meta"]["category"], r["meta"].get("raw_category"))
+    want = {"Tax fraud": ("harmful", "Tax fraud"), "cybercrime": ("cybercrime", None), "Stalking": ("harmful", "Stalking")}
+    assert seen == {r["prompt"]: want[r["category"]] for r in rows}
+    d = DataFolder(tmp_path / "o")
+    got = [b for s in ("val", "test") for b in d.behaviours(s)]
+    assert got and all(b.get("raw_category") == want[c][1] for b in got
+                       for c in [next(r["category"] for r in rows if r["prompt"] == b["request"])])
+    records = [{"category": b["category"], **({"raw_category": b["raw_category"]} if "raw_category" in b else {}),
+                "verdict": {"label": "compliance"}} for b in got]
+    assert set(_rates(records, "user_category", "compliance")) == {want[c][1] or c for c in cats
+                                                                  if any(b["request"] == r["prompt"] for b in got
+                                                                         for r in rows if r["category"] == c)}
+    # a packaged source's rows carry none (its categories map to ours): default data files are unchanged
+    build(tmp_path / "hb", DataConfig(sources=("harmbench",), distill=False, self_instruct=0, max_per_source=30))
+    assert all("raw_category" not in r["meta"] for s in ("train", "val", "test") for r in _rows(tmp_path / "hb", s))

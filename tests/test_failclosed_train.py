@@ -85,7 +85,7 @@ def test_yaml_and_cli_numbers_are_checked_before_any_work(tmp_path, capsys):
 
     cfg = tmp_path / "t.yaml"
     cfg.write_text("optim: {lr: .nan}\n")
-    with pytest.raises(SafetyPatchError, match="--lr must be a finite number > 0, got nan"):
+    with pytest.raises(SafetyPatchError, match=r"t\.yaml:1: optim\.lr must be a finite number > 0, got nan"):
         resolve_config("paper", cfg)
     # no data folder, no model: the flag fails first (exit 2, one line)
     for flags, message in [(["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
@@ -228,8 +228,11 @@ def test_resume_after_a_kill_mid_checkpoint_is_bit_identical(family, data_dir, t
     steps = [json.loads(x)["step"] for x in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
     ref_steps = [json.loads(x)["step"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     assert steps == ref_steps
-    # cost figures cover both legs; tokens are the whole run's
+    # cost figures cover both legs; tokens and the mean loss are the whole run's
     assert t["tokens_seen"] == ref["training"]["tokens_seen"]
+    assert math.isclose(t["train_loss"], ref["training"]["train_loss"], rel_tol=1e-6)
+    hf = [json.loads(x).get("train_loss") for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert math.isclose(ref["training"]["train_loss"], hf, rel_tol=1e-6)  # the trainer's own mean, uninterrupted
     assert t["wall_seconds"] >= leg1["wall_seconds"] > 0
     assert math.isclose(t["tokens_per_s"], t["tokens_seen"] / t["wall_seconds"], rel_tol=0.05)
 

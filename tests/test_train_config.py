@@ -298,7 +298,12 @@ def test_help_comes_from_the_field_docstrings(capsys):
     ("lora: {rank: two}\n", "lora.rank: expected int, got 'two'"),
     ("lora: 3\n", "lora must be a mapping"),
     ("zzz: 1\n", "unknown key 'zzz'"),
-    ("optim: {lr: .nan}\n", "--lr must be a finite number > 0, got nan"),
+    ("optim: {lr: .nan}\n", ":1: optim.lr must be a finite number > 0, got nan"),
+    ("method: lora\nlora:\n  alpha: 8\n  rank: 0\n", ":4: lora.rank must be >= 1, got 0"),
+    ("gate:\n  l2: -1\n", ":2: gate.l2 must be >= 0, got -1.0"),
+    ("gate:\n  l2: 0.01\n  features: nope\n", ":3: gate config: features must be one of"),
+    ("optim:\n  scheduler: cosine\n  snapshot_steps: '0'\n", ":3: optim.snapshot_steps must name positive"),
+    ("lora: {rank: 4}\nlora: {rank: 0}\n", ":2: lora.rank must be >= 1"),  # the key YAML reads: the last
 ])
 def test_yaml_errors_name_the_file_and_key(content, says, tmp_path):
     path = tmp_path / "t.yaml"
@@ -306,8 +311,19 @@ def test_yaml_errors_name_the_file_and_key(content, says, tmp_path):
     with pytest.raises(SafetyPatchError, match=re.escape(says)) as e:
         resolve_config(None, path)
     assert "\n" not in str(e.value)
-    if "--lr" not in says:  # a range error names the flag; the rest name the file
-        assert str(e.value).startswith(f"{path}: ")
+    assert str(e.value).startswith(f"{path}"), "a value the file set is named in the file"
+
+
+def test_a_range_error_names_the_layer_that_set_the_value(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("lora:\n  rank: 4\n")
+    with pytest.raises(SafetyPatchError, match=r"^--rank must be >= 1, got 0$"):
+        resolve_config(None, path, {"lora.rank": 0})  # the flag overrides the file: the flag is named
+    path.write_text("lora:\n  rank: 0\n")
+    assert resolve_config(None, path, {"lora.rank": 2}).lora.rank == 2  # the file's value never used: no error
+    path.write_text("optim:\n  batch_size: 8\n")
+    with pytest.raises(SafetyPatchError, match=r"^--rank must be >= 1"):
+        resolve_config(None, path, {"lora.rank": 0})  # the file sets another key: no file or line claimed
 
 
 def test_override_is_checked_by_validate():

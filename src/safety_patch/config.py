@@ -7,7 +7,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import SafetyPatchError, field_path
+from .errors import FieldError, SafetyPatchError, field_path
 
 T = TypeVar("T")
 
@@ -71,15 +71,61 @@ def build(cls: type[T], values: dict, where: str = "config") -> T:
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: dict | None = None) -> T:
-    """Defaults <- YAML file <- explicit overrides (None values mean "not given")."""
+    """Defaults <- YAML file <- explicit overrides (None values mean "not given"). A value out of
+    range that the file set is reported at its line in the file (``located``)."""
     values: dict = {}
+    file_values: dict = {}
     if path:
-        values.update(read_yaml(path))
+        file_values = read_yaml(path)
+        values.update(file_values)
         where = str(path)
     else:
         where = "config"
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build(cls, values, where)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(given)
+    try:
+        return build(cls, values, where)
+    except FieldError as e:
+        if path and any(k in file_values and k not in given for k in e.keys):
+            raise located(e, path) from None
+        raise
+
+
+def located(e: FieldError, path: str | Path, subject: str | None = None) -> SafetyPatchError:
+    """``e`` (a value the YAML file ``path`` set) as one line naming the file and the line of the
+    first of ``e.keys`` found there: ``train.yaml:3: lora.rank must be >= 1, got 0``. ``subject``:
+    how ``e`` names its field (a CLI flag, ``--rank``), replaced by the dotted key."""
+    msg = str(e)
+    for key in e.keys:
+        line = key_line(path, key)
+        if line is not None:
+            if subject and msg.startswith(subject + " "):
+                msg = key + msg[len(subject):]
+            return SafetyPatchError(f"{path}:{line}: {msg}")
+    return SafetyPatchError(f"{path}: {msg}")
+
+
+def key_line(path: str | Path, key: str) -> int | None:
+    """The 1-based line of a dotted key (``lora.rank``) in a YAML mapping file; the last one where a
+    key repeats (as ``yaml.safe_load`` reads it); None where the file does not set it."""
+    import yaml
+
+    from .jsonl import read_text
+
+    try:
+        node = yaml.compose(read_text(Path(path), "config "))
+    except (yaml.YAMLError, SafetyPatchError):
+        return None
+    line = None
+    for part in key.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        hit = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part]
+        if not hit:
+            return None
+        k, node = hit[-1]
+        line = k.start_mark.line + 1
+    return line
 
 
 def read_yaml(path: str | Path) -> dict:

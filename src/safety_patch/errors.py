@@ -15,6 +15,17 @@ class SafetyPatchError(Exception):
     exit_code = 2
 
 
+class FieldError(SafetyPatchError):
+    """A config value out of range or of the wrong type, with the field(s) it names (``keys``,
+    dotted: ``lora.rank``, ``val_fraction``; ``key`` is the first), so the code that read the
+    config can say which file and line set them (``config.located``)."""
+
+    def __init__(self, message: str, key: str, *more: str):
+        super().__init__(message)
+        self.keys = (key, *more)
+        self.key = key
+
+
 def field_path(loc) -> str:
     """A field's location in a user's file as one printable line: ``files.adapter_config.json``,
     ``rows[3].meta``. Names are the file's own keys, so a key that is not a plain printable

@@ -36,7 +36,7 @@ import torch
 from pydantic import ValidationError
 
 from . import textsim
-from .errors import SafetyPatchError
+from .errors import FieldError, SafetyPatchError
 from .evaluation.stats import FEW_NEGATIVES_NOTE, few_negatives, tpr_at_fpr_text
 from .gate import GATE_FILE, Gate, layer_states
 from .patch_schema import BaseInfo, Sha256, _Strict
@@ -189,8 +189,8 @@ class GateFitConfig:
 
     def validate(self) -> GateFitConfig:
         """Returns self; raises SafetyPatchError (one line naming the field) for a value that cannot be used."""
-        def bad(name: str, why: str) -> SafetyPatchError:
-            return SafetyPatchError(f"gate config: {name} {why}, got {getattr(self, name)!r}")
+        def bad(name: str, why: str) -> FieldError:
+            return FieldError(f"gate config: {name} {why}, got {getattr(self, name)!r}", name)
 
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             raise bad("layer", "must be an integer >= 0")

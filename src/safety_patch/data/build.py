@@ -41,11 +41,12 @@ from ..atomic import atomic_dir, sha256_file, write_json, write_jsonl
 from ..attacks import get_attack
 from ..attacks.templates import load_templates
 from ..config import as_dict
-from ..errors import SafetyPatchError
+from ..errors import FieldError, SafetyPatchError
 from ..provenance import code_identity
 from . import refusals, splits
 from .folder import ALWAYS, FILES, MANIFEST, DataFolder
 from .prompts import borderline_prompts, borderline_train_prompts, general_prompts, humaneval_tasks
+from .records import USER_LICENSE
 from .sources import DEFAULT_SOURCES, load_source
 
 OUTPUT_FILES = tuple(FILES[k] for k in ALWAYS)  # the file names live in data/folder.py, next to their reader
@@ -115,13 +116,14 @@ class DataConfig:
                      "self_instruct_form_share"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
-                raise SafetyPatchError(f"config field '{name}' must be in [0, 1], got {v}")
+                raise FieldError(f"config field '{name}' must be in [0, 1], got {v}", name)
         if self.test_fraction + self.val_fraction >= 1:
-            raise SafetyPatchError("test_fraction + val_fraction must leave some training data")
+            raise FieldError("test_fraction + val_fraction must leave some training data", "test_fraction",
+                             "val_fraction")
         if not self.sources:
             raise SafetyPatchError("no sources given")
         if self.self_instruct < 0:
-            raise SafetyPatchError(f"config field 'self_instruct' must be >= 0, got {self.self_instruct}")
+            raise FieldError(f"config field 'self_instruct' must be >= 0, got {self.self_instruct}", "self_instruct")
         for t in self.train_transforms:
             get_attack(t)  # unknown names fail here, before any work
 
@@ -183,6 +185,8 @@ def _harmful_rows(cfg, reqs, split_of, tmpl_by_split, rng):
         refusal = r.response or refusals.compose(r.category, rng)
         meta = {"source": r.source, "category": r.category, "behavior_id": r.behavior_id, "template": template,
                 "template_family": family, "split": split, "request": r.text}
+        if r.license == USER_LICENSE and r.raw_category != r.category:  # the user's own word kept beside ours
+            meta["raw_category"] = r.raw_category
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": refusal}], "meta": meta}
 
     for r in reqs:

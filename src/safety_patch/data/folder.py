@@ -75,6 +75,9 @@ class HarmfulMeta(TypedDict):
     template_family: str
     split: Split
     request: str
+    raw_category: NotRequired[str]
+    """A user file's own category where it is not one of the unified ones (``category`` holds
+    the unified one, which picks refusals and stratifies splits)."""
 
 
 @with_config(_STRICT)
@@ -89,6 +92,7 @@ class TrainMeta(TypedDict):
     template_family: NotRequired[str]
     split: NotRequired[Split]
     request: NotRequired[str]
+    raw_category: NotRequired[str]
     distilled: NotRequired[bool]
 
 
@@ -98,6 +102,7 @@ class BenignMeta(TypedDict):
     category: str
     split: Split
     request: NotRequired[str]
+    raw_category: NotRequired[str]
     distilled: NotRequired[bool]
 
 
@@ -368,7 +373,8 @@ class DataFolder:
 
     def behaviours(self, name: str) -> list[dict]:
         """Unique behaviours of a harmful file, first row of each: ``request``, ``category``,
-        ``behavior_id``, ``source`` (every row's meta must then have all of ``HarmfulMeta``)."""
+        ``behavior_id``, ``source``, and ``raw_category`` where the row has one (every row's meta
+        must then have all of ``HarmfulMeta``)."""
         seen: set[str] = set()
         out = []
         for n, r in self.numbered(name):
@@ -377,7 +383,7 @@ class DataFolder:
             if m["behavior_id"] not in seen:
                 seen.add(m["behavior_id"])
                 out.append({"request": m["request"], "category": m["category"], "behavior_id": m["behavior_id"],
-                            "source": m["source"]})
+                            "source": m["source"]} | ({"raw_category": m["raw_category"]} if "raw_category" in m else {}))
         return out
 
     def templates(self, split: str) -> list:

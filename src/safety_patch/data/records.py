@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+USER_LICENSE = "user-provided"
+"""The ``license`` of a request read from a user's own file (data/sources/files.py)."""
+
 
 @dataclass(frozen=True)
 class Request:

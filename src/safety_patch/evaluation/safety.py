@@ -66,10 +66,12 @@ def _share(records: list[dict], labels: tuple[str, ...]) -> dict:
 
 
 def _rates(records: list[dict], key: str, labels: str | tuple[str, ...]) -> dict:
+    """Each group's share of ``labels``; key ``user_category``: a record's ``raw_category``, else its
+    ``category``."""
     labels = (labels,) if isinstance(labels, str) else labels
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        groups[r[key]].append(r)
+        groups[r.get("raw_category", r["category"]) if key == "user_category" else r[key]].append(r)
     return {g: _share(rs, labels) for g, rs in sorted(groups.items())}
 
 
@@ -132,6 +134,7 @@ def run_safety(pm, tokenizer, requests: list[dict], templates, cfg: EvalConfig, 
             attacked.append(a)
             rows.append({"behavior_id": r["behavior_id"], "category": r["category"], "attack": name, "family": a.family,
                          "prompt": a.messages[-1]["content"], "prefill": a.prefill, "request": r["request"]}
+                        | ({"raw_category": r["raw_category"]} if r.get("raw_category") else {})
                         | ({"attack_info": a.extra} if a.extra else {}))
     t0 = time.time()
     answers = _generate(pm, tokenizer, attacked, cfg, cache, label)
@@ -149,6 +152,9 @@ def run_safety(pm, tokenizer, requests: list[dict], templates, cfg: EvalConfig, 
         "overall": _share(records, ("compliance",)),
         "per_attack": _rates(records, "attack", "compliance"),
         "per_category": _rates(records, "category", "compliance"),
+        # a user file's own categories, where they are not the unified ones
+        **({"per_user_category": _rates(records, "user_category", "compliance")}
+           if any("raw_category" in r for r in records) else {}),
         **_label_shares(records),
         "per_attack_degenerate": _rates(records, "attack", "degenerate"),
         "generation_seconds": round(gen_s, 1),

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as cfgmod
-from ..errors import SafetyPatchError
-from .config import TrainConfig, check_layer, dotted_layer, merge, recipe_layer
+from ..errors import FieldError, SafetyPatchError
+from .config import RECIPE_DIR, TrainConfig, _name, check_layer, dotted_layer, merge, recipe_layer
 
 
 def resolve_config(recipe: str | None = None, path: str | Path | None = None,
@@ -28,8 +28,26 @@ def resolve_config(recipe: str | None = None, path: str | Path | None = None,
     layers = [recipe_layer(name), file_layer, flag_layer]
     cfg = merge(layers)
     cfg.recipe = name
-    cfg.validate()
+    try:
+        cfg.validate()
+    except FieldError as e:
+        # Name the layer that set the value: a flag's message names the flag already; a file's
+        # value is named at its line in that file (the recipe's own file included).
+        if any(_sets(flag_layer, k) for k in e.keys):
+            raise
+        for file, layer in ((path, file_layer), (RECIPE_DIR / f"{name}.yaml", layers[0])):
+            if file and any(_sets(layer, k) for k in e.keys):
+                raise cfgmod.located(e, file, subject=_name(e.key)) from None
+        raise
     return cfg
+
+
+def _sets(layer: Mapping[str, Any], key: str) -> bool:
+    """Whether a checked layer (nested: ``{"lora": {"rank": 16}}``) sets the dotted ``key``."""
+    group, _, f = key.partition(".")
+    if not f:
+        return group in layer
+    return isinstance(layer.get(group), Mapping) and f in layer[group]
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:

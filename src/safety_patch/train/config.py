@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import SafetyPatchError, field_path
+from ..errors import FieldError, SafetyPatchError, field_path
 from ..gate_fit import GateFitConfig
 
 
@@ -210,10 +210,10 @@ class TrainConfig:
         if self.recipe not in recipe_names():
             raise SafetyPatchError(unknown_recipe(self.recipe))
         if self.method not in ("lora", "full"):
-            raise SafetyPatchError(f"--method must be lora or full, got {self.method!r}")
+            raise FieldError(f"--method must be lora or full, got {self.method!r}", "method")
         lo, da, an, ls, op, g = self.lora, self.data, self.anchor, self.loss, self.optim, self.gate
         if ls.objective not in ("sft", "dpo"):
-            raise SafetyPatchError(f"--objective must be sft or dpo, got {ls.objective!r}")
+            raise FieldError(f"--objective must be sft or dpo, got {ls.objective!r}", "loss.objective")
         # Ranges. NaN fails every comparison (`nan <= 0` is False), so each bound is written as
         # "not ok" and every float is checked for finiteness: here, or in _check_types.
         for key in _POSITIVE:
@@ -221,10 +221,10 @@ class TrainConfig:
                 _positive(self, key)
         _at_least(self, "lora.rank", 1)
         if not 0 <= lo.dropout < 1:
-            raise SafetyPatchError(f"{_name('lora.dropout')} must be in [0, 1), got {lo.dropout!r}")
+            raise FieldError(f"{_name('lora.dropout')} must be in [0, 1), got {lo.dropout!r}", "lora.dropout")
         if not lo.target_modules.strip(","):
-            raise SafetyPatchError(f"{_name('lora.target_modules')} must be all-linear or name modules, "
-                                   f"got {lo.target_modules!r}")
+            raise FieldError(f"{_name('lora.target_modules')} must be all-linear or name modules, "
+                             f"got {lo.target_modules!r}", 'lora.target_modules')
         for key in ("data.general_ratio", "data.contrast_ratio", "anchor.kl", "optim.weight_decay",
                     "anchor.self_instruct", "lora.orthogonal_k"):
             _at_least(self, key, 0)
@@ -238,13 +238,13 @@ class TrainConfig:
         if da.max_train_rows is not None:
             _at_least(self, "data.max_train_rows", 0)  # 0 = all rows
         if not 0 <= op.warmup_ratio < 1:
-            raise SafetyPatchError(f"{_name('optim.warmup_ratio')} must be in [0, 1), a fraction of the steps; "
-                                   f"got {op.warmup_ratio!r}")
+            raise FieldError(f"{_name('optim.warmup_ratio')} must be in [0, 1), a fraction of the steps; "
+                             f"got {op.warmup_ratio!r}", 'optim.warmup_ratio')
         if not 0 <= op.seed < 2**32:  # numpy's seed range
-            raise SafetyPatchError(f"{_name('optim.seed')} must be in [0, 2**32), got {op.seed!r}")
+            raise FieldError(f"{_name('optim.seed')} must be in [0, 2**32), got {op.seed!r}", "optim.seed")
         if op.scheduler not in _SCHEDULERS:
-            raise SafetyPatchError(f"{_name('optim.scheduler')} must be one of {', '.join(_SCHEDULERS)}, "
-                                   f"got {op.scheduler!r}")
+            raise FieldError(f"{_name('optim.scheduler')} must be one of {', '.join(_SCHEDULERS)}, "
+                             f"got {op.scheduler!r}", 'optim.scheduler')
         if an.kl > 0 and ls.objective != "sft":
             raise SafetyPatchError("--anchor-kl applies to the sft objective only (DPO has its own reference term)")
         if ls.decision_weight != 1.0 and ls.objective != "sft":
@@ -252,32 +252,37 @@ class TrainConfig:
         if lo.orthogonal_k > 0 and self.method != "lora":
             raise SafetyPatchError("--orthogonal-k constrains a LoRA adapter; it needs --method lora")
         if da.borderline_share is not None and not 0 <= da.borderline_share <= 1:
-            raise SafetyPatchError(f"{_name('data.borderline_share')} must be in [0, 1], got {da.borderline_share!r}")
+            raise FieldError(f"{_name('data.borderline_share')} must be in [0, 1], got {da.borderline_share!r}",
+                             "data.borderline_share")
         if op.sampling not in ("group_by_length", "random", "sequential"):
-            raise SafetyPatchError(f"{_name('optim.sampling')} must be group_by_length, random or sequential, "
-                                   f"got {op.sampling!r}")
+            raise FieldError(f"{_name('optim.sampling')} must be group_by_length, random or sequential, "
+                             f"got {op.sampling!r}", 'optim.sampling')
         if lo.layers is not None:
-            parse_layers(lo.layers)
+            _parsed(parse_layers, lo.layers, "lora.layers")
         if op.stop_after is not None and not 0 < op.stop_after <= 1:
-            raise SafetyPatchError(f"{_name('optim.stop_after')} must be in (0, 1], a fraction of the planned steps; "
-                                   f"got {op.stop_after!r}")
+            raise FieldError(f"{_name('optim.stop_after')} must be in (0, 1], a fraction of the planned steps; "
+                             f"got {op.stop_after!r}", 'optim.stop_after')
         if op.snapshot_steps is not None:
-            parse_steps(op.snapshot_steps)
+            _parsed(parse_steps, op.snapshot_steps, "optim.snapshot_steps")
         if g is not None:
             if g.layer is not None:
                 _at_least(self, "gate.layer", 0)
             if not 0 <= g.depth <= 1:
-                raise SafetyPatchError(f"{_name('gate.depth')} must be in [0, 1], got {g.depth!r}")
+                raise FieldError(f"{_name('gate.depth')} must be in [0, 1], got {g.depth!r}", "gate.depth")
             for key in ("gate.l2", "gate.wrapped_benign", "gate.wrapped_harmful", "gate.self_instruct"):
                 _at_least(self, key, 0)
             if g.target_fpr is not None and not 0 < g.target_fpr < 1:
-                raise SafetyPatchError(f"{_name('gate.target_fpr')} must be in (0, 1), got {g.target_fpr!r}")
+                raise FieldError(f"{_name('gate.target_fpr')} must be in (0, 1), got {g.target_fpr!r}",
+                                 "gate.target_fpr")
             if g.seed not in (0, op.seed):
                 # train draws the gate's prompt pool with --seed (gate_for_run): a different
                 # gate.seed would be recorded but not used.
-                raise SafetyPatchError(f"gate.seed {g.seed} would be ignored: train seeds the gate's prompt pool "
-                                       f"with --seed ({op.seed}); leave gate.seed unset")
-            g.validate()  # the gate stage's own checks too (gate_fit.py), should it grow any
+                raise FieldError(f"gate.seed {g.seed} would be ignored: train seeds the gate's prompt pool "
+                                 f"with --seed ({op.seed}); leave gate.seed unset", "gate.seed")
+            try:
+                g.validate()  # the gate stage's own checks too (gate_fit.py)
+            except FieldError as e:  # its keys are the gate's own fields: name them in this config
+                raise FieldError(str(e), *(f"gate.{k}" for k in e.keys)) from None
 
 
 GROUPS: dict[str, type] = {"lora": LoraSettings, "data": DataMix, "anchor": AnchorSettings, "loss": LossSettings,
@@ -334,16 +339,26 @@ def _get(cfg: TrainConfig, key: str) -> Any:
     return obj
 
 
+def _parsed(parse, value: str, key: str) -> None:
+    """``parse(value)``, its error raised as the field's (``FieldError``)."""
+    try:
+        parse(value)
+    except FieldError:
+        raise
+    except SafetyPatchError as e:
+        raise FieldError(str(e), key) from None
+
+
 def _at_least(cfg: TrainConfig, key: str, low: int) -> None:
     value = _get(cfg, key)
     if not value >= low:
-        raise SafetyPatchError(f"{_name(key)} must be >= {low}, got {value!r}")
+        raise FieldError(f"{_name(key)} must be >= {low}, got {value!r}", key)
 
 
 def _positive(cfg: TrainConfig, key: str) -> None:
     value = _get(cfg, key)
     if not (math.isfinite(value) and value > 0):
-        raise SafetyPatchError(f"{_name(key)} must be a finite number > 0, got {value!r}")
+        raise FieldError(f"{_name(key)} must be a finite number > 0, got {value!r}", key)
 
 
 def _allowed(typ: Any) -> tuple[list[Any], bool]:
@@ -370,7 +385,7 @@ def _check_types(cfg: TrainConfig) -> None:
         allowed, nullable = _allowed(typ)
         if value is None:
             if not nullable:
-                raise SafetyPatchError(f"{_name(key)} must be set, got None")
+                raise FieldError(f"{_name(key)} must be set, got None", key)
             continue
         ok = False
         for a in allowed:
@@ -388,10 +403,10 @@ def _check_types(cfg: TrainConfig) -> None:
             if ok:
                 break
         if not ok:
-            raise SafetyPatchError(f"{_name(key)} must be {' or '.join(kinds.get(a, str(a)) for a in allowed)}, "
-                                   f"got {value!r}")
+            raise FieldError(f"{_name(key)} must be {' or '.join(kinds.get(a, str(a)) for a in allowed)}, "
+                             f"got {value!r}", key)
         if isinstance(value, float) and not math.isfinite(value) and key not in _POSITIVE:  # those: _positive
-            raise SafetyPatchError(f"{_name(key)} must be a finite number, got {value!r}")
+            raise FieldError(f"{_name(key)} must be a finite number, got {value!r}", key)
 
 
 @functools.cache

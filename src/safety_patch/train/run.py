@@ -534,7 +534,8 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                     "epochs": cfg.optim.epochs,
                     "loss_first": losses[0] if losses else None,
                     "loss_last": losses[-1] if losses else None,
-                    "train_loss": getattr(result, "training_loss", None),
+                    "train_loss": _run_loss(state.log_history, state.global_step,
+                                            None if ckpt else getattr(result, "training_loss", None)),
                     "wall_seconds": round(wall, 2),
                     "tokens_seen": tokens,
                     "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
@@ -556,6 +557,19 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
             shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl") if (work / "metrics.jsonl").exists() else None
         shutil.rmtree(work, ignore_errors=True)
         return meta
+
+
+def _run_loss(log_history: list[dict], global_step: int, fallback: float | None) -> float | None:
+    """The mean training loss over every optimiser step of the run, every leg of a resumed one
+    included: each logged loss is the mean over the steps since the previous log, so the logs
+    weighted by their steps give it (the trainer's own ``training_loss`` covers only the steps of
+    its last ``train()`` call). ``fallback`` when the logs do not reach ``global_step``."""
+    prev, total = 0, 0.0
+    for r in log_history:
+        if "loss" in r and "step" in r and r["step"] > prev:
+            total += r["loss"] * (r["step"] - prev)
+            prev = r["step"]
+    return total / prev if prev == global_step > 0 else fallback
 
 
 def _rewind(work: Path, ckpt: str, state: dict) -> None:

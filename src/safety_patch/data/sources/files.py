@@ -10,7 +10,7 @@ from pathlib import Path
 from ...errors import SafetyPatchError
 from ...jsonl import iter_jsonl, json_type, read_text
 from ...textsim import normalise
-from ..records import Request, SourceInfo
+from ..records import USER_LICENSE, Request, SourceInfo
 from ..refusals import unified_category
 
 PROMPT_KEYS = ("prompt", "goal")
@@ -31,7 +31,7 @@ def _row_to_request(row: dict, where: str, source: str) -> Request:
     cat = str(row.get("category") or "harmful")
     bid = str(row.get("behavior_id") or f"user-{hashlib.sha256(normalise(text).encode()).hexdigest()[:12]}")
     resp = row.get("response") if isinstance(row.get("response"), str) and row["response"].strip() else None
-    return Request(text, source, bid, unified_category(cat), cat, "user-provided", resp)
+    return Request(text, source, bid, unified_category(cat), cat, USER_LICENSE, resp)
 
 
 def _csv_rows(path: Path) -> list[tuple[str, dict]]:
@@ -97,5 +97,5 @@ def read_prompt_rows(path: str | Path) -> list[tuple[str, dict]]:
 def load_user_file(path: str, max_items: int | None = None):
     rows = read_prompt_rows(path)
     out = [_row_to_request(r, where, f"file:{Path(path).name}") for where, r in rows]
-    info = SourceInfo(f"file:{Path(path).name}", "user-provided", "", str(Path(path).resolve()))
+    info = SourceInfo(f"file:{Path(path).name}", USER_LICENSE, "", str(Path(path).resolve()))
     return out[:max_items] if max_items else out, info
