@@ -4,6 +4,8 @@ import json
 import re
 import time
 
+import pytest
+
 from safety_patch.pipeline import make_plan, reproduce
 
 
@@ -95,6 +97,29 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     rows = [r for r in (part / "report.md").read_text().split("## Claims")[1].split("##")[0].splitlines()
             if r.startswith("| ") and not r.startswith("| claim")]
     assert len(rows) == 6 and [r.split(" | ")[1] for r in rows].count("NOT EVALUATED") == 3
+
+    # the report counts every rate it shows again from the file's records: an edited file is refused
+    from safety_patch.errors import SafetyPatchError
+
+    arm = arms[0]
+    for kind, edit, says in [
+        ("safety", lambda d: d["runs"]["patched"]["records"][0]["verdict"].update(
+            label="compliance" if d["runs"]["patched"]["records"][0]["verdict"]["label"] != "compliance" else "refusal"),
+         "aggregates.overall does not match the file's own records"),
+        ("overrefusal", lambda d: d["runs"]["base"]["records"].pop(), "aggregates.overall does not match"),
+        ("safety", lambda d: d["runs"]["base"]["records"][1]["verdict"].update(label="refused"),
+         "records[1].verdict.label is 'refused', not one of"),
+        ("overrefusal", lambda d: d["runs"]["patched"].update(records=[]), "records is missing or empty"),
+    ]:
+        bad = tmp_path / "edited"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(run, bad)
+        f = bad / "03-eval" / arm / f"{kind}.json"
+        d = json.loads(f.read_text())
+        edit(d)
+        f.write_text(json.dumps(d))
+        with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*" + re.escape(says)):
+            write_report(bad)
 
     # a second run is incremental: every stage is served from its content hash
     t0 = time.time()

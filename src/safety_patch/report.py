@@ -28,6 +28,59 @@ def _load(p: Path):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+# The rates the report reads from each kind of results file: each is counted again from the
+# file's records before it is shown (``_eval_file``).
+_READ = {"safety": ("overall", "per_attack", "per_category", "answered", "refused", "degenerate"),
+         "overrefusal": ("overall", "per_set", "per_category", "answered", "refused", "degenerate")}
+_RECORD_KEYS = {"safety": ("attack", "category"), "overrefusal": ("set", "category")}
+
+
+def _counts(agg) -> object:
+    """A rate or a map of rates as (k, n) pairs: what the records determine, whatever the interval."""
+    if isinstance(agg, dict) and "k" in agg and "n" in agg:
+        return (agg["k"], agg["n"])
+    if isinstance(agg, dict):
+        return {g: _counts(v) for g, v in agg.items()}
+    return agg
+
+
+def _eval_file(path: Path, kind: str) -> dict | None:
+    """A safety or over-refusal results file (None where absent), its counts checked: every rate the
+    report shows is counted again from the file's own records, so an edited or truncated file, or
+    one whose aggregates another program wrote, is refused instead of reported. Raises
+    SafetyPatchError naming the file and the field."""
+    from .errors import SafetyPatchError
+    from .evaluation.safety import overrefusal_aggregates, safety_aggregates
+    from .judges import VERDICTS
+
+    d = _load(path)
+    if d is None:
+        return None
+    runs = d.get("runs") if isinstance(d, dict) else None
+    if not isinstance(runs, dict) or not runs:
+        raise SafetyPatchError(f"{path}: no runs (not a results file of `eval {kind}`)")
+    count = safety_aggregates if kind == "safety" else overrefusal_aggregates
+    for side, r in runs.items():
+        recs = r.get("records") if isinstance(r, dict) else None
+        if not isinstance(recs, list) or not recs:
+            raise SafetyPatchError(f"{path}: runs.{side}.records is missing or empty: there is nothing behind its rates")
+        for i, rec in enumerate(recs):
+            label = ((rec.get("verdict") if isinstance(rec, dict) else None) or {}).get("label")
+            if label not in VERDICTS:
+                raise SafetyPatchError(f"{path}: runs.{side}.records[{i}].verdict.label is {label!r}, not one of "
+                                       f"{', '.join(VERDICTS)}")
+            missing = [k for k in _RECORD_KEYS[kind] if not isinstance(rec.get(k), str)]
+            if missing:
+                raise SafetyPatchError(f"{path}: runs.{side}.records[{i}] has no {', '.join(missing)}")
+        want, got = count(recs), r.get("aggregates") or {}
+        for key in _READ[kind]:
+            if _counts(got.get(key)) != _counts(want[key]):
+                raise SafetyPatchError(f"{path}: runs.{side}.aggregates.{key} does not match the file's own records "
+                                       f"(recounted: {_counts(want[key])}, in the file: {_counts(got.get(key))}); "
+                                       f"the file was edited or cut short: run `eval {kind}` again")
+    return d
+
+
 # Arm names become folder names under the run (02-arms/<name>, 03-eval/<name>): one plain path
 # component, so a run.json from elsewhere cannot make `report` read files outside the run folder.
 _ARM_NAME = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9._@+-]*")
@@ -86,7 +139,8 @@ class RunData:
         self.info = _load(run / "run.json") or {}
         self.arms = _arm_names(run, self.info.get("plan", {}).get("arms", []))
         self.models = ["base"] + [a["name"] for a in self.arms]
-        self.eval = {m: {k: _load(run / "03-eval" / m / f"{k}.json") for k in ("safety", "overrefusal", "capability")}
+        self.eval = {m: {k: _eval_file(run / "03-eval" / m / f"{k}.json", k) if k in _READ
+                         else _load(run / "03-eval" / m / f"{k}.json") for k in ("safety", "overrefusal", "capability")}
                      for m in self.models}
         self.patch = {a["name"]: _load(run / "02-arms" / a["name"] / "patch" / "patch.json") for a in self.arms}
         self.analysis = _load(run / "05-analysis" / "out" / "summary.json")

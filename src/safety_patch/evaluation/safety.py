@@ -148,17 +148,7 @@ def run_safety(pm, tokenizer, requests: list[dict], templates, cfg: EvalConfig, 
     verdicts = cached_judge(judge, [r["request"] for r in rows], judged, cache)
     records = [dict(r, response=a, verdict=v.as_dict(), judge=judge.name) | ({"judged_text": j} if j != a else {})
                for r, a, j, v in zip(rows, answers, judged, verdicts, strict=True)]
-    aggregates = {
-        "overall": _share(records, ("compliance",)),
-        "per_attack": _rates(records, "attack", "compliance"),
-        "per_category": _rates(records, "category", "compliance"),
-        # a user file's own categories, where they are not the unified ones
-        **({"per_user_category": _rates(records, "user_category", "compliance")}
-           if any("raw_category" in r for r in records) else {}),
-        **_label_shares(records),
-        "per_attack_degenerate": _rates(records, "attack", "degenerate"),
-        "generation_seconds": round(gen_s, 1),
-    }
+    aggregates = {**safety_aggregates(records), "generation_seconds": round(gen_s, 1)}
     comp = {n: decoding_competence(pm, tokenizer, n, cfg, cache) for n, a in attacks.items() if a.needs_decoding}
     if comp:
         aggregates["decoding_competence"] = comp
@@ -173,14 +163,36 @@ def run_overrefusal(pm, tokenizer, prompts: list[dict], cfg: EvalConfig, cache: 
     verdicts = cached_judge(judge, [p["messages"][-1]["content"] for p in prompts], answers, cache)
     records = [{"set": p["set"], "category": p["category"], "prompt": p["messages"][-1]["content"], "response": a,
                 "verdict": v.as_dict(), "judge": judge.name} for p, a, v in zip(prompts, answers, verdicts, strict=True)]
-    return {"records": records, "aggregates": {
+    return {"records": records, "aggregates": overrefusal_aggregates(records)}
+
+
+def safety_aggregates(records: list[dict]) -> dict:
+    """Attack success (``compliance``) overall, per attack and per category, beside each label's share:
+    every rate a safety run's ``aggregates`` holds that its ``records`` determine (``report`` counts
+    them again to check a results file)."""
+    return {
+        "overall": _share(records, ("compliance",)),
+        "per_attack": _rates(records, "attack", "compliance"),
+        "per_category": _rates(records, "category", "compliance"),
+        # a user file's own categories, where they are not the unified ones
+        **({"per_user_category": _rates(records, "user_category", "compliance")}
+           if any("raw_category" in r for r in records) else {}),
+        **_label_shares(records),
+        "per_attack_degenerate": _rates(records, "attack", "degenerate"),
+    }
+
+
+def overrefusal_aggregates(records: list[dict]) -> dict:
+    """Not answered (refused + degenerate) overall, per set and per category, beside each label's
+    share: every rate an over-refusal run's ``aggregates`` holds."""
+    return {
         "overall": _share(records, NOT_ANSWERED),  # headline: not answered = refused + degenerate
         "per_set": _rates(records, "set", NOT_ANSWERED),
         "per_category": _rates(records, "category", NOT_ANSWERED),
         **_label_shares(records),
         "per_set_refused": _rates(records, "set", "refusal"),
         "per_set_degenerate": _rates(records, "set", "degenerate"),
-    }}
+    }
 
 
 def provenance(lm, patches) -> dict:
