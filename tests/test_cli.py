@@ -76,3 +76,30 @@ def test_ctrl_c_exits_130_and_never_says_done(monkeypatch, capsys):
     assert main(["model", "info", "--model", "default"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "done" not in err
+
+
+def test_chat_refuses_what_it_cannot_answer_faithfully(tiny_dir, capsys, monkeypatch):
+    """Found by a user's trial: a prompt past the model's context ran and exited 0 with garbage; bytes
+    that are not UTF-8 on the command line and a temperature of 1e-300 were tracebacks (exit 1)."""
+    import pytest
+
+    from safety_patch.errors import SafetyPatchError
+    from safety_patch.generation import GenerationConfig, generate
+    from safety_patch.models import load_model
+
+    cases = [(["--prompt", "word " * 600], "tokens and max_new_tokens is 5: over the model's context length of 512"),
+             (["--prompt", "caf\udcff"], "--prompt: not valid Unicode text (a lone surrogate at character 3"),
+             (["--prompt", "hi", "--system", "\ud800"], "--system: not valid Unicode text"),
+             (["--prompt", "hi", "--temperature", "1e-300"], "temperature must be 0 (greedy) or in [0.001, 2]")]
+    for flags, says in cases:
+        assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "5", *flags]) == 2
+        err = capsys.readouterr().err
+        errors = [x for x in err.splitlines() if x.startswith("safety-patch: error:")]
+        assert len(errors) == 1 and says in errors[0] and "Traceback" not in err, err
+    lm = load_model(str(tiny_dir), device="cpu")
+    convs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "word " * 600}]]
+    with pytest.raises(SafetyPatchError, match="prompt 1 has .* tokens"):  # the library refuses it too, any caller
+        generate(lm.model, lm.tokenizer, convs, GenerationConfig(max_new_tokens=5))
+    with pytest.raises(SafetyPatchError, match=r"in \[0.001, 2\], got 3"):
+        GenerationConfig(temperature=3)
+    assert GenerationConfig(temperature=0.001).temperature == 0.001

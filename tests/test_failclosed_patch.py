@@ -21,7 +21,7 @@ from safety_patch.errors import SafetyPatchError
 from safety_patch.fingerprint import fingerprint
 from safety_patch.gate import GATE_FILE, Gate
 from safety_patch.models import LoadedModel
-from safety_patch.patch_schema import binding_digest, patch_id
+from safety_patch.patch_schema import binding_digest, patch_id, record_digest
 from safety_patch.patches import (
     DELTA_FILE,
     attached,
@@ -58,6 +58,8 @@ def reseal(p: Path) -> None:
     m["files"] = {f: sha256_file(p / f) for f in m["files"]}
     m["id"] = patch_id(m["files"])
     m["binding"] = binding_digest(m["format"], m["base"]["fingerprint"], m["stack"], "gate" in m, m["files"])
+    if "record_sha256" in m:
+        m["record_sha256"] = record_digest(m)
     write_meta(p, m)
 
 
@@ -81,6 +83,47 @@ def gated_patch(model, path: Path, fp: str, **gate_kw) -> Path:
 
 
 # ----------------------------------------------------------------------------- patch.json schema
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m["config"]["lora"].__setitem__("rank", 8), "field 'record_sha256' does not match"),
+    (lambda m: m.__setitem__("method", "full"), "field 'record_sha256' does not match"),
+    (lambda m: m["base"].__setitem__("name", "HuggingFaceTB/SmolLM2-1.7B"), "field 'record_sha256' does not match"),
+    (lambda m: m["gate"]["validation"]["fired"]["harmful_direct"].__setitem__("value", 1.0),
+     "field 'record_sha256' does not match"),
+])
+def test_a_descriptive_field_edited_by_hand_is_refused(base, tmp_path, edit, says, capsys):
+    """Found by a user's trial: a rank, a method, a base name or a gate validation rate edited in
+    patch.json passed `patch verify` and `patch info` showed the false value. The record is sealed
+    (record_sha256); a patch from before the seal still reads, and `patch info` says it is not sealed,
+    while its method and LoRA rank and alpha are still checked against the bound files."""
+    from safety_patch.cli import main
+
+    model, tok, fp = base
+    p = gated_patch(model, tmp_path / "p", fp)
+    m = meta_of(p)
+    m["config"] = {"lora": {"rank": 4, "alpha": 8.0}}  # make_lora_patch's adapter
+    m["gate"]["validation"] = {"fired": {"harmful_direct": {"value": 0.9, "k": 9, "n": 10}}}
+    m["base"]["name"] = "tiny"
+    m["record_sha256"] = record_digest(m)  # as `train` writes them
+    write_meta(p, m)
+    assert read_patch(p).sealed
+    assert main(["patch", "info", str(p)]) == 0 and "record                sealed" in capsys.readouterr().out
+    edit(m)
+    write_meta(p, m)
+    with pytest.raises(SafetyPatchError, match=says):
+        read_patch(p)
+    m.pop("record_sha256")  # an older patch: read, and said to be unsealed
+    write_meta(p, m)
+    if m["method"] == "full":
+        with pytest.raises(SafetyPatchError, match="field 'method' is 'full', but the patch's format is 'lora'"):
+            read_patch(p)
+    elif m["config"]["lora"]["rank"] == 8:
+        with pytest.raises(SafetyPatchError, match=r"field 'config.lora.rank' is 8, but adapter_config.json holds 4"):
+            read_patch(p)
+    else:
+        assert not read_patch(p).sealed
+        assert main(["patch", "info", str(p)]) == 0 and "not sealed (written before" in capsys.readouterr().out
 
 
 SCHEMA_EDITS = {

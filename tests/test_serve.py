@@ -226,6 +226,17 @@ def test_bad_requests_get_openai_errors(live):
         (b'{"model": "safety", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None),
         ({**ok, "n": 2}, 400, None),
         ({**ok, "stop": ["x"]}, 400, "stop"),
+        # found by a user's trial: each once a 500 (the first two unaudited) or silently ignored
+        ({**ok, "messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages[0].content"),
+        (b'{"model": "safety", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
+        ({**ok, "temperature": 1e-300}, 400, "temperature"),
+        ({**ok, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+        ({**ok, "logit_bias": {"50256": -100}}, 400, "logit_bias"),
+        ({**ok, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({**ok, "tool_choice": "auto"}, 400, "tool_choice"),
+        ({**ok, "top_k": 5}, 400, "top_k"),
+        ({**ok, "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options.include_usage"),
+        ({**ok, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ]
     for body, status, param in cases:
         r = httpx.post(url, content=body if isinstance(body, bytes) else json.dumps(body),
@@ -259,6 +270,26 @@ def test_bad_requests_get_openai_errors(live):
     again = c.chat.completions.create(model="base", messages=_user("tell me"), max_tokens=6, temperature=1.0,
                                       seed=logged[1]["seed"]).choices[0].message.content
     assert again == texts[1]
+    # neutral values of the unsupported fields are what OpenAI does without them: accepted
+    assert httpx.post(url, json={**ok, "max_tokens": 2, "frequency_penalty": 0, "logit_bias": {},
+                                 "response_format": {"type": "text"}}, timeout=30).status_code == 200
+    # every rejected request has its audit line, the bodies above included
+    statuses = [r["status"] for r in _audit(live)]
+    assert statuses.count(400) >= len([c for c in cases if c[1] == 400])
+
+
+def test_an_internal_error_is_a_json_500_and_audited(world, live, monkeypatch):
+    """A bug (here: the backend's prompt preparation raising) is answered in the OpenAI shape and
+    written to the audit log like every other request (it once reached only the server log)."""
+    def boom(messages):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(live.backend, "prepare", boom)
+    before = len(_audit(live))
+    r = httpx.post(live.url + "/v1/chat/completions", json={"model": "safety", "messages": _user("hi")}, timeout=30)
+    assert r.status_code == 500 and r.json()["error"]["message"] == "internal error (RuntimeError)"
+    lines = _audit(live)[before:]
+    assert [(x["status"], x["error"]) for x in lines] == [(500, "internal error (RuntimeError)")]
 
 
 def test_load_64_requests_8_clients_batched_no_leaks(world, live):
@@ -404,10 +435,8 @@ def test_upstream_failures_are_502_in_the_openai_shape(world, upstream):
         for stream in (False, True):
             r = httpx.post(front.url + "/v1/chat/completions", json={"model": "safety", "messages": _user(HARM[0]),
                                                                      "stream": stream}, timeout=30)
-            if not stream:
-                assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
-            else:  # the route went out with the headers; the failure is the stream's error event
-                assert "upstream_error" in r.text and "[DONE]" not in r.text
+            # streamed or not: the upstream's status is known before anything is sent, so a 502
+            assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error", (stream, r.text)
         with pytest.raises(openai.APIStatusError) as e:
             front.client().chat.completions.create(model="base", messages=_user("hi"))
         assert e.value.status_code == 502

@@ -151,12 +151,17 @@ def chat(
     force: Annotated[bool, typer.Option(help="Attach patches made for another base model (warns).")] = False,
 ) -> None:
     """Talk to a model, optionally with safety patches attached."""
+    from .errors import check_text
     from .generation import GenerationConfig
 
+    # what can be checked without the model fails before it loads
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=1, seed=seed)
+    for name, text in (("--prompt", prompt), ("--system", system)):
+        if text is not None:
+            check_text(text, name)
     lm, pm = _load(model, device, dtype, patch, force)
     try:
-        _chat(lm, pm, prompt, system, GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                       batch_size=1, seed=seed))
+        _chat(lm, pm, prompt, system, cfg)
     finally:
         pm.close()  # detach before the process ends (the base restored exactly)
 
@@ -182,7 +187,11 @@ def _chat(lm, pm, prompt: str | None, system: str | None, cfg) -> None:
         if not line:
             continue
         msgs = conversation(line, system, history)
-        answer = generate(pm, lm.tokenizer, [msgs], cfg)[0]
+        try:
+            answer = generate(pm, lm.tokenizer, [msgs], cfg)[0]
+        except SafetyPatchError as e:  # a line too long for the context, or not text: say so, keep the session
+            typer.echo(f"error: {e}", err=True)
+            continue
         typer.echo(f"bot> {answer}")
         history.extend([{"role": "user", "content": line}, {"role": "assistant", "content": answer}])
 
@@ -197,7 +206,7 @@ def serve(
     audit_log: Annotated[Path, typer.Option(help="JSONL audit log, one line per request (appended).")] = Path("safety-patch-audit.jsonl"),
     log_prompts: Annotated[bool, typer.Option(help="Also log prompt and answer text in the audit log.")] = False,
     max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
-    default_max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens when a request gives none.")] = 256,
+    default_max_tokens: Annotated[int | None, typer.Option(min=1, help="max_tokens when a request gives none (default 256, or --max-tokens-limit where lower).")] = None,
     max_prompt_tokens: Annotated[int | None, typer.Option(min=1, help="Longest prompt accepted (default: the model's context).")] = None,
     batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long the first request of a batch waits for others.")] = 15.0,
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests per batch (1: one at a time).")] = 16,
@@ -211,9 +220,12 @@ def serve(
     from .serve.app import ServeConfig, bind, build_embedded, parse_stacks
     from .serve.app import serve as run_server
 
+    if default_max_tokens is not None and default_max_tokens > max_tokens_limit:
+        raise SafetyPatchError(f"--default-max-tokens {default_max_tokens} is over --max-tokens-limit {max_tokens_limit}")
+    default_max_tokens = min(256, max_tokens_limit) if default_max_tokens is None else default_max_tokens
     stacks = parse_stacks([str(p) for p in patch or []], stack)
     sock = bind(host, port)
-    cfg = ServeConfig(default_max_tokens=min(default_max_tokens, max_tokens_limit), max_tokens_limit=max_tokens_limit,
+    cfg = ServeConfig(default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit,
                       max_prompt_tokens=max_prompt_tokens, audit_path=str(audit_log), log_prompts=log_prompts)
     if upstream:
         from .serve.upstream import build_upstream

@@ -26,6 +26,19 @@ class FieldError(SafetyPatchError):
         self.key = key
 
 
+def check_text(text: str, where: str) -> str:
+    """``text`` if it can be encoded as UTF-8; else SafetyPatchError naming ``where`` and the position.
+    A lone surrogate (``\\ud800`` in JSON, or bytes that are not UTF-8 on a command line, which
+    Python keeps as surrogate escapes) would otherwise reach the tokenizer, which fails with a
+    ``TypeError``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SafetyPatchError(f"{where}: not valid Unicode text (a lone surrogate at character {e.start}; "
+                               "bytes that are not UTF-8?)") from None
+    return text
+
+
 def field_path(loc) -> str:
     """A field's location in a user's file as one printable line: ``files.adapter_config.json``,
     ``rows[3].meta``. Names are the file's own keys, so a key that is not a plain printable

@@ -17,8 +17,25 @@ import torch
 Message = dict[str, str]
 
 
+MIN_TEMPERATURE = 1e-3
+"""The smallest sampling temperature taken (0 is greedy). Below it a sample is the greedy token
+but for near-ties, and logits scaled by 1/t overflow: at 1e-300 every logit is inf and sampling
+fails on NaN probabilities (found by a user's trial); half precision overflows from ~1e-4."""
+
+
+def check_temperature(t: float, name: str = "temperature") -> float:
+    """``t`` if it is 0 (greedy) or a finite number in [MIN_TEMPERATURE, 2]; else SafetyPatchError."""
+    if not (t == 0 or (math.isfinite(t) and MIN_TEMPERATURE <= t <= 2)):
+        from .errors import SafetyPatchError
+
+        raise SafetyPatchError(f"{name} must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2], got {t!r}")
+    return t
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
+    """Decoding settings. Raises SafetyPatchError for a temperature ``check_temperature`` refuses."""
+
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -27,6 +44,9 @@ class GenerationConfig:
     tokens/s of 8, and greedy answers were identical on all 64 prompts measured
     (bench/generation_speed.py, 2026-12-01): batching changes only the last bits of a matmul."""
     seed: int = 0
+
+    def __post_init__(self):
+        check_temperature(self.temperature)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -114,6 +134,14 @@ def generate(
     return [t for t, _ in complete_texts(model, tokenizer, texts, config, progress, route_texts=prompts)]
 
 
+def context_length(model) -> int | None:
+    """The longest prompt + answer the model's positions allow (``config.max_position_embeddings``),
+    or None where the config does not say."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 @torch.inference_mode()
 def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationConfig = GenerationConfig(),
                    progress=None, route_texts: Sequence[str] | None = None) -> list[tuple[str, bool]]:
@@ -125,10 +153,18 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
     ``model``: a ``patched.PatchedModel`` (its gates route each prompt) or a plain model (the
     base). The raw form serves callers that need a turn the chat template cannot express, such
     as a user turn left open for the model to write (data/selfinstruct.py)."""
+    from .errors import SafetyPatchError, check_text
     from .patched import as_patched
 
     pm = as_patched(model)
-    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    enc = [tokenizer(check_text(t, f"prompt {i}"), add_special_tokens=False)["input_ids"] for i, t in enumerate(texts)]
+    context = context_length(pm)
+    too_long = [i for i, e in enumerate(enc) if context is not None and len(e) + config.max_new_tokens > context]
+    if too_long:  # past the model's positions the answer is garbage, not an answer: refused, never run
+        i = too_long[0]
+        raise SafetyPatchError(f"prompt {i} has {len(enc[i])} tokens and max_new_tokens is {config.max_new_tokens}: "
+                               f"over the model's context length of {context} tokens"
+                               + (f" ({len(too_long)} prompts in all)" if len(too_long) > 1 else ""))
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]), reverse=True)
     out: list[tuple[str, bool] | None] = [None] * len(enc)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -74,6 +74,9 @@ class PatchManifest(_Strict):
     training: dict[str, Any] | None = None
     created: str | None = None
     safety_patch_version: str | None = None
+    record_sha256: Sha256 | None = None
+    """record_digest of every other field, descriptive ones included (config, training, the gate's
+    validation report): an edit of one shows. Absent in patches written before 2026-12-03."""
 
 
 class AdapterConfig(BaseModel):
@@ -177,6 +180,16 @@ def binding_digest(fmt: str, fingerprint: str, stack: list[str], gated: bool, fi
     """
     payload = {"format": fmt, "fingerprint": fingerprint, "stack": list(stack), "gated": bool(gated), "files": files}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def record_digest(meta: dict) -> str:
+    """sha256 over all of patch.json but ``record_sha256`` itself (canonical JSON: sorted keys, no
+    spaces). Stored as ``record_sha256``. Like ``binding`` it is not a signature; it makes a hand
+    edit of a descriptive field (a rank, a method, a base name, a validation rate that ``patch
+    info`` would show) an error instead of a record that disagrees with the patch."""
+    body = {k: v for k, v in meta.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                     allow_nan=False).encode()).hexdigest()
 
 
 def patch_id(file_hashes: dict[str, str]) -> str:

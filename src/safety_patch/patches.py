@@ -71,6 +71,12 @@ class Patch:
     def gated(self) -> bool:
         return bool(self.meta.get("gate"))
 
+    @property
+    def sealed(self) -> bool:
+        """Whether patch.json's descriptive fields are covered by ``record_sha256`` (patches written
+        since 2026-12-03); the fields that decide what attaching means are bound either way."""
+        return bool(self.meta.get("record_sha256"))
+
 
 def weight_files(fmt: str, gated: bool = False) -> tuple[str, ...]:
     from .gate import GATE_FILE
@@ -185,7 +191,7 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
     callers and no longer switches anything off: the id is computed from the file hashes.
     """
     from .gate import GATE_FILE, Gate
-    from .patch_schema import binding_digest, patch_id, read_adapter_config, read_manifest
+    from .patch_schema import binding_digest, patch_id, read_adapter_config, read_manifest, record_digest
 
     del check_hashes  # hashes are always checked: the patch id is derived from them
     path = Path(path)
@@ -240,7 +246,29 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
     if man.binding != binding_digest(fmt, man.base.fingerprint, man.stack, gated, hashes):
         raise SafetyPatchError(f"{pj}: field 'binding' does not match format, base.fingerprint, stack, gate and files "
                                "(patch.json edited by hand: restore it, or re-create the patch)")
+    if man.record_sha256 is not None and man.record_sha256 != record_digest(meta):
+        raise SafetyPatchError(f"{pj}: field 'record_sha256' does not match the record: a descriptive field (config, "
+                               "training, data, the gate's validation report, base name...) was edited by hand; "
+                               "restore patch.json, or re-create the patch")
+    _check_described(pj, man, fmt, cfg if fmt == "lora" else None)
     return Patch(path, meta, fmt, pid)
+
+
+def _check_described(pj: Path, man, fmt: str, adapter) -> None:
+    """What patch.json says the patch is agrees with its bound files: ``method`` with the format, and a
+    LoRA's recorded rank and alpha with adapter_config.json (an unsealed older patch is checked too)."""
+    method = man.method
+    if method is not None and (method, fmt) not in (("lora", "lora"), ("full", "delta")):
+        raise SafetyPatchError(f"{pj}: field 'method' is {method!r}, but the patch's format is {fmt!r} "
+                               f"(method lora has format lora, full has delta)")
+    lora = (man.config or {}).get("lora")
+    lora = lora if isinstance(lora, dict) else {}
+    if adapter is not None:
+        for key, have in (("rank", adapter.r), ("alpha", adapter.lora_alpha)):
+            said = lora.get(key)
+            if said is not None and said != have:
+                raise SafetyPatchError(f"{pj}: field 'config.lora.{key}' is {said!r}, but adapter_config.json holds "
+                                       f"{have!r} (patch.json edited by hand)")
 
 
 def finalize_patch(folder: Path, fmt: str, base: dict, **fields) -> dict:
@@ -253,7 +281,7 @@ def finalize_patch(folder: Path, fmt: str, base: dict, **fields) -> dict:
     import time
 
     from . import __version__
-    from .patch_schema import binding_digest, patch_id
+    from .patch_schema import binding_digest, patch_id, record_digest
     from .provenance import code_identity
 
     files = {f: sha256_file(folder / f) for f in weight_files(fmt, "gate" in fields)}
@@ -270,6 +298,7 @@ def finalize_patch(folder: Path, fmt: str, base: dict, **fields) -> dict:
         "binding": binding_digest(fmt, base.get("fingerprint", ""), fields.get("stack", []), "gate" in fields, files),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    meta["record_sha256"] = record_digest(json.loads(json.dumps(meta)))  # as read back: tuples become lists
     from .atomic import write_json
 
     write_json(folder / PATCH_JSON, meta)
@@ -675,7 +704,10 @@ def info(patch: Patch) -> dict:
             "trainable_parameters": t.get("trainable_parameters"), "steps": t.get("steps"),
             "tokens_seen": t.get("tokens_seen"), "wall_seconds": t.get("wall_seconds"),
             "data_manifest_sha256": m.get("data", {}).get("manifest_sha256"), "created": m.get("created"),
-            **_gate_info(m.get("gate")), "files": m.get("files")}
+            **_gate_info(m.get("gate")), "files": m.get("files"),
+            "record": "sealed (record_sha256: every field above is as written)" if patch.sealed else
+                      "not sealed (written before 2026-12-03): the weight files, base, stack and gate are bound; "
+                      "descriptive fields (config, training, the gate's validation report) are as found"}
 
 
 def _gate_info(g: dict | None) -> dict:

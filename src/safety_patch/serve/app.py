@@ -32,7 +32,8 @@ from typing import Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import SafetyPatchError, field_path
+from ..errors import SafetyPatchError, check_text, field_path
+from ..generation import check_temperature
 from .audit import AuditLog
 from .batcher import Batcher, Job, QueueFull
 from .engine import BASE, Engine, Route, Sampling
@@ -92,6 +93,24 @@ class ChatRequest(BaseModel):
     tools: list | None = None
     logprobs: bool | None = None
     user: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool | None = None
+
+
+# OpenAI's request fields that change the answer or its form, which this server does not implement:
+# a request setting one to anything but its neutral value gets a 400 (param named), never an answer
+# that silently ignored it. Neutral values: what OpenAI does when the field is absent.
+UNSUPPORTED: dict[str, tuple] = {
+    "stop": (None, "", []), "tools": (None, []), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None,), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "top_k": (None,), "min_p": (None,),
+    "repetition_penalty": (None,), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "reasoning_effort": (None,), "web_search_options": (None,),
+}
 
 
 @dataclass
@@ -298,6 +317,8 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
             obj = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON body: nested too deeply", code="invalid_json") from None
         if not isinstance(obj, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         if isinstance(obj.get("model"), str):  # the audit line of a rejected request still says which model
@@ -310,9 +331,30 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
         if req.model not in backend.names:
             raise ApiError(404, f"the model {req.model!r} does not exist; served: {', '.join(backend.names)}",
                            param="model", code="model_not_found")
-        for name in ("stop", "tools", "logprobs"):
-            if getattr(req, name):
-                raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+        for name, neutral in UNSUPPORTED.items():
+            if name in obj and obj[name] not in neutral:
+                raise ApiError(400, f"{name} is not supported by this server (got {json.dumps(obj[name])[:80]})",
+                               param=name, code="unsupported_parameter")
+        if req.stream_options is not None:
+            if not req.stream:
+                raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
+            try:
+                StreamOptions.model_validate(req.stream_options)
+            except ValidationError as e:
+                msg, loc = _validation_message(e)
+                raise ApiError(400, f"stream_options.{msg}", param=f"stream_options.{loc}" if loc else None) from None
+        for i, m in enumerate(req.messages):
+            for j, text in enumerate([m.content] if isinstance(m.content, str) else [p.text for p in m.content]):
+                where = f"messages[{i}].content" + ("" if isinstance(m.content, str) else f"[{j}].text")
+                try:
+                    check_text(text, where)
+                except SafetyPatchError as e:
+                    raise ApiError(400, str(e), param=where, code="invalid_messages") from None
+        if req.temperature is not None:
+            try:
+                check_temperature(req.temperature)
+            except SafetyPatchError as e:
+                raise ApiError(400, str(e), param="temperature") from None
         if req.messages[-1].role != "user":
             raise ApiError(400, "the last message must have role 'user'", param="messages", code="invalid_messages")
         messages = _plain_messages(req)
@@ -352,6 +394,17 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
             rec.update(status=status, latency_s=round(time.monotonic() - t0, 4), **fields)
             audit.write(rec)
 
+        try:
+            return await answer(request, rec, rid, created, finish)
+        except Exception as exc:  # a bug: answered as the handler below answers it, and audited too
+            if "status" in rec:  # already audited (a stream that failed after its first chunk)
+                raise
+            log.exception("internal error")
+            e = ApiError(500, f"internal error ({type(exc).__name__})", "server_error")
+            finish(e.status, error=e.message)
+            return _error(e)
+
+    async def answer(request: Request, rec: dict, rid: str, created: int, finish):
         try:
             p = await parse(request, rec)
         except ApiError as e:
@@ -446,6 +499,12 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
                     finish(200, finish_reason=reason, completion_tokens=n_tokens, completion=text)
         except ApiError as e:
             ended = True
+            finish(e.status, error=e.message, completion_tokens=n_tokens)
+            yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as exc:  # a bug mid-stream: the status line has gone, so an error event, audited
+            ended = True
+            log.exception("internal error")
+            e = ApiError(500, f"internal error ({type(exc).__name__})", "server_error")
             finish(e.status, error=e.message, completion_tokens=n_tokens)
             yield f"data: {json.dumps(e.body())}\n\n"
         finally:

@@ -18,6 +18,7 @@ Failures of the upstream (unreachable, non-200, malformed stream, no finish) are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -64,17 +65,21 @@ class UpstreamBackend:
                 "layers_total": self.probe.layers_total}
 
     async def events(self, p: Prepared, want_text: bool) -> AsyncIterator[tuple]:
-        """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens)."""
+        """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens).
+
+        The upstream answers its status line before the route is yielded, so an upstream that cannot be
+        reached or refuses the request is a 502 for a streamed request too (nothing has been sent yet);
+        only a failure after the first upstream bytes becomes the stream's error event."""
         route = (await asyncio.to_thread(self.probe.read, p.model, [p.prompt]))[0]
-        yield ("route", route)
         target = self.target(p.model, bool(route.active))
         body = {"model": target, "messages": p.messages, "max_tokens": p.max_tokens, "stream": True,
                 "stream_options": {"include_usage": True}, "temperature": p.sampling.temperature}
         if p.sampling.temperature > 0:
             body.update(top_p=p.sampling.top_p, seed=p.sampling.seed)
         text, finish, n_tokens, chunks = "", None, None, 0
-        try:
-            async with self.client.stream("POST", "/chat/completions", json=body) as r:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                r = await stack.enter_async_context(self.client.stream("POST", "/chat/completions", json=body))
                 if r.status_code != 200:
                     raw = (await r.aread()).decode("utf-8", "replace")
                     try:
@@ -83,6 +88,11 @@ class UpstreamBackend:
                         why = raw[:200]
                     raise ApiError(502, f"upstream {self.url} answered {r.status_code} for model {target!r}: {why}",
                                    "upstream_error", code="upstream_error")
+            except httpx.HTTPError as e:
+                raise ApiError(502, f"cannot reach upstream {self.url}: {type(e).__name__}: {e}", "upstream_error",
+                               code="upstream_error") from None
+            yield ("route", route)
+            try:
                 async for line in r.aiter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -107,9 +117,9 @@ class UpstreamBackend:
                         finish = choice.get("finish_reason") or finish
                     if chunk.get("usage"):
                         n_tokens = chunk["usage"].get("completion_tokens")
-        except httpx.HTTPError as e:
-            raise ApiError(502, f"cannot reach upstream {self.url}: {type(e).__name__}: {e}", "upstream_error",
-                           code="upstream_error") from None
+            except httpx.HTTPError as e:
+                raise ApiError(502, f"upstream {self.url} failed mid-answer: {type(e).__name__}: {e}", "upstream_error",
+                               code="upstream_error") from None
         if finish is None:
             raise ApiError(502, f"upstream {self.url} ended the answer without a finish_reason", "upstream_error",
                            code="upstream_error")
