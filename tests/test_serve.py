@@ -25,7 +25,7 @@ from safety_patch.gate import Gate, fit_gate, layer_states
 from safety_patch.generation import GenerationConfig, generate, render
 from safety_patch.models import load_model
 from safety_patch.patches import attached, finalize_patch, read_patch
-from safety_patch.serve.app import ROUTE_HEADER, ServeConfig, build_embedded, create_app, parse_stacks
+from safety_patch.serve.app import ROUTE_HEADER, ServeConfig, build_embedded, create_app, make_server, parse_stacks
 from safety_patch.serve.upstream import UpstreamBackend, build_upstream
 from safety_patch.testing import make_delta_patch, make_lora_patch, tiny_llama
 
@@ -163,7 +163,10 @@ def test_routing_and_tokens_match_chat(world, live):
                 if name == "safety":  # in "combo" the gate reads with the ungated "other" on
                     assert abs(g["logit"] - world["logits"][i]) < 1e-3
                 assert g["patch"] == "safety" and g["fired"] == fired
-                assert route["decision"] == ("patched" if fired else "base") and f"fired={int(fired)}" in header
+                # "combo"'s always-on "other" answers when the gate does not fire: not the base's weights
+                unfired = "always" if name == "combo" else "base"
+                assert route["decision"] == ("patched" if fired else unfired) and f"fired={int(fired)}" in header
+                assert header.startswith(f"decision={route['decision']}")
                 assert ("safety" in route["active_patches"]) == fired
                 assert ("other" in route["active_patches"]) == (name == "combo")
             else:
@@ -368,6 +371,65 @@ def test_client_disconnect_mid_stream_frees_its_slot(world, live):
     # the server still answers afterwards
     assert live.client().chat.completions.create(model="base", messages=_user(SAFE[1]), max_tokens=N
                                                  ).choices[0].message.content == world["ref"]["base"][5]
+
+
+def test_a_stop_signal_lets_answers_finish_then_cuts_them_as_the_servers_doing(world, live, tmp_path):
+    """Found by a user's trial: SIGTERM (docker stop, systemd) cut a stream after 5 s with no event,
+    audited it as "client disconnected" (499), logged a traceback, and the process died with 143.
+    Now the app knows it is stopping: an answer cut past the grace period is audited as 503
+    "server shutting down"; and the command, stopped by SIGTERM, says done and exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    audit = tmp_path / "audit.jsonl"
+    app = create_app(live.backend, ServeConfig(max_tokens_limit=450, audit_path=str(audit)))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = make_server(app, "127.0.0.1", 0, shutdown_timeout=0.2)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    hook = live.backend.engine.base_model.model.layers[0].register_forward_pre_hook(lambda *_: time.sleep(0.005))
+    try:
+        body = {"model": "base", "messages": _user(SAFE[1]), "max_tokens": 440, "stream": True}
+        with httpx.Client(timeout=30) as h, h.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            server.handle_exit(signal.SIGTERM, None)  # as the signal handler calls it
+            with pytest.raises(httpx.HTTPError):  # the stream is cut (0.2 s grace, >= 2.2 s of answer left)
+                list(lines)
+        thread.join(20)
+        assert not thread.is_alive()
+    finally:
+        hook.remove()
+    (line,) = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert (line["status"], line["error"], line["finish_reason"]) == (503, "server shutting down", "cancelled")
+    # the command itself: SIGTERM is a normal stop (exit 0, its summary line, no traceback)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "safety-patch"), "serve", "--model", world["model"], "--port", "0",
+                             "--audit-log", str(tmp_path / "a2.jsonl")], stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "SAFETY_PATCH_ALLOCATOR": "system"})
+    err = ""
+    for err_line in proc.stderr:  # wait until it listens
+        err += err_line
+        if "[serve] models:" in err_line:
+            break
+    base = err.split("http://", 1)[1].split("/v1", 1)[0]
+    t0 = time.monotonic()
+    while True:  # the line comes before uvicorn listens (and installs its signal handlers)
+        try:
+            if httpx.get(f"http://{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() - t0 < 30 and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0, err + rest
+    assert "Traceback" not in rest and "[serve] done" in rest, rest
 
 
 def test_stack_names_from_flags(world, tmp_path):

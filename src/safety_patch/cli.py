@@ -210,6 +210,7 @@ def serve(
     max_prompt_tokens: Annotated[int | None, typer.Option(min=1, help="Longest prompt accepted (default: the model's context).")] = None,
     batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long the first request of a batch waits for others.")] = 15.0,
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests per batch (1: one at a time).")] = 16,
+    shutdown_timeout: Annotated[float, typer.Option(min=0.0, callback=_finite, help="On SIGTERM or Ctrl-C, seconds the answers in flight get to finish before they are cut.")] = 30.0,
     upstream: Annotated[str | None, typer.Option(help="Forward to this OpenAI-compatible server (e.g. vLLM with --enable-lora); the gate runs here.")] = None,
     upstream_model: Annotated[str | None, typer.Option(help="The upstream's name for the base (default: --model).")] = None,
     device: DeviceOpt = "auto",
@@ -235,7 +236,7 @@ def serve(
         backend = build_embedded(model, stacks, device, dtype, force, batch_window_ms, max_batch)
     typer.echo(f"[serve] models: {', '.join(backend.names)}; http://{host}:{sock.getsockname()[1]}/v1 ; "
                f"audit log: {audit_log}", err=True)
-    run_server(backend, host, port, cfg, sock)
+    run_server(backend, host, port, cfg, sock, shutdown_timeout=shutdown_timeout)
 
 
 @data_app.command("build")

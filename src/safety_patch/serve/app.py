@@ -271,6 +271,11 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
 
     app = FastAPI(title="safety-patch", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.backend, app.state.audit, app.state.config = backend, audit, config
+    app.state.stopping = False  # set when the server is asked to stop (serve): cut answers are not the client's doing
+
+    def cut() -> tuple[int, str]:
+        """The status and error an answer cut short is audited with."""
+        return (503, "server shutting down") if app.state.stopping else (499, "client disconnected")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
@@ -396,6 +401,11 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
 
         try:
             return await answer(request, rec, rid, created, finish)
+        except asyncio.CancelledError:  # the server stopping past its grace period (or the client gone)
+            if "status" not in rec:
+                status, why = cut()
+                finish(status, finish_reason="cancelled", error=why)
+            raise
         except Exception as exc:  # a bug: answered as the handler below answers it, and audited too
             if "status" in rec:  # already audited (a stream that failed after its first chunk)
                 raise
@@ -448,7 +458,8 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
                     task.cancel()
                     with _suppress():
                         await task
-                    finish(499, finish_reason="cancelled", completion_tokens=0, error="client disconnected")
+                    status, why = cut()  # completion_tokens left out: the collector never counted them
+                    finish(status, finish_reason="cancelled", error=why)
                     return JSONResponse({}, status_code=499)
             task.result()
         except ApiError as e:
@@ -508,9 +519,10 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
             finish(e.status, error=e.message, completion_tokens=n_tokens)
             yield f"data: {json.dumps(e.body())}\n\n"
         finally:
-            if not ended:  # the client went away mid-stream (the events generator has cancelled the job)
+            if not ended:  # the client went away, or the server is stopping (the events generator cancels the job)
                 await events.aclose()
-                finish(499, finish_reason="cancelled", completion_tokens=n_tokens, error="client disconnected")
+                status, why = cut()
+                finish(status, finish_reason="cancelled", completion_tokens=n_tokens, error=why)
 
     return app
 
@@ -574,12 +586,51 @@ def bind(host: str, port: int):
     return sock
 
 
-def serve(backend, host: str, port: int, config: ServeConfig, sock=None) -> None:
-    """Run the server until interrupted (uvicorn); ``sock`` an already bound socket (tests)."""
+def serve(backend, host: str, port: int, config: ServeConfig, sock=None, shutdown_timeout: float = 30.0) -> None:
+    """Run the server until SIGINT or SIGTERM (uvicorn); ``sock`` an already bound socket (tests).
+
+    Either signal is the normal way to stop a service (``docker stop`` and systemd send SIGTERM): no
+    new connection is accepted, answers in flight get up to ``shutdown_timeout`` seconds to finish,
+    those still running then are cut and audited as 503 "server shutting down" (not as a client
+    that went away), and the call returns, so the command ends with its summary line and exit 0.
+    A second SIGINT stops at once."""
+    sock = sock if sock is not None else bind(host, port)
+    server = make_server(create_app(backend, config), host, port, shutdown_timeout)
+    server.run(sockets=[sock])
+
+
+def make_server(app, host: str, port: int, shutdown_timeout: float):
+    """A uvicorn server for ``app`` (from ``create_app``) that stops on a signal as ``serve`` says: the
+    app learns that it is stopping (answers cut then are audited as 503), and the caught signal is
+    not raised again after the shutdown."""
     import uvicorn
 
-    sock = sock if sock is not None else bind(host, port)
-    app = create_app(backend, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.stopping = True
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                # uvicorn raises the caught signal again once it has shut down, which kills the
+                # process (exit 143 for SIGTERM) or raises KeyboardInterrupt: the stop was asked for
+                self._captured_signals.clear()
+
+    logging.getLogger("uvicorn.error").addFilter(_CutAtShutdown(app))
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                 timeout_graceful_shutdown=shutdown_timeout))
+
+
+class _CutAtShutdown(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" traceback for an answer cut because the server
+    is stopping: uvicorn has already said how many it cut, and the audit log has each one."""
+
+    def __init__(self, app):
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (self.app.state.stopping and isinstance(exc, asyncio.CancelledError))

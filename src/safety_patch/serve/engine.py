@@ -81,10 +81,12 @@ class Route:
 
     @property
     def decision(self) -> str:
-        """``patched`` if any gated patch fired, ``base`` if gates exist and none fired, else ``always``."""
-        if not self.gates:
-            return "always" if self.active else "base"
-        return "patched" if any(g.fired for g in self.gates) else "base"
+        """``patched`` if any gated patch fired; else ``always`` if always-on patches answered (a stack
+        without gates, or whose gates did not fire); else ``base``: the base model's weights answered.
+        A stack's always-on patch answering was once called ``base`` when its gate did not fire."""
+        if any(g.fired for g in self.gates):
+            return "patched"
+        return "always" if self.active else "base"
 
     def as_dict(self) -> dict:
         return {"model": self.model, "decision": self.decision, "active_patches": list(self.active),
