@@ -103,3 +103,15 @@ def test_chat_refuses_what_it_cannot_answer_faithfully(tiny_dir, capsys, monkeyp
     with pytest.raises(SafetyPatchError, match=r"in \[0.001, 2\], got 3"):
         GenerationConfig(temperature=3)
     assert GenerationConfig(temperature=0.001).temperature == 0.001
+
+
+def test_an_empty_model_and_a_file_given_as_a_patch_are_named(tmp_path, capsys):
+    """Found by a user's trial: `--model ""` (an unset variable) silently loaded the embedded model, and
+    `patch info FOLDER/adapter_config.json` said "patch folder not found" for a path that exists."""
+    assert main(["model", "info", "--model", ""]) == 2
+    assert "--model is empty" in capsys.readouterr().err
+    f = tmp_path / "p" / "adapter_config.json"
+    f.parent.mkdir()
+    f.write_text("{}")
+    assert main(["patch", "info", str(f)]) == 2
+    assert f"{f} is a file; a patch is the folder that holds patch.json (here: {f.parent})" in capsys.readouterr().err

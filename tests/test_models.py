@@ -141,3 +141,28 @@ def test_killed_conversion_leaves_no_loadable_cache(tmp_path, monkeypatch):
             raise RuntimeError("killed")
     assert not out.exists()
     assert [p.name for p in out.parent.iterdir()] == []
+
+
+def test_the_same_gguf_at_another_path_shares_one_conversion(tmp_path, monkeypatch):
+    """Found by a user's trial: the cache was keyed on the GGUF's path, so every checkout's .venv
+    converted the embedded model again (13 copies, 6.6 GB). The key is the file's content now."""
+    monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
+    converted, hashed = [], []
+
+    def fake_convert(gguf, out):
+        converted.append(gguf)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+
+    real_hash = models.sha256_file
+    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    monkeypatch.setattr(models, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
+    a, b, c = (tmp_path / d / "m.gguf" for d in ("venv1", "venv2", "venv3"))
+    for f, body in ((a, b"GGUF" + b"x" * 1000), (b, b"GGUF" + b"x" * 1000), (c, b"GGUF" + b"y" * 1000)):
+        f.parent.mkdir()
+        f.write_bytes(body)
+    out_a = models.cached_checkpoint(a, "m")
+    assert models.cached_checkpoint(b, "m") == out_a and converted == [a]  # same bytes elsewhere: no second conversion
+    assert models.cached_checkpoint(c, "m") != out_a and converted == [a, c]
+    n = len(hashed)
+    assert models.cached_checkpoint(a, "m") == out_a and len(hashed) == n  # the hash is remembered, not recomputed

@@ -224,3 +224,22 @@ def test_vllm_lora_module_format(base, tmp_path):
     with safe_open(str(p / "adapter_model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("base_model.model.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
+
+
+@pytest.mark.parametrize("inner", ["lora", "delta"])
+def test_a_second_stack_on_an_attached_model_is_refused_naming_the_cause(base, tmp_path, inner):
+    """Found by a user's trial: nesting attached() failed with "targets modules the model lacks" (the
+    wrapped modules), which sent the user after the wrong problem. The base is restored either way."""
+    model, tok, fp, ids = base
+    before = logits(model, ids)
+    outer = make_lora_patch(model, tmp_path / "o", fp)
+    second = (make_lora_patch(model, tmp_path / "i", fp, seed=5) if inner == "lora"
+              else make_delta_patch(model, tmp_path / "i", fp))
+    with attached(model, [outer], fp):
+        with pytest.raises(SafetyPatchError, match="a patch stack is already attached to this model"):
+            with attached(model, [second], fp):
+                pass
+    assert torch.equal(logits(model, ids), before)
+    with attached(model, [second], fp) as m:  # after the first block, the next stack attaches
+        assert not torch.equal(logits(m, ids), before)
+    assert torch.equal(logits(model, ids), before)

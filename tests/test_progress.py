@@ -47,3 +47,13 @@ def test_every_command_ends_with_one_summary_line_naming_what_it_wrote(tiny_dir,
     assert last.startswith(f"[eval overrefusal] wrote {out} in ") and out.is_file()
     assert main(["data", "sources"]) == 0
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("[data sources] done in ")
+
+
+def test_the_summary_names_the_command_not_an_option_value_that_looks_like_one():
+    """`train --data data` once ended with "[train data] ...": the option's value is a group's name."""
+    from safety_patch.cli import _command_name
+
+    assert _command_name(["train", "--data", "data", "--out", "p"]) == "train"
+    assert _command_name(["--threads", "1", "data", "build", "--out", "eval"]) == "data build"
+    assert _command_name(["patch", "--help"]) == "patch"
+    assert _command_name(["--version"]) == "safety-patch"

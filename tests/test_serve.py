@@ -261,6 +261,12 @@ def test_bad_requests_get_openai_errors(live):
     assert sampled.usage.completion_tokens >= 1
     union = httpx.post(url, json={**ok, "messages": [{"role": "user", "content": 5}]}, timeout=30).json()["error"]
     assert union["message"] == "messages[0].content: must be one of str | list[TextPart] (got int)"
+    for body, says in [({}, "missing required fields model, messages"),
+                       ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+                        "messages[0].content[0].type: Input should be 'text'"),
+                       ({**ok, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+                        "messages[0].content[0].text: Field required")]:
+        assert httpx.post(url, json=body, timeout=30).json()["error"]["message"] == says, body
     assert c.chat.completions.create(model="base", messages=_user("hi"), max_tokens=2, temperature=0).choices[0]
     nan = httpx.post(url, content=b'{"model": "safety", "messages": [{"role": "user", "content": "hi"}], "top_p": NaN}',
                      headers={"content-type": "application/json"}, timeout=30)

@@ -718,9 +718,7 @@ def _summary(args: list[str], seconds: float) -> None:
     from .outputs import CHECKED
     from .progress import duration
 
-    words = [a for a in args if not a.startswith("-")][:3]
-    known = _command_words()
-    cmd = " ".join(w for w in words if w in known) or "safety-patch"
+    cmd = _command_name(args)
     outs = list(dict.fromkeys(p for p in CHECKED if p.exists()))
     wrote = [str(p) for p in outs if not any(q != p and p.is_relative_to(q) for q in outs)]  # not a stage's inner folder
     if any(a in ("--help", "-h") for a in args) or cmd == "safety-patch":
@@ -728,13 +726,20 @@ def _summary(args: list[str], seconds: float) -> None:
     typer.echo(f"[{cmd}] {'wrote ' + ', '.join(wrote) + ' ' if wrote else 'done '}in {duration(seconds)}", err=True)
 
 
-def _command_words() -> set[str]:
-    words = set()
-    for group in app.registered_groups:
-        words.add(group.name)
-        words.update(c.name or c.callback.__name__ for c in group.typer_instance.registered_commands)
-    words.update(c.name or c.callback.__name__ for c in app.registered_commands)
-    return words
+def _command_name(args: list[str]) -> str:
+    """The command ``args`` run, as typed: ``train``, ``data build``; ``safety-patch`` when none. Read from
+    the first word that names a command or group and, for a group, the next word (an option's value that
+    happens to be a command's name, ``train --data data``, once made the line say ``[train data]``)."""
+    top = {c.name or c.callback.__name__ for c in app.registered_commands}
+    groups = {g.name: {c.name or c.callback.__name__ for c in g.typer_instance.registered_commands}
+              for g in app.registered_groups}
+    for i, a in enumerate(args):
+        if a in top:
+            return a
+        if a in groups:
+            sub = next((b for b in args[i + 1:] if not b.startswith("-")), None)
+            return f"{a} {sub}" if sub in groups[a] else a
+    return "safety-patch"
 
 
 def _int_list(text: str, flag: str) -> list[int]:

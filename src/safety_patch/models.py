@@ -106,8 +106,24 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _file_key(path: Path) -> str:
+    """12 hex digits of the sha256 of ``path``'s bytes: the key of its converted copy, so every
+    checkout and virtual environment holding the same GGUF shares one conversion (a key on the
+    path made each new .venv convert again, 517 MB each). The hash is remembered by path, size
+    and mtime under ``$SAFETY_PATCH_HOME/file-hashes``, so a file is read once (~0.1 s per 100 MB)."""
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    memo = home() / "file-hashes" / (hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+                                     .hexdigest()[:24] + ".json")
+    try:
+        return json.loads(memo.read_text())["sha256"][:12]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or damaged: hashed again
+    digest = sha256_file(path)
+    try:
+        _writable_dir(memo.parent)
+        write_json(memo, {"path": str(path.resolve()), "size": st.st_size, "sha256": digest})
+    except (OSError, SafetyPatchError):
+        pass  # a read-only home still converts; it only hashes again next time
+    return digest[:12]
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -251,7 +267,10 @@ def _require_hub(repo_id: str, timeout: float = 5.0) -> None:
 
 def resolve_checkpoint(spec: str) -> tuple[str, str]:
     """Map a ``--model`` string to (source kind, path or hub id), converting GGUF as needed."""
-    spec = (spec or "default").strip()
+    spec = "default" if spec is None else spec.strip()
+    if not spec:  # an empty --model (an unset shell variable) is a mistake, not the embedded model
+        raise SafetyPatchError("--model is empty: pass default (the embedded model), a model folder, a .gguf file "
+                               "or a hub id")
     if spec == "default":
         return "embedded-gguf", str(cached_checkpoint(embedded_gguf_path(), EMBEDDED_NAME))
     p = Path(spec).expanduser()

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import sys
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,9 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
 
     del check_hashes  # hashes are always checked: the patch id is derived from them
     path = Path(path)
+    if path.is_file():
+        raise SafetyPatchError(f"{path} is a file; a patch is the folder that holds {PATCH_JSON} "
+                               f"(here: {path.parent})")
     if not path.is_dir():
         raise SafetyPatchError(f"patch folder not found: {path}")
     pj = path / PATCH_JSON
@@ -452,6 +456,10 @@ def _check_lora_loaded(peft_model, adapter: str, patch: Patch) -> None:
                                f"({len(lacking)} LoRA weights would stay at their initial values)")
 
 
+_ATTACHED: weakref.WeakSet = weakref.WeakSet()
+"""Models with a stack attached now (``attached``): a second stack on top is refused."""
+
+
 @contextlib.contextmanager
 def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fingerprint: str | None = None,
              force: bool = False) -> Iterator[PatchedModel]:
@@ -466,6 +474,9 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
     from .gate import Gate
     from .patched import PatchedModel, _DeltaState
 
+    if model in _ATTACHED:  # checked first: the wrapped modules would fail verify with a misleading message
+        raise SafetyPatchError("a patch stack is already attached to this model: attach all patches in one "
+                               "attached() call (they stack in order), or leave the first block before the next")
     ps = [p if isinstance(p, Patch) else read_patch(p) for p in patches]
     for p in ps:
         verify(p, model, fingerprint, force)
@@ -479,6 +490,7 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
     delta_items: list[tuple[str, dict[str, torch.Tensor], bool]] = []
     peft_model = None
     hook = None
+    _ATTACHED.add(model)
     try:
         if deltas:
             from safetensors import safe_open
@@ -534,6 +546,7 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
             with torch.no_grad():
                 for k, w in saved.items():
                     params[k].copy_(w)
+        _ATTACHED.discard(model)
 
 
 def attach_for_inference(lm, patches: Sequence[str | Path | Patch], force: bool = False) -> PatchedModel:

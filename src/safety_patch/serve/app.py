@@ -148,16 +148,35 @@ def _plain_messages(req: ChatRequest) -> list[dict]:
 
 def _validation_message(e: ValidationError) -> tuple[str, str]:
     """(message, param) for the first error. A field of several accepted types (``content``: a string or a
-    list of text parts) gets one error per type, each located at ``field.<type>``: named here by the field,
-    with the types it accepts."""
+    list of text parts) gets one error per type, each located under a tag naming the type
+    (``content.str``, ``content.list[TextPart][0].type``): where every branch failed at the field
+    itself, it is named with the types it accepts; where the input took one branch (a list) and failed
+    inside it, that branch's error is given, located without the tag."""
     errs = e.errors()
+    tags = ("str", "list[TextPart]")
+
+    def untagged(loc: tuple) -> tuple:
+        return tuple(x for x in loc if x not in tags)
+
+    branch = [x for x in errs if any(t in x.get("loc", ()) for t in tags)]
+    if branch:
+        loc0 = tuple(branch[0]["loc"])
+        at = loc0[:min(i for i, x in enumerate(loc0) if x in tags)]  # the field the union is at
+        shallow = [x for x in branch if len(x["loc"]) == len(at) + 1]
+        if len(shallow) == len(branch) > 1:  # every branch failed on the value itself: say what it may be
+            where = field_path(at)
+            names = [str(x["loc"][-1]) for x in branch]
+            return f"{where}: must be one of {' | '.join(names)} (got {type(branch[0].get('input')).__name__})", where
+        deep = [x for x in branch if len(x["loc"]) > len(at) + 1]  # the input's own branch, failed inside
+        err = deep[0] if deep else branch[0]
+        where = field_path(untagged(err["loc"]))
+        return f"{where}: {err.get('msg', 'invalid value')}", where
     err = errs[0]
-    loc = tuple(err.get("loc", ()))
-    tags = [str(x["loc"][-1]) for x in errs if len(x.get("loc", ())) == len(loc) and tuple(x["loc"][:-1]) == loc[:-1]]
-    if len(tags) > 1 and loc and isinstance(loc[-1], str):
-        where = field_path(loc[:-1])
-        return f"{where or 'body'}: must be one of {' | '.join(tags)} (got {type(err.get('input')).__name__})", where
-    where = field_path(loc)
+    where = field_path(tuple(err.get("loc", ())))
+    if err.get("type") == "missing":
+        missing = [field_path(tuple(x["loc"])) for x in errs if x.get("type") == "missing"
+                   and tuple(x["loc"][:-1]) == tuple(err["loc"][:-1])]
+        return f"missing required field{'s' * (len(missing) > 1)} {', '.join(missing)}", missing[0]
     return f"{where or 'body'}: {err.get('msg', 'invalid value')}", where
 
 
