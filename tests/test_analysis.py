@@ -131,3 +131,40 @@ def test_patches_analysed_together_equal_each_analysed_alone(tiny_dir, tmp_path)
         for m in v[p.name]:
             assert torch.equal(vecs[p.name][m][1]["V0"], v[p.name][m][1]["V0"])
     assert len(vecs[ps[0].name]) == len(vecs[ps[2].name]) == 2  # the LoRA patches touch both kept modules
+
+
+def test_analyze_says_what_it_used_instead_of_clamping_silently(tiny_dir, tmp_path, capsys):
+    """Found by a user's trial: `--k 100000` was capped at each W0's size yet labelled k=100000 (overlap
+    1.0 "vs random 1.0"), `--r 100` on a rank-4 LoRA silently used 4, and `--benign` refused a file of
+    the data folder's own rows (`messages`)."""
+    import json
+
+    from safety_patch.analysis.run import analyse_weights, summarise, summary_text
+    from safety_patch.analysis.weights import checkpoint_reader
+    from safety_patch.cli import main
+    from safety_patch.errors import SafetyPatchError
+    from safety_patch.evaluation.prompts import benign_prompts
+    from safety_patch.models import load_model
+    from safety_patch.patches import read_patch
+    from safety_patch.testing import make_lora_patch
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    p = read_patch(make_lora_patch(lm.model, tmp_path / "lora", lm.fingerprint))
+    with pytest.raises(SafetyPatchError, match=r"--r 100 is over the LoRA rank 4 of "):
+        analyse_weights([p], checkpoint_reader(str(tiny_dir)), [4], r=100)
+    rows, _ = analyse_weights([p], checkpoint_reader(str(tiny_dir)), [4, 100000])
+    dims = [min(lm.model.get_submodule(r["name"]).weight.shape) for r in rows]
+    assert [r["k_used@100000"] for r in rows] == dims and all(r["k_used@4"] == 4 for r in rows)
+    text = summary_text(summarise(rows, [4, 100000]), [4, 100000], {})
+    assert f"k capped at min(W0.shape) on {len(rows)} of {len(rows)} modules" in text
+    assert text.count("k capped") == 1  # k=4 fits every module
+    rows_file = tmp_path / "general.jsonl"
+    rows_file.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                          {"role": "assistant", "content": "a"}],
+                                             "meta": {"category": "c", "split": "test"}}) + "\n" for i in range(3)))
+    assert [b["messages"] for b in benign_prompts(rows_file)] == [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    rows_file.write_text(json.dumps({"messages": [{"role": "assistant", "content": "a"}]}) + "\n")
+    with pytest.raises(SafetyPatchError, match=r"general\.jsonl:1: field 'messages' must be a list"):
+        benign_prompts(rows_file)
+    assert main(["analyze", "--model", str(tiny_dir), "--patch", str(p.path), "--out", str(tmp_path / "o"),
+                 "--r", "100"]) == 2 and not (tmp_path / "o").exists()

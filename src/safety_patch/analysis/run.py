@@ -66,6 +66,7 @@ def summarise(rows: list[dict], ks: list[int]) -> dict:
             s[f"random_in_max_entry@{k}"] = statistics.median(r[f"in_random_max_entry@{k}"] for r in rs)
             s[f"median_out_overlap@{k}"] = statistics.median(r[f"out_overlap@{k}"] for r in rs)
             s[f"random_out_overlap@{k}"] = statistics.median(r[f"out_random_overlap@{k}"] for r in rs)
+            s[f"k_capped@{k}"] = sum(r.get(f"k_used@{k}", k) < k for r in rs)
         k = ks[len(ks) // 2]
         worst = sorted(rs, key=lambda r: r[f"in_overlap@{k}"] / max(r[f"in_random_overlap@{k}"], 1e-12), reverse=True)[:3]
         s["worst_modules"] = [{"name": r["name"], f"in_overlap@{k}": r[f"in_overlap@{k}"],
@@ -173,7 +174,9 @@ def summary_text(summary: dict, ks: list[int], activ: dict) -> str:
         for k in ks:
             lines.append(f"  k={k:<4} input-side overlap {s[f'median_in_overlap@{k}']:.4f} (random {s[f'random_in_overlap@{k}']:.4f}); "
                          f"paper max-entry {s[f'median_in_max_entry@{k}']:.4f} (random {s[f'random_in_max_entry@{k}']:.4f}); "
-                         f"output-side overlap {s[f'median_out_overlap@{k}']:.4f} (random {s[f'random_out_overlap@{k}']:.4f})")
+                         f"output-side overlap {s[f'median_out_overlap@{k}']:.4f} (random {s[f'random_out_overlap@{k}']:.4f})"
+                         + (f" [k capped at min(W0.shape) on {s[f'k_capped@{k}']} of {s['modules']} modules: "
+                            "there W0 has no more directions]" if s.get(f"k_capped@{k}") else ""))
         lines.append("  most aligned modules: " + ", ".join(w["name"] for w in s["worst_modules"]))
         sh = activ.get("hidden_shift", {}).get(patch)
         if sh:

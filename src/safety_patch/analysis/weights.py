@@ -115,7 +115,12 @@ def analyse_update(u: Update, W0: torch.Tensor, ks: list[int], r: int | None, ba
     if u.factors is not None:
         B, A, scale = u.factors
         U, S, V = sm.factored_svd(B.float(), A.float(), scale)
-        rr = min(r or A.shape[0], A.shape[0])
+        if r is not None and r > A.shape[0]:  # was clamped silently, and the row said the asked-for r
+            from ..errors import SafetyPatchError
+
+            raise SafetyPatchError(f"--r {r} is over the LoRA rank {A.shape[0]} of {u.module}: an update of rank "
+                                   f"{A.shape[0]} has {A.shape[0]} directions (omit --r to use them all)")
+        rr = r or A.shape[0]
         dW_fro = S.norm().item()
     else:
         rr = r or 8
@@ -129,6 +134,7 @@ def analyse_update(u: Update, W0: torch.Tensor, ks: list[int], r: int | None, ba
            "rel_norm": dW_fro / max(W0.norm().item(), 1e-12), "eff_rank": sm.effective_rank(S), "sigma1": S[0].item()}
     for k in ks:
         k_ = min(k, kmax)
+        row[f"k_used@{k}"] = k_  # k is capped at min(W0.shape): the row says where (summary_text too)
         for side, (Qd, Q0, dim) in {"in": (Vr, V0[:, :k_], d_in), "out": (Ur, U0[:, :k_], d_out)}.items():
             m = sm.overlap_metrics(Qd, Q0)
             key = (dim, rr, k_)

@@ -41,6 +41,21 @@ def harmful_requests(source: str | Path, split: str = "test", limit: int | None 
     return reqs, templates
 
 
+def _conversation_row(r: dict, where: str) -> list[dict] | None:
+    """A row in the data folder's own form (``{"messages": [...]}``, e.g. a copy of general.jsonl) as the
+    conversation up to its last user turn (a distilled answer after it is dropped); None without
+    ``messages``. Raises SafetyPatchError naming ``where`` for messages that hold no user turn."""
+    msgs = r.get("messages")
+    if msgs is None:
+        return None
+    ok = isinstance(msgs, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                        and isinstance(m.get("content"), str) for m in msgs)
+    last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None) if ok else None
+    if last is None:
+        raise SafetyPatchError(f"{where}: field 'messages' must be a list of {{role, content}} with a user turn")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs[:last + 1]]
+
+
 def benign_prompts(source: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
     """Borderline-benign and general prompts (held-out split) from a data folder, or a user file."""
     p = Path(source)
@@ -59,11 +74,14 @@ def benign_prompts(source: str | Path, split: str = "test", limit: int | None = 
         from ..data.sources.files import read_prompt_rows
 
         for where, r in read_prompt_rows(p):
-            text = r.get("prompt") or r.get("goal")
-            if not isinstance(text, str) or not text.strip():
-                raise SafetyPatchError(f"{where}: missing field 'prompt' (or 'goal')")
-            out.append({"messages": [{"role": "user", "content": text.strip()}], "category": str(r.get("category") or "user"),
-                        "set": "user"})
+            msgs = _conversation_row(r, where)
+            if msgs is None:
+                text = r.get("prompt") or r.get("goal")
+                if not isinstance(text, str) or not text.strip():
+                    raise SafetyPatchError(f"{where}: missing field 'prompt' (or 'goal', or 'messages')")
+                msgs = [{"role": "user", "content": text.strip()}]
+            out.append({"messages": msgs, "category": str(r.get("category") or (r.get("meta") or {}).get("category")
+                                                         or "user"), "set": "user"})
     if not out:
         raise SafetyPatchError(f"{source}: no prompts")
     if limit:  # keep both sets represented
