@@ -115,3 +115,8 @@ def test_an_empty_model_and_a_file_given_as_a_patch_are_named(tmp_path, capsys):
     f.write_text("{}")
     assert main(["patch", "info", str(f)]) == 2
     assert f"{f} is a file; a patch is the folder that holds patch.json (here: {f.parent})" in capsys.readouterr().err
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")  # a folder transformers fails on with a multi-line message
+    assert main(["model", "info", "--model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"safety-patch: error: cannot load model from {tmp_path / 'm'}: ")

@@ -339,7 +339,10 @@ def load_model(spec: str = "default", device: str | None = "auto", dtype: str | 
             raise SafetyPatchError(f"cannot load model from {where}: {names or 'its weights file'} is not a plain weights "
                                    "file (refused to unpickle); use a model saved as safetensors") from None
         except (OSError, ValueError, EOFError) as e:
-            raise SafetyPatchError(f"cannot load model from {where}: {type(e).__name__}: {e}") from None
+            # one line: transformers' messages run over several (a folder without a tokenizer lists three remedies)
+            text = " ".join(str(e).split()) or type(e).__name__
+            raise SafetyPatchError(f"cannot load model from {where}: {type(e).__name__}: "
+                                   f"{text if len(text) <= 300 else text[:297] + '...'}") from None
         fp = _fingerprint_cached(model, tokenizer, Path(where), runtime)
     return LoadedModel(model, tokenizer, spec, source, where, runtime, fp, time.time() - t0)
 
