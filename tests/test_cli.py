@@ -87,7 +87,7 @@ def test_chat_refuses_what_it_cannot_answer_faithfully(tiny_dir, capsys, monkeyp
     from safety_patch.generation import GenerationConfig, generate
     from safety_patch.models import load_model
 
-    cases = [(["--prompt", "word " * 600], "tokens and max_new_tokens is 5: over the model's context length of 512"),
+    cases = [(["--prompt", "word " * 5000], "tokens and max_new_tokens is 5: over the model's context length of 4096"),
              (["--prompt", "caf\udcff"], "--prompt: not valid Unicode text (a lone surrogate at character 3"),
              (["--prompt", "hi", "--system", "\ud800"], "--system: not valid Unicode text"),
              (["--prompt", "hi", "--temperature", "1e-300"], "temperature must be 0 (greedy) or in [0.001, 2]")]
@@ -97,7 +97,7 @@ def test_chat_refuses_what_it_cannot_answer_faithfully(tiny_dir, capsys, monkeyp
         errors = [x for x in err.splitlines() if x.startswith("safety-patch: error:")]
         assert len(errors) == 1 and says in errors[0] and "Traceback" not in err, err
     lm = load_model(str(tiny_dir), device="cpu")
-    convs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "word " * 600}]]
+    convs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "word " * 5000}]]
     with pytest.raises(SafetyPatchError, match="prompt 1 has .* tokens"):  # the library refuses it too, any caller
         generate(lm.model, lm.tokenizer, convs, GenerationConfig(max_new_tokens=5))
     with pytest.raises(SafetyPatchError, match=r"in \[0.001, 2\], got 3"):

@@ -187,7 +187,7 @@ def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, data_dir, t
     # a patch gated by `train` itself (no gated_from) gets its gate replaced too
     own = make(lm.model, tmp_path / "own", lm.fingerprint, seed=1)
     gate.save(own)
-    finalize_patch(own, kind, {"name": "test", "fingerprint": lm.fingerprint}, method=kind,
+    finalize_patch(own, kind, {"name": "test", "fingerprint": lm.fingerprint}, method={"lora": "lora", "delta": "full"}[kind],
                    gate={"layer": gate.layer, "threshold": gate.threshold})  # as train writes it: no id
     assert "gated_from" not in read_patch(own).meta
     with pytest.raises(SafetyPatchError, match=f"already gated \\(gate {gmeta['id']}\\)"):

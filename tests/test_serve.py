@@ -25,7 +25,14 @@ from safety_patch.gate import Gate, fit_gate, layer_states
 from safety_patch.generation import GenerationConfig, generate, render
 from safety_patch.models import load_model
 from safety_patch.patches import attached, finalize_patch, read_patch
-from safety_patch.serve.app import ROUTE_HEADER, ServeConfig, build_embedded, create_app, make_server, parse_stacks
+from safety_patch.serve.app import (
+    ROUTE_HEADER,
+    ServeConfig,
+    build_embedded,
+    create_app,
+    make_server,
+    parse_stacks,
+)
 from safety_patch.serve.upstream import UpstreamBackend, build_upstream
 from safety_patch.testing import make_delta_patch, make_lora_patch, tiny_llama
 
@@ -223,7 +230,7 @@ def test_bad_requests_get_openai_errors(live):
         ({**ok, "max_tokens": 5.5}, 400, "max_tokens"),
         ({**ok, "stream": "yes"}, 400, "stream"),
         ({**ok, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
-        ({**ok, "messages": _user("kill " * 600)}, 400, "messages"),  # over the 512-token context
+        ({**ok, "messages": _user("kill " * 5000)}, 400, "messages"),  # over the 4096-token context
         ({**ok, "temperature": 7}, 400, None),
         ({**ok, "seed": 10**20}, 400, None),  # over what torch.Generator.manual_seed takes
         (b'{"model": "safety", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None),
@@ -253,7 +260,7 @@ def test_bad_requests_get_openai_errors(live):
     assert httpx.get(live.url + "/v1/nothing").json()["error"]["code"] == "not_found"
     c = live.client()
     with pytest.raises(openai.BadRequestError, match="context length"):
-        c.chat.completions.create(model="base", messages=_user("kill " * 600))
+        c.chat.completions.create(model="base", messages=_user("kill " * 5000))
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="gpt-4", messages=_user("hi"))
     assert c.chat.completions.create(model="base", messages=_user("hi"), max_tokens=2).choices[0].finish_reason

@@ -59,7 +59,9 @@ def tiny_llama(tokenizer=None, seed: int = 0, hidden: int = 32, layers: int = 2,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        # the tiny tokenizer splits text into ~4x the tokens a real one does (a 2,000-character jailbreak
+        # template: ~1,300 tokens), and generation refuses prompts past the context as it must
+        max_position_embeddings=4096,
         tie_word_embeddings=tie,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
