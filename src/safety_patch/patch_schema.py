@@ -188,8 +188,7 @@ def record_digest(meta: dict) -> str:
     edit of a descriptive field (a rank, a method, a base name, a validation rate that ``patch
     info`` would show) an error instead of a record that disagrees with the patch."""
     body = {k: v for k, v in meta.items() if k != "record_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                                     allow_nan=False).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
 
 def patch_id(file_hashes: dict[str, str]) -> str:
