@@ -110,16 +110,33 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
         ("safety", lambda d: d["runs"]["base"]["records"][1]["verdict"].update(label="refused"),
          "records[1].verdict.label is 'refused', not one of"),
         ("overrefusal", lambda d: d["runs"]["patched"].update(records=[]), "records is missing or empty"),
+        # the printed value or interval edited alone (a verdict once flipped to SUPPORTED this way)
+        ("safety", lambda d: d["runs"]["patched"]["aggregates"]["overall"].update(value=0.15),
+         "aggregates.overall does not match"),
+        ("safety", lambda d: d["runs"]["patched"]["aggregates"]["overall"].update(ci95=[0.01, 0.095]),
+         "aggregates.overall does not match"),
+        # files without records behind them: each figure coherent (inside its interval, k/n)
+        ("capability", lambda d: d["runs"]["patched"]["kl"].update(value=0.5, ci95=[0.0, 0.1]), "lies outside its own interval"),
     ]:
         bad = tmp_path / "edited"
         shutil.rmtree(bad, ignore_errors=True)
         shutil.copytree(run, bad)
-        f = bad / "03-eval" / arm / f"{kind}.json"
+        f = bad / ("02-gate/eval.json" if kind == "gate" else f"03-eval/{arm}/{kind}.json")
         d = json.loads(f.read_text())
         edit(d)
         f.write_text(json.dumps(d))
         with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*" + re.escape(says)):
             write_report(bad)
+        assert not (bad / "report.md").exists()  # the earlier report is gone: nothing stale looks current
+    # a cut-short file is one line; a missing arm's files are listed at the top of the report
+    bad = tmp_path / "edited"
+    (bad / "03-eval" / arm / "safety.json").write_text('{"runs": {"base"')
+    with pytest.raises(SafetyPatchError, match=r"safety\.json: not valid JSON .*cut short or damaged"):
+        write_report(bad)
+    shutil.rmtree(bad / "03-eval" / arm)
+    write_report(bad)
+    md = (bad / "report.md").read_text()
+    assert "**Missing from this run**" in md and f"`03-eval/{arm}/safety.json`" in md
 
     # a second run is incremental: every stage is served from its content hash
     t0 = time.time()

@@ -25,7 +25,15 @@ def _kl_side(r: str) -> str:
 
 
 def _load(p: Path):
-    return json.loads(p.read_text()) if p.is_file() else None
+    """A results file's JSON, None where absent; a file that is not JSON is one SafetyPatchError line."""
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        from .errors import SafetyPatchError
+
+        raise SafetyPatchError(f"{p}: not valid JSON ({e}); the file is cut short or damaged: run its stage again") from None
 
 
 # The rates the report reads from each kind of results file: each is counted again from the
@@ -36,12 +44,49 @@ _RECORD_KEYS = {"safety": ("attack", "category"), "overrefusal": ("set", "catego
 
 
 def _counts(agg) -> object:
-    """A rate or a map of rates as (k, n) pairs: what the records determine, whatever the interval."""
+    """A rate or a map of rates as (k, n, value, ci95), rounded to 9 digits: every figure of a rate the
+    report prints, each determined by the records (an edited value or interval differs as an edited
+    count does)."""
     if isinstance(agg, dict) and "k" in agg and "n" in agg:
-        return (agg["k"], agg["n"])
+        def r9(x):
+            return round(x, 9) if isinstance(x, float) else x
+        return (agg["k"], agg["n"], r9(agg.get("value")), tuple(r9(x) for x in agg.get("ci95") or ()))
     if isinstance(agg, dict):
         return {g: _counts(v) for g, v in agg.items()}
     return agg
+
+
+def _check_figures(obj, path: Path, where: str = "") -> None:
+    """Every figure dict in a results file the report reads without records behind it (capability,
+    the gate's report) must be coherent: a finite value inside its own 95% interval, a proportion's
+    value k/n. Raises SafetyPatchError naming the file and field. A consistent forgery (value and
+    interval edited together) is not detectable without the records: results files are not signed."""
+    import math
+
+    from .errors import SafetyPatchError
+
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_figures(v, path, f"{where}[{i}]")
+        return
+    if not isinstance(obj, dict):
+        return
+    v, ci = obj.get("value"), obj.get("ci95")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(ci, list) and len(ci) == 2:
+        bad = None
+        if not math.isfinite(v):
+            bad = f"value {v} is not finite"
+        elif None not in ci and not (ci[0] - 1e-9 <= v <= ci[1] + 1e-9):
+            bad = f"value {v} lies outside its own interval {ci}"
+        elif isinstance(obj.get("k"), int) and isinstance(obj.get("n"), int) and obj["n"] > 0 and \
+                abs(v - obj["k"] / obj["n"]) > 1e-9:
+            bad = f"value {v} is not k/n = {obj['k']}/{obj['n']}"
+        if bad:
+            raise SafetyPatchError(f"{path}: {where.lstrip('.') or 'a figure'}: {bad} (the file was edited or is "
+                                   "damaged: run its stage again)")
+    for k, sub in obj.items():
+        if isinstance(sub, (dict, list)):
+            _check_figures(sub, path, f"{where}.{k}")
 
 
 def _eval_file(path: Path, kind: str) -> dict | None:
@@ -142,15 +187,37 @@ class RunData:
         self.eval = {m: {k: _eval_file(run / "03-eval" / m / f"{k}.json", k) if k in _READ
                          else _load(run / "03-eval" / m / f"{k}.json") for k in ("safety", "overrefusal", "capability")}
                      for m in self.models}
+        for m in self.models:  # no records behind these: their figures are checked for coherence
+            if self.eval[m]["capability"] is not None:
+                _check_figures(self.eval[m]["capability"], run / "03-eval" / m / "capability.json")
         self.patch = {a["name"]: _load(run / "02-arms" / a["name"] / "patch" / "patch.json") for a in self.arms}
         self.analysis = _load(run / "05-analysis" / "out" / "summary.json")
         self.activ = _load(run / "05-analysis" / "out" / "activations.json")
         self.plug = _load(run / "04-plug" / "plug.json")
         self.gate_eval = _load(run / "02-gate" / "eval.json")
+        if self.gate_eval is not None:
+            _check_figures(self.gate_eval, run / "02-gate" / "eval.json")
         from .data.folder import MANIFEST, DataFolder
 
         # the data stage's manifest, checked like every reader's (one line naming the field if malformed)
         self.manifest = DataFolder(run / "01-data").manifest if (run / "01-data" / MANIFEST).is_file() else None
+
+    def stage_seconds(self) -> float:
+        """Seconds the run's stages took when they ran (each stage.json's), whichever invocation ran them."""
+        total = 0.0
+        for f in self.run.rglob("stage.json"):
+            sec = (_load(f) or {}).get("seconds")
+            total += sec if isinstance(sec, (int, float)) else 0.0
+        return total
+
+    def missing(self) -> list[str]:
+        """The files a complete run of this plan holds that this folder lacks (paths inside the run)."""
+        want = ["01-data/manifest.json", "04-plug/plug.json", "05-analysis/out/summary.json"]
+        if self.info.get("plan", {}).get("gate") is not None:
+            want.append("02-gate/eval.json")
+        want += [f"03-eval/{m}/{k}.json" for m in self.models for k in ("safety", "overrefusal", "capability")]
+        want += [f"02-arms/{a['name']}/patch/patch.json" for a in self.arms]
+        return [w for w in want if not (self.run / w).is_file()]
 
     def run_of(self, model: str, kind: str) -> dict | None:
         r = self.eval[model][kind]
@@ -384,7 +451,8 @@ def blocks(rd: RunData) -> list[tuple]:
     plan = rd.info.get("plan", {})
     B.append(("h1", "safety-patch reproduce report"))
     B.append(("p", f"Model `{plan.get('model')}`, mode `{plan.get('mode')}`, seeds {plan.get('seeds')}, "
-                   f"total time {rd.info.get('total_seconds', 0) / 60:.1f} min (this invocation; cached stages cost nothing). "
+                   f"total time {rd.info.get('total_seconds', 0) / 60:.1f} min this invocation (cached stages cost "
+                   f"nothing), {rd.stage_seconds() / 60:.1f} min of stage time in all. "
                    f"Attack success is judged by the `{rd.judge()}` judge (validation: bench/judge_validation.py); "
                    "over-refusal counts refused and degenerate (empty/babble) answers as not answered; intervals are "
                    "Wilson 95% for rates and bootstrap 95% for means."))
@@ -401,6 +469,10 @@ def blocks(rd: RunData) -> list[tuple]:
         B.append(("p", f"Data: {c['rows_per_split'].get('train', 0)} training conversations, "
                        f"{n_test} held-out test behaviours{used}, "
                        f"{c['template_families_per_split'].get('test', 0)} held-out template families."))
+    missing = rd.missing()
+    if missing:  # a table without an arm, or a section without its file, must say so, not look complete
+        B.append(("p", "**Missing from this run** (tables below lack these; re-run `reproduce` on the folder to "
+                       "redo those stages): " + ", ".join(f"`{m}`" for m in missing) + "."))
     B.append(("h2", "Claims"))
     cl = claims(rd)
     B.append(("table", ["claim", "verdict", "evidence", "rule"], [[c["claim"], c["verdict"].upper(), c["evidence"], c["rule"]] for c in cl]))
@@ -632,10 +704,25 @@ def to_html(B: list[tuple]) -> str:
 
 
 def write_report(run: str | Path) -> dict:
+    """Write report.md, report.html and tradeoff.png for a run folder; returns the claims.
+
+    Fails closed: any results file that is not JSON, is edited, or lacks a field the report reads
+    is one SafetyPatchError line, and the run's earlier report files are removed first, so a failed
+    regeneration never leaves an older report looking current."""
+    from .errors import SafetyPatchError
+
     run = Path(run)
+    for name in ("report.md", "report.html", "tradeoff.png"):
+        (run / name).unlink(missing_ok=True)
     rd = RunData(run)
-    tradeoff_figure(rd, run)
-    B = blocks(rd)
+    try:
+        tradeoff_figure(rd, run)
+        B = blocks(rd)
+        out = {"claims": claims(rd)}
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        # a results file without a field the report reads (written by other code, or edited)
+        raise SafetyPatchError(f"{run}: a results file lacks or mistypes a field the report reads "
+                               f"({type(e).__name__}: {e}); run that stage again (`reproduce` re-runs it)") from None
     write_text(run / "report.md", to_markdown(B, run))
     write_text(run / "report.html", to_html(B))
-    return {"claims": claims(rd)}
+    return out
