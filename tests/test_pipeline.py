@@ -142,6 +142,15 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     t0 = time.time()
     reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
     assert time.time() - t0 < first / 2
+    # ...but a stage whose output was deleted runs again (it was served "cached", its file gone for good)
+    cap = run / "03-eval" / arms[0] / "capability.json"
+    cap.unlink()
+    reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
+    assert cap.is_file() and "Missing from this run" not in (run / "report.md").read_text()
+    # a run made in quick mode is not resumed at default sizes (a forgotten --quick deleted its data)
+    with pytest.raises(SafetyPatchError, match=r"holds a run made with other settings \(mode 'quick' -> 'default'\)"):
+        reproduce(run, make_plan(str(tiny_dir)), device="cpu")
+    assert (run / "01-data" / "manifest.json").is_file()
 
     # run.json and every patch carry the code identity
     info = json.loads((run / "run.json").read_text())

@@ -5,7 +5,7 @@ RUN/
   01-data/                 data folder (data build)
   02-gate/                 the gate (gate fit) and its reliability on the test split (eval.json)
   02-arms/<arm>/           one patch per arm (train); <lora arm>+gate: that adapter behind the gate
-  03-eval/<model>/         safety.json, overrefusal.json, capability.json per model (base and arms)
+  03-eval/<model>/         safety.json, overrefusal.json per model (base and arms), capability.json per arm
   04-plug/plug.json        plug-and-play checks (detach exactness, merge vs attach) on the real model
   05-analysis/             analyze over every arm
   report.md, report.html   the report (a pure reader of the stage outputs)
@@ -138,11 +138,25 @@ class Stages:
         self.t0 = time.time()
 
     def done(self, d: Path, key: str) -> bool:
+        """Whether the stage in ``d`` ran with ``key`` and every file it wrote is still there with its size
+        (a deleted or cut-short output re-runs the stage rather than being reported missing for good);
+        a stage.json that is not JSON counts as not done."""
         f = d / "stage.json"
-        return f.is_file() and json.loads(f.read_text()).get("key") == key
+        try:
+            info = json.loads(f.read_text()) if f.is_file() else None
+        except (ValueError, OSError):
+            return False
+        if not isinstance(info, dict) or info.get("key") != key:
+            return False
+        files = info.get("files")
+        if not isinstance(files, dict):  # a stage marked before files were recorded: as before
+            return True
+        return all((d / name).is_file() and (d / name).stat().st_size == size for name, size in files.items())
 
     def mark(self, d: Path, key: str, seconds: float, **extra) -> None:
-        write_json(d / "stage.json", {"key": key, "seconds": round(seconds, 1), **extra})
+        files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*"))
+                 if p.is_file() and p.name != "stage.json"}
+        write_json(d / "stage.json", {"key": key, "seconds": round(seconds, 1), **extra, "files": files})
         self.timings[str(d.relative_to(self.run))] = round(seconds, 1)
 
     def say(self, i: int, n: int, what: str, skipped: bool = False) -> None:
@@ -161,6 +175,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     from .train.run import train
 
     run = Path(out)
+    _check_same_plan(run, plan)
     run.mkdir(parents=True, exist_ok=True)
     st = Stages(run)
     resolve_checkpoint(plan.model)  # fail early on a bad --model (and convert the GGUF once)
@@ -326,6 +341,27 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     write_json(run / "run.json", info)
     write_report(run)
     return info
+
+
+def _check_same_plan(run: Path, plan: Plan) -> None:
+    """Refuse to resume a run folder made in another mode, model or seed count: its stages would be
+    deleted and rebuilt at the new sizes (a forgotten --quick once started rebuilding a quick run's
+    data at default sizes, its 01-data already gone). Raises SafetyPatchError naming what differs."""
+    f = run / "run.json"
+    if not f.is_file():
+        return
+    try:
+        old = json.loads(f.read_text()).get("plan") or {}
+    except (ValueError, OSError, AttributeError):
+        raise SafetyPatchError(f"{f}: not valid JSON; cannot tell which run this folder holds "
+                               "(choose another --out, or remove the folder)") from None
+    new = _plan_dict(plan)
+    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in ("mode", "model", "seeds") if old.get(k) != new.get(k)]
+    if diff:
+        flags = {"quick": " --quick", "full": " --full"}.get(str(old.get("mode")), "")
+        raise SafetyPatchError(f"{run} holds a run made with other settings ({'; '.join(diff)}): resuming would "
+                               f"rebuild every stage; resume it with the same ones (reproduce{flags} --model "
+                               f"{old.get('model')} --seeds {old.get('seeds')}), or choose another --out")
 
 
 def _plan_dict(plan: Plan) -> dict:

@@ -215,7 +215,8 @@ class RunData:
         want = ["01-data/manifest.json", "04-plug/plug.json", "05-analysis/out/summary.json"]
         if self.info.get("plan", {}).get("gate") is not None:
             want.append("02-gate/eval.json")
-        want += [f"03-eval/{m}/{k}.json" for m in self.models for k in ("safety", "overrefusal", "capability")]
+        want += [f"03-eval/{m}/{k}.json" for m in self.models for k in ("safety", "overrefusal", "capability")
+                 if not (m == "base" and k == "capability")]  # the base's capability is in each arm's file
         want += [f"02-arms/{a['name']}/patch/patch.json" for a in self.arms]
         return [w for w in want if not (self.run / w).is_file()]
 
