@@ -297,7 +297,8 @@ def test_second_writer_gets_one_clear_error_and_a_dead_holder_blocks_nothing(tmp
                 pass
         _no_work(monkeypatch)
         for argv in (["data", "build", "--no-distill", "--out", str(out)],
-                     ["patch", "merge", "--patch", str(data_dir), "--out", str(out)]):
+                     ["patch", "merge", "--patch", str(data_dir), "--out", str(out)],
+                     ["gate", "apply", "--patch", str(data_dir), "--gate", str(data_dir), "--out", str(out)]):
             assert main(argv) == 2
             assert "another run is writing" in capsys.readouterr().err
         from safety_patch.train.config import TrainConfig, override

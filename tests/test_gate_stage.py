@@ -110,8 +110,13 @@ def test_tampered_gate_folders_are_refused(gate_dir, tmp_path):
     (g / GATE_JSON).write_text(json.dumps(meta | {"binding": "x"}))
     with pytest.raises(SafetyPatchError, match=r"gate.json: field 'binding' is invalid"):
         read_gate_folder(g)
-    # a gate.json from before bindings reads as before (its file's hash is still checked)
+    # deleting the seal does not switch it off (found by a user's trial: an edited l2 then went through)
     (g / GATE_JSON).write_text(json.dumps({k: v for k, v in meta.items() if k != "binding"} | {"config": other["config"]}))
+    with pytest.raises(SafetyPatchError, match=r"gate.json: field 'binding' is missing, and the gate was written on 20"):
+        read_gate_folder(g)
+    # a gate.json from before bindings reads as before (its file's hash is still checked)
+    (g / GATE_JSON).write_text(json.dumps({k: v for k, v in meta.items() if k != "binding"}
+                                          | {"config": other["config"], "created": "2026-12-02T10:00:00Z"}))
     assert read_gate_folder(g)[1]["config"]["l2"] == 0.5
     # the gate file edited (a new threshold written in gate.py's own format): its sha256 no longer matches
     g = _copy(gate_dir, tmp_path / "b")

@@ -887,10 +887,11 @@ def gate_apply_cmd(
 ) -> None:
     """Put a patch behind a gate: a new patch folder with the patch's weights, the gate and patch.json."""
     from .gate_fit import apply_gate
-    from .outputs import check_out_dir
+    from .outputs import check_out_dir, claim_output
 
     check_out_dir(out, overwrite=overwrite, kind="patch", inputs=[patch, gate])
-    meta = apply_gate(patch, gate, out, overwrite=overwrite, replace=replace)
+    with claim_output(out):  # a second writer of the same --out fails at once, as for every output
+        meta = apply_gate(patch, gate, out, overwrite=overwrite, replace=replace)
     on = [meta["gate"]["layer"], *meta["gate"].get("extra_layers", [])]
     typer.echo(f"wrote {out}: {meta['format']} patch {meta['id']} behind gate {meta['gate']['id']} "
                f"(layer{'s' * (len(on) > 1)} {', '.join(map(str, on))}, threshold {meta['gate']['threshold']:+.3f})")
@@ -966,7 +967,7 @@ def gate_export_cmd(
     nothing is written."""
     from .gate_fit import read_gate_folder
     from .models import load_model
-    from .outputs import check_out_dir
+    from .outputs import check_out_dir, claim_output
     from .serve.export import check_exportable, export_gate
 
     if (gate is None) == (patch is None):
@@ -987,7 +988,8 @@ def gate_export_cmd(
     lm = load_model(model, device="cpu", dtype="float32")
     if lm.fingerprint != fingerprint:
         raise SafetyPatchError(f"{where}: the gate was fit on base {fingerprint[:12]}…, --model is {lm.fingerprint[:12]}…")
-    export_gate(lm, g, out, where)
+    with claim_output(out):
+        export_gate(lm, g, out, where)
     typer.echo(f"exported the gate of {where} (layer {g.layer}, threshold {g.threshold:+.3f}) to {out}")  # one layer
 
 

@@ -1376,6 +1376,10 @@ class GateManifest(_Strict):
     only in gate folders written before 2026-12-03."""
 
 
+BINDING_SINCE = "2026-12-03"
+"""gate.json's ``created`` from which a ``binding`` is required (gates fit before carry none)."""
+
+
 def gate_id(sha256: str) -> str:
     """A gate's identity: the first 16 hex digits of its gate.safetensors sha256."""
     return sha256[:16]
@@ -1466,6 +1470,10 @@ def read_gate_folder(path: str | Path) -> tuple[Gate, dict]:
         raise SafetyPatchError(f"{gf}: sha256 differs from {GATE_JSON} field 'files' (file changed or damaged)")
     if man.id != gate_id(sha):
         raise SafetyPatchError(f"{gj}: field 'id' is {man.id!r}, but {GATE_FILE} hashes to id {gate_id(sha)}")
+    if man.binding is None and not (man.created and man.created < BINDING_SINCE):
+        # deleting the seal must not switch it off: only a gate written before seals existed may lack one
+        raise SafetyPatchError(f"{gj}: field 'binding' is missing, and the gate was written on {man.created or '(no date)'}, "
+                               f"when every gate.json carried one (gate.json edited?); fit the gate again")
     if man.binding is not None and man.binding != gate_binding(raw):
         raise SafetyPatchError(f"{gj}: field 'binding' does not match {GATE_BOUND_FIELDS} (gate.json edited after "
                                "the fit?); fit the gate again rather than edit what it was fit on")
