@@ -624,7 +624,8 @@ def gate_blocks(g: dict) -> list[tuple]:
         B.append(("p", f"Hand-written safe look-alikes, not drawn from the data folder's sources (the package's "
                        f"`gate_lookalike_prompts.tsv`, {lk['fired']['n']} prompts; each one the gate fires on is a "
                        f"safe prompt sent to the refusal adapter). {how}"))
-        B.append(("table", ["category", "the gate fires on"], [[c, _pct(v)] for c, v in lk["by_category"].items()]))
+        head = "the refits fire on (their thresholds)" if lk.get("method") == "cross-fit" else "the gate fires on"
+        B.append(("table", ["category", head], [[c, _pct(v)] for c, v in lk["by_category"].items()]))
     elif lk:  # a gate fit on them: say so rather than leave the section out
         B.append(("p", f"Hand-written safe look-alikes (`gate_lookalike_prompts.tsv`): not scored, {lk['skipped']}."))
     if g.get("attacks"):
