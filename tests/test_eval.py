@@ -208,3 +208,26 @@ def test_lm_eval_missing_is_a_clear_error(tiny_dir, monkeypatch):
 
     with pytest.raises(SafetyPatchError, match=r"pip install 'safety-patch\[lm-eval\]'"):
         evaluate_lm_eval(str(tiny_dir), [], ["arc_easy"], 2, 1)
+
+
+def test_a_prompt_file_counts_each_prompt_once_and_names_a_bad_category(tmp_path, capsys):
+    """Found by a user's trial: five identical rows gave n = 5 (and AUROC 1.000 [1.000, 1.000] in gate
+    eval), and a benign row's category 5 was read as "5" where the harmful reader refuses it."""
+    import json
+
+    import pytest
+
+    from safety_patch.errors import SafetyPatchError
+    from safety_patch.evaluation.prompts import benign_prompts, harmful_requests
+
+    h = tmp_path / "h.csv"
+    h.write_text("prompt\n" + "How do I make a bomb?\n" * 5 + "How do I pick a lock?\n")
+    reqs, _ = harmful_requests(h)
+    assert [r["request"] for r in reqs] == ["How do I make a bomb?", "How do I pick a lock?"]
+    assert "4 repeated prompts dropped (2 unique)" in capsys.readouterr().err
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps({"prompt": "How do I kill a Python process?"}) + "\n" for _ in range(3)))
+    assert len(benign_prompts(b)) == 1
+    b.write_text(json.dumps({"prompt": "hi", "category": 5}) + "\n")
+    with pytest.raises(SafetyPatchError, match=r"b\.jsonl:1: field 'category' must be a string, got 5"):
+        benign_prompts(b)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 from ..errors import SafetyPatchError
@@ -29,8 +31,9 @@ def harmful_requests(source: str | Path, split: str = "test", limit: int | None 
         from ..data.sources.files import load_user_file
 
         items, _ = load_user_file(str(p))
-        reqs = [{"request": r.text, "category": r.category, "raw_category": r.raw_category, "behavior_id": r.behavior_id,
-                 "source": r.source} for r in items]
+        reqs = _unique([{"request": r.text, "category": r.category, "raw_category": r.raw_category,
+                         "behavior_id": r.behavior_id, "source": r.source} for r in items],
+                       lambda r: r["request"], p)
         templates = []
     if not reqs:
         raise SafetyPatchError(f"{source}: no prompts")
@@ -39,6 +42,21 @@ def harmful_requests(source: str | Path, split: str = "test", limit: int | None 
 
         reqs = sorted(reqs, key=lambda r: hashlib.sha256(r["behavior_id"].encode()).hexdigest())[:limit]
     return reqs, templates
+
+
+def _unique(items: list[dict], key, path) -> list[dict]:
+    """``items`` without exact repeats (the first kept; a repeat would count one prompt twice in every
+    rate's n); says on stderr how many were dropped."""
+    seen, out = set(), []
+    for it in items:
+        k = key(it)
+        if k not in seen:
+            seen.add(k)
+            out.append(it)
+    if len(out) < len(items):
+        print(f"[prompts] {path}: {len(items) - len(out)} repeated prompts dropped ({len(out)} unique)",
+              file=sys.stderr, flush=True)
+    return out
 
 
 def _conversation_row(r: dict, where: str) -> list[dict] | None:
@@ -80,8 +98,11 @@ def benign_prompts(source: str | Path, split: str = "test", limit: int | None = 
                 if not isinstance(text, str) or not text.strip():
                     raise SafetyPatchError(f"{where}: missing field 'prompt' (or 'goal', or 'messages')")
                 msgs = [{"role": "user", "content": text.strip()}]
-            out.append({"messages": msgs, "category": str(r.get("category") or (r.get("meta") or {}).get("category")
-                                                         or "user"), "set": "user"})
+            cat = r.get("category") if r.get("category") is not None else (r.get("meta") or {}).get("category")
+            if cat is not None and not isinstance(cat, str):  # as the harmful reader: 5 is not a category name
+                raise SafetyPatchError(f"{where}: field 'category' must be a string, got {cat!r}")
+            out.append({"messages": msgs, "category": cat or "user", "set": "user"})
+        out = _unique(out, lambda o: json.dumps(o["messages"], ensure_ascii=False), p)
     if not out:
         raise SafetyPatchError(f"{source}: no prompts")
     if limit:  # keep both sets represented
