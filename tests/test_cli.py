@@ -120,3 +120,22 @@ def test_an_empty_model_and_a_file_given_as_a_patch_are_named(tmp_path, capsys):
     assert main(["model", "info", "--model", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"safety-patch: error: cannot load model from {tmp_path / 'm'}: ")
+
+
+def test_the_gate_refuses_prompts_it_cannot_read(tiny_dir, tmp_path, capsys):
+    """Found by a user's trial: `gate eval --harmful` counted a 9,207-token row (context 8,192) as caught,
+    and `patch gate --prompt ""` routed the bare chat template."""
+    import pytest
+
+    from safety_patch.errors import SafetyPatchError
+    from safety_patch.gate_fit import check_context
+    from safety_patch.models import load_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    check_context(lm.model, [[1, 2, 3]], "f.csv")
+    with pytest.raises(SafetyPatchError, match=r"f\.csv: prompt 2 has 4097 tokens, over the model's context length of 4096"):
+        check_context(lm.model, [[1], [5] * 4097], "f.csv")
+    with pytest.raises(SafetyPatchError, match=r"f\.csv: prompt 1 is empty"):
+        check_context(lm.model, [[]], "f.csv")
+    assert main(["patch", "gate", str(tmp_path), "--model", str(tiny_dir), "--prompt", " "]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err

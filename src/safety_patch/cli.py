@@ -621,11 +621,16 @@ def patch_gate_cmd(
     from .models import load_model
     from .patches import attached, read_patch
 
+    if any(not t.strip() for t in prompt):  # the template alone would be routed, as if it were a prompt
+        raise SafetyPatchError("--prompt is empty; give the text to route")
     p = read_patch(patch)
     if not p.gated:
         raise SafetyPatchError(f"{patch} has no gate (patch.json has no 'gate'); it applies to every prompt")
     lm = load_model(model, device=device, dtype=dtype)
+    from .gate_fit import check_context
+
     ids = [lm.tokenizer(render(lm.tokenizer, conversation(t)), add_special_tokens=False)["input_ids"] for t in prompt]
+    check_context(lm.model, ids, "--prompt")
     with attached(lm.model, [p], lm.fingerprint, force) as pm:
         (scores,) = pm.gate_scores(lm.tokenizer, ids).values()
         (gate,) = pm.gates.values()

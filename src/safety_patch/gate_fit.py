@@ -1630,6 +1630,21 @@ def recorded_config(gmeta: dict, gate, where: str = GATE_JSON) -> GateFitConfig:
     return GateFitConfig(**rec)
 
 
+def check_context(model, ids: Sequence[Sequence[int]], where: str | Path) -> None:
+    """Refuse prompts the model cannot read: longer than its positions (hidden states past them are not
+    what the gate was fit on; generation refuses them too) or empty. Raises SafetyPatchError naming
+    ``where`` and the first such prompt (1-based)."""
+    from .generation import context_length
+
+    n = context_length(model)
+    for i, row in enumerate(ids):
+        if n is not None and len(row) > n:
+            raise SafetyPatchError(f"{where}: prompt {i + 1} has {len(row)} tokens, over the model's context length of "
+                                   f"{n}: the gate cannot read it")
+        if not row:
+            raise SafetyPatchError(f"{where}: prompt {i + 1} is empty")
+
+
 def user_prompt_sets(harmful: str | Path | None = None, benign: str | Path | None = None) -> dict[str, dict]:
     """A user's own prompt files for :func:`evaluate_gate`, read and checked before any model
     loads: ``{"harmful"|"benign": {"file", "sha256", "prompts": [[user turn]], "categories"}}``.
@@ -1670,8 +1685,9 @@ def user_prompt_report(model, tokenizer, gate: Gate, sets: dict[str, dict], batc
         if kind not in sets:
             continue
         u = sets[kind]
-        z[kind] = gate.scores(_read(model, tokenizer, encode(tokenizer, u["prompts"]), gate.layers, batching,
-                                    fingerprint, bank))
+        ids = encode(tokenizer, u["prompts"])
+        check_context(model, ids, u["file"])
+        z[kind] = gate.scores(_read(model, tokenizer, ids, gate.layers, batching, fingerprint, bank))
         fires = (z[kind] > gate.threshold).tolist()
         by: dict[str, list[int]] = {}
         for c, f in zip(u["categories"], fires, strict=True):
