@@ -213,3 +213,11 @@ def test_the_mixing_claims_evidence_says_where_loras_kl_interval_lies():
     assert _kl_side(compare(hi, lo)) == "LoRA's KL interval lies above this arm's"
     assert _kl_side(compare(lo, mid)) == "the KL intervals overlap, or one is missing"
     assert _kl_side(compare(lo, {"ci95": [None, None]})) == "the KL intervals overlap, or one is missing"
+
+
+def test_a_small_mean_keeps_its_interval_visible():
+    """Found by a user's trial: the gated arm's KL 3.3e-05 [2.4e-05, 4.2e-05] printed as 0.0000 [0.0000, 0.0000]."""
+    from safety_patch.report import _num
+
+    assert _num({"value": 3.3e-05, "ci95": [2.4e-05, 4.2e-05]}) == "3.3e-05 [2.4e-05, 4.2e-05]"
+    assert _num({"value": 0.2184, "ci95": [0.1855, 0.249]}) == "0.2184 [0.1855, 0.2490]"

@@ -565,6 +565,8 @@ def test_exported_gate_runs_in_plain_transformers(world, tmp_path):
     out = export_norm_gate(lm, gate, tmp_path / "gate")
     clf = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert clf.config.num_hidden_layers == 2 and clf.config.num_labels == 1
+    # its one label names the score (a pipeline prints it for every prompt: "harmful" read as a verdict)
+    assert clf.config.id2label == {0: "gate_logit (harmful iff > threshold_logit)"}
     assert clf.config.to_dict()[CONFIG_KEY]["threshold_logit"] == gate.threshold
     with torch.no_grad():
         one = torch.stack([clf(input_ids=torch.tensor([i])).logits[0, 0] for i in ids])

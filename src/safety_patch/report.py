@@ -159,11 +159,16 @@ def _pct_kn(p) -> str:
 
 
 def _num(m, digits=4) -> str:
+    """A mean with its interval; values too small for ``digits`` decimals in 3 significant digits, so a
+    small nonzero KL is not printed as the zero-width ``0.0000 [0.0000, 0.0000]``."""
     if not m or m.get("value") is None:
         return "-"
-    if None in (m.get("ci95") or [None]):
-        return f"{m['value']:.{digits}f} (no interval, n {m.get('n')})"
-    return f"{m['value']:.{digits}f} [{m['ci95'][0]:.{digits}f}, {m['ci95'][1]:.{digits}f}]"
+    ci = m.get("ci95") or [None]
+    small = any(isinstance(x, (int, float)) and x != 0 and abs(x) < 10 ** -digits for x in [m["value"], *ci])
+    fmt = ".3g" if small else f".{digits}f"
+    if None in ci:
+        return f"{m['value']:{fmt}} (no interval, n {m.get('n')})"
+    return f"{m['value']:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
 def compare(a: dict, b: dict, lower_is_better: bool = True) -> str:

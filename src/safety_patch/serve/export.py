@@ -127,7 +127,9 @@ def export_norm_gate(lm, gate: NormGate, out: str | Path) -> Path:
         raise SafetyPatchError("gate has non-finite values or a non-positive scale; it cannot decide")
     cfg.num_hidden_layers = gate.layer + 1
     cfg.num_labels = 1
-    cfg.id2label, cfg.label2id = {0: "harmful"}, {"harmful": 0}
+    # one output, the probe's logit: a pipeline names it on every prompt, so its name says what it is rather
+    # than "harmful", which read as a verdict on prompts below the threshold (found by a user's trial)
+    cfg.id2label, cfg.label2id = {0: LABEL}, {LABEL: 0}
     cfg.problem_type = "regression"  # one logit, no softmax over one class
     cfg.pad_token_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
     prob = 1.0 / (1.0 + math.exp(-gate.threshold))
@@ -171,6 +173,10 @@ def check_exportable(gate, where: str | Path = "gate") -> None:
     why = "reads the pre-norm residual stream with a bias" if gate.norm_weight is None else "has a mean or bias offset"
     raise SafetyPatchError(f"{where}: the gate {why}, which {head} cannot reproduce exactly; nothing written (fit an "
                            "exportable gate with `safety-patch gate fit --features final-norm`)")
+
+
+LABEL = "gate_logit (harmful iff > threshold_logit)"
+"""The exported classifier's one label: the score is the gate's logit, not a verdict."""
 
 
 def export_gate(lm, gate, out: str | Path, where: str | Path = "gate") -> Path:
