@@ -385,7 +385,8 @@ def test_gate_folders_written_before_the_two_layer_default_are_refit_as_they_wer
     raw = json.loads((old / GATE_JSON).read_text())
     for k in ("extra_depths", "written_harmful_more", "written_lookalikes") + (("extra_layers", "extra_weight", "family_fpr") if era == "before-layers" else ()):
         raw["config"].pop(k)
-    raw.pop("binding")  # written before gate.json carried one
+    raw.pop("binding")  # written before gate.json carried one (and so, before the date from which it is required)
+    raw["created"] = "2026-12-01T12:00:00Z"
     (old / GATE_JSON).write_text(json.dumps(raw))
     gate, meta = read_gate_folder(old)
     rec = recorded_config(meta, gate)
