@@ -213,12 +213,9 @@ class RunData:
         self.manifest = DataFolder(run / "01-data").manifest if (run / "01-data" / MANIFEST).is_file() else None
 
     def stage_seconds(self) -> float:
-        """Seconds the run's stages took when they ran (each stage.json's), whichever invocation ran them."""
-        total = 0.0
-        for f in self.run.rglob("stage.json"):
-            sec = (_load(f) or {}).get("seconds")
-            total += sec if isinstance(sec, (int, float)) else 0.0
-        return total
+        """Seconds the run's stages took when they ran, whichever invocation ran them: run.json's
+        ``timings``, which ``reproduce`` keeps across resumes."""
+        return float(sum(v for v in (self.info.get("timings") or {}).values() if isinstance(v, (int, float))))
 
     def missing(self) -> list[str]:
         """The files a complete run of this plan holds that this folder lacks (paths inside the run)."""
