@@ -28,9 +28,11 @@ def _load(p: Path):
     """A results file's JSON, None where absent; a file that is not JSON is one SafetyPatchError line."""
     if not p.is_file():
         return None
+    from .jsonl import read_text
+
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        return json.loads(read_text(p, "results file "))  # bad UTF-8 named by line, as every reader of ours
+    except ValueError as e:
         from .errors import SafetyPatchError
 
         raise SafetyPatchError(f"{p}: not valid JSON ({e}); the file is cut short or damaged: run its stage again") from None
