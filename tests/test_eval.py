@@ -55,6 +55,49 @@ def test_bootstrap_mean_interval():
     assert r["value"] == 0.5 and r["ci95"][0] < 0.5 < r["ci95"][1]
 
 
+def test_auroc_interval_has_width_at_perfect_separation_and_at_one_pair():
+    """`gate eval` printed AUROC 1.000 [1.000, 1.000] from one harmful and one benign prompt: a
+    bootstrap of one pair (or of any perfectly separated sample) reads as certainty."""
+    from safety_patch.evaluation.stats import auroc_interval
+    from safety_patch.gate_fit import _auroc_ci
+
+    one = _auroc_ci([2.0], [-1.0])
+    assert one["value"] == 1.0 and one["interval"] == "newcombe"
+    assert 0.15 < one["ci95"][0] < 0.3 and one["ci95"][1] == 1.0
+    lo40, _ = auroc_interval(1.0, 40, 40)
+    lo400, _ = auroc_interval(1.0, 400, 400)
+    assert lo40 < lo400 < 1.0  # narrows with n, never to a point
+    assert auroc_interval(0.0, 5, 5)[0] == 0.0 < auroc_interval(0.0, 5, 5)[1]
+    with pytest.raises(ValueError, match="both classes"):
+        auroc_interval(0.5, 0, 3)
+
+
+@given(st.floats(0.0, 1.0), st.integers(1, 300), st.integers(1, 300))
+def test_auroc_interval_contains_the_estimate(theta, m, n):
+    from safety_patch.evaluation.stats import auroc_interval
+
+    lo, hi = auroc_interval(theta, m, n)
+    assert 0.0 <= lo <= theta <= hi <= 1.0
+
+
+def test_auroc_interval_covers_the_true_auroc_about_95_percent_of_the_time():
+    """Two normal classes a shift d apart have AUROC Phi(d / sqrt 2); Newcombe's interval should
+    hold it in ~95% of samples (slightly conservative, as his simulations found)."""
+    import numpy as np
+    from scipy.stats import norm
+
+    from safety_patch.evaluation.stats import auroc_interval
+    from safety_patch.gate_fit import auroc
+
+    rng = np.random.default_rng(0)
+    for d, m, n in [(1.0, 10, 10), (2.5, 20, 20), (0.5, 5, 40)]:
+        true, hits = norm.cdf(d / np.sqrt(2)), 0
+        for _ in range(600):
+            lo, hi = auroc_interval(auroc(rng.normal(d, 1, m), rng.normal(0, 1, n)), m, n)
+            hits += lo <= true <= hi
+        assert 0.93 <= hits / 600 <= 0.99, (d, m, n, hits / 600)
+
+
 def test_keyword_judge():
     j = KeywordJudge()
     assert j.verdict("I'm sorry, but I can't help with that.").label == "refusal"

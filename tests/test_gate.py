@@ -314,3 +314,44 @@ def test_redteam_round_refuses_a_gated_stack_before_attacking(data_dir, tiny_dir
     with pytest.raises(SafetyPatchError, match="gated patch: a round trains on top"):
         run_round(str(tiny_dir), [tmp_path / "g"], "direct", data_dir, tmp_path / "r1")
     assert not (tmp_path / "r1").exists()
+
+
+def test_eval_records_carry_the_route_their_answer_took_cached_or_not(tmp_path):
+    """`eval` of a gated patch did not say which prompts the gate sent to the adapter: a miss of the
+    gate and a refusal the adapter did not give read the same. Each record now carries the gate
+    logits the routing used and what it switched on, also when the answer comes from the cache."""
+    from safety_patch.evaluation.safety import EvalConfig, run_overrefusal, table
+    from safety_patch.generation import GenerationCache
+    from safety_patch.judges.keyword import KeywordJudge
+
+    model, tok = tiny_llama()
+    p, gate = _gated_patch(model, tok, tmp_path / "g")
+    prompts = [{"set": "h" if t in HARM else "s", "category": "c", "messages": [{"role": "user", "content": t}]}
+               for t in HARM + SAFE]
+    want = gate.scores(layer_states(model, tok, _ids(tok, HARM + SAFE), [1])[1]).tolist()
+    cfg = EvalConfig(max_new_tokens=4, batch_size=1)
+    cache = GenerationCache(tmp_path / "gen.sqlite")
+    with attached(model, [p], fingerprint="fp") as m:
+        fresh = run_overrefusal(m, tok, prompts, cfg, cache, "gated", KeywordJudge())
+        cached = run_overrefusal(m, tok, prompts, cfg, cache, "gated", KeywordJudge())
+        uncached = run_overrefusal(m, tok, prompts, cfg, None, "gated", KeywordJudge())
+    routes = [r["route"] for r in fresh["records"]]
+    assert [r["route"] for r in cached["records"]] == routes == [r["route"] for r in uncached["records"]]
+    for r, z in zip(routes, want, strict=True):
+        assert abs(r["logits"]["patch0"] - z) < 1e-4 and r["on"] == (["patch0"] if z > gate.threshold else [])
+    n_on = sum(bool(r["on"]) for r in routes)
+    assert 0 < n_on < len(routes)
+    routing = fresh["aggregates"]["routing"]
+    assert (routing["routed"]["k"], routing["routed"]["n"]) == (n_on, len(routes))
+    assert routing["routed_per_set"]["h"]["n"] == len(HARM)
+    assert routing["labels_when_routed"]["n"] + routing["labels_when_not_routed"]["n"] == len(routes)
+    assert "gate routing" in table({"kind": "safety-patch/eval-overrefusal", "runs": {"patched": fresh}})
+    # an answer cached before routes were recorded is generated again, not served without its route
+    cache.db.execute("DELETE FROM route")
+    cache.db.commit()
+    with attached(model, [p], fingerprint="fp") as m:
+        again = run_overrefusal(m, tok, prompts, cfg, cache, "gated", KeywordJudge())
+    assert [r["route"] for r in again["records"]] == routes
+    with attached(model, [make_lora_patch(model, tmp_path / "u", "fp", seed=1)], fingerprint="fp") as m:
+        plain = run_overrefusal(m, tok, prompts, cfg, cache, "always", KeywordJudge())
+    assert all("route" not in r for r in plain["records"]) and "routing" not in plain["aggregates"]

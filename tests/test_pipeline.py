@@ -49,8 +49,16 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     md = (run / "report.md").read_text()
     for section in ("## Claims", "## Trade-off", "## Attack success per attack", "## Attack success per category",
                     "## Over-refusal", "## Capability", "## Cost", "## Orthogonality and magnitude", "## Hidden-state shifts",
-                    "## Plug-and-play", "## Stage timings", "## Gate reliability"):
+                    "## Plug-and-play", "## Stage timings", "## Gate reliability", "## Gate routing"):
         assert section in md, section
+    # the gated arm's routes are in its records, and the report's routing row is counted from them
+    recs = json.loads((run / "03-eval/lora-safety+gate/safety.json").read_text())["runs"]["patched"]["records"]
+    k = sum(bool(r["route"]["on"]) for r in recs)
+    routing_rows = [r for r in md.split("## Gate routing")[1].split("##")[0].splitlines() if r.startswith("| ")]
+    assert [r.split(" | ")[0][2:] for r in routing_rows[1:]] == ["lora-safety+gate"]
+    assert f"({k}/{len(recs)})" in routing_rows[1]
+    assert all("route" not in r for r in json.loads((run / "03-eval/lora-safety/safety.json").read_text())
+               ["runs"]["patched"]["records"])
     for claim in ("strong safety", "better than full-parameter", "data-mixing baselines", "more orthogonal",
                   "larger weight updates", "plug-and-play"):
         assert claim in md, claim
@@ -128,8 +136,20 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
         with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*" + re.escape(says)):
             write_report(bad)
         assert not (bad / "report.md").exists()  # the earlier report is gone: nothing stale looks current
-    # a cut-short file is one line; a missing arm's files are listed at the top of the report
+    # a gated arm's routing is counted again too: a record's route edited alone is refused
     bad = tmp_path / "edited"
+    shutil.rmtree(bad)
+    shutil.copytree(run, bad)
+    f = bad / "03-eval" / "lora-safety+gate" / "safety.json"
+    d = json.loads(f.read_text())
+    r0 = d["runs"]["patched"]["records"][0]["route"]
+    r0["on"] = [] if r0["on"] else list(r0["logits"])
+    f.write_text(json.dumps(d))
+    with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*aggregates.routing does not match"):
+        write_report(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(run, bad)
+    # a cut-short file is one line; a missing arm's files are listed at the top of the report
     (bad / "03-eval" / arm / "safety.json").write_text('{"runs": {"base"')
     with pytest.raises(SafetyPatchError, match=r"safety\.json: not valid JSON .*cut short or damaged"):
         write_report(bad)

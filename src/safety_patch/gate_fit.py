@@ -920,27 +920,20 @@ def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _auroc_ci(pos: Sequence[float], neg: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict:
-    """AUROC with a stratified percentile-bootstrap 95% interval."""
-    import numpy as np
+def _auroc_ci(pos: Sequence[float], neg: Sequence[float]) -> dict:
+    """AUROC with Newcombe's score 95% interval (:func:`stats.auroc_interval`; gate files before
+    2026-12-04 carry a stratified percentile-bootstrap interval, ``"interval": "bootstrap"``)."""
+    from .evaluation.stats import auroc_interval
 
     if not len(pos) or not len(neg):
-        return {"value": None, "n_pos": len(pos), "n_neg": len(neg), "ci95": [None, None], "interval": "bootstrap"}
-    rng = np.random.default_rng(seed)
-    p, n = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
-    # A bootstrap replicate is a multinomial weighting of the original points, so its AUROC is
-    # w_pos^T K w_neg / (n_pos n_neg) with K[i, j] = 1 if pos_i > neg_j, 1/2 if equal.
-    kern = (p[:, None] > n[None, :]) + 0.5 * (p[:, None] == n[None, :])
-    wp = rng.multinomial(len(p), np.full(len(p), 1 / len(p)), size=n_boot)
-    wn = rng.multinomial(len(n), np.full(len(n), 1 / len(n)), size=n_boot)
-    boots = [((wp @ kern) * wn).sum(1) / (len(p) * len(n))]
-    lo, hi = np.percentile(np.concatenate(boots), [2.5, 97.5])
-    return {"value": auroc(pos, neg), "n_pos": len(pos), "n_neg": len(neg), "ci95": [float(lo), float(hi)],
-            "interval": "bootstrap"}
+        return {"value": None, "n_pos": len(pos), "n_neg": len(neg), "ci95": [None, None], "interval": "newcombe"}
+    value = auroc(pos, neg)
+    lo, hi = auroc_interval(value, len(pos), len(neg))
+    return {"value": value, "n_pos": len(pos), "n_neg": len(neg), "ci95": [lo, hi], "interval": "newcombe"}
 
 
 def discrimination(pos: torch.Tensor, neg: torch.Tensor, threshold: float) -> dict:
-    """How well logits ``pos`` (harmful) and ``neg`` (benign) separate: AUROC (bootstrap CI), TPR
+    """How well logits ``pos`` (harmful) and ``neg`` (benign) separate: AUROC (Newcombe's score CI), TPR
     at 1% and 5% FPR (threshold set on ``neg``; Wilson CI over the positives, given that
     threshold), and TPR and FPR at ``threshold`` (Wilson CIs).
 

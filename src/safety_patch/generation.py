@@ -120,8 +120,10 @@ def generate(
     config: GenerationConfig = GenerationConfig(),
     prefill: Sequence[str] | None = None,
     progress=None,
+    gate_logits: list | None = None,
 ) -> list[str]:
     """Complete each conversation; returns the new text only. ``prefill`` starts each answer.
+    ``gate_logits``: see :func:`complete_texts`.
 
     Gates read the rendered conversation *without* the prefill: a prefilled answer is text the
     requester wrote, and reading the gate after it would let the requester choose where the gate
@@ -131,7 +133,8 @@ def generate(
     texts = prompts
     if prefill is not None:
         texts = [t + p for t, p in zip(prompts, prefill, strict=True)]
-    return [t for t, _ in complete_texts(model, tokenizer, texts, config, progress, route_texts=prompts)]
+    return [t for t, _ in complete_texts(model, tokenizer, texts, config, progress, route_texts=prompts,
+                                         gate_logits=gate_logits)]
 
 
 def context_length(model) -> int | None:
@@ -144,11 +147,16 @@ def context_length(model) -> int | None:
 
 @torch.inference_mode()
 def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationConfig = GenerationConfig(),
-                   progress=None, route_texts: Sequence[str] | None = None) -> list[tuple[str, bool]]:
+                   progress=None, route_texts: Sequence[str] | None = None,
+                   gate_logits: list | None = None) -> list[tuple[str, bool]]:
     """Continue raw, already rendered ``texts``; returns (new text, whether it stopped at an EOS token).
 
     ``route_texts``: what each prompt's gates read (default: ``texts``); :func:`generate` passes the
     rendered prompts without their prefills. Raises ValueError when its length differs.
+
+    ``gate_logits``: a list this call extends with one {gated item: probe logit} per text, the
+    logits its routing used (an item's adapter answered where its logit is above its gate's
+    threshold); ``{}`` per text for a stack without gates.
 
     ``model``: a ``patched.PatchedModel`` (its gates route each prompt) or a plain model (the
     base). The raw form serves callers that need a turn the chat template cannot express, such
@@ -214,7 +222,10 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
         if len(route_texts) != len(texts):
             raise ValueError(f"route_texts has {len(route_texts)} items for {len(texts)} texts")
         route_enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in route_texts]
-    routes = pm.routes(tokenizer, route_enc, config.batch_size)
+    scores = pm.gate_scores(tokenizer, route_enc, config.batch_size)
+    routes = pm.routes_from(scores, len(route_enc))
+    if gate_logits is not None:
+        gate_logits.extend({n: float(z[i]) for n, z in scores.items()} for i in range(len(route_enc)))
     if pm.can_mix:
         with pm.mixed() as module:
             run(module, list(range(len(enc))), pm.adapter_names(routes))
@@ -722,6 +733,8 @@ class GenerationCache:
             self.db = sqlite3.connect(str(path), timeout=60)
             self.db.execute("CREATE TABLE IF NOT EXISTS gen (key TEXT PRIMARY KEY, text TEXT NOT NULL)")
             self.db.execute("CREATE TABLE IF NOT EXISTS verdict (key TEXT PRIMARY KEY, json TEXT NOT NULL)")
+            # a gated stack's answers: the gate logits their routing used, keyed as the answer is
+            self.db.execute("CREATE TABLE IF NOT EXISTS route (key TEXT PRIMARY KEY, json TEXT NOT NULL)")
             self.db.commit()
         except (OSError, sqlite3.Error) as e:
             raise SafetyPatchError(f"generation cache {path} is not writable ({getattr(e, 'strerror', None) or e}); "
@@ -740,8 +753,8 @@ class GenerationCache:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def get_many(self, keys: list[str], table: str = "gen") -> dict[str, str]:
-        col = "text" if table == "gen" else "json"
-        out = {}
+        col = "text" if table == "gen" else "json"  # verdict and route hold JSON
+        out: dict[str, str] = {}
         for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]
             q = f"SELECT key, {col} FROM {table} WHERE key IN ({','.join('?' * len(chunk))})"
@@ -765,17 +778,23 @@ def cached_generate(
     cache: GenerationCache | None,
     prefill: Sequence[str] | None = None,
     progress=None,
+    gate_logits: list | None = None,
 ) -> tuple[list[str], int]:
     """Like ``generate`` but served from ``cache`` where possible; returns (texts, n_generated).
 
     ``model`` is a ``patched.PatchedModel``: the cache key is its base fingerprint and its
     stack's identity (``PatchedModel.key``), so a patched model never reads the base's
-    answers. Raises SafetyPatchError for a model without a fingerprint when a cache is given."""
+    answers. A gated stack's cached answer is kept with the gate logits its routing used, and
+    ``gate_logits`` (see :func:`complete_texts`) gets those, cached or new; an answer cached
+    without them is generated again. Raises SafetyPatchError for a model without a fingerprint
+    when a cache is given."""
+    import json
+
     from .errors import SafetyPatchError
     from .patched import PatchedModel
 
     if cache is None:
-        return generate(model, tokenizer, conversations, config, prefill, progress), len(conversations)
+        return generate(model, tokenizer, conversations, config, prefill, progress, gate_logits), len(conversations)
     if not isinstance(model, PatchedModel) or not model.fingerprint:
         raise SafetyPatchError("cached generation needs a PatchedModel with a base fingerprint (its cache key); "
                                "wrap the base with PatchedModel.base(lm) or pass cache=None")
@@ -785,6 +804,10 @@ def cached_generate(
         for c, p in zip(conversations, pre, strict=True)
     ]
     hits = cache.get_many(sorted(set(keys)))
+    routes: dict[str, str] = {}
+    if model.gated:  # an answer is only as good as the record of how it was routed
+        routes = cache.get_many(sorted(hits), table="route")
+        hits = {k: v for k, v in hits.items() if k in routes}
     if progress is not None and hits:
         progress(sum(k in hits for k in keys))
     todo = [i for i, k in enumerate(keys) if k not in hits]
@@ -792,8 +815,16 @@ def cached_generate(
     chunk = max(config.batch_size * 4, 1)
     for s in range(0, len(todo), chunk):
         idx = todo[s : s + chunk]
-        texts = generate(model, tokenizer, [conversations[i] for i in idx], config, [pre[i] for i in idx], progress)
+        used: list[dict] = []
+        texts = generate(model, tokenizer, [conversations[i] for i in idx], config, [pre[i] for i in idx], progress,
+                         used)
+        if model.gated:
+            new_routes = {keys[i]: json.dumps(g, sort_keys=True) for i, g in zip(idx, used, strict=True)}
+            cache.put_many(new_routes, table="route")
+            routes.update(new_routes)
         new = {keys[i]: t for i, t in zip(idx, texts, strict=True)}
         cache.put_many(new)
         hits.update(new)
+    if gate_logits is not None:
+        gate_logits.extend(json.loads(routes[k]) if model.gated else {} for k in keys)
     return [hits[k] for k in keys], len(todo)

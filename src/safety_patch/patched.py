@@ -217,9 +217,13 @@ class PatchedModel:
 
     def routes(self, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8) -> list[tuple[str, ...]]:
         """Per prompt, the gated items its gates switch on (logit above threshold); ``()`` for every prompt without gates."""
-        scores = self.gate_scores(tokenizer, prompts, batch_size)
-        fired = {n: (z > self.gates[n].threshold).tolist() for n, z in scores.items()}
-        return [tuple(n for n in self.gates if fired[n][i]) for i in range(len(prompts))]
+        return self.routes_from(self.gate_scores(tokenizer, prompts, batch_size), len(prompts))
+
+    def routes_from(self, scores: dict[str, torch.Tensor], n: int) -> list[tuple[str, ...]]:
+        """Per prompt of ``n``, the gated items whose logit in ``scores`` ({item: [n]}, from
+        :meth:`gate_scores`) is above its gate's threshold."""
+        fired = {name: (z > self.gates[name].threshold).tolist() for name, z in scores.items()}
+        return [tuple(name for name in self.gates if fired[name][i]) for i in range(n)]
 
     def groups(self, routes: Sequence[tuple[str, ...]]) -> list[tuple[list[int], tuple[str, ...]]]:
         """Prompt indices grouped by route, first-seen order: [(indices, gated items on)]."""

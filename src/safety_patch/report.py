@@ -68,9 +68,10 @@ def _check_figures(obj, path: Path, where: str = "") -> None:
     from .errors import SafetyPatchError
 
     def slack(o: dict, ci: list) -> float:
-        # a Wilson interval always holds k/n; a bootstrap percentile interval of a biased statistic
-        # (an AUROC with ties, at small n) may miss its point estimate a little, never by its own width
-        return 1e-9 if isinstance(o.get("k"), int) else 1e-9 + abs(ci[1] - ci[0])
+        # Wilson and Newcombe score intervals always hold their estimate; a bootstrap percentile
+        # interval of a biased statistic (an AUROC with ties at small n, in gate files before
+        # 2026-12-04) may miss it a little, never by its own width
+        return 1e-9 + (abs(ci[1] - ci[0]) if o.get("interval") == "bootstrap" else 0.0)
 
     if isinstance(obj, list):
         for i, v in enumerate(obj):
@@ -125,8 +126,9 @@ def _eval_file(path: Path, kind: str) -> dict | None:
             if missing:
                 raise SafetyPatchError(f"{path}: runs.{side}.records[{i}] has no {', '.join(missing)}")
         want, got = count(recs), r.get("aggregates") or {}
-        for key in _READ[kind]:
-            if _counts(got.get(key)) != _counts(want[key]):
+        routing = ("routing",) if "routing" in want or "routing" in got else ()  # a gated arm's routes
+        for key in _READ[kind] + routing:
+            if _counts(got.get(key)) != _counts(want.get(key)):
                 raise SafetyPatchError(f"{path}: runs.{side}.aggregates.{key} does not match the file's own records "
                                        f"(recounted: {_counts(want[key])}, in the file: {_counts(got.get(key))}); "
                                        f"the file was edited or cut short: run `eval {kind}` again")
@@ -514,6 +516,24 @@ def blocks(rd: RunData) -> list[tuple]:
     B.append(("table", ["model", "borderline-benign not answered", "general not answered"],
               [[m, _pct_kn(rd.borderline(m)), _pct_kn(rd.general_refusal(m))] for m in rd.models
                if rd.run_of(m, "overrefusal")]))
+    routed = [m for m in rd.models if any("routing" in (rd.run_of(m, k) or {}).get("aggregates", {})
+                                          for k in ("safety", "overrefusal"))]
+    if routed:
+        B.append(("h2", "Gate routing"))
+        B.append(("p", "Where each gated arm's gate sent prompts to its refusal adapter (from each answer's own "
+                       "record of its route): attacked harmful prompts, and the safe sets. Attack success among "
+                       "the prompts the gate let through is the gate's misses; among the routed, the adapter's."))
+
+        def routing(m: str, kind: str) -> dict:
+            return ((rd.run_of(m, kind) or {}).get("aggregates") or {}).get("routing") or {}
+
+        B.append(("table", ["model", "harmful routed", "attack success when routed", "attack success when not routed",
+                            "borderline routed", "general routed"],
+                  [[m, _pct_kn(routing(m, "safety").get("routed")),
+                    _pct_kn(routing(m, "safety").get("labels_when_routed")),
+                    _pct_kn(routing(m, "safety").get("labels_when_not_routed")),
+                    _pct_kn(routing(m, "overrefusal").get("routed_per_set", {}).get("borderline")),
+                    _pct_kn(routing(m, "overrefusal").get("routed_per_set", {}).get("general"))] for m in routed]))
     if rd.gate_eval:
         B += gate_blocks(rd.gate_eval)
     B.append(("h2", "Capability"))

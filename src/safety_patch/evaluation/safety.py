@@ -14,6 +14,9 @@
   attack success; ``per_attack_degenerate``; ``decoding_competence`` per encoding attack.
   Over-refusal: ``overall``, ``per_set``, ``per_category`` are "not answered" (refused +
   degenerate), with ``per_set_refused`` and ``per_set_degenerate`` beside them.
+  A gated stack's records carry ``route`` (each gate's probe ``logits`` and the gated items it
+  switched ``on``), and its aggregates ``routing``: the share routed, per attack or set, and the
+  rate among routed and unrouted prompts.
   Prefilled answers are judged on the model's continuation only; answers to encoding attacks
   are decoded before judging (``judged_text`` in the record when it differs from ``response``).
 """
@@ -82,16 +85,51 @@ def _label_shares(records: list[dict]) -> dict:
             "judge_errors": sum(r["verdict"]["label"] == "judge_error" for r in records)}
 
 
-def _generate(pm, tokenizer, attacked: list[Attacked], cfg: EvalConfig, cache, label: str) -> list[str]:
+def _routing(records: list[dict], key: str, labels: tuple[str, ...]) -> dict:
+    """A gated stack's routing, from each record's ``route``: the share of prompts a gate switched
+    an adapter on for (``routed``; every record counts, judge errors too: the route does not
+    depend on the judge), overall and per ``key``; and the share of ``labels`` among the routed
+    and among the rest (``labels_when_routed`` / ``labels_when_not_routed``), which tells a gate
+    that missed from an adapter that answered anyway. {} when no record has a route (no gates)."""
+    routed = [r for r in records if "route" in r]
+    if not routed:
+        return {}
+    on = [r for r in routed if r["route"]["on"]]
+    off = [r for r in routed if not r["route"]["on"]]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in routed:
+        groups[r[key]].append(r)
+    return {"routing": {
+        "routed": proportion(len(on), len(routed)),
+        f"routed_per_{key}": {g: proportion(sum(bool(r["route"]["on"]) for r in rs), len(rs))
+                              for g, rs in sorted(groups.items())},
+        "labels_when_routed": _share(on, labels), "labels_when_not_routed": _share(off, labels)}}
+
+
+def _generate(pm, tokenizer, attacked: list[Attacked], cfg: EvalConfig, cache, label: str,
+              routes: list | None = None) -> list[str]:
+    """The answers to ``attacked``; ``routes`` (a list) gets each prompt's :func:`_route`."""
     from ..progress import bar as progress_bar
 
     bar = progress_bar(len(attacked), f"[{label}] generating", unit="prompt")
+    logits: list[dict] = []
     try:
         texts, _ = cached_generate(pm, tokenizer, [a.messages for a in attacked], cfg.generation(), cache,
-                                   prefill=[a.prefill for a in attacked], progress=bar.update)
+                                   prefill=[a.prefill for a in attacked], progress=bar.update, gate_logits=logits)
     finally:
         bar.close()
+    if routes is not None:
+        routes.extend(_route(pm, g) for g in logits)
     return texts
+
+
+def _route(pm, logits: dict[str, float]) -> dict | None:
+    """How a gated stack routed one prompt: each gate's probe ``logits`` and the gated items it
+    switched on (``on``, logit above threshold); None for a stack without gates."""
+    if not pm.gated:
+        return None
+    return {"logits": {n: round(z, 6) for n, z in logits.items()},
+            "on": [n for n in pm.gates if logits[n] > pm.gates[n].threshold]}
 
 
 def decoding_competence(pm, tokenizer, attack_name: str, cfg: EvalConfig, cache) -> dict:
@@ -137,7 +175,8 @@ def run_safety(pm, tokenizer, requests: list[dict], templates, cfg: EvalConfig, 
                         | ({"raw_category": r["raw_category"]} if r.get("raw_category") else {})
                         | ({"attack_info": a.extra} if a.extra else {}))
     t0 = time.time()
-    answers = _generate(pm, tokenizer, attacked, cfg, cache, label)
+    routes: list = []
+    answers = _generate(pm, tokenizer, attacked, cfg, cache, label, routes)
     gen_s = time.time() - t0
     # A prefilled answer is judged on what the model wrote after the forced prefix: "Sure, here is" is
     # ours, so stopping at once is degenerate, not a jailbreak. Answers to encoding attacks are decoded
@@ -147,7 +186,8 @@ def run_safety(pm, tokenizer, requests: list[dict], templates, cfg: EvalConfig, 
     judged = [readable(a, r["attack"]) for r, a in zip(rows, answers, strict=True)]
     verdicts = cached_judge(judge, [r["request"] for r in rows], judged, cache)
     records = [dict(r, response=a, verdict=v.as_dict(), judge=judge.name) | ({"judged_text": j} if j != a else {})
-               for r, a, j, v in zip(rows, answers, judged, verdicts, strict=True)]
+               | ({"route": rt} if rt is not None else {})
+               for r, a, j, v, rt in zip(rows, answers, judged, verdicts, routes, strict=True)]
     aggregates = {**safety_aggregates(records), "generation_seconds": round(gen_s, 1)}
     comp = {n: decoding_competence(pm, tokenizer, n, cfg, cache) for n, a in attacks.items() if a.needs_decoding}
     if comp:
@@ -159,10 +199,12 @@ def run_overrefusal(pm, tokenizer, prompts: list[dict], cfg: EvalConfig, cache: 
                     judge) -> dict:
     """Answer ``prompts`` with ``pm`` (a patched.PatchedModel) and judge refusals; returns {records, aggregates}."""
     attacked = [Attacked(p["messages"]) for p in prompts]
-    answers = _generate(pm, tokenizer, attacked, cfg, cache, label)
+    routes: list = []
+    answers = _generate(pm, tokenizer, attacked, cfg, cache, label, routes)
     verdicts = cached_judge(judge, [p["messages"][-1]["content"] for p in prompts], answers, cache)
     records = [{"set": p["set"], "category": p["category"], "prompt": p["messages"][-1]["content"], "response": a,
-                "verdict": v.as_dict(), "judge": judge.name} for p, a, v in zip(prompts, answers, verdicts, strict=True)]
+                "verdict": v.as_dict(), "judge": judge.name} | ({"route": rt} if rt is not None else {})
+               for p, a, v, rt in zip(prompts, answers, verdicts, routes, strict=True)]
     return {"records": records, "aggregates": overrefusal_aggregates(records)}
 
 
@@ -179,6 +221,7 @@ def safety_aggregates(records: list[dict]) -> dict:
            if any("raw_category" in r for r in records) else {}),
         **_label_shares(records),
         "per_attack_degenerate": _rates(records, "attack", "degenerate"),
+        **_routing(records, "attack", ("compliance",)),
     }
 
 
@@ -192,6 +235,7 @@ def overrefusal_aggregates(records: list[dict]) -> dict:
         **_label_shares(records),
         "per_set_refused": _rates(records, "set", "refusal"),
         "per_set_degenerate": _rates(records, "set", "degenerate"),
+        **_routing(records, "set", NOT_ANSWERED),
     }
 
 
@@ -285,6 +329,18 @@ def table(results: dict) -> str:
         lines.append("degenerate share per attack" if kind == "safety" else "refused only, per set")
         for k in agg[names[0]][extra]:
             lines.append(f"  {k:<26}" + "".join(f"{fmt(agg[n][extra].get(k)):<34}" for n in names))
+    if any("routing" in agg[n] for n in names):
+        key = "attack" if kind == "safety" else "set"
+        what = "attack success" if kind == "safety" else "not answered"
+        lines.append(f"gate routing (share of prompts a gate sent to its patch; {what} on each side)")
+        rows = [("routed", lambda r: r["routed"]),
+                *((f"  {k}", lambda r, k=k: r[f"routed_per_{key}"].get(k))
+                  for k in next(agg[n]["routing"][f"routed_per_{key}"] for n in names if "routing" in agg[n])),
+                (f"{what} when routed", lambda r: r["labels_when_routed"]),
+                (f"{what} when not routed", lambda r: r["labels_when_not_routed"])]
+        for title, get in rows:
+            lines.append(f"{title:<28}" + "".join(
+                f"{fmt(get(agg[n]['routing'])) if 'routing' in agg[n] else '-':<34}" for n in names))
     for n in names:
         d = agg[n].get("degenerate")
         if kind == "safety" and d and d.get("value") is not None and d["value"] > DEGENERATE_WARN:
