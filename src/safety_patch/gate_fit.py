@@ -1627,15 +1627,14 @@ def check_context(model, ids: Sequence[Sequence[int]], where: str | Path) -> Non
     """Refuse prompts the model cannot read: longer than its positions (hidden states past them are not
     what the gate was fit on; generation refuses them too) or empty. Raises SafetyPatchError naming
     ``where`` and the first such prompt (1-based)."""
-    from .generation import context_length
+    from .generation import context_length, over_context
 
-    n = context_length(model)
-    for i, row in enumerate(ids):
-        if n is not None and len(row) > n:
-            raise SafetyPatchError(f"{where}: prompt {i + 1} has {len(row)} tokens, over the model's context length of "
-                                   f"{n}: the gate cannot read it")
-        if not row:
-            raise SafetyPatchError(f"{where}: prompt {i + 1} is empty")
+    bad = sorted(over_context(model, [len(r) for r in ids]) + [i for i, r in enumerate(ids) if not r])
+    if bad:
+        i = bad[0]
+        raise SafetyPatchError(f"{where}: prompt {i + 1} is empty" if not ids[i] else
+                               f"{where}: prompt {i + 1} has {len(ids[i])} tokens, over the model's context length "
+                               f"of {context_length(model)}: the gate cannot read it")
 
 
 def user_prompt_sets(harmful: str | Path | None = None, benign: str | Path | None = None) -> dict[str, dict]:

@@ -145,6 +145,15 @@ def context_length(model) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
+def over_context(model, lengths: Sequence[int], reserve: int = 0) -> list[int]:
+    """Indices of the prompts (token counts ``lengths``) that with ``reserve`` more tokens (the
+    answer's ``max_new_tokens``; 0 for a pass that only reads the prompt, as a gate does) run past
+    the model's positions: past them hidden states and answers are garbage. [] where the model's
+    config does not say its context length."""
+    n = context_length(model)
+    return [] if n is None else [i for i, k in enumerate(lengths) if k + reserve > n]
+
+
 @torch.inference_mode()
 def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationConfig = GenerationConfig(),
                    progress=None, route_texts: Sequence[str] | None = None,
@@ -166,12 +175,11 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
 
     pm = as_patched(model)
     enc = [tokenizer(check_text(t, f"prompt {i}"), add_special_tokens=False)["input_ids"] for i, t in enumerate(texts)]
-    context = context_length(pm)
-    too_long = [i for i, e in enumerate(enc) if context is not None and len(e) + config.max_new_tokens > context]
+    too_long = over_context(pm, [len(e) for e in enc], config.max_new_tokens)
     if too_long:  # past the model's positions the answer is garbage, not an answer: refused, never run
         i = too_long[0]
         raise SafetyPatchError(f"prompt {i} has {len(enc[i])} tokens and max_new_tokens is {config.max_new_tokens}: "
-                               f"over the model's context length of {context} tokens"
+                               f"over the model's context length of {context_length(pm)} tokens"
                                + (f" ({len(too_long)} prompts in all)" if len(too_long) > 1 else ""))
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]), reverse=True)
     out: list[tuple[str, bool] | None] = [None] * len(enc)
