@@ -295,16 +295,17 @@ def test_generation_routes_a_prefilled_prompt_on_the_prompt_alone(tmp_path):
     convs = [[{"role": "user", "content": t}] for t in HARM + SAFE]
     prompts = [tok(render(tok, c), add_special_tokens=False)["input_ids"] for c in convs]
     read: list[list[int]] = []
-    orig = PatchedModel.routes
+    orig, orig_scores = PatchedModel.routes, PatchedModel.gate_scores
 
     def spy(self, tokenizer, ids, batch_size=8):
         read.extend(list(map(list, ids)))
-        return orig(self, tokenizer, ids, batch_size)
+        return orig_scores(self, tokenizer, ids, batch_size)
 
     cfg = GenerationConfig(max_new_tokens=3, batch_size=4)
-    with attached(model, [p], "fp") as pm, mock.patch.object(PatchedModel, "routes", spy):
+    with attached(model, [p], "fp") as pm, mock.patch.object(PatchedModel, "gate_scores", spy):
         routes = orig(pm, tok, prompts)
         assert {r for r in routes} == {(), tuple(pm.gates)}  # the gate separates the two sets
+        read.clear()
         out = generate(pm, tok, convs, cfg, prefill=["Sure, here is"] * len(convs))
         assert read == prompts  # the gate read the prompts, not the prefilled texts
         # each answer is the one its route's model gives the prefilled text
