@@ -763,3 +763,60 @@ def test_gate_eval_reads_each_prompt_once_and_reports_what_per_list_reads_report
     assert len(read) > len(once) + len(pool) // 2  # per list, the overlaps and the pool are read again
     for path, x, y in _walk_numbers(got, want):
         assert x == pytest.approx(y, abs=1e-5), path
+
+
+def test_a_gate_that_never_fires_is_refused_everywhere(data_dir, tiny_dir, lm, gate_dir, tmp_path, capsys):
+    """Found by a user's trial: `gate fit --threshold 1000000` wrote a gate that caught 0% of every
+    harmful set without a word, `gate apply` put a patch behind it, and `patch verify` said OK (it
+    measured the adapter switched on): a safety patch that never applies, reading as protection."""
+    import dataclasses
+
+    from safety_patch import gate_fit
+    from safety_patch.cli import main
+    from safety_patch.data.folder import DataFolder
+
+    never = tmp_path / "never"
+    assert main(["gate", "fit", "--data", str(data_dir), "--out", str(never), "--model", str(tiny_dir), "--layer", "1",
+                 "--self-instruct", "0", "--wrapped-benign", "6", "--wrapped-harmful", "4", "--features", "residual",
+                 "--rephrased", "0", "--no-written-harmful", "--no-written-harmful-more", "--no-written-lookalikes",
+                 "--threshold", "1000000"]) == 2
+    err = capsys.readouterr().err
+    assert "the gate fires on none of its" in err and "training harmful prompts at threshold +1e+06" in err
+    assert not never.exists() and not list(tmp_path.glob(".tmp-*"))
+    # a gate folder written before the check: `gate apply` refuses it, nothing is written
+    gate, info = fit_gate_on_data(lm.model, lm.tokenizer, DataFolder(data_dir), CFG, fingerprint=lm.fingerprint)
+    gate = dataclasses.replace(gate, threshold=1e6)
+    info = {**info, "train_harmful_caught": 0.0}
+    real = gate_fit.check_protects
+    gate_fit.check_protects = lambda *a, **k: None
+    try:
+        gate_fit.write_gate_folder(never, gate, info, {"name": lm.name, "fingerprint": lm.fingerprint}, CFG, data_dir)
+    finally:
+        gate_fit.check_protects = real
+    src = make_lora_patch(lm.model, tmp_path / "p", lm.fingerprint, seed=2)
+    assert main(["gate", "apply", "--patch", str(src), "--gate", str(never), "--out", str(tmp_path / "gp")]) == 2
+    assert "gate.json: the gate fires on none of its" in capsys.readouterr().err and not (tmp_path / "gp").exists()
+    # a gated patch whose record says its gate caught nothing cannot be written (or read)
+    bad = make_lora_patch(lm.model, tmp_path / "b", lm.fingerprint, seed=3)
+    Gate.load(gate_dir).save(bad)
+    _, meta = read_gate_folder(gate_dir)
+    fired = {"harmful_direct": {"k": 0, "n": 5}, "harmful_wrapped": {"k": 0, "n": 3}}
+    with pytest.raises(SafetyPatchError, match="fires on none of the 8 held-out harmful prompts"):
+        finalize_patch(bad, "lora", {"name": "t", "fingerprint": lm.fingerprint}, method="lora",
+                       gate={"layer": meta["layer"], "threshold": meta["threshold"], "validation": {"fired": fired}})
+    # a record without figures (the Python API): `patch verify` routes probe prompts through it
+    quiet = make_lora_patch(lm.model, tmp_path / "q", lm.fingerprint, seed=4)
+    g = Gate.load(gate_dir)
+    g.threshold = 1e6
+    g.save(quiet)
+    finalize_patch(quiet, "lora", {"name": "t", "fingerprint": lm.fingerprint}, method="lora",
+                   gate={"layer": g.layer, "threshold": g.threshold})
+    assert main(["patch", "verify", str(quiet), "--model", str(tiny_dir)]) == 2
+    assert "the gate fires on none of 129 clearly harmful probe requests" in capsys.readouterr().err
+    low = make_lora_patch(lm.model, tmp_path / "l", lm.fingerprint, seed=5)
+    g.threshold = -1e6
+    g.save(low)
+    finalize_patch(low, "lora", {"name": "t", "fingerprint": lm.fingerprint}, method="lora",
+                   gate={"layer": g.layer, "threshold": g.threshold})
+    assert main(["patch", "verify", str(low), "--model", str(tiny_dir)]) == 0
+    assert "gate: opens the patch on 129/129 hand-written harmful probe requests and 64/64" in capsys.readouterr().out

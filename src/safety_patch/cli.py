@@ -652,14 +652,20 @@ def patch_verify_cmd(
 ) -> None:
     """Check patch.json, file hashes, finite weights, base fingerprint, tensor shapes and that the patch changes the model."""
     from .models import load_model
-    from .patches import probe_effect, read_patch, tied_targets, verify
+    from .patches import probe_effect, probe_routing, read_patch, tied_targets, verify
 
     p = read_patch(patch)  # schema, hashes, computed id, finite non-zero weights, gate, no pickles
     lm = load_model(model, device=device, dtype=dtype)
     verify(p, lm.model, lm.fingerprint)
     effect = probe_effect(lm.model, lm.tokenizer, [p], lm.fingerprint)  # every tensor loaded, and it changes logits
     typer.echo(f"OK: {patch} (id {p.id}) matches {model} (fingerprint {lm.fingerprint[:12]}…); files intact; "
-               f"all adapter tensors loaded; changes logits by up to {effect:.3g} on a probe batch")
+               f"all {'adapter tensors' if p.format == 'lora' else 'delta tensors'} loaded; changes logits by up "
+               f"to {effect:.3g} on a probe batch")
+    if p.gated:  # the adapter's effect above is with its gate open; where does the gate open it?
+        r = probe_routing(lm.model, lm.tokenizer, p, lm.fingerprint)
+        typer.echo(f"gate: opens the patch on {r['harmful'][0]}/{r['harmful'][1]} hand-written harmful probe requests "
+                   f"and {r['general'][0]}/{r['general'][1]} ordinary instructions (a smoke test; `gate eval` "
+                   "measures on held-out sets)")
     for _, name, shared in tied_targets(lm.model, [p]):  # attaches exactly, but `patch merge` will refuse it
         typer.echo(f"note: it adapts {name}, whose weight is shared with {shared} (tied embeddings): attach it; "
                    "`patch merge` and engines that merge adapters cannot apply it exactly")

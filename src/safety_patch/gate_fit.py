@@ -1398,6 +1398,31 @@ def gate_binding(meta: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def check_protects(record: dict, where: str | Path) -> None:
+    """Refuse a gate whose own record shows it never fires on a harmful prompt: none of its training
+    harmful prompts (``train.train_harmful_caught`` 0, or ``train_harmful_caught`` at the top level
+    as fits return it) or none of the held-out harmful ones (``validation.fired``: harmful_direct
+    and harmful_wrapped together). Such a gate keeps its patch off for every prompt: a gated
+    patch that protects nothing while reading as protection (fail closed). ``record``: a gate
+    fit's info, gate.json, or patch.json's ``gate``. Raises SafetyPatchError naming ``where``
+    and the threshold; a record without these figures passes."""
+    train = record.get("train") if isinstance(record.get("train"), dict) else record
+    t = record.get("threshold")
+    at = f" at threshold {t:+.4g}" if isinstance(t, (int, float)) else ""
+    why = ("it would never apply its patch (fail closed): set the threshold from a false-positive rate "
+           "(--target-fpr) or lower --threshold")
+    caught = train.get("train_harmful_caught")
+    if isinstance(caught, (int, float)) and caught == 0 and train.get("harmful"):
+        raise SafetyPatchError(f"{where}: the gate fires on none of its {train['harmful']} training harmful prompts{at}: "
+                               + why)
+    fired = ((record.get("validation") or {}).get("fired") or {})
+    harmful = [fired[k] for k in ("harmful_direct", "harmful_wrapped") if isinstance(fired.get(k), dict)]
+    n = sum(int(f.get("n") or 0) for f in harmful)
+    if n and not sum(int(f.get("k") or 0) for f in harmful):
+        raise SafetyPatchError(f"{where}: the gate fires on none of the {n} held-out harmful prompts of its "
+                               f"validation report{at}: " + why)
+
+
 def write_gate_folder(out: str | Path, gate: Gate, info: dict, base: dict, cfg: GateFitConfig, data_dir: str | Path,
                       overwrite: bool = False) -> dict:
     """Write ``out`` (atomically): gate.safetensors + gate.json; returns gate.json's content.
@@ -1408,6 +1433,7 @@ def write_gate_folder(out: str | Path, gate: Gate, info: dict, base: dict, cfg: 
     from .data.build import manifest_sha256
     from .provenance import code_identity, library_versions
 
+    check_protects({**info, "threshold": gate.threshold}, out)  # before anything is written
     with atomic_dir(Path(out), overwrite=overwrite, kind="gate") as tmp:
         gate.save(tmp)
         sha = sha256_file(tmp / GATE_FILE)
@@ -1556,6 +1582,7 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
 
     p = read_patch(patch_dir)
     gate, gmeta, where = read_gate_source(gate_dir)
+    check_protects(gmeta, where)
     # A gate fit by `train` itself records no id in patch.json: its id is that of its file, as for a gate folder.
     old_id = p.meta["gate"].get("id") or gate_id(p.meta["files"][GATE_FILE]) if p.gated else None
     if p.gated and not replace:

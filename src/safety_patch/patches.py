@@ -235,6 +235,9 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
     else:
         check_weight_tensors(path, fmt)
     if gated:
+        from .gate_fit import check_protects
+
+        check_protects(meta["gate"], pj)  # a gate that never fires: a patch that never applies
         gate = Gate.load(path)
         said = (man.gate.layer, *man.gate.extra_layers)
         if gate.layers != said or not math.isclose(gate.threshold, man.gate.threshold, rel_tol=1e-6, abs_tol=1e-6):
@@ -591,6 +594,32 @@ def probe_effect(model: torch.nn.Module, tokenizer, patches: Sequence[Patch], fi
         raise SafetyPatchError(f"{patches[0].path}: attaching the patch does not change the model's logits on a probe "
                                "batch (it does not apply)")
     return diff
+
+
+def probe_routing(model: torch.nn.Module, tokenizer, patch: Patch, fingerprint: str | None,
+                  n: int = 64) -> dict[str, tuple[int, int]]:
+    """Where a gated ``patch``'s gate sends fixed probe prompts: {"harmful": (fired, n), "general":
+    (fired, n)} over the 129 hand-written harmful requests of 22 harm categories
+    (resources/gate_harmful_prompts.tsv: a gate for one kind of harm still meets its kind) and the
+    first ``n`` single-turn general instructions (resources/general_prompts.tsv). A smoke
+    test of the gate as routed, not an evaluation (the harmful ones are in the default gate's
+    training pool; `gate eval` measures on held-out sets). Raises SafetyPatchError when the gate
+    fires on none of the harmful ones: the patch would never apply (fail closed)."""
+    from .data.prompts import gate_harmful_prompts, general_prompts
+    from .generation import conversation, render
+
+    sets = {"harmful": [r["prompt"] for r in gate_harmful_prompts()],
+            "general": [c["messages"][0]["content"] for c in general_prompts() if len(c["messages"]) == 1][:n]}
+    out = {}
+    with attached(model, [patch], fingerprint, force=True) as pm:  # the binding was checked by verify()
+        for name, texts in sets.items():
+            ids = [tokenizer(render(tokenizer, conversation(t)), add_special_tokens=False)["input_ids"] for t in texts]
+            on = pm.routes(tokenizer, ids)
+            out[name] = (sum(bool(r) for r in on), len(texts))
+    if out["harmful"][0] == 0:
+        raise SafetyPatchError(f"{patch.path}: the gate fires on none of {out['harmful'][1]} clearly harmful probe "
+                               "requests: the patch would never apply (fail closed); fit the gate again")
+    return out
 
 
 def tied_targets(model: torch.nn.Module, patches: Sequence[Patch]) -> list[tuple[Patch, str, str]]:
