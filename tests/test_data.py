@@ -452,6 +452,31 @@ def test_a_data_config_value_out_of_range_is_named_at_its_line_in_the_file(tmp_p
         cfgmod.load(DataConfig, y, {"self_instruct": -1})
 
 
+@pytest.mark.parametrize("content, says", [
+    # found by a user's trial: each was accepted and changed the build silently (or crashed late)
+    ("max_per_source: -5\n", ":1: config field 'max_per_source' must be >= 1 (or null for no limit), got -5"),
+    ("max_per_source: 0\n", ":1: config field 'max_per_source' must be >= 1"),
+    ("general_limit: 0\n", ":1: config field 'general_limit' must be >= 1"),
+    ("seed: 3\ndistill_max_new_tokens: 0\n", ":2: config field 'distill_max_new_tokens' must be >= 1, got 0"),
+    ("distill_batch_size: 0\n", ":1: config field 'distill_batch_size' must be >= 1, got 0"),
+    ("max_request_chars: 0\n", ":1: config field 'max_request_chars' must be >= 1"),
+    ("general_test_fraction: 0.7\ngeneral_val_fraction: 0.3\n", ":1: general_test_fraction + general_val_fraction"),
+    ("borderline_val_fraction: 1.5\n", ":1: config field 'borderline_val_fraction' must be in [0, 1]"),
+    ("seed: null\n", ":1: field 'seed': expected int, got null"),
+    ("max_per_source: 10\nmax_per_source: 20\n", ":2: key 'max_per_source' is given twice (also on line 1)"),
+])
+def test_every_data_config_field_is_checked_before_any_work(tmp_path, content, says, capsys):
+    from safety_patch.cli import main
+
+    y = tmp_path / "d.yaml"
+    y.write_text(content)
+    assert main(["data", "build", "--config", str(y), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{y}{says}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert main(["data", "build", "--config", str(y), "--out", str(tmp_path / "o"), "--max-per-source", "0"]) == 2
+
+
 def test_a_user_files_own_categories_are_kept_beside_the_unified_ones(tmp_path):
     """A user's category outside the unified list ("Tax fraud") picks the generic refusal and
     stratifies as `harmful`, but was lost from the rows: it is kept as meta.raw_category, read back by

@@ -796,14 +796,19 @@ def test_a_gate_that_never_fires_is_refused_everywhere(data_dir, tiny_dir, lm, g
     src = make_lora_patch(lm.model, tmp_path / "p", lm.fingerprint, seed=2)
     assert main(["gate", "apply", "--patch", str(src), "--gate", str(never), "--out", str(tmp_path / "gp")]) == 2
     assert "gate.json: the gate fires on none of its" in capsys.readouterr().err and not (tmp_path / "gp").exists()
-    # a gated patch whose record says its gate caught nothing cannot be written (or read)
+    # a gated patch whose record says its gate caught none of its training prompts cannot be written
     bad = make_lora_patch(lm.model, tmp_path / "b", lm.fingerprint, seed=3)
     Gate.load(gate_dir).save(bad)
     _, meta = read_gate_folder(gate_dir)
-    fired = {"harmful_direct": {"k": 0, "n": 5}, "harmful_wrapped": {"k": 0, "n": 3}}
-    with pytest.raises(SafetyPatchError, match="fires on none of the 8 held-out harmful prompts"):
+    with pytest.raises(SafetyPatchError, match="fires on none of its 40 training harmful prompts"):
         finalize_patch(bad, "lora", {"name": "t", "fingerprint": lm.fingerprint}, method="lora",
-                       gate={"layer": meta["layer"], "threshold": meta["threshold"], "validation": {"fired": fired}})
+                       gate={"layer": meta["layer"], "threshold": meta["threshold"], "harmful": 40,
+                             "train_harmful_caught": 0.0})
+    assert not (bad / "patch.json").exists()
+    # none of the held-out ones (a small split can miss by chance): written, with a warning
+    fired = {"harmful_direct": {"k": 0, "n": 5}, "harmful_wrapped": {"k": 0, "n": 3}}
+    assert "fires on none of the 8 held-out harmful prompts" in gate_fit.check_protects({"validation": {"fired": fired}},
+                                                                                        "x")
     # a record without figures (the Python API): `patch verify` routes probe prompts through it
     quiet = make_lora_patch(lm.model, tmp_path / "q", lm.fingerprint, seed=4)
     g = Gate.load(gate_dir)

@@ -303,7 +303,9 @@ def test_help_comes_from_the_field_docstrings(capsys):
     ("gate:\n  l2: -1\n", ":2: gate.l2 must be >= 0, got -1.0"),
     ("gate:\n  l2: 0.01\n  features: nope\n", ":3: gate config: features must be one of"),
     ("optim:\n  scheduler: cosine\n  snapshot_steps: '0'\n", ":3: optim.snapshot_steps must name positive"),
-    ("lora: {rank: 4}\nlora: {rank: 0}\n", ":2: lora.rank must be >= 1"),  # the key YAML reads: the last
+    # a repeated key: YAML would silently read the last one, so it is refused (both lines named)
+    ("lora: {rank: 4}\nlora: {rank: 0}\n", ":2: key 'lora' is given twice (also on line 1)"),
+    ("lora:\n  rank: 4\n  rank: 8\n", ":3: key 'rank' is given twice (also on line 2)"),
 ])
 def test_yaml_errors_name_the_file_and_key(content, says, tmp_path):
     path = tmp_path / "t.yaml"

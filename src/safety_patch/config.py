@@ -16,7 +16,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
     if value is None:
-        return None
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+            return None
+        raise SafetyPatchError(f"{where}: expected {getattr(typ, '__name__', typ)}, got null")
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         for a in args:
             if a is type(None):
@@ -62,7 +64,14 @@ def build(cls: type[T], values: dict, where: str = "config") -> T:
     unknown = sorted(set(values) - names)
     if unknown:
         raise SafetyPatchError(f"{where}: unknown key(s) {', '.join(field_path((u,)) for u in unknown)}; valid: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}: field '{k}'") for k, v in values.items()}
+    kwargs = {}
+    for k, v in values.items():
+        try:
+            kwargs[k] = _coerce(v, hints[k], f"field '{k}'")
+        except FieldError:
+            raise
+        except SafetyPatchError as e:  # a FieldError, so `load` can name the file's line
+            raise FieldError(str(e), k) from None
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate:
@@ -137,7 +146,9 @@ def read_yaml(path: str | Path) -> dict:
 
     p = Path(path)
     try:
-        data = yaml.safe_load(read_text(p, "config ")) or {}
+        text = read_text(p, "config ")
+        _no_repeated_keys(yaml.compose(text), p)
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -145,6 +156,27 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise SafetyPatchError(f"{p}: expected a mapping of config keys")
     return data
+
+
+def _no_repeated_keys(node, path: Path) -> None:
+    """Refuse a key given twice in one mapping: ``yaml.safe_load`` silently keeps the last, so the
+    first value a user wrote (and reads) would not be the one used. Raises SafetyPatchError naming
+    both lines."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                line = k.start_mark.line + 1
+                if k.value in seen:
+                    raise SafetyPatchError(f"{path}:{line}: key '{k.value}' is given twice (also on line "
+                                           f"{seen[k.value]}); give it once")
+                seen[k.value] = line
+            _no_repeated_keys(v, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for v in node.value:
+            _no_repeated_keys(v, path)
 
 
 def as_dict(obj) -> dict:

@@ -1398,29 +1398,37 @@ def gate_binding(meta: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def check_protects(record: dict, where: str | Path) -> None:
-    """Refuse a gate whose own record shows it never fires on a harmful prompt: none of its training
-    harmful prompts (``train.train_harmful_caught`` 0, or ``train_harmful_caught`` at the top level
-    as fits return it) or none of the held-out harmful ones (``validation.fired``: harmful_direct
-    and harmful_wrapped together). Such a gate keeps its patch off for every prompt: a gated
-    patch that protects nothing while reading as protection (fail closed). ``record``: a gate
-    fit's info, gate.json, or patch.json's ``gate``. Raises SafetyPatchError naming ``where``
-    and the threshold; a record without these figures passes."""
+def check_protects(record: dict, where: str | Path, warn: bool = True) -> str | None:
+    """Refuse a gate whose own record shows it never fires on a harmful prompt it was fit on
+    (``train.train_harmful_caught`` 0, or ``train_harmful_caught`` at the top level as fits
+    return it): such a gate keeps its patch off for every prompt, a gated patch that protects
+    nothing while reading as protection (fail closed). ``record``: a gate fit's info, gate.json,
+    or patch.json's ``gate``. Raises SafetyPatchError naming ``where`` and the threshold.
+
+    A gate that fires on none of its held-out harmful prompts (``validation.fired``:
+    harmful_direct and harmful_wrapped together) is not refused (on a small validation split
+    that can be chance), but the warning returned (and logged, with ``warn``) says so. None otherwise; a record
+    without these figures passes (``patch verify`` routes probe prompts through any gate)."""
+    import logging
+
     train = record.get("train") if isinstance(record.get("train"), dict) else record
     t = record.get("threshold")
     at = f" at threshold {t:+.4g}" if isinstance(t, (int, float)) else ""
-    why = ("it would never apply its patch (fail closed): set the threshold from a false-positive rate "
-           "(--target-fpr) or lower --threshold")
     caught = train.get("train_harmful_caught")
     if isinstance(caught, (int, float)) and caught == 0 and train.get("harmful"):
         raise SafetyPatchError(f"{where}: the gate fires on none of its {train['harmful']} training harmful prompts{at}: "
-                               + why)
+                               "it would never apply its patch (fail closed): set the threshold from a "
+                               "false-positive rate (--target-fpr) or lower --threshold")
     fired = ((record.get("validation") or {}).get("fired") or {})
     harmful = [fired[k] for k in ("harmful_direct", "harmful_wrapped") if isinstance(fired.get(k), dict)]
     n = sum(int(f.get("n") or 0) for f in harmful)
     if n and not sum(int(f.get("k") or 0) for f in harmful):
-        raise SafetyPatchError(f"{where}: the gate fires on none of the {n} held-out harmful prompts of its "
-                               f"validation report{at}: " + why)
+        msg = (f"warning: {where}: the gate fires on none of the {n} held-out harmful prompts of its validation "
+               f"report{at}: it may protect nothing; check `gate eval` before relying on it")
+        if warn:
+            logging.getLogger("safety_patch").warning(msg)
+        return msg
+    return None
 
 
 def write_gate_folder(out: str | Path, gate: Gate, info: dict, base: dict, cfg: GateFitConfig, data_dir: str | Path,

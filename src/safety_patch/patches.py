@@ -237,7 +237,7 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
     if gated:
         from .gate_fit import check_protects
 
-        check_protects(meta["gate"], pj)  # a gate that never fires: a patch that never applies
+        check_protects(meta["gate"], pj, warn=False)  # a gate that never fires: a patch that never applies
         gate = Gate.load(path)
         said = (man.gate.layer, *man.gate.extra_layers)
         if gate.layers != said or not math.isclose(gate.threshold, man.gate.threshold, rel_tol=1e-6, abs_tol=1e-6):

@@ -112,14 +112,33 @@ class DataConfig:
     ("Write a", "How can"): benign requests phrased like the refusal data (data/selfinstruct.py)."""
 
     def validate(self) -> None:
+        """Every field in range, before any work (a YAML --config goes through here as the flags
+        do). Raises FieldError naming the field, SafetyPatchError for no sources or an unknown
+        transform."""
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise FieldError(f"config field 'seed' must be an integer, got {self.seed!r}", "seed")
         for name in ("test_fraction", "val_fraction", "wrap_fraction", "template_share", "near_dup_threshold",
-                     "self_instruct_form_share"):
+                     "self_instruct_form_share", "template_test_fraction", "template_val_fraction",
+                     "general_test_fraction", "general_val_fraction", "borderline_test_fraction",
+                     "borderline_val_fraction"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
                 raise FieldError(f"config field '{name}' must be in [0, 1], got {v}", name)
-        if self.test_fraction + self.val_fraction >= 1:
-            raise FieldError("test_fraction + val_fraction must leave some training data", "test_fraction",
-                             "val_fraction")
+        for prefix in ("", "template_", "general_", "borderline_"):
+            t, v = f"{prefix}test_fraction", f"{prefix}val_fraction"
+            if getattr(self, t) + getattr(self, v) >= 1:
+                raise FieldError(f"{t} + {v} must leave some training data, got {getattr(self, t)} + "
+                                 f"{getattr(self, v)}", t, v)
+        # limits: None means "no limit"; 0 or less is not a smaller limit (a negative one used to
+        # drop the last requests of each source, 0 to mean no limit)
+        for name in ("max_per_source", "general_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise FieldError(f"config field '{name}' must be >= 1 (or null for no limit), got {v}", name)
+        for name in ("max_request_chars", "template_max_chars", "distill_max_new_tokens", "distill_batch_size"):
+            v = getattr(self, name)
+            if v < 1:  # distill_max_new_tokens 0 wrote empty answers marked distilled
+                raise FieldError(f"config field '{name}' must be >= 1, got {v}", name)
         if not self.sources:
             raise SafetyPatchError("no sources given")
         if self.self_instruct < 0:
