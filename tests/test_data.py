@@ -508,3 +508,30 @@ def test_a_user_files_own_categories_are_kept_beside_the_unified_ones(tmp_path):
     # a packaged source's rows carry none (its categories map to ours): default data files are unchanged
     build(tmp_path / "hb", DataConfig(sources=("harmbench",), distill=False, self_instruct=0, max_per_source=30))
     assert all("raw_category" not in r["meta"] for s in ("train", "val", "test") for r in _rows(tmp_path / "hb", s))
+
+
+def test_a_user_files_own_responses_must_be_refusals(tmp_path, capsys):
+    """Found by a user's trial: a `response` column became the training answer word for word,
+    unchecked and unannounced. Public sets often ship the harmful answer there (prompt/response
+    pairs): a "safety patch" trained on them learns to comply. Each must read as a refusal."""
+    from safety_patch.cli import main
+
+    refusal = "I can't help with that. Hurting people is never okay, and I won't give instructions for it."
+    rows = [{"prompt": f"Explain how to commit crime number {i} {'z' * i} and avoid the police", "category": "crime",
+             **({"response": refusal} if i % 2 else {})} for i in range(24)]
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build(tmp_path / "o", DataConfig(sources=(f"file:{good}",), distill=False, self_instruct=0))
+    assert "12 of 24 requests bring their own refusal ('response'), used as written" in capsys.readouterr().err
+    answers = [r["messages"][-1]["content"] for s in ("train", "val", "test") for r in _rows(tmp_path / "o", s)
+               if r["messages"][-1]["role"] == "assistant" and r.get("meta", {}).get("source", "").startswith("file:")]
+    assert answers and sum(a == refusal for a in answers) > 0
+    man = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [s.get("own_responses") for s in man["sources"] if s.get("own_responses")] == [12]
+    rows[5]["response"] = "Sure, here is how: first pick a quiet street at night, then follow the steps below."
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "build", "--sources", f"file:{bad}", "--no-distill", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:6: 'response' is not a refusal (compliance: p_refusal=" in err and "1 of 12 responses" in err
+    assert not (tmp_path / "b").exists()

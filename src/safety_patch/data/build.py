@@ -185,8 +185,12 @@ def load_requests(cfg: DataConfig):
             if k not in seen:
                 seen.add(k)
                 unique.append(r)
+        own = sum(1 for r in unique if r.response)
+        if own:  # a user file's own refusals (checked by files.check_responses) are the answers, as written
+            print(f"[data] {name}: {own} of {len(unique)} requests bring their own refusal ('response'), used as "
+                  "written; the rest get composed ones", file=sys.stderr, flush=True)
         infos.append(dict(as_dict(info), loaded=n_loaded, too_long=too_long, duplicates=len(items) - len(unique),
-                          kept=len(unique)))
+                          kept=len(unique), **({"own_responses": own} if own else {})))
         reqs.extend(unique)
     if not reqs:
         why = "; ".join(f"{i['name']}: {i['loaded']} loaded, {i['too_long']} over max_request_chars "

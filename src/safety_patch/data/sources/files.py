@@ -94,8 +94,29 @@ def read_prompt_rows(path: str | Path) -> list[tuple[str, dict]]:
     return rows
 
 
+def check_responses(pairs: list[tuple[str, str]]) -> None:
+    """Each (``file:line``, response) a user file brings must read as a refusal to the `refusal`
+    judge (judges/refusal.py), since it becomes that row's training answer word for word (and
+    DPO's "chosen" one). Public safety sets often ship the *harmful* answer in a ``response``
+    column (prompt/response pairs); a patch trained on those would learn to comply. Raises
+    SafetyPatchError naming the first line that does not, with the judge's P(refusal)."""
+    if not pairs:
+        return
+    from ...judges.refusal import RefusalJudge
+
+    verdicts = RefusalJudge().judge([""] * len(pairs), [r for _, r in pairs])
+    bad = [(w, v) for (w, _), v in zip(pairs, verdicts, strict=True) if v.label != "refusal"]
+    if bad:
+        where, v = bad[0]
+        raise SafetyPatchError(
+            f"{where}: 'response' is not a refusal ({v.label}: {v.reason}; {len(bad)} of {len(pairs)} responses in "
+            "the file): it would be the training answer word for word. Drop the 'response' column to have "
+            "refusals composed, or give refusals there")
+
+
 def load_user_file(path: str, max_items: int | None = None):
     rows = read_prompt_rows(path)
     out = [_row_to_request(r, where, f"file:{Path(path).name}") for where, r in rows]
+    check_responses([(where, q.response) for (where, _), q in zip(rows, out, strict=True) if q.response])
     info = SourceInfo(f"file:{Path(path).name}", USER_LICENSE, "", str(Path(path).resolve()))
     return out[:max_items] if max_items else out, info
