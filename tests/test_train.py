@@ -500,6 +500,24 @@ def test_stop_after_equals_the_snapshot_of_a_full_run(data_dir, tiny_dir, tmp_pa
             small(optim__stop_after=bad).validate()
 
 
+def test_a_stop_or_snapshot_at_the_warmups_lr_0_step_is_refused_before_training(data_dir, tiny_dir, tmp_path,
+                                                                                monkeypatch):
+    """Found by a user's trial: `--snapshot-steps 1,2,99` (and a `--stop-after` that left one step)
+    trained the whole run, then failed on the all-zero step-1 adapter, naming a temporary folder that
+    no longer existed; the good final patch was thrown away. Refused before the first step now."""
+    from transformers import Trainer
+
+    steps = []
+    real = Trainer.training_step
+    monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **k: steps.append(1) or real(self, *a, **k))
+    with pytest.raises(SafetyPatchError, match=r"--snapshot-steps lists step 1, which the warmup takes at lr 0 \(of 6"):
+        train(data_dir, tmp_path / "a", small(optim__snapshot_steps="1,3,99"), model=str(tiny_dir), progress=False)
+    with pytest.raises(SafetyPatchError, match=r"--stop-after 0.1 stops after step 1 of the 6 planned"):
+        train(data_dir, tmp_path / "b", small(optim__stop_after=0.1), model=str(tiny_dir), progress=False)
+    assert not steps and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_anchor_pool_takes_self_instruct_rows(data_dir, tmp_path):
     import shutil
 

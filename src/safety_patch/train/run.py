@@ -283,6 +283,36 @@ def _snapshotter(work: Path, steps: list[int], base: dict | None):
     return Snapshots()
 
 
+class _PlanError(SafetyPatchError):
+    """A run's plan refused before its first step (:func:`_check_lr_plan`): nothing to resume."""
+
+
+def _check_lr_plan(stop_after: float | None, snapshot_steps: list[int]):
+    """A callback that refuses, before the first step, a stop or a snapshot at a step every step
+    up to which runs at lr 0: transformers' warmup starts at 0, so with any warmup the first
+    optimiser step changes nothing, and a run stopped (``--stop-after``) or snapshotted
+    (``--snapshot-steps``) there is the base (an all-zero LoRA B, or a zero delta), which the
+    patch writer refuses only after the whole run. Raises SafetyPatchError naming the flag."""
+    from transformers import TrainerCallback
+
+    class CheckPlan(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            n = state.max_steps
+            zero = 1 if args.get_warmup_steps(n) >= 1 else 0  # step 1 at lr 0: the warmup's factor starts at 0
+            if not zero:
+                return
+            if stop_after is not None and stop_after < 1 and max(round(stop_after * n), 1) <= zero:
+                raise _PlanError(
+                    f"--stop-after {stop_after:g} stops after step 1 of the {n} planned, which the warmup takes at lr 0: "
+                    "the patch would equal the base; raise --stop-after or train more rows/epochs")
+            early = sorted(s for s in snapshot_steps if s <= zero)
+            if early:
+                raise _PlanError(f"--snapshot-steps lists step {early[0]}, which the warmup takes at lr 0 (of "
+                                       f"{n} planned steps): its snapshot would equal the base; list later steps")
+
+    return CheckPlan()
+
+
 def _early_stop(fraction: float):
     """A callback that ends training after ``fraction`` of the planned steps; the scheduler
     keeps the whole run's plan, so the weights equal that step's snapshot of a full run."""
@@ -454,16 +484,24 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         # here, before any training.
         projection = projection_callback(dominant_bases(trainer.model, cfg.lora.orthogonal_k))
         trainer.add_callback(projection)
-    if cfg.optim.snapshot_steps:
-        from .config import parse_steps
+    from .config import parse_steps
 
+    # before any step: a stop or snapshot where every step so far ran at lr 0 is the base
+    trainer.add_callback(_check_lr_plan(cfg.optim.stop_after, parse_steps(cfg.optim.snapshot_steps)
+                                        if cfg.optim.snapshot_steps else []))
+    if cfg.optim.snapshot_steps:
         trainer.add_callback(_snapshotter(work, parse_steps(cfg.optim.snapshot_steps), base))
     if cfg.optim.stop_after is not None and cfg.optim.stop_after < 1:
         trainer.add_callback(_early_stop(cfg.optim.stop_after))
     trainer.add_callback(_last_step())  # last: after _early_stop has decided to stop
     reset_peak_memory(lm.runtime.device)
     t0 = clock["t0"] = time.time()
-    result = trainer.train(resume_from_checkpoint=ckpt)
+    try:
+        result = trainer.train(resume_from_checkpoint=ckpt)
+    except _PlanError:
+        if ckpt is None and main_process:  # refused before any step: no work folder to resume from
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     # Cost figures cover every leg of a resumed run (the work a kill threw away is not counted).
     wall = clock["prior_wall"] + time.time() - t0
     peak = max(clock["prior_peak"], peak_memory_mb(lm.runtime.device))
