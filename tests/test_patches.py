@@ -210,6 +210,18 @@ def test_cli_info_verify_merge(tiny_dir, tmp_path, capsys):
     assert main(["patch", "verify", str(other), "--model", str(tiny_dir)]) == 2
     assert "was made for base" in capsys.readouterr().err
     assert main(["chat", "--model", str(tiny_dir), "--patch", str(p), "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    # found by a user's trial: `patch merge --force` folded a patch into a checkpoint it was merged into already,
+    # and the new record named only that checkpoint (the chain back to the base lost)
+    merged = tmp_path / "merged"  # q folded into the tiny base
+    assert main(["patch", "merge", "--model", str(merged), "--patch", str(q), "--force", "--out",
+                 str(tmp_path / "twice")]) == 2
+    assert "is already merged into" in capsys.readouterr().err and not (tmp_path / "twice").exists()
+    assert main(["patch", "merge", "--model", str(merged), "--patch", str(p), "--force", "--out",
+                 str(tmp_path / "both")]) == 0
+    rec = json.loads((tmp_path / "both" / "merged_from.json").read_text())
+    assert rec["base"]["fingerprint"] == lm.fingerprint and rec["merged_into"]["name"] == str(merged)
+    assert [x["path"] for x in rec["patches"]] == [str(q), str(p)]
+    assert {"code", "versions", "created"} <= set(rec)
 
 
 def test_vllm_lora_module_format(base, tmp_path):

@@ -703,6 +703,11 @@ def merge_to_checkpoint(lm, patches: Sequence[str | Path], out: str | Path, forc
         raise SafetyPatchError(f"{out} exists; merge writes a new folder (remove it, choose another path, or pass "
                                "--overwrite to replace a merged checkpoint safety-patch wrote)")
     ps = [read_patch(p) for p in patches]
+    prior = _merged_from(lm)
+    again = [p for p in ps if p.id in {q.get("id") for q in prior.get("patches", [])}]
+    if again:  # not waived by --force: its update is in these weights already
+        raise SafetyPatchError(f"patch {again[0].id} ({again[0].path}) is already merged into {lm.path} (its "
+                               "merged_from.json lists it): folding it in again would apply its update twice")
     sd = merged_state_dict(lm.model, ps, lm.fingerprint, force)
     ids = _probe_ids(lm.model, lm.tokenizer)
     base = _logits(lm.model, ids)
@@ -722,11 +727,43 @@ def merge_to_checkpoint(lm, patches: Sequence[str | Path], out: str | Path, forc
         with atomic_dir(out, overwrite=overwrite, kind="merged") as tmp:
             lm.model.save_pretrained(str(tmp), safe_serialization=True)
             lm.tokenizer.save_pretrained(str(tmp))
-            write_json(tmp / "merged_from.json", {"base": {"name": lm.name, "fingerprint": lm.fingerprint},
-                                                  "patches": [{"path": str(p.path), "id": p.id} for p in ps]})
+            write_json(tmp / "merged_from.json", _merge_record(lm, ps, prior))
     finally:
         lm.model.load_state_dict(backup)
     return out
+
+
+def _merged_from(lm) -> dict:
+    """The ``merged_from.json`` of the checkpoint ``lm`` was loaded from ({} for any other model).
+    Raises SafetyPatchError naming the file when it is not a JSON object."""
+    import json
+
+    f = Path(lm.path) / "merged_from.json" if lm.path else None
+    if f is None or not f.is_file():
+        return {}
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SafetyPatchError(f"{f}: not valid JSON ({e}); the merged checkpoint's record is damaged") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("patches", []), list):
+        raise SafetyPatchError(f"{f}: expected an object with a 'patches' list")
+    return rec
+
+
+def _merge_record(lm, ps: Sequence[Patch], prior: dict) -> dict:
+    """``merged_from.json``: the original base (through any earlier merges: ``prior``, the loaded
+    checkpoint's own record), every patch folded in so far in order, the checkpoint merged into
+    (``merged_into``, where it was itself a merge), and provenance (code, library versions, time)."""
+    import time
+
+    from .provenance import code_identity, library_versions
+
+    this = {"name": lm.name, "fingerprint": lm.fingerprint}
+    return {"base": prior.get("base") or this,
+            **({"merged_into": this} if prior else {}),
+            "patches": [*prior.get("patches", []), *({"path": str(p.path), "id": p.id} for p in ps)],
+            "code": code_identity(), "versions": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _lora_config(meta: dict) -> dict:
