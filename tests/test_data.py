@@ -528,6 +528,11 @@ def test_a_user_files_own_responses_must_be_refusals(tmp_path, capsys):
     assert answers and sum(a == refusal for a in answers) > 0
     man = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert [s.get("own_responses") for s in man["sources"] if s.get("own_responses")] == [12]
+    # provenance: a user file by its content's hash (a path says nothing of what it held), library versions
+    from safety_patch.atomic import sha256_file
+
+    assert [s["sha256"] for s in man["sources"] if s["name"].startswith("file:")] == [sha256_file(good)]
+    assert {"torch", "transformers", "safety_patch"} <= set(man["versions"])
     rows[5]["response"] = "Sure, here is how: first pick a quiet street at night, then follow the steps below."
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -42,7 +42,7 @@ from ..attacks import get_attack
 from ..attacks.templates import load_templates
 from ..config import as_dict
 from ..errors import FieldError, SafetyPatchError
-from ..provenance import code_identity
+from ..provenance import code_identity, library_versions
 from . import refusals, splits
 from .folder import ALWAYS, FILES, MANIFEST, DataFolder
 from .prompts import borderline_prompts, borderline_train_prompts, general_prompts, humaneval_tasks
@@ -189,8 +189,11 @@ def load_requests(cfg: DataConfig):
         if own:  # a user file's own refusals (checked by files.check_responses) are the answers, as written
             print(f"[data] {name}: {own} of {len(unique)} requests bring their own refusal ('response'), used as "
                   "written; the rest get composed ones", file=sys.stderr, flush=True)
-        infos.append(dict(as_dict(info), loaded=n_loaded, too_long=too_long, duplicates=len(items) - len(unique),
-                          kept=len(unique), **({"own_responses": own} if own else {})))
+        # a user file is named by its path, which says nothing of what it held: its content's hash does
+        user = {"sha256": sha256_file(info.location)} if name.startswith("file:") else {}
+        infos.append(dict(as_dict(info), **user, loaded=n_loaded, too_long=too_long,
+                          duplicates=len(items) - len(unique), kept=len(unique),
+                          **({"own_responses": own} if own else {})))
         reqs.extend(unique)
     if not reqs:
         why = "; ".join(f"{i['name']}: {i['loaded']} loaded, {i['too_long']} over max_request_chars "
@@ -421,6 +424,7 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
             "kind": "safety-patch/data",
             "safety_patch_version": __version__,
             "code": code_identity(),  # the project's commit and source hash (provenance.py)
+            "versions": library_versions(),
             "config": as_dict(cfg),
             "seed": cfg.seed,
             "sources": source_infos + [
