@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     args = ap.parse_args()
     if args.patches:
-        return several(args.patches, args.model)
+        return several(args.patches, args.model, (ap, args))
     from safety_patch.analysis.run import analyze
     from safety_patch.models import load_model
     from safety_patch.testing import make_lora_patch
@@ -77,10 +77,10 @@ def main() -> None:
     rows = [synthetic(*s) for s in ((576, 1536), (1536, 576), (2048, 8192), (4096, 4096), (4096, 14336), (14336, 4096))]
     print_table(rows)
     write("analysis_speed", {"default_model": {"modules": n, "seconds": round(model_s, 1), "max_rss_mb": round(rss_mb())},
-                             "synthetic": rows})
+                             "synthetic": rows}, run=(ap, args))
 
 
-def several(paths: list[str], model: str) -> None:
+def several(paths: list[str], model: str, run=None) -> None:
     from safety_patch.analysis.run import analyse_weights
     from safety_patch.analysis.weights import checkpoint_reader
     from safety_patch.patches import read_patch
@@ -100,7 +100,7 @@ def several(paths: list[str], model: str) -> None:
              "rows_identical": together == alone}]
     print_table(rows)
     write("analysis_speed_patches", {"model": model, "threads": threads, "patches": [
-        {"path": str(p.path), "id": p.id, "method": p.meta.get("method")} for p in ps], "rows": rows})
+        {"path": str(p.path), "id": p.id, "method": p.meta.get("method")} for p in ps], "rows": rows}, run=run, modes=("patches",))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def main() -> None:
     write("capability_speed", {"scoring": rows, "scoring_tokens": ntok, "suite_seconds": round(suite, 1),
                                "suite_runs": list(res["runs"]), "humaneval_limit": args.humaneval_limit,
                                "results": {k: {m: v.get("value") if isinstance(v, dict) else v for m, v in r.items()}
-                                           for k, r in res["runs"].items()}})
+                                           for k, r in res["runs"].items()}}, run=(ap, args))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write  # noqa: E402
+from _common import parse, print_table, write  # noqa: E402
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args = parse(ap)
     from safety_patch.data.build import read_manifest
     from safety_patch.models import home
 
@@ -54,7 +58,7 @@ def main() -> None:
                          "self_instruct": si.get("kept", 0), "self_instruct_s": si.get("seconds"),
                          "files_identical_to_cold": m["files"] == cold_files})
     print_table(rows)
-    write("data_build", {"rows": rows})
+    write("data_build", {"rows": rows}, run=(ap, args))
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def main() -> None:
         print_table(grows)
     write("eval_throughput", {"generation": rows, "safety_eval": {"prompts": len(reqs), "attacks": 4,
                               "seconds": round(eval_s, 1), "asr": asr}, "gcg": grows,
-                              "gcg_settings": {"steps": args.gcg_steps, "search_width": 64, "topk": 64}})
+                              "gcg_settings": {"steps": args.gcg_steps, "search_width": 64, "topk": 64}}, run=(ap, args))
 
 
 if __name__ == "__main__":

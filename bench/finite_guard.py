@@ -60,7 +60,7 @@ def main() -> None:
     rows = [{"guard": k, "best s per step (grads + weights)": round(min(v), 4), "speed-up": round(base / min(v), 2)}
             for k, v in times.items()]
     print_table(rows)
-    write("finite_guard", {"rows": rows, "times": times, "parameters": n, "repeats": args.repeats, "threads": threads})
+    write("finite_guard", {"rows": rows, "times": times, "parameters": n, "repeats": args.repeats, "threads": threads}, run=(ap, args))
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def main() -> None:
     write(args.name, {"args": vars(args) | {"data": Path(args.data).name}, "data_manifest_sha256": manifest_sha256(args.data),
                       "threads": threads, "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
                       "fit_seconds": round(fit_s, 1), "rows": rows, "figures_compared": len(diffs),
-                      "figures_differing": len(changed), "largest_difference": worst})
+                      "figures_differing": len(changed), "largest_difference": worst}, run=(ap, args))
 
 
 if __name__ == "__main__":

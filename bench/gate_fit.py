@@ -146,7 +146,7 @@ def main() -> None:
                       "layer": layer, "pool_prompts": len(pool), "pool_tokens": pool_tokens,
                       "timed_prompts": len(prompts), "timed_tokens": tokens, "counts": counts, "prefix_tree": tree,
                       "load_average_at_start": load, "load_average_at_end": os.getloadavg(), "rows": rows,
-                      "probe_fit_seconds": fit_s, "prompt_pool_seconds": prep_s})
+                      "probe_fit_seconds": fit_s, "prompt_pool_seconds": prep_s}, run=(ap, args))
 
 
 if __name__ == "__main__":

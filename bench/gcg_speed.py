@@ -68,7 +68,7 @@ def main() -> None:
     print(f"\nall behaviours: {total['before']:.1f} s before vs {total['now']:.1f} s now ({total['before'] / total['now']:.2f}x), "
           f"{threads} threads")
     write("gcg_speed", {"settings": {"steps": args.steps, "search_width": args.width, "topk": 64, "suffix_tokens": 20},
-                        "threads": threads, "speedup": total["before"] / total["now"], "runs": runs})
+                        "threads": threads, "speedup": total["before"] / total["now"], "runs": runs}, run=(ap, args))
 
 
 if __name__ == "__main__":

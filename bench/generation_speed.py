@@ -228,7 +228,7 @@ def main() -> None:
           f"{peak32 * 1e9 / (2 * 134.5e6):.0f} tokens/s; threads {threads}")
     write("generation_speed", {"prompts": len(convs), "max_new_tokens": args.max_new_tokens, "threads": threads,
                                "matmul_peak_gflops": {"float32": round(peak32, 1), "bfloat16": round(peak16, 1)},
-                               "cpu_flags": cpu_flags(), "skipped": skipped, "linear_only_bound": bounds, "rows": rows})
+                               "cpu_flags": cpu_flags(), "skipped": skipped, "linear_only_bound": bounds, "rows": rows}, run=(ap, args))
 
 
 def attached_patch(lm, patch: str):

@@ -113,7 +113,7 @@ def main() -> None:
             if rows and (key != "kind" or set_name == "heldout"):
                 print(f"\n{set_name}: agreement by {key}")
                 print_table(rows)
-    write("judge_validation", {"sets": results})
+    write("judge_validation", {"sets": results}, run=(ap, args))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write  # noqa: E402
+from _common import parse, print_table, write  # noqa: E402
 
 CODE = (
     "import time; t=time.time(); from safety_patch.models import load_model; lm=load_model('default'); "
@@ -32,13 +32,17 @@ def one(home: str) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args = parse(ap)
     with tempfile.TemporaryDirectory() as home:
         rows = [dict(load="first (converts GGUF)", **one(home))]
         for i in range(3):
             rows.append(dict(load=f"later #{i + 1}", **one(home)))
     print_table(rows)
     assert len({r["fingerprint"] for r in rows}) == 1, "fingerprint changed between loads"
-    write("model_load", {"rows": rows, "second_load_s": rows[1]["load_s"], "second_load_process_s": rows[1]["process_s"]})
+    write("model_load", {"rows": rows, "second_load_s": rows[1]["load_s"], "second_load_process_s": rows[1]["process_s"]}, run=(ap, args))
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def main() -> None:
                        "same_as_generate_pct"])
     print(f"threads {threads}; identical samples {same}/{len(texts)}")
     write("sampling_speed", {"prompts": len(texts), "max_new_tokens": args.max_new_tokens, "threads": threads,
-                             "seed": args.seed, "rows": rows})
+                             "seed": args.seed, "rows": rows}, run=(ap, args))
 
 
 if __name__ == "__main__":

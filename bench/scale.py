@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
     payload = {"rows": rows, "bars": bars(rows), "args": vars(args)}
-    write(args.results or ("scale_tiny" if args.tiny else "scale"), payload)
+    # --tiny sets the sizes it runs at: those are the mode, not arguments changed by hand
+    tiny = ("sizes", "device", "rows", "prompts", "new_tokens", "batch_size") if args.tiny else ()
+    write(args.results or ("scale_tiny" if args.tiny else "scale"), payload, run=(ap, args), modes=("tiny", *tiny))
     return payload
 
 

@@ -166,7 +166,7 @@ def main() -> None:
     if not args.tiny or args.out:
         write(args.out or "serve_throughput", {"model": "tiny" if args.tiny else args.model, "patches": described,
                                                "max_tokens": max_tokens, "requests_per_client": per_client,
-                                               "window_ms": 15, "max_batch": 16, "rows": rows, "gain": gain})
+                                               "window_ms": 15, "max_batch": 16, "rows": rows, "gain": gain}, run=(ap, args), modes=("tiny",))
 
 
 if __name__ == "__main__":

@@ -24,3 +24,32 @@ def test_scale_dry_run_measures_every_row(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "scale_tiny.json").read_text())
     assert saved["rows"] == payload["rows"] and saved["bars"] == {}  # no GPU sizes ran, so no bar is claimed
     sys.modules.pop("scale", None)
+
+
+def test_a_bench_run_with_other_arguments_keeps_the_recorded_result(tmp_path, monkeypatch, capsys):
+    """Found by a user's trial: `finite_guard.py --repeats 1` replaced the recorded best-of-5 with a
+    best-of-1 that nothing told apart, and `model_load.py --help` ran the whole benchmark."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _common
+
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    monkeypatch.setattr(_common, "CUSTOM", tmp_path / "custom")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--name", default="fg")
+    recorded = _common.write("fg", {"x": 1}, run=(ap, ap.parse_args([])))
+    assert recorded == tmp_path / "fg.json" and json.loads(recorded.read_text())["args"]["repeats"] == 5
+    other = _common.write("fg", {"x": 2}, run=(ap, ap.parse_args(["--repeats", "1"])))
+    assert other.parent == tmp_path / "custom" and json.loads(recorded.read_text())["x"] == 1
+    assert "non-default arguments (--repeats)" in capsys.readouterr().err
+    assert _common.write("fg", {"x": 3}, run=(ap, ap.parse_args(["--tiny"])), modes=("tiny",)) == recorded
+    named = _common.write("mine", {"x": 4}, run=(ap, ap.parse_args(["--repeats", "1", "--name", "mine"])))
+    assert named == tmp_path / "mine.json"
+    import subprocess
+
+    for script in ("model_load.py", "data_build.py"):
+        r = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stderr
