@@ -237,6 +237,24 @@ def test_resume_after_a_kill_mid_checkpoint_is_bit_identical(family, data_dir, t
     assert math.isclose(t["tokens_per_s"], t["tokens_seen"] / t["wall_seconds"], rel_tol=0.05)
 
 
+def test_a_run_resumed_between_two_logs_keeps_every_steps_loss(data_dir, tiny_dir, tmp_path):
+    """Found by a user's trial: a run logging every 5 steps, killed after its step-2 checkpoint and
+    resumed, recorded train_loss 3.227033 against 3.228892 uninterrupted (its adapter identical):
+    the losses of the steps between the last log and the checkpoint lived in the trainer's memory
+    only. A checkpoint step is now a logged step."""
+    cfg = small(optim__logging_steps=5)
+    ref = train(data_dir, tmp_path / "ref", cfg, model=str(tiny_dir), progress=False)
+    _killed_while_saving(data_dir, tiny_dir, tmp_path / "res", cfg, 4)
+    meta = train(data_dir, tmp_path / "res", cfg, model=str(tiny_dir), progress=False, resume=True)
+    assert meta["training"]["resumed_from"].endswith("checkpoint-2")
+    assert math.isclose(meta["training"]["train_loss"], ref["training"]["train_loss"], rel_tol=1e-6)
+    logs = [(x["step"], x.get("loss")) for x in map(json.loads, (tmp_path / "res" / "metrics.jsonl").read_text()
+                                                     .splitlines()) if "loss" in x]
+    assert logs == [(x["step"], x.get("loss")) for x in map(json.loads, (tmp_path / "ref" / "metrics.jsonl").read_text()
+                                                            .splitlines()) if "loss" in x]
+    assert [s for s, _ in logs] == [1, 2, 4, 5, 6, 8]  # the first, each checkpoint, every 5th, the last
+
+
 def test_resume_refuses_changed_settings_data_or_base(data_dir, tiny_dir, tmp_path):
     from safety_patch.testing import save_tiny_model
 

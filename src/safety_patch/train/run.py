@@ -186,6 +186,14 @@ def _checkpoint_state(metrics: Path, anchor, clock: dict):
     from ..runtime import peak_memory_mb
 
     class CheckpointState(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            # A checkpoint step is a logged step too: the trainer keeps the loss of the steps since
+            # its last log in memory only, so a run resumed from a checkpoint between two logs lost
+            # those steps' losses (its train_loss and logged window means differed from the
+            # uninterrupted run's, its adapter did not). Logged here, they are in the checkpoint.
+            if control.should_save:
+                control.should_log = True
+
         def on_save(self, args, state, control, **kw):
             if not state.is_world_process_zero:
                 return
