@@ -349,6 +349,15 @@ def test_a_final_norm_gate_routes_and_exports_exactly(data_dir, tiny_dir, lm, tm
         got = torch.stack([clf(input_ids=torch.tensor([i])).logits[0, 0] for i in ids])
     assert (got - want).abs().max() < 1e-4
     assert main(["gate", "export", "--patch", str(tmp_path / "gp"), "--model", str(tiny_dir), "--out", str(x)]) == 2  # exists
+    # the export says where it came from; --overwrite replaces an export, never another folder
+    prov = json.loads((x / "safety_patch_gate.json").read_text())
+    assert prov["source"]["gate_id"] == meta["id"] and prov["base"]["fingerprint"] == lm.fingerprint
+    assert main(["gate", "export", "--patch", str(tmp_path / "gp"), "--model", str(tiny_dir), "--out", str(x),
+                 "--overwrite"]) == 0
+    assert json.loads((x / "safety_patch_gate.json").read_text())["source"]["patch"] == str(tmp_path / "gp")
+    assert main(["gate", "export", "--gate", str(g), "--model", str(tiny_dir), "--out", str(tmp_path / "p"),
+                 "--overwrite"]) == 2  # a patch folder, not an export
+    assert read_patch(tmp_path / "p").id
 
 
 def test_train_writes_the_gate_the_stage_fits_and_gate_eval_and_apply_read_it_there(data_dir, tiny_dir, lm, tmp_path, monkeypatch, capsys):

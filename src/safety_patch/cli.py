@@ -968,6 +968,7 @@ def gate_export_cmd(
     gate: Annotated[Path | None, typer.Option(help="A gate folder from `gate fit`.")] = None,
     patch: Annotated[Path | None, typer.Option("--patch", "-p", help="A gated patch (exports its gate).")] = None,
     model: ModelOpt = "default",
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it is a gate this command exported.")] = False,
 ) -> None:
     """Export a gate as a transformers sequence-classification checkpoint (refused where it cannot be exact).
 
@@ -983,7 +984,7 @@ def gate_export_cmd(
 
     if (gate is None) == (patch is None):
         raise SafetyPatchError("give exactly one of --gate and --patch")
-    check_out_dir(out, overwrite=None, inputs=[model, gate, patch])
+    check_out_dir(out, overwrite=overwrite, kind="exported-gate", inputs=[model, gate, patch])
     if patch is not None:
         from .gate import Gate
         from .patches import read_patch
@@ -992,15 +993,17 @@ def gate_export_cmd(
         if not p.gated:
             raise SafetyPatchError(f"{p.path}: not a gated patch; there is no gate to export")
         g, fingerprint, where = Gate.load(p.path), p.base_fingerprint, p.path
+        source = {"patch": str(p.path), "patch_id": p.id}
     else:
         g, info = read_gate_folder(gate)
         fingerprint, where = info["base"]["fingerprint"], gate
+        source = {"gate": str(gate), "gate_id": info["id"]}
     check_exportable(g, where)  # before a (slow) model load
     lm = load_model(model, device="cpu", dtype="float32")
     if lm.fingerprint != fingerprint:
         raise SafetyPatchError(f"{where}: the gate was fit on base {fingerprint[:12]}…, --model is {lm.fingerprint[:12]}…")
     with claim_output(out):
-        export_gate(lm, g, out, where)
+        export_gate(lm, g, out, where, source, overwrite)
     typer.echo(f"exported the gate of {where} (layer {g.layer}, threshold {g.threshold:+.3f}) to {out}")  # one layer
 
 

@@ -36,6 +36,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "run": ("run.json", "01-data", "02-arms", "03-eval", "04-plug", "05-analysis"),
     "model": ("config.json",),
     "gate": ("gate.json",),
+    "exported-gate": ("safety_patch_gate.json",),
 }
 PSEUDO_FS = ("/proc", "/sys", "/dev")
 

@@ -105,7 +105,8 @@ def fit_norm_gate(model, tokenizer, harmful: Sequence[str], benign: Sequence[str
     return NormGate(layer, float(threshold), w.detach(), scale)
 
 
-def export_norm_gate(lm, gate: NormGate, out: str | Path) -> Path:
+def export_norm_gate(lm, gate: NormGate, out: str | Path, source: dict | None = None,
+                     overwrite: bool = False) -> Path:
     """Write ``gate`` on ``lm`` (a models.LoadedModel) as a sequence-classification checkpoint at ``out``.
 
     The folder holds config.json (``num_hidden_layers`` = layer + 1, ``num_labels`` = 1, the
@@ -151,9 +152,18 @@ def export_norm_gate(lm, gate: NormGate, out: str | Path) -> Path:
             else:
                 raise SafetyPatchError(f"export: the base has no tensor {k} (architecture {cfg.model_type} not supported)")
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    from ..atomic import write_json
+    from ..provenance import code_identity, library_versions
+
+    with atomic_dir(out, overwrite=overwrite, kind="exported-gate") as tmp:
         clf.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
+        # provenance (and the marker by which `gate export --overwrite` knows a folder it may replace)
+        write_json(tmp / "safety_patch_gate.json", {
+            "kind": "safety-patch/exported-gate", "source": source or {}, "layer": gate.layer,
+            "threshold": gate.threshold, "base": {"name": lm.name, "fingerprint": lm.fingerprint},
+            "code": code_identity(), "versions": library_versions(),
+            "created": __import__("time").strftime("%Y-%m-%dT%H:%M:%SZ", __import__("time").gmtime())})
     return out
 
 
@@ -179,7 +189,8 @@ LABEL = "gate_logit (harmful iff > threshold_logit)"
 """The exported classifier's one label: the score is the gate's logit, not a verdict."""
 
 
-def export_gate(lm, gate, out: str | Path, where: str | Path = "gate") -> Path:
+def export_gate(lm, gate, out: str | Path, where: str | Path = "gate", source: dict | None = None,
+                overwrite: bool = False) -> Path:
     """Export a ``gate.Gate`` exactly, or refuse: a final-norm gate without offset (``Gate.exportable``)
     becomes the checkpoint of :func:`export_norm_gate`; any other raises SafetyPatchError naming
     ``where`` and writes nothing. ``lm``: the base the gate was fit on (its final norm's weight
@@ -191,4 +202,5 @@ def export_gate(lm, gate, out: str | Path, where: str | Path = "gate") -> Path:
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if eps is None or not math.isclose(float(eps), gate.norm_eps, rel_tol=1e-6):
         raise SafetyPatchError(f"{where}: the gate's norm epsilon {gate.norm_eps} is not this model's ({eps}); nothing written")
-    return export_norm_gate(lm, NormGate(gate.layer, gate.threshold, gate.weight, gate.std), out)
+    return export_norm_gate(lm, NormGate(gate.layer, gate.threshold, gate.weight, gate.std), out,
+                            source or {"path": str(where)}, overwrite)

@@ -382,6 +382,9 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         raise SafetyPatchError(f"{out} exists; pass --overwrite to replace it")
     work = _work_dir(out)
     ckpt = _last_checkpoint(work) if resume else None
+    if resume and ckpt is None and not work.exists():
+        raise SafetyPatchError(f"nothing to resume: no interrupted run of {out} (its work folder {work} does not exist); "
+                               "run without --resume")
     if resume and ckpt is None:
         cut = [p.name for p in _checkpoints(work)]
         raise SafetyPatchError(f"nothing to resume: no complete checkpoint under {work}" + (

@@ -81,6 +81,8 @@ def _csv_rows(path: Path) -> list[tuple[str, dict]]:
 def read_prompt_rows(path: str | Path) -> list[tuple[str, dict]]:
     """(``file:line``, row) for every row of a JSONL or CSV file; errors name file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise SafetyPatchError(f"{path} is a folder; give a .jsonl or .csv prompt file")
     if not path.is_file():
         raise SafetyPatchError(f"prompt file not found: {path}")
     if path.suffix.lower() in (".jsonl", ".json"):
