@@ -400,3 +400,17 @@ def test_recomputation_resolved_by_device(setting, device, want):
 def test_micro_batch_size_must_be_positive():
     with pytest.raises(SafetyPatchError, match="optim.micro_batch_size"):
         override(TrainConfig(), {"optim.micro_batch_size": 0}).validate()
+
+
+def test_lora_settings_with_the_full_method_are_refused_not_ignored(tmp_path):
+    """Found by a user's trial: `train --method full --rank 4` trained every weight and dropped the rank."""
+    from safety_patch.errors import SafetyPatchError
+    from safety_patch.train.api import resolve_config
+
+    with pytest.raises(SafetyPatchError, match="--rank sets the LoRA adapter, but the method is full"):
+        resolve_config("paper", overrides={"method": "full", "lora.rank": 4})
+    y = tmp_path / "t.yaml"
+    y.write_text("method: full\nlora:\n  alpha: 8\n")
+    with pytest.raises(SafetyPatchError, match="--alpha sets the LoRA adapter"):
+        resolve_config("paper", y)
+    assert resolve_config("full-safety").method == "full"  # a recipe's own layer is not the user's

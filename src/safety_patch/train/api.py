@@ -28,6 +28,11 @@ def resolve_config(recipe: str | None = None, path: str | Path | None = None,
     layers = [recipe_layer(name), file_layer, flag_layer]
     cfg = merge(layers)
     cfg.recipe = name
+    if cfg.method == "full":  # LoRA settings a user gave (a flag or their file) would be silently unused
+        given = [k for layer in (file_layer, flag_layer) for k in (layer.get("lora") or {}) if k != "orthogonal_k"]
+        if given:
+            raise SafetyPatchError(f"{_name('lora.' + given[0])} sets the LoRA adapter, but the method is full "
+                                   "(every weight is trained, no adapter): drop it, or train with --method lora")
     try:
         cfg.validate()
     except FieldError as e:
