@@ -68,9 +68,7 @@ def build(cls: type[T], values: dict, where: str = "config") -> T:
     for k, v in values.items():
         try:
             kwargs[k] = _coerce(v, hints[k], f"field '{k}'")
-        except FieldError:
-            raise
-        except SafetyPatchError as e:  # a FieldError, so `load` can name the file's line
+        except SafetyPatchError as e:  # as a FieldError, so `load` can name the file's line
             raise FieldError(str(e), k) from None
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)

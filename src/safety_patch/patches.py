@@ -736,17 +736,14 @@ def merge_to_checkpoint(lm, patches: Sequence[str | Path], out: str | Path, forc
 def _merged_from(lm) -> dict:
     """The ``merged_from.json`` of the checkpoint ``lm`` was loaded from ({} for any other model).
     Raises SafetyPatchError naming the file when it is not a JSON object."""
-    import json
+    from .patch_schema import _load_json_object
 
     f = Path(lm.path) / "merged_from.json" if lm.path else None
     if f is None or not f.is_file():
         return {}
-    try:
-        rec = json.loads(f.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SafetyPatchError(f"{f}: not valid JSON ({e}); the merged checkpoint's record is damaged") from None
-    if not isinstance(rec, dict) or not isinstance(rec.get("patches", []), list):
-        raise SafetyPatchError(f"{f}: expected an object with a 'patches' list")
+    rec = _load_json_object(f)
+    if not isinstance(rec.get("patches", []), list):
+        raise SafetyPatchError(f"{f}: field 'patches' must be a list")
     return rec
 
 

@@ -29,6 +29,7 @@ with the reason, rather than writing an approximation of a safety gate.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,7 @@ def export_norm_gate(lm, gate: NormGate, out: str | Path, source: dict | None = 
             "kind": "safety-patch/exported-gate", "source": source or {}, "layer": gate.layer,
             "threshold": gate.threshold, "base": {"name": lm.name, "fingerprint": lm.fingerprint},
             "code": code_identity(), "versions": library_versions(),
-            "created": __import__("time").strftime("%Y-%m-%dT%H:%M:%SZ", __import__("time").gmtime())})
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return out
 
 
