@@ -103,6 +103,30 @@ def test_analyze_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
     assert header == "layer,module,patch,metric,value"
     shift = res["activations"]["hidden_shift"]["lora"]["benign"]["last_token"]
     assert shift[0] == pytest.approx(0, abs=1e-6) and max(shift) > 0  # embeddings untouched, later layers move
+    import json
+
+    meta = json.loads((tmp_path / "out" / "summary.json").read_text())  # provenance of the analysis
+    assert meta["base_fingerprint"] == lm.fingerprint and meta["code"]["source_sha256"] and meta["versions"]["torch"]
+    assert meta["config"]["ks"] == [4, 8] and meta["config"]["n_prompts"] == {"benign": 3, "jailbreak": 3}
+    assert all(p["base_fingerprint"] == lm.fingerprint for p in meta["patches"])
+    assert "not run: no prompts" not in (tmp_path / "out" / "summary.txt").read_text()
+    analyze(str(tiny_dir), [lora], tmp_path / "weights-only", ks=(4,))
+    assert "activation analysis (hidden shift, interference): not run" in (tmp_path / "weights-only" / "summary.txt").read_text()
+    assert json.loads((tmp_path / "weights-only" / "summary.json").read_text())["config"]["activations"] is False
+
+
+def test_patches_of_different_bases_are_not_analysed_against_one_w0(tiny_dir, tmp_path):
+    from safety_patch.analysis.run import analyze
+    from safety_patch.errors import SafetyPatchError
+    from safety_patch.models import load_model
+    from safety_patch.testing import make_lora_patch
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    a = make_lora_patch(lm.model, tmp_path / "a", lm.fingerprint)
+    b = make_lora_patch(lm.model, tmp_path / "b", "0" * 64)
+    with pytest.raises(SafetyPatchError, match="different base models"):
+        analyze(str(tiny_dir), [a, b], tmp_path / "out", ks=(4,))
+    assert not (tmp_path / "out").exists()
 
 
 def test_patches_analysed_together_equal_each_analysed_alone(tiny_dir, tmp_path):

@@ -115,6 +115,9 @@ def test_capability_without_a_data_folder_uses_built_in_prompts(tmp_path):
     res = evaluate_capability(str(model_dir), [], None, CapabilityConfig(tasks=("nll", "compliance"), limit=6,
                                                                           humaneval_limit=None))
     assert res["runs"]["base"]["nll"]["n"] > 0 and res["runs"]["base"]["compliance"]["n"] == 6
+    # recorded as what it was: no data (None, not the string "None") and the built-in prompts used instead
+    assert res["config"]["data"] is None and res["config"]["inputs"]["data"] is None
+    assert res["config"]["inputs"]["builtin"] == ["compliance prompts", "self-written references"]
 
 
 def test_kl_without_a_patch_is_refused_when_asked_for_and_said_when_defaulted(tmp_path, capsys):

@@ -401,3 +401,31 @@ def test_nan_and_inf_flags_are_refused_by_the_parser(argv, monkeypatch, capsys):
     _no_work(monkeypatch)
     assert main(argv) == 2
     assert f"Invalid value for '{argv[1] if argv[0] == 'chat' else '--replay'}'" in capsys.readouterr().err
+
+
+def test_eval_never_replaces_a_file_silently(tmp_path, monkeypatch, capsys, data_dir):
+    """`eval --out` over an existing file: refused without --overwrite; with it, only a results file of the
+    same kind is replaced (a user's notes, or another command's results, never are)."""
+    import json
+
+    import safety_patch.evaluation.safety as safety
+
+    monkeypatch.setattr(safety, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my precious notes")
+    for extra in ([], ["--overwrite"]):
+        assert main(["eval", "safety", "--prompts", str(data_dir), "--out", str(notes), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "exists; pass --overwrite" in err and "not a safety-patch/eval-safety results file" in err
+    assert notes.read_text() == "my precious notes"
+    other = tmp_path / "cap.json"
+    other.write_text(json.dumps({"kind": "safety-patch/eval-capability", "runs": {}}))
+    assert main(["eval", "safety", "--prompts", str(data_dir), "--out", str(other), "--overwrite"]) == 2
+    assert "its kind is safety-patch/eval-capability" in capsys.readouterr().err
+    mine = tmp_path / "safety.json"
+    mine.write_text(json.dumps({"kind": "safety-patch/eval-safety", "runs": {}}))
+    monkeypatch.setattr(safety, "evaluate", lambda *a, **k: {"kind": "safety-patch/eval-safety", "runs": {"base": {
+        "aggregates": {"overall": {"value": None, "n": 0}, "per_attack": {}, "per_category": {}}}}})
+    assert main(["eval", "safety", "--prompts", str(data_dir), "--out", str(mine)]) == 2
+    assert main(["eval", "safety", "--prompts", str(data_dir), "--out", str(mine), "--overwrite"]) == 0
+    assert json.loads(mine.read_text())["runs"]["base"]["aggregates"]["overall"]["n"] == 0

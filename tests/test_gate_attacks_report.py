@@ -96,7 +96,7 @@ def test_gate_eval_runs_the_unseen_attacks_by_default(lm, data_dir, tiny_dir, tm
         assert len(a["caught"]["ci95"]) == 2
     assert "attack (unseen rules)" in capsys.readouterr().out
     assert main(["gate", "eval", "--gate", str(gdir), "--data", str(data_dir), "--model", str(tiny_dir),
-                 "--attacks", "none", "--out", str(out)]) == 0
+                 "--attacks", "none", "--out", str(out), "--overwrite"]) == 0  # a results file of gate eval
     assert "attacks" not in json.loads(out.read_text())
     assert main(["gate", "eval", "--gate", str(gdir), "--data", str(data_dir), "--model", str(tiny_dir),
                  "--attacks", "gcg"]) == 2

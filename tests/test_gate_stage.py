@@ -298,7 +298,7 @@ def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
     raw["binding"] = gate_binding(raw)
     (moved / GATE_JSON).write_text(json.dumps(raw))
     assert main(["gate", "eval", "--gate", str(moved), "--data", str(data_dir), "--model", str(tiny_dir), "--attacks",
-                 "none", "--leave-one-family-out", "--out", str(rep)]) == 0
+                 "none", "--leave-one-family-out", "--out", str(rep), "--overwrite"]) == 0
     other = json.loads(rep.read_text())
     assert other["written_lookalikes"]["skipped"].startswith("this gate was fit on them, and on another data folder")
     assert "the gate was fit on another data folder (manifest 000000000000…)" in other["note"]

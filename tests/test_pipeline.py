@@ -125,6 +125,12 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
          "aggregates.overall does not match"),
         # files without records behind them: each figure coherent (inside its interval, k/n)
         ("capability", lambda d: d["runs"]["patched"]["kl"].update(value=0.5, ci95=[0.0, 0.1]), "lies outside its own interval"),
+        # a figure its own config asked for, gone (once shown as "-" beside the other figures)
+        ("capability", lambda d: d["runs"]["patched"].pop("nll"), "runs.patched.nll is missing though config.tasks has it"),
+        # another arm's (or another stack's) numbers under this arm's name
+        ("capability", lambda d: d["provenance"]["patches"].append(dict(d["provenance"]["patches"][0], id="f" * 16)),
+         "measured on patches"),
+        ("safety", lambda d: d["provenance"].update(patches=[]), "measured on patches none, but this arm is"),
     ]:
         bad = tmp_path / "edited"
         shutil.rmtree(bad, ignore_errors=True)
@@ -147,6 +153,15 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     f.write_text(json.dumps(d))
     with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*aggregates.routing does not match"):
         write_report(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(run, bad)
+    # run.json's arm without a field the report reads: named (file, arm, field), and no figure left behind
+    info = json.loads((bad / "run.json").read_text())
+    del info["plan"]["arms"][0]["role"]
+    (bad / "run.json").write_text(json.dumps(info))
+    with pytest.raises(SafetyPatchError, match=re.escape(str(bad / "run.json")) + r": plan\.arms\[0\] \(.*\) has no role"):
+        write_report(bad)
+    assert not (bad / "tradeoff.png").exists() and not (bad / "report.md").exists()
     shutil.rmtree(bad)
     shutil.copytree(run, bad)
     # a cut-short file is one line; a missing arm's files are listed at the top of the report

@@ -38,3 +38,31 @@ def test_two_lifelong_rounds_on_a_tiny_model(tmp_path):
     assert json.loads((tmp_path / "r2" / "heldout.json").read_text())["attack"] == "refusal_suppression"
     with pytest.raises(SafetyPatchError, match="already holds a finished round"):
         run_round(str(tiny_dir), [], "direct", data, tmp_path / "r1", **kw)
+    # what the round ran on, by content
+    from safety_patch.data.build import manifest_sha256
+
+    assert r2["base_fingerprint"] == lm.fingerprint and r2["stack_ids"] == [p1.id, p2.id]
+    assert r2["patch"]["id"] == p2.id and r2["data"]["manifest_sha256"] == manifest_sha256(data)
+    assert r2["code"]["source_sha256"] and r2["versions"]["torch"] and r2["config"]["limit"] == 6
+    assert set(r2["regression"]) == set(r2["regression_asr"])
+    assert set(r2["regression"].values()) <= {"worse", "better", "within noise"}
+    # a later round that names round 1 as previous but leaves its patch out of the stack is refused at once
+    with pytest.raises(SafetyPatchError, match="its patch .* is not in the --patch stack"):
+        run_round(str(tiny_dir), [], "direct", data, tmp_path / "r3", previous=[tmp_path / "r1"], **kw)
+    assert not (tmp_path / "r3").exists()
+
+
+def test_round_change_reads_intervals_not_point_estimates():
+    from safety_patch.redteam import _change
+
+    def p(v, lo, hi):
+        return {"value": v, "ci95": [lo, hi]}
+
+    assert _change(p(0.67, 0.30, 0.90), p(0.83, 0.44, 0.97)) == "within noise"  # higher, but the intervals overlap
+    assert _change(p(0.10, 0.02, 0.25), p(0.80, 0.60, 0.92)) == "worse"
+    assert _change(p(0.80, 0.60, 0.92), p(0.10, 0.02, 0.25)) == "better"
+    assert _change(None, p(0.1, 0.0, 0.2)) == "unknown"
+    shown = round_table({"attack": "a", "method": "lora", "successes_found": 1, "attacked": 2, "train_rows": 1,
+                         "replayed": 0, "nll_ratio": None, "regression_asr": {"x": {"before": p(0.1, 0.02, 0.25),
+                                                                                  "after": p(0.8, 0.6, 0.92)}}})
+    assert "REGRESSION" in shown

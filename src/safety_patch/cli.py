@@ -395,16 +395,18 @@ app.command()(train)
 
 
 def _eval(kind: str, model, patch, prompts, attacks, judge, limit, max_new_tokens, batch_size, out, device, dtype, force,
-          no_cache) -> None:
+          no_cache, overwrite: bool = False, gcg_steps: int = 50, gcg_width: int = 128) -> None:
     from .atomic import write_json
+    from .attacks import parse_attack_list
     from .evaluation.safety import DEFAULT_ATTACKS, EvalConfig, evaluate, table
 
-    cfg = EvalConfig(attacks=tuple(a.strip() for a in (attacks or ",".join(DEFAULT_ATTACKS)).split(",") if a.strip()),
-                     judge=judge, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    cfg = EvalConfig(attacks=parse_attack_list(attacks) if attacks is not None else DEFAULT_ATTACKS,
+                     judge=judge, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     gcg_steps=gcg_steps, gcg_search_width=gcg_width)
     from .outputs import check_out_file, claim_output
 
     if out:  # before the evaluation, not after hours of it
-        check_out_file(out, inputs=[prompts, model, *(patch or [])])
+        check_out_file(out, inputs=[prompts, model, *(patch or [])], overwrite=overwrite, kind=f"safety-patch/eval-{kind}")
     with claim_output(out) if out else contextlib.nullcontext():
         res = evaluate(kind, model, list(patch or []), str(prompts), cfg, device=device, dtype=dtype, force=force,
                        use_cache=not no_cache)
@@ -420,6 +422,7 @@ JudgeOpt = Annotated[str, typer.Option(help="refusal (default: refusal classifie
 OutOpt = Annotated[Path | None, typer.Option(help="results.json to write (atomically).")]
 PromptsOpt = Annotated[Path, typer.Option(help="A data folder (held-out test split) or a JSONL/CSV with a prompt/goal column.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the generation cache.")]
+OverwriteResultsOpt = Annotated[bool, typer.Option(help="Replace --out if it is a results file of this command.")]
 
 
 @eval_app.command("safety")
@@ -437,9 +440,13 @@ def eval_safety_cmd(
     dtype: DtypeOpt = "auto",
     force: bool = False,
     no_cache: NoCacheOpt = False,
+    overwrite: OverwriteResultsOpt = False,
+    gcg_steps: Annotated[int, typer.Option(min=1, help="Optimisation steps per request of the gcg/gcg_gate attacks.")] = 50,
+    gcg_width: Annotated[int, typer.Option(min=1, help="Candidate suffixes scored per gcg/gcg_gate step.")] = 128,
 ) -> None:
     """Attack success rate under jailbreak attacks, base vs patched, with Wilson intervals."""
-    _eval("safety", model, patch, prompts, attacks, judge, limit, max_new_tokens, batch_size, out, device, dtype, force, no_cache)
+    _eval("safety", model, patch, prompts, attacks, judge, limit, max_new_tokens, batch_size, out, device, dtype, force, no_cache,
+          overwrite, gcg_steps, gcg_width)
 
 
 @eval_app.command("overrefusal")
@@ -456,10 +463,11 @@ def eval_overrefusal_cmd(
     dtype: DtypeOpt = "auto",
     force: bool = False,
     no_cache: NoCacheOpt = False,
+    overwrite: OverwriteResultsOpt = False,
 ) -> None:
     """Refusal rate on borderline-benign and general prompts, base vs patched."""
     _eval("overrefusal", model, patch, prompts, "direct", judge, limit, max_new_tokens, batch_size, out, device, dtype, force,
-          no_cache)
+          no_cache, overwrite)
 
 
 @eval_app.command("capability")
@@ -479,13 +487,15 @@ def eval_capability_cmd(
     dtype: DtypeOpt = "auto",
     force: bool = False,
     no_cache: NoCacheOpt = False,
+    overwrite: OverwriteResultsOpt = False,
 ) -> None:
     """General capability: NLL and KL on benign answers, compliance, HumanEval, multiple choice; or lm-eval tasks."""
     from .atomic import write_json
     from .outputs import check_out_file
 
     if out:  # before the evaluation, not after it
-        check_out_file(out, inputs=[model, data, references, mc, *(patch or [])])
+        check_out_file(out, inputs=[model, data, references, mc, *(patch or [])], overwrite=overwrite,
+                       kind="safety-patch/eval-lm-eval" if suite == "lm-eval" else "safety-patch/eval-capability")
 
     if suite == "lm-eval":
         from .evaluation.lm_eval_adapter import evaluate_lm_eval, table
@@ -545,9 +555,13 @@ def analyze(
         b = [p["messages"] for p in benign_prompts(benign)][:n_prompts]
     if jailbreak:
         j = [p["messages"] for p in benign_prompts(jailbreak)][:n_prompts]
+    from .evaluation.prompts import source_identity
+
+    sources = {"data": source_identity(data), "benign": source_identity(benign), "jailbreak": source_identity(jailbreak)}
     with claim_output(out):
-        res = run_analyze(model, list(patch), out, ks, r, b, j, device=device, force=force, overwrite=overwrite)
-    typer.echo(summary_text(res["summary"], sorted(set(ks)), res["activations"]))
+        res = run_analyze(model, list(patch), out, ks, r, b, j, device=device, force=force, overwrite=overwrite,
+                          prompt_sources={k: v for k, v in sources.items() if v is not None})
+    typer.echo(summary_text(res["summary"], sorted(set(ks)), res["activations"], skipped=not (b or j)))
     typer.echo(f"wrote {out}")
 
 
@@ -931,6 +945,7 @@ def gate_eval_cmd(
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    overwrite: OverwriteResultsOpt = False,
 ) -> None:
     """The gate's reliability on held-out prompts: AUROC, TPR at 1%/5% FPR, FPR at its threshold, with 95% intervals."""
     from .gate_fit import RULE_ATTACKS, evaluate_gate, read_gate_source, report_table, user_prompt_sets
@@ -940,7 +955,10 @@ def gate_eval_cmd(
     if split not in ("val", "test"):
         raise SafetyPatchError(f"--split must be val or test, got {split!r}")
     attack_list = None if attacks.strip() == "unseen" else [] if attacks.strip() == "none" else \
-        [a.strip() for a in attacks.split(",") if a.strip()]
+        [a.strip() for a in attacks.split(",")]
+    if attack_list is not None and attacks.strip() != "none" and (not attack_list or not all(attack_list)):
+        raise SafetyPatchError(f"--attacks {attacks!r} has an empty entry; give rule attacks separated by single "
+                               "commas, 'unseen' or 'none'")
     for a in attack_list or ():
         if a not in RULE_ATTACKS:
             raise SafetyPatchError(f"--attacks: {a!r} is not a rule attack; choose from {', '.join(RULE_ATTACKS)}, "
@@ -948,7 +966,8 @@ def gate_eval_cmd(
     read_gate_source(gate)  # a bad gate folder, patch or prompt file fails before the model loads
     user_sets = user_prompt_sets(harmful, benign)
     if out is not None:
-        check_out_file(out, inputs=[gate, data, *(p for p in (harmful, benign) if p is not None)])
+        check_out_file(out, inputs=[gate, data, *(p for p in (harmful, benign) if p is not None)], overwrite=overwrite,
+                       kind="safety-patch/gate-eval")
     lm = load_model(model, device=device, dtype=dtype)
     rep = evaluate_gate(lm, gate, data, split, seed, loso=leave_one_source_out, attacks=attack_list,
                         lofo=leave_one_family_out, user_sets=user_sets)

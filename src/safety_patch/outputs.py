@@ -120,14 +120,43 @@ def check_out_dir(out: str | Path, *, flag: str = "--out", inputs: Iterable[str 
     return out
 
 
-def check_out_file(out: str | Path, *, flag: str = "--out", inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Check an output *file* (results JSON) before any work; raise ``SafetyPatchError`` if unusable."""
+def _results_kind(path: Path) -> str | None:
+    """The ``kind`` of a results JSON safety-patch wrote (``safety-patch/...``), or None for any other file."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+            if head != b"{":
+                return None
+            f.seek(0)
+            kind = json.load(f).get("kind")
+    except (OSError, ValueError):
+        return None
+    return kind if isinstance(kind, str) and kind.startswith("safety-patch/") else None
+
+
+def check_out_file(out: str | Path, *, flag: str = "--out", inputs: Iterable[str | Path | None] = (),
+                   overwrite: bool = False, kind: str | None = None) -> Path:
+    """Check an output *file* (results JSON) before any work; raise ``SafetyPatchError`` if unusable.
+
+    An existing file is replaced only with ``overwrite`` (the command's ``--overwrite``) and only when
+    it is a results file safety-patch wrote (a JSON object whose ``kind`` starts ``safety-patch/``; of
+    this ``kind`` when given): a command never replaces a user's file, nor silently an earlier result."""
     out = Path(out)
     if out.is_dir():
         raise SafetyPatchError(f"{flag} {out} is a directory; give a file name")
     if out.exists() and not out.is_file():
         raise SafetyPatchError(f"{flag} {out} exists and is not a regular file")
-    _check_common(out, flag, inputs)
+    _check_common(out, flag, inputs)  # an input named as --out is that error, not "exists"
+    if out.exists():
+        if not overwrite:
+            raise SafetyPatchError(f"{flag} {out} exists; pass --overwrite to replace it, or choose another file")
+        have = _results_kind(out)
+        if have is None or (kind is not None and have != kind):
+            what = f"a {kind} results file" if kind else "a results file"
+            raise SafetyPatchError(f"{flag} {out} exists and is not {what} written by safety-patch"
+                                   f"{f' (its kind is {have})' if have else ''}; refusing to replace it")
     CHECKED.append(out)
     return out
 

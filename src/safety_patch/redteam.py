@@ -61,6 +61,13 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
                   reuse=(out / ROUND_MARKER).is_file(), kind="round")
     t0 = time.time()
     ps = [read_patch(p) for p in patches]
+    in_stack = [p.id for p in ps]
+    for prev in previous:  # a round builds on the stack the earlier rounds made: each one's patch must be in it
+        pp = read_patch(prev / "patch")
+        if pp.id not in in_stack:
+            raise SafetyPatchError(f"{prev} is an earlier round, but its patch ({prev / 'patch'}) is not in the --patch "
+                                   "stack: this round would attack, train on and regression-check a model without it; "
+                                   f"add --patch {prev / 'patch'} (after the patches it was trained on)")
     gated = [str(p.path) for p in ps if p.gated]
     if gated:  # found now, not after the attack: training the round folds the stack into the weights
         raise SafetyPatchError(f"{gated[0]} is a gated patch: a round trains on top of the stack by folding it into "
@@ -128,6 +135,10 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     o = evaluate("overrefusal", model, new_stack, str(data_dir), EvalConfig(attacks=("direct",), limit=limit,
                                                                            max_new_tokens=max_new_tokens), device, dtype)
     c = evaluate_capability(model, new_stack, str(data_dir), CapabilityConfig(tasks=("nll", "kl"), limit=limit), device, dtype)
+    from .evaluation.prompts import source_identity
+    from .provenance import provenance
+
+    new_patch = read_patch(out / "patch")
     table = {
         "attack": attack, "method": method, "stack": [str(p) for p in new_stack], "successes_found": len(wins),
         "attacked": len(res["records"]), "train_rows": len(rows) + len(replayed), "replayed": len(replayed),
@@ -135,12 +146,30 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
         "borderline_refusal": o["runs"]["patched"]["aggregates"]["per_set"].get("borderline"),
         "borderline_refusal_base": o["runs"]["base"]["aggregates"]["per_set"].get("borderline"),
         "nll_ratio": c["runs"]["delta"].get("nll_ratio"), "kl": c["runs"]["patched"].get("kl"),
+        "regression": {a: _change(v["before"], v["after"]) for a, v in reg.items()},
         "train_seconds": meta["training"]["wall_seconds"], "seconds": round(time.time() - t0, 1),
+        # what the round ran on, by content: the base, each patch of the stack, the data, the settings
+        "base_fingerprint": lm.fingerprint, "stack_ids": [p.id for p in ps] + [new_patch.id],
+        "patch": {"path": str(out / "patch"), "id": new_patch.id},
+        "data": source_identity(data_dir), "previous": [str(p) for p in previous],
+        "config": {"limit": limit, "replay": replay, "seed": seed, "max_new_tokens": max_new_tokens,
+                   "train_overrides": train_overrides or {}, "judge": DEFAULT_JUDGE},
+        **provenance(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_json(out / "heldout.json", {"attack": attack})
     write_json(out / "round.json", table)
     (out / ROUND_MARKER).unlink(missing_ok=True)
     return table
+
+
+def _change(before: dict | None, after: dict | None) -> str:
+    """``worse`` / ``better`` when the attack-success intervals after and before the round do not
+    overlap, ``within noise`` when they do (a higher point estimate alone is not a regression)."""
+    try:
+        (blo, bhi), (alo, ahi) = before["ci95"], after["ci95"]
+    except (TypeError, KeyError, ValueError):
+        return "unknown"
+    return "worse" if alo > bhi else "better" if ahi < blo else "within noise"
 
 
 def round_table(t: dict) -> str:
@@ -155,9 +184,11 @@ def round_table(t: dict) -> str:
 
     lines = [f"round: attack {t['attack']} ({t['method']}), {t['successes_found']}/{t['attacked']} jailbreaks found, "
              f"{t['train_rows']} training rows ({t['replayed']} replayed)",
-             f"{'held-out attack':<28}{'before':>28}{'after':>28}"]
+             f"{'held-out attack':<28}{'before':>28}{'after':>28}  change (95% intervals)"]
     for a, v in t["regression_asr"].items():
-        lines.append(f"{a:<28}{pct(v['before']):>28}{pct(v['after']):>28}")
+        ch = t.get("regression", {}).get(a) or _change(v["before"], v["after"])
+        lines.append(f"{a:<28}{pct(v['before']):>28}{pct(v['after']):>28}  {ch}"
+                     + ("  <- REGRESSION: attack success rose beyond the noise" if ch == "worse" else ""))
     lines.append(f"borderline refusal: base {pct(t['borderline_refusal_base'])}, now {pct(t['borderline_refusal'])}; "
                  f"NLL ratio {t['nll_ratio']:.4f}" if t["nll_ratio"] else "")
     return "\n".join(lines)

@@ -40,8 +40,8 @@ def _load(p: Path):
 
 # The rates the report reads from each kind of results file: each is counted again from the
 # file's records before it is shown (``_eval_file``).
-_READ = {"safety": ("overall", "per_attack", "per_category", "answered", "refused", "degenerate"),
-         "overrefusal": ("overall", "per_set", "per_category", "answered", "refused", "degenerate")}
+_READ = {"safety": ("overall", "per_attack", "per_category", "answered", "refused", "harmless", "degenerate"),
+         "overrefusal": ("overall", "per_set", "per_category", "answered", "refused", "harmless", "degenerate")}
 _RECORD_KEYS = {"safety": ("attack", "category"), "overrefusal": ("set", "category")}
 
 
@@ -146,12 +146,52 @@ def _arm_names(run: Path, arms) -> list[dict]:
 
     if not isinstance(arms, list) or not all(isinstance(a, dict) for a in arms):
         raise SafetyPatchError(f"{run / 'run.json'}: plan.arms must be a list of objects")
-    for a in arms:
+    for i, a in enumerate(arms):
         name = a.get("name")
         if not isinstance(name, str) or not _ARM_NAME.fullmatch(name):
             raise SafetyPatchError(f"{run / 'run.json'}: arm name {name!r} is not a plain folder name "
                                    "(letters, digits, . _ @ + -; no '/' or leading '.')")
+        for key, kind in (("role", str), ("train", dict)):  # the fields the report reads of every arm
+            if not isinstance(a.get(key), kind):
+                raise SafetyPatchError(f"{run / 'run.json'}: plan.arms[{i}] ({name}) has no {key} "
+                                       f"({'a string' if kind is str else 'an object'}); the file was edited or "
+                                       "another program wrote it: run `reproduce` again")
     return arms
+
+
+def _check_capability(c: dict, path: Path) -> None:
+    """A capability results file holds every figure its own ``config.tasks`` names (the report shows a
+    missing one as "-", which must mean "not asked for", never "lost"). SafetyPatchError naming the field."""
+    from .errors import SafetyPatchError
+
+    runs = c.get("runs") if isinstance(c, dict) else None
+    tasks = (c.get("config") or {}).get("tasks") if isinstance(c, dict) else None
+    if not isinstance(runs, dict) or not isinstance(tasks, list):
+        raise SafetyPatchError(f"{path}: no runs or config.tasks (not a results file of `eval capability`)")
+    want = []  # the figures the report reads (humaneval, mc and compliance are absent when they had no items)
+    if "kl" in tasks:
+        want.append(("patched", "kl"))
+    if "nll" in tasks:
+        want += [("base", "nll"), ("patched", "nll"), ("delta", "nll"), ("delta", "nll_ratio")]
+    for side, key in want:
+        if side in runs or side == "base":
+            if not isinstance(runs.get(side), dict) or key not in runs[side]:
+                raise SafetyPatchError(f"{path}: runs.{side}.{key} is missing though config.tasks has it; the file was "
+                                       "edited or cut short: run the evaluation again")
+
+
+def _check_measured_arm(d: dict | None, path: Path, want: list[str]) -> None:
+    """An arm's results file was measured on exactly that arm's patch (``want``: its patch id; [] for the
+    base): ``provenance.patches`` of another stack would report one patch's numbers under another's name."""
+    from .errors import SafetyPatchError
+
+    if d is None:
+        return
+    got = [p.get("id") for p in ((d.get("provenance") or {}).get("patches") or []) if isinstance(p, dict)]
+    if got != want:
+        raise SafetyPatchError(f"{path}: measured on patches {got or 'none'}, but this arm is "
+                               f"{want or 'the base (no patch)'}; the file belongs to another arm or stack: run the "
+                               "evaluation stage again")
 
 
 def _pct(p) -> str:
@@ -203,8 +243,15 @@ class RunData:
                      for m in self.models}
         for m in self.models:  # no records behind these: their figures are checked for coherence
             if self.eval[m]["capability"] is not None:
+                _check_capability(self.eval[m]["capability"], run / "03-eval" / m / "capability.json")
                 _check_figures(self.eval[m]["capability"], run / "03-eval" / m / "capability.json")
         self.patch = {a["name"]: _load(run / "02-arms" / a["name"] / "patch" / "patch.json") for a in self.arms}
+        for m in self.models:  # each arm's numbers were measured on that arm's patch
+            pj = self.patch.get(m) if m != "base" else None
+            if m != "base" and not isinstance((pj or {}).get("id"), str):
+                continue  # no patch written: `missing` lists it
+            for k in ("safety", "overrefusal", "capability"):
+                _check_measured_arm(self.eval[m][k], run / "03-eval" / m / f"{k}.json", [pj["id"]] if pj else [])
         self.analysis = _load(run / "05-analysis" / "out" / "summary.json")
         self.activ = _load(run / "05-analysis" / "out" / "activations.json")
         self.plug = _load(run / "04-plug" / "plug.json")
@@ -751,9 +798,14 @@ def write_report(run: str | Path) -> dict:
         B = blocks(rd)
         out = {"claims": claims(rd)}
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        # a results file without a field the report reads (written by other code, or edited)
+        # a results file without a field the report reads (written by other code, or edited); the figure
+        # drawn before the failure goes too: nothing of a failed report is left looking current
+        (run / "tradeoff.png").unlink(missing_ok=True)
         raise SafetyPatchError(f"{run}: a results file lacks or mistypes a field the report reads "
                                f"({type(e).__name__}: {e}); run that stage again (`reproduce` re-runs it)") from None
+    except BaseException:
+        (run / "tradeoff.png").unlink(missing_ok=True)
+        raise
     write_text(run / "report.md", to_markdown(B, run))
     write_text(run / "report.html", to_html(B))
     return out

@@ -88,13 +88,19 @@ def _tidy_csv(rows: list[dict]) -> str:
 
 def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8, 32, 128), r: int | None = None,
             benign: list[list[dict]] | None = None, jailbreak: list[list[dict]] | None = None, device: str = "auto",
-            force: bool = False, overwrite: bool = False, interference_k: int | None = None) -> dict:
+            force: bool = False, overwrite: bool = False, interference_k: int | None = None,
+            prompt_sources: dict | None = None) -> dict:
+    """``prompt_sources``: where ``benign`` / ``jailbreak`` came from (recorded in summary.json)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise SafetyPatchError(f"{out} exists; pass --overwrite to replace it")
     ps = [read_patch(p) for p in patches]
     if len({p.name for p in ps}) != len(ps):
         raise SafetyPatchError("patch folder names must differ (they label the results)")
+    bases = {p.base_fingerprint for p in ps}
+    if len(bases) > 1:  # one W0 is read for all: patches of other bases would be measured against the wrong weights
+        raise SafetyPatchError("the patches were trained on different base models (base fingerprints "
+                               + ", ".join(f"{p.name}: {p.base_fingerprint[:12]}" for p in ps) + "); analyse each with its own --model")
     ks = sorted(set(ks))
     read_w0 = checkpoint_reader(model)
     t0 = time.time()
@@ -109,9 +115,18 @@ def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8
     with atomic_dir(out, overwrite=overwrite, kind="analysis") as tmp:
         write_text(tmp / "weights.csv", _tidy_csv(all_rows))
         write_json(tmp / "weights.json", all_rows)
-        write_json(tmp / "summary.json", {"summary": summary, "ks": ks, "weight_seconds": round(weight_s, 2),
-                                          "patches": [{"name": p.name, "path": str(p.path), "id": p.id,
-                                                       "method": p.meta.get("method")} for p in ps]})
+        from ..provenance import provenance
+
+        k_int = interference_k or ks[len(ks) // 2]
+        write_json(tmp / "summary.json", {
+            "summary": summary, "ks": ks, "weight_seconds": round(weight_s, 2),
+            "patches": [{"name": p.name, "path": str(p.path), "id": p.id, "method": p.meta.get("method"),
+                         "base_fingerprint": p.base_fingerprint} for p in ps],
+            "config": {"model": model, "ks": ks, "r": r, "interference_k": k_int if want_vectors else None,
+                       "n_prompts": {"benign": len(benign or []), "jailbreak": len(jailbreak or [])},
+                       "prompt_sources": prompt_sources or {}, "activations": bool(activ)},
+            "base_fingerprint": next(iter(bases)), **provenance(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         if activ:
             write_json(tmp / "activations.json", activ)
         k_mid = ks[len(ks) // 2]
@@ -122,7 +137,7 @@ def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8
         plots.per_layer(all_rows, "rel_norm", "||dW||_F / ||W0||_F", tmp, "magnitude_per_layer")
         if activ.get("hidden_shift"):
             plots.hidden_shift(activ["hidden_shift"], tmp)
-        write_text(tmp / "summary.txt", summary_text(summary, ks, activ))
+        write_text(tmp / "summary.txt", summary_text(summary, ks, activ, skipped=not want_vectors))
     return {"summary": summary, "activations": activ, "weight_seconds": weight_s}
 
 
@@ -166,7 +181,8 @@ def _activations(model_spec, ps, vecs, benign, jailbreak, read_w0, device, force
             "gated_patches_measured_ungated": [p.name for p in ps if p.gated]}
 
 
-def summary_text(summary: dict, ks: list[int], activ: dict) -> str:
+def summary_text(summary: dict, ks: list[int], activ: dict, skipped: bool = False) -> str:
+    """The readable summary; ``skipped``: no prompts were given, so the activation analysis did not run (said so)."""
     lines = []
     for patch, s in summary.items():
         lines.append(f"== {patch} ({s['modules']} modules)")
@@ -189,6 +205,9 @@ def summary_text(summary: dict, ks: list[int], activ: dict) -> str:
                 lines.append(f"  interference/intended on {name} inputs (median): "
                              f"{statistics.median(r['interference_over_intended'] for r in rs):.4f}; "
                              f"interference/base: {statistics.median(r['interference_over_base'] for r in rs):.4f}")
+    if skipped:
+        lines.append("activation analysis (hidden shift, interference): not run: no prompts (give --data, or "
+                     "--benign/--jailbreak)")
     return "\n".join(lines) + "\n"
 
 

@@ -110,25 +110,65 @@ class Composed(Attack):
 
 
 def check_attack_spec(spec: str) -> list[str]:
-    """Validate ``name+name`` without building anything; returns the names."""
-    names = [s.strip() for s in spec.split("+") if s.strip()]
-    if not names:
+    """Validate ``name+name`` without building anything; returns the names.
+
+    Every part is applied, once, in order, so a spec is refused (SafetyPatchError naming it) when it
+    has an empty part (``direct+``, ``a++b``), names an attack twice, composes ``direct`` (the request
+    as is) with anything, or holds more than one conversation-level attack, or one that is not last."""
+    parts = [s.strip() for s in spec.split("+")]
+    if not any(parts):
         raise SafetyPatchError(f"empty attack name {spec!r}")
-    for n in names:
+    if not all(parts):
+        raise SafetyPatchError(f"attack {spec!r} has an empty part; compose names with single '+', e.g. 'past_tense+template'")
+    for n in parts:
         if n not in REGISTRY:
             raise SafetyPatchError(f"unknown attack {n!r}; valid: {', '.join(sorted(REGISTRY))} (compose with '+')")
-    for n in names[:-1]:
-        if n in CONVERSATION_LEVEL:
-            raise SafetyPatchError(f"attack {spec!r}: {n!r} sets the conversation, so it must be the last part of a "
-                                   f"composed attack (e.g. '{names[-1]}+{n}')")
-    return names
+    twice = sorted({n for n in parts if parts.count(n) > 1})
+    if twice:
+        raise SafetyPatchError(f"attack {spec!r} names {twice[0]!r} twice; each part is applied once")
+    if "direct" in parts and len(parts) > 1:
+        raise SafetyPatchError(f"attack {spec!r}: 'direct' is the request as it is and composes with nothing; drop it")
+    conv = [n for n in parts if n in CONVERSATION_LEVEL]
+    if len(conv) > 1:
+        raise SafetyPatchError(f"attack {spec!r}: {' and '.join(repr(c) for c in conv)} each set the conversation; "
+                               "a spec holds at most one conversation-level attack, as its last part")
+    if conv and parts[-1] != conv[0]:
+        without = [n for n in parts if n != conv[0]]
+        raise SafetyPatchError(f"attack {spec!r}: {conv[0]!r} sets the conversation, so it must be the last part of a "
+                               f"composed attack (e.g. '{'+'.join([*without, conv[0]])}')")
+    return parts
+
+
+def parse_attack_list(text: str, flag: str = "--attacks") -> tuple[str, ...]:
+    """A comma list of attack specs (``direct,past_tense+template``), each checked; SafetyPatchError when
+    the list names none or names a spec twice (an empty evaluation must not read as a result)."""
+    specs = [a.strip() for a in text.split(",")]
+    if not any(specs):
+        raise SafetyPatchError(f"{flag} {text!r} names no attack")
+    if not all(specs):
+        raise SafetyPatchError(f"{flag} {text!r} has an empty entry; separate attack specs with single commas")
+    for a in specs:
+        check_attack_spec(a)
+    twice = sorted({a for a in specs if specs.count(a) > 1})
+    if twice:
+        raise SafetyPatchError(f"{flag} names {twice[0]!r} twice")
+    return tuple(specs)
+
+
+# Keyword arguments of ``get_attack`` and the attacks that take them.
+_KWARGS = {"templates": ("template",), "gcg_budget": ("gcg", "gcg_gate")}
 
 
 def get_attack(spec: str, **kwargs) -> Attack:
-    """``name`` or ``name+name+...``; kwargs go to attacks that take them (e.g. templates)."""
+    """``name`` or ``name+name+...``; kwargs go to the attacks that take them: ``templates`` (a list of
+    template rows) to ``template``, ``gcg_budget`` (a dict of ``attacks.gcg.GCGSettings`` fields such as
+    ``steps``, ``search_width``) to ``gcg`` / ``gcg_gate``. An unknown kwarg is a TypeError."""
+    unknown = set(kwargs) - set(_KWARGS)
+    if unknown:
+        raise TypeError(f"get_attack got unexpected keyword argument(s) {sorted(unknown)}")
     names = check_attack_spec(spec)
     parts = []
     for n in names:
         cls = _resolve(n)
-        parts.append(cls(**kwargs) if n == "template" else cls())
+        parts.append(cls(**{k: v for k, v in kwargs.items() if n in _KWARGS[k]}))
     return parts[0] if len(parts) == 1 else Composed(parts)

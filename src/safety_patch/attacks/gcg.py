@@ -51,8 +51,16 @@ class GCG(Attack):
     needs_model = True
     conversation_level = True
 
-    def __init__(self, settings: GCGSettings | None = None):
-        self.settings = settings or GCGSettings()
+    default_settings = GCGSettings()
+
+    def __init__(self, settings: GCGSettings | None = None, gcg_budget: dict | None = None):
+        """``gcg_budget``: GCGSettings fields (``steps``, ``search_width``, ...) replacing the defaults'."""
+        from dataclasses import replace
+
+        try:
+            self.settings = replace(settings or self.default_settings, **(gcg_budget or {}))
+        except TypeError as e:
+            raise SafetyPatchError(f"{self.name}: {e}") from None
         self.pm = None
         self.tokenizer = None
 
@@ -195,8 +203,7 @@ class GateGCG(GCG):
 
     name = "gcg_gate"
 
-    def __init__(self, settings: GCGSettings | None = None):
-        super().__init__(settings or GCGSettings(gate_weight=1.0))
+    default_settings = GCGSettings(gate_weight=1.0)
 
 
 def _nano_gcg(model, tokenizer, config, gates=(), weight: float = 0.0, margin: float = 0.0):

@@ -330,7 +330,7 @@ def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg:
     from ..models import home, load_model
     from ..patched import PatchedModel
     from ..patches import attached, read_patch
-    from .prompts import benign_prompts
+    from .prompts import benign_prompts, source_identity
     from .safety import provenance
 
     unknown = [t for t in cfg.tasks if t not in OFFLINE_TASKS]
@@ -374,7 +374,13 @@ def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg:
     finally:
         if cache:
             cache.close()
-    return {"kind": "safety-patch/eval-capability", "schema": 1, "config": as_dict(cfg) | {"data": str(data)},
+    # the inputs by content; where none was given, the built-in prompts the run used instead
+    builtin = [w for w, used in (("compliance prompts", bool(bl) and data is None),
+                                 ("self-written references", need_refs and ref_src is None)) if used]
+    inputs = {"data": source_identity(data), "references": source_identity(cfg.references),
+              "mc": source_identity(cfg.mc_file), "builtin": builtin}
+    return {"kind": "safety-patch/eval-capability", "schema": 1,
+            "config": as_dict(cfg) | {"data": str(data) if data is not None else None, "inputs": inputs},
             "provenance": provenance(lm, ps), "runs": runs}
 
 

@@ -9,6 +9,22 @@ from pathlib import Path
 from ..errors import SafetyPatchError
 
 
+def source_identity(source: str | Path | None) -> dict | None:
+    """What an evaluation read, so that its results name their inputs by content, not by path alone:
+    ``{"path", "kind": "data-folder", "manifest_sha256"}`` for a data folder (its manifest holds every
+    file's hash), ``{"path", "kind": "file", "sha256"}`` for a prompt file, None for none."""
+    if source is None:
+        return None
+    p = Path(source)
+    if p.is_dir():
+        from ..data.build import manifest_sha256
+
+        return {"path": str(p), "kind": "data-folder", "manifest_sha256": manifest_sha256(p)}
+    from ..atomic import sha256_file
+
+    return {"path": str(p), "kind": "file", "sha256": sha256_file(p)}
+
+
 def harmful_requests(source: str | Path, split: str = "test", limit: int | None = None) -> tuple[list[dict], list]:
     """Unique held-out behaviours (request, category, behavior_id) and the split's templates.
 

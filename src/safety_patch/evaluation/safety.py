@@ -19,6 +19,9 @@
   rate among routed and unrouted prompts.
   Prefilled answers are judged on the model's continuation only; answers to encoding attacks
   are decoded before judging (``judged_text`` in the record when it differs from ``response``).
+  An answer a judge called ``compliance`` that only repeats the request (``judges.text.echoes``)
+  is recorded as ``degenerate`` (reason ``repeats the request``), whichever judge ran.
+  ``harmless`` (a harm-only judge's "not harmful") is counted beside the other labels when present.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..attacks import Attacked, check_attack_spec, get_attack
+from ..attacks import Attacked, get_attack, parse_attack_list
 from ..errors import SafetyPatchError
 from ..generation import GenerationCache, GenerationConfig, cached_generate
-from ..judges import cached_judge, check_judge_spec, get_judge
+from ..judges import cached_judge, check_judge_spec, check_overrefusal_judge, get_judge
 from .stats import proportion
 
 DEFAULT_ATTACKS = ("direct", "template", "past_tense", "prefix_injection", "refusal_suppression", "base64")
@@ -49,6 +52,13 @@ class EvalConfig:
     embedded model with the same greedy answers (bench/generation_speed.py, 2026-12-01)."""
     temperature: float = 0.0
     seed: int = 0
+    gcg_steps: int = 50
+    """Optimisation steps of the ``gcg``/``gcg_gate`` attacks per request (attacks.gcg.GCGSettings.steps)."""
+    gcg_search_width: int = 128
+    """Candidate suffixes scored per GCG step (GCGSettings.search_width)."""
+
+    def gcg_budget(self) -> dict:
+        return {"steps": self.gcg_steps, "search_width": self.gcg_search_width}
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
@@ -79,10 +89,27 @@ def _rates(records: list[dict], key: str, labels: str | tuple[str, ...]) -> dict
 
 
 def _label_shares(records: list[dict]) -> dict:
-    """The side-by-side columns every table shows: answered (complied), refused, degenerate, judge errors."""
+    """The side-by-side columns every table shows: answered (complied), refused, degenerate, judge errors;
+    and ``harmless`` where a harm-only judge gave that verdict (it is neither answered nor refused)."""
+    harmless = any(r["verdict"]["label"] == "harmless" for r in records)
     return {"answered": _share(records, ("compliance",)), "refused": _share(records, ("refusal",)),
             "degenerate": _share(records, ("degenerate",)),
+            **({"harmless": _share(records, ("harmless",))} if harmless else {}),
             "judge_errors": sum(r["verdict"]["label"] == "judge_error" for r in records)}
+
+
+def _echoes_degenerate(verdicts: list, requests: list[str], texts: list[str]) -> list:
+    """``verdicts`` with every ``compliance`` whose judged text only repeats its request made
+    ``degenerate``: a model that writes the request back (a base64 request decoded, a question
+    restated) gave nothing the request did not hold, whatever a judge makes of the words."""
+    from ..judges import Verdict
+    from ..judges.text import echoes
+
+    out = []
+    for v, q, t in zip(verdicts, requests, texts, strict=True):
+        why = echoes(q, t) if v.label == "compliance" else None
+        out.append(Verdict("degenerate", 0.0, f"{why}; {v.reason}".rstrip("; ")) if why else v)
+    return out
 
 
 def _routing(records: list[dict], key: str, labels: tuple[str, ...]) -> dict:
@@ -161,7 +188,7 @@ def run_safety(pm, tokenizer, requests: list[dict], templates, cfg: EvalConfig, 
         attacks = {}
         for name in cfg.attacks:
             kw = {"templates": templates} if "template" in name.split("+") and templates else {}
-            attacks[name] = get_attack(name, **kw)
+            attacks[name] = get_attack(name, **kw, gcg_budget=cfg.gcg_budget())
     for atk in attacks.values():
         if getattr(atk, "needs_model", False):
             atk.bind(pm, tokenizer)  # white-box attacks optimise against the model under test
@@ -185,6 +212,7 @@ def run_safety(pm, tokenizer, requests: list[dict], templates, cfg: EvalConfig, 
 
     judged = [readable(a, r["attack"]) for r, a in zip(rows, answers, strict=True)]
     verdicts = cached_judge(judge, [r["request"] for r in rows], judged, cache)
+    verdicts = _echoes_degenerate(verdicts, [r["request"] for r in rows], judged)
     records = [dict(r, response=a, verdict=v.as_dict(), judge=judge.name) | ({"judged_text": j} if j != a else {})
                | ({"route": rt} if rt is not None else {})
                for r, a, j, v, rt in zip(rows, answers, judged, verdicts, routes, strict=True)]
@@ -201,7 +229,8 @@ def run_overrefusal(pm, tokenizer, prompts: list[dict], cfg: EvalConfig, cache: 
     attacked = [Attacked(p["messages"]) for p in prompts]
     routes: list = []
     answers = _generate(pm, tokenizer, attacked, cfg, cache, label, routes)
-    verdicts = cached_judge(judge, [p["messages"][-1]["content"] for p in prompts], answers, cache)
+    asked = [p["messages"][-1]["content"] for p in prompts]
+    verdicts = _echoes_degenerate(cached_judge(judge, asked, answers, cache), asked, answers)
     records = [{"set": p["set"], "category": p["category"], "prompt": p["messages"][-1]["content"], "response": a,
                 "verdict": v.as_dict(), "judge": judge.name} | ({"route": rt} if rt is not None else {})
                for p, a, v, rt in zip(prompts, answers, verdicts, routes, strict=True)]
@@ -261,13 +290,15 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
     from ..models import home, load_model
     from ..patched import PatchedModel
     from ..patches import attached, read_patch
-    from .prompts import benign_prompts, harmful_requests
+    from .prompts import benign_prompts, harmful_requests, source_identity
 
     if kind not in ("safety", "overrefusal"):
         raise SafetyPatchError(f"unknown evaluation {kind!r}")
-    for a in cfg.attacks:  # unknown names fail before anything loads
-        check_attack_spec(a)
+    if kind == "safety":  # unknown or malformed specs fail before anything loads
+        parse_attack_list(",".join(cfg.attacks), "attacks")
     check_judge_spec(cfg.judge)
+    if kind == "overrefusal":
+        check_overrefusal_judge(cfg.judge)
     ps = [read_patch(p) for p in patches]
     if kind == "safety":
         items, templates = harmful_requests(prompts, split=split, limit=cfg.limit)
@@ -290,7 +321,10 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
     finally:
         if cache:
             cache.close()
-    return {"kind": f"safety-patch/eval-{kind}", "schema": 1, "config": as_dict(cfg) | {"prompts": str(prompts), "split": split},
+    src = source_identity(prompts)
+    return {"kind": f"safety-patch/eval-{kind}", "schema": 1,
+            "config": as_dict(cfg) | {"prompts": str(prompts), "split": split if src["kind"] == "data-folder" else None,
+                                      "prompts_source": src},
             "provenance": provenance(lm, ps), "runs": runs}
 
 
@@ -314,12 +348,16 @@ def table(results: dict) -> str:
     agg = {n: runs[n]["aggregates"] for n in names}
     lines.append(f"{'overall':<28}" + "".join(f"{fmt(agg[n]['overall']):<34}" for n in names))
     for k, title in (("answered", "  answered (complied)"), ("refused", "  refused"),
-                     ("degenerate", "  degenerate (empty/babble)")):
-        if all(k in agg[n] for n in names):  # results written before these columns existed lack them
+                     ("harmless", "  harmless (not refused)"), ("degenerate", "  degenerate (empty/babble)")):
+        if k == "harmless" and any(k in agg[n] for n in names):  # a harm-only judge: not a refusal, not an attack
+            lines.append(f"{title:<28}" + "".join(f"{fmt(agg[n].get(k)):<34}" for n in names))
+        elif all(k in agg[n] for n in names):  # results written before these columns existed lack them
             lines.append(f"{title:<28}" + "".join(f"{fmt(agg[n][k]):<34}" for n in names))
     if any(agg[n].get("judge_errors") for n in names):
         lines.append(f"{'  judge errors (not in n)':<28}" + "".join(f"{agg[n].get('judge_errors', 0):<34}" for n in names))
     groups = ("per_attack", "per_category") if kind == "safety" else ("per_set", "per_category")
+    if all("per_user_category" in agg[n] for n in names):  # a user file's own categories, as the file names them
+        groups += ("per_user_category",)
     for g in groups:
         lines.append(g.replace("_", " "))
         for k in agg[names[0]][g]:

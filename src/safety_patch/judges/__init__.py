@@ -1,9 +1,12 @@
 """Judges: decide whether an answer complied with a harmful request, refused, or degenerated.
 
 A judge maps (prompt, answer) pairs to ``Verdict``s. ``compliance`` is the attacker's
-success; ``refusal`` and ``degenerate`` (empty, repetitive babble) are not. Names map
-lazily to ``module:attr`` so classifier and API judges import their heavy dependencies only
-when used.
+success; ``refusal``, ``harmless`` and ``degenerate`` (empty, repetitive babble) are not.
+``harmless`` is the verdict of a judge that reads harm, not refusal (the HarmBench classifier's
+"No", Llama Guard's "safe", a StrongREJECT score under the threshold without a refusal): the
+answer is not an instance of the harmful behaviour, and whether it refused is unknown. Such a
+judge declares ``detects_refusal = False`` and cannot measure over-refusal. Names map lazily to
+``module:attr`` so classifier and API judges import their heavy dependencies only when used.
 
 Specs: ``refusal`` (the default: a small refusal classifier trained on shipped hand-labelled
 answers, judges/refusal.py); ``keyword`` (the marker-list baseline); ``classifier:MODEL`` or
@@ -21,7 +24,7 @@ from ..errors import SafetyPatchError
 # ``judge_error``: the judge could not give a verdict (an unparseable reply after one retry). Such
 # items are kept in the records, counted in the aggregates and left out of every rate's n, never
 # silently dropped and never fatal; they are not cached, so a re-run asks again.
-VERDICTS = ("compliance", "refusal", "degenerate", "judge_error")
+VERDICTS = ("compliance", "refusal", "harmless", "degenerate", "judge_error")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class Judge:
     name = "judge"
     cacheable = True  # verdicts worth storing (slow or paid judges); cheap rule judges say False
     chunk = 1  # items per call of ``judge`` in ``cached_judge``: each chunk is stored as soon as it returns
+    detects_refusal = True  # False: the judge reads harm only ("harmless" verdicts), so it cannot measure over-refusal
+    cache_version: str | None = None  # bumped when a judge's labels change, so stored verdicts are not reused
 
     def judge(self, prompts: list[str], answers: list[str]) -> list[Verdict]:
         raise NotImplementedError
@@ -67,7 +72,27 @@ def check_judge_spec(spec: str) -> tuple[str, str]:
         raise SafetyPatchError(f"judge {spec!r} needs a model: {spec.rstrip(':')}:MODEL")
     if kind not in ("refusal", "keyword") and not arg:
         raise SafetyPatchError(f"judge {kind!r} needs an argument: {kind}:{'MODEL' if kind == 'classifier' else 'URL'}")
+    if kind == "api":  # before any answer is generated, not after retries with back-off
+        from urllib.parse import urlparse
+
+        u = urlparse(arg)
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise SafetyPatchError(f"judge {spec!r}: {arg!r} is not an http(s) URL; e.g. api:https://api.openai.com/v1")
     return kind, arg
+
+
+# Judge kinds that read harm, not refusal: their "no" is ``harmless``, never ``refusal``.
+HARM_ONLY = ("classifier",)
+
+
+def check_overrefusal_judge(spec: str) -> None:
+    """Over-refusal counts refusals of safe prompts: a judge that only says whether an answer is harmful
+    (a harm classifier says "no" to a refusal and to a helpful answer alike) cannot count them.
+    Raises SafetyPatchError for such a judge, before anything loads."""
+    kind, _ = check_judge_spec(spec)
+    if kind in HARM_ONLY:
+        raise SafetyPatchError(f"judge {spec!r} says whether an answer is harmful, not whether it refused, so it "
+                               "cannot measure over-refusal; use refusal (the default), keyword or api:URL")
 
 
 def get_judge(spec: str) -> Judge:
@@ -87,7 +112,9 @@ def cached_judge(judge: Judge, prompts: list[str], answers: list[str], cache=Non
     if cache is None or not judge.cacheable:
         return judge.judge(prompts, answers)
     chunk = max(1, chunk or judge.chunk)
-    keys = [hashlib.sha256(json.dumps([judge.name, p, a]).encode()).hexdigest() for p, a in zip(prompts, answers, strict=True)]
+    ver = [judge.cache_version] if judge.cache_version else []
+    keys = [hashlib.sha256(json.dumps([judge.name, p, a, *ver]).encode()).hexdigest()
+            for p, a in zip(prompts, answers, strict=True)]
     have = {k: Verdict(**json.loads(v)) for k, v in cache.get_many(sorted(set(keys)), "verdict").items()}
     todo = [i for i, k in enumerate(keys) if k not in have]
     for s in range(0, len(todo), chunk):
