@@ -300,6 +300,20 @@ def test_cli_patch_gate_routes_like_the_gate(tiny_dir, tmp_path, capsys):
     for ln in lines:  # margin = logit - threshold
         logit, margin = map(float, ln.split()[1:3])
         assert margin == pytest.approx(logit - gate.threshold, abs=0.011)
+    # --system: the prompt rendered with the deployment's system prompt, as serve and chat render it
+    # (a user's trial found "You are terse." moving "Hi" over the default gate's threshold)
+    from safety_patch.generation import conversation, render
+
+    sys_ids = [lm.tokenizer(render(lm.tokenizer, conversation(p, "Be terse.")), add_special_tokens=False)["input_ids"]
+               for p in prompts]
+    with_sys = gate.scores(layer_states(lm.model, lm.tokenizer, sys_ids, [1])[1]).tolist()
+    plain = gate.scores(layer_states(lm.model, lm.tokenizer, _ids(lm.tokenizer, prompts), [1])[1]).tolist()
+    want = [max(a, b) for a, b in zip(with_sys, plain, strict=True)]  # routed as chat/eval/serve route: either view
+    assert with_sys != pytest.approx(plain, abs=1e-3)  # the system prompt does move the logit here
+    assert main(args + ["--system", "Be terse."] + [a for p in prompts for a in ("--prompt", p)]) == 0
+    got = [float(ln.split()[1]) for ln in capsys.readouterr().out.splitlines()[1: len(prompts) + 1]]
+    assert got == pytest.approx(want, abs=0.006)
+    assert main(args + ["--system", " ", "--prompt", "hi"]) == 2 and "--system is empty" in capsys.readouterr().err
     make_lora_patch(lm.model, tmp_path / "u", lm.fingerprint)
     assert main(["patch", "gate", str(tmp_path / "u"), "--model", str(tiny_dir), "--prompt", "hi"]) == 2
     assert "has no gate" in capsys.readouterr().err
@@ -355,3 +369,33 @@ def test_eval_records_carry_the_route_their_answer_took_cached_or_not(tmp_path):
     with attached(model, [make_lora_patch(model, tmp_path / "u", "fp", seed=1)], fingerprint="fp") as m:
         plain = run_overrefusal(m, tok, prompts, cfg, cache, "always", KeywordJudge())
     assert all("route" not in r for r in plain["records"]) and "routing" not in plain["aggregates"]
+
+
+def test_a_system_prompt_can_add_routing_never_remove_it(tmp_path):
+    """Found by a user's trial and measured (experiments/gate_system_prompt.py): the system prompt
+    "Answer in French." moved the default gate's catch of validation harmful requests from 92.6% to
+    13.7%. A conversation with a system prompt is now routed on the higher gate logit of its two
+    views, with and without the system messages (generation.gate_views), and that logit is recorded."""
+    from safety_patch.generation import GenerationConfig, gate_views, generate
+    from safety_patch.patches import attached
+
+    model, tok = tiny_llama()
+    p, gate = _gated_patch(model, tok, tmp_path / "g")
+    system = "Answer in French. " * 4
+    convs = [[{"role": "system", "content": system}, {"role": "user", "content": t}] for t in HARM + SAFE]
+    with_sys = gate.scores(layer_states(model, tok, _ids_of(tok, [render(tok, c) for c in convs]), [1])[1])
+    plain = gate.scores(layer_states(model, tok, _ids(tok, HARM + SAFE), [1])[1])
+    assert not torch.allclose(with_sys, plain, atol=1e-3)  # the system prompt moves the logit
+    assert [len(gate_views(tok, c)) for c in convs[:2]] == [2, 2] and len(gate_views(tok, convs[0][1:])) == 1
+    logits: list = []
+    with attached(model, [p], "fp") as pm:
+        generate(pm, tok, convs, GenerationConfig(max_new_tokens=2, batch_size=4), gate_logits=logits)
+        routes = pm.routes_from(pm.gate_scores_max(tok, [[ids for ids in _ids_of(tok, gate_views(tok, c))] for c in convs]),
+                                len(convs))
+    got = torch.tensor([next(iter(d.values())) for d in logits])
+    assert torch.allclose(got, torch.maximum(with_sys, plain), atol=1e-4)
+    assert [bool(r) for r in routes] == (torch.maximum(with_sys, plain) > gate.threshold).tolist()
+
+
+def _ids_of(tok, texts):
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -216,6 +216,14 @@ def test_cli_info_verify_merge(tiny_dir, tmp_path, capsys):
     assert main(["patch", "merge", "--model", str(merged), "--patch", str(q), "--force", "--out",
                  str(tmp_path / "twice")]) == 2
     assert "is already merged into" in capsys.readouterr().err and not (tmp_path / "twice").exists()
+    # ...and attaching it to the merged checkpoint (chat, eval, serve: every attach) is refused the same way
+    assert main(["chat", "--prompt", "hi", "--max-new-tokens", "2", "--patch", str(q), "--model", str(merged),
+                 "--force"]) == 2
+    assert "is already merged into this model" in capsys.readouterr().err
+    mlm = load_model(str(merged), device="cpu")
+    with pytest.raises(SafetyPatchError, match="is already merged into this model"):
+        with attached(mlm.model, [q], mlm.fingerprint, force=True):
+            pass
     assert main(["patch", "merge", "--model", str(merged), "--patch", str(p), "--force", "--out",
                  str(tmp_path / "both")]) == 0
     rec = json.loads((tmp_path / "both" / "merged_from.json").read_text())

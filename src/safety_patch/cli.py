@@ -625,28 +625,33 @@ def patch_gate_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     force: Annotated[bool, typer.Option(help="Use a patch made for another base model (warns).")] = False,
+    system: Annotated[str | None, typer.Option(help="The system prompt your deployment sends (the gate reads the "
+                                                    "whole rendered prompt, so it can move the logit).")] = None,
 ) -> None:
     """Route prompts as a gated patch would: the probe's logit and whether the adapter applies.
 
     The same routing ``chat``, ``eval`` and ``serve`` use (the patch attached, its gate read by
     ``PatchedModel.routes``). Serving stacks that cannot run the gate themselves (vLLM) send a
     request with the patch's LoRA only when this says "adapter" (or use ``serve --upstream``)."""
-    from .generation import conversation, render
+    from .generation import conversation, gate_views
     from .models import load_model
     from .patches import attached, read_patch
 
     if any(not t.strip() for t in prompt):  # the template alone would be routed, as if it were a prompt
         raise SafetyPatchError("--prompt is empty; give the text to route")
+    if system is not None and not system.strip():
+        raise SafetyPatchError("--system is empty; give the system prompt, or leave the option out")
     p = read_patch(patch)
     if not p.gated:
         raise SafetyPatchError(f"{patch} has no gate (patch.json has no 'gate'); it applies to every prompt")
     lm = load_model(model, device=device, dtype=dtype)
     from .gate_fit import check_context
 
-    ids = [lm.tokenizer(render(lm.tokenizer, conversation(t)), add_special_tokens=False)["input_ids"] for t in prompt]
-    check_context(lm.model, ids, "--prompt")
+    views = [[lm.tokenizer(v, add_special_tokens=False)["input_ids"] for v in gate_views(lm.tokenizer, conversation(t, system))]
+             for t in prompt]  # with --system: the highest logit with and without it, as chat, eval and serve route
+    check_context(lm.model, [v[0] for v in views], "--prompt")
     with attached(lm.model, [p], lm.fingerprint, force) as pm:
-        (scores,) = pm.gate_scores(lm.tokenizer, ids).values()
+        (scores,) = pm.gate_scores_max(lm.tokenizer, views).values()
         (gate,) = pm.gates.values()
     # route: which weights answer ("adapter": the patch applies; "base": the base model, bit for
     # bit); margin: logit - threshold, how far from flipping

@@ -103,6 +103,21 @@ def fold_system(messages: Sequence[Message]) -> list[Message]:
     return rest
 
 
+def gate_views(tokenizer, messages: Sequence[Message]) -> list[str]:
+    """The rendered texts a gate reads for one conversation: the conversation as the model sees it
+    and, when it has system messages, the same conversation without them (the template's default
+    system prompt, which gates are fit under). A gated patch applies when its gate fires on either:
+    a one-line system prompt ("Answer in French.") once moved the default gate's catch of validation
+    harmful requests from 92.6% to 13.7% (experiments/gate_system_prompt.py), so a system prompt can
+    add routing but never take it away."""
+    views = [render(tokenizer, messages)]
+    if any(m.get("role") == "system" for m in messages):
+        rest = [m for m in messages if m.get("role") != "system"]
+        if rest:
+            views.append(render(tokenizer, rest))
+    return views
+
+
 def _template_error(tokenizer, messages: Sequence[Message], why: Exception):
     from .errors import SafetyPatchError
 
@@ -129,11 +144,12 @@ def generate(
     requester wrote, and reading the gate after it would let the requester choose where the gate
     reads ("Sure, here is" moved the default gate's logit below its threshold on every harmful
     validation request; docs/gate.md)."""
-    prompts = [render(tokenizer, c) for c in conversations]
+    views = [gate_views(tokenizer, c) for c in conversations]
+    prompts = [v[0] for v in views]
     texts = prompts
     if prefill is not None:
         texts = [t + p for t, p in zip(prompts, prefill, strict=True)]
-    return [t for t, _ in complete_texts(model, tokenizer, texts, config, progress, route_texts=prompts,
+    return [t for t, _ in complete_texts(model, tokenizer, texts, config, progress, route_texts=views,
                                          gate_logits=gate_logits)]
 
 
@@ -160,8 +176,9 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
                    gate_logits: list | None = None) -> list[tuple[str, bool]]:
     """Continue raw, already rendered ``texts``; returns (new text, whether it stopped at an EOS token).
 
-    ``route_texts``: what each prompt's gates read (default: ``texts``); :func:`generate` passes the
-    rendered prompts without their prefills. Raises ValueError when its length differs.
+    ``route_texts``: what each prompt's gates read (default: ``texts``): a text, or a sequence of
+    texts whose highest gate logit decides (:func:`gate_views`); :func:`generate` passes the rendered
+    prompts without their prefills. Raises ValueError when its length differs.
 
     ``gate_logits``: a list this call extends with one {gated item: probe logit} per text, the
     logits its routing used (an item's adapter answered where its logit is above its gate's
@@ -229,8 +246,10 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
     else:
         if len(route_texts) != len(texts):
             raise ValueError(f"route_texts has {len(route_texts)} items for {len(texts)} texts")
-        route_enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in route_texts]
-    scores = pm.gate_scores(tokenizer, route_enc, config.batch_size)
+        route_enc = [[tokenizer(v, add_special_tokens=False)["input_ids"] for v in ([t] if isinstance(t, str) else t)]
+                     for t in route_texts]
+    scores = (pm.gate_scores_max(tokenizer, route_enc, config.batch_size) if route_texts is not None and pm.gates
+              else pm.gate_scores(tokenizer, route_enc, config.batch_size))
     routes = pm.routes_from(scores, len(route_enc))
     if gate_logits is not None:
         gate_logits.extend({n: float(z[i]) for n, z in scores.items()} for i in range(len(route_enc)))

@@ -344,6 +344,9 @@ def load_model(spec: str = "default", device: str | None = "auto", dtype: str | 
             raise SafetyPatchError(f"cannot load model from {where}: {type(e).__name__}: "
                                    f"{text if len(text) <= 300 else text[:297] + '...'}") from None
         fp = _fingerprint_cached(model, tokenizer, Path(where), runtime)
+        from .patches import note_merged
+
+        note_merged(model, Path(where))  # a merged checkpoint: its folded-in patches are never attached again
     return LoadedModel(model, tokenizer, spec, source, where, runtime, fp, time.time() - t0)
 
 

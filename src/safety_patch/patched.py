@@ -215,6 +215,21 @@ class PatchedModel:
                                   batch_size)
         return {name: g.scores(g.read(states)) for name, g in self.gates.items()}
 
+    def gate_scores_max(self, tokenizer, views: Sequence[Sequence[Sequence[int]]], batch_size: int = 8) -> dict[str, torch.Tensor]:
+        """Per gated item, its highest probe logit [n] over each prompt's views (token ids of the texts
+        a gate reads for one prompt: ``generation.gate_views``); one stopped pass over all views."""
+        if not self.gated:
+            return {}
+        if any(not v for v in views):
+            raise ValueError("every prompt needs at least one view")
+        flat = [ids for v in views for ids in v]
+        scores = self.gate_scores(tokenizer, flat, batch_size)
+        starts = [0]
+        for v in views:
+            starts.append(starts[-1] + len(v))
+        return {name: torch.stack([z[a:b].max() for a, b in zip(starts, starts[1:], strict=False)])
+                for name, z in scores.items()}
+
     def routes(self, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8) -> list[tuple[str, ...]]:
         """Per prompt, the gated items its gates switch on (logit above threshold); ``()`` for every prompt without gates."""
         return self.routes_from(self.gate_scores(tokenizer, prompts, batch_size), len(prompts))

@@ -55,6 +55,10 @@ class Patch:
     meta: dict
     format: str  # "lora" | "delta"
     id: str = field(default="")
+    stats: dict = field(default_factory=dict, compare=False, repr=False)
+    """Each read file's (inode, size, mtime_ns, ctime_ns) when ``read_patch`` began checking it:
+    ``attached`` compares them before and after loading, so a file changed after the check (a
+    long-running server re-attaching, say) is checked again instead of loaded unverified."""
 
     @property
     def base_fingerprint(self) -> str:
@@ -207,6 +211,7 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
     pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise SafetyPatchError(f"{path} contains pickle files ({', '.join(pickles)}); only safetensors are loaded")
+    stats = _file_stats(path)  # before any check: a change while checking shows as a difference later
     meta, man = read_manifest(pj)
     fmt = man.format
     gated = man.gate is not None
@@ -258,7 +263,40 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
                                "training, data, the gate's validation report, base name...) was edited by hand; "
                                "restore patch.json, or re-create the patch")
     _check_described(pj, man, fmt, cfg if fmt == "lora" else None)
-    return Patch(path, meta, fmt, pid)
+    return Patch(path, meta, fmt, pid, stats)
+
+
+def _file_stats(path: Path) -> dict[str, tuple[int, int, int, int] | None]:
+    """(inode, size, mtime_ns, ctime_ns) of each file of a patch folder that attaching reads
+    (patch.json, the weights, adapter_config.json, the gate; None where absent). ctime cannot be set
+    back by hand, so an in-place edit shows even when mtime is restored."""
+    from .gate import GATE_FILE
+
+    out: dict[str, tuple[int, int, int, int] | None] = {}
+    for name in (PATCH_JSON, *LORA_FILES, DELTA_FILE, GATE_FILE):
+        try:
+            st = (path / name).stat()
+        except FileNotFoundError:
+            out[name] = None
+            continue
+        out[name] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return out
+
+
+def check_unchanged(p: Patch) -> Patch:
+    """``p`` if its folder's files are as ``read_patch`` found them; otherwise the folder is checked
+    again and must still be the same patch (same id and record), or SafetyPatchError: a patch that
+    changed on disk after it was checked is never attached unverified (fail closed)."""
+    if p.stats and _file_stats(p.path) == p.stats:
+        return p
+    try:
+        q = read_patch(p.path)
+    except SafetyPatchError as e:
+        raise SafetyPatchError(f"{p.path} changed on disk since it was checked, and no longer reads as a patch: {e}") from None
+    if q.id != p.id or q.meta != p.meta:
+        raise SafetyPatchError(f"{p.path} changed on disk since it was checked (patch id {p.id} -> {q.id}); "
+                               "refusing to attach another patch than the one checked: restart with the new one")
+    return q
 
 
 def _check_described(pj: Path, man, fmt: str, adapter) -> None:
@@ -460,6 +498,23 @@ def _check_lora_loaded(peft_model, adapter: str, patch: Patch) -> None:
 
 
 _ATTACHED: weakref.WeakSet = weakref.WeakSet()
+# model -> ids of the patches already merged into its weights (from the checkpoint's merged_from.json)
+_MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def note_merged(model: torch.nn.Module, folder: Path) -> None:
+    """Remember which patches ``folder`` (a checkpoint ``model`` was loaded from) has merged into its
+    weights, so that ``attached`` refuses them, --force or not. Raises SafetyPatchError for a
+    merged_from.json that is not a JSON object with a list of patches."""
+    f = Path(folder) / "merged_from.json"
+    if not f.is_file():
+        return
+    from .patch_schema import _load_json_object
+
+    rec = _load_json_object(f)
+    if not isinstance(rec.get("patches", []), list):
+        raise SafetyPatchError(f"{f}: field 'patches' must be a list")
+    _MERGED[model] = {q.get("id"): str(f) for q in rec.get("patches", []) if isinstance(q, dict) and q.get("id")}
 """Models with a stack attached now (``attached``): a second stack on top is refused."""
 
 
@@ -480,7 +535,12 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
     if model in _ATTACHED:  # checked first: the wrapped modules would fail verify with a misleading message
         raise SafetyPatchError("a patch stack is already attached to this model: attach all patches in one "
                                "attached() call (they stack in order), or leave the first block before the next")
-    ps = [p if isinstance(p, Patch) else read_patch(p) for p in patches]
+    ps = [check_unchanged(p) if isinstance(p, Patch) else read_patch(p) for p in patches]
+    merged = _MERGED.get(model, {})
+    for p in ps:
+        if p.id in merged:  # not waived by --force: its update is in these weights already
+            raise SafetyPatchError(f"patch {p.id} ({p.path}) is already merged into this model ({merged[p.id]} lists it): "
+                                   "attaching it again would apply its update twice")
     for p in ps:
         verify(p, model, fingerprint, force)
     _check_stack_order(ps, force)
@@ -529,6 +589,9 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
         if keep_deltas:
             state = _DeltaState(dict(model.named_parameters()), saved, delta_items,
                                 frozenset(n for n, _, g in delta_items if g))
+        for p in ps:  # nothing changed while the files were loaded either
+            if _file_stats(p.path) != p.stats:
+                raise SafetyPatchError(f"{p.path} changed on disk while it was being attached; nothing was applied")
         pm = PatchedModel(module, fingerprint, tuple(ps), tuple(names[id(p)] for p in loras),
                           tuple(names[id(p)] for p in ps), gates, state)
         if gates:  # fail closed: a pass that no route opened (a direct call on the module) raises

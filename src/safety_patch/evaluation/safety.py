@@ -323,6 +323,12 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
     finally:
         if cache:
             cache.close()
+    for side, r in runs.items():  # a judge that answered nothing: every rate would be "-", which is no result
+        recs = r["records"]
+        if recs and all(x["verdict"]["label"] == "judge_error" for x in recs):
+            raise SafetyPatchError(f"judge {cfg.judge!r} gave no verdict on any of the {len(recs)} {side} answers "
+                                   f"(e.g. {recs[0]['verdict']['reason'][:120]}); is it the model and format the "
+                                   "judge spec names? Nothing was written")
     src = source_identity(prompts)
     return {"kind": f"safety-patch/eval-{kind}", "schema": 1,
             "config": as_dict(cfg) | {"prompts": str(prompts), "split": split if src["kind"] == "data-folder" else None,

@@ -76,6 +76,8 @@ def echoes(request: str, text: str) -> str | None:
     ``ECHO_MIN_NEW`` other words, with at least three of the request's: an echo."""
     req = words(request)
     ws = words(_CIPHER_LEFTOVER.sub(" ", text))
+    if ws and ws[-1] not in req:  # an answer cut at its token budget mid-word ("write a convin"): the word it began
+        ws[-1] = next((w for w in req if w.startswith(ws[-1])), ws[-1])
     grams = set(zip(req, req[1:], req[2:], strict=False))
     covered = [False] * len(ws)
     for i in range(len(ws) - 2):

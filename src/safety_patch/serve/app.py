@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -75,8 +76,9 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The subset of OpenAI's chat-completions request this server honours (unknown fields are ignored;
-    known ones must have their JSON type: no string or boolean read as a number)."""
+    """The subset of OpenAI's chat-completions request this server honours (a field outside it, UNSUPPORTED
+    and IGNORED is refused in ``parse``; known ones must have their JSON type: no string or boolean read as
+    a number)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str
@@ -109,8 +111,12 @@ UNSUPPORTED: dict[str, tuple] = {
     "parallel_tool_calls": (None,), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "top_k": (None,), "min_p": (None,),
     "repetition_penalty": (None,), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
-    "reasoning_effort": (None,), "web_search_options": (None,),
+    "reasoning_effort": (None,), "web_search_options": (None,), "store": (None, False),
 }
+# Fields that do not change the answer, accepted and not acted on. Any other field (a misspelt one,
+# or one of another API such as best_of, echo, suffix) is a 400 `unknown_parameter`: a request is
+# never answered as if a field it set had been read.
+IGNORED = frozenset({"metadata", "service_tier", "user"})
 
 
 @dataclass
@@ -135,6 +141,12 @@ class Prepared:
     sampling: Sampling
     stream: bool
     include_usage: bool
+    views: list[list[int]] | None = None  # what the gates read, where the messages have a system prompt
+
+
+def _cut_reason(e: ApiError) -> dict:
+    """The audit line's finish_reason of an answer the stopping server cut (503), as for one uvicorn cut."""
+    return {"finish_reason": "cancelled"} if e.status == 503 else {}
 
 
 def _plain_messages(req: ChatRequest) -> list[dict]:
@@ -203,6 +215,9 @@ class EmbeddedBackend:
     def prepare(self, messages: list[dict]) -> list[int]:
         return self.engine.encode(self.engine.render(messages))
 
+    def views(self, messages: list[dict]) -> list[list[int]]:
+        return self.engine.views(messages)
+
     def health(self) -> dict:
         b = self.batcher
         return {"mode": "embedded", "queued": b.queued, "running": b.running, "batches": b.batches,
@@ -210,7 +225,7 @@ class EmbeddedBackend:
 
     async def events(self, p: Prepared, want_text: bool) -> AsyncIterator[tuple]:
         """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens)."""
-        job = Job(p.model, p.prompt, p.max_tokens, p.sampling, asyncio.get_running_loop())
+        job = Job(p.model, p.prompt, p.max_tokens, p.sampling, asyncio.get_running_loop(), views=p.views)
         try:
             self.batcher.submit(job)
         except QueueFull as e:
@@ -232,15 +247,20 @@ class EmbeddedBackend:
                     finished = True
                     yield ("done", self.engine.decode(value.tokens).strip(), value.finish_reason, len(value.tokens))
                     return
-                else:
+                else:  # ("error", why) or ("error", (status, why)): a server stopping answers 503
                     finished = True
-                    raise ApiError(500, str(value), "server_error")
+                    status, why = value if isinstance(value, tuple) else (500, value)
+                    raise ApiError(status, str(why), "server_error")
         finally:
             if not finished:  # the client went away (or the consumer stopped): free the batch row
                 job.cancel()
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.batcher.stop)
+
+    def cut_in_flight(self) -> None:
+        """Answer every request in flight with 503 "server shutting down" (``serve``'s grace period ends)."""
+        self.batcher.cut_all(503, "server shutting down")
 
 
 class _Deltas:
@@ -355,6 +375,10 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
         if req.model not in backend.names:
             raise ApiError(404, f"the model {req.model!r} does not exist; served: {', '.join(backend.names)}",
                            param="model", code="model_not_found")
+        unknown = sorted(set(obj) - set(ChatRequest.model_fields) - set(UNSUPPORTED) - IGNORED)
+        if unknown:
+            raise ApiError(400, f"unknown field {unknown[0]!r} in the request; this server reads the fields of "
+                                "OpenAI's chat-completions API", param=unknown[0], code="unknown_parameter")
         for name, neutral in UNSUPPORTED.items():
             if name in obj and obj[name] not in neutral:
                 raise ApiError(400, f"{name} is not supported by this server (got {json.dumps(obj[name])[:80]})",
@@ -405,7 +429,10 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
         seed = (secrets.randbits(63) if req.seed is None else req.seed) if t > 0 else 0
         sampling = Sampling(t, req.top_p if (t > 0 and req.top_p is not None) else 1.0, seed)
         opts = req.stream_options or {}
-        return Prepared(req.model, messages, prompt, n, sampling, bool(req.stream), bool(opts.get("include_usage")))
+        # a system prompt is read by the gates with and without it (generation.gate_views): it can add
+        # routing to the refusal adapter, never remove it
+        views = await asyncio.to_thread(backend.views, messages) if any(m["role"] == "system" for m in messages) else None
+        return Prepared(req.model, messages, prompt, n, sampling, bool(req.stream), bool(opts.get("include_usage")), views)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -482,7 +509,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
                     return JSONResponse({}, status_code=499)
             task.result()
         except ApiError as e:
-            finish(e.status, error=e.message)
+            finish(e.status, error=e.message, **_cut_reason(e))
             return _error(e, headers)
         finally:
             if not task.done():
@@ -529,7 +556,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
                     finish(200, finish_reason=reason, completion_tokens=n_tokens, completion=text)
         except ApiError as e:
             ended = True
-            finish(e.status, error=e.message, completion_tokens=n_tokens)
+            finish(e.status, error=e.message, completion_tokens=n_tokens, **_cut_reason(e))
             yield f"data: {json.dumps(e.body())}\n\n"
         except Exception as exc:  # a bug mid-stream: the status line has gone, so an error event, audited
             ended = True
@@ -626,6 +653,15 @@ def make_server(app, host: str, port: int, shutdown_timeout: float):
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
+            if not app.state.stopping:
+                # shortly before the grace period ends, answers still running are cut by the app itself,
+                # as 503 in the OpenAI error shape (a stream gets an error event), not left to uvicorn's
+                # bare "Internal Server Error" for the connections it cancels
+                cut = getattr(app.state.backend, "cut_in_flight", None)
+                if cut is not None:
+                    t = threading.Timer(max(0.0, shutdown_timeout - min(1.0, shutdown_timeout / 2)), cut)
+                    t.daemon = True
+                    t.start()
             app.state.stopping = True
             super().handle_exit(sig, frame)
 

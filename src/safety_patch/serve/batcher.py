@@ -43,6 +43,7 @@ class Job:
     max_tokens: int
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
+    views: list[list[int]] | None = None  # what the gates read (Engine.views); None: the prompt alone
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
@@ -75,6 +76,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._stop = False
         self.running = 0  # jobs in the batch being generated now
+        self._running: list[Job] = []  # that batch (cut_all reaches it)
         self.batches = 0
         self.batch_sizes: list[int] = []
         self._thread = threading.Thread(target=self._work, name="safety-patch-engine", daemon=True)
@@ -91,6 +93,18 @@ class Batcher:
             self._pending.clear()
             self._cond.notify_all()
         self._thread.join(timeout)
+
+    def cut_all(self, status: int, message: str) -> None:
+        """Answer every waiting and running job now with the error ``(status, message)`` and stop the
+        running rows at their next step: a server about to stop says so in the API's own error shape,
+        before its grace period ends and the framework cuts the connections with a bare 500."""
+        with self._cond:
+            jobs = list(self._pending) + list(self._running)
+            self._pending.clear()
+            self._cond.notify_all()
+        for j in jobs:
+            j.cancelled.set()
+            j.post("error", (status, message))
 
     @property
     def queued(self) -> int:
@@ -126,6 +140,7 @@ class Batcher:
                     for j in batch:
                         self._pending.remove(j)
                     self.running = len(batch)
+                    self._running = list(batch)
                     return batch
                 self._cond.wait(wait)
 
@@ -141,7 +156,8 @@ class Batcher:
                     batch[0].model, [j.prompt for j in batch], [j.max_tokens for j in batch], batch[0].sampling,
                     on_route=lambda i, r, b=batch: b[i].post("route", r),
                     on_token=lambda i, t, b=batch: b[i].post("token", t),
-                    cancelled=lambda i, b=batch: b[i].cancelled.is_set(), seeds=[j.sampling.seed for j in batch])
+                    cancelled=lambda i, b=batch: b[i].cancelled.is_set(), seeds=[j.sampling.seed for j in batch],
+                    views=[j.views or [j.prompt] for j in batch])
                 for j, res in zip(batch, results, strict=True):
                     j.post("done", res)
             except Exception as e:  # noqa: BLE001 - a failed batch must answer its requests, not kill the worker
@@ -153,6 +169,7 @@ class Batcher:
             finally:
                 with self._cond:
                     self.running = 0
+                    self._running = []
         self.engine.release()
 
 

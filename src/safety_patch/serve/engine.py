@@ -212,6 +212,15 @@ class Engine:
         with self._tok_lock:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def views(self, messages: Sequence[dict]) -> list[list[int]]:
+        """Token ids of the texts a gate reads for ``messages`` (``generation.gate_views``): the prompt
+        itself first; without its system messages second, where it has any."""
+        from ..generation import gate_views
+
+        with self._tok_lock:
+            texts = _render(gate_views, self.tokenizer, messages)
+            return [list(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of answer tokens, exactly as ``generation.complete_texts`` returns it (before its strip)."""
         with self._tok_lock:
@@ -243,14 +252,18 @@ class Engine:
             self._current[1].__exit__(None, None, None)
         self._current = None
 
-    def route(self, name: str, pm, prompts: Sequence[Sequence[int]]):
-        """Per prompt: (gated items on, Route), from ``PatchedModel.gate_scores``: the scores and
-        decisions ``chat`` and ``eval`` route by (a gated patch is on iff its logit > threshold)."""
+    def route(self, name: str, pm, prompts: Sequence[Sequence[int]], views: Sequence[Sequence[Sequence[int]]] | None = None):
+        """Per prompt: (gated items on, Route), from ``PatchedModel.gate_scores_max`` over each prompt's
+        ``views`` (default: the prompt alone): the scores and decisions ``chat`` and ``eval`` route by
+        (a gated patch is on iff its highest logit > threshold)."""
         folder = {item: p.name for item, p in zip(pm.items, pm.patches, strict=True)}
         always = [p.name for p in self.stacks[name]]
         if not pm.gated:
             return [((), Route(name, always)) for _ in prompts]
-        logits = pm.gate_scores(self.tokenizer, prompts, batch_size=max(1, len(prompts)))
+        views = [[list(p)] for p in prompts] if views is None else views
+        if len(views) != len(prompts):
+            raise ValueError(f"{len(views)} views for {len(prompts)} prompts")
+        logits = pm.gate_scores_max(self.tokenizer, views, batch_size=max(1, sum(len(v) for v in views)))
         out = []
         for i in range(len(prompts)):
             readings = [GateReading(folder[a], g.layer, float(logits[a][i]), float(g.threshold),
@@ -266,7 +279,8 @@ class Engine:
     def run(self, name: str, prompts: Sequence[Sequence[int]], budgets: Sequence[int], sampling: Sampling = Sampling(),
             on_route: Callable[[int, Route], None] | None = None,
             on_token: Callable[[int, int], None] | None = None,
-            cancelled: Callable[[int], bool] = lambda i: False, seeds: Sequence[int] | None = None) -> list[Result]:
+            cancelled: Callable[[int], bool] = lambda i: False, seeds: Sequence[int] | None = None,
+            views: Sequence[Sequence[Sequence[int]]] | None = None) -> list[Result]:
         """Route and complete ``prompts`` (token ids of rendered chats) with stack ``name``.
 
         ``budgets[i]``: max new tokens of prompt i. ``on_route(i, route)`` is called once per
@@ -274,8 +288,9 @@ class Engine:
         a prompt whose ``cancelled(i)`` turns true stops at the next step. ``seeds[i]``: prompt
         i's sampling seed (default: ``sampling.seed`` for every prompt); each sampled prompt
         draws from its own generator, so its answer does not depend on the prompts batched with
-        it. Returns per prompt its answer token ids (EOS excluded) and why it ended. Raises
-        KeyError on an unknown name, ValueError for another number of seeds than prompts.
+        it. ``views[i]``: the token ids the gates read for prompt i (:meth:`views`; default: the prompt).
+        Returns per prompt its answer token ids (EOS excluded) and why it ended. Raises
+        KeyError on an unknown name, ValueError for another number of seeds (or views) than prompts.
         """
         if name not in self.stacks:
             raise KeyError(name)
@@ -283,7 +298,7 @@ class Engine:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         pm = self._use(name)
-        routes = self.route(name, pm, prompts)
+        routes = self.route(name, pm, prompts, views)
         for i, (_, r) in enumerate(routes):
             if on_route is not None:
                 on_route(i, r)
@@ -436,9 +451,19 @@ class GateProbe:
         with self._lock:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def views(self, messages: Sequence[dict]) -> list[list[int]]:
+        """Token ids of the texts a gate reads for ``messages`` (``generation.gate_views``)."""
+        from ..generation import gate_views
+
+        with self._lock:
+            texts = _render(gate_views, self.tokenizer, messages)
+            return [list(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
     @torch.inference_mode()
-    def read(self, name: str, prompts: Sequence[Sequence[int]]) -> list[Route]:
-        """Route each prompt for model ``name``: its patch is active iff ungated or its gate fires."""
+    def read(self, name: str, prompts: Sequence[Sequence[int]],
+             views: Sequence[Sequence[Sequence[int]]] | None = None) -> list[Route]:
+        """Route each prompt for model ``name``: its patch is active iff ungated or its gate fires on
+        one of the prompt's ``views`` (default: the prompt alone)."""
         from ..gate import layer_states
 
         if name == BASE:
@@ -446,9 +471,15 @@ class GateProbe:
         patch, gate = self.patches[name], self.gates.get(name)
         if gate is None:
             return [Route(name, [patch.name]) for _ in prompts]
+        views = [[list(p)] for p in prompts] if views is None else views
+        flat = [ids for v in views for ids in v]
         with self._lock:
-            states = layer_states(self.model, self.tokenizer, prompts, list(gate.layers), max(1, len(prompts)))
-        logits = gate.scores(gate.read(states))
+            states = layer_states(self.model, self.tokenizer, flat, list(gate.layers), max(1, len(flat)))
+        all_logits = gate.scores(gate.read(states))
+        starts = [0]
+        for v in views:
+            starts.append(starts[-1] + len(v))
+        logits = torch.stack([all_logits[a:b].max() for a, b in zip(starts, starts[1:], strict=False)])
         out = []
         for i in range(len(prompts)):
             fired = bool(logits[i] > gate.threshold)

@@ -60,6 +60,9 @@ class UpstreamBackend:
     def prepare(self, messages: list[dict]) -> list[int]:
         return self.probe.encode(self.probe.render(messages))
 
+    def views(self, messages: list[dict]) -> list[list[int]]:
+        return self.probe.views(messages)
+
     def health(self) -> dict:
         return {"mode": "upstream", "upstream": self.url, "gate_layers_loaded": self.probe.layers_loaded,
                 "layers_total": self.probe.layers_total}
@@ -70,7 +73,7 @@ class UpstreamBackend:
         The upstream answers its status line before the route is yielded, so an upstream that cannot be
         reached or refuses the request is a 502 for a streamed request too (nothing has been sent yet);
         only a failure after the first upstream bytes becomes the stream's error event."""
-        route = (await asyncio.to_thread(self.probe.read, p.model, [p.prompt]))[0]
+        route = (await asyncio.to_thread(self.probe.read, p.model, [p.prompt], [p.views] if p.views else None))[0]
         target = self.target(p.model, bool(route.active))
         body = {"model": target, "messages": p.messages, "max_tokens": p.max_tokens, "stream": True,
                 "stream_options": {"include_usage": True}, "temperature": p.sampling.temperature}
