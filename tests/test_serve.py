@@ -131,6 +131,18 @@ def live(world):
     srv.stop()
 
 
+def _stoppable(app, shutdown_timeout: float):
+    """``make_server``'s server (as ``serve`` runs it) for ``app`` in a thread on a free port: (server, thread, url)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = make_server(app, "127.0.0.1", 0, shutdown_timeout=shutdown_timeout)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def _audit(srv) -> list[dict]:
     return [json.loads(line) for line in Path(srv.audit).read_text().splitlines()]
 
@@ -401,14 +413,7 @@ def test_a_stop_signal_lets_answers_finish_then_cuts_them_as_the_servers_doing(w
 
     audit = tmp_path / "audit.jsonl"
     app = create_app(live.backend, ServeConfig(max_tokens_limit=450, audit_path=str(audit)))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = make_server(app, "127.0.0.1", 0, shutdown_timeout=0.2)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
+    server, thread, url = _stoppable(app, 0.2)
     hook = live.backend.engine.base_model.model.layers[0].register_forward_pre_hook(lambda *_: time.sleep(0.005))
     try:
         body = {"model": "base", "messages": _user(SAFE[1]), "max_tokens": 440, "stream": True}
@@ -648,14 +653,7 @@ def test_a_plain_answer_cut_at_shutdown_is_a_json_503(world, tmp_path):
     audit = tmp_path / "audit.jsonl"
     backend = build_embedded(world["model"], {}, device="cpu")  # its own: stopping the server closes it
     app = create_app(backend, ServeConfig(max_tokens_limit=450, audit_path=str(audit)))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = make_server(app, "127.0.0.1", 0, shutdown_timeout=0.4)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
+    server, thread, url = _stoppable(app, 0.4)
     hook = backend.engine.base_model.model.layers[0].register_forward_pre_hook(lambda *_: time.sleep(0.005))
     try:
         with ThreadPoolExecutor(1) as ex:
