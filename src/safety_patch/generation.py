@@ -826,8 +826,13 @@ def cached_generate(
         raise SafetyPatchError("cached generation needs a PatchedModel with a base fingerprint (its cache key); "
                                "wrap the base with PatchedModel.base(lm) or pass cache=None")
     pre = list(prefill) if prefill is not None else [""] * len(conversations)
+    # a gated answer to a conversation with a system prompt is routed on both gate views since
+    # 2026-12-03 (gate_views): one cached before then was routed on one view, so its key differs
+    def views_tag(c) -> str:
+        return "\x00gate-views-v2" if model.gated and any(m.get("role") == "system" for m in c) else ""
+
     keys = [
-        GenerationCache.key(model.fingerprint, model.key, render(tokenizer, c) + p, config)
+        GenerationCache.key(model.fingerprint, model.key, render(tokenizer, c) + p + views_tag(c), config)
         for c, p in zip(conversations, pre, strict=True)
     ]
     hits = cache.get_many(sorted(set(keys)))
