@@ -40,6 +40,13 @@ BASE_KEY = "base"
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
+def max_per_prompt(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """[len(counts)]: the highest of each prompt's ``counts[i]`` consecutive view scores in ``scores``
+    [sum(counts)] (the views of ``generation.gate_views``, flattened in prompt order)."""
+    groups = torch.split(scores, list(counts))
+    return torch.stack([g.max() for g in groups])
+
+
 @dataclass
 class _DeltaState:
     """Bookkeeping for weight-delta patches when one of them is gated.
@@ -222,13 +229,8 @@ class PatchedModel:
             return {}
         if any(not v for v in views):
             raise ValueError("every prompt needs at least one view")
-        flat = [ids for v in views for ids in v]
-        scores = self.gate_scores(tokenizer, flat, batch_size)
-        starts = [0]
-        for v in views:
-            starts.append(starts[-1] + len(v))
-        return {name: torch.stack([z[a:b].max() for a, b in zip(starts, starts[1:], strict=False)])
-                for name, z in scores.items()}
+        scores = self.gate_scores(tokenizer, [ids for v in views for ids in v], batch_size)
+        return {name: max_per_prompt(z, [len(v) for v in views]) for name, z in scores.items()}
 
     def routes(self, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8) -> list[tuple[str, ...]]:
         """Per prompt, the gated items its gates switch on (logit above threshold); ``()`` for every prompt without gates."""

@@ -475,11 +475,9 @@ class GateProbe:
         flat = [ids for v in views for ids in v]
         with self._lock:
             states = layer_states(self.model, self.tokenizer, flat, list(gate.layers), max(1, len(flat)))
-        all_logits = gate.scores(gate.read(states))
-        starts = [0]
-        for v in views:
-            starts.append(starts[-1] + len(v))
-        logits = torch.stack([all_logits[a:b].max() for a, b in zip(starts, starts[1:], strict=False)])
+        from ..patched import max_per_prompt
+
+        logits = max_per_prompt(gate.scores(gate.read(states)), [len(v) for v in views])
         out = []
         for i in range(len(prompts)):
             fired = bool(logits[i] > gate.threshold)
