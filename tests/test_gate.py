@@ -399,3 +399,32 @@ def test_a_system_prompt_can_add_routing_never_remove_it(tmp_path):
 
 def _ids_of(tok, texts):
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_eval_results_say_which_folder_each_gate_name_is(tmp_path):
+    """Records name gates by routing item (``patch0``, ``delta0``); a stack of several patches left a
+    reader to guess which folder each was. ``provenance.patches[].item`` is the name the records use
+    (the same ``item_names`` that attaching numbers them by), and the table names each gate's folder."""
+    from safety_patch.evaluation.safety import EvalConfig, provenance, run_overrefusal, table
+    from safety_patch.judges.keyword import KeywordJudge
+    from safety_patch.models import LoadedModel
+    from safety_patch.patches import item_names
+    from safety_patch.testing import make_delta_patch
+
+    model, tok = tiny_llama()
+    g, gate = _gated_patch(model, tok, tmp_path / "g")
+    d = read_patch(make_delta_patch(model, tmp_path / "d", "fp", seed=2, scale=0.001))
+    u = read_patch(make_lora_patch(model, tmp_path / "u", "fp", seed=3, scale=0.1))
+    stack = [d, u, g]
+    prompts = [{"set": "h" if t in HARM else "s", "category": "c", "messages": [{"role": "user", "content": t}]}
+               for t in HARM + SAFE]
+    with attached(model, stack, fingerprint="fp") as m:
+        assert list(m.items) == item_names(stack) == ["delta0", "patch0", "patch1"]
+        run = run_overrefusal(m, tok, prompts, EvalConfig(max_new_tokens=2, batch_size=4), None, "s", KeywordJudge())
+    prov = provenance(LoadedModel.from_objects(model, tok), stack)
+    by_item = {q["item"]: q for q in prov["patches"]}
+    assert set(run["records"][0]["route"]["logits"]) == {"patch1"} and by_item["patch1"]["id"] == g.id
+    assert [q["id"] for q in prov["patches"]] == [d.id, u.id, g.id]
+    text = table({"kind": "safety-patch/eval-overrefusal", "runs": {"s": run}, "provenance": prov})
+    assert f"gate patch1 = {g.path} (id {g.id}, threshold {gate.threshold:+.3f})" in text
+    assert "gate patch0 =" not in text and "gate delta0 =" not in text  # only gated items have gates

@@ -614,3 +614,38 @@ def test_served_sampling_gives_each_request_its_seeds_answer_whatever_its_batch(
     assert finishes[:2] == ["length", "length"] and finishes[-1] == "cancelled" and len(ours[0][-1][0]) == 2
     with pytest.raises(ValueError, match="seeds"):
         engine.run("base", prompts[:2], budgets[:2], sampling, seeds=[1])
+
+
+def test_a_gate_stacked_with_an_always_on_patch_it_was_not_fit_with_is_warned_about(tmp_path, caplog):
+    """The gate reads the states of the base plus the stack's always-on patches; it was fit on its
+    base plus the patches it was trained on top of. Another always-on patch beside it makes its
+    routing unmeasured: said once (a server re-attaches its stacks), and not for a gate fit on top of it."""
+    import logging
+
+    from safety_patch import patches as patches_mod
+    from safety_patch.gate import fit_gate
+    from safety_patch.patches import finalize_patch
+
+    model, tok = tiny_llama()
+    g, _ = _gated_patch(model, tok, tmp_path / "g")
+    u = read_patch(make_lora_patch(model, tmp_path / "u", "fp", seed=2, scale=0.5))
+    caplog.set_level(logging.WARNING, logger="safety_patch.patches")
+    patches_mod._WARNED.clear()
+    with attached(model, [g], "fp"):
+        pass
+    assert not caplog.records  # a gated patch alone: its gate reads what it was fit on
+    for _ in range(2):
+        with attached(model, [u, g], "fp"):
+            pass
+    (rec,) = caplog.records
+    assert f"the gate of {g.path} was fit without the always-on patch(es) {u.path}" in rec.getMessage()
+    caplog.clear()
+    # a gated patch trained (and its gate fit) on top of u: u is in its stack, so nothing to say
+    top = make_lora_patch(model, tmp_path / "top", "fp", seed=3, scale=0.5, stack=[u.id])
+    gate, stats = fit_gate(model, tok, [render(tok, [{"role": "user", "content": t}]) for t in HARM],
+                           [render(tok, [{"role": "user", "content": t}]) for t in SAFE], 1, 0.0)
+    gate.save(top)
+    finalize_patch(top, "lora", {"name": "test", "fingerprint": "fp"}, method="lora", gate=stats, stack=[u.id])
+    with attached(model, [u, read_patch(top)], "fp"):
+        pass
+    assert not caplog.records

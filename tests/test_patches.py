@@ -230,6 +230,20 @@ def test_cli_info_verify_merge(tiny_dir, tmp_path, capsys):
     assert rec["base"]["fingerprint"] == lm.fingerprint and rec["merged_into"]["name"] == str(merged)
     assert [x["path"] for x in rec["patches"]] == [str(q), str(p)]
     assert {"code", "versions", "created"} <= set(rec)
+    # the record names the checkpoint's own fingerprint (what a patch trained on it binds to) ...
+    both = load_model(str(tmp_path / "both"), device="cpu")
+    assert rec["fingerprint"] == both.fingerprint != mlm.fingerprint and rec["dtype"] == "float32"
+    # ... so weights edited after the merge are refused: its list of merged patches is not theirs
+    from safetensors.torch import load_file, save_file
+
+    (w,) = (tmp_path / "both").glob("*.safetensors")
+    sd = load_file(str(w))
+    k = next(iter(sd))
+    sd[k] = sd[k] + 1e-3
+    save_file(sd, str(w), metadata={"format": "pt"})
+    with pytest.raises(SafetyPatchError, match=r"these weights are not the ones `patch merge` wrote \(merged_from.json "
+                                               r"records fingerprint " + rec["fingerprint"][:12]):
+        load_model(str(tmp_path / "both"), device="cpu")
 
 
 def test_vllm_lora_module_format(base, tmp_path):

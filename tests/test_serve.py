@@ -159,7 +159,12 @@ def test_reference_is_a_real_test(world):
 
 def test_models_and_health(live):
     c = live.client()
-    assert [m.id for m in c.models.list()] == ["base", "safety", "other", "combo", "delta"]
+    models = c.models.list()
+    assert [m.id for m in models] == ["base", "safety", "other", "combo", "delta"]
+    # each model names its patches by path and by id (a folder's name or path is not an identity)
+    for m in models:
+        facts = m.model_extra["safety_patch"]
+        assert facts["patch_ids"] == [read_patch(p).id for p in facts["patches"]], m.id
     h = httpx.get(live.url + "/health").json()
     assert h["status"] == "ok" and h["mode"] == "embedded"
 
@@ -188,6 +193,9 @@ def test_routing_and_tokens_match_chat(world, live):
                 assert header.startswith(f"decision={route['decision']}")
                 assert ("safety" in route["active_patches"]) == fired
                 assert ("other" in route["active_patches"]) == (name == "combo")
+                ids = {f: read_patch(world["root"] / f).id for f in ("safety", "other")}
+                assert g["patch_id"] == ids["safety"]
+                assert route["active_patch_ids"] == [ids[f] for f in route["active_patches"]]
             else:
                 assert route["gates"] == [] and route["decision"] == ("base" if name == "base" else "always")
             assert r.usage.completion_tokens <= N and r.choices[0].finish_reason in ("stop", "length")
@@ -198,9 +206,14 @@ def test_cli_chat_prints_what_the_server_answers(world, live, capsys):
     for prompt in (HARM[0], SAFE[1]):  # one the gate sends to the patch, one it does not
         assert main(["chat", "--model", world["model"], "--patch", str(world["gated"]), "--prompt", prompt,
                      "--max-new-tokens", str(N)]) == 0
-        printed = capsys.readouterr().out.strip()
+        out, err = capsys.readouterr()
         served = c.chat.completions.create(model="safety", messages=_user(prompt), max_tokens=N)
-        assert served.choices[0].message.content == printed
+        assert served.choices[0].message.content == out.strip()
+        # chat says on stderr where the gate sent the turn, as the server's body does
+        (gate,) = served.model_extra["safety_patch"]["gates"]
+        (route,) = [x for x in err.splitlines() if x.startswith("[route] ")]
+        assert route.startswith(f"[route] {world['gated'].name}: {'adapter' if gate['fired'] else 'base'} "
+                                f"(gate logit {gate['logit']:+.2f}, threshold {gate['threshold']:+.2f})"), route
 
 
 def test_streaming_equals_the_whole_answer(world, live):
@@ -355,6 +368,10 @@ def test_load_64_requests_8_clients_batched_no_leaks(world, live):
     lines = [r for r in _audit(live) if r["id"] not in before]
     assert sorted(r["id"] for r in lines) == sorted(ids) and len(set(ids)) == 64
     assert all(r["status"] == 200 and r["completion_tokens"] >= 1 and "messages" not in r for r in lines)
+    # the audit names the patches that answered by id too: a folder's name can be shared
+    stack_ids = {n: [read_patch(p).id for p in ps] for n, ps in world["stacks"].items()} | {"base": []}
+    assert all(set(r["active_patch_ids"]) <= set(stack_ids[r["model"]]) for r in lines)
+    assert any(r["active_patch_ids"] for r in lines)
     assert not any(PROMPTS[0] in json.dumps(r) for r in lines)  # no prompt text without --log-prompts
     batches = httpx.get(live.url + "/health").json()["batches"] - batches0
     assert batches < 64  # concurrent requests shared batches
@@ -672,3 +689,41 @@ def test_a_plain_answer_cut_at_shutdown_is_a_json_503(world, tmp_path):
     assert r.json()["error"]["message"] == "server shutting down"
     (line,) = [json.loads(x) for x in audit.read_text().splitlines()]
     assert (line["status"], line["error"], line["finish_reason"]) == (503, "server shutting down", "cancelled")
+
+
+def test_upstream_answers_cut_at_shutdown_are_503_in_the_api_shape(world, tmp_path):
+    """Upstream mode relays answers; at shutdown uvicorn cancelled the ones still running, a plain
+    500 (non-streamed) or a stream ended without an event. The app cuts them first, as in embedded
+    mode: a JSON 503 "server shutting down", a stream's error event, each audited as 503."""
+    import signal
+
+    slow = build_embedded(world["model"], {}, device="cpu")
+    hook = slow.engine.base_model.model.layers[0].register_forward_pre_hook(lambda *_: time.sleep(0.005))
+    standin = LiveServer(slow, ServeConfig(max_tokens_limit=450))
+    audit = tmp_path / "audit.jsonl"
+    backend = build_upstream(world["model"], {"safety": [str(world["gated"])]}, standin.url, "base", device="cpu")
+    server, thread, url = _stoppable(create_app(backend, ServeConfig(max_tokens_limit=450, audit_path=str(audit))), 0.4)
+    body = {"model": "base", "messages": _user(SAFE[1]), "max_tokens": 440}
+    try:
+        with ThreadPoolExecutor(1) as ex, httpx.Client(timeout=30) as h, \
+                h.stream("POST", url + "/v1/chat/completions", json=body | {"stream": True}) as s:
+            lines = s.iter_lines()
+            next(x for x in lines if x.startswith("data:") and '"content": "' in x)  # the stream is under way
+            fut = ex.submit(httpx.post, url + "/v1/chat/completions", timeout=30, json=body)
+            t0 = time.monotonic()
+            while sum(httpx.get(standin.url + "/health").json()[k] for k in ("queued", "running")) < 2:
+                assert time.monotonic() - t0 < 20  # the plain request is being relayed too
+                time.sleep(0.01)
+            server.handle_exit(signal.SIGTERM, None)
+            rest = [json.loads(x[5:]) for x in lines if x.startswith("data:") and x[5:].strip() != "[DONE]"]
+            r = fut.result(timeout=30)
+        thread.join(20)
+        assert not thread.is_alive()
+    finally:
+        hook.remove()
+        standin.stop()
+    assert rest and rest[-1]["error"]["message"] == "server shutting down"
+    assert r.status_code == 503 and r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["message"] == "server shutting down"
+    lines = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert [(x["status"], x["error"], x["finish_reason"]) for x in lines] == [(503, "server shutting down", "cancelled")] * 2

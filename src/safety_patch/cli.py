@@ -166,11 +166,27 @@ def chat(
         pm.close()  # detach before the process ends (the base restored exactly)
 
 
+def _route_line(pm, logits: dict[str, float]) -> str:
+    """One stderr line on how a gated stack routed a chat turn: per gate, its folder, logit,
+    threshold and whether its patch answered (``adapter``) or the base did (``base``)."""
+    folder = {item: p.path.name for item, p in zip(pm.items, pm.patches, strict=True)}
+    return "[route] " + "; ".join(
+        f"{folder[n]}: {'adapter' if logits[n] > g.threshold else 'base'} (gate logit {logits[n]:+.2f}, "
+        f"threshold {g.threshold:+.2f})" for n, g in pm.gates.items())
+
+
 def _chat(lm, pm, prompt: str | None, system: str | None, cfg) -> None:
     from .generation import conversation, generate
 
+    def answer(msgs) -> str:
+        logits: list[dict] = []
+        text = generate(pm, lm.tokenizer, [msgs], cfg, gate_logits=logits)[0]
+        if pm.gated:  # where the gate sent this turn: the answer alone does not say which weights wrote it
+            typer.echo(_route_line(pm, logits[0]), err=True)
+        return text
+
     if prompt is not None:
-        typer.echo(generate(pm, lm.tokenizer, [conversation(prompt, system)], cfg)[0])
+        typer.echo(answer(conversation(prompt, system)))
         return
     typer.echo("Interactive chat. /reset clears the history, /exit (or Ctrl-D) quits.", err=True)
     history: list[dict] = []
@@ -188,12 +204,12 @@ def _chat(lm, pm, prompt: str | None, system: str | None, cfg) -> None:
             continue
         msgs = conversation(line, system, history)
         try:
-            answer = generate(pm, lm.tokenizer, [msgs], cfg)[0]
+            reply = answer(msgs)
         except SafetyPatchError as e:  # a line too long for the context, or not text: say so, keep the session
             typer.echo(f"error: {e}", err=True)
             continue
-        typer.echo(f"bot> {answer}")
-        history.extend([{"role": "user", "content": line}, {"role": "assistant", "content": answer}])
+        typer.echo(f"bot> {reply}")
+        history.extend([{"role": "user", "content": line}, {"role": "assistant", "content": reply}])
 
 
 @app.command()

@@ -346,7 +346,7 @@ def load_model(spec: str = "default", device: str | None = "auto", dtype: str | 
         fp = _fingerprint_cached(model, tokenizer, Path(where), runtime)
         from .patches import note_merged
 
-        note_merged(model, Path(where))  # a merged checkpoint: its folded-in patches are never attached again
+        note_merged(model, Path(where), fp)  # a merged checkpoint: its folded-in patches are never attached again
     return LoadedModel(model, tokenizer, spec, source, where, runtime, fp, time.time() - t0)
 
 

@@ -466,6 +466,44 @@ def _check_stack_order(patches: Sequence[Patch], force: bool) -> None:
         seen.append(p.id)
 
 
+def item_names(patches: Sequence[Patch]) -> list[str]:
+    """Each patch's routing name in a stack, in stack order: LoRA adapters ``patch0``, ``patch1``, …
+    (PEFT adapter names) and weight deltas ``delta0``, …, each numbered among its own kind. The
+    keys of ``PatchedModel.gates`` and of the gate logits that ``generate`` and ``eval`` record."""
+    counts = {"lora": 0, "delta": 0}
+    out = []
+    for p in patches:
+        out.append(f"{'patch' if p.format == 'lora' else 'delta'}{counts[p.format]}")
+        counts[p.format] += 1
+    return out
+
+
+_WARNED: set[tuple[str, ...]] = set()
+
+
+def _warn_gate_reads_unfit_stack(patches: Sequence[Patch]) -> None:
+    """Log a warning for each gated patch stacked with an always-on patch its gate was not fit with.
+
+    A gate reads the hidden states of the base with the stack's ungated patches on
+    (``PatchedModel.gate_scores``); it was fit on the states of its base plus the patches it was
+    trained on top of (``stack``). Any other always-on patch shifts what it reads, so its routing
+    (and its threshold's false-positive rate) is unmeasured there: the stack still attaches (the
+    warning says to measure it with ``eval``/``gate eval``), since users stack an anchor patch below
+    a gated one on purpose."""
+    ungated = [p for p in patches if not p.gated]
+    for p in patches:
+        if not p.gated:
+            continue
+        unfit = [q for q in ungated if q.id not in p.stack]
+        key = (p.id, *(q.id for q in unfit))
+        if unfit and key not in _WARNED:  # once per process: a server re-attaches its stacks as requests switch
+            _WARNED.add(key)
+            log.warning("warning: the gate of %s was fit without the always-on patch(es) %s, which change the hidden "
+                        "states it reads: its routing in this stack is unmeasured (measure it: `safety-patch eval ... "
+                        "--patch` this stack; its routing table shows where the gate fires)",
+                        p.path, ", ".join(str(q.path) for q in unfit))
+
+
 def stack_key(patches: Sequence[Patch]) -> str:
     """Identity of an attached stack, for caches: ids in order."""
     return "+".join(p.id for p in patches)
@@ -502,9 +540,15 @@ _ATTACHED: weakref.WeakSet = weakref.WeakSet()
 _MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def note_merged(model: torch.nn.Module, folder: Path) -> None:
+def note_merged(model: torch.nn.Module, folder: Path, fingerprint: str | None = None) -> None:
     """Remember which patches ``folder`` (a checkpoint ``model`` was loaded from) has merged into its
-    weights, so that ``attached`` refuses them, --force or not. Raises SafetyPatchError for a
+    weights, so that ``attached`` refuses them, --force or not.
+
+    ``fingerprint``: the loaded model's. Where merged_from.json records the checkpoint's own
+    fingerprint (merges since 2026-12-04) and the model was loaded at a dtype that holds the saved
+    weights exactly (the saved dtype, or float32), they must be equal: other weights under this
+    record (a folder whose weight files were replaced or edited after the merge) would be described
+    by a list of merged patches that is not theirs. Raises SafetyPatchError for that, and for a
     merged_from.json that is not a JSON object with a list of patches."""
     f = Path(folder) / "merged_from.json"
     if not f.is_file():
@@ -514,6 +558,13 @@ def note_merged(model: torch.nn.Module, folder: Path) -> None:
     rec = _load_json_object(f)
     if not isinstance(rec.get("patches", []), list):
         raise SafetyPatchError(f"{f}: field 'patches' must be a list")
+    want, saved = rec.get("fingerprint"), rec.get("dtype")
+    loaded = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if fingerprint is not None and isinstance(want, str) and loaded in (saved, "float32") and fingerprint != want:
+        raise SafetyPatchError(f"{folder}: these weights are not the ones `patch merge` wrote (merged_from.json records "
+                               f"fingerprint {want[:12]}…, they hash to {fingerprint[:12]}…): its record of merged "
+                               "patches does not describe them; merge again, or remove merged_from.json if the "
+                               "weights were changed on purpose")
     _MERGED[model] = {q.get("id"): str(f) for q in rec.get("patches", []) if isinstance(q, dict) and q.get("id")}
 """Models with a stack attached now (``attached``): a second stack on top is refused."""
 
@@ -544,9 +595,10 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
     for p in ps:
         verify(p, model, fingerprint, force)
     _check_stack_order(ps, force)
+    _warn_gate_reads_unfit_stack(ps)
     loras = [p for p in ps if p.format == "lora"]
     deltas = [p for p in ps if p.format == "delta"]
-    names = {id(p): f"patch{i}" for i, p in enumerate(loras)} | {id(p): f"delta{j}" for j, p in enumerate(deltas)}
+    names = {id(p): n for p, n in zip(ps, item_names(ps), strict=True)}
     gates = {names[id(p)]: Gate.load(p.path) for p in ps if p.gated}
     keep_deltas = any(p.gated for p in deltas)  # a gated delta is switched per prompt group: keep its tensors
     saved: dict[str, torch.Tensor] = {}
@@ -787,10 +839,14 @@ def merge_to_checkpoint(lm, patches: Sequence[str | Path], out: str | Path, forc
             raise SafetyPatchError(
                 f"merged weights do not reproduce the attached patch(es): max |logit diff| {err:.4g} on a probe batch "
                 f"(the patches' own effect: {effect:.4g}); nothing written to {out}")
+        from .fingerprint import fingerprint
+
+        merged = {"fingerprint": fingerprint(lm.model, lm.tokenizer),  # what patches trained on it bind to
+                  "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch.")}
         with atomic_dir(out, overwrite=overwrite, kind="merged") as tmp:
             lm.model.save_pretrained(str(tmp), safe_serialization=True)
             lm.tokenizer.save_pretrained(str(tmp))
-            write_json(tmp / "merged_from.json", _merge_record(lm, ps, prior))
+            write_json(tmp / "merged_from.json", _merge_record(lm, ps, prior, merged))
     finally:
         lm.model.load_state_dict(backup)
     return out
@@ -810,10 +866,12 @@ def _merged_from(lm) -> dict:
     return rec
 
 
-def _merge_record(lm, ps: Sequence[Patch], prior: dict) -> dict:
+def _merge_record(lm, ps: Sequence[Patch], prior: dict, merged: dict) -> dict:
     """``merged_from.json``: the original base (through any earlier merges: ``prior``, the loaded
     checkpoint's own record), every patch folded in so far in order, the checkpoint merged into
-    (``merged_into``, where it was itself a merge), and provenance (code, library versions, time)."""
+    (``merged_into``, where it was itself a merge), the written checkpoint's own ``fingerprint``
+    and the ``dtype`` it was saved in (``merged``; checked when it is loaded: ``note_merged``), and
+    provenance (code, library versions, time)."""
     import time
 
     from .provenance import code_identity, library_versions
@@ -821,6 +879,7 @@ def _merge_record(lm, ps: Sequence[Patch], prior: dict) -> dict:
     this = {"name": lm.name, "fingerprint": lm.fingerprint}
     return {"base": prior.get("base") or this,
             **({"merged_into": this} if prior else {}),
+            "fingerprint": merged["fingerprint"], "dtype": merged["dtype"],
             "patches": [*prior.get("patches", []), *({"path": str(p.path), "id": p.id} for p in ps)],
             "code": code_identity(), "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -15,8 +15,9 @@
   Over-refusal: ``overall``, ``per_set``, ``per_category`` are "not answered" (refused +
   degenerate), with ``per_set_refused`` and ``per_set_degenerate`` beside them.
   A gated stack's records carry ``route`` (each gate's probe ``logits`` and the gated items it
-  switched ``on``), and its aggregates ``routing``: the share routed, per attack or set, and the
-  rate among routed and unrouted prompts.
+  switched ``on``, by item name: ``provenance.patches[].item`` says which folder each is), and
+  its aggregates ``routing``: the share routed, per attack or set, and the rate among routed and
+  unrouted prompts.
   Prefilled answers are judged on the model's continuation only; answers to encoding attacks
   are decoded before judging (``judged_text`` in the record when it differs from ``response``).
   In a safety run, an answer a judge called ``compliance`` that only repeats the harmful request
@@ -271,14 +272,18 @@ def overrefusal_aggregates(records: list[dict]) -> dict:
 
 
 def provenance(lm, patches) -> dict:
+    """Model, device, dtype, versions, code and time; ``patches``: each patch's path, id, base
+    fingerprint, gate (layers, threshold) and ``item``, the name its gate logits and routes go by
+    in the records (``patches.item_names``: ``patch0``, ``delta0``, …)."""
+    from ..patches import item_names
     from ..provenance import code_identity, library_versions
 
     return {"model": lm.name, "fingerprint": lm.fingerprint, "device": str(lm.runtime.device),
             "dtype": str(lm.runtime.dtype).removeprefix("torch."),
-            "patches": [{"path": str(p.path), "id": p.id, "base_fingerprint": p.base_fingerprint,
+            "patches": [{"path": str(p.path), "id": p.id, "item": item, "base_fingerprint": p.base_fingerprint,
                          "gate": {k: p.meta["gate"][k] for k in ("layer", "extra_layers", "threshold")
                                   if k in p.meta["gate"]} if p.gated else None}
-                        for p in patches],
+                        for p, item in zip(patches, item_names(patches), strict=True)],
             "versions": library_versions(), "code": code_identity(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -387,6 +392,9 @@ def table(results: dict) -> str:
         for title, get in rows:
             lines.append(f"{title:<28}" + "".join(
                 f"{fmt(get(agg[n]['routing'])) if 'routing' in agg[n] else '-':<34}" for n in names))
+        for p in results.get("provenance", {}).get("patches", []):  # the records' gate names, as folders
+            if p.get("gate") and p.get("item"):
+                lines.append(f"  gate {p['item']} = {p['path']} (id {p['id']}, threshold {p['gate']['threshold']:+.3f})")
     for n in names:
         d = agg[n].get("degenerate")
         if kind == "safety" and d and d.get("value") is not None and d["value"] > DEGENERATE_WARN:

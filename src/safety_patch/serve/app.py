@@ -144,9 +144,12 @@ class Prepared:
     views: list[list[int]] | None = None  # what the gates read, where the messages have a system prompt
 
 
+SHUTTING_DOWN = "server shutting down"  # the error of an answer cut because the server stops
+
+
 def _cut_reason(e: ApiError) -> dict:
     """The audit line's finish_reason of an answer the stopping server cut (503), as for one uvicorn cut."""
-    return {"finish_reason": "cancelled"} if e.status == 503 else {}
+    return {"finish_reason": "cancelled"} if (e.status, e.message) == (503, SHUTTING_DOWN) else {}
 
 
 def _plain_messages(req: ChatRequest) -> list[dict]:
@@ -260,7 +263,7 @@ class EmbeddedBackend:
 
     def cut_in_flight(self) -> None:
         """Answer every request in flight with 503 "server shutting down" (``serve``'s grace period ends)."""
-        self.batcher.cut_all(503, "server shutting down")
+        self.batcher.cut_all(503, SHUTTING_DOWN)
 
 
 class _Deltas:
@@ -314,7 +317,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
 
     def cut() -> tuple[int, str]:
         """The status and error an answer cut short is audited with."""
-        return (503, "server shutting down") if app.state.stopping else (499, "client disconnected")
+        return (503, SHUTTING_DOWN) if app.state.stopping else (499, "client disconnected")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
@@ -472,9 +475,9 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
         events = backend.events(p, want_text=p.stream)
         try:
             kind, route = await anext(events)
-        except ApiError as e:
+        except ApiError as e:  # refused, or cut at shutdown while queued (cancelled, as once routed)
             await events.aclose()
-            finish(e.status, error=e.message)
+            finish(e.status, error=e.message, **_cut_reason(e))
             return _error(e)
         assert kind == "route"
         rec.update(route_fields(route))
@@ -486,7 +489,8 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
 
     def route_fields(route: Route) -> dict:
         d = route.as_dict()
-        return {"decision": d["decision"], "gates": d["gates"], "active_patches": d["active_patches"]}
+        return {"decision": d["decision"], "gates": d["gates"], "active_patches": d["active_patches"],
+                "active_patch_ids": d["active_patch_ids"]}
 
     async def complete(request, p: Prepared, events, route: Route, rid, created, headers, rec, finish):
         result: dict = {}

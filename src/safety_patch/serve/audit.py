@@ -2,7 +2,8 @@
 
 Fields: ``time`` (UTC ISO-8601, when the request arrived), ``id``, ``status`` (HTTP status),
 ``model``, ``decision`` (``base`` | ``patched`` | ``always``; absent if the request was rejected
-before routing), ``gates`` (patch, layer, logit, threshold, fired), ``active_patches``,
+before routing), ``gates`` (patch folder name, patch_id, layer, logit, threshold, fired),
+``active_patches`` (folder names) and ``active_patch_ids``,
 ``prompt_tokens``, ``completion_tokens``, ``finish_reason`` (``stop`` | ``length`` |
 ``cancelled`` when the client went away), ``latency_s``, ``stream``, ``error`` (4xx/5xx only).
 No prompt or answer text unless the server runs with ``--log-prompts`` (then ``messages`` and

@@ -62,10 +62,12 @@ class GateReading:
     fired: bool
     extra_layers: tuple[int, ...] = ()
     """A multi-layer gate's further layers (gate.Gate.extra_layers)."""
+    patch_id: str = ""
+    """The gated patch's id (``patch`` is its folder's name, which two folders can share)."""
 
     def as_dict(self) -> dict:
-        out = {"patch": self.patch, "layer": self.layer, "logit": round(self.logit, 6),
-               "threshold": self.threshold, "fired": self.fired}
+        out = {"patch": self.patch, **({"patch_id": self.patch_id} if self.patch_id else {}), "layer": self.layer,
+               "logit": round(self.logit, 6), "threshold": self.threshold, "fired": self.fired}
         if self.extra_layers:  # single-layer readings keep their old shape
             out["layers"] = [self.layer, *self.extra_layers]
         return out
@@ -78,6 +80,7 @@ class Route:
     model: str
     active: list[str] = field(default_factory=list)  # patch names (folder names), in stack order
     gates: list[GateReading] = field(default_factory=list)
+    active_ids: list[str] = field(default_factory=list)  # the same patches' ids (a folder name is not unique)
 
     @property
     def decision(self) -> str:
@@ -90,7 +93,7 @@ class Route:
 
     def as_dict(self) -> dict:
         return {"model": self.model, "decision": self.decision, "active_patches": list(self.active),
-                "gates": [g.as_dict() for g in self.gates]}
+                "active_patch_ids": list(self.active_ids), "gates": [g.as_dict() for g in self.gates]}
 
     def header(self) -> str:
         """Compact form for the ``x-safety-patch-route`` response header."""
@@ -193,8 +196,8 @@ class Engine:
 
     def describe(self, name: str) -> dict:
         """Public facts about a served model name (for /v1/models)."""
-        return {"patches": [str(p.path) for p in self.stacks[name]], "gated": any(p.gated for p in self.stacks[name]),
-                "base": self.lm.name, "fingerprint": self.lm.fingerprint}
+        return {"patches": [str(p.path) for p in self.stacks[name]], "patch_ids": [p.id for p in self.stacks[name]],
+                "gated": any(p.gated for p in self.stacks[name]), "base": self.lm.name, "fingerprint": self.lm.fingerprint}
 
     @property
     def max_context(self) -> int:
@@ -257,9 +260,10 @@ class Engine:
         ``views`` (default: the prompt alone): the scores and decisions ``chat`` and ``eval`` route by
         (a gated patch is on iff its highest logit > threshold)."""
         folder = {item: p.name for item, p in zip(pm.items, pm.patches, strict=True)}
+        pid = {item: p.id for item, p in zip(pm.items, pm.patches, strict=True)}
         always = [p.name for p in self.stacks[name]]
         if not pm.gated:
-            return [((), Route(name, always)) for _ in prompts]
+            return [((), Route(name, always, active_ids=[p.id for p in self.stacks[name]])) for _ in prompts]
         views = [[list(p)] for p in prompts] if views is None else views
         if len(views) != len(prompts):
             raise ValueError(f"{len(views)} views for {len(prompts)} prompts")
@@ -267,10 +271,10 @@ class Engine:
         out = []
         for i in range(len(prompts)):
             readings = [GateReading(folder[a], g.layer, float(logits[a][i]), float(g.threshold),
-                                    bool(logits[a][i] > g.threshold), g.extra_layers) for a, g in pm.gates.items()]
+                                    bool(logits[a][i] > g.threshold), g.extra_layers, pid[a]) for a, g in pm.gates.items()]
             on = tuple(a for a, r in zip(pm.gates, readings, strict=True) if r.fired)
-            active = [folder[a] for a in pm.items if a not in pm.gates or a in on]
-            out.append((on, Route(name, active, readings)))
+            active = [a for a in pm.items if a not in pm.gates or a in on]
+            out.append((on, Route(name, [folder[a] for a in active], readings, [pid[a] for a in active])))
         return out
 
     # ------------------------------------------------------------------ generation
@@ -470,7 +474,7 @@ class GateProbe:
             return [Route(name) for _ in prompts]
         patch, gate = self.patches[name], self.gates.get(name)
         if gate is None:
-            return [Route(name, [patch.name]) for _ in prompts]
+            return [Route(name, [patch.name], active_ids=[patch.id]) for _ in prompts]
         views = [[list(p)] for p in prompts] if views is None else views
         flat = [ids for v in views for ids in v]
         with self._lock:
@@ -483,5 +487,5 @@ class GateProbe:
             fired = bool(logits[i] > gate.threshold)
             out.append(Route(name, [patch.name] if fired else [],
                              [GateReading(patch.name, gate.layer, float(logits[i]), float(gate.threshold), fired,
-                                          gate.extra_layers)]))
+                                          gate.extra_layers, patch.id)], [patch.id] if fired else []))
         return out

@@ -13,6 +13,9 @@ like ``chat``'s, with the route header, body field and audit line of embedded mo
 
 Failures of the upstream (unreachable, non-200, malformed stream, no finish) are answered
 502 in the OpenAI error shape; a request is never answered by the base when its gate fired.
+When the server stops (``serve``'s grace period ends), the answers still being relayed are cut
+by :meth:`UpstreamBackend.cut_in_flight` as 503 "server shutting down", a JSON error or a
+stream's error event, as in embedded mode (not uvicorn's bare 500 for a cancelled handler).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from .app import ApiError, Prepared
+from .app import SHUTTING_DOWN, ApiError, Prepared
 from .engine import BASE, GateProbe
 
 
@@ -39,6 +42,31 @@ class UpstreamBackend:
     def __init__(self, probe: GateProbe, url: str, upstream_model: str, timeout_s: float = 600.0):
         self.probe, self.url, self.upstream_model = probe, _api_base(url), upstream_model
         self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, learnt from the first request
+        self._cut = asyncio.Event()  # set (on that loop) when the server cuts the answers in flight
+
+    def cut_in_flight(self) -> None:
+        """Answer every request being relayed with 503 "server shutting down" (``serve``'s grace
+        period ends). Called from another thread (a timer); requests after it are refused the same way."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._cut.set)
+
+    async def _or_cut(self, aw):
+        """The result of awaitable ``aw``, unless the server cuts answers first (then ApiError 503 and
+        ``aw`` is cancelled). A race of two tasks rather than a cancellation of the request's own task,
+        whose CancelledError would end the response without an answer."""
+        if self._cut.is_set():
+            raise ApiError(503, SHUTTING_DOWN, "server_error")
+        task, cut = asyncio.ensure_future(aw), asyncio.ensure_future(self._cut.wait())
+        try:
+            done, _ = await asyncio.wait({task, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+            if not task.done():
+                task.cancel()  # takes effect at the task's next step: it is not done yet
+        if task not in done:
+            raise ApiError(503, SHUTTING_DOWN, "server_error")
+        return task.result()
 
     @property
     def names(self) -> list[str]:
@@ -54,7 +82,8 @@ class UpstreamBackend:
 
     def describe(self, name: str) -> dict:
         p = self.probe.patches.get(name)
-        return {"patches": [str(p.path)] if p else [], "gated": name in self.probe.gates, "base": self.probe.name,
+        return {"patches": [str(p.path)] if p else [], "patch_ids": [p.id] if p else [],
+                "gated": name in self.probe.gates, "base": self.probe.name,
                 "upstream": self.url, "upstream_models": sorted({self.target(name, False), self.target(name, True)})}
 
     def prepare(self, messages: list[dict]) -> list[int]:
@@ -73,6 +102,8 @@ class UpstreamBackend:
         The upstream answers its status line before the route is yielded, so an upstream that cannot be
         reached or refuses the request is a 502 for a streamed request too (nothing has been sent yet);
         only a failure after the first upstream bytes becomes the stream's error event."""
+        if self._loop is not asyncio.get_running_loop():  # an asyncio.Event belongs to the loop it first waits on
+            self._loop, self._cut = asyncio.get_running_loop(), asyncio.Event()
         route = (await asyncio.to_thread(self.probe.read, p.model, [p.prompt], [p.views] if p.views else None))[0]
         target = self.target(p.model, bool(route.active))
         body = {"model": target, "messages": p.messages, "max_tokens": p.max_tokens, "stream": True,
@@ -82,7 +113,9 @@ class UpstreamBackend:
         text, finish, n_tokens, chunks = "", None, None, 0
         async with contextlib.AsyncExitStack() as stack:
             try:
-                r = await stack.enter_async_context(self.client.stream("POST", "/chat/completions", json=body))
+                r = await self._or_cut(self.client.send(self.client.build_request("POST", "/chat/completions", json=body),
+                                                        stream=True))
+                stack.push_async_callback(r.aclose)
                 if r.status_code != 200:
                     raw = (await r.aread()).decode("utf-8", "replace")
                     try:
@@ -95,8 +128,13 @@ class UpstreamBackend:
                 raise ApiError(502, f"cannot reach upstream {self.url}: {type(e).__name__}: {e}", "upstream_error",
                                code="upstream_error") from None
             yield ("route", route)
+            lines = r.aiter_lines()
             try:
-                async for line in r.aiter_lines():
+                while True:
+                    try:
+                        line = await self._or_cut(anext(lines))
+                    except StopAsyncIteration:
+                        break
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
