@@ -139,3 +139,18 @@ def test_the_gate_refuses_prompts_it_cannot_read(tiny_dir, tmp_path, capsys):
         check_context(lm.model, [[]], "f.csv")
     assert main(["patch", "gate", str(tmp_path), "--model", str(tiny_dir), "--prompt", " "]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
+
+
+def test_a_run_folder_given_as_a_patch_names_the_patch_inside(tiny_dir, tmp_path, capsys):
+    """Found trying `chat --patch runs/demo/02-arms/lora-safety`: a reproduce stage folder holds its
+    patch in `patch/`, and the error said only "has no patch.json". It now names the patch inside."""
+    from safety_patch.models import load_model
+    from safety_patch.testing import make_lora_patch
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    make_lora_patch(lm.model, tmp_path / "arm" / "patch", lm.fingerprint)
+    assert main(["patch", "info", str(tmp_path / "arm")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'arm'} has no patch.json" in err and f"the patch inside it: {tmp_path / 'arm' / 'patch'}" in err
+    assert main(["patch", "info", str(tmp_path)]) == 2  # two levels up: nothing to point at
+    assert "inside it" not in capsys.readouterr().err

@@ -212,7 +212,7 @@ def test_cli_chat_prints_what_the_server_answers(world, live, capsys):
         # chat says on stderr where the gate sent the turn, as the server's body does
         (gate,) = served.model_extra["safety_patch"]["gates"]
         (route,) = [x for x in err.splitlines() if x.startswith("[route] ")]
-        assert route.startswith(f"[route] {world['gated'].name}: {'adapter' if gate['fired'] else 'base'} "
+        assert route.startswith(f"[route] {world['gated']}: {'adapter' if gate['fired'] else 'base'} "
                                 f"(gate logit {gate['logit']:+.2f}, threshold {gate['threshold']:+.2f})"), route
 
 

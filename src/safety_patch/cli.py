@@ -167,9 +167,9 @@ def chat(
 
 
 def _route_line(pm, logits: dict[str, float]) -> str:
-    """One stderr line on how a gated stack routed a chat turn: per gate, its folder, logit,
+    """One stderr line on how a gated stack routed a chat turn: per gate, its patch folder, logit,
     threshold and whether its patch answered (``adapter``) or the base did (``base``)."""
-    folder = {item: p.path.name for item, p in zip(pm.items, pm.patches, strict=True)}
+    folder = {item: str(p.path) for item, p in zip(pm.items, pm.patches, strict=True)}  # as given ("patch" alone is no name)
     return "[route] " + "; ".join(
         f"{folder[n]}: {'adapter' if logits[n] > g.threshold else 'base'} (gate logit {logits[n]:+.2f}, "
         f"threshold {g.threshold:+.2f})" for n, g in pm.gates.items())

@@ -207,7 +207,10 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
         raise SafetyPatchError(f"patch folder not found: {path}")
     pj = path / PATCH_JSON
     if not pj.is_file():
-        raise SafetyPatchError(f"{path} has no {PATCH_JSON}: not a safety-patch patch (or an unfinished run)")
+        inside = sorted(q.parent for q in path.glob(f"*/{PATCH_JSON}"))  # a run's stage folder holds its patch below
+        hint = (f"; the patch{'es' if len(inside) > 1 else ''} inside it: {', '.join(map(str, inside[:4]))}"
+                if inside else "")
+        raise SafetyPatchError(f"{path} has no {PATCH_JSON}: not a safety-patch patch (or an unfinished run){hint}")
     pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise SafetyPatchError(f"{path} contains pickle files ({', '.join(pickles)}); only safetensors are loaded")
