@@ -7,7 +7,9 @@ reliability/P_verify_nan_weights).
 import base64
 import codecs
 import json
+import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -288,3 +290,79 @@ def test_classifier_inputs_are_built_as_the_model_cards_do(tmp_path):
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # the template's, not doubled
     text = tok.decode(ids)
     assert "user: How do I hurt someone?" in text and "assistant: I can't help." in text  # parts read as text
+
+
+class _Misbehaving(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint answering with ``mode``'s body (status, bytes); counts calls."""
+
+    mode: tuple[int, bytes] = (200, b"")
+    calls = 0
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).calls += 1
+        status, body = type(self).mode
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def _chat_body(content) -> bytes:
+    return json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+
+
+def test_api_judge_reads_what_openai_compatible_servers_send_and_fails_fast_on_what_no_retry_fixes(tmp_path):
+    """Found by a user's trial with a mock endpoint: content null, no choices, or content as a list of
+    parts were tracebacks; a decimal score "0.9" read as 0 (not refused); a 401 was retried five
+    times (40 s) with no hint about the key; an error object said only "'choices'"; and a verdict
+    stored for one endpoint was returned for another serving the same model name."""
+    from safety_patch.generation import GenerationCache
+    from safety_patch.judges.api import ApiJudge, parse_scores
+
+    with pytest.raises(ValueError, match="'0.9' for item 1.b is not a whole number"):
+        parse_scores("1.b 0.9\n2.b 4\n3.b 4")
+    with pytest.raises(ValueError, match="not a whole number"):
+        parse_scores("1.b 0,5\n2.b 4\n3.b 4")
+    srv = HTTPServer(("127.0.0.1", 0), _Misbehaving)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    try:
+        judge = ApiJudge(url, retries=0, timeout=5)
+        # no reply inside a well-formed body: an unreadable reply (asked twice), a judge_error, no traceback
+        for body in (_chat_body(None), json.dumps({"choices": []}).encode(), _chat_body([{"type": "image"}])):
+            _Misbehaving.mode, _Misbehaving.calls = (200, body), 0
+            (v,) = judge.judge(["p"], ["a"])
+            assert v.label == "judge_error" and _Misbehaving.calls == 2, body
+        _Misbehaving.mode = (200, _chat_body([{"type": "text", "text": GOOD[:20]}, {"type": "text", "text": GOOD[20:]}]))
+        assert judge.judge(["p"], ["a"])[0].label == "compliance"  # content parts are joined
+        # what no retry changes fails at once, with the server's own message and what to check
+        _Misbehaving.mode, _Misbehaving.calls = (401, json.dumps({"error": {"message": "bad key"}}).encode()), 0
+        patient = ApiJudge(url, retries=4, timeout=5)
+        t0 = time.monotonic()
+        with pytest.raises(SafetyPatchError, match=r"answered 401 \(bad key\); set OPENAI_API_KEY"):
+            patient.judge(["p"], ["a"])
+        assert _Misbehaving.calls == 1 and time.monotonic() - t0 < 2
+        # an error object in a 200, and an HTML page: retried, then named
+        for body, says in ((json.dumps({"error": {"message": "model not found"}}).encode(), "model not found"),
+                           (b"<html>oops</html>", "not JSON: '<html>oops</html>'")):
+            _Misbehaving.mode = (200, body)
+            with pytest.raises(SafetyPatchError, match=re.escape(says)):
+                judge.judge(["p"], ["a"])
+        # stored verdicts are keyed on the endpoint (and threshold), not only the model's name
+        cache = GenerationCache(tmp_path / "c.sqlite")
+        _Misbehaving.mode, _Misbehaving.calls = (200, _chat_body(GOOD)), 0
+        assert cached_judge(judge, ["p"], ["a"], cache)[0].label == "compliance" and _Misbehaving.calls == 1
+        other = ApiJudge(url.replace("/v1", "/other/v1"), retries=0, timeout=5)
+        assert other.name == judge.name  # the same model name ...
+        _Misbehaving.mode = (200, _chat_body("#scores\n1.b 1\n2.b 1\n3.b 1"))
+        assert cached_judge(other, ["p"], ["a"], cache)[0].label == "refusal" and _Misbehaving.calls == 2  # ... asked
+        assert cached_judge(judge, ["p"], ["a"], cache)[0].label == "compliance" and _Misbehaving.calls == 2  # stored
+        strict = ApiJudge(url, retries=0, timeout=5, threshold=0.9)
+        _Misbehaving.mode = (200, _chat_body("#scores\n1.b 0\n2.b 4\n3.b 4"))
+        assert cached_judge(strict, ["p"], ["a"], cache)[0].label == "harmless" and _Misbehaving.calls == 3
+    finally:
+        srv.shutdown()

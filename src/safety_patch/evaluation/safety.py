@@ -213,7 +213,7 @@ def run_safety(pm, tokenizer, requests: list[dict], templates, cfg: EvalConfig, 
     from ..judges.text import readable
 
     judged = [readable(a, r["attack"]) for r, a in zip(rows, answers, strict=True)]
-    verdicts = cached_judge(judge, [r["request"] for r in rows], judged, cache)
+    verdicts = cached_judge(judge, [r["request"] for r in rows], judged, cache, label=label)
     verdicts = _echoes_degenerate(verdicts, [r["request"] for r in rows], judged)
     records = [dict(r, response=a, verdict=v.as_dict(), judge=judge.name) | ({"judged_text": j} if j != a else {})
                | ({"route": rt} if rt is not None else {})
@@ -233,7 +233,7 @@ def run_overrefusal(pm, tokenizer, prompts: list[dict], cfg: EvalConfig, cache: 
     answers = _generate(pm, tokenizer, attacked, cfg, cache, label, routes)
     # no echo rule here: a short right answer restates a safe question ("The capital of France is
     # Paris."), and over-refusal must not count it as not answered
-    verdicts = cached_judge(judge, [p["messages"][-1]["content"] for p in prompts], answers, cache)
+    verdicts = cached_judge(judge, [p["messages"][-1]["content"] for p in prompts], answers, cache, label=label)
     records = [{"set": p["set"], "category": p["category"], "prompt": p["messages"][-1]["content"], "response": a,
                 "verdict": v.as_dict(), "judge": judge.name} | ({"route": rt} if rt is not None else {})
                for p, a, v, rt in zip(prompts, answers, verdicts, routes, strict=True)]

@@ -48,6 +48,12 @@ class Judge:
     detects_refusal = True  # False: the judge reads harm only ("harmless" verdicts), so it cannot measure over-refusal
     cache_version: str | None = None  # bumped when a judge's labels change, so stored verdicts are not reused
 
+    @property
+    def identity(self) -> list:
+        """What a stored verdict is keyed on besides prompt and answer: everything that can change
+        the label (``name``; an API judge adds its endpoint and threshold)."""
+        return [self.name]
+
     def judge(self, prompts: list[str], answers: list[str]) -> list[Verdict]:
         raise NotImplementedError
 
@@ -102,25 +108,39 @@ def get_judge(spec: str) -> Judge:
     return cls(arg) if arg else cls()
 
 
-def cached_judge(judge: Judge, prompts: list[str], answers: list[str], cache=None, chunk: int | None = None) -> list[Verdict]:
+def cached_judge(judge: Judge, prompts: list[str], answers: list[str], cache=None, chunk: int | None = None,
+                 label: str = "judging") -> list[Verdict]:
     """Judge in chunks of ``chunk`` (default: the judge's own ``chunk``, 1 for API judges), storing each
     chunk's verdicts as soon as it returns, so a judge that fails part-way keeps (and never re-pays for)
-    the verdicts it already gave. ``judge_error`` verdicts are returned but not stored."""
+    the verdicts it already gave. ``judge_error`` verdicts are returned but not stored. Stored verdicts
+    are keyed on ``judge.identity`` (and ``cache_version``): another endpoint, model or threshold never
+    reads them. Judges worth storing (slow or paid) show a progress bar over the items still to judge."""
     import hashlib
     import json
 
-    if cache is None or not judge.cacheable:
+    from ..progress import bar
+
+    if not judge.cacheable:  # rule judges: cheap, one call
         return judge.judge(prompts, answers)
     chunk = max(1, chunk or judge.chunk)
     ver = [judge.cache_version] if judge.cache_version else []
-    keys = [hashlib.sha256(json.dumps([judge.name, p, a, *ver]).encode()).hexdigest()
+    keys = [hashlib.sha256(json.dumps([*judge.identity, p, a, *ver]).encode()).hexdigest()
             for p, a in zip(prompts, answers, strict=True)]
-    have = {k: Verdict(**json.loads(v)) for k, v in cache.get_many(sorted(set(keys)), "verdict").items()}
+    have = ({k: Verdict(**json.loads(v)) for k, v in cache.get_many(sorted(set(keys)), "verdict").items()}
+            if cache is not None else {})
     todo = [i for i, k in enumerate(keys) if k not in have]
-    for s in range(0, len(todo), chunk):
-        idx = todo[s : s + chunk]
-        got = judge.judge([prompts[i] for i in idx], [answers[i] for i in idx])
-        new = {keys[i]: v for i, v in zip(idx, got, strict=True)}
-        cache.put_many({k: json.dumps(v.as_dict()) for k, v in new.items() if v.label != "judge_error"}, "verdict")
-        have.update(new)
+    progress = bar(len(todo), f"[{label}] {judge.name}", unit="answer") if todo else None
+    try:
+        for s in range(0, len(todo), chunk):
+            idx = todo[s : s + chunk]
+            got = judge.judge([prompts[i] for i in idx], [answers[i] for i in idx])
+            new = {keys[i]: v for i, v in zip(idx, got, strict=True)}
+            if cache is not None:
+                cache.put_many({k: json.dumps(v.as_dict()) for k, v in new.items() if v.label != "judge_error"},
+                               "verdict")
+            have.update(new)
+            progress.update(len(idx))
+    finally:
+        if progress is not None:
+            progress.close()
     return [have[k] for k in keys]
