@@ -47,7 +47,7 @@ from . import refusals, splits
 from .folder import ALWAYS, FILES, MANIFEST, DataFolder
 from .prompts import borderline_prompts, borderline_train_prompts, general_prompts, humaneval_tasks
 from .records import USER_LICENSE
-from .sources import DEFAULT_SOURCES, load_source
+from .sources import DEFAULT_SOURCES, check_sources, load_source, source_names
 
 OUTPUT_FILES = tuple(FILES[k] for k in ALWAYS)  # the file names live in data/folder.py, next to their reader
 
@@ -141,6 +141,7 @@ class DataConfig:
                 raise FieldError(f"config field '{name}' must be >= 1, got {v}", name)
         if not self.sources:
             raise SafetyPatchError("no sources given")
+        check_sources(self.sources)
         if self.self_instruct < 0:
             raise FieldError(f"config field 'self_instruct' must be >= 0, got {self.self_instruct}", "self_instruct")
         for t in self.train_transforms:
@@ -168,8 +169,8 @@ def load_requests(cfg: DataConfig):
     from ..textsim import normalise
 
     reqs, infos, seen = [], [], set()
-    for name in cfg.sources:
-        items, info = load_source(name)
+    for spec, name in zip(cfg.sources, source_names(cfg.sources), strict=True):
+        items, info = load_source(spec, label=name)
         n_loaded = len(items)
         too_long = sum(len(r.text) > cfg.max_request_chars for r in items)
         items = [r for r in items if len(r.text) <= cfg.max_request_chars]
@@ -190,7 +191,7 @@ def load_requests(cfg: DataConfig):
             print(f"[data] {name}: {own} of {len(unique)} requests bring their own refusal ('response'), used as "
                   "written; the rest get composed ones", file=sys.stderr, flush=True)
         # a user file is named by its path, which says nothing of what it held: its content's hash does
-        user = {"sha256": sha256_file(info.location)} if name.startswith("file:") else {}
+        user = {"sha256": sha256_file(info.location)} if spec.startswith("file:") else {}
         infos.append(dict(as_dict(info), **user, loaded=n_loaded, too_long=too_long,
                           duplicates=len(items) - len(unique), kept=len(unique),
                           **({"own_responses": own} if own else {})))

@@ -26,7 +26,9 @@ def _row_to_request(row: dict, where: str, source: str) -> Request:
             raise SafetyPatchError(f"{where}: '{k}' must be a string, got {json_type(v)}")
     key = next((k for k in PROMPT_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
     if key is None:
-        raise SafetyPatchError(f"{where}: missing field 'prompt' (or 'goal')")
+        given = next((k for k in PROMPT_KEYS if isinstance(row.get(k), str)), None)
+        raise SafetyPatchError(f"{where}: field '{given}' is empty" if given else
+                               f"{where}: missing field 'prompt' (or 'goal')")
     text = row[key].strip()
     cat = str(row.get("category") or "harmful")
     bid = str(row.get("behavior_id") or f"user-{hashlib.sha256(normalise(text).encode()).hexdigest()[:12]}")
@@ -51,7 +53,9 @@ def _csv_rows(path: Path) -> list[tuple[str, dict]]:
             if not header:
                 raise SafetyPatchError(f"{path}: empty file (no header row with a 'prompt' or 'goal' column)")
             if not set(PROMPT_KEYS) & {h.strip() for h in header}:
-                raise SafetyPatchError(f"{path}:1: header has no 'prompt' or 'goal' column")
+                near = [h.strip() for h in header if h.strip().lower() in PROMPT_KEYS]
+                hint = f" (column names are case-sensitive: {near[0]!r} is not 'prompt')" if near else ""
+                raise SafetyPatchError(f"{path}:1: header has no 'prompt' or 'goal' column{hint}")
             keys = [h.strip() for h in header]
             twice = sorted({k for k in keys if k and keys.count(k) > 1})
             if twice:  # a dict keeps the last column of that name: the first would vanish unread
@@ -116,9 +120,12 @@ def check_responses(pairs: list[tuple[str, str]]) -> None:
             "refusals composed, or give refusals there")
 
 
-def load_user_file(path: str, max_items: int | None = None):
+def load_user_file(path: str, max_items: int | None = None, name: str | None = None):
+    """(requests, SourceInfo) of a user JSONL/CSV; ``name``: the source name its requests carry
+    (default ``file:`` + its file name). Raises SafetyPatchError naming file and line."""
+    name = name or f"file:{Path(path).name}"
     rows = read_prompt_rows(path)
-    out = [_row_to_request(r, where, f"file:{Path(path).name}") for where, r in rows]
+    out = [_row_to_request(r, where, name) for where, r in rows]
     check_responses([(where, q.response) for (where, _), q in zip(rows, out, strict=True) if q.response])
-    info = SourceInfo(f"file:{Path(path).name}", USER_LICENSE, "", str(Path(path).resolve()))
+    info = SourceInfo(name, USER_LICENSE, "", str(Path(path).resolve()))
     return out[:max_items] if max_items else out, info
