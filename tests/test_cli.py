@@ -154,3 +154,11 @@ def test_a_run_folder_given_as_a_patch_names_the_patch_inside(tiny_dir, tmp_path
     assert f"{tmp_path / 'arm'} has no patch.json" in err and f"the patch inside it: {tmp_path / 'arm' / 'patch'}" in err
     assert main(["patch", "info", str(tmp_path)]) == 2  # two levels up: nothing to point at
     assert "inside it" not in capsys.readouterr().err
+
+
+def test_target_fpr_is_a_rate_strictly_between_0_and_1(capsys):
+    """Found by a user's trial: --help showed [0, 1] while 0 and 1 were refused later, and nan was
+    refused as "should be less than or equal to 1"."""
+    for v in ("0", "1", "nan", "-0.1", "inf"):
+        assert main(["gate", "fit", "--data", "d", "--out", "o", "--target-fpr", v]) == 2
+        assert "--target-fpr': must be a number in (0, 1)" in capsys.readouterr().err, v

@@ -693,6 +693,12 @@ def test_gate_eval_scores_the_users_own_prompt_files(gate_dir, data_dir, tiny_di
     assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model", str(tiny_dir),
                  "--benign", str(bp), "--out", str(bad)]) == 2
     assert f"{bp}:2: missing field 'prompt'" in capsys.readouterr().err and not bad.exists()
+    # found by a user's trial: a prompt in both files got an AUROC over contradictory labels
+    bp.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"prompt": " how do I make a FAKE passport?"}) + "\n")
+    assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model", str(tiny_dir),
+                 "--harmful", str(hp), "--benign", str(bp), "--out", str(bad)]) == 2
+    assert (f"1 prompt(s) are in both --harmful {hp} and --benign {bp}" in capsys.readouterr().err
+            and not bad.exists())
 
 
 @pytest.mark.parametrize("n_neg, few_1, few_5", [(6, True, True), (19, True, True), (20, True, False),
@@ -818,6 +824,11 @@ def test_a_gate_that_never_fires_is_refused_everywhere(data_dir, tiny_dir, lm, g
     fired = {"harmful_direct": {"k": 0, "n": 5}, "harmful_wrapped": {"k": 0, "n": 3}}
     assert "fires on none of the 8 held-out harmful prompts" in gate_fit.check_protects({"validation": {"fired": fired}},
                                                                                         "x")
+    # the other end (a user's trial: `gate fit --threshold -1e30` said nothing): a gate on for every safe
+    # prompt is its patch always on; written, with a warning
+    assert "fires on all 12 of its training benign prompts at threshold -1e+30" in gate_fit.check_protects(
+        {"threshold": -1e30, "train": {"benign": 12, "train_benign_flagged": 1.0}}, "x")
+    assert gate_fit.check_protects({"threshold": 0.5, "train": {"benign": 12, "train_benign_flagged": 0.25}}, "x") is None
     # a record without figures (the Python API): `patch verify` routes probe prompts through it
     quiet = make_lora_patch(lm.model, tmp_path / "q", lm.fingerprint, seed=4)
     g = Gate.load(gate_dir)

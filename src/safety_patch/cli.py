@@ -62,6 +62,15 @@ def _finite(value: float | None) -> float | None:
     return value
 
 
+def _open_unit(value: float | None) -> float | None:
+    """typer callback: a rate strictly between 0 and 1 (click's ranges are closed, and nan passes them)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and 0 < value < 1):
+        raise typer.BadParameter(f"must be a number in (0, 1), got {value}")
+    return value
+
+
 def _quiet_libraries(verbose: bool) -> None:
     import transformers
 
@@ -836,9 +845,9 @@ def gate_fit_cmd(
                                                 help="The layer as a fraction of depth (default 0.6).")] = None,
     threshold: Annotated[float | None, typer.Option(callback=_finite, help="Probe logit above which the gate fires "
                                                                           "(instead of --target-fpr).")] = None,
-    target_fpr: Annotated[float | None, typer.Option(min=0.0, max=1.0, callback=_finite,
+    target_fpr: Annotated[float | None, typer.Option(callback=_open_unit,
                                                      help="The threshold is the logit at this false-positive rate on the "
-                                                          "validation split's benign prompts (default 0.03).")] = None,
+                                                          "validation split's benign prompts, in (0, 1) (default 0.03).")] = None,
     wrapped_benign: Annotated[int | None, typer.Option(min=0, help="Benign train prompts wrapped in train templates as negatives (default 600).")] = None,
     wrapped_harmful: Annotated[int | None, typer.Option(min=0, help="Harmful train requests wrapped in train templates as positives (default 400).")] = None,
     self_instruct: Annotated[int | None, typer.Option(min=0, help="Self-written requests (data build --self-instruct) as negatives (default 600).")] = None,

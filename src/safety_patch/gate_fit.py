@@ -1407,8 +1407,10 @@ def check_protects(record: dict, where: str | Path, warn: bool = True) -> str | 
 
     A gate that fires on none of its held-out harmful prompts (``validation.fired``:
     harmful_direct and harmful_wrapped together) is not refused (on a small validation split
-    that can be chance), but the warning returned (and logged, with ``warn``) says so. None otherwise; a record
-    without these figures passes (``patch verify`` routes probe prompts through any gate)."""
+    that can be chance), but the warning returned (and logged, with ``warn``) says so; so is a gate that
+    fires on every training benign prompt (``train_benign_flagged`` 1: its patch is on for every prompt).
+    None otherwise; a record without these figures passes (``patch verify`` routes probe prompts
+    through any gate)."""
     import logging
 
     train = record.get("train") if isinstance(record.get("train"), dict) else record
@@ -1419,16 +1421,23 @@ def check_protects(record: dict, where: str | Path, warn: bool = True) -> str | 
         raise SafetyPatchError(f"{where}: the gate fires on none of its {train['harmful']} training harmful prompts{at}: "
                                "it would never apply its patch (fail closed): set the threshold from a "
                                "false-positive rate (--target-fpr) or lower --threshold")
+    msgs = []
+    flagged = train.get("train_benign_flagged")
+    if isinstance(flagged, (int, float)) and flagged >= 1 and train.get("benign"):
+        # not fail-open (the patch applies everywhere), but a gate in name only: every safe prompt is refused
+        msgs.append(f"warning: {where}: the gate fires on all {train['benign']} of its training benign prompts{at}: "
+                    "its patch applies to every prompt, as an always-on patch would; raise --threshold or set it "
+                    "from a false-positive rate (--target-fpr)")
     fired = ((record.get("validation") or {}).get("fired") or {})
     harmful = [fired[k] for k in ("harmful_direct", "harmful_wrapped") if isinstance(fired.get(k), dict)]
     n = sum(int(f.get("n") or 0) for f in harmful)
     if n and not sum(int(f.get("k") or 0) for f in harmful):
-        msg = (f"warning: {where}: the gate fires on none of the {n} held-out harmful prompts of its validation "
-               f"report{at}: it may protect nothing; check `gate eval` before relying on it")
-        if warn:
+        msgs.append(f"warning: {where}: the gate fires on none of the {n} held-out harmful prompts of its validation "
+                    f"report{at}: it may protect nothing; check `gate eval` before relying on it")
+    if warn:
+        for msg in msgs:
             logging.getLogger("safety_patch").warning(msg)
-        return msg
-    return None
+    return "\n".join(msgs) or None
 
 
 def write_gate_folder(out: str | Path, gate: Gate, info: dict, base: dict, cfg: GateFitConfig, data_dir: str | Path,
@@ -1677,7 +1686,7 @@ def user_prompt_sets(harmful: str | Path | None = None, benign: str | Path | Non
     loads: ``{"harmful"|"benign": {"file", "sha256", "prompts": [[user turn]], "categories"}}``.
     Each file is JSONL or CSV with a ``prompt`` (or ``goal``) column and an optional
     ``category`` (the format `eval safety --prompts` reads; AdvBench's CSV works as is).
-    Raises SafetyPatchError naming the file and line of a bad row, or an empty file."""
+    Raises SafetyPatchError naming the file and line of a bad row, an empty file, or a prompt in both files."""
     from .atomic import sha256_file
     from .evaluation.prompts import benign_prompts, harmful_requests
 
@@ -1693,6 +1702,14 @@ def user_prompt_sets(harmful: str | Path | None = None, benign: str | Path | Non
         rows = benign_prompts(benign)
         out["benign"] = {"file": str(benign), "sha256": sha256_file(benign), "prompts": [r["messages"] for r in rows],
                          "categories": [r["category"] for r in rows]}
+    if len(out) == 2:  # one prompt labelled both ways: every AUROC and rate over the pair would be meaningless
+        from .textsim import normalise
+
+        harm = {normalise(m[-1]["content"]) for m in out["harmful"]["prompts"]}
+        both = [m[-1]["content"] for m in out["benign"]["prompts"] if normalise(m[-1]["content"]) in harm]
+        if both:
+            raise SafetyPatchError(f"{len(both)} prompt(s) are in both --harmful {harmful} and --benign {benign} "
+                                   f"(e.g. {both[0][:80]!r}): a prompt is one or the other; fix the labels")
     return out
 
 
