@@ -153,6 +153,32 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     f.write_text(json.dumps(d))
     with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*aggregates.routing does not match"):
         write_report(bad)
+    # the plug-and-play figures and the analysis medians (found by a user's trial: a NaN, an empty object, or
+    # a median edited in summary.json flipped a claim with no error)
+    for rel, edit, says in [
+        ("04-plug/plug.json", lambda d: d.update(detach_max_abs_diff=float("nan")),
+         "field 'detach_max_abs_diff' must be a finite number >= 0"),
+        ("04-plug/plug.json", lambda d: d.clear(), "field 'detach_max_abs_diff' is missing"),
+        ("04-plug/plug.json", lambda d: d.update(merge_vs_attach_max_abs_diff="0"), "must be a finite number"),
+        ("05-analysis/out/summary.json", lambda d: d["summary"][arm].update({"median_in_overlap@4": 0.5}),
+         f"summary.{arm}.median_in_overlap@4 is 0.5 but the modules in weights.json give"),
+    ]:
+        shutil.rmtree(bad)
+        shutil.copytree(run, bad)
+        f = bad / rel
+        d = json.loads(f.read_text())
+        edit(d)
+        f.write_text(json.dumps(d))  # json writes nan as NaN, which Python's reader takes back
+        with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*" + re.escape(says)):
+            write_report(bad)
+    # an analysis file gone is named at the top, and its claims are not evaluated (never read from the rest)
+    for gone in ("weights.json", "activations.json"):
+        shutil.rmtree(bad)
+        shutil.copytree(run, bad)
+        (bad / "05-analysis" / "out" / gone).unlink()
+        write_report(bad)
+        md = (bad / "report.md").read_text()
+        assert "**Missing from this run**" in md and f"`05-analysis/out/{gone}`" in md, gone
     shutil.rmtree(bad)
     shutil.copytree(run, bad)
     # run.json's arm without a field the report reads: named (file, arm, field), and no figure left behind

@@ -58,6 +58,62 @@ def _counts(agg) -> object:
     return agg
 
 
+_PLUG_KEYS = ("detach_max_abs_diff", "merge_vs_attach_max_abs_diff", "patch_effect_max_abs_diff")
+
+
+def _check_plug(plug, path: Path) -> None:
+    """plug.json (reproduce's plug-and-play stage): an object holding each max |logit diff| the claim
+    reads, every value a finite number >= 0. Raises SafetyPatchError naming the file and field (an
+    empty object or a NaN once flipped the claim's verdict with no error)."""
+    import math
+
+    from .errors import SafetyPatchError
+
+    if plug is None:
+        return
+    if not isinstance(plug, dict):
+        raise SafetyPatchError(f"{path}: not a JSON object; run the plug-and-play stage again")
+    for k in _PLUG_KEYS:
+        if k not in plug:
+            raise SafetyPatchError(f"{path}: field '{k}' is missing; run the plug-and-play stage again")
+    for k, v in plug.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise SafetyPatchError(f"{path}: field '{k}' must be a finite number >= 0 (a max |logit diff|), got {v!r}")
+
+
+def _check_analysis(summary, rows, path: Path) -> None:
+    """The analysis summary's per-arm medians, counted again from the per-module rows of weights.json
+    beside it (``analysis.run.summarise``): an edited median (which once flipped the orthogonality
+    claim while its sign test still read the rows) is refused. Raises SafetyPatchError naming the
+    arm and figure. Without weights.json the caller leaves the summary unread (its claims are not
+    evaluated, and the report's list of missing files names weights.json)."""
+    import math
+
+    from .analysis.run import summarise
+    from .errors import SafetyPatchError
+
+    if summary is None or rows is None:
+        return
+    weights = path.parent / "weights.json"
+    try:
+        again = summarise(rows, list(summary["ks"]))
+        stored = summary["summary"]
+    except (KeyError, TypeError, ValueError, statistics.StatisticsError) as e:
+        raise SafetyPatchError(f"{path} or {weights} is malformed ({type(e).__name__}: {e}); run the analysis "
+                               "stage again") from None
+    for arm, figs in again.items():
+        for k, v in figs.items():
+            got = (stored.get(arm) or {}).get(k) if isinstance(stored, dict) else None
+            if not isinstance(v, (int, float)):  # lists (the worst modules): equal as written
+                bad = got != v
+            else:
+                bad = isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isclose(
+                    got, v, rel_tol=1e-9, abs_tol=1e-12)
+            if bad:
+                raise SafetyPatchError(f"{path}: summary.{arm}.{k} is {got!r} but the modules in {weights.name} give "
+                                       f"{v!r}: one of the two was edited; run the analysis stage again")
+
+
 def _check_figures(obj, path: Path, where: str = "") -> None:
     """Every figure dict in a results file the report reads without records behind it (capability,
     the gate's report) must be coherent: a finite value inside its own 95% interval, a proportion's
@@ -252,9 +308,13 @@ class RunData:
                 continue  # no patch written: `missing` lists it
             for k in ("safety", "overrefusal", "capability"):
                 _check_measured_arm(self.eval[m][k], run / "03-eval" / m / f"{k}.json", [pj["id"]] if pj else [])
-        self.analysis = _load(run / "05-analysis" / "out" / "summary.json")
+        rows = _load(run / "05-analysis" / "out" / "weights.json")
+        # a summary is read only with the per-module rows that check it (and that its sign test reads)
+        self.analysis = _load(run / "05-analysis" / "out" / "summary.json") if rows is not None else None
+        _check_analysis(self.analysis, rows, run / "05-analysis" / "out" / "summary.json")
         self.activ = _load(run / "05-analysis" / "out" / "activations.json")
         self.plug = _load(run / "04-plug" / "plug.json")
+        _check_plug(self.plug, run / "04-plug" / "plug.json")
         self.gate_eval = _load(run / "02-gate" / "eval.json")
         if self.gate_eval is not None:
             _check_figures(self.gate_eval, run / "02-gate" / "eval.json")
@@ -270,7 +330,8 @@ class RunData:
 
     def missing(self) -> list[str]:
         """The files a complete run of this plan holds that this folder lacks (paths inside the run)."""
-        want = ["01-data/manifest.json", "04-plug/plug.json", "05-analysis/out/summary.json"]
+        want = ["01-data/manifest.json", "04-plug/plug.json", "05-analysis/out/summary.json",
+                "05-analysis/out/weights.json", "05-analysis/out/activations.json"]
         if self.info.get("plan", {}).get("gate") is not None:
             want.append("02-gate/eval.json")
         want += [f"03-eval/{m}/{k}.json" for m in self.models for k in ("safety", "overrefusal", "capability")
@@ -402,7 +463,7 @@ def claims(rd: RunData) -> list[dict]:
                                                   "last-token relative shift (over layers) smaller",
                             "evidence": f"median ||dW||/||W0|| LoRA {lm_:.4g} vs full {fm_:.4g}; benign shift LoRA {lb:.4g} "
                                         f"vs full {fb:.4g}"})
-    if rd.plug:
+    if rd.plug is not None:  # checked whole by _check_plug: {} is an error, not a claim left out
         p = rd.plug
         ok = p["detach_max_abs_diff"] == 0 and p["merge_vs_attach_max_abs_diff"] < 1e-2
         out.append({"claim": CLAIMS["plug"][0], "verdict": "supported" if ok else "not supported",
