@@ -10,7 +10,7 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 
 import pytest
 
@@ -297,10 +297,12 @@ class _Misbehaving(BaseHTTPRequestHandler):
 
     mode: tuple[int, bytes] = (200, b"")
     calls = 0
+    delay = 0.0
 
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers["Content-Length"]))
         type(self).calls += 1
+        time.sleep(type(self).delay)
         status, body = type(self).mode
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
@@ -327,7 +329,7 @@ def test_api_judge_reads_what_openai_compatible_servers_send_and_fails_fast_on_w
         parse_scores("1.b 0.9\n2.b 4\n3.b 4")
     with pytest.raises(ValueError, match="not a whole number"):
         parse_scores("1.b 0,5\n2.b 4\n3.b 4")
-    srv = HTTPServer(("127.0.0.1", 0), _Misbehaving)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)  # a slow reply does not hold the next request
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
     try:
@@ -364,5 +366,10 @@ def test_api_judge_reads_what_openai_compatible_servers_send_and_fails_fast_on_w
         strict = ApiJudge(url, retries=0, timeout=5, threshold=0.9)
         _Misbehaving.mode = (200, _chat_body("#scores\n1.b 0\n2.b 4\n3.b 4"))
         assert cached_judge(strict, ["p"], ["a"], cache)[0].label == "harmless" and _Misbehaving.calls == 3
+        # a judge slower than the timeout: the error says which setting waits
+        _Misbehaving.delay = 1.0
+        with pytest.raises(SafetyPatchError, match=r"timed out \(each attempt waits 0.2 s: SAFETY_PATCH_JUDGE_TIMEOUT"):
+            ApiJudge(url + "/slow", retries=0, timeout=0.2).judge(["p"], ["a"])
     finally:
+        _Misbehaving.delay = 0.0
         srv.shutdown()

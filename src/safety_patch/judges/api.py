@@ -169,7 +169,9 @@ class ApiJudge(Judge):
                 last = f"HTTP {e.code} ({why})"
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, ValueError) as e:
                 last = f"{type(e).__name__}: {e}"
-        raise SafetyPatchError(f"API judge at {self.url} failed after {self.retries + 1} attempts: {last}")
+        hint = (f" (each attempt waits {self.timeout:g} s: SAFETY_PATCH_JUDGE_TIMEOUT sets it)"
+                if last and "timed out" in last.lower() else "")
+        raise SafetyPatchError(f"API judge at {self.url} failed after {self.retries + 1} attempts: {last}{hint}")
 
     def verdict(self, prompt: str, answer: str) -> Verdict:
         """One verdict; an unparseable reply is asked once more, then recorded as ``judge_error``
