@@ -120,6 +120,8 @@ def test_each_source_is_one_source(tmp_path, monkeypatch):
     specs = ("file:a/my.csv", "file:b/my.csv", "harmbench")
     assert source_names(specs) == ["file:a/my.csv", "file:b/my.csv", "harmbench"]
     assert source_names(("file:a/my.csv", "harmbench")) == ["file:my.csv", "harmbench"]  # unique: the file name
+    # a registered name is never read as a path ("harmbench"[5:] is "ench", the file x/ench's name)
+    assert source_names(("file:x/ench", "harmbench")) == ["file:ench", "harmbench"]
     from safety_patch.data.build import load_requests
 
     reqs, infos = load_requests(DataConfig(sources=specs[:2], distill=False))

@@ -308,10 +308,10 @@ class RunData:
                 continue  # no patch written: `missing` lists it
             for k in ("safety", "overrefusal", "capability"):
                 _check_measured_arm(self.eval[m][k], run / "03-eval" / m / f"{k}.json", [pj["id"]] if pj else [])
-        rows = _load(run / "05-analysis" / "out" / "weights.json")
-        # a summary is read only with the per-module rows that check it (and that its sign test reads)
-        self.analysis = _load(run / "05-analysis" / "out" / "summary.json") if rows is not None else None
-        _check_analysis(self.analysis, rows, run / "05-analysis" / "out" / "summary.json")
+        self.weights = _load(run / "05-analysis" / "out" / "weights.json")  # per-module rows (the sign test's)
+        # a summary is read only with the per-module rows that check it
+        self.analysis = _load(run / "05-analysis" / "out" / "summary.json") if self.weights is not None else None
+        _check_analysis(self.analysis, self.weights, run / "05-analysis" / "out" / "summary.json")
         self.activ = _load(run / "05-analysis" / "out" / "activations.json")
         self.plug = _load(run / "04-plug" / "plug.json")
         _check_plug(self.plug, run / "04-plug" / "plug.json")
@@ -488,7 +488,7 @@ def _arm_key(name: str) -> str:
 
 
 def _sign_test(rd: RunData, a: str, b: str, metric: str) -> float | None:
-    rows = _load(rd.run / "05-analysis" / "out" / "weights.json") or []
+    rows = rd.weights or []
     va = {r["name"]: r[metric] for r in rows if r["patch"] == a}
     vb = {r["name"]: r[metric] for r in rows if r["patch"] == b}
     pairs = [(va[n], vb[n]) for n in va if n in vb and va[n] != vb[n]]

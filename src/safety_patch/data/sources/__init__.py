@@ -30,9 +30,12 @@ def source_names(specs: Sequence[str]) -> list[str]:
     sources are never one."""
     from pathlib import Path
 
-    base = [Path(s[5:]).name for s in specs if s.startswith("file:")]
-    return [f"file:{Path(s[5:]).name}" if base.count(Path(s[5:]).name) == 1 else s
-            if s.startswith("file:") else s for s in specs]
+    files = [Path(s[5:]).name for s in specs if s.startswith("file:")]
+    out = []
+    for s in specs:
+        name = Path(s[5:]).name if s.startswith("file:") else None
+        out.append(f"file:{name}" if name is not None and files.count(name) == 1 else s)
+    return out
 
 
 def check_sources(specs: Sequence[str], field: str = "sources") -> None:
