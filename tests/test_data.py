@@ -514,10 +514,11 @@ def test_every_data_config_field_is_checked_before_any_work(tmp_path, content, s
     assert main(["data", "build", "--config", str(y), "--out", str(tmp_path / "o"), "--max-per-source", "0"]) == 2
 
 
-def test_a_user_files_own_categories_are_kept_beside_the_unified_ones(tmp_path):
+def test_a_user_files_own_categories_are_kept_beside_the_unified_ones(tmp_path, capsys):
     """A user's category outside the unified list ("Tax fraud") picks the generic refusal and
     stratifies as `harmful`, but was lost from the rows: it is kept as meta.raw_category, read back by
-    the data folder, and evaluation groups attack success by it (`per_user_category`)."""
+    the data folder, and evaluation groups attack success by it (`per_user_category`). The build
+    names the categories that took that fallback, on stderr and in the manifest."""
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.safety import _rates
 
@@ -527,6 +528,11 @@ def test_a_user_files_own_categories_are_kept_beside_the_unified_ones(tmp_path):
     f = tmp_path / "mine.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     build(tmp_path / "o", DataConfig(sources=(f"file:{f}",), distill=False, self_instruct=0))
+    err = capsys.readouterr().err
+    assert "[data] file:mine.jsonl: categories 'Tax fraud' (10), 'Stalking' (10) are not one of the unified ones" in err
+    assert "cybercrime' (" not in err
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["sources"][0]["generic_categories"] == {
+        "Tax fraud": 10, "Stalking": 10}
     seen = {}
     for s in ("train", "val", "test"):
         for r in _rows(tmp_path / "o", s):
@@ -545,6 +551,38 @@ def test_a_user_files_own_categories_are_kept_beside_the_unified_ones(tmp_path):
     # a packaged source's rows carry none (its categories map to ours): default data files are unchanged
     build(tmp_path / "hb", DataConfig(sources=("harmbench",), distill=False, self_instruct=0, max_per_source=30))
     assert all("raw_category" not in r["meta"] for s in ("train", "val", "test") for r in _rows(tmp_path / "hb", s))
+
+
+@pytest.mark.parametrize("raw,unified", [
+    ("Self-Harm", "self_harm"), ("self harm", "self_harm"), ("SELF_HARM", "self_harm"), ("suicide", "self_harm"),
+    ("weapons", "weapons_chem_bio"), ("Cyber", "cybercrime"), ("hate speech", "harassment_hate"),
+    ("NSFW", "sexual"), ("fraud", "illegal"), ("Tax fraud", "harmful"), ("", "harmful"),
+])
+def test_a_category_is_read_by_its_meaning_not_its_spelling(raw, unified):
+    """Found by reading the map: a user's "weapons", "cyber" or "Self-Harm" fell back to the generic
+    refusal (a self-harm request got "It could lead to real harm." rather than the reason written for
+    it). Names are compared after folding case and punctuation, and common synonyms are mapped."""
+    from safety_patch.data.refusals import is_generic_fallback, unified_category
+
+    assert unified_category(raw) == unified
+    assert is_generic_fallback(raw) == (raw == "Tax fraud")
+
+
+def test_the_packaged_sources_categories_map_as_they_always_did():
+    """The synonyms and the case folding must not move a packaged source's rows (the default data
+    files, and every figure read from them, stay as they were)."""
+    from safety_patch.data.refusals import bank, unified_category
+
+    assert {c: unified_category(c) for c in (
+        "chemical_biological", "cybercrime_intrusion", "illegal", "misinformation_disinformation",
+        "harassment_bullying", "harmful", "malicious_uses", "information_hazard",
+        "discrimination_exclusion_toxicity_hateful_offensive")} == {
+        "chemical_biological": "weapons_chem_bio", "cybercrime_intrusion": "cybercrime", "illegal": "illegal",
+        "misinformation_disinformation": "misinformation", "harassment_bullying": "harassment_hate",
+        "harmful": "harmful", "malicious_uses": "illegal", "information_hazard": "privacy",
+        "discrimination_exclusion_toxicity_hateful_offensive": "harassment_hate"}
+    b = bank()
+    assert set(b["category_map"].values()) <= set(b["reasons"])  # every synonym lands on a category with reasons
 
 
 def test_a_user_files_own_responses_must_be_refusals(tmp_path, capsys):

@@ -161,6 +161,12 @@ def _trim(text: str, truncated: bool) -> str:
     return text[: m[-1].end()].strip() if m else text
 
 
+def _generic_categories(reqs) -> dict[str, int]:
+    """{user category: rows} for the categories that fell back to ``harmful`` (most rows first)."""
+    counts = Counter(r.raw_category for r in reqs if r.category == "harmful" and refusals.is_generic_fallback(r.raw_category))
+    return dict(counts.most_common())
+
+
 def load_requests(cfg: DataConfig):
     """The harmful requests of ``cfg.sources`` and one manifest entry per source: ``loaded``, ``too_long``
     (over ``max_request_chars``, dropped), ``duplicates`` (exact duplicates after normalisation, within
@@ -192,9 +198,17 @@ def load_requests(cfg: DataConfig):
                   "written; the rest get composed ones", file=sys.stderr, flush=True)
         # a user file is named by its path, which says nothing of what it held: its content's hash does
         user = {"sha256": sha256_file(info.location)} if spec.startswith("file:") else {}
+        generic = _generic_categories(unique) if spec.startswith("file:") else {}
+        if generic:  # a user's "weapons" or "Self Harm" typo must not pass unseen as the generic refusal
+            print(f"[data] {name}: categor{'ies' if len(generic) > 1 else 'y'} "
+                  f"{', '.join(f'{c!r} ({n})' for c, n in generic.items())} "
+                  f"{'are' if len(generic) > 1 else 'is'} not one of the unified ones ({', '.join(sorted(refusals.bank()['reasons']))}) "
+                  "nor mapped to one in resources/refusals.json: grouped as 'harmful' (the generic refusal) "
+                  "and kept as meta.raw_category", file=sys.stderr, flush=True)
         infos.append(dict(as_dict(info), **user, loaded=n_loaded, too_long=too_long,
                           duplicates=len(items) - len(unique), kept=len(unique),
-                          **({"own_responses": own} if own else {})))
+                          **({"own_responses": own} if own else {}),
+                          **({"generic_categories": generic} if generic else {})))
         reqs.extend(unique)
     if not reqs:
         why = "; ".join(f"{i['name']}: {i['loaded']} loaded, {i['too_long']} over max_request_chars "

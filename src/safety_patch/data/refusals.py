@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from functools import lru_cache
 from importlib import resources
 
@@ -19,13 +20,31 @@ def bank() -> dict:
     return json.loads(resources.files("safety_patch.resources").joinpath("refusals.json").read_text(encoding="utf-8"))
 
 
+def category_key(raw: str) -> str:
+    """A category name as the map spells it: lower case, runs of other characters as one ``_``
+    ("Self-Harm", "self harm" and "SELF_HARM" are all ``self_harm``)."""
+    return re.sub(r"[^a-z0-9]+", "_", (raw or "").lower()).strip("_")
+
+
 def unified_category(raw: str) -> str:
-    """Map a source's category name to one of ours (fallback: 'harmful')."""
+    """Map a source's category name to one of ours: a unified name itself, else the
+    ``category_map`` of resources/refusals.json (source categories and common synonyms such as
+    ``weapons``, ``cyber``, ``hate``, ``suicide``), else ``harmful`` (the generic refusal).
+    See :func:`is_generic_fallback` for the names that took the fallback."""
     b = bank()
-    key = (raw or "").strip().lower()
+    key = category_key(raw)
     if key in b["reasons"]:
         return key
     return b["category_map"].get(key, "harmful")
+
+
+def is_generic_fallback(raw: str) -> bool:
+    """True when ``raw`` is neither a unified category nor in the map and so fell back to
+    ``harmful``: its rows get the generic refusal, not their category's reason and alternative.
+    No category at all (``""``) is not a fallback: ``harmful`` is what it says."""
+    b = bank()
+    key = category_key(raw)
+    return bool(key) and key not in b["reasons"] and key not in b["category_map"]
 
 
 def compose(category: str, rng: random.Random, alternative_p: float = 0.8) -> str:
