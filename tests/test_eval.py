@@ -442,6 +442,7 @@ def test_eval_results_name_their_prompts_by_content(tiny_dir, data_dir, tmp_path
     cfg = EvalConfig(attacks=("direct",), limit=1, max_new_tokens=2, judge="keyword")
     res = evaluate("safety", str(tiny_dir), [], str(f), cfg, device="cpu", use_cache=False)
     assert res["config"]["split"] is None
+    assert res["config"]["judge_identity"] == ["keyword"]
     assert res["config"]["prompts_source"] == {"path": str(f), "kind": "file",
                                                "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
     res = evaluate("overrefusal", str(tiny_dir), [], str(data_dir), EvalConfig(limit=1, max_new_tokens=2, judge="keyword"),

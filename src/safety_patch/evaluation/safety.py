@@ -336,8 +336,10 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
                                    "judge spec names? Nothing was written")
     src = source_identity(prompts)
     return {"kind": f"safety-patch/eval-{kind}", "schema": 1,
+            # judge_identity: the spec names the endpoint but not the model an API judge asked
+            # (SAFETY_PATCH_JUDGE_MODEL) nor its threshold; this is what its verdicts are keyed on
             "config": as_dict(cfg) | {"prompts": str(prompts), "split": split if src["kind"] == "data-folder" else None,
-                                      "prompts_source": src},
+                                      "prompts_source": src, "judge_identity": judge.identity},
             "provenance": provenance(lm, ps), "runs": runs}
 
 
