@@ -829,6 +829,16 @@ def test_a_gate_that_never_fires_is_refused_everywhere(data_dir, tiny_dir, lm, g
     assert "fires on all 12 of its training benign prompts at threshold -1e+30" in gate_fit.check_protects(
         {"threshold": -1e30, "train": {"benign": 12, "train_benign_flagged": 1.0}}, "x")
     assert gate_fit.check_protects({"threshold": 0.5, "train": {"benign": 12, "train_benign_flagged": 0.25}}, "x") is None
+    # fires on some harmful prompts, yet routes no better than a coin (a tiny model's random gate): warned,
+    # and `patch info` keeps saying so
+    coin = {"validation": {"direct_vs_benign": {"auroc": {"value": 0.54, "n_pos": 20, "n_neg": 30, "ci95": [0.38, 0.70]}}}}
+    said = gate_fit.check_protects(coin, "x")
+    assert "validation AUROC (harmful direct vs benign) is 0.540 [0.380, 0.700], n = 20 + 30" in said
+    from safety_patch import patches
+
+    assert patches._gate_info({"layer": 3, "threshold": 0.5, **coin})["gate_warning"] == said.replace(": x:", ": patch.json 'gate':")
+    coin["validation"]["direct_vs_benign"]["auroc"]["ci95"] = [0.51, 0.70]
+    assert gate_fit.check_protects(coin, "x") is None and "gate_warning" not in patches._gate_info({"layer": 3, **coin})
     # a record without figures (the Python API): `patch verify` routes probe prompts through it
     quiet = make_lora_patch(lm.model, tmp_path / "q", lm.fingerprint, seed=4)
     g = Gate.load(gate_dir)

@@ -1408,7 +1408,9 @@ def check_protects(record: dict, where: str | Path, warn: bool = True) -> str | 
     A gate that fires on none of its held-out harmful prompts (``validation.fired``:
     harmful_direct and harmful_wrapped together) is not refused (on a small validation split
     that can be chance), but the warning returned (and logged, with ``warn``) says so; so is a gate that
-    fires on every training benign prompt (``train_benign_flagged`` 1: its patch is on for every prompt).
+    fires on every training benign prompt (``train_benign_flagged`` 1: its patch is on for every prompt),
+    and one whose validation AUROC (``validation.direct_vs_benign.auroc``) has a 95% interval
+    reaching 0.5 (its routing is not told apart from chance).
     None otherwise; a record without these figures passes (``patch verify`` routes probe prompts
     through any gate)."""
     import logging
@@ -1434,6 +1436,14 @@ def check_protects(record: dict, where: str | Path, warn: bool = True) -> str | 
     if n and not sum(int(f.get("k") or 0) for f in harmful):
         msgs.append(f"warning: {where}: the gate fires on none of the {n} held-out harmful prompts of its validation "
                     f"report{at}: it may protect nothing; check `gate eval` before relying on it")
+    auc = ((record.get("validation") or {}).get("direct_vs_benign") or {}).get("auroc") or {}
+    ci = auc.get("ci95") if isinstance(auc, dict) else None
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in (auc.get("value"), *ci)) \
+            and ci[0] <= 0.5:
+        # fires on some harmful prompts, so the check above is quiet, yet routes no better than a coin
+        msgs.append(f"warning: {where}: the gate's validation AUROC (harmful direct vs benign) is {auc['value']:.3f} "
+                    f"[{ci[0]:.3f}, {ci[1]:.3f}], n = {auc.get('n_pos')} + {auc.get('n_neg')}: not told apart from chance; "
+                    "which prompts get the patch is near random; check `gate eval` before relying on it")
     if warn:
         for msg in msgs:
             logging.getLogger("safety_patch").warning(msg)

@@ -931,4 +931,10 @@ def _gate_info(g: dict | None) -> dict:
     if fired:
         out["gate_fires_on"] = ", ".join(f"{k} {v['value']:.1%} ({v['k']}/{v['n']})" for k, v in fired.items()
                                          if v.get("n")) + f" ({(g.get('validation') or {}).get('split', 'val')} split)"
+    from .gate_fit import check_protects
+
+    # what `train` and `gate fit` warned of once, shown for as long as the patch exists
+    said = check_protects(g, "patch.json 'gate'", warn=False)
+    if said:
+        out["gate_warning"] = said
     return out
