@@ -129,6 +129,37 @@ def test_patches_of_different_bases_are_not_analysed_against_one_w0(tiny_dir, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_a_patch_is_measured_only_against_its_own_w0(tiny_dir, tmp_path):
+    """Found by a user's trial: `analyze --model OTHER` measured a patch's ΔW against another model's
+    weights (there: a merged checkpoint that already held the patch) and recorded the patch's base
+    as the one read; a patch trained on top of another was measured against the bare base. Both are
+    refused; --force measures anyway and summary.json says so."""
+    import json
+
+    from safety_patch.analysis.run import analyze
+    from safety_patch.errors import SafetyPatchError
+    from safety_patch.models import load_model
+    from safety_patch.patches import read_patch
+    from safety_patch.testing import make_lora_patch
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    other = make_lora_patch(lm.model, tmp_path / "other", "0" * 64)
+    with pytest.raises(SafetyPatchError, match=r"was trained on base 000000000000, but --model .* is "
+                                               + lm.fingerprint[:12] + r".*--force"):
+        analyze(str(tiny_dir), [other], tmp_path / "out", ks=(4,))
+    assert not (tmp_path / "out").exists()
+    below = make_lora_patch(lm.model, tmp_path / "below", lm.fingerprint)
+    above = make_lora_patch(lm.model, tmp_path / "above", lm.fingerprint, seed=1, stack=[read_patch(below).id])
+    with pytest.raises(SafetyPatchError, match=r"trained on top of patch\(es\) .*not base \+ those"):
+        analyze(str(tiny_dir), [above], tmp_path / "out", ks=(4,))
+    analyze(str(tiny_dir), [other], tmp_path / "out", ks=(4,), force=True)
+    meta = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert meta["base_fingerprint"] == lm.fingerprint and meta["patches"][0]["base_fingerprint"] == "0" * 64
+    assert len(meta["forced"]) == 1 and "was trained on base 000000000000" in meta["forced"][0]
+    analyze(str(tiny_dir), [below], tmp_path / "own", ks=(4,))
+    assert "forced" not in json.loads((tmp_path / "own" / "summary.json").read_text())
+
+
 def test_patches_analysed_together_equal_each_analysed_alone(tiny_dir, tmp_path):
     """analyse_weights reads the patches' modules in step and decomposes each W0 once: every
     patch's rows (and kept vectors) are those it gets alone, in the same order, also where the

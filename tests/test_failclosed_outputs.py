@@ -329,7 +329,8 @@ def test_thread_count_beyond_the_cores_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("flags,msg", [(["--k", "0"], "--k must be positive"), (["--k", "-5"], "--k must be positive"),
-                                       (["--k", ","], "--k must be positive"), (["--r", "-3"], "--r"), (["--r", "0"], "--r")])
+                                       (["--k", ","], "--k must be positive"), (["--k", "8,8"], "--k names a size twice"),
+                                       (["--r", "-3"], "--r"), (["--r", "0"], "--r")])
 def test_analyze_sizes_must_be_positive(flags, msg, tmp_path, monkeypatch, capsys):
     _no_work(monkeypatch)
     assert main(["analyze", "--patch", str(tmp_path), "--out", str(tmp_path / "an"), *flags]) == 2

@@ -558,7 +558,8 @@ def analyze(
     jailbreak: Annotated[Path | None, typer.Option(help="JSONL/CSV of jailbreak prompts (activation analysis).")] = None,
     n_prompts: Annotated[int, typer.Option(min=1)] = 16,
     device: DeviceOpt = "auto",
-    force: bool = False,
+    force: Annotated[bool, typer.Option(help="Measure a patch of another base, or one trained on top of other "
+                                             "patches, against --model's weights (recorded as 'forced').")] = False,
     overwrite: bool = False,
 ) -> None:
     """Per-layer subspace orthogonality, update magnitude, hidden-state shift and interference of patches."""
@@ -572,6 +573,8 @@ def analyze(
         raise SafetyPatchError(f"--k must be comma-separated integers, got {k!r}") from None
     if not ks or min(ks) < 1:
         raise SafetyPatchError(f"--k must be positive integers, got {k!r}")
+    if len(set(ks)) != len(ks):
+        raise SafetyPatchError(f"--k names a size twice: {k!r}")
     from .outputs import check_out_dir, claim_output
 
     check_out_dir(out, overwrite=overwrite, kind="analysis", inputs=[model, data, benign, jailbreak, *patch])

@@ -102,16 +102,23 @@ def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8
         raise SafetyPatchError("the patches were trained on different base models (base fingerprints "
                                + ", ".join(f"{p.name}: {p.base_fingerprint[:12]}" for p in ps) + "); analyse each with its own --model")
     ks = sorted(set(ks))
+    from ..models import load_model
+
+    lm = load_model(model, device=device)  # its fingerprint: the W0 read below must be the patches' base
+    lm_fp, want_vectors = lm.fingerprint, bool(benign or jailbreak)
+    forced = check_analysable(ps, lm_fp, model, force)
+    if not want_vectors:  # weights only: W0 is read from the checkpoint's files, module by module
+        lm = None
     read_w0 = checkpoint_reader(model)
     t0 = time.time()
-    want_vectors = bool(benign or jailbreak)
     all_rows, vecs = analyse_weights(ps, read_w0, ks, r,
                                      keep_vectors={p.name: _sample_modules(p) for p in ps} if want_vectors else None)
     weight_s = time.time() - t0
     summary = summarise(all_rows, ks)
     activ = {}
     if want_vectors:
-        activ = _activations(model, ps, vecs, benign or [], jailbreak or [], read_w0, device, force, interference_k or ks[len(ks) // 2])
+        activ = _activations(lm, ps, vecs, benign or [], jailbreak or [], read_w0, force, interference_k or ks[len(ks) // 2])
+        lm = None
     with atomic_dir(out, overwrite=overwrite, kind="analysis") as tmp:
         write_text(tmp / "weights.csv", _tidy_csv(all_rows))
         write_json(tmp / "weights.json", all_rows)
@@ -125,7 +132,8 @@ def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8
             "config": {"model": model, "ks": ks, "r": r, "interference_k": k_int if want_vectors else None,
                        "n_prompts": {"benign": len(benign or []), "jailbreak": len(jailbreak or [])},
                        "prompt_sources": prompt_sources or {}, "activations": bool(activ)},
-            "base_fingerprint": next(iter(bases)), **provenance(),
+            # the model whose W0 was read (with --force it may differ from a patch's own base)
+            "base_fingerprint": lm_fp, **({"forced": forced} if forced else {}), **provenance(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         if activ:
             write_json(tmp / "activations.json", activ)
@@ -147,12 +155,29 @@ def _sample_modules(patch) -> set[str]:
     return {n for n in names if (int(n.split(".layers.")[1].split(".")[0]) % 4 == 0 if ".layers." in n else False)}
 
 
-def _activations(model_spec, ps, vecs, benign, jailbreak, read_w0, device, force, k) -> dict:
-    from ..models import load_model
+def check_analysable(ps: list, fingerprint: str, model: str, force: bool) -> list[str]:
+    """Refuse what would measure a ΔW against the wrong W0: a patch trained on another base than
+    ``model`` (fingerprints differ), or on top of other patches (its W0 is base + those, which
+    ``analyze`` does not build). With ``force`` each is measured against ``model``'s weights anyway
+    and the returned lines (recorded in summary.json as ``forced``) say so. Raises SafetyPatchError."""
+    why = []
+    for p in ps:
+        if p.base_fingerprint != fingerprint:
+            why.append(f"patch {p.path} was trained on base {p.base_fingerprint[:12]}, but --model {model} is "
+                       f"{fingerprint[:12]}: its ΔW would be measured against another model's W0")
+        if p.stack:
+            why.append(f"patch {p.path} was trained on top of patch(es) {', '.join(s[:12] for s in p.stack)}: "
+                       "its ΔW is measured against the base's W0, not base + those")
+    if why and not force:
+        raise SafetyPatchError(why[0] + (f" (and {len(why) - 1} more)" if len(why) > 1 else "")
+                               + "; pass --force to measure anyway (summary.json records it as 'forced')")
+    return why
+
+
+def _activations(lm, ps, vecs, benign, jailbreak, read_w0, force, k) -> dict:
     from ..patches import attached
     from .activations import _encode, capture_linear_inputs, hidden_states, relative_shift
 
-    lm = load_model(model_spec, device=device)
     sets = {"benign": _encode(lm.tokenizer, benign), "jailbreak": _encode(lm.tokenizer, jailbreak)}
     sets = {k_: v for k_, v in sets.items() if v}
     base_h = {name: hidden_states(lm.model, enc) for name, enc in sets.items()}
