@@ -171,6 +171,15 @@ def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, data_dir, t
         fired = gmeta["validation"]["fired"]["harmful_direct"]
         assert f"harmful_direct {fired['value']:.1%} ({fired['k']}/{fired['n']})" in rows["gate_fires_on"]
         assert max(map(len, shown)) < 300 and sum(line.startswith("file ") for line in shown) == len(p.meta["files"])
+    # found by a user's trial: a patch and its gated copy have two ids but one update; attached
+    # together (either order) it applied twice wherever the gate fired
+    from safety_patch.patches import attached
+
+    for stack in ([src, tmp_path / "gp"], [tmp_path / "gp", src]):
+        for force in (False, True):
+            with pytest.raises(SafetyPatchError, match="hold the same update .*apply twice"):
+                with attached(lm.model, stack, lm.fingerprint, force=force):
+                    pass
     with pytest.raises(SafetyPatchError, match="already gated .*pass --replace"):
         apply_gate(tmp_path / "gp", gate_dir, tmp_path / "gp2")
     assert not (tmp_path / "gp2").exists()

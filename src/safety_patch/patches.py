@@ -449,16 +449,27 @@ def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force:
 
 
 def _check_stack_order(patches: Sequence[Patch], force: bool) -> None:
-    """Each patch once (by id: a copy in another folder is the same patch), and each after the
+    """Each patch once (by id: a copy in another folder is the same patch; by update: a patch and a
+    gated copy of it hold the same weights), and each after the
     patches it was trained on top of (``stack``; ``force`` skips only the order). Raises
     SafetyPatchError naming both folders of a repeated patch: attached twice, its update would be
     applied twice (a LoRA's ΔW doubled, a delta added twice), a model no one trained or measured."""
     first: dict[str, Path] = {}
+    update: dict[tuple, Patch] = {}
     for p in patches:
         if p.id in first:
             raise SafetyPatchError(f"patch {p.id} is given twice ({first[p.id]} and {p.path}): attached twice, its update "
                                    "would apply twice; give each patch once")
         first[p.id] = p.path
+        # Another id, the same update: a patch and its `gate apply` copy (or a re-gated one) differ only
+        # in the gate, and attached together the update applies twice wherever the gate fires.
+        key = (p.format, *(p.meta["files"].get(f) for f in weight_files(p.format)))
+        if key in update:
+            q = update[key]
+            raise SafetyPatchError(f"patches {q.path} ({q.id}) and {p.path} ({p.id}) hold the same update (identical "
+                                   f"{' and '.join(weight_files(p.format))}; one is the other behind a gate): attached "
+                                   "together, it would apply twice; give one of them")
+        update[key] = p
     seen: list[str] = []
     for p in patches:
         missing = [s for s in p.stack if s not in seen]
