@@ -162,6 +162,10 @@ def test_bad_inputs_fail_before_training(data_dir, tiny_dir, tmp_path):
         train(data_dir, tmp_path / "x", small(lora__target_modules="q_proj,c_attn"), model=str(tiny_dir))
     with pytest.raises(SafetyPatchError, match="the model has layers 0-1"):
         train(data_dir, tmp_path / "x", small(lora__layers="0-5"), model=str(tiny_dir))
+    # a user's trial: --rank 100000 allocated until the kernel killed it (24 GB), not an error
+    with pytest.raises(SafetyPatchError, match=r"--rank 100000 is larger than the smallest adapted matrix allows: "
+                                               r"model\.layers\.0\..* no update of it has rank above \d+"):
+        train(data_dir, tmp_path / "x", small(lora__rank=100000), model=str(tiny_dir))
     (tmp_path / "exists").mkdir()
     with pytest.raises(SafetyPatchError, match="--overwrite"):
         train(data_dir, tmp_path / "exists", small(), model=str(tiny_dir))

@@ -224,6 +224,18 @@ def test_a_bad_set_is_named(item, says, tmp_path, capsys):
     assert code == 2 and says in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--set", "optim.lr=1e-4", "--lr", "0.001"], "--set optim.lr=1e-4 and --lr 0.001 set the same field; give one"),
+    (["--rank", "4", "--set", "lora.rank=4"], "--set lora.rank=4 and --rank 4 set the same field"),
+    (["--set", "lora.rank=4", "--set", "lora.rank=8"], "--set lora.rank is given twice (lora.rank=4 and lora.rank=8)"),
+])
+def test_one_field_set_twice_is_refused(flags, says, tmp_path, capsys):
+    """Found by a user's trial: `--set optim.lr=1e-4 --lr 0.001` trained at 1e-4 in either order, saying nothing."""
+    code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and err.count("\n") == 1, err
+
+
 def test_flags_set_and_yaml_make_the_same_config(tmp_path, capsys):
     yaml_file = tmp_path / "t.yaml"
     yaml_file.write_text("lora: {rank: 16, layers: '1-3'}\ndata: {max_train_rows: 10}\nanchor: {kl: 2.0}\n"
@@ -306,6 +318,9 @@ def test_help_comes_from_the_field_docstrings(capsys):
     # a repeated key: YAML would silently read the last one, so it is refused (both lines named)
     ("lora: {rank: 4}\nlora: {rank: 0}\n", ":2: key 'lora' is given twice (also on line 1)"),
     ("lora:\n  rank: 4\n  rank: 8\n", ":3: key 'rank' is given twice (also on line 2)"),
+    # a list or mapping where text belongs was made text by str() ("['a']" as a module name)
+    ("recipe: default\noptim: {scheduler: [cosine]}\n", "optim.scheduler: expected str, got a list ['cosine']"),
+    ("lora: {target_modules: {q_proj: 1}}\n", "lora.target_modules: expected str, got a mapping {'q_proj': 1}"),
 ])
 def test_yaml_errors_name_the_file_and_key(content, says, tmp_path):
     path = tmp_path / "t.yaml"
@@ -314,6 +329,18 @@ def test_yaml_errors_name_the_file_and_key(content, says, tmp_path):
         resolve_config(None, path)
     assert "\n" not in str(e.value)
     assert str(e.value).startswith(f"{path}"), "a value the file set is named in the file"
+
+
+def test_a_yaml_list_is_the_comma_separated_form_of_modules_and_layers(tmp_path):
+    """Found by a user's trial: `target_modules: [q_proj, v_proj]` became the one name
+    "['q_proj', 'v_proj']", refused after the model loaded as "not in the model"."""
+    path = tmp_path / "t.yaml"
+    path.write_text("recipe: always-on\nlora:\n  target_modules: [q_proj, v_proj]\n  layers: [4, 8, 12]\n")
+    cfg = resolve_config(None, path)
+    assert cfg.lora.target_modules == "q_proj,v_proj" and cfg.lora.layers == "4,8,12"
+    path.write_text("recipe: always-on\nlora:\n  target_modules: [q_proj, [v_proj]]\n")
+    with pytest.raises(SafetyPatchError, match=r"lora\.target_modules: expected str, got a list"):
+        resolve_config(None, path)
 
 
 def test_a_range_error_names_the_layer_that_set_the_value(tmp_path):

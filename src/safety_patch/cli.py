@@ -334,15 +334,19 @@ def train(**kw) -> None:
         typer.echo("[train] --gate-layer -1 is deprecated: use --no-gate", err=True)
     set_values = parse_set(kw["set_"])
     check_layer(dotted_layer(set_values, "--set"), "--set")  # an unknown or mistyped --set key, named as such
+    both = sorted(k for k in set_values if k in overrides)
+    if both:  # one would silently win whatever the order on the command line
+        k = both[0]
+        raise SafetyPatchError(f"--set {k}={set_values[k]} and --{FLAGS[k]} {overrides[k]} set the same field; give one")
     overrides |= set_values
     if kw["no_gate"]:
         overrides["gate"] = None  # after the gate flags: dotted_layer refuses the two together
     data, out, model, config = kw["data"], kw["out"], kw["model"], kw["config"]
     cfg = resolve_config(kw["recipe"], config, overrides)
-    typer.echo("[train] config: " + json.dumps(cfg.record()), err=True)  # as patch.json records it
     from .outputs import check_out_dir
 
     check_out_dir(out, overwrite=kw["overwrite"], kind="patch", inputs=[data, model, config])  # claimed inside run_train
+    typer.echo("[train] config: " + json.dumps(cfg.record()), err=True)  # as patch.json records it
     meta = run_train(data, out, cfg, model=model, device=kw["device"], dtype=kw["dtype"], resume=kw["resume"],
                      overwrite=kw["overwrite"])
     if meta:

@@ -47,6 +47,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if typ in (int, float, str):
         if isinstance(value, bool):  # int(True) is 1: `rank: true` would train a rank-1 adapter
             raise SafetyPatchError(f"{where}: expected {typ.__name__}, got {value!r}")
+        if isinstance(value, (list, tuple, dict)):  # str() would make "['q_proj', 'v_proj']" a module name
+            raise SafetyPatchError(f"{where}: expected {typ.__name__}, got a {'mapping' if isinstance(value, dict) else 'list'} "
+                                   f"{value!r}")
         # A quoted number is read as that number: YAML 1.1 reads `lr: 1e-4` (no dot) as a string.
         try:
             if typ is int and isinstance(value, float) and not value.is_integer():

@@ -70,5 +70,7 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if key in out:  # the last would win silently
+            raise SafetyPatchError(f"--set {key} is given twice ({key}={out[key]} and {item.strip()}); give it once")
         out[key] = value
     return out

@@ -442,9 +442,16 @@ def help_text(key: str) -> str:
 
 # --- building a config from layers (recipe file <- YAML file <- flags) ------------------------
 
+# Settings written as comma-separated text on the command line; in YAML a list is the natural form.
+COMMA_LISTS = ("lora.target_modules", "lora.layers")
+
+
 def _coerce_value(key: str, value: Any, where: str) -> Any:
     from ..config import _coerce
 
+    if key in COMMA_LISTS and isinstance(value, (list, tuple)) and value \
+            and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        value = ",".join(str(v).strip() for v in value)
     return _coerce(value, field_types()[key], f"{where}: {key}")
 
 

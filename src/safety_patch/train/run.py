@@ -224,6 +224,21 @@ def _check_targets(model, cfg: TrainConfig) -> None:
         bad = [i for i in parse_layers(cfg.lora.layers) if not 0 <= i < n]
         if bad:
             raise SafetyPatchError(f"--layers {cfg.lora.layers}: the model has layers 0-{n - 1}")
+    if cfg.method == "lora":
+        # A rank past min(in, out) adds no direction (BA's rank is at most that) but allocates
+        # r x (in + out) per module: --rank 100000 was an out-of-memory kill, not an error.
+        from ..models import linear_module_names
+
+        wanted = set(kinds) if cfg.lora.target_modules == "all-linear" else {
+            t.strip() for t in cfg.lora.target_modules.split(",") if t.strip()}
+        mods = dict(model.named_modules())
+        name, m = min(((n, mods[n]) for n in linear_module_names(model) if n.rsplit(".", 1)[-1] in wanted),
+                      key=lambda t: min(t[1].in_features, t[1].out_features))
+        cap = min(m.in_features, m.out_features)
+        if cfg.lora.rank > cap:
+            raise SafetyPatchError(f"--rank {cfg.lora.rank} is larger than the smallest adapted matrix allows: {name} "
+                                   f"is {m.out_features} x {m.in_features}, so no update of it has rank above {cap}; "
+                                   f"use --rank {cap} or less")
 
 
 class _Metrics:
