@@ -47,6 +47,14 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     from .train.run import train
 
     check_attack_spec(attack)
+    # the round's training settings, checked before anything is attacked or written (a bad --lr or
+    # --method used to fail after the attack, leaving an unfinished round folder behind)
+    fields = {"method": method, **(train_overrides or {})}
+    # LoRA rounds use the KL-anchored recipe they were measured with (docs/training.md), so a
+    # round does not add over-refusal, and no gate, so that rounds stack. Not `always-on`: its
+    # stop point (68.5% of the schedule) was chosen on a one-shot patch of ~600 rows, not on
+    # rounds of a few dozen rows over 3 epochs.
+    tcfg = resolve_config("redteam-round" if method == "lora" else "full-safety", None, fields, where="redteam")
     manifest = read_manifest(data_dir)
     out = Path(out)
     if (out / "round.json").exists():
@@ -55,6 +63,11 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     for p in previous:
         if not (p / "heldout.json").is_file():
             raise SafetyPatchError(f"{p} is not a red-team round folder (no heldout.json)")
+    seen_prev: dict[Path, Path] = {}
+    for p in previous:  # replayed twice, a round's rows would count double in the next one
+        if p.resolve() in seen_prev:
+            raise SafetyPatchError(f"--previous {p} is given twice (also as {seen_prev[p.resolve()]}); give each round once")
+        seen_prev[p.resolve()] = p
     # --out is never an input nor holds one, and is new, empty, or an unfinished round of ours
     # (ROUND_MARKER): a round deletes or replaces only what a run of this round created.
     check_out_dir(out, inputs=[data_dir, model, *patches, *previous], overwrite=None,
@@ -112,13 +125,7 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     write_json(round_data / MANIFEST, manifest | {"derived": {"from": str(data_dir), "round_attack": attack,
                                                                      "successes": len(rows), "replayed": len(replayed)}})
 
-    # 3. train the next patch on top of the stack
-    fields = {"method": method, **(train_overrides or {})}
-    # LoRA rounds use the KL-anchored recipe they were measured with (docs/training.md), so a
-    # round does not add over-refusal, and no gate, so that rounds stack. Not `always-on`: its
-    # stop point (68.5% of the schedule) was chosen on a one-shot patch of ~600 rows, not on
-    # rounds of a few dozen rows over 3 epochs.
-    tcfg = resolve_config("redteam-round" if method == "lora" else "full-safety", None, fields, where="redteam")
+    # 3. train the next patch on top of the stack (tcfg: resolved and checked at the start)
     meta = train(round_data, out / "patch", tcfg, model=model, device=device, dtype=dtype, overwrite=True, progress=False,
                  stack=list(patches))
 
