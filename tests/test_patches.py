@@ -277,3 +277,20 @@ def test_a_second_stack_on_an_attached_model_is_refused_naming_the_cause(base, t
     with attached(model, [second], fp) as m:  # after the first block, the next stack attaches
         assert not torch.equal(logits(m, ids), before)
     assert torch.equal(logits(model, ids), before)
+
+
+def test_patch_info_says_what_each_kind_of_patch_is(base, tmp_path):
+    """Found by a user's trial: `patch info` on a full-parameter delta showed `rank 8` and
+    `target_modules all-linear` (the config's unused LoRA defaults). A delta names the tensors it changes."""
+    from safetensors import safe_open
+
+    from safety_patch.patches import DELTA_FILE, info
+
+    model, tok, fp, ids = base
+    d = make_delta_patch(model, tmp_path / "d", fp)
+    shown = info(read_patch(d))
+    with safe_open(str(d / DELTA_FILE), framework="pt") as f:
+        assert shown["changed_tensors"] == len(list(f.keys())) > 0
+    assert "rank" not in shown and "target_modules" not in shown
+    lora = info(read_patch(make_lora_patch(model, tmp_path / "l", fp, rank=4)))
+    assert "rank" in lora and "target_modules" in lora and "changed_tensors" not in lora

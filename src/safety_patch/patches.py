@@ -906,13 +906,22 @@ def _lora_config(meta: dict) -> dict:
     return config["lora"] if isinstance(config.get("lora"), dict) else config
 
 
+def _tensor_count(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return len(list(f.keys()))
+
+
 def info(patch: Patch) -> dict:
     m = patch.meta
     t = m.get("training", {})
     return {"path": str(patch.path), "id": patch.id, "format": patch.format, "method": m.get("method"),
             "objective": m.get("objective"), "base": m.get("base", {}).get("name"),
             "base_fingerprint": patch.base_fingerprint, "stack": patch.stack,
-            "rank": _lora_config(m).get("rank"), "target_modules": _lora_config(m).get("target_modules"),
+            # a delta has no rank: its config still holds the LoRA group's defaults, which say nothing of it
+            **({"rank": _lora_config(m).get("rank"), "target_modules": _lora_config(m).get("target_modules")}
+               if patch.format == "lora" else {"changed_tensors": _tensor_count(patch.path / DELTA_FILE)}),
             "trainable_parameters": t.get("trainable_parameters"), "steps": t.get("steps"),
             "tokens_seen": t.get("tokens_seen"), "wall_seconds": t.get("wall_seconds"),
             "data_manifest_sha256": m.get("data", {}).get("manifest_sha256"), "created": m.get("created"),
