@@ -304,6 +304,14 @@ def test_the_upstream_gate_probe_reads_every_layer_of_a_two_layer_gate(lm, tiny_
     assert torch.allclose(got, want, atol=1e-4)
     assert routes[0].gates[0].as_dict()["layers"] == [0, 1]
     assert [bool(r.active) for r in routes] == (want > 0).tolist() and 0 < int((want > 0).sum()) < len(want)
+    # a delta, or two patches under one name, cannot be one LoRA module per request: each said as such
+    from safety_patch.testing import make_delta_patch
+
+    make_delta_patch(lm.model, tmp_path / "d", lm.fingerprint)
+    with pytest.raises(SafetyPatchError, match=r"d is a full-parameter delta, .*`patch merge`"):
+        GateProbe(str(tiny_dir), {"d": [tmp_path / "d"]}, device="cpu")
+    with pytest.raises(SafetyPatchError, match="one LoRA patch per model name, got 2"):
+        GateProbe(str(tiny_dir), {"two": [tmp_path / "d", tmp_path / "g"]}, device="cpu")
 
 
 def test_extra_layers_by_depth_resolve_like_the_gate_layer_and_each_layer_is_read_once(lm):  # noqa: F811

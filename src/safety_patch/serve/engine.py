@@ -417,9 +417,13 @@ class GateProbe:
         self.patches = {}
         for name, paths in stacks.items():
             ps = _read_stack(paths)
-            if len(ps) != 1 or ps[0].format != "lora":
-                raise SafetyPatchError(f"stack {name!r}: upstream mode serves one LoRA patch per model name "
-                                       "(the upstream engine applies one LoRA module per request)")
+            if len(ps) != 1:
+                raise SafetyPatchError(f"stack {name!r}: upstream mode serves one LoRA patch per model name, got "
+                                       f"{len(ps)} (the upstream engine applies one LoRA module per request)")
+            if ps[0].format != "lora":
+                raise SafetyPatchError(f"stack {name!r}: {ps[0].path} is a full-parameter delta, which an upstream "
+                                       "engine cannot apply per request (it serves LoRA modules); serve it embedded, "
+                                       "or merge it (`patch merge`) and point the engine at the merged model")
             self.patches[name] = ps[0]
         self.gates = {n: Gate.load(p.path) for n, p in self.patches.items() if p.gated}
         # Fail closed: a gate was fit on one base; check that this is it (fingerprint, shapes, gate fit) on the full
