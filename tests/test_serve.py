@@ -527,19 +527,27 @@ def test_upstream_mode_routes_by_the_local_truncated_gate(world, upstream):
     assert len(lines) == len(PROMPTS) + 2 and all(x["status"] == 200 for x in lines)
 
 
-def test_upstream_failures_are_502_in_the_openai_shape(world, upstream):
+def test_upstream_failures_are_502_in_the_openai_shape(world, upstream, tmp_path):
     _, _, backend = upstream
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     s.close()  # nothing listens there now
-    front = LiveServer(UpstreamBackend(backend.probe, dead, "base"), ServeConfig())
+    front = LiveServer(UpstreamBackend(backend.probe, dead, "base"), ServeConfig(audit_path=str(tmp_path / "a.jsonl")))
+    front.audit = tmp_path / "a.jsonl"
     try:
+        assert httpx.get(front.url + "/health").json()["status"] == "ok"
         for stream in (False, True):
             r = httpx.post(front.url + "/v1/chat/completions", json={"model": "safety", "messages": _user(HARM[0]),
                                                                      "stream": stream}, timeout=30)
             # streamed or not: the upstream's status is known before anything is sent, so a 502
             assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error", (stream, r.text)
+            # the gate ran before the upstream failed (a user's trial: the 502 said nothing of it)
+            line = _audit(front)[-1]
+            assert line["status"] == 502 and line["decision"] == "patched" and line["gates"][0]["fired"]
+            assert r.headers[ROUTE_HEADER].startswith("decision=patched")
+        h = httpx.get(front.url + "/health").json()
+        assert h["status"] == "degraded" and h["upstream_ok"] is False and "cannot reach upstream" in h["upstream_error"]
         with pytest.raises(openai.APIStatusError) as e:
             front.client().chat.completions.create(model="base", messages=_user("hi"))
         assert e.value.status_code == 502
@@ -551,6 +559,53 @@ def test_upstream_failures_are_502_in_the_openai_shape(world, upstream):
             good.stop()
     finally:
         front.stop()
+
+
+def test_an_upstream_that_does_not_stream_or_does_not_answer_is_named(world, upstream, tmp_path):
+    """Found by a user's trial: a 200 of plain text or `{}` read "ended the answer without a finish_reason",
+    and a client that gave up on a hung upstream was audited only when the upstream died, as 502."""
+    import http.server
+
+    _, _, backend = upstream
+    hang = threading.Event()
+
+    class Bad(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["content-length"]))
+            if self.path.endswith("hang/v1/chat/completions"):
+                hang.wait(30)
+                return
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>not a stream</html>")
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Bad)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    front = LiveServer(UpstreamBackend(backend.probe, url, "base"), ServeConfig())
+    slow = LiveServer(UpstreamBackend(backend.probe, url + "/hang", "base"),
+                      ServeConfig(audit_path=str(tmp_path / "a.jsonl")))
+    slow.audit = tmp_path / "a.jsonl"
+    try:
+        r = httpx.post(front.url + "/v1/chat/completions", json={"model": "base", "messages": _user("hi")}, timeout=30)
+        assert r.status_code == 502 and "sent no stream events (content-type 'text/html')" in r.json()["error"]["message"]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(slow.url + "/v1/chat/completions", json={"model": "base", "messages": _user("hi")}, timeout=1)
+        t0 = time.monotonic()
+        while not (tmp_path / "a.jsonl").exists() or not (tmp_path / "a.jsonl").read_text().strip():
+            assert time.monotonic() - t0 < 10, "the client's leaving was not audited while the upstream hung"
+            time.sleep(0.05)
+        (line,) = _audit(slow)
+        assert (line["status"], line["finish_reason"]) == (499, "cancelled")
+    finally:
+        hang.set()
+        front.stop()
+        slow.stop()
+        srv.shutdown()
 
 
 def test_audit_log_keeps_text_only_with_log_prompts(tmp_path):

@@ -238,6 +238,7 @@ def serve(
     shutdown_timeout: Annotated[float, typer.Option(min=0.0, callback=_finite, help="On SIGTERM or Ctrl-C, seconds the answers in flight get to finish before they are cut.")] = 30.0,
     upstream: Annotated[str | None, typer.Option(help="Forward to this OpenAI-compatible server (e.g. vLLM with --enable-lora); the gate runs here.")] = None,
     upstream_model: Annotated[str | None, typer.Option(help="The upstream's name for the base (default: --model).")] = None,
+    upstream_timeout: Annotated[float, typer.Option(min=0.001, callback=_finite, help="Seconds the upstream gets to start and to continue an answer before the request is a 502 (between reads, not in all).")] = 600.0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     force: Annotated[bool, typer.Option(help="Attach patches made for another base model (warns).")] = False,
@@ -256,7 +257,8 @@ def serve(
     if upstream:
         from .serve.upstream import build_upstream
 
-        backend = build_upstream(model, stacks, upstream, upstream_model or model, device, dtype, force)
+        backend = build_upstream(model, stacks, upstream, upstream_model or model, device, dtype, force,
+                                 timeout_s=upstream_timeout)
     else:
         backend = build_embedded(model, stacks, device, dtype, force, batch_window_ms, max_batch)
     typer.echo(f"[serve] models: {', '.join(backend.names)}; http://{host}:{sock.getsockname()[1]}/v1 ; "

@@ -52,6 +52,7 @@ class ApiError(Exception):
                  code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.route = None  # set where the request was routed before it failed (upstream mode): audited and in the header
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -337,7 +338,9 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": backend.names, **backend.health()}
+        h = backend.health()
+        # upstream mode: the gates run here, the answers there; a server whose upstream failed is not "ok"
+        return {"status": "degraded" if h.get("upstream_ok") is False else "ok", "models": backend.names, **h}
 
     @app.get("/v1/models")
     async def models():
@@ -473,12 +476,28 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
                    messages=p.messages, **({"temperature": p.sampling.temperature, "top_p": p.sampling.top_p,
                                              "seed": p.sampling.seed} if p.sampling.temperature > 0 else {}))
         events = backend.events(p, want_text=p.stream)
+        first = asyncio.ensure_future(anext(events))
         try:
-            kind, route = await anext(events)
+            # watched like an answer: in upstream mode the first event waits for the upstream's status line,
+            # and a client that leaves meanwhile is a 499 now, not whenever the upstream gives up
+            while not first.done():
+                done, _ = await asyncio.wait({first}, timeout=0.25)
+                if not done and await request.is_disconnected():
+                    first.cancel()
+                    with _suppress():
+                        await first
+                    status, why = cut()
+                    finish(status, finish_reason="cancelled", error=why)
+                    return JSONResponse({}, status_code=499)
+            kind, route = first.result()
         except ApiError as e:  # refused, or cut at shutdown while queued (cancelled, as once routed)
             await events.aclose()
-            finish(e.status, error=e.message, **_cut_reason(e))
-            return _error(e)
+            routed = {ROUTE_HEADER: e.route.header()} if e.route is not None else None
+            finish(e.status, error=e.message, **_cut_reason(e), **(route_fields(e.route) if routed else {}))
+            return _error(e, routed)
+        finally:
+            if not first.done():
+                first.cancel()
         assert kind == "route"
         rec.update(route_fields(route))
         headers = {ROUTE_HEADER: route.header()}

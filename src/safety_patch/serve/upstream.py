@@ -44,6 +44,7 @@ class UpstreamBackend:
         self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's, learnt from the first request
         self._cut = asyncio.Event()  # set (on that loop) when the server cuts the answers in flight
+        self.last_error: str | None = None  # why the last request got no answer started upstream (health)
 
     def cut_in_flight(self) -> None:
         """Answer every request being relayed with 503 "server shutting down" (``serve``'s grace
@@ -93,8 +94,11 @@ class UpstreamBackend:
         return self.probe.views(messages)
 
     def health(self) -> dict:
+        """``upstream_ok`` false, with ``upstream_error``, when the last request could not get an answer
+        started upstream (unreachable, or an error status): `/health` then says ``degraded``."""
         return {"mode": "upstream", "upstream": self.url, "gate_layers_loaded": self.probe.layers_loaded,
-                "layers_total": self.probe.layers_total}
+                "layers_total": self.probe.layers_total, "upstream_ok": self.last_error is None,
+                **({"upstream_error": self.last_error} if self.last_error else {})}
 
     async def events(self, p: Prepared, want_text: bool) -> AsyncIterator[tuple]:
         """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens).
@@ -110,7 +114,7 @@ class UpstreamBackend:
                 "stream_options": {"include_usage": True}, "temperature": p.sampling.temperature}
         if p.sampling.temperature > 0:
             body.update(top_p=p.sampling.top_p, seed=p.sampling.seed)
-        text, finish, n_tokens, chunks = "", None, None, 0
+        text, finish, n_tokens, chunks, events_seen = "", None, None, 0, 0
         async with contextlib.AsyncExitStack() as stack:
             try:
                 r = await self._or_cut(self.client.send(self.client.build_request("POST", "/chat/completions", json=body),
@@ -125,8 +129,18 @@ class UpstreamBackend:
                     raise ApiError(502, f"upstream {self.url} answered {r.status_code} for model {target!r}: {why}",
                                    "upstream_error", code="upstream_error")
             except httpx.HTTPError as e:
-                raise ApiError(502, f"cannot reach upstream {self.url}: {type(e).__name__}: {e}", "upstream_error",
-                               code="upstream_error") from None
+                self.last_error = f"cannot reach upstream: {type(e).__name__}: {e}"
+                err = ApiError(502, f"cannot reach upstream {self.url}: {type(e).__name__}: {e}", "upstream_error",
+                               code="upstream_error")
+                err.route = route  # the gate ran: the audit line and the header say where it sent the request
+                raise err from None
+            except ApiError as e:
+                if e.status == 502:  # not a cut at shutdown (503)
+                    self.last_error = e.message
+                e.route = route
+                raise
+            self.last_error = None
+            content_type = r.headers.get("content-type", "")
             yield ("route", route)
             lines = r.aiter_lines()
             try:
@@ -137,6 +151,7 @@ class UpstreamBackend:
                         break
                     if not line.startswith("data:"):
                         continue
+                    events_seen += 1
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
@@ -161,6 +176,10 @@ class UpstreamBackend:
             except httpx.HTTPError as e:
                 raise ApiError(502, f"upstream {self.url} failed mid-answer: {type(e).__name__}: {e}", "upstream_error",
                                code="upstream_error") from None
+        if finish is None and not events_seen:  # a 200 that is not a stream at all (an HTML page, `{}`, plain text)
+            raise ApiError(502, f"upstream {self.url} answered 200 but sent no stream events (content-type "
+                                f"{content_type or 'none'!r}); it must speak OpenAI's streaming chat completions",
+                           "upstream_error", code="upstream_error")
         if finish is None:
             raise ApiError(502, f"upstream {self.url} ended the answer without a finish_reason", "upstream_error",
                            code="upstream_error")
