@@ -273,8 +273,10 @@ def test_resume_refuses_changed_settings_data_or_base(data_dir, tiny_dir, tmp_pa
     with pytest.raises(SafetyPatchError, match="; dtype float32 -> bfloat16\\)"):
         train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), dtype="bf16", progress=False, resume=True)
     assert not (tmp_path / "p").exists()
-    # the same settings resume
-    meta = train(data_dir, tmp_path / "p", cfg, model=str(tiny_dir), progress=False, resume=True)
+    # the same settings resume; so do other checkpoint and log intervals, which do not change the patch
+    # (a user's trial: a changed save_steps was refused)
+    later = small(optim__save_steps=cfg.optim.save_steps + 1, optim__logging_steps=cfg.optim.logging_steps + 1)
+    meta = train(data_dir, tmp_path / "p", later, model=str(tiny_dir), progress=False, resume=True)
     assert meta["config"]["optim"]["lr"] == 1e-3 and meta["training"]["resumed_from"].endswith("checkpoint-2")
 
 

@@ -99,9 +99,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Settings a resumed run may change: when checkpoints and logs are written, and recomputation
+# (the same adapter bit for bit, OptimSettings.gradient_checkpointing); none changes the patch.
+RESUME_FREE = frozenset({"optim.save_steps", "optim.logging_steps", "optim.gradient_checkpointing"})
+
+
 def _check_resume(work: Path, identity: dict) -> None:
     """Refuse to resume ``work`` when ``identity`` (the keys given) differs from the interrupted
-    run's ``RUN_FILE``; the one-line error lists every difference as ``field old -> new``."""
+    run's ``RUN_FILE``, except for the settings in ``RESUME_FREE``; the one-line error lists every
+    difference as ``field old -> new``."""
     path = work / RUN_FILE
     try:
         prior = json.loads(path.read_text(encoding="utf-8"))
@@ -116,7 +122,7 @@ def _check_resume(work: Path, identity: dict) -> None:
         if key == "config" and isinstance(old, dict):
             old, new = _flat(old), _flat(new)  # groups: name the field, "lora.rank 8 -> 4"
             diffs += [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new))
-                      if old.get(k) != new.get(k)]
+                      if old.get(k) != new.get(k) and k not in RESUME_FREE]
         elif old != new:
             diffs.append(f"{key} {_short(old)} -> {_short(new)}")
     if diffs:
