@@ -441,3 +441,7 @@ def test_lora_settings_with_the_full_method_are_refused_not_ignored(tmp_path):
     with pytest.raises(SafetyPatchError, match="--alpha sets the LoRA adapter"):
         resolve_config("paper", y)
     assert resolve_config("full-safety").method == "full"  # a recipe's own layer is not the user's
+    # the same for DPO's beta under the sft objective (a user's trial: accepted and unused)
+    with pytest.raises(SafetyPatchError, match=r"loss\.dpo_beta sets DPO's beta, but the objective is sft"):
+        resolve_config("paper", overrides={"loss.dpo_beta": 0.3})
+    assert resolve_config("paper", overrides={"loss.objective": "dpo", "loss.dpo_beta": 0.3}).loss.dpo_beta == 0.3

@@ -33,6 +33,9 @@ def resolve_config(recipe: str | None = None, path: str | Path | None = None,
         if given:
             raise SafetyPatchError(f"{_name('lora.' + given[0])} sets the LoRA adapter, but the method is full "
                                    "(every weight is trained, no adapter): drop it, or train with --method lora")
+    if cfg.loss.objective != "dpo" and any("dpo_beta" in (layer.get("loss") or {}) for layer in (file_layer, flag_layer)):
+        raise SafetyPatchError(f"{_name('loss.dpo_beta')} sets DPO's beta, but the objective is {cfg.loss.objective}: "
+                               "drop it, or train with --objective dpo")
     try:
         cfg.validate()
     except FieldError as e:
