@@ -52,7 +52,20 @@ def test_one_value_has_no_bootstrap_interval_not_a_zero_width_one():
 
 def test_bootstrap_mean_interval():
     r = bootstrap_mean([1.0] * 50 + [0.0] * 50)
-    assert r["value"] == 0.5 and r["ci95"][0] < 0.5 < r["ci95"][1]
+    assert r["value"] == 0.5 and r["ci95"][0] < 0.5 < r["ci95"][1] and r["interval"] == "bootstrap"
+
+
+def test_a_few_values_get_a_student_t_interval_not_their_range():
+    """Found by a user's trial: `eval capability --limit 2` printed 0.7520 [0.5715, 0.9324] n=2, the two
+    values themselves (a percentile bootstrap of two values is their range) as a 95% interval."""
+    from scipy import stats
+
+    two = bootstrap_mean([0.5715, 0.9324])
+    assert two["interval"] == "student-t" and two["ci95"][0] < 0.5715 - 1 and two["ci95"][1] > 0.9324 + 1
+    xs = [0.2, 0.5, 0.4, 0.9, 0.3, 0.6, 0.55, 0.45, 0.7]  # 9 values: still t
+    lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=sum(xs) / len(xs), scale=stats.sem(xs))
+    assert bootstrap_mean(xs)["ci95"] == pytest.approx([lo, hi])
+    assert bootstrap_mean(xs + [0.5])["interval"] == "bootstrap"  # from 10 on, the bootstrap as before
 
 
 def test_auroc_interval_has_width_at_perfect_separation_and_at_one_pair():

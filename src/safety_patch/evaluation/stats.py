@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections.abc import Sequence
 
 
@@ -61,12 +62,25 @@ def auroc_interval(theta: float, n_pos: int, n_neg: int, z: float = 1.9599639845
     return (min(lo, theta), max(hi, theta))
 
 
+SMALL_N = 10
+"""Below this many values a mean's interval is Student's t, not the percentile bootstrap: the bootstrap
+of a few values is about their range (two values: exactly [min, max]) and covers far less than 95%."""
+
+
 def bootstrap_mean(xs: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean with a percentile-bootstrap 95% interval. With one value there is no interval (a bootstrap of one
+    """Mean with a percentile-bootstrap 95% interval; from 2 to ``SMALL_N`` - 1 values a Student-t
+    interval (``interval`` says which). With one value there is no interval (a bootstrap of one
     value has zero width, which reads as certainty): ``ci95`` is [None, None] then, as for no values."""
     xs = list(xs)
     if len(xs) < 2:
         return {"value": xs[0] if xs else None, "n": len(xs), "ci95": [None, None], "interval": "bootstrap"}
+    if len(xs) < SMALL_N:
+        from scipy.stats import t
+
+        n = len(xs)
+        m = sum(xs) / n
+        half = float(t.ppf(0.975, n - 1)) * statistics.stdev(xs) / math.sqrt(n)
+        return {"value": m, "n": n, "ci95": [m - half, m + half], "interval": "student-t"}
     rng = random.Random(seed)
     n = len(xs)
     means = sorted(sum(xs[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
