@@ -593,6 +593,7 @@ def test_an_upstream_that_does_not_stream_or_does_not_answer_is_named(world, ups
     try:
         r = httpx.post(front.url + "/v1/chat/completions", json={"model": "base", "messages": _user("hi")}, timeout=30)
         assert r.status_code == 502 and "sent no stream events (content-type 'text/html')" in r.json()["error"]["message"]
+        assert httpx.get(front.url + "/health").json()["status"] == "degraded"
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(slow.url + "/v1/chat/completions", json={"model": "base", "messages": _user("hi")}, timeout=1)
         t0 = time.monotonic()

@@ -177,6 +177,7 @@ class UpstreamBackend:
                 raise ApiError(502, f"upstream {self.url} failed mid-answer: {type(e).__name__}: {e}", "upstream_error",
                                code="upstream_error") from None
         if finish is None and not events_seen:  # a 200 that is not a stream at all (an HTML page, `{}`, plain text)
+            self.last_error = f"answered 200 but sent no stream events (content-type {content_type or 'none'!r})"
             raise ApiError(502, f"upstream {self.url} answered 200 but sent no stream events (content-type "
                                 f"{content_type or 'none'!r}); it must speak OpenAI's streaming chat completions",
                            "upstream_error", code="upstream_error")
