@@ -48,6 +48,21 @@ def test_lora_changes_only_the_targeted_modules(data_dir, tiny_dir, tmp_path):
     assert (tmp_path / "p" / "metrics.jsonl").is_file()
 
 
+def test_layers_with_the_default_all_linear_adapt_every_linear_kind_of_those_layers_only(data_dir, tiny_dir, tmp_path):
+    # PEFT refuses layers_to_transform with target_modules="all-linear" (a ValueError traceback
+    # before the fix); the kinds are now named one by one.
+    from safety_patch.models import linear_module_kinds
+
+    train(data_dir, tmp_path / "p", small(lora__layers="0"), model=str(tiny_dir), progress=False)
+    lm = load_model(str(tiny_dir), device="cpu")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    merged = merged_state_dict(lm.model, [read_patch(tmp_path / "p")], lm.fingerprint)
+    changed = {k for k in before if not torch.equal(before[k], merged[k])}
+    kinds = linear_module_kinds(lm.model)
+    assert changed == {k for k in before if k.startswith("model.layers.0.") and k.endswith(".weight")
+                       and k.rsplit(".", 2)[-2] in kinds}
+
+
 @pytest.mark.parametrize("logging_steps", [5, 4])
 def test_the_first_and_last_step_losses_are_logged_whatever_logging_steps(data_dir, tiny_dir, tmp_path, capsys, logging_steps):
     """A run of 6 steps logging every 5 (or 4) once said `loss None -> None` for fewer steps than that and

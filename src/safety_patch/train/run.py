@@ -469,7 +469,16 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     if cfg.method == "lora":
         from peft import LoraConfig
 
-        targets = cfg.lora.target_modules if cfg.lora.target_modules == "all-linear" else [t.strip() for t in cfg.lora.target_modules.split(",")]
+        if cfg.lora.target_modules != "all-linear":
+            targets = [t.strip() for t in cfg.lora.target_modules.split(",") if t.strip()]
+        elif cfg.lora.layers:
+            # PEFT refuses layers_to_transform with the string "all-linear"; the same modules
+            # named one by one (the output head is already excluded) are what it would target.
+            from ..models import linear_module_kinds
+
+            targets = linear_module_kinds(lm.model)
+        else:
+            targets = "all-linear"
         peft_config = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
                                  layers_to_transform=parse_layers(cfg.lora.layers) if cfg.lora.layers else None,
                                  task_type="CAUSAL_LM", bias="none")
