@@ -312,6 +312,18 @@ def test_the_upstream_gate_probe_reads_every_layer_of_a_two_layer_gate(lm, tiny_
         GateProbe(str(tiny_dir), {"d": [tmp_path / "d"]}, device="cpu")
     with pytest.raises(SafetyPatchError, match="one LoRA patch per model name, got 2"):
         GateProbe(str(tiny_dir), {"two": [tmp_path / "d", tmp_path / "g"]}, device="cpu")
+    # a gated delta: `patch merge` refuses gated patches, so the message does not send the user there
+    import shutil
+
+    from safety_patch.patches import DELTA_FILE
+
+    (tmp_path / "dg").mkdir()
+    shutil.copy(tmp_path / "d" / DELTA_FILE, tmp_path / "dg" / DELTA_FILE)
+    gate.save(tmp_path / "dg")
+    finalize_patch(tmp_path / "dg", "delta", {"name": "tiny", "fingerprint": lm.fingerprint}, method="full",
+                   gate={"layer": 0, "extra_layers": [1], "threshold": 0.0})
+    with pytest.raises(SafetyPatchError, match=r"dg is a full-parameter delta, .*serve it embedded \(without --upstream\)$"):
+        GateProbe(str(tiny_dir), {"dg": [tmp_path / "dg"]}, device="cpu")
 
 
 def test_extra_layers_by_depth_resolve_like_the_gate_layer_and_each_layer_is_read_once(lm):  # noqa: F811

@@ -590,10 +590,19 @@ def test_an_upstream_that_does_not_stream_or_does_not_answer_is_named(world, ups
     slow = LiveServer(UpstreamBackend(backend.probe, url + "/hang", "base"),
                       ServeConfig(audit_path=str(tmp_path / "a.jsonl")))
     slow.audit = tmp_path / "a.jsonl"
+    quick = LiveServer(UpstreamBackend(backend.probe, url + "/hang", "base", timeout_s=0.5), ServeConfig())
     try:
         r = httpx.post(front.url + "/v1/chat/completions", json={"model": "base", "messages": _user("hi")}, timeout=30)
         assert r.status_code == 502 and "sent no stream events (content-type 'text/html')" in r.json()["error"]["message"]
         assert httpx.get(front.url + "/health").json()["status"] == "degraded"
+        # streamed, the same 502: the route (and with it the client's 200) waits for the first stream event
+        r = httpx.post(front.url + "/v1/chat/completions", json={"model": "base", "messages": _user("hi"), "stream": True},
+                       timeout=30)
+        assert r.status_code == 502 and "sent no stream events" in r.json()["error"]["message"]
+        # a hung upstream past --upstream-timeout is named as such, not as a bare "ReadTimeout: "
+        r = httpx.post(quick.url + "/v1/chat/completions", json={"model": "base", "messages": _user("hi")}, timeout=30)
+        assert r.status_code == 502
+        assert "did not answer within --upstream-timeout 0.5 s (ReadTimeout)" in r.json()["error"]["message"]
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(slow.url + "/v1/chat/completions", json={"model": "base", "messages": _user("hi")}, timeout=1)
         t0 = time.monotonic()
@@ -606,6 +615,7 @@ def test_an_upstream_that_does_not_stream_or_does_not_answer_is_named(world, ups
         hang.set()
         front.stop()
         slow.stop()
+        quick.stop()
         srv.shutdown()
 
 

@@ -421,9 +421,12 @@ class GateProbe:
                 raise SafetyPatchError(f"stack {name!r}: upstream mode serves one LoRA patch per model name, got "
                                        f"{len(ps)} (the upstream engine applies one LoRA module per request)")
             if ps[0].format != "lora":
+                # A gated delta cannot be merged either (the gate decides per request), so `patch merge`
+                # is no way out for it.
+                way_out = ("serve it embedded (without --upstream)" if ps[0].gated else
+                           "serve it embedded, or merge it (`patch merge`) and point the engine at the merged model")
                 raise SafetyPatchError(f"stack {name!r}: {ps[0].path} is a full-parameter delta, which an upstream "
-                                       "engine cannot apply per request (it serves LoRA modules); serve it embedded, "
-                                       "or merge it (`patch merge`) and point the engine at the merged model")
+                                       f"engine cannot apply per request (it serves LoRA modules); {way_out}")
             self.patches[name] = ps[0]
         self.gates = {n: Gate.load(p.path) for n, p in self.patches.items() if p.gated}
         # Fail closed: a gate was fit on one base; check that this is it (fingerprint, shapes, gate fit) on the full

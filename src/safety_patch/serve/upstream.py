@@ -41,6 +41,7 @@ class UpstreamBackend:
 
     def __init__(self, probe: GateProbe, url: str, upstream_model: str, timeout_s: float = 600.0):
         self.probe, self.url, self.upstream_model = probe, _api_base(url), upstream_model
+        self.timeout_s = timeout_s
         self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's, learnt from the first request
         self._cut = asyncio.Event()  # set (on that loop) when the server cuts the answers in flight
@@ -105,7 +106,8 @@ class UpstreamBackend:
 
         The upstream answers its status line before the route is yielded, so an upstream that cannot be
         reached or refuses the request is a 502 for a streamed request too (nothing has been sent yet);
-        only a failure after the first upstream bytes becomes the stream's error event."""
+        so is one that answers 200 without a stream event (the route waits for the first event); only a
+        failure after that becomes the stream's error event."""
         if self._loop is not asyncio.get_running_loop():  # an asyncio.Event belongs to the loop it first waits on
             self._loop, self._cut = asyncio.get_running_loop(), asyncio.Event()
         route = (await asyncio.to_thread(self.probe.read, p.model, [p.prompt], [p.views] if p.views else None))[0]
@@ -114,7 +116,7 @@ class UpstreamBackend:
                 "stream_options": {"include_usage": True}, "temperature": p.sampling.temperature}
         if p.sampling.temperature > 0:
             body.update(top_p=p.sampling.top_p, seed=p.sampling.seed)
-        text, finish, n_tokens, chunks, events_seen = "", None, None, 0, 0
+        text, finish, n_tokens, chunks = "", None, None, 0
         async with contextlib.AsyncExitStack() as stack:
             try:
                 r = await self._or_cut(self.client.send(self.client.build_request("POST", "/chat/completions", json=body),
@@ -128,9 +130,18 @@ class UpstreamBackend:
                         why = raw[:200]
                     raise ApiError(502, f"upstream {self.url} answered {r.status_code} for model {target!r}: {why}",
                                    "upstream_error", code="upstream_error")
+                # Wait for the first stream event before the route goes out: the route starts the client's
+                # 200, and a 200 that is no stream at all (an HTML page, `{}`) must be a 502, as the audit says.
+                lines = r.aiter_lines()
+                first = await self._first_event(lines)
+                if first is None:
+                    content_type = r.headers.get("content-type", "")
+                    raise ApiError(502, f"upstream {self.url} answered 200 but sent no stream events (content-type "
+                                        f"{content_type or 'none'!r}); it must speak OpenAI's streaming chat completions",
+                                   "upstream_error", code="upstream_error")
             except httpx.HTTPError as e:
-                self.last_error = f"cannot reach upstream: {type(e).__name__}: {e}"
-                err = ApiError(502, f"cannot reach upstream {self.url}: {type(e).__name__}: {e}", "upstream_error",
+                self.last_error = f"cannot reach upstream: {self._why(e)}"
+                err = ApiError(502, f"cannot reach upstream {self.url}: {self._why(e)}", "upstream_error",
                                code="upstream_error")
                 err.route = route  # the gate ran: the audit line and the header say where it sent the request
                 raise err from None
@@ -140,18 +151,10 @@ class UpstreamBackend:
                 e.route = route
                 raise
             self.last_error = None
-            content_type = r.headers.get("content-type", "")
             yield ("route", route)
-            lines = r.aiter_lines()
+            line = first
             try:
-                while True:
-                    try:
-                        line = await self._or_cut(anext(lines))
-                    except StopAsyncIteration:
-                        break
-                    if not line.startswith("data:"):
-                        continue
-                    events_seen += 1
+                while line is not None:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
@@ -173,18 +176,31 @@ class UpstreamBackend:
                         finish = choice.get("finish_reason") or finish
                     if chunk.get("usage"):
                         n_tokens = chunk["usage"].get("completion_tokens")
+                    line = await self._first_event(lines)
             except httpx.HTTPError as e:
-                raise ApiError(502, f"upstream {self.url} failed mid-answer: {type(e).__name__}: {e}", "upstream_error",
+                raise ApiError(502, f"upstream {self.url} failed mid-answer: {self._why(e)}", "upstream_error",
                                code="upstream_error") from None
-        if finish is None and not events_seen:  # a 200 that is not a stream at all (an HTML page, `{}`, plain text)
-            self.last_error = f"answered 200 but sent no stream events (content-type {content_type or 'none'!r})"
-            raise ApiError(502, f"upstream {self.url} answered 200 but sent no stream events (content-type "
-                                f"{content_type or 'none'!r}); it must speak OpenAI's streaming chat completions",
-                           "upstream_error", code="upstream_error")
         if finish is None:
             raise ApiError(502, f"upstream {self.url} ended the answer without a finish_reason", "upstream_error",
                            code="upstream_error")
         yield ("done", text.strip(), finish, n_tokens if n_tokens is not None else chunks)
+
+    async def _first_event(self, lines) -> str | None:
+        """The next ``data:`` line of the SSE stream ``lines`` (comments and blank lines skipped), or None at its end."""
+        while True:
+            try:
+                line = await self._or_cut(anext(lines))
+            except StopAsyncIteration:
+                return None
+            if line.startswith("data:"):
+                return line
+
+    def _why(self, e: httpx.HTTPError) -> str:
+        if isinstance(e, httpx.TimeoutException):  # a bare "ReadTimeout: " says neither what nor how long
+            phase = "connect within 10 s" if isinstance(e, httpx.ConnectTimeout) else \
+                f"answer within --upstream-timeout {self.timeout_s:g} s"
+            return f"it did not {phase} ({type(e).__name__})"
+        return f"{type(e).__name__}: {e}"
 
     async def aclose(self) -> None:
         await self.client.aclose()
