@@ -52,9 +52,15 @@ def test_two_lifelong_rounds_on_a_tiny_model(tmp_path):
     assert not (tmp_path / "r3").exists()
     # a user's trial: one round given twice was replayed twice; a bad training setting failed after
     # the attack, leaving an unfinished round folder. Both now fail before any work.
-    with pytest.raises(SafetyPatchError, match=r"--previous .*r1 is given twice \(also as .*r1\)"):
+    with pytest.raises(SafetyPatchError, match=r"--previous .*r1 is given twice \(also as .*r1: the same round"):
         run_round(str(tiny_dir), [tmp_path / "r1" / "patch"], "direct", data, tmp_path / "r3",
                   previous=[tmp_path / "r1", tmp_path / "r1" / ".." / "r1"], **kw)
+    import shutil  # a copy of a round folder is the same round (its patch id), though its path differs
+
+    shutil.copytree(tmp_path / "r1", tmp_path / "r1-copy")
+    with pytest.raises(SafetyPatchError, match=r"--previous .*r1-copy is given twice \(also as .*r1: the same round"):
+        run_round(str(tiny_dir), [tmp_path / "r1" / "patch"], "direct", data, tmp_path / "r3",
+                  previous=[tmp_path / "r1", tmp_path / "r1-copy"], **kw)
     for bad in ({"method": "foo"}, {"train_overrides": {"optim.lr": 0.0}}):
         with pytest.raises(SafetyPatchError):
             run_round(str(tiny_dir), [], "direct", data, tmp_path / "r3", **(kw | bad))

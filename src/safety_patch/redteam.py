@@ -63,11 +63,14 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     for p in previous:
         if not (p / "heldout.json").is_file():
             raise SafetyPatchError(f"{p} is not a red-team round folder (no heldout.json)")
-    seen_prev: dict[Path, Path] = {}
+    seen_prev: dict[str, Path] = {}
     for p in previous:  # replayed twice, a round's rows would count double in the next one
-        if p.resolve() in seen_prev:
-            raise SafetyPatchError(f"--previous {p} is given twice (also as {seen_prev[p.resolve()]}); give each round once")
-        seen_prev[p.resolve()] = p
+        # one round is one trained patch: a copied round folder has another path but the same patch id
+        key = read_patch(p / "patch").id
+        if key in seen_prev:
+            raise SafetyPatchError(f"--previous {p} is given twice (also as {seen_prev[key]}: the same round, its patch "
+                                   f"{key}); give each round once")
+        seen_prev[key] = p
     # --out is never an input nor holds one, and is new, empty, or an unfinished round of ours
     # (ROUND_MARKER): a round deletes or replaces only what a run of this round created.
     check_out_dir(out, inputs=[data_dir, model, *patches, *previous], overwrite=None,
