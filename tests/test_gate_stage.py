@@ -180,6 +180,17 @@ def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, data_dir, t
             with pytest.raises(SafetyPatchError, match="hold the same update .*apply twice"):
                 with attached(lm.model, stack, lm.fingerprint, force=force):
                     pass
+    # ...and the gated copy attached to a checkpoint the patch is merged into (its id is not in
+    # merged_from.json, its update is), --force or not
+    from safety_patch.models import load_model
+    from safety_patch.patches import merge_to_checkpoint
+
+    merge_to_checkpoint(lm, [src], tmp_path / "merged")
+    mlm = load_model(str(tmp_path / "merged"), device="cpu")
+    for force in (False, True):
+        with pytest.raises(SafetyPatchError, match="holds the same update .* as a patch already merged into this model"):
+            with attached(mlm.model, [tmp_path / "gp"], mlm.fingerprint, force=force):
+                pass
     with pytest.raises(SafetyPatchError, match="already gated .*pass --replace"):
         apply_gate(tmp_path / "gp", gate_dir, tmp_path / "gp2")
     assert not (tmp_path / "gp2").exists()

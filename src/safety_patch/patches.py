@@ -448,6 +448,11 @@ def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force:
     return problems
 
 
+def _update_key(p: Patch) -> tuple:
+    """What a patch changes, by content: its format and its weight files' sha256 (not the gate's)."""
+    return (p.format, *(p.meta["files"].get(f) for f in weight_files(p.format)))
+
+
 def _check_stack_order(patches: Sequence[Patch], force: bool) -> None:
     """Each patch once (by id: a copy in another folder is the same patch; by update: a patch and a
     gated copy of it hold the same weights), and each after the
@@ -463,7 +468,7 @@ def _check_stack_order(patches: Sequence[Patch], force: bool) -> None:
         first[p.id] = p.path
         # Another id, the same update: a patch and its `gate apply` copy (or a re-gated one) differ only
         # in the gate, and attached together the update applies twice wherever the gate fires.
-        key = (p.format, *(p.meta["files"].get(f) for f in weight_files(p.format)))
+        key = _update_key(p)
         if key in update:
             q = update[key]
             raise SafetyPatchError(f"patches {q.path} ({q.id}) and {p.path} ({p.id}) hold the same update (identical "
@@ -551,7 +556,7 @@ def _check_lora_loaded(peft_model, adapter: str, patch: Patch) -> None:
 
 _ATTACHED: weakref.WeakSet = weakref.WeakSet()
 # model -> ids of the patches already merged into its weights (from the checkpoint's merged_from.json)
-_MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # keys: patch ids and _update_key tuples
 
 
 def note_merged(model: torch.nn.Module, folder: Path, fingerprint: str | None = None) -> None:
@@ -579,7 +584,10 @@ def note_merged(model: torch.nn.Module, folder: Path, fingerprint: str | None = 
                                f"fingerprint {want[:12]}…, they hash to {fingerprint[:12]}…): its record of merged "
                                "patches does not describe them; merge again, or remove merged_from.json if the "
                                "weights were changed on purpose")
-    _MERGED[model] = {q.get("id"): str(f) for q in rec.get("patches", []) if isinstance(q, dict) and q.get("id")}
+    entries = [q for q in rec.get("patches", []) if isinstance(q, dict)]
+    # by id, and by update (merges since 2026-12-04): a gated copy of a merged patch has another id
+    _MERGED[model] = {q["id"]: str(f) for q in entries if q.get("id")} | {
+        tuple(q["update"]): str(f) for q in entries if isinstance(q.get("update"), list)}
 """Models with a stack attached now (``attached``): a second stack on top is refused."""
 
 
@@ -606,6 +614,10 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
         if p.id in merged:  # not waived by --force: its update is in these weights already
             raise SafetyPatchError(f"patch {p.id} ({p.path}) is already merged into this model ({merged[p.id]} lists it): "
                                    "attaching it again would apply its update twice")
+        if _update_key(p) in merged:
+            raise SafetyPatchError(f"patch {p.id} ({p.path}) holds the same update (identical weight files) as a patch "
+                                   f"already merged into this model ({merged[_update_key(p)]} lists it; one is the "
+                                   "other behind a gate): attaching it would apply that update twice")
     for p in ps:
         verify(p, model, fingerprint, force)
     _check_stack_order(ps, force)
@@ -894,7 +906,8 @@ def _merge_record(lm, ps: Sequence[Patch], prior: dict, merged: dict) -> dict:
     return {"base": prior.get("base") or this,
             **({"merged_into": this} if prior else {}),
             "fingerprint": merged["fingerprint"], "dtype": merged["dtype"],
-            "patches": [*prior.get("patches", []), *({"path": str(p.path), "id": p.id} for p in ps)],
+            "patches": [*prior.get("patches", []),
+                        *({"path": str(p.path), "id": p.id, "update": list(_update_key(p))} for p in ps)],
             "code": code_identity(), "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
