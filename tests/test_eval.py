@@ -66,6 +66,9 @@ def test_a_few_values_get_a_student_t_interval_not_their_range():
     lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=sum(xs) / len(xs), scale=stats.sem(xs))
     assert bootstrap_mean(xs)["ci95"] == pytest.approx([lo, hi])
     assert bootstrap_mean(xs + [0.5])["interval"] == "bootstrap"  # from 10 on, the bootstrap as before
+    # an NLL or a KL cannot be negative: its t interval stops at the bound (it went to -0.43 before)
+    cut = bootstrap_mean([0.5715, 0.9324], lower=0.0)
+    assert cut["ci95"][0] == 0.0 and cut["ci95"][1] == two["ci95"][1]
 
 
 def test_auroc_interval_has_width_at_perfect_separation_and_at_one_pair():

@@ -296,12 +296,12 @@ def _one_run(pm, tokenizer, cfg, pairs, encoded, base_rows, he_tasks, bl_prompts
         nll, ntok, rows = answer_logprobs(pm, tokenizer, encoded, cfg.batch_size, keep=base_rows is None and "kl" in cfg.tasks)
         per = [a / b for a, b in zip(nll, ntok, strict=True)]
         raw["nll"], raw["rows"] = per, rows
-        res["nll"] = bootstrap_mean(per) | {"tokens": sum(ntok), "seconds": round(time.time() - t0, 1)}
+        res["nll"] = bootstrap_mean(per, lower=0.0) | {"tokens": sum(ntok), "seconds": round(time.time() - t0, 1)}
         if base_rows is not None and "kl" in cfg.tasks:
             t1 = time.time()
             kl = kl_to(pm, tokenizer, encoded, base_rows, cfg.batch_size)
             raw["kl"] = kl
-            res["kl"] = bootstrap_mean(kl) | {"seconds": round(time.time() - t1, 1)}
+            res["kl"] = bootstrap_mean(kl, lower=0.0) | {"seconds": round(time.time() - t1, 1)}
     if "compliance" in cfg.tasks and bl_prompts:
         from .safety import EvalConfig, run_overrefusal
 

@@ -67,10 +67,12 @@ SMALL_N = 10
 of a few values is about their range (two values: exactly [min, max]) and covers far less than 95%."""
 
 
-def bootstrap_mean(xs: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
+def bootstrap_mean(xs: Sequence[float], n_boot: int = 2000, seed: int = 0, lower: float | None = None) -> dict:
     """Mean with a percentile-bootstrap 95% interval; from 2 to ``SMALL_N`` - 1 values a Student-t
     interval (``interval`` says which). With one value there is no interval (a bootstrap of one
-    value has zero width, which reads as certainty): ``ci95`` is [None, None] then, as for no values."""
+    value has zero width, which reads as certainty): ``ci95`` is [None, None] then, as for no values.
+    ``lower``: the least value the quantity can take (0 for an NLL or a KL); the symmetric t interval
+    is cut there rather than reaching values that cannot occur (the bootstrap never does)."""
     xs = list(xs)
     if len(xs) < 2:
         return {"value": xs[0] if xs else None, "n": len(xs), "ci95": [None, None], "interval": "bootstrap"}
@@ -80,7 +82,8 @@ def bootstrap_mean(xs: Sequence[float], n_boot: int = 2000, seed: int = 0) -> di
         n = len(xs)
         m = sum(xs) / n
         half = float(t.ppf(0.975, n - 1)) * statistics.stdev(xs) / math.sqrt(n)
-        return {"value": m, "n": n, "ci95": [m - half, m + half], "interval": "student-t"}
+        lo = m - half if lower is None else max(lower, m - half)
+        return {"value": m, "n": n, "ci95": [lo, m + half], "interval": "student-t"}
     rng = random.Random(seed)
     n = len(xs)
     means = sorted(sum(xs[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
