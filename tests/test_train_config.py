@@ -338,9 +338,12 @@ def test_a_yaml_list_is_the_comma_separated_form_of_modules_and_layers(tmp_path)
     path.write_text("recipe: always-on\nlora:\n  target_modules: [q_proj, v_proj]\n  layers: [4, 8, 12]\n")
     cfg = resolve_config(None, path)
     assert cfg.lora.target_modules == "q_proj,v_proj" and cfg.lora.layers == "4,8,12"
-    path.write_text("recipe: always-on\nlora:\n  target_modules: [q_proj, [v_proj]]\n")
-    with pytest.raises(SafetyPatchError, match=r"lora\.target_modules: expected str, got a list"):
-        resolve_config(None, path)
+    for bad, why in (("target_modules: [q_proj, [v_proj]]", r"list item \['v_proj'\] is not a module name"),
+                     ("target_modules: [q_proj, 3]", "list item 3 is not a module name"),
+                     ("layers: [4, true]", "list item True is not a layer number or range")):
+        path.write_text(f"recipe: always-on\nlora:\n  {bad}\n")
+        with pytest.raises(SafetyPatchError, match=rf"{path}.*lora\.(target_modules|layers): {why}"):
+            resolve_config(None, path)
 
 
 def test_a_range_error_names_the_layer_that_set_the_value(tmp_path):

@@ -449,8 +449,13 @@ COMMA_LISTS = ("lora.target_modules", "lora.layers")
 def _coerce_value(key: str, value: Any, where: str) -> Any:
     from ..config import _coerce
 
-    if key in COMMA_LISTS and isinstance(value, (list, tuple)) and value \
-            and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+    if key in COMMA_LISTS and isinstance(value, (list, tuple)) and value:
+        # module names are names (a 3 in the list is a slip, not a module); layers are numbers or "a-b" ranges
+        item = str if key == "lora.target_modules" else (str, int)
+        bad = [v for v in value if not isinstance(v, item) or isinstance(v, bool)]
+        if bad:
+            raise FieldError(f"{where}: {key}: list item {bad[0]!r} is not a "
+                             f"{'module name' if item is str else 'layer number or range'}", key)
         value = ",".join(str(v).strip() for v in value)
     return _coerce(value, field_types()[key], f"{where}: {key}")
 
