@@ -228,12 +228,29 @@ def test_a_bad_set_is_named(item, says, tmp_path, capsys):
     (["--set", "optim.lr=1e-4", "--lr", "0.001"], "--set optim.lr=1e-4 and --lr 0.001 set the same field; give one"),
     (["--rank", "4", "--set", "lora.rank=4"], "--set lora.rank=4 and --rank 4 set the same field"),
     (["--set", "lora.rank=4", "--set", "lora.rank=8"], "--set lora.rank is given twice (lora.rank=4 and lora.rank=8)"),
+    (["--rank", "4", "--rank=8"], "--rank is given twice; it takes one value: give it once"),
 ])
 def test_one_field_set_twice_is_refused(flags, says, tmp_path, capsys):
     """Found by a user's trial: `--set optim.lr=1e-4 --lr 0.001` trained at 1e-4 in either order, saying nothing."""
     code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and says in err and err.count("\n") == 1, err
+
+
+def test_an_option_given_twice_is_refused_for_every_command_and_a_list_option_may_repeat():
+    """Found by a user's trial: `train --rank 4 ... --rank 8` trained rank 8 without a word (click keeps the last)."""
+    from safety_patch.cli import _repeated_option
+
+    assert _repeated_option(["data", "build", "--out", "a", "--out", "b"]) == \
+        "--out is given twice; it takes one value: give it once"
+    assert _repeated_option(["--threads", "1", "--threads=2", "train"]).startswith("--threads is given twice")
+    assert _repeated_option(["data", "build", "--distill", "--no-distill"]) == \
+        "--distill and --no-distill are both given; give one of them"
+    for fine in (["chat", "--patch", "a", "--patch", "b"], ["serve", "--stack", "a=b", "--stack", "c=d"],
+                 ["chat", "--prompt", "--prompt"],  # the second is the prompt's text
+                 ["chat", "--force", "--force"], ["-v", "--verbose", "train"], ["train", "--set", "a=1", "--set", "b=2"],
+                 ["chat", "--", "--prompt", "x", "--prompt", "y"], ["patch", "info", "--rank", "--rank"]):
+        assert _repeated_option(fine) is None, fine
 
 
 def test_flags_set_and_yaml_make_the_same_config(tmp_path, capsys):

@@ -1065,6 +1065,47 @@ def gate_export_cmd(
     typer.echo(f"exported the gate of {where} (layer {g.layer}, threshold {g.threshold:+.3f}) to {out}")  # one layer
 
 
+def _repeated_option(args: list[str]) -> str | None:
+    """The first option of the command ``args`` runs (or of a group above it: ``--threads``) that is
+    given twice though it takes one value, as a message; None when there is none. Click keeps the last
+    silently: `--rank 4 ... --rank 8` trained rank 8 without a word. Options that take many values
+    (``--patch P --patch Q``) may repeat."""
+    # typer vendors its own click (typer._click, no public Group/Option names): groups are told by
+    # their `commands`, options by their `param_type_name`.
+    cmd, i = typer.main.get_command(app), 0
+    while True:
+        by_name = {o: p for p in cmd.params if p.param_type_name == "option" for o in (*p.opts, *p.secondary_opts)}
+        seen: dict[str, str | bool] = {}
+        while i < len(args):
+            tok = args[i]
+            if tok == "--":
+                return None
+            if not tok.startswith("-") and hasattr(cmd, "commands"):
+                break  # the subcommand's name
+            i += 1
+            name, has_value = (tok.split("=", 1)[0], True) if tok.startswith("--") and "=" in tok else (tok, False)
+            p = by_name.get(name)
+            if p is None:
+                continue
+            if not (p.is_flag or p.count or has_value):
+                i += 1  # its value, which may itself start with "-"
+            if p.multiple or p.count:
+                continue
+            if p.is_flag and not has_value:  # `--force --force` says one thing; `--x --no-x` two
+                said = name in p.secondary_opts
+                if seen.setdefault(p.name, said) != said:
+                    return f"{' and '.join([*p.opts[:1], *p.secondary_opts[:1]])} are both given; give one of them"
+                continue
+            if p.name in seen:
+                also = "" if seen[p.name] == name else f" (also as {seen[p.name]})"
+                return f"{name} is given twice{also}; it takes one value: give it once"
+            seen[p.name] = name
+        sub = cmd.commands.get(args[i]) if hasattr(cmd, "commands") and i < len(args) else None
+        if sub is None:
+            return None
+        cmd, i = sub, i + 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     # typer vendors its own click; its exception types live under typer.exceptions.
@@ -1085,6 +1126,9 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(AttributeError, ValueError):  # stage lines reach a log file as they happen
         sys.stdout.reconfigure(line_buffering=True)
     try:
+        twice = _repeated_option(args)
+        if twice:
+            raise SafetyPatchError(twice)
         rc = app(args=args, prog_name="safety-patch", standalone_mode=False)
         # Without standalone mode click *returns* the code of an abort (Ctrl-C: typer's Abort/Exit
         # become 1 or 130) instead of raising: a command that did not finish must not say "done" and exit 0.
