@@ -604,13 +604,14 @@ def test_an_upstream_that_does_not_stream_or_does_not_answer_is_named(world, ups
         assert r.status_code == 502
         assert "did not answer within --upstream-timeout 0.5 s (ReadTimeout)" in r.json()["error"]["message"]
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(slow.url + "/v1/chat/completions", json={"model": "base", "messages": _user("hi")}, timeout=1)
+            httpx.post(slow.url + "/v1/chat/completions", json={"model": "safety", "messages": _user("hi")}, timeout=1)
         t0 = time.monotonic()
         while not (tmp_path / "a.jsonl").exists() or not (tmp_path / "a.jsonl").read_text().strip():
             assert time.monotonic() - t0 < 10, "the client's leaving was not audited while the upstream hung"
             time.sleep(0.05)
         (line,) = _audit(slow)
         assert (line["status"], line["finish_reason"]) == (499, "cancelled")
+        assert line["decision"] in ("base", "safety") and line["gates"], "the gate ran: the 499 says where it sent it"
     finally:
         hang.set()
         front.stop()

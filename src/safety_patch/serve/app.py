@@ -227,8 +227,11 @@ class EmbeddedBackend:
         return {"mode": "embedded", "queued": b.queued, "running": b.running, "batches": b.batches,
                 "max_batch": b.max_batch, "window_ms": round(b.window_s * 1000, 3)}
 
-    async def events(self, p: Prepared, want_text: bool) -> AsyncIterator[tuple]:
-        """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens)."""
+    async def events(self, p: Prepared, want_text: bool, on_route=None) -> AsyncIterator[tuple]:
+        """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens).
+
+        ``on_route`` (upstream mode's hook, see UpstreamBackend.events): here the route is the first
+        event, known no earlier, so it is not called."""
         job = Job(p.model, p.prompt, p.max_tokens, p.sampling, asyncio.get_running_loop(), views=p.views)
         try:
             self.batcher.submit(job)
@@ -475,7 +478,8 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
         rec.update(model=p.model, stream=p.stream, prompt_tokens=len(p.prompt), max_tokens=p.max_tokens,
                    messages=p.messages, **({"temperature": p.sampling.temperature, "top_p": p.sampling.top_p,
                                              "seed": p.sampling.seed} if p.sampling.temperature > 0 else {}))
-        events = backend.events(p, want_text=p.stream)
+        known: list[Route] = []  # the route as soon as the gate has run, before the first event (upstream mode)
+        events = backend.events(p, want_text=p.stream, on_route=known.append)
         first = asyncio.ensure_future(anext(events))
         try:
             # watched like an answer: in upstream mode the first event waits for the upstream's status line,
@@ -486,8 +490,8 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
                     first.cancel()
                     with _suppress():
                         await first
-                    status, why = cut()
-                    finish(status, finish_reason="cancelled", error=why)
+                    status, why = cut()  # the gate may have run (upstream mode): say where it sent the request
+                    finish(status, finish_reason="cancelled", error=why, **(route_fields(known[0]) if known else {}))
                     return JSONResponse({}, status_code=499)
             kind, route = first.result()
         except ApiError as e:  # refused, or cut at shutdown while queued (cancelled, as once routed)

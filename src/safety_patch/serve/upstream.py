@@ -101,8 +101,12 @@ class UpstreamBackend:
                 "layers_total": self.probe.layers_total, "upstream_ok": self.last_error is None,
                 **({"upstream_error": self.last_error} if self.last_error else {})}
 
-    async def events(self, p: Prepared, want_text: bool) -> AsyncIterator[tuple]:
+    async def events(self, p: Prepared, want_text: bool, on_route=None) -> AsyncIterator[tuple]:
         """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens).
+
+        ``on_route(route)`` is called as soon as the gate has run, before the upstream is asked: a client
+        that leaves while the upstream has not answered yet is audited with the route (the route event
+        itself waits for the upstream's first stream event).
 
         The upstream answers its status line before the route is yielded, so an upstream that cannot be
         reached or refuses the request is a 502 for a streamed request too (nothing has been sent yet);
@@ -111,6 +115,8 @@ class UpstreamBackend:
         if self._loop is not asyncio.get_running_loop():  # an asyncio.Event belongs to the loop it first waits on
             self._loop, self._cut = asyncio.get_running_loop(), asyncio.Event()
         route = (await asyncio.to_thread(self.probe.read, p.model, [p.prompt], [p.views] if p.views else None))[0]
+        if on_route is not None:
+            on_route(route)
         target = self.target(p.model, bool(route.active))
         body = {"model": target, "messages": p.messages, "max_tokens": p.max_tokens, "stream": True,
                 "stream_options": {"include_usage": True}, "temperature": p.sampling.temperature}
