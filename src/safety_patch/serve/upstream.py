@@ -139,7 +139,7 @@ class UpstreamBackend:
                 # Wait for the first stream event before the route goes out: the route starts the client's
                 # 200, and a 200 that is no stream at all (an HTML page, `{}`) must be a 502, as the audit says.
                 lines = r.aiter_lines()
-                first = await self._first_event(lines)
+                first = await self._next_event(lines)
                 if first is None:
                     content_type = r.headers.get("content-type", "")
                     raise ApiError(502, f"upstream {self.url} answered 200 but sent no stream events (content-type "
@@ -182,7 +182,7 @@ class UpstreamBackend:
                         finish = choice.get("finish_reason") or finish
                     if chunk.get("usage"):
                         n_tokens = chunk["usage"].get("completion_tokens")
-                    line = await self._first_event(lines)
+                    line = await self._next_event(lines)
             except httpx.HTTPError as e:
                 raise ApiError(502, f"upstream {self.url} failed mid-answer: {self._why(e)}", "upstream_error",
                                code="upstream_error") from None
@@ -191,8 +191,9 @@ class UpstreamBackend:
                            code="upstream_error")
         yield ("done", text.strip(), finish, n_tokens if n_tokens is not None else chunks)
 
-    async def _first_event(self, lines) -> str | None:
-        """The next ``data:`` line of the SSE stream ``lines`` (comments and blank lines skipped), or None at its end."""
+    async def _next_event(self, lines) -> str | None:
+        """The next ``data:`` line of the SSE stream ``lines`` (comments and blank lines skipped), or None at its
+        end; raises ApiError 503 when the server cuts answers meanwhile, httpx.HTTPError as the stream does."""
         while True:
             try:
                 line = await self._or_cut(anext(lines))
