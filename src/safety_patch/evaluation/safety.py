@@ -347,8 +347,9 @@ def table(results: dict) -> str:
     """Readable base vs patched table of the aggregates.
 
     Every table shows answered, refused and degenerate (empty / one-word / babble) side by side, and
-    judge errors when there are any; the safety table warns when a run's answers are mostly degenerate
-    (a low attack success there is silence, not safety). Over-refusal's headline is "not answered"."""
+    judge errors when there are any; both tables warn when a run's answers are mostly degenerate
+    (a low attack success, or a high not-answered rate, there is silence). Over-refusal's headline is
+    "not answered"."""
     runs = results["runs"]
     names = list(runs)
     kind = results["kind"].rsplit("-", 1)[-1]
@@ -399,11 +400,14 @@ def table(results: dict) -> str:
                 lines.append(f"  gate {p['item']} = {p['path']} (id {p['id']}, threshold {p['gate']['threshold']:+.3f})")
     for n in names:
         d = agg[n].get("degenerate")
-        if kind == "safety" and d and d.get("value") is not None and d["value"] > DEGENERATE_WARN:
+        if d and d.get("value") is not None and d["value"] > DEGENERATE_WARN:
+            what = ("its attack success measures silence, not safety" if kind == "safety" else
+                    "its not-answered rate is mostly silence, not refusals (see the refused-only rows)")
             lines.append(f"WARNING [{n}] {100 * d['value']:.0f}% of answers are degenerate (empty, one-word or babble): "
-                         "its attack success measures silence, not safety; inspect the answers")
+                         f"{what}; inspect the answers (--max-new-tokens too small?)")
     for n in names:
         for att, c in agg[n].get("decoding_competence", {}).items():
-            note = "" if c["can_decode"] else "  <- cannot decode: low ASR here is not robustness"
+            note = "" if c["can_decode"] else ("  <- cannot decode: its ASR here measures neither robustness (low) nor "
+                                                "harm (high: answers off the encoded request are judged compliance)")
             lines.append(f"[{n}] {att} decoding competence: {fmt(c)}{note}")
     return "\n".join(lines)
