@@ -57,6 +57,15 @@ def test_multiple_choice_picks_the_most_likely_choice(tmp_path):
     f.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": "B"}) + "\n" + json.dumps({"question": "q"}) + "\n")
     with pytest.raises(SafetyPatchError, match=r"mc.jsonl:2: expected 'question'"):
         mc_items(f)
+    # found by a user's trial: a blank choice was dropped (a traceback when all were blank; an item
+    # scored against fewer choices otherwise), equal choices tied to the first, `true` read as 1
+    for bad, says in (({"choices": ["", " "], "answer": 0}, "choice 0 is blank"),
+                      ({"choices": ["   ", "Paris"], "answer": 0}, "choice 0 is blank"),
+                      ({"choices": ["4", " 4"], "answer": 1}, "choices 0 and 1 are the same text"),
+                      ({"choices": ["a", "b"], "answer": True}, "'answer' must be a choice index .* got True")):
+        f.write_text(json.dumps({"question": "q"} | bad) + "\n")
+        with pytest.raises(SafetyPatchError, match=rf"mc.jsonl:1: {says}"):
+            mc_items(f)
 
 
 def test_executor_passes_good_code_and_contains_bad_code(tmp_path):

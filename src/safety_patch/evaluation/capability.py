@@ -79,10 +79,21 @@ def mc_items(path: str | Path) -> list[dict]:
         q, ch, ans = r.get("question"), r.get("choices"), r.get("answer")
         if not isinstance(q, str) or not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) for c in ch):
             raise SafetyPatchError(f"{path}:{n}: expected 'question' (string) and 'choices' (list of >= 2 strings)")
+        # A blank choice has no tokens to score, and two equal choices tie (the first always wins):
+        # either would decide the item without the model, so both are refused rather than scored.
+        blank = [i for i, c in enumerate(ch) if not c.strip()]
+        if blank:
+            raise SafetyPatchError(f"{path}:{n}: choice {blank[0]} is blank; every choice needs text to score")
+        first: dict[str, int] = {}
+        for i, c in enumerate(ch):
+            if first.setdefault(c.strip(), i) != i:
+                raise SafetyPatchError(f"{path}:{n}: choices {first[c.strip()]} and {i} are the same text "
+                                       f"({c.strip()[:40]!r}); they would tie and the first would always be picked")
         if isinstance(ans, str) and len(ans) == 1 and ans.upper().isalpha():
             ans = ord(ans.upper()) - ord("A")
-        if not isinstance(ans, int) or not 0 <= ans < len(ch):
-            raise SafetyPatchError(f"{path}:{n}: 'answer' must be a choice index or letter within the choices")
+        if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(ch):
+            raise SafetyPatchError(f"{path}:{n}: 'answer' must be a choice index or letter within the choices, "
+                                   f"got {r.get('answer')!r}")
         items.append({"question": q, "choices": ch, "answer": ans})
     if not items:
         raise SafetyPatchError(f"{path}: no items")
@@ -242,15 +253,17 @@ def humaneval(pm, tokenizer, tasks: list[dict], cfg: CapabilityConfig, cache) ->
 
 
 def multiple_choice(pm, tokenizer, items: list[dict], batch_size: int = 8) -> dict:
-    """Accuracy by the highest summed log-likelihood of the choice text after the question."""
+    """Accuracy by the highest summed log-likelihood of the choice text after the question; ``picks``:
+    the chosen index per item. Raises SafetyPatchError for a choice that has no tokens to score."""
     encoded, owner = [], []
     for qi, it in enumerate(items):
         for ci, ch in enumerate(it["choices"]):
             pair = {"messages": [{"role": "user", "content": it["question"]}], "reference": ch}
             enc = _encode_pairs(tokenizer, [pair], 10**6)
-            if enc:
-                encoded.append(enc[0])
-                owner.append((qi, ci))
+            if not enc:  # fail closed: scored without one of its choices, an item is easier than it is
+                raise SafetyPatchError(f"multiple-choice item {qi + 1}: choice {ci} ({ch[:40]!r}) has no tokens to score")
+            encoded.append(enc[0])
+            owner.append((qi, ci))
     nll, _, _ = answer_logprobs(pm, tokenizer, encoded, batch_size)
     best: dict[int, tuple[float, int]] = {}
     for (qi, ci), v in zip(owner, nll, strict=True):
@@ -316,7 +329,7 @@ def _one_run(pm, tokenizer, cfg, pairs, encoded, base_rows, he_tasks, bl_prompts
         raw["humaneval"] = [float(x["passed"]) for x in h["records"]]
     if mc is not None:
         m = multiple_choice(pm, tokenizer, mc, cfg.batch_size)
-        res["mc"] = m["accuracy"]
+        res["mc"] = m["accuracy"] | {"picks": m["picks"]}  # which choice, per item: a wrong key shows here
         raw["mc"] = [float(p == it["answer"]) for p, it in zip(m["picks"], mc, strict=True)]
     return res, raw
 
