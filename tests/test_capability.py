@@ -137,5 +137,9 @@ def test_kl_without_a_patch_is_refused_when_asked_for_and_said_when_defaulted(tm
     model_dir = save_tiny_model(tmp_path / "m", seed=3, tie=False)
     assert main(["eval", "capability", "--model", str(model_dir), "--tasks", "nll,kl", "--limit", "2"]) == 2
     assert "--tasks kl compares the base with a patched model" in capsys.readouterr().err
+    # a user's trial: `--tasks ""` ran the whole default suite (6 min); `nll,nll` was accepted
+    for tasks, says in (("", "--tasks '' names no task"), (" , ", "names no task"), ("nll,nll", "names nll twice")):
+        assert main(["eval", "capability", "--model", str(model_dir), "--tasks", tasks, "--limit", "2"]) == 2
+        assert says in capsys.readouterr().err
     res = evaluate_capability(str(model_dir), [], None, CapabilityConfig(tasks=("nll", "kl"), limit=2))
     assert "kl: not computed (no --patch" in table(res) and "kl" not in res["runs"]["base"]

@@ -414,6 +414,18 @@ def test_client_disconnect_mid_stream_frees_its_slot(world, live):
         assert time.monotonic() - t0 < 1.0  # cancelled mid-answer, not when the 440 tokens were done (>= 1.9 s)
     finally:
         hook.remove()
+    # a user's trial: a client gone while its body was still arriving was audited 500 "internal error
+    # (ClientDisconnect)" with a traceback; it is a client that left (499)
+    n0 = len(_audit(live))
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\"")
+    t0 = time.monotonic()
+    while len(_audit(live)) == n0:
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.05)
+    last = _audit(live)[-1]
+    assert (last["status"], last["error"], last["finish_reason"]) == (499, "client disconnected", "cancelled")
     # the server still answers afterwards
     assert live.client().chat.completions.create(model="base", messages=_user(SAFE[1]), max_tokens=N
                                                  ).choices[0].message.content == world["ref"]["base"][5]

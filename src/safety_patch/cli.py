@@ -530,14 +530,22 @@ def eval_capability_cmd(
 
     if suite == "lm-eval":
         from .evaluation.lm_eval_adapter import evaluate_lm_eval, table
-        if not tasks:
+        lm_tasks = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+        if not lm_tasks:
             raise SafetyPatchError("--suite lm-eval needs --tasks, e.g. --tasks arc_easy,hellaswag")
-        res = evaluate_lm_eval(model, list(patch or []), [t.strip() for t in tasks.split(",")], limit, batch_size,
+        res = evaluate_lm_eval(model, list(patch or []), lm_tasks, limit, batch_size,
                                device, dtype, force)
     elif suite == "offline":
         from .evaluation.capability import OFFLINE_TASKS, CapabilityConfig, evaluate_capability, table
 
-        task_list = tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else OFFLINE_TASKS
+        # None is the default suite; "" or " , " names no task (it ran the whole suite for 6 min)
+        task_list = tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks is not None else OFFLINE_TASKS
+        if not task_list:
+            raise SafetyPatchError(f"--tasks {tasks!r} names no task; offline tasks: {', '.join(OFFLINE_TASKS)} "
+                                   "(leave --tasks out for all of them)")
+        twice = sorted({t for t in task_list if task_list.count(t) > 1})
+        if twice:
+            raise SafetyPatchError(f"--tasks names {', '.join(twice)} twice; give each task once")
         if tasks and "kl" in task_list and not patch:  # asked for: refused; in the default list: said skipped (table)
             raise SafetyPatchError("--tasks kl compares the base with a patched model: give --patch (or drop kl)")
         cfg = CapabilityConfig(tasks=task_list,

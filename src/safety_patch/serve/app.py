@@ -149,8 +149,9 @@ SHUTTING_DOWN = "server shutting down"  # the error of an answer cut because the
 
 
 def _cut_reason(e: ApiError) -> dict:
-    """The audit line's finish_reason of an answer the stopping server cut (503), as for one uvicorn cut."""
-    return {"finish_reason": "cancelled"} if (e.status, e.message) == (503, SHUTTING_DOWN) else {}
+    """The audit line's finish_reason of an answer the stopping server cut (503), as for one uvicorn cut,
+    or of a client that left (499)."""
+    return {"finish_reason": "cancelled"} if (e.status, e.message) == (503, SHUTTING_DOWN) or e.status == 499 else {}
 
 
 def _plain_messages(req: ChatRequest) -> list[dict]:
@@ -363,7 +364,13 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
         return _error(exc)
 
     async def parse(request: Request, rec: dict) -> Prepared:
-        body = await request.body()
+        from starlette.requests import ClientDisconnect
+
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # gone before its body arrived: a 499 like any client that leaves, not a 500
+            status, why = cut()
+            raise ApiError(status, why, code="client_disconnected") from None
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
         try:
@@ -473,7 +480,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
         try:
             p = await parse(request, rec)
         except ApiError as e:
-            finish(e.status, error=e.message)
+            finish(e.status, error=e.message, **_cut_reason(e))
             return _error(e)
         rec.update(model=p.model, stream=p.stream, prompt_tokens=len(p.prompt), max_tokens=p.max_tokens,
                    messages=p.messages, **({"temperature": p.sampling.temperature, "top_p": p.sampling.top_p,
