@@ -296,6 +296,12 @@ def test_cli_data_build_and_show(tmp_path, capsys):
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert m["config"]["borderline_train_extra"] is True and m["counts"]["borderline_train_extra"]["kept"] > 0
     assert main(["data", "show", str(tmp_path / "nope")]) == 2
+    assert "nope does not exist" in capsys.readouterr().err
+    # a user's trial: an edited file did not show; the counts are the manifest's, as built
+    assert main(["data", "show", str(tmp_path / "d")]) == 0 and "WARNING" not in capsys.readouterr().out
+    (tmp_path / "d" / "test.jsonl").write_text("")
+    assert main(["data", "show", str(tmp_path / "d")]) == 0
+    assert "WARNING: test.jsonl differs from the manifest" in capsys.readouterr().out
     cfg = tmp_path / "c.yaml"
     cfg.write_text("seed: 1\nwrap_fractoin: 0.5\n")
     assert main(["data", "build", "--out", str(tmp_path / "e"), "--config", str(cfg)]) == 2

@@ -445,7 +445,7 @@ def test_a_prompt_file_counts_each_prompt_once_and_names_a_bad_category(tmp_path
         benign_prompts(b)
 
 
-def test_eval_results_name_their_prompts_by_content(tiny_dir, data_dir, tmp_path):
+def test_eval_results_name_their_prompts_by_content(tiny_dir, data_dir, tmp_path, capsys):
     """A results file records what it read: a user file's sha256 (and no split, which only a data folder
     has), a data folder's manifest hash and split."""
     import hashlib
@@ -465,6 +465,19 @@ def test_eval_results_name_their_prompts_by_content(tiny_dir, data_dir, tmp_path
                    device="cpu", use_cache=False)
     assert res["config"]["split"] == "test"
     assert res["config"]["prompts_source"]["manifest_sha256"] == manifest_sha256(data_dir)
+    assert res["config"]["prompts_source"]["files_changed"] == {}
+    # a user's trial: a test.jsonl edited after `data build` was named by the manifest's hash alone
+    import shutil
+
+    from safety_patch.evaluation.prompts import source_identity
+
+    edited = shutil.copytree(data_dir, tmp_path / "edited")
+    lines = (edited / "test.jsonl").read_text().splitlines(keepends=True)
+    (edited / "test.jsonl").write_text("".join(lines[:-1]))
+    got = source_identity(edited)
+    assert got["manifest_sha256"] == manifest_sha256(data_dir)  # the manifest is untouched...
+    assert got["files_changed"] == {"test.jsonl": hashlib.sha256((edited / "test.jsonl").read_bytes()).hexdigest()}
+    assert "test.jsonl: differs from" in capsys.readouterr().err  # ...and the edit is said and recorded
 
 
 def test_api_judge_url_is_checked_before_anything_runs():

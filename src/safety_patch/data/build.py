@@ -500,4 +500,10 @@ def show(data_dir: str | Path) -> str:
         lines.append(f"train-only safe look-alikes: {bx['kept']} kept of {bx['written']} "
                      f"({bx['near_eval']} near a val/test prompt; counted in the train column above)")
     lines.append("sources: " + ", ".join(f"{s['name']} ({s.get('license', '?')}, {s.get('kept', '-')} kept)" for s in m["sources"][: len(m['config']['sources'])]))
+    from .folder import DataFolder
+
+    changed = DataFolder(data_dir).verify()  # the counts above are the manifest's, as built
+    if changed:
+        lines.append(f"WARNING: {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} from the manifest (edited after `data build`, or missing): "
+                     "the counts above are as built, not as the files are now")
     return "\n".join(lines)

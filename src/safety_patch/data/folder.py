@@ -286,6 +286,8 @@ class DataFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         p = self.path / MANIFEST
+        if not self.path.exists():
+            raise SafetyPatchError(f"{self.path} does not exist (a data folder from `safety-patch data build` was expected)")
         if not p.is_file():
             raise SafetyPatchError(f"{self.path} is not a data folder (no {MANIFEST}); run `safety-patch data build` first")
         m = loads_strict(read_text(p), str(p))

@@ -11,15 +11,25 @@ from ..errors import SafetyPatchError
 
 def source_identity(source: str | Path | None) -> dict | None:
     """What an evaluation read, so that its results name their inputs by content, not by path alone:
-    ``{"path", "kind": "data-folder", "manifest_sha256"}`` for a data folder (its manifest holds every
-    file's hash), ``{"path", "kind": "file", "sha256"}`` for a prompt file, None for none."""
+    ``{"path", "kind": "data-folder", "manifest_sha256", "files_changed"}`` for a data folder (its
+    manifest holds every file's hash; ``files_changed`` lists the files that no longer match it, with
+    their sha256, and each is warned of on stderr), ``{"path", "kind": "file", "sha256"}`` for a prompt
+    file, None for none."""
     if source is None:
         return None
     p = Path(source)
     if p.is_dir():
+        from ..atomic import sha256_file
         from ..data.build import manifest_sha256
+        from ..data.folder import DataFolder
 
-        return {"path": str(p), "kind": "data-folder", "manifest_sha256": manifest_sha256(p)}
+        # Derived folders edit files on purpose, so an edit is recorded and said, not refused; the
+        # manifest's hash alone would name the folder as built, not as read.
+        changed = {f: sha256_file(p / f) if (p / f).is_file() else None for f in DataFolder(p).verify()}
+        for f in changed:
+            print(f"[data] {p / f}: differs from {p / 'manifest.json'} (edited after `data build`); its sha256 is "
+                  "recorded in the results", file=sys.stderr, flush=True)
+        return {"path": str(p), "kind": "data-folder", "manifest_sha256": manifest_sha256(p), "files_changed": changed}
     from ..atomic import sha256_file
 
     return {"path": str(p), "kind": "file", "sha256": sha256_file(p)}
