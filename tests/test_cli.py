@@ -98,7 +98,7 @@ def test_chat_refuses_what_it_cannot_answer_faithfully(tiny_dir, capsys, monkeyp
         assert len(errors) == 1 and says in errors[0] and "Traceback" not in err, err
     lm = load_model(str(tiny_dir), device="cpu")
     convs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "word " * 5000}]]
-    with pytest.raises(SafetyPatchError, match="prompt 1 has .* tokens"):  # the library refuses it too, any caller
+    with pytest.raises(SafetyPatchError, match=r"prompt 2 of 2 \(counted from 1\) has .* tokens"):  # the library refuses it too
         generate(lm.model, lm.tokenizer, convs, GenerationConfig(max_new_tokens=5))
     with pytest.raises(SafetyPatchError, match=r"in \[0.001, 2\], got 3"):
         GenerationConfig(temperature=3)

@@ -195,7 +195,8 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
     too_long = over_context(pm, [len(e) for e in enc], config.max_new_tokens)
     if too_long:  # past the model's positions the answer is garbage, not an answer: refused, never run
         i = too_long[0]
-        raise SafetyPatchError(f"prompt {i} has {len(enc[i])} tokens and max_new_tokens is {config.max_new_tokens}: "
+        raise SafetyPatchError(f"prompt {i + 1} of {len(enc)} (counted from 1) has {len(enc[i])} tokens and "
+                               f"max_new_tokens is {config.max_new_tokens}: "
                                f"over the model's context length of {context_length(pm)} tokens"
                                + (f" ({len(too_long)} prompts in all)" if len(too_long) > 1 else ""))
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]), reverse=True)
