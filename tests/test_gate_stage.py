@@ -289,7 +289,7 @@ def test_stage_gate_is_bit_identical_to_the_old_train_path(lm, data_dir):
     assert "validation" not in info and info["prompts"]["wrapped_benign"] == 6
 
 
-def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
+def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path, capsys):
     from safety_patch.cli import main
 
     g = tmp_path / "g"
@@ -335,6 +335,10 @@ def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path):
     # a residual gate reads pre-norm states with a bias: an exact export is impossible, so it is refused
     assert main(["gate", "export", "--gate", str(g), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]) == 2
     assert main(["gate", "export", "--patch", str(tmp_path / "gp"), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    # a gated patch given as --gate is pointed at --patch (it read "not a gate folder")
+    assert main(["gate", "export", "--gate", str(tmp_path / "gp"), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]) == 2
+    assert f"gp is a patch, not a gate folder: export its gate with --patch {tmp_path / 'gp'}" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

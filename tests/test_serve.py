@@ -485,11 +485,16 @@ def test_a_stop_signal_lets_answers_finish_then_cuts_them_as_the_servers_doing(w
     assert "Traceback" not in rest and "[serve] done" in rest, rest
 
 
-def test_stack_names_from_flags(world, tmp_path):
+def test_stack_names_from_flags(world, tmp_path, capsys):
     assert parse_stacks([str(world["gated"])], ["both=a,b"]) == {"safety": [str(world["gated"])], "both": ["a", "b"]}
     assert main(["serve", "--model", world["model"], "--stack", "base=" + str(world["gated"])]) == 2
     assert main(["serve", "--model", world["model"], "--stack", "nothing"]) == 2
     assert main(["serve", "--model", world["model"], "--patch", str(tmp_path / "missing")]) == 2
+    # an audit log that cannot be opened is said before the server announces its URL (a user's trial)
+    capsys.readouterr()
+    assert main(["serve", "--model", world["model"], "--port", "0", "--audit-log", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open the audit log" in err and "[serve] models:" not in err
     with socket.socket() as busy:  # a port in use: one line and exit code 2, before the model loads
         busy.bind(("127.0.0.1", 0))
         busy.listen()

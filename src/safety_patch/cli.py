@@ -254,6 +254,9 @@ def serve(
     sock = bind(host, port)
     cfg = ServeConfig(default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit,
                       max_prompt_tokens=max_prompt_tokens, audit_path=str(audit_log), log_prompts=log_prompts)
+    from .serve.audit import AuditLog
+
+    audit = AuditLog(cfg.audit_path, cfg.log_prompts)  # opened now: a bad path fails before the model loads
     if upstream:
         from .serve.upstream import build_upstream
 
@@ -263,7 +266,7 @@ def serve(
         backend = build_embedded(model, stacks, device, dtype, force, batch_window_ms, max_batch)
     typer.echo(f"[serve] models: {', '.join(backend.names)}; http://{host}:{sock.getsockname()[1]}/v1 ; "
                f"audit log: {audit_log}", err=True)
-    run_server(backend, host, port, cfg, sock, shutdown_timeout=shutdown_timeout)
+    run_server(backend, host, port, cfg, sock, shutdown_timeout=shutdown_timeout, audit=audit)
 
 
 @data_app.command("build")
@@ -1061,6 +1064,8 @@ def gate_export_cmd(
         g, fingerprint, where = Gate.load(p.path), p.base_fingerprint, p.path
         source = {"patch": str(p.path), "patch_id": p.id}
     else:
+        if (Path(gate) / "patch.json").is_file() and not (Path(gate) / "gate.json").is_file():
+            raise SafetyPatchError(f"{gate} is a patch, not a gate folder: export its gate with --patch {gate}")
         g, info = read_gate_folder(gate)
         fingerprint, where = info["base"]["fingerprint"], gate
         source = {"gate": str(gate), "gate_id": info["id"]}
