@@ -238,6 +238,8 @@ def test_bad_requests_get_openai_errors(live):
     cases = [
         (b"{not json", 400, None),
         (b"[1, 2]", 400, None),
+        # a repeated key was read as its last value (a user's trial): a proxy reading the first saw another model
+        (b'{"model": "safety", "model": "base", "messages": [{"role": "user", "content": "hi"}]}', 400, None),
         ({"model": "nope", "messages": _user("hi")}, 404, "model"),
         ({"model": "safety"}, 400, "messages"),
         ({"model": "safety", "messages": []}, 400, "messages"),

@@ -373,8 +373,12 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
             raise ApiError(status, why, code="client_disconnected") from None
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+        from ..jsonl import _no_duplicate_keys
+
         try:
-            obj = json.loads(body)
+            # a repeated key is refused, not read as its last value: a proxy or filter in front that reads
+            # the first `model` would see another request than the one answered (as the data loader refuses)
+            obj = json.loads(body, object_pairs_hook=_no_duplicate_keys)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
         except RecursionError:
