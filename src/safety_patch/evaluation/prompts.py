@@ -26,9 +26,10 @@ def source_identity(source: str | Path | None) -> dict | None:
         # Derived folders edit files on purpose, so an edit is recorded and said, not refused; the
         # manifest's hash alone would name the folder as built, not as read.
         changed = {f: sha256_file(p / f) if (p / f).is_file() else None for f in DataFolder(p).verify()}
-        for f in changed:
-            print(f"[data] {p / f}: differs from {p / 'manifest.json'} (edited after `data build`); its sha256 is "
-                  "recorded in the results", file=sys.stderr, flush=True)
+        for f, sha in changed.items():
+            print(f"[data] {p / f}: " + (f"differs from {p / 'manifest.json'} (edited after `data build`); its sha256 "
+                                         "is recorded in the results" if sha else "missing, though the manifest lists it"),
+                  file=sys.stderr, flush=True)
         return {"path": str(p), "kind": "data-folder", "manifest_sha256": manifest_sha256(p), "files_changed": changed}
     from ..atomic import sha256_file
 
