@@ -339,6 +339,8 @@ def test_cli_gate_fit_apply_and_export(data_dir, tiny_dir, lm, tmp_path, capsys)
     # a gated patch given as --gate is pointed at --patch (it read "not a gate folder")
     assert main(["gate", "export", "--gate", str(tmp_path / "gp"), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]) == 2
     assert f"gp is a patch, not a gate folder: export its gate with --patch {tmp_path / 'gp'}" in capsys.readouterr().err
+    assert main(["gate", "export", "--gate", str(src), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "is an ungated patch, not a gate folder: there is no gate to export" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -294,3 +294,4 @@ def test_patch_info_says_what_each_kind_of_patch_is(base, tmp_path):
     assert "rank" not in shown and "target_modules" not in shown
     lora = info(read_patch(make_lora_patch(model, tmp_path / "l", fp, rank=4)))
     assert "rank" in lora and "target_modules" in lora and "changed_tensors" not in lora
+    assert lora["layers"] == "all" and "layers" not in shown  # a --layers patch: test_train.py

@@ -61,6 +61,9 @@ def test_layers_with_the_default_all_linear_adapt_every_linear_kind_of_those_lay
     kinds = linear_module_kinds(lm.model)
     assert changed == {k for k in before if k.startswith("model.layers.0.") and k.endswith(".weight")
                        and k.rsplit(".", 2)[-2] in kinds}
+    from safety_patch.patches import info  # and `patch info` says so (a re-check found it read as all layers)
+
+    assert info(read_patch(tmp_path / "p"))["layers"] == "0"
 
 
 @pytest.mark.parametrize("logging_steps", [5, 4])

@@ -1065,7 +1065,11 @@ def gate_export_cmd(
         source = {"patch": str(p.path), "patch_id": p.id}
     else:
         if (Path(gate) / "patch.json").is_file() and not (Path(gate) / "gate.json").is_file():
-            raise SafetyPatchError(f"{gate} is a patch, not a gate folder: export its gate with --patch {gate}")
+            from .patches import read_patch
+
+            if read_patch(gate).gated:
+                raise SafetyPatchError(f"{gate} is a patch, not a gate folder: export its gate with --patch {gate}")
+            raise SafetyPatchError(f"{gate} is an ungated patch, not a gate folder: there is no gate to export")
         g, info = read_gate_folder(gate)
         fingerprint, where = info["base"]["fingerprint"], gate
         source = {"gate": str(gate), "gate_id": info["id"]}

@@ -933,7 +933,9 @@ def info(patch: Patch) -> dict:
             "objective": m.get("objective"), "base": m.get("base", {}).get("name"),
             "base_fingerprint": patch.base_fingerprint, "stack": patch.stack,
             # a delta has no rank: its config still holds the LoRA group's defaults, which say nothing of it
-            **({"rank": _lora_config(m).get("rank"), "target_modules": _lora_config(m).get("target_modules")}
+            # layers: None is every layer; a --layers patch must not read as an all-layer one
+            **({"rank": _lora_config(m).get("rank"), "target_modules": _lora_config(m).get("target_modules"),
+                "layers": _lora_config(m).get("layers") or "all"}
                if patch.format == "lora" else {"changed_tensors": _tensor_count(patch.path / DELTA_FILE)}),
             "trainable_parameters": t.get("trainable_parameters"), "steps": t.get("steps"),
             "tokens_seen": t.get("tokens_seen"), "wall_seconds": t.get("wall_seconds"),
