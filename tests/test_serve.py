@@ -492,11 +492,18 @@ def test_stack_names_from_flags(world, tmp_path, capsys):
     assert main(["serve", "--model", world["model"], "--stack", "base=" + str(world["gated"])]) == 2
     assert main(["serve", "--model", world["model"], "--stack", "nothing"]) == 2
     assert main(["serve", "--model", world["model"], "--patch", str(tmp_path / "missing")]) == 2
-    # an audit log that cannot be opened is said before the server announces its URL (a user's trial)
+    # an audit log that cannot be opened is said before the server announces its URL (a user's trial),
+    # and a start that fails later leaves no empty log behind
     capsys.readouterr()
     assert main(["serve", "--model", world["model"], "--port", "0", "--audit-log", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "cannot open the audit log" in err and "[serve] models:" not in err
+    (tmp_path / "f").write_text("")
+    assert main(["serve", "--model", world["model"], "--port", "0", "--audit-log", str(tmp_path / "f" / "a.jsonl")]) == 2
+    assert "cannot open the audit log" in capsys.readouterr().err
+    log = tmp_path / "new" / "dir" / "a.jsonl"
+    assert main(["serve", "--model", world["model"], "--patch", str(tmp_path / "missing"), "--audit-log", str(log)]) == 2
+    assert not (tmp_path / "new").exists()
     with socket.socket() as busy:  # a port in use: one line and exit code 2, before the model loads
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -254,9 +254,9 @@ def serve(
     sock = bind(host, port)
     cfg = ServeConfig(default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit,
                       max_prompt_tokens=max_prompt_tokens, audit_path=str(audit_log), log_prompts=log_prompts)
-    from .serve.audit import AuditLog
+    from .serve.audit import check_audit_path
 
-    audit = AuditLog(cfg.audit_path, cfg.log_prompts)  # opened now: a bad path fails before the model loads
+    check_audit_path(cfg.audit_path)  # a bad path fails before the model loads (opened, and created, by the app)
     if upstream:
         from .serve.upstream import build_upstream
 
@@ -266,7 +266,7 @@ def serve(
         backend = build_embedded(model, stacks, device, dtype, force, batch_window_ms, max_batch)
     typer.echo(f"[serve] models: {', '.join(backend.names)}; http://{host}:{sock.getsockname()[1]}/v1 ; "
                f"audit log: {audit_log}", err=True)
-    run_server(backend, host, port, cfg, sock, shutdown_timeout=shutdown_timeout, audit=audit)
+    run_server(backend, host, port, cfg, sock, shutdown_timeout=shutdown_timeout)
 
 
 @data_app.command("build")

@@ -670,17 +670,16 @@ def bind(host: str, port: int):
     return sock
 
 
-def serve(backend, host: str, port: int, config: ServeConfig, sock=None, shutdown_timeout: float = 30.0,
-          audit: AuditLog | None = None) -> None:
+def serve(backend, host: str, port: int, config: ServeConfig, sock=None, shutdown_timeout: float = 30.0) -> None:
     """Run the server until SIGINT or SIGTERM (uvicorn); ``sock`` an already bound socket (tests).
 
     Either signal is the normal way to stop a service (``docker stop`` and systemd send SIGTERM): no
     new connection is accepted, answers in flight get up to ``shutdown_timeout`` seconds to finish,
     those still running then are cut and audited as 503 "server shutting down" (not as a client
     that went away), and the call returns, so the command ends with its summary line and exit 0.
-    A second SIGINT stops at once. ``audit``: the log, opened already (default: ``config.audit_path``)."""
+    A second SIGINT stops at once."""
     sock = sock if sock is not None else bind(host, port)
-    server = make_server(create_app(backend, config, audit), host, port, shutdown_timeout)
+    server = make_server(create_app(backend, config), host, port, shutdown_timeout)
     server.run(sockets=[sock])
 
 

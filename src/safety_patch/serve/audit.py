@@ -24,6 +24,28 @@ from pathlib import Path
 from ..errors import SafetyPatchError
 
 
+def check_audit_path(path: str | Path) -> None:
+    """Refuse, before a server loads its model and announces its URL, an audit log path it could not
+    open for appending: a directory, a file it may not write, or under a folder it cannot create or
+    write. Creates nothing (a start that fails later leaves no empty log behind). Raises SafetyPatchError."""
+    p = Path(path)
+    why = None
+    if p.is_dir():
+        why = "Is a directory"
+    elif p.exists():
+        why = None if os.access(p, os.W_OK) else "Permission denied"
+    else:
+        parent = p.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            why = f"{parent} is not a directory"
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            why = f"cannot create it under {parent}: Permission denied"
+    if why:
+        raise SafetyPatchError(f"cannot open the audit log {p} for appending: {why}")
+
+
 class AuditLog:
     """Append-only JSONL audit log; ``path=None`` keeps nothing (tests, benchmarks)."""
 
