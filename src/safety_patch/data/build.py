@@ -470,7 +470,8 @@ def read_manifest(data_dir: str | Path) -> dict:
 
 def show(data_dir: str | Path) -> str:
     """The counts table ``data show`` prints (the manifest's shape is checked first: ``folder.Manifest``)."""
-    m = read_manifest(data_dir)
+    d = DataFolder(data_dir)
+    m = d.manifest
     c = m["counts"]
     lines = [f"data folder {data_dir} (seed {m['seed']}, built in {m['seconds']}s)", ""]
     lines.append(f"{'':<28}{'train':>8}{'val':>8}{'test':>8}")
@@ -500,9 +501,7 @@ def show(data_dir: str | Path) -> str:
         lines.append(f"train-only safe look-alikes: {bx['kept']} kept of {bx['written']} "
                      f"({bx['near_eval']} near a val/test prompt; counted in the train column above)")
     lines.append("sources: " + ", ".join(f"{s['name']} ({s.get('license', '?')}, {s.get('kept', '-')} kept)" for s in m["sources"][: len(m['config']['sources'])]))
-    from .folder import DataFolder
-
-    changed = DataFolder(data_dir).verify()  # the counts above are the manifest's, as built
+    changed = d.verify()  # the counts above are the manifest's, as built
     if changed:
         lines.append(f"WARNING: {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} from the manifest (edited after `data build`, or missing): "
                      "the counts above are as built, not as the files are now")

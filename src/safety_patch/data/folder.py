@@ -401,12 +401,16 @@ class DataFolder:
             out.append(Template(t["id"], t["family"], t["source"], t["text"]))
         return out
 
-    def verify(self) -> list[str]:
-        """Files whose sha256 differs from the manifest's (missing files count as different)."""
+    def changed(self) -> dict[str, str | None]:
+        """{file: its sha256 now, or None if missing} for the files whose sha256 differs from the manifest's."""
         from ..atomic import sha256_file
 
-        return [f for f, sha in self.manifest["files"].items()
-                if not (self.path / f).is_file() or sha256_file(self.path / f) != sha]
+        now = {f: sha256_file(self.path / f) if (self.path / f).is_file() else None for f in self.manifest["files"]}
+        return {f: sha for f, sha in now.items() if sha != self.manifest["files"][f]}
+
+    def verify(self) -> list[str]:
+        """Files whose sha256 differs from the manifest's (missing files count as different)."""
+        return list(self.changed())
 
 
 __all__ = ["ALWAYS", "BENIGN", "FILES", "HARMFUL", "MANIFEST", "DataFolder", "check", "describe"]

@@ -19,13 +19,12 @@ def source_identity(source: str | Path | None) -> dict | None:
         return None
     p = Path(source)
     if p.is_dir():
-        from ..atomic import sha256_file
         from ..data.build import manifest_sha256
         from ..data.folder import DataFolder
 
         # Derived folders edit files on purpose, so an edit is recorded and said, not refused; the
         # manifest's hash alone would name the folder as built, not as read.
-        changed = {f: sha256_file(p / f) if (p / f).is_file() else None for f in DataFolder(p).verify()}
+        changed = DataFolder(p).changed()
         for f, sha in changed.items():
             print(f"[data] {p / f}: " + (f"differs from {p / 'manifest.json'} (edited after `data build`); its sha256 "
                                          "is recorded in the results" if sha else "missing, though the manifest lists it"),

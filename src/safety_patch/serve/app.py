@@ -25,7 +25,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -228,7 +228,8 @@ class EmbeddedBackend:
         return {"mode": "embedded", "queued": b.queued, "running": b.running, "batches": b.batches,
                 "max_batch": b.max_batch, "window_ms": round(b.window_s * 1000, 3)}
 
-    async def events(self, p: Prepared, want_text: bool, on_route=None) -> AsyncIterator[tuple]:
+    async def events(self, p: Prepared, want_text: bool,
+                     on_route: Callable[[Route], None] | None = None) -> AsyncIterator[tuple]:
         """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens).
 
         ``on_route`` (upstream mode's hook, see UpstreamBackend.events): here the route is the first

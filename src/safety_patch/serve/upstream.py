@@ -23,17 +23,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
 from .app import SHUTTING_DOWN, ApiError, Prepared
-from .engine import BASE, GateProbe
+from .engine import BASE, GateProbe, Route
 
 
 def _api_base(url: str) -> str:
     url = url.rstrip("/")
     return url if url.endswith("/v1") else url + "/v1"
+
+
+CONNECT_TIMEOUT_S = 10.0  # how long the upstream gets to accept the connection (--upstream-timeout is for answers)
 
 
 class UpstreamBackend:
@@ -42,7 +45,7 @@ class UpstreamBackend:
     def __init__(self, probe: GateProbe, url: str, upstream_model: str, timeout_s: float = 600.0):
         self.probe, self.url, self.upstream_model = probe, _api_base(url), upstream_model
         self.timeout_s = timeout_s
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S))
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's, learnt from the first request
         self._cut = asyncio.Event()  # set (on that loop) when the server cuts the answers in flight
         self.last_error: str | None = None  # why the last request got no answer started upstream (health)
@@ -101,7 +104,8 @@ class UpstreamBackend:
                 "layers_total": self.probe.layers_total, "upstream_ok": self.last_error is None,
                 **({"upstream_error": self.last_error} if self.last_error else {})}
 
-    async def events(self, p: Prepared, want_text: bool, on_route=None) -> AsyncIterator[tuple]:
+    async def events(self, p: Prepared, want_text: bool,
+                     on_route: Callable[[Route], None] | None = None) -> AsyncIterator[tuple]:
         """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens).
 
         ``on_route(route)`` is called as soon as the gate has run, before the upstream is asked: a client
@@ -204,7 +208,7 @@ class UpstreamBackend:
 
     def _why(self, e: httpx.HTTPError) -> str:
         if isinstance(e, httpx.TimeoutException):  # a bare "ReadTimeout: " says neither what nor how long
-            phase = "connect within 10 s" if isinstance(e, httpx.ConnectTimeout) else \
+            phase = f"connect within {CONNECT_TIMEOUT_S:g} s" if isinstance(e, httpx.ConnectTimeout) else \
                 f"answer within --upstream-timeout {self.timeout_s:g} s"
             return f"it did not {phase} ({type(e).__name__})"
         return f"{type(e).__name__}: {e}"
