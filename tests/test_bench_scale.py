@@ -18,9 +18,12 @@ def test_scale_dry_run_measures_every_row(tmp_path, monkeypatch):
     payload = scale.main(["--tiny", "--work", str(tmp_path / "work")])
     (row,) = payload["rows"]
     assert row["size"] == "tiny" and row["first_load_s"] > 0 and 0 < row["fingerprint_share"] <= 1
-    assert row["gen_tps_b8"] > 0 and row["gen_tps_b32"] > 0
+    assert 0 <= row["fingerprint_s"] <= row["first_load_s"] and row["second_load_s"] > 0
+    assert payload["sha256_gbs"] > 0 and row["fingerprint_floor_s"] >= 0
+    assert row["gen_tps_b8"] > 0 and row["gen_tps_b32"] > 0 and row["gen_ms_per_step_b8"] > 0
     for arm in ("lora", "full"):
         assert row[f"{arm}_written"] is True and row[f"{arm}_patch_mb"] > 0 and row[f"{arm}_tps"] > 0, row
+        assert row[f"{arm}_tps_steady"] > 0 and row[f"{arm}_mfu"] >= 0, row  # --steps leave steps past warm-up
     saved = json.loads((tmp_path / "scale_tiny.json").read_text())
     assert saved["rows"] == payload["rows"] and saved["bars"] == {}  # no GPU sizes ran, so no bar is claimed
     sys.modules.pop("scale", None)
@@ -53,3 +56,14 @@ def test_a_bench_run_with_other_arguments_keeps_the_recorded_result(tmp_path, mo
     for script in ("model_load.py", "data_build.py"):
         r = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stderr
+
+
+def test_decode_profile_dry_run(tmp_path, monkeypatch):
+    """experiments/decode_profile.py ran once on an H200 (docs/benchmarks.md); its CPU dry run keeps it runnable."""
+    monkeypatch.syspath_prepend(str(BENCH.parent / "experiments"))
+    import decode_profile
+
+    out = decode_profile.main(["--size", "tiny", "--device", "cpu", "--out", str(tmp_path / "p.json")])
+    assert out["ours_ms_per_step"] > 0 and out["transformers_generate_ms_per_step"] > 0
+    assert "aten::" in out["profile_top"] and json.loads((tmp_path / "p.json").read_text())["size"] == "tiny"
+    sys.modules.pop("decode_profile", None)

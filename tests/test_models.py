@@ -23,6 +23,40 @@ def test_load_local_dir(tiny_dir):
     assert len(lm.fingerprint) == 64
 
 
+def test_load_never_swaps_in_hub_kernels(tiny_dir, monkeypatch):
+    """transformers 5.25 kernelizes a loaded model by default (Hub code fetched at load; on an
+    H200 it failed offline): every load turns that off, also where the environment asks for it."""
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    lm = models.load_model(str(tiny_dir), device="cpu")
+    assert getattr(lm.model, "use_kernels", False) is False
+
+
+def test_fingerprint_streams_exactly_the_fp32_bytes(monkeypatch):
+    """The hash runs in pieces (a worker thread hashing while the next piece is cast and copied):
+    its value is sha256 over name, shape and ``t.float().contiguous()``'s bytes, as always, for
+    tensors split across pieces, non-contiguous and bf16 ones, scalars and empty ones."""
+    import hashlib
+
+    from safety_patch import fingerprint as fpmod
+
+    g = torch.Generator().manual_seed(0)
+    named = [("a", torch.randn(7, 5, generator=g)), ("t", torch.randn(5, 9, generator=g).t()),
+             ("b", torch.randn(3, 11, generator=g).to(torch.bfloat16)), ("s", torch.tensor(2.5)),
+             ("e", torch.zeros(0, 3)), ("long", torch.randn(101, generator=g))]
+    named.append(("tied", named[0][1]))  # hashed once, under its first name
+    ref = hashlib.sha256()
+    for name, t in named[:-1]:
+        ref.update(name.encode())
+        ref.update(json.dumps(list(t.shape)).encode())
+        ref.update(t.float().contiguous().numpy().tobytes())
+    for chunk in (1 << 24, 8, 1):  # one piece per tensor; many pieces; one element per piece
+        monkeypatch.setattr(fpmod, "CHUNK", chunk)
+        assert fpmod.hash_tensors(named) == ref.hexdigest()
+    flipped = [(n, t.clone()) for n, t in named]
+    flipped[-2][1][100] += 1e-3  # one entry of the last piece of the last tensor
+    assert fpmod.hash_tensors(flipped) != ref.hexdigest()
+
+
 def test_load_in_bfloat16(tiny_dir):
     lm = models.load_model(str(tiny_dir), device="cpu", dtype="bfloat16")
     assert next(lm.model.parameters()).dtype is torch.bfloat16

@@ -11,26 +11,57 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+CHUNK = 1 << 24
+"""Elements per piece a tensor is hashed in (64 MB as fp32): bounds the host memory a GPU
+tensor's copy takes, and lets the copy of one piece overlap the hashing of the one before."""
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+
+def _fp32_pieces(t: torch.Tensor):
+    """``t``'s values as fp32 in row-major order, as CPU tensors of at most :data:`CHUNK` elements.
+
+    The cast happens where ``t`` lives (on a GPU, before the copy to the host); a CPU fp32
+    tensor's pieces are views, so nothing is copied. The bytes are exactly those of
+    ``t.float().contiguous()``, which the fingerprint has always hashed.
+    """
+    flat = t.detach().reshape(-1)
+    for i in range(0, flat.numel(), CHUNK):
+        yield flat[i:i + CHUNK].to(dtype=torch.float32).to(device="cpu")
 
 
 def hash_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over each tensor's name, shape (JSON) and fp32 bytes, in the order given.
+
+    One worker thread hashes while the caller's thread casts and copies the next piece
+    (``hashlib`` releases the GIL on large buffers): on a GPU model the device-to-host copy is
+    hidden behind the hash instead of added to it. At most two pieces are in flight.
+    """
     h = hashlib.sha256()
-    seen: set[int] = set()
-    for name, t in named:
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride())) if t.device.type != "meta" else id(t)
-        if key in seen:  # tied weights (e.g. lm_head == embed_tokens): hash once
-            continue
-        seen.add(key)
-        h.update(name.encode())
-        h.update(json.dumps(list(t.shape)).encode())
-        h.update(_tensor_bytes(t))
+    seen: set = set()
+    with ThreadPoolExecutor(max_workers=1) as worker:  # one worker: updates run in submission order
+        in_flight: deque = deque()
+
+        def feed(data) -> None:
+            in_flight.append(worker.submit(h.update, data))
+            while len(in_flight) > 2:
+                in_flight.popleft().result()
+
+        for name, t in named:
+            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride())) if t.device.type != "meta" else id(t)
+            if key in seen:  # tied weights (e.g. lm_head == embed_tokens): hash once
+                continue
+            seen.add(key)
+            feed(name.encode())
+            feed(json.dumps(list(t.shape)).encode())
+            for piece in _fp32_pieces(t):
+                feed(piece.numpy())  # the buffer itself: no bytes() copy
+        while in_flight:
+            in_flight.popleft().result()
     return h.hexdigest()
 
 

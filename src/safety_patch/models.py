@@ -169,7 +169,8 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     log.warning("converting %s to a safetensors cache at %s (once; ~20 s for the default model)", gguf, out)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                      use_kernels=HUB_KERNELS)
     except Exception as e:
         raise SafetyPatchError(f"cannot load GGUF file {gguf}: {type(e).__name__}: {e}") from None
     config = copy.deepcopy(gmodel.config)
@@ -229,12 +230,21 @@ def _fingerprint_cached(model, tokenizer, ckpt: Path, runtime: rt.Runtime) -> st
     return fp
 
 
+HUB_KERNELS = False
+"""Passed to ``from_pretrained(use_kernels=...)``. transformers 5.25 swaps layers for kernels it
+fetches from the Hub by default (``kernels`` installed): on a GPU that downloads and runs code
+at load time, fails offline ("Version 2 of 'kernels-community/rotary' is not available in the
+local cache"; found by bench/scale.py on an H200), and computes with other kernels than the
+ones patches, gates and their exactness tests were checked with. Off, always."""
+
+
 def _load_pretrained(where: str, runtime: rt.Runtime, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(where, **kw)
     device_map = str(runtime.device) if runtime.device.type == "cuda" else None
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=runtime.dtype, device_map=device_map, **kw)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=runtime.dtype, device_map=device_map,
+                                                 use_kernels=HUB_KERNELS, **kw)
     if device_map is None:
         model.to(runtime.device)
     model.eval()

@@ -409,7 +409,7 @@ class GateProbe:
 
         from .. import runtime as rt
         from ..gate import Gate
-        from ..models import load_model
+        from ..models import HUB_KERNELS, load_model
         from ..patches import verify
 
         if BASE in stacks:
@@ -444,7 +444,8 @@ class GateProbe:
         if self.gates:
             runtime = rt.resolve(device, dtype)
             cfg.num_hidden_layers = max(max(g.layers) for g in self.gates.values()) + 1  # only these layers are loaded
-            self.model = AutoModel.from_pretrained(where, config=cfg, dtype=runtime.dtype).to(runtime.device).eval()
+            self.model = AutoModel.from_pretrained(where, config=cfg, dtype=runtime.dtype,
+                                                   use_kernels=HUB_KERNELS).to(runtime.device).eval()
             self.layers_loaded = cfg.num_hidden_layers
         self._lock = threading.Lock()
 
