@@ -299,6 +299,7 @@ def test_the_upstream_gate_probe_reads_every_layer_of_a_two_layer_gate(lm, tiny_
         (want,) = pm.gate_scores(lm.tokenizer, ids).values()
     probe = GateProbe(str(tiny_dir), {"g": [tmp_path / "g"]}, device="cpu")
     assert probe.layers_loaded == 2  # truncated after layer 1, the deepest the gate reads
+    assert getattr(probe.model, "use_kernels", False) is False  # no Hub kernels swapped in (models.HUB_KERNELS)
     routes = probe.read("g", ids)
     got = torch.tensor([r.gates[0].logit for r in routes])
     assert torch.allclose(got, want, atol=1e-4)
