@@ -1,5 +1,6 @@
 """End to end: `reproduce` on a tiny random model produces the exact run tree and the report."""
 
+import hashlib
 import json
 import re
 import time
@@ -208,6 +209,15 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     cap.unlink()
     reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
     assert cap.is_file() and "Missing from this run" not in (run / "report.md").read_text()
+    # ...and so does one whose output changed without changing size (found by a user's trial: the
+    # stage was served "cached" and the report then refused the damaged file on every re-run)
+    plug = run / "04-plug" / "plug.json"
+    good = plug.read_bytes()
+    plug.write_bytes(b" " * len(good))
+    reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
+    assert plug.read_bytes() == good  # recomputed: the checks are deterministic
+    recorded = json.loads((run / "04-plug" / "stage.json").read_text())["files"]["plug.json"]
+    assert recorded == {"size": len(good), "sha256": hashlib.sha256(good).hexdigest()}
     # a run made in quick mode is not resumed at default sizes (a forgotten --quick deleted its data)
     with pytest.raises(SafetyPatchError, match=r"holds a run made with other settings \(mode 'quick' -> 'default'\)"):
         reproduce(run, make_plan(str(tiny_dir)), device="cpu")
@@ -282,3 +292,27 @@ def test_a_small_mean_keeps_its_interval_visible():
 
     assert _num({"value": 3.3e-05, "ci95": [2.4e-05, 4.2e-05]}) == "3.3e-05 [2.4e-05, 4.2e-05]"
     assert _num({"value": 0.2184, "ci95": [0.1855, 0.249]}) == "0.2184 [0.1855, 0.2490]"
+
+
+def test_a_stage_is_done_only_while_its_files_are_as_it_wrote_them(tmp_path):
+    """``Stages.done``: size and sha256 per file (a same-size edit re-runs the stage); a stage.json
+    written before hashes were recorded (sizes only) is still read as before."""
+    from safety_patch.pipeline import Stages
+
+    st = Stages(tmp_path)
+    d = tmp_path / "s"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.json").write_text('{"x": 1}')
+    (d / "sub" / "b.bin").write_bytes(b"\x00" * 10)
+    st.mark(d, "k1", 1.0)
+    assert st.done(d, "k1") and not st.done(d, "k2")
+    (d / "a.json").write_text('{"x": 2}')  # same size, other bytes
+    assert not st.done(d, "k1")
+    (d / "a.json").write_text('{"x": 1}')
+    assert st.done(d, "k1")
+    legacy = json.loads((d / "stage.json").read_text())
+    legacy["files"] = {k: v["size"] for k, v in legacy["files"].items()}
+    (d / "stage.json").write_text(json.dumps(legacy))
+    assert st.done(d, "k1")
+    (d / "sub" / "b.bin").write_bytes(b"\x00" * 9)
+    assert not st.done(d, "k1")

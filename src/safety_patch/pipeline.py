@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .atomic import write_json
+from .atomic import sha256_file, write_json
 from .errors import SafetyPatchError
 
 
@@ -138,9 +138,11 @@ class Stages:
         self.t0 = time.time()
 
     def done(self, d: Path, key: str) -> bool:
-        """Whether the stage in ``d`` ran with ``key`` and every file it wrote is still there with its size
-        (a deleted or cut-short output re-runs the stage rather than being reported missing for good);
-        a stage.json that is not JSON counts as not done."""
+        """Whether the stage in ``d`` ran with ``key`` and every file it wrote is still there as it
+        wrote it: same size and, where recorded (runs since 2026-12-04), same sha256. A deleted,
+        cut-short or changed output (even one of the same size) re-runs the stage rather than
+        being served "cached" and then refused by the report for good; a stage.json that is not
+        JSON counts as not done."""
         f = d / "stage.json"
         try:
             info = json.loads(f.read_text()) if f.is_file() else None
@@ -151,11 +153,18 @@ class Stages:
         files = info.get("files")
         if not isinstance(files, dict):  # a stage marked before files were recorded: as before
             return True
-        return all((d / name).is_file() and (d / name).stat().st_size == size for name, size in files.items())
+        for name, want in files.items():
+            p = d / name
+            size, digest = (want.get("size"), want.get("sha256")) if isinstance(want, dict) else (want, None)
+            if not p.is_file() or p.stat().st_size != size:
+                return False
+            if digest is not None and sha256_file(p) != digest:
+                return False
+        return True
 
     def mark(self, d: Path, key: str, seconds: float, **extra) -> None:
-        files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*"))
-                 if p.is_file() and p.name != "stage.json"}
+        files = {str(p.relative_to(d)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(d.rglob("*")) if p.is_file() and p.name != "stage.json"}
         write_json(d / "stage.json", {"key": key, "seconds": round(seconds, 1), **extra, "files": files})
         self.timings[str(d.relative_to(self.run))] = round(seconds, 1)
 

@@ -35,7 +35,9 @@ def _load(p: Path):
     except ValueError as e:
         from .errors import SafetyPatchError
 
-        raise SafetyPatchError(f"{p}: not valid JSON ({e}); the file is cut short or damaged: run its stage again") from None
+        raise SafetyPatchError(f"{p}: not valid JSON ({e}); the file is cut short or damaged: run `safety-patch "
+                               "reproduce` again with this run's --out and settings (it recomputes the stage "
+                               "whose file changed)") from None
 
 
 # The rates the report reads from each kind of results file: each is counted again from the
@@ -147,7 +149,8 @@ def _check_figures(obj, path: Path, where: str = "") -> None:
             bad = f"value {v} is not k/n = {obj['k']}/{obj['n']}"
         if bad:
             raise SafetyPatchError(f"{path}: {where.lstrip('.') or 'a figure'}: {bad} (the file was edited or is "
-                                   "damaged: run its stage again)")
+                                   "damaged: run `safety-patch reproduce` again with this run's --out and settings, "
+                                   "which recomputes the stage whose file changed)")
     for k, sub in obj.items():
         if isinstance(sub, (dict, list)):
             _check_figures(sub, path, f"{where}.{k}")
