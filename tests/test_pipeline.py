@@ -35,7 +35,7 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     tree = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "01-data" not in p.parts
                   and "patch" not in p.parts and "out" not in p.parts)
     expected = sorted(
-        ["run.json", "report.md", "report.html", "tradeoff.png", "05-analysis/stage.json",
+        ["run.json", "settings.json", "report.md", "report.html", "tradeoff.png", "05-analysis/stage.json",
          "02-gate/stage.json", "02-gate/eval.json", "02-gate/gate/gate.json", "02-gate/gate/gate.safetensors",
          "04-plug/plug.json", "04-plug/stage.json"]
         + [f"02-arms/{a}/stage.json" for a in arms]
@@ -316,3 +316,27 @@ def test_a_stage_is_done_only_while_its_files_are_as_it_wrote_them(tmp_path):
     assert st.done(d, "k1")
     (d / "sub" / "b.bin").write_bytes(b"\x00" * 9)
     assert not st.done(d, "k1")
+
+
+def test_an_interrupted_first_run_is_bound_to_its_settings_too(tiny_dir, tmp_path):
+    """Found by a user's trial: run.json is written when a run ends, so an interrupted first run
+    resumed without --quick deleted its 01-data and rebuilt at default sizes; and --dtype was
+    bound to nothing (a stage re-run in bf16 sat beside fp32 ones in one report). settings.json,
+    written before the first stage, binds mode, model, seeds, device type and dtype."""
+    import pytest
+
+    from safety_patch.errors import SafetyPatchError
+
+    run = tmp_path / "run"
+    (run / "01-data").mkdir(parents=True)
+    (run / "01-data" / "train.jsonl").write_text("{}\n")  # what an interrupted data stage leaves
+    (run / "settings.json").write_text(json.dumps({"plan": {"mode": "quick", "model": str(tiny_dir), "seeds": 1},
+                                                   "runtime": {"device": "cpu", "dtype": "float32"}}))
+    with pytest.raises(SafetyPatchError, match=r"other settings \(mode 'quick' -> 'default'\)"):
+        reproduce(run, make_plan(str(tiny_dir)), device="cpu")
+    with pytest.raises(SafetyPatchError, match=r"dtype 'float32' -> 'bfloat16'.*--device cpu --dtype float32"):
+        reproduce(run, tiny_plan(str(tiny_dir)), device="cpu", dtype="bfloat16")
+    assert (run / "01-data" / "train.jsonl").read_text() == "{}\n"  # nothing deleted
+    (run / "settings.json").write_text("[]")
+    with pytest.raises(SafetyPatchError, match=r"settings\.json: not valid JSON or not a run's record"):
+        reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")

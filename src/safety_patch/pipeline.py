@@ -1,6 +1,8 @@
 """``safety-patch reproduce``: the paper's experiments as numbered stages in one run folder.
 
 RUN/
+  settings.json            what the folder is bound to (mode, model, seeds, device type, dtype),
+                           written before the first stage
   run.json                 resolved plan, provenance, per-stage timings
   01-data/                 data folder (data build)
   02-gate/                 the gate (gate fit) and its reliability on the test split (eval.json)
@@ -174,6 +176,7 @@ class Stages:
 
 
 def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "auto") -> dict:
+    from . import runtime as rt_
     from .data.build import DataConfig, build, manifest_sha256
     from .evaluation.capability import CapabilityConfig, evaluate_capability
     from .evaluation.safety import EvalConfig, evaluate
@@ -184,8 +187,14 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     from .train.run import train
 
     run = Path(out)
-    _check_same_plan(run, plan)
+    resolved = rt_.resolve(device, dtype)
+    settings = {"plan": {k: _plan_dict(plan)[k] for k in SETTINGS},
+                "runtime": {"device": resolved.device.type, "dtype": str(resolved.dtype).removeprefix("torch.")}}
+    _check_same_plan(run, plan, settings["runtime"])
     run.mkdir(parents=True, exist_ok=True)
+    # written before the first stage: an interrupted first run is refused in other settings too
+    # (run.json exists only once a run ends, and resuming in another mode deleted 01-data)
+    write_json(run / "settings.json", settings)
     st = Stages(run)
     resolve_checkpoint(plan.model)  # fail early on a bad --model (and convert the GGUF once)
     n_steps = 1 + (plan.gate is not None) + len(plan.arms) + (1 + len(plan.arms)) + 1 + 1 + 1
@@ -341,7 +350,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     # 6. report: reads the stage outputs only
     step += 1
     st.say(step, n_steps, "report")
-    info = {"plan": _plan_dict(plan), "timings": st.timings, "total_seconds": round(time.time() - st.t0, 1),
+    info = {"plan": _plan_dict(plan), "runtime": settings["runtime"], "timings": st.timings, "total_seconds": round(time.time() - st.t0, 1),
             "skipped": skipped, **provenance()}
     prev = run / "run.json"
     if prev.is_file():  # keep timings of cached stages from the run that computed them
@@ -352,25 +361,43 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     return info
 
 
-def _check_same_plan(run: Path, plan: Plan) -> None:
-    """Refuse to resume a run folder made in another mode, model or seed count: its stages would be
-    deleted and rebuilt at the new sizes (a forgotten --quick once started rebuilding a quick run's
-    data at default sizes, its 01-data already gone). Raises SafetyPatchError naming what differs."""
-    f = run / "run.json"
+SETTINGS = ("mode", "model", "seeds")
+"""Plan fields a run folder is bound to, with the resolved device type and dtype: resuming with
+another value would rebuild every stage, or mix precisions in one report."""
+
+
+def _check_same_plan(run: Path, plan: Plan, runtime: dict | None = None) -> None:
+    """Refuse to resume a run folder made in another mode, model or seed count, or on another
+    device type or dtype: its stages would be deleted and rebuilt at the new sizes (a forgotten
+    --quick once started rebuilding a quick run's data at default sizes, its 01-data already
+    gone), or a stage re-run in bf16 would sit beside fp32 ones in one report. Reads
+    ``settings.json`` (written before a run's first stage), else a finished run's ``run.json``
+    (runs before 2026-12-04; those record no runtime). Raises SafetyPatchError naming what differs."""
+    f = run / "settings.json"
+    if not f.is_file():
+        f = run / "run.json"
     if not f.is_file():
         return
     try:
-        old = json.loads(f.read_text()).get("plan") or {}
+        info = json.loads(f.read_text())
+        old = info.get("plan") or {}
+        old_rt = info.get("runtime") or {}
+        if not isinstance(old, dict) or not isinstance(old_rt, dict):
+            raise AttributeError
     except (ValueError, OSError, AttributeError):
-        raise SafetyPatchError(f"{f}: not valid JSON; cannot tell which run this folder holds "
+        raise SafetyPatchError(f"{f}: not valid JSON or not a run's record; cannot tell which run this folder holds "
                                "(choose another --out, or remove the folder)") from None
     new = _plan_dict(plan)
-    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in ("mode", "model", "seeds") if old.get(k) != new.get(k)]
+    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in SETTINGS if old.get(k) != new.get(k)]
+    if runtime and old_rt:
+        diff += [f"{k} {old_rt.get(k)!r} -> {runtime.get(k)!r}" for k in ("device", "dtype")
+                 if old_rt.get(k) != runtime.get(k)]
     if diff:
         flags = {"quick": " --quick", "full": " --full"}.get(str(old.get("mode")), "")
+        where = "".join(f" --{k} {old_rt[k]}" for k in ("device", "dtype") if old_rt.get(k))
         raise SafetyPatchError(f"{run} holds a run made with other settings ({'; '.join(diff)}): resuming would "
-                               f"rebuild every stage; resume it with the same ones (reproduce{flags} --model "
-                               f"{old.get('model')} --seeds {old.get('seeds')}), or choose another --out")
+                               f"rebuild its stages or mix them; resume it with the same ones (reproduce{flags} "
+                               f"--model {old.get('model')} --seeds {old.get('seeds')}{where}), or choose another --out")
 
 
 def _plan_dict(plan: Plan) -> dict:
