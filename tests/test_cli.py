@@ -162,3 +162,22 @@ def test_target_fpr_is_a_rate_strictly_between_0_and_1(capsys):
     for v in ("0", "1", "nan", "-0.1", "inf"):
         assert main(["gate", "fit", "--data", "d", "--out", "o", "--target-fpr", v]) == 2
         assert "--target-fpr': must be a number in (0, 1)" in capsys.readouterr().err, v
+
+
+def test_report_on_what_is_not_a_run_is_one_line_naming_it(tmp_path, capsys):
+    """Found by a user's trial: `report` on a run.json that is a list, or whose plan or timings are
+    not objects, gave a traceback or a report of "Model `None`"; a missing folder was called "not
+    a run folder"."""
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"safety-patch: error: {tmp_path / 'nope'} does not exist"
+    run = tmp_path / "run"
+    run.mkdir()
+    for body, says in (("[]", "must be a JSON object (a reproduce run's record), not list"),
+                       ('{"plan": 5}', "plan must be an object, not int"),
+                       ('{"plan": {}, "timings": []}', "timings must be an object, not list"),
+                       ('{"timings": {}}', "has no plan")):
+        (run / "run.json").write_text(body)
+        assert main(["report", str(run)]) == 2, body
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"safety-patch: error: {run / 'run.json'}: ") and says in err[0], err
+        assert not (run / "report.md").exists()

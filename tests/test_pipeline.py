@@ -88,7 +88,7 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     assert re.search(r"\] \(\d+/\d+\) \|", per_attack)
     assert re.search(r"\] \(\d+/\d+\) \|", md.split("## Over-refusal")[1].split("##")[0])  # and each refusal rate
     timing_rows = [r.split(" | ")[0][2:] for r in md.split("## Stage timings")[1].splitlines() if r.startswith("| ")][1:]
-    assert timing_rows == list(run_info["timings"]) + ["whole run (stages + loading and bookkeeping)"]
+    assert timing_rows == list(run_info["timings"]) + ["this invocation (the stages it ran + loading and bookkeeping)"]
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
     plug = json.loads((run / "04-plug" / "plug.json").read_text())
@@ -218,6 +218,11 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     assert plug.read_bytes() == good  # recomputed: the checks are deterministic
     recorded = json.loads((run / "04-plug" / "stage.json").read_text())["files"]["plug.json"]
     assert recorded == {"size": len(good), "sha256": hashlib.sha256(good).hexdigest()}
+    # an invocation cut short writes no run.json: the next one still lists the stages it computed
+    (run / "run.json").unlink()
+    reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
+    stages = {str(f.parent.relative_to(run)) for f in run.rglob("stage.json")}
+    assert set(json.loads((run / "run.json").read_text())["timings"]) == stages and len(stages) >= 10
     # a run made in quick mode is not resumed at default sizes (a forgotten --quick deleted its data)
     with pytest.raises(SafetyPatchError, match=r"holds a run made with other settings \(mode 'quick' -> 'default'\)"):
         reproduce(run, make_plan(str(tiny_dir)), device="cpu")

@@ -640,10 +640,13 @@ def report(run: Annotated[Path, typer.Argument(help="A run folder from `reproduc
     """(Re)write report.md and report.html from a run folder's stage outputs."""
     from .report import write_report
 
+    if not run.exists():
+        raise SafetyPatchError(f"{run} does not exist")
     if not (run / "run.json").is_file():
         raise SafetyPatchError(f"{run} is not a reproduce run folder (no run.json)")
     for c in write_report(run)["claims"]:
         typer.echo(f"[{c['verdict'].upper()}] {c['claim']}: {c['evidence']}")
+    typer.echo(f"wrote {run / 'report.md'} and {run / 'report.html'}")
 
 
 @patch_app.command("info")

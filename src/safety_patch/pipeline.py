@@ -355,7 +355,18 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     prev = run / "run.json"
     if prev.is_file():  # keep timings of cached stages from the run that computed them
         old = json.loads(prev.read_text()).get("timings", {})
-        info["timings"] = old | st.timings
+        info["timings"] = (old if isinstance(old, dict) else {}) | st.timings
+    # ...and of stages an interrupted invocation computed (it wrote no run.json; each stage.json
+    # holds its own seconds): the table lists every stage whose result the report reads
+    for f in sorted(run.rglob("stage.json")):
+        name = str(f.parent.relative_to(run))
+        if name not in info["timings"]:
+            try:
+                seconds = json.loads(f.read_text()).get("seconds")
+            except (ValueError, OSError, AttributeError):
+                continue
+            if isinstance(seconds, (int, float)):
+                info["timings"][name] = seconds
     write_json(run / "run.json", info)
     write_report(run)
     return info

@@ -194,6 +194,27 @@ def _eval_file(path: Path, kind: str) -> dict | None:
     return d
 
 
+def _run_info(run: Path) -> dict:
+    """run.json as an object whose ``plan`` and ``timings`` are objects; anything else is one
+    SafetyPatchError naming the file (a list or a number there was a traceback, or a report of
+    "Model `None`" with claims marked missing whose files were present)."""
+    from .errors import SafetyPatchError
+
+    f = run / "run.json"
+    info = _load(f)
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise SafetyPatchError(f"{f}: must be a JSON object (a reproduce run's record), not {type(info).__name__}")
+    for key in ("plan", "timings"):
+        if key in info and not isinstance(info[key], dict):
+            raise SafetyPatchError(f"{f}: {key} must be an object, not {type(info[key]).__name__}")
+    if not isinstance(info.get("plan"), dict):
+        raise SafetyPatchError(f"{f}: has no plan (not a reproduce run's record, or damaged): run `safety-patch "
+                               "reproduce` again with this run's --out and settings")
+    return info
+
+
 # Arm names become folder names under the run (02-arms/<name>, 03-eval/<name>): one plain path
 # component, so a run.json from elsewhere cannot make `report` read files outside the run folder.
 _ARM_NAME = re.compile(r"[A-Za-z0-9_@+-][A-Za-z0-9._@+-]*")
@@ -294,7 +315,7 @@ def compare(a: dict, b: dict, lower_is_better: bool = True) -> str:
 class RunData:
     def __init__(self, run: Path):
         self.run = run
-        self.info = _load(run / "run.json") or {}
+        self.info = _run_info(run)
         self.arms = _arm_names(run, self.info.get("plan", {}).get("arms", []))
         self.models = ["base"] + [a["name"] for a in self.arms]
         self.eval = {m: {k: _eval_file(run / "03-eval" / m / f"{k}.json", k) if k in _READ
@@ -717,7 +738,8 @@ def blocks(rd: RunData) -> list[tuple]:
     timings = list(rd.info.get("timings", {}).items())
     total = rd.info.get("total_seconds")
     B.append(("table", ["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in timings]
-              + ([["whole run (stages + loading and bookkeeping)", f"{total:.0f}"]] if total is not None else [])))
+              + ([["this invocation (the stages it ran + loading and bookkeeping)", f"{total:.0f}"]]
+                 if total is not None else [])))
     return B
 
 
