@@ -328,6 +328,8 @@ def test_an_interrupted_first_run_is_bound_to_its_settings_too(tiny_dir, tmp_pat
     resumed without --quick deleted its 01-data and rebuilt at default sizes; and --dtype was
     bound to nothing (a stage re-run in bf16 sat beside fp32 ones in one report). settings.json,
     written before the first stage, binds mode, model, seeds, device type and dtype."""
+    import shutil
+
     import pytest
 
     from safety_patch.errors import SafetyPatchError
@@ -342,6 +344,12 @@ def test_an_interrupted_first_run_is_bound_to_its_settings_too(tiny_dir, tmp_pat
     with pytest.raises(SafetyPatchError, match=r"dtype 'float32' -> 'bfloat16'.*--device cpu --dtype float32"):
         reproduce(run, tiny_plan(str(tiny_dir)), device="cpu", dtype="bfloat16")
     assert (run / "01-data" / "train.jsonl").read_text() == "{}\n"  # nothing deleted
+    # a run that stopped before any stage made a folder (a bad --model, say) binds nothing yet
+    shutil.rmtree(run / "01-data")
+    with pytest.raises(SafetyPatchError, match="model path not found"):
+        reproduce(run, make_plan(str(tmp_path / "no-such-model")), device="cpu")
+    assert not (run / "01-data").exists()
+    (run / "01-data").mkdir()
     (run / "settings.json").write_text("[]")
     with pytest.raises(SafetyPatchError, match=r"settings\.json: not valid JSON or not a run's record"):
         reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")

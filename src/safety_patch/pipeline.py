@@ -191,12 +191,12 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     settings = {"plan": {k: _plan_dict(plan)[k] for k in SETTINGS},
                 "runtime": {"device": resolved.device.type, "dtype": str(resolved.dtype).removeprefix("torch.")}}
     _check_same_plan(run, plan, settings["runtime"])
+    resolve_checkpoint(plan.model)  # fail early on a bad --model (and convert the GGUF once), before --out is made
     run.mkdir(parents=True, exist_ok=True)
     # written before the first stage: an interrupted first run is refused in other settings too
     # (run.json exists only once a run ends, and resuming in another mode deleted 01-data)
     write_json(run / "settings.json", settings)
     st = Stages(run)
-    resolve_checkpoint(plan.model)  # fail early on a bad --model (and convert the GGUF once)
     n_steps = 1 + (plan.gate is not None) + len(plan.arms) + (1 + len(plan.arms)) + 1 + 1 + 1
     step = 0
 
@@ -372,6 +372,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     return info
 
 
+STAGE_PREFIXES = ("01-", "02-", "03-", "04-", "05-")
 SETTINGS = ("mode", "model", "seeds")
 """Plan fields a run folder is bound to, with the resolved device type and dtype: resuming with
 another value would rebuild every stage, or mix precisions in one report."""
@@ -389,6 +390,8 @@ def _check_same_plan(run: Path, plan: Plan, runtime: dict | None = None) -> None
         f = run / "run.json"
     if not f.is_file():
         return
+    if f.name == "settings.json" and not any(p.is_dir() and p.name[:3] in STAGE_PREFIXES for p in run.iterdir()):
+        return  # a run that stopped before its first stage made anything: nothing to lose, nothing to mix
     try:
         info = json.loads(f.read_text())
         old = info.get("plan") or {}
