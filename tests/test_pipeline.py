@@ -223,6 +223,9 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
     stages = {str(f.parent.relative_to(run)) for f in run.rglob("stage.json")}
     assert set(json.loads((run / "run.json").read_text())["timings"]) == stages and len(stages) >= 10
+    (run / "run.json").write_text("[]")  # a damaged record of the last run is replaced, its stages' times kept
+    reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
+    assert set(json.loads((run / "run.json").read_text())["timings"]) == stages
     # a run made in quick mode is not resumed at default sizes (a forgotten --quick deleted its data)
     with pytest.raises(SafetyPatchError, match=r"holds a run made with other settings \(mode 'quick' -> 'default'\)"):
         reproduce(run, make_plan(str(tiny_dir)), device="cpu")

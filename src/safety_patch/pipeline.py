@@ -188,9 +188,10 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
 
     run = Path(out)
     resolved = rt_.resolve(device, dtype)
-    settings = {"plan": {k: _plan_dict(plan)[k] for k in SETTINGS},
+    plan_dict = _plan_dict(plan)
+    settings = {"plan": {k: plan_dict[k] for k in SETTINGS},
                 "runtime": {"device": resolved.device.type, "dtype": str(resolved.dtype).removeprefix("torch.")}}
-    _check_same_plan(run, plan, settings["runtime"])
+    _check_same_plan(run, settings)
     resolve_checkpoint(plan.model)  # fail early on a bad --model (and convert the GGUF once), before --out is made
     run.mkdir(parents=True, exist_ok=True)
     # written before the first stage: an interrupted first run is refused in other settings too
@@ -350,12 +351,13 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     # 6. report: reads the stage outputs only
     step += 1
     st.say(step, n_steps, "report")
-    info = {"plan": _plan_dict(plan), "runtime": settings["runtime"], "timings": st.timings, "total_seconds": round(time.time() - st.t0, 1),
-            "skipped": skipped, **provenance()}
-    prev = run / "run.json"
-    if prev.is_file():  # keep timings of cached stages from the run that computed them
-        old = json.loads(prev.read_text()).get("timings", {})
-        info["timings"] = (old if isinstance(old, dict) else {}) | st.timings
+    info = {"plan": plan_dict, "runtime": settings["runtime"], "timings": st.timings,
+            "total_seconds": round(time.time() - st.t0, 1), "skipped": skipped, **provenance()}
+    try:  # keep the order the stages first ran in (a damaged run.json is replaced: each stage.json has its seconds)
+        old = json.loads((run / "run.json").read_text()).get("timings")
+    except (ValueError, OSError, AttributeError):
+        old = None
+    info["timings"] = (old if isinstance(old, dict) else {}) | st.timings
     # ...and of stages an interrupted invocation computed (it wrote no run.json; each stage.json
     # holds its own seconds): the table lists every stage whose result the report reads
     for f in sorted(run.rglob("stage.json")):
@@ -378,13 +380,14 @@ SETTINGS = ("mode", "model", "seeds")
 another value would rebuild every stage, or mix precisions in one report."""
 
 
-def _check_same_plan(run: Path, plan: Plan, runtime: dict | None = None) -> None:
+def _check_same_plan(run: Path, settings: dict) -> None:
     """Refuse to resume a run folder made in another mode, model or seed count, or on another
     device type or dtype: its stages would be deleted and rebuilt at the new sizes (a forgotten
     --quick once started rebuilding a quick run's data at default sizes, its 01-data already
     gone), or a stage re-run in bf16 would sit beside fp32 ones in one report. Reads
     ``settings.json`` (written before a run's first stage), else a finished run's ``run.json``
-    (runs before 2026-12-04; those record no runtime). Raises SafetyPatchError naming what differs."""
+    (runs before 2026-12-04; those record no runtime), against ``settings``: this run's, as it will
+    write them to settings.json. Raises SafetyPatchError naming what differs."""
     f = run / "settings.json"
     if not f.is_file():
         f = run / "run.json"
@@ -401,9 +404,9 @@ def _check_same_plan(run: Path, plan: Plan, runtime: dict | None = None) -> None
     except (ValueError, OSError, AttributeError):
         raise SafetyPatchError(f"{f}: not valid JSON or not a run's record; cannot tell which run this folder holds "
                                "(choose another --out, or remove the folder)") from None
-    new = _plan_dict(plan)
+    new, runtime = settings["plan"], settings["runtime"]
     diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in SETTINGS if old.get(k) != new.get(k)]
-    if runtime and old_rt:
+    if old_rt:
         diff += [f"{k} {old_rt.get(k)!r} -> {runtime.get(k)!r}" for k in ("device", "dtype")
                  if old_rt.get(k) != runtime.get(k)]
     if diff:
