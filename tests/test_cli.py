@@ -78,6 +78,47 @@ def test_ctrl_c_exits_130_and_never_says_done(monkeypatch, capsys):
     assert "interrupted" in err and "done" not in err
 
 
+def test_sigterm_cleans_up_says_terminated_and_exits_143(tmp_path):
+    """Found by a user's trial: SIGTERM (a scheduler's stop, `timeout`) ended a command at once and
+    silently (exit 143, no line), leaving its unfinished output's temporary folder and claim for the
+    next run. Now it interrupts like Ctrl-C: the cleanups run, the command says so, exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    work, ready = tmp_path / "work", tmp_path / "ready"
+    work.mkdir()
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        import safety_patch.models
+        from safety_patch.atomic import atomic_dir
+        from safety_patch.cli import main
+
+        def slow_load(*a, **k):  # a command half-way through writing its output
+            with atomic_dir(Path({str(work / "out")!r})) as tmp:
+                (tmp / "half.txt").write_text("x")
+                Path({str(ready)!r}).write_text("1")
+                time.sleep(60)
+
+        safety_patch.models.load_model = slow_load
+        sys.exit(main(["model", "info", "--model", "default"]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ready.exists(), proc.communicate()
+    assert any(work.iterdir())  # the temporary folder and the claim exist while it runs
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated" and "done" not in out + err
+    assert sorted(p.name for p in work.iterdir()) == []  # no half-written output, temp folder or lock left
+
+
 def test_chat_refuses_what_it_cannot_answer_faithfully(tiny_dir, capsys, monkeypatch):
     """Found by a user's trial: a prompt past the model's context ran and exited 0 with garbage; bytes
     that are not UTF-8 on the command line and a temperature of 1e-300 were tracebacks (exit 1)."""

@@ -99,6 +99,16 @@ def test_out_under_a_read_only_folder(ro_dir, monkeypatch, capsys, data_dir):
     assert list(ro_dir.iterdir()) == []
 
 
+def test_reproduce_into_an_empty_read_only_folder(ro_dir, monkeypatch, capsys):
+    """Found by a user's trial: an existing, empty, read-only --out passed the check (only a non-empty
+    folder was probed) and failed at the first stage, named by the stage's folder."""
+    _no_work(monkeypatch)
+    assert main(["reproduce", "--quick", "--out", str(ro_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write --out {ro_dir}: not writable" in err and "Traceback" not in err, err
+    assert list(ro_dir.iterdir()) == []
+
+
 def test_eval_out_checked_before_evaluating(tmp_path, monkeypatch, capsys, data_dir):
     import safety_patch.evaluation.safety as safety
 

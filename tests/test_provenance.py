@@ -39,3 +39,18 @@ def test_code_identity_in_this_checkout():
         assert len(ident["git_commit"]) == 40 and isinstance(ident["git_dirty"], bool)
     assert provenance.code_key() == ident["source_sha256"][:16]
     assert set(provenance.provenance()) == {"code", "versions"}
+
+
+def test_library_versions_record_the_thread_count_numbers_were_computed_with():
+    """The thread count sets each reduction's order (last digits of logits, a gate's AUROC bound);
+    a trial found it missing from run.json, so two runs' differences could not be explained."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for n in {1, before}:
+            torch.set_num_threads(n)
+            assert provenance.library_versions()["torch_threads"] == n
+            assert provenance.provenance()["versions"]["torch_threads"] == n
+    finally:
+        torch.set_num_threads(before)

@@ -1128,9 +1128,6 @@ def _repeated_option(args: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and an exit code."""
-    # typer vendors its own click; its exception types live under typer.exceptions.
-    import typer._click.exceptions as tx
-
     args = sys.argv[1:] if argv is None else argv
     import time
 
@@ -1145,6 +1142,49 @@ def main(argv: list[str] | None = None) -> int:
     CHECKED.clear()  # one command's outputs (tests call main() repeatedly in one process)
     with contextlib.suppress(AttributeError, ValueError):  # stage lines reach a log file as they happen
         sys.stdout.reconfigure(line_buffering=True)
+    with _sigterm_interrupts() as terminated:
+        return _run(args, t0, terminated)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While a command runs, SIGTERM (``kill``, a scheduler's stop, ``timeout``) interrupts it the way
+    Ctrl-C does: the cleanups on the way out run (temporary folders of unfinished outputs are
+    removed, claims released) and the command says it was terminated. Python's default for SIGTERM
+    ends the process at once, silently, leaving that debris for the next run. Yields a list that
+    holds True once SIGTERM arrived; the previous handler is restored after the command."""
+    import signal
+    import threading
+
+    got: list = []
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield got
+        return
+
+    def on_term(signum, frame):
+        if got:  # a second SIGTERM while the first one's cleanups run: let them finish
+            return
+        got.append(True)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _stopped(terminated: list) -> int:
+    """The line and exit code of an interrupted command: 143 (128 + SIGTERM) or 130 (Ctrl-C)."""
+    typer.echo("terminated" if terminated else "interrupted", err=True)
+    return 143 if terminated else 130
+
+
+def _run(args: list[str], t0: float, terminated: list) -> int:
+    import time
+
+    import typer._click.exceptions as tx  # typer vendors its own click; its exception types live here
+
     try:
         twice = _repeated_option(args)
         if twice:
@@ -1153,7 +1193,9 @@ def main(argv: list[str] | None = None) -> int:
         # Without standalone mode click *returns* the code of an abort (Ctrl-C: typer's Abort/Exit
         # become 1 or 130) instead of raising: a command that did not finish must not say "done" and exit 0.
         if isinstance(rc, int) and rc != 0:
-            typer.echo("interrupted" if rc == 130 else f"stopped (exit {rc})", err=True)
+            if rc == 130 or terminated:
+                return _stopped(terminated)
+            typer.echo(f"stopped (exit {rc})", err=True)
             return rc
         _summary(args, time.time() - t0)
     except SafetyPatchError as e:
@@ -1170,8 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
         e.show()
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("interrupted", err=True)
-        return 130
+        return _stopped(terminated)
     return 0
 
 

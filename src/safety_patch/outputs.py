@@ -111,11 +111,11 @@ def check_out_dir(out: str | Path, *, flag: str = "--out", inputs: Iterable[str 
         if kind is not None and not looks_like(out, kind):
             raise SafetyPatchError(f"{flag} {out} exists, is not empty and is not a {kind} folder written by safety-patch "
                                    f"(no {MARKERS[kind][0]}); refusing to {'write into' if reuse else 'replace'} it")
-        if reuse:
-            try:
-                os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=out))
-            except OSError as e:
-                raise SafetyPatchError(f"cannot write {flag} {out}: not writable ({e.strerror or e})") from None
+    if reuse and out.is_dir():  # empty or not, the command writes inside this very folder
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=out))
+        except OSError as e:
+            raise SafetyPatchError(f"cannot write {flag} {out}: not writable ({e.strerror or e})") from None
     CHECKED.append(out)
     return out
 

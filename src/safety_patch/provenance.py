@@ -69,8 +69,10 @@ def code_key() -> str:
 
 
 def library_versions() -> dict:
-    """Versions of the libraries that decide numbers (torch, transformers, peft, trl, python) and
-    the memory allocator in use (allocator.describe)."""
+    """Versions of the libraries that decide numbers (torch, transformers, peft, trl, python), the
+    number of CPU threads torch computes with (``torch_threads``: it sets the order of each
+    reduction, so the last digits; a gate's AUROC bound moved in the third decimal between 1 and 2)
+    and the memory allocator in use (allocator.describe)."""
     import peft
     import torch
     import transformers
@@ -86,7 +88,8 @@ def library_versions() -> dict:
 
     # the allocator changes no number, only memory and time: recorded so that cost figures can be read
     return {"safety_patch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "trl": trl_version, "python": platform.python_version(), "allocator": describe()}
+            "peft": peft.__version__, "trl": trl_version, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "allocator": describe()}
 
 
 def provenance() -> dict:
