@@ -9,7 +9,9 @@ the project's own API exactly as a user's run would be:
 
 * **first load**: ``models.load_model`` on the folder, with the time spent computing the base
   fingerprint inside it, the floor of that time on this machine (4 bytes per parameter through
-  one sha256 stream, at the rate measured here) and a second load (fingerprint from its cache);
+  one sha256 stream, at the rate measured here), the time a parallel tree hash of the same values
+  takes on this machine's cores (a candidate definition, not the product's) and a second load
+  (fingerprint from its cache);
 * **generation**: 32 prompts x 128 new tokens (greedy) at batch 8 (the evaluations' default) and
   32, new tokens per second and milliseconds per decode step;
 * **LoRA** ``train --recipe paper`` (one arm per ``--lora-batch-sizes``) and **full-parameter**
@@ -116,6 +118,34 @@ def sha256_rate(mb: int = 512) -> float:
     return round((mb << 20) / (time.perf_counter() - t) / 1e9, 3)
 
 
+def tree_hash_seconds(model, workers: int) -> float:
+    """Seconds to hash the model's fp32 values as the fingerprint reads them (same pieces, cast
+    where the tensor lives) but as a *tree*: each piece's sha256 on one of ``workers`` threads, then
+    one sha256 over the piece digests. Not the fingerprint's definition (a single stream, which no
+    number of cores speeds up): the figure a parallel definition would reach on this machine, to
+    decide whether migrating every recorded fingerprint to one is worth it (issue 24 item 7)."""
+    import hashlib
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safety_patch.fingerprint import _fp32_pieces
+
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    top = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for _, tensor in model.state_dict().items():
+            for piece in _fp32_pieces(tensor):
+                pending.append(pool.submit(lambda b: hashlib.sha256(b).digest(), piece.numpy()))
+                while len(pending) > 2 * workers:  # bounds the host copies in flight
+                    top.update(pending.popleft().result())
+        while pending:
+            top.update(pending.popleft().result())
+    return time.perf_counter() - t
+
+
 def _disk_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
@@ -163,6 +193,10 @@ def run_size(size: str, work: Path, args, emit=lambda row: None) -> dict:
     row["params_m"] = round(n_params / 1e6, 1)
     # one sha256 stream over 4 bytes per parameter: no implementation of this fingerprint is faster
     row["fingerprint_floor_s"] = round(4 * n_params / (args.sha256_gbs * 1e9), 2)
+    import os
+
+    row["tree_hash_threads"] = workers = min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    row["tree_hash_s"] = round(tree_hash_seconds(lm.model, workers), 2)
     del lm
     t = time.perf_counter()
     lm = load_model(str(folder), device=args.device)  # the fingerprint now comes from its cache
