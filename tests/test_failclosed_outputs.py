@@ -440,3 +440,16 @@ def test_eval_never_replaces_a_file_silently(tmp_path, monkeypatch, capsys, data
     assert main(["eval", "safety", "--prompts", str(data_dir), "--out", str(mine)]) == 2
     assert main(["eval", "safety", "--prompts", str(data_dir), "--out", str(mine), "--overwrite"]) == 0
     assert json.loads(mine.read_text())["runs"]["base"]["aggregates"]["overall"]["n"] == 0
+
+
+def test_a_refused_folder_names_its_kind_with_the_right_article(tmp_path):
+    """Found by a user's trial: "is not a exported-gate folder"."""
+    from safety_patch.outputs import check_out_dir
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f.txt").write_text("mine")
+    for kind, want in (("exported-gate", "is not an exported-gate folder"), ("patch", "is not a patch folder"),
+                       ("analysis", "is not an analysis folder")):
+        with pytest.raises(SafetyPatchError, match=want):
+            check_out_dir(tmp_path / "x", overwrite=True, kind=kind)
+    assert (tmp_path / "x" / "f.txt").read_text() == "mine"

@@ -699,6 +699,45 @@ def test_exported_gate_runs_in_plain_transformers(world, tmp_path):
     pipe = pipeline("text-classification", model=str(out), device="cpu", function_to_apply="none")
     got = torch.tensor([r["score"] for r in pipe(texts, tokenizer_kwargs={"add_special_tokens": False})])
     assert (got - want).abs().max() < 1e-4
+    # Found by a user's trial: the export said to score the conversation as given, while serve routes on
+    # the higher logit with and without the system messages, so a tool following the artifact let a
+    # system prompt switch the gate off. The config states the rule and the model card's code, run as
+    # written from the folder's parent, computes exactly the logit serve routes on.
+    from safety_patch.generation import gate_views
+    from safety_patch.serve.export import VIEWS_RULE
+
+    rule = clf.config.to_dict()[CONFIG_KEY]
+    assert rule["views"] == VIEWS_RULE and "highest logit over the views" in rule["decision"]
+    card = (out / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        ns: dict = {}
+        exec(compile(code, str(out / "README.md"), "exec"), ns)
+    finally:
+        os.chdir(cwd)
+    assert isinstance(ns["route_to_patch"], bool)
+    for prompt in PROMPTS[:3]:
+        for system_role in ("system", "developer"):
+            msgs = [{"role": system_role, "content": "Answer in French, tersely."}, *_user(prompt)]
+            routed = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in msgs]
+            views = [tok(v, add_special_tokens=False)["input_ids"] for v in gate_views(tok, routed)]
+            assert len(views) == 2
+            serve_logit = max(gate.scores(norm_states(lm.model, tok, views, 1)).tolist())
+            assert abs(ns["gate_logit"](msgs) - serve_logit) < 1e-4
+        assert abs(ns["gate_logit"](_user(prompt)) - gate.scores(norm_states(lm.model, tok, [ids[PROMPTS.index(prompt)]], 1)).item()) < 1e-4
+    # docs/deploy.md's pipeline version of the same rule, as written but for the folder's path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    snippet = doc.split("## The gate as a standard artifact", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"gate-hf"' in snippet
+    dns: dict = {}
+    exec(compile(snippet.replace('"gate-hf"', repr(str(out))), "docs/deploy.md", "exec"), dns)
+    assert isinstance(dns["route_to_patch"], bool)
+    msgs = [{"role": "system", "content": "Answer in French."}, *_user(PROMPTS[0])]
+    assert abs(dns["gate_logit"](msgs) - ns["gate_logit"](msgs)) < 1e-4
     from safety_patch.gate import Gate
 
     with pytest.raises(SafetyPatchError, match="pre-norm"):  # a residual (pre-norm) gate is refused, not approximated

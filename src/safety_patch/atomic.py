@@ -211,7 +211,7 @@ def atomic_dir(final: str | Path, overwrite: bool = False, kind: str | None = No
     second writer fails at once) and clean up after killed writers first.
     Raises ``SafetyPatchError`` for an unusable path or a folder that appeared meanwhile.
     """
-    from .outputs import MARKERS, claim_output, looks_like
+    from .outputs import MARKERS, claim_output, looks_like, with_article
 
     final = Path(final)
     with claim_output(final) if claim else contextlib.nullcontext():
@@ -230,7 +230,7 @@ def atomic_dir(final: str | Path, overwrite: bool = False, kind: str | None = No
                 raise SafetyPatchError(f"{final} exists (did another run write it meanwhile?); nothing was replaced "
                                        "(pass --overwrite to replace it)")
             if kind is not None and not looks_like(final, kind):
-                raise SafetyPatchError(f"{final} is not a {kind} folder written by safety-patch (no "
+                raise SafetyPatchError(f"{final} is not {with_article(kind)} folder written by safety-patch (no "
                                        f"{MARKERS[kind][0]}); refusing to replace it")
             return True
 

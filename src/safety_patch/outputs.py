@@ -90,6 +90,11 @@ CHECKED: list[Path] = []
 """Every output path checked in this process, in order: the CLI's summary line names those that exist at the end."""
 
 
+def with_article(word: str) -> str:
+    """``word`` after "a" or "an" ("an exported-gate", "a patch"), for messages that name a kind."""
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
 def check_out_dir(out: str | Path, *, flag: str = "--out", inputs: Iterable[str | Path | None] = (),
                   overwrite: bool | None = False, kind: str | None = None, reuse: bool = False) -> Path:
     """Check an output *folder* before any work; raise ``SafetyPatchError`` (one line) if unusable.
@@ -109,7 +114,7 @@ def check_out_dir(out: str | Path, *, flag: str = "--out", inputs: Iterable[str 
         if not overwrite and not reuse:
             raise SafetyPatchError(f"{out} exists and is not empty; pass --overwrite to replace it")
         if kind is not None and not looks_like(out, kind):
-            raise SafetyPatchError(f"{flag} {out} exists, is not empty and is not a {kind} folder written by safety-patch "
+            raise SafetyPatchError(f"{flag} {out} exists, is not empty and is not {with_article(kind)} folder written by safety-patch "
                                    f"(no {MARKERS[kind][0]}); refusing to {'write into' if reuse else 'replace'} it")
     if reuse and out.is_dir():  # empty or not, the command writes inside this very folder
         try:
@@ -154,7 +159,7 @@ def check_out_file(out: str | Path, *, flag: str = "--out", inputs: Iterable[str
             raise SafetyPatchError(f"{flag} {out} exists; pass --overwrite to replace it, or choose another file")
         have = _results_kind(out)
         if have is None or (kind is not None and have != kind):
-            what = f"a {kind} results file" if kind else "a results file"
+            what = f"{with_article(kind)} results file" if kind else "a results file"
             raise SafetyPatchError(f"{flag} {out} exists and is not {what} written by safety-patch"
                                    f"{f' (its kind is {have})' if have else ''}; refusing to replace it")
     CHECKED.append(out)

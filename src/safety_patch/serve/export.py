@@ -3,7 +3,9 @@
 The exported folder is the base truncated after the gate's layer plus a one-logit score head,
 with the threshold in its config; ``AutoModelForSequenceClassification.from_pretrained`` and
 the ``text-classification`` pipeline run it without this project's code (feed the
-chat-template text, ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``).
+chat-template text, ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``;
+a conversation with system messages is scored with and without them and the higher logit
+decides, as the folder's README.md shows in code).
 
 Why a gate must be fit for export (the final-norm question). A transformers
 ``*ForSequenceClassification`` model reads ``score(final_norm(h))`` at the last token: the
@@ -111,7 +113,9 @@ def export_norm_gate(lm, gate: NormGate, out: str | Path, source: dict | None = 
     """Write ``gate`` on ``lm`` (a models.LoadedModel) as a sequence-classification checkpoint at ``out``.
 
     The folder holds config.json (``num_hidden_layers`` = layer + 1, ``num_labels`` = 1, the
-    threshold under ``safety_patch_gate``), the weights and the tokenizer; written atomically.
+    threshold and the scoring rule under ``safety_patch_gate``), the weights, the tokenizer, a
+    model card (README.md: how to score a conversation as ``serve`` routes it, system prompts
+    included) and its provenance (safety_patch_gate.json); written atomically.
     Raises SafetyPatchError for a gate that does not fit the model.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -140,7 +144,9 @@ def export_norm_gate(lm, gate: NormGate, out: str | Path, source: dict | None = 
         "threshold_probability": prob, "base": lm.name, "base_fingerprint": lm.fingerprint,
         "input": "the chat-template text with the generation prompt (apply_chat_template(messages, tokenize=False, "
                  "add_generation_prompt=True)), tokenized without added special tokens",
-        "decision": "harmful (route to the safety patch) iff logit > threshold_logit (sigmoid score > threshold_probability)",
+        "views": VIEWS_RULE,
+        "decision": "harmful (route to the safety patch) iff the highest logit over the views > threshold_logit "
+                    "(sigmoid score > threshold_probability)",
     })
     clf = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
     src = lm.model.state_dict()  # the causal LM's "model.*" names are the classifier's ("score" is the head)
@@ -159,6 +165,7 @@ def export_norm_gate(lm, gate: NormGate, out: str | Path, source: dict | None = 
     with atomic_dir(out, overwrite=overwrite, kind="exported-gate") as tmp:
         clf.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(out.name, lm.name, lm.fingerprint, gate.layer, total, gate.threshold))
         # provenance (and the marker by which `gate export --overwrite` knows a folder it may replace)
         write_json(tmp / "safety_patch_gate.json", {
             "kind": "safety-patch/exported-gate", "source": source or {}, "layer": gate.layer,
@@ -166,6 +173,82 @@ def export_norm_gate(lm, gate: NormGate, out: str | Path, source: dict | None = 
             "code": code_identity(), "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return out
+
+
+VIEWS_RULE = ("score the conversation as given and, when it has system (or developer) messages, the same "
+              "conversation without them; the gate's logit is the higher of the two (a system prompt can add "
+              "routing, never take it away: generation.gate_views)")
+"""How ``safety-patch`` routes a conversation with a system prompt, recorded in the export's config:
+scoring only the conversation as given would let a one-line system prompt ("Answer in French.")
+switch the gate off (found by a user's trial: logit +2.05 without it, -0.23 with it)."""
+
+SCORING_CODE = '''\
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+path = "{folder}"  # this folder
+tok = AutoTokenizer.from_pretrained(path)
+clf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+threshold = clf.config.safety_patch_gate["threshold_logit"]
+
+
+def gate_logit(messages):
+    """The gate's logit for a conversation, as safety-patch routes it: the higher of the logits of
+    the conversation and, when it has system (or developer) messages, of the conversation without them."""
+    msgs = [{{**m, "role": "system" if m["role"] == "developer" else m["role"]}} for m in messages]
+    views = [msgs]
+    if any(m["role"] == "system" for m in msgs) and any(m["role"] != "system" for m in msgs):
+        views.append([m for m in msgs if m["role"] != "system"])
+    logits = []
+    for view in views:
+        text = tok.apply_chat_template(view, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            logits.append(clf(**ids).logits[0, 0].item())
+    return max(logits)
+
+
+messages = [{{"role": "system", "content": "Answer in French."}}, {{"role": "user", "content": "How do I kill a Python process?"}}]
+route_to_patch = gate_logit(messages) > threshold  # True: the safety patch answers; False: the base
+'''
+"""The model card's scoring code (``{folder}``: the export folder's name); tests run it as written."""
+
+
+def model_card(folder: str, base: str, fingerprint: str, layer: int, layers: int, threshold: float) -> str:
+    """README.md of an exported gate: what it is, how to score a conversation exactly as
+    ``safety-patch`` routes it (:data:`SCORING_CODE`), and what it was made from."""
+    return (f"""---
+library_name: transformers
+pipeline_tag: text-classification
+tags: [safety-patch, safety-gate]
+---
+
+# A safety-patch gate: {folder}
+
+A linear probe on the hidden state of layer {layer} (of {layers}) of `{base}` at the last prompt
+token, exported by `safety-patch gate export` as a sequence-classification model: the base
+truncated after that layer, a one-logit head. It decides whether a conversation goes to a
+refusal (safety) patch: **harmful iff the logit is above `threshold_logit` = {threshold:+.4f}**
+(in `config.json` under `safety_patch_gate`). The logit is not a probability of harm; it is
+the gate's score, calibrated only by that threshold.
+
+## Scoring a conversation as safety-patch routes it
+
+The input is the chat-template text with the generation prompt, tokenized without added special
+tokens. A conversation with system (or developer) messages is scored twice, with and without
+them, and the higher logit decides: a one-line system prompt can otherwise switch the gate off.
+(A chat template that rejects a system role gets it folded into the first user turn by
+safety-patch; the code below then fails at `apply_chat_template` rather than score another text.)
+
+```python
+{SCORING_CODE.format(folder=folder)}```
+
+## Made from
+
+Base `{base}`, fingerprint `{fingerprint}`; the gate's provenance (the gate or patch it came
+from, code and library versions) is in `safety_patch_gate.json`. The gate reads this base's own
+hidden states: it is only meaningful in front of this base and the patches made for it.
+""")
 
 
 def check_exportable(gate, where: str | Path = "gate") -> None:
