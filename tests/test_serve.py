@@ -587,6 +587,43 @@ def test_upstream_failures_are_502_in_the_openai_shape(world, upstream, tmp_path
         front.stop()
 
 
+def test_upstream_is_checked_at_start_up(world, upstream, tmp_path, capsys):
+    """Found by a user's trial: `serve --upstream notaurl` started and /health said ok until the first request,
+    and `--model default` forwarded every request as model "default", which vLLM does not serve. The URL is
+    checked before the model loads; a reachable upstream must serve the base and a LoRA module per name;
+    one not up yet is a warning, and /health says degraded until a request gets an answer started."""
+    from safety_patch.serve.upstream import check_upstream
+
+    standin = upstream[0]
+    for bad in ("notaurl", "ftp://127.0.0.1:1/v1", "http://", "127.0.0.1:8001"):
+        with pytest.raises(SafetyPatchError, match="not an http\\(s\\) URL|not a URL"):
+            check_upstream(bad, "base", ["safety"])
+    assert check_upstream(standin.url, "base", ["safety"]) is None  # serves base and safety
+    with pytest.raises(SafetyPatchError, match="without the base 'default' \\(--upstream-model"):
+        check_upstream(standin.url, "default", ["safety"])
+    with pytest.raises(SafetyPatchError, match="a LoRA module 'other' .*--lora-modules other=PATCH_FOLDER"):
+        check_upstream(standin.url, "base", ["safety", "other"])
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    s.close()
+    assert "not reachable at start-up" in check_upstream(dead, "base", ["safety"])
+    warned = []
+    backend = build_upstream(world["model"], {"safety": [str(world["gated"])]}, dead, "base", device="cpu",
+                             on_warning=warned.append)
+    assert len(warned) == 1 and "answered 502 until it answers" in warned[0]
+    front = LiveServer(backend, ServeConfig(audit_path=str(tmp_path / "a.jsonl")))
+    try:
+        h = httpx.get(front.url + "/health").json()
+        assert h["status"] == "degraded" and "not reachable at start-up" in h["upstream_error"]
+    finally:
+        front.stop()
+    # the command: a bad URL is one line and exit 2, before the model loads
+    assert main(["serve", "--model", world["model"], "--upstream", "notaurl", "--audit-log", str(tmp_path / "b.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--upstream 'notaurl' is not an http(s) URL" in err and "[serve] models" not in err
+
+
 def test_an_upstream_that_does_not_stream_or_does_not_answer_is_named(world, upstream, tmp_path):
     """Found by a user's trial: a 200 of plain text or `{}` read "ended the answer without a finish_reason",
     and a client that gave up on a hung upstream was audited only when the upstream died, as 502."""
@@ -829,7 +866,7 @@ def test_upstream_answers_cut_at_shutdown_are_503_in_the_api_shape(world, tmp_pa
     mode: a JSON 503 "server shutting down", a stream's error event, each audited as 503."""
     import signal
 
-    slow = build_embedded(world["model"], {}, device="cpu")
+    slow = build_embedded(world["model"], {"safety": [str(world["ungated"])]}, device="cpu")  # as vLLM with the module
     hook = slow.engine.base_model.model.layers[0].register_forward_pre_hook(lambda *_: time.sleep(0.005))
     standin = LiveServer(slow, ServeConfig(max_tokens_limit=450))
     audit = tmp_path / "audit.jsonl"

@@ -261,7 +261,7 @@ def serve(
         from .serve.upstream import build_upstream
 
         backend = build_upstream(model, stacks, upstream, upstream_model or model, device, dtype, force,
-                                 timeout_s=upstream_timeout)
+                                 timeout_s=upstream_timeout, on_warning=lambda w: typer.echo(f"[serve] warning: {w}", err=True))
     else:
         backend = build_embedded(model, stacks, device, dtype, force, batch_window_ms, max_batch)
     typer.echo(f"[serve] models: {', '.join(backend.names)}; http://{host}:{sock.getsockname()[1]}/v1 ; "

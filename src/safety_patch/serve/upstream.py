@@ -217,7 +217,60 @@ class UpstreamBackend:
         await self.client.aclose()
 
 
+STARTUP_CHECK_TIMEOUT_S = 5.0
+
+
+def check_upstream(url: str, upstream_model: str, names, timeout: float = STARTUP_CHECK_TIMEOUT_S) -> str | None:
+    """Check ``--upstream`` before the gate model loads. Found by a user's trial: ``--upstream notaurl``
+    started and said ``ok`` until the first request, and ``--model default`` sent every request upstream
+    as model "default", a name vLLM does not serve.
+
+    Raises SafetyPatchError when ``url`` is not an http(s) URL with a host, and when the upstream
+    answers ``GET /v1/models`` without the base (``upstream_model``) or without a LoRA module for each
+    served name in ``names`` (every request there would be a 502). Returns why the upstream could not
+    be checked (unreachable, an error status, not an OpenAI model list), or None: an upstream that is
+    not up yet is no reason to refuse to start (the engine may start after the gate); its requests
+    are 502s and ``/health`` says ``degraded`` until one gets an answer started."""
+    from ..errors import SafetyPatchError
+
+    example = "e.g. http://127.0.0.1:8001/v1"
+    try:
+        u = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as e:
+        raise SafetyPatchError(f"--upstream {url!r} is not a URL ({e}; {example})") from None
+    if u.scheme not in ("http", "https") or not u.host:
+        raise SafetyPatchError(f"--upstream {url!r} is not an http(s) URL with a host ({example})")
+    base = _api_base(url)
+    try:
+        r = httpx.get(base + "/models", timeout=timeout)
+    except httpx.HTTPError as e:
+        return f"not reachable at start-up: {type(e).__name__}: {e}"
+    if r.status_code != 200:
+        return f"answered {r.status_code} to GET {base}/models at start-up"
+    try:
+        served = {m["id"] for m in r.json()["data"]}
+    except (ValueError, KeyError, TypeError):
+        return f"GET {base}/models did not answer an OpenAI model list; the served names were not checked"
+    missing = []
+    if upstream_model not in served:
+        missing.append(f"the base {upstream_model!r} (--upstream-model: the name the engine serves the base under, "
+                       "`vllm serve` BASE or its --served-model-name)")
+    missing += [f"a LoRA module {n!r} (`vllm serve BASE --enable-lora --lora-modules {n}=PATCH_FOLDER`)"
+                for n in sorted(set(names)) if n != BASE and n not in served]
+    if missing:
+        raise SafetyPatchError(f"upstream {base} serves {sorted(served)}, without " + "; ".join(missing))
+    return None
+
+
 def build_upstream(model: str, stacks: dict[str, list[str]], url: str, upstream_model: str, device: str = "auto",
-                   dtype: str = "auto", force: bool = False, timeout_s: float = 600.0) -> UpstreamBackend:
-    """Load the truncated gate model(s) and point at ``url``; raises SafetyPatchError."""
-    return UpstreamBackend(GateProbe(model, stacks, device, dtype, force), url, upstream_model, timeout_s)
+                   dtype: str = "auto", force: bool = False, timeout_s: float = 600.0,
+                   on_warning: Callable[[str], None] | None = None) -> UpstreamBackend:
+    """Check ``url`` (:func:`check_upstream`), load the truncated gate model(s) and point at it; raises
+    SafetyPatchError. ``on_warning(line)``: told when the upstream could not be checked at start-up."""
+    unchecked = check_upstream(url, upstream_model, stacks)
+    backend = UpstreamBackend(GateProbe(model, stacks, device, dtype, force), url, upstream_model, timeout_s)
+    if unchecked:
+        backend.last_error = unchecked  # /health says degraded until a request gets an answer started
+        if on_warning is not None:
+            on_warning(f"upstream {backend.url} {unchecked}; its requests are answered 502 until it answers")
+    return backend
