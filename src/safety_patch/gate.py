@@ -51,7 +51,8 @@ class Gate:
 
     x is the hidden state after decoder layer ``layer`` at the last prompt token ([hidden]), or,
     for a *final-norm* gate (``norm_weight`` set), that state passed through the base's final
-    RMSNorm, x = h / sqrt(mean(h²) + norm_eps) · norm_weight, as a transformers
+    RMSNorm, x = h / sqrt(mean(h²) + norm_eps) · norm_weight (``norm_weight``: the scale the norm
+    applies, its weight, or ``1 + weight`` for Gemma's; serve/export.effective_norm_scale), as a transformers
     ``*ForSequenceClassification`` head reads it. A final-norm gate with mean 0 and bias 0 that
     reads one layer is *exportable* (serve/export.py): its logit is exactly such a head's output.
     With ``extra_layers``, x is the concatenation of those features at ``layers`` = (``layer``,

@@ -302,18 +302,18 @@ def model_layers(model, cfg: GateFitConfig) -> tuple[int, ...]:
 
 
 def _norm_of(model, cfg: GateFitConfig) -> dict:
-    """``{norm_weight, norm_eps}`` of the base's final RMSNorm for a final-norm gate, else ``{}``."""
+    """``{norm_weight, norm_eps}`` of the base's final RMSNorm for a final-norm gate, else ``{}``:
+    ``norm_weight`` is the per-channel scale the norm applies (``export.effective_norm_scale``:
+    Gemma's ``1 + weight``). Raises SafetyPatchError for a final norm that is not an RMSNorm."""
     if cfg.features != "final-norm":
         return {}
-    from .serve.export import final_norm
+    from .serve.export import effective_norm_scale, final_norm
 
-    norm = final_norm(model)
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    weight = getattr(norm, "weight", None)
-    if eps is None or weight is None:
-        raise SafetyPatchError(f"features final-norm: the model's final norm ({type(norm).__name__}) is not an RMSNorm "
-                               "with a weight and an epsilon")
-    return {"norm_weight": weight.detach().float().cpu().clone(), "norm_eps": float(eps)}
+    try:
+        scale, eps = effective_norm_scale(final_norm(model))
+    except SafetyPatchError as e:
+        raise SafetyPatchError(f"features final-norm: {e}") from None
+    return {"norm_weight": scale, "norm_eps": eps}
 
 
 def fit_gate_probe(x: torch.Tensor, y: torch.Tensor, layer: int | Sequence[int], cfg: GateFitConfig,

@@ -43,6 +43,52 @@ from ..errors import SafetyPatchError
 CONFIG_KEY = "safety_patch_gate"
 
 
+def truncate_layers(cfg, n: int) -> None:
+    """Set ``cfg`` (a copy) to its first ``n`` decoder layers: ``num_hidden_layers`` and every per-layer
+    list (``layer_types`` of Qwen2/Gemma2/Gemma3 and others), which transformers 5 requires to have
+    one entry per layer (found by a user's trial: exporting a Qwen2 gate failed in its validator)."""
+    total = cfg.num_hidden_layers
+    for key, value in list(vars(cfg).items()):
+        if isinstance(value, list | tuple) and len(value) == total and key != "architectures":
+            setattr(cfg, key, type(value)(value[:n]))
+    cfg.num_hidden_layers = n
+
+
+def effective_norm_scale(norm: torch.nn.Module) -> tuple[torch.Tensor, float]:
+    """``(scale, eps)`` with ``norm(h) == h / sqrt(mean(h²) + eps) · scale``: the per-channel scale
+    the final norm applies, [hidden] fp32 on the CPU. That is its weight for a Llama-style RMSNorm,
+    and ``1 + weight`` for Gemma's (Gemma, Gemma 2 and 3 scale by ``1 + w``; a fresh Gemma's weights
+    are zeros: found by a user's trial, where a gate read as ``· w`` had only zero features).
+
+    Decided by running ``norm`` on fixed random inputs and comparing with both forms (relative error
+    under 1e-4 in fp32, 1e-2 in 16-bit). Raises SafetyPatchError for a norm that is neither (a
+    LayerNorm subtracts the mean and adds a bias): a final-norm gate would not read what the
+    model's norm computes, so none is fit."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    weight = getattr(norm, "weight", None)
+    name = type(norm).__name__
+    if eps is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise SafetyPatchError(f"the model's final norm ({name}) is not an RMSNorm with a weight and an epsilon; a "
+                               "final-norm gate cannot read it (use --features residual)")
+    w = weight.detach().float().cpu()
+    x = torch.randn(8, w.numel(), generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        got = norm(x.to(device=weight.device, dtype=weight.dtype)).float().cpu()
+    x = x.to(weight.dtype).float()  # the input the module saw
+    base = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(eps))
+    tol = 1e-4 if weight.dtype == torch.float32 else 1e-2
+    best = None
+    for scale in (w, 1.0 + w):
+        want = base * scale
+        err = float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
+        if err <= tol and (best is None or err < best[0]):
+            best = (err, scale)
+    if best is None:
+        raise SafetyPatchError(f"the model's final norm ({name}) computes neither h/rms(h)·w nor h/rms(h)·(1+w); a "
+                               "final-norm gate cannot read it exactly (use --features residual)")
+    return best[1].clone(), float(eps)
+
+
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder's final norm (``model.model.norm`` for Llama/Qwen/Mistral); raises SafetyPatchError."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
@@ -131,7 +177,7 @@ def export_norm_gate(lm, gate: NormGate, out: str | Path, source: dict | None = 
         raise SafetyPatchError(f"gate vectors have length {gate.weight.shape[0]}, the model's hidden size is {cfg.hidden_size}")
     if not (math.isfinite(gate.threshold) and bool(torch.isfinite(gate.weight).all()) and bool((gate.scale > 0).all())):
         raise SafetyPatchError("gate has non-finite values or a non-positive scale; it cannot decide")
-    cfg.num_hidden_layers = gate.layer + 1
+    truncate_layers(cfg, gate.layer + 1)
     cfg.num_labels = 1
     # one output, the probe's logit: a pipeline names it on every prompt, so its name says what it is rather
     # than "harmful", which read as a verdict on prompts below the threshold (found by a user's trial)
@@ -148,7 +194,12 @@ def export_norm_gate(lm, gate: NormGate, out: str | Path, source: dict | None = 
         "decision": "harmful (route to the safety patch) iff the highest logit over the views > threshold_logit "
                     "(sigmoid score > threshold_probability)",
     })
-    clf = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
+    try:
+        clf = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
+    except (ValueError, KeyError, TypeError) as e:  # an architecture without a classification head, or a config it rejects
+        text = " ".join(str(e).split())
+        raise SafetyPatchError(f"export: transformers cannot build a sequence-classification model of {cfg.model_type} "
+                               f"truncated to {gate.layer + 1} layers ({type(e).__name__}: {text[:300]}); nothing written") from None
     src = lm.model.state_dict()  # the causal LM's "model.*" names are the classifier's ("score" is the head)
     with torch.no_grad():
         for k, v in clf.state_dict().items():
@@ -280,11 +331,10 @@ def export_gate(lm, gate, out: str | Path, where: str | Path = "gate", source: d
     ``where`` and writes nothing. ``lm``: the base the gate was fit on (its final norm's weight
     must be the one the gate recorded)."""
     check_exportable(gate, where)
-    norm = final_norm(lm.model)
-    if not torch.equal(norm.weight.detach().float().cpu(), gate.norm_weight):
+    scale, eps = effective_norm_scale(final_norm(lm.model))
+    if not torch.equal(scale, gate.norm_weight):
         raise SafetyPatchError(f"{where}: the gate's recorded final-norm weight is not this model's; nothing written")
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    if eps is None or not math.isclose(float(eps), gate.norm_eps, rel_tol=1e-6):
+    if not math.isclose(float(eps), gate.norm_eps, rel_tol=1e-6):
         raise SafetyPatchError(f"{where}: the gate's norm epsilon {gate.norm_eps} is not this model's ({eps}); nothing written")
     return export_norm_gate(lm, NormGate(gate.layer, gate.threshold, gate.weight, gate.std), out,
                             source or {"path": str(where)}, overwrite)
