@@ -585,3 +585,27 @@ def test_anchor_batch_size_sets_the_anchor_rows_per_step(data_dir, tiny_dir, tmp
     assert set(sizes) == {4}  # default: the SFT batch size
     with pytest.raises(SafetyPatchError, match="--anchor-batch-size"):
         small(anchor__batch_size=0).validate()
+
+
+def test_answers_another_model_distilled_are_not_trained_on_as_the_bases_own(data_dir, tiny_dir, tmp_path):
+    """Found by a user's trial: a data folder distilled by one base trained an always-on patch of another
+    without a word. Refused before any step, naming both bases; `data.other_models_answers` allows it; a
+    run that reads no distilled answer (refusal rows only) is not concerned."""
+    from safety_patch.data.folder import DataFolder
+    from safety_patch.testing import save_tiny_model
+    from safety_patch.train.run import _check_answers_are_the_bases
+
+    other = save_tiny_model(tmp_path / "other", seed=7)
+    with pytest.raises(SafetyPatchError, match=r"answers were distilled by .*but this run trains .*other.*anchor rows "
+                                               r"are read as the base's own answers.*data.other_models_answers=true"):
+        train(data_dir, tmp_path / "p", small(anchor__kl=2.0), model=str(other), progress=False)
+    assert not (tmp_path / "p").exists() and not (tmp_path / ".p.partial").exists()
+    lm = load_model(str(other), device="cpu")
+    d = DataFolder(data_dir)
+    assert lm.fingerprint != d.manifest["distillation"]["fingerprint"]
+    with pytest.raises(SafetyPatchError, match="its general rows"):
+        _check_answers_are_the_bases(d, lm, small(data__general_ratio=0.5), {"safety": 24, "general": 12}, False)
+    _check_answers_are_the_bases(d, lm, small(data__other_models_answers=True, anchor__kl=2.0), {"safety": 24}, True)
+    _check_answers_are_the_bases(d, lm, small(), {"safety": 24}, False)  # refusal rows only
+    own = load_model(str(tiny_dir), device="cpu")  # the base that distilled them
+    _check_answers_are_the_bases(d, own, small(anchor__kl=2.0), {"safety": 24}, True)

@@ -65,6 +65,10 @@ class DataMix:
     """Use at most this many safety conversations, a seeded subsample (None or 0 = all)."""
     max_seq_len: int = 512
     """Longest training conversation in tokens; longer rows are dropped."""
+    other_models_answers: bool = False
+    """Train on answers another model wrote. The general, borderline and anchor rows are the
+    base's own answers (self-distillation keeps what the base does); a data folder distilled by
+    another base (its manifest's ``distillation.fingerprint``) is refused unless this is set."""
 
 
 @dataclass

@@ -216,6 +216,26 @@ def _checkpoint_state(metrics: Path, anchor, clock: dict):
     return CheckpointState()
 
 
+def _check_answers_are_the_bases(data, lm, cfg: TrainConfig, counts: dict, anchored: bool) -> None:
+    """Refuse to train on another model's answers as if they were the base's own. Found by a user's
+    trial: a data folder distilled by one base trained an always-on patch of another without a word,
+    its 380 anchor rows described as "the base model's own answers". The rows that carry distilled
+    answers are the general/contrast mixes, the KL anchor's pool and DPO's rejected answers; the
+    refusal rows and the gate's prompts are not answers of the base. ``data.other_models_answers``
+    allows it (recorded in patch.json's config). Raises SafetyPatchError naming both bases."""
+    uses = [k for k in counts if k != "safety" and counts[k]] + (["anchor"] if anchored else []) + (
+        ["dpo rejected"] if cfg.loss.objective == "dpo" else [])
+    info = data.manifest.get("distillation") or {}
+    by = info.get("fingerprint")
+    if not uses or not isinstance(by, str) or by == lm.fingerprint or cfg.data.other_models_answers:
+        return
+    raise SafetyPatchError(
+        f"{data.path}: its answers were distilled by {info.get('model') or 'another model'} (fingerprint {by[:12]}…), "
+        f"but this run trains {lm.name} ({lm.fingerprint[:12]}…), and its {', '.join(uses)} rows are read as the base's "
+        f"own answers; build the data with this model (`safety-patch data build --model {lm.name}`), or pass "
+        "`--set data.other_models_answers=true` to train on another model's answers")
+
+
 def _check_targets(model, cfg: TrainConfig) -> None:
     from ..models import linear_module_kinds
 
@@ -438,6 +458,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     if resume:
         _check_resume(work, identity)
     lm = load_model(model, device=device, dtype=dtype)
+    _check_answers_are_the_bases(data, lm, cfg, counts, anchor_pool is not None)
     identity_model = {"base_fingerprint": lm.fingerprint, "dtype": str(lm.runtime.dtype).removeprefix("torch.")}
     if resume:
         _check_resume(work, identity_model)
