@@ -609,3 +609,24 @@ def test_answers_another_model_distilled_are_not_trained_on_as_the_bases_own(dat
     _check_answers_are_the_bases(d, lm, small(), {"safety": 24}, False)  # refusal rows only
     own = load_model(str(tiny_dir), device="cpu")  # the base that distilled them
     _check_answers_are_the_bases(d, own, small(anchor__kl=2.0), {"safety": 24}, True)
+
+
+def test_a_model_without_a_chat_template_is_refused_in_one_line(data_dir, tmp_path, capsys):
+    """Found by a user's trial: TRL's "Cannot use chat template functions" as a traceback, exit 1."""
+    import json as _json
+
+    from safety_patch.cli import main
+    from safety_patch.testing import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "notmpl", seed=3)
+    cfg = folder / "tokenizer_config.json"
+    tc = _json.loads(cfg.read_text())
+    tc.pop("chat_template", None)
+    cfg.write_text(_json.dumps(tc))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    assert not getattr(load_model(str(folder), device="cpu").tokenizer, "chat_template", None)
+    assert main(["train", "--data", str(data_dir), "--model", str(folder), "--recipe", "paper", "--max-train-rows", "4",
+                 "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "its tokenizer has no chat template" in err and "Traceback" not in err, err
+    assert not (tmp_path / "p").exists()

@@ -459,6 +459,12 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         _check_resume(work, identity)
     lm = load_model(model, device=device, dtype=dtype)
     _check_answers_are_the_bases(data, lm, cfg, counts, anchor_pool is not None)
+    if not getattr(lm.tokenizer, "chat_template", None):
+        # TRL formats every conversation with the template (a user's trial: its ValueError as a traceback);
+        # `chat` and `data build` fall back to a plain transcript, which no trainer would reproduce
+        raise SafetyPatchError(f"--model {model}: its tokenizer has no chat template, and training formats each "
+                               "conversation with it; use a chat model, or add the model's own `chat_template` to "
+                               "its tokenizer_config.json")
     identity_model = {"base_fingerprint": lm.fingerprint, "dtype": str(lm.runtime.dtype).removeprefix("torch.")}
     if resume:
         _check_resume(work, identity_model)
