@@ -125,6 +125,33 @@ def test_missing_path_errors(tmp_path):
         models.load_model(str(tmp_path / "definitely-missing.gguf"))
 
 
+def test_a_missing_local_path_is_not_reported_as_a_hub_problem(monkeypatch, tmp_path):
+    """Found by a user's trial: `--model nonexistent_dir/` and `--model merged/qwen2` (before that folder
+    existed) read "cannot reach huggingface.co to download ...", with no word of the path."""
+    from huggingface_hub import constants
+
+    with pytest.raises(SafetyPatchError, match="model path not found: nonexistent_dir/"):
+        models.load_model("nonexistent_dir/")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SafetyPatchError, match=r"'merged/qwen2' is no local folder or file \(nothing at "
+                                               + str(tmp_path / "merged" / "qwen2").replace("/", ".") + r"\)"):
+        models.load_model("merged/qwen2")
+
+
+def test_a_folder_without_tokenizer_files_says_so(tiny_dir, tmp_path):
+    """Found by a user's trial: transformers' message asked to install sentencepiece or tiktoken."""
+    import shutil
+
+    folder = tmp_path / "notok"
+    folder.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
+            shutil.copy(f, folder / f.name)
+    with pytest.raises(SafetyPatchError, match="it has no tokenizer files .*tokenizer.save_pretrained"):
+        models.load_model(str(folder), device="cpu")
+
+
 def test_dir_without_config(tmp_path):
     with pytest.raises(SafetyPatchError, match="no config.json"):
         models.load_model(str(tmp_path))

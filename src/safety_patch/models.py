@@ -101,8 +101,13 @@ def embedded_gguf_path() -> Path:
 
 
 def _looks_like_path(spec: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything rooted or deeper is a path."""
-    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    """Hub ids are ``name`` or ``org/name``; anything rooted, deeper or ending in a slash is a path."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/") or "\\" in spec
+
+
+def _not_local(repo_id: str) -> str:
+    """What to say of a hub id that could also have been meant as a local path (``merged/qwen2``)."""
+    return f"{repo_id!r} is no local folder or file (nothing at {Path(repo_id).resolve()}) and "
 
 
 def _file_key(path: Path) -> str:
@@ -262,7 +267,7 @@ def _require_hub(repo_id: str, timeout: float = 5.0) -> None:
 
     if constants.HF_HUB_OFFLINE:
         raise SafetyPatchError(
-            f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"{_not_local(repo_id)}not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; "
             "use --model default or a local model folder"
         )
     url = urlparse(constants.ENDPOINT)
@@ -270,8 +275,8 @@ def _require_hub(repo_id: str, timeout: float = 5.0) -> None:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
     except OSError as e:
         raise SafetyPatchError(
-            f"cannot reach {url.hostname} to download {repo_id!r} ({e.strerror or e}); offline, use --model default "
-            "or a local model folder"
+            f"{_not_local(repo_id)}cannot be downloaded: cannot reach {url.hostname} ({e.strerror or e}); offline, "
+            "use --model default or a local model folder"
         ) from None
 
 
@@ -297,6 +302,16 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
     if _looks_like_path(spec):
         raise SafetyPatchError(f"model path not found: {spec}")
     return "hub", spec
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")
+"""The files one of which a Hugging Face tokenizer is built from (the fast tokenizer's, SentencePiece's,
+BPE's vocabulary, WordPiece's, tiktoken's)."""
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in TOKENIZER_FILES) or any(folder.glob("*.tiktoken"))
 
 
 def check_weight_files(folder: Path) -> None:
@@ -349,6 +364,9 @@ def load_model(spec: str = "default", device: str | None = "auto", dtype: str | 
             raise SafetyPatchError(f"cannot load model from {where}: {names or 'its weights file'} is not a plain weights "
                                    "file (refused to unpickle); use a model saved as safetensors") from None
         except (OSError, ValueError, EOFError) as e:
+            if not _has_tokenizer_files(Path(where)):  # transformers blames a missing sentencepiece/tiktoken instead
+                raise SafetyPatchError(f"cannot load model from {where}: it has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                                       "...); save the tokenizer beside the weights (tokenizer.save_pretrained(folder))") from None
             # one line: transformers' messages run over several (a folder without a tokenizer lists three remedies)
             text = " ".join(str(e).split()) or type(e).__name__
             raise SafetyPatchError(f"cannot load model from {where}: {type(e).__name__}: "
