@@ -556,3 +556,18 @@ def test_random_patch_json_edits_fail_closed(base, originals, data):
         verify(p, model, fp)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_cli_verify_against_another_base_suggests_no_flag_it_lacks(tiny_dir, tmp_path, capsys):
+    """Found by a user's trial: `patch verify P --model B` said "pass --force to attach anyway", and
+    `patch verify --force` is "No such option"."""
+    from safety_patch.cli import main
+    from safety_patch.models import load_model
+    from safety_patch.testing import save_tiny_model
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    p = make_lora_patch(lm.model, tmp_path / "p", lm.fingerprint)
+    other = save_tiny_model(tmp_path / "other", seed=5)
+    assert main(["patch", "verify", str(p), "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "was made for base" in err and "`patch verify` has no --force" in err and "pass --force" not in err, err

@@ -723,7 +723,8 @@ def patch_verify_cmd(
 
     p = read_patch(patch)  # schema, hashes, computed id, finite non-zero weights, gate, no pickles
     lm = load_model(model, device=device, dtype=dtype)
-    verify(p, lm.model, lm.fingerprint)
+    verify(p, lm.model, lm.fingerprint, remedy="it does not verify against this model (`patch verify` has no --force; "
+                                              "`chat`, `eval` and `serve` take --force to attach it anyway)")
     effect = probe_effect(lm.model, lm.tokenizer, [p], lm.fingerprint)  # every tensor loaded, and it changes logits
     typer.echo(f"OK: {patch} (id {p.id}) matches {model} (fingerprint {lm.fingerprint[:12]}…); files intact; "
                f"all {'adapter tensors' if p.format == 'lora' else 'delta tensors'} loaded; changes logits by up "

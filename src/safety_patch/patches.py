@@ -399,12 +399,14 @@ def _check_gate_fits(patch: Patch, model: torch.nn.Module) -> None:
         raise SafetyPatchError(f"{patch.path / GATE_FILE}: layer {bad[0]} out of range: the model has layers 0-{layers - 1}")
 
 
-def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force: bool = False) -> list[str]:
+def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force: bool = False,
+           remedy: str = "pass --force to attach anyway") -> list[str]:
     """Check a patch against a model; returns warnings (with ``force``) or raises SafetyPatchError.
 
     ``force`` waives only the base-fingerprint binding (a warning is logged and returned);
     tensor names and shapes, target modules and the gate's size are always checked.
     ``fingerprint=None`` means the caller has no fingerprint for ``model`` (in-process use).
+    ``remedy``: what the refusal of another base suggests (a command without ``--force`` says otherwise).
     """
     problems = []
     if fingerprint is not None and patch.base_fingerprint and patch.base_fingerprint != fingerprint:
@@ -442,7 +444,7 @@ def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force:
         if patch.gated:  # a gated delta (gate_fit.apply_gate): its gate must fit the model too
             _check_gate_fits(patch, model)
     if problems and not force:
-        raise SafetyPatchError(problems[0] + "; pass --force to attach anyway")
+        raise SafetyPatchError(f"{problems[0]}; {remedy}")
     for p in problems:
         log.warning("warning: %s (forced)", p)
     return problems
