@@ -292,6 +292,18 @@ def test_api_judge_low_score_without_refusal_is_harmless(monkeypatch):
     assert [j.verdict("q", "a").label for _ in range(3)] == ["harmless", "refusal", "compliance"]
 
 
+def test_routing_rows_keep_their_labels_apart_from_the_values():
+    """Found by a user's trial: "attack success when not routed-   54.5%": the label was longer than its column."""
+    from safety_patch.evaluation.safety import safety_aggregates, table
+
+    recs = [{"attack": "direct", "category": "c", "verdict": {"label": lab}, "route": {"on": on}}
+            for lab, on in (("compliance", False), ("refusal", True), ("compliance", True))]
+    text = table({"kind": "safety-patch/eval-safety", "runs": {"base": {"aggregates": safety_aggregates(recs)}}})
+    rows = {line.split("  ")[0]: line for line in text.splitlines() if "routed" in line and "%" in line}
+    assert set(rows) >= {"attack success when routed", "attack success when not routed"}, text
+    assert " 50.0%" in rows["attack success when routed"] and "100.0%" in rows["attack success when not routed"]
+
+
 def test_harmless_share_is_counted_and_shown():
     from safety_patch.evaluation.safety import safety_aggregates, table
 

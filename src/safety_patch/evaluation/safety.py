@@ -392,8 +392,9 @@ def table(results: dict) -> str:
                   for k in next(agg[n]["routing"][f"routed_per_{key}"] for n in names if "routing" in agg[n])),
                 (f"{what} when routed", lambda r: r["labels_when_routed"]),
                 (f"{what} when not routed", lambda r: r["labels_when_not_routed"])]
+        width = max(28, *(len(t) + 2 for t, _ in rows))  # "attack success when not routed" ran into its first value
         for title, get in rows:
-            lines.append(f"{title:<28}" + "".join(
+            lines.append(f"{title:<{width}}" + "".join(
                 f"{fmt(get(agg[n]['routing'])) if 'routing' in agg[n] else '-':<34}" for n in names))
         for p in results.get("provenance", {}).get("patches", []):  # the records' gate names, as folders
             if p.get("gate") and p.get("item"):
