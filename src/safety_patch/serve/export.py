@@ -49,7 +49,9 @@ def truncate_layers(cfg, n: int) -> None:
     one entry per layer (found by a user's trial: exporting a Qwen2 gate failed in its validator)."""
     total = cfg.num_hidden_layers
     for key, value in list(vars(cfg).items()):
-        if isinstance(value, list | tuple) and len(value) == total and key != "architectures":
+        # per-layer lists are named for layers (layer_types, no_rope_layers, mlp_only_layers...): a list that
+        # only happens to have that length (eos_token_id of a 3-layer model) is left as it is
+        if "layer" in key and isinstance(value, list | tuple) and len(value) == total:
             setattr(cfg, key, type(value)(value[:n]))
     cfg.num_hidden_layers = n
 
