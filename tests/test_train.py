@@ -607,6 +607,11 @@ def test_answers_another_model_distilled_are_not_trained_on_as_the_bases_own(dat
         _check_answers_are_the_bases(d, lm, small(data__general_ratio=0.5), {"safety": 24, "general": 12}, False)
     _check_answers_are_the_bases(d, lm, small(data__other_models_answers=True, anchor__kl=2.0), {"safety": 24}, True)
     _check_answers_are_the_bases(d, lm, small(), {"safety": 24}, False)  # refusal rows only
+    import dataclasses
+
+    renamed = dataclasses.replace(lm, name=d.manifest["distillation"]["model"])  # e.g. `default` at another dtype
+    with pytest.raises(SafetyPatchError, match="the same name loaded as float32: other weights, other answers"):
+        _check_answers_are_the_bases(d, renamed, small(anchor__kl=2.0), {"safety": 24}, True)
     own = load_model(str(tiny_dir), device="cpu")  # the base that distilled them
     _check_answers_are_the_bases(d, own, small(anchor__kl=2.0), {"safety": 24}, True)
 

@@ -229,10 +229,14 @@ def _check_answers_are_the_bases(data, lm, cfg: TrainConfig, counts: dict, ancho
     by = info.get("fingerprint")
     if not uses or not isinstance(by, str) or by == lm.fingerprint or cfg.data.other_models_answers:
         return
+    same_name = info.get("model") == lm.name
     raise SafetyPatchError(
         f"{data.path}: its answers were distilled by {info.get('model') or 'another model'} (fingerprint {by[:12]}…), "
-        f"but this run trains {lm.name} ({lm.fingerprint[:12]}…), and its {', '.join(uses)} rows are read as the base's "
-        f"own answers; build the data with this model (`safety-patch data build --model {lm.name}`), or pass "
+        f"but this run trains {lm.name} ({lm.fingerprint[:12]}…"
+        + (f", the same name loaded as {str(lm.runtime.dtype).removeprefix('torch.')}: other weights, other answers"
+           if same_name else "")
+        + f"), and its {', '.join(uses)} rows are read as the base's own answers; build the data with this model "
+        f"(`safety-patch data build --model {lm.name}`{' with the same --dtype' if same_name else ''}), or pass "
         "`--set data.other_models_answers=true` to train on another model's answers")
 
 
