@@ -116,3 +116,33 @@ def test_norm_states_match_the_gate_features_on_gemma():
     h, ids = _states(model, tok, 1)
     gate = Gate(layer=1, threshold=0.0, weight=torch.ones(32), bias=0.0, mean=torch.zeros(32), std=torch.ones(32), **norm)
     assert (norm_states(model, tok, ids, 1) - gate.features(h)).abs().max() < 1e-5
+
+
+def test_the_model_cards_code_folds_a_system_prompt_the_template_rejects(tmp_path, monkeypatch):
+    """A trial ran the export's model card on a Gemma model: its template rejects a system role
+    ("System role not supported"), which safety-patch folds into the first user turn. The card's code
+    now folds it the same way, and its logit is the one routing reads (the higher of both views)."""
+    from safety_patch.gate import layer_states
+    from safety_patch.generation import gate_views
+    from safety_patch.models import LoadedModel
+    from safety_patch.testing import CHATML
+
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + CHATML)
+    model = _tiny("gemma2", tok)
+    lm = LoadedModel.from_objects(model, tok, name="gemma2")
+    norm = _norm_of(model, GateFitConfig(features="final-norm"))
+    g = torch.Generator().manual_seed(2)
+    gate = Gate(layer=1, threshold=0.0, weight=torch.randn(32, generator=g), bias=0.0, mean=torch.zeros(32),
+                std=torch.ones(32), **norm)
+    out = export_gate(lm, gate, tmp_path / "gemma-gate")
+    code = (out / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    for prompt in PROMPTS:
+        msgs = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": prompt}]
+        views = [tok(v, add_special_tokens=False)["input_ids"] for v in gate_views(tok, msgs)]
+        want = max(gate.logits(layer_states(model, tok, views, [1])[1]).tolist())
+        assert abs(ns["gate_logit"](msgs) - want) < 1e-4

@@ -150,6 +150,14 @@ def test_a_folder_without_tokenizer_files_says_so(tiny_dir, tmp_path):
             shutil.copy(f, folder / f.name)
     with pytest.raises(SafetyPatchError, match="it has no tokenizer files .*tokenizer.save_pretrained"):
         models.load_model(str(folder), device="cpu")
+    # a Qwen2 folder loads "successfully" with an empty tokenizer (transformers 5.25): a re-check of the fix found it
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    qwen = tmp_path / "qwen-notok"
+    AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(qwen)
+    with pytest.raises(SafetyPatchError, match=r"it has no tokenizer files .*the tokenizer built without them has \d+ tokens"):
+        models.load_model(str(qwen), device="cpu")
 
 
 def test_dir_without_config(tmp_path):

@@ -310,6 +310,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 BPE's vocabulary, WordPiece's, tiktoken's)."""
 
 
+MIN_VOCAB = 256
+"""Fewer tokens than bytes: no tokenizer a chat model was trained with (byte-level ones have 256+)."""
+
+
 def _has_tokenizer_files(folder: Path) -> bool:
     return any((folder / f).is_file() for f in TOKENIZER_FILES) or any(folder.glob("*.tiktoken"))
 
@@ -371,6 +375,12 @@ def load_model(spec: str = "default", device: str | None = "auto", dtype: str | 
             text = " ".join(str(e).split()) or type(e).__name__
             raise SafetyPatchError(f"cannot load model from {where}: {type(e).__name__}: "
                                    f"{text if len(text) <= 300 else text[:297] + '...'}") from None
+        if not _has_tokenizer_files(Path(where)) and len(tokenizer) < MIN_VOCAB:
+            # transformers 5.25 builds an empty Qwen2/Gemma tokenizer from a folder without its files (a user's
+            # trial: `model info` said nothing, `chat` ended in a reshape traceback)
+            raise SafetyPatchError(f"cannot load model from {where}: it has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                                   f"...), and the tokenizer built without them has {len(tokenizer)} tokens; save the "
+                                   "tokenizer beside the weights (tokenizer.save_pretrained(folder))")
         fp = _fingerprint_cached(model, tokenizer, Path(where), runtime)
         from .patches import note_merged
 

@@ -245,6 +245,23 @@ clf = AutoModelForSequenceClassification.from_pretrained(path).eval()
 threshold = clf.config.safety_patch_gate["threshold_logit"]
 
 
+def render(messages):
+    """The text the model sees; a template without a system role gets a leading system message folded
+    into the first user turn (a blank line between), as safety-patch renders it."""
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # the template refuses the conversation (jinja2's TemplateError, or a bug in it)
+        if not messages or messages[0]["role"] != "system":
+            raise
+        rest = [dict(m) for m in messages[1:]]
+        first_user = next((m for m in rest if m["role"] == "user"), None)
+        if first_user is None:
+            rest = [{{"role": "user", "content": messages[0]["content"]}}, *rest]
+        else:
+            first_user["content"] = messages[0]["content"] + "\\n\\n" + first_user["content"]
+        return tok.apply_chat_template(rest, tokenize=False, add_generation_prompt=True)
+
+
 def gate_logit(messages):
     """The gate's logit for a conversation, as safety-patch routes it: the higher of the logits of
     the conversation and, when it has system (or developer) messages, of the conversation without them."""
@@ -254,8 +271,7 @@ def gate_logit(messages):
         views.append([m for m in msgs if m["role"] != "system"])
     logits = []
     for view in views:
-        text = tok.apply_chat_template(view, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")
+        ids = tok(render(view), add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
             logits.append(clf(**ids).logits[0, 0].item())
     return max(logits)
@@ -290,8 +306,8 @@ the gate's score, calibrated only by that threshold.
 The input is the chat-template text with the generation prompt, tokenized without added special
 tokens. A conversation with system (or developer) messages is scored twice, with and without
 them, and the higher logit decides: a one-line system prompt can otherwise switch the gate off.
-(A chat template that rejects a system role gets it folded into the first user turn by
-safety-patch; the code below then fails at `apply_chat_template` rather than score another text.)
+A chat template that rejects a system role (Gemma's) gets it folded into the first user turn, as
+safety-patch renders it.
 
 ```python
 {SCORING_CODE.format(folder=folder)}```
