@@ -314,8 +314,23 @@ MIN_VOCAB = 256
 """Fewer tokens than bytes: no tokenizer a chat model was trained with (byte-level ones have 256+)."""
 
 
-def _has_tokenizer_files(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in TOKENIZER_FILES) or any(folder.glob("*.tiktoken"))
+def check_tokenizer_files(folder: Path) -> None:
+    """Fail with one line, before the weights load, if a model folder has no tokenizer files and no
+    usable tokenizer builds without them. transformers blames a missing sentencepiece/tiktoken for
+    a Llama folder, and builds a one-token tokenizer for a Qwen2 or Gemma one (a user's trial:
+    `model info` said nothing, `chat` ended in a reshape traceback). Raises ``SafetyPatchError``."""
+    if any((folder / f).is_file() for f in TOKENIZER_FILES) or any(folder.glob("*.tiktoken")):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        n = len(AutoTokenizer.from_pretrained(str(folder)))
+    except (OSError, ValueError, TypeError, KeyError):
+        n = None
+    if n is None or n < MIN_VOCAB:
+        built = "no tokenizer builds without them" if n is None else f"the tokenizer built without them has {n} tokens"
+        raise SafetyPatchError(f"cannot load model from {folder}: it has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                               f"...), and {built}; save the tokenizer beside the weights (tokenizer.save_pretrained(folder))")
 
 
 def check_weight_files(folder: Path) -> None:
@@ -358,6 +373,7 @@ def load_model(spec: str = "default", device: str | None = "auto", dtype: str | 
         import warnings
 
         check_weight_files(Path(where))
+        check_tokenizer_files(Path(where))
         try:
             with warnings.catch_warnings():  # torch's note on a legacy pickle precedes our one-line refusal
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -368,19 +384,10 @@ def load_model(spec: str = "default", device: str | None = "auto", dtype: str | 
             raise SafetyPatchError(f"cannot load model from {where}: {names or 'its weights file'} is not a plain weights "
                                    "file (refused to unpickle); use a model saved as safetensors") from None
         except (OSError, ValueError, EOFError) as e:
-            if not _has_tokenizer_files(Path(where)):  # transformers blames a missing sentencepiece/tiktoken instead
-                raise SafetyPatchError(f"cannot load model from {where}: it has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
-                                       "...); save the tokenizer beside the weights (tokenizer.save_pretrained(folder))") from None
             # one line: transformers' messages run over several (a folder without a tokenizer lists three remedies)
             text = " ".join(str(e).split()) or type(e).__name__
             raise SafetyPatchError(f"cannot load model from {where}: {type(e).__name__}: "
                                    f"{text if len(text) <= 300 else text[:297] + '...'}") from None
-        if not _has_tokenizer_files(Path(where)) and len(tokenizer) < MIN_VOCAB:
-            # transformers 5.25 builds an empty Qwen2/Gemma tokenizer from a folder without its files (a user's
-            # trial: `model info` said nothing, `chat` ended in a reshape traceback)
-            raise SafetyPatchError(f"cannot load model from {where}: it has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
-                                   f"...), and the tokenizer built without them has {len(tokenizer)} tokens; save the "
-                                   "tokenizer beside the weights (tokenizer.save_pretrained(folder))")
         fp = _fingerprint_cached(model, tokenizer, Path(where), runtime)
         from .patches import note_merged
 
