@@ -191,6 +191,17 @@ def test_cli_info_verify_merge(tiny_dir, tmp_path, capsys):
     with attached(lm.model, [p], lm.fingerprint) as m:
         want = logits(m, ids)
     assert torch.allclose(logits(merged.model, ids), want, atol=1e-5)
+    # a user's trial: `patch info` on a merged checkpoint said only "not a safety-patch patch"
+    capsys.readouterr()
+    for cmd in (["patch", "info", str(tmp_path / "merged")], ["patch", "verify", str(tmp_path / "merged")]):
+        assert main(cmd) == 2
+        assert "is a merged checkpoint" in capsys.readouterr().err
+    assert main(["model", "info", "--model", str(tmp_path / "merged"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    pid = json.loads((tmp_path / "merged" / "merged_from.json").read_text())["patches"][0]["id"]
+    assert shown["merged_patches"] == [f"{pid} ({p})"] and shown["merged_base"].startswith(f"{tiny_dir} (")
+    assert main(["model", "info", "--model", str(tiny_dir), "--json"]) == 0
+    assert "merged_patches" not in json.loads(capsys.readouterr().out)
     assert main(["patch", "merge", "--model", str(tiny_dir), "--patch", str(p), "--out", str(tmp_path / "merged")]) == 2
     assert "exists" in capsys.readouterr().err
     # --overwrite replaces a merged checkpoint in one swap, and never a folder safety-patch did not merge
@@ -295,3 +306,31 @@ def test_patch_info_says_what_each_kind_of_patch_is(base, tmp_path):
     lora = info(read_patch(make_lora_patch(model, tmp_path / "l", fp, rank=4)))
     assert "rank" in lora and "target_modules" in lora and "changed_tensors" not in lora
     assert lora["layers"] == "all" and "layers" not in shown  # a --layers patch: test_train.py
+
+
+def test_verify_checks_a_stacked_patch_on_top_of_its_stack(tiny_dir, tmp_path, capsys):
+    """A user's trial: a red-team round's patch could not be verified at all (`patch verify` said
+    "attach those first (or --force)", and it has no --force nor a way to give the stack)."""
+    from safety_patch.cli import main
+    from safety_patch.models import load_model
+    from safety_patch.patches import probe_effect, read_patch
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    first = make_lora_patch(lm.model, tmp_path / "r1", lm.fingerprint, seed=1)
+    first_id = read_patch(first).id
+    second = make_lora_patch(lm.model, tmp_path / "r2", lm.fingerprint, seed=2, stack=[first_id])
+    capsys.readouterr()
+    assert main(["patch", "verify", str(second), "--model", str(tiny_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "pass --stack FOLDER for each" in err and first_id in err and "--force" not in err
+    assert main(["patch", "verify", str(second), "--model", str(tiny_dir), "--stack", str(first)]) == 0
+    assert "on top of 1 patch;" in capsys.readouterr().out
+    # the effect is what the patch adds to its stack, not the stack's own
+    below, top = read_patch(first), read_patch(second)
+    alone = probe_effect(lm.model, lm.tokenizer, [below, top], lm.fingerprint)
+    added = probe_effect(lm.model, lm.tokenizer, [top], lm.fingerprint, below=[below])
+    assert 0 < added != alone
+    # a stack patch that does not verify fails the command (each is checked)
+    other = make_lora_patch(lm.model, tmp_path / "o", "f" * 64)
+    assert main(["patch", "verify", str(second), "--model", str(tiny_dir), "--stack", str(other), "--stack", str(first)]) == 2
+    assert "was made for base" in capsys.readouterr().err

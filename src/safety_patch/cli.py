@@ -511,8 +511,11 @@ def eval_capability_cmd(
     data: Annotated[Path | None, typer.Option(help="Data folder (held-out general answers and prompts).")] = None,
     suite: Annotated[str, typer.Option(help="offline | lm-eval")] = "offline",
     tasks: Annotated[str | None, typer.Option(help="offline: nll,kl,compliance,humaneval (runs the model's code only inside the sandbox of docs/evaluation.md; refused where it cannot be built); lm-eval: its task names")] = None,
-    limit: LimitOpt = None,
-    humaneval_limit: Annotated[int | None, typer.Option(min=1, help="HumanEval tasks to run (164 in all).")] = 40,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most N reference pairs (nll, kl) and N general prompts "
+                                                        "(compliance); HumanEval has its own --humaneval-limit; "
+                                                        "lm-eval: N examples per task.")] = None,
+    humaneval_limit: Annotated[int | None, typer.Option(min=1, help="HumanEval tasks to run (164 in all; --limit does not "
+                                                                  "apply to them).")] = 40,
     references: Annotated[Path | None, typer.Option(help="JSONL of prompt/reference pairs for nll/kl.")] = None,
     mc: Annotated[Path | None, typer.Option(help="Multiple-choice JSONL (question, choices, answer).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
@@ -714,6 +717,9 @@ def patch_gate_cmd(
 def patch_verify_cmd(
     patch: Annotated[Path, typer.Argument(help="Patch folder.")],
     model: ModelOpt = "default",
+    stack: Annotated[list[Path] | None, typer.Option(
+        help="A patch it was trained on top of (a red-team round's earlier patches); repeat, in stack order. "
+             "Each is verified too, and the patch is checked on top of them.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -722,11 +728,20 @@ def patch_verify_cmd(
     from .patches import probe_effect, probe_routing, read_patch, tied_targets, verify
 
     p = read_patch(patch)  # schema, hashes, computed id, finite non-zero weights, gate, no pickles
+    below = [read_patch(s) for s in stack or []]
+    have = {b.id for b in below}
+    missing = [s for s in p.stack if s not in have]
+    if missing:  # before the model loads: the check needs the stack, and says how to give it
+        raise SafetyPatchError(f"{patch} was trained on top of patch(es) {', '.join(missing)}; verify it on top of them: "
+                               "pass --stack FOLDER for each, in order (for a red-team round: its --patch folders)")
     lm = load_model(model, device=device, dtype=dtype)
-    verify(p, lm.model, lm.fingerprint, remedy="it does not verify against this model (`patch verify` has no --force; "
-                                              "`chat`, `eval` and `serve` take --force to attach it anyway)")
-    effect = probe_effect(lm.model, lm.tokenizer, [p], lm.fingerprint)  # every tensor loaded, and it changes logits
-    typer.echo(f"OK: {patch} (id {p.id}) matches {model} (fingerprint {lm.fingerprint[:12]}…); files intact; "
+    for q in [*below, p]:
+        verify(q, lm.model, lm.fingerprint, remedy="it does not verify against this model (`patch verify` has no "
+                                                   "--force; `chat`, `eval` and `serve` take --force to attach it anyway)")
+    # every tensor loaded, and it changes logits (on top of its stack: what it adds)
+    effect = probe_effect(lm.model, lm.tokenizer, [p], lm.fingerprint, below=below)
+    on = f" on top of {len(below)} patch{'es' * (len(below) > 1)}" if below else ""
+    typer.echo(f"OK: {patch} (id {p.id}) matches {model} (fingerprint {lm.fingerprint[:12]}…){on}; files intact; "
                f"all {'adapter tensors' if p.format == 'lora' else 'delta tensors'} loaded; changes logits by up "
                f"to {effect:.3g} on a probe batch")
     if p.gated:  # the adapter's effect above is with its gate open; where does the gate open it?

@@ -206,6 +206,10 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
     if not path.is_dir():
         raise SafetyPatchError(f"patch folder not found: {path}")
     pj = path / PATCH_JSON
+    if not pj.is_file() and (path / "merged_from.json").is_file():
+        raise SafetyPatchError(f"{path} is a merged checkpoint (`patch merge` wrote it: merged_from.json), not a "
+                               f"patch: use it as --model {path}; `safety-patch model info --model {path}` shows the "
+                               "patches folded into it and its base")
     if not pj.is_file():
         inside = sorted(q.parent for q in path.glob(f"*/{PATCH_JSON}"))  # a run's stage folder holds its patch below
         hint = (f"; the patch{'es' if len(inside) > 1 else ''} inside it: {', '.join(map(str, inside[:4]))}"
@@ -482,7 +486,8 @@ def _check_stack_order(patches: Sequence[Patch], force: bool) -> None:
         missing = [s for s in p.stack if s not in seen]
         if missing and not force:
             raise SafetyPatchError(
-                f"patch {p.path} was trained on top of patch(es) {', '.join(missing)}; attach those first (or --force)"
+                f"patch {p.path} was trained on top of patch(es) {', '.join(missing)}; attach those first, in order "
+                f"(give each as --patch before it; where a command takes --force, that skips this check)"
             )
         seen.append(p.id)
 
@@ -719,16 +724,22 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def probe_effect(model: torch.nn.Module, tokenizer, patches: Sequence[Patch], fingerprint: str | None,
-                 force: bool = False) -> float:
+                 force: bool = False, below: Sequence[Patch] = ()) -> float:
     """max |logit(attached) - logit(base)| on a fixed probe batch; raises if the patches change nothing.
 
-    A gated patch is measured with its adapter on (the gate decides when it applies, not
-    what it does). Raises SafetyPatchError if the difference is zero (a patch that does not
-    apply) or the patched logits are not finite.
+    ``below``: patches attached under ``patches`` on both sides (the stack a patch was trained on
+    top of): the difference is then what ``patches`` add to that stack. A gated patch is measured
+    with its adapter on (the gate decides when it applies, not what it does). Raises
+    SafetyPatchError if the difference is zero (a patch that does not apply) or the patched
+    logits are not finite.
     """
     ids = _probe_ids(model, tokenizer)
-    base = _logits(model, ids)
-    with attached(model, patches, fingerprint, force) as pm, pm.all_on() as m:
+    if below:
+        with attached(model, below, fingerprint, force) as pm, pm.all_on() as m:
+            base = _logits(m, ids)
+    else:
+        base = _logits(model, ids)
+    with attached(model, [*below, *patches], fingerprint, force) as pm, pm.all_on() as m:
         patched = _logits(m, ids)
     if not bool(torch.isfinite(patched).all()):
         raise SafetyPatchError(f"{patches[0].path}: the patched model's logits are not finite on a probe batch")

@@ -61,6 +61,8 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
         raise SafetyPatchError(f"{out} already holds a finished round")
     previous = [Path(p) for p in previous or []]
     for p in previous:
+        if not p.exists():
+            raise SafetyPatchError(f"--previous {p} does not exist (an earlier round's --out folder was expected)")
         if not (p / "heldout.json").is_file():
             raise SafetyPatchError(f"{p} is not a red-team round folder (no heldout.json)")
     seen_prev: dict[str, Path] = {}
@@ -103,10 +105,7 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
         cache.close()
     wins = [r for r in res["records"] if r["verdict"]["label"] == "compliance"]
     rng = random.Random(seed)
-    rows = [{"messages": [{"role": "user", "content": r["prompt"]},
-                          {"role": "assistant", "content": refusals.compose(r["category"], rng)}],
-             "meta": {"source": "redteam", "category": r["category"], "behavior_id": r["behavior_id"], "template": attack,
-                      "template_family": r["family"], "split": "train", "request": r["request"]}} for r in wins]
+    rows = [_training_row(r, refusals.compose(r["category"], rng), attack) for r in wins]
     replayed = []
     for p in previous:
         old = DataFolder(p / "data").rows("train")
@@ -170,6 +169,22 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     write_json(out / "round.json", table)
     (out / ROUND_MARKER).unlink(missing_ok=True)
     return table
+
+
+def _training_row(record: dict, refusal: str, attack: str) -> dict:
+    """A jailbreak that worked, as a training row: the whole conversation the model saw (the
+    few-shot or multi-turn ``context`` before the attacked turn), answered with ``refusal``. A
+    prefill jailbreak's answer starts with the forced text and goes on with the refusal, and
+    ``meta.prefill`` keeps the loss off the forced text (train/data.py::mask_prefills): the model
+    learns to recover from a compliant start (Qi et al. 2024, arXiv 2406.05946, "safety recovery
+    examples"). Training on the last user turn alone, as rounds did before, taught nothing
+    about the turns or the prefix that made the attack work."""
+    pre = record.get("prefill") or ""
+    meta = {"source": "redteam", "category": record["category"], "behavior_id": record["behavior_id"], "template": attack,
+            "template_family": record["family"], "split": "train", "request": record["request"]}
+    return {"messages": [*record.get("context", []), {"role": "user", "content": record["prompt"]},
+                         {"role": "assistant", "content": f"{pre} {refusal}" if pre else refusal}],
+            "meta": meta | ({"prefill": pre} if pre else {})}
 
 
 def _change(before: dict | None, after: dict | None) -> str:

@@ -94,6 +94,9 @@ class TrainMeta(TypedDict):
     request: NotRequired[str]
     raw_category: NotRequired[str]
     distilled: NotRequired[bool]
+    prefill: NotRequired[str]
+    """Text the attack forced at the start of the answer (the prefill attack): the assistant turn
+    starts with it, and training takes no loss on it, only on what follows (``train.data``)."""
 
 
 @with_config(_STRICT)

@@ -164,6 +164,17 @@ def make_anchored_trainer(base_cls):
                     install_supervised_head(hf)
                     self.chunked_loss = True
 
+        def _prepare_dataset(self, dataset, processing_class, args, packing, *rest, **kw):
+            """TRL's tokenized dataset, with no loss on a row's prefill (train/data.py::mask_prefills)."""
+            out = super()._prepare_dataset(dataset, processing_class, args, packing, *rest, **kw)
+            if "prefill" in (getattr(out, "column_names", None) or ()):
+                from .data import mask_prefills
+
+                if packing:
+                    raise SafetyPatchError("rows with meta.prefill cannot be packed: the prefill is masked per row")
+                out = mask_prefills(out, processing_class)
+            return out
+
         def _chunked_applies(self, inputs, return_outputs: bool) -> bool:
             """Whether this call's loss is TRL's plain token-mean NLL, which the chunked path restates."""
             if not self.chunked_loss or return_outputs or "labels" not in inputs or "shift_labels" in inputs:

@@ -19,7 +19,44 @@ def _pc(row: dict, where: str) -> dict:
     msgs = row["messages"]  # a list of {role, content} strings: DataFolder checked the row
     if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
         raise SafetyPatchError(f"{where}: expected 'messages' ending with an assistant turn")
+    pre = (row.get("meta") or {}).get("prefill")
+    if pre:  # a red-team round's prefill jailbreak: the answer starts with the forced text
+        if not msgs[-1]["content"].startswith(pre) or not msgs[-1]["content"][len(pre):].strip():
+            raise SafetyPatchError(f"{where}: field meta.prefill: the assistant turn must start with the prefill "
+                                   f"{pre!r} and go on after it")
+        return {"prompt": msgs[:-1], "completion": msgs[-1:], "prefill": pre}
     return {"prompt": msgs[:-1], "completion": msgs[-1:]}
+
+
+def mask_prefills(dataset, tokenizer):
+    """Take no loss on a row's prefill: the tokens of the forced start of its answer (the
+    safety-recovery rows of Qi et al. 2024, arXiv 2406.05946: a harmful prefix, then a refusal
+    supervised after it). ``dataset``: TRL's tokenized SFT dataset with ``prompt`` (messages),
+    ``prefill`` (str or None), ``input_ids`` and ``labels`` (or ``completion_mask``). The prefix
+    is the prompt rendered with the generation prompt plus the prefill, as generation renders a
+    prefilled answer (generation.generate). Raises SafetyPatchError when a row's tokens do not
+    start with that prefix (a template or tokenizer that merges across the boundary): training on
+    the forced text would teach the model to comply."""
+    cols = dataset.column_names
+    key = "labels" if "labels" in cols else "completion_mask" if "completion_mask" in cols else None
+    if key is None:
+        raise SafetyPatchError(f"rows with meta.prefill: the tokenized dataset has neither labels nor completion_mask "
+                               f"(columns {cols}); this TRL version cannot be told to skip the prefill")
+
+    def one(ex, i):
+        if not ex["prefill"]:
+            return {}
+        text = tokenizer.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True) + ex["prefill"]
+        head = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = ex["input_ids"]
+        if len(head) >= len(ids) or list(ids[:len(head)]) != list(head):
+            raise SafetyPatchError(f"training row {i}: its tokens do not start with the rendered prompt and the prefill "
+                                   f"{ex['prefill']!r} (the tokenizer merges across the boundary), so the prefill "
+                                   "cannot be left out of the loss")
+        off = -100 if key == "labels" else 0
+        return {key: [off] * len(head) + list(ex[key][len(head):])}
+
+    return dataset.map(one, with_indices=True, desc="Masking prefills")
 
 
 def _read(data: DataFolder, name: str) -> list[dict]:

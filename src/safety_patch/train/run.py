@@ -795,6 +795,11 @@ def _make_trainer(lm, rows, cfg: TrainConfig, peft_config, work: Path, progress:
         dataloader_num_workers=0,
         max_length=cfg.data.max_seq_len,
     )
+    if any(r.get("prefill") for r in rows):
+        if cfg.loss.objective == "dpo":
+            raise SafetyPatchError("rows with meta.prefill (a red-team round's prefill jailbreaks) train with a "
+                                   "completion loss that skips the prefill; DPO has no such loss: use an SFT recipe")
+        rows = [{"prefill": None} | r for r in rows]  # from_list takes its columns from the first row
     ds = Dataset.from_list(rows)
     if cfg.loss.objective == "dpo":
         from trl import DPOTrainer
