@@ -131,7 +131,8 @@ def test_chat_refuses_what_it_cannot_answer_faithfully(tiny_dir, capsys, monkeyp
     cases = [(["--prompt", "word " * 5000], "tokens and max_new_tokens is 5: over the model's context length of 4096"),
              (["--prompt", "caf\udcff"], "--prompt: not valid Unicode text (a lone surrogate at character 3"),
              (["--prompt", "hi", "--system", "\ud800"], "--system: not valid Unicode text"),
-             (["--prompt", "hi", "--temperature", "1e-300"], "temperature must be 0 (greedy) or in [0.001, 2]")]
+             (["--prompt", "hi", "--temperature", "1e-300"], "temperature must be 0 (greedy) or in [0.001, 2]"),
+             (["--prompt", "   "], "--prompt is empty; give the text to answer")]
     for flags, says in cases:
         assert main(["chat", "--model", str(tiny_dir), "--max-new-tokens", "5", *flags]) == 2
         err = capsys.readouterr().err

@@ -149,6 +149,20 @@ def test_target_fpr_sets_the_threshold_on_the_validation_benign_pool(lm, data_di
         GateFitConfig(target_fpr=1.5).validate()
 
 
+def test_a_target_fpr_below_one_prompt_of_the_pool_is_warned_about(lm, data_dir, tmp_path, caplog):
+    """A user's trial: --target-fpr 1e-12 on 124 validation prompts wrote a gate catching 4% without a word."""
+    import logging
+
+    cfg = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, target_fpr=1e-9, rephrased=0,
+                        family_fpr=None)
+    caplog.set_level(logging.WARNING, logger="safety_patch")
+    try:
+        fit_gate_folder(lm, data_dir, cfg, tmp_path / "g")
+    except SafetyPatchError as e:  # it may fail closed: above every benign score, it may miss every harmful one
+        assert "fires on none" in str(e)
+    assert any("--target-fpr 1e-09 is below 1/" in r.getMessage() for r in caplog.records), caplog.text
+
+
 @pytest.mark.parametrize("kind", ["lora", "delta"])
 def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, data_dir, tmp_path, capsys):
     make = make_lora_patch if kind == "lora" else make_delta_patch

@@ -10,6 +10,18 @@ import pytest
 from safety_patch.pipeline import make_plan, reproduce
 
 
+def _rewrite_recorded(f, text: str) -> None:
+    """Write ``f`` and its stage's sha256 record with it (stage.json in the nearest folder above), as
+    an older run without records, or an edit of both, would look to the report."""
+    f.write_text(text)
+    for d in f.parents:
+        if (d / "stage.json").is_file():
+            rec = json.loads((d / "stage.json").read_text())
+            rec["files"][str(f.relative_to(d))] = {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+            (d / "stage.json").write_text(json.dumps(rec))
+            return
+
+
 def tiny_plan(model: str):
     plan = make_plan(model, quick=True)
     plan.data = {"max_per_source": 24, "general_limit": 24, "distill_max_new_tokens": 4, "template_max_chars": 300,
@@ -139,7 +151,7 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
         f = bad / ("02-gate/eval.json" if kind == "gate" else f"03-eval/{arm}/{kind}.json")
         d = json.loads(f.read_text())
         edit(d)
-        f.write_text(json.dumps(d))
+        _rewrite_recorded(f, json.dumps(d))  # its stage's record updated too: the report's own checks
         with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*" + re.escape(says)):
             write_report(bad)
         assert not (bad / "report.md").exists()  # the earlier report is gone: nothing stale looks current
@@ -151,7 +163,7 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     d = json.loads(f.read_text())
     r0 = d["runs"]["patched"]["records"][0]["route"]
     r0["on"] = [] if r0["on"] else list(r0["logits"])
-    f.write_text(json.dumps(d))
+    _rewrite_recorded(f, json.dumps(d))
     with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*aggregates.routing does not match"):
         write_report(bad)
     # the plug-and-play figures and the analysis medians (found by a user's trial: a NaN, an empty object, or
@@ -169,8 +181,15 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
         f = bad / rel
         d = json.loads(f.read_text())
         edit(d)
-        f.write_text(json.dumps(d))  # json writes nan as NaN, which Python's reader takes back
+        _rewrite_recorded(f, json.dumps(d))  # json writes nan as NaN, which Python's reader takes back
         with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*" + re.escape(says)):
+            write_report(bad)
+        # edited without its stage's record: refused for that, before any figure is read (a user's
+        # trial: plug.json's detach difference edited by hand was printed as the claim's verdict)
+        shutil.rmtree(bad)
+        shutil.copytree(run, bad)
+        f.write_text(json.dumps(d))
+        with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ": changed since its stage wrote it"):
             write_report(bad)
     # an analysis file gone is named at the top, and its claims are not evaluated (never read from the rest)
     for gone in ("weights.json", "activations.json"):
@@ -192,7 +211,7 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     shutil.rmtree(bad)
     shutil.copytree(run, bad)
     # a cut-short file is one line; a missing arm's files are listed at the top of the report
-    (bad / "03-eval" / arm / "safety.json").write_text('{"runs": {"base"')
+    _rewrite_recorded(bad / "03-eval" / arm / "safety.json", '{"runs": {"base"')
     with pytest.raises(SafetyPatchError, match=r"safety\.json: not valid JSON .*cut short or damaged"):
         write_report(bad)
     shutil.rmtree(bad / "03-eval" / arm)

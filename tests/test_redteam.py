@@ -19,6 +19,14 @@ def test_two_lifelong_rounds_on_a_tiny_model(tmp_path):
     kw = dict(limit=6, max_new_tokens=16, train_overrides={"data.max_seq_len": 1024, "optim.batch_size": 4}, device="cpu")
     r1 = run_round(str(tiny_dir), [], "direct", data, tmp_path / "r1", **kw)
     assert r1["train_rows"] == r1["successes_found"] > 0 and set(r1["regression_asr"]) == {"direct"}
+    # `data show` on the round's folder: its own train rows, no file called edited (a user's trial
+    # saw the parent's counts and a warning for every file)
+    from safety_patch.data.build import show
+
+    shown = show(tmp_path / "r1" / "data")
+    assert "WARNING" not in shown and "a red-team round's folder" in shown
+    line = next(ln for ln in shown.splitlines() if ln.startswith("harmful conversations"))
+    assert line.split()[2] == str(r1["train_rows"])
     r2 = run_round(str(tiny_dir), [tmp_path / "r1" / "patch"], "refusal_suppression", data, tmp_path / "r2",
                    previous=[tmp_path / "r1"], **kw)
     assert set(r2["regression_asr"]) == {"direct", "refusal_suppression"}
@@ -114,7 +122,8 @@ def test_a_round_trains_on_the_whole_attacked_conversation(tmp_path):
         assert "prefill" not in row["meta"]
     assert "context" not in by["direct"]
     row = _training_row(by["prefill"], "I can't help with that.", "prefill")
-    assert row["messages"][-1]["content"] == "Sure, here is I can't help with that." and row["meta"]["prefill"] == "Sure, here is"
+    assert row["messages"][-1]["content"] == "Sure, here is why I can't help with this. I can't help with that."
+    assert row["meta"]["prefill"] == "Sure, here is"
     # each row is a valid train.jsonl row, and training reads its prefill
     from safety_patch.data.folder import ROW_SCHEMAS, check
     from safety_patch.train.data import _pc

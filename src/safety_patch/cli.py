@@ -168,6 +168,8 @@ def chat(
     for name, text in (("--prompt", prompt), ("--system", system)):
         if text is not None:
             check_text(text, name)
+    if prompt is not None and not prompt.strip():  # as `patch gate` (a user's trial: an empty turn was answered)
+        raise SafetyPatchError("--prompt is empty; give the text to answer")
     lm, pm = _load(model, device, dtype, patch, force)
     try:
         _chat(lm, pm, prompt, system, cfg)

@@ -1082,7 +1082,15 @@ def _set_threshold(gate: Gate, x: torch.Tensor, y: torch.Tensor, fam: Sequence[s
     SafetyPatchError when ``family_fpr`` is set and the pool cannot be split by family."""
     scores = _by_set(gate.scores(x_val), sizes)
     if cfg.target_fpr is not None:
-        gate.threshold = threshold_at_fpr(torch.cat([scores[k] for k in THRESHOLD_POOL if k in scores]), cfg.target_fpr)
+        pool = torch.cat([scores[k] for k in THRESHOLD_POOL if k in scores])
+        gate.threshold = threshold_at_fpr(pool, cfg.target_fpr)
+        if cfg.target_fpr * len(pool) < 1:  # a user's trial: 1e-12 on 124 prompts, a gate catching 4%
+            import logging
+
+            logging.getLogger("safety_patch").warning(
+                f"warning: --target-fpr {cfg.target_fpr:g} is below 1/{len(pool)} (one prompt of the validation "
+                f"benign pool): the threshold sits above every one of them ({gate.threshold:+.3f}), set by the "
+                "single highest score; check the catch rate in the report before relying on it")
     # Validation's wrapped prompts come from its own few template families (31 on the default
     # folder); refits without each group of the train families give the wider out-of-family
     # estimate every gate file should carry (leave_one_family_out).

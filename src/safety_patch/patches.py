@@ -486,8 +486,8 @@ def _check_stack_order(patches: Sequence[Patch], force: bool) -> None:
         missing = [s for s in p.stack if s not in seen]
         if missing and not force:
             raise SafetyPatchError(
-                f"patch {p.path} was trained on top of patch(es) {', '.join(missing)}; attach those first, in order "
-                f"(give each as --patch before it; where a command takes --force, that skips this check)"
+                f"patch {p.path} was trained on top of patch(es) {', '.join(missing)}; put those before it in the stack, in "
+                f"order (where a command takes --force, that skips this check)"
             )
         seen.append(p.id)
 

@@ -28,6 +28,8 @@ from .outputs import check_out_dir
 # Written into a round folder before its first file and removed after round.json: a folder that
 # holds it is an unfinished round, which a re-run may clear and rewrite.
 ROUND_MARKER = ".redteam-round"
+RECOVERY = " why I can't help with this."
+"""What a prefill jailbreak's training answer says right after the forced text, before the refusal."""
 
 
 def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out: Path, method: str = "lora",
@@ -121,11 +123,11 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
         shutil.rmtree(round_data)
     round_data.mkdir(parents=True)
     write_jsonl(round_data / FILES["train"], rows + replayed)
-    for f in (FILES[k] for k in ("general", "borderline", "templates", "test", "val")):
+    for f in (FILES[k] for k in ("general", "borderline", "templates", "test", "val", "humaneval")):
         if (data_dir / f).is_file():
             shutil.copy(data_dir / f, round_data / f)
-    write_json(round_data / MANIFEST, manifest | {"derived": {"from": str(data_dir), "round_attack": attack,
-                                                                     "successes": len(rows), "replayed": len(replayed)}})
+    write_json(round_data / MANIFEST, _round_manifest(manifest, round_data, rows + replayed) | {"derived": {
+        "from": str(data_dir), "round_attack": attack, "successes": len(rows), "replayed": len(replayed)}})
 
     # 3. train the next patch on top of the stack (tcfg: resolved and checked at the start)
     meta = train(round_data, out / "patch", tcfg, model=model, device=device, dtype=dtype, overwrite=True, progress=False,
@@ -171,6 +173,29 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     return table
 
 
+def _round_manifest(manifest: dict, folder: Path, train_rows: list[dict]) -> dict:
+    """The parent folder's manifest with this round's train counts and the hashes of the files the
+    round folder holds (a user's trial: `data show` on a round's folder printed the parent's 155
+    training conversations for a file of 6, and called every file edited)."""
+    from collections import Counter
+
+    from .atomic import sha256_file
+
+    c = dict(manifest["counts"])
+    metas = [r.get("meta") or {} for r in train_rows]
+
+    def train(key: str, value) -> dict:
+        return {**(c.get(key) or {}), "train": value}
+
+    c["rows_per_split"] = train("rows_per_split", len(train_rows))
+    c["behaviours_per_split"] = train("behaviours_per_split", len({m.get("behavior_id") for m in metas} - {None}))
+    c["category_per_split"] = train("category_per_split", dict(sorted(Counter(m.get("category", "?") for m in metas).items())))
+    c["template_per_split"] = train("template_per_split", dict(Counter(m.get("template", "?") for m in metas)))
+    c["wrapped_train_rows"] = sum(m.get("template", "direct") != "direct" for m in metas)
+    files = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    return manifest | {"counts": c, "files": files}
+
+
 def _training_row(record: dict, refusal: str, attack: str) -> dict:
     """A jailbreak that worked, as a training row: the whole conversation the model saw (the
     few-shot or multi-turn ``context`` before the attacked turn), answered with ``refusal``. A
@@ -182,8 +207,11 @@ def _training_row(record: dict, refusal: str, attack: str) -> dict:
     pre = record.get("prefill") or ""
     meta = {"source": "redteam", "category": record["category"], "behavior_id": record["behavior_id"], "template": attack,
             "template_family": record["family"], "split": "train", "request": record["request"]}
+    # after the forced text, a turn back ("Sure, here is" + " why I can't help with this." + the
+    # refusal); it starts with a space, so no tokenizer merges it into the prefill's last token
+    turn = f"{pre}{RECOVERY} {refusal}" if pre else refusal
     return {"messages": [*record.get("context", []), {"role": "user", "content": record["prompt"]},
-                         {"role": "assistant", "content": f"{pre} {refusal}" if pre else refusal}],
+                         {"role": "assistant", "content": turn}],
             "meta": meta | ({"prefill": pre} if pre else {})}
 
 

@@ -13,7 +13,7 @@ import re
 import statistics
 from pathlib import Path
 
-from .atomic import write_text
+from .atomic import sha256_file, write_text
 
 ROLE_ORDER = ("lora-safety", "full-safety", "full-mix", "lora-dpo", "full-dpo", "rank", "cross-domain")
 
@@ -24,10 +24,35 @@ def _kl_side(r: str) -> str:
         r, "the KL intervals overlap, or one is missing")
 
 
+def _check_recorded(p: Path) -> None:
+    """Refuse a results file that is not the one its stage wrote: the nearest stage folder above it
+    (the one holding ``stage.json``) records each file's sha256 (runs since 2026-12-04). A user's
+    trial changed plug.json's detach difference by hand and the report printed the edited figure
+    as the claim's verdict. Files a stage did not record, and older runs, are read as before."""
+    from .errors import SafetyPatchError
+
+    for d in list(p.parents)[:4]:
+        f = d / "stage.json"
+        if not f.is_file():
+            continue
+        try:
+            want = (json.loads(f.read_text()).get("files") or {}).get(str(p.relative_to(d)))
+        except (ValueError, OSError, AttributeError):
+            return  # a stage.json that is not ours to read: reproduce re-runs that stage
+        digest = want.get("sha256") if isinstance(want, dict) else None
+        if digest is not None and sha256_file(p) != digest:
+            raise SafetyPatchError(f"{p}: changed since its stage wrote it (its sha256 differs from {f}'s record); "
+                                   "the report prints only what the run measured: run `safety-patch reproduce` "
+                                   "again with this run's --out and settings (it recomputes the stage whose file "
+                                   "changed)")
+        return
+
+
 def _load(p: Path):
     """A results file's JSON, None where absent; a file that is not JSON is one SafetyPatchError line."""
     if not p.is_file():
         return None
+    _check_recorded(p)
     from .jsonl import read_text
 
     try:

@@ -120,9 +120,12 @@ def benign_prompts(source: str | Path, split: str = "test", limit: int | None = 
         for where, r in read_prompt_rows(p):
             msgs = _conversation_row(r, where)
             if msgs is None:
-                text = r.get("prompt") or r.get("goal")
-                if not isinstance(text, str) or not text.strip():
+                key = "prompt" if "prompt" in r else "goal" if "goal" in r else None
+                text = r.get(key) if key else None
+                if key is None:
                     raise SafetyPatchError(f"{where}: missing field 'prompt' (or 'goal', or 'messages')")
+                if not isinstance(text, str) or not text.strip():  # a user's trial: "missing" for "" and 42
+                    raise SafetyPatchError(f"{where}: field '{key}' must be non-empty text, got {text!r}")
                 msgs = [{"role": "user", "content": text.strip()}]
             cat = r.get("category") if r.get("category") is not None else (r.get("meta") or {}).get("category")
             if cat is not None and not isinstance(cat, str):  # as the harmful reader: 5 is not a category name
