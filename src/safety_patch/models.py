@@ -440,12 +440,11 @@ def model_info(lm: LoadedModel) -> dict:
 def _merge_summary(lm: LoadedModel) -> dict:
     """For a checkpoint `patch merge` wrote: its original base and the patches folded in, in order
     (from merged_from.json; its weights were checked against the record when it loaded)."""
-    f = Path(lm.path) / "merged_from.json" if lm.path else None
-    if f is None or not f.is_file():
-        return {}
     from .patches import _merged_from
 
-    rec = _merged_from(lm)
+    rec = _merged_from(lm)  # {} for any other model
+    if not rec:
+        return {}
     base = rec.get("base") if isinstance(rec.get("base"), dict) else {}
     fp = base.get("fingerprint")
     return {"merged_base": f"{base.get('name') or '?'}" + (f" ({fp[:12]}…)" if isinstance(fp, str) else ""),

@@ -184,13 +184,13 @@ def _round_manifest(manifest: dict, folder: Path, train_rows: list[dict]) -> dic
     c = dict(manifest["counts"])
     metas = [r.get("meta") or {} for r in train_rows]
 
-    def train(key: str, value) -> dict:
+    def with_train(key: str, value) -> dict:  # the parent's per-split counts, this round's train
         return {**(c.get(key) or {}), "train": value}
 
-    c["rows_per_split"] = train("rows_per_split", len(train_rows))
-    c["behaviours_per_split"] = train("behaviours_per_split", len({m.get("behavior_id") for m in metas} - {None}))
-    c["category_per_split"] = train("category_per_split", dict(sorted(Counter(m.get("category", "?") for m in metas).items())))
-    c["template_per_split"] = train("template_per_split", dict(Counter(m.get("template", "?") for m in metas)))
+    c["rows_per_split"] = with_train("rows_per_split", len(train_rows))
+    c["behaviours_per_split"] = with_train("behaviours_per_split", len({m.get("behavior_id") for m in metas} - {None}))
+    c["category_per_split"] = with_train("category_per_split", dict(sorted(Counter(m.get("category", "?") for m in metas).items())))
+    c["template_per_split"] = with_train("template_per_split", dict(Counter(m.get("template", "?") for m in metas)))
     c["wrapped_train_rows"] = sum(m.get("template", "direct") != "direct" for m in metas)
     files = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
     return manifest | {"counts": c, "files": files}

@@ -115,18 +115,19 @@ def benign_prompts(source: str | Path, split: str = "test", limit: int | None = 
             out += [{"messages": msgs, "category": r["meta"]["category"], "set": kind}
                     for msgs, r in zip(d.prompts(kind, split), d.in_split(kind, split), strict=True)]
     else:
-        from ..data.sources.files import read_prompt_rows
+        from ..data.sources.files import PROMPT_KEYS, read_prompt_rows
 
         for where, r in read_prompt_rows(p):
             msgs = _conversation_row(r, where)
             if msgs is None:
-                key = "prompt" if "prompt" in r else "goal" if "goal" in r else None
-                text = r.get(key) if key else None
+                # the first of prompt/goal that holds text, as the harmful reader takes it (data.sources.files)
+                key = next((k for k in PROMPT_KEYS if isinstance(r.get(k), str) and r[k].strip()), None)
                 if key is None:
-                    raise SafetyPatchError(f"{where}: missing field 'prompt' (or 'goal', or 'messages')")
-                if not isinstance(text, str) or not text.strip():  # a user's trial: "missing" for "" and 42
-                    raise SafetyPatchError(f"{where}: field '{key}' must be non-empty text, got {text!r}")
-                msgs = [{"role": "user", "content": text.strip()}]
+                    given = next((k for k in PROMPT_KEYS if k in r), None)
+                    raise SafetyPatchError(  # a user's trial: "missing" for "" and 42
+                        f"{where}: field '{given}' must be non-empty text, got {r[given]!r}" if given else
+                        f"{where}: missing field 'prompt' (or 'goal', or 'messages')")
+                msgs = [{"role": "user", "content": r[key].strip()}]
             cat = r.get("category") if r.get("category") is not None else (r.get("meta") or {}).get("category")
             if cat is not None and not isinstance(cat, str):  # as the harmful reader: 5 is not a category name
                 raise SafetyPatchError(f"{where}: field 'category' must be a string, got {cat!r}")
