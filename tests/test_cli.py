@@ -28,6 +28,19 @@ def test_chat_one_prompt(tiny_dir, capsys):
     assert out == want + "\n"
 
 
+def test_chat_says_a_seed_does_nothing_when_greedy(tiny_dir, capsys):
+    """A user's trial: `chat --seed 3` without --temperature answered greedily and took the seed silently."""
+    args = ["chat", "--model", str(tiny_dir), "--prompt", "hello", "--max-new-tokens", "3"]
+    assert main(args + ["--seed", "3"]) == 0
+    greedy_seeded = capsys.readouterr()
+    assert "--seed has no effect with greedy decoding" in greedy_seeded.err
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert "--seed" not in plain.err and plain.out == greedy_seeded.out  # the answer itself is the greedy one
+    assert main(args + ["--seed", "3", "--temperature", "0.7"]) == 0
+    assert "--seed" not in capsys.readouterr().err  # sampling uses it: nothing to say
+
+
 def test_user_error_is_one_line_and_exit_2(capsys):
     assert main(["model", "info", "--model", "./missing-model"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -154,7 +154,8 @@ def chat(
     system: Annotated[str | None, typer.Option(help="System prompt (default: the model template's own).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, callback=_finite, help="0 = greedy.")] = 0.0,
-    seed: Annotated[int, typer.Option(min=-(2**63), max=2**64 - 1, help="Sampling seed (with --temperature > 0).")] = 0,
+    seed: Annotated[int | None, typer.Option(min=-(2**63), max=2**64 - 1,
+                                             help="Sampling seed (with --temperature > 0; default 0).")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     force: Annotated[bool, typer.Option(help="Attach patches made for another base model (warns).")] = False,
@@ -164,7 +165,10 @@ def chat(
     from .generation import GenerationConfig
 
     # what can be checked without the model fails before it loads
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=1, seed=seed)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=1,
+                           seed=0 if seed is None else seed)
+    if seed is not None and temperature == 0:  # greedy decoding draws nothing: say so rather than take the seed silently
+        typer.echo("warning: --seed has no effect with greedy decoding (--temperature 0)", err=True)
     for name, text in (("--prompt", prompt), ("--system", system)):
         if text is not None:
             check_text(text, name)

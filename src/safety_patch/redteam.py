@@ -24,6 +24,7 @@ from .atomic import write_json, write_jsonl
 from .data.folder import FILES, MANIFEST, DataFolder
 from .errors import SafetyPatchError
 from .outputs import check_out_dir
+from .provenance import code_identity
 
 # Written into a round folder before its first file and removed after round.json: a folder that
 # holds it is an unfinished round, which a re-run may clear and rewrite.
@@ -127,7 +128,8 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
         if (data_dir / f).is_file():
             shutil.copy(data_dir / f, round_data / f)
     write_json(round_data / MANIFEST, _round_manifest(manifest, round_data, rows + replayed) | {"derived": {
-        "from": str(data_dir), "round_attack": attack, "successes": len(rows), "replayed": len(replayed)}})
+        "from": str(data_dir), "round_attack": attack, "successes": len(rows), "replayed": len(replayed),
+        "code": code_identity()}})  # the rows are this code's; the parent's `code` stays the parent's
 
     # 3. train the next patch on top of the stack (tcfg: resolved and checked at the start)
     meta = train(round_data, out / "patch", tcfg, model=model, device=device, dtype=dtype, overwrite=True, progress=False,

@@ -476,8 +476,10 @@ def show(data_dir: str | Path) -> str:
     lines = [f"data folder {data_dir} (seed {m['seed']}, built in {m['seconds']}s)", ""]
     dv = m.get("derived")
     if isinstance(dv, dict) and dv.get("round_attack"):  # a red-team round's training folder
-        lines[0] += (f"; a red-team round's folder: its train rows are the {dv.get('successes')} jailbreaks of "
-                     f"{dv.get('round_attack')!r} and {dv.get('replayed')} replayed rows; the rest is {dv.get('from')}'s")
+        # the seed and build time are the parent's (a user's trial read the parent's as the round's)
+        lines[0] = (f"data folder {data_dir}: a red-team round's folder: its train rows are the {dv.get('successes')} "
+                    f"jailbreaks of {dv.get('round_attack')!r} and {dv.get('replayed')} replayed rows; the rest is "
+                    f"{dv.get('from')}'s (seed {m['seed']}, built in {m['seconds']}s)")
     lines.append(f"{'':<28}{'train':>8}{'val':>8}{'test':>8}")
     def line(label, d):
         return f"{label:<28}" + "".join(f"{d.get(s, 0):>8}" for s in splits.SPLITS)
