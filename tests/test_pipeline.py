@@ -345,6 +345,45 @@ def test_a_stage_is_done_only_while_its_files_are_as_it_wrote_them(tmp_path):
     assert not st.done(d, "k1")
 
 
+def test_a_run_is_bound_to_its_model_weights_not_the_path(tiny_dir, tmp_path, monkeypatch):
+    """A user's trial: `reproduce --model merged` stopped after its data stage, the folder's weights
+    replaced by another model's, and the next invocation served the old model's data "cached" to
+    the new one (stage keys and settings held the --model string); the same folder spelled
+    ./merged was refused as "other settings". The fingerprint binds the run now."""
+    import shutil
+
+    from safety_patch.errors import SafetyPatchError
+    from safety_patch.models import load_model, model_fingerprint
+    from safety_patch.pipeline import _check_same_plan
+    from safety_patch.testing import save_tiny_model
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir, model)
+    fp = load_model(str(model), device="cpu").fingerprint
+    assert model_fingerprint(str(model), "cpu") == fp  # read back from the load's cache
+    run = tmp_path / "run"
+    (run / "01-data").mkdir(parents=True)
+    settings = {"plan": {"mode": "quick", "model": str(model), "seeds": 1},
+                "runtime": {"device": "cpu", "dtype": "float32"}, "model_fingerprint": fp}
+    (run / "settings.json").write_text(json.dumps(settings))
+    # the same weights by another spelling of the path: bound to the same run
+    monkeypatch.chdir(tmp_path)
+    assert model_fingerprint("./m", "cpu") == fp
+    _check_same_plan(run, settings | {"plan": settings["plan"] | {"model": "./m"}})
+    # other weights in the same folder: refused before any stage runs, naming both fingerprints
+    shutil.rmtree(model)
+    save_tiny_model(model, seed=7)
+    other = model_fingerprint(str(model), "cpu")
+    assert other != fp
+    with pytest.raises(SafetyPatchError, match=rf"model weights {fp[:12]} -> {other[:12]} .*other weights"):
+        reproduce(run, tiny_plan(str(model)), device="cpu")
+    assert json.loads((run / "settings.json").read_text())["model_fingerprint"] == fp  # untouched
+    # a run recorded before fingerprints were bound keeps the --model string check
+    (run / "settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "model_fingerprint"}))
+    with pytest.raises(SafetyPatchError, match=r"other settings \(model "):
+        _check_same_plan(run, settings | {"plan": settings["plan"] | {"model": "./m"}})
+
+
 def test_an_interrupted_first_run_is_bound_to_its_settings_too(tiny_dir, tmp_path):
     """Found by a user's trial: run.json is written when a run ends, so an interrupted first run
     resumed without --quick deleted its 01-data and rebuilt at default sizes; and --dtype was

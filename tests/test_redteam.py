@@ -27,6 +27,9 @@ def test_two_lifelong_rounds_on_a_tiny_model(tmp_path):
     assert "WARNING" not in shown and "a red-team round's folder" in shown
     assert shown.splitlines()[0].index("round") < shown.splitlines()[0].index("built in")  # the build time is the parent's
     assert "source_sha256" in json.loads((tmp_path / "r1" / "data" / "manifest.json").read_text())["derived"]["code"]
+    assert f"training rows by attack: direct {r1['train_rows']};" in shown  # not "wrapped"
+    with pytest.raises(SafetyPatchError, match=f"it holds one: {tmp_path / 'r1' / 'data'}"):
+        show(tmp_path / "r1")  # the round's own folder names its data folder
     line = next(ln for ln in shown.splitlines() if ln.startswith("harmful conversations"))
     assert line.split()[2] == str(r1["train_rows"])
     r2 = run_round(str(tiny_dir), [tmp_path / "r1" / "patch"], "refusal_suppression", data, tmp_path / "r2",

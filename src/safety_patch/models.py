@@ -215,17 +215,30 @@ def cached_checkpoint(gguf: Path, name: str | None = None) -> Path:
 # ----------------------------------------------------------------------------- loading
 
 
-def _fingerprint_cached(model, tokenizer, ckpt: Path, runtime: rt.Runtime) -> str:
-    """Fingerprint of a checkpoint loaded at ``runtime.dtype``, cached by file stats."""
+def _fingerprint_cache(ckpt: Path, runtime: rt.Runtime) -> Path:
+    """Where the fingerprint of a checkpoint folder loaded at ``runtime.dtype`` is cached: keyed on
+    the folder's resolved path and each file's name, size and mtime (an edited file misses)."""
     files = sorted(p for p in ckpt.iterdir() if p.is_file() and not p.name.startswith("."))
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     key = hashlib.sha256(json.dumps([str(ckpt.resolve()), stats, str(runtime.dtype)]).encode()).hexdigest()[:24]
-    cache = home() / "fingerprints" / f"{key}.json"
+    return home() / "fingerprints" / f"{key}.json"
+
+
+def _read_cached_fingerprint(cache: Path) -> str | None:
     if cache.is_file():
         try:
             return json.loads(cache.read_text())["fingerprint"]
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
+    return None
+
+
+def _fingerprint_cached(model, tokenizer, ckpt: Path, runtime: rt.Runtime) -> str:
+    """Fingerprint of a checkpoint loaded at ``runtime.dtype``, cached by file stats."""
+    cache = _fingerprint_cache(ckpt, runtime)
+    fp = _read_cached_fingerprint(cache)
+    if fp is not None:
+        return fp
     fp = fingerprint(model, tokenizer)
     try:
         _writable_dir(cache.parent)
@@ -393,6 +406,24 @@ def load_model(spec: str = "default", device: str | None = "auto", dtype: str | 
 
         note_merged(model, Path(where), fp)  # a merged checkpoint: its folded-in patches are never attached again
     return LoadedModel(model, tokenizer, spec, source, where, runtime, fp, time.time() - t0)
+
+
+def model_fingerprint(spec: str = "default", device: str | None = "auto", dtype: str | None = "auto") -> str:
+    """The fingerprint (``fingerprint.fingerprint``: sha256 hex, 64 characters) of the model
+    ``spec`` names, as ``load_model(spec, device, dtype)`` would compute it: read from the cache
+    keyed on the folder's file stats when a load already computed it, else by loading the model
+    (which fills the cache). What a run folder binds to: a path names a folder, not the weights in
+    it (a user's trial swapped a folder's weights and `reproduce` served the old model's stages).
+    Raises ``SafetyPatchError`` as ``load_model`` does."""
+    source, where = resolve_checkpoint(spec)
+    if source != "hub":
+        fp = _read_cached_fingerprint(_fingerprint_cache(Path(where), rt.resolve(device, dtype)))
+        if fp is not None:
+            return fp
+    lm = load_model(spec, device=device, dtype=dtype)
+    fp = lm.fingerprint
+    del lm
+    return fp
 
 
 # ----------------------------------------------------------------------------- introspection

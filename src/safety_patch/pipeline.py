@@ -1,7 +1,8 @@
 """``safety-patch reproduce``: the paper's experiments as numbered stages in one run folder.
 
 RUN/
-  settings.json            what the folder is bound to (mode, model, seeds, device type, dtype),
+  settings.json            what the folder is bound to (mode, model and its weights' fingerprint,
+                           seeds, device type, dtype),
                            written before the first stage
   run.json                 resolved plan, provenance, per-stage timings
   01-data/                 data folder (data build)
@@ -180,7 +181,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     from .data.build import DataConfig, build, manifest_sha256
     from .evaluation.capability import CapabilityConfig, evaluate_capability
     from .evaluation.safety import EvalConfig, evaluate
-    from .models import load_model, resolve_checkpoint
+    from .models import load_model, model_fingerprint
     from .provenance import code_key, provenance
     from .report import write_report
     from .train.api import resolve_config
@@ -191,8 +192,12 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     plan_dict = _plan_dict(plan)
     settings = {"plan": {k: plan_dict[k] for k in SETTINGS},
                 "runtime": {"device": resolved.device.type, "dtype": str(resolved.dtype).removeprefix("torch.")}}
+    # the weights, not the path, are what a run is bound to and what its stages are keyed on (a
+    # user's trial swapped a folder's weights between two invocations: the old model's data was
+    # served "cached" to the new one; and the same folder spelled ./m was refused as another model).
+    # Fails early on a bad --model (and converts a GGUF once), before --out is made.
+    settings["model_fingerprint"] = model_fp = model_fingerprint(plan.model, device, dtype)
     _check_same_plan(run, settings)
-    resolve_checkpoint(plan.model)  # fail early on a bad --model (and convert the GGUF once), before --out is made
     run.mkdir(parents=True, exist_ok=True)
     # written before the first stage: an interrupted first run is refused in other settings too
     # (run.json exists only once a run ends, and resuming in another mode deleted 01-data)
@@ -207,7 +212,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     # Every stage key holds the code identity: after any edit to the package, stages re-run
     # instead of being served from a folder that other code computed (provenance.py says why).
     code = code_key()
-    data_key = _hash({"data": plan.data, "model": plan.model, "code": code})
+    data_key = _hash({"data": plan.data, "model": model_fp, "code": code})
     if not st.done(data_dir, data_key):
         st.say(step, n_steps, "data: building harmful, general and borderline sets")
         t = time.time()
@@ -220,7 +225,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
 
     # 2a. the gate (its own stage: gate fit), and its reliability on the held-out test split
     gate_dir = run / "02-gate"
-    gate_key = _hash({"gate": plan.gate, "attacks": plan.gate_attacks, "data": data_hash, "model": plan.model,
+    gate_key = _hash({"gate": plan.gate, "attacks": plan.gate_attacks, "data": data_hash, "model": model_fp,
                       "code": code})
     if plan.gate is not None:
         step += 1
@@ -245,7 +250,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     for arm in plan.arms:
         step += 1
         d = run / "02-arms" / arm.name
-        key = _hash({"arm": asdict(arm), "data": data_hash, "model": plan.model, "code": code,
+        key = _hash({"arm": asdict(arm), "data": data_hash, "model": model_fp, "code": code,
                      **({"from": arm_keys[arm.train["from"]], "gate": gate_key} if "from" in arm.train else {})})
         arm_keys[arm.name] = key
         if st.done(d, key):
@@ -298,7 +303,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
         d = run / "03-eval" / name
         patches = [] if name == "base" else [run / "02-arms" / name / "patch"]
         key = _hash({"e": asdict(ecfg), "o": asdict(ocfg), "c": asdict(ccfg), "data": data_hash,
-                     "arm": arm_keys.get(name, "base"), "model": plan.model, "code": code})
+                     "arm": arm_keys.get(name, "base"), "model": model_fp, "code": code})
         if st.done(d, key):
             st.say(step, n_steps, f"evaluate {name}", skipped=True)
             continue
@@ -318,7 +323,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     step += 1
     d = run / "04-plug"
     lora_arms = [a.name for a in plan.arms if a.role in ("lora-safety",)]
-    key = _hash({"arms": [arm_keys[a] for a in lora_arms], "model": plan.model, "code": code})
+    key = _hash({"arms": [arm_keys[a] for a in lora_arms], "model": model_fp, "code": code})
     if lora_arms and not st.done(d, key):
         st.say(step, n_steps, "plug-and-play checks")
         t = time.time()
@@ -351,7 +356,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     # 6. report: reads the stage outputs only
     step += 1
     st.say(step, n_steps, "report")
-    info = {"plan": plan_dict, "runtime": settings["runtime"], "timings": st.timings,
+    info = {"plan": plan_dict, "runtime": settings["runtime"], "model_fingerprint": model_fp, "timings": st.timings,
             "total_seconds": round(time.time() - st.t0, 1), "skipped": skipped, **provenance()}
     try:  # keep the order the stages first ran in (a damaged run.json is replaced: each stage.json has its seconds)
         old = json.loads((run / "run.json").read_text()).get("timings")
@@ -405,7 +410,15 @@ def _check_same_plan(run: Path, settings: dict) -> None:
         raise SafetyPatchError(f"{f}: not valid JSON or not a run's record; cannot tell which run this folder holds "
                                "(choose another --out, or remove the folder)") from None
     new, runtime = settings["plan"], settings["runtime"]
-    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in SETTINGS if old.get(k) != new.get(k)]
+    old_fp, new_fp = info.get("model_fingerprint"), settings.get("model_fingerprint")
+    # a run that recorded its model's fingerprint is bound to those weights, whatever the path is
+    # called (./m, an absolute path, another working directory); one that did not (before
+    # 2026-12-04, session 40) to the --model string, as it was
+    bound = [k for k in SETTINGS if not (k == "model" and old_fp and new_fp)]
+    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in bound if old.get(k) != new.get(k)]
+    if old_fp and new_fp and old_fp != new_fp:
+        diff.append(f"model weights {old_fp[:12]} -> {new_fp[:12]} ({new.get('model')!r}"
+                    f"{' was ' + repr(old.get('model')) if old.get('model') != new.get('model') else ''}: other weights)")
     if old_rt:
         diff += [f"{k} {old_rt.get(k)!r} -> {runtime.get(k)!r}" for k in ("device", "dtype")
                  if old_rt.get(k) != runtime.get(k)]

@@ -619,7 +619,9 @@ def blocks(rd: RunData) -> list[tuple]:
     B: list[tuple] = []
     plan = rd.info.get("plan", {})
     B.append(("h1", "safety-patch reproduce report"))
-    B.append(("p", f"Model `{plan.get('model')}`, mode `{plan.get('mode')}`, seeds {plan.get('seeds')}, "
+    fp = rd.info.get("model_fingerprint")
+    B.append(("p", f"Model `{plan.get('model')}`{f' (weights {fp[:12]})' if isinstance(fp, str) else ''}, "
+                   f"mode `{plan.get('mode')}`, seeds {plan.get('seeds')}, "
                    f"total time {rd.info.get('total_seconds', 0) / 60:.1f} min this invocation (cached stages cost "
                    f"nothing), {rd.stage_seconds() / 60:.1f} min of stage time in all. "
                    f"Attack success is judged by the `{rd.judge()}` judge (validation: bench/judge_validation.py); "

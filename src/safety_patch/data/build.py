@@ -495,8 +495,13 @@ def show(data_dir: str | Path) -> str:
     for k in cats:
         lines.append(line(f"  {k}", {s: c["category_per_split"].get(s, {}).get(k, 0) for s in splits.SPLITS}))
     lines.append("")
-    lines.append(f"wrapped training rows: {c['wrapped_train_rows']} of {c['rows_per_split'].get('train', 0)}; "
-                 f"refusal phrasings: {c['refusal_phrasings']}; HumanEval tasks: {c['humaneval_tasks']}; DPO pairs: {c['dpo_pairs']}")
+    if isinstance(dv, dict) and dv.get("round_attack"):
+        # a round's rows are attacks of any kind (a tense rewrite, a cipher), not template-wrapped ones
+        by_attack = (c.get("template_per_split") or {}).get("train") or {}
+        rows = "training rows by attack: " + ", ".join(f"{k} {v}" for k, v in sorted(by_attack.items()))
+    else:
+        rows = f"wrapped training rows: {c['wrapped_train_rows']} of {c['rows_per_split'].get('train', 0)}"
+    lines.append(f"{rows}; refusal phrasings: {c['refusal_phrasings']}; HumanEval tasks: {c['humaneval_tasks']}; DPO pairs: {c['dpo_pairs']}")
     si = c.get("self_instruct")
     if si:
         lines.append(f"self-written benign requests (anchor pool): {si['kept']} kept of {si['sampled']} sampled "

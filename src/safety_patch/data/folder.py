@@ -292,7 +292,11 @@ class DataFolder:
         if not self.path.exists():
             raise SafetyPatchError(f"{self.path} does not exist (a data folder from `safety-patch data build` was expected)")
         if not p.is_file():
-            raise SafetyPatchError(f"{self.path} is not a data folder (no {MANIFEST}); run `safety-patch data build` first")
+            # a red-team round's folder holds its data in data/, a reproduce run in 01-data/: name it
+            # (a user's trial passed the round's folder and was told to run `data build`)
+            inner = next((self.path / n for n in ("data", "01-data") if (self.path / n / MANIFEST).is_file()), None)
+            raise SafetyPatchError(f"{self.path} is not a data folder (no {MANIFEST}); " + (
+                f"it holds one: {inner}" if inner else "run `safety-patch data build` first"))
         m = loads_strict(read_text(p), str(p))
         if not isinstance(m, dict):
             raise SafetyPatchError(f"{p}: expected a JSON object, got {json_type(m)}")
