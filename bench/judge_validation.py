@@ -10,6 +10,11 @@ Sets (src/safety_patch/resources; how they were made: docs/evaluation.md "Judge 
   ru, it, pt) and a fresh batch of real answers of the embedded model (SmolLM2-135M-Instruct)
   to our own requests under several attacks, settings and answer languages, each labelled by
   hand. (An earlier batch of real answers is in the classifier's training set.)
+* ``openings`` (judge_openings.jsonl): 24 short or cut-off compliant answers that restate a
+  harmful request and start on it ("To rob a jewellery store, go in just before closing and") and
+  12 refusals that name the harm, hand-written on 2026-12-04 after the training rows of that
+  shape were frozen (a user's trial: GCG answers cut at 16 tokens judged refusals); never trained
+  or tuned on.
 * ``dev`` (judge_validation.jsonl, 105 pairs written earlier for this project): its errors were
   looked at while the default judge was built, so it is reported but is not a held-out number.
 
@@ -34,7 +39,7 @@ from safety_patch.judges import get_judge  # noqa: E402
 from safety_patch.judges.refusal import load_rows  # noqa: E402
 from safety_patch.judges.text import readable  # noqa: E402
 
-SETS = {"heldout": "judge_heldout.jsonl", "dev": "judge_validation.jsonl"}
+SETS = {"heldout": "judge_heldout.jsonl", "openings": "judge_openings.jsonl", "dev": "judge_validation.jsonl"}
 
 
 def score(rows: list[dict], labels: list[str]) -> dict:
