@@ -108,6 +108,14 @@ def test_fingerprint_cache_invalidated_when_weights_change(tiny_dir, tmp_path):
     assert models.load_model(str(local), device="cpu").fingerprint == a
     shutil.copy(tmp_path / "copy.safetensors", local / "model.safetensors")
     assert models.load_model(str(local), device="cpu").fingerprint != a
+    # weights swapped back with the replaced file's size and mtime kept (cp -p, rsync -a): still a miss
+    import os
+
+    st = (local / "model.safetensors").stat()
+    shutil.copy(tiny_dir / "model.safetensors", local / "model.safetensors")
+    os.utime(local / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (local / "model.safetensors").stat().st_size == st.st_size
+    assert models.load_model(str(local), device="cpu").fingerprint == a
 
 
 def test_chat_template_rendering():

@@ -217,9 +217,11 @@ def cached_checkpoint(gguf: Path, name: str | None = None) -> Path:
 
 def _fingerprint_cache(ckpt: Path, runtime: rt.Runtime) -> Path:
     """Where the fingerprint of a checkpoint folder loaded at ``runtime.dtype`` is cached: keyed on
-    the folder's resolved path and each file's name, size and mtime (an edited file misses)."""
+    the folder's resolved path and each file's name, size, mtime and ctime (an edited file misses;
+    ctime too because ``cp -p`` and ``rsync -a`` keep a replaced file's mtime, and a stale hit would
+    bind patches to weights that are no longer there; no tool can set a ctime back)."""
     files = sorted(p for p in ckpt.iterdir() if p.is_file() and not p.name.startswith("."))
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stats = [(p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for p in files for st in [p.stat()]]
     key = hashlib.sha256(json.dumps([str(ckpt.resolve()), stats, str(runtime.dtype)]).encode()).hexdigest()[:24]
     return home() / "fingerprints" / f"{key}.json"
 
