@@ -243,3 +243,17 @@ def test_the_same_gguf_at_another_path_shares_one_conversion(tmp_path, monkeypat
     assert models.cached_checkpoint(c, "m") != out_a and converted == [a, c]
     n = len(hashed)
     assert models.cached_checkpoint(a, "m") == out_a and len(hashed) == n  # the hash is remembered, not recomputed
+
+
+def test_a_gguf_replaced_with_its_mtime_kept_gets_its_own_conversion_key(tmp_path):
+    """``_file_key`` names a GGUF's converted copy; a file swapped by ``cp -p`` (same size, same
+    mtime) must not read the remembered hash of the file it replaced."""
+    import os
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"a" * 64)
+    first = models._file_key(f)
+    st = f.stat()
+    f.write_bytes(b"b" * 64)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and models._file_key(f) != first

@@ -113,10 +113,12 @@ def _not_local(repo_id: str) -> str:
 def _file_key(path: Path) -> str:
     """12 hex digits of the sha256 of ``path``'s bytes: the key of its converted copy, so every
     checkout and virtual environment holding the same GGUF shares one conversion (a key on the
-    path made each new .venv convert again, 517 MB each). The hash is remembered by path, size
-    and mtime under ``$SAFETY_PATCH_HOME/file-hashes``, so a file is read once (~0.1 s per 100 MB)."""
+    path made each new .venv convert again, 517 MB each). The hash is remembered by path, size,
+    mtime and ctime under ``$SAFETY_PATCH_HOME/file-hashes``, so a file is read once (~0.1 s per
+    100 MB); ctime because a file replaced by ``cp -p`` keeps its mtime (then another GGUF would
+    load the old one's conversion)."""
     st = path.stat()
-    memo = home() / "file-hashes" / (hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    memo = home() / "file-hashes" / (hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode())
                                      .hexdigest()[:24] + ".json")
     try:
         return json.loads(memo.read_text())["sha256"][:12]
