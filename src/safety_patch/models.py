@@ -424,9 +424,12 @@ def model_fingerprint(spec: str = "default", device: str | None = "auto", dtype:
         fp = _read_cached_fingerprint(_fingerprint_cache(Path(where), rt.resolve(device, dtype)))
         if fp is not None:
             return fp
+    import gc
+
     lm = load_model(spec, device=device, dtype=dtype)
     fp = lm.fingerprint
     del lm
+    gc.collect()  # the weights go before the caller loads its own copy (a second 8B copy on one GPU)
     return fp
 
 
