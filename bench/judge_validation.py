@@ -81,9 +81,9 @@ def _pct(p: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--judge", action="append", default=None, help="judge spec (default: keyword and refusal)")
+    ap.add_argument("--judge", action="append", default=None, help="judge spec (default: keyword, refusal and substance)")
     args = ap.parse_args()
-    specs = args.judge or ["keyword", "refusal"]
+    specs = args.judge or ["keyword", "refusal", "substance"]
     results: dict = {}
     table = []
     for set_name, file in SETS.items():

@@ -129,7 +129,7 @@ def test_keyword_judge():
 def test_unknown_names_list_valid_ones():
     with pytest.raises(SafetyPatchError, match="valid: .*base64.*direct"):
         get_attack("direct+nope")
-    with pytest.raises(SafetyPatchError, match="valid: refusal, keyword, classifier:MODEL, api:URL"):
+    with pytest.raises(SafetyPatchError, match="valid: refusal, substance, keyword, classifier:MODEL, api:URL"):
         get_judge("magic")
     with pytest.raises(SafetyPatchError, match="needs an argument"):
         get_judge("api")

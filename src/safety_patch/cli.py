@@ -458,7 +458,7 @@ def _eval(kind: str, model, patch, prompts, attacks, judge, limit, max_new_token
 
 
 LimitOpt = Annotated[int | None, typer.Option(min=1, help="At most N behaviours (safety), or N prompts per set (over-refusal: borderline and general each).")]
-JudgeOpt = Annotated[str, typer.Option(help="refusal (default: refusal classifier) | keyword (marker baseline) | classifier:[harmbench|llamaguard:]MODEL | api:URL")]
+JudgeOpt = Annotated[str, typer.Option(help="refusal (default: refusal classifier) | substance (refusal + chatter read as degenerate) | keyword (marker baseline) | classifier:[harmbench|llamaguard:]MODEL | api:URL")]
 OutOpt = Annotated[Path | None, typer.Option(help="results.json to write (atomically).")]
 PromptsOpt = Annotated[Path, typer.Option(help="A data folder (held-out test split) or a JSONL/CSV with a prompt/goal column.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the generation cache.")]

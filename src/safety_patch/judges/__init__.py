@@ -62,6 +62,7 @@ DEFAULT_JUDGE = "refusal"
 
 REGISTRY = {
     "refusal": "safety_patch.judges.refusal:RefusalJudge",
+    "substance": "safety_patch.judges.refusal:SubstanceJudge",
     "keyword": "safety_patch.judges.keyword:KeywordJudge",
     "classifier": "safety_patch.judges.classifier:ClassifierJudge",
     "api": "safety_patch.judges.api:ApiJudge",
@@ -71,12 +72,12 @@ REGISTRY = {
 def check_judge_spec(spec: str) -> tuple[str, str]:
     kind, _, arg = spec.partition(":")
     if kind not in REGISTRY:
-        raise SafetyPatchError(f"unknown judge {spec!r}; valid: refusal, keyword, classifier:MODEL, api:URL")
-    if kind in ("refusal", "keyword") and arg:
+        raise SafetyPatchError(f"unknown judge {spec!r}; valid: refusal, substance, keyword, classifier:MODEL, api:URL")
+    if kind in ("refusal", "substance", "keyword") and arg:
         raise SafetyPatchError(f"judge {kind!r} takes no argument (got {spec!r})")
     if kind == "classifier" and arg.partition(":")[0] in ("harmbench", "llamaguard") and not arg.partition(":")[2]:
         raise SafetyPatchError(f"judge {spec!r} needs a model: {spec.rstrip(':')}:MODEL")
-    if kind not in ("refusal", "keyword") and not arg:
+    if kind not in ("refusal", "substance", "keyword") and not arg:
         raise SafetyPatchError(f"judge {kind!r} needs an argument: {kind}:{'MODEL' if kind == 'classifier' else 'URL'}")
     if kind == "api":  # before any answer is generated, not after retries with back-off
         from urllib.parse import urlparse
