@@ -493,6 +493,14 @@ def test_a_data_config_value_out_of_range_is_named_at_its_line_in_the_file(tmp_p
     y.write_text("seed: 3\n")
     with pytest.raises(SafetyPatchError, match=r"^config field 'self_instruct' must be >= 0"):
         cfgmod.load(DataConfig, y, {"self_instruct": -1})
+    # a user's trial: an unknown attack in the file named neither file nor field; a TOML file was "not a mapping"
+    y.write_text("seed: 3\ntrain_transforms: [prefix_injection, bogus]\n")
+    with pytest.raises(SafetyPatchError, match=r"d\.yaml:2: config field 'train_transforms': unknown attack 'bogus'"):
+        cfgmod.load(DataConfig, y, {})
+    t = tmp_path / "d.toml"
+    t.write_text("seed = 3\n")
+    with pytest.raises(SafetyPatchError, match=r"d\.toml: config files are YAML \(JSON is YAML too\); TOML is not read"):
+        cfgmod.load(DataConfig, t, {})
 
 
 @pytest.mark.parametrize("content, says", [
@@ -621,3 +629,9 @@ def test_a_user_files_own_responses_must_be_refusals(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{bad}:6: 'response' is not a refusal (compliance: p_refusal=" in err and "1 of 12 responses" in err
     assert not (tmp_path / "b").exists()
+    # an evaluation reads the same file's prompts and never its answers (a user's trial: `eval safety`
+    # refused a public set that ships the harmful answer, in words about training)
+    from safety_patch.evaluation.prompts import harmful_requests
+
+    reqs, _ = harmful_requests(bad)
+    assert [r["request"] for r in reqs] == [r["prompt"] for r in rows]

@@ -375,8 +375,10 @@ def test_a_run_is_bound_to_its_model_weights_not_the_path(tiny_dir, tmp_path, mo
     save_tiny_model(model, seed=7)
     other = model_fingerprint(str(model), "cpu")
     assert other != fp
-    with pytest.raises(SafetyPatchError, match=rf"model weights {fp[:12]} -> {other[:12]} .*other weights"):
+    with pytest.raises(SafetyPatchError, match=rf"model weights {fp[:12]} -> {other[:12]} .*other weights") as e:
         reproduce(run, tiny_plan(str(model)), device="cpu")
+    # the advice names the weights to bring back, not the path that now holds others
+    assert f"--model <a folder holding the weights {fp[:12]}>" in str(e.value)
     assert json.loads((run / "settings.json").read_text())["model_fingerprint"] == fp  # untouched
     # a run recorded before fingerprints were bound keeps the --model string check
     (run / "settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "model_fingerprint"}))

@@ -30,6 +30,8 @@ def test_two_lifelong_rounds_on_a_tiny_model(tmp_path):
     assert f"training rows by attack: direct {r1['train_rows']};" in shown  # not "wrapped"
     with pytest.raises(SafetyPatchError, match=f"it holds one: {tmp_path / 'r1' / 'data'}"):
         show(tmp_path / "r1")  # the round's own folder names its data folder
+    fam = next(ln for ln in shown.splitlines() if ln.startswith("templates "))
+    assert fam.split()[1] == "0"  # a direct round: no template of the parent's train split is the round's
     line = next(ln for ln in shown.splitlines() if ln.startswith("harmful conversations"))
     assert line.split()[2] == str(r1["train_rows"])
     r2 = run_round(str(tiny_dir), [tmp_path / "r1" / "patch"], "refusal_suppression", data, tmp_path / "r2",

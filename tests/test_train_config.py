@@ -331,6 +331,8 @@ def test_help_comes_from_the_field_docstrings(capsys):
     ("method: lora\nlora:\n  alpha: 8\n  rank: 0\n", ":4: lora.rank must be >= 1, got 0"),
     ("gate:\n  l2: -1\n", ":2: gate.l2 must be >= 0, got -1.0"),
     ("gate:\n  l2: 0.01\n  features: nope\n", ":3: gate config: features must be one of"),
+    # a user's trial: both given in a file, and the error named neither file nor line
+    ("gate:\n  l2: 0.01\n  threshold: 0.5\n  target_fpr: 0.02\n", ":3: gate config: set exactly one of threshold"),
     ("optim:\n  scheduler: cosine\n  snapshot_steps: '0'\n", ":3: optim.snapshot_steps must name positive"),
     # a repeated key: YAML would silently read the last one, so it is refused (both lines named)
     ("lora: {rank: 4}\nlora: {rank: 0}\n", ":2: key 'lora' is given twice (also on line 1)"),

@@ -146,6 +146,8 @@ def read_yaml(path: str | Path) -> dict:
     from .jsonl import read_text
 
     p = Path(path)
+    if p.suffix.lower() == ".toml":  # a user's trial: "expected a mapping" / "invalid YAML" said nothing of why
+        raise SafetyPatchError(f"{p}: config files are YAML (JSON is YAML too); TOML is not read")
     try:
         text = read_text(p, "config ")
         _no_repeated_keys(yaml.compose(text), p)

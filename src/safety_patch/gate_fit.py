@@ -195,9 +195,10 @@ class GateFitConfig:
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             raise bad("layer", "must be an integer >= 0")
         if (self.threshold is None) == (self.target_fpr is None):
-            raise SafetyPatchError("gate config: set exactly one of threshold (a logit) and target_fpr (a false-positive "
-                                   f"rate on validation), got threshold {self.threshold!r}, target_fpr {self.target_fpr!r}"
-                                   " (e.g. --set gate.target_fpr=null with gate.threshold)")
+            # a FieldError, so a config file that set them is named with its line (a user's trial got no file)
+            raise FieldError("gate config: set exactly one of threshold (a logit) and target_fpr (a false-positive "
+                             f"rate on validation), got threshold {self.threshold!r}, target_fpr {self.target_fpr!r}"
+                             " (e.g. --set gate.target_fpr=null with gate.threshold)", "threshold", "target_fpr")
         for name in ("depth", "l2") + (("threshold",) if self.threshold is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -1732,14 +1733,20 @@ def user_prompt_sets(harmful: str | Path | None = None, benign: str | Path | Non
 
 
 def user_prompt_report(model, tokenizer, gate: Gate, sets: dict[str, dict], batching: Batching = BATCHING,
-                       fingerprint: str | None = None, bank: FeatureBank | None = None) -> dict:
+                       fingerprint: str | None = None, bank: FeatureBank | None = None,
+                       fit_on: set[str] | None = None) -> dict:
     """The gate on a user's own prompts (:func:`user_prompt_sets`): per file the share it fires on
     (``caught`` for harmful, ``fired`` for benign: each a safe prompt sent to the refusal adapter),
     overall and by category (Wilson 95% intervals), with the prompts it missed / fired on; with
     both files, :func:`discrimination` of one against the other (AUROC, TPR at 1%/5% FPR on the
     user's benign prompts, TPR/FPR at the gate's threshold). The out-of-source check the project's
-    own splits cannot give (docs/gate.md)."""
+    own splits cannot give (docs/gate.md). ``fit_on``: the gate's training pool (``textsim.normalise``d
+    last user turns); prompts in it are counted (``in_training_pool``) and the rate is given again
+    without them (``<rate>_outside_pool``): a prompt the gate learnt from says nothing of prompts
+    it has not seen (a user's trial passed the data build's own source file and read 84.6% caught
+    for a mostly in-sample figure)."""
     from .evaluation.stats import proportion
+    from .textsim import normalise
 
     out: dict[str, Any] = {}
     z: dict[str, torch.Tensor] = {}
@@ -1760,6 +1767,12 @@ def user_prompt_report(model, tokenizer, gate: Gate, sets: dict[str, dict], batc
         out[kind] = {"file": u["file"], "sha256": u["sha256"], name: proportion(sum(fires), len(fires)),
                      "by_category": {c: proportion(k, n) for c, (k, n) in sorted(by.items())},
                      ("missed_prompts" if kind == "harmful" else "fired_prompts"): listed}
+        if fit_on is not None:
+            seen = [normalise(m[-1]["content"]) in fit_on for m in u["prompts"]]
+            unseen = [f for f, s_ in zip(fires, seen, strict=True) if not s_]
+            out[kind] |= {"in_training_pool": sum(seen),
+                          "in_training_pool_prompts": [m[-1]["content"] for m, s_ in zip(u["prompts"], seen, strict=True) if s_],
+                          f"{name}_outside_pool": proportion(sum(unseen), len(unseen))}
     if len(z) == 2:
         out["harmful_vs_benign"] = discrimination(z["harmful"], z["benign"], gate.threshold)
     return out
@@ -1795,14 +1808,20 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
         sets = attack_prompts(data_dir, split, attacks)
         rep["attacks"] = attack_report(attack_scores(lm.model, lm.tokenizer, gate, sets, batching, lm.fingerprint, bank),
                                        gate.threshold)
-    if user_sets:
-        rep["user_prompts"] = user_prompt_report(lm.model, lm.tokenizer, gate, user_sets, batching, lm.fingerprint,
-                                                 bank)
     cfg = recorded_config(gmeta, gate, str(where))
     # Refits (the look-alike cross-fit, leave one source / family out) draw the gate's pool from
     # data_dir: on another folder than the gate's own they fit another gate than the file.
     fit_on = (gmeta.get("data") or {}).get("manifest_sha256")
     other_data = fit_on is not None and fit_on != manifest_sha256(data_dir)
+    if user_sets:
+        from .textsim import normalise
+
+        # the pool the gate's config draws from data_dir: the gate's own when the folder is
+        # (the hand-written files included), a gate like it otherwise (said in the note)
+        harm_pool, benign_pool, _, _ = _gate_pool(data_dir, cfg)
+        pool = {normalise(c[-1]["content"]) for c in (*harm_pool, *benign_pool)}
+        rep["user_prompts"] = user_prompt_report(lm.model, lm.tokenizer, gate, user_sets, batching, lm.fingerprint,
+                                                 bank, fit_on=pool)
     if cfg.written_lookalikes and other_data:
         rep["written_lookalikes"] = {"skipped": f"this gate was fit on them, and on another data folder (manifest "
                                                 f"{fit_on[:12]}…) than {data_dir}: a refit here would be another gate"}
@@ -1819,6 +1838,11 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
     if split == "val" and gmeta.get("threshold_from"):
         notes.append("the threshold was chosen on this split (target_fpr): its false-positive rate here is not an "
                      "independent estimate")
+    seen = {k: v["in_training_pool"] for k, v in (rep.get("user_prompts") or {}).items() if v.get("in_training_pool")}
+    if seen:
+        notes.append(f"{' and '.join(f'{n} of your {k} prompts' for k, n in seen.items())} are in the pool the gate "
+                     f"{'was' if not other_data else 'would be'} fit on from {data_dir}: the rates "
+                     "\"outside the pool\" leave them out")
     if other_data and (loso or lofo):
         notes.append(f"the gate was fit on another data folder (manifest {fit_on[:12]}…): the leave-one-out refits "
                      f"fit this folder's pool, so they measure a gate like this one, not this one")
@@ -1835,6 +1859,7 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
                                                        **({"extra_layers": list(gate.extra_layers)}
                                                           if gate.extra_layers else {}),
                                                        "threshold": gate.threshold},
+            "base": {"fingerprint": lm.fingerprint},  # the model every figure below was read from
             "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "split": split, "seed": seed},
             "n": sizes, **rep, **({"note": note} if note else {}), "seconds": round(time.time() - t0, 1), **provenance()}
 
@@ -1973,6 +1998,10 @@ def report_table(rep: dict) -> str:
             if kind in up:
                 lines.append(f"{'your ' + kind + ' prompts':<26}{pct(up[kind][key]):<24}{up[kind][key]['n']}  "
                              f"({label}; {up[kind]['file']})")
+                if up[kind].get("in_training_pool"):  # in-sample prompts: the figure without them beside it
+                    lines.append(f"{'  outside the gate pool':<26}{pct(up[kind][key + '_outside_pool']):<24}"
+                                 f"{up[kind][key + '_outside_pool']['n']}  ({up[kind]['in_training_pool']} of "
+                                 "your prompts are in the gate's training pool)")
                 # the categories where the gate errs most, then a few of the prompts it erred on:
                 # what a user reads the table for (the JSON keeps them all)
                 worst = sorted(up[kind]["by_category"].items(),

@@ -425,9 +425,13 @@ def _check_same_plan(run: Path, settings: dict) -> None:
     if diff:
         flags = {"quick": " --quick", "full": " --full"}.get(str(old.get("mode")), "")
         where = "".join(f" --{k} {old_rt[k]}" for k in ("device", "dtype") if old_rt.get(k))
+        if old_fp and new_fp and old_fp != new_fp:  # the old path may hold the new weights: naming it would not resume
+            model = f"--model <a folder holding the weights {old_fp[:12]}>"
+        else:
+            model = f"--model {old.get('model')}"
         raise SafetyPatchError(f"{run} holds a run made with other settings ({'; '.join(diff)}): resuming would "
                                f"rebuild its stages or mix them; resume it with the same ones (reproduce{flags} "
-                               f"--model {old.get('model')} --seeds {old.get('seeds')}{where}), or choose another --out")
+                               f"{model} --seeds {old.get('seeds')}{where}), or choose another --out")
 
 
 def _plan_dict(plan: Plan) -> dict:

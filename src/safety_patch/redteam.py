@@ -193,6 +193,10 @@ def _round_manifest(manifest: dict, folder: Path, train_rows: list[dict]) -> dic
     c["behaviours_per_split"] = with_train("behaviours_per_split", len({m.get("behavior_id") for m in metas} - {None}))
     c["category_per_split"] = with_train("category_per_split", dict(sorted(Counter(m.get("category", "?") for m in metas).items())))
     c["template_per_split"] = with_train("template_per_split", dict(Counter(m.get("template", "?") for m in metas)))
+    # the parent's train templates and families are not this round's (a user's trial read 125 of them
+    # beside 5 past-tense rows)
+    for key, field in (("templates_per_split", "template"), ("template_families_per_split", "template_family")):
+        c[key] = with_train(key, len({m.get(field) for m in metas} - {None, "direct"}))
     c["wrapped_train_rows"] = sum(m.get("template", "direct") != "direct" for m in metas)
     files = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
     return manifest | {"counts": c, "files": files}

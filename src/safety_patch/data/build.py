@@ -145,7 +145,10 @@ class DataConfig:
         if self.self_instruct < 0:
             raise FieldError(f"config field 'self_instruct' must be >= 0, got {self.self_instruct}", "self_instruct")
         for t in self.train_transforms:
-            get_attack(t)  # unknown names fail here, before any work
+            try:
+                get_attack(t)  # unknown names fail here, before any work
+            except SafetyPatchError as e:  # as the field's, so a config file is named with its line
+                raise FieldError(f"config field 'train_transforms': {e}", "train_transforms") from None
 
 
 EXTRA_PARAPHRASE = 0.3

@@ -56,7 +56,7 @@ def harmful_requests(source: str | Path, split: str = "test", limit: int | None 
     else:
         from ..data.sources.files import load_user_file
 
-        items, _ = load_user_file(str(p))
+        items, _ = load_user_file(str(p), for_training=False)  # a `response` column is not read
         reqs = _unique([{"request": r.text, "category": r.category, "raw_category": r.raw_category,
                          "behavior_id": r.behavior_id, "source": r.source} for r in items],
                        lambda r: r["request"], p)
@@ -141,3 +141,42 @@ def benign_prompts(source: str | Path, split: str = "test", limit: int | None = 
             by.setdefault(o["set"], []).append(o)
         out = [o for rows in by.values() for o in rows[:limit]]
     return out
+
+
+def training_overlap(texts: list[str], patches: list) -> dict[str, dict]:
+    """Which of an evaluation's prompts (``texts``: the user turns it sends, before any attack) each
+    patch was trained on: ``{patch id: {"in_training": k, "of": n, "data": dir}}``, or
+    ``{"unchecked": why}`` when the patch's recorded data folder is gone or no longer the one it was
+    trained on (its manifest hash). Compared after ``textsim.normalise``, against the folder's train
+    split: harmful rows' requests and user turns, borderline and general prompts. A user's trial
+    evaluated a patch on the very file its data was built from and read in-sample rates as held
+    out. Prompts from a data folder's own val/test split never overlap it by construction; this is
+    for prompt files."""
+    from ..data.build import manifest_sha256
+    from ..data.folder import BENIGN, DataFolder
+    from ..textsim import normalise
+
+    want = [normalise(t) for t in texts]
+    out: dict[str, dict] = {}
+    for p in patches:
+        rec = p.meta.get("data") or {}
+        d = Path(rec.get("dir", ""))
+        if not rec.get("dir") or not (d / "manifest.json").is_file():
+            out[p.id] = {"unchecked": f"its training data folder {rec.get('dir')!r} is not here"}
+            continue
+        if rec.get("manifest_sha256") and manifest_sha256(d) != rec["manifest_sha256"]:
+            out[p.id] = {"unchecked": f"{d} is no longer the data folder it was trained on (manifest changed)"}
+            continue
+        folder = DataFolder(d)
+        seen = {normalise((r.get("meta") or {}).get("request", "")) for r in folder.in_split("train", "train")}
+        seen |= {normalise(c[-1]["content"]) for c in folder.prompts("train", "train")}
+        for kind in BENIGN:
+            if folder.has(kind):
+                seen |= {normalise(c[-1]["content"]) for c in folder.prompts(kind, "train")}
+        k = sum(w in seen for w in want)
+        out[p.id] = {"in_training": k, "of": len(want), "data": str(d)}
+        if k:
+            print(f"[prompts] warning: {k} of {len(want)} prompts are in the train split patch {p.path} was trained "
+                  f"on ({d}): on those its rates are in-sample, not held out", file=sys.stderr, flush=True)
+    return out
+

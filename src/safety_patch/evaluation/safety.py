@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..attacks import Attacked, get_attack, parse_attack_list
 from ..errors import SafetyPatchError
@@ -300,7 +301,7 @@ def overrefusal_aggregates(records: list[dict]) -> dict:
 
 def provenance(lm, patches) -> dict:
     """Model, device, dtype, versions, code and time; ``patches``: each patch's path, id, base
-    fingerprint, gate (layers, threshold) and ``item``, the name its gate logits and routes go by
+    fingerprint, training data's manifest sha256, gate (layers, threshold) and ``item``, the name its gate logits and routes go by
     in the records (``patches.item_names``: ``patch0``, ``delta0``, …)."""
     from ..patches import item_names
     from ..provenance import code_identity, library_versions
@@ -308,6 +309,8 @@ def provenance(lm, patches) -> dict:
     return {"model": lm.name, "fingerprint": lm.fingerprint, "device": str(lm.runtime.device),
             "dtype": str(lm.runtime.dtype).removeprefix("torch."),
             "patches": [{"path": str(p.path), "id": p.id, "item": item, "base_fingerprint": p.base_fingerprint,
+                         # what it was trained on, by content (a user's trial found only the id here)
+                         "data_manifest_sha256": (p.meta.get("data") or {}).get("manifest_sha256"),
                          "gate": {k: p.meta["gate"][k] for k in ("layer", "extra_layers", "threshold")
                                   if k in p.meta["gate"]} if p.gated else None}
                         for p, item in zip(patches, item_names(patches), strict=True)],
@@ -324,7 +327,7 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
     from ..models import home, load_model
     from ..patched import PatchedModel
     from ..patches import attached, read_patch
-    from .prompts import benign_prompts, harmful_requests, source_identity
+    from .prompts import benign_prompts, harmful_requests, source_identity, training_overlap
 
     if kind not in ("safety", "overrefusal"):
         raise SafetyPatchError(f"unknown evaluation {kind!r}")
@@ -338,6 +341,10 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
         items, templates = harmful_requests(prompts, split=split, limit=cfg.limit)
     else:
         items, templates = benign_prompts(prompts, split=split, limit=cfg.limit), None
+    overlap = None
+    if ps and not Path(prompts).is_dir():  # a file: it may hold what a patch was trained on
+        overlap = training_overlap([it["request"] for it in items] if kind == "safety"
+                                   else [it["messages"][-1]["content"] for it in items], ps)
     lm = lm or load_model(model, device=device, dtype=dtype)
     judge = get_judge(cfg.judge)
     cache = GenerationCache(home() / "generations.sqlite") if use_cache else None
@@ -366,7 +373,8 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
             # judge_identity: the spec names the endpoint but not the model an API judge asked
             # (SAFETY_PATCH_JUDGE_MODEL) nor its threshold; this is what its verdicts are keyed on
             "config": as_dict(cfg) | {"prompts": str(prompts), "split": split if src["kind"] == "data-folder" else None,
-                                      "prompts_source": src, "judge_identity": judge.identity},
+                                      "prompts_source": src, "judge_identity": judge.identity,
+                                      **({"prompts_in_training": overlap} if overlap is not None else {})},
             "provenance": provenance(lm, ps), "runs": runs}
 
 

@@ -120,12 +120,16 @@ def check_responses(pairs: list[tuple[str, str]]) -> None:
             "refusals composed, or give refusals there")
 
 
-def load_user_file(path: str, max_items: int | None = None, name: str | None = None):
+def load_user_file(path: str, max_items: int | None = None, name: str | None = None, for_training: bool = True):
     """(requests, SourceInfo) of a user JSONL/CSV; ``name``: the source name its requests carry
-    (default ``file:`` + its file name). Raises SafetyPatchError naming file and line."""
+    (default ``file:`` + its file name). ``for_training``: its ``response`` column becomes training
+    answers, so each must read as a refusal (``check_responses``); an evaluation reads only the
+    prompts and ignores the column (public sets ship the harmful answer there; a user's trial had
+    `eval safety` refuse one in words about training). Raises SafetyPatchError naming file and line."""
     name = name or f"file:{Path(path).name}"
     rows = read_prompt_rows(path)
     out = [_row_to_request(r, where, name) for where, r in rows]
-    check_responses([(where, q.response) for (where, _), q in zip(rows, out, strict=True) if q.response])
+    if for_training:
+        check_responses([(where, q.response) for (where, _), q in zip(rows, out, strict=True) if q.response])
     info = SourceInfo(name, USER_LICENSE, "", str(Path(path).resolve()))
     return out[:max_items] if max_items else out, info
