@@ -1820,6 +1820,11 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
         # (the hand-written files included), a gate like it otherwise (said in the note)
         harm_pool, benign_pool, _, _ = _gate_pool(data_dir, cfg)
         pool = {normalise(c[-1]["content"]) for c in (*harm_pool, *benign_pool)}
+        # and the bare request of every train row: one the gate saw only inside a template is not unseen
+        from .data.folder import DataFolder
+
+        pool |= {normalise((r.get("meta") or {}).get("request", "")) for r in DataFolder(data_dir).in_split("train", "train")}
+        pool.discard(normalise(""))
         rep["user_prompts"] = user_prompt_report(lm.model, lm.tokenizer, gate, user_sets, batching, lm.fingerprint,
                                                  bank, fit_on=pool)
     if cfg.written_lookalikes and other_data:

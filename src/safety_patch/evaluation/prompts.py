@@ -168,7 +168,7 @@ def training_overlap(texts: list[str], patches: list) -> dict[str, dict]:
             out[p.id] = {"unchecked": f"{d} is no longer the data folder it was trained on (manifest changed)"}
             continue
         folder = DataFolder(d)
-        seen = {normalise((r.get("meta") or {}).get("request", "")) for r in folder.in_split("train", "train")}
+        seen = {normalise((r.get("meta") or {}).get("request", "")) for r in folder.in_split("train", "train")} - {normalise("")}
         seen |= {normalise(c[-1]["content"]) for c in folder.prompts("train", "train")}
         for kind in BENIGN:
             if folder.has(kind):
