@@ -1814,17 +1814,15 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
     fit_on = (gmeta.get("data") or {}).get("manifest_sha256")
     other_data = fit_on is not None and fit_on != manifest_sha256(data_dir)
     if user_sets:
+        from .data.folder import DataFolder
+        from .evaluation.prompts import train_split_texts
         from .textsim import normalise
 
-        # the pool the gate's config draws from data_dir: the gate's own when the folder is
-        # (the hand-written files included), a gate like it otherwise (said in the note)
+        # the pool the gate's config draws from data_dir (the gate's own when the folder is, a gate
+        # like it otherwise: said in the note), hand-written files included, and the train split's
+        # bare requests (one the gate saw only inside a template is not unseen)
         harm_pool, benign_pool, _, _ = _gate_pool(data_dir, cfg)
-        pool = {normalise(c[-1]["content"]) for c in (*harm_pool, *benign_pool)}
-        # and the bare request of every train row: one the gate saw only inside a template is not unseen
-        from .data.folder import DataFolder
-
-        pool |= {normalise((r.get("meta") or {}).get("request", "")) for r in DataFolder(data_dir).in_split("train", "train")}
-        pool.discard(normalise(""))
+        pool = {normalise(c[-1]["content"]) for c in (*harm_pool, *benign_pool)} | train_split_texts(DataFolder(data_dir))
         rep["user_prompts"] = user_prompt_report(lm.model, lm.tokenizer, gate, user_sets, batching, lm.fingerprint,
                                                  bank, fit_on=pool)
     if cfg.written_lookalikes and other_data:

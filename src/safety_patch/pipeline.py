@@ -416,7 +416,8 @@ def _check_same_plan(run: Path, settings: dict) -> None:
     # 2026-12-04, session 40) to the --model string, as it was
     bound = [k for k in SETTINGS if not (k == "model" and old_fp and new_fp)]
     diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in bound if old.get(k) != new.get(k)]
-    if old_fp and new_fp and old_fp != new_fp:
+    other_weights = bool(old_fp and new_fp and old_fp != new_fp)
+    if other_weights:
         diff.append(f"model weights {old_fp[:12]} -> {new_fp[:12]} ({new.get('model')!r}"
                     f"{' was ' + repr(old.get('model')) if old.get('model') != new.get('model') else ''}: other weights)")
     if old_rt:
@@ -425,7 +426,7 @@ def _check_same_plan(run: Path, settings: dict) -> None:
     if diff:
         flags = {"quick": " --quick", "full": " --full"}.get(str(old.get("mode")), "")
         where = "".join(f" --{k} {old_rt[k]}" for k in ("device", "dtype") if old_rt.get(k))
-        if old_fp and new_fp and old_fp != new_fp:  # the old path may hold the new weights: naming it would not resume
+        if other_weights:  # the old path may hold the new weights: naming it would not resume
             model = f"--model <a folder holding the weights {old_fp[:12]}>"
         else:
             model = f"--model {old.get('model')}"

@@ -143,6 +143,21 @@ def benign_prompts(source: str | Path, split: str = "test", limit: int | None = 
     return out
 
 
+def train_split_texts(folder) -> set[str]:
+    """What a data folder's train split teaches, as ``textsim.normalise``d texts: each harmful row's
+    bare request and last user turn (a request seen only inside a template counts), and every
+    borderline and general train prompt. ``folder``: a ``DataFolder``."""
+    from ..data.folder import BENIGN
+    from ..textsim import normalise
+
+    out = {normalise((r.get("meta") or {}).get("request", "")) for r in folder.in_split("train", "train")}
+    out |= {normalise(c[-1]["content"]) for c in folder.prompts("train", "train")}
+    for kind in BENIGN:
+        if folder.has(kind):
+            out |= {normalise(c[-1]["content"]) for c in folder.prompts(kind, "train")}
+    return out - {normalise("")}
+
+
 def training_overlap(texts: list[str], patches: list) -> dict[str, dict]:
     """Which of an evaluation's prompts (``texts``: the user turns it sends, before any attack) each
     patch was trained on: ``{patch id: {"in_training": k, "of": n, "data": dir}}``, or
@@ -153,7 +168,7 @@ def training_overlap(texts: list[str], patches: list) -> dict[str, dict]:
     out. Prompts from a data folder's own val/test split never overlap it by construction; this is
     for prompt files."""
     from ..data.build import manifest_sha256
-    from ..data.folder import BENIGN, DataFolder
+    from ..data.folder import DataFolder
     from ..textsim import normalise
 
     want = [normalise(t) for t in texts]
@@ -167,12 +182,7 @@ def training_overlap(texts: list[str], patches: list) -> dict[str, dict]:
         if rec.get("manifest_sha256") and manifest_sha256(d) != rec["manifest_sha256"]:
             out[p.id] = {"unchecked": f"{d} is no longer the data folder it was trained on (manifest changed)"}
             continue
-        folder = DataFolder(d)
-        seen = {normalise((r.get("meta") or {}).get("request", "")) for r in folder.in_split("train", "train")} - {normalise("")}
-        seen |= {normalise(c[-1]["content"]) for c in folder.prompts("train", "train")}
-        for kind in BENIGN:
-            if folder.has(kind):
-                seen |= {normalise(c[-1]["content"]) for c in folder.prompts(kind, "train")}
+        seen = train_split_texts(DataFolder(d))
         k = sum(w in seen for w in want)
         out[p.id] = {"in_training": k, "of": len(want), "data": str(d)}
         if k:
