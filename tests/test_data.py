@@ -169,6 +169,21 @@ def test_a_byte_order_mark_is_dropped_and_bad_utf8_is_named_by_line_and_byte(tmp
         read_yaml(tmp_path / "none.yaml")
 
 
+def test_line_breaks_inside_a_prompt_read_as_lf_whatever_the_file_wrote(tmp_path):
+    """Found by a user's trial: a spreadsheet's quoted multi-line cell kept its CRLF, so the same
+    prompt written in a JSONL file and in a CSV file were two different prompts (tokens, hashes,
+    the training-pool match). Prompt and response read with LF, in either format."""
+    from safety_patch.data.sources.files import load_user_file
+
+    csv_path, jl = tmp_path / "a.csv", tmp_path / "a.jsonl"
+    csv_path.write_bytes(b'prompt,response\r\n"Line one\r\nline two\rthree","I can\'t\r\nhelp."\r\n')
+    jl.write_text(json.dumps({"prompt": "Line one\nline two\nthree", "response": "I can't\nhelp."}) + "\n")
+    a, b = load_user_file(str(csv_path))[0], load_user_file(str(jl))[0]
+    assert [(r.text, r.response) for r in a] == [(r.text, r.response) for r in b] == \
+        [("Line one\nline two\nthree", "I can't\nhelp.")]
+    assert a[0].behavior_id == b[0].behavior_id
+
+
 def test_near_duplicates_in_scripts_without_spaces_never_cross_splits(tmp_path):
     """Word shingles saw a Chinese request as one "word": twelve requests differing in one character shared
     no shingle and landed in train and test alike. One token per character now, as the judges count words."""

@@ -729,6 +729,7 @@ def test_gate_eval_scores_the_users_own_prompt_files(gate_dir, data_dir, tiny_di
     assert up["harmful_vs_benign"]["auroc"]["value"] == pytest.approx(discrimination(zh, zb, gate.threshold)["auroc"]["value"])
     assert up["benign"]["sha256"] and up["harmful"]["file"] == str(hp)
     assert up["harmful"]["in_training_pool"] == 0 and "outside the gate pool" not in printed
+    assert "harmful_vs_benign_outside_pool" not in up
     # a prompt the gate learnt from is counted, and the rate given again without it (a user's trial
     # passed the data build's own source file and read a mostly in-sample "caught" as held out)
     row = json.loads((data_dir / "train.jsonl").read_text().splitlines()[0])
@@ -736,7 +737,7 @@ def test_gate_eval_scores_the_users_own_prompt_files(gate_dir, data_dir, tiny_di
     hp2 = tmp_path / "harm2.jsonl"
     hp2.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in [*harm, learnt]))
     assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model", str(tiny_dir),
-                 "--attacks", "none", "--harmful", str(hp2), "--out", str(out), "--overwrite"]) == 0
+                 "--attacks", "none", "--harmful", str(hp2), "--benign", str(bp), "--out", str(out), "--overwrite"]) == 0
     printed = capsys.readouterr().out
     rep2 = json.loads(out.read_text())
     h2 = rep2["user_prompts"]["harmful"]
@@ -744,6 +745,9 @@ def test_gate_eval_scores_the_users_own_prompt_files(gate_dir, data_dir, tiny_di
     assert rep2["base"]["fingerprint"] == lm.fingerprint  # the results name the model they were read from
     assert (h2["caught_outside_pool"]["k"], h2["caught_outside_pool"]["n"]) == (up["harmful"]["caught"]["k"], 4)
     assert "outside the gate pool" in printed and "1 of your harmful prompts are in the pool" in rep2["note"]
+    # the AUROC again without the learnt prompt: the first run's figure, which had none
+    assert rep2["user_prompts"]["harmful_vs_benign_outside_pool"]["auroc"] == up["harmful_vs_benign"]["auroc"]
+    assert rep2["user_prompts"]["harmful_vs_benign"]["auroc"]["n_pos"] == 5
     bp.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"text": "no prompt field"}) + "\n")
     bad = tmp_path / "v.json"
     assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model", str(tiny_dir),

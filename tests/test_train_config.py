@@ -213,7 +213,10 @@ def test_set_reaches_a_long_tail_field(tmp_path, capsys):
     ("lora.rank=two", "--set: lora.rank: expected int, got 'two'"),
     ("lora.rank", "--set lora.rank: expected group.field=value"),
     ("=3", "--set =3: expected group.field=value"),
-    ("optim.grad_accum=0", "optim.grad_accum must be >= 1, got 0"),
+    ("optim.grad_accum=0", "error: --set optim.grad_accum must be >= 1, got 0"),
+    # a field that also has a flag is named as the user wrote it, not as the flag they did not use
+    ("lora.rank=-3", "error: --set lora.rank must be >= 1, got -3"),
+    ("gate.target_fpr=2", "error: --set gate.target_fpr must be in (0, 1), got 2"),
     ("gate.phrasings=reask,bogus", "gate config: phrasings must be a non-empty list of distinct names"),
     ("gate.written_lookalikes=maybe", "--set: gate.written_lookalikes: expected true/false, got 'maybe'"),
     ("gate.written_lookalikes=2", "--set: gate.written_lookalikes: expected true/false, got 2"),

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import SafetyPatchError
+from .errors import FieldError, SafetyPatchError
 
 # Plain click help (rich_markup_mode=None): rich's option table cuts long flag names at 80
 # columns ("--written-harm…" for two different flags); click wraps the text instead.
@@ -335,7 +335,7 @@ def train(**kw) -> None:
     Settings apply in order: the recipe (default: the gated default patch), --config FILE, then the flags and --set group.field=value (any field; docs/training.md).
     """
     from .train.api import parse_set, resolve_config
-    from .train.config import FLAGS, check_layer, dotted_layer
+    from .train.config import FLAGS, check_layer, dotted_layer, field_label
     from .train.run import train as run_train
 
     overrides = {key: kw[_flag_param(flag)] for key, flag in FLAGS.items() if kw[_flag_param(flag)] is not None}
@@ -353,7 +353,14 @@ def train(**kw) -> None:
     if kw["no_gate"]:
         overrides["gate"] = None  # after the gate flags: dotted_layer refuses the two together
     data, out, model, config = kw["data"], kw["out"], kw["model"], kw["config"]
-    cfg = resolve_config(kw["recipe"], config, overrides)
+    try:
+        cfg = resolve_config(kw["recipe"], config, overrides)
+    except FieldError as e:  # a value `--set` gave: name it as written, not as the flag the user did not use
+        key = next((k for k in e.keys if k in set_values), None)
+        if key is None:
+            raise
+        msg, subject = str(e), field_label(key)
+        raise SafetyPatchError(f"--set {key}" + msg[len(subject):] if msg.startswith(subject + " ") else msg) from None
     from .outputs import check_out_dir
 
     check_out_dir(out, overwrite=kw["overwrite"], kind="patch", inputs=[data, model, config])  # claimed inside run_train

@@ -1742,14 +1742,15 @@ def user_prompt_report(model, tokenizer, gate: Gate, sets: dict[str, dict], batc
     user's benign prompts, TPR/FPR at the gate's threshold). The out-of-source check the project's
     own splits cannot give (docs/gate.md). ``fit_on``: the gate's training pool (``textsim.normalise``d
     last user turns); prompts in it are counted (``in_training_pool``) and the rate is given again
-    without them (``<rate>_outside_pool``): a prompt the gate learnt from says nothing of prompts
-    it has not seen (a user's trial passed the data build's own source file and read 84.6% caught
+    without them (``<rate>_outside_pool``; with both files, ``harmful_vs_benign_outside_pool`` too):
+    a prompt the gate learnt from says nothing of prompts it has not seen (a user's trial passed the data build's own source file and read 84.6% caught
     for a mostly in-sample figure)."""
     from .evaluation.stats import proportion
     from .textsim import normalise
 
     out: dict[str, Any] = {}
     z: dict[str, torch.Tensor] = {}
+    unseen_z: dict[str, torch.Tensor] = {}  # the logits of prompts outside the pool
     for kind, name in (("harmful", "caught"), ("benign", "fired")):
         if kind not in sets:
             continue
@@ -1773,8 +1774,13 @@ def user_prompt_report(model, tokenizer, gate: Gate, sets: dict[str, dict], batc
             out[kind] |= {"in_training_pool": sum(seen),
                           "in_training_pool_prompts": [m[-1]["content"] for m, s_ in zip(u["prompts"], seen, strict=True) if s_],
                           f"{name}_outside_pool": proportion(sum(unseen), len(unseen))}
+            unseen_z[kind] = z[kind][~torch.tensor(seen, dtype=torch.bool)]
     if len(z) == 2:
         out["harmful_vs_benign"] = discrimination(z["harmful"], z["benign"], gate.threshold)
+        if len(unseen_z) == 2 and any(out[k]["in_training_pool"] for k in z):
+            # the AUROC too mixes in prompts the gate learnt from: give it again without them
+            out["harmful_vs_benign_outside_pool"] = discrimination(unseen_z["harmful"], unseen_z["benign"],
+                                                                   gate.threshold)
     return out
 
 
@@ -2018,11 +2024,14 @@ def report_table(rep: dict) -> str:
                     lines.append(f"  {'missed' if kind == 'harmful' else 'fired'}: {q[:100]}{'…' if len(q) > 100 else ''}")
                 if len(errs) > USER_PROMPTS_SHOWN:
                     lines.append(f"  … {len(errs) - USER_PROMPTS_SHOWN} more in the JSON report")
-        if "harmful_vs_benign" in up:
-            c = up["harmful_vs_benign"]
+        for key, label in (("harmful_vs_benign", "yours: harmful vs benign"),
+                           ("harmful_vs_benign_outside_pool", "  outside the gate pool")):
+            if key not in up:
+                continue
+            c = up[key]
             a = c["auroc"]
             auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
-            lines.append(f"{'yours: harmful vs benign':<26}{auc:<24}{tpr_at_fpr_text(c, 0.01, pct):<24}"
+            lines.append(f"{label:<26}{auc:<24}{tpr_at_fpr_text(c, 0.01, pct):<24}"
                          f"{tpr_at_fpr_text(c, 0.05, pct):<24}{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
     held_rows = []
     for src, r in rep.get("leave_one_source_out", {}).get("sources", {}).items():

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import config as cfgmod
 from ..errors import FieldError, SafetyPatchError
-from .config import RECIPE_DIR, TrainConfig, _name, check_layer, dotted_layer, merge, recipe_layer
+from .config import RECIPE_DIR, TrainConfig, check_layer, dotted_layer, field_label, merge, recipe_layer
 
 
 def resolve_config(recipe: str | None = None, path: str | Path | None = None,
@@ -31,10 +31,10 @@ def resolve_config(recipe: str | None = None, path: str | Path | None = None,
     if cfg.method == "full":  # LoRA settings a user gave (a flag or their file) would be silently unused
         given = [k for layer in (file_layer, flag_layer) for k in (layer.get("lora") or {}) if k != "orthogonal_k"]
         if given:
-            raise SafetyPatchError(f"{_name('lora.' + given[0])} sets the LoRA adapter, but the method is full "
+            raise SafetyPatchError(f"{field_label('lora.' + given[0])} sets the LoRA adapter, but the method is full "
                                    "(every weight is trained, no adapter): drop it, or train with --method lora")
     if cfg.loss.objective != "dpo" and any("dpo_beta" in (layer.get("loss") or {}) for layer in (file_layer, flag_layer)):
-        raise SafetyPatchError(f"{_name('loss.dpo_beta')} sets DPO's beta, but the objective is {cfg.loss.objective}: "
+        raise SafetyPatchError(f"{field_label('loss.dpo_beta')} sets DPO's beta, but the objective is {cfg.loss.objective}: "
                                "drop it, or train with --objective dpo")
     try:
         cfg.validate()
@@ -45,7 +45,7 @@ def resolve_config(recipe: str | None = None, path: str | Path | None = None,
             raise
         for file, layer in ((path, file_layer), (RECIPE_DIR / f"{name}.yaml", layers[0])):
             if file and any(_sets(layer, k) for k in e.keys):
-                raise cfgmod.located(e, file, subject=_name(e.key)) from None
+                raise cfgmod.located(e, file, subject=field_label(e.key)) from None
         raise
     return cfg
 

@@ -225,9 +225,9 @@ class TrainConfig:
                 _positive(self, key)
         _at_least(self, "lora.rank", 1)
         if not 0 <= lo.dropout < 1:
-            raise FieldError(f"{_name('lora.dropout')} must be in [0, 1), got {lo.dropout!r}", "lora.dropout")
+            raise FieldError(f"{field_label('lora.dropout')} must be in [0, 1), got {lo.dropout!r}", "lora.dropout")
         if not lo.target_modules.strip(","):
-            raise FieldError(f"{_name('lora.target_modules')} must be all-linear or name modules, "
+            raise FieldError(f"{field_label('lora.target_modules')} must be all-linear or name modules, "
                              f"got {lo.target_modules!r}", 'lora.target_modules')
         for key in ("data.general_ratio", "data.contrast_ratio", "anchor.kl", "optim.weight_decay",
                     "anchor.self_instruct", "lora.orthogonal_k"):
@@ -242,12 +242,12 @@ class TrainConfig:
         if da.max_train_rows is not None:
             _at_least(self, "data.max_train_rows", 0)  # 0 = all rows
         if not 0 <= op.warmup_ratio < 1:
-            raise FieldError(f"{_name('optim.warmup_ratio')} must be in [0, 1), a fraction of the steps; "
+            raise FieldError(f"{field_label('optim.warmup_ratio')} must be in [0, 1), a fraction of the steps; "
                              f"got {op.warmup_ratio!r}", 'optim.warmup_ratio')
         if not 0 <= op.seed < 2**32:  # numpy's seed range
-            raise FieldError(f"{_name('optim.seed')} must be in [0, 2**32), got {op.seed!r}", "optim.seed")
+            raise FieldError(f"{field_label('optim.seed')} must be in [0, 2**32), got {op.seed!r}", "optim.seed")
         if op.scheduler not in _SCHEDULERS:
-            raise FieldError(f"{_name('optim.scheduler')} must be one of {', '.join(_SCHEDULERS)}, "
+            raise FieldError(f"{field_label('optim.scheduler')} must be one of {', '.join(_SCHEDULERS)}, "
                              f"got {op.scheduler!r}", 'optim.scheduler')
         if an.kl > 0 and ls.objective != "sft":
             raise SafetyPatchError("--anchor-kl applies to the sft objective only (DPO has its own reference term)")
@@ -256,15 +256,15 @@ class TrainConfig:
         if lo.orthogonal_k > 0 and self.method != "lora":
             raise SafetyPatchError("--orthogonal-k constrains a LoRA adapter; it needs --method lora")
         if da.borderline_share is not None and not 0 <= da.borderline_share <= 1:
-            raise FieldError(f"{_name('data.borderline_share')} must be in [0, 1], got {da.borderline_share!r}",
+            raise FieldError(f"{field_label('data.borderline_share')} must be in [0, 1], got {da.borderline_share!r}",
                              "data.borderline_share")
         if op.sampling not in ("group_by_length", "random", "sequential"):
-            raise FieldError(f"{_name('optim.sampling')} must be group_by_length, random or sequential, "
+            raise FieldError(f"{field_label('optim.sampling')} must be group_by_length, random or sequential, "
                              f"got {op.sampling!r}", 'optim.sampling')
         if lo.layers is not None:
             _parsed(parse_layers, lo.layers, "lora.layers")
         if op.stop_after is not None and not 0 < op.stop_after <= 1:
-            raise FieldError(f"{_name('optim.stop_after')} must be in (0, 1], a fraction of the planned steps; "
+            raise FieldError(f"{field_label('optim.stop_after')} must be in (0, 1], a fraction of the planned steps; "
                              f"got {op.stop_after!r}", 'optim.stop_after')
         if op.snapshot_steps is not None:
             _parsed(parse_steps, op.snapshot_steps, "optim.snapshot_steps")
@@ -272,11 +272,11 @@ class TrainConfig:
             if g.layer is not None:
                 _at_least(self, "gate.layer", 0)
             if not 0 <= g.depth <= 1:
-                raise FieldError(f"{_name('gate.depth')} must be in [0, 1], got {g.depth!r}", "gate.depth")
+                raise FieldError(f"{field_label('gate.depth')} must be in [0, 1], got {g.depth!r}", "gate.depth")
             for key in ("gate.l2", "gate.wrapped_benign", "gate.wrapped_harmful", "gate.self_instruct"):
                 _at_least(self, key, 0)
             if g.target_fpr is not None and not 0 < g.target_fpr < 1:
-                raise FieldError(f"{_name('gate.target_fpr')} must be in (0, 1), got {g.target_fpr!r}",
+                raise FieldError(f"{field_label('gate.target_fpr')} must be in (0, 1), got {g.target_fpr!r}",
                                  "gate.target_fpr")
             if g.seed not in (0, op.seed):
                 # train draws the gate's prompt pool with --seed (gate_for_run): a different
@@ -331,7 +331,7 @@ _SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "consta
                "inverse_sqrt", "warmup_stable_decay")
 
 
-def _name(key: str) -> str:
+def field_label(key: str) -> str:
     """How an error names a field: ``--max-train-rows`` for a flag, ``optim.grad_accum`` otherwise."""
     return "--" + FLAGS[key] if key in FLAGS else key
 
@@ -356,13 +356,13 @@ def _parsed(parse, value: str, key: str) -> None:
 def _at_least(cfg: TrainConfig, key: str, low: int) -> None:
     value = _get(cfg, key)
     if not value >= low:
-        raise FieldError(f"{_name(key)} must be >= {low}, got {value!r}", key)
+        raise FieldError(f"{field_label(key)} must be >= {low}, got {value!r}", key)
 
 
 def _positive(cfg: TrainConfig, key: str) -> None:
     value = _get(cfg, key)
     if not (math.isfinite(value) and value > 0):
-        raise FieldError(f"{_name(key)} must be a finite number > 0, got {value!r}", key)
+        raise FieldError(f"{field_label(key)} must be a finite number > 0, got {value!r}", key)
 
 
 def _allowed(typ: Any) -> tuple[list[Any], bool]:
@@ -389,7 +389,7 @@ def _check_types(cfg: TrainConfig) -> None:
         allowed, nullable = _allowed(typ)
         if value is None:
             if not nullable:
-                raise FieldError(f"{_name(key)} must be set, got None", key)
+                raise FieldError(f"{field_label(key)} must be set, got None", key)
             continue
         ok = False
         for a in allowed:
@@ -407,10 +407,10 @@ def _check_types(cfg: TrainConfig) -> None:
             if ok:
                 break
         if not ok:
-            raise FieldError(f"{_name(key)} must be {' or '.join(kinds.get(a, str(a)) for a in allowed)}, "
+            raise FieldError(f"{field_label(key)} must be {' or '.join(kinds.get(a, str(a)) for a in allowed)}, "
                              f"got {value!r}", key)
         if isinstance(value, float) and not math.isfinite(value) and key not in _POSITIVE:  # those: _positive
-            raise FieldError(f"{_name(key)} must be a finite number, got {value!r}", key)
+            raise FieldError(f"{field_label(key)} must be a finite number, got {value!r}", key)
 
 
 @functools.cache
@@ -521,7 +521,7 @@ def dotted_layer(values: Mapping[str, Any], where: str) -> dict[str, Any]:
         elif key == "gate" and v is None:
             if out.get("gate"):
                 raise SafetyPatchError(f"{where}: --no-gate conflicts with "
-                                       + ", ".join(_name("gate." + f) for f in out["gate"]))
+                                       + ", ".join(field_label("gate." + f) for f in out["gate"]))
             out["gate"] = None
         else:
             out[key] = v

@@ -16,6 +16,12 @@ from ..refusals import unified_category
 PROMPT_KEYS = ("prompt", "goal")
 
 
+def _lf(text: str) -> str:
+    """Line breaks as LF: a spreadsheet's quoted multi-line cell keeps its CRLF through the csv
+    module, and the same prompt would then tokenise, hash and match the training pool differently."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _row_to_request(row: dict, where: str, source: str) -> Request:
     # A JSONL row's typed fields: a list or number must not turn into its str() (an id "[1, 2]",
     # a category "5") or quietly vanish (a non-string response replaced by a composed refusal).
@@ -29,10 +35,10 @@ def _row_to_request(row: dict, where: str, source: str) -> Request:
         given = next((k for k in PROMPT_KEYS if isinstance(row.get(k), str)), None)
         raise SafetyPatchError(f"{where}: field '{given}' is empty" if given else
                                f"{where}: missing field 'prompt' (or 'goal')")
-    text = row[key].strip()
+    text = _lf(row[key].strip())
     cat = str(row.get("category") or "harmful")
     bid = str(row.get("behavior_id") or f"user-{hashlib.sha256(normalise(text).encode()).hexdigest()[:12]}")
-    resp = row.get("response") if isinstance(row.get("response"), str) and row["response"].strip() else None
+    resp = _lf(row["response"]) if isinstance(row.get("response"), str) and row["response"].strip() else None
     return Request(text, source, bid, unified_category(cat), cat, USER_LICENSE, resp)
 
 
