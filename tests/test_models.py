@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,55 @@ def test_fingerprint_cache_invalidated_when_weights_change(tiny_dir, tmp_path):
     os.utime(local / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (local / "model.safetensors").stat().st_size == st.st_size
     assert models.load_model(str(local), device="cpu").fingerprint == a
+
+
+def _fake_hub_cache(root: Path, repo: str, folder: Path, commit: str) -> Path:
+    """The Hugging Face cache's layout for ``repo`` at ``commit``: content-addressed blobs, a
+    snapshot of links to them, ``refs/main`` naming the commit. Returns the snapshot folder."""
+    import hashlib
+
+    base = root / ("models--" + repo.replace("/", "--"))
+    snap = base / "snapshots" / commit
+    (base / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True)
+    for f in folder.iterdir():
+        blob = base / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (base / "refs").mkdir(exist_ok=True)
+    (base / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_a_hub_models_fingerprint_is_cached_by_its_snapshot_and_follows_its_ref(tiny_dir, tmp_path, monkeypatch):
+    """Every load of a hub id hashed every weight again (~20 s at 8B, each command); a local
+    folder's load read it from the file-stats cache. A hub model now keys on its cached snapshot:
+    computed once, and computed again when the ref moves to other weights."""
+    from huggingface_hub import constants
+
+    from safety_patch.testing import save_tiny_model
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # "org/tiny" is no local path here
+    _fake_hub_cache(cache, "org/tiny", tiny_dir, "a" * 40)
+    calls = []
+    real = models.fingerprint
+    monkeypatch.setattr(models, "fingerprint", lambda m, t: calls.append(1) or real(m, t))
+    want = models.load_model(str(tiny_dir), device="cpu").fingerprint
+    calls.clear()
+    first = models.load_model("org/tiny", device="cpu")
+    assert first.source == "hub" and first.fingerprint == want and len(calls) == 1
+    assert models.load_model("org/tiny", device="cpu").fingerprint == want and len(calls) == 1  # from the cache
+    assert models.model_fingerprint("org/tiny", device="cpu") == want and len(calls) == 1  # no load at all
+    # the ref moves to a commit with other weights: another snapshot, hashed again
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    _fake_hub_cache(cache, "org/tiny", other, "b" * 40)
+    moved = models.load_model("org/tiny", device="cpu").fingerprint
+    assert moved != want and len(calls) == 2
+    assert moved == models.load_model(str(other), device="cpu").fingerprint
 
 
 def test_chat_template_rendering():

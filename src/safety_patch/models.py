@@ -252,6 +252,21 @@ def _fingerprint_cached(model, tokenizer, ckpt: Path, runtime: rt.Runtime) -> st
     return fp
 
 
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of ``repo_id`` at its ``main`` ref (what
+    ``from_pretrained`` loads offline), or None where the cache holds no config of it. A snapshot
+    is named by its commit and its files are links to content-addressed blobs (``stat`` follows
+    them), so the file-stats key of :func:`_fingerprint_cache` serves a hub model as it serves a
+    folder. Never reaches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json")
+    except (ValueError, OSError):  # not a valid repo id (HFValidationError is a ValueError)
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
 HUB_KERNELS = False
 """Passed to ``from_pretrained(use_kernels=...)``. transformers 5.25 swaps layers for kernels it
 fetches from the Hub by default (``kernels`` installed): on a GPU that downloads and runs code
@@ -384,7 +399,8 @@ def load_model(spec: str = "default", device: str | None = "auto", dtype: str | 
                 f"could not load {where!r} from the Hugging Face Hub ({first}); offline, use --model default "
                 "or a local model folder"
             ) from None
-        fp = fingerprint(model, tokenizer)
+        snapshot = _hub_snapshot(where)  # every load hashed every weight again: ~20 s at 8B
+        fp = _fingerprint_cached(model, tokenizer, snapshot, runtime) if snapshot else fingerprint(model, tokenizer)
     else:
         import pickle
         import warnings
@@ -420,8 +436,9 @@ def model_fingerprint(spec: str = "default", device: str | None = "auto", dtype:
     it (a user's trial swapped a folder's weights and `reproduce` served the old model's stages).
     Raises ``SafetyPatchError`` as ``load_model`` does."""
     source, where = resolve_checkpoint(spec)
-    if source != "hub":
-        fp = _read_cached_fingerprint(_fingerprint_cache(Path(where), rt.resolve(device, dtype)))
+    folder = _hub_snapshot(where) if source == "hub" else Path(where)
+    if folder is not None:
+        fp = _read_cached_fingerprint(_fingerprint_cache(folder, rt.resolve(device, dtype)))
         if fp is not None:
             return fp
     import gc
