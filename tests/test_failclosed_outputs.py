@@ -232,6 +232,17 @@ def test_overwrite_killed_between_fallback_renames_is_restored_next_time(tmp_pat
             (tmp / "manifest.json").write_text("new")
     monkeypatch.setattr(os, "rename", real_rename)
     assert not final.exists() and len(list(tmp_path.glob(".old-kd.*"))) == 1
+    # until the next write, every reader of the folder names where its contents are
+    from safety_patch.data.folder import DataFolder
+    from safety_patch.errors import SafetyPatchError
+    from safety_patch.gate_fit import read_gate_folder
+    from safety_patch.models import resolve_checkpoint
+    from safety_patch.patches import read_patch
+
+    old = next(tmp_path.glob(".old-kd.*"))
+    for read in (DataFolder, read_patch, read_gate_folder, resolve_checkpoint):
+        with pytest.raises(SafetyPatchError, match=f"an interrupted --overwrite left its previous contents in {old}"):
+            read(str(final))
     (tmp_path / ".tmp-kd.abcd1234").mkdir()  # a killed writer's temporary folder
     atomic.recover(final)
     assert (final / "manifest.json").read_text() == "old"

@@ -156,6 +156,20 @@ def _stale_siblings(final: Path, prefix: str) -> list[Path]:
         return []
 
 
+def interrupted_note(final: str | Path) -> str:
+    """``""`` unless ``final`` is missing because a writer was killed between the two renames of
+    the fallback swap (systems without ``renameat2``): then a note, starting with a space, naming
+    the ``.old-<name>.<pid>`` folder that holds its previous contents. For "not found" errors."""
+    final = Path(final)
+    if final.exists():
+        return ""
+    olds = _stale_siblings(final, ".old-")
+    if not olds:
+        return ""
+    return (f" (an interrupted --overwrite left its previous contents in {olds[0]}: the next command that "
+            f"writes {final} restores them, or rename that folder back)")
+
+
 def recover(final: str | Path) -> None:
     """Undo what a killed writer of ``final`` left: restore an orphaned ``.old-<name>.*`` when
     ``final`` is missing (the two-rename fallback killed between its renames), and remove stale

@@ -657,7 +657,9 @@ def report(run: Annotated[Path, typer.Argument(help="A run folder from `reproduc
     from .report import write_report
 
     if not run.exists():
-        raise SafetyPatchError(f"{run} does not exist")
+        from .atomic import interrupted_note
+
+        raise SafetyPatchError(f"{run} does not exist{interrupted_note(run)}")
     if not (run / "run.json").is_file():
         raise SafetyPatchError(f"{run} is not a reproduce run folder (no run.json)")
     for c in write_report(run)["claims"]:

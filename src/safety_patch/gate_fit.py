@@ -1499,12 +1499,12 @@ def read_gate_folder(path: str | Path) -> tuple[Gate, dict]:
     A gate.json written before bindings (no ``binding``) is read with those fields unchecked
     (:func:`evaluate_gate` says so in its report).
     """
-    from .atomic import sha256_file
+    from .atomic import interrupted_note, sha256_file
     from .patch_schema import _first_error, _load_json_object
 
     path = Path(path)
     if not path.is_dir():
-        raise SafetyPatchError(f"gate folder not found: {path}")
+        raise SafetyPatchError(f"gate folder not found: {path}{interrupted_note(path)}")
     gj = path / GATE_JSON
     if not gj.is_file():
         raise SafetyPatchError(f"{path} has no {GATE_JSON}: not a gate folder from `safety-patch gate fit`")

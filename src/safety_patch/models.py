@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import runtime as rt
-from .atomic import atomic_dir, sha256_file, write_json
+from .atomic import atomic_dir, interrupted_note, sha256_file, write_json
 from .errors import SafetyPatchError
 from .fingerprint import fingerprint
 
@@ -331,6 +331,8 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
         return "local", str(p)
     if p.exists():
         raise SafetyPatchError(f"{p} is a file but not a .gguf model; pass a model folder, a .gguf file or `default`")
+    if note := interrupted_note(p):  # a merged checkpoint whose --overwrite was killed: not a hub id
+        raise SafetyPatchError(f"model path not found: {spec}{note}")
     if _looks_like_path(spec):
         raise SafetyPatchError(f"model path not found: {spec}")
     return "hub", spec

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import sha256_file
+from .atomic import interrupted_note, sha256_file
 from .errors import SafetyPatchError
 from .patched import PatchedModel
 
@@ -204,7 +204,7 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
         raise SafetyPatchError(f"{path} is a file; a patch is the folder that holds {PATCH_JSON} "
                                f"(here: {path.parent})")
     if not path.is_dir():
-        raise SafetyPatchError(f"patch folder not found: {path}")
+        raise SafetyPatchError(f"patch folder not found: {path}{interrupted_note(path)}")
     pj = path / PATCH_JSON
     if not pj.is_file() and (path / "merged_from.json").is_file():
         raise SafetyPatchError(f"{path} is a merged checkpoint (`patch merge` wrote it: merged_from.json), not a "

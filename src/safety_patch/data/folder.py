@@ -290,7 +290,10 @@ class DataFolder:
         self.path = Path(path)
         p = self.path / MANIFEST
         if not self.path.exists():
-            raise SafetyPatchError(f"{self.path} does not exist (a data folder from `safety-patch data build` was expected)")
+            from ..atomic import interrupted_note
+
+            raise SafetyPatchError(f"{self.path} does not exist (a data folder from `safety-patch data build` was expected)"
+                                   + interrupted_note(self.path))
         if not p.is_file():
             # a red-team round's folder holds its data in data/, a reproduce run in 01-data/: name it
             # (a user's trial passed the round's folder and was told to run `data build`)
