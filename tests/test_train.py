@@ -87,6 +87,7 @@ def test_the_first_and_last_step_losses_are_logged_whatever_logging_steps(data_d
                  "--max-train-rows", "8", "--batch-size", "4", "--max-seq-len", "512"]) == 0
     said = capsys.readouterr().out
     assert "steps, loss " in said and "None" not in said.split("steps, loss ")[1].split(",")[0]
+    assert f"wrote {tmp_path / 'c'}: lora patch, " in said  # --no-gate: not called gated
 
 
 def _loss(model, tok, rows):
@@ -210,6 +211,9 @@ def test_cli_train_recipe_and_yaml(data_dir, tiny_dir, tmp_path, capsys):
     assert main(["train", "--data", str(d), "--out", str(tmp_path / "p"), "--model", str(tiny_dir),
                  "--config", str(cfg), "--alpha", "4"]) == 0
     meta = json.loads((tmp_path / "p" / "patch.json").read_text())
+    said = capsys.readouterr().out
+    layers = ",".join(map(str, [meta["gate"]["layer"], *meta["gate"].get("extra_layers", [])]))
+    assert f"wrote {tmp_path / 'p'}: gated (gate layer" in said and f" {layers}) lora patch," in said  # the summary says so
     assert meta["config"]["lora"]["rank"] == 2 and meta["config"]["lora"]["alpha"] == 4.0
     # no --recipe: the default recipe's fields apply unless the file or a flag overrides them
     assert meta["config"]["recipe"] == "default"

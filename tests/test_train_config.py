@@ -207,6 +207,22 @@ def test_set_reaches_a_long_tail_field(tmp_path, capsys):
         "data.max_train_rows": None, "optim.snapshot_steps": "10,20"}
 
 
+def test_a_gate_setting_on_a_recipe_without_a_gate_says_it_turns_the_gate_on(tmp_path, capsys):
+    """Found by a user's trial: `--recipe always-on --gate-self-instruct 7` wrote a gated patch
+    (as documented: a gate setting turns the default gate on) and said only "lora patch"."""
+    warn = "recipe always-on has no gate; your gate setting turns the default gate on"
+    assert _cli_config(tmp_path, capsys, "--recipe", "always-on")["gate"] is None
+    code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--recipe", "always-on",
+                 "--gate-self-instruct", "7"])
+    err = capsys.readouterr().err
+    assert code == 2 and warn in err
+    assert json.loads(next(x for x in err.splitlines() if x.startswith("[train] config: "))[16:])["gate"]["self_instruct"] == 7
+    # the default recipe is gated: a gate setting changes its gate, nothing to say
+    code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--gate-self-instruct", "7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "[train] config: " in err and "has no gate" not in err
+
+
 @pytest.mark.parametrize("item, says", [
     ("bogus.rank=2", "--set: unknown key bogus.rank"),
     ("lora.rnak=2", "--set: unknown key lora.rnak; lora has rank, alpha"),

@@ -335,7 +335,7 @@ def train(**kw) -> None:
     Settings apply in order: the recipe (default: the gated default patch), --config FILE, then the flags and --set group.field=value (any field; docs/training.md).
     """
     from .train.api import parse_set, resolve_config
-    from .train.config import FLAGS, check_layer, dotted_layer, field_label
+    from .train.config import FLAGS, check_layer, dotted_layer, field_label, recipe_layer
     from .train.run import train as run_train
 
     overrides = {key: kw[_flag_param(flag)] for key, flag in FLAGS.items() if kw[_flag_param(flag)] is not None}
@@ -364,13 +364,19 @@ def train(**kw) -> None:
     from .outputs import check_out_dir
 
     check_out_dir(out, overwrite=kw["overwrite"], kind="patch", inputs=[data, model, config])  # claimed inside run_train
+    if cfg.gate is not None and recipe_layer(cfg.recipe).get("gate", {}) is None:
+        # documented (a gate setting turns the default gate on), but easy to do unawares with a pool-size flag
+        typer.echo(f"[train] recipe {cfg.recipe} has no gate; your gate setting turns the default gate on: "
+                   "this patch will be gated (drop the gate settings for an always-on patch)", err=True)
     typer.echo("[train] config: " + json.dumps(cfg.record()), err=True)  # as patch.json records it
     meta = run_train(data, out, cfg, model=model, device=kw["device"], dtype=kw["dtype"], resume=kw["resume"],
                      overwrite=kw["overwrite"])
     if meta:
         t = meta["training"]
         loss = " -> ".join("n/a" if v is None else f"{v:.4g}" for v in (t["loss_first"], t["loss_last"]))
-        typer.echo(f"wrote {out}: {meta['format']} patch, {t['steps']} steps, loss {loss} (first and last step), "
+        g = meta.get("gate")
+        gated = f"gated (gate layer{'s' * bool(g.get('extra_layers'))} {','.join(map(str, [g['layer'], *g.get('extra_layers', [])]))}) " if g else ""
+        typer.echo(f"wrote {out}: {gated}{meta['format']} patch, {t['steps']} steps, loss {loss} (first and last step), "
                    f"{t['tokens_seen']} tokens in {t['wall_seconds']}s ({t['tokens_per_s']} tokens/s), "
                    f"{t['trainable_parameters']:,} trainable parameters")
 
