@@ -142,3 +142,19 @@ def test_a_round_trains_on_the_whole_attacked_conversation(tmp_path):
     bad = rows[2] | {"messages": rows[2]["messages"][:-1] + [{"role": "assistant", "content": "No."}]}
     with pytest.raises(SafetyPatchError, match=r"row: field meta.prefill: the assistant turn must start with the prefill"):
         _pc(bad, "row")
+
+
+def test_a_round_on_a_folder_without_reference_answers_is_refused_before_it_attacks(tmp_path, monkeypatch):
+    """Found by a user's trial: `redteam --method full` on a folder built with --no-distill attacked,
+    trained and wrote a 538 MB delta, then failed at the capability check ("no reference answers"),
+    leaving an unfinished round folder. The check now comes first: nothing is attacked or written."""
+    import safety_patch.models as models
+    from safety_patch.testing import save_tiny_model
+
+    tiny_dir = save_tiny_model(tmp_path / "tiny", seed=0)
+    data_dir = tmp_path / "d"
+    build(data_dir, DataConfig(max_per_source=8, distill=False, self_instruct=0), model=str(tiny_dir))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SafetyPatchError, match=f"{data_dir}: no reference answers"):
+        run_round(str(tiny_dir), [], "direct", data_dir, tmp_path / "r", method="full", limit=2, device="cpu")
+    assert not (tmp_path / "r").exists()

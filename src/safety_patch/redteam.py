@@ -39,7 +39,7 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     from .attacks import check_attack_spec
     from .data import refusals
     from .data.build import read_manifest
-    from .evaluation.capability import CapabilityConfig, evaluate_capability
+    from .evaluation.capability import CapabilityConfig, evaluate_capability, reference_pairs
     from .evaluation.prompts import harmful_requests
     from .evaluation.safety import EvalConfig, evaluate, run_safety
     from .generation import GenerationCache
@@ -59,6 +59,9 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     # rounds of a few dozen rows over 3 epochs.
     tcfg = resolve_config("redteam-round" if method == "lora" else "full-safety", None, fields, where="redteam")
     manifest = read_manifest(data_dir)
+    # step 4's capability drift reads the folder's distilled reference answers: a folder built
+    # without them failed there, after the attack and the training (a user's trial)
+    reference_pairs(data_dir, limit=1, split=CapabilityConfig().split)
     out = Path(out)
     if (out / "round.json").exists():
         raise SafetyPatchError(f"{out} already holds a finished round")
