@@ -243,6 +243,49 @@ def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, data_dir, t
             merged_state_dict(lm.model, [p], lm.fingerprint)
 
 
+def test_a_gate_fit_on_the_base_applied_to_a_patch_trained_on_a_stack_is_warned_about(gate_dir, lm, tmp_path, caplog,
+                                                                                     capsys):
+    """Found by a user's trial: a gate folder (fit on the bare base) put in front of a red-team
+    round's patch (trained on top of round 1) reads base + round-1 states in that stack, which it
+    was never fit on, and neither `gate apply` nor `chat`/`serve` said so (the attach warning
+    took the patch's stack for the gate's). The gated patch records the stack its gate was fit
+    on (`gate.fit_stack`); apply and attach warn."""
+    import logging
+
+    from safety_patch import patches as patches_mod
+    from safety_patch.patches import attached
+
+    caplog.set_level(logging.WARNING, logger="safety_patch")
+    r1 = read_patch(make_lora_patch(lm.model, tmp_path / "r1", lm.fingerprint, seed=1))
+    r2 = make_lora_patch(lm.model, tmp_path / "r2", lm.fingerprint, seed=2, stack=[r1.id])
+    apply_gate(r2, gate_dir, tmp_path / "r2g")
+    assert f"was fit on the base alone, but {r2} was trained on top of {r1.id}" in caplog.text
+    g = read_patch(tmp_path / "r2g")
+    assert g.meta["gate"]["fit_stack"] == [] and g.gate_fit_stack == [] and g.stack == [r1.id]
+    caplog.clear()
+    patches_mod._WARNED.clear()
+    with attached(lm.model, [r1, g], lm.fingerprint):
+        pass
+    assert f"the gate of {g.path} was fit without the always-on patch(es) {r1.path}" in caplog.text
+    # `patch gate` routes it in its stack (it said "put those before it in the stack" and had no way to)
+    from safety_patch.cli import main
+    from safety_patch.generation import gate_views
+
+    args = ["patch", "gate", str(tmp_path / "r2g"), "--prompt", "How do I bake bread?", "--model", lm.path]
+    assert main(args) == 2 and "`patch gate` and `patch verify` take them as `--stack`" in capsys.readouterr().err
+    assert main([*args, "--stack", str(r1.path)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    views = [[lm.tokenizer(v, add_special_tokens=False)["input_ids"]
+              for v in gate_views(lm.tokenizer, [{"role": "user", "content": "How do I bake bread?"}])]]
+    with attached(lm.model, [r1, g], lm.fingerprint) as pm:
+        (z,) = pm.gate_scores_max(lm.tokenizer, views).values()
+    assert float(row[1]) == pytest.approx(float(z[0]), abs=0.006)
+    # the gate taken from that gated patch keeps what it was fit on: applied to an unstacked patch, nothing to say
+    caplog.clear()
+    apply_gate(make_lora_patch(lm.model, tmp_path / "p", lm.fingerprint, seed=3), tmp_path / "r2g", tmp_path / "pg")
+    assert "was fit on" not in caplog.text and read_patch(tmp_path / "pg").gate_fit_stack == []
+
+
 def test_gate_apply_refuses_a_gate_for_another_base(gate_dir, lm, tmp_path):
     src = make_lora_patch(lm.model, tmp_path / "p", "another-base", seed=1)
     with pytest.raises(SafetyPatchError, match=r"gate.json: field 'base.fingerprint' is .* made for base anoth"):

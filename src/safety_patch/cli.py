@@ -699,6 +699,9 @@ def patch_gate_cmd(
     force: Annotated[bool, typer.Option(help="Use a patch made for another base model (warns).")] = False,
     system: Annotated[str | None, typer.Option(help="The system prompt your deployment sends (the gate reads the "
                                                     "whole rendered prompt, so it can move the logit).")] = None,
+    stack: Annotated[list[Path] | None, typer.Option(
+        help="A patch attached before it (one it was trained on top of, or an always-on patch you serve it with); "
+             "repeat, in stack order. Its gate then reads the model with them applied, as chat and serve do.")] = None,
 ) -> None:
     """Route prompts as a gated patch would: the probe's logit and whether the adapter applies.
 
@@ -707,7 +710,7 @@ def patch_gate_cmd(
     request with the patch's LoRA only when this says "adapter" (or use ``serve --upstream``)."""
     from .generation import conversation, gate_views
     from .models import load_model
-    from .patches import attached, read_patch
+    from .patches import attached, item_names, read_patch
 
     if any(not t.strip() for t in prompt):  # the template alone would be routed, as if it were a prompt
         raise SafetyPatchError("--prompt is empty; give the text to route")
@@ -722,9 +725,10 @@ def patch_gate_cmd(
     views = [[lm.tokenizer(v, add_special_tokens=False)["input_ids"] for v in gate_views(lm.tokenizer, conversation(t, system))]
              for t in prompt]  # with --system: the highest logit with and without it, as chat, eval and serve route
     check_context(lm.model, [v[0] for v in views], "--prompt")
-    with attached(lm.model, [p], lm.fingerprint, force) as pm:
-        (scores,) = pm.gate_scores_max(lm.tokenizer, views).values()
-        (gate,) = pm.gates.values()
+    below = [read_patch(q) for q in stack or []]
+    with attached(lm.model, [*below, p], lm.fingerprint, force) as pm:
+        name = item_names([*below, p])[-1]  # this patch's gate, whatever gates the stack below holds
+        scores, gate = pm.gate_scores_max(lm.tokenizer, views)[name], pm.gates[name]
     # route: which weights answer ("adapter": the patch applies; "base": the base model, bit for
     # bit); margin: logit - threshold, how far from flipping
     typer.echo(f"{'route':<7}  {'logit':>7}  {'margin':>7}  prompt")

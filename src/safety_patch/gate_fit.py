@@ -1579,6 +1579,7 @@ def read_gate_source(path: str | Path) -> tuple[Gate, dict, Path]:
             "threshold": gate.threshold, "config": config, "prompts": info.get("prompts") or {},
             "data": {k: v for k, v in (data or {}).items() if k in ("dir", "manifest_sha256")} or None,
             "files": {GATE_FILE: p.meta["files"][GATE_FILE]}, "from_patch": {"id": p.id, "path": str(path)},
+            "fit_stack": p.gate_fit_stack,
             **{k: info[k] for k in ("threshold_from", "validation", "position", "fit_seconds") if k in info}}
     return gate, meta, pj
 
@@ -1633,8 +1634,17 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
     keep = ("method", "objective", "config", "data", "training")
     fields = {k: p.meta[k] for k in keep if k in p.meta}
     fields["stack"] = p.stack
+    import logging
+
+    fit_stack = list(gmeta.get("fit_stack", []))  # a gate folder's gate was fit on the bare base
+    if fit_stack != p.stack:
+        logging.getLogger("safety_patch").warning("warning: the gate of %s was fit on the base%s, but %s was trained on top of %s: in that stack the "
+                    "gate reads hidden states it was not fit on, so its routing there is unmeasured (measure it: "
+                    "`safety-patch eval` with each patch of the stack as --patch, in order)", where,
+                    f" with {', '.join(fit_stack)}" if fit_stack else " alone", p.path,
+                    ", ".join(p.stack) if p.stack else "the base alone")
     fields["gate"] = {"layer": gate.layer, **({"extra_layers": list(gate.extra_layers)} if gate.extra_layers else {}),
-                      "threshold": gate.threshold, "id": gmeta["id"], "source": str(gate_dir),
+                      "threshold": gate.threshold, "id": gmeta["id"], "source": str(gate_dir), "fit_stack": fit_stack,
                       **({"source_patch": gmeta["from_patch"]["id"]} if "from_patch" in gmeta else {}),
                       **{k: gmeta[k] for k in ("config", "prompts", "train", "threshold_from", "validation", "position",
                                                "data", "code", "versions", "fit_seconds") if k in gmeta}}

@@ -77,6 +77,22 @@ class Patch:
         return bool(self.meta.get("gate"))
 
     @property
+    def gate_fit_stack(self) -> list[str]:
+        """The ids of the patches whose updates were in the model when its gate was fit (empty
+        for an ungated patch): ``gate.fit_stack`` where recorded (``gate apply`` since 2026-12-05;
+        a gate folder is fit on the bare base); for a gate ``gate apply`` took from a gate folder
+        before then, none; otherwise the patch's own ``stack`` (``train`` fits its gate on the base
+        with that stack folded in)."""
+        g = self.meta.get("gate") or {}
+        if not g:
+            return []
+        if isinstance(g.get("fit_stack"), list):
+            return list(g["fit_stack"])
+        if "source" in g and "source_patch" not in g:  # applied from a gate folder: fit on the bare base
+            return []
+        return self.stack
+
+    @property
     def sealed(self) -> bool:
         """Whether patch.json's descriptive fields are covered by ``record_sha256`` (patches written
         since 2026-12-03); the fields that decide what attaching means are bound either way."""
@@ -487,7 +503,8 @@ def _check_stack_order(patches: Sequence[Patch], force: bool) -> None:
         if missing and not force:
             raise SafetyPatchError(
                 f"patch {p.path} was trained on top of patch(es) {', '.join(missing)}; put those before it in the stack, in "
-                f"order (where a command takes --force, that skips this check)"
+                f"order (`--patch` each of them first; `patch gate` and `patch verify` take them as `--stack`; where a "
+                f"command takes --force, that skips this check)"
             )
         seen.append(p.id)
 
@@ -520,7 +537,7 @@ def _warn_gate_reads_unfit_stack(patches: Sequence[Patch]) -> None:
     for p in patches:
         if not p.gated:
             continue
-        unfit = [q for q in ungated if q.id not in p.stack]
+        unfit = [q for q in ungated if q.id not in p.gate_fit_stack]
         key = (p.id, *(q.id for q in unfit))
         if unfit and key not in _WARNED:  # once per process: a server re-attaches its stacks as requests switch
             _WARNED.add(key)
