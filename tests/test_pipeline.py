@@ -416,3 +416,22 @@ def test_an_interrupted_first_run_is_bound_to_its_settings_too(tiny_dir, tmp_pat
     (run / "settings.json").write_text("[]")
     with pytest.raises(SafetyPatchError, match=r"settings\.json: not valid JSON or not a run's record"):
         reproduce(run, tiny_plan(str(tiny_dir)), device="cpu")
+
+
+def test_a_gate_that_never_fires_stops_reproduce_with_advice_it_can_follow(tiny_dir, tmp_path, capsys):
+    """Found by a user's trial: `reproduce --quick --model ./tinyA` stopped at the gate with "set the
+    threshold from a false-positive rate (--target-fpr) or lower --threshold", flags reproduce does
+    not take; and `report` on the stopped run said it was no run folder."""
+    from safety_patch.cli import main
+    from safety_patch.errors import SafetyPatchError
+
+    run = tmp_path / "run"
+    plan = tiny_plan(str(tiny_dir))
+    plan.gate |= {"threshold": 1e6, "target_fpr": None, "family_fpr": None}  # above every logit
+    with pytest.raises(SafetyPatchError) as e:
+        reproduce(run, plan, device="cpu")
+    said = str(e.value)
+    assert "the gate fires on none of its" in said and "reproduce fits the gate with the plan's fixed settings" in said
+    assert f"safety-patch gate fit --data {run / '01-data'} --out GATE --model {tiny_dir} --target-fpr" in said
+    assert main(["report", str(run)]) == 2
+    assert f"the run in {run} has not finished" in capsys.readouterr().err

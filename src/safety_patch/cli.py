@@ -667,6 +667,10 @@ def report(run: Annotated[Path, typer.Argument(help="A run folder from `reproduc
 
         raise SafetyPatchError(f"{run} does not exist{interrupted_note(run)}")
     if not (run / "run.json").is_file():
+        if (run / "settings.json").is_file():  # a run that stopped at a stage: its report comes at the end
+            raise SafetyPatchError(f"the run in {run} has not finished (no run.json: a stage failed or was interrupted); "
+                                   f"re-run `safety-patch reproduce --out {run}` with its options to resume it, which "
+                                   "writes the report")
         raise SafetyPatchError(f"{run} is not a reproduce run folder (no run.json)")
     for c in write_report(run)["claims"]:
         typer.echo(f"[{c['verdict'].upper()}] {c['claim']}: {c['evidence']}")

@@ -237,7 +237,16 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
             shutil.rmtree(gate_dir, ignore_errors=True)
             gate_dir.mkdir(parents=True)
             lm = load_model(plan.model, device=device, dtype=dtype)
-            fit_gate_folder(lm, data_dir, GateFitConfig(**plan.gate), gate_dir / "gate")
+            try:
+                fit_gate_folder(lm, data_dir, GateFitConfig(**plan.gate), gate_dir / "gate")
+            except SafetyPatchError as e:  # its advice names `gate fit`'s flags, which reproduce does not take
+                if "fires on none" not in str(e):
+                    raise
+                raise SafetyPatchError(
+                    f"{str(e).split(': it would never apply')[0]}: the gated arms would protect nothing (fail closed). "
+                    "reproduce fits the gate with the plan's fixed settings and cannot go on with this model; see whether "
+                    f"any threshold gives it a working gate with `safety-patch gate fit --data {data_dir} --out GATE "
+                    f"--model {plan.model} --target-fpr 0.05` (or --threshold)") from None
             write_json(gate_dir / "eval.json", evaluate_gate(lm, gate_dir / "gate", data_dir, "test", loso=True,
                                                              attacks=plan.gate_attacks, lofo=True))
             del lm
