@@ -111,6 +111,15 @@ def test_evaluate_capability_offline_with_patch(tiny_dir, tmp_path):
     runs = res["runs"]
     assert runs["base"]["nll"]["n"] == 4 and runs["patched"]["kl"]["value"] > 0
     assert "nll" in runs["delta"] and runs["delta"]["nll_ratio"] > 0
+    # an empty reference is not scored, and said so; none scorable is an error, not "-" with n=0
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(refs.read_text() + json.dumps({"prompt": "Hi", "reference": "  "}) + "\n")
+    res = evaluate_capability(str(tiny_dir), [], None, CapabilityConfig(tasks=("nll",), references=str(blank)))
+    assert res["runs"]["base"]["nll"]["n"] == 4 and res["config"]["inputs"]["references_skipped"] == 1
+    assert "nll/kl: 1 reference answer(s) not scored (empty" in table(res)
+    blank.write_text(json.dumps({"prompt": "Hi", "reference": "  "}) + "\n")
+    with pytest.raises(SafetyPatchError, match=r"blank.jsonl: none of its 1 reference answers can be scored"):
+        evaluate_capability(str(tiny_dir), [], None, CapabilityConfig(tasks=("nll",), references=str(blank)))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(SafetyPatchError, match=r"bad.jsonl:1: expected string fields 'prompt' and 'reference'"):

@@ -378,6 +378,12 @@ def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg:
     if need_refs and ref_src is None:
         pairs = self_references(lm, builtin_general(cfg.limit), cache)
     encoded = _encode_pairs(lm.tokenizer, pairs, cfg.max_len)
+    if need_refs and pairs and not encoded:  # "-" with n=0 and no word of why (a user's trial)
+        src = cfg.references or data
+        raise SafetyPatchError(f"{src if src is not None else 'the self-written references'}: none of its {len(pairs)} "
+                               "reference answers can be scored for nll/kl (each is empty, or nothing of it fits "
+                               f"within max_len {cfg.max_len} after its prompt); the model that distilled them wrote "
+                               "nothing: give --references FILE, or leave nll,kl out of --tasks")
     judge = KeywordJudge()
     try:
         base, braw = _one_run(PatchedModel.base(lm), lm.tokenizer, cfg, pairs, encoded, None, he, bl, mc, cache, judge)
@@ -398,7 +404,9 @@ def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg:
     builtin = [w for w, used in (("compliance prompts", bool(bl) and data is None),
                                  ("self-written references", need_refs and ref_src is None)) if used]
     inputs = {"data": source_identity(data), "references": source_identity(cfg.references),
-              "mc": source_identity(cfg.mc_file), "builtin": builtin}
+              "mc": source_identity(cfg.mc_file), "builtin": builtin,
+              # empty answers, or nothing left within max_len: not scored, and counted so the n is read right
+              "references_skipped": len(pairs) - len(encoded)}
     return {"kind": "safety-patch/eval-capability", "schema": 1,
             "config": as_dict(cfg) | {"data": str(data) if data is not None else None, "inputs": inputs},
             "provenance": provenance(lm, ps), "runs": runs}
@@ -423,6 +431,9 @@ def table(res: dict) -> str:
             lines.append(f"{label:<16}" + "".join(f"{fmt(runs[n].get(key)):<36}" for n in names))
     if "delta" in runs and runs["delta"].get("nll_ratio"):
         lines.append(f"patched/base NLL ratio: {runs['delta']['nll_ratio']:.4f}")
+    skipped = res.get("config", {}).get("inputs", {}).get("references_skipped")
+    if skipped:
+        lines.append(f"nll/kl: {skipped} reference answer(s) not scored (empty, or nothing left within max_len)")
     if "kl" in res.get("config", {}).get("tasks", ()) and "patched" not in runs:
         lines.append("kl: not computed (no --patch: KL(base||patched) needs a patched model)")
     return "\n".join(lines)
