@@ -77,7 +77,7 @@ def test_a_bad_patch_is_refused_before_the_model_loads(tmp_path, monkeypatch, ca
     assert "patch.json" in err and "AssertionError" not in err
 
 
-def test_ctrl_c_exits_130_and_never_says_done(monkeypatch, capsys):
+def test_ctrl_c_exits_130_and_never_says_done(monkeypatch, capsys, tmp_path):
     """typer hands a KeyboardInterrupt back as a return code when not standalone: `main` once ignored it,
     printed "[cmd] done" and exited 0, so `train ... && eval ...` went on after a Ctrl-C."""
     import safety_patch.models
@@ -88,7 +88,13 @@ def test_ctrl_c_exits_130_and_never_says_done(monkeypatch, capsys):
     monkeypatch.setattr(safety_patch.models, "load_model", interrupted)
     assert main(["model", "info", "--model", "default"]) == 130
     err = capsys.readouterr().err
-    assert "interrupted" in err and "done" not in err
+    assert err.strip().splitlines()[-1] == "interrupted" and "done" not in err
+    # a command that can go on from where it stopped says how (a user's trial: a Ctrl-C'd train said only "interrupted")
+    import safety_patch.train.run
+
+    monkeypatch.setattr(safety_patch.train.run, "train", interrupted)
+    assert main(["train", "--data", "d", "--out", str(tmp_path / "p"), "--model", "default"]) == 130
+    assert "interrupted; the same command with --resume continues from its last checkpoint" in capsys.readouterr().err
 
 
 def test_sigterm_cleans_up_says_terminated_and_exits_143(tmp_path):

@@ -1219,9 +1219,18 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, before)
 
 
-def _stopped(terminated: list) -> int:
+_RESUME_HINTS = {
+    "train": "the same command with --resume continues from its last checkpoint (every optim.save_steps steps), "
+             "bit for bit",
+    "reproduce": "the same command resumes: finished stages are kept",
+}
+"""What the line of an interrupted command adds, per command: how to go on from where it stopped."""
+
+
+def _stopped(terminated: list, args: list[str] | None = None) -> int:
     """The line and exit code of an interrupted command: 143 (128 + SIGTERM) or 130 (Ctrl-C)."""
-    typer.echo("terminated" if terminated else "interrupted", err=True)
+    hint = _RESUME_HINTS.get(next((a for a in args or [] if not a.startswith("-")), ""))
+    typer.echo(("terminated" if terminated else "interrupted") + (f"; {hint}" if hint else ""), err=True)
     return 143 if terminated else 130
 
 
@@ -1239,7 +1248,7 @@ def _run(args: list[str], t0: float, terminated: list) -> int:
         # become 1 or 130) instead of raising: a command that did not finish must not say "done" and exit 0.
         if isinstance(rc, int) and rc != 0:
             if rc == 130 or terminated:
-                return _stopped(terminated)
+                return _stopped(terminated, args)
             typer.echo(f"stopped (exit {rc})", err=True)
             return rc
         _summary(args, time.time() - t0)
@@ -1257,7 +1266,7 @@ def _run(args: list[str], t0: float, terminated: list) -> int:
         e.show()
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        return _stopped(terminated)
+        return _stopped(terminated, args)
     return 0
 
 
