@@ -112,9 +112,10 @@ def test_a_patch_given_twice_is_refused_even_from_a_copy_and_forced(base, tmp_pa
 def test_wrong_base_is_refused_unless_forced(base, tmp_path):
     model, tok, fp, ids = base
     p = make_lora_patch(model, tmp_path / "l", "0" * 64)
-    with pytest.raises(SafetyPatchError, match="was made for base 000000000000"):
+    with pytest.raises(SafetyPatchError, match="was made for base 000000000000") as e:
         with attached(model, [p], fp):
             pass
+    assert "(the patch's base: test; loaded: " in str(e.value)  # names both sides (it said "vs this model")
     with attached(model, [p], fp, force=True) as m:
         assert not torch.allclose(logits(m, ids), logits(model.__class__(model.config), ids))
 

@@ -538,7 +538,7 @@ def test_a_stop_or_snapshot_at_the_warmups_lr_0_step_is_refused_before_training(
     monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **k: steps.append(1) or real(self, *a, **k))
     with pytest.raises(SafetyPatchError, match=r"--snapshot-steps lists step 1, which the warmup takes at lr 0 \(of 6"):
         train(data_dir, tmp_path / "a", small(optim__snapshot_steps="1,3,99"), model=str(tiny_dir), progress=False)
-    with pytest.raises(SafetyPatchError, match=r"--stop-after 0.1 stops after step 1 of the 6 planned"):
+    with pytest.raises(SafetyPatchError, match=r"optim.stop_after 0.1 \(--stop-after, or the recipe.s\) stops after step 1 of the 6 planned"):
         train(data_dir, tmp_path / "b", small(optim__stop_after=0.1), model=str(tiny_dir), progress=False)
     assert not steps and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -432,7 +432,8 @@ def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force:
     if fingerprint is not None and patch.base_fingerprint and patch.base_fingerprint != fingerprint:
         problems.append(
             f"patch {patch.path} was made for base {patch.base_fingerprint[:12]}…, but the model is {fingerprint[:12]}… "
-            f"({patch.meta['base'].get('name') or '?'} vs this model)"
+            f"(the patch's base: {patch.meta['base'].get('name') or '?'}; loaded: "
+            f"{getattr(getattr(model, 'config', None), 'name_or_path', '') or 'a model without a recorded name'})"
         )
     if patch.format == "lora":
         from .patch_schema import read_adapter_config

@@ -356,8 +356,9 @@ def _check_lr_plan(stop_after: float | None, snapshot_steps: list[int]):
                 return
             if stop_after is not None and stop_after < 1 and max(round(stop_after * n), 1) <= zero:
                 raise _PlanError(
-                    f"--stop-after {stop_after:g} stops after step 1 of the {n} planned, which the warmup takes at lr 0: "
-                    "the patch would equal the base; raise --stop-after or train more rows/epochs")
+                    f"optim.stop_after {stop_after:g} (--stop-after, or the recipe's) stops after step 1 of the {n} "
+                    "planned, which the warmup takes at lr 0: the patch would equal the base; raise --stop-after or "
+                    "train more rows/epochs")
             early = sorted(s for s in snapshot_steps if s <= zero)
             if early:
                 raise _PlanError(f"--snapshot-steps lists step {early[0]}, which the warmup takes at lr 0 (of "
