@@ -280,7 +280,7 @@ def test_the_gate_aware_objective_moves_a_two_layer_gate(tmp_path, monkeypatch):
     assert z < gate.threshold < float(z0[0]) and r["adapters"] == []
 
 
-def test_the_upstream_gate_probe_reads_every_layer_of_a_two_layer_gate(lm, tiny_dir, tmp_path):  # noqa: F811
+def test_the_upstream_gate_probe_reads_every_layer_of_a_two_layer_gate(lm, tiny_dir, tmp_path, monkeypatch):  # noqa: F811
     """`serve --upstream` runs the gates alone on a base truncated after the deepest layer they
     read: a two-layer gate's readings there equal its routing logits on the whole model."""
     from safety_patch.serve.engine import GateProbe
@@ -325,6 +325,13 @@ def test_the_upstream_gate_probe_reads_every_layer_of_a_two_layer_gate(lm, tiny_
                    gate={"layer": 0, "extra_layers": [1], "threshold": 0.0})
     with pytest.raises(SafetyPatchError, match=r"dg is a full-parameter delta, .*serve it embedded \(without --upstream\)$"):
         GateProbe(str(tiny_dir), {"dg": [tmp_path / "dg"]}, device="cpu")
+    # ...said first, before the upstream is asked for a LoRA module of that name (a user's trial got
+    # "without a LoRA module 'dg' (... --lora-modules dg=PATCH_FOLDER)", impossible for a delta)
+    from safety_patch.serve import upstream
+
+    monkeypatch.setattr(upstream, "check_upstream", lambda *a, **k: pytest.fail("the upstream was asked first"))
+    with pytest.raises(SafetyPatchError, match=rf"^--patch {tmp_path / 'dg'}: .* is a full-parameter delta"):
+        upstream.build_upstream(str(tiny_dir), {"dg": [str(tmp_path / "dg")]}, "http://127.0.0.1:9", "m", device="cpu")
 
 
 def test_extra_layers_by_depth_resolve_like_the_gate_layer_and_each_layer_is_read_once(lm):  # noqa: F811

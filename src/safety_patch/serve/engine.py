@@ -393,6 +393,30 @@ class Engine:
         return Result(new, "length")
 
 
+def upstream_patches(stacks: dict[str, list[str | Path]]) -> dict:
+    """Served name -> its one LoRA patch (``patches.Patch``), what upstream mode can serve: an engine
+    such as vLLM applies one LoRA module per request. Raises SafetyPatchError for the reserved name
+    ``base``, a stack of several patches, or a full-parameter delta (naming the way out)."""
+    if BASE in stacks:
+        raise SafetyPatchError(f"model name {BASE!r} is reserved for the unpatched base")
+    out = {}
+    for name, paths in stacks.items():
+        ps = _read_stack(paths)
+        what = f"--stack {name}" if len(paths) > 1 else f"--patch {paths[0]}"
+        if len(ps) != 1:
+            raise SafetyPatchError(f"{what}: upstream mode serves one LoRA patch per model name, got "
+                                   f"{len(ps)} (the upstream engine applies one LoRA module per request)")
+        if ps[0].format != "lora":
+            # A gated delta cannot be merged either (the gate decides per request), so `patch merge`
+            # is no way out for it.
+            way_out = ("serve it embedded (without --upstream)" if ps[0].gated else
+                       "serve it embedded, or merge it (`patch merge`) and point the engine at the merged model")
+            raise SafetyPatchError(f"{what}: {ps[0].path} is a full-parameter delta, which an upstream "
+                                   f"engine cannot apply per request (it serves LoRA modules); {way_out}")
+        out[name] = ps[0]
+    return out
+
+
 class GateProbe:
     """The gates of patch stacks, run on a copy of the base truncated after the deepest gate layer.
 
@@ -404,7 +428,8 @@ class GateProbe:
     """
 
     def __init__(self, model_spec: str, stacks: dict[str, list[str | Path]], device: str = "auto",
-                 dtype: str = "auto", force: bool = False):
+                 dtype: str = "auto", force: bool = False, patches: dict | None = None):
+        """``patches``: :func:`upstream_patches` of ``stacks`` where the caller has read them already."""
         from transformers import AutoConfig, AutoModel
 
         from .. import runtime as rt
@@ -412,22 +437,7 @@ class GateProbe:
         from ..models import HUB_KERNELS, load_model
         from ..patches import verify
 
-        if BASE in stacks:
-            raise SafetyPatchError(f"model name {BASE!r} is reserved for the unpatched base")
-        self.patches = {}
-        for name, paths in stacks.items():
-            ps = _read_stack(paths)
-            if len(ps) != 1:
-                raise SafetyPatchError(f"stack {name!r}: upstream mode serves one LoRA patch per model name, got "
-                                       f"{len(ps)} (the upstream engine applies one LoRA module per request)")
-            if ps[0].format != "lora":
-                # A gated delta cannot be merged either (the gate decides per request), so `patch merge`
-                # is no way out for it.
-                way_out = ("serve it embedded (without --upstream)" if ps[0].gated else
-                           "serve it embedded, or merge it (`patch merge`) and point the engine at the merged model")
-                raise SafetyPatchError(f"stack {name!r}: {ps[0].path} is a full-parameter delta, which an upstream "
-                                       f"engine cannot apply per request (it serves LoRA modules); {way_out}")
-            self.patches[name] = ps[0]
+        self.patches = upstream_patches(stacks) if patches is None else patches
         self.gates = {n: Gate.load(p.path) for n, p in self.patches.items() if p.gated}
         # Fail closed: a gate was fit on one base; check that this is it (fingerprint, shapes, gate fit) on the full
         # model once, then keep only the truncated copy.

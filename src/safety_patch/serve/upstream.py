@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 
 from .app import SHUTTING_DOWN, ApiError, Prepared
-from .engine import BASE, GateProbe, Route
+from .engine import BASE, GateProbe, Route, upstream_patches
 
 
 def _api_base(url: str) -> str:
@@ -267,8 +267,9 @@ def build_upstream(model: str, stacks: dict[str, list[str]], url: str, upstream_
                    on_warning: Callable[[str], None] | None = None) -> UpstreamBackend:
     """Check ``url`` (:func:`check_upstream`), load the truncated gate model(s) and point at it; raises
     SafetyPatchError. ``on_warning(line)``: told when the upstream could not be checked at start-up."""
+    patches = upstream_patches(stacks)  # what can be served at all, before asking the upstream for it
     unchecked = check_upstream(url, upstream_model, stacks)
-    backend = UpstreamBackend(GateProbe(model, stacks, device, dtype, force), url, upstream_model, timeout_s)
+    backend = UpstreamBackend(GateProbe(model, stacks, device, dtype, force, patches), url, upstream_model, timeout_s)
     if unchecked:
         backend.last_error = unchecked  # /health says degraded until a request gets an answer started
         if on_warning is not None:
