@@ -119,7 +119,7 @@ def test_fingerprint_cache_invalidated_when_weights_change(tiny_dir, tmp_path):
     assert models.load_model(str(local), device="cpu").fingerprint == a
 
 
-def _fake_hub_cache(root: Path, repo: str, folder: Path, commit: str) -> Path:
+def _fake_hub_cache(root: Path, repo: str, folder: Path, commit: str, end: str = "") -> Path:
     """The Hugging Face cache's layout for ``repo`` at ``commit``: content-addressed blobs, a
     snapshot of links to them, ``refs/main`` naming the commit. Returns the snapshot folder."""
     import hashlib
@@ -133,7 +133,7 @@ def _fake_hub_cache(root: Path, repo: str, folder: Path, commit: str) -> Path:
         blob.write_bytes(f.read_bytes())
         (snap / f.name).symlink_to(os.path.relpath(blob, snap))
     (base / "refs").mkdir(exist_ok=True)
-    (base / "refs" / "main").write_text(commit)
+    (base / "refs" / "main").write_text(commit + end)
     return snap
 
 
@@ -162,9 +162,10 @@ def test_a_hub_models_fingerprint_is_cached_by_its_snapshot_and_follows_its_ref(
     assert models.model_fingerprint("org/tiny", device="cpu") == want and len(calls) == 1  # no load at all
     # the ref moves to a commit with other weights: another snapshot, hashed again
     other = save_tiny_model(tmp_path / "other", seed=1)
-    _fake_hub_cache(cache, "org/tiny", other, "b" * 40)
+    _fake_hub_cache(cache, "org/tiny", other, "b" * 40, end="\n")  # a ref written by hand, with a newline
     moved = models.load_model("org/tiny", device="cpu").fingerprint
     assert moved != want and len(calls) == 2
+    assert models.load_model("org/tiny", device="cpu").fingerprint == moved and len(calls) == 2
     assert moved == models.load_model(str(other), device="cpu").fingerprint
 
 

@@ -432,6 +432,13 @@ def test_a_gate_that_never_fires_stops_reproduce_with_advice_it_can_follow(tiny_
         reproduce(run, plan, device="cpu")
     said = str(e.value)
     assert "the gate fires on none of its" in said and "reproduce fits the gate with the plan's fixed settings" in said
-    assert f"safety-patch gate fit --data {run / '01-data'} --out GATE --model {tiny_dir} --target-fpr" in said
+    cmd = (f"safety-patch gate fit --data {run / '01-data'} --out GATE --model {tiny_dir} --wrapped-benign 6 "
+           "--wrapped-harmful 4 --self-instruct 0 --target-fpr 0.05")
+    assert cmd in said
     assert main(["report", str(run)]) == 2
     assert f"the run in {run} has not finished" in capsys.readouterr().err
+    # the command it suggests runs on that folder (it once lacked the plan's --self-instruct 0 and
+    # stopped at once for a selfinstruct.jsonl the quick folder does not have)
+    code = main(cmd.replace("GATE", str(tmp_path / "g")).split()[1:])
+    err = capsys.readouterr().err
+    assert code == 0 or "fires on none" in err, err

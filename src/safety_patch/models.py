@@ -257,14 +257,22 @@ def _hub_snapshot(repo_id: str) -> Path | None:
     ``from_pretrained`` loads offline), or None where the cache holds no config of it. A snapshot
     is named by its commit and its files are links to content-addressed blobs (``stat`` follows
     them), so the file-stats key of :func:`_fingerprint_cache` serves a hub model as it serves a
-    folder. Never reaches the network."""
-    from huggingface_hub import try_to_load_from_cache
+    folder. Read from the cache's layout (``models--ORG--NAME/refs/main`` -> ``snapshots/COMMIT``),
+    the ref stripped as the hub library reads it for a load (``try_to_load_from_cache`` does not
+    strip it: a ref written with a newline missed). Never reaches the network."""
+    import re
 
-    try:
-        hit = try_to_load_from_cache(repo_id, "config.json")
-    except (ValueError, OSError):  # not a valid repo id (HFValidationError is a ValueError)
+    from huggingface_hub import constants
+
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id) or ".." in repo_id:
         return None
-    return Path(hit).parent if isinstance(hit, str) else None
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    try:
+        commit = (repo / "refs" / "main").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    snapshot = repo / "snapshots" / commit
+    return snapshot if commit and "/" not in commit and (snapshot / "config.json").is_file() else None
 
 
 HUB_KERNELS = False

@@ -74,6 +74,19 @@ QUICK_MIX_RATIOS = (1,)
 """Quick mode's mixing arms: ratio 1 only (see make_plan)."""
 
 
+_GATE_FIT_FLAGS = ("layer", "depth", "wrapped_benign", "wrapped_harmful", "self_instruct", "rephrased", "seed",
+                   "extra_weight")
+"""The plan's gate settings that `gate fit` takes as flags of their own (numbers)."""
+
+
+def _gate_fit_flags(gate: dict) -> str:
+    """`` --self-instruct 0 --wrapped-benign 200 ...``: the plan's gate settings as `gate fit` flags, so
+    the command an error suggests fits the gate reproduce fit (a folder built without self-written
+    requests has no selfinstruct.jsonl for gate fit's default to read)."""
+    return "".join(f" --{k.replace('_', '-')} {gate[k]}" for k in _GATE_FIT_FLAGS
+                   if isinstance(gate.get(k), (int, float)) and not isinstance(gate.get(k), bool))
+
+
 def make_plan(model: str = "default", quick: bool = False, full: bool = False, seeds: int = 1) -> Plan:
     if quick and full:
         raise SafetyPatchError("--quick and --full exclude each other")
@@ -246,7 +259,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
                     f"{str(e).split(': it would never apply')[0]}: the gated arms would protect nothing (fail closed). "
                     "reproduce fits the gate with the plan's fixed settings and cannot go on with this model; see whether "
                     f"any threshold gives it a working gate with `safety-patch gate fit --data {data_dir} --out GATE "
-                    f"--model {plan.model} --target-fpr 0.05` (or --threshold)") from None
+                    f"--model {plan.model}{_gate_fit_flags(plan.gate)} --target-fpr 0.05` (or --threshold)") from None
             write_json(gate_dir / "eval.json", evaluate_gate(lm, gate_dir / "gate", data_dir, "test", loso=True,
                                                              attacks=plan.gate_attacks, lofo=True))
             del lm
