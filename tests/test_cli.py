@@ -94,7 +94,7 @@ def test_ctrl_c_exits_130_and_never_says_done(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(safety_patch.train.run, "train", interrupted)
     assert main(["train", "--data", "d", "--out", str(tmp_path / "p"), "--model", "default"]) == 130
-    assert "interrupted; the same command with --resume continues from its last checkpoint" in capsys.readouterr().err
+    assert "interrupted; the same command with --resume continues, bit for bit, from its last checkpoint where one" in capsys.readouterr().err
 
 
 def test_sigterm_cleans_up_says_terminated_and_exits_143(tmp_path):

@@ -1220,8 +1220,8 @@ def _sigterm_interrupts():
 
 
 _RESUME_HINTS = {
-    "train": "the same command with --resume continues from its last checkpoint (every optim.save_steps steps), "
-             "bit for bit",
+    "train": "the same command with --resume continues, bit for bit, from its last checkpoint where one was "
+             "saved (every optim.save_steps steps)",
     "reproduce": "the same command resumes: finished stages are kept",
 }
 """What the line of an interrupted command adds, per command: how to go on from where it stopped."""
