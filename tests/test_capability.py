@@ -118,8 +118,9 @@ def test_evaluate_capability_offline_with_patch(tiny_dir, tmp_path):
     assert res["runs"]["base"]["nll"]["n"] == 4 and res["config"]["inputs"]["references_skipped"] == 1
     assert "nll/kl: 1 reference answer(s) not scored (empty" in table(res)
     blank.write_text(json.dumps({"prompt": "Hi", "reference": "  "}) + "\n")
-    with pytest.raises(SafetyPatchError, match=r"blank.jsonl: none of its 1 reference answers can be scored"):
-        evaluate_capability(str(tiny_dir), [], None, CapabilityConfig(tasks=("nll",), references=str(blank)))
+    res = evaluate_capability(str(tiny_dir), [], None, CapabilityConfig(tasks=("nll",), references=str(blank)))
+    assert res["runs"]["base"]["nll"]["value"] is None and res["config"]["inputs"]["references_skipped"] == 1
+    assert "nll/kl: none of the 1 reference answer(s) could be scored (empty" in table(res)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(SafetyPatchError, match=r"bad.jsonl:1: expected string fields 'prompt' and 'reference'"):

@@ -59,9 +59,6 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     # rounds of a few dozen rows over 3 epochs.
     tcfg = resolve_config("redteam-round" if method == "lora" else "full-safety", None, fields, where="redteam")
     manifest = read_manifest(data_dir)
-    # step 4's capability drift reads the folder's distilled reference answers: a folder built
-    # without them failed there, after the attack and the training (a user's trial)
-    reference_pairs(data_dir, limit=1, split=CapabilityConfig().split)
     out = Path(out)
     if (out / "round.json").exists():
         raise SafetyPatchError(f"{out} already holds a finished round")
@@ -83,6 +80,9 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     # (ROUND_MARKER): a round deletes or replaces only what a run of this round created.
     check_out_dir(out, inputs=[data_dir, model, *patches, *previous], overwrite=None,
                   reuse=(out / ROUND_MARKER).is_file(), kind="round")
+    # step 4's capability drift reads the folder's distilled reference answers: a folder built
+    # without them failed there, after the attack and the training (a user's trial)
+    reference_pairs(data_dir, limit=1, split=CapabilityConfig().split)
     t0 = time.time()
     ps = [read_patch(p) for p in patches]
     in_stack = [p.id for p in ps]

@@ -378,12 +378,6 @@ def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg:
     if need_refs and ref_src is None:
         pairs = self_references(lm, builtin_general(cfg.limit), cache)
     encoded = _encode_pairs(lm.tokenizer, pairs, cfg.max_len)
-    if need_refs and pairs and not encoded:  # "-" with n=0 and no word of why (a user's trial)
-        src = cfg.references or data
-        raise SafetyPatchError(f"{src if src is not None else 'the self-written references'}: none of its {len(pairs)} "
-                               "reference answers can be scored for nll/kl (each is empty, or nothing of it fits "
-                               f"within max_len {cfg.max_len} after its prompt); the model that distilled them wrote "
-                               "nothing: give --references FILE, or leave nll,kl out of --tasks")
     judge = KeywordJudge()
     try:
         base, braw = _one_run(PatchedModel.base(lm), lm.tokenizer, cfg, pairs, encoded, None, he, bl, mc, cache, judge)
@@ -432,8 +426,11 @@ def table(res: dict) -> str:
     if "delta" in runs and runs["delta"].get("nll_ratio"):
         lines.append(f"patched/base NLL ratio: {runs['delta']['nll_ratio']:.4f}")
     skipped = res.get("config", {}).get("inputs", {}).get("references_skipped")
-    if skipped:
-        lines.append(f"nll/kl: {skipped} reference answer(s) not scored (empty, or nothing left within max_len)")
+    if skipped:  # "-" with n=0 and no word of why, a user's trial found
+        scored = any((runs[n].get("nll") or {}).get("n") for n in names)
+        why = "(empty, or nothing left within max_len)"
+        lines.append(f"nll/kl: {skipped} reference answer(s) not scored {why}" if scored else
+                     f"nll/kl: none of the {skipped} reference answer(s) could be scored {why}: nothing measured")
     if "kl" in res.get("config", {}).get("tasks", ()) and "patched" not in runs:
         lines.append("kl: not computed (no --patch: KL(base||patched) needs a patched model)")
     return "\n".join(lines)
