@@ -375,7 +375,8 @@ def train(**kw) -> None:
         t = meta["training"]
         loss = " -> ".join("n/a" if v is None else f"{v:.4g}" for v in (t["loss_first"], t["loss_last"]))
         g = meta.get("gate")
-        gated = f"gated (gate layer{'s' * bool(g.get('extra_layers'))} {','.join(map(str, [g['layer'], *g.get('extra_layers', [])]))}) " if g else ""
+        layers = [g["layer"], *g.get("extra_layers", [])] if g else []
+        gated = f"gated (gate layer{'s' * (len(layers) > 1)} {','.join(map(str, layers))}) " if g else ""
         typer.echo(f"wrote {out}: {gated}{meta['format']} patch, {t['steps']} steps, loss {loss} (first and last step), "
                    f"{t['tokens_seen']} tokens in {t['wall_seconds']}s ({t['tokens_per_s']} tokens/s), "
                    f"{t['trainable_parameters']:,} trainable parameters")

@@ -1407,12 +1407,16 @@ def gate_binding(meta: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+class GateNeverFires(SafetyPatchError):
+    """A gate that fires on none of the harmful prompts it was fit on (:func:`check_protects`)."""
+
+
 def check_protects(record: dict, where: str | Path, warn: bool = True) -> str | None:
     """Refuse a gate whose own record shows it never fires on a harmful prompt it was fit on
     (``train.train_harmful_caught`` 0, or ``train_harmful_caught`` at the top level as fits
     return it): such a gate keeps its patch off for every prompt, a gated patch that protects
     nothing while reading as protection (fail closed). ``record``: a gate fit's info, gate.json,
-    or patch.json's ``gate``. Raises SafetyPatchError naming ``where`` and the threshold.
+    or patch.json's ``gate``. Raises GateNeverFires (a SafetyPatchError) naming ``where`` and the threshold.
 
     A gate that fires on none of its held-out harmful prompts (``validation.fired``:
     harmful_direct and harmful_wrapped together) is not refused (on a small validation split
@@ -1429,7 +1433,7 @@ def check_protects(record: dict, where: str | Path, warn: bool = True) -> str | 
     at = f" at threshold {t:+.4g}" if isinstance(t, (int, float)) else ""
     caught = train.get("train_harmful_caught")
     if isinstance(caught, (int, float)) and caught == 0 and train.get("harmful"):
-        raise SafetyPatchError(f"{where}: the gate fires on none of its {train['harmful']} training harmful prompts{at}: "
+        raise GateNeverFires(f"{where}: the gate fires on none of its {train['harmful']} training harmful prompts{at}: "
                                "it would never apply its patch (fail closed): set the threshold from a "
                                "false-positive rate (--target-fpr) or lower --threshold")
     msgs = []
@@ -1634,15 +1638,16 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
     keep = ("method", "objective", "config", "data", "training")
     fields = {k: p.meta[k] for k in keep if k in p.meta}
     fields["stack"] = p.stack
-    import logging
-
     fit_stack = list(gmeta.get("fit_stack", []))  # a gate folder's gate was fit on the bare base
-    if fit_stack != p.stack:
-        logging.getLogger("safety_patch").warning("warning: the gate of %s was fit on the base%s, but %s was trained on top of %s: in that stack the "
-                    "gate reads hidden states it was not fit on, so its routing there is unmeasured (measure it: "
-                    "`safety-patch eval` with each patch of the stack as --patch, in order)", where,
-                    f" with {', '.join(fit_stack)}" if fit_stack else " alone", p.path,
-                    ", ".join(p.stack) if p.stack else "the base alone")
+    if fit_stack != p.stack:  # e.g. a red-team round's patch behind a gate fit on the bare base
+        import logging
+
+        fit_on = f"the base with {', '.join(fit_stack)}" if fit_stack else "the base alone"
+        below = ", ".join(p.stack) if p.stack else "the base alone"
+        logging.getLogger("safety_patch").warning(
+            "warning: the gate of %s was fit on %s, but %s was trained on top of %s: in that stack the gate reads "
+            "hidden states it was not fit on, so its routing there is unmeasured (measure it: `safety-patch eval` "
+            "with each patch of the stack as --patch, in order)", where, fit_on, p.path, below)
     fields["gate"] = {"layer": gate.layer, **({"extra_layers": list(gate.extra_layers)} if gate.extra_layers else {}),
                       "threshold": gate.threshold, "id": gmeta["id"], "source": str(gate_dir), "fit_stack": fit_stack,
                       **({"source_patch": gmeta["from_patch"]["id"]} if "from_patch" in gmeta else {}),
@@ -1753,8 +1758,8 @@ def user_prompt_report(model, tokenizer, gate: Gate, sets: dict[str, dict], batc
     own splits cannot give (docs/gate.md). ``fit_on``: the gate's training pool (``textsim.normalise``d
     last user turns); prompts in it are counted (``in_training_pool``) and the rate is given again
     without them (``<rate>_outside_pool``; with both files, ``harmful_vs_benign_outside_pool`` too):
-    a prompt the gate learnt from says nothing of prompts it has not seen (a user's trial passed the data build's own source file and read 84.6% caught
-    for a mostly in-sample figure)."""
+    a prompt the gate learnt from says nothing of prompts it has not seen (a user's trial passed the
+    data build's own source file and read 84.6% caught for a mostly in-sample figure)."""
     from .evaluation.stats import proportion
     from .textsim import normalise
 

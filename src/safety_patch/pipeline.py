@@ -243,7 +243,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     if plan.gate is not None:
         step += 1
         if not st.done(gate_dir, gate_key):
-            from .gate_fit import GateFitConfig, evaluate_gate, fit_gate_folder
+            from .gate_fit import GateFitConfig, GateNeverFires, evaluate_gate, fit_gate_folder
 
             st.say(step, n_steps, "gate: fit on the train split, reliability on the test split")
             t = time.time()
@@ -252,9 +252,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
             lm = load_model(plan.model, device=device, dtype=dtype)
             try:
                 fit_gate_folder(lm, data_dir, GateFitConfig(**plan.gate), gate_dir / "gate")
-            except SafetyPatchError as e:  # its advice names `gate fit`'s flags, which reproduce does not take
-                if "fires on none" not in str(e):
-                    raise
+            except GateNeverFires as e:  # its advice names `gate fit`'s flags, which reproduce does not take
                 raise SafetyPatchError(
                     f"{str(e).split(': it would never apply')[0]}: the gated arms would protect nothing (fail closed). "
                     "reproduce fits the gate with the plan's fixed settings and cannot go on with this model; see whether "
