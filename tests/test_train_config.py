@@ -207,7 +207,7 @@ def test_set_reaches_a_long_tail_field(tmp_path, capsys):
         "data.max_train_rows": None, "optim.snapshot_steps": "10,20"}
 
 
-def test_a_gate_setting_on_a_recipe_without_a_gate_says_it_turns_the_gate_on(tmp_path, capsys):
+def test_a_gate_setting_on_a_recipe_without_a_gate_says_it_turns_the_gate_on(tmp_path, capsys, caplog):
     """Found by a user's trial: `--recipe always-on --gate-self-instruct 7` wrote a gated patch
     (as documented: a gate setting turns the default gate on) and said only "lora patch"."""
     warn = "recipe always-on has no gate; your gate setting turns the default gate on"
@@ -215,12 +215,19 @@ def test_a_gate_setting_on_a_recipe_without_a_gate_says_it_turns_the_gate_on(tmp
     code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--recipe", "always-on",
                  "--gate-self-instruct", "7"])
     err = capsys.readouterr().err
-    assert code == 2 and warn in err
+    assert code == 2 and warn in caplog.text and "(set in flags;" in caplog.text
+    caplog.clear()
     assert json.loads(next(x for x in err.splitlines() if x.startswith("[train] config: "))[16:])["gate"]["self_instruct"] == 7
     # the default recipe is gated: a gate setting changes its gate, nothing to say
     code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--gate-self-instruct", "7"])
     err = capsys.readouterr().err
-    assert code == 2 and "[train] config: " in err and "has no gate" not in err
+    assert code == 2 and "[train] config: " in err and "has no gate" not in caplog.text
+    # a config file's `gate: null` under a gate flag: said too, naming the file (the check sits where the layers meet)
+    f = tmp_path / "c.yaml"
+    f.write_text("gate: null\n")
+    code = main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--config", str(f),
+                 "--gate-self-instruct", "7"])
+    assert code == 2 and f"{f} has no gate; your gate setting turns the default gate on" in caplog.text
 
 
 @pytest.mark.parametrize("item, says", [

@@ -335,7 +335,7 @@ def train(**kw) -> None:
     Settings apply in order: the recipe (default: the gated default patch), --config FILE, then the flags and --set group.field=value (any field; docs/training.md).
     """
     from .train.api import parse_set, resolve_config
-    from .train.config import FLAGS, check_layer, dotted_layer, field_label, recipe_layer
+    from .train.config import FLAGS, check_layer, dotted_layer, field_label
     from .train.run import train as run_train
 
     overrides = {key: kw[_flag_param(flag)] for key, flag in FLAGS.items() if kw[_flag_param(flag)] is not None}
@@ -364,10 +364,6 @@ def train(**kw) -> None:
     from .outputs import check_out_dir
 
     check_out_dir(out, overwrite=kw["overwrite"], kind="patch", inputs=[data, model, config])  # claimed inside run_train
-    if cfg.gate is not None and recipe_layer(cfg.recipe).get("gate", {}) is None:
-        # documented (a gate setting turns the default gate on), but easy to do unawares with a pool-size flag
-        typer.echo(f"[train] recipe {cfg.recipe} has no gate; your gate setting turns the default gate on: "
-                   "this patch will be gated (drop the gate settings for an always-on patch)", err=True)
     typer.echo("[train] config: " + json.dumps(cfg.record()), err=True)  # as patch.json records it
     meta = run_train(data, out, cfg, model=model, device=kw["device"], dtype=kw["dtype"], resume=kw["resume"],
                      overwrite=kw["overwrite"])

@@ -28,6 +28,7 @@ def resolve_config(recipe: str | None = None, path: str | Path | None = None,
     layers = [recipe_layer(name), file_layer, flag_layer]
     cfg = merge(layers)
     cfg.recipe = name
+    _say_gate_turned_on(cfg, [f"recipe {name}", str(path), where], layers)
     if cfg.method == "full":  # LoRA settings a user gave (a flag or their file) would be silently unused
         given = [k for layer in (file_layer, flag_layer) for k in (layer.get("lora") or {}) if k != "orthogonal_k"]
         if given:
@@ -48,6 +49,23 @@ def resolve_config(recipe: str | None = None, path: str | Path | None = None,
                 raise cfgmod.located(e, file, subject=field_label(e.key)) from None
         raise
     return cfg
+
+
+def _say_gate_turned_on(cfg: TrainConfig, labels: list[str], layers: list[dict[str, Any]]) -> None:
+    """Log a warning where a layer says ``gate: null`` and a later one sets a gate field: that turns
+    the default gate on (``merge``; documented), which a pool-size flag on an always-on recipe does
+    unawares (a user's trial: ``--recipe always-on --gate-self-instruct 7`` wrote a gated patch
+    and said "lora patch")."""
+    if cfg.gate is None:
+        return
+    off = [i for i, layer in enumerate(layers) if "gate" in layer and layer["gate"] is None]
+    on = [i for i, layer in enumerate(layers) if isinstance(layer.get("gate"), Mapping) and off and i > off[-1]]
+    if on:
+        import logging
+
+        logging.getLogger("safety_patch").warning(
+            "[train] %s has no gate; your gate setting turns the default gate on: this patch will be gated (set in "
+            "%s; drop it for an always-on patch)", labels[off[-1]], labels[on[0]])
 
 
 def _sets(layer: Mapping[str, Any], key: str) -> bool:
