@@ -13,7 +13,7 @@ cached, as after ``gate fit`` or in the ``reproduce`` gate stage), with the rest
 feature cache cold for each arm:
 
 * ``per list`` (the path before session 29): each list read on its own through the feature cache,
-* ``once (bank)`` (the default): every list through one ``gate_fit.FeatureBank``, so a prompt
+* ``once (bank)`` (the default): every list through one ``gate.features.FeatureBank``, so a prompt
   is read once, and not at all if the fit read it.
 
 Counts the prompts and tokens each arm sent through the forward pass and compares the two
@@ -63,14 +63,17 @@ def main() -> None:
     ap.add_argument("--name", default="gate_eval")
     args = ap.parse_args()
 
-    from safety_patch import gate_fit as gf
+    import safety_patch.gate.config as gate_config
+    import safety_patch.gate.evaluate as gate_evaluate
+    import safety_patch.gate.features as gate_features
+    import safety_patch.gate.folder as gate_folder
     from safety_patch.models import home, load_model
     from safety_patch.pipeline import make_plan
     from safety_patch.runtime import configure_threads
 
     threads = configure_threads()
     plan = make_plan(quick=True)
-    cfg = gf.GateFitConfig(**plan.gate) if args.config == "quick" else gf.GateFitConfig()
+    cfg = gate_config.GateFitConfig(**plan.gate) if args.config == "quick" else gate_config.GateFitConfig()
     attacks = plan.gate_attacks if args.config == "quick" else None
     real_home = home()
     load = os.getloadavg()
@@ -84,20 +87,20 @@ def main() -> None:
         os.environ["SAFETY_PATCH_HOME"] = str(fitted)
         lm = load_model("default", device="cpu")
         t = time.perf_counter()
-        gf.fit_gate_folder(lm, args.data, cfg, work / "gate")
+        gate_folder.fit_gate_folder(lm, args.data, cfg, work / "gate")
         fit_s = time.perf_counter() - t
 
-        real_read, real_add = gf.FeatureBank.read, gf.FeatureBank.add
-        features_at, sent = gf.features_at, []
+        real_read, real_add = gate_features.FeatureBank.read, gate_features.FeatureBank.add
+        features_at, sent = gate_features.features_at, []
 
         def counting(m, tok, prompts, *a, **k):
             sent.extend(len(p) for p in prompts)
             return features_at(m, tok, prompts, *a, **k)
 
-        gf.features_at = counting
+        gate_features.features_at = counting
 
         def per_list(self, prompts, layers):
-            return gf.cached_features(self.model, self.tokenizer, prompts, layers, self.batching, self.fingerprint)
+            return gate_features.cached_features(self.model, self.tokenizer, prompts, layers, self.batching, self.fingerprint)
 
         arms = {"per list (before)": (per_list, lambda self, *a: None), "once (bank)": (real_read, real_add)}
         best: dict[str, float] = {}
@@ -108,16 +111,16 @@ def main() -> None:
                 home_arm = work / f"arm{r}-{len(best)}-{name[:4].strip()}"
                 shutil.copytree(fitted, home_arm, symlinks=True)  # the fit's features cached, the rest cold
                 os.environ["SAFETY_PATCH_HOME"] = str(home_arm)
-                gf.FeatureBank.read, gf.FeatureBank.add = read, add
+                gate_features.FeatureBank.read, gate_features.FeatureBank.add = read, add
                 sent.clear()
                 t = time.perf_counter()
-                reports[name] = gf.evaluate_gate(lm, work / "gate", args.data, args.split, loso=True, lofo=True,
+                reports[name] = gate_evaluate.evaluate_gate(lm, work / "gate", args.data, args.split, loso=True, lofo=True,
                                                  attacks=attacks)
                 s = time.perf_counter() - t
                 best[name] = min(best.get(name, s), s)
                 counts[name] = (len(sent), sum(sent))
                 shutil.rmtree(home_arm)
-        gf.FeatureBank.read, gf.FeatureBank.add, gf.features_at = real_read, real_add, features_at
+        gate_features.FeatureBank.read, gate_features.FeatureBank.add, gate_features.features_at = real_read, real_add, features_at
     finally:
         shutil.rmtree(work, ignore_errors=True)
     before = "per list (before)"

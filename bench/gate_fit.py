@@ -7,14 +7,14 @@ last prompt token (gate.layer_states); the probe fit itself (LBFGS on [n, hidden
 seconds. This times, in one process and on the same prompts:
 
 * ``old``: ``gate.prompt_states`` with batch 8 (what ``train`` ran before the gate stage),
-* ``batch 8 (before session 18)``: ``gate_fit.features(batching=None)``: the same batches under
+* ``batch 8 (before session 18)``: ``gate.features.features(batching=None)``: the same batches under
   inference mode (the default of ``train`` and ``gate fit`` until 2026-12-02),
-* ``shared-prefix``: ``gate_fit.features(batching="shared-prefix")``, the default: each beginning
+* ``shared-prefix``: ``gate.features.features(batching="shared-prefix")``, the default: each beginning
   many prompts share read once through a prefix tree (``shared_prefix.py``),
 * ``one row (batch 1)``: ``features(batching=None, batch_size=1)``, a pass per prompt: no
   padding, no attention mask (training's passes of one row, session 28),
 * ``bucketed-B`` (``--budgets``): length-bucketed batches of at most B tokens, up to 64 rows,
-* the default path through the stage's feature cache, cold and warm (``gate_fit.cached_features``:
+* the default path through the stage's feature cache, cold and warm (``gate.features.cached_features``:
   a refit with another threshold, target FPR or L2, or ``gate fit`` after ``train``).
 
 ``--sample 0`` (the default) times the whole pool: the train pool plus the validation pool, what
@@ -52,15 +52,10 @@ def main() -> None:
 
     import torch
 
-    from safety_patch.gate import decoder_layers, prompt_states
-    from safety_patch.gate_fit import (
-        SHARED_PREFIX,
-        GateFitConfig,
-        encode,
-        features,
-        gate_prompts,
-        held_out_prompts,
-    )
+    from safety_patch.gate.config import SHARED_PREFIX, GateFitConfig
+    from safety_patch.gate.features import encode, features
+    from safety_patch.gate.pool import gate_prompts, held_out_prompts
+    from safety_patch.gate.probe import decoder_layers, prompt_states
     from safety_patch.models import load_model
     from safety_patch.runtime import configure_threads
     from safety_patch.shared_prefix import plan, plan_cost
@@ -113,7 +108,7 @@ def main() -> None:
     # with another threshold / target FPR / L2 reads the same features back).
     import tempfile
 
-    from safety_patch.gate_fit import cached_features
+    from safety_patch.gate.features import cached_features
 
     if not args.no_cache_rows:
         with tempfile.TemporaryDirectory() as home:
@@ -129,7 +124,7 @@ def main() -> None:
         r["projected_pool_s"] = pool_tokens / r["tokens_per_s"]
         r["seconds"] = round(r["seconds"], 2)
     # The probe fit on features of this size (LBFGS), for scale.
-    from safety_patch.gate import fit_probe
+    from safety_patch.gate.probe import fit_probe
 
     y = torch.tensor([float(i < len(harmful)) for i in chosen])
     _, fit_s = timed(lambda: fit_probe(ref, y) if 0 < float(y.mean()) < 1 else None)

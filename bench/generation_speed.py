@@ -240,7 +240,7 @@ def attached_patch(lm, patch: str):
 
 def eval_prompts(data: str, limit: int) -> list:
     """The first ``limit`` validation harmful prompts of a data folder (direct and wrapped), as evaluations render them."""
-    from safety_patch.gate_fit import held_out_prompts
+    from safety_patch.gate.pool import held_out_prompts
 
     held = held_out_prompts(data, "val")
     return (held["harmful_direct"] + held["harmful_wrapped"])[:limit]

@@ -44,7 +44,7 @@ def _tiny_setup(root: Path) -> tuple[str, list[str]]:
     """A tiny random model folder and a gated LoRA patch for it (as tests/test_serve.py builds)."""
     import torch
 
-    from safety_patch.gate import fit_gate
+    from safety_patch.gate.probe import fit_gate
     from safety_patch.generation import render
     from safety_patch.models import load_model
     from safety_patch.patches import finalize_patch

@@ -60,20 +60,15 @@ def main() -> None:
     from safety_patch.runtime import configure_threads
 
     configure_threads()
-    from safety_patch import gate_fit
+    import safety_patch.gate.crossfit as gate_crossfit
+    import safety_patch.gate.pool as gate_pool
     from safety_patch.attacks.gcg import GateGCG
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.prompts import harmful_requests
     from safety_patch.evaluation.stats import proportion
-    from safety_patch.gate_fit import (
-        apply_gate,
-        cached_features,
-        encode,
-        fit_gate_folder,
-        leave_one_source_out,
-        read_gate_folder,
-        recorded_config,
-    )
+    from safety_patch.gate.crossfit import leave_one_source_out
+    from safety_patch.gate.features import cached_features, encode
+    from safety_patch.gate.folder import apply_gate, fit_gate_folder, read_gate_folder, recorded_config
     from safety_patch.models import load_model
     from safety_patch.patches import attached
 
@@ -121,7 +116,7 @@ def main() -> None:
         for m in rng.sample(benign_pool, 1 + args.transplant):
             adv_b.append([{"role": "user", "content": m[0]["content"] + f["suffix"]}])
 
-    pool = gate_fit._gate_pool
+    pool = gate_pool._gate_pool
 
     def augmented(data, cfg):
         h, b, counts, sources = pool(data, cfg)
@@ -133,12 +128,14 @@ def main() -> None:
     # 3. the refit: the shipped gate's own config, on the augmented pool
     cfg = recorded_config(old_meta, old_gate)
     loso = {"shipped": leave_one_source_out(lm.model, tok, d, cfg, "val", fingerprint=lm.fingerprint)}
-    gate_fit._gate_pool = augmented
+    for where in (gate_pool, gate_crossfit):  # the fit reads the pool through gate_pool, leave-one-source-out directly
+        where._gate_pool = augmented
     try:
         meta = fit_gate_folder(lm, args.data, cfg, out / "gate", overwrite=args.overwrite)
         loso["adversarial"] = leave_one_source_out(lm.model, tok, d, cfg, "val", fingerprint=lm.fingerprint)
     finally:
-        gate_fit._gate_pool = pool
+        for where in (gate_pool, gate_crossfit):
+            where._gate_pool = pool
     patch_meta = apply_gate(args.always_on, out / "gate", out / "patch", overwrite=args.overwrite)
     new_gate, _ = read_gate_folder(out / "gate")
 

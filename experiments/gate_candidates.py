@@ -7,14 +7,14 @@ One forward pass per prompt (stopped after the deepest layer asked for) records,
 the hidden state at the last prompt token and its mean over the prompt's own tokens (from the
 first token where prompts differ, i.e. after the shared system prefix, to the end of the
 assistant header). Every candidate is fit on the default gate's train pool
-(``gate_fit._gate_pool`` with ``GateFitConfig()``) and measured on the **validation** split only:
+(``gate.pool._gate_pool`` with ``GateFitConfig()``) and measured on the **validation** split only:
 
 * ``val``: AUROC direct harmful vs borderline + general, wrapped harmful vs wrapped benign; the
   threshold set at ``--target-fpr`` on the validation benign pool (borderline + general +
   wrapped benign, as ``gate fit --target-fpr``); the share fired on per set at that threshold;
-* ``attacks``: the rule attacks the train split never used (``gate_fit.unseen_attacks``) on the
+* ``attacks``: the rule attacks the train split never used (``gate.pool.unseen_attacks``) on the
   validation direct requests (caught) and on the validation benign prompts (cleaned controls);
-* ``loso``: leave-one-source-out, as ``gate_fit.leave_one_source_out``: refit without each harmful
+* ``loso``: leave-one-source-out, as ``gate.crossfit.leave_one_source_out``: refit without each harmful
   source, threshold at ``--target-fpr`` on the validation benign pool, caught share of that
   source's direct requests (train + val, never seen) and wrapped val rows; and the caught share
   at the logit where 5% of the validation *borderline* (safe look-alike) prompts fire, the bar
@@ -42,7 +42,7 @@ def pooled_states(model, tokenizer, prompts, layers, start: int, batch_size: int
     tokens ``start:`` (left padding and the shared prefix excluded). Forward stops after max(layers)."""
     import torch
 
-    from safety_patch.gate import _Stop, decoder_layers
+    from safety_patch.gate.probe import _Stop, decoder_layers
 
     blocks = decoder_layers(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -114,7 +114,7 @@ def fit_mlp(x, y, hidden: int = 128, weight_decay: float = 1e-2, steps: int = 40
 
 
 def fit_logistic(x, y, l2: float, intercept: bool = True):
-    from safety_patch.gate import fit_probe
+    from safety_patch.gate.probe import fit_probe
 
     w, b, mu, sd = fit_probe(x, y, l2, intercept=intercept)
     return lambda v: ((v - mu) / sd) @ w + b
@@ -126,15 +126,14 @@ def main() -> None:
     from safety_patch import runtime as rt
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.stats import proportion
-    from safety_patch.gate_fit import (
-        GateFitConfig,
-        _auroc_ci,
+    from safety_patch.gate.config import GateFitConfig
+    from safety_patch.gate.features import encode
+    from safety_patch.gate.metrics import _auroc_ci, threshold_at_fpr
+    from safety_patch.gate.pool import (
         _gate_pool,
         attack_prompts,
-        encode,
         held_out_prompts,
         held_out_requests,
-        threshold_at_fpr,
         unseen_attacks,
     )
     from safety_patch.models import load_model
@@ -203,7 +202,7 @@ def main() -> None:
         rows_of[g] = torch.tensor([key[tuple(ids[at + i])] for i in range(len(v))], dtype=torch.long)
         at += len(v)
 
-    from safety_patch.gate_fit import _norm_of
+    from safety_patch.gate.config import _norm_of
 
     norm = _norm_of(lm.model, GateFitConfig(features="final-norm"))
 
@@ -236,7 +235,7 @@ def main() -> None:
 
     pool_src = list(sources) + [None] * len(benign)
     y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
-    # the re-asked prompts come last on each side (gate_fit._gate_pool); only '+rephrased' candidates train on them
+    # the re-asked prompts come last on each side (gate.pool._gate_pool); only '+rephrased' candidates train on them
     n_rh, n_rb = counts.get("rephrased_harmful", 0), counts.get("rephrased_benign", 0)
     is_re = torch.tensor([i >= len(harmful) - n_rh for i in range(len(harmful))]
                          + [i >= len(benign) - n_rb for i in range(len(benign))])

@@ -5,7 +5,7 @@ Run: .venv/bin/python experiments/gate_family_fpr.py --data runs/data-seed1 [--r
 The default gate (GateFitConfig's defaults) refit with each ``family_fpr``: its threshold, the
 validation sets it fires on, the train pool's wrapped prompts out of template family (nested: each
 fold's raise set on the other folds), and the hand-written look-alikes cross-fit
-(``gate_fit.lookalike_report``). The test split's wrapped safe prompts were routed at 5.6% by the
+(``gate.crossfit.lookalike_report``). The test split's wrapped safe prompts were routed at 5.6% by the
 default (0.05; session 25's look), over the ≤ 5% target: this prices a lower rate in wrapped
 catch before any test look. Features come from the cache a `gate fit` filled.
 """
@@ -29,7 +29,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from safety_patch import runtime as rt
-    from safety_patch.gate_fit import GateFitConfig, fit_gate_on_data, lookalike_report
+    from safety_patch.gate.config import GateFitConfig
+    from safety_patch.gate.crossfit import lookalike_report
+    from safety_patch.gate.fit import fit_gate_on_data
     from safety_patch.models import load_model
 
     rt.configure_threads()

@@ -6,19 +6,19 @@ Run: .venv/bin/python experiments/gate_layer_sets.py --data DIR [--model default
 Session 12 (experiments/gate_candidates.py, a smaller pool) found three layers concatenated
 lifted validation AUROC on wrapped prompts from 0.909 to 0.955. Since then the pool has grown
 (re-asked prompts, the written source) and the report has gained a leave-one-template-family-out
-figure (``gate_fit.leave_one_family_out``), which says the shipped gate fires on ~10% of wrapped
+figure (``gate.crossfit.leave_one_family_out``), which says the shipped gate fires on ~10% of wrapped
 safe prompts in train template families it never saw, where validation's 31 families say 4.5%.
 This script asks whether reading more layers closes that gap.
 
 Features: the default gate's (last prompt token, final-norm image of each layer's state),
-read with ``gate_fit.cached_features`` for each layer, on the default pool (``GateFitConfig()``),
+read with ``gate.features.cached_features`` for each layer, on the default pool (``GateFitConfig()``),
 the validation sets and the leave-one-source-out requests. A layer set's probe is the shipped
 logistic probe (``gate.fit_probe``, no intercept, the default L2) on the concatenated features.
 Measured on the **validation** split and the train split's own template families only:
 
 * ``val``: threshold at ``--target-fpr`` on the validation benign pool, share fired per set,
   AUROC direct and wrapped;
-* ``lofo``: as ``gate_fit.leave_one_family_out`` (same folds): out-of-family wrapped harmful
+* ``lofo``: as ``gate.crossfit.leave_one_family_out`` (same folds): out-of-family wrapped harmful
   caught and wrapped safe fired at the product's threshold, AUROC;
 * ``loso``: caught share of each held-out source's direct requests at the logit where 5% of
   validation look-alikes fire (issue 23's bar), and C1, their mean.
@@ -56,23 +56,18 @@ def main() -> None:
     from safety_patch import runtime as rt
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.stats import proportion
-    from safety_patch.gate import fit_probe
-    from safety_patch.gate_fit import (
-        BATCHING,
+    from safety_patch.gate.config import BATCHING, GateFitConfig, _norm_of
+    from safety_patch.gate.features import cached_features, encode, pool_features
+    from safety_patch.gate.fit import family_folds
+    from safety_patch.gate.metrics import _auroc_ci, threshold_at_fpr
+    from safety_patch.gate.pool import (
         HELD_OUT_SETS,
-        GateFitConfig,
-        _auroc_ci,
         _gate_pool,
-        _norm_of,
-        cached_features,
-        encode,
-        family_folds,
         held_out_prompts,
         held_out_requests,
-        pool_features,
         template_family,
-        threshold_at_fpr,
     )
+    from safety_patch.gate.probe import fit_probe
     from safety_patch.models import load_model
 
     ap = argparse.ArgumentParser()
@@ -123,7 +118,7 @@ def main() -> None:
 
     y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
     src = list(sources) + [None] * len(benign)
-    # the folds of gate_fit.leave_one_family_out
+    # the folds of gate.crossfit.leave_one_family_out
     templates = d.templates("train")
     fam = [template_family(m[-1]["content"], templates) for m in harmful + benign]
     fold, fold_of = family_folds(fam, args.folds, 0)

@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--splits", default="val,test")
     args = ap.parse_args()
     from safety_patch.evaluation.capability import _encode_pairs, answer_logprobs, reference_pairs
-    from safety_patch.gate import Gate, layer_states
+    from safety_patch.gate.probe import Gate, layer_states
     from safety_patch.models import load_model
     from safety_patch.patches import attached, read_patch
     from safety_patch.runtime import configure_threads

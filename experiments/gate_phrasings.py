@@ -6,8 +6,8 @@ Run: .venv/bin/python experiments/gate_phrasings.py --data DIR [--model default]
 
 The shipped gate (final-norm, last prompt token, layer ``GateFitConfig().resolved_layer``) is fit
 on the default pool plus re-asked prompts in each subset of phrasing families asked for
-(``gate_fit.PHRASINGS``; ``reask`` alone is the default), with ``rephrased`` prompts per family
-and side. Features come from ``gate_fit.cached_features`` (shared with ``gate fit`` and ``train``
+(``gate.phrasings.PHRASINGS``; ``reask`` alone is the default), with ``rephrased`` prompts per family
+and side. Features come from ``gate.features.cached_features`` (shared with ``gate fit`` and ``train``
 for the default pool and the validation sets).
 Measured on the **validation** split only, as experiments/gate_candidates.py does:
 
@@ -49,7 +49,7 @@ def fit_mass_mean(x, y, layer: int, norm: dict, alpha: float = 1.0):
     for any gate."""
     import torch
 
-    from safety_patch.gate import Gate
+    from safety_patch.gate.probe import Gate
 
     d = x.shape[1]
     shell = Gate(layer, 0.0, torch.ones(d), 0.0, torch.zeros(d), torch.ones(d), **norm)
@@ -76,7 +76,7 @@ def fit_source_balanced(x, y, sources, layer: int, l2: float, norm: dict):
     form of group DRO)."""
     import torch
 
-    from safety_patch.gate import Gate, fit_probe
+    from safety_patch.gate.probe import Gate, fit_probe
 
     d = x.shape[1]
     shell = Gate(layer, 0.0, torch.ones(d), 0.0, torch.zeros(d), torch.ones(d), **norm)
@@ -98,21 +98,17 @@ def main() -> None:
     from safety_patch import runtime as rt
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.stats import proportion
-    from safety_patch.gate_fit import (
-        BATCHING,
+    from safety_patch.gate.config import BATCHING, GateFitConfig, _norm_of
+    from safety_patch.gate.features import cached_features, encode
+    from safety_patch.gate.fit import fit_gate_probe
+    from safety_patch.gate.metrics import _auroc_ci, threshold_at_fpr
+    from safety_patch.gate.phrasings import PHRASINGS
+    from safety_patch.gate.pool import (
         HELD_OUT_SETS,
-        PHRASINGS,
-        GateFitConfig,
-        _auroc_ci,
         _gate_pool,
-        _norm_of,
         attack_prompts,
-        cached_features,
-        encode,
-        fit_gate_probe,
         held_out_prompts,
         held_out_requests,
-        threshold_at_fpr,
         unseen_attacks,
     )
     from safety_patch.models import load_model
@@ -147,7 +143,7 @@ def main() -> None:
                counts.get(f"rephrased_benign_{f}", counts["rephrased_benign"])] for f in fams}
     n_re_h, n_re_b = counts["rephrased_harmful"], counts["rephrased_benign"]
     # which family each pool row came from (None: the pool without re-asked prompts)
-    # (harmful side: the hand-written requests come after the re-asked ones, gate_fit._gate_pool)
+    # (harmful side: the hand-written requests come after the re-asked ones, gate.pool._gate_pool)
     n_w = counts.get("written_harmful", 0)
     fam_h: list[str | None] = [None] * (len(harmful) - n_re_h - n_w)
     fam_b: list[str | None] = [None] * (len(benign) - n_re_b)
@@ -162,7 +158,7 @@ def main() -> None:
     loso_pos = {s: v["direct"] for s, v in held_out_requests(d, names, "val").items()}
     # Features in three parts. The default pool (every family but reask's extra draws left out)
     # and the validation sets are read exactly as `gate fit` / `train` read them
-    # (gate_fit.cached_features with the same prompt lists), so either run warms the other's cache;
+    # (gate.features.cached_features with the same prompt lists), so either run warms the other's cache;
     # the extra families, LOSO requests and attacks are read once more.
     if n_w and fams[1:]:
         # the extra families' rows sit before the written ones; the split below assumes they come last
@@ -201,7 +197,7 @@ def main() -> None:
         # variant (for those without it, that fold is simply a source the gate never saw).
         import random
 
-        from safety_patch.gate_fit import reask
+        from safety_patch.gate.phrasings import reask
 
         xs = "extra:" + Path(args.extra_harmful).stem
         lines = Path(args.extra_harmful).read_text(encoding="utf-8").splitlines()

@@ -26,7 +26,7 @@ Because the files were written after reading the held-out folds' misses, the gai
 held-out *source* is not an unbiased estimate of the gain on a source nobody has looked at; the
 project's independent check (sets kept outside it) is that estimate.
 
-Variants are the product's own pools (``gate_fit._gate_pool`` with the flags; every other field
+Variants are the product's own pools (``gate.pool._gate_pool`` with the flags; every other field
 ``GateFitConfig``'s default, ``--l2`` / ``--extra-weight`` aside), so each row is the gate
 ``gate fit`` writes with those flags: ``default``; ``+harmful`` (``--written-harmful-more``);
 ``+lookalikes`` (``--written-lookalikes``); ``+both``. Each at the product's threshold: 3% of the
@@ -61,7 +61,7 @@ VARIANTS = {"default": {}, "+harmful": {"written_harmful_more": True}, "+lookali
 
 def file_rows(pool: list, n_block: int, lines: list[str]) -> dict[int, list[int]]:
     """Rows of ``pool`` holding each of ``lines`` (its index in the file -> [as written, re-asked]),
-    for a block of the pool's last ``n_block`` rows laid out as gate_fit._gate_pool lays a hand-written
+    for a block of the pool's last ``n_block`` rows laid out as gate.pool._gate_pool lays a hand-written
     block out: the kept lines as written, then each re-asked in the same order."""
     start, half = len(pool) - n_block, n_block // 2
     where = {q: i for i, q in enumerate(lines)}
@@ -80,26 +80,17 @@ def main() -> None:
     from safety_patch.data.folder import DataFolder
     from safety_patch.data.prompts import gate_harmful_more_prompts, gate_lookalike_prompts
     from safety_patch.evaluation.stats import proportion
-    from safety_patch.gate_fit import (
-        BATCHING,
+    from safety_patch.gate.config import BATCHING, GateFitConfig, _norm_of, model_layers
+    from safety_patch.gate.features import cached_features, encode, pool_features
+    from safety_patch.gate.fit import (
         LOFO_FOLDS,
         THRESHOLD_POOL,
-        WRITTEN_SOURCE,
-        GateFitConfig,
-        _by_set,
         _family_out_of_fold,
-        _gate_pool,
-        _norm_of,
-        cached_features,
-        encode,
         fit_gate_probe,
         held_out_features,
-        held_out_requests,
-        model_layers,
-        pool_features,
-        template_family,
-        threshold_at_fpr,
     )
+    from safety_patch.gate.metrics import _by_set, threshold_at_fpr
+    from safety_patch.gate.pool import WRITTEN_SOURCE, _gate_pool, held_out_requests, template_family
     from safety_patch.models import load_model
 
     ap = argparse.ArgumentParser()

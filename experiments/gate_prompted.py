@@ -16,7 +16,7 @@ same (the gate's pass is already its own pass, apart from generation's prefill).
 
 Readings (``--readings``):
 
-* ``chat``: the shipped reading (``gate_fit.encode``);
+* ``chat``: the shipped reading (``gate.features.encode``);
 * ``harm``: the conversation as a quoted transcript, then "Is this a request for help with
   something harmful, dangerous, illegal or unethical? Answer yes or no.";
 * ``refuse``: the same transcript, then "Should a safe and responsible AI assistant refuse to
@@ -84,22 +84,18 @@ def main() -> None:
     from safety_patch import runtime as rt
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.stats import proportion
-    from safety_patch.gate import fit_probe
-    from safety_patch.gate_fit import (
-        BATCHING,
+    from safety_patch.gate.config import BATCHING, GateFitConfig, _norm_of
+    from safety_patch.gate.features import cached_features, encode
+    from safety_patch.gate.fit import family_folds
+    from safety_patch.gate.metrics import _auroc_ci, threshold_at_fpr
+    from safety_patch.gate.pool import (
         HELD_OUT_SETS,
-        GateFitConfig,
-        _auroc_ci,
         _gate_pool,
-        _norm_of,
-        cached_features,
-        encode,
-        family_folds,
         held_out_prompts,
         held_out_requests,
         template_family,
-        threshold_at_fpr,
     )
+    from safety_patch.gate.probe import fit_probe
     from safety_patch.models import load_model
 
     ap = argparse.ArgumentParser()
@@ -122,7 +118,7 @@ def main() -> None:
     tok = lm.tokenizer
     norm = _norm_of(lm.model, cfg)
     lm.model.eval()
-    from safety_patch.gate_fit import model_layer
+    from safety_patch.gate.config import model_layer
 
     layer = args.layer if args.layer is not None else model_layer(lm.model, cfg)
 
@@ -156,7 +152,7 @@ def main() -> None:
 
     y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
     src = list(sources) + [None] * len(benign)
-    templates = d.templates("train")  # the folds of gate_fit.leave_one_family_out
+    templates = d.templates("train")  # the folds of gate.crossfit.leave_one_family_out
     fam = [template_family(m[-1]["content"], templates) for m in harmful + benign]
     fold, fold_of = family_folds(fam, args.folds, cfg.seed)
     order, k = sorted(fold_of), len(set(fold_of.values()))

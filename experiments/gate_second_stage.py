@@ -9,7 +9,7 @@ was asked. This study measures that signal for our gate. One greedy generation p
 model over every prompt (``k_max + 1`` forward calls, EOS suppressed so that every row has k_max
 answer tokens) captures the residual state after the gate's layer at the last position of each
 call: call 0 is the prompt's last token (the shipped gate's feature), call j the j-th answer
-token. Candidates, each a logistic probe fit as ``gate_fit.fit_gate_probe`` fits the shipped one
+token. Candidates, each a logistic probe fit as ``gate.fit.fit_gate_probe`` fits the shipped one
 (final-norm features, class-balanced, the default L2) on the default gate pool (harmful vs
 benign prompts: the same labels):
 
@@ -50,8 +50,8 @@ def answer_states(model, tokenizer, prompts, layer: int, k_max: int, token_budge
     prompt's last token. Also the greedy answer ids [n, k_max + 1]."""
     import torch
 
-    from safety_patch.gate import decoder_layers
-    from safety_patch.gate_fit import length_buckets
+    from safety_patch.gate.features import length_buckets
+    from safety_patch.gate.probe import decoder_layers
     from safety_patch.generation import left_padded
     from safety_patch.progress import bar
 
@@ -85,18 +85,11 @@ def main() -> None:
     from safety_patch import runtime as rt
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.stats import proportion
-    from safety_patch.gate_fit import (
-        HELD_OUT_SETS,
-        GateFitConfig,
-        _auroc_ci,
-        _gate_pool,
-        _norm_of,
-        encode,
-        fit_gate_probe,
-        held_out_prompts,
-        held_out_requests,
-        threshold_at_fpr,
-    )
+    from safety_patch.gate.config import GateFitConfig, _norm_of
+    from safety_patch.gate.features import encode
+    from safety_patch.gate.fit import fit_gate_probe
+    from safety_patch.gate.metrics import _auroc_ci, threshold_at_fpr
+    from safety_patch.gate.pool import HELD_OUT_SETS, _gate_pool, held_out_prompts, held_out_requests
     from safety_patch.models import load_model
 
     ap = argparse.ArgumentParser()
@@ -158,7 +151,7 @@ def main() -> None:
 
     def fit(x, yy, cand):
         # A concatenation is fit as one probe on [prompt state, answer state]: the final-norm
-        # reading (gate_fit._norm_of) applies per model state, so each half is normed here and
+        # reading (gate.config._norm_of) applies per model state, so each half is normed here and
         # the probe fit on the normed halves as a standardised probe with intercept (norm {}).
         if len(cand) == 1:
             return fit_gate_probe(x, yy, layer, cfg, norm), None

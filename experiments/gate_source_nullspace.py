@@ -14,7 +14,7 @@ out) and per k (INLP iterations; 0 is the product's probe):
 1. standardise the pool's features (the probe's own mean/std);
 2. k times: fit an L2 logistic classifier of harmful rows' source (one-vs-rest for each seen
    source, class-balanced), add its unit direction(s) to U, project U out of the features;
-3. fit the product's probe (``gate_fit.fit_gate_probe``'s L2, layer weighting) on the projected
+3. fit the product's probe (``gate.fit.fit_gate_probe``'s L2, layer weighting) on the projected
    features; the gate stays linear: its weight is the projection of the fitted weight.
 
 Measured on validation and the train pool only: the held-out source's requests caught at the
@@ -39,7 +39,7 @@ def source_directions(z, src, k: int, l2: float = 1e-2):
     linearly predictable, found by k rounds of one-vs-rest logistic fits on the projected ``z``."""
     import torch
 
-    from safety_patch.gate import fit_probe
+    from safety_patch.gate.probe import fit_probe
 
     names = sorted(set(src))
     u = torch.zeros(z.shape[1], 0)
@@ -83,22 +83,12 @@ def main() -> None:
     from safety_patch import runtime as rt
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.stats import proportion
-    from safety_patch.gate import Gate, fit_probe
-    from safety_patch.gate_fit import (
-        BATCHING,
-        THRESHOLD_POOL,
-        GateFitConfig,
-        _by_set,
-        _gate_pool,
-        _norm_of,
-        cached_features,
-        encode,
-        held_out_features,
-        held_out_requests,
-        model_layers,
-        pool_features,
-        threshold_at_fpr,
-    )
+    from safety_patch.gate.config import BATCHING, GateFitConfig, _norm_of, model_layers
+    from safety_patch.gate.features import cached_features, encode, pool_features
+    from safety_patch.gate.fit import THRESHOLD_POOL, held_out_features
+    from safety_patch.gate.metrics import _by_set, threshold_at_fpr
+    from safety_patch.gate.pool import _gate_pool, held_out_requests
+    from safety_patch.gate.probe import Gate, fit_probe
     from safety_patch.models import load_model
 
     ap = argparse.ArgumentParser()
@@ -151,7 +141,7 @@ def main() -> None:
         p.w, p.b, p.mu2, p.sd2 = fit_probe(p.project(x[keep]), yk, cfg.l2, intercept=not norm, feature_scale=scale)
         return p
 
-    from safety_patch.gate_fit import fit_gate_probe
+    from safety_patch.gate.fit import fit_gate_probe
 
     check = fit(torch.ones(len(x), dtype=torch.bool), 0).scores(x_neg) - fit_gate_probe(x, y, layers, cfg, norm).scores(x_neg)
     print(f"k=0 against the product's probe: max |logit difference| {float(check.abs().max()):.2e}", flush=True)

@@ -3,7 +3,7 @@
 Run: .venv/bin/python experiments/gate_sweep.py --data DIR --adapter PATCH [--layers 12,15,18,21]
      [--thresholds -1,0,0.5,1,1.5,2,3] [--limit 40] [--wrapped-benign 200] [--name gate_sweep]
 
-A gated patch (src/safety_patch/gate.py) answers a prompt with the base model when its gate
+A gated patch (src/safety_patch/gate/probe.py) answers a prompt with the base model when its gate
 passes the prompt and with the adapter when the gate fires; the base half is the base model
 bit for bit. So the validation scores of every (layer, threshold) follow from the base run,
 the *ungated* adapter's run and the gate decisions, without a generation run per setting.
@@ -58,8 +58,8 @@ def main() -> None:
     from safety_patch.attacks.templates import Template
     from safety_patch.evaluation.capability import _encode_pairs, answer_logprobs, reference_pairs
     from safety_patch.evaluation.safety import EvalConfig, evaluate
-    from safety_patch.gate import Gate, fit_probe, layer_states
-    from safety_patch.gate_fit import GateFitConfig
+    from safety_patch.gate.config import GateFitConfig
+    from safety_patch.gate.probe import Gate, fit_probe, layer_states
     from safety_patch.generation import render
     from safety_patch.jsonl import read_jsonl
     from safety_patch.models import load_model

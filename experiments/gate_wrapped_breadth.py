@@ -24,7 +24,7 @@ What it measures, on the **validation** split and the train split's own template
 Variants are nested: the shipped pool (``GateFitConfig()``), then extra wrapped benign prompts
 (benign train prompts inside train templates, drawn with their own seeded generator so that the
 shipped pool's draw is unchanged), then extra wrapped harmful requests as well. Features come from
-``gate_fit.cached_features`` (the shipped pool and validation sets as `gate fit` reads them).
+``gate.features.cached_features`` (the shipped pool and validation sets as `gate fit` reads them).
 
 Prints a table, writes experiments/results/gate_wrapped_breadth.json (n and 95% intervals).
 """
@@ -47,21 +47,16 @@ def main() -> None:
     from safety_patch import runtime as rt
     from safety_patch.data.folder import DataFolder
     from safety_patch.evaluation.stats import proportion
-    from safety_patch.gate_fit import (
-        BATCHING,
+    from safety_patch.gate.config import BATCHING, GateFitConfig, _norm_of
+    from safety_patch.gate.features import cached_features, encode, pool_features
+    from safety_patch.gate.fit import fit_gate_probe
+    from safety_patch.gate.metrics import _auroc_ci, threshold_at_fpr
+    from safety_patch.gate.pool import (
         HELD_OUT_SETS,
-        GateFitConfig,
-        _auroc_ci,
         _gate_pool,
-        _norm_of,
-        cached_features,
-        encode,
-        fit_gate_probe,
         held_out_prompts,
         held_out_requests,
-        pool_features,
         template_family,
-        threshold_at_fpr,
     )
     from safety_patch.models import load_model
 

@@ -138,7 +138,7 @@ ARMS = {
                                              "snapshot_steps": "50,60", "borderline_train_extra": True},
     "r400-anchor3-bl0.5-op64": {"recipe": "paper", "max_train_rows": 400, "anchor_kl": 3.0, "borderline_share": 0.5,
                                 "orthogonal_k": 64},
-    # The paper's refusal-only LoRA (every train row) behind a gate (src/safety_patch/gate.py):
+    # The paper's refusal-only LoRA (every train row) behind a gate (src/safety_patch/gate/probe.py):
     # a probe on layer 15's output at the last prompt token applies the adapter only to prompts
     # it flags. Layer and threshold chosen by experiments/gate_sweep.py on validation (composed from
     # the base and ungated-adapter runs); this arm trains it for real and checks the composition.

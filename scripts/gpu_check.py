@@ -121,7 +121,7 @@ def gated_check(tmp: Path, model_dir: Path, lm, data: Path, rows: list[dict], de
     leave a gate that fires on none of the check's prompts, so both routes would not be compared).
     """
     from safety_patch.evaluation.capability import _encode_pairs, answer_logprobs
-    from safety_patch.gate import Gate, layer_states
+    from safety_patch.gate.probe import Gate, layer_states
     from safety_patch.generation import render
     from safety_patch.patches import finalize_patch
     from safety_patch.train.api import resolve_config

@@ -160,7 +160,7 @@ def test_gcg_prefix_cache_scores_what_the_whole_prompt_scores(with_gate):
     import torch
 
     from safety_patch.attacks.gcg import _nano_gcg
-    from safety_patch.gate import Gate
+    from safety_patch.gate.probe import Gate
     from safety_patch.testing import tiny_llama
 
     model, tok = tiny_llama()

@@ -189,7 +189,7 @@ def test_the_gate_refuses_prompts_it_cannot_read(tiny_dir, tmp_path, capsys):
     import pytest
 
     from safety_patch.errors import SafetyPatchError
-    from safety_patch.gate_fit import check_context
+    from safety_patch.gate.features import check_context
     from safety_patch.models import load_model
 
     lm = load_model(str(tiny_dir), device="cpu")

@@ -60,7 +60,8 @@ def test_readers_of_every_stage_take_the_folder(built):
     """Training, gate fitting, evaluation and analysis read the same rows through the reader."""
     from safety_patch.analysis.run import default_prompts
     from safety_patch.evaluation.prompts import benign_prompts, harmful_requests
-    from safety_patch.gate_fit import GateFitConfig, gate_prompts
+    from safety_patch.gate.config import GateFitConfig
+    from safety_patch.gate.pool import gate_prompts
     from safety_patch.train.config import TrainConfig
     from safety_patch.train.data import training_rows
 
@@ -226,7 +227,7 @@ def _consumers(d):
     from safety_patch.analysis.run import default_prompts
     from safety_patch.evaluation.capability import reference_pairs
     from safety_patch.evaluation.prompts import benign_prompts, harmful_requests
-    from safety_patch.gate_fit import gate_prompts
+    from safety_patch.gate.pool import gate_prompts
     from safety_patch.train.config import TrainConfig, override
     from safety_patch.train.data import anchor_rows, training_rows
 

@@ -76,7 +76,7 @@ def test_auroc_interval_has_width_at_perfect_separation_and_at_one_pair():
     """`gate eval` printed AUROC 1.000 [1.000, 1.000] from one harmful and one benign prompt: a
     bootstrap of one pair (or of any perfectly separated sample) reads as certainty."""
     from safety_patch.evaluation.stats import auroc_interval
-    from safety_patch.gate_fit import _auroc_ci
+    from safety_patch.gate.metrics import _auroc_ci
 
     one = _auroc_ci([2.0], [-1.0])
     assert one["value"] == 1.0 and one["interval"] == "newcombe"
@@ -104,7 +104,7 @@ def test_auroc_interval_covers_the_true_auroc_about_95_percent_of_the_time():
     from scipy.stats import norm
 
     from safety_patch.evaluation.stats import auroc_interval
-    from safety_patch.gate_fit import auroc
+    from safety_patch.gate.metrics import auroc
 
     rng = np.random.default_rng(0)
     for d, m, n in [(1.0, 10, 10), (2.5, 20, 20), (0.5, 5, 40)]:

@@ -235,7 +235,7 @@ def test_overwrite_killed_between_fallback_renames_is_restored_next_time(tmp_pat
     # until the next write, every reader of the folder names where its contents are
     from safety_patch.data.folder import DataFolder
     from safety_patch.errors import SafetyPatchError
-    from safety_patch.gate_fit import read_gate_folder
+    from safety_patch.gate.folder import read_gate_folder
     from safety_patch.models import resolve_checkpoint
     from safety_patch.patches import read_patch
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from safety_patch.atomic import sha256_file
 from safety_patch.errors import SafetyPatchError
 from safety_patch.fingerprint import fingerprint
-from safety_patch.gate import GATE_FILE, Gate
+from safety_patch.gate.probe import GATE_FILE, Gate
 from safety_patch.models import LoadedModel
 from safety_patch.patch_schema import binding_digest, patch_id, record_digest
 from safety_patch.patches import (

@@ -8,7 +8,7 @@ import torch
 from safety_patch.attacks.templates import PLACEHOLDER
 from safety_patch.data.build import DataConfig, build
 from safety_patch.errors import SafetyPatchError
-from safety_patch.gate import GATE_FILE, Gate, fit_gate, fit_probe, layer_states
+from safety_patch.gate.probe import GATE_FILE, Gate, fit_gate, fit_probe, layer_states
 from safety_patch.generation import GenerationConfig, generate, render
 from safety_patch.models import LoadedModel
 from safety_patch.patches import attached, finalize_patch, merged_state_dict, read_patch
@@ -135,7 +135,8 @@ def data_dir(tmp_path_factory, tiny_dir):
 
 
 def test_gate_prompts_come_from_the_train_split_only(data_dir):
-    from safety_patch.gate_fit import GateFitConfig, gate_prompts
+    from safety_patch.gate.config import GateFitConfig
+    from safety_patch.gate.pool import gate_prompts
     from safety_patch.jsonl import read_jsonl
 
     harmful, benign, counts = gate_prompts(data_dir, GateFitConfig(rephrased=0, wrapped_benign=5, wrapped_harmful=0, self_instruct=0,
@@ -162,7 +163,8 @@ def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path
     import shutil
 
     from safety_patch.atomic import write_jsonl
-    from safety_patch.gate_fit import GateFitConfig, gate_prompts
+    from safety_patch.gate.config import GateFitConfig
+    from safety_patch.gate.pool import gate_prompts
     from safety_patch.train.config import TrainConfig, override
 
     d = tmp_path / "d"
@@ -193,7 +195,8 @@ def test_gate_prompts_take_self_written_requests_as_negatives(data_dir, tmp_path
 
 
 def test_gate_prompts_wrap_harmful_train_requests_in_train_templates(data_dir):
-    from safety_patch.gate_fit import GateFitConfig, gate_prompts
+    from safety_patch.gate.config import GateFitConfig
+    from safety_patch.gate.pool import gate_prompts
     from safety_patch.jsonl import read_jsonl
 
     no_written = dict(written_harmful=False, written_harmful_more=False, written_lookalikes=False)
@@ -214,7 +217,7 @@ def test_gate_prompts_wrap_harmful_train_requests_in_train_templates(data_dir):
 def test_train_writes_a_gated_patch(data_dir, tiny_dir, tmp_path):
     from peft import PeftModel
 
-    from safety_patch.gate_fit import GateFitConfig
+    from safety_patch.gate.config import GateFitConfig
     from safety_patch.models import load_model
     from safety_patch.train.config import TrainConfig, override
     from safety_patch.train.run import train

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from safety_patch.errors import SafetyPatchError
-from safety_patch.gate import Gate
-from safety_patch.gate_fit import GateFitConfig, _norm_of
+from safety_patch.gate.config import GateFitConfig, _norm_of
+from safety_patch.gate.probe import Gate
 from safety_patch.serve.export import effective_norm_scale, export_gate, final_norm, norm_states
 from safety_patch.testing import tiny_tokenizer
 
@@ -32,7 +32,7 @@ def _tiny(kind: str, tok):
 
 
 def _states(model, tok, layer: int) -> torch.Tensor:
-    from safety_patch.gate import layer_states
+    from safety_patch.gate.probe import layer_states
     from safety_patch.generation import conversation, render
 
     ids = [tok(render(tok, conversation(p)), add_special_tokens=False)["input_ids"] for p in PROMPTS]
@@ -122,7 +122,7 @@ def test_the_model_cards_code_folds_a_system_prompt_the_template_rejects(tmp_pat
     """A trial ran the export's model card on a Gemma model: its template rejects a system role
     ("System role not supported"), which safety-patch folds into the first user turn. The card's code
     now folds it the same way, and its logit is the one routing reads (the higher of both views)."""
-    from safety_patch.gate import layer_states
+    from safety_patch.gate.probe import layer_states
     from safety_patch.generation import gate_views
     from safety_patch.models import LoadedModel
     from safety_patch.testing import CHATML

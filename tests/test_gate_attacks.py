@@ -72,7 +72,7 @@ def test_the_attack_reads_the_logit_that_routes(gated_pm, final_norm):
     import torch
 
     from safety_patch.attacks.gcg import _nano_gcg
-    from safety_patch.gate import layer_states
+    from safety_patch.gate.probe import layer_states
 
     pm, tok = gated_pm
     (gate,) = pm.gates.values()

@@ -1,4 +1,4 @@
-"""The gate report's rule-attack section (gate_fit.attack_prompts / attack_scores / attack_report)."""
+"""The gate report's rule-attack section (gate.pool.attack_prompts / attack_scores / attack_report)."""
 
 import json
 
@@ -10,18 +10,11 @@ from hypothesis import strategies as st
 from safety_patch.attacks import get_attack
 from safety_patch.data.build import DataConfig, build
 from safety_patch.errors import SafetyPatchError
-from safety_patch.gate_fit import (
-    RULE_ATTACKS,
-    GateFitConfig,
-    attack_prompts,
-    attack_scores,
-    encode,
-    features,
-    fit_gate_folder,
-    held_out_prompts,
-    read_gate_folder,
-    unseen_attacks,
-)
+from safety_patch.gate.config import GateFitConfig
+from safety_patch.gate.features import encode, features
+from safety_patch.gate.fit import attack_scores
+from safety_patch.gate.folder import fit_gate_folder, read_gate_folder
+from safety_patch.gate.pool import RULE_ATTACKS, attack_prompts, held_out_prompts, unseen_attacks
 
 CFG = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=0, written_harmful=False,
                     written_harmful_more=False, written_lookalikes=False)
@@ -105,7 +98,7 @@ def test_gate_eval_runs_the_unseen_attacks_by_default(lm, data_dir, tiny_dir, tm
 def test_reask_turns_each_form_into_the_other():
     import random
 
-    from safety_patch.gate_fit import reask
+    from safety_patch.gate.phrasings import reask
 
     rng = random.Random(0)
     for _ in range(5):
@@ -120,7 +113,7 @@ def test_reask_turns_each_form_into_the_other():
 
 
 def test_rephrased_prompts_join_both_sides_last_with_their_sources(data_dir):
-    from safety_patch.gate_fit import _gate_pool
+    from safety_patch.gate.pool import _gate_pool
 
     h0, b0, c0, s0 = _gate_pool(data_dir, CFG)
     h1, b1, c1, s1 = _gate_pool(data_dir, GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4,
@@ -142,7 +135,7 @@ def test_each_frame_keeps_the_request_and_the_context_lines(text, family, seed):
     letter's case and, for terse, the final punctuation), and keeps earlier lines as they were."""
     import random
 
-    from safety_patch.gate_fit import rephrase
+    from safety_patch.gate.phrasings import rephrase
 
     q = text.strip()
     out = rephrase("Context line.\n" + text, family, random.Random(seed))
@@ -156,7 +149,10 @@ def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(da
     the harmful side with source 'written'; earlier draws are unchanged; the pool's other features
     come from the cache of a fit without them; leave-one-source-out gets a 'written' fold
     measured on the requests as written (no wrapped rows)."""
-    import safety_patch.gate_fit as gf
+    import safety_patch.gate.crossfit as gate_crossfit
+    import safety_patch.gate.features as gate_features
+    import safety_patch.gate.fit as gate_fit
+    import safety_patch.gate.pool as gate_pool
     from safety_patch.data.prompts import gate_harmful_prompts
 
     assert GateFitConfig().written_harmful is True  # the default since session 14
@@ -164,13 +160,13 @@ def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(da
                          target_fpr=None, family_fpr=None, written_harmful=False,
                          written_harmful_more=False, written_lookalikes=False)
     on = GateFitConfig(**{**base.__dict__, "written_harmful": True})
-    h0, b0, c0, s0 = gf._gate_pool(data_dir, base)
-    h1, b1, c1, s1 = gf._gate_pool(data_dir, on)
+    h0, b0, c0, s0 = gate_pool._gate_pool(data_dir, base)
+    h1, b1, c1, s1 = gate_pool._gate_pool(data_dir, on)
     reqs = [r["prompt"] for r in gate_harmful_prompts()]
     assert len(reqs) >= 100 and len(set(reqs)) == len(reqs)
     assert h1[: len(h0)] == h0 and b1 == b0 and s1[: len(s0)] == s0 and c1["written_harmful"] == 2 * len(reqs)
     assert [m[0]["content"] for m in h1[len(h0): len(h0) + len(reqs)]] == reqs
-    assert set(s1[len(s0):]) == {gf.WRITTEN_SOURCE} and len(s1) == len(h1)
+    assert set(s1[len(s0):]) == {gate_pool.WRITTEN_SOURCE} and len(s1) == len(h1)
     with pytest.raises(SafetyPatchError, match="written_harmful"):
         GateFitConfig(written_harmful="yes").validate()
     # a hand-written request near a held-out (val/test) request of the folder is dropped, and counted
@@ -180,19 +176,19 @@ def test_written_harmful_requests_join_last_as_a_third_source_and_a_loso_fold(da
     val_req = read_jsonl(data_dir / "val.jsonl")[0]["meta"]["request"]
     monkeypatch.setattr(dp, "gate_harmful_prompts", lambda: [{"category": "x", "prompt": val_req + "!"},
                                                              {"category": "y", "prompt": reqs[0]}])
-    h2, _, c2, _ = gf._gate_pool(data_dir, on)
+    h2, _, c2, _ = gate_pool._gate_pool(data_dir, on)
     assert c2["written_near_eval"] == 1 and c2["written_harmful"] == 2
     assert [m[0]["content"] for m in h2[len(h0):len(h0) + 1]] == [reqs[0]]
     monkeypatch.undo()
 
     monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
-    gf.fit_gate_on_data(lm.model, lm.tokenizer, data_dir, base, validate=False, fingerprint=lm.fingerprint)
-    real, read = gf.features_at, []
-    monkeypatch.setattr(gf, "features_at", lambda m, t, prompts, *a, **k: read.append(len(prompts)) or real(m, t, prompts, *a, **k))
-    gf.fit_gate_on_data(lm.model, lm.tokenizer, data_dir, on, validate=False, fingerprint=lm.fingerprint)
+    gate_fit.fit_gate_on_data(lm.model, lm.tokenizer, data_dir, base, validate=False, fingerprint=lm.fingerprint)
+    real, read = gate_features.features_at, []
+    monkeypatch.setattr(gate_features, "features_at", lambda m, t, prompts, *a, **k: read.append(len(prompts)) or real(m, t, prompts, *a, **k))
+    gate_fit.fit_gate_on_data(lm.model, lm.tokenizer, data_dir, on, validate=False, fingerprint=lm.fingerprint)
     assert read == [2 * len(reqs)]  # only the hand-written prompts were read
-    rep = gf.leave_one_source_out(lm.model, lm.tokenizer, data_dir, on, "val")
-    w = rep["sources"][gf.WRITTEN_SOURCE]
+    rep = gate_crossfit.leave_one_source_out(lm.model, lm.tokenizer, data_dir, on, "val")
+    w = rep["sources"][gate_pool.WRITTEN_SOURCE]
     assert w["direct_vs_benign"]["auroc"]["n_pos"] == len(reqs) and "wrapped_vs_wrapped_benign" not in w
     assert w["train_harmful_without"] == len(h0)
 
@@ -205,14 +201,17 @@ def test_more_written_harmful_requests_join_the_written_source_and_lookalikes_co
     is dropped and counted; only the new prompts are read when the pool without them is cached;
     the config is refused without the written source."""
     import safety_patch.data.prompts as dp
-    import safety_patch.gate_fit as gf
+    import safety_patch.gate.config as gate_config
+    import safety_patch.gate.crossfit as gate_crossfit
+    import safety_patch.gate.features as gate_features
+    import safety_patch.gate.pool as gate_pool
 
     assert (GateFitConfig().written_harmful_more, GateFitConfig().written_lookalikes) == (True, True)  # the default
     base = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=3, threshold=0.0,
                          target_fpr=None, family_fpr=None, written_harmful_more=False, written_lookalikes=False)
     on = GateFitConfig(**{**base.__dict__, "written_harmful_more": True, "written_lookalikes": True})
-    h0, b0, c0, s0 = gf._gate_pool(data_dir, base)
-    h1, b1, c1, s1 = gf._gate_pool(data_dir, on)
+    h0, b0, c0, s0 = gate_pool._gate_pool(data_dir, base)
+    h1, b1, c1, s1 = gate_pool._gate_pool(data_dir, on)
     first = [r["prompt"] for r in dp.gate_harmful_prompts()]
     more = [r["prompt"] for r in dp.gate_harmful_more_prompts()]
     looks = [r["prompt"] for r in dp.gate_lookalike_prompts()]
@@ -222,9 +221,9 @@ def test_more_written_harmful_requests_join_the_written_source_and_lookalikes_co
     assert h1[:k] == h0[:k] and b1[: len(b0)] == b0 and s1[:k] == s0[:k]
     assert [m[0]["content"] for m in h1[k: k + n_w0 + len(more)]] == first[:n_w0] + more
     assert h1[k + n_w0 + len(more): k + 2 * n_w0 + len(more)] == h0[k + n_w0:]  # the first file's re-askings as before
-    assert set(s1[k:]) == {gf.WRITTEN_SOURCE} and len(s1) == len(h1) == len(h0) + 2 * len(more)
+    assert set(s1[k:]) == {gate_pool.WRITTEN_SOURCE} and len(s1) == len(h1) == len(h0) + 2 * len(more)
     assert c1["written_lookalikes"] == 2 * len(looks) and c1["written_lookalikes_near_eval"] == 0
-    h_l, b_l, _, s_l = gf._gate_pool(data_dir, GateFitConfig(**{**base.__dict__, "written_lookalikes": True}))
+    h_l, b_l, _, s_l = gate_pool._gate_pool(data_dir, GateFitConfig(**{**base.__dict__, "written_lookalikes": True}))
     assert (h_l, s_l, b_l[: len(b0)]) == (h0, s0, b0) and len(b_l) == len(b1)  # each file on its own
     assert [m[0]["content"] for m in b1[len(b0): len(b0) + len(looks)]] == looks and len(b1) == len(b0) + 2 * len(looks)
     for bad, match in (({"written_lookalikes": "yes"}, "written_lookalikes"), ({"written_harmful_more": 1}, "written_harmful_more"),
@@ -237,29 +236,29 @@ def test_more_written_harmful_requests_join_the_written_source_and_lookalikes_co
     held = DataFolder.of(data_dir).prompts("borderline", "val")[0][-1]["content"]
     monkeypatch.setattr(dp, "gate_lookalike_prompts", lambda: [{"category": "x", "prompt": held + "!"},
                                                                {"category": "y", "prompt": looks[0]}])
-    _, b2, c2, _ = gf._gate_pool(data_dir, on)
+    _, b2, c2, _ = gate_pool._gate_pool(data_dir, on)
     assert c2["written_lookalikes_near_eval"] == 1 and c2["written_lookalikes"] == 2
     assert b2[len(b0)][0]["content"] == looks[0]
     monkeypatch.undo()
 
     monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
-    base_x = gf.pool_features(lm.model, lm.tokenizer, h0, b0, c0, [1], gf.BATCHING, lm.fingerprint)
-    real, read = gf.features_at, []
-    monkeypatch.setattr(gf, "features_at", lambda m, t, prompts, *a, **kw: read.append(len(prompts)) or real(m, t, prompts, *a, **kw))
-    x1 = gf.pool_features(lm.model, lm.tokenizer, h1, b1, c1, [1], gf.BATCHING, lm.fingerprint)
+    base_x = gate_features.pool_features(lm.model, lm.tokenizer, h0, b0, c0, [1], gate_config.BATCHING, lm.fingerprint)
+    real, read = gate_features.features_at, []
+    monkeypatch.setattr(gate_features, "features_at", lambda m, t, prompts, *a, **kw: read.append(len(prompts)) or real(m, t, prompts, *a, **kw))
+    x1 = gate_features.pool_features(lm.model, lm.tokenizer, h1, b1, c1, [1], gate_config.BATCHING, lm.fingerprint)
     assert read == [c1["written_harmful"], c1["written_lookalikes"]]  # the pool without them came from the cache
     assert torch.equal(x1[:k], base_x[:k]) and torch.equal(x1[len(h1): len(h1) + len(b0)], base_x[len(h0):])
-    plain = gf.features_at(lm.model, lm.tokenizer, gf.encode(lm.tokenizer, h1 + b1), [1])[1]
+    plain = gate_features.features_at(lm.model, lm.tokenizer, gate_features.encode(lm.tokenizer, h1 + b1), [1])[1]
     assert torch.allclose(x1, plain, atol=1e-4)
     # the written source's leave-one-source-out fold scores both files' requests when the pool holds both
     monkeypatch.undo()
     for cfg, n in ((base, len(first)), (on, len(first) + len(more))):
-        w = gf.leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, "val")["sources"][gf.WRITTEN_SOURCE]
+        w = gate_crossfit.leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, "val")["sources"][gate_pool.WRITTEN_SOURCE]
         assert w["direct_vs_benign"]["auroc"]["n_pos"] == n
 
 
 def test_phrasing_families_draw_in_order_and_unknown_ones_fail(data_dir):
-    from safety_patch.gate_fit import _gate_pool
+    from safety_patch.gate.pool import _gate_pool
 
     one = GateFitConfig(layer=1, self_instruct=0, wrapped_benign=6, wrapped_harmful=4, rephrased=5, written_harmful=False,
                         written_harmful_more=False, written_lookalikes=False)

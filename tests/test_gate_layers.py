@@ -12,8 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safety_patch.errors import SafetyPatchError
-from safety_patch.gate import GATE_FILE, Gate, fit_probe, layer_states
-from safety_patch.gate_fit import GATE_JSON, GateFitConfig, _norm_of, fit_gate_probe
+from safety_patch.gate.config import GateFitConfig, _norm_of
+from safety_patch.gate.fit import fit_gate_probe
+from safety_patch.gate.folder import GATE_JSON
+from safety_patch.gate.probe import GATE_FILE, Gate, fit_probe, layer_states
 from safety_patch.generation import GenerationConfig, generate
 from safety_patch.patches import attached, finalize_patch, read_patch
 from safety_patch.testing import make_lora_patch, tiny_llama
@@ -159,7 +161,8 @@ def test_feature_scale_is_a_group_l2_penalty():
 
 
 def test_fit_on_data_with_extra_layers_and_a_family_raised_threshold(lm, data_dir, tmp_path):  # noqa: F811
-    from safety_patch.gate_fit import fit_gate_folder, fit_gate_on_data, read_gate_folder
+    from safety_patch.gate.fit import fit_gate_on_data
+    from safety_patch.gate.folder import fit_gate_folder, read_gate_folder
 
     base = {**CFG.__dict__, "wrapped_benign": 12, "wrapped_harmful": 8, "threshold": None, "target_fpr": 0.1,
             "features": "final-norm"}
@@ -181,7 +184,7 @@ def test_fit_on_data_with_extra_layers_and_a_family_raised_threshold(lm, data_di
     assert nested["auroc"]["n_neg"] == lofo["wrapped_vs_wrapped_benign"]["auroc"]["n_neg"]
     assert info["validation"]["threshold"] == gate.threshold  # the validation report is at the shipped threshold
     # the printed report gives the out-of-family figures at the gate's own (raised) threshold: the nested ones
-    from safety_patch.gate_fit import report_table
+    from safety_patch.gate.evaluate import report_table
 
     text = report_table(info["validation"])
     row = next(line for line in text.splitlines() if line.startswith("LOFO wrapped"))
@@ -223,7 +226,7 @@ def test_fit_on_data_with_extra_layers_and_a_family_raised_threshold(lm, data_di
     ({"family_fpr": 0.05, "threshold": 0.5, "target_fpr": None}, "family_fpr raises a target_fpr threshold"),
 ])
 def test_bad_multi_layer_settings_are_one_clear_error(lm, data_dir, fields, message):  # noqa: F811
-    from safety_patch.gate_fit import fit_gate_on_data
+    from safety_patch.gate.fit import fit_gate_on_data
 
     cfg = GateFitConfig(**{**CFG.__dict__, **fields})
     with pytest.raises(SafetyPatchError, match=message):
@@ -335,7 +338,7 @@ def test_the_upstream_gate_probe_reads_every_layer_of_a_two_layer_gate(lm, tiny_
 
 
 def test_extra_layers_by_depth_resolve_like_the_gate_layer_and_each_layer_is_read_once(lm):  # noqa: F811
-    from safety_patch.gate_fit import model_layers
+    from safety_patch.gate.config import model_layers
 
     cfg = GateFitConfig(extra_layers=None, extra_depths=[0.7]).validate()
     assert cfg.resolved_layer(30) == 18 and cfg.resolved_extra_layers(30) == [21]  # the embedded model's 30 layers
@@ -403,7 +406,8 @@ def test_gate_folders_written_before_the_two_layer_default_are_refit_as_they_wer
     is refit on its own one layer without a raise, not on today's defaults (nor refused by them)."""
     import shutil
 
-    from safety_patch.gate_fit import evaluate_gate, fit_gate_folder, read_gate_folder, recorded_config
+    from safety_patch.gate.evaluate import evaluate_gate
+    from safety_patch.gate.folder import fit_gate_folder, read_gate_folder, recorded_config
 
     cfg = GateFitConfig(**{**CFG.__dict__, "features": "final-norm", "extra_layers": [], "extra_weight": 1.0})
     src = tmp_path / "g"
@@ -432,7 +436,7 @@ def test_gate_folders_written_before_the_two_layer_default_are_refit_as_they_wer
 
 
 def test_family_folds_deal_each_family_into_one_group_and_leave_unwrapped_prompts_out():
-    from safety_patch.gate_fit import family_folds
+    from safety_patch.gate.fit import family_folds
 
     fam = ["a", None, "b", "a", "c", None, "d", "e", "f", "b"]
     fold, fold_of = family_folds(fam, 4, seed=3)

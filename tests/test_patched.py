@@ -623,7 +623,7 @@ def test_a_gate_stacked_with_an_always_on_patch_it_was_not_fit_with_is_warned_ab
     import logging
 
     from safety_patch import patches as patches_mod
-    from safety_patch.gate import fit_gate
+    from safety_patch.gate.probe import fit_gate
     from safety_patch.patches import finalize_patch
 
     model, tok = tiny_llama()

@@ -10,7 +10,7 @@ def test_source_hash_changes_with_any_source_edit(tmp_path):
     shutil.copytree(provenance.PACKAGE_ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
     before = provenance.source_sha256(root)
     assert before == provenance.source_sha256(root)  # deterministic
-    f = root / "gate.py"
+    f = root / "gate" / "probe.py"
     f.write_text(f.read_text() + "\n# an edit\n")
     edited = provenance.source_sha256(root)
     assert edited != before

@@ -21,7 +21,7 @@ import torch
 
 from safety_patch.cli import main
 from safety_patch.errors import SafetyPatchError
-from safety_patch.gate import Gate, fit_gate, layer_states
+from safety_patch.gate.probe import Gate, fit_gate, layer_states
 from safety_patch.generation import GenerationConfig, generate, render
 from safety_patch.models import load_model
 from safety_patch.patches import attached, finalize_patch, read_patch
@@ -775,7 +775,7 @@ def test_exported_gate_runs_in_plain_transformers(world, tmp_path):
     assert isinstance(dns["route_to_patch"], bool)
     msgs = [{"role": "system", "content": "Answer in French."}, *_user(PROMPTS[0])]
     assert abs(dns["gate_logit"](msgs) - ns["gate_logit"](msgs)) < 1e-4
-    from safety_patch.gate import Gate
+    from safety_patch.gate.probe import Gate
 
     with pytest.raises(SafetyPatchError, match="pre-norm"):  # a residual (pre-norm) gate is refused, not approximated
         export_gate(lm, Gate.load(world["gated"]), tmp_path / "refused")

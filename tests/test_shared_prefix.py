@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safety_patch.errors import SafetyPatchError
-from safety_patch.gate import layer_states
+from safety_patch.gate.probe import layer_states
 from safety_patch.shared_prefix import last_token_states, last_token_states_at, plan, plan_cost
 from safety_patch.testing import tiny_llama
 
@@ -105,19 +105,19 @@ def test_states_equal_a_plain_pass_to_float_rounding(min_saving, token_budget, k
 
 
 def test_a_multi_layer_read_is_one_pass_and_caches_each_layer(tmp_path, monkeypatch):
-    import safety_patch.gate_fit as gf
+    import safety_patch.gate.features as gate_features
 
     monkeypatch.setenv("SAFETY_PATCH_HOME", str(tmp_path / "home"))
     model, tok = tiny_llama(layers=3)
     prompts = _templated(12, 1, len(tok))
     calls = []
-    real = gf.features_at
-    monkeypatch.setattr(gf, "features_at", lambda m, t, p, layers, *a, **k: calls.append(list(layers)) or real(m, t, p, layers, *a, **k))
-    x = gf.cached_features(model, tok, prompts, (2, 0), fingerprint="fp")
+    real = gate_features.features_at
+    monkeypatch.setattr(gate_features, "features_at", lambda m, t, p, layers, *a, **k: calls.append(list(layers)) or real(m, t, p, layers, *a, **k))
+    x = gate_features.cached_features(model, tok, prompts, (2, 0), fingerprint="fp")
     assert calls == [[0, 2]]  # one pass for both layers
-    one = gf.cached_features(model, tok, prompts, 2, fingerprint="fp")  # from the cache the pass wrote
-    assert calls == [[0, 2]] and torch.equal(x, torch.cat([one, gf.cached_features(model, tok, prompts, 0, fingerprint="fp")], 1))
-    gf.cached_features(model, tok, prompts, (1, 2), fingerprint="fp")
+    one = gate_features.cached_features(model, tok, prompts, 2, fingerprint="fp")  # from the cache the pass wrote
+    assert calls == [[0, 2]] and torch.equal(x, torch.cat([one, gate_features.cached_features(model, tok, prompts, 0, fingerprint="fp")], 1))
+    gate_features.cached_features(model, tok, prompts, (1, 2), fingerprint="fp")
     assert calls == [[0, 2], [1]]  # only the layer not cached is read
     with pytest.raises(SafetyPatchError, match="layer 3 out of range"):
         last_token_states_at(model, prompts, [0, 3])
@@ -127,7 +127,10 @@ def test_the_gate_on_the_shared_prefix_path_equals_the_old_one_to_rounding(tiny_
     """The gate's default feature path against the batches of 8 gates were fitted with before:
     the same probe to float rounding, the same decisions on its whole training pool."""
     from safety_patch.data.build import DataConfig, build
-    from safety_patch.gate_fit import GateFitConfig, encode, features, fit_gate_on_data, gate_prompts
+    from safety_patch.gate.config import GateFitConfig
+    from safety_patch.gate.features import encode, features
+    from safety_patch.gate.fit import fit_gate_on_data
+    from safety_patch.gate.pool import gate_prompts
     from safety_patch.models import load_model
 
     lm = load_model(str(tiny_dir), device="cpu")

@@ -721,7 +721,7 @@ def patch_gate_cmd(
     if not p.gated:
         raise SafetyPatchError(f"{patch} has no gate (patch.json has no 'gate'); it applies to every prompt")
     lm = load_model(model, device=device, dtype=dtype)
-    from .gate_fit import check_context
+    from .gate.features import check_context
 
     views = [[lm.tokenizer(v, add_special_tokens=False)["input_ids"] for v in gate_views(lm.tokenizer, conversation(t, system))]
              for t in prompt]  # with --system: the highest logit with and without it, as chat, eval and serve route
@@ -958,7 +958,9 @@ def gate_fit_cmd(
     """Fit a gate (a probe on the base model's hidden state at the last prompt token) on a data folder."""
     import dataclasses
 
-    from .gate_fit import GateFitConfig, fit_gate_folder, report_table
+    from .gate.config import GateFitConfig
+    from .gate.evaluate import report_table
+    from .gate.folder import fit_gate_folder
     from .models import load_model
     from .outputs import check_out_dir, claim_output
 
@@ -1006,7 +1008,7 @@ def gate_apply_cmd(
     overwrite: bool = False,
 ) -> None:
     """Put a patch behind a gate: a new patch folder with the patch's weights, the gate and patch.json."""
-    from .gate_fit import apply_gate
+    from .gate.folder import apply_gate
     from .outputs import check_out_dir, claim_output
 
     check_out_dir(out, overwrite=overwrite, kind="patch", inputs=[patch, gate])
@@ -1043,7 +1045,9 @@ def gate_eval_cmd(
     overwrite: OverwriteResultsOpt = False,
 ) -> None:
     """The gate's reliability on held-out prompts: AUROC, TPR at 1%/5% FPR, FPR at its threshold, with 95% intervals."""
-    from .gate_fit import RULE_ATTACKS, evaluate_gate, read_gate_source, report_table, user_prompt_sets
+    from .gate.evaluate import evaluate_gate, report_table, user_prompt_sets
+    from .gate.folder import read_gate_source
+    from .gate.pool import RULE_ATTACKS
     from .models import load_model
     from .outputs import check_out_file
 
@@ -1091,7 +1095,7 @@ def gate_export_cmd(
     the gate's. A multi-layer gate (the default of `gate fit` and `train` since 2026-12-02) or a
     residual one (`--features residual`) is refused with the reason, before the model loads;
     nothing is written."""
-    from .gate_fit import read_gate_folder
+    from .gate.folder import read_gate_folder
     from .models import load_model
     from .outputs import check_out_dir, claim_output
     from .serve.export import check_exportable, export_gate
@@ -1100,7 +1104,7 @@ def gate_export_cmd(
         raise SafetyPatchError("give exactly one of --gate and --patch")
     check_out_dir(out, overwrite=overwrite, kind="exported-gate", inputs=[model, gate, patch])
     if patch is not None:
-        from .gate import Gate
+        from .gate.probe import Gate
         from .patches import read_patch
 
         p = read_patch(patch)

@@ -7,7 +7,7 @@ one explicitly (``generation.complete_texts``, ``generation.cached_generate``,
 
 * **identity**: :attr:`PatchedModel.key` is the generation-cache key of the stack, derived
   from the patch ids (``"base"`` without patches); it has no default a caller could forget.
-* **routing**: a gated patch (gate.py) applies per prompt. :meth:`PatchedModel.routes` reads
+* **routing**: a gated patch (gate/probe.py) applies per prompt. :meth:`PatchedModel.routes` reads
   every gate on the prompts (with only the ungated patches on, in one pass stopped after the
   deepest gate layer) and returns, per prompt, which gated items are on.
   :meth:`PatchedModel.mixed_batch` gives PEFT's per-row ``adapter_names`` when the stack is
@@ -213,7 +213,7 @@ class PatchedModel:
         The gates read the hidden states with only the ungated items on, in one stopped pass
         for every gate's layer. Raises SafetyPatchError where a gate cannot decide (NaN score).
         """
-        from .gate import layer_states
+        from .gate.probe import layer_states
 
         if not self.gated:
             return {}

@@ -8,7 +8,7 @@ A patch folder holds either
 
 and ``patch.json``: what made it (base fingerprint, method, hyper-parameters, data hash,
 costs, versions) and the sha256 of its weight files. A *gated* patch (LoRA or delta;
-``safety-patch gate apply``, gate_fit.py) also holds ``gate.safetensors`` (gate.py): a probe
+``safety-patch gate apply``, gate/folder.py) also holds ``gate.safetensors`` (gate/probe.py): a probe
 on the prompt that decides, per prompt, whether the patch applies. Gated patches attach, stack and evaluate like any other; they cannot be
 merged into weights or trained on top of, because their adapter is not always on.
 
@@ -100,9 +100,9 @@ class Patch:
 
 
 def weight_files(fmt: str, gated: bool = False) -> tuple[str, ...]:
-    from .gate import GATE_FILE
+    from .gate.probe import GATE_FILE
 
-    # A gate may front either kind of patch (gate_fit.apply_gate): its file is one of the patch's files.
+    # A gate may front either kind of patch (gate.folder.apply_gate): its file is one of the patch's files.
     return (LORA_FILES if fmt == "lora" else (DELTA_FILE,)) + ((GATE_FILE,) if gated else ())
 
 
@@ -211,7 +211,7 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
     rank matching the tensors; a gate that can decide. ``check_hashes`` is kept for old
     callers and no longer switches anything off: the id is computed from the file hashes.
     """
-    from .gate import GATE_FILE, Gate
+    from .gate.probe import GATE_FILE, Gate
     from .patch_schema import binding_digest, patch_id, read_adapter_config, read_manifest, record_digest
 
     del check_hashes  # hashes are always checked: the patch id is derived from them
@@ -263,7 +263,7 @@ def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:
     else:
         check_weight_tensors(path, fmt)
     if gated:
-        from .gate_fit import check_protects
+        from .gate.folder import check_protects
 
         check_protects(meta["gate"], pj, warn=False)  # a gate that never fires: a patch that never applies
         gate = Gate.load(path)
@@ -293,7 +293,7 @@ def _file_stats(path: Path) -> dict[str, tuple[int, int, int, int] | None]:
     """(inode, size, mtime_ns, ctime_ns) of each file of a patch folder that attaching reads
     (patch.json, the weights, adapter_config.json, the gate; None where absent). ctime cannot be set
     back by hand, so an in-place edit shows even when mtime is restored."""
-    from .gate import GATE_FILE
+    from .gate.probe import GATE_FILE
 
     out: dict[str, tuple[int, int, int, int] | None] = {}
     for name in (PATCH_JSON, *LORA_FILES, DELTA_FILE, GATE_FILE):
@@ -404,7 +404,7 @@ def _check_lora_shapes(patch: Patch, model: torch.nn.Module) -> None:
 
 def _check_gate_fits(patch: Patch, model: torch.nn.Module) -> None:
     """The gate's vectors have the model's hidden size (per layer it reads) and its layers exist."""
-    from .gate import GATE_FILE, Gate
+    from .gate.probe import GATE_FILE, Gate
 
     gate = Gate.load(patch.path)
     cfg = getattr(model, "config", None)
@@ -462,7 +462,7 @@ def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force:
                 shape = tuple(f.get_slice(k).get_shape())
                 if shape != tuple(params[k].shape):
                     raise SafetyPatchError(f"{patch.path}/{DELTA_FILE}: {k} has shape {shape}, model has {tuple(params[k].shape)}")
-        if patch.gated:  # a gated delta (gate_fit.apply_gate): its gate must fit the model too
+        if patch.gated:  # a gated delta (gate.folder.apply_gate): its gate must fit the model too
             _check_gate_fits(patch, model)
     if problems and not force:
         raise SafetyPatchError(f"{problems[0]}; {remedy}")
@@ -627,7 +627,7 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
     pass that bypasses its routing raises. On exit the base is restored bit-for-bit, even
     after an exception. Raises SafetyPatchError for a patch that does not fit ``model``.
     """
-    from .gate import Gate
+    from .gate.probe import Gate
     from .patched import PatchedModel, _DeltaState
 
     if model in _ATTACHED:  # checked first: the wrapped modules would fail verify with a misleading message
@@ -997,7 +997,7 @@ def _gate_info(g: dict | None) -> dict:
     if fired:
         out["gate_fires_on"] = ", ".join(f"{k} {v['value']:.1%} ({v['k']}/{v['n']})" for k, v in fired.items()
                                          if v.get("n")) + f" ({(g.get('validation') or {}).get('split', 'val')} split)"
-    from .gate_fit import check_protects
+    from .gate.folder import check_protects
 
     # what `train` and `gate fit` warned of once, shown for as long as the patch exists
     said = check_protects(g, "patch.json 'gate'", warn=False)

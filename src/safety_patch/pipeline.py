@@ -243,7 +243,9 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     if plan.gate is not None:
         step += 1
         if not st.done(gate_dir, gate_key):
-            from .gate_fit import GateFitConfig, GateNeverFires, evaluate_gate, fit_gate_folder
+            from .gate.config import GateFitConfig
+            from .gate.evaluate import evaluate_gate
+            from .gate.folder import GateNeverFires, fit_gate_folder
 
             st.say(step, n_steps, "gate: fit on the train split, reliability on the test split")
             t = time.time()
@@ -277,7 +279,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
             st.say(step, n_steps, f"train {arm.name}", skipped=True)
             continue
         if "from" in arm.train:  # the source arm's patch behind the run's gate: gate apply, no training
-            from .gate_fit import apply_gate
+            from .gate.folder import apply_gate
 
             if plan.gate is None:
                 raise SafetyPatchError(f"arm {arm.name}: a gated arm needs the plan's gate")

@@ -771,7 +771,7 @@ def blocks(rd: RunData) -> list[tuple]:
 
 
 def gate_blocks(g: dict) -> list[tuple]:
-    """The gate's reliability on the held-out split (``gate eval``'s report, gate_fit.evaluate_gate)."""
+    """The gate's reliability on the held-out split (``gate eval``'s report, gate.evaluate.evaluate_gate)."""
     from .evaluation.stats import FEW_NEGATIVES_NOTE, tpr_at_fpr_text
 
     def auc(a: dict) -> str:

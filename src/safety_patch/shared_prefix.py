@@ -194,7 +194,7 @@ def last_token_states_at(model, prompts: Sequence[Sequence[int]], layers: Sequen
     """
     from transformers import DynamicCache
 
-    from .gate import decoder_layers
+    from .gate.probe import decoder_layers
     from .generation import cache_argument
 
     blocks = decoder_layers(model)

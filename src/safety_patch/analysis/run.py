@@ -199,7 +199,7 @@ def _activations(lm, ps, vecs, benign, jailbreak, read_w0, force, k) -> dict:
                 t.pop("_terms")
                 rows.append({"module": mod, "layer": u.layer, "set": name, **t})
         inter[p.name] = rows
-    # Hidden states are taken with each adapter always on: for a gated patch (gate.py) they
+    # Hidden states are taken with each adapter always on: for a gated patch (gate/probe.py) they
     # describe the adapter itself; on prompts its gate passes, the patched model is the base.
     return {"hidden_shift": shifts, "interference": inter, "interference_k": k,
             "n_prompts": {name: len(enc) for name, enc in sets.items()},

@@ -106,7 +106,7 @@ class GCG(Attack):
     def target_loss(self, ids: list[int]) -> tuple[float, list[str]]:
         """Mean cross-entropy of the target after prompt ``ids``, with the adapters the evaluation would use.
 
-        Gated patches route per prompt (gate.py); the loss is taken with the adapters the gates choose
+        Gated patches route per prompt (gate/probe.py); the loss is taken with the adapters the gates choose
         for these exact ids, which are returned too (all attached adapters when nothing is gated)."""
         import torch
 
@@ -229,7 +229,7 @@ def _nano_gcg(model, tokenizer, config, gates=(), weight: float = 0.0, margin: f
     import torch
     from nanogcg.gcg import GCG as NanoGCG
 
-    from ..gate import decoder_layers
+    from ..gate.probe import decoder_layers
     from ..generation import cache_argument, forward_parameters
 
     if config.use_mellowmax or config.probe_sampling_config is not None:

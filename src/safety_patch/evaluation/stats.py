@@ -97,7 +97,7 @@ def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 
 
 
 FEW_NEGATIVES = "†"
-"""Marks a TPR at an FPR read off fewer than 1/FPR benign prompts (``gate_fit.discrimination``): the
+"""Marks a TPR at an FPR read off fewer than 1/FPR benign prompts (``gate.metrics.discrimination``): the
 TPR at 0% FPR. Printed tables end with :data:`FEW_NEGATIVES_NOTE` when any figure has it."""
 FEW_NEGATIVES_NOTE = (f"{FEW_NEGATIVES} fewer benign prompts than 1/FPR (100 for 1%, 20 for 5%): no benign prompt may "
                       "fire, so this is the TPR at 0% FPR")

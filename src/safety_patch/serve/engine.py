@@ -433,7 +433,7 @@ class GateProbe:
         from transformers import AutoConfig, AutoModel
 
         from .. import runtime as rt
-        from ..gate import Gate
+        from ..gate.probe import Gate
         from ..models import HUB_KERNELS, load_model
         from ..patches import verify
 
@@ -486,7 +486,7 @@ class GateProbe:
              views: Sequence[Sequence[Sequence[int]]] | None = None) -> list[Route]:
         """Route each prompt for model ``name``: its patch is active iff ungated or its gate fires on
         one of the prompt's ``views`` (default: the prompt alone)."""
-        from ..gate import layer_states
+        from ..gate.probe import layer_states
 
         if name == BASE:
             return [Route(name) for _ in prompts]

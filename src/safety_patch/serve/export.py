@@ -103,7 +103,7 @@ def final_norm(model: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def norm_states(model, tokenizer, prompts: Sequence[Sequence[int]], layer: int, batch_size: int = 8) -> torch.Tensor:
     """``final_norm(hidden state after decoder layer `layer`)`` at each prompt's last token: [n, hidden] fp32."""
-    from ..gate import layer_states
+    from ..gate.probe import layer_states
 
     h = layer_states(model, tokenizer, prompts, [layer], batch_size)[layer]
     p = next(model.parameters())

@@ -2,7 +2,7 @@
 
 A config is ``recipe`` and ``method`` plus six groups: ``lora``, ``data`` (the training mix),
 ``anchor`` (the KL anchor), ``loss``, ``optim`` (optimiser and run length) and ``gate``
-(``gate_fit.GateFitConfig``; ``None`` = an always-on patch). Named recipes are YAML files in
+(``gate.config.GateFitConfig``; ``None`` = an always-on patch). Named recipes are YAML files in
 ``train/recipes/`` holding only what differs from these defaults; ``resolve`` layers
 recipe <- YAML file <- flags (``train/api.py``). Each field's docstring is its ``--help`` text
 (first paragraph), so the CLI cannot drift from the schema.
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FieldError, SafetyPatchError, field_path
-from ..gate_fit import GateFitConfig
+from ..gate.config import GateFitConfig
 
 
 @dataclass
@@ -284,7 +284,7 @@ class TrainConfig:
                 raise FieldError(f"gate.seed {g.seed} would be ignored: train seeds the gate's prompt pool "
                                  f"with --seed ({op.seed}); leave gate.seed unset", "gate.seed")
             try:
-                g.validate()  # the gate stage's own checks too (gate_fit.py)
+                g.validate()  # the gate stage's own checks too (gate/config.py)
             except FieldError as e:  # its keys are the gate's own fields: name them in this config
                 raise FieldError(str(e), *(f"gate.{k}" for k in e.keys)) from None
 
@@ -549,7 +549,7 @@ def merge(layers: list[dict[str, Any]]) -> TrainConfig:
 
 def _one_threshold(gate: Mapping[str, Any]) -> dict[str, Any]:
     """A gate layer that gives ``threshold`` or ``target_fpr`` but not the other also clears the
-    other: they are two ways to set one number (gate_fit.GateFitConfig), so a layer that sets a
+    other: they are two ways to set one number (gate.config.GateFitConfig), so a layer that sets a
     logit replaces the default target rate instead of conflicting with it, and the default
     out-of-family raise of that rate (``family_fpr``) with it."""
     out = dict(gate)

@@ -452,7 +452,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         anchor_pool = anchor_rows(data, cfg)  # read before the model loads: a data error fails fast
     gate_data = None
     if cfg.gated:
-        from ..gate_fit import gate_prompts
+        from ..gate.pool import gate_prompts
 
         gate_data = gate_prompts(data, cfg.gate_for_run())  # the gate's files checked before the model loads too (rows kept: read once)
     # What the run is: a resume must match it in full, or patch.json would record settings,
@@ -704,11 +704,11 @@ def _rewind(work: Path, ckpt: str, state: dict) -> None:
 
 def _fit_gate(lm, data_dir, cfg: TrainConfig, cache: bool = True):
     """Fit the patch's gate on the base model (before any adapter exists) with the gate stage
-    (gate_fit.py, the same fit as ``safety-patch gate fit``); every rank fits the same one
+    (gate/fit.py, the same fit as ``safety-patch gate fit``); every rank fits the same one
     (deterministic), rank 0 writes it. Returns (gate, patch.json's ``gate`` info). ``cache``:
     reuse features by the base's fingerprint (False when a stack is folded into the weights:
     the model is then not the fingerprinted base)."""
-    from ..gate_fit import fit_gate_on_data
+    from ..gate.fit import fit_gate_on_data
 
     # validate=None: the validation report when the folder has a val split (derived folders may not)
     return fit_gate_on_data(lm.model, lm.tokenizer, data_dir, cfg.gate_for_run(), validate=None,

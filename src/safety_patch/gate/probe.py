@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import SafetyPatchError
+from ..errors import SafetyPatchError
 
 # the one left-padding and batching that generation and the gates read with
-from .generation import left_padded, length_groups
+from ..generation import left_padded, length_groups
 
 GATE_FILE = "gate.safetensors"
 
