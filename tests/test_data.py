@@ -650,3 +650,51 @@ def test_a_user_files_own_responses_must_be_refusals(tmp_path, capsys):
 
     reqs, _ = harmful_requests(bad)
     assert [r["request"] for r in reqs] == [r["prompt"] for r in rows]
+
+
+def test_a_hub_source_the_hub_cannot_serve_is_one_line_at_once(monkeypatch, capsys):
+    """A user's trial: offline, `data build --sources <hub source>` printed ten retry lines over ~30 s
+    before its one-line error. An unreachable Hub is now said before `datasets` is called; with
+    HF_HUB_OFFLINE set, `datasets` is asked (it reads its cache alone) and its failure is one line too."""
+    import datasets
+    from huggingface_hub import constants
+
+    from safety_patch.data.sources import hub
+
+    asked = []
+
+    def load_dataset(*a, **k):
+        asked.append(a)
+        raise ConnectionError("Couldn't reach 'x' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # a name that never resolves (RFC 2606)
+    with pytest.raises(SafetyPatchError) as e:
+        hub._load("org/set", "train")
+    assert "cannot reach hub.invalid" in str(e.value) and "HF_HUB_OFFLINE=1" in str(e.value) and not asked
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SafetyPatchError, match=r"could not fetch dataset 'org/set' .*\(Couldn't reach 'x' on the Hub"):
+        hub._load("org/set", "train")
+    assert asked == [("org/set", None)] and "\n" not in str(e.value)
+
+
+def test_an_empty_item_in_a_list_is_refused_and_a_self_instruct_without_distill_is_said(tmp_path, capsys):
+    """A user's trial: `--sources harmbench,,donotanswer` built from two sources without a word (the
+    rule `--attacks` follows: an empty part is a slip), and `--self-instruct 5 --no-distill` wrote
+    no selfinstruct.jsonl silently."""
+    from safety_patch.cli import main
+    from safety_patch.config import load
+
+    for bad in ("harmbench,,donotanswer", "harmbench,"):
+        assert main(["data", "build", "--out", str(tmp_path / "d"), "--sources", bad, "--no-distill"]) == 2
+        assert f"--sources {bad!r} has an empty item" in capsys.readouterr().err
+        with pytest.raises(SafetyPatchError, match="field 'sources': .* has an empty item"):
+            load(DataConfig, None, {"sources": bad})
+    assert not (tmp_path / "d").exists()
+    assert load(DataConfig, None, {"sources": " harmbench , donotanswer "}).sources == ("harmbench", "donotanswer")
+    build(tmp_path / "d", DataConfig(sources=("harmbench",), max_per_source=30, distill=False, self_instruct=5))
+    assert "self_instruct 5 writes nothing without distill" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "selfinstruct.jsonl").exists()
+    build(tmp_path / "e", DataConfig(sources=("harmbench",), max_per_source=30, distill=False, self_instruct=0))
+    assert "self_instruct" not in capsys.readouterr().err

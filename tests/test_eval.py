@@ -257,7 +257,8 @@ def test_classifier_judge_offline_is_one_clear_error(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SafetyPatchError, match="meta-llama/Llama-Guard-3-1B.*use --model default or a local model folder"):
+    with pytest.raises(SafetyPatchError, match="^--judge classifier:meta-llama/Llama-Guard-3-1B: .*HF_HUB_OFFLINE is set; "
+                                               r"give a local classifier folder \(classifier:FORMAT:PATH\)$"):
         get_judge("classifier:meta-llama/Llama-Guard-3-1B")
 
 
@@ -577,6 +578,30 @@ def test_api_judge_url_is_checked_before_anything_runs():
         with pytest.raises(SafetyPatchError, match="is not an http\\(s\\) URL"):
             check_judge_spec(bad)
     assert check_judge_spec("api:http://127.0.0.1:8000/v1") == ("api", "http://127.0.0.1:8000/v1")
+
+
+def test_a_classifier_judge_spec_is_named_as_the_judge_flag(tmp_path, monkeypatch):
+    """A user's trial: `--judge classifier:foo:bar` read 'foo:bar' as a model and advised `--model default`."""
+    from safety_patch.judges import check_judge_spec
+    from safety_patch.judges.classifier import ClassifierJudge
+
+    with pytest.raises(SafetyPatchError, match="'foo' is not a classifier format; .*FORMAT harmbench or llamaguard"):
+        check_judge_spec("classifier:foo:bar")
+    odd = tmp_path / "a:b"  # a local folder whose name holds a colon is a model, not a format
+    odd.mkdir()
+    assert check_judge_spec(f"classifier:{odd}") == ("classifier", str(odd))
+    assert check_judge_spec("classifier:harmbench:org/name") == ("classifier", "harmbench:org/name")
+    from huggingface_hub import constants
+
+    import safety_patch.models as models
+
+    monkeypatch.setattr(models, "hub_unreachable", lambda timeout=5.0: "cannot reach hub.invalid (offline)")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(SafetyPatchError) as e:
+        ClassifierJudge("harmbench:org/name")
+    said = str(e.value)
+    assert said.startswith("--judge classifier:harmbench:org/name: ") and "cannot reach hub.invalid" in said
+    assert "--model default" not in said and "classifier:FORMAT:PATH" in said
 
 
 def test_a_user_files_own_categories_are_printed():

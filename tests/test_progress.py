@@ -51,7 +51,7 @@ def test_every_command_ends_with_one_summary_line_naming_what_it_wrote(tiny_dir,
 
 def test_the_summary_names_the_command_not_an_option_value_that_looks_like_one():
     """`train --data data` once ended with "[train data] ...": the option's value is a group's name."""
-    from safety_patch.cli import _command_name
+    from safety_patch.cli.runner import _command_name
 
     assert _command_name(["train", "--data", "data", "--out", "p"]) == "train"
     assert _command_name(["--threads", "1", "data", "build", "--out", "eval"]) == "data build"

@@ -7,6 +7,7 @@ with the in-process reference (`patches.attached` + `generation.generate`, which
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -489,6 +490,17 @@ def test_a_stop_signal_lets_answers_finish_then_cuts_them_as_the_servers_doing(w
 
 def test_stack_names_from_flags(world, tmp_path, capsys):
     assert parse_stacks([str(world["gated"])], ["both=a,b"]) == {"safety": [str(world["gated"])], "both": ["a", "b"]}
+    # a link is named as given, the name the patch's routes carry (a user's trial: the model was the
+    # link's target's name, the gate readings the link's), and a trailing slash or "." names the folder
+    from safety_patch.patches import read_patch
+
+    link = tmp_path / "patches" / "mine"
+    link.parent.mkdir()
+    link.symlink_to(world["gated"], target_is_directory=True)
+    assert parse_stacks([str(link)], None) == {"mine": [str(link)]} == {read_patch(link).name: [str(link)]}
+    assert list(parse_stacks([str(world["gated"]) + "/"], None)) == ["safety"]
+    with contextlib.chdir(world["gated"]):
+        assert list(parse_stacks(["."], None)) == ["safety"] == [read_patch(".").name]
     assert main(["serve", "--model", world["model"], "--stack", "base=" + str(world["gated"])]) == 2
     assert main(["serve", "--model", world["model"], "--stack", "nothing"]) == 2
     assert main(["serve", "--model", world["model"], "--patch", str(tmp_path / "missing")]) == 2

@@ -1,6 +1,6 @@
 """The grouped training config: its defaults are the default recipe, recipes are data files by
 role, YAML files are grouped, and the `train` command's flags, --set and --help come from the
-dataclass fields (train/config.py, train/api.py, cli.py)."""
+dataclass fields (train/config.py, train/api.py, cli/train.py)."""
 
 import json
 import re
@@ -265,7 +265,7 @@ def test_one_field_set_twice_is_refused(flags, says, tmp_path, capsys):
 
 def test_an_option_given_twice_is_refused_for_every_command_and_a_list_option_may_repeat():
     """Found by a user's trial: `train --rank 4 ... --rank 8` trained rank 8 without a word (click keeps the last)."""
-    from safety_patch.cli import _repeated_option
+    from safety_patch.cli.runner import _repeated_option
 
     assert _repeated_option(["data", "build", "--out", "a", "--out", "b"]) == \
         "--out is given twice; it takes one value: give it once"

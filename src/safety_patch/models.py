@@ -100,6 +100,10 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+OFFLINE_ADVICE = "use --model default or a local model folder"
+"""What a hub load that cannot be had offline advises (a caller loading for another flag says its own)."""
+
+
 def _looks_like_path(spec: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything rooted, deeper or ending in a slash is a path."""
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/") or "\\" in spec
@@ -298,26 +302,37 @@ def _load_pretrained(where: str, runtime: rt.Runtime, **kw):
     return model, tokenizer
 
 
-def _require_hub(repo_id: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not after minutes of retries, when the Hub cannot be reached."""
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached now, or None: its endpoint (``HF_ENDPOINT``) refuses
+    or does not answer a TCP connection within ``timeout`` seconds. A check of seconds, where the hub
+    libraries retry with backoff for about half a minute and log every try."""
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        raise SafetyPatchError(
-            f"{_not_local(repo_id)}not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; "
-            "use --model default or a local model folder"
-        )
     url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
     except OSError as e:
+        return f"cannot reach {url.hostname} ({e.strerror or e})"
+    return None
+
+
+def _require_hub(repo_id: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after minutes of retries, when the Hub cannot be reached."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
         raise SafetyPatchError(
-            f"{_not_local(repo_id)}cannot be downloaded: cannot reach {url.hostname} ({e.strerror or e}); offline, "
-            "use --model default or a local model folder"
-        ) from None
+            f"{_not_local(repo_id)}not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; "
+            f"{OFFLINE_ADVICE}"
+        )
+    why = hub_unreachable(timeout)
+    if why:
+        raise SafetyPatchError(
+            f"{_not_local(repo_id)}cannot be downloaded: {why}; offline, {OFFLINE_ADVICE}"
+        )
 
 
 def resolve_checkpoint(spec: str) -> tuple[str, str]:
@@ -406,8 +421,7 @@ def load_model(spec: str = "default", device: str | None = "auto", dtype: str | 
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SafetyPatchError(
-                f"could not load {where!r} from the Hugging Face Hub ({first}); offline, use --model default "
-                "or a local model folder"
+                f"could not load {where!r} from the Hugging Face Hub ({first}); offline, {OFFLINE_ADVICE}"
             ) from None
         snapshot = _hub_snapshot(where)  # every load hashed every weight again: ~20 s at 8B
         fp = _fingerprint_cached(model, tokenizer, snapshot, runtime) if snapshot else fingerprint(model, tokenizer)

@@ -70,7 +70,7 @@ class Patch:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return folder_name(self.path)
 
     @property
     def gated(self) -> bool:
@@ -198,6 +198,15 @@ def check_weight_tensors(folder: Path, fmt: str, rank: int | None = None, rank_p
     for kind in ("B", "A"):
         if not nonzero[kind]:
             raise _file_error(path, f"every lora_{kind} tensor is zero: the adapter changes nothing (trained with lr 0?)")
+
+
+def folder_name(path: str | Path) -> str:
+    """The name a patch folder goes by (routes, ``serve``'s model names, records): the last part of
+    the path as given, made absolute without resolving links, so ``patches/safety`` is ``safety`` even
+    where it links to ``runs/p``, ``runs/p/`` is ``p`` and ``.`` names the current folder."""
+    import os
+
+    return Path(os.path.abspath(path)).name
 
 
 def read_patch(path: str | Path, check_hashes: bool = True) -> Patch:

@@ -274,6 +274,10 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
           overwrite: bool = False) -> dict:
     out = Path(out)
     cfg.validate()  # API callers build DataConfig directly, past config.load's check
+    if cfg.self_instruct and not cfg.distill:  # a setting that does nothing is said, not dropped (a user's trial)
+        print(f"[data] note: self_instruct {cfg.self_instruct} writes nothing without distill (the base model writes "
+              "and answers them as part of the distillation): no selfinstruct.jsonl; the default recipe's gate "
+              "takes them as negatives (train --gate-self-instruct 0 fits it without)", file=sys.stderr, flush=True)
     from ..outputs import check_out_dir
 
     # before any work: a file, an unwritable place, or a non-empty folder that is not ours

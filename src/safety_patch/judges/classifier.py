@@ -73,7 +73,13 @@ class ClassifierJudge(Judge):
         fmt, _, rest = spec.partition(":")
         fmt, model = (fmt, rest) if fmt in FORMATS and rest else (None, spec)
         self.name = f"classifier:{spec}"
-        self.lm = load_model(model, device=device)
+        try:
+            self.lm = load_model(model, device=device)
+        except SafetyPatchError as e:  # said of --judge, the flag given, not of --model
+            from ..models import OFFLINE_ADVICE
+
+            raise SafetyPatchError(f"--judge classifier:{spec}: " + str(e).replace(
+                OFFLINE_ADVICE, "give a local classifier folder (classifier:FORMAT:PATH)")) from None
         self.kind = fmt or detect_format(self.lm.tokenizer)
         if self.kind is None:
             raise SafetyPatchError(f"judge classifier:{model}: cannot tell its prompt format from the model's files; "

@@ -633,8 +633,9 @@ def build_embedded(model: str, stacks: dict[str, list[str]], device: str = "auto
 
 
 def parse_stacks(patches: list[str] | None, stacks: list[str] | None) -> dict[str, list[str]]:
-    """Model names for ``--patch P`` (the folder's name) and ``--stack NAME=P1,P2``; raises SafetyPatchError."""
-    from pathlib import Path
+    """Model names for ``--patch P`` (the folder's name as given, links not followed:
+    ``patches.folder_name``, the name its routes carry) and ``--stack NAME=P1,P2``; raises SafetyPatchError."""
+    from ..patches import folder_name
 
     out: dict[str, list[str]] = {}
 
@@ -645,7 +646,7 @@ def parse_stacks(patches: list[str] | None, stacks: list[str] | None) -> dict[st
         out[name] = paths
 
     for p in patches or []:
-        add(Path(str(p)).resolve().name, [str(p)], f"--patch {p}")
+        add(folder_name(str(p)), [str(p)], f"--patch {p}")
     for s in stacks or []:
         name, sep, rest = s.partition("=")
         paths = [x for x in rest.split(",") if x.strip()]

@@ -8,6 +8,19 @@ from ..refusals import unified_category
 
 
 def _load(repo: str, split: str, config: str | None = None):
+    """The dataset's split through ``datasets``; SafetyPatchError in one line when it cannot be had.
+    Where the Hub cannot be reached (and ``HF_HUB_OFFLINE`` is not set, which makes ``datasets`` read
+    its cache alone), that is said in seconds, instead of after ~30 s of logged retries."""
+    from huggingface_hub import constants
+
+    from ...models import hub_unreachable
+
+    why = None if constants.HF_HUB_OFFLINE else hub_unreachable()
+    if why:
+        raise SafetyPatchError(
+            f"could not fetch dataset {repo!r} from the Hugging Face Hub: {why}; offline, use the default sources "
+            "or file:PATH (a dataset already in the Hugging Face cache loads with HF_HUB_OFFLINE=1)"
+        )
     try:
         import datasets
 
