@@ -39,9 +39,6 @@ GATE_JSON = "gate.json"
 GATE_KIND = "safety-patch/gate"
 
 
-# ----------------------------------------------------------------------------- the gate folder
-
-
 class GateManifest(_Strict):
     """``gate.json``: what the tooling acts on is required and strictly typed; the rest is descriptive."""
 

@@ -1,6 +1,7 @@
-"""A gate's discrimination, as numbers with n and a 95% interval: AUROC (Mann-Whitney, with the
-Hanley-McNeil interval in ``evaluation.stats``), true-positive rate at 1% and 5% false-positive
-rate, the rates at a threshold, and the threshold that gives a target false-positive rate."""
+"""A gate's discrimination, as numbers with n and a 95% interval: AUROC (Mann-Whitney, with
+Newcombe's score interval, ``evaluation.stats.auroc_interval``), true-positive rate at 1% and 5%
+false-positive rate, the rates at a threshold, and the threshold that gives a target
+false-positive rate."""
 
 from __future__ import annotations
 
@@ -23,9 +24,6 @@ def attack_report(scores: dict[str, dict[str, torch.Tensor]], threshold: float) 
                 "fired_on_benign": proportion(int((s["benign"] > threshold).sum()), len(s["benign"])),
                 "auroc": _auroc_ci(s["harmful"].tolist(), s["benign"].tolist())}
             for a, s in scores.items()}
-
-
-# ----------------------------------------------------------------------------- metrics
 
 
 def threshold_at_fpr(negatives: torch.Tensor, fpr: float) -> float:

@@ -1,8 +1,9 @@
 """The prompts a gate is fit on and measured with, from a data folder: the train split's harmful
 requests (direct and inside jailbreak templates) against benign ones (general, borderline, the
-same templates wrapped around safe requests), the hand-written sources and look-alikes (less any
-near a validation/test prompt), and the held-out validation/test sets, rule attacks and
-per-source requests the reports score. Template families name which jailbreak a prompt wears."""
+base model's self-written requests, the same templates wrapped around safe requests), the
+hand-written sources and look-alikes (less any near a validation/test prompt), and the held-out
+validation/test sets, rule attacks and per-source requests the reports score. Template families
+name which jailbreak a prompt wears."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from .. import textsim
 from ..errors import SafetyPatchError
 from .config import GateFitConfig
 from .phrasings import reask, rephrase
-
-# ----------------------------------------------------------------------------- prompts
 
 
 def _prompt_of(row: dict, where: str) -> list[dict]:
