@@ -30,10 +30,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         raise SafetyPatchError(f"{where}: cannot use {value!r} as {typ}")
     if origin in (tuple, list):
         if isinstance(value, str):  # "a, b" is ["a", "b"]; "" none; "a,,b" or "a," a slip, not two or one values
-            value = [v.strip() for v in value.split(",")] if value.strip() else []
-            if "" in value:
-                raise SafetyPatchError(f"{where}: {', '.join(value)!r} has an empty item (two commas, or one at an "
-                                       "end); give comma-separated values")
+            items = [v.strip() for v in value.split(",")] if value.strip() else []
+            if "" in items:
+                raise SafetyPatchError(f"{where}: {value!r} has an empty item (two commas, or one at an end); give "
+                                       "comma-separated values")
+            value = items
         if not isinstance(value, (list, tuple)):
             raise SafetyPatchError(f"{where}: expected a list, got {value!r}")
         inner = args[0] if args else str

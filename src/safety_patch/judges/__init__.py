@@ -78,7 +78,7 @@ def check_judge_spec(spec: str) -> tuple[str, str]:
         raise SafetyPatchError(f"judge {kind!r} takes no argument (got {spec!r})")
     if kind == "classifier" and arg.partition(":")[0] in ("harmbench", "llamaguard") and not arg.partition(":")[2]:
         raise SafetyPatchError(f"judge {spec!r} needs a model: {spec.rstrip(':')}:MODEL")
-    fmt, colon, model = arg.partition(":")
+    fmt, colon, _ = arg.partition(":")
     if kind == "classifier" and colon and fmt not in ("harmbench", "llamaguard") and not Path(arg).exists():
         raise SafetyPatchError(f"judge {spec!r}: {fmt!r} is not a classifier format; classifier:MODEL, or "
                                f"classifier:FORMAT:MODEL with FORMAT harmbench or llamaguard")
