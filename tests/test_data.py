@@ -696,5 +696,14 @@ def test_an_empty_item_in_a_list_is_refused_and_a_self_instruct_without_distill_
     build(tmp_path / "d", DataConfig(sources=("harmbench",), max_per_source=30, distill=False, self_instruct=5))
     assert "self_instruct 5 writes nothing without distill" in capsys.readouterr().err
     assert not (tmp_path / "d" / "selfinstruct.jsonl").exists()
-    build(tmp_path / "e", DataConfig(sources=("harmbench",), max_per_source=30, distill=False, self_instruct=0))
-    assert "self_instruct" not in capsys.readouterr().err
+    for quiet in (0, DataConfig.self_instruct):  # none asked, or the default, whose absence docs/data.md states
+        build(tmp_path / f"e{quiet}", DataConfig(sources=("harmbench",), max_per_source=30, distill=False,
+                                                 self_instruct=quiet))
+        assert "self_instruct" not in capsys.readouterr().err
+    # an empty item in a YAML list is named at its file and line, before any source loads
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text('seed: 1\nsources: [harmbench, "", donotanswer]\n')
+    assert main(["data", "build", "--out", str(tmp_path / "f"), "--config", str(cfg), "--no-distill"]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:2: field 'sources': item 2 of ['harmbench', '', 'donotanswer'] is empty" in err
+    assert "dropped" not in err and not (tmp_path / "f").exists()

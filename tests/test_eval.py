@@ -257,7 +257,7 @@ def test_classifier_judge_offline_is_one_clear_error(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SafetyPatchError, match="^--judge classifier:meta-llama/Llama-Guard-3-1B: .*HF_HUB_OFFLINE is set; "
+    with pytest.raises(SafetyPatchError, match="^judge 'classifier:meta-llama/Llama-Guard-3-1B': .*HF_HUB_OFFLINE is set; "
                                                r"give a local classifier folder \(classifier:FORMAT:PATH\)$"):
         get_judge("classifier:meta-llama/Llama-Guard-3-1B")
 
@@ -591,6 +591,9 @@ def test_a_classifier_judge_spec_is_named_as_the_judge_flag(tmp_path, monkeypatc
     odd.mkdir()
     assert check_judge_spec(f"classifier:{odd}") == ("classifier", str(odd))
     assert check_judge_spec("classifier:harmbench:org/name") == ("classifier", "harmbench:org/name")
+    for missing in ("./nope", f"harmbench:{tmp_path}/nope", "llamaguard:~/nope-x/"):  # before any model loads
+        with pytest.raises(SafetyPatchError, match=f"judge 'classifier:{re.escape(missing)}': no classifier model at "):
+            check_judge_spec(f"classifier:{missing}")
     from huggingface_hub import constants
 
     import safety_patch.models as models
@@ -600,7 +603,7 @@ def test_a_classifier_judge_spec_is_named_as_the_judge_flag(tmp_path, monkeypatc
     with pytest.raises(SafetyPatchError) as e:
         ClassifierJudge("harmbench:org/name")
     said = str(e.value)
-    assert said.startswith("--judge classifier:harmbench:org/name: ") and "cannot reach hub.invalid" in said
+    assert said.startswith("judge 'classifier:harmbench:org/name': ") and "cannot reach hub.invalid" in said
     assert "--model default" not in said and "classifier:FORMAT:PATH" in said
 
 

@@ -39,6 +39,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise SafetyPatchError(f"{where}: expected a list, got {value!r}")
         inner = args[0] if args else str
         seq = [_coerce(v, inner, where) for v in value]
+        if inner is str and any(not v.strip() for v in seq):  # [a, "", b]: a slip, later an unknown name ''
+            raise SafetyPatchError(f"{where}: item {[v.strip() for v in seq].index('') + 1} of {list(value)!r} is empty")
         return tuple(seq) if origin is tuple else seq
     if typ is bool:
         if isinstance(value, bool):

@@ -274,7 +274,8 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
           overwrite: bool = False) -> dict:
     out = Path(out)
     cfg.validate()  # API callers build DataConfig directly, past config.load's check
-    if cfg.self_instruct and not cfg.distill:  # a setting that does nothing is said, not dropped (a user's trial)
+    if cfg.self_instruct not in (0, DataConfig.self_instruct) and not cfg.distill:  # a value set that does nothing is
+        # said, not dropped (a user's trial); the default's absence under --no-distill is documented, not noted each time
         print(f"[data] note: self_instruct {cfg.self_instruct} writes nothing without distill (the base model writes "
               "and answers them as part of the distillation): no selfinstruct.jsonl; the default recipe's gate "
               "takes them as negatives (train --gate-self-instruct 0 fits it without)", file=sys.stderr, flush=True)

@@ -82,6 +82,12 @@ def check_judge_spec(spec: str) -> tuple[str, str]:
     if kind == "classifier" and colon and fmt not in ("harmbench", "llamaguard") and not Path(arg).exists():
         raise SafetyPatchError(f"judge {spec!r}: {fmt!r} is not a classifier format; classifier:MODEL, or "
                                f"classifier:FORMAT:MODEL with FORMAT harmbench or llamaguard")
+    if kind == "classifier" and arg:  # a missing local folder, before the (maybe large) evaluated model loads
+        from ..models import _looks_like_path
+
+        path = arg.partition(":")[2] if fmt in ("harmbench", "llamaguard") else arg
+        if _looks_like_path(path) and not Path(path).expanduser().exists():
+            raise SafetyPatchError(f"judge {spec!r}: no classifier model at {path} (nothing at {Path(path).expanduser().resolve()})")
     if kind not in ("refusal", "substance", "keyword") and not arg:
         raise SafetyPatchError(f"judge {kind!r} needs an argument: {kind}:{'MODEL' if kind == 'classifier' else 'URL'}")
     if kind == "api":  # before any answer is generated, not after retries with back-off

@@ -75,10 +75,10 @@ class ClassifierJudge(Judge):
         self.name = f"classifier:{spec}"
         try:
             self.lm = load_model(model, device=device)
-        except SafetyPatchError as e:  # said of --judge, the flag given, not of --model
+        except SafetyPatchError as e:  # said of the judge (--judge), not of --model
             from ..models import OFFLINE_ADVICE
 
-            raise SafetyPatchError(f"--judge classifier:{spec}: " + str(e).replace(
+            raise SafetyPatchError(f"judge 'classifier:{spec}': " + str(e).replace(
                 OFFLINE_ADVICE, "give a local classifier folder (classifier:FORMAT:PATH)")) from None
         self.kind = fmt or detect_format(self.lm.tokenizer)
         if self.kind is None:
