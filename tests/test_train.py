@@ -275,7 +275,9 @@ def test_two_process_ddp_matches_single_process(data_dir, tiny_dir, tmp_path, an
            "--main_process_port", port,
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "safety_patch.cli", "train", *common,
            "--batch-size", "4", "--anchor-batch-size", "4", "--config", str(yaml), "--out", str(tmp_path / "two")]
-    r = _run_or_dump(ddp, env, timeout=300)
+    scratch = tmp_path / "tmp"  # torchrun's agent writes a torchelastic_* folder to the temp dir and leaves it there
+    scratch.mkdir()
+    r = _run_or_dump(ddp, dict(env, TMPDIR=str(scratch)), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((tmp_path / "two" / "patch.json").read_text())
     assert meta["training"]["world_size"] == 2
