@@ -587,6 +587,8 @@ def test_a_classifier_judge_spec_is_named_as_the_judge_flag(tmp_path, monkeypatc
 
     with pytest.raises(SafetyPatchError, match="'foo' is not a classifier format; .*FORMAT harmbench or llamaguard"):
         check_judge_spec("classifier:foo:bar")
+    with pytest.raises(SafetyPatchError, match=r"needs a model: classifier:harmbench:MODEL$"):
+        check_judge_spec("classifier:harmbench:")
     odd = tmp_path / "a:b"  # a local folder whose name holds a colon is a model, not a format
     odd.mkdir()
     assert check_judge_spec(f"classifier:{odd}") == ("classifier", str(odd))

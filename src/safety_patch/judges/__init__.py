@@ -76,18 +76,20 @@ def check_judge_spec(spec: str) -> tuple[str, str]:
         raise SafetyPatchError(f"unknown judge {spec!r}; valid: refusal, substance, keyword, classifier:MODEL, api:URL")
     if kind in ("refusal", "substance", "keyword") and arg:
         raise SafetyPatchError(f"judge {kind!r} takes no argument (got {spec!r})")
-    if kind == "classifier" and arg.partition(":")[0] in ("harmbench", "llamaguard") and not arg.partition(":")[2]:
-        raise SafetyPatchError(f"judge {spec!r} needs a model: {spec.rstrip(':')}:MODEL")
-    fmt, colon, _ = arg.partition(":")
-    if kind == "classifier" and colon and fmt not in ("harmbench", "llamaguard") and not Path(arg).exists():
-        raise SafetyPatchError(f"judge {spec!r}: {fmt!r} is not a classifier format; classifier:MODEL, or "
-                               f"classifier:FORMAT:MODEL with FORMAT harmbench or llamaguard")
-    if kind == "classifier" and arg:  # a missing local folder, before the (maybe large) evaluated model loads
+    if kind == "classifier" and arg:  # what the judge would refuse, before the (maybe large) evaluated model loads
         from ..models import _looks_like_path
+        from .classifier import FORMATS, split_spec
 
-        path = arg.partition(":")[2] if fmt in ("harmbench", "llamaguard") else arg
-        if _looks_like_path(path) and not Path(path).expanduser().exists():
-            raise SafetyPatchError(f"judge {spec!r}: no classifier model at {path} (nothing at {Path(path).expanduser().resolve()})")
+        head, colon, rest = arg.partition(":")
+        if head in FORMATS and not rest:
+            raise SafetyPatchError(f"judge {spec!r} needs a model: {spec.rstrip(':')}:MODEL")
+        fmt, model = split_spec(arg)
+        if fmt is None and colon and not Path(arg).exists():
+            raise SafetyPatchError(f"judge {spec!r}: {head!r} is not a classifier format; classifier:MODEL, or "
+                                   f"classifier:FORMAT:MODEL with FORMAT {' or '.join(FORMATS)}")
+        if _looks_like_path(model) and not Path(model).expanduser().exists():
+            raise SafetyPatchError(f"judge {spec!r}: no classifier model at {model} (nothing at "
+                                   f"{Path(model).expanduser().resolve()})")
     if kind not in ("refusal", "substance", "keyword") and not arg:
         raise SafetyPatchError(f"judge {kind!r} needs an argument: {kind}:{'MODEL' if kind == 'classifier' else 'URL'}")
     if kind == "api":  # before any answer is generated, not after retries with back-off

@@ -47,6 +47,13 @@ Answer: [/INST]'''
 FORMATS = ("harmbench", "llamaguard")
 
 
+def split_spec(spec: str) -> tuple[str | None, str]:
+    """``FORMAT:MODEL`` -> (FORMAT, MODEL) where FORMAT is one of ``FORMATS`` and MODEL is given;
+    anything else is (None, spec): a model whose format is read from its files."""
+    fmt, _, rest = spec.partition(":")
+    return (fmt, rest) if fmt in FORMATS and rest else (None, spec)
+
+
 def _template_reads_parts(template: str) -> bool:
     """Does a chat template read content as a list of typed parts (``content['text']``)?"""
     return "['text']" in template or '["text"]' in template or ".text" in template
@@ -70,8 +77,7 @@ class ClassifierJudge(Judge):
         from ..errors import SafetyPatchError
         from ..models import load_model
 
-        fmt, _, rest = spec.partition(":")
-        fmt, model = (fmt, rest) if fmt in FORMATS and rest else (None, spec)
+        fmt, model = split_spec(spec)
         self.name = f"classifier:{spec}"
         try:
             self.lm = load_model(model, device=device)
