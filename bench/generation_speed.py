@@ -18,8 +18,14 @@ many rows (:func:`linear_bound`), the ceiling for an engine that computes the sa
 Decoders (``--decoders``): ``pruned`` is ``generation.greedy``, the product's greedy path, which
 drops a row from the batch once it has stopped; ``hf`` is transformers' ``generate`` on the same
 batches (the path before it, which computes every row until the whole batch has stopped), run by
-swapping ``generation.greedy`` for a call of ``generate`` in this process. Each ``hf`` row is
-compared with the ``pruned`` row of the same dtype and batch (identical answers, share). With
+swapping ``generation.greedy`` for a call of ``generate`` in this process; ``hf-static-compiled``
+is ``generate`` with transformers' static KV cache and the model's forward compiled by
+``torch.compile`` (inductor, static shapes), the "static KV cache with compilation" issue 24
+names (its first call of each batch shape compiles: time each with ``--repeats 2`` or more).
+``unshared`` is the product's decoder with every prompt read whole (``generation.prefill``
+before it read a batch's shared prefix once: the system turn of the chat template, a shared
+jailbreak opening). Each row of another decoder is compared with the ``pruned`` row of the same
+dtype and batch (identical answers, share). With
 ``--data`` and ``--patch`` a second workload is timed: the folder's validation harmful prompts
 (direct and wrapped, the first ``--eval-prompts``) through that patch as ``eval safety`` routes
 them (a gated patch: per prompt), ``max_new_tokens`` 96 as ``EvalConfig``: answers of mixed
@@ -98,6 +104,8 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each (workload, batch) this many times, the decoders interleaved; rows keep the fastest")
+    ap.add_argument("--name", default="generation_speed",
+                    help="results file name under bench/results/ (default: the recorded generation_speed.json)")
     args = ap.parse_args()
     if (args.data is None) != (args.patch is None):
         ap.error("--data and --patch go together")
@@ -111,6 +119,7 @@ def main() -> None:
     peak16 = matmul_peak(torch.bfloat16)
     rows, outs, skipped, rows_by, bounds = [], {}, {}, {}, {}
     steps: list[int] = []  # rows x decoding steps each call computed (finished rows included)
+    compiled: dict[int, object] = {}  # id(model) -> its compiled forward (hf-static-compiled)
 
     @contextlib.contextmanager
     def decoder(name: str):
@@ -125,8 +134,9 @@ def main() -> None:
             steps.append(sum(len(t) for t in new))
             return new
 
-        def hf(module, ids, mask, max_new_tokens, eos_ids, adapter_names=None):
-            extra = {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
+        def hf(module, ids, mask, max_new_tokens, eos_ids, adapter_names=None, **extra):
+            if adapter_names is not None:
+                extra["adapter_names"] = list(adapter_names)
             pad = next(iter(eos_ids))
             gen = module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
                                   do_sample=False, temperature=None, top_p=None, top_k=None, **extra)[:, ids.shape[1]:]
@@ -137,13 +147,31 @@ def main() -> None:
                 out.append(row if stop is None else row[: stop + 1])
             return out
 
-        if name not in ("pruned", "hf"):
-            raise SystemExit(f"--decoders: unknown decoder {name!r} (pruned, hf)")
-        generation.greedy = counted if name == "pruned" else hf
+        def hf_static_compiled(module, ids, mask, max_new_tokens, eos_ids, adapter_names=None):
+            # transformers' static KV cache with the forward compiled by torch.compile (inductor,
+            # static shapes: one graph per batch shape), the path the issue names; the first call
+            # of each shape pays the compilation, which the row's seconds_each shows
+            if id(module) not in compiled:
+                compiled[id(module)] = torch.compile(module.forward, dynamic=False)
+            eager = module.forward
+            module.forward = compiled[id(module)]
+            try:
+                return hf(module, ids, mask, max_new_tokens, eos_ids, adapter_names, cache_implementation="static")
+            finally:
+                module.forward = eager
+
+        decoders = {"pruned": counted, "unshared": counted, "hf": hf, "hf-static-compiled": hf_static_compiled}
+        if name not in decoders:
+            raise SystemExit(f"--decoders: unknown decoder {name!r} ({', '.join(decoders)})")
+        generation.greedy = decoders[name]
+        shared_min = generation.SHARED_PREFIX_MIN
+        if name == "unshared":  # the prompt pass before the shared prefix was read once per batch
+            generation.SHARED_PREFIX_MIN = 1 << 30
         try:
             yield
         finally:
             generation.greedy = product
+            generation.SHARED_PREFIX_MIN = shared_min
     peaks = {"float32": peak32, "bfloat16": peak16}
     for dt in args.dtypes.split(","):
         if dt != "float32" and peaks.get(dt, peak32) < 0.25 * peak32:
@@ -226,7 +254,7 @@ def main() -> None:
                        "same_answer_as_pruned_pct", "same_answer_as_b8_pct"])
     print(f"fp32 matmul peak {peak32:.1f} GFLOP/s, bf16 {peak16:.1f} GFLOP/s; 2N limit at the fp32 peak "
           f"{peak32 * 1e9 / (2 * 134.5e6):.0f} tokens/s; threads {threads}")
-    write("generation_speed", {"prompts": len(convs), "max_new_tokens": args.max_new_tokens, "threads": threads,
+    write(args.name, {"prompts": len(convs), "max_new_tokens": args.max_new_tokens, "threads": threads,
                                "matmul_peak_gflops": {"float32": round(peak32, 1), "bfloat16": round(peak16, 1)},
                                "cpu_flags": cpu_flags(), "skipped": skipped, "linear_only_bound": bounds, "rows": rows}, run=(ap, args))
 

@@ -209,23 +209,32 @@ def test_greedy_drops_stopped_rows_and_equals_generate_token_for_token():
     model, tok = _lively()
     prompts = _ids(tok)
     ours, ref, shapes, eos = _greedy_and_generate(model, tok, prompts, 12)
-    widths = [r for r, _ in shapes]
+    widths = [r for r, w in shapes if w == 1]  # the decode steps (the prompt pass reads more than one position)
     assert ours == ref
     stopped = [r for r in ref if r[-1] == eos and len(r) < 12]
     assert stopped and len(stopped) < len(ref)  # some rows stop early, some run on
     assert widths[0] == len(prompts) and min(widths) < len(prompts)  # stopped rows left the batch
-    assert sum(widths[1:]) == sum(len(r) for r in ours) - len(ours)  # each row costs its own length, no more
+    assert sum(widths) == sum(len(r) for r in ours) - len(ours)  # each row costs its own length, no more
 
 
+@pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("long_prompts", [False, True])
-def test_greedy_keeps_each_rows_adapter_as_rows_leave_a_mixed_batch(tmp_path, long_prompts):
-    from safety_patch.generation import greedy
+def test_greedy_keeps_each_rows_adapter_as_rows_leave_a_mixed_batch(tmp_path, monkeypatch, long_prompts, share):
+    """Rows routed to the adapter and to the base share a batch, keep their adapter as rows leave it,
+    and answer as generate does; with ``share`` the prompts' common start (the chat template's
+    system turn) is read once per adapter, in a pass of one row, before each row's own tokens."""
+    from safety_patch import generation
+    from safety_patch.generation import SHARED_PREFIX_MIN, greedy, shared_prefix_length
 
+    if not share:
+        monkeypatch.setattr(generation, "SHARED_PREFIX_MIN", 1 << 30)
     model, tok = _lively()
     p, _ = _gated_patch(model, tok, tmp_path / "g")
     # with long prompts too, the prompt pass splits into groups (generation.prefill)
     prompts = (_mixed_lengths(tok) if long_prompts else []) + _ids(tok)
     ids, mask = left_padded(prompts, tok.pad_token_id)
+    shared = shared_prefix_length(ids, mask)
+    assert shared >= SHARED_PREFIX_MIN  # the tiny template's system turn
     with attached(model, [p], "fp") as pm:
         names = pm.adapter_names(pm.routes(tok, prompts))
         if long_prompts:
@@ -234,10 +243,61 @@ def test_greedy_keeps_each_rows_adapter_as_rows_leave_a_mixed_batch(tmp_path, lo
         with pm.mixed() as m, torch.no_grad():
             free = _hf_greedy(m, ids, mask, 10, [len(tok) + 7], adapter_names=names)
             eos = _stop_token(free)
-            ours = greedy(m, ids, mask, 10, {eos}, names)
+            passes: list[tuple[tuple[int, int], list[str]]] = []
+            h = m.register_forward_pre_hook(  # the module greedy calls, adapter names and all
+                lambda _m, _a, kw: passes.append((tuple(kw["input_ids"].shape), list(kw.get("adapter_names") or []))),
+                with_kwargs=True)
+            try:
+                ours = greedy(m, ids, mask, 10, {eos}, names)
+            finally:
+                h.remove()
             ref = _hf_greedy(m, ids, mask, 10, [eos], adapter_names=names)
     assert ours == ref
     assert any(r[-1] == eos and len(r) < 10 for r in ref)
+    prompt_passes = [shape for shape, _ in passes if shape[1] > 1]
+    if share:  # the prefix once under each adapter, then every row once with its own tokens only
+        assert passes[:2] == [((1, shared), [n]) for n in dict.fromkeys(names)]
+        assert sum(r for r, _ in prompt_passes[2:]) == len(prompts)
+        assert max(w for _, w in prompt_passes[2:]) == ids.shape[1] - shared
+    else:
+        assert sum(r for r, _ in prompt_passes) == len(prompts)
+
+
+@given(st.lists(st.integers(1, 5), min_size=0, max_size=6),
+       st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=6), min_size=1, max_size=5))
+@settings(max_examples=200, deadline=None)
+def test_shared_prefix_length_is_the_rows_common_start_less_one_own_token(head, tails):
+    """Every row's tokens start with the returned count in common; one more would be a token some
+    row differs in, or leave a row without a token of its own (its last logits start decoding)."""
+    from safety_patch.generation import shared_prefix_length
+
+    rows = [head + t for t in tails]
+    ids, mask = left_padded(rows, 0)
+    k = shared_prefix_length(ids, mask)
+    if len(rows) < 2:
+        assert k == 0
+        return
+    assert all(r[:k] == rows[0][:k] for r in rows) and all(len(r) > k for r in rows)
+    assert k + 1 >= min(len(r) for r in rows) or len({tuple(r[: k + 1]) for r in rows}) > 1
+
+
+def test_a_shared_prefix_is_read_once_and_answers_equal_generate_token_for_token():
+    """Prompts that all start with one system turn: the prompt pass reads those tokens once, in a
+    pass of one row, then each row's own tokens in length groups after them; the answers are
+    generate's (one padded pass over every token), token for token."""
+    from safety_patch.generation import SHARED_PREFIX_MIN, shared_prefix_length
+
+    model, tok = _lively()
+    prompts = _mixed_lengths(tok)
+    ids, mask = left_padded(prompts, tok.pad_token_id)
+    shared = shared_prefix_length(ids, mask)
+    assert shared >= SHARED_PREFIX_MIN
+    ours, ref, shapes, _ = _greedy_and_generate(model, tok, prompts, 12)
+    assert ours == ref
+    prompt_passes = [s for s in shapes if s[1] > 1]
+    assert prompt_passes[0] == (1, shared)
+    assert sum(r for r, _ in prompt_passes[1:]) == len(prompts)  # each row once, after the prefix
+    assert sum(r * w for r, w in prompt_passes) < sum(len(q) for q in prompts)  # fewer positions than its tokens
 
 
 def test_greedy_per_row_budgets_cancel_and_stream_as_generate_would():
@@ -334,12 +394,15 @@ def _mixed_lengths(tok, n_long: int = 3, n_short: int = 5):
     return long + short
 
 
-def test_grouped_prompt_pass_equals_generate_token_for_token():
+def test_grouped_prompt_pass_equals_generate_token_for_token(monkeypatch):
     """A batch of long and short prompts is prefilled in groups as wide as each group's longest
     prompt and decoded from one cache grown in place: the answers are generate's, token for token,
-    and the prompt pass computed fewer positions than one padded pass would."""
+    and the prompt pass computed fewer positions than one padded pass would (the shared system
+    turn read with every row here: the test above reads it once)."""
+    from safety_patch import generation
     from safety_patch.generation import length_groups
 
+    monkeypatch.setattr(generation, "SHARED_PREFIX_MIN", 1 << 30)
     model, tok = _lively()
     prompts = _mixed_lengths(tok)
     ids, _ = left_padded(prompts, tok.pad_token_id)
@@ -364,7 +427,7 @@ def test_growing_cache_past_its_room_and_sliding_window_models_equal_generate():
     pos = mask.long().cumsum(-1) - 1
     pos.masked_fill_(mask == 0, 1)
     with torch.no_grad():
-        cache, _ = prefill(model, ids, mask, pos, room=1)
+        cache, _, _ = prefill(model, ids, mask, pos, room=1)
         assert all(isinstance(layer, GrowingLayer) for layer in cache.layers)
         free = _hf_greedy(model, ids, mask, 9, [len(tok) + 7])
     assert greedy(model, ids, mask, 9, {len(tok) + 7}) == free  # 9 steps from a cache with room for 1
@@ -376,7 +439,7 @@ def test_growing_cache_past_its_room_and_sliding_window_models_equal_generate():
     with torch.no_grad():
         for q in mistral.parameters():
             q.mul_(20.0) if q.ndim > 1 else None
-        cache, _ = prefill(mistral, ids, mask, pos, room=4)
+        cache, _, _ = prefill(mistral, ids, mask, pos, room=4)
         assert not any(isinstance(layer, GrowingLayer) for layer in cache.layers)
         ref = _hf_greedy(mistral, ids, mask, 6, [len(tok) + 7])
     assert greedy(mistral, ids, mask, 6, {len(tok) + 7}) == ref

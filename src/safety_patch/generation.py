@@ -475,7 +475,7 @@ def _decode(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int |
     pos = mask.long().cumsum(-1) - 1
     pos.masked_fill_(mask == 0, 1)  # as generate's prepare_inputs_for_generation
     extra = {"adapter_names": names} if names is not None else {}
-    cache, logits = prefill(module, ids, mask, pos, names, room=max(budgets))
+    cache, logits, mask = prefill(module, ids, mask, pos, names, room=max(budgets))
     last = pos[:, -1:]
     while True:
         nxt = pick(logits, alive)
@@ -538,47 +538,83 @@ def length_groups(lengths: Sequence[int], max_rows: int, pass_cost: int = PREFIL
     return groups[::-1]
 
 
+SHARED_PREFIX_MIN = 16
+"""The fewest tokens every prompt of a batch must start with before :func:`prefill` reads them
+once for the batch: below that a pass of its own costs about what it saves (``PREFILL_PASS_COST``)."""
+
+
+def shared_prefix_length(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many tokens every row of a left-padded batch (``ids``/``mask`` [n, width]) starts with,
+    leaving each row at least one token of its own (the prompt pass needs each row's last logits).
+    The chat template's system turn (24 tokens on the embedded model) is such a prefix in every
+    batch; prompts in one jailbreak template share the template's opening too."""
+    lengths = mask.sum(-1).tolist()
+    width = ids.shape[1]
+    rows = [ids[r, width - n:] for r, n in enumerate(lengths)]
+    most = min(lengths) - 1
+    if most <= 0 or len(rows) < 2:
+        return 0
+    same = torch.stack([r[:most] for r in rows]).eq(rows[0][:most]).all(0)
+    return int(most if bool(same.all()) else int(same.long().argmin()))
+
+
 def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, adapter_names: Sequence[str] | None = None,
             room: int = 0):
     """The prompt pass of :func:`greedy`: (a ``DynamicCache`` holding every layer's keys and values
-    [n, kv heads, width, head dim], the last position's logits [n, vocab]).
+    [n, kv heads, width', head dim], the last position's logits [n, vocab], the attention mask
+    [n, width'] the decode steps extend).
 
     Rows of a left-padded batch whose lengths differ widely are passed in groups
     (:func:`length_groups`), each only as wide as its longest prompt, and their keys and values are
-    padded back to the batch's width on the left, where the attention mask hides them. The
-    decode steps then see the cache one padded pass would have left, up to float rounding.
-    Models whose cache has other than plain full-attention layers (sliding windows, linear
-    attention) take one pass. Raises SafetyPatchError where the model did not fill the cache it
-    was handed (a transformers that names the argument otherwise: decoding on would ignore the
-    prompt)."""
+    padded back to the batch's width on the left, where the attention mask hides them. Where every
+    row starts with the same ``SHARED_PREFIX_MIN`` or more tokens (:func:`shared_prefix_length`:
+    the chat template's system turn, a shared jailbreak opening), those are read once (one row per
+    adapter the batch routes to: an adapter changes the keys and values) and each row's own tokens
+    are passed after them: the cache then holds [prefix][padding][row's tokens], the returned mask
+    saying so (positions ``pos`` are unchanged), the layout vLLM's prefix caching reads. Either way
+    the decode steps see the keys and values one padded pass would have left, up to float rounding
+    (bench/generation_speed.py compares the answers with the unshared pass's: ``--decoders
+    pruned,unshared``). Models whose cache has other than plain full-attention layers (sliding
+    windows, linear attention) take one pass. Raises SafetyPatchError where the model did not fill
+    the cache it was handed (a transformers that names the argument otherwise: decoding on would
+    ignore the prompt)."""
     from transformers import DynamicCache
 
     from .errors import SafetyPatchError
 
     kv = cache_argument(module)
     n, width = ids.shape
-    lengths = mask.sum(-1).tolist()
-    groups = length_groups(lengths, n)
     cache = DynamicCache(config=module.config)
     plain = _plain(cache)
 
-    def one_pass(rows, cols, into):
-        extra = {"adapter_names": [adapter_names[r] for r in rows]} if adapter_names is not None else {}
+    def one_pass(rows, cols, into, inputs=None, names=None):
+        """Rows ``rows`` of the batch (or of ``inputs``: ids, mask, positions) from column ``cols`` on
+        into the cache ``into``; ``names``: their adapters where not the rows' own."""
+        ids_, mask_, pos_ = inputs if inputs is not None else (ids[:, cols:], mask[:, cols:], pos[:, cols:])
+        if names is None and adapter_names is not None:
+            names = [adapter_names[r] for r in rows]
+        extra = {"adapter_names": names} if names is not None else {}
         k = torch.tensor(rows, device=ids.device)
-        out = module(input_ids=ids[k, cols:], attention_mask=mask[k, cols:], position_ids=pos[k, cols:], use_cache=True,
+        before = into.get_seq_length()
+        out = module(input_ids=ids_[k], attention_mask=mask_[k], position_ids=pos_[k], use_cache=True,
                      logits_to_keep=1, **{kv: into}, **extra)
-        if into.get_seq_length() != width - cols:  # a transformers that ignored `cache=` would decode without context
+        if into.get_seq_length() != before + ids_.shape[1]:  # a transformers that ignored `cache=` would decode without context
             raise SafetyPatchError(f"generation: the model did not fill the KV cache it was given ({into.get_seq_length()} "
-                                   f"of {width - cols} positions, passed as `{kv}=`); this model's forward names it differently")
+                                   f"of {before + ids_.shape[1]} positions, passed as `{kv}=`); "
+                                   "this model's forward names it differently")
         return out.logits[:, -1, :]
 
     if not plain:
-        return cache, one_pass(list(range(n)), 0, cache)
+        return cache, one_pass(list(range(n)), 0, cache), mask
+    if (shared := shared_prefix_length(ids, mask)) >= SHARED_PREFIX_MIN:
+        return _prefill_shared(module, ids, mask, pos, adapter_names, room, shared, one_pass)
+    lengths = mask.sum(-1).tolist()
+    groups = length_groups(lengths, n)
     if len(groups) == 1:
         logits = one_pass(list(range(n)), 0, cache)
         for li, layer in enumerate(cache.layers):
             cache.layers[li] = _growing_layer()(layer.keys, layer.values, room)
-        return cache, logits
+        return cache, logits, mask
     keys: list[list] = [[None] * n for _ in cache.layers]
     values: list[list] = [[None] * n for _ in cache.layers]
     logits = [None] * n
@@ -594,7 +630,57 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
             logits[r] = got[j]
     for li in range(len(cache.layers)):
         cache.layers[li] = _growing_layer()(torch.stack(keys[li]), torch.stack(values[li]), room)
-    return cache, torch.stack(logits)
+    return cache, torch.stack(logits), mask
+
+
+def _prefill_shared(module, ids, mask, pos, adapter_names, room, shared, one_pass):
+    """:func:`prefill` for a batch whose rows all start with the same ``shared`` tokens: those read
+    once per adapter, then each row's own tokens in length groups after them."""
+    from transformers import DynamicCache
+
+    n, width = ids.shape
+    lengths = mask.sum(-1).tolist()
+    own = [length - shared for length in lengths]
+    wide = max(own)
+    # the batch laid out as [shared prefix][left padding][row's own tokens]; positions as before
+    tail_ids = ids.new_zeros(n, wide)  # a padding slot's id is never attended to
+    tail_mask = mask.new_zeros(n, wide)
+    for r in range(n):
+        tail_ids[r, wide - own[r]:] = ids[r, width - own[r]:]
+        tail_mask[r, wide - own[r]:] = 1
+    tail_pos = (tail_mask.cumsum(-1) - 1 + shared).masked_fill(tail_mask == 0, 1)
+    prefix = ids[:1, width - lengths[0]: width - lengths[0] + shared]
+    names = list(adapter_names) if adapter_names is not None else [None] * n
+    heads: dict = {}
+    for name in dict.fromkeys(names):  # one read of the prefix per adapter the batch routes to
+        head = DynamicCache(config=module.config)
+        one_pass([0], 0, head, (prefix, torch.ones_like(prefix, dtype=mask.dtype),
+                                torch.arange(shared, device=ids.device)[None]),
+                 names=None if adapter_names is None else [name])
+        heads[name] = [(layer.keys, layer.values) for layer in head.layers]
+    full_mask = torch.cat([mask.new_ones(n, shared), tail_mask], dim=-1)
+    keys: list[list] = [[None] * n for _ in heads[names[0]]]
+    values: list[list] = [[None] * n for _ in heads[names[0]]]
+    logits = [None] * n
+    for rows in length_groups(own, n):
+        w = max(own[r] for r in rows)
+        sub = DynamicCache(config=module.config)
+        for li, layer in enumerate(sub.layers):
+            layer.update(torch.cat([heads[names[r]][li][0] for r in rows]),
+                         torch.cat([heads[names[r]][li][1] for r in rows]))
+        seen = torch.cat([full_mask[:, :shared], tail_mask[:, wide - w:]], dim=-1)  # the cache's columns, then the pass's
+        got = one_pass(rows, 0, sub, (tail_ids[:, wide - w:], seen, tail_pos[:, wide - w:]))
+        for li, layer in enumerate(sub.layers):
+            k_, v_ = (torch.cat([t[:, :, :shared], t.new_zeros(*t.shape[:2], wide - w, t.shape[-1]), t[:, :, shared:]],
+                                dim=-2) for t in (layer.keys, layer.values))
+            for j, r in enumerate(rows):
+                keys[li][r], values[li][r] = k_[j], v_[j]
+        for j, r in enumerate(rows):
+            logits[r] = got[j]
+    cache = DynamicCache(config=module.config)
+    for li in range(len(cache.layers)):
+        cache.layers[li] = _growing_layer()(torch.stack(keys[li]), torch.stack(values[li]), room)
+    return cache, torch.stack(logits), full_mask
 
 
 def _plain(cache) -> bool:
