@@ -334,7 +334,7 @@ class _FakeRun:
 def test_tradeoff_figure_draws_every_estimate_with_its_interval_on_unzoomed_axes(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from safety_patch.report import tradeoff_figure
+    from safety_patch.report.figure import tradeoff_figure
 
     saved = []
     orig = matplotlib.figure.Figure.savefig

@@ -42,11 +42,11 @@ def test_wilson_contains_the_estimate(k, n):
 def test_one_value_has_no_bootstrap_interval_not_a_zero_width_one():
     """`eval capability` on one reference printed nll 1.4765 [1.4765, 1.4765] n=1: certainty from one value."""
     from safety_patch.evaluation.capability import table
-    from safety_patch.report import _num
+    from safety_patch.report.numbers import num
 
     one = bootstrap_mean([1.4765])
     assert one["value"] == 1.4765 and one["n"] == 1 and one["ci95"] == [None, None]
-    assert _num(one) == "1.4765 (no interval, n 1)"
+    assert num(one) == "1.4765 (no interval, n 1)"
     assert "1.4765 (no interval) n=1" in table({"config": {"tasks": ["nll"]}, "runs": {"base": {"nll": one}}})
     assert None not in bootstrap_mean([1.0, 2.0])["ci95"]
 

@@ -356,7 +356,8 @@ def test_extra_layers_by_depth_resolve_like_the_gate_layer_and_each_layer_is_rea
 
 
 def test_the_reproduce_report_names_every_gate_layer_and_the_raised_out_of_family_row():
-    from safety_patch.report import gate_blocks, to_markdown
+    from safety_patch.report.document import gate_blocks
+    from safety_patch.report.render import to_markdown
 
     def m(v, k=1, n=10):
         return {"value": v, "k": k, "n": n, "ci95": [0.0, 1.0], "interval": "wilson"}

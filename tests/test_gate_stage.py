@@ -817,7 +817,8 @@ def test_a_tpr_at_an_fpr_read_off_too_few_benign_prompts_says_so(n_neg, few_1, f
     """Under 1/FPR benign logits not one may fire: the figure is the TPR at 0% FPR, and the
     report and the printed table mark it rather than print it as the TPR at 1%."""
     from safety_patch.evaluation.stats import FEW_NEGATIVES, FEW_NEGATIVES_NOTE
-    from safety_patch.report import gate_blocks, to_markdown
+    from safety_patch.report.document import gate_blocks
+    from safety_patch.report.render import to_markdown
 
     neg = torch.linspace(-3.0, 1.0, n_neg)  # distinct logits, the largest +1.0
     pos = torch.tensor([0.5, 0.9, 1.5, 2.0])  # two above every benign logit

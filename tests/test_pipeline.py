@@ -304,21 +304,21 @@ def test_quick_arms_train_long_enough_to_move_and_default_arms_keep_the_recipes(
 def test_the_mixing_claims_evidence_says_where_loras_kl_interval_lies():
     """compare() says 'better' when LoRA's KL interval (lower is better) lies below the arm's: the
     evidence spells that out instead of '(better for LoRA)', which read either way."""
-    from safety_patch.report import _kl_side, compare
+    from safety_patch.report.numbers import compare, kl_side
 
     lo, hi, mid = {"ci95": [0.1, 0.2]}, {"ci95": [0.3, 0.4]}, {"ci95": [0.15, 0.35]}
-    assert _kl_side(compare(lo, hi)) == "LoRA's KL interval lies below this arm's"
-    assert _kl_side(compare(hi, lo)) == "LoRA's KL interval lies above this arm's"
-    assert _kl_side(compare(lo, mid)) == "the KL intervals overlap, or one is missing"
-    assert _kl_side(compare(lo, {"ci95": [None, None]})) == "the KL intervals overlap, or one is missing"
+    assert kl_side(compare(lo, hi)) == "LoRA's KL interval lies below this arm's"
+    assert kl_side(compare(hi, lo)) == "LoRA's KL interval lies above this arm's"
+    assert kl_side(compare(lo, mid)) == "the KL intervals overlap, or one is missing"
+    assert kl_side(compare(lo, {"ci95": [None, None]})) == "the KL intervals overlap, or one is missing"
 
 
 def test_a_small_mean_keeps_its_interval_visible():
     """Found by a user's trial: the gated arm's KL 3.3e-05 [2.4e-05, 4.2e-05] printed as 0.0000 [0.0000, 0.0000]."""
-    from safety_patch.report import _num
+    from safety_patch.report.numbers import num
 
-    assert _num({"value": 3.3e-05, "ci95": [2.4e-05, 4.2e-05]}) == "3.3e-05 [2.4e-05, 4.2e-05]"
-    assert _num({"value": 0.2184, "ci95": [0.1855, 0.249]}) == "0.2184 [0.1855, 0.2490]"
+    assert num({"value": 3.3e-05, "ci95": [2.4e-05, 4.2e-05]}) == "3.3e-05 [2.4e-05, 4.2e-05]"
+    assert num({"value": 0.2184, "ci95": [0.1855, 0.249]}) == "0.2184 [0.1855, 0.2490]"
 
 
 def test_a_stage_is_done_only_while_its_files_are_as_it_wrote_them(tmp_path):
