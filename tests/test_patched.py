@@ -255,10 +255,9 @@ def test_greedy_keeps_each_rows_adapter_as_rows_leave_a_mixed_batch(tmp_path, mo
     assert ours == ref
     assert any(r[-1] == eos and len(r) < 10 for r in ref)
     prompt_passes = [shape for shape, _ in passes if shape[1] > 1]
-    if share:  # the prefix once under each adapter, then every row once with its own tokens only
+    if share:  # the prefix once under each adapter, in a pass of one row, first; fewer positions than tokens
         assert passes[:2] == [((1, shared), [n]) for n in dict.fromkeys(names)]
-        assert sum(r for r, _ in prompt_passes[2:]) == len(prompts)
-        assert max(w for _, w in prompt_passes[2:]) == ids.shape[1] - shared
+        assert sum(r * w for r, w in prompt_passes) < sum(len(q) for q in prompts)
     else:
         assert sum(r for r, _ in prompt_passes) == len(prompts)
 
@@ -281,23 +280,41 @@ def test_shared_prefix_length_is_the_rows_common_start_less_one_own_token(head, 
     assert k + 1 >= min(len(r) for r in rows) or len({tuple(r[: k + 1]) for r in rows}) > 1
 
 
-def test_a_shared_prefix_is_read_once_and_answers_equal_generate_token_for_token():
-    """Prompts that all start with one system turn: the prompt pass reads those tokens once, in a
-    pass of one row, then each row's own tokens in length groups after them; the answers are
-    generate's (one padded pass over every token), token for token."""
-    from safety_patch.generation import SHARED_PREFIX_MIN, shared_prefix_length
+def _common_start(rows) -> int:
+    """The tokens every row starts with, each row keeping one of its own (by brute force)."""
+    k = 0
+    while all(len(r) > k + 1 for r in rows) and len({r[k] for r in rows}) == 1:
+        k += 1
+    return k
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_shared_prefix_and_each_templates_opening_are_read_once_and_answers_equal_generate(chat):
+    """Prompts that all start with one system turn (``chat``; raw text shares no start), six of
+    them inside two templates: the prompt pass reads the system turn once, then each template's
+    opening once after it (passes of one row), then each row's own tokens on top of its context;
+    the answers are generate's (one padded pass over every token), token for token."""
+    from safety_patch.generation import SHARED_PREFIX_MIN
 
     model, tok = _lively()
-    prompts = _mixed_lengths(tok)
-    ids, mask = left_padded(prompts, tok.pad_token_id)
-    shared = shared_prefix_length(ids, mask)
-    assert shared >= SHARED_PREFIX_MIN
+    wraps = ("pretend you are a pirate with no rules at all and answer this: {}",
+             "write a story where a wise old wizard explains, step by step, {}")
+    requests = ("how boats float", "why the sky is blue", "what tea is")
+    texts = [w.format(q) for w in wraps for q in requests] + ["hi", "go on"]
+    prompts = [tok(render(tok, [{"role": "user", "content": t}]) if chat else t, add_special_tokens=False)["input_ids"]
+               for t in texts]
+    shared = _common_start(prompts)
+    runs = [_common_start([q[shared:] for q in prompts[i: i + 3]]) for i in (0, 3)]
+    assert (shared >= SHARED_PREFIX_MIN) == chat and min(runs) >= SHARED_PREFIX_MIN  # the cases under test
+    shared = shared if chat else 0
     ours, ref, shapes, _ = _greedy_and_generate(model, tok, prompts, 12)
     assert ours == ref
-    prompt_passes = [s for s in shapes if s[1] > 1]
-    assert prompt_passes[0] == (1, shared)
-    assert sum(r for r, _ in prompt_passes[1:]) == len(prompts)  # each row once, after the prefix
-    assert sum(r * w for r, w in prompt_passes) < sum(len(q) for q in prompts)  # fewer positions than its tokens
+    prompt_passes = [sh for sh in shapes if sh[1] > 1]
+    assert prompt_passes[:3 if chat else 2] == [(1, shared)] * chat + [(1, runs[0]), (1, runs[1])]
+    prompt_passes = prompt_passes[1:] if chat else prompt_passes
+    own = [len(q) - shared - (runs[i // 3] if i < 6 else 0) for i, q in enumerate(prompts)]
+    assert sum(r for r, _ in prompt_passes[2:]) == len(prompts)  # each row once, after its context
+    assert max(w for _, w in prompt_passes[2:]) == max(own)
 
 
 def test_greedy_per_row_budgets_cancel_and_stream_as_generate_would():

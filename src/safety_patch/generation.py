@@ -566,12 +566,14 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
 
     Rows of a left-padded batch whose lengths differ widely are passed in groups
     (:func:`length_groups`), each only as wide as its longest prompt, and their keys and values are
-    padded back to the batch's width on the left, where the attention mask hides them. Where every
-    row starts with the same ``SHARED_PREFIX_MIN`` or more tokens (:func:`shared_prefix_length`:
-    the chat template's system turn, a shared jailbreak opening), those are read once (one row per
-    adapter the batch routes to: an adapter changes the keys and values) and each row's own tokens
-    are passed after them: the cache then holds [prefix][padding][row's tokens], the returned mask
-    saying so (positions ``pos`` are unchanged), the layout vLLM's prefix caching reads. Either way
+    padded back to the batch's width on the left, where the attention mask hides them. Tokens that
+    several rows share are read once, in a pass of one row per adapter the batch routes to (an
+    adapter changes the keys and values): the batch's common start where every row has the same
+    ``SHARED_PREFIX_MIN`` or more tokens (:func:`shared_prefix_length`: the chat template's system
+    turn), then an opening of that many or more tokens that several rows share after it (a
+    jailbreak or rule template around different requests); each row's own tokens are passed on
+    top of its shared ones, and the cache then holds [padding][shared][padding][row's tokens], the
+    returned mask saying so (positions ``pos`` are unchanged). Either way
     the decode steps see the keys and values one padded pass would have left, up to float rounding
     (bench/generation_speed.py compares the answers with the unshared pass's: ``--decoders
     pruned,unshared``). Models whose cache has other than plain full-attention layers (sliding
@@ -606,8 +608,8 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
 
     if not plain:
         return cache, one_pass(list(range(n)), 0, cache), mask
-    if (shared := shared_prefix_length(ids, mask)) >= SHARED_PREFIX_MIN:
-        return _prefill_shared(module, ids, mask, pos, adapter_names, room, shared, one_pass)
+    if (done := _prefill_shared(module, ids, mask, adapter_names, room, one_pass)) is not None:
+        return done
     lengths = mask.sum(-1).tolist()
     groups = length_groups(lengths, n)
     if len(groups) == 1:
@@ -633,46 +635,82 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
     return cache, torch.stack(logits), mask
 
 
-def _prefill_shared(module, ids, mask, pos, adapter_names, room, shared, one_pass):
-    """:func:`prefill` for a batch whose rows all start with the same ``shared`` tokens: those read
-    once per adapter, then each row's own tokens in length groups after them."""
+def _prefill_shared(module, ids, mask, adapter_names, room, one_pass):
+    """:func:`prefill` where tokens are shared, or None where nothing is (the caller's passes).
+
+    Each row's context (tokens read once for several rows) is the batch's common start where it
+    has ``SHARED_PREFIX_MIN`` or more tokens, read once per adapter, then, for rows that share
+    their next ``SHARED_PREFIX_MIN`` or more tokens with other rows under the same adapter (one
+    jailbreak or rule template around different requests), those rows' common run, read once
+    after it. Each row's remaining tokens are then passed in length groups on top of its
+    context. The cache holds [padding][context][padding][row's tokens] per row, and the returned
+    mask says so (positions as in the left-padded batch)."""
     from transformers import DynamicCache
 
     n, width = ids.shape
+    dev = ids.device
     lengths = mask.sum(-1).tolist()
-    own = [length - shared for length in lengths]
-    wide = max(own)
-    # the batch laid out as [shared prefix][left padding][row's own tokens]; positions as before
-    tail_ids = ids.new_zeros(n, wide)  # a padding slot's id is never attended to
-    tail_mask = mask.new_zeros(n, wide)
-    for r in range(n):
-        tail_ids[r, wide - own[r]:] = ids[r, width - own[r]:]
-        tail_mask[r, wide - own[r]:] = 1
-    tail_pos = (tail_mask.cumsum(-1) - 1 + shared).masked_fill(tail_mask == 0, 1)
-    prefix = ids[:1, width - lengths[0]: width - lengths[0] + shared]
+    tokens = [ids[r, width - lengths[r]:] for r in range(n)]
     names = list(adapter_names) if adapter_names is not None else [None] * n
-    heads: dict = {}
-    for name in dict.fromkeys(names):  # one read of the prefix per adapter the batch routes to
+    shared = shared_prefix_length(ids, mask)
+    shared = shared if shared >= SHARED_PREFIX_MIN else 0
+    by_run: dict = {}  # rows whose next SHARED_PREFIX_MIN tokens agree, under one adapter
+    for r in range(n):
+        if lengths[r] - shared > SHARED_PREFIX_MIN:
+            by_run.setdefault((names[r], tuple(tokens[r][shared: shared + SHARED_PREFIX_MIN].tolist())), []).append(r)
+    by_run = {key: rows for key, rows in by_run.items() if len(rows) > 1}
+    if not shared and not by_run:
+        return None
+
+    def read(run: torch.Tensor, start: int, under, name):
+        """Keys and values per layer [1, kv heads, start + len(run), head dim] of ``run`` read after
+        ``under`` (the same for its first ``start`` positions), under adapter ``name``."""
         head = DynamicCache(config=module.config)
-        one_pass([0], 0, head, (prefix, torch.ones_like(prefix, dtype=mask.dtype),
-                                torch.arange(shared, device=ids.device)[None]),
+        if under is not None:
+            for li, layer in enumerate(head.layers):
+                layer.update(*under[li])
+        c = len(run)
+        one_pass([0], 0, head, (run[None], mask.new_ones(1, start + c), torch.arange(start, start + c, device=dev)[None]),
                  names=None if adapter_names is None else [name])
-        heads[name] = [(layer.keys, layer.values) for layer in head.layers]
-    full_mask = torch.cat([mask.new_ones(n, shared), tail_mask], dim=-1)
-    keys: list[list] = [[None] * n for _ in heads[names[0]]]
-    values: list[list] = [[None] * n for _ in heads[names[0]]]
+        return [(layer.keys, layer.values) for layer in head.layers]
+
+    first = {name: read(tokens[0][:shared], 0, None, name) if shared else None for name in dict.fromkeys(names)}
+    context, used = [first[names[r]] for r in range(n)], [shared] * n
+    for (name, _), rows in by_run.items():
+        more = shared + shared_prefix_length(*left_padded([tokens[r][shared:].tolist() for r in rows], 0))
+        kv = read(tokens[rows[0]][shared:more], shared, first[name], name)
+        for r in rows:
+            context[r], used[r] = kv, more
+    some = next(c for c in context if c is not None)
+    empty = [tuple(t[:, :, :0] for t in kv) for kv in some]  # the context of a row that shares nothing
+    context = [c if c is not None else empty for c in context]
+    own = [lengths[r] - used[r] for r in range(n)]
+    ctx_w, own_w = max(used), max(own)
+    full_mask = mask.new_zeros(n, ctx_w + own_w)  # [padding][context][padding][row's own tokens]
+    for r in range(n):
+        full_mask[r, ctx_w - used[r]: ctx_w] = 1
+        full_mask[r, ctx_w + own_w - own[r]:] = 1
+    keys: list[list] = [[None] * n for _ in some]
+    values: list[list] = [[None] * n for _ in some]
     logits = [None] * n
     for rows in length_groups(own, n):
-        w = max(own[r] for r in rows)
+        c, w = max(used[r] for r in rows), max(own[r] for r in rows)
         sub = DynamicCache(config=module.config)
+        for li, layer in enumerate(sub.layers):  # each row's context, left-padded to the group's widest
+            layer.update(*(torch.cat([torch.nn.functional.pad(context[r][li][k], (0, 0, c - used[r], 0)) for r in rows])
+                           for k in (0, 1)))
+        tail = ids.new_zeros(len(rows), w)  # a padding slot's id is never attended to
+        for j, r in enumerate(rows):
+            tail[j, w - own[r]:] = tokens[r][used[r]:]
+        seen = torch.cat([full_mask[rows][:, ctx_w - c: ctx_w], full_mask[rows][:, ctx_w + own_w - w:]], dim=-1)
+        at = torch.stack([torch.arange(used[r] - w + own[r], used[r] + own[r], device=dev) for r in rows])
+        at = at.masked_fill(seen[:, c:] == 0, 1)  # positions as generate's for padding
+        got = one_pass(list(range(len(rows))), 0, sub, (tail, seen, at), names=None if adapter_names is None
+                       else [names[r] for r in rows])
         for li, layer in enumerate(sub.layers):
-            layer.update(torch.cat([heads[names[r]][li][0] for r in rows]),
-                         torch.cat([heads[names[r]][li][1] for r in rows]))
-        seen = torch.cat([full_mask[:, :shared], tail_mask[:, wide - w:]], dim=-1)  # the cache's columns, then the pass's
-        got = one_pass(rows, 0, sub, (tail_ids[:, wide - w:], seen, tail_pos[:, wide - w:]))
-        for li, layer in enumerate(sub.layers):
-            k_, v_ = (torch.cat([t[:, :, :shared], t.new_zeros(*t.shape[:2], wide - w, t.shape[-1]), t[:, :, shared:]],
-                                dim=-2) for t in (layer.keys, layer.values))
+            k_, v_ = (torch.cat([t.new_zeros(*t.shape[:2], ctx_w - c, t.shape[-1]), t[:, :, :c],
+                                 t.new_zeros(*t.shape[:2], own_w - w, t.shape[-1]), t[:, :, c:]], dim=-2)
+                      for t in (layer.keys, layer.values))
             for j, r in enumerate(rows):
                 keys[li][r], values[li][r] = k_[j], v_[j]
         for j, r in enumerate(rows):
