@@ -15,14 +15,14 @@ with fp32 at the same batch size; the share of prompts whose whole answer is ide
 share whose first 16 tokens are. Beside each batch size: the model's linear layers alone at that
 many rows (:func:`linear_bound`), the ceiling for an engine that computes the same fp32 matmuls.
 
-Decoders (``--decoders``): ``pruned`` is ``generation.greedy``, the product's greedy path, which
+Decoders (``--decoders``): ``pruned`` is ``decoding.greedy``, the product's greedy path, which
 drops a row from the batch once it has stopped; ``hf`` is transformers' ``generate`` on the same
 batches (the path before it, which computes every row until the whole batch has stopped), run by
-swapping ``generation.greedy`` for a call of ``generate`` in this process; ``hf-static-compiled``
+swapping ``decoding.greedy`` for a call of ``generate`` in this process; ``hf-static-compiled``
 is ``generate`` with transformers' static KV cache and the model's forward compiled by
 ``torch.compile`` (inductor, static shapes), the "static KV cache with compilation" issue 24
 names (its first call of each batch shape compiles: time each with ``--repeats 2`` or more).
-``unshared`` is the product's decoder with every prompt read whole (``generation.prefill``
+``unshared`` is the product's decoder with every prompt read whole (``prompt_pass.prefill``
 before it read a batch's shared prefix once: the system turn of the chat template, a shared
 jailbreak opening). Each row of another decoder is compared with the ``pruned`` row of the same
 dtype and batch (identical answers, share). With
@@ -123,9 +123,9 @@ def main() -> None:
 
     @contextlib.contextmanager
     def decoder(name: str):
-        """``generation.greedy`` as the product runs it (pruned), or replaced by transformers'
+        """``decoding.greedy`` as the product runs it (pruned), or replaced by transformers'
         ``generate`` on the same batch (hf); counts the row-steps either computes."""
-        from safety_patch import generation
+        from safety_patch import generation, prompt_pass
 
         product = generation.greedy
 
@@ -164,14 +164,14 @@ def main() -> None:
         if name not in decoders:
             raise SystemExit(f"--decoders: unknown decoder {name!r} ({', '.join(decoders)})")
         generation.greedy = decoders[name]
-        shared_min = generation.SHARED_PREFIX_MIN
-        if name == "unshared":  # the prompt pass before the shared prefix was read once per batch
-            generation.SHARED_PREFIX_MIN = 1 << 30
+        shared_min = prompt_pass.SHARED_PREFIX_MIN
+        if name == "unshared":  # the prompt pass before shared tokens were read once
+            prompt_pass.SHARED_PREFIX_MIN = 1 << 30
         try:
             yield
         finally:
             generation.greedy = product
-            generation.SHARED_PREFIX_MIN = shared_min
+            prompt_pass.SHARED_PREFIX_MIN = shared_min
     peaks = {"float32": peak32, "bfloat16": peak16}
     for dt in args.dtypes.split(","):
         if dt != "float32" and peaks.get(dt, peak32) < 0.25 * peak32:

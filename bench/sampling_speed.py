@@ -8,8 +8,8 @@ model card's top-k, i.e. transformers' default 50, batch 32, 64 new tokens) and 
 first round. Two arms, in one process, interleaved ``--repeats`` times (each keeps its fastest):
 
 * ``generate``: transformers' ``generate(do_sample=True)`` on each batch, handed a cache that
-  grows in place (``generation.growing_cache``), as `data build` sampled before 2026-12-02;
-* ``sample``: ``generation.sample``, the product's path: the same warpers and draws, finished
+  grows in place (``prompt_pass.growing_cache``), as `data build` sampled before 2026-12-02;
+* ``sample``: ``decoding.sample``, the product's path: the same warpers and draws, finished
   rows leave the batch, top-p without a sort of the vocabulary.
 
 Both run through ``generation.complete_texts`` (the first by making ``sampling_warpers`` return

@@ -52,8 +52,8 @@ def answer_states(model, tokenizer, prompts, layer: int, k_max: int, token_budge
 
     from safety_patch.gate.features import length_buckets
     from safety_patch.gate.probe import decoder_layers
-    from safety_patch.generation import left_padded
     from safety_patch.progress import bar
+    from safety_patch.prompt_pass import left_padded
 
     block = decoder_layers(model)[layer]
     dim = model.config.hidden_size

@@ -188,14 +188,14 @@ def last_token_states_at(model, prompts: Sequence[Sequence[int]], layers: Sequen
     in tokens: ``token_budget`` read per batch (rows x width), ``kv_budget`` cached per batch
     (rows x cached width, which also bounds the edges held at once); ``max_batch`` rows.
     Equal to a plain pass (``gate.layer_states``) to float rounding. Needs a decoder that takes
-    a KV cache (a transformers ``DynamicCache``, by ``generation.cache_argument``), a 2-D
+    a KV cache (a transformers ``DynamicCache``, by ``prompt_pass.cache_argument``), a 2-D
     ``attention_mask`` over cached + new tokens and ``position_ids``. ``progress(n)``: n more
     prompts read. Raises SafetyPatchError for a layer the model lacks or an empty prompt.
     """
     from transformers import DynamicCache
 
     from .gate.probe import decoder_layers
-    from .generation import cache_argument
+    from .prompt_pass import cache_argument
 
     blocks = decoder_layers(model)
     wanted = sorted(set(layers))

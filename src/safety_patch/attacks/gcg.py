@@ -230,7 +230,7 @@ def _nano_gcg(model, tokenizer, config, gates=(), weight: float = 0.0, margin: f
     from nanogcg.gcg import GCG as NanoGCG
 
     from ..gate.probe import decoder_layers
-    from ..generation import cache_argument, forward_parameters
+    from ..prompt_pass import cache_argument, forward_parameters
 
     if config.use_mellowmax or config.probe_sampling_config is not None:
         raise SafetyPatchError("gcg: mellowmax and probe sampling are not supported by this project's nanoGCG wrapper")

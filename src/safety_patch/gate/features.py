@@ -192,10 +192,10 @@ def feature_code_key() -> str:
     import transformers
 
     from .. import shared_prefix
-    from ..generation import PREFILL_PASS_COST
+    from ..prompt_pass import PREFILL_PASS_COST
     from . import probe
 
-    # layer_states batches by generation.length_groups: where a batch is cut changes features by rounding
+    # layer_states batches by prompt_pass.length_groups: where a batch is cut changes features by rounding
     parts = [inspect.getsource(f) for f in (probe.layer_states, probe.left_padded, probe.length_groups,
                                             probe.decoder_layers, probe._Stop, features, features_at, length_buckets)]
     parts.append(inspect.getsource(shared_prefix))

@@ -40,7 +40,7 @@ import torch
 from ..errors import SafetyPatchError
 
 # the one left-padding and batching that generation and the gates read with
-from ..generation import left_padded, length_groups
+from ..prompt_pass import left_padded, length_groups
 
 GATE_FILE = "gate.safetensors"
 
@@ -269,7 +269,7 @@ def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Seq
 
     handles = [blocks[i].register_forward_hook(hook_for(i)) for i in set(layers)]
     try:
-        # batches cut where padding would cost more than another pass (generation.length_groups):
+        # batches cut where padding would cost more than another pass (prompt_pass.length_groups):
         # a router's batch of 550-token jailbreaks beside 40-token requests is otherwise mostly padding
         for idx in length_groups([len(p) for p in prompts], batch_size):
             ids, mask = left_padded([prompts[i] for i in idx], pad)

@@ -14,7 +14,7 @@ Routing is the one ``chat --patch`` uses (``generation.complete_texts`` →
 ``PatchedModel.routes``): a gated adapter is active for a prompt's whole answer iff its gate's logit on the base model's
 hidden state after its layer, at the prompt's last token, exceeds its threshold; ungated
 adapters in the stack are always on and are on while the gate reads. Generation is the
-same left-padded batch and decoder (``generation.greedy`` for greedy requests), so a greedy
+same left-padded batch and decoder (``decoding.greedy`` for greedy requests), so a greedy
 request gets the tokens ``chat`` prints (tests/test_serve.py checks this).
 
 Threading: :meth:`Engine.run` must be called from one thread at a time (the batcher's
@@ -324,15 +324,16 @@ class Engine:
                   adapter_names: list[str] | None = None) -> list[Result]:
         """One batch of left-padded prompts, as ``generation.complete_texts`` makes it
         (``adapter_names``: PEFT's per-row adapters of a mixed batch): greedy through
-        ``generation.greedy`` (a row leaves the batch when its answer ends, is cancelled or
-        reaches its budget), sampling through ``generation.sample`` (the same, each row drawing
+        ``decoding.greedy`` (a row leaves the batch when its answer ends, is cancelled or
+        reaches its budget), sampling through ``decoding.sample`` (the same, each row drawing
         from a generator seeded with its own seed). Where the model's generation config asks for
         more than either builds, ``model.generate``: one call for a greedy batch, one per prompt
         when sampling (``generate`` shares one random stream across its batch)."""
         from transformers import StoppingCriteriaList
 
         device = next(model.parameters()).device
-        from ..generation import greedy, left_padded, plain_greedy, sample, sampling_warpers
+        from ..decoding import greedy, plain_greedy, sample, sampling_warpers
+        from ..prompt_pass import left_padded
 
         ids, mask = left_padded(prompts, self.pad_id)
         warpers = (sampling_warpers(model.generation_config, sampling.temperature, sampling.top_p)
