@@ -25,7 +25,9 @@ names (its first call of each batch shape compiles: time each with ``--repeats 2
 ``unshared`` is the product's decoder with every prompt read whole (``prompt_pass.prefill``
 before it read a batch's shared prefix once: the system turn of the chat template, a shared
 jailbreak opening). Each row of another decoder is compared with the ``pruned`` row of the same
-dtype and batch (identical answers, share). With
+dtype and batch (identical answers, share). For ``pruned`` and ``unshared`` rows, ``prompt_tokens``
+counts the prompts' own tokens and ``prompt_positions`` the positions their prompt passes computed
+(padding and shared tokens read once included). With
 ``--data`` and ``--patch`` a second workload is timed: the folder's validation harmful prompts
 (direct and wrapped, the first ``--eval-prompts``) through that patch as ``eval safety`` routes
 them (a gated patch: per prompt), ``max_new_tokens`` 96 as ``EvalConfig``: answers of mixed
@@ -120,6 +122,8 @@ def main() -> None:
     rows, outs, skipped, rows_by, bounds = [], {}, {}, {}, {}
     steps: list[int] = []  # rows x decoding steps each call computed (finished rows included)
     compiled: dict[int, object] = {}  # id(model) -> its compiled forward (hf-static-compiled)
+    prompt_positions: list[int] = []  # positions the prompt passes computed (pruned, unshared)
+    prompt_tokens: list[int] = []  # the prompts' own tokens (pruned, unshared)
 
     @contextlib.contextmanager
     def decoder(name: str):
@@ -130,8 +134,16 @@ def main() -> None:
         product = generation.greedy
 
         def counted(module, ids, mask, max_new_tokens, eos_ids, adapter_names=None):
-            new = product(module, ids, mask, max_new_tokens, eos_ids, adapter_names)
+            # positions the prompt pass computes (every forward that reads more than one position)
+            h = module.register_forward_pre_hook(
+                lambda _m, _a, kw: prompt_positions.append(kw["input_ids"].numel()) if kw["input_ids"].shape[1] > 1
+                else None, with_kwargs=True)
+            try:
+                new = product(module, ids, mask, max_new_tokens, eos_ids, adapter_names)
+            finally:
+                h.remove()
             steps.append(sum(len(t) for t in new))
+            prompt_tokens.append(int(mask.sum()))
             return new
 
         def hf(module, ids, mask, max_new_tokens, eos_ids, adapter_names=None, **extra):
@@ -201,6 +213,8 @@ def main() -> None:
                 model, made = make(), wl
             cfg = GenerationConfig(max_new_tokens=max_new, batch_size=b)
             steps.clear()
+            prompt_positions.clear()
+            prompt_tokens.clear()
             t0 = time.perf_counter()
             with decoder(dec):
                 out = generate(model, tok, cv, cfg)
@@ -221,6 +235,8 @@ def main() -> None:
                    "linear_only_pct_of_2N_limit": bounds[f"{dt}/{b}"]["pct_of_2N_limit"],
                    "seconds_each": [round(el, 1)],
                    "tokens": n_tok, "row_steps": sum(steps), "tokens_per_s": round(n_tok / el, 1),
+                   **({"prompt_tokens": sum(prompt_tokens), "prompt_positions": sum(prompt_positions)}
+                      if prompt_tokens else {}),
                    "pct_of_2N_limit": round(100 * n_tok / el / limit, 1)}
             pr = outs.get((wl, dt, b, "pruned"))
             if dec != "pruned" and pr is not None:
@@ -250,6 +266,7 @@ def main() -> None:
                 and q["decoder"] == r["decoder"]}
         r["x_vs_fp32_batch8"] = round(r["tokens_per_s"] / base[min(base)], 2) if base else None
     print_table(rows, ["workload", "dtype", "batch", "decoder", "prompts", "seconds", "tokens", "row_steps",
+                       "prompt_tokens", "prompt_positions",
                        "tokens_per_s", "pct_of_2N_limit", "linear_only_pct_of_2N_limit", "x_vs_fp32_batch8", "x_pruned_vs_this",
                        "same_answer_as_pruned_pct", "same_answer_as_b8_pct"])
     print(f"fp32 matmul peak {peak32:.1f} GFLOP/s, bf16 {peak16:.1f} GFLOP/s; 2N limit at the fp32 peak "

@@ -160,6 +160,40 @@ def test_a_patch_is_measured_only_against_its_own_w0(tiny_dir, tmp_path):
     assert "forced" not in json.loads((tmp_path / "own" / "summary.json").read_text())
 
 
+def test_two_patches_of_one_folder_name_are_refused_naming_them_and_the_way_out(tiny_dir, tmp_path):
+    """Found by a user's trial: a reproduce run's arms are all `<arm>/patch`, and `analyze --patch A/patch
+    --patch B/patch` said only that names must differ. The error names the name, both paths and what to do."""
+    from safety_patch.analysis.run import analyze
+    from safety_patch.errors import SafetyPatchError
+    from safety_patch.models import load_model
+    from safety_patch.testing import make_lora_patch
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    a = make_lora_patch(lm.model, tmp_path / "a" / "patch", lm.fingerprint)
+    b = make_lora_patch(lm.model, tmp_path / "b" / "patch", lm.fingerprint, seed=1)
+    with pytest.raises(SafetyPatchError, match=r"two --patch folders are named 'patch' \(.*a/patch, .*b/patch\): .*link or copy"):
+        analyze(str(tiny_dir), [a, b], tmp_path / "out", ks=(4,))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["lora", "delta"])
+def test_a_forced_patch_for_a_model_of_another_shape_is_one_error_naming_the_module(tiny_dir, tmp_path, kind):
+    """Found by a user's trial: `analyze --force` on a patch made for a model of another width ended in
+    a matmul traceback (exit 1). The shapes are compared first: one SafetyPatchError naming the patch,
+    the module and both shapes, and nothing written."""
+    from safety_patch.analysis.run import analyze
+    from safety_patch.errors import SafetyPatchError
+    from safety_patch.testing import make_delta_patch, make_lora_patch, tiny_llama
+
+    wide, _ = tiny_llama(hidden=64)
+    make = make_lora_patch if kind == "lora" else make_delta_patch
+    patch = make(wide, tmp_path / "wide", "0" * 64)
+    with pytest.raises(SafetyPatchError, match=r"patch 'wide': model\.layers\.\d+\.\w+\.\w+ has ΔW of shape \[\d+, \d+\] "
+                                               r"but the base's weight is \[\d+, \d+\]: the patch was made for another model"):
+        analyze(str(tiny_dir), [patch], tmp_path / "out", ks=(4,), force=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_patches_analysed_together_equal_each_analysed_alone(tiny_dir, tmp_path):
     """analyse_weights reads the patches' modules in step and decomposes each W0 once: every
     patch's rows (and kept vectors) are those it gets alone, in the same order, also where the

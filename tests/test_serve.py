@@ -599,6 +599,30 @@ def test_upstream_failures_are_502_in_the_openai_shape(world, upstream, tmp_path
         front.stop()
 
 
+def test_an_upstream_that_leads_back_to_the_server_is_a_loop_refused_at_once(world, tmp_path):
+    """`serve --upstream` pointed at its own port: the request comes back carrying this server's id
+    (serve.app.VIA_HEADER) and is refused 508 there, so the client gets one 502 naming the loop and
+    the audit two lines, not a server calling itself until the timeout. A chain of distinct servers
+    (the fixture above) still answers."""
+    from safety_patch.serve.upstream import _api_base
+
+    backend = build_upstream(world["model"], {"safety": [str(world["gated"])]}, "http://127.0.0.1:9/v1", "base",
+                             device="cpu", timeout_s=30)
+    front = LiveServer(backend, ServeConfig(max_tokens_limit=450, audit_path=str(tmp_path / "loop.jsonl")))
+    front.audit = tmp_path / "loop.jsonl"
+    try:
+        backend.url = _api_base(front.url)
+        backend.client = httpx.AsyncClient(base_url=backend.url, timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            front.client().chat.completions.create(model="base", messages=_user(PROMPTS[0]), max_tokens=N)
+        assert e.value.status_code == 502 and "loop detected" in str(e.value) and time.monotonic() - t0 < 20
+        time.sleep(0.5)
+        assert sorted(x["status"] for x in _audit(front)) == [502, 508]
+    finally:
+        front.stop()
+
+
 def test_upstream_is_checked_at_start_up(world, upstream, tmp_path, capsys):
     """Found by a user's trial: `serve --upstream notaurl` started and /health said ok until the first request,
     and `--model default` forwarded every request as model "default", which vLLM does not serve. The URL is

@@ -44,6 +44,14 @@ def analyse_weights(patches: list, read_w0, ks: list[int], r: int | None = None,
     for _, i, u in heapq.merge(*streams, key=lambda t: t[:2]):
         if u.module != module:
             module, W0 = u.module, read_w0(u.module + ".weight")
+            base = None
+        if tuple(W0.shape) != u.shape:  # another base (`--force` skips the fingerprint check): no geometry to compare
+            from ..errors import SafetyPatchError
+
+            raise SafetyPatchError(f"patch {patches[i].name!r}: {u.module} has ΔW of shape {list(u.shape)} but the base's "
+                                   f"weight is {list(W0.shape)}: the patch was made for another model (drop --force, "
+                                   "or analyse it against its own base)")
+        if base is None:
             base = base_subspace(W0, ks)
         row, extra = analyse_update(u, W0, ks, r, baselines, base)
         row["patch"] = patches[i].name
@@ -95,8 +103,12 @@ def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8
     if out.exists() and not overwrite:
         raise SafetyPatchError(f"{out} exists; pass --overwrite to replace it")
     ps = [read_patch(p) for p in patches]
-    if len({p.name for p in ps}) != len(ps):
-        raise SafetyPatchError("patch folder names must differ (they label the results)")
+    if len({p.name for p in ps}) != len(ps):  # a reproduce run's arms are all ".../<arm>/patch"
+        same = next(p.name for p in ps if sum(q.name == p.name for q in ps) > 1)
+        given = ", ".join(str(q) for q, p in zip(patches, ps, strict=True) if p.name == same)
+        raise SafetyPatchError(f"two --patch folders are named {same!r} ({given}): "
+                               "folder names label the results; link or copy them under distinct names "
+                               "(a reproduce run's analysis stage links each arm's patch as 05-analysis/patches/<arm>)")
     bases = {p.base_fingerprint for p in ps}
     if len(bases) > 1:  # one W0 is read for all: patches of other bases would be measured against the wrong weights
         raise SafetyPatchError("the patches were trained on different base models (base fingerprints "

@@ -37,6 +37,14 @@ class Update:
     def kind(self) -> str:
         return self.module.rsplit(".", 1)[-1]
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """ΔW's shape [d_out, d_in]: B's rows by A's columns for LoRA, the dense delta's otherwise."""
+        if self.factors is not None:
+            B, A, _ = self.factors
+            return int(B.shape[0]), int(A.shape[1])
+        return tuple(self.dense.shape)
+
 
 def lora_scale(cfg: dict, module: str) -> tuple[int, float]:
     r = cfg.get("rank_pattern", {}).get(module.rsplit(".", 1)[-1], cfg["r"])

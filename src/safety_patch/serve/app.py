@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import secrets
@@ -43,6 +44,17 @@ log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-safety-patch-route"
 MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+VIA_HEADER = "x-safety-patch-via"
+"""The servers a request passed through on its way here (their ids, comma-separated), sent on with
+this server's id added when it asks an upstream. A request that reaches a server it already passed
+through is a loop (``serve --upstream`` pointing back at itself, or at a server that points back):
+answered 508 at once, where it would otherwise call itself until the upstream timeout (a user's
+trial, 2026-12-05: 220 requests in 20 s from one). Chains of distinct servers pass; each app
+(:func:`create_app`) has its own id, so two servers in one process are two servers."""
+VIA: contextvars.ContextVar[str] = contextvars.ContextVar("safety_patch_via", default="")
+"""The ``VIA_HEADER`` value a request's upstream call sends (set per request; tasks copy it)."""
 
 
 class ApiError(Exception):
@@ -303,6 +315,7 @@ def _error(e: ApiError, headers: dict | None = None):
 
 def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | None = None):
     """The FastAPI application over ``backend`` (embedded or upstream)."""
+    server_id = uuid.uuid4().hex[:16]  # this app's id in VIA_HEADER
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -482,6 +495,14 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
             return _error(e)
 
     async def answer(request: Request, rec: dict, rid: str, created: int, finish):
+        via = [v.strip() for v in request.headers.get(VIA_HEADER, "").split(",") if v.strip()]
+        if server_id in via:
+            e = ApiError(508, "loop detected: this request already passed through this server (its --upstream leads "
+                              "back to it); point --upstream at the engine that answers (e.g. vLLM)", "upstream_error",
+                         code="loop_detected")
+            finish(e.status, error=e.message)
+            return _error(e)
+        VIA.set(",".join([*via, server_id]))  # what this request's upstream call (a task copying this context) sends
         try:
             p = await parse(request, rec)
         except ApiError as e:

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 
-from .app import SHUTTING_DOWN, ApiError, Prepared
+from .app import SHUTTING_DOWN, VIA, VIA_HEADER, ApiError, Prepared
 from .engine import BASE, GateProbe, Route, upstream_patches
 
 
@@ -129,8 +129,8 @@ class UpstreamBackend:
         text, finish, n_tokens, chunks = "", None, None, 0
         async with contextlib.AsyncExitStack() as stack:
             try:
-                r = await self._or_cut(self.client.send(self.client.build_request("POST", "/chat/completions", json=body),
-                                                        stream=True))
+                r = await self._or_cut(self.client.send(self.client.build_request(
+                    "POST", "/chat/completions", json=body, headers={VIA_HEADER: VIA.get()} if VIA.get() else None), stream=True))
                 stack.push_async_callback(r.aclose)
                 if r.status_code != 200:
                     raw = (await r.aread()).decode("utf-8", "replace")
