@@ -79,8 +79,8 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
     ``SHARED_PREFIX_MIN`` or more tokens (:func:`shared_prefix_length`: the chat template's system
     turn), then an opening of that many or more tokens that several rows share after it (a
     jailbreak or rule template around different requests); each row's own tokens are passed on
-    top of its shared ones, and the cache then holds [padding][shared][padding][row's tokens], the
-    returned mask saying so (positions ``pos`` are unchanged). Either way
+    top of its shared ones, and the keys and values are put back in the batch's left-padded
+    layout (the mask returned is ``mask``). Either way
     the decode steps see the keys and values one padded pass would have left, up to float rounding
     (bench/generation_speed.py compares the answers with the unshared pass's: ``--decoders
     pruned,unshared``). Models whose cache has other than plain full-attention layers (sliding
@@ -150,8 +150,10 @@ def _prefill_shared(module, ids, mask, adapter_names, room, one_pass):
     their next ``SHARED_PREFIX_MIN`` or more tokens with other rows under the same adapter (one
     jailbreak or rule template around different requests), those rows' common run, read once
     after it. Each row's remaining tokens are then passed in length groups on top of its
-    context. The cache holds [padding][context][padding][row's tokens] per row, and the returned
-    mask says so (positions as in the left-padded batch)."""
+    context. The cache returned is in the batch's own left-padded layout (each row's context and
+    own tokens side by side), so the decode steps attend over the width and mask they would
+    without sharing (a layout with the contexts in a column block of their own widened every
+    decode step's attention where long contexts sat beside long own tokens)."""
     from transformers import DynamicCache
 
     n, width = ids.shape
@@ -192,11 +194,6 @@ def _prefill_shared(module, ids, mask, adapter_names, room, one_pass):
     empty = [tuple(t[:, :, :0] for t in kv) for kv in some]  # the context of a row that shares nothing
     context = [c if c is not None else empty for c in context]
     own = [lengths[r] - used[r] for r in range(n)]
-    ctx_w, own_w = max(used), max(own)
-    full_mask = mask.new_zeros(n, ctx_w + own_w)  # [padding][context][padding][row's own tokens]
-    for r in range(n):
-        full_mask[r, ctx_w - used[r]: ctx_w] = 1
-        full_mask[r, ctx_w + own_w - own[r]:] = 1
     keys: list[list] = [[None] * n for _ in some]
     values: list[list] = [[None] * n for _ in some]
     logits = [None] * n
@@ -209,23 +206,25 @@ def _prefill_shared(module, ids, mask, adapter_names, room, one_pass):
         tail = ids.new_zeros(len(rows), w)  # a padding slot's id is never attended to
         for j, r in enumerate(rows):
             tail[j, w - own[r]:] = tokens[r][used[r]:]
-        seen = torch.cat([full_mask[rows][:, ctx_w - c: ctx_w], full_mask[rows][:, ctx_w + own_w - w:]], dim=-1)
+        seen = mask.new_zeros(len(rows), c + w)  # [padding][context] [padding][row's own tokens]
+        for j, r in enumerate(rows):
+            seen[j, c - used[r]: c] = 1
+            seen[j, c + w - own[r]:] = 1
         at = torch.stack([torch.arange(used[r] - w + own[r], used[r] + own[r], device=dev) for r in rows])
         at = at.masked_fill(seen[:, c:] == 0, 1)  # positions as generate's for padding
         got = one_pass(list(range(len(rows))), 0, sub, (tail, seen, at), names=None if adapter_names is None
                        else [names[r] for r in rows])
-        for li, layer in enumerate(sub.layers):
-            k_, v_ = (torch.cat([t.new_zeros(*t.shape[:2], ctx_w - c, t.shape[-1]), t[:, :, :c],
-                                 t.new_zeros(*t.shape[:2], own_w - w, t.shape[-1]), t[:, :, c:]], dim=-2)
-                      for t in (layer.keys, layer.values))
+        for li, layer in enumerate(sub.layers):  # each row's context and own tokens, back in the batch's layout
             for j, r in enumerate(rows):
-                keys[li][r], values[li][r] = k_[j], v_[j]
+                keys[li][r], values[li][r] = (
+                    torch.nn.functional.pad(torch.cat([t[j, :, c - used[r]: c], t[j, :, c + w - own[r]:]], dim=-2),
+                                            (0, 0, width - lengths[r], 0)) for t in (layer.keys, layer.values))
         for j, r in enumerate(rows):
             logits[r] = got[j]
     cache = DynamicCache(config=module.config)
     for li in range(len(cache.layers)):
         cache.layers[li] = _growing_layer()(torch.stack(keys[li]), torch.stack(values[li]), room)
-    return cache, torch.stack(logits), full_mask
+    return cache, torch.stack(logits), mask
 
 
 def _plain(cache) -> bool:
