@@ -442,7 +442,7 @@ def test_growing_cache_past_its_room_and_sliding_window_models_equal_generate():
     pos = mask.long().cumsum(-1) - 1
     pos.masked_fill_(mask == 0, 1)
     with torch.no_grad():
-        cache, _, _ = prefill(model, ids, mask, pos, room=1)
+        cache, _ = prefill(model, ids, mask, pos, room=1)
         assert all(isinstance(layer, GrowingLayer) for layer in cache.layers)
         free = _hf_greedy(model, ids, mask, 9, [len(tok) + 7])
     assert greedy(model, ids, mask, 9, {len(tok) + 7}) == free  # 9 steps from a cache with room for 1
@@ -454,7 +454,7 @@ def test_growing_cache_past_its_room_and_sliding_window_models_equal_generate():
     with torch.no_grad():
         for q in mistral.parameters():
             q.mul_(20.0) if q.ndim > 1 else None
-        cache, _, _ = prefill(mistral, ids, mask, pos, room=4)
+        cache, _ = prefill(mistral, ids, mask, pos, room=4)
         assert not any(isinstance(layer, GrowingLayer) for layer in cache.layers)
         ref = _hf_greedy(mistral, ids, mask, 6, [len(tok) + 7])
     assert greedy(mistral, ids, mask, 6, {len(tok) + 7}) == ref

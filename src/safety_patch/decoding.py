@@ -224,7 +224,7 @@ def _decode(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int |
     pos = mask.long().cumsum(-1) - 1
     pos.masked_fill_(mask == 0, 1)  # as generate's prepare_inputs_for_generation
     extra = {"adapter_names": names} if names is not None else {}
-    cache, logits, mask = prefill(module, ids, mask, pos, names, room=max(budgets))
+    cache, logits = prefill(module, ids, mask, pos, names, room=max(budgets))
     last = pos[:, -1:]
     while True:
         nxt = pick(logits, alive)

@@ -68,8 +68,7 @@ def shared_prefix_length(ids: torch.Tensor, mask: torch.Tensor) -> int:
 def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, adapter_names: Sequence[str] | None = None,
             room: int = 0):
     """The prompt pass of :func:`greedy`: (a ``DynamicCache`` holding every layer's keys and values
-    [n, kv heads, width', head dim], the last position's logits [n, vocab], the attention mask
-    [n, width'] the decode steps extend).
+    [n, kv heads, width, head dim], the last position's logits [n, vocab]).
 
     Rows of a left-padded batch whose lengths differ widely are passed in groups
     (:func:`length_groups`), each only as wide as its longest prompt, and their keys and values are
@@ -80,7 +79,7 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
     turn), then an opening of that many or more tokens that several rows share after it (a
     jailbreak or rule template around different requests); each row's own tokens are passed on
     top of its shared ones, and the keys and values are put back in the batch's left-padded
-    layout (the mask returned is ``mask``). Either way
+    layout, so ``mask`` still describes the cache. Either way
     the decode steps see the keys and values one padded pass would have left, up to float rounding
     (bench/generation_speed.py compares the answers with the unshared pass's: ``--decoders
     pruned,unshared``). Models whose cache has other than plain full-attention layers (sliding
@@ -114,7 +113,7 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
         return out.logits[:, -1, :]
 
     if not plain:
-        return cache, one_pass(list(range(n)), 0, cache), mask
+        return cache, one_pass(list(range(n)), 0, cache)
     if (done := _prefill_shared(module, ids, mask, adapter_names, room, one_pass)) is not None:
         return done
     lengths = mask.sum(-1).tolist()
@@ -123,7 +122,7 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
         logits = one_pass(list(range(n)), 0, cache)
         for li, layer in enumerate(cache.layers):
             cache.layers[li] = _growing_layer()(layer.keys, layer.values, room)
-        return cache, logits, mask
+        return cache, logits
     keys: list[list] = [[None] * n for _ in cache.layers]
     values: list[list] = [[None] * n for _ in cache.layers]
     logits = [None] * n
@@ -139,7 +138,7 @@ def prefill(module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ad
             logits[r] = got[j]
     for li in range(len(cache.layers)):
         cache.layers[li] = _growing_layer()(torch.stack(keys[li]), torch.stack(values[li]), room)
-    return cache, torch.stack(logits), mask
+    return cache, torch.stack(logits)
 
 
 def _prefill_shared(module, ids, mask, adapter_names, room, one_pass):
@@ -224,7 +223,7 @@ def _prefill_shared(module, ids, mask, adapter_names, room, one_pass):
     cache = DynamicCache(config=module.config)
     for li in range(len(cache.layers)):
         cache.layers[li] = _growing_layer()(torch.stack(keys[li]), torch.stack(values[li]), room)
-    return cache, torch.stack(logits), mask
+    return cache, torch.stack(logits)
 
 
 def _plain(cache) -> bool:
