@@ -24,7 +24,9 @@ is ``generate`` with transformers' static KV cache and the model's forward compi
 names (its first call of each batch shape compiles: time each with ``--repeats 2`` or more).
 ``unshared`` is the product's decoder with every prompt read whole (``prompt_pass.prefill``
 before it read a batch's shared prefix once: the system turn of the chat template, a shared
-jailbreak opening). Each row of another decoder is compared with the ``pruned`` row of the same
+jailbreak opening). ``layer-states-routing`` is the product's decoder with a gated patch's
+routing pass as it was before session 44 (``gate.probe.layer_states``: whole prompts in
+batches of the generation's batch size) instead of ``gate.probe.route_states``. Each row of another decoder is compared with the ``pruned`` row of the same
 dtype and batch (identical answers, share). For ``pruned`` and ``unshared`` rows, ``prompt_tokens``
 counts the prompts' own tokens and ``prompt_positions`` the positions their prompt passes computed
 (padding and shared tokens read once included). With
@@ -126,10 +128,11 @@ def main() -> None:
     prompt_tokens: list[int] = []  # the prompts' own tokens (pruned, unshared)
 
     @contextlib.contextmanager
-    def decoder(name: str):
+    def decoder(name: str, batch: int):
         """``decoding.greedy`` as the product runs it (pruned), or replaced by transformers'
         ``generate`` on the same batch (hf); counts the row-steps either computes."""
         from safety_patch import generation, prompt_pass
+        from safety_patch.gate import probe
 
         product = generation.greedy
 
@@ -172,18 +175,22 @@ def main() -> None:
             finally:
                 module.forward = eager
 
-        decoders = {"pruned": counted, "unshared": counted, "hf": hf, "hf-static-compiled": hf_static_compiled}
+        decoders = {"pruned": counted, "unshared": counted, "layer-states-routing": counted, "hf": hf,
+                    "hf-static-compiled": hf_static_compiled}
         if name not in decoders:
             raise SystemExit(f"--decoders: unknown decoder {name!r} ({', '.join(decoders)})")
         generation.greedy = decoders[name]
-        shared_min = prompt_pass.SHARED_PREFIX_MIN
+        shared_min, route_states = prompt_pass.SHARED_PREFIX_MIN, probe.route_states
         if name == "unshared":  # the prompt pass before shared tokens were read once
             prompt_pass.SHARED_PREFIX_MIN = 1 << 30
+        if name == "layer-states-routing":  # the routing pass before session 44: whole prompts, the generation's batch
+            probe.route_states = lambda m, ids, layers, max_batch=0: probe.layer_states(m, tok, ids, layers, batch)
         try:
             yield
         finally:
             generation.greedy = product
             prompt_pass.SHARED_PREFIX_MIN = shared_min
+            probe.route_states = route_states
     peaks = {"float32": peak32, "bfloat16": peak16}
     for dt in args.dtypes.split(","):
         if dt != "float32" and peaks.get(dt, peak32) < 0.25 * peak32:
@@ -216,7 +223,7 @@ def main() -> None:
             prompt_positions.clear()
             prompt_tokens.clear()
             t0 = time.perf_counter()
-            with decoder(dec):
+            with decoder(dec, b):
                 out = generate(model, tok, cv, cfg)
             el = time.perf_counter() - t0
             if rep:  # a repeat: keep the faster time (answers are compared on the first)

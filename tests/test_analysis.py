@@ -257,3 +257,25 @@ def test_analyze_says_what_it_used_instead_of_clamping_silently(tiny_dir, tmp_pa
         benign_prompts(rows_file)
     assert main(["analyze", "--model", str(tiny_dir), "--patch", str(p.path), "--out", str(tmp_path / "o"),
                  "--r", "100"]) == 2 and not (tmp_path / "o").exists()
+
+
+def test_a_gated_patch_is_said_to_be_measured_with_its_adapter_always_on(tiny_dir, tmp_path):
+    """A user's trial: `analyze` on a gated patch measured its adapter ungated, and only activations.json said so."""
+    import json
+
+    from safety_patch.analysis.run import analyze
+    from safety_patch.models import load_model
+    from safety_patch.testing import make_lora_patch
+    from test_failclosed_patch import gated_patch
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    gp = gated_patch(lm.model, tmp_path / "gp", lm.fingerprint)
+    plain = make_lora_patch(lm.model, tmp_path / "plain", lm.fingerprint, seed=3)
+    prompts = [[{"role": "user", "content": f"hello number {i}"}] for i in range(2)]
+    res = analyze(str(tiny_dir), [gp, plain], tmp_path / "out", ks=(4,), benign=prompts)
+    heads = [ln for ln in (tmp_path / "out" / "summary.txt").read_text().splitlines() if ln.startswith("== ")]
+    assert heads[0].startswith("== gp (") and heads[0].endswith(
+        "[gated: its adapter measured always on; on prompts its gate passes, the patched model is the base]")
+    assert heads[1].startswith("== plain (") and "gated" not in heads[1]
+    meta = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [p["gated"] for p in meta["patches"]] == [True, False] and res["gated"] == ["gp"]

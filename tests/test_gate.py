@@ -353,7 +353,12 @@ def test_eval_records_carry_the_route_their_answer_took_cached_or_not(tmp_path):
         cached = run_overrefusal(m, tok, prompts, cfg, cache, "gated", KeywordJudge())
         uncached = run_overrefusal(m, tok, prompts, cfg, None, "gated", KeywordJudge())
     routes = [r["route"] for r in fresh["records"]]
-    assert [r["route"] for r in cached["records"]] == routes == [r["route"] for r in uncached["records"]]
+    assert [r["route"] for r in cached["records"]] == routes  # the cache gives back the route it stored
+    # generated again in one call, not in the cache's chunks: the routing pass reads other prompts beside
+    # each one, which moves a logit's last bits only (as in any batched pass), and the routes are the same
+    again = [r["route"] for r in uncached["records"]]
+    assert [r["on"] for r in again] == [r["on"] for r in routes]
+    assert max(abs(a["logits"]["patch0"] - r["logits"]["patch0"]) for a, r in zip(again, routes, strict=True)) < 1e-5
     for r, z in zip(routes, want, strict=True):
         assert abs(r["logits"]["patch0"] - z) < 1e-4 and r["on"] == (["patch0"] if z > gate.threshold else [])
     n_on = sum(bool(r["on"]) for r in routes)

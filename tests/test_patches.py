@@ -203,6 +203,15 @@ def test_cli_info_verify_merge(tiny_dir, tmp_path, capsys):
     assert shown["merged_patches"] == [f"{pid} ({p})"] and shown["merged_base"].startswith(f"{tiny_dir} (")
     assert main(["model", "info", "--model", str(tiny_dir), "--json"]) == 0
     assert "merged_patches" not in json.loads(capsys.readouterr().out)
+    # a user's trial: `eval ... --model MERGED` tabled the merged model as "base" with nothing saying otherwise
+    from safety_patch.evaluation import capability, safety
+
+    prov = safety.provenance(merged, [])
+    assert prov["merged_patches"] == [{"id": pid, "path": str(p)}] and "merged_patches" not in safety.provenance(lm, [])
+    res = {"provenance": prov, "config": {}, "runs": {"base": {"nll": {"value": 1.5, "ci95": [1.4, 1.6], "n": 3}}}}
+    head = capability.table(res).splitlines()[0]
+    assert head == f"base = {merged.name}, which has 1 patch merged into its weights (merged_from.json): {pid}"
+    assert safety.merged_note(res) == [head] and safety.merged_note({"provenance": safety.provenance(lm, [])}) == []
     assert main(["patch", "merge", "--model", str(tiny_dir), "--patch", str(p), "--out", str(tmp_path / "merged")]) == 2
     assert "exists" in capsys.readouterr().err
     # --overwrite replaces a merged checkpoint in one swap, and never a folder safety-patch did not merge

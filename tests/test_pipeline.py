@@ -152,9 +152,15 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
         d = json.loads(f.read_text())
         edit(d)
         _rewrite_recorded(f, json.dumps(d))  # its stage's record updated too: the report's own checks
-        with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*" + re.escape(says)):
+        with pytest.raises(SafetyPatchError, match=re.escape(str(f)) + ".*" + re.escape(says)) as err:
             write_report(bad)
         assert not (bad / "report.md").exists()  # the earlier report is gone: nothing stale looks current
+        # ... and the error says so (a user's trial found the report gone with no word of why)
+        assert str(err.value).endswith("; the earlier report.md, report.html, tradeoff.png were removed, so that no "
+                                       "stale report looks current")
+        with pytest.raises(SafetyPatchError) as again:  # nothing left to remove: nothing said
+            write_report(bad)
+        assert "removed" not in str(again.value)
     # a gated arm's routing is counted again too: a record's route edited alone is refused
     bad = tmp_path / "edited"
     shutil.rmtree(bad)

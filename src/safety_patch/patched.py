@@ -210,16 +210,19 @@ class PatchedModel:
     def gate_scores(self, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 8) -> dict[str, torch.Tensor]:
         """Per gated item, its probe logits [n] on each prompt (token ids of the text to continue).
 
-        The gates read the hidden states with only the ungated items on, in one stopped pass
-        for every gate's layer. Raises SafetyPatchError where a gate cannot decide (NaN score).
+        The gates read the hidden states with only the ungated items on, in one pass for every
+        gate's layer that stops after the deepest (``gate.probe.route_states``). ``batch_size``: at most
+        this many rows per forward pass, at least 64 (a routing pass of short rows runs its
+        matmuls at a fraction of their rate in small batches). Raises SafetyPatchError where a
+        gate cannot decide (NaN score).
         """
-        from .gate.probe import layer_states
+        from .gate import probe
 
         if not self.gated:
             return {}
         with self.using(()) as m:
-            states = layer_states(m, tokenizer, prompts, sorted({i for g in self.gates.values() for i in g.layers}),
-                                  batch_size)
+            states = probe.route_states(m, prompts, sorted({i for g in self.gates.values() for i in g.layers}),
+                                        max(probe.ROUTE_MIN_BATCH, batch_size))
         return {name: g.scores(g.read(states)) for name, g in self.gates.items()}
 
     def gate_scores_max(self, tokenizer, views: Sequence[Sequence[Sequence[int]]], batch_size: int = 8) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import heapq
 import io
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..atomic import atomic_dir, write_json, write_text
@@ -140,7 +141,8 @@ def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8
         write_json(tmp / "summary.json", {
             "summary": summary, "ks": ks, "weight_seconds": round(weight_s, 2),
             "patches": [{"name": p.name, "path": str(p.path), "id": p.id, "method": p.meta.get("method"),
-                         "base_fingerprint": p.base_fingerprint} for p in ps],
+                         # a gated patch's ΔW and activation figures are its adapter's, always on
+                         "gated": p.gated, "base_fingerprint": p.base_fingerprint} for p in ps],
             "config": {"model": model, "ks": ks, "r": r, "interference_k": k_int if want_vectors else None,
                        "n_prompts": {"benign": len(benign or []), "jailbreak": len(jailbreak or [])},
                        "prompt_sources": prompt_sources or {}, "activations": bool(activ)},
@@ -157,8 +159,9 @@ def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8
         plots.per_layer(all_rows, "rel_norm", "||dW||_F / ||W0||_F", tmp, "magnitude_per_layer")
         if activ.get("hidden_shift"):
             plots.hidden_shift(activ["hidden_shift"], tmp)
-        write_text(tmp / "summary.txt", summary_text(summary, ks, activ, skipped=not want_vectors))
-    return {"summary": summary, "activations": activ, "weight_seconds": weight_s}
+        write_text(tmp / "summary.txt", summary_text(summary, ks, activ, skipped=not want_vectors,
+                                                     gated=[p.name for p in ps if p.gated]))
+    return {"summary": summary, "activations": activ, "weight_seconds": weight_s, "gated": [p.name for p in ps if p.gated]}
 
 
 def _sample_modules(patch) -> set[str]:
@@ -218,11 +221,15 @@ def _activations(lm, ps, vecs, benign, jailbreak, read_w0, force, k) -> dict:
             "gated_patches_measured_ungated": [p.name for p in ps if p.gated]}
 
 
-def summary_text(summary: dict, ks: list[int], activ: dict, skipped: bool = False) -> str:
-    """The readable summary; ``skipped``: no prompts were given, so the activation analysis did not run (said so)."""
+def summary_text(summary: dict, ks: list[int], activ: dict, skipped: bool = False, gated: Sequence[str] = ()) -> str:
+    """The readable summary; ``skipped``: no prompts were given, so the activation analysis did not run (said so);
+    ``gated``: names of gated patches, whose header says that ΔW and the activation figures describe
+    the adapter always on (a user's trial found this recorded only inside activations.json)."""
     lines = []
     for patch, s in summary.items():
-        lines.append(f"== {patch} ({s['modules']} modules)")
+        lines.append(f"== {patch} ({s['modules']} modules)"
+                     + (" [gated: its adapter measured always on; on prompts its gate passes, the patched model "
+                        "is the base]" if patch in gated else ""))
         lines.append(f"  median ||dW||/||W0||: {s['median_rel_norm']:.4g}   median ||dW||_F: {s['median_dW_fro']:.4g}")
         for k in ks:
             lines.append(f"  k={k:<4} input-side overlap {s[f'median_in_overlap@{k}']:.4f} (random {s[f'random_in_overlap@{k}']:.4f}); "

@@ -199,5 +199,6 @@ def analyze(
     with claim_output(out):
         res = run_analyze(model, list(patch), out, ks, r, b, j, device=device, force=force, overwrite=overwrite,
                           prompt_sources={k: v for k, v in sources.items() if v is not None})
-    typer.echo(summary_text(res["summary"], sorted(set(ks)), res["activations"], skipped=not (b or j)))
+    typer.echo(summary_text(res["summary"], sorted(set(ks)), res["activations"], skipped=not (b or j),
+                            gated=res["gated"]))
     typer.echo(f"wrote {out}")

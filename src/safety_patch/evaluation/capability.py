@@ -407,6 +407,9 @@ def evaluate_capability(model: str, patches: list, data: str | Path | None, cfg:
 
 
 def table(res: dict) -> str:
+    """Base / patched / delta rows of each metric, values with their 95% interval and n."""
+    from .safety import merged_note
+
     runs = res["runs"]
 
     def fmt(m):
@@ -418,7 +421,7 @@ def table(res: dict) -> str:
         return f"{m['value']:.4f} [{lo:.4f}, {hi:.4f}] n={m['n']}"
 
     names = [n for n in ("base", "patched", "delta") if n in runs]
-    lines = [f"{'metric':<16}" + "".join(f"{n:<36}" for n in names)]
+    lines = [*merged_note(res), f"{'metric':<16}" + "".join(f"{n:<36}" for n in names)]
     for key, label in (("nll", "nll/token"), ("kl", "kl(base||p)"), ("compliance", "answered"), ("humaneval", "humaneval@1"),
                        ("mc", "mc accuracy")):
         if any(key in runs[n] for n in names):

@@ -303,10 +303,15 @@ def provenance(lm, patches) -> dict:
     """Model, device, dtype, versions, code and time; ``patches``: each patch's path, id, base
     fingerprint, training data's manifest sha256, gate (layers, threshold) and ``item``, the name its gate logits and routes go by
     in the records (``patches.item_names``: ``patch0``, ``delta0``, …)."""
-    from ..patches import item_names
+    from ..patches import _merged_from, item_names
     from ..provenance import code_identity, library_versions
 
-    return {"model": lm.name, "fingerprint": lm.fingerprint, "device": str(lm.runtime.device),
+    # a checkpoint `patch merge` wrote: its "base" run is the patched model (a user's trial found it
+    # labelled and tabled as the base with nothing saying otherwise)
+    merged = [{"id": q.get("id"), "path": q.get("path")} for q in _merged_from(lm).get("patches", [])
+              if isinstance(q, dict)]
+    return {"model": lm.name, "fingerprint": lm.fingerprint, **({"merged_patches": merged} if merged else {}),
+            "device": str(lm.runtime.device),
             "dtype": str(lm.runtime.dtype).removeprefix("torch."),
             "patches": [{"path": str(p.path), "id": p.id, "item": item, "base_fingerprint": p.base_fingerprint,
                          # what it was trained on, by content (a user's trial found only the id here)
@@ -378,6 +383,18 @@ def evaluate(kind: str, model: str, patches: list, prompts: str, cfg: EvalConfig
             "provenance": provenance(lm, ps), "runs": runs}
 
 
+def merged_note(results: dict) -> list[str]:
+    """The line that says what an evaluation's ``base`` run is when the model evaluated is a
+    checkpoint ``patch merge`` wrote (``provenance.merged_patches``); [] for any other model.
+    ``base`` always means the model as given with no patch attached."""
+    prov = results.get("provenance") or {}
+    merged = prov.get("merged_patches")
+    if not merged:
+        return []
+    return [f"base = {prov.get('model')}, which has {len(merged)} patch{'es' * (len(merged) > 1)} merged into its "
+            "weights (merged_from.json): " + ", ".join(str(q.get("id")) for q in merged)]
+
+
 def table(results: dict) -> str:
     """Readable base vs patched table of the aggregates.
 
@@ -395,7 +412,7 @@ def table(results: dict) -> str:
             return "-"
         return f"{100 * p['value']:5.1f}% [{100 * p['ci95'][0]:4.1f}, {100 * p['ci95'][1]:4.1f}] n={p['n']}"
 
-    lines = [f"{metric} (Wilson 95% CI)", f"{'':<28}" + "".join(f"{n:<34}" for n in names)]
+    lines = [f"{metric} (Wilson 95% CI)", *merged_note(results), f"{'':<28}" + "".join(f"{n:<34}" for n in names)]
     agg = {n: runs[n]["aggregates"] for n in names}
     lines.append(f"{'overall':<28}" + "".join(f"{fmt(agg[n]['overall']):<34}" for n in names))
     for k, title in (("answered", "  answered (complied)"), ("refused", "  refused"),

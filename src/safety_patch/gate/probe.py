@@ -291,6 +291,30 @@ def layer_states(model, tokenizer, prompts: Sequence[Sequence[int]], layers: Seq
     return {li: torch.stack(v) if v else torch.zeros(0, dim) for li, v in out.items()}
 
 
+ROUTE_MIN_BATCH = 64
+"""Rows a routing pass may put in one forward pass whatever batch size its caller generates with
+(``PatchedModel.gate_scores``): short rows in batches of 8 run the matmuls at a fraction of
+their rate (bench/routing_speed.py)."""
+
+
+def route_states(model, prompts: Sequence[Sequence[int]], layers: Sequence[int],
+                 max_batch: int = ROUTE_MIN_BATCH) -> dict[int, torch.Tensor]:
+    """What a gate reads when it routes: the hidden states after each of ``layers`` at each
+    prompt's last token, {layer: [n, hidden] fp32}, read in one pass that stops after the deepest.
+
+    Read the way a gate's own training features are read by default (``gate.config.BATCHING``,
+    :func:`safety_patch.shared_prefix.last_token_states_at`): a beginning several prompts share
+    (the chat template's system turn, a jailbreak template's opening) is read once, the rest in
+    passes of at most ``max_batch`` rows and 2,048 tokens. Equal to :func:`layer_states` to float
+    rounding (tests/test_shared_prefix.py bounds it; bench/routing_speed.py counts the routes that
+    change). ``prompts``: token ids, each non-empty. Raises SafetyPatchError for a layer the model
+    lacks or an empty prompt.
+    """
+    from ..shared_prefix import last_token_states_at
+
+    return last_token_states_at(model, prompts, layers, max_batch=max(1, max_batch))
+
+
 def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 300,
               intercept: bool = True, sample_weight: torch.Tensor | None = None,
               feature_scale: torch.Tensor | None = None,

@@ -55,19 +55,27 @@ def to_html(B: list[tuple]) -> str:
     return "\n".join(parts)
 
 
+REPORT_FILES = ("report.md", "report.html", "tradeoff.png")
+"""What :func:`write_report` writes in a run folder (and removes before it reads anything)."""
+
+
 def write_report(run: str | Path) -> dict:
     """Write report.md, report.html and tradeoff.png for a run folder; returns the claims.
 
     Fails closed: any results file that is not JSON, is edited, or lacks a field the report reads
     is one SafetyPatchError line, and the run's earlier report files are removed first, so a failed
-    regeneration never leaves an older report looking current."""
+    regeneration never leaves an older report looking current; the error line names the files it
+    removed (a user's trial found them gone with no word of why)."""
     from ..errors import SafetyPatchError
 
     run = Path(run)
-    for name in ("report.md", "report.html", "tradeoff.png"):
+    removed = [name for name in REPORT_FILES if (run / name).is_file()]
+    for name in REPORT_FILES:
         (run / name).unlink(missing_ok=True)
-    rd = RunData(run)
+    said = (f"; the earlier {', '.join(removed)} {'was' if len(removed) == 1 else 'were'} removed, so that no "
+            "stale report looks current") if removed else ""
     try:
+        rd = RunData(run)
         tradeoff_figure(rd, run)
         B = blocks(rd)
         out = {"claims": claims(rd)}
@@ -76,7 +84,12 @@ def write_report(run: str | Path) -> dict:
         # drawn before the failure goes too: nothing of a failed report is left looking current
         (run / "tradeoff.png").unlink(missing_ok=True)
         raise SafetyPatchError(f"{run}: a results file lacks or mistypes a field the report reads "
-                               f"({type(e).__name__}: {e}); run that stage again (`reproduce` re-runs it)") from None
+                               f"({type(e).__name__}: {e}); run that stage again (`reproduce` re-runs it){said}") from None
+    except SafetyPatchError as e:
+        (run / "tradeoff.png").unlink(missing_ok=True)
+        if not said:
+            raise
+        raise SafetyPatchError(f"{e}{said}") from None
     except BaseException:
         (run / "tradeoff.png").unlink(missing_ok=True)
         raise

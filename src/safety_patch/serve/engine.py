@@ -487,7 +487,7 @@ class GateProbe:
              views: Sequence[Sequence[Sequence[int]]] | None = None) -> list[Route]:
         """Route each prompt for model ``name``: its patch is active iff ungated or its gate fires on
         one of the prompt's ``views`` (default: the prompt alone)."""
-        from ..gate.probe import layer_states
+        from ..gate.probe import route_states
 
         if name == BASE:
             return [Route(name) for _ in prompts]
@@ -497,7 +497,7 @@ class GateProbe:
         views = [[list(p)] for p in prompts] if views is None else views
         flat = [ids for v in views for ids in v]
         with self._lock:
-            states = layer_states(self.model, self.tokenizer, flat, list(gate.layers), max(1, len(flat)))
+            states = route_states(self.model, flat, list(gate.layers))  # as PatchedModel.gate_scores reads them
         from ..patched import max_per_prompt
 
         logits = max_per_prompt(gate.scores(gate.read(states)), [len(v) for v in views])
