@@ -26,7 +26,11 @@ names (its first call of each batch shape compiles: time each with ``--repeats 2
 before it read a batch's shared prefix once: the system turn of the chat template, a shared
 jailbreak opening). ``layer-states-routing`` is the product's decoder with a gated patch's
 routing pass as it was before session 44 (``gate.probe.layer_states``: whole prompts in
-batches of the generation's batch size) instead of ``gate.probe.route_states``. Each row of another decoder is compared with the ``pruned`` row of the same
+batches of the generation's batch size) instead of ``gate.probe.route_states``.
+``matmul-decode-attention`` is the product's decoder with attention for one query position (a
+decode step) computed by plain matmuls instead of transformers' SDPA
+(:func:`plain_decode_attention`; the prompt pass unchanged), a candidate measured with its
+answer mismatch rate. Each row of another decoder is compared with the ``pruned`` row of the same
 dtype and batch (identical answers, share). For ``pruned`` and ``unshared`` rows, ``prompt_tokens``
 counts the prompts' own tokens and ``prompt_positions`` the positions their prompt passes computed
 (padding and shared tokens read once included). With
@@ -175,8 +179,18 @@ def main() -> None:
             finally:
                 module.forward = eager
 
+        def matmul_attention(module, ids, mask, max_new_tokens, eos_ids, adapter_names=None):
+            # the product's decoder with one-query attention by plain matmuls (plain_decode_attention)
+            cfg = module.config
+            before = cfg._attn_implementation
+            cfg._attn_implementation = register_plain_decode_attention()
+            try:
+                return counted(module, ids, mask, max_new_tokens, eos_ids, adapter_names)
+            finally:
+                cfg._attn_implementation = before
+
         decoders = {"pruned": counted, "unshared": counted, "layer-states-routing": counted, "hf": hf,
-                    "hf-static-compiled": hf_static_compiled}
+                    "hf-static-compiled": hf_static_compiled, "matmul-decode-attention": matmul_attention}
         if name not in decoders:
             raise SystemExit(f"--decoders: unknown decoder {name!r} ({', '.join(decoders)})")
         generation.greedy = decoders[name]
@@ -281,6 +295,39 @@ def main() -> None:
     write(args.name, {"prompts": len(convs), "max_new_tokens": args.max_new_tokens, "threads": threads,
                                "matmul_peak_gflops": {"float32": round(peak32, 1), "bfloat16": round(peak16, 1)},
                                "cpu_flags": cpu_flags(), "skipped": skipped, "linear_only_bound": bounds, "rows": rows}, run=(ap, args))
+
+
+def plain_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention for one query position by two plain matmuls and a softmax (a decode step), else
+    transformers' SDPA path unchanged. ``query`` [b, heads, q, d], ``key``/``value`` [b, kv_heads, t, d]
+    (grouped-query heads read their KV head as rows of one matmul); returns ([b, q, heads, d], None)
+    as transformers' attention functions do. A profile put CPU flash attention for one query at
+    ~1 ms a layer a step on the embedded model (session 43): per-block overhead."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    b, h, _, d = query.shape
+    kvh = key.shape[1]
+    q = query.reshape(b, kvh, h // kvh, d)
+    s = torch.matmul(q, key.transpose(-1, -2)) * (scaling if scaling is not None else d**-0.5)
+    if attention_mask is not None:  # [b, 1, 1, t]: True / 0 where a row attends
+        s = s.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool else s + attention_mask
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(p, value).reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+
+def register_plain_decode_attention() -> str:
+    """Register :func:`plain_decode_attention` (with SDPA's mask) with transformers; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    name = "bench_plain_decode"
+    AttentionInterface.register(name, plain_decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    return name
 
 
 def attached_patch(lm, patch: str):

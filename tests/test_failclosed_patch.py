@@ -447,7 +447,7 @@ def test_merge_refuses_a_lora_on_a_tied_lm_head(tmp_path):
 
 
 def test_merge_checks_merged_against_attached_before_writing(base, tmp_path, monkeypatch):
-    import safety_patch.patches as patches
+    import safety_patch.patches.merge as patches  # merge_to_checkpoint calls merged_state_dict there
 
     model, tok, fp = base
     lm = LoadedModel.from_objects(model, tok)

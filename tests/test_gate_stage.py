@@ -947,11 +947,23 @@ def test_a_gate_that_never_fires_is_refused_everywhere(data_dir, tiny_dir, lm, g
     coin = {"validation": {"direct_vs_benign": {"auroc": {"value": 0.54, "n_pos": 20, "n_neg": 30, "ci95": [0.38, 0.70]}}}}
     said = gate_folder.check_protects(coin, "x")
     assert "validation AUROC (harmful direct vs benign) is 0.540 [0.380, 0.700], n = 20 + 30" in said
-    from safety_patch import patches
+    from safety_patch.patches import folder as patches
 
     assert patches._gate_info({"layer": 3, "threshold": 0.5, **coin})["gate_warning"] == said.replace(": x:", ": patch.json 'gate':")
     coin["validation"]["direct_vs_benign"]["auroc"]["ci95"] = [0.51, 0.70]
     assert gate_folder.check_protects(coin, "x") is None and "gate_warning" not in patches._gate_info({"layer": 3, **coin})
+    # the line `serve` prints per gate at start: its measured routing, and any warning its record gives
+    rec = {"layer": 3, "extra_layers": [4], "threshold": 0.5, "harmful": 40, "benign": 60, **coin}
+    rec["validation"]["fired"] = {"harmful_direct": {"value": 0.7, "k": 14, "n": 20},
+                                  "borderline": {"value": 0.1, "k": 3, "n": 30}}
+    assert patches.gate_summary(rec) == ("layers 3, 4, threshold +0.500; fit on 40 harmful / 60 benign prompts; fires on "
+                                         "harmful_direct 70.0% (14/20), borderline 10.0% (3/30) (val split)")
+    rec["validation"]["direct_vs_benign"]["auroc"]["ci95"] = [0.38, 0.70]
+    assert patches.gate_summary(rec).endswith("(val split) (warning: patch.json 'gate': the gate's validation AUROC "
+                                              "(harmful direct vs benign) is 0.540 [0.380, 0.700], n = 20 + 30: not told "
+                                              "apart from chance; which prompts get the patch is near random; check "
+                                              "`gate eval` before relying on it)")
+    assert patches.gate_summary({"layer": 1, "threshold": 0.0}) == "layer 1, threshold +0.000; no validation report recorded"
     # a record without figures (the Python API): `patch verify` routes probe prompts through it
     quiet = make_lora_patch(lm.model, tmp_path / "q", lm.fingerprint, seed=4)
     g = Gate.load(gate_dir)

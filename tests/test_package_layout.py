@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES = {"safety_patch.gate": ("folder", "probe"), "safety_patch.report": ("render", "read")}
+PACKAGES = {"safety_patch.gate": ("folder", "probe"), "safety_patch.patches": ("merge", "attach"),
+            "safety_patch.report": ("render", "read")}
 """Each package, with one module and a sibling it imports (the check below is shown to fail on them)."""
 
 

@@ -5,7 +5,7 @@ import torch
 
 from safety_patch.errors import SafetyPatchError
 from safety_patch.fingerprint import fingerprint
-from safety_patch.patches import attached, finalize_patch, merged_state_dict, read_patch
+from safety_patch.patches import attached, finalize_patch, merged_state_dict, read_patch, verify
 from safety_patch.testing import make_delta_patch, make_lora_patch, tiny_llama
 
 
@@ -118,6 +118,13 @@ def test_wrong_base_is_refused_unless_forced(base, tmp_path):
     assert "(the patch's base: test; loaded: " in str(e.value)  # names both sides (it said "vs this model")
     with attached(model, [p], fp, force=True) as m:
         assert not torch.allclose(logits(m, ids), logits(model.__class__(model.config), ids))
+    # a user's trial: a patch for a model of another width was refused for its shapes, not for its base
+    wide, _ = tiny_llama(hidden=48)
+    q = make_lora_patch(wide, tmp_path / "wide", "1" * 64)
+    with pytest.raises(SafetyPatchError, match="was made for base 111111111111"):
+        verify(read_patch(q), model, fp)
+    with pytest.raises(SafetyPatchError, match="has shape"):  # forced: the shapes still refuse it
+        verify(read_patch(q), model, fp, force=True)
 
 
 def test_adapter_naming_missing_modules_is_rejected(base, tmp_path):

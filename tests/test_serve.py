@@ -465,13 +465,19 @@ def test_a_stop_signal_lets_answers_finish_then_cuts_them_as_the_servers_doing(w
     assert (line["status"], line["error"], line["finish_reason"]) == (503, "server shutting down", "cancelled")
     # the command itself: SIGTERM is a normal stop (exit 0, its summary line, no traceback)
     proc = subprocess.Popen([str(Path(sys.executable).parent / "safety-patch"), "serve", "--model", world["model"], "--port", "0",
-                             "--audit-log", str(tmp_path / "a2.jsonl")], stderr=subprocess.PIPE, text=True,
+                             "--audit-log", str(tmp_path / "a2.jsonl"), "--patch", str(world["gated"])],
+                            stderr=subprocess.PIPE, text=True,
                             env={**__import__("os").environ, "SAFETY_PATCH_ALLOCATOR": "system"})
     err = ""
     for err_line in proc.stderr:  # wait until it listens
         err += err_line
         if "[serve] models:" in err_line:
             break
+    # what the gate was measured to route is said before it serves (a user's trial: a quick-size gate served silently)
+    from safety_patch.patches import read_patch
+    from safety_patch.patches.folder import gate_summary
+
+    assert f"[serve] safety: the gate of {world['gated']}: {gate_summary(read_patch(world['gated']).meta['gate'])}\n" in err
     base = err.split("http://", 1)[1].split("/v1", 1)[0]
     t0 = time.monotonic()
     while True:  # the line comes before uvicorn listens (and installs its signal handlers)

@@ -519,9 +519,9 @@ def model_info(lm: LoadedModel) -> dict:
 def _merge_summary(lm: LoadedModel) -> dict:
     """For a checkpoint `patch merge` wrote: its original base and the patches folded in, in order
     (from merged_from.json; its weights were checked against the record when it loaded)."""
-    from .patches import _merged_from
+    from .patches import merged_from
 
-    rec = _merged_from(lm)  # {} for any other model
+    rec = merged_from(lm)  # {} for any other model
     if not rec:
         return {}
     base = rec.get("base") if isinstance(rec.get("base"), dict) else {}

@@ -303,12 +303,12 @@ def provenance(lm, patches) -> dict:
     """Model, device, dtype, versions, code and time; ``patches``: each patch's path, id, base
     fingerprint, training data's manifest sha256, gate (layers, threshold) and ``item``, the name its gate logits and routes go by
     in the records (``patches.item_names``: ``patch0``, ``delta0``, …)."""
-    from ..patches import _merged_from, item_names
+    from ..patches import item_names, merged_from
     from ..provenance import code_identity, library_versions
 
     # a checkpoint `patch merge` wrote: its "base" run is the patched model (a user's trial found it
     # labelled and tabled as the base with nothing saying otherwise)
-    merged = [{"id": q.get("id"), "path": q.get("path")} for q in _merged_from(lm).get("patches", [])
+    merged = [{"id": q.get("id"), "path": q.get("path")} for q in merged_from(lm).get("patches", [])
               if isinstance(q, dict)]
     return {"model": lm.name, "fingerprint": lm.fingerprint, **({"merged_patches": merged} if merged else {}),
             "device": str(lm.runtime.device),

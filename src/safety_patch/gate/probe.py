@@ -17,7 +17,7 @@ Who applies it: ``patched.PatchedModel`` (what ``patches.attached`` yields) read
 and routes; ``generation.complete_texts`` (every generation path), ``evaluation.capability``
 (teacher-forced NLL/KL, gated on the prompt part), the serve engine and the gcg attack ask it
 per prompt. A gated patch cannot be merged into weights, nor trained on top of (its adapter
-is not always on), and lm-eval scoring refuses it; ``patches.py`` says so with an error. For
+is not always on), and lm-eval scoring refuses it; ``patches`` says so with an error. For
 vLLM, the adapter folder loads unchanged; route a request to it (``LoRARequest``) only when
 the gate fires (``safety-patch serve --upstream`` does, docs/deploy.md).
 
