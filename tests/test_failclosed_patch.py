@@ -398,12 +398,14 @@ def test_adapter_config_invalid_or_rank_mismatch(base, tmp_path):
 
 
 def test_force_waives_the_fingerprint_never_the_shapes(base, tmp_path):
-    """X04/X06: a LoRA made for another hidden size gets one shape error, forced or not."""
+    """X04/X06: a LoRA made for another hidden size is refused for its base (unforced) and, forced, gets
+    one shape error: --force waives the fingerprint, never the shapes."""
     model, tok, fp = base
     other, otok = tiny_llama(hidden=64)
     p = read_patch(make_lora_patch(other, tmp_path / "h64", fingerprint(other, otok)))
-    for force in (False, True):
-        with pytest.raises(SafetyPatchError, match=r"has shape \(4, 128\), the model needs \(4, 64\)"):
+    for force, says in ((False, r"was made for base .*; pass --force to attach anyway"),
+                        (True, r"has shape \(4, 128\), the model needs \(4, 64\)")):
+        with pytest.raises(SafetyPatchError, match=says):
             with attached(model, [p], fp, force=force):
                 pass
     assert all("lora" not in n for n, _ in model.named_modules())

@@ -245,7 +245,7 @@ def test_a_gate_fit_on_the_base_applied_to_a_patch_trained_on_a_stack_is_warned_
     on (`gate.fit_stack`); apply and attach warn."""
     import logging
 
-    from safety_patch import patches as patches_mod
+    from safety_patch.patches import attach as patches_mod
     from safety_patch.patches import attached
 
     caplog.set_level(logging.WARNING, logger="safety_patch")

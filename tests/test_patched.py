@@ -618,7 +618,7 @@ def test_a_stack_is_not_detached_while_the_interpreter_shuts_down(gated, monkeyp
     """attach_for_inference's stack, closed by the garbage collector at interpreter shutdown, is
     left as it is (the process is ending; PEFT's unload would start a thread that cannot start).
     Closed any other time it is detached: test_the_loaded_model_is_never_swapped above."""
-    from safety_patch import patches as patches_mod
+    from safety_patch.patches import attach as patches_mod
     from safety_patch.patches import attach_for_inference
 
     model, tok, p, _ = gated
@@ -701,8 +701,8 @@ def test_a_gate_stacked_with_an_always_on_patch_it_was_not_fit_with_is_warned_ab
     routing unmeasured: said once (a server re-attaches its stacks), and not for a gate fit on top of it."""
     import logging
 
-    from safety_patch import patches as patches_mod
     from safety_patch.gate.probe import fit_gate
+    from safety_patch.patches import attach as patches_mod
     from safety_patch.patches import finalize_patch
 
     model, tok = tiny_llama()
