@@ -3,13 +3,13 @@
 Run: .venv/bin/python bench/finite_guard.py [--model default] [--repeats 5]
 
 `train` checks every trainable gradient before each optimiser step and every trainable weight
-after it (train/run.py::_finite_guard: a NaN adapter turns every answer empty, which a safety
+after it (train/callbacks.py::_finite_guard: a NaN adapter turns every answer empty, which a safety
 evaluation would score as perfect). For a full-parameter run on the embedded model that is
 2 x 134.5M values per step. Arms, on the model's own parameters with random gradients, in one
 process and alternating:
 
 * ``isfinite per tensor``: ``torch.isfinite(t).all()`` per tensor (the guard before session 19);
-* ``fused norm``: ``train.run._nonfinite``: one ``torch.nn.utils.get_total_norm`` over all of
+* ``fused norm``: ``train.callbacks._nonfinite``: one ``torch.nn.utils.get_total_norm`` over all of
   them, the exact scan only when that is not finite.
 
 Both must agree (finite here). Prints a table, writes bench/results/finite_guard.json.
@@ -37,7 +37,7 @@ def per_tensor(named) -> str | None:
 def main() -> None:
     from safety_patch import runtime as rt
     from safety_patch.models import load_model
-    from safety_patch.train.run import _nonfinite
+    from safety_patch.train.callbacks import _nonfinite
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from safety_patch.data.build import DataConfig, build
 from safety_patch.errors import SafetyPatchError
-from safety_patch.train import run
+from safety_patch.train import callbacks, checkpoints
 from safety_patch.train.api import resolve_config
 from safety_patch.train.config import TrainConfig, override, recipe_names
 from safety_patch.train.run import train
@@ -119,14 +119,14 @@ def small(recipe: str = "paper", extra: dict | None = None, **kw) -> TrainConfig
 
 def test_nonfinite_helper_names_the_first_bad_tensor():
     ok, bad = torch.ones(3), torch.tensor([1.0, math.nan])
-    assert run._nonfinite([("a", ok), ("b", None)]) is None
-    assert run._nonfinite([("a", ok), ("b", bad), ("c", torch.tensor([math.inf]))]) == "b"
-    assert run._nonfinite([("a", ok), ("c", torch.tensor([1.0, -math.inf]))]) == "c"
+    assert callbacks._nonfinite([("a", ok), ("b", None)]) is None
+    assert callbacks._nonfinite([("a", ok), ("b", bad), ("c", torch.tensor([math.inf]))]) == "b"
+    assert callbacks._nonfinite([("a", ok), ("c", torch.tensor([1.0, -math.inf]))]) == "c"
     # finite values whose sum of squares overflows fp32: the fused norm is inf, the exact scan clears them
     huge = torch.full((4,), 3e38)
     assert not torch.isfinite(torch.nn.utils.get_total_norm([huge]))
-    assert run._nonfinite([("a", ok), ("h", huge)]) is None
-    assert run._nonfinite([("h", huge), ("n", torch.tensor([0.0, math.nan]))]) == "n"
+    assert callbacks._nonfinite([("a", ok), ("h", huge)]) is None
+    assert callbacks._nonfinite([("h", huge), ("n", torch.tensor([0.0, math.nan]))]) == "n"
 
 
 def test_a_diverging_run_stops_without_a_patch(data_dir, tiny_dir, tmp_path):
@@ -214,8 +214,8 @@ def test_resume_after_a_kill_mid_checkpoint_is_bit_identical(family, data_dir, t
     _killed_while_saving(data_dir, tiny_dir, tmp_path / "res", cfg, 4)
     work = tmp_path / ".res.partial"
     assert (work / "checkpoints" / "checkpoint-4").is_dir()  # cut short: never resumed from
-    assert not (work / "checkpoints" / "checkpoint-4" / run.CHECKPOINT_STATE).exists()
-    leg1 = json.loads((work / "checkpoints" / "checkpoint-2" / run.CHECKPOINT_STATE).read_text())
+    assert not (work / "checkpoints" / "checkpoint-4" / checkpoints.CHECKPOINT_STATE).exists()
+    leg1 = json.loads((work / "checkpoints" / "checkpoint-2" / checkpoints.CHECKPOINT_STATE).read_text())
 
     meta = train(data_dir, tmp_path / "res", cfg, model=str(tiny_dir), progress=False, resume=True)
     t = meta["training"]
@@ -286,7 +286,7 @@ def test_resume_refuses_a_run_without_a_complete_checkpoint_or_its_record(data_d
         train(data_dir, tmp_path / "p", small(), model=str(tiny_dir), progress=False, resume=True)
     # a partial folder whose run record is gone cannot prove the settings: refused
     _killed_while_saving(data_dir, tiny_dir, tmp_path / "q", small(), 4)
-    (tmp_path / ".q.partial" / run.RUN_FILE).unlink()
+    (tmp_path / ".q.partial" / checkpoints.RUN_FILE).unlink()
     with pytest.raises(SafetyPatchError, match="run.json is missing"):
         train(data_dir, tmp_path / "q", small(), model=str(tiny_dir), progress=False, resume=True)
 

@@ -11,16 +11,15 @@ the run's settings, base model and data are recorded in ``RUN_FILE`` and a resum
 difference is refused; the KL anchor's stream position, the metrics log's length and the
 cost figures so far travel with each checkpoint. A non-finite gradient, weight or logged
 loss stops training with an error, before any patch is written.
+
+The work folder, checkpoints and resume checks are :mod:`.checkpoints`; the trainer callbacks
+(the finite guard, the plan check, early stop, the last step, the metrics log) :mod:`.callbacks`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -33,187 +32,30 @@ from ..errors import SafetyPatchError
 from ..outputs import claims_output
 from ..patches import DELTA_FILE, finalize_patch
 from ..provenance import library_versions
+from .callbacks import (
+    _check_lr_plan,
+    _early_stop,
+    _finite_guard,
+    _last_step,
+    _Metrics,
+    _nonfinite,
+    _PlanError,
+)
+from .checkpoints import (
+    RUN_FILE,
+    _check_resume,
+    _checkpoint_state,
+    _checkpoints,
+    _delta,
+    _last_checkpoint,
+    _read_checkpoint_state,
+    _rewind,
+    _rows_sha256,
+    _snapshotter,
+    _work_dir,
+)
 from .config import TrainConfig, parse_layers
 from .data import dpo_rows, drop_too_long, training_rows
-
-
-def _work_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
-
-
-CHECKPOINT_STATE = "safety_patch_state.json"
-"""Written last, atomically, into every checkpoint folder (see ``_checkpoint_state``): the
-trainer writes a checkpoint in place (model, optimizer, scheduler, RNG, trainer_state.json), so
-a folder without this file was cut short by a kill and is never resumed from."""
-RUN_FILE = "run.json"
-"""The run's identity in its work folder: resolved config, data hashes, base fingerprint,
-stack, dtype and world size. ``--resume`` refuses any difference."""
-
-
-def _checkpoints(work: Path) -> list[Path]:
-    """The checkpoint-N folders under ``work``, oldest (lowest N) first."""
-    ck = work / "checkpoints"
-    if not ck.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ck.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def _last_checkpoint(work: Path) -> str | None:
-    """The newest *complete* checkpoint under ``work`` (one holding ``CHECKPOINT_STATE``), or None."""
-    done = [p for p in _checkpoints(work) if (p / CHECKPOINT_STATE).is_file()]
-    return str(done[-1]) if done else None
-
-
-def _read_checkpoint_state(ckpt: str) -> dict:
-    path = Path(ckpt) / CHECKPOINT_STATE
-    try:
-        st = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SafetyPatchError(f"{path}: unreadable checkpoint state ({e}); run without --resume to start over") from None
-    if not isinstance(st, dict) or not isinstance(st.get("step"), int):
-        raise SafetyPatchError(f"{path}: not a checkpoint state; run without --resume to start over")
-    return st
-
-
-def _rows_sha256(*parts) -> str:
-    """sha256 of the rows training reads (after the config's selection): an edited data file
-    changes it even where the manifest does not."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def _short(value) -> str:
-    """A value for a one-line diff: long strings (hashes, fingerprints) cut to their first 12 characters."""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 24 else text[:12] + "..."
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """``{"lora": {"rank": 8}}`` -> ``{"lora.rank": 8}``."""
-    out: dict = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[prefix + k] = v
-    return out
-
-
-# Settings a resumed run may change: when checkpoints and logs are written, and recomputation
-# (the same adapter bit for bit, OptimSettings.gradient_checkpointing); none changes the patch.
-RESUME_FREE = frozenset({"optim.save_steps", "optim.logging_steps", "optim.gradient_checkpointing"})
-
-
-def _check_resume(work: Path, identity: dict) -> None:
-    """Refuse to resume ``work`` when ``identity`` (the keys given) differs from the interrupted
-    run's ``RUN_FILE``, except for the settings in ``RESUME_FREE``; the one-line error lists every
-    difference as ``field old -> new``."""
-    path = work / RUN_FILE
-    try:
-        prior = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SafetyPatchError(f"cannot resume {work}: {RUN_FILE} is missing, so the interrupted run's settings are "
-                               f"unknown; run without --resume to start over") from None
-    except (OSError, ValueError) as e:
-        raise SafetyPatchError(f"cannot resume {work}: {path} is unreadable ({e}); run without --resume to start over") from None
-    diffs = []
-    for key, new in identity.items():
-        old = prior.get(key) if isinstance(prior, dict) else None
-        if key == "config" and isinstance(old, dict):
-            old, new = _flat(old), _flat(new)  # groups: name the field, "lora.rank 8 -> 4"
-            diffs += [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new))
-                      if old.get(k) != new.get(k) and k not in RESUME_FREE]
-        elif old != new:
-            diffs.append(f"{key} {_short(old)} -> {_short(new)}")
-    if diffs:
-        raise SafetyPatchError(f"cannot resume {work}: the interrupted run used other settings ({'; '.join(diffs)}); "
-                               f"resume with the same ones, or run without --resume to start over")
-
-
-def _nonfinite(named) -> str | None:
-    """The name of the first tensor in ``named`` ((name, tensor or None) pairs) holding a NaN or
-    an infinity, or None; one device sync for all of them."""
-    tensors = [(n, t.detach()) for n, t in named if t is not None]
-    if not tensors:
-        return None
-    # Fast path: one fused norm over every tensor (one read of each; a NaN or an infinity anywhere
-    # makes it non-finite). isfinite().all() per tensor made ~4 passes and a bool copy of each:
-    # 6% of a full-parameter step of the embedded model (profile, docs/lab-notebook.md session 19).
-    # A finite norm proves every element finite; a non-finite one (or an overflow of the sum of
-    # squares) falls through to the exact scan, which decides.
-    if torch.isfinite(torch.nn.utils.get_total_norm([t for _, t in tensors], foreach=True)):
-        return None
-    dev = tensors[0][1].device
-    ok = torch.stack([torch.isfinite(t).all().to(dev) for _, t in tensors])
-    if bool(ok.all()):
-        return None
-    return tensors[int((~ok).nonzero()[0, 0])][0]
-
-
-def _finite_guard(lr: float):
-    """A callback that stops training with ``SafetyPatchError`` at the first non-finite gradient
-    (before the optimiser applies it), weight (after a step) or logged value (loss, grad norm):
-    an all-NaN adapter turns every answer empty, which a safety evaluation scores as perfect.
-    Gradients are all-reduced, so under DDP every rank stops at the same step."""
-    from transformers import TrainerCallback
-
-    def stop(step: int, what: str) -> None:
-        raise SafetyPatchError(f"training stopped at step {step}: {what} is not finite (learning rate {lr:g}; a "
-                               f"lower one may train); no patch written")
-
-    class FiniteGuard(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            if args.fp16:  # fp16's loss scaler skips a step with overflowed gradients by design
-                return
-            bad = _nonfinite((n, p.grad) for n, p in model.named_parameters() if p.requires_grad)
-            if bad:
-                stop(state.global_step + 1, f"the gradient of {bad}")
-
-        def on_step_end(self, args, state, control, model=None, **kw):
-            bad = _nonfinite((n, p) for n, p in model.named_parameters() if p.requires_grad)
-            if bad:
-                stop(state.global_step, f"weight {bad}")
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            for k, v in (logs or {}).items():
-                if isinstance(v, float) and not math.isfinite(v) and not (args.fp16 and k == "grad_norm"):
-                    stop(state.global_step, f"the logged {k} ({v})")
-
-    return FiniteGuard()
-
-
-def _checkpoint_state(metrics: Path, anchor, clock: dict):
-    """A callback that completes each checkpoint: after the trainer has written it, rank 0 writes
-    ``CHECKPOINT_STATE`` into it (atomically, last) with what a resume needs beyond the
-    trainer's own state: the KL anchor stream's position, the metrics log's length at this
-    step, and the cost figures so far (wall seconds and peak memory over every leg)."""
-    from transformers import TrainerCallback
-
-    from ..runtime import peak_memory_mb
-
-    class CheckpointState(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            # A checkpoint step is a logged step too: the trainer keeps the loss of the steps since
-            # its last log in memory only, so a run resumed from a checkpoint between two logs lost
-            # those steps' losses (its train_loss and logged window means differed from the
-            # uninterrupted run's, its adapter did not). Logged here, they are in the checkpoint.
-            if control.should_save:
-                control.should_log = True
-
-        def on_save(self, args, state, control, **kw):
-            if not state.is_world_process_zero:
-                return
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_json(ckpt / CHECKPOINT_STATE, {
-                "step": state.global_step,
-                "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0,
-                "wall_seconds": clock["prior_wall"] + time.time() - clock["t0"],
-                "peak_memory_mb": max(clock["prior_peak"], peak_memory_mb(clock["device"])),
-                "legs": clock["legs"],
-                "anchor": anchor.state() if anchor is not None else None,
-            })
-
-    return CheckpointState()
 
 
 def _check_answers_are_the_bases(data, lm, cfg: TrainConfig, counts: dict, anchored: bool) -> None:
@@ -269,138 +111,6 @@ def _check_targets(model, cfg: TrainConfig) -> None:
             raise SafetyPatchError(f"--rank {cfg.lora.rank} is larger than the smallest adapted matrix allows: {name} "
                                    f"is {m.out_features} x {m.in_features}, so no update of it has rank above {cap}; "
                                    f"use --rank {cap} or less")
-
-
-class _Metrics:
-    """A Trainer callback: appends every log to metrics.jsonl and tracks peak memory and tokens."""
-
-    def __new__(cls, path: Path):
-        from transformers import TrainerCallback
-
-        class Callback(TrainerCallback):
-            def __init__(self):
-                self.path = path
-                self.t0 = time.time()  # a resumed run moves it back by the earlier legs' seconds
-                self.tokens = 0
-
-            def on_log(self, args, state, control, logs=None, **kw):
-                if not state.is_world_process_zero or not logs:
-                    return
-                self.tokens = int(state.num_input_tokens_seen or 0)
-                rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "tokens": self.tokens,
-                       "seconds": round(time.time() - self.t0, 2), **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-                if rec["seconds"] > 0:
-                    rec["tokens_per_s"] = round(self.tokens / rec["seconds"], 1)
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-
-        return Callback()
-
-
-def _delta(model, base: dict) -> dict[str, torch.Tensor]:
-    """W - W0 of every tensor that changed: the full-parameter patch's weights.
-
-    Computed in fp32 and stored in the model's dtype when that is bf16 or fp16 (an fp32 delta
-    of a bf16 model doubles the patch's size for precision the weights do not have: 29.5 GB
-    instead of ~15 at 8B, issue 24); fp32 models keep fp32. Unchanged tensors are left out."""
-    delta = {}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            d = p.detach().to("cpu", torch.float32) - base[n].to(torch.float32)
-            if torch.count_nonzero(d):
-                keep = p.dtype if p.dtype in (torch.bfloat16, torch.float16) else torch.float32
-                delta[n] = d.to(keep).contiguous()
-    return delta
-
-
-def _snapshotter(work: Path, steps: list[int], base: dict | None):
-    """A callback that writes the weights after each listed optimiser step to work/snapshots/step-N."""
-    from safetensors.torch import save_file
-    from transformers import TrainerCallback
-
-    class Snapshots(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kw):
-            if state.global_step not in steps or not state.is_world_process_zero:
-                return
-            d = work / "snapshots" / f"step-{state.global_step}"
-            tmp = d.with_name(d.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            if base is None:
-                model.save_pretrained(str(tmp), safe_serialization=True)
-            else:
-                save_file(_delta(model, base), str(tmp / DELTA_FILE), metadata={"format": "pt"})
-            shutil.rmtree(d, ignore_errors=True)  # a replay after --resume writes the same step again
-            tmp.rename(d)
-
-    return Snapshots()
-
-
-class _PlanError(SafetyPatchError):
-    """A run's plan refused before its first step (:func:`_check_lr_plan`): nothing to resume."""
-
-
-def _check_lr_plan(stop_after: float | None, snapshot_steps: list[int]):
-    """A callback that refuses, before the first step, a stop or a snapshot at a step every step
-    up to which runs at lr 0: transformers' warmup starts at 0, so with any warmup the first
-    optimiser step changes nothing, and a run stopped (``--stop-after``) or snapshotted
-    (``--snapshot-steps``) there is the base (an all-zero LoRA B, or a zero delta), which the
-    patch writer refuses only after the whole run. Raises SafetyPatchError naming the flag."""
-    from transformers import TrainerCallback
-
-    class CheckPlan(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            n = state.max_steps
-            zero = 1 if args.get_warmup_steps(n) >= 1 else 0  # step 1 at lr 0: the warmup's factor starts at 0
-            if not zero:
-                return
-            if stop_after is not None and stop_after < 1 and max(round(stop_after * n), 1) <= zero:
-                raise _PlanError(
-                    f"optim.stop_after {stop_after:g} (--stop-after, or the recipe's) stops after step 1 of the {n} "
-                    "planned, which the warmup takes at lr 0: the patch would equal the base; raise --stop-after or "
-                    "train more rows/epochs")
-            early = sorted(s for s in snapshot_steps if s <= zero)
-            if early:
-                raise _PlanError(f"--snapshot-steps lists step {early[0]}, which the warmup takes at lr 0 (of "
-                                       f"{n} planned steps): its snapshot would equal the base; list later steps")
-
-    return CheckPlan()
-
-
-def _early_stop(fraction: float):
-    """A callback that ends training after ``fraction`` of the planned steps; the scheduler
-    keeps the whole run's plan, so the weights equal that step's snapshot of a full run."""
-    from transformers import TrainerCallback
-
-    class EarlyStop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step >= max(round(fraction * state.max_steps), 1):
-                control.should_training_stop = True
-
-    return EarlyStop()
-
-
-def _last_step():
-    """A callback for the step where training ends: no checkpoint there, and a log line.
-
-    transformers saves a full checkpoint (weights, optimiser and scheduler state) when the last
-    step is reached, whatever ``save_steps`` says; the patch is written from the model in
-    memory right after, and the work folder removed, so that checkpoint only costs time and disk
-    (about 44 GB and 55 s at 8B, full-parameter: issue 24). Periodic checkpoints for
-    ``--resume`` are kept; a run killed between its last step and the patch write resumes from
-    the last of them. It logs only every ``logging_steps``, so a run whose step count is not a
-    multiple never logged its last loss (and one shorter than ``logging_steps`` none:
-    ``loss None -> None``); the last step is logged here, the first by ``logging_first_step``.
-    Added after the trainer's own flow callback and ``_early_stop``, so it sees their decision."""
-    from transformers import TrainerCallback
-
-    class LastStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if control.should_training_stop or state.global_step >= state.max_steps:
-                control.should_save = False
-                control.should_log = True
-
-    return LastStep()
 
 
 # [outputs helper] hold a claim (flock on .<out>.lock) on --out for the whole run: a second
@@ -681,25 +391,6 @@ def _run_loss(log_history: list[dict], global_step: int, fallback: float | None)
             total += r["loss"] * (r["step"] - prev)
             prev = r["step"]
     return total / prev if prev == global_step > 0 else fallback
-
-
-def _rewind(work: Path, ckpt: str, state: dict) -> None:
-    """Before resuming from ``ckpt``: drop the newer checkpoints (cut short by the kill, or the
-    trainer would mix their files with the replayed ones), half-written snapshots, and the
-    metrics rows logged after the checkpoint's step (the resumed run logs them again)."""
-    keep = Path(ckpt)
-    later = False
-    for p in _checkpoints(work):
-        if later:
-            shutil.rmtree(p)
-        later = later or p == keep
-    for tmp in (work / "snapshots").glob("*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    metrics = work / "metrics.jsonl"
-    size = state.get("metrics_bytes", 0)
-    if metrics.exists() and metrics.stat().st_size > size:
-        with open(metrics, "r+b") as f:
-            f.truncate(size)
 
 
 def _fit_gate(lm, data_dir, cfg: TrainConfig, cache: bool = True):
