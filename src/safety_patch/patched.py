@@ -211,10 +211,10 @@ class PatchedModel:
         """Per gated item, its probe logits [n] on each prompt (token ids of the text to continue).
 
         The gates read the hidden states with only the ungated items on, in one pass for every
-        gate's layer that stops after the deepest (``gate.probe.route_states``). ``batch_size``: at most
-        this many rows per forward pass, at least 64 (a routing pass of short rows runs its
-        matmuls at a fraction of their rate in small batches). Raises SafetyPatchError where a
-        gate cannot decide (NaN score).
+        gate's layer that stops after the deepest (``gate.probe.route_states``), in passes of up to
+        max(64, ``batch_size``) rows (a routing pass of short rows in batches of 8 runs its
+        matmuls at a fraction of their rate). Raises SafetyPatchError where a gate cannot decide
+        (NaN score).
         """
         from .gate import probe
 
