@@ -156,8 +156,11 @@ def test_a_patch_is_measured_only_against_its_own_w0(tiny_dir, tmp_path):
     meta = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert meta["base_fingerprint"] == lm.fingerprint and meta["patches"][0]["base_fingerprint"] == "0" * 64
     assert len(meta["forced"]) == 1 and "was trained on base 000000000000" in meta["forced"][0]
+    # ... and so does summary.txt, first (a user's trial: only summary.json said so)
+    assert (tmp_path / "out" / "summary.txt").read_text().splitlines()[0] == f"measured with --force: {meta['forced'][0]}"
     analyze(str(tiny_dir), [below], tmp_path / "own", ks=(4,))
     assert "forced" not in json.loads((tmp_path / "own" / "summary.json").read_text())
+    assert "--force" not in (tmp_path / "own" / "summary.txt").read_text()
 
 
 def test_two_patches_of_one_folder_name_are_refused_naming_them_and_the_way_out(tiny_dir, tmp_path):

@@ -964,6 +964,10 @@ def test_a_gate_that_never_fires_is_refused_everywhere(data_dir, tiny_dir, lm, g
                                               "apart from chance; which prompts get the patch is near random; check "
                                               "`gate eval` before relying on it)")
     assert patches.gate_summary({"layer": 1, "threshold": 0.0}) == "layer 1, threshold +0.000; no validation report recorded"
+    # two warnings in the record: still one line (a user's trial saw `serve`'s line run onto a second)
+    rec["validation"]["fired"]["harmful_direct"].update(value=0.0, k=0)
+    two = patches.gate_summary(rec)
+    assert "\n" not in two and "fires on none of the 20 held-out harmful prompts" in two and "AUROC" in two
     # a record without figures (the Python API): `patch verify` routes probe prompts through it
     quiet = make_lora_patch(lm.model, tmp_path / "q", lm.fingerprint, seed=4)
     g = Gate.load(gate_dir)

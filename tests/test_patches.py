@@ -351,3 +351,50 @@ def test_verify_checks_a_stacked_patch_on_top_of_its_stack(tiny_dir, tmp_path, c
     other = make_lora_patch(lm.model, tmp_path / "o", "f" * 64)
     assert main(["patch", "verify", str(second), "--model", str(tiny_dir), "--stack", str(other), "--stack", str(first)]) == 2
     assert "was made for base" in capsys.readouterr().err
+
+
+def test_one_adapter_is_one_patch_and_one_update_whatever_order_peft_wrote_its_targets(tiny_dir, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """A user's trial: PEFT writes target_modules in the process's set order, so the same training run
+    written twice gave two patch ids and two update keys, and the second copy attached (with --force)
+    to a checkpoint that already held the first: the update applied twice."""
+    import shutil
+
+    from safety_patch.cli import main
+    from safety_patch.models import load_model
+    from safety_patch.patches import folder
+
+    lm = load_model(str(tiny_dir), device="cpu")
+    a = make_lora_patch(lm.model, tmp_path / "a", lm.fingerprint)
+    targets = json.loads((a / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) > 1 and targets == sorted(targets)  # written in one order
+    # the same adapter with its targets in another order, as another process's PEFT writes it
+    def copy_reversed(dst, canonical):
+        shutil.copytree(a, dst)
+        (dst / "patch.json").unlink()
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        (dst / "adapter_config.json").write_text(json.dumps(cfg | {"target_modules": targets[::-1]}))
+        if not canonical:  # a patch written before canonical configs
+            monkeypatch.setattr(folder, "canonical_adapter_config", lambda c: c)
+        finalize_patch(dst, "lora", {"name": "test", "fingerprint": lm.fingerprint}, method="lora")
+        monkeypatch.undo()
+        return read_patch(dst)
+
+    assert copy_reversed(tmp_path / "b", canonical=True).id == read_patch(a).id  # one id now
+    old = copy_reversed(tmp_path / "old", canonical=False)
+    assert old.id != read_patch(a).id  # two ids, as before ...
+    from safety_patch.patches.attach import _update_key
+
+    assert _update_key(old) == _update_key(read_patch(a))  # ... but one update
+    with pytest.raises(SafetyPatchError, match="hold the same update"):
+        with attached(lm.model, [a, old], lm.fingerprint, force=True):
+            pass
+    assert main(["patch", "merge", "--model", str(tiny_dir), "--patch", str(a), "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    assert main(["chat", "--model", str(tmp_path / "m"), "--patch", str(old.path), "--force", "--prompt", "hi",
+                 "--max-new-tokens", "2"]) == 2
+    assert "holds the same update" in capsys.readouterr().err
+    # `patch verify` of a merged patch says so, not "made for another base" (a user's trial)
+    assert main(["patch", "verify", str(a), "--model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "is already merged into this model" in err and "was made for base" not in err

@@ -160,8 +160,9 @@ def analyze(model: str, patches: list, out: str | Path, ks: tuple[int, ...] = (8
         if activ.get("hidden_shift"):
             plots.hidden_shift(activ["hidden_shift"], tmp)
         write_text(tmp / "summary.txt", summary_text(summary, ks, activ, skipped=not want_vectors,
-                                                     gated=[p.name for p in ps if p.gated]))
-    return {"summary": summary, "activations": activ, "weight_seconds": weight_s, "gated": [p.name for p in ps if p.gated]}
+                                                     gated=[p.name for p in ps if p.gated], forced=forced))
+    return {"summary": summary, "activations": activ, "weight_seconds": weight_s, "gated": [p.name for p in ps if p.gated],
+            "forced": forced}
 
 
 def _sample_modules(patch) -> set[str]:
@@ -221,11 +222,13 @@ def _activations(lm, ps, vecs, benign, jailbreak, read_w0, force, k) -> dict:
             "gated_patches_measured_ungated": [p.name for p in ps if p.gated]}
 
 
-def summary_text(summary: dict, ks: list[int], activ: dict, skipped: bool = False, gated: Sequence[str] = ()) -> str:
+def summary_text(summary: dict, ks: list[int], activ: dict, skipped: bool = False, gated: Sequence[str] = (),
+                 forced: Sequence[str] = ()) -> str:
     """The readable summary; ``skipped``: no prompts were given, so the activation analysis did not run (said so);
     ``gated``: names of gated patches, whose header says that ΔW and the activation figures describe
-    the adapter always on (a user's trial found this recorded only inside activations.json)."""
-    lines = []
+    the adapter always on (a user's trial found this recorded only inside activations.json);
+    ``forced``: what ``--force`` waived (:func:`check_analysable`), said first."""
+    lines = [f"measured with --force: {why}" for why in forced]
     for patch, s in summary.items():
         lines.append(f"== {patch} ({s['modules']} modules)"
                      + (" [gated: its adapter measured always on; on prompts its gate passes, the patched model "

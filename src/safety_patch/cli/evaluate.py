@@ -200,5 +200,5 @@ def analyze(
         res = run_analyze(model, list(patch), out, ks, r, b, j, device=device, force=force, overwrite=overwrite,
                           prompt_sources={k: v for k, v in sources.items() if v is not None})
     typer.echo(summary_text(res["summary"], sorted(set(ks)), res["activations"], skipped=not (b or j),
-                            gated=res["gated"]))
+                            gated=res["gated"], forced=res["forced"]))
     typer.echo(f"wrote {out}")

@@ -90,6 +90,7 @@ def patch_verify_cmd(
     """Check patch.json, file hashes, finite weights, base fingerprint, tensor shapes and that the patch changes the model."""
     from ..models import load_model
     from ..patches import probe_effect, probe_routing, read_patch, tied_targets, verify
+    from ..patches.attach import refuse_merged
 
     p = read_patch(patch)  # schema, hashes, computed id, finite non-zero weights, gate, no pickles
     below = [read_patch(s) for s in stack or []]
@@ -99,6 +100,8 @@ def patch_verify_cmd(
         raise SafetyPatchError(f"{patch} was trained on top of patch(es) {', '.join(missing)}; verify it on top of them: "
                                "pass --stack FOLDER for each, in order (for a red-team round: its --patch folders)")
     lm = load_model(model, device=device, dtype=dtype)
+    # a patch this checkpoint's merged_from.json lists: said as such, not as "another base" (a user's trial)
+    refuse_merged(lm.model, [*below, p])
     for q in [*below, p]:
         verify(q, lm.model, lm.fingerprint, remedy="it does not verify against this model (`patch verify` has no "
                                                    "--force; `chat`, `eval` and `serve` take --force to attach it anyway)")

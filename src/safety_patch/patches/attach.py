@@ -21,6 +21,7 @@ from .folder import (
     Patch,
     _file_stats,
     _lora_module,
+    canonical_adapter_sha256,
     check_unchanged,
     read_patch,
     weight_files,
@@ -123,8 +124,37 @@ def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force:
 
 
 def _update_key(p: Patch) -> tuple:
-    """What a patch changes, by content: its format and its weight files' sha256 (not the gate's)."""
+    """What a patch changes, by content: its format and its weight files' sha256 (not the gate's),
+    a LoRA's ``adapter_config.json`` in canonical form (``folder.canonical_adapter_sha256``:
+    the same adapter written by two processes lists ``target_modules`` in two orders)."""
+    if p.format == "lora":
+        return ("lora", canonical_adapter_sha256(p.path / LORA_FILES[0]), p.meta["files"].get(LORA_FILES[1]))
     return (p.format, *(p.meta["files"].get(f) for f in weight_files(p.format)))
+
+
+def _update_keys(p: Patch) -> tuple[tuple, ...]:
+    """:func:`_update_key` and the key merges recorded before 2026-12-05 (the files' own sha256),
+    which a checkpoint's ``merged_from.json`` may hold."""
+    legacy = (p.format, *(p.meta["files"].get(f) for f in weight_files(p.format)))
+    return tuple(dict.fromkeys((_update_key(p), legacy)))
+
+
+def refuse_merged(model: torch.nn.Module, patches: Sequence[Patch]) -> None:
+    """Refuse a patch whose update ``model``'s weights already hold (a checkpoint ``patch merge``
+    wrote, whose ``merged_from.json`` lists it by id or by update: ``note_merged``), ``--force`` or
+    not: attached again, its update would apply twice. Raises SafetyPatchError naming the patch and
+    the record."""
+    merged = _MERGED.get(model, {})
+    for p in patches:
+        if p.id in merged:  # not waived by --force: its update is in these weights already
+            raise SafetyPatchError(f"patch {p.id} ({p.path}) is already merged into this model ({merged[p.id]} lists it): "
+                                   "attaching it again would apply its update twice")
+        for key in _update_keys(p):
+            if key in merged:
+                raise SafetyPatchError(f"patch {p.id} ({p.path}) holds the same update (identical weights and adapter "
+                                       f"settings) as a patch already merged into this model ({merged[key]} lists it; "
+                                       "one is the other behind a gate, or a copy written by another run): attaching "
+                                       "it would apply that update twice")
 
 
 def _check_stack_order(patches: Sequence[Patch], force: bool) -> None:
@@ -146,8 +176,8 @@ def _check_stack_order(patches: Sequence[Patch], force: bool) -> None:
         if key in update:
             q = update[key]
             raise SafetyPatchError(f"patches {q.path} ({q.id}) and {p.path} ({p.id}) hold the same update (identical "
-                                   f"{' and '.join(weight_files(p.format))}; one is the other behind a gate): attached "
-                                   "together, it would apply twice; give one of them")
+                                   "weights and adapter settings; one is the other behind a gate, or a copy written by "
+                                   "another run): attached together, it would apply twice; give one of them")
         update[key] = p
     seen: list[str] = []
     for p in patches:
@@ -285,15 +315,7 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
         raise SafetyPatchError("a patch stack is already attached to this model: attach all patches in one "
                                "attached() call (they stack in order), or leave the first block before the next")
     ps = [check_unchanged(p) if isinstance(p, Patch) else read_patch(p) for p in patches]
-    merged = _MERGED.get(model, {})
-    for p in ps:
-        if p.id in merged:  # not waived by --force: its update is in these weights already
-            raise SafetyPatchError(f"patch {p.id} ({p.path}) is already merged into this model ({merged[p.id]} lists it): "
-                                   "attaching it again would apply its update twice")
-        if _update_key(p) in merged:
-            raise SafetyPatchError(f"patch {p.id} ({p.path}) holds the same update (identical weight files) as a patch "
-                                   f"already merged into this model ({merged[_update_key(p)]} lists it; one is the "
-                                   "other behind a gate): attaching it would apply that update twice")
+    refuse_merged(model, ps)
     for p in ps:
         verify(p, model, fingerprint, force)
     _check_stack_order(ps, force)

@@ -322,19 +322,52 @@ def _check_described(pj: Path, man, fmt: str, adapter) -> None:
                                        f"{have!r} (patch.json edited by hand)")
 
 
+def canonical_adapter_config(config: dict) -> dict:
+    """``adapter_config.json``'s content with its set-valued fields in one order: PEFT keeps
+    ``target_modules`` as a Python set and writes it in the set's iteration order, which string
+    hashing randomises per process, so one training run written twice gave two files, two patch
+    ids and two update keys (a user's trial: the same adapter then passed the "already merged"
+    check). Sorted lists; everything else as given."""
+    out = dict(config)
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(out.get(key), list) and all(isinstance(v, str) for v in out[key]):
+            out[key] = sorted(out[key])
+    return out
+
+
+def canonical_adapter_sha256(path: Path) -> str:
+    """sha256 of an ``adapter_config.json`` in canonical form (:func:`canonical_adapter_config`,
+    keys sorted): equal for files that differ only in those fields' order. Raises SafetyPatchError
+    naming the file when it is not a JSON object."""
+    import hashlib
+
+    from ..patch_schema import _load_json_object
+
+    cfg = canonical_adapter_config(_load_json_object(path))
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def finalize_patch(folder: Path, fmt: str, base: dict, **fields) -> dict:
     """Write ``patch.json`` into a folder that already holds the weight files; returns it.
 
-    The finished folder is then read back with ``read_patch``, so a patch with non-finite or
-    all-zero weights, a degenerate gate or metadata off the schema is an error at write time
-    (SafetyPatchError; patch.json is removed again, so the folder is not a patch).
+    A LoRA's ``adapter_config.json`` is first rewritten in canonical form (sorted
+    ``target_modules``: :func:`canonical_adapter_config`), so that the same adapter gets the same
+    patch id whichever process wrote it. The finished folder is then read back with
+    ``read_patch``, so a patch with non-finite or all-zero weights, a degenerate gate or metadata
+    off the schema is an error at write time (SafetyPatchError; patch.json is removed again, so
+    the folder is not a patch).
     """
     import time
 
     from .. import __version__
-    from ..patch_schema import binding_digest, patch_id, record_digest
+    from ..atomic import write_json
+    from ..patch_schema import _load_json_object, binding_digest, patch_id, record_digest
     from ..provenance import code_identity
 
+    if fmt == "lora" and (folder / LORA_FILES[0]).is_file():
+        cfg = _load_json_object(folder / LORA_FILES[0])
+        if canonical_adapter_config(cfg) != cfg:
+            write_json(folder / LORA_FILES[0], canonical_adapter_config(cfg))
     files = {f: sha256_file(folder / f) for f in weight_files(fmt, "gate" in fields)}
     meta = {
         "kind": "safety-patch/patch",
@@ -350,8 +383,6 @@ def finalize_patch(folder: Path, fmt: str, base: dict, **fields) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     meta["record_sha256"] = record_digest(json.loads(json.dumps(meta)))  # as read back: tuples become lists
-    from ..atomic import write_json
-
     write_json(folder / PATCH_JSON, meta)
     try:
         read_patch(folder)
@@ -404,7 +435,8 @@ def gate_summary(g: dict) -> str:
     if info.get("gate_fit_on"):
         parts.append(f"fit on {info['gate_fit_on']}")
     parts.append(f"fires on {info['gate_fires_on']}" if info.get("gate_fires_on") else "no validation report recorded")
-    return "; ".join(parts) + (f" ({info['gate_warning']})" if info.get("gate_warning") else "")
+    warning = " ".join(str(info.get("gate_warning") or "").split())  # several warnings: one line all the same
+    return "; ".join(parts) + (f" ({warning})" if warning else "")
 
 
 def _gate_info(g: dict | None) -> dict:
