@@ -159,13 +159,17 @@ def serve(
                                  timeout_s=upstream_timeout, on_warning=lambda w: typer.echo(f"[serve] warning: {w}", err=True))
     else:
         backend = build_embedded(model, stacks, device, dtype, force, batch_window_ms, max_batch)
-    from ..patches import read_patch
+    from ..patch_schema import read_manifest
+    from ..patches import PATCH_JSON
     from ..patches.folder import gate_summary
 
-    for name, paths in stacks.items():  # what each gate was measured to route, before the first request
-        for p in map(read_patch, paths):
-            if p.gated:
-                typer.echo(f"[serve] {name}: the gate of {p.path}: {gate_summary(p.meta['gate'])}", err=True)
+    # what each gate was measured to route, before the first request; the backend has checked every
+    # patch whole already, so only patch.json is read here (hashing a large delta again costs minutes)
+    for name, paths in stacks.items():
+        for path in paths:
+            meta, _ = read_manifest(Path(path) / PATCH_JSON)
+            if meta.get("gate"):
+                typer.echo(f"[serve] {name}: the gate of {path}: {gate_summary(meta['gate'])}", err=True)
     typer.echo(f"[serve] models: {', '.join(backend.names)}; http://{host}:{sock.getsockname()[1]}/v1 ; "
                f"audit log: {audit_log}", err=True)
     run_server(backend, host, port, cfg, sock, shutdown_timeout=shutdown_timeout)

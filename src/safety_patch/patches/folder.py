@@ -366,8 +366,8 @@ def finalize_patch(folder: Path, fmt: str, base: dict, **fields) -> dict:
 
     if fmt == "lora" and (folder / LORA_FILES[0]).is_file():
         cfg = _load_json_object(folder / LORA_FILES[0])
-        if canonical_adapter_config(cfg) != cfg:
-            write_json(folder / LORA_FILES[0], canonical_adapter_config(cfg))
+        if (canonical := canonical_adapter_config(cfg)) != cfg:
+            write_json(folder / LORA_FILES[0], canonical)
     files = {f: sha256_file(folder / f) for f in weight_files(fmt, "gate" in fields)}
     meta = {
         "kind": "safety-patch/patch",
