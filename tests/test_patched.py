@@ -756,3 +756,15 @@ def test_the_routing_pass_reads_a_shared_opening_once_and_routes_as_the_plain_pa
     assert ((got > gate.threshold) == (plain > gate.threshold)).all()
     assert sum(math.prod(s) for s in read) < sum(map(len, prompts)) * 0.7  # the shared opening read once, not per prompt
     assert max(s[0] for s in read) > 8  # rows beyond the generation's batch size in one pass
+
+
+def test_mixed_refuses_a_stack_that_cannot_mix(tmp_path):
+    """A stack that is not one gated LoRA adapter has no per-row names to mix by: PEFT would run
+    every active adapter on every row, so ``mixed()`` refuses it."""
+    model, tok = tiny_llama()
+    ungated = read_patch(make_lora_patch(model, tmp_path / "u", "fp", seed=1, scale=0.5))
+    with attached(model, [ungated], "fp") as pm:
+        assert not pm.can_mix
+        with pytest.raises(SafetyPatchError, match="mixed-batch routing needs"):
+            with pm.mixed():
+                pass

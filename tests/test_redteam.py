@@ -8,8 +8,13 @@ from safety_patch.patches import attached, read_patch
 from safety_patch.redteam import round_table, run_round
 
 
-def test_two_lifelong_rounds_on_a_tiny_model(tmp_path):
+def test_two_lifelong_rounds_on_a_tiny_model(tmp_path, monkeypatch):
+    from safety_patch import models
     from safety_patch.testing import save_tiny_model
+
+    loads: list[str] = []
+    load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
 
     # untied embeddings: this random model babbles instead of echoing newlines, so some attacks "succeed"
     tiny_dir = save_tiny_model(tmp_path / "tiny", seed=3, tie=False)
@@ -18,6 +23,8 @@ def test_two_lifelong_rounds_on_a_tiny_model(tmp_path):
                            self_instruct=0), model=str(tiny_dir))
     kw = dict(limit=6, max_new_tokens=16, train_overrides={"data.max_seq_len": 1024, "optim.batch_size": 4}, device="cpu")
     r1 = run_round(str(tiny_dir), [], "direct", data, tmp_path / "r1", **kw)
+    # the attack, the training and the evaluations load the model once each (each evaluation loaded it before)
+    assert len(loads) == 3, loads
     assert r1["train_rows"] == r1["successes_found"] > 0 and set(r1["regression_asr"]) == {"direct"}
     # `data show` on the round's folder: its own train rows, no file called edited (a user's trial
     # saw the parent's counts and a warning for every file)
@@ -158,3 +165,30 @@ def test_a_round_on_a_folder_without_reference_answers_is_refused_before_it_atta
     with pytest.raises(SafetyPatchError, match=f"{data_dir}: no reference answers"):
         run_round(str(tiny_dir), [], "direct", data_dir, tmp_path / "r", method="full", limit=2, device="cpu")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_round_whose_model_changes_before_its_evaluations_is_an_error(tmp_path, monkeypatch):
+    """The round records the fingerprint it attacked; a model folder rewritten while the round
+    trains would be evaluated as another model under that record: one clear error instead."""
+    import dataclasses
+
+    from safety_patch import models
+    from safety_patch.testing import save_tiny_model
+
+    tiny_dir = save_tiny_model(tmp_path / "tiny", seed=3, tie=False)
+    data = tmp_path / "d"
+    build(data, DataConfig(max_per_source=24, distill=True, distill_max_new_tokens=8, template_max_chars=300,
+                           self_instruct=0), model=str(tiny_dir))
+    loads: list[int] = []
+    load = models.load_model
+
+    def changed_after_training(*a, **k):
+        loads.append(1)
+        lm = load(*a, **k)
+        return dataclasses.replace(lm, fingerprint="0" * 64) if len(loads) == 3 else lm
+
+    monkeypatch.setattr(models, "load_model", changed_after_training)
+    with pytest.raises(SafetyPatchError, match="changed during the round"):
+        run_round(str(tiny_dir), [], "direct", data, tmp_path / "r1", limit=6, max_new_tokens=16, device="cpu",
+                  train_overrides={"data.max_seq_len": 1024, "optim.batch_size": 4})
+    assert len(loads) == 3

@@ -10,9 +10,9 @@ one explicitly (``generation.complete_texts``, ``generation.cached_generate``,
 * **routing**: a gated patch (gate/probe.py) applies per prompt. :meth:`PatchedModel.routes` reads
   every gate on the prompts (with only the ungated patches on, in one pass stopped after the
   deepest gate layer) and returns, per prompt, which gated items are on.
-  :meth:`PatchedModel.mixed_batch` gives PEFT's per-row ``adapter_names`` when the stack is
+  :meth:`PatchedModel.adapter_names` gives PEFT's per-row ``adapter_names`` when the stack is
   one gated LoRA adapter (the default patch): then a batch mixes routed and base rows in one
-  forward. Otherwise :meth:`PatchedModel.using` switches the stack for a group of prompts
+  forward (:meth:`PatchedModel.mixed`). Otherwise :meth:`PatchedModel.using` switches the stack for a group of prompts
   (LoRA adapters by PEFT's ``set_adapter``/``disable_adapter``; gated weight deltas by
   rewriting the touched tensors from the saved base plus the deltas that are on, in stack order,
   so each state is bit-identical to attaching exactly those patches).
@@ -266,7 +266,11 @@ class PatchedModel:
 
     @contextlib.contextmanager
     def mixed(self) -> Iterator[torch.nn.Module]:
-        """The module for a mixed-batch call (pass ``adapter_names=``): adapter set active, guard open."""
+        """The module for a mixed-batch call (pass ``adapter_names=``, :meth:`adapter_names`): adapter
+        set active, guard open. Raises SafetyPatchError where the stack cannot mix (:attr:`can_mix`):
+        without names PEFT would run every active adapter on every row."""
+        if not self.can_mix:
+            raise SafetyPatchError("mixed-batch routing needs a stack whose only LoRA adapter is its only gated patch")
         with self._guard.opened():
             yield self.module
 

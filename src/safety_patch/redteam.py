@@ -109,6 +109,8 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
             res = run_safety(pm, lm.tokenizer, train_reqs, train_templates, cfg, cache, f"round attack {attack}", judge)
     finally:
         cache.close()
+    fingerprint = lm.fingerprint
+    del lm, pm  # training loads its own copy: one model in memory at a time (a 14B base fills a GPU)
     wins = [r for r in res["records"] if r["verdict"]["label"] == "compliance"]
     rng = random.Random(seed)
     rows = [_training_row(r, refusals.compose(r["category"], rng), attack) for r in wins]
@@ -143,14 +145,20 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     heldouts = [json.loads((p / "heldout.json").read_text())["attack"] for p in previous] + [attack]
     reg = {}
     ecfg = EvalConfig(attacks=tuple(dict.fromkeys(heldouts)), limit=limit, max_new_tokens=max_new_tokens)
-    s = evaluate("safety", model, new_stack, str(data_dir), ecfg, device, dtype)
-    before = evaluate("safety", model, list(patches), str(data_dir), ecfg, device, dtype) if patches else None
+    lm = load_model(model, device=device, dtype=dtype)  # once for the four evaluations (each loaded its own before)
+    if lm.fingerprint != fingerprint:
+        raise SafetyPatchError(f"the model {model} changed during the round (fingerprint {fingerprint[:12]} when "
+                               f"attacked, {lm.fingerprint[:12]} now); run the round again")
+    s = evaluate("safety", model, new_stack, str(data_dir), ecfg, device, dtype, lm=lm)
+    before = evaluate("safety", model, list(patches), str(data_dir), ecfg, device, dtype, lm=lm) if patches else None
     for a in ecfg.attacks:
         reg[a] = {"before": (before or s)["runs"]["patched" if before else "base"]["aggregates"]["per_attack"][a],
                   "after": s["runs"]["patched"]["aggregates"]["per_attack"][a]}
     o = evaluate("overrefusal", model, new_stack, str(data_dir), EvalConfig(attacks=("direct",), limit=limit,
-                                                                           max_new_tokens=max_new_tokens), device, dtype)
-    c = evaluate_capability(model, new_stack, str(data_dir), CapabilityConfig(tasks=("nll", "kl"), limit=limit), device, dtype)
+                                                                           max_new_tokens=max_new_tokens), device, dtype,
+                 lm=lm)
+    c = evaluate_capability(model, new_stack, str(data_dir), CapabilityConfig(tasks=("nll", "kl"), limit=limit), device,
+                            dtype, lm=lm)
     from .evaluation.prompts import source_identity
     from .provenance import provenance
 
@@ -165,7 +173,7 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
         "regression": {a: _change(v["before"], v["after"]) for a, v in reg.items()},
         "train_seconds": meta["training"]["wall_seconds"], "seconds": round(time.time() - t0, 1),
         # what the round ran on, by content: the base, each patch of the stack, the data, the settings
-        "base_fingerprint": lm.fingerprint, "stack_ids": [p.id for p in ps] + [new_patch.id],
+        "base_fingerprint": fingerprint, "stack_ids": [p.id for p in ps] + [new_patch.id],
         "patch": {"path": str(out / "patch"), "id": new_patch.id},
         "data": source_identity(data_dir), "previous": [str(p) for p in previous],
         "config": {"limit": limit, "replay": replay, "seed": seed, "max_new_tokens": max_new_tokens,
