@@ -1,7 +1,7 @@
 """Greedy generation speed on the embedded model by batch size and dtype, against the 2N limit (issue 24 item 2).
 
 Run: .venv/bin/python bench/generation_speed.py [--prompts 64] [--max-new-tokens 64] [--batches 8,16,32,64]
-     [--dtypes float32,bfloat16] [--decoders continuous,pruned] [--data DIR --patch DIR [--eval-prompts 128]]
+     [--dtypes float32,bfloat16] [--decoders pruned,hf] [--data DIR --patch DIR [--eval-prompts 128]]
 
 The limit: a decoded token costs about 2N FLOPs (N = the model's parameters, the tied embedding
 counted once as the output projection), so at the fp32 matmul peak P measured in this run
@@ -15,24 +15,19 @@ with fp32 at the same batch size; the share of prompts whose whole answer is ide
 share whose first 16 tokens are. Beside each batch size: the model's linear layers alone at that
 many rows (:func:`linear_bound`), the ceiling for an engine that computes the same fp32 matmuls.
 
-Decoders (``--decoders``): ``continuous`` is ``decoding.greedy_queue``, the product's greedy
-path since session 45: rows leave the batch as their answers end and waiting prompts join it
-(continuous batching), at every step that frees a row; ``continuous-refill-quarter`` /
-``continuous-refill-half`` let them join once a quarter / half of the rows are free. ``pruned`` is the path before it:
-fixed batches of the batch size (length-sorted), each decoded by ``decoding.greedy``, which drops
-a row from its batch once it has stopped, the batch running until its longest answer ends;
-``hf`` is transformers' ``generate`` on the same fixed batches (the path before that, which
-computes every row until the whole batch has stopped), run by swapping the decoder in this
-process; ``hf-static-compiled``
+Decoders (``--decoders``): ``pruned`` is ``decoding.greedy``, the product's greedy path, which
+drops a row from the batch once it has stopped; ``hf`` is transformers' ``generate`` on the same
+batches (the path before it, which computes every row until the whole batch has stopped), run by
+swapping ``decoding.greedy`` for a call of ``generate`` in this process; ``hf-static-compiled``
 is ``generate`` with transformers' static KV cache and the model's forward compiled by
 ``torch.compile`` (inductor, static shapes), the "static KV cache with compilation" issue 24
 names (its first call of each batch shape compiles: time each with ``--repeats 2`` or more).
-``unshared`` is ``pruned`` with every prompt read whole (``prompt_pass.prefill``
+``unshared`` is the product's decoder with every prompt read whole (``prompt_pass.prefill``
 before it read a batch's shared prefix once: the system turn of the chat template, a shared
-jailbreak opening). ``layer-states-routing`` is ``pruned`` with a gated patch's
+jailbreak opening). ``layer-states-routing`` is the product's decoder with a gated patch's
 routing pass as it was before session 44 (``gate.probe.layer_states``: whole prompts in
 batches of the generation's batch size) instead of ``gate.probe.route_states``.
-``matmul-decode-attention`` is ``pruned`` with attention for one query position (a
+``matmul-decode-attention`` is the product's decoder with attention for one query position (a
 decode step) computed by plain matmuls instead of transformers' SDPA
 (:func:`plain_decode_attention`; the prompt pass unchanged), a candidate measured with its
 answer mismatch rate. Each row of another decoder is compared with the ``pruned`` row of the same
@@ -42,9 +37,7 @@ counts the prompts' own tokens and ``prompt_positions`` the positions their prom
 ``--data`` and ``--patch`` a second workload is timed: the folder's validation harmful prompts
 (direct and wrapped, the first ``--eval-prompts``) through that patch as ``eval safety`` routes
 them (a gated patch: per prompt), ``max_new_tokens`` 96 as ``EvalConfig``: answers of mixed
-lengths (short refusals beside long compliances), where the two decoders differ most;
-``--eval-with-general`` adds a third, those prompts and the general ones together (more
-prompts than the validation split holds, answers of every length). A dtype whose matmul peak is under a quarter of fp32's (bf16
+lengths (short refusals beside long compliances), where the two decoders differ most. A dtype whose matmul peak is under a quarter of fp32's (bf16
 on a CPU without AVX-512-BF16/AMX) is skipped and recorded with the CPU's flags. Prints a table and writes
 bench/results/generation_speed.json.
 """
@@ -113,12 +106,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="8,16,32,64")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--decoders", default="continuous,pruned")
+    ap.add_argument("--decoders", default="pruned,hf")
     ap.add_argument("--data", default=None, help="a data folder: also time its validation harmful prompts")
     ap.add_argument("--patch", default=None, help="the patch those prompts go through (with --data)")
     ap.add_argument("--eval-prompts", type=int, default=128)
-    ap.add_argument("--eval-with-general", action="store_true",
-                    help="with --data: a third workload, those prompts and the general ones together through the patch")
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each (workload, batch) this many times, the decoders interleaved; rows keep the fastest")
     ap.add_argument("--name", default="generation_speed",
@@ -144,53 +135,23 @@ def main() -> None:
     def decoder(name: str, batch: int):
         """``decoding.greedy`` as the product runs it (pruned), or replaced by transformers'
         ``generate`` on the same batch (hf); counts the row-steps either computes."""
-        from safety_patch import decoding, generation, prompt_pass
+        from safety_patch import generation, prompt_pass
         from safety_patch.gate import probe
 
-        product = generation.greedy_queue
+        product = generation.greedy
 
-        @contextlib.contextmanager
-        def prompt_passes(module):
-            # positions the prompt passes compute (every forward that reads more than one position)
+        def counted(module, ids, mask, max_new_tokens, eos_ids, adapter_names=None):
+            # positions the prompt pass computes (every forward that reads more than one position)
             h = module.register_forward_pre_hook(
                 lambda _m, _a, kw: prompt_positions.append(kw["input_ids"].numel()) if kw["input_ids"].shape[1] > 1
                 else None, with_kwargs=True)
             try:
-                yield
+                new = product(module, ids, mask, max_new_tokens, eos_ids, adapter_names)
             finally:
                 h.remove()
-
-        def counted(module, ids, mask, max_new_tokens, eos_ids, adapter_names=None):
-            with prompt_passes(module):
-                new = decoding.greedy(module, ids, mask, max_new_tokens, eos_ids, adapter_names)
             steps.append(sum(len(t) for t in new))
             prompt_tokens.append(int(mask.sum()))
             return new
-
-        def continuous(share=None):
-            # the product's decoder; share: join waiting prompts once 1/share of the rows is free (None: its default)
-            def queue(module, prompts, pad, max_rows, max_new_tokens, eos_ids, adapter_names=None, device=None,
-                      on_done=None):
-                with prompt_passes(module):
-                    new = product(module, prompts, pad, max_rows, max_new_tokens, eos_ids, adapter_names, device,
-                                  on_done, 1 if share is None else max(1, max_rows // share))
-                steps.append(sum(len(t) for t in new))
-                prompt_tokens.append(sum(len(p) for p in prompts))
-                return new
-            return queue
-
-        def fixed(batch_decoder):
-            # the queue cut into fixed batches of max_rows, each decoded by batch_decoder (the product before
-            # continuous batching: each batch runs until its longest answer ends)
-            def queue(module, prompts, pad, max_rows, max_new_tokens, eos_ids, adapter_names=None, device=None,
-                      on_done=None):
-                out = []
-                for s in range(0, len(prompts), max_rows):
-                    ids, mask = prompt_pass.left_padded(prompts[s: s + max_rows], pad)
-                    names = list(adapter_names[s: s + max_rows]) if adapter_names is not None else None
-                    out += batch_decoder(module, ids.to(device), mask.to(device), max_new_tokens, eos_ids, names)
-                return out
-            return queue
 
         def hf(module, ids, mask, max_new_tokens, eos_ids, adapter_names=None, **extra):
             if adapter_names is not None:
@@ -228,13 +189,11 @@ def main() -> None:
             finally:
                 cfg._attn_implementation = before
 
-        decoders = {"continuous": continuous(), "continuous-refill-quarter": continuous(4),
-                    "continuous-refill-half": continuous(2), "pruned": fixed(counted), "unshared": fixed(counted),
-                    "layer-states-routing": fixed(counted), "hf": fixed(hf),
-                    "hf-static-compiled": fixed(hf_static_compiled), "matmul-decode-attention": fixed(matmul_attention)}
+        decoders = {"pruned": counted, "unshared": counted, "layer-states-routing": counted, "hf": hf,
+                    "hf-static-compiled": hf_static_compiled, "matmul-decode-attention": matmul_attention}
         if name not in decoders:
             raise SystemExit(f"--decoders: unknown decoder {name!r} ({', '.join(decoders)})")
-        generation.greedy_queue = decoders[name]
+        generation.greedy = decoders[name]
         shared_min, route_states = prompt_pass.SHARED_PREFIX_MIN, probe.route_states
         if name == "unshared":  # the prompt pass before shared tokens were read once
             prompt_pass.SHARED_PREFIX_MIN = 1 << 30
@@ -243,7 +202,7 @@ def main() -> None:
         try:
             yield
         finally:
-            generation.greedy_queue = product
+            generation.greedy = product
             prompt_pass.SHARED_PREFIX_MIN = shared_min
             probe.route_states = route_states
     peaks = {"float32": peak32, "bfloat16": peak16}
@@ -268,14 +227,11 @@ def main() -> None:
         if args.data:  # attached last: attaching hooks the loaded model itself (the base rows need it bare)
             work.append(("val harmful via patch", lambda lm=lm: attached_patch(lm, args.patch),
                          eval_prompts(args.data, args.eval_prompts), 96))
-            if args.eval_with_general:
-                work.append(("val harmful + general via patch", work[-1][1],
-                             eval_prompts(args.data, args.eval_prompts) + convs, 96))
         model, made = None, None
         for (wl, make, cv, max_new), b, rep, dec in itertools.product(
                 work, [int(x) for x in args.batches.split(",")], range(args.repeats), args.decoders.split(",")):
-            if made is not make:  # workloads through the same model share one attach
-                model, made = make(), make
+            if made != wl:
+                model, made = make(), wl
             cfg = GenerationConfig(max_new_tokens=max_new, batch_size=b)
             steps.clear()
             prompt_positions.clear()
@@ -290,6 +246,8 @@ def main() -> None:
                 if el < row["seconds"]:
                     row.update(seconds=round(el, 1), tokens_per_s=round(row["tokens"] / el, 1),
                                pct_of_2N_limit=round(100 * row["tokens"] / el / limit, 1))
+                if dec != "pruned" and (wl, dt, b, "pruned") in rows_by:
+                    row["x_pruned_vs_this"] = round(rows_by[(wl, dt, b, "pruned")]["tokens_per_s"] / row["tokens_per_s"], 2)
                 continue
             ids = [tok(o, add_special_tokens=False)["input_ids"] for o in out]
             n_tok = sum(min(len(i) + 1, max_new) for i in ids)  # + the EOS step where it stopped
@@ -301,6 +259,10 @@ def main() -> None:
                    **({"prompt_tokens": sum(prompt_tokens), "prompt_positions": sum(prompt_positions)}
                       if prompt_tokens else {}),
                    "pct_of_2N_limit": round(100 * n_tok / el / limit, 1)}
+            pr = outs.get((wl, dt, b, "pruned"))
+            if dec != "pruned" and pr is not None:
+                row["same_answer_as_pruned_pct"] = round(100 * sum(a == r for a, r in zip(ids, pr, strict=True)) / len(ids), 1)
+                row["x_pruned_vs_this"] = round(rows_by[(wl, dt, b, "pruned")]["tokens_per_s"] / row["tokens_per_s"], 2)
             rows_by[(wl, dt, b, dec)] = row
             if dec != "pruned":
                 rows.append(row)
@@ -320,12 +282,6 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
         del lm
-    for (wl, dt, b, dec), row in rows_by.items():  # each decoder against the fixed batches, whichever ran first
-        pr = outs.get((wl, dt, b, "pruned"))
-        if dec != "pruned" and pr is not None:
-            ids = outs[(wl, dt, b, dec)]
-            row["same_answer_as_pruned_pct"] = round(100 * sum(a == r for a, r in zip(ids, pr, strict=True)) / len(ids), 1)
-            row["x_pruned_vs_this"] = round(rows_by[(wl, dt, b, "pruned")]["tokens_per_s"] / row["tokens_per_s"], 2)
     for r in rows:
         base = {q["batch"]: q["tokens_per_s"] for q in rows if q["dtype"] == "float32" and q["workload"] == r["workload"]
                 and q["decoder"] == r["decoder"]}

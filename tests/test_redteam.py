@@ -22,6 +22,7 @@ def test_two_lifelong_rounds_on_a_tiny_model(tmp_path, monkeypatch):
     build(data, DataConfig(max_per_source=24, distill=True, distill_max_new_tokens=8, template_max_chars=300,
                            self_instruct=0), model=str(tiny_dir))
     kw = dict(limit=6, max_new_tokens=16, train_overrides={"data.max_seq_len": 1024, "optim.batch_size": 4}, device="cpu")
+    loads.clear()  # the build's own load
     r1 = run_round(str(tiny_dir), [], "direct", data, tmp_path / "r1", **kw)
     # the attack, the training and the evaluations load the model once each (each evaluation loaded it before)
     assert len(loads) == 3, loads

@@ -1,9 +1,7 @@
 """Decoding loops over a left-padded batch: greedy and sampling, each row leaving the batch when
-its answer ends (:func:`greedy`, :func:`sample`); greedy decoding of a queue of prompts that
-join the running batch as rows leave it (:func:`greedy_queue`: continuous batching); and the
-checks that say when they are exactly what transformers' ``generate`` would do for a model's
-generation config (:func:`plain_greedy`, :func:`sampling_warpers`). The prompt pass they start
-from is :mod:`.prompt_pass`."""
+its answer ends (:func:`greedy`, :func:`sample`), and the checks that say when they are exactly
+what transformers' ``generate`` would do for a model's generation config (:func:`plain_greedy`,
+:func:`sampling_warpers`). The prompt pass they start from is :mod:`.prompt_pass`."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .prompt_pass import cache_argument, left_padded, prefill
+from .prompt_pass import cache_argument, prefill
 
 _GREEDY_NEUTRAL = frozenset({
     # token ids and lengths (passed or read the same way by both decoders)
@@ -155,41 +153,8 @@ def greedy(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
     the remaining rows' matmuls; tests compare the answers with ``generate``'s token for token,
     and bench/generation_speed.py on the embedded model. Callers use it only where
     :func:`plain_greedy` holds for the model's generation config."""
-    return _decode(module, _rows(ids, mask), 0, ids.device, max_new_tokens, eos_ids, _argmax, adapter_names,
-                   on_token, cancelled)
-
-
-def _argmax(logits: torch.Tensor, alive: list[int]) -> torch.Tensor:
-    return logits.float().argmax(-1)
-
-
-@torch.inference_mode()
-def greedy_queue(module, prompts: Sequence[Sequence[int]], pad: int, max_rows: int, max_new_tokens: int | Sequence[int],
-                 eos_ids: set[int], adapter_names: Sequence[str] | None = None, device=None,
-                 on_done: Callable[[int], None] | None = None, refill: int = 1) -> list[list[int]]:
-    """Greedy decoding of any number of prompts (token ids, [n][its length]) with continuous
-    batching: new token ids per prompt, up to and including its EOS token, [n][<= its budget].
-
-    Up to ``max_rows`` prompts decode at once; when an answer ends its row leaves the batch, and
-    once ``refill`` rows are free (default 1: at every step that frees a row) the next waiting
-    prompts, in the order given, are read by a prompt pass of their own
-    (:func:`prompt_pass.prefill`) and join the running batch (:func:`prompt_pass.join`). Each
-    joining costs a prompt pass and a copy of the running cache; on the embedded model joining
-    at every freed row was faster than waiting for a quarter or half of the rows
-    (bench/generation_speed.py, ``continuous-refill-*`` arms). In
-    fixed batches a batch runs until its longest answer ends, and an evaluation batch of short
-    refusals beside a few long answers decodes its last steps with a few rows: the decode step
-    costs about the same for 4 rows as for 32 (it streams every weight). Each row's steps are
-    the argmax steps :func:`greedy` takes; only the batch its matmuls run in differs, which
-    changes the last bits of the logits as any batching does (tests compare the answers with
-    ``generate``'s for all the prompts in one batch, token for token; bench/generation_speed.py
-    on the embedded model).
-    ``pad``: the id of padding slots (never attended to); ``device``: where the batch runs;
-    ``adapter_names``: PEFT's adapter per prompt for a mixed batch; ``on_done(i)``: called once
-    prompt ``i`` is finished (a progress bar). Raises ValueError for budgets or adapter names of
-    another length than ``prompts``, or ``max_rows`` < 1."""
-    return _decode(module, prompts, pad, device, max_new_tokens, eos_ids, _argmax, adapter_names,
-                   max_rows=max_rows, refill=refill, on_done=on_done)
+    return _decode(module, ids, mask, max_new_tokens, eos_ids, lambda logits, alive: logits.float().argmax(-1),
+                   adapter_names, on_token, cancelled)
 
 
 @torch.inference_mode()
@@ -233,108 +198,57 @@ def sample(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | 
         full[rows] = probs
         return torch.multinomial(full, num_samples=1).squeeze(1)[rows]
 
-    return _decode(module, _rows(ids, mask), 0, ids.device, max_new_tokens, eos_ids, pick, adapter_names, on_token,
-                   cancelled)
+    return _decode(module, ids, mask, max_new_tokens, eos_ids, pick, adapter_names, on_token, cancelled)
 
 
-def _rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-    """Each row's tokens of a left-padded batch ``ids``/``mask`` [n, width]."""
-    return [ids[r, mask[r].bool()].tolist() for r in range(ids.shape[0])]
-
-
-CROP_MIN = 16
-"""The fewest leading cache columns, hidden from every running row, that a decode step drops
-(``GrowingLayer.crop_left``: a view, no copy); below it attention's saving is noise."""
-
-
-def _decode(module, prompts: Sequence[Sequence[int]], pad: int, device, max_new_tokens: int | Sequence[int],
-            eos_ids: set[int], pick: Callable[[torch.Tensor, list[int]], torch.Tensor],
-            adapter_names: Sequence[str] | None = None, on_token: Callable[[int, int], None] | None = None,
-            cancelled: Callable[[int], bool] | None = None, max_rows: int | None = None, refill: int = 1,
-            on_done: Callable[[int], None] | None = None) -> list[list[int]]:
-    """The decode loop of :func:`greedy`, :func:`sample` and :func:`greedy_queue`: new token ids per
-    prompt [n][<= its budget]. ``pick(logits [running, vocab], the prompt indices running)``
-    chooses each running row's next token id [running].
-
-    At most ``max_rows`` rows run at once (default: all); the rest wait in order and join the
-    running batch, when ``refill`` or more rows are free, by a prompt pass of their own whose
-    keys and values are joined to the running cache (:func:`prompt_pass.join`): continuous
-    batching. A model whose cache cannot be joined (sliding-window or linear-attention layers)
-    admits the next rows only once the batch is empty. ``on_done(i)``: called once prompt ``i``
-    is finished."""
-    from .prompt_pass import join, joinable
-
-    n = len(prompts)
+def _decode(module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | Sequence[int], eos_ids: set[int],
+            pick: Callable[[torch.Tensor, list[int]], torch.Tensor], adapter_names: Sequence[str] | None = None,
+            on_token: Callable[[int, int], None] | None = None,
+            cancelled: Callable[[int], bool] | None = None) -> list[list[int]]:
+    """The decode loop of :func:`greedy` and :func:`sample`; ``pick(logits [alive, vocab], the
+    batch rows still running)`` chooses each running row's next token id [alive]."""
+    n = ids.shape[0]
     budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
     if len(budgets) != n:
         raise ValueError(f"greedy: {len(budgets)} budgets for a batch of {n}")
-    if adapter_names is not None and len(adapter_names) != n:
-        raise ValueError(f"greedy: {len(adapter_names)} adapter names for a batch of {n}")
-    max_rows = n if max_rows is None else max_rows
-    if max_rows < 1 or refill < 1:
-        raise ValueError(f"greedy: max_rows and refill must be >= 1, got {max_rows} and {refill}")
     new: list[list[int]] = [[] for _ in range(n)]
-    waiting = [r for r in range(n) if budgets[r] > 0][::-1]  # popped from the end: the prompts' order
-    for r in range(n):
-        if budgets[r] <= 0 and on_done is not None:
-            on_done(r)
+    alive = [r for r in range(n) if budgets[r] > 0]
+    if not alive:
+        return new
+    names = list(adapter_names) if adapter_names is not None else None
+    if len(alive) < n:
+        k = torch.tensor(alive, device=ids.device)
+        ids, mask = ids[k], mask[k]
+        names = [names[r] for r in alive] if names is not None else None
     kv = cache_argument(module)
-    alive: list[int] = []
-    cache = mask = last = logits = None
-    names: list[str] | None = [] if adapter_names is not None else None
+    pos = mask.long().cumsum(-1) - 1
+    pos.masked_fill_(mask == 0, 1)  # as generate's prepare_inputs_for_generation
+    extra = {"adapter_names": names} if names is not None else {}
+    cache, logits = prefill(module, ids, mask, pos, names, room=max(budgets))
+    last = pos[:, -1:]
     while True:
-        free = max_rows - len(alive)
-        if waiting and (not alive or (free >= refill and joinable(cache))):
-            take = [waiting.pop() for _ in range(min(free, len(waiting)))]
-            ids, m = left_padded([prompts[r] for r in take], pad)
-            ids, m = ids.to(device), m.to(device)
-            pos = m.cumsum(-1) - 1
-            pos.masked_fill_(m == 0, 1)  # as generate's prepare_inputs_for_generation
-            take_names = [adapter_names[r] for r in take] if adapter_names is not None else None
-            room = max(budgets[r] - len(new[r]) for r in alive + take)
-            c, got = prefill(module, ids, m, pos, take_names, room=room)
-            if not alive:
-                cache, mask, last, logits = c, m, pos[:, -1:], got
-            else:
-                cache, mask = join(cache, mask, c, m, room)
-                last, logits = torch.cat([last, pos[:, -1:]]), torch.cat([logits, got])
-            alive += take
-            if names is not None:
-                names += take_names
         nxt = pick(logits, alive)
         keep = []
         for j, (r, t) in enumerate(zip(alive, nxt.tolist(), strict=True)):
             new[r].append(t)
-            if t not in eos_ids:
-                if on_token is not None:
-                    on_token(r, t)
-                if len(new[r]) < budgets[r] and not (cancelled is not None and cancelled(r)):
-                    keep.append(j)
-                    continue
-            if on_done is not None:
-                on_done(r)
+            if t in eos_ids:
+                continue
+            if on_token is not None:
+                on_token(r, t)
+            if len(new[r]) < budgets[r] and not (cancelled is not None and cancelled(r)):
+                keep.append(j)
         if not keep:
-            if not waiting:
-                return new
-            alive, cache = [], None
-            if names is not None:
-                names = []
-            continue
+            return new
         if len(keep) < len(alive):
-            k = torch.tensor(keep, device=device)
+            k = torch.tensor(keep, device=ids.device)
             cache.batch_select_indices(k)
             mask, last, nxt = mask[k], last[k], nxt[k]
             alive = [alive[j] for j in keep]
             if names is not None:
                 names = [names[j] for j in keep]
-            lead = int(mask.any(0).long().argmax())  # columns no running row attends to: rows that left
-            if lead >= CROP_MIN and joinable(cache):
-                for layer in cache.layers:
-                    layer.crop_left(lead)
-                mask = mask[:, lead:]
+                extra = {"adapter_names": names}
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=-1)
         last = last + 1
-        extra = {"adapter_names": names} if names is not None else {}
         logits = module(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, use_cache=True,
                         **{kv: cache}, **extra).logits[:, -1, :]
 

@@ -2,8 +2,8 @@
 
 Prompts are rendered with the tokenizer's own chat template; batches are left-padded and
 sorted by length, read by :mod:`.prompt_pass` (groups of similar length, shared tokens read
-once) and decoded by :mod:`.decoding` (rows leave the batch as their answers end; greedy
-answers refill the freed rows from the queue); answers are cached on disk (:class:`GenerationCache`). Greedy by default.
+once) and decoded by :mod:`.decoding` (rows leave the batch as their answers end); answers are
+cached on disk (:class:`GenerationCache`). Greedy by default.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoding import greedy_queue, plain_greedy, sample, sampling_warpers
+from .decoding import greedy, plain_greedy, sample, sampling_warpers
 from .prompt_pass import cache_argument, growing_cache, left_padded
 
 Message = dict[str, str]
@@ -43,9 +43,8 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     batch_size: int = 32
-    """Prompts decoding at once (length-sorted, left-padded; greedy answers refill a freed row from
-    the waiting prompts, sampled ones run in fixed batches). On the embedded model 32 decodes 2.4x
-    the tokens/s of 8, and greedy answers were identical on all 64 prompts measured
+    """Prompts per batch (length-sorted, left-padded). On the embedded model 32 decodes 2.4x the
+    tokens/s of 8, and greedy answers were identical on all 64 prompts measured
     (bench/generation_speed.py, 2026-12-01): batching changes only the last bits of a matmul."""
     seed: int = 0
 
@@ -221,27 +220,22 @@ def complete_texts(model, tokenizer, texts: Sequence[str], config: GenerationCon
     def run(module, members: list[int], adapter_names: list[str] | None = None) -> None:
         member_set = set(members)
         sub = [i for i in order if i in member_set]
-        if config.temperature <= 0 and exact_greedy:  # continuous batching: a row that ends is refilled from the queue
-            done = (lambda _: progress(1)) if progress is not None else None
-            news = greedy_queue(module, [enc[i] for i in sub], pad, config.batch_size, config.max_new_tokens, eos_ids,
-                                [adapter_names[i] for i in sub] if adapter_names is not None else None, pm.device,
-                                on_done=done)
-            for i, new in zip(sub, news, strict=True):
-                out[i] = (tokenizer.decode(new, skip_special_tokens=True).strip(), any(int(t) in eos_ids for t in new))
-            return
         for b in range(math.ceil(len(sub) / config.batch_size)):
             idx = sub[b * config.batch_size : (b + 1) * config.batch_size]
             ids, mask = left_padded([enc[i] for i in idx], pad)
             names = [adapter_names[i] for i in idx] if adapter_names is not None else None
             if warpers is not None:  # draws what generate draws for the seed, without computing finished rows
                 news = sample(module, ids.to(pm.device), mask.to(pm.device), config.max_new_tokens, eos_ids, warpers, names)
-            else:  # HF's own sampler or greedy search where the model's generation config asks for more
-                # than these warpers or argmax (a repetition penalty, beams, …)
+            # HF's own sampler or greedy search where the model's generation config asks for more
+            # than these warpers or argmax (a repetition penalty, beams, …)
+            elif config.temperature > 0 or not exact_greedy:
                 extra = {"adapter_names": names} if names is not None else {}
                 if (kv := growing_cache(module, config.max_new_tokens)) is not None:
                     extra[cache_argument(module)] = kv
                 gen = module.generate(input_ids=ids.to(pm.device), attention_mask=mask.to(pm.device), **gen_kwargs, **extra)
                 news = [gen[row, ids.shape[1]:].tolist() for row in range(len(idx))]
+            else:
+                news = greedy(module, ids.to(pm.device), mask.to(pm.device), config.max_new_tokens, eos_ids, names)
             for row, i in enumerate(idx):
                 new = news[row]
                 stopped = any(int(t) in eos_ids for t in new)

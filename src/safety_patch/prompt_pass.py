@@ -265,28 +265,6 @@ def _growing_layer() -> type:
             self.is_initialized = True
             self._views()
 
-        @classmethod
-        def stacked(cls, parts, width: int, room: int):
-            """A layer holding the rows of ``parts`` ((keys, values) [n_i, kv heads, w_i, head dim],
-            w_i <= ``width``) one after another, each right-aligned in ``width`` positions with zeros
-            on its left (padding that the mask hides must hold finite numbers: attention multiplies
-            it by a weight of 0), and ``room`` free positions: one copy of each part."""
-            layer = cls(None, None, room)
-            k0, v0 = parts[0]
-            rows = sum(k.shape[0] for k, _ in parts)
-            layer._k = k0.new_empty(rows, k0.shape[1], width + layer.room, k0.shape[-1])
-            layer._v = v0.new_empty(rows, v0.shape[1], width + layer.room, v0.shape[-1])
-            at = 0
-            for k, v in parts:
-                n, w = k.shape[0], k.shape[-2]
-                for buf, t in ((layer._k, k), (layer._v, v)):
-                    buf[at: at + n, :, : width - w].zero_()
-                    buf[at: at + n, :, width - w: width] = t
-                at += n
-            layer.length, layer.device, layer.is_initialized = width, k0.device, True
-            layer._views()
-            return layer
-
         def _views(self) -> None:
             self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
@@ -322,14 +300,6 @@ def _growing_layer() -> type:
                 self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
                 self._views()
 
-        def crop_left(self, n: int) -> None:
-            """Drops the first ``n`` positions of every row (columns the attention mask hides
-            for every row still running: the padding of rows that have left), without a copy."""
-            if self.is_initialized and n > 0:
-                self._k, self._v = self._k[:, :, n:], self._v[:, :, n:]
-                self.length -= n
-                self._views()
-
         def reset(self) -> None:
             self.length = 0
             if self.is_initialized:
@@ -341,27 +311,6 @@ def _growing_layer() -> type:
                 self._views()
 
     return GrowingLayer
-
-
-def joinable(cache) -> bool:
-    """Whether rows can join ``cache`` while it decodes (:func:`join`): every layer a :class:`GrowingLayer`."""
-    grow = _growing_layer()
-    return bool(getattr(cache, "layers", None)) and all(type(layer) is grow for layer in cache.layers)
-
-
-def join(cache, mask: torch.Tensor, other, other_mask: torch.Tensor, room: int):
-    """Two left-padded batches' KV caches as one (``cache``'s rows first): (the cache, its attention
-    mask [n + m, width]). ``cache``/``mask``: [n, kv heads, w, head dim] per layer / [n, w];
-    ``other``/``other_mask``: [m, ..., w', ...] / [m, w']. The narrower is padded on the left to the
-    wider's width, where its mask hides the padding, so each row attends to exactly the keys and
-    values it had; positions are the rows' own (the caller's position ids), not columns. Both
-    caches must be :func:`joinable`; the result is, with ``room`` free positions per row."""
-    width = max(mask.shape[1], other_mask.shape[1])
-    grow = _growing_layer()
-    for li, (a, b) in enumerate(zip(cache.layers, other.layers, strict=True)):  # in place: the cache object is kept
-        cache.layers[li] = grow.stacked([(a.keys, a.values), (b.keys, b.values)], width, room)
-    pad = torch.nn.functional.pad
-    return cache, torch.cat([pad(m, (width - m.shape[1], 0)) for m in (mask, other_mask)])
 
 
 def growing_cache(module, room: int):
