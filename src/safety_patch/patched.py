@@ -12,8 +12,8 @@ one explicitly (``generation.complete_texts``, ``generation.cached_generate``,
   deepest gate layer) and returns, per prompt, which gated items are on.
   :meth:`PatchedModel.adapter_names` gives PEFT's per-row ``adapter_names`` when the stack is
   one gated LoRA adapter (the default patch): then a batch mixes routed and base rows in one
-  forward (:meth:`PatchedModel.mixed`). Otherwise :meth:`PatchedModel.using` switches the stack for a group of prompts
-  (LoRA adapters by PEFT's ``set_adapter``/``disable_adapter``; gated weight deltas by
+  forward (:meth:`PatchedModel.mixed`). Otherwise :meth:`PatchedModel.using` switches the
+  stack for a group of prompts (LoRA adapters by PEFT's ``set_adapter``/``disable_adapter``; gated weight deltas by
   rewriting the touched tensors from the saved base plus the deltas that are on, in stack order,
   so each state is bit-identical to attaching exactly those patches).
 * **fail closed**: while a gated stack is attached, a forward pass that did not come through

@@ -145,7 +145,7 @@ def run_round(model: str, patches: list[Path], attack: str, data_dir: Path, out:
     heldouts = [json.loads((p / "heldout.json").read_text())["attack"] for p in previous] + [attack]
     reg = {}
     ecfg = EvalConfig(attacks=tuple(dict.fromkeys(heldouts)), limit=limit, max_new_tokens=max_new_tokens)
-    lm = load_model(model, device=device, dtype=dtype)  # once for the four evaluations (each loaded its own before)
+    lm = load_model(model, device=device, dtype=dtype)  # one load for every check below
     if lm.fingerprint != fingerprint:
         raise SafetyPatchError(f"the model {model} changed during the round (fingerprint {fingerprint[:12]} when "
                                f"attacked, {lm.fingerprint[:12]} now); run the round again")

@@ -123,20 +123,24 @@ def verify(patch: Patch, model: torch.nn.Module, fingerprint: str | None, force:
     return problems
 
 
-def _update_key(p: Patch) -> tuple:
-    """What a patch changes, by content: its format and its weight files' sha256 (not the gate's),
-    a LoRA's ``adapter_config.json`` in canonical form (``folder.canonical_adapter_sha256``:
-    the same adapter written by two processes lists ``target_modules`` in two orders)."""
-    if p.format == "lora":
-        return ("lora", canonical_adapter_sha256(p.path / LORA_FILES[0]), p.meta["files"].get(LORA_FILES[1]))
+def _files_key(p: Patch) -> tuple:
+    """A patch's format and its weight files' sha256 as recorded (not the gate's)."""
     return (p.format, *(p.meta["files"].get(f) for f in weight_files(p.format)))
 
 
+def _update_key(p: Patch) -> tuple:
+    """What a patch changes, by content: :func:`_files_key`, with a LoRA's ``adapter_config.json``
+    in canonical form (``folder.canonical_adapter_sha256``: the same adapter written by two
+    processes lists ``target_modules`` in two orders)."""
+    if p.format == "lora":
+        return ("lora", canonical_adapter_sha256(p.path / LORA_FILES[0]), p.meta["files"].get(LORA_FILES[1]))
+    return _files_key(p)
+
+
 def _update_keys(p: Patch) -> tuple[tuple, ...]:
-    """:func:`_update_key` and the key merges recorded before 2026-12-05 (the files' own sha256),
+    """:func:`_update_key` and the key merges recorded before 2026-12-05 (:func:`_files_key`),
     which a checkpoint's ``merged_from.json`` may hold."""
-    legacy = (p.format, *(p.meta["files"].get(f) for f in weight_files(p.format)))
-    return tuple(dict.fromkeys((_update_key(p), legacy)))
+    return tuple(dict.fromkeys((_update_key(p), _files_key(p))))
 
 
 def refuse_merged(model: torch.nn.Module, patches: Sequence[Patch]) -> None:
