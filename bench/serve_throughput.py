@@ -135,7 +135,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="JSON name under bench/results (default: serve_throughput).")
     args = ap.parse_args()
-    from safety_patch.serve.app import ServeConfig, build_embedded
+    from safety_patch.serve.embedded import build_embedded
+    from safety_patch.serve.protocol import ServeConfig
 
     per_client = args.requests_per_client or (2 if args.tiny else 4)
     max_tokens = args.max_tokens or (8 if args.tiny else 64)

@@ -36,6 +36,20 @@ def test_detached_logits_are_bit_identical(base, tmp_path):
     assert all("lora" not in n for n, _ in model.named_modules())
 
 
+def test_attaching_a_lora_patch_in_python_prints_no_library_deprecation(base, tmp_path):
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a model:
+    every attach in Python use printed a FutureWarning about a call the user never made."""
+    import warnings
+
+    model, _, fp, ids = base
+    two = [make_lora_patch(model, tmp_path / f"l{i}", fp, seed=i) for i in range(2)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with attached(model, two, fp) as m:
+            logits(m, ids)
+    assert [str(w.message) for w in seen if issubclass(w.category, FutureWarning)] == []
+
+
 def test_restored_even_after_an_exception(base, tmp_path):
     model, tok, fp, ids = base
     before = logits(model, ids)

@@ -26,14 +26,10 @@ from safety_patch.gate.probe import Gate, fit_gate, layer_states
 from safety_patch.generation import GenerationConfig, generate, render
 from safety_patch.models import load_model
 from safety_patch.patches import attached, finalize_patch, read_patch
-from safety_patch.serve.app import (
-    ROUTE_HEADER,
-    ServeConfig,
-    build_embedded,
-    create_app,
-    make_server,
-    parse_stacks,
-)
+from safety_patch.serve.app import create_app
+from safety_patch.serve.embedded import build_embedded, parse_stacks
+from safety_patch.serve.protocol import ROUTE_HEADER, ServeConfig
+from safety_patch.serve.server import make_server
 from safety_patch.serve.upstream import UpstreamBackend, build_upstream
 from safety_patch.testing import make_delta_patch, make_lora_patch, tiny_llama
 
@@ -607,7 +603,7 @@ def test_upstream_failures_are_502_in_the_openai_shape(world, upstream, tmp_path
 
 def test_an_upstream_that_leads_back_to_the_server_is_a_loop_refused_at_once(world, tmp_path):
     """`serve --upstream` pointed at its own port: the request comes back carrying this server's id
-    (serve.app.VIA_HEADER) and is refused 508 there, so the client gets one 502 naming the loop and
+    (serve.protocol.VIA_HEADER) and is refused 508 there, so the client gets one 502 naming the loop and
     the audit two lines, not a server calling itself until the timeout. A chain of distinct servers
     (the fixture above) still answers."""
     from safety_patch.serve.upstream import _api_base

@@ -48,6 +48,21 @@ def test_lora_changes_only_the_targeted_modules(data_dir, tiny_dir, tmp_path):
     assert (tmp_path / "p" / "metrics.jsonl").is_file()
 
 
+def test_a_patch_records_its_data_folder_so_that_another_working_folder_finds_it(data_dir, tiny_dir, tmp_path,
+                                                                                  monkeypatch):
+    """`train --data runs/x/01-data` recorded the folder as given; `eval` run from another folder then
+    said the leak check was "unchecked: not here". The record is the folder's absolute path."""
+    from safety_patch.evaluation.prompts import training_overlap
+
+    monkeypatch.chdir(data_dir.parent)
+    meta = train(data_dir.name, tmp_path / "p", small(), model=str(tiny_dir), progress=False)
+    assert meta["data"]["dir"] == str(data_dir.resolve())
+    learnt = json.loads((data_dir / "train.jsonl").read_text().splitlines()[0])["meta"]["request"]
+    monkeypatch.chdir(tmp_path)
+    p = read_patch(tmp_path / "p")
+    assert training_overlap([learnt], [p])[p.id]["in_training"] == 1
+
+
 def test_layers_with_the_default_all_linear_adapt_every_linear_kind_of_those_layers_only(data_dir, tiny_dir, tmp_path):
     # PEFT refuses layers_to_transform with target_modules="all-linear" (a ValueError traceback
     # before the fix); the kinds are now named one by one.

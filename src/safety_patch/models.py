@@ -15,6 +15,7 @@ checkpoint that later loads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -39,6 +40,19 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 GGUF_MAGIC = b"GGUF"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@contextlib.contextmanager
+def peft_quiet():
+    """Silence transformers' FutureWarning for ``is_gradient_checkpointing`` (deprecated in
+    transformers 5 for ``is_activation_checkpointing``), which PEFT reads whenever it wraps a model:
+    every ``PeftModel`` made in Python use printed it, about a call the user never made. Nothing
+    else is silenced."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def home() -> Path:

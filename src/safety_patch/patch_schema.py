@@ -107,7 +107,9 @@ def _field_path(raw: Any, loc: tuple) -> str:
     return field_path(parts)
 
 
-def _first_error(where: Path | str, e: ValidationError, raw: Any) -> SafetyPatchError:
+def first_error(where: Path | str, e: ValidationError, raw: Any) -> SafetyPatchError:
+    """The one-line error for a manifest (``where``: its file) that failed validation: the first of
+    ``e``'s errors, its field named as written in ``raw`` (the parsed JSON)."""
     err = e.errors()[0]
     loc = _field_path(raw, err["loc"]) if err["type"] != "missing" else field_path(err["loc"])
     if err["type"] == "missing" and loc == "binding":
@@ -121,7 +123,9 @@ def _first_error(where: Path | str, e: ValidationError, raw: Any) -> SafetyPatch
     return SafetyPatchError(f"{where}: field '{loc}' is invalid ({msg}; got {shown})")
 
 
-def _load_json_object(path: Path) -> dict:
+def load_json_object(path: Path) -> dict:
+    """The JSON object in ``path`` (UTF-8). Raises SafetyPatchError naming the file, and the line
+    and column of invalid JSON, or that the file holds something other than an object."""
     from .jsonl import read_text
 
     try:
@@ -138,11 +142,11 @@ def read_manifest(path: Path) -> tuple[dict, PatchManifest]:
 
     Raises SafetyPatchError naming the file and the first invalid or missing field.
     """
-    raw = _load_json_object(path)
+    raw = load_json_object(path)
     try:
         man = PatchManifest.model_validate(raw)
     except ValidationError as e:
-        raise _first_error(path, e, raw) from None
+        raise first_error(path, e, raw) from None
     if "gate" in raw and raw["gate"] is None:
         raise SafetyPatchError(f"{path}: field 'gate' is null (a gated patch records an object; an ungated one has no 'gate')")
     if man.gate is not None and not math.isfinite(man.gate.threshold):
@@ -152,11 +156,11 @@ def read_manifest(path: Path) -> tuple[dict, PatchManifest]:
 
 def read_adapter_config(path: Path) -> AdapterConfig:
     """Parse and validate a LoRA ``adapter_config.json`` (the fields that fix tensor names and shapes)."""
-    raw = _load_json_object(path)
+    raw = load_json_object(path)
     try:
         cfg = AdapterConfig.model_validate(raw)
     except ValidationError as e:
-        raise _first_error(path, e, raw) from None
+        raise first_error(path, e, raw) from None
     if cfg.r <= 0:
         raise SafetyPatchError(f"{path}: field 'r' must be a positive rank, got {cfg.r}")
     bad = [k for k, v in (cfg.rank_pattern or {}).items() if v <= 0]

@@ -94,7 +94,10 @@ def make_lora_patch(model, path: str | Path, fingerprint: str, seed: int = 0, ra
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    from .models import peft_quiet
+
+    with peft_quiet():
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():

@@ -139,8 +139,10 @@ def serve(
     force: Annotated[bool, typer.Option(help="Attach patches made for another base model (warns).")] = False,
 ) -> None:
     """Serve the base and patch stacks over an OpenAI-compatible HTTP API (docs/deploy.md)."""
-    from ..serve.app import ServeConfig, bind, build_embedded, parse_stacks
-    from ..serve.app import serve as run_server
+    from ..serve.embedded import build_embedded, parse_stacks
+    from ..serve.protocol import ServeConfig
+    from ..serve.server import bind
+    from ..serve.server import serve as run_server
 
     if default_max_tokens is not None and default_max_tokens > max_tokens_limit:
         raise SafetyPatchError(f"--default-max-tokens {default_max_tokens} is over --max-tokens-limit {max_tokens_limit}")

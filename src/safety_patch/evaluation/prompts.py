@@ -177,7 +177,11 @@ def training_overlap(texts: list[str], patches: list) -> dict[str, dict]:
         rec = p.meta.get("data") or {}
         d = Path(rec.get("dir", ""))
         if not rec.get("dir") or not (d / "manifest.json").is_file():
-            out[p.id] = {"unchecked": f"its training data folder {rec.get('dir')!r} is not here"}
+            # Patches written before 2026-12-05 record the folder as `train` was given it: relative
+            # to the folder it ran from, which this process may not share.
+            rel = rec.get("dir") and not d.is_absolute()
+            out[p.id] = {"unchecked": f"its training data folder {rec.get('dir')!r} is not here"
+                         + (" (recorded relative to the folder the patch was trained from)" if rel else "")}
             continue
         if rec.get("manifest_sha256") and manifest_sha256(d) != rec["manifest_sha256"]:
             out[p.id] = {"unchecked": f"{d} is no longer the data folder it was trained on (manifest changed)"}

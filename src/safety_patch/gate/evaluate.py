@@ -192,7 +192,7 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
                                                           if gate.extra_layers else {}),
                                                        "threshold": gate.threshold},
             "base": {"fingerprint": lm.fingerprint},  # the model every figure below was read from
-            "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "split": split, "seed": seed},
+            "data": {"dir": str(Path(data_dir).resolve()), "manifest_sha256": manifest_sha256(data_dir), "split": split, "seed": seed},
             "n": sizes, **rep, **({"note": note} if note else {}), "seconds": round(time.time() - t0, 1), **provenance()}
 USER_PROMPTS_SHOWN = 5
 """Missed / fired user prompts (gate eval --harmful/--benign) the printed table lists; the JSON has all."""

@@ -171,7 +171,7 @@ def write_gate_folder(out: str | Path, gate: Gate, info: dict, base: dict, cfg: 
                 "train": {k: info[k] for k in ("harmful", "benign", "train_harmful_caught", "train_benign_flagged")},
                 **({"threshold_from": info["threshold_from"]} if "threshold_from" in info else {}),
                 "validation": info.get("validation"), "position": info["position"],
-                "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir)},
+                "data": {"dir": str(Path(data_dir).resolve()), "manifest_sha256": manifest_sha256(data_dir)},
                 "files": {GATE_FILE: sha}, "code": code_identity(), "versions": library_versions(),
                 "fit_seconds": info["fit_seconds"], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         meta["binding"] = gate_binding(meta)
@@ -192,7 +192,7 @@ def read_gate_folder(path: str | Path) -> tuple[Gate, dict]:
     (:func:`evaluate_gate` says so in its report).
     """
     from ..atomic import interrupted_note, sha256_file
-    from ..patch_schema import _first_error, _load_json_object
+    from ..patch_schema import first_error, load_json_object
 
     path = Path(path)
     if not path.is_dir():
@@ -200,11 +200,11 @@ def read_gate_folder(path: str | Path) -> tuple[Gate, dict]:
     gj = path / GATE_JSON
     if not gj.is_file():
         raise SafetyPatchError(f"{path} has no {GATE_JSON}: not a gate folder from `safety-patch gate fit`")
-    raw = _load_json_object(gj)
+    raw = load_json_object(gj)
     try:
         man = GateManifest.model_validate(raw)
     except ValidationError as e:
-        raise _first_error(gj, e, raw) from None
+        raise first_error(gj, e, raw) from None
     if not man.base.fingerprint:
         raise SafetyPatchError(f"{gj}: field 'base.fingerprint' is empty; a gate is bound to the base it was fit on")
     if set(man.files) != {GATE_FILE}:

@@ -282,9 +282,9 @@ def note_merged(model: torch.nn.Module, folder: Path, fingerprint: str | None = 
     f = Path(folder) / "merged_from.json"
     if not f.is_file():
         return
-    from ..patch_schema import _load_json_object
+    from ..patch_schema import load_json_object
 
-    rec = _load_json_object(f)
+    rec = load_json_object(f)
     if not isinstance(rec.get("patches", []), list):
         raise SafetyPatchError(f"{f}: field 'patches' must be a list")
     want, saved = rec.get("fingerprint"), rec.get("dtype")
@@ -356,10 +356,13 @@ def attached(model: torch.nn.Module, patches: Sequence[str | Path | Patch], fing
         if loras:
             from peft import PeftModel
 
+            from ..models import peft_quiet
+
             adapter_names = [names[id(p)] for p in loras]
-            peft_model = PeftModel.from_pretrained(model, str(loras[0].path), adapter_name=adapter_names[0])
-            for name, p in zip(adapter_names[1:], loras[1:], strict=True):
-                peft_model.load_adapter(str(p.path), adapter_name=name)
+            with peft_quiet():
+                peft_model = PeftModel.from_pretrained(model, str(loras[0].path), adapter_name=adapter_names[0])
+                for name, p in zip(adapter_names[1:], loras[1:], strict=True):
+                    peft_model.load_adapter(str(p.path), adapter_name=name)
             for name, p in zip(adapter_names, loras, strict=True):
                 _check_lora_loaded(peft_model, name, p)
             peft_model.base_model.set_adapter(adapter_names)  # all active at once: their updates add

@@ -341,9 +341,9 @@ def canonical_adapter_sha256(path: Path) -> str:
     naming the file when it is not a JSON object."""
     import hashlib
 
-    from ..patch_schema import _load_json_object
+    from ..patch_schema import load_json_object
 
-    cfg = canonical_adapter_config(_load_json_object(path))
+    cfg = canonical_adapter_config(load_json_object(path))
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -361,11 +361,11 @@ def finalize_patch(folder: Path, fmt: str, base: dict, **fields) -> dict:
 
     from .. import __version__
     from ..atomic import write_json
-    from ..patch_schema import _load_json_object, binding_digest, patch_id, record_digest
+    from ..patch_schema import binding_digest, load_json_object, patch_id, record_digest
     from ..provenance import code_identity
 
     if fmt == "lora" and (folder / LORA_FILES[0]).is_file():
-        cfg = _load_json_object(folder / LORA_FILES[0])
+        cfg = load_json_object(folder / LORA_FILES[0])
         if (canonical := canonical_adapter_config(cfg)) != cfg:
             write_json(folder / LORA_FILES[0], canonical)
     files = {f: sha256_file(folder / f) for f in weight_files(fmt, "gate" in fields)}

@@ -134,12 +134,12 @@ def merged_from(lm) -> dict:
     ({} for any other model): ``patches`` (each merged patch's path, id and update), ``base``,
     ``fingerprint``, ``dtype`` and provenance (:func:`_merge_record`).
     Raises SafetyPatchError naming the file when it is not a JSON object."""
-    from ..patch_schema import _load_json_object
+    from ..patch_schema import load_json_object
 
     f = Path(lm.path) / "merged_from.json" if lm.path else None
     if f is None or not f.is_file():
         return {}
-    rec = _load_json_object(f)
+    rec = load_json_object(f)
     if not isinstance(rec.get("patches", []), list):
         raise SafetyPatchError(f"{f}: field 'patches' must be a list")
     return rec

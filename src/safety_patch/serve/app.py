@@ -6,282 +6,51 @@ a patch stack; a gated patch routes each request as ``chat --patch`` does. Each 
 how it was routed: the ``x-safety-patch-route`` header and a ``safety_patch`` object in the
 body (in the first chunk when streaming), with every gate's logit, threshold and decision.
 
-Differences from the OpenAI API, on purpose: an omitted ``temperature`` means greedy (as
-``chat``); ``n`` must be 1; ``stop``, tools and logprobs are refused with a 400 rather than
-silently ignored; the last message must be the user's. Every error is a JSON body in the
-OpenAI shape ``{"error": {"message", "type", "param", "code"}}``, never a traceback.
-
-Backends: :class:`EmbeddedBackend` (the model in this process, micro-batched by
-:mod:`.batcher`) and ``upstream.UpstreamBackend`` (gate here, answer from a vLLM server).
+The request schema and its differences from the OpenAI API: :mod:`.protocol`. Backends:
+:class:`.embedded.EmbeddedBackend` (the model in this process) and
+:class:`.upstream.UpstreamBackend` (gate here, answer from a vLLM server). Running it:
+:mod:`.server`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import json
 import logging
 import secrets
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from ..errors import SafetyPatchError, check_text, field_path
 from ..generation import check_temperature
 from .audit import AuditLog
-from .batcher import Batcher, Job, QueueFull
-from .engine import BASE, Engine, Route, Sampling
+from .engine import Route, Sampling
+from .protocol import (
+    IGNORED,
+    MAX_BODY_BYTES,
+    ROUTE_HEADER,
+    SHUTTING_DOWN,
+    UNSUPPORTED,
+    VIA,
+    VIA_HEADER,
+    ApiError,
+    ChatRequest,
+    Prepared,
+    ServeConfig,
+    StreamOptions,
+    cut_reason,
+    plain_messages,
+    validation_message,
+)
 
 log = logging.getLogger(__name__)
 
-ROUTE_HEADER = "x-safety-patch-route"
-MAX_BODY_BYTES = 4 * 1024 * 1024
-
-
-VIA_HEADER = "x-safety-patch-via"
-"""The servers a request passed through on its way here (their ids, comma-separated), sent on with
-this server's id added when it asks an upstream. A request that reaches a server it already passed
-through is a loop (``serve --upstream`` pointing back at itself, or at a server that points back):
-answered 508 at once, where it would otherwise call itself until the upstream timeout (a user's
-trial, 2026-12-05: 220 requests in 20 s from one). Chains of distinct servers pass; each app
-(:func:`create_app`) has its own id, so two servers in one process are two servers."""
-VIA: contextvars.ContextVar[str] = contextvars.ContextVar("safety_patch_via", default="")
-"""The ``VIA_HEADER`` value a request's upstream call sends (set per request; tasks copy it)."""
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": {...}}`` with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.route = None  # set where the request was routed before it failed (upstream mode): audited and in the header
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# ----------------------------------------------------------------------------- request schema
-
-
-# strict: a JSON true is not max_tokens 1 nor "5" a 5 (pydantic's lax mode coerces both); OpenAI's API
-# refuses them with a 400, and so does this server. An integer is still a valid float (temperature 0).
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-
-class ChatRequest(BaseModel):
-    """The subset of OpenAI's chat-completions request this server honours (a field outside it, UNSUPPORTED
-    and IGNORED is refused in ``parse``; known ones must have their JSON type: no string or boolean read as
-    a number)."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
-    stream: bool | None = False
-    stream_options: dict | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
-    stop: str | list[str] | None = None
-    tools: list | None = None
-    logprobs: bool | None = None
-    user: str | None = None
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool | None = None
-
-
-# OpenAI's request fields that change the answer or its form, which this server does not implement:
-# a request setting one to anything but its neutral value gets a 400 (param named), never an answer
-# that silently ignored it. Neutral values: what OpenAI does when the field is absent.
-UNSUPPORTED: dict[str, tuple] = {
-    "stop": (None, "", []), "tools": (None, []), "logprobs": (None, False), "top_logprobs": (None, 0),
-    "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "parallel_tool_calls": (None,), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "top_k": (None,), "min_p": (None,),
-    "repetition_penalty": (None,), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
-    "reasoning_effort": (None,), "web_search_options": (None,), "store": (None, False),
-}
-# Fields that do not change the answer, accepted and not acted on. Any other field (a misspelt one,
-# or one of another API such as best_of, echo, suffix) is a 400 `unknown_parameter`: a request is
-# never answered as if a field it set had been read.
-IGNORED = frozenset({"metadata", "service_tier", "user"})
-
-
-@dataclass
-class ServeConfig:
-    """Limits and options; every limit is checked before a request reaches the model."""
-
-    default_max_tokens: int = 256
-    max_tokens_limit: int = 1024
-    max_prompt_tokens: int | None = None  # None: only the model's context length bounds it
-    audit_path: str | None = None
-    log_prompts: bool = False
-
-
-@dataclass
-class Prepared:
-    """A validated request: what the backend needs."""
-
-    model: str
-    messages: list[dict]
-    prompt: list[int]
-    max_tokens: int
-    sampling: Sampling
-    stream: bool
-    include_usage: bool
-    views: list[list[int]] | None = None  # what the gates read, where the messages have a system prompt
-
-
-SHUTTING_DOWN = "server shutting down"  # the error of an answer cut because the server stops
-
-
-def _cut_reason(e: ApiError) -> dict:
-    """The audit line's finish_reason of an answer the stopping server cut (503), as for one uvicorn cut,
-    or of a client that left (499)."""
-    return {"finish_reason": "cancelled"} if (e.status, e.message) == (503, SHUTTING_DOWN) or e.status == 499 else {}
-
-
-def _plain_messages(req: ChatRequest) -> list[dict]:
-    out = []
-    for m in req.messages:
-        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-        # OpenAI's newer name for the system role; chat templates know only "system".
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-    return out
-
-
-def _validation_message(e: ValidationError) -> tuple[str, str]:
-    """(message, param) for the first error. A field of several accepted types (``content``: a string or a
-    list of text parts) gets one error per type, each located under a tag naming the type
-    (``content.str``, ``content.list[TextPart][0].type``): where every branch failed at the field
-    itself, it is named with the types it accepts; where the input took one branch (a list) and failed
-    inside it, that branch's error is given, located without the tag."""
-    errs = e.errors()
-    tags = ("str", "list[TextPart]")
-
-    def untagged(loc: tuple) -> tuple:
-        return tuple(x for x in loc if x not in tags)
-
-    branch = [x for x in errs if any(t in x.get("loc", ()) for t in tags)]
-    if branch:
-        loc0 = tuple(branch[0]["loc"])
-        at = loc0[:min(i for i, x in enumerate(loc0) if x in tags)]  # the field the union is at
-        shallow = [x for x in branch if len(x["loc"]) == len(at) + 1]
-        if len(shallow) == len(branch) > 1:  # every branch failed on the value itself: say what it may be
-            where = field_path(at)
-            names = [str(x["loc"][-1]) for x in branch]
-            return f"{where}: must be one of {' | '.join(names)} (got {type(branch[0].get('input')).__name__})", where
-        deep = [x for x in branch if len(x["loc"]) > len(at) + 1]  # the input's own branch, failed inside
-        err = deep[0] if deep else branch[0]
-        where = field_path(untagged(err["loc"]))
-        return f"{where}: {err.get('msg', 'invalid value')}", where
-    err = errs[0]
-    where = field_path(tuple(err.get("loc", ())))
-    if err.get("type") == "missing":
-        missing = [field_path(tuple(x["loc"])) for x in errs if x.get("type") == "missing"
-                   and tuple(x["loc"][:-1]) == tuple(err["loc"][:-1])]
-        return f"missing required field{'s' * (len(missing) > 1)} {', '.join(missing)}", missing[0]
-    return f"{where or 'body'}: {err.get('msg', 'invalid value')}", where
-
-
-# ----------------------------------------------------------------------------- backends
-
-
-class EmbeddedBackend:
-    """The model in this process; requests go through the micro-batcher's worker thread."""
-
-    def __init__(self, engine: Engine, batcher: Batcher):
-        self.engine, self.batcher = engine, batcher
-
-    @property
-    def names(self) -> list[str]:
-        return self.engine.names
-
-    @property
-    def max_context(self) -> int:
-        return self.engine.max_context
-
-    def describe(self, name: str) -> dict:
-        return self.engine.describe(name)
-
-    def prepare(self, messages: list[dict]) -> list[int]:
-        return self.engine.encode(self.engine.render(messages))
-
-    def views(self, messages: list[dict]) -> list[list[int]]:
-        return self.engine.views(messages)
-
-    def health(self) -> dict:
-        b = self.batcher
-        return {"mode": "embedded", "queued": b.queued, "running": b.running, "batches": b.batches,
-                "max_batch": b.max_batch, "window_ms": round(b.window_s * 1000, 3)}
-
-    async def events(self, p: Prepared, want_text: bool,
-                     on_route: Callable[[Route], None] | None = None) -> AsyncIterator[tuple]:
-        """Yields ("route", Route), ("text", answer so far) if ``want_text``, then ("done", text, finish, n_tokens).
-
-        ``on_route`` (upstream mode's hook, see UpstreamBackend.events): here the route is the first
-        event, known no earlier, so it is not called."""
-        job = Job(p.model, p.prompt, p.max_tokens, p.sampling, asyncio.get_running_loop(), views=p.views)
-        try:
-            self.batcher.submit(job)
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy ({e}); retry later", "rate_limit_error", code="queue_full") from None
-        except RuntimeError as e:
-            raise ApiError(503, str(e), "server_error") from None
-        ids: list[int] = []
-        finished = False
-        try:
-            while True:
-                kind, value = await job.events.get()
-                if kind == "route":
-                    yield ("route", value)
-                elif kind == "token":
-                    ids.append(value)
-                    if want_text:
-                        yield ("text", self.engine.decode(ids))
-                elif kind == "done":
-                    finished = True
-                    yield ("done", self.engine.decode(value.tokens).strip(), value.finish_reason, len(value.tokens))
-                    return
-                else:  # ("error", why) or ("error", (status, why)): a server stopping answers 503
-                    finished = True
-                    status, why = value if isinstance(value, tuple) else (500, value)
-                    raise ApiError(status, str(why), "server_error")
-        finally:
-            if not finished:  # the client went away (or the consumer stopped): free the batch row
-                job.cancel()
-
-    async def aclose(self) -> None:
-        await asyncio.to_thread(self.batcher.stop)
-
-    def cut_in_flight(self) -> None:
-        """Answer every request in flight with 503 "server shutting down" (``serve``'s grace period ends)."""
-        self.batcher.cut_all(503, SHUTTING_DOWN)
 
 
 class _Deltas:
@@ -302,6 +71,7 @@ class _Deltas:
             return ""
         delta, self.sent = text[len(self.sent):], text
         return delta
+
 
 
 # ----------------------------------------------------------------------------- the app
@@ -404,7 +174,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
         try:
             req = ChatRequest.model_validate(obj)
         except ValidationError as e:
-            msg, loc = _validation_message(e)
+            msg, loc = validation_message(e)
             raise ApiError(400, msg, param=loc or None) from None
         if req.model not in backend.names:
             raise ApiError(404, f"the model {req.model!r} does not exist; served: {', '.join(backend.names)}",
@@ -423,7 +193,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
             try:
                 StreamOptions.model_validate(req.stream_options)
             except ValidationError as e:
-                msg, loc = _validation_message(e)
+                msg, loc = validation_message(e)
                 raise ApiError(400, f"stream_options.{msg}", param=f"stream_options.{loc}" if loc else None) from None
         for i, m in enumerate(req.messages):
             for j, text in enumerate([m.content] if isinstance(m.content, str) else [p.text for p in m.content]):
@@ -439,7 +209,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
                 raise ApiError(400, str(e), param="temperature") from None
         if req.messages[-1].role != "user":
             raise ApiError(400, "the last message must have role 'user'", param="messages", code="invalid_messages")
-        messages = _plain_messages(req)
+        messages = plain_messages(req)
         try:
             prompt = await asyncio.to_thread(backend.prepare, messages)
         except SafetyPatchError as e:
@@ -506,7 +276,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
         try:
             p = await parse(request, rec)
         except ApiError as e:
-            finish(e.status, error=e.message, **_cut_reason(e))
+            finish(e.status, error=e.message, **cut_reason(e))
             return _error(e)
         rec.update(model=p.model, stream=p.stream, prompt_tokens=len(p.prompt), max_tokens=p.max_tokens,
                    messages=p.messages, **({"temperature": p.sampling.temperature, "top_p": p.sampling.top_p,
@@ -530,7 +300,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
         except ApiError as e:  # refused, or cut at shutdown while queued (cancelled, as once routed)
             await events.aclose()
             routed = {ROUTE_HEADER: e.route.header()} if e.route is not None else None
-            finish(e.status, error=e.message, **_cut_reason(e), **(route_fields(e.route) if routed else {}))
+            finish(e.status, error=e.message, **cut_reason(e), **(route_fields(e.route) if routed else {}))
             return _error(e, routed)
         finally:
             if not first.done():
@@ -569,7 +339,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
                     return JSONResponse({}, status_code=499)
             task.result()
         except ApiError as e:
-            finish(e.status, error=e.message, **_cut_reason(e))
+            finish(e.status, error=e.message, **cut_reason(e))
             return _error(e, headers)
         finally:
             if not task.done():
@@ -616,7 +386,7 @@ def create_app(backend, config: ServeConfig = ServeConfig(), audit: AuditLog | N
                     finish(200, finish_reason=reason, completion_tokens=n_tokens, completion=text)
         except ApiError as e:
             ended = True
-            finish(e.status, error=e.message, completion_tokens=n_tokens, **_cut_reason(e))
+            finish(e.status, error=e.message, completion_tokens=n_tokens, **cut_reason(e))
             yield f"data: {json.dumps(e.body())}\n\n"
         except Exception as exc:  # a bug mid-stream: the status line has gone, so an error event, audited
             ended = True
@@ -642,111 +412,3 @@ class _suppress:
     def __exit__(self, *exc):
         return exc[0] is not None and issubclass(exc[0], (asyncio.CancelledError, ApiError))
 
-
-# ----------------------------------------------------------------------------- running it
-
-
-def build_embedded(model: str, stacks: dict[str, list[str]], device: str = "auto", dtype: str = "auto",
-                   force: bool = False, window_ms: float = 15.0, max_batch: int = 16, max_queue: int = 1024):
-    """Load the base and stacks and start the batcher; returns an EmbeddedBackend. Raises SafetyPatchError."""
-    engine = Engine.load(model, stacks, device, dtype, force)
-    return EmbeddedBackend(engine, Batcher(engine, window_ms / 1000.0, max_batch, max_queue).start())
-
-
-def parse_stacks(patches: list[str] | None, stacks: list[str] | None) -> dict[str, list[str]]:
-    """Model names for ``--patch P`` (the folder's name as given, links not followed:
-    ``patches.folder_name``, the name its routes carry) and ``--stack NAME=P1,P2``; raises SafetyPatchError."""
-    from ..patches import folder_name
-
-    out: dict[str, list[str]] = {}
-
-    def add(name: str, paths: list[str], flag: str) -> None:
-        if not name or name == BASE or name in out or any(c.isspace() or c == "/" for c in name):
-            why = "reserved" if name == BASE else "already used" if name in out else "not a valid name"
-            raise SafetyPatchError(f"{flag}: model name {name!r} is {why}")
-        out[name] = paths
-
-    for p in patches or []:
-        add(folder_name(str(p)), [str(p)], f"--patch {p}")
-    for s in stacks or []:
-        name, sep, rest = s.partition("=")
-        paths = [x for x in rest.split(",") if x.strip()]
-        if not sep or not paths:
-            raise SafetyPatchError(f"--stack {s!r}: expected NAME=PATCH[,PATCH...]")
-        add(name.strip(), [x.strip() for x in paths], f"--stack {s}")
-    return out
-
-
-def bind(host: str, port: int):
-    """A socket bound to host:port (before the model loads: a busy port is one line, exit code 2).
-
-    Raises SafetyPatchError if the address cannot be bound."""
-    import socket
-
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-    except OSError as e:
-        raise SafetyPatchError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
-
-
-def serve(backend, host: str, port: int, config: ServeConfig, sock=None, shutdown_timeout: float = 30.0) -> None:
-    """Run the server until SIGINT or SIGTERM (uvicorn); ``sock`` an already bound socket (tests).
-
-    Either signal is the normal way to stop a service (``docker stop`` and systemd send SIGTERM): no
-    new connection is accepted, answers in flight get up to ``shutdown_timeout`` seconds to finish,
-    those still running then are cut and audited as 503 "server shutting down" (not as a client
-    that went away), and the call returns, so the command ends with its summary line and exit 0.
-    A second SIGINT stops at once."""
-    sock = sock if sock is not None else bind(host, port)
-    server = make_server(create_app(backend, config), host, port, shutdown_timeout)
-    server.run(sockets=[sock])
-
-
-def make_server(app, host: str, port: int, shutdown_timeout: float):
-    """A uvicorn server for ``app`` (from ``create_app``) that stops on a signal as ``serve`` says: the
-    app learns that it is stopping (answers cut then are audited as 503), and the caught signal is
-    not raised again after the shutdown."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            if not app.state.stopping:
-                # shortly before the grace period ends, answers still running are cut by the app itself,
-                # as 503 in the OpenAI error shape (a stream gets an error event), not left to uvicorn's
-                # bare "Internal Server Error" for the connections it cancels
-                cut = getattr(app.state.backend, "cut_in_flight", None)
-                if cut is not None:
-                    t = threading.Timer(max(0.0, shutdown_timeout - min(1.0, shutdown_timeout / 2)), cut)
-                    t.daemon = True
-                    t.start()
-            app.state.stopping = True
-            super().handle_exit(sig, frame)
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            with super().capture_signals():
-                yield
-                # uvicorn raises the caught signal again once it has shut down, which kills the
-                # process (exit 143 for SIGTERM) or raises KeyboardInterrupt: the stop was asked for
-                self._captured_signals.clear()
-
-    logging.getLogger("uvicorn.error").addFilter(_CutAtShutdown(app))
-    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                 timeout_graceful_shutdown=shutdown_timeout))
-
-
-class _CutAtShutdown(logging.Filter):
-    """Drops uvicorn's "Exception in ASGI application" traceback for an answer cut because the server
-    is stopping: uvicorn has already said how many it cut, and the audit log has each one."""
-
-    def __init__(self, app):
-        super().__init__()
-        self.app = app
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (self.app.state.stopping and isinstance(exc, asyncio.CancelledError))

@@ -27,8 +27,8 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 
-from .app import SHUTTING_DOWN, VIA, VIA_HEADER, ApiError, Prepared
 from .engine import BASE, GateProbe, Route, upstream_patches
+from .protocol import SHUTTING_DOWN, VIA, VIA_HEADER, ApiError, Prepared
 
 
 def _api_base(url: str) -> str:

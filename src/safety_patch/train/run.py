@@ -241,7 +241,10 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
         if prior.get("anchor") is not None:  # where the interrupted run's stream stood at the checkpoint
             anchor.load_state(prior["anchor"])
         counts["anchor"] = len(examples)
-    trainer = _make_trainer(lm, rows, cfg, peft_config, work, progress, anchor)
+    from ..models import peft_quiet
+
+    with peft_quiet():  # TRL wraps the model in PEFT here
+        trainer = _make_trainer(lm, rows, cfg, peft_config, work, progress, anchor)
     # The guard first: a non-finite value stops the run before another callback logs or saves it.
     trainer.add_callback(_finite_guard(cfg.resolved_lr()))
     # Without its tqdm bar the trainer prints every log dict to stdout; metrics.jsonl keeps them.
@@ -322,7 +325,7 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
                 method=cfg.method,
                 objective=cfg.loss.objective,
                 config=cfg.record(),
-                data={"dir": str(data_dir), "manifest_sha256": manifest_sha256(data_dir), "rows": counts},
+                data={"dir": str(Path(data_dir).resolve()), "manifest_sha256": manifest_sha256(data_dir), "rows": counts},
                 **({"gate": gate_info} if gate_info else {}),
             )
             base_info = {"name": model, "source": lm.source, "checkpoint": lm.path, "fingerprint": lm.fingerprint}
