@@ -168,6 +168,9 @@ def test_gate_apply_puts_any_patch_behind_a_gate(kind, gate_dir, lm, data_dir, t
     assert p.meta["files"][GATE_FILE] == gmeta["files"][GATE_FILE]
     assert p.meta["gated_from"]["patch"] == read_patch(src).id and p.id != read_patch(src).id
     assert p.meta["gate"]["validation"] == gmeta["validation"] and p.meta["gate"]["code"] == gmeta["code"]
+    # the folders it came from by absolute path: the record reads the same from any working folder
+    assert p.meta["gated_from"]["path"] == str(src.resolve()) and p.meta["gate"]["source"] == str(gate_dir.resolve())
+    assert p.meta["gate"]["data"]["dir"] == gmeta["data"]["dir"] == str(data_dir.resolve())
     if kind == "lora":  # `patch info` says what the gate is in a few short lines, not its whole record
         from safety_patch.cli import main
 

@@ -270,7 +270,7 @@ def read_gate_source(path: str | Path) -> tuple[Gate, dict, Path]:
             "layer": gate.layer, **({"extra_layers": list(gate.extra_layers)} if gate.extra_layers else {}),
             "threshold": gate.threshold, "config": config, "prompts": info.get("prompts") or {},
             "data": {k: v for k, v in (data or {}).items() if k in ("dir", "manifest_sha256")} or None,
-            "files": {GATE_FILE: p.meta["files"][GATE_FILE]}, "from_patch": {"id": p.id, "path": str(path)},
+            "files": {GATE_FILE: p.meta["files"][GATE_FILE]}, "from_patch": {"id": p.id, "path": str(Path(path).resolve())},
             "fit_stack": p.gate_fit_stack,
             **{k: info[k] for k in ("threshold_from", "validation", "position", "fit_seconds") if k in info}}
     return gate, meta, pj
@@ -337,7 +337,7 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
             "hidden states it was not fit on, so its routing there is unmeasured (measure it: `safety-patch eval` "
             "with each patch of the stack as --patch, in order)", where, fit_on, p.path, below)
     fields["gate"] = {"layer": gate.layer, **({"extra_layers": list(gate.extra_layers)} if gate.extra_layers else {}),
-                      "threshold": gate.threshold, "id": gmeta["id"], "source": str(gate_dir), "fit_stack": fit_stack,
+                      "threshold": gate.threshold, "id": gmeta["id"], "source": str(Path(gate_dir).resolve()), "fit_stack": fit_stack,
                       **({"source_patch": gmeta["from_patch"]["id"]} if "from_patch" in gmeta else {}),
                       **{k: gmeta[k] for k in ("config", "prompts", "train", "threshold_from", "validation", "position",
                                                "data", "code", "versions", "fit_seconds") if k in gmeta}}
@@ -345,9 +345,9 @@ def apply_gate(patch_dir: str | Path, gate_dir: str | Path, out: str | Path, ove
         # A patch gated by `train` itself has no ungated origin to name (no gated_from).
         fields["gated_from"] = p.meta.get("gated_from")
         fields["replaced_gate"] = {"id": old_id, "threshold": p.meta["gate"]["threshold"],
-                                   "patch": p.id, "path": str(p.path)}
+                                   "patch": p.id, "path": str(Path(p.path).resolve())}
     else:
-        fields["gated_from"] = {"patch": p.id, "path": str(p.path), "code": p.meta.get("code"),
+        fields["gated_from"] = {"patch": p.id, "path": str(Path(p.path).resolve()), "code": p.meta.get("code"),
                                 "created": p.meta.get("created")}
     fields["versions"] = p.meta.get("versions")
     fields = {k: v for k, v in fields.items() if v is not None}
