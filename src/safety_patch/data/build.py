@@ -229,7 +229,7 @@ def _harmful_rows(cfg, reqs, split_of, tmpl_by_split, rng):
         refusal = r.response or refusals.compose(r.category, rng)
         meta = {"source": r.source, "category": r.category, "behavior_id": r.behavior_id, "template": template,
                 "template_family": family, "split": split, "request": r.text}
-        if r.license == USER_LICENSE and r.raw_category != r.category:  # the user's own word kept beside ours
+        if r.license == USER_LICENSE and r.raw_category and r.raw_category != r.category:  # the user's own word kept beside ours
             meta["raw_category"] = r.raw_category
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": refusal}], "meta": meta}
 

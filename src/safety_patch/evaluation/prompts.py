@@ -35,6 +35,10 @@ def source_identity(source: str | Path | None) -> dict | None:
     return {"path": str(p), "kind": "file", "sha256": sha256_file(p)}
 
 
+NO_CATEGORY = "(no category)"
+"""How ``per_user_category`` names the rows of a prompt file that give no ``category`` where others do."""
+
+
 def harmful_requests(source: str | Path, split: str = "test", limit: int | None = None) -> tuple[list[dict], list]:
     """Unique held-out behaviours (request, category, behavior_id) and the split's templates.
 
@@ -57,8 +61,11 @@ def harmful_requests(source: str | Path, split: str = "test", limit: int | None 
         from ..data.sources.files import load_user_file
 
         items, _ = load_user_file(str(p), for_training=False)  # a `response` column is not read
-        reqs = _unique([{"request": r.text, "category": r.category, "raw_category": r.raw_category,
-                         "behavior_id": r.behavior_id, "source": r.source} for r in items],
+        # The file's own categories, for `per_user_category`; a row without one is grouped under
+        # NO_CATEGORY, not under a "harmful" the file never wrote. A file that names none has no such table.
+        named = any(r.raw_category for r in items)
+        reqs = _unique([{"request": r.text, "category": r.category, "behavior_id": r.behavior_id, "source": r.source}
+                        | ({"raw_category": r.raw_category or NO_CATEGORY} if named else {}) for r in items],
                        lambda r: r["request"], p)
         templates = []
     if not reqs:

@@ -36,7 +36,7 @@ def _row_to_request(row: dict, where: str, source: str) -> Request:
         raise SafetyPatchError(f"{where}: field '{given}' is empty" if given else
                                f"{where}: missing field 'prompt' (or 'goal')")
     text = _lf(row[key].strip())
-    cat = str(row.get("category") or "harmful")
+    cat = (row.get("category") or "").strip()  # "": the row names none (a CSV's empty cell, a JSONL row without it)
     bid = str(row.get("behavior_id") or f"user-{hashlib.sha256(normalise(text).encode()).hexdigest()[:12]}")
     resp = _lf(row["response"]) if isinstance(row.get("response"), str) and row["response"].strip() else None
     return Request(text, source, bid, unified_category(cat), cat, USER_LICENSE, resp)
