@@ -527,6 +527,14 @@ def test_leave_one_source_out_refits_without_the_held_out_source(lm, data_dir, g
         kept = [m for m in wrapped if any(q in m[-1]["content"] for q, src in requests.items() if src != s)]
         assert r["train_harmful_without"] == len(direct) + len(kept) < len(harmful)
         assert r["direct_vs_benign"]["auroc"]["n_pos"] >= sum(1 for src in requests.values() if src == s)
+        # by category: the held-out requests' own categories, partitioned; the counts add up to the
+        # fold's caught figures at its threshold and at 5% FPR
+        by, d = r["direct_by_category"], r["direct_vs_benign"]
+        assert set(by) == {r_["meta"]["category"] for r_ in rows + read_jsonl(data_dir / "val.jsonl")
+                           if r_["meta"].get("source") == s and r_["meta"].get("request")}
+        for key, whole in (("at_threshold", d["tpr_at_threshold"]), ("at_fpr_0.05", d["tpr_at_fpr_0.05"])):
+            assert sum(v[key]["n"] for v in by.values()) == whole["n"] == d["auroc"]["n_pos"]
+            assert sum(v[key]["k"] for v in by.values()) == whole["k"]
     out = tmp_path / "r.json"
     assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model",
                  str(tiny_dir), "--leave-one-source-out", "--out", str(out)]) == 0

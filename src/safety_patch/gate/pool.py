@@ -234,14 +234,16 @@ def attack_prompts(data, split: str, attacks: Sequence[str]) -> dict[str, dict[s
 def held_out_requests(data, sources: Sequence[str], split: str = "val",
                       written_more: bool = False) -> dict[str, dict[str, list[list[dict]]]]:
     """Each harmful source's requests for a leave-one-source-out fold: ``{source: {"direct": [...],
-    "wrapped": [...]}}``. Direct: every request of that source in the train split and ``split``,
-    once each, as a single user turn; wrapped: ``split``'s rows of that source inside a template.
+    "wrapped": [...], "direct_categories": [...]}}``. Direct: every request of that source in the
+    train split and ``split``, once each, as a single user turn; wrapped: ``split``'s rows of that
+    source inside a template; ``direct_categories``: each direct request's category (a user
+    source's own word, ``meta.raw_category``, where it has one; else the unified ``meta.category``).
     The hand-written source (:data:`WRITTEN_SOURCE`) is in no split: its requests as written, with
     ``written_more`` (a pool with ``written_harmful_more``) the second file's too."""
     from ..data.folder import DataFolder
 
     d = DataFolder.of(data)
-    pos: dict[str, dict[str, list]] = {s: {"direct": [], "wrapped": []} for s in sources}
+    pos: dict[str, dict[str, list]] = {s: {"direct": [], "wrapped": [], "direct_categories": []} for s in sources}
     seen: set[tuple[str, str]] = set()
     for name in ("train", split):
         for n, r in d.numbered(name):
@@ -252,6 +254,7 @@ def held_out_requests(data, sources: Sequence[str], split: str = "val",
             if (s, req) not in seen:
                 seen.add((s, req))
                 pos[s]["direct"].append([{"role": "user", "content": req}])
+                pos[s]["direct_categories"].append(str(m.get("raw_category") or m.get("category") or "unknown"))
             if name == split and m.get("template", "direct") != "direct":
                 pos[s]["wrapped"].append(_prompt_of(r, d.where(name, n)))
     if WRITTEN_SOURCE in pos:
@@ -259,6 +262,7 @@ def held_out_requests(data, sources: Sequence[str], split: str = "val",
 
         rows = gate_harmful_prompts() + (gate_harmful_more_prompts() if written_more else [])
         pos[WRITTEN_SOURCE]["direct"] = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+        pos[WRITTEN_SOURCE]["direct_categories"] = [r["category"] for r in rows]
     return pos
 
 
