@@ -207,7 +207,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_resume_after_a_kill_mid_checkpoint_is_bit_identical(family, data_dir, tiny_dir, tmp_path):
+def test_resume_after_a_kill_mid_checkpoint_is_bit_identical(family, data_dir, tiny_dir, tmp_path, capsys):
     cfg = small(family.split("+")[0], FAMILIES[family])
     ref = train(data_dir, tmp_path / "ref", cfg, model=str(tiny_dir), progress=False)
 
@@ -217,9 +217,13 @@ def test_resume_after_a_kill_mid_checkpoint_is_bit_identical(family, data_dir, t
     assert not (work / "checkpoints" / "checkpoint-4" / checkpoints.CHECKPOINT_STATE).exists()
     leg1 = json.loads((work / "checkpoints" / "checkpoint-2" / checkpoints.CHECKPOINT_STATE).read_text())
 
+    capsys.readouterr()
     meta = train(data_dir, tmp_path / "res", cfg, model=str(tiny_dir), progress=False, resume=True)
     t = meta["training"]
     assert t["resumed_from"].endswith("checkpoint-2") and t["legs"] == 2
+    # said as it starts (it looked like a fresh run until patch.json): where from, and what was dropped
+    assert (f"[train] resuming {tmp_path / 'res'} from checkpoint-2 (step 2); checkpoint-4 cut short by a kill, "
+            "dropped\n") in capsys.readouterr().err
     assert t["steps"] == ref["training"]["steps"] > 4 and t["loss_last"] == ref["training"]["loss_last"]
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "res")
     assert a and a.keys() == b.keys()

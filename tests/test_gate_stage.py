@@ -967,18 +967,21 @@ def test_a_gate_that_never_fires_is_refused_everywhere(data_dir, tiny_dir, lm, g
     rec = {"layer": 3, "extra_layers": [4], "threshold": 0.5, "harmful": 40, "benign": 60, **coin}
     rec["validation"]["fired"] = {"harmful_direct": {"value": 0.7, "k": 14, "n": 20},
                                   "borderline": {"value": 0.1, "k": 3, "n": 30}}
-    assert patches.gate_summary(rec) == ("layers 3, 4, threshold +0.500; fit on 40 harmful / 60 benign prompts; fires on "
-                                         "harmful_direct 70.0% (14/20), borderline 10.0% (3/30) (val split)")
+    line = ("layers 3, 4, threshold +0.500; fit on 40 harmful / 60 benign prompts; fires on "
+            "harmful_direct 70.0% (14/20), borderline 10.0% (3/30) (val split)")
+    assert patches.gate_summary(rec) == [line]
     rec["validation"]["direct_vs_benign"]["auroc"]["ci95"] = [0.38, 0.70]
-    assert patches.gate_summary(rec).endswith("(val split) (warning: patch.json 'gate': the gate's validation AUROC "
-                                              "(harmful direct vs benign) is 0.540 [0.380, 0.700], n = 20 + 30: not told "
-                                              "apart from chance; which prompts get the patch is near random; check "
-                                              "`gate eval` before relying on it)")
-    assert patches.gate_summary({"layer": 1, "threshold": 0.0}) == "layer 1, threshold +0.000; no validation report recorded"
-    # two warnings in the record: still one line (a user's trial saw `serve`'s line run onto a second)
+    assert patches.gate_summary(rec) == [line, "warning: patch.json 'gate': the gate's validation AUROC "
+                                               "(harmful direct vs benign) is 0.540 [0.380, 0.700], n = 20 + 30: not told "
+                                               "apart from chance; which prompts get the patch is near random; check "
+                                               "`gate eval` before relying on it"]
+    assert patches.gate_summary({"layer": 1, "threshold": 0.0}) == ["layer 1, threshold +0.000; no validation report recorded"]
+    # two warnings in the record: a line each (a user's trial saw `serve`'s line run onto a second, then
+    # two warnings run together inside one)
     rec["validation"]["fired"]["harmful_direct"].update(value=0.0, k=0)
-    two = patches.gate_summary(rec)
-    assert "\n" not in two and "fires on none of the 20 held-out harmful prompts" in two and "AUROC" in two
+    first, *two = patches.gate_summary(rec)
+    assert len(two) == 2 and all(w.startswith("warning: ") and "\n" not in w for w in two)
+    assert "fires on none of the 20 held-out harmful prompts" in two[0] and "AUROC" in two[1] and "warning" not in first
     # a record without figures (the Python API): `patch verify` routes probe prompts through it
     quiet = make_lora_patch(lm.model, tmp_path / "q", lm.fingerprint, seed=4)
     g = Gate.load(gate_dir)

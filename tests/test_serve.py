@@ -258,7 +258,7 @@ def test_bad_requests_get_openai_errors(live):
         ({**ok, "temperature": 7}, 400, None),
         ({**ok, "seed": 10**20}, 400, None),  # over what torch.Generator.manual_seed takes
         (b'{"model": "safety", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None),
-        ({**ok, "n": 2}, 400, None),
+        ({**ok, "n": 2}, 400, "n"), ({**ok, "n": 0}, 400, "n"),
         ({**ok, "stop": ["x"]}, 400, "stop"),
         # fields OpenAI's chat API does not have were silently ignored (a user's trial, session 33)
         ({**ok, "best_of": 3}, 400, "best_of"), ({**ok, "echo": True}, 400, "echo"),
@@ -295,7 +295,8 @@ def test_bad_requests_get_openai_errors(live):
     assert sampled.usage.completion_tokens >= 1
     union = httpx.post(url, json={**ok, "messages": [{"role": "user", "content": 5}]}, timeout=30).json()["error"]
     assert union["message"] == "messages[0].content: must be one of str | list[TextPart] (got int)"
-    for body, says in [({}, "missing required fields model, messages"),
+    assert httpx.post(url, json={**ok, "n": 2}, timeout=30).json()["error"]["code"] == "unsupported_parameter"
+    for body, says in [({}, "missing required fields 'model', 'messages'"),
                        ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
                         "messages[0].content[0].type: Input should be 'text'"),
                        ({**ok, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
@@ -473,7 +474,9 @@ def test_a_stop_signal_lets_answers_finish_then_cuts_them_as_the_servers_doing(w
     from safety_patch.patches import read_patch
     from safety_patch.patches.folder import gate_summary
 
-    assert f"[serve] safety: the gate of {world['gated']}: {gate_summary(read_patch(world['gated']).meta['gate'])}\n" in err
+    line, *warnings = gate_summary(read_patch(world['gated']).meta['gate'])
+    assert f"[serve] safety: the gate of {world['gated']}: {line}\n" in err
+    assert all(f"[serve] safety: {w}\n" in err for w in warnings)
     base = err.split("http://", 1)[1].split("/v1", 1)[0]
     t0 = time.monotonic()
     while True:  # the line comes before uvicorn listens (and installs its signal handlers)

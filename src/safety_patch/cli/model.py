@@ -171,7 +171,10 @@ def serve(
         for path in paths:
             meta, _ = read_manifest(Path(path) / PATCH_JSON)
             if meta.get("gate"):
-                typer.echo(f"[serve] {name}: the gate of {path}: {gate_summary(meta['gate'])}", err=True)
+                line, *warnings = gate_summary(meta["gate"])
+                typer.echo(f"[serve] {name}: the gate of {path}: {line}", err=True)
+                for w in warnings:
+                    typer.echo(f"[serve] {name}: {w}", err=True)
     typer.echo(f"[serve] models: {', '.join(backend.names)}; http://{host}:{sock.getsockname()[1]}/v1 ; "
                f"audit log: {audit_log}", err=True)
     run_server(backend, host, port, cfg, sock, shutdown_timeout=shutdown_timeout)

@@ -426,17 +426,19 @@ def info(patch: Patch) -> dict:
                       "descriptive fields (config, training, the gate's validation report) are as found"}
 
 
-def gate_summary(g: dict) -> str:
-    """One line on a gated patch's gate (patch.json's ``gate``): layers, threshold, the pool it was
-    fit on and what it fired on per validation set (``serve`` prints it at start, so whoever runs a
-    gated patch sees how often its gate was measured to open, a quick-size gate included)."""
+def gate_summary(g: dict) -> list[str]:
+    """Lines on a gated patch's gate (patch.json's ``gate``): first its layers, threshold, the pool it
+    was fit on and what it fired on per validation set; then each warning its record gives
+    (``gate.folder.check_protects``), one line each, starting ``warning:``. ``serve`` prints them at
+    start, so whoever runs a gated patch sees how often its gate was measured to open, a quick-size
+    gate included. (Warnings inside the first line ran together: a user's trial read two as one.)"""
     info = _gate_info(g)
     parts = [info["gate"]]
     if info.get("gate_fit_on"):
         parts.append(f"fit on {info['gate_fit_on']}")
     parts.append(f"fires on {info['gate_fires_on']}" if info.get("gate_fires_on") else "no validation report recorded")
-    warning = " ".join(str(info.get("gate_warning") or "").split())  # several warnings: one line all the same
-    return "; ".join(parts) + (f" ({warning})" if warning else "")
+    warnings = [" ".join(w.split()) for w in str(info.get("gate_warning") or "").splitlines() if w.strip()]
+    return ["; ".join(parts), *warnings]
 
 
 def _gate_info(g: dict | None) -> dict:

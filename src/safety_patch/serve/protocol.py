@@ -84,7 +84,7 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     stream: bool | None = False
     stream_options: dict | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1)  # more than one choice: UNSUPPORTED
     stop: str | list[str] | None = None
     tools: list | None = None
     logprobs: bool | None = None
@@ -100,7 +100,7 @@ class StreamOptions(BaseModel):
 # a request setting one to anything but its neutral value gets a 400 (param named), never an answer
 # that silently ignored it. Neutral values: what OpenAI does when the field is absent.
 UNSUPPORTED: dict[str, tuple] = {
-    "stop": (None, "", []), "tools": (None, []), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "n": (None, 1), "stop": (None, "", []), "tools": (None, []), "logprobs": (None, False), "top_logprobs": (None, 0),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "parallel_tool_calls": (None,), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "top_k": (None,), "min_p": (None,),
@@ -188,6 +188,6 @@ def validation_message(e: ValidationError) -> tuple[str, str]:
     if err.get("type") == "missing":
         missing = [field_path(tuple(x["loc"])) for x in errs if x.get("type") == "missing"
                    and tuple(x["loc"][:-1]) == tuple(err["loc"][:-1])]
-        return f"missing required field{'s' * (len(missing) > 1)} {', '.join(missing)}", missing[0]
+        return f"missing required field{'s' * (len(missing) > 1)} {', '.join(repr(m) for m in missing)}", missing[0]
     return f"{where or 'body'}: {err.get('msg', 'invalid value')}", where
 
