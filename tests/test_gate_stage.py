@@ -527,12 +527,13 @@ def test_leave_one_source_out_refits_without_the_held_out_source(lm, data_dir, g
         kept = [m for m in wrapped if any(q in m[-1]["content"] for q, src in requests.items() if src != s)]
         assert r["train_harmful_without"] == len(direct) + len(kept) < len(harmful)
         assert r["direct_vs_benign"]["auroc"]["n_pos"] >= sum(1 for src in requests.values() if src == s)
-        # by category: the held-out requests' own categories, partitioned; the counts add up to the
-        # fold's caught figures at its threshold and at 5% FPR
-        by, d = r["direct_by_category"], r["direct_vs_benign"]
+        # at 5% look-alike FPR: the borderline prompts alone set the threshold; by category: the held-out requests' own categories,
+        # partitioned, their counts adding up to the fold's figures at each threshold
+        by, d, la = r["direct_by_category"], r["direct_vs_benign"], r["direct_at_lookalike_fpr_0.05"]
+        assert la["fpr_reached"]["value"] <= 0.05 and la["fpr_reached"]["n"] < d["auroc"]["n_neg"]
         assert set(by) == {r_["meta"]["category"] for r_ in rows + read_jsonl(data_dir / "val.jsonl")
                            if r_["meta"].get("source") == s and r_["meta"].get("request")}
-        for key, whole in (("at_threshold", d["tpr_at_threshold"]), ("at_fpr_0.05", d["tpr_at_fpr_0.05"])):
+        for key, whole in (("at_threshold", d["tpr_at_threshold"]), ("at_lookalike_fpr_0.05", la)):
             assert sum(v[key]["n"] for v in by.values()) == whole["n"] == d["auroc"]["n_pos"]
             assert sum(v[key]["k"] for v in by.values()) == whole["k"]
     out = tmp_path / "r.json"

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import SafetyPatchError
+from ..evaluation.stats import proportion
 from .config import BATCHING, Batching, GateFitConfig, _norm_of, model_layers
 from .features import FeatureBank, _read, encode, pool_features
 from .fit import (
@@ -78,31 +79,34 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
         zn_d, zn_w = z[nd[0] : nd[1]], z[nw[0] : nw[1]]
         t = threshold_at_fpr(torch.cat([zn_d, zn_w]), cfg.target_fpr) if cfg.target_fpr is not None else cfg.threshold
         (a, b_), (c, e) = spans[(s, "direct")], spans[(s, "wrapped")]
-        direct = discrimination(z[a:b_], zn_d, t)
+        # the look-alikes alone (borderline: safe prompts that sound harmful) set the stricter bar:
+        # general prompts sit far below any threshold, so with them 5% FPR is a lower logit
+        zn_b = zn_d[: len(held["borderline"])]
+        t_la = threshold_at_fpr(zn_b, 0.05) if len(zn_b) else None
         out[s] = {"held_out": s, "train_harmful_without": int((y[keep] > 0).sum()), "threshold": t,
-                  "direct_vs_benign": direct,
-                  "direct_by_category": _caught_by_category(z[a:b_], pos[s]["direct_categories"], t,
-                                                            direct.get("tpr_at_fpr_0.05", {}).get("threshold"))}
+                  "direct_vs_benign": discrimination(z[a:b_], zn_d, t),
+                  **({"direct_at_lookalike_fpr_0.05": proportion(int((z[a:b_] > t_la).sum()), b_ - a)
+                      | {"threshold": t_la, "fpr_reached": proportion(int((zn_b > t_la).sum()), len(zn_b))}}
+                     if t_la is not None else {}),
+                  "direct_by_category": _caught_by_category(z[a:b_], pos[s]["direct_categories"], t, t_la)}
         if e > c:  # a source with no wrapped rows (the hand-written one) has no wrapped comparison
             out[s]["wrapped_vs_wrapped_benign"] = discrimination(z[c:e], zn_w, t)
     return {"split": split, "layer": layer[0], **({"extra_layers": list(layer[1:])} if len(layer) > 1 else {}),
             "sources": out}
 
 
-def _caught_by_category(z: torch.Tensor, categories: list[str], threshold: float, at_fpr: float | None) -> dict:
-    """``{category: {"at_threshold": proportion, "at_fpr_0.05": proportion}}`` of one held-out
-    source's direct requests (logits ``z`` [n], ``categories`` [n]): which kinds of harm the refit
-    misses, at the fold's threshold and at the logit where 5% of the split's borderline and
-    general prompts fire (``direct_vs_benign``'s ``tpr_at_fpr_0.05``; absent without negatives).
-    Categories sorted by name; Wilson 95% intervals."""
-    from ..evaluation.stats import proportion
-
+def _caught_by_category(z: torch.Tensor, categories: list[str], threshold: float, at_lookalike: float | None) -> dict:
+    """``{category: {"at_threshold": proportion, "at_lookalike_fpr_0.05": proportion}}`` of one
+    held-out source's direct requests (logits ``z`` [n], ``categories`` [n]): which kinds of harm the
+    refit misses, at the fold's threshold and at the logit where 5% of the split's borderline
+    (look-alike) prompts fire (``at_lookalike``; that key absent where None). Categories sorted by
+    name; Wilson 95% intervals."""
     out: dict[str, dict] = {}
     for c in sorted(set(categories)):
         zc = z[torch.tensor([v == c for v in categories])]
         out[c] = {"at_threshold": proportion(int((zc > threshold).sum()), len(zc))}
-        if at_fpr is not None:
-            out[c]["at_fpr_0.05"] = proportion(int((zc > at_fpr).sum()), len(zc))
+        if at_lookalike is not None:
+            out[c]["at_lookalike_fpr_0.05"] = proportion(int((zc > at_lookalike).sum()), len(zc))
     return out
 
 

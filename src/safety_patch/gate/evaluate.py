@@ -277,13 +277,20 @@ def report_table(rep: dict) -> str:
             held_rows.append(f"{'LOSO ' + src + ' ' + name.split('_')[0]:<26}{auc:<24}{tpr_at_fpr_text(c, 0.01, pct):<24}"
                              f"{tpr_at_fpr_text(c, 0.05, pct):<24}{pct(c['tpr_at_threshold']):<24}"
                              f"{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
+            if name != "direct_vs_benign":
+                continue
+            # the stricter bar (5% of the look-alikes alone fire), then which kinds of harm the refit
+            # misses there: what the pool does not teach (the JSON has both thresholds)
+            la = r.get("direct_at_lookalike_fpr_0.05")
+            if la:
+                held_rows.append(f"  at 5% look-alike FPR: {pct(la)} caught ({la['k']}/{la['n']}; borderline prompts "
+                                 f"alone as negatives, {la['fpr_reached']['k']}/{la['fpr_reached']['n']} fire)")
             by = r.get("direct_by_category") or {}
-            if name == "direct_vs_benign" and len(by) > 1:
-                # which kinds of harm the refit misses: what to add to the pool (the JSON has both thresholds)
-                key = "at_fpr_0.05" if all("at_fpr_0.05" in v for v in by.values()) else "at_threshold"
+            if len(by) > 1:
+                key = "at_lookalike_fpr_0.05" if la else "at_threshold"
                 worst = sorted(by.items(), key=lambda kv: (kv[1][key]["value"], kv[0]))
-                held_rows.append(f"  by category, caught {'at 5% FPR' if key != 'at_threshold' else 'at threshold'} "
-                                 "(least first): " + ", ".join(f"{cat} {v[key]['k']}/{v[key]['n']}" for cat, v in worst))
+                held_rows.append(f"  by category, caught {'there' if la else 'at threshold'} (least first): "
+                                 + ", ".join(f"{cat} {v[key]['k']}/{v[key]['n']}" for cat, v in worst))
     lofo = rep.get("leave_one_family_out")
     nested = lofo.get("at_family_threshold_nested") if lofo and "skipped" not in lofo else None
     if lofo and "skipped" not in lofo:
