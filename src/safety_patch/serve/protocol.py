@@ -19,8 +19,6 @@ from ..errors import field_path
 from .engine import Sampling
 
 ROUTE_HEADER = "x-safety-patch-route"
-
-
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
@@ -30,7 +28,7 @@ this server's id added when it asks an upstream. A request that reaches a server
 through is a loop (``serve --upstream`` pointing back at itself, or at a server that points back):
 answered 508 at once, where it would otherwise call itself until the upstream timeout (a user's
 trial, 2026-12-05: 220 requests in 20 s from one). Chains of distinct servers pass; each app
-(:func:`create_app`) has its own id, so two servers in one process are two servers."""
+(:func:`.app.create_app`) has its own id, so two servers in one process are two servers."""
 
 
 VIA: contextvars.ContextVar[str] = contextvars.ContextVar("safety_patch_via", default="")
