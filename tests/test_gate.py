@@ -436,3 +436,26 @@ def test_eval_results_say_which_folder_each_gate_name_is(tmp_path):
     text = table({"kind": "safety-patch/eval-overrefusal", "runs": {"s": run}, "provenance": prov})
     assert f"gate patch1 = {g.path} (id {g.id}, threshold {gate.threshold:+.3f})" in text
     assert "gate patch0 =" not in text and "gate delta0 =" not in text  # only gated items have gates
+
+
+def test_the_tpr_at_an_fpr_bootstrap_resets_the_threshold_on_each_draw():
+    """issue 23's bar (caught at 5% look-alike FPR) rests on 45 validation look-alikes, so the
+    threshold is set by two or three of them; Wilson's interval holds it fixed. Each bootstrap draw
+    resamples both sides and sets the threshold on its own negatives, as threshold_at_fpr does."""
+    from safety_patch.gate.metrics import threshold_at_fpr, tpr_at_fpr_bootstrap
+
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(60, generator=g) + 1.5, torch.randn(45, generator=g)
+    lo, hi = tpr_at_fpr_bootstrap(pos, neg, 0.05, draws=200, seed=7)
+    # the same draws, one by one, through the product's own threshold
+    r = torch.Generator().manual_seed(7)
+    ip, ineg = torch.randint(60, (200, 60), generator=r), torch.randint(45, (200, 45), generator=r)
+    ref = sorted(float((pos[ip[b]] > threshold_at_fpr(neg[ineg[b]], 0.05)).double().mean()) for b in range(200))
+    assert [lo, hi] == [ref[int(0.025 * 200)], ref[int(0.975 * 200) - 1]]
+    point = float((pos > threshold_at_fpr(neg, 0.05)).double().mean())
+    assert lo <= point <= hi and hi - lo > 0
+    # separated sides: every draw catches every positive; a fixed seed gives the same interval
+    assert tpr_at_fpr_bootstrap(neg + 100, neg, 0.05) == [1.0, 1.0]
+    assert tpr_at_fpr_bootstrap(pos, neg, 0.05, draws=200, seed=7) == [lo, hi]
+    with pytest.raises(SafetyPatchError, match="needs harmful and benign logits"):
+        tpr_at_fpr_bootstrap(pos, torch.zeros(0), 0.05)

@@ -276,6 +276,8 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     lofo = rep["leave_one_family_out"]["wrapped_vs_wrapped_benign"]["auroc"]
     assert lofo["n_neg"] == 6 and lofo["n_pos"] >= 4  # the plan's wrapped benign prompts, each out of family
     assert "leave one harmful source out" in md.lower() and "prefill" in md
+    assert "| direct at 5% look-alike FPR |" in md and all(
+        "ci95_with_threshold" in r["direct_at_lookalike_fpr_0.05"] for r in rep["leave_one_source_out"]["sources"].values())
     assert "leave one template family out" in md.lower()
 
     # after a code change (another source hash), re-running into the same folder re-runs every stage

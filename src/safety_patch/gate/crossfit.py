@@ -22,7 +22,7 @@ from .fit import (
     fit_gate_probe,
     held_out_features,
 )
-from .metrics import _by_set, discrimination, threshold_at_fpr
+from .metrics import BOOTSTRAP_DRAWS, _by_set, discrimination, threshold_at_fpr, tpr_at_fpr_bootstrap
 from .pool import _gate_pool, held_out_prompts, held_out_requests, template_family
 from .probe import Gate
 
@@ -86,8 +86,11 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
         out[s] = {"held_out": s, "train_harmful_without": int((y[keep] > 0).sum()), "threshold": t,
                   "direct_vs_benign": discrimination(z[a:b_], zn_d, t),
                   **({"direct_at_lookalike_fpr_0.05": proportion(int((z[a:b_] > t_la).sum()), b_ - a)
-                      | {"threshold": t_la, "fpr_reached": proportion(int((zn_b > t_la).sum()), len(zn_b))}}
-                     if t_la is not None else {}),
+                      | {"threshold": t_la, "fpr_reached": proportion(int((zn_b > t_la).sum()), len(zn_b)),
+                         # the threshold rests on a few look-alikes: an interval that carries its uncertainty
+                         "ci95_with_threshold": tpr_at_fpr_bootstrap(z[a:b_], zn_b, 0.05),
+                         "ci95_with_threshold_interval": f"percentile bootstrap, {BOOTSTRAP_DRAWS} draws of both sides"}}
+                     if t_la is not None and b_ > a else {}),
                   "direct_by_category": _caught_by_category(z[a:b_], pos[s]["direct_categories"], t, t_la)}
         if e > c:  # a source with no wrapped rows (the hand-written one) has no wrapped comparison
             out[s]["wrapped_vs_wrapped_benign"] = discrimination(z[c:e], zn_w, t)

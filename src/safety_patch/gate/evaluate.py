@@ -283,8 +283,11 @@ def report_table(rep: dict) -> str:
             # misses there: what the pool does not teach (the JSON has both thresholds)
             la = r.get("direct_at_lookalike_fpr_0.05")
             if la:
+                boot = la.get("ci95_with_threshold")
                 held_rows.append(f"  at 5% look-alike FPR: {pct(la)} caught ({la['k']}/{la['n']}; borderline prompts "
-                                 f"alone as negatives, {la['fpr_reached']['k']}/{la['fpr_reached']['n']} fire)")
+                                 f"alone as negatives, {la['fpr_reached']['k']}/{la['fpr_reached']['n']} fire"
+                                 + (f"; [{100 * boot[0]:.1f}, {100 * boot[1]:.1f}] with the threshold's own "
+                                    "uncertainty, bootstrap" if boot else "") + ")")
             by = r.get("direct_by_category") or {}
             if len(by) > 1:
                 key = "at_lookalike_fpr_0.05" if la else "at_threshold"

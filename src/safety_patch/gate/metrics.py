@@ -36,6 +36,30 @@ def threshold_at_fpr(negatives: torch.Tensor, fpr: float) -> float:
     return s[min(k, len(s) - 1)]
 
 
+BOOTSTRAP_DRAWS = 2000
+
+
+def tpr_at_fpr_bootstrap(pos: torch.Tensor, neg: torch.Tensor, fpr: float, draws: int = BOOTSTRAP_DRAWS,
+                         seed: int = 0) -> list[float]:
+    """Percentile-bootstrap 95% interval [lo, hi] of the TPR at ``fpr`` when the threshold is itself
+    read off ``neg`` (:func:`threshold_at_fpr`): each draw resamples the positives ``pos`` [n_pos] and
+    the negatives ``neg`` [n_neg] (logits) with replacement, sets the threshold on the drawn
+    negatives and counts the drawn positives above it. Wilson's interval holds the threshold fixed;
+    with a few dozen negatives the threshold is set by two or three of them, and this interval
+    carries that too. ``draws`` resamples from a torch generator seeded ``seed``: the positives' [draws,
+    n_pos] indices, then the negatives' [draws, n_neg]. Raises SafetyPatchError without negatives or
+    positives."""
+    if not len(pos) or not len(neg):
+        raise SafetyPatchError("a bootstrap of the TPR at an FPR needs harmful and benign logits")
+    g = torch.Generator().manual_seed(seed)
+    ip = torch.randint(len(pos), (draws, len(pos)), generator=g)
+    ineg = torch.randint(len(neg), (draws, len(neg)), generator=g)
+    k = min(int(math.floor(fpr * len(neg) + 1e-9)), len(neg) - 1)  # as threshold_at_fpr reads it
+    t = neg.double()[ineg].sort(dim=1, descending=True).values[:, k]
+    tpr = (pos.double()[ip] > t[:, None]).double().mean(dim=1).sort().values
+    return [float(tpr[int(0.025 * draws)]), float(tpr[int(0.975 * draws) - 1])]
+
+
 def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
     """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg), ties counted half)."""
     from scipy.stats import rankdata

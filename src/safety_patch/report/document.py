@@ -219,9 +219,20 @@ def gate_blocks(g: dict) -> list[tuple]:
     if loso:
         B.append(("p", "Leave one harmful source out: the gate refit without that source's prompts, measured on "
                        "its requests (direct: every train and held-out request; wrapped: the held-out ones) at the "
-                       "gate's threshold."))
-        B.append(("table", ["held-out source", "direct caught", "direct AUROC", "wrapped caught", "wrapped AUROC"],
-                  [[s, pct(r["direct_vs_benign"]["tpr_at_threshold"]), auc(r["direct_vs_benign"]["auroc"]),
+                       "gate's threshold, and direct at 5% look-alike FPR (the logit where 5% of the split's "
+                       "borderline prompts fire; in brackets after it, a bootstrap 95% interval that also carries "
+                       "that threshold's uncertainty, set as it is by a few look-alikes)."))
+
+        def at_lookalike(r: dict) -> str:
+            la = r.get("direct_at_lookalike_fpr_0.05")
+            if not la:
+                return "-"
+            boot = la.get("ci95_with_threshold")
+            return pct(la) + (f"; [{100 * boot[0]:.1f}, {100 * boot[1]:.1f}]" if boot else "")
+
+        B.append(("table", ["held-out source", "direct caught", "direct at 5% look-alike FPR", "direct AUROC",
+                            "wrapped caught", "wrapped AUROC"],
+                  [[s, pct(r["direct_vs_benign"]["tpr_at_threshold"]), at_lookalike(r), auc(r["direct_vs_benign"]["auroc"]),
                     *((pct(w["tpr_at_threshold"]), auc(w["auroc"])) if (w := r.get("wrapped_vs_wrapped_benign"))
                       else ("-", "-"))]
                    for s, r in loso.items()]))
