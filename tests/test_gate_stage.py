@@ -527,10 +527,12 @@ def test_leave_one_source_out_refits_without_the_held_out_source(lm, data_dir, g
         kept = [m for m in wrapped if any(q in m[-1]["content"] for q, src in requests.items() if src != s)]
         assert r["train_harmful_without"] == len(direct) + len(kept) < len(harmful)
         assert r["direct_vs_benign"]["auroc"]["n_pos"] >= sum(1 for src in requests.values() if src == s)
-        # at 5% look-alike FPR: the borderline prompts alone set the threshold; by category: the held-out requests' own categories,
-        # partitioned, their counts adding up to the fold's figures at each threshold
+        # at 5% look-alike FPR: the borderline prompts alone set the threshold (fewer negatives than the
+        # mixed set); by category: the held-out requests' own categories, partitioned, their counts
+        # adding up to the fold's figures at each threshold
         by, d, la = r["direct_by_category"], r["direct_vs_benign"], r["direct_at_lookalike_fpr_0.05"]
-        assert la["fpr_reached"]["value"] <= 0.05 and 0 <= la["ci95_with_threshold"][0] <= la["ci95_with_threshold"][1] <= 1 and la["fpr_reached"]["n"] < d["auroc"]["n_neg"]
+        assert la["fpr_reached"]["value"] <= 0.05 and la["fpr_reached"]["n"] < d["auroc"]["n_neg"]
+        assert 0 <= la["ci95_with_threshold"][0] <= la["ci95_with_threshold"][1] <= 1
         assert set(by) == {r_["meta"]["category"] for r_ in rows + read_jsonl(data_dir / "val.jsonl")
                            if r_["meta"].get("source") == s and r_["meta"].get("request")}
         for key, whole in (("at_threshold", d["tpr_at_threshold"]), ("at_lookalike_fpr_0.05", la)):
