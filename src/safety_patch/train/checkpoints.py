@@ -190,15 +190,17 @@ def _snapshotter(work: Path, steps: list[int], base: dict | None):
     return Snapshots()
 
 
-def _rewind(work: Path, ckpt: str, state: dict) -> None:
+def _rewind(work: Path, ckpt: str, state: dict) -> list[str]:
     """Before resuming from ``ckpt``: drop the newer checkpoints (cut short by the kill, or the
     trainer would mix their files with the replayed ones), half-written snapshots, and the
-    metrics rows logged after the checkpoint's step (the resumed run logs them again)."""
+    metrics rows logged after the checkpoint's step (the resumed run logs them again). Returns
+    the names of the checkpoints dropped."""
     keep = Path(ckpt)
-    later = False
+    later, dropped = False, []
     for p in _checkpoints(work):
         if later:
             shutil.rmtree(p)
+            dropped.append(p.name)
         later = later or p == keep
     for tmp in (work / "snapshots").glob("*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -207,3 +209,4 @@ def _rewind(work: Path, ckpt: str, state: dict) -> None:
     if metrics.exists() and metrics.stat().st_size > size:
         with open(metrics, "r+b") as f:
             f.truncate(size)
+    return dropped

@@ -202,12 +202,10 @@ def train(data_dir: str | Path, out: str | Path, cfg: TrainConfig, model: str = 
     prior = _read_checkpoint_state(ckpt) if ckpt else {}
     if main_process:
         if ckpt:
+            cut = _rewind(work, ckpt, prior)
             # said before the minutes of replay: a resumed run looked like a fresh one until patch.json
-            cut = [p.name for p in _checkpoints(work) if p.name != Path(ckpt).name
-                   and int(p.name.rsplit("-", 1)[1]) > prior["step"]]
             print(f"[train] resuming {out} from {Path(ckpt).name} (step {prior['step']})"
                   + (f"; {', '.join(cut)} cut short by a kill, dropped" if cut else ""), file=sys.stderr, flush=True)
-            _rewind(work, ckpt, prior)
         else:
             write_json(work / RUN_FILE, identity | identity_model)
 
