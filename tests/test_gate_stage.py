@@ -304,6 +304,12 @@ def test_gate_eval_reports_metrics_with_n_and_intervals(gate_dir, data_dir, tiny
         assert a["n_pos"] > 0 and a["n_neg"] > 0 and len(a["ci95"]) == 2
         assert rep[c]["fpr_at_threshold"]["n"] == a["n_neg"] and len(rep[c]["fpr_at_threshold"]["ci95"]) == 2
     assert rep["code"]["source_sha256"]
+    # in source, the bar the leave-one-source-out folds are held to: the look-alikes alone as negatives
+    la = rep["direct_vs_lookalikes"]
+    assert (la["auroc"]["n_pos"], la["auroc"]["n_neg"]) == (rep["n"]["harmful_direct"], rep["n"]["borderline"])
+    assert la["fpr_at_threshold"] == rep["fired"]["borderline"] and la["tpr_at_threshold"] == rep["fired"]["harmful_direct"]
+    lo, hi = la["tpr_at_fpr_0.05"]["ci95_with_threshold"]
+    assert 0 <= lo <= hi <= 1 and "direct_vs_lookalikes" in printed and "threshold's own uncertainty" in printed
     # the hand-written look-alikes outside the folder: what the gate's own scores say, overall and by category
     from safety_patch.data.prompts import gate_lookalike_prompts
     from safety_patch.gate.features import encode, features_at
@@ -542,6 +548,97 @@ def test_leave_one_source_out_refits_without_the_held_out_source(lm, data_dir, g
     assert main(["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model",
                  str(tiny_dir), "--leave-one-source-out", "--out", str(out)]) == 0
     assert sorted(json.loads(out.read_text())["leave_one_source_out"]["sources"]) == sources
+
+
+def test_gate_pool_rows_name_each_harmful_prompts_source_and_request(data_dir):
+    """Every harmful pool prompt carries its source and the bare request it asks: the train row's
+    meta.request, the request a template or a re-asking wraps, the hand-written request."""
+    from safety_patch.data.prompts import gate_harmful_more_prompts, gate_harmful_prompts
+    from safety_patch.gate.pool import WRITTEN_SOURCE, gate_pool_rows
+    from safety_patch.jsonl import read_jsonl
+
+    cfg = GateFitConfig(**{**CFG.__dict__, "rephrased": 5, "written_harmful": True, "written_harmful_more": True})
+    p = gate_pool_rows(data_dir, cfg)
+    assert len(p.harmful) == len(p.sources) == len(p.requests) and None not in p.requests
+    by_prompt = {json.dumps(r["messages"][:-1]): r["meta"] for r in read_jsonl(data_dir / "train.jsonl")}
+    source_of = {m["request"]: m["source"] for m in by_prompt.values()}
+    written = {r["prompt"] for r in gate_harmful_prompts() + gate_harmful_more_prompts()}
+    n_rows = len(by_prompt)
+    for i, (msgs, s, q) in enumerate(zip(p.harmful, p.sources, p.requests, strict=True)):
+        if i < n_rows:  # the train split's own prompts
+            assert by_prompt[json.dumps(msgs)]["request"] == q and by_prompt[json.dumps(msgs)]["source"] == s
+        elif s == WRITTEN_SOURCE:
+            assert q in written
+        else:  # wrapped in a template, or re-asked: the request is in the prompt, its source its own
+            assert source_of[q] == s
+            if i < n_rows + p.counts["wrapped_harmful"]:
+                assert q in msgs[-1]["content"]
+    assert sum(s == WRITTEN_SOURCE for s in p.sources) == p.counts["written_harmful"]
+
+
+def test_leave_one_source_out_with_shots_puts_back_nested_draws_of_the_source(lm, data_dir, gate_dir, tmp_path, tiny_dir,
+                                                                            capsys):
+    """The learning curve: k of the held-out source's own requests back in the refit. At k = 0 it is
+    the fold's own refit (the same look-alike threshold); the draws are nested (prompts added grow
+    with k), every k is measured on the same requests (those no draw put back), and a k above the
+    source's pool requests is named, not silently clipped."""
+    from safety_patch.cli import main
+    from safety_patch.gate.crossfit import leave_one_source_out
+    from safety_patch.gate.evaluate import evaluate_gate
+    from safety_patch.gate.pool import gate_pool_rows
+
+    p = gate_pool_rows(data_dir, CFG)
+    own = {s: {q for v, q in zip(p.sources, p.requests, strict=True) if v == s} for s in set(p.sources)}
+    rep = leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val", shots=[3, 1, 6, 10_000])
+    for s, r in rep["sources"].items():
+        w = r["with_shots"]
+        assert w["pool_requests"] == len(own[s]) and w["too_many"] == [10_000]
+        assert [c["shots"] for c in w["curve"]] == [0, 1, 3, 6]
+        n_direct = r["direct_vs_benign"]["auroc"]["n_pos"]
+        assert w["measured_on"] == n_direct - 6  # the pool's requests are among the fold's direct ones
+        assert all(c["direct_at_lookalike_fpr_0.05"]["n"] == w["measured_on"] for c in w["curve"])
+        added = [c["pool_prompts_added"] for c in w["curve"]]
+        assert added[0] == 0 and added == sorted(added) and added[1] >= 1
+        assert w["curve"][0]["direct_at_lookalike_fpr_0.05"]["threshold"] == r["direct_at_lookalike_fpr_0.05"]["threshold"]
+        for c in w["curve"]:
+            lo, hi = c["direct_at_lookalike_fpr_0.05"]["ci95_with_threshold"]
+            assert 0 <= lo <= hi <= 1 and c["auroc_vs_lookalikes"]["n_pos"] == w["measured_on"]
+    assert leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val", shots=[3, 1, 6, 10_000]) == rep
+    with pytest.raises(SafetyPatchError, match="positive"):
+        leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val", shots=[0])
+    with pytest.raises(SafetyPatchError, match="--leave-one-source-out"):
+        evaluate_gate(lm, gate_dir, data_dir, "val", attacks=[], shots=[3])
+    out = tmp_path / "shots.json"
+    args = ["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model", str(tiny_dir), "--attacks", "none"]
+    assert main([*args, "--leave-one-source-out", "--source-shots", "1,3", "--out", str(out)]) == 0
+    assert "with k of its own requests put back" in capsys.readouterr().out
+    got = json.loads(out.read_text())["leave_one_source_out"]["sources"]
+    assert all([c["shots"] for c in r["with_shots"]["curve"]] == [0, 1, 3] for r in got.values())
+    for flags, msg in ((["--leave-one-source-out", "--source-shots", "0"], "1 or more"),
+                       (["--leave-one-source-out", "--source-shots", "1,x"], "request counts like"),
+                       (["--leave-one-source-out", "--source-shots", ","], "names no count"),
+                       (["--source-shots", "3"], "give --leave-one-source-out too")):
+        assert main([*args, *flags]) != 0
+        assert msg in capsys.readouterr().err
+
+
+def test_with_shots_says_so_when_no_request_is_left_to_measure():
+    """A source whose every direct request is in the pool (the hand-written one) and is put back has
+    nothing left to measure on: the curve says why instead of a rate over zero requests."""
+    from safety_patch.gate.crossfit import _with_shots
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 4, generator=g)
+    y = torch.tensor([1.0] * 6 + [0.0] * 6)
+    src, req = ["a"] * 3 + ["b"] * 3 + [None] * 6, ["q1", "q2", "q3", "r1", "r2", "r3"] + [None] * 6
+    look = torch.randn(20, 4, generator=g)
+    cfg = GateFitConfig(**{**CFG.__dict__, "layer": 0})
+    w = _with_shots("a", [3], x, y, src, req, x[:3], ["q1", "q2", "q3"], look, 0, cfg, {})
+    assert w == {"skipped": "a has 3 requests in the pool: none left to measure after 3 put back"}
+    w = _with_shots("a", [2, 3], x, y, src, req, x[:3], ["q1", "q2", "q3"], look, 0, cfg, {})
+    assert "skipped" in w
+    w = _with_shots("a", [2], x, y, src, req, x[:3], ["q1", "q2", "q3"], look, 0, cfg, {})
+    assert w["measured_on"] == 1 and [c["pool_prompts_added"] for c in w["curve"]] == [0, 2]
 
 
 def test_a_refit_reuses_the_features_and_recomputes_a_damaged_cache(lm, data_dir, tmp_path, monkeypatch):

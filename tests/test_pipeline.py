@@ -278,6 +278,10 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     assert "leave one harmful source out" in md.lower() and "prefill" in md
     assert "| direct at 5% look-alike FPR |" in md and all(
         "ci95_with_threshold" in r["direct_at_lookalike_fpr_0.05"] for r in rep["leave_one_source_out"]["sources"].values())
+    # beside the folds, the gate itself on the split's requests at the same look-alike bar
+    inside = rep["direct_vs_lookalikes"]["tpr_at_fpr_0.05"]
+    assert f"| none (the gate itself, on the split's requests) | {100 * rep['fired']['harmful_direct']['value']:.1f}%" in md
+    assert f"{100 * inside['value']:.1f}% [" in md.split("| none (the gate itself")[1].split("\n")[0]
     assert "leave one template family out" in md.lower()
 
     # after a code change (another source hash), re-running into the same folder re-runs every stage

@@ -16,6 +16,7 @@ from .app import (
     _finite,
     _float_list,
     _int_list,
+    _number_list,
     _open_unit,
     _rate_or_none,
     gate_app,
@@ -151,6 +152,11 @@ def gate_eval_cmd(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the wrapped-benign draw.")] = 0,
     leave_one_source_out: Annotated[bool, typer.Option(help="Also refit without each harmful source and measure on it "
                                                              "(costs about one gate fit).")] = False,
+    source_shots: Annotated[str, typer.Option(help="With --leave-one-source-out, a learning curve: comma-separated "
+                                                   "counts k (e.g. 25,50,100) of the held-out source's own train "
+                                                   "requests put back in each refit, all measured on its requests "
+                                                   "none put back (how many examples of a new source the gate "
+                                                   "needs).")] = "",
     leave_one_family_out: Annotated[bool, typer.Option(help="Also refit without each group of train template families "
                                                             "and score their wrapped prompts (five refits).")] = False,
     attacks: Annotated[str, typer.Option(help="Rule attacks to run through the gate, on the split's harmful requests and "
@@ -184,6 +190,13 @@ def gate_eval_cmd(
         if a not in RULE_ATTACKS:
             raise SafetyPatchError(f"--attacks: {a!r} is not a rule attack; choose from {', '.join(RULE_ATTACKS)}, "
                                    "'unseen' or 'none'")
+    shots = _number_list(source_shots, "--source-shots", int, "request counts like 25 or 25,50,100", "count") \
+        if source_shots.strip() else []
+    if any(k < 1 for k in shots):
+        raise SafetyPatchError(f"--source-shots counts must be 1 or more, got {source_shots!r}")
+    if shots and not leave_one_source_out:
+        raise SafetyPatchError("--source-shots puts a held-out source's requests back into a leave-one-source-out "
+                               "refit: give --leave-one-source-out too")
     read_gate_source(gate)  # a bad gate folder, patch or prompt file fails before the model loads
     user_sets = user_prompt_sets(harmful, benign)
     if out is not None:
@@ -191,7 +204,7 @@ def gate_eval_cmd(
                        kind="safety-patch/gate-eval")
     lm = load_model(model, device=device, dtype=dtype)
     rep = evaluate_gate(lm, gate, data, split, seed, loso=leave_one_source_out, attacks=attack_list,
-                        lofo=leave_one_family_out, user_sets=user_sets)
+                        lofo=leave_one_family_out, user_sets=user_sets, shots=shots)
     typer.echo(report_table(rep))
     if "note" in rep:
         typer.echo(f"note: {rep['note']}")

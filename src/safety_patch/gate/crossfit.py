@@ -5,6 +5,7 @@ the look-alike cross-fit (each hand-written look-alike scored by a refit without
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,13 +24,13 @@ from .fit import (
     held_out_features,
 )
 from .metrics import BOOTSTRAP_DRAWS, _by_set, discrimination, threshold_at_fpr, tpr_at_fpr_bootstrap
-from .pool import _gate_pool, held_out_prompts, held_out_requests, template_family
+from .pool import _gate_pool, gate_pool_rows, held_out_prompts, held_out_requests, template_family
 from .probe import Gate
 
 
 def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str = "val",
                          batching: Batching = BATCHING, fingerprint: str | None = None,
-                         bank: FeatureBank | None = None) -> dict:
+                         bank: FeatureBank | None = None, shots: Sequence[int] = ()) -> dict:
     """Refit the gate without each harmful source and measure it on that source: {source: report}.
 
     Per harmful source S of ``train.jsonl`` (``meta.source``; two or more needed): the probe is
@@ -39,14 +40,19 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
     ``split``'s borderline + general prompts (direct) and wrapped benign prompts (wrapped):
     :func:`discrimination` at ``cfg.threshold`` (or, with ``cfg.target_fpr``, the logit at that
     rate on the split's benign pool). Features are computed once for every fold.
-    Raises SafetyPatchError with fewer than two sources.
+
+    ``shots`` (e.g. ``[25, 50, 100]``): per fold also :func:`_with_shots`, a learning curve: the
+    refit with that many of S's own train requests put back, measured on S's direct requests no
+    draw put back. Raises SafetyPatchError with fewer than two sources or a shot count below 1.
     """
     from ..data.folder import DataFolder
 
     cfg.validate()
     d = DataFolder.of(data)
     norm = _norm_of(model, cfg)
-    harmful, benign, counts, sources = _gate_pool(d, cfg)
+    if any(k < 1 for k in shots):
+        raise SafetyPatchError(f"shots must be positive request counts, got {list(shots)}")
+    harmful, benign, counts, sources, requests = gate_pool_rows(d, cfg)
     names = sorted({s for s in sources if s is not None})
     if len(names) < 2:
         raise SafetyPatchError(f"{d.file('train')}: leave-one-source-out needs two or more harmful sources (meta.source), "
@@ -94,8 +100,52 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
                   "direct_by_category": _caught_by_category(z[a:b_], pos[s]["direct_categories"], t, t_la)}
         if e > c:  # a source with no wrapped rows (the hand-written one) has no wrapped comparison
             out[s]["wrapped_vs_wrapped_benign"] = discrimination(z[c:e], zn_w, t)
+        if shots and len(zn_b):
+            out[s]["with_shots"] = _with_shots(s, shots, x_train, y, src, list(requests) + [None] * len(benign),
+                                               x_test[a:b_], [m[-1]["content"] for m in pos[s]["direct"]],
+                                               x_test[nd[0] : nd[0] + len(zn_b)], layer, cfg, norm)
     return {"split": split, "layer": layer[0], **({"extra_layers": list(layer[1:])} if len(layer) > 1 else {}),
             "sources": out}
+
+
+def _with_shots(source: str, shots: Sequence[int], x_train: torch.Tensor, y: torch.Tensor, src: list, req: list,
+                x_direct: torch.Tensor, direct: list[str], x_lookalike: torch.Tensor, layer, cfg: GateFitConfig,
+                norm: dict) -> dict:
+    """How many of a held-out source's own requests the gate needs to catch the rest: the
+    leave-one-source-out refit again with ``k`` of ``source``'s train requests put back in its pool
+    (every pool prompt asking one of them: direct, wrapped, re-phrased), for 0 and each ``k`` of
+    ``shots``. The draws are nested (the first ``k`` of one permutation of the source's pool
+    requests, seeded by ``cfg.seed`` and the source's name), and every ``k`` is measured on the same
+    requests: the source's direct ones (``direct`` [n], features ``x_direct`` [n, f]) that no draw
+    put back. The bar is the fold's stricter one: the logit where 5% of the split's look-alikes
+    (borderline prompts, ``x_lookalike`` [m, f]) fire, with Wilson and bootstrap intervals
+    (:func:`tpr_at_fpr_bootstrap`), and the AUROC against those look-alikes. ``src``/``req``: each
+    pool row's source and request (None for benign rows). A ``k`` above the source's pool requests
+    is left out and named in ``too_many``; with no request left to measure, ``{"skipped": why}``."""
+    import random
+
+    own = sorted({q for v, q in zip(src, req, strict=True) if v == source and q is not None})
+    order = random.Random(f"{cfg.seed}:{source}").sample(own, len(own))
+    ks = sorted({k for k in shots if k <= len(own)})
+    put_back = set(order[: max(ks, default=0)])
+    test = torch.tensor([q not in put_back for q in direct], dtype=torch.bool)
+    if not bool(test.any()):
+        return {"skipped": f"{source} has {len(own)} requests in the pool: none left to measure after "
+                           f"{max(ks)} put back"}
+    curve = []
+    for k in [0, *ks]:
+        chosen = set(order[:k])
+        keep = torch.tensor([v != source or q in chosen for v, q in zip(src, req, strict=True)])
+        gate = fit_gate_probe(x_train[keep], y[keep], layer, cfg, norm)
+        zp, zn = gate.scores(x_direct[test]), gate.scores(x_lookalike)
+        t = threshold_at_fpr(zn, 0.05)
+        curve.append({"shots": k, "pool_prompts_added": int(sum(v == source and q in chosen
+                                                                for v, q in zip(src, req, strict=True))),
+                      "direct_at_lookalike_fpr_0.05": proportion(int((zp > t).sum()), len(zp))
+                      | {"threshold": t, "ci95_with_threshold": tpr_at_fpr_bootstrap(zp, zn, 0.05)},
+                      "auroc_vs_lookalikes": discrimination(zp, zn, t)["auroc"]})
+    return {"pool_requests": len(own), "measured_on": int(test.sum()), "curve": curve,
+            **({"too_many": sorted({k for k in shots if k > len(own)})} if len(ks) < len(set(shots)) else {})}
 
 
 def _caught_by_category(z: torch.Tensor, categories: list[str], threshold: float, at_lookalike: float | None) -> dict:

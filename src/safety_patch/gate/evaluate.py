@@ -18,7 +18,7 @@ from .crossfit import leave_one_family_out, leave_one_source_out, lookalike_repo
 from .features import FeatureBank, _read, check_context, encode
 from .fit import attack_scores, held_out_scores
 from .folder import GATE_BOUND_FIELDS, GATE_JSON, read_gate_source, recorded_config
-from .metrics import attack_report, discrimination, reliability
+from .metrics import attack_report, discrimination, reliability, tpr_at_fpr_bootstrap
 from .pool import _gate_pool, attack_prompts, unseen_attacks
 from .probe import Gate
 
@@ -110,7 +110,7 @@ def user_prompt_report(model, tokenizer, gate: Gate, sets: dict[str, dict], batc
 def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "val", seed: int = 0,
                   batching: Batching = BATCHING, loso: bool = False,
                   attacks: Sequence[str] | None = None, lofo: bool = False,
-                  user_sets: dict[str, dict] | None = None) -> dict:
+                  user_sets: dict[str, dict] | None = None, shots: Sequence[int] = ()) -> dict:
     """``safety-patch gate eval``: the gate's reliability report on one held-out split; with
     ``loso``, also :func:`leave_one_source_out` with the gate's own config (refits: it costs
     about one gate fit); with ``lofo``, also :func:`leave_one_family_out` (five refits on the
@@ -118,11 +118,15 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
     on its benign prompts (:func:`attack_prompts`); None = those the train split never used
     (:func:`unseen_attacks`), ``[]`` = none. ``user_sets``: the user's own prompt files
     (:func:`user_prompt_sets`), reported as ``user_prompts`` (:func:`user_prompt_report`).
+    ``shots``: with ``loso``, each fold's learning curve (:func:`leave_one_source_out`'s ``shots``).
 
     Refuses (SafetyPatchError) a gate fit on another base than ``lm``."""
     from ..data.build import manifest_sha256
     from ..provenance import provenance
 
+    if shots and not loso:
+        raise SafetyPatchError("shots (--source-shots) put a held-out source's requests back into a "
+                               "leave-one-source-out refit: give --leave-one-source-out too")
     gate, gmeta, where = read_gate_source(gate_dir)
     if gmeta["base"]["fingerprint"] != lm.fingerprint:
         raise SafetyPatchError(f"{where}: the gate was fit on base {gmeta['base']['fingerprint'][:12]}…, "
@@ -132,6 +136,13 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
     bank = FeatureBank(lm.model, lm.tokenizer, gate.layers, batching, lm.fingerprint)
     scores, sizes = held_out_scores(lm.model, lm.tokenizer, gate, data_dir, split, seed, batching, lm.fingerprint, bank)
     rep = reliability(scores, gate.threshold)
+    if len(scores.get("harmful_direct", ())) and len(scores.get("borderline", ())):
+        # the bar leave-one-source-out folds are held to (look-alikes alone as negatives), in
+        # source: what a fold's figure is compared with
+        la = discrimination(scores["harmful_direct"], scores["borderline"], gate.threshold)
+        la["tpr_at_fpr_0.05"]["ci95_with_threshold"] = tpr_at_fpr_bootstrap(scores["harmful_direct"],
+                                                                            scores["borderline"], 0.05)
+        rep["direct_vs_lookalikes"] = la
     attacks = unseen_attacks(data_dir) if attacks is None else list(attacks)
     if attacks:
         sets = attack_prompts(data_dir, split, attacks)
@@ -162,7 +173,7 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
                                                      data_dir, bank)
     if loso:
         rep["leave_one_source_out"] = leave_one_source_out(lm.model, lm.tokenizer, data_dir, cfg, split, batching,
-                                                           lm.fingerprint, bank)
+                                                           lm.fingerprint, bank, shots=shots)
     if lofo:
         rep["leave_one_family_out"] = leave_one_family_out(lm.model, lm.tokenizer, data_dir, cfg, split,
                                                            batching=batching, fingerprint=lm.fingerprint, bank=bank)
@@ -208,12 +219,17 @@ def report_table(rep: dict) -> str:
 
     lines = [f"threshold {rep['threshold']:+.3f}", f"{'comparison':<26}{'AUROC [95% CI]':<24}{'TPR@1%FPR':<24}"
              f"{'TPR@5%FPR':<24}{'FPR@threshold':<24}n+/n-"]
-    for name in ("direct_vs_benign", "wrapped_vs_wrapped_benign", "harmful_vs_benign"):
+    for name in ("direct_vs_benign", "direct_vs_lookalikes", "wrapped_vs_wrapped_benign", "harmful_vs_benign"):
+        if name not in rep:  # direct_vs_lookalikes: gate eval's report only
+            continue
         c = rep[name]
         a = c["auroc"]
         auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
         lines.append(f"{name:<26}{auc:<24}{tpr_at_fpr_text(c, 0.01, pct):<24}{tpr_at_fpr_text(c, 0.05, pct):<24}"
                      f"{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
+        if boot := c.get("tpr_at_fpr_0.05", {}).get("ci95_with_threshold"):
+            lines.append(f"  TPR@5%FPR with the threshold's own uncertainty (bootstrap): "
+                         f"[{100 * boot[0]:.1f}, {100 * boot[1]:.1f}]")
     lines.append(f"{'set':<26}{'fires on [95% CI]':<24}n")
     for name, p in rep["fired"].items():
         lines.append(f"{name:<26}{pct(p):<24}{p['n']}")
@@ -288,6 +304,14 @@ def report_table(rep: dict) -> str:
                                  f"alone as negatives, {la['fpr_reached']['k']}/{la['fpr_reached']['n']} fire"
                                  + (f"; [{100 * boot[0]:.1f}, {100 * boot[1]:.1f}] with the threshold's own "
                                     "uncertainty, bootstrap" if boot else "") + ")")
+            curve = r.get("with_shots") or {}
+            if "curve" in curve:
+                held_rows.append(f"  with k of its own requests put back (measured on the {curve['measured_on']} "
+                                 "none put back, at 5% look-alike FPR): "
+                                 + ", ".join(f"k={p['shots']} {pct(p['direct_at_lookalike_fpr_0.05']).strip()}"
+                                             for p in curve["curve"]))
+            elif "skipped" in curve:
+                held_rows.append(f"  with its own requests put back: skipped, {curve['skipped']}")
             by = r.get("direct_by_category") or {}
             if len(by) > 1:
                 key = "at_lookalike_fpr_0.05" if la else "at_threshold"

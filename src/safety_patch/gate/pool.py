@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from .. import textsim
 from ..errors import SafetyPatchError
@@ -35,7 +36,25 @@ request and is dropped: ``data build``'s ``near_dup_threshold`` default."""
 
 
 def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[dict]], dict, list[str | None]]:
-    """The gate's training prompts (conversations up to the answer): (harmful, benign, counts).
+    """The gate's training prompts (see :func:`gate_pool_rows`): (harmful, benign, counts, sources)."""
+    p = gate_pool_rows(data, cfg)
+    return p.harmful, p.benign, p.counts, p.sources
+
+
+class GatePool(NamedTuple):
+    """The gate's training pool (:func:`gate_pool_rows`). ``sources`` and ``requests`` are
+    parallel to ``harmful``: each harmful prompt's ``meta.source`` and the bare request it asks
+    (the same request for its direct, wrapped and re-phrased prompts; None where a row has none)."""
+
+    harmful: list[list[dict]]
+    benign: list[list[dict]]
+    counts: dict
+    sources: list[str | None]
+    requests: list[str | None]
+
+
+def gate_pool_rows(data, cfg: GateFitConfig) -> GatePool:
+    """The gate's training prompts (conversations up to the answer), as a :class:`GatePool`.
 
     ``data``: a data folder's path or its ``DataFolder``. Harmful: every train row's prompt,
     direct and wrapped, then ``wrapped_harmful`` train requests in train templates. Benign: every
@@ -44,8 +63,8 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
     those the probe learns "a template means harmful"), then (``written_harmful``) the
     hand-written requests, as written and re-asked, less any near a val/test request. Held-out
     prompts are never fit on (val/test requests are read only to drop near-duplicates). Raises
-    SafetyPatchError naming the file for missing or malformed data. The fourth value: each
-    harmful prompt's ``meta.source`` (None where a row has none), for leave-one-source-out.
+    SafetyPatchError naming the file for missing or malformed data. ``sources`` and ``requests``
+    say which source and request each harmful prompt comes from, for leave-one-source-out.
     """
     from ..data.folder import DataFolder
     from ..data.prompts import gate_harmful_more_prompts, gate_harmful_prompts, gate_lookalike_prompts
@@ -53,11 +72,13 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
     d = DataFolder.of(data)
     rng = random.Random(cfg.seed)
     train_rows = d.numbered("train")  # read once: the prompts here, the bare requests below
-    first: dict[str, tuple[list[dict], str | None]] = {}
+    first: dict[str, tuple[list[dict], str | None, str | None]] = {}
     for n, r in train_rows:
-        first.setdefault(repr(p := _prompt_of(r, d.where("train", n))), (p, r.get("meta", {}).get("source")))
-    harmful = [p for p, _ in first.values()]
-    sources: list[str | None] = [s for _, s in first.values()]
+        m = r.get("meta", {})
+        first.setdefault(repr(p := _prompt_of(r, d.where("train", n))), (p, m.get("source"), m.get("request")))
+    harmful = [p for p, _, _ in first.values()]
+    sources: list[str | None] = [s for _, s, _ in first.values()]
+    asks: list[str | None] = [q for _, _, q in first.values()]  # each harmful prompt's bare request
     source_of = {r["meta"]["request"]: r["meta"].get("source") for _, r in train_rows if r.get("meta", {}).get("request")}
     benign = [msgs for name in ("borderline", "general") for msgs in d.prompts(name, "train")]
     si: list[list[dict]] = []
@@ -89,6 +110,7 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
         for req in rng.sample(requests, min(cfg.wrapped_harmful, len(requests))):
             wrapped_h.append([{"role": "user", "content": rng.choice(templates).render(req)}])
             sources.append(source_of[req])
+            asks.append(req)
     re_h, re_b = [], []
     per_family: dict[str, list[int]] = {}
     if cfg.rephrased:
@@ -101,6 +123,7 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
             for req in drawn:
                 re_h.append([{"role": "user", "content": rephrase(req, fam, rng)}])
                 sources.append(source_of[req])
+                asks.append(req)
             drawn_b = rng.sample(single, min(cfg.rephrased, len(single)))
             for msgs in drawn_b:
                 re_b.append([{"role": "user", "content": rephrase(msgs[0]["content"], fam, rng)}])
@@ -122,6 +145,7 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
         written = [[{"role": "user", "content": q}] for q in reqs] + [[{"role": "user", "content": reask(q, rng)}]
                                                                        for q in reqs]
         sources.extend([WRITTEN_SOURCE] * len(written))
+        asks.extend(reqs + reqs)  # as written, then re-asked
     if cfg.written_lookalikes:
         # The safe look-alikes, likewise dropped near any held-out benign prompt (the look-alike and
         # general sets the over-refusal rates are measured on), then re-asked after the harmful ones.
@@ -148,7 +172,7 @@ def _gate_pool(data, cfg: GateFitConfig) -> tuple[list[list[dict]], list[list[di
                 counts[f"rephrased_harmful_{fam}"], counts[f"rephrased_benign_{fam}"] = nh, nb
     if si:
         counts["self_instruct"] = len(si)
-    return harmful + wrapped_h + re_h + written, benign + wrapped + re_b + looks, counts, sources
+    return GatePool(harmful + wrapped_h + re_h + written, benign + wrapped + re_b + looks, counts, sources, asks)
 
 
 WRITTEN_SOURCE = "written"

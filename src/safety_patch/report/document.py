@@ -230,12 +230,18 @@ def gate_blocks(g: dict) -> list[tuple]:
             boot = la.get("ci95_with_threshold")
             return pct(la) + (f"; [{100 * boot[0]:.1f}, {100 * boot[1]:.1f}]" if boot else "")
 
+        rows = [[s, pct(r["direct_vs_benign"]["tpr_at_threshold"]), at_lookalike(r), auc(r["direct_vs_benign"]["auroc"]),
+                 *((pct(w["tpr_at_threshold"]), auc(w["auroc"])) if (w := r.get("wrapped_vs_wrapped_benign"))
+                   else ("-", "-"))]
+                for s, r in loso.items()]
+        if (inside := g.get("direct_vs_lookalikes")) and "tpr_at_fpr_0.05" in inside:
+            # what the folds are compared with: the gate itself, every source in its pool, on the split's requests
+            rows.append(["none (the gate itself, on the split's requests)", pct(g["fired"]["harmful_direct"]),
+                         at_lookalike({"direct_at_lookalike_fpr_0.05": inside["tpr_at_fpr_0.05"]}),
+                         auc(g["direct_vs_benign"]["auroc"]), pct(g["fired"]["harmful_wrapped"]),
+                         auc(g["wrapped_vs_wrapped_benign"]["auroc"])])
         B.append(("table", ["held-out source", "direct caught", "direct at 5% look-alike FPR", "direct AUROC",
-                            "wrapped caught", "wrapped AUROC"],
-                  [[s, pct(r["direct_vs_benign"]["tpr_at_threshold"]), at_lookalike(r), auc(r["direct_vs_benign"]["auroc"]),
-                    *((pct(w["tpr_at_threshold"]), auc(w["auroc"])) if (w := r.get("wrapped_vs_wrapped_benign"))
-                      else ("-", "-"))]
-                   for s, r in loso.items()]))
+                            "wrapped caught", "wrapped AUROC"], rows))
     if lofo := g.get("leave_one_family_out"):
         c = lofo["wrapped_vs_wrapped_benign"]
         B.append(("p", f"Leave one template family out: the gate refit without each group of the train split's "
