@@ -313,7 +313,19 @@ def test_cli_data_build_and_show(tmp_path, capsys):
     assert main(["data", "show", str(tmp_path / "nope")]) == 2
     assert "nope does not exist" in capsys.readouterr().err
     # a user's trial: an edited file did not show; the counts are the manifest's, as built
-    assert main(["data", "show", str(tmp_path / "d")]) == 0 and "WARNING" not in capsys.readouterr().out
+    assert main(["data", "show", str(tmp_path / "d")]) == 0
+    shown = capsys.readouterr().out
+    assert "WARNING" not in shown
+    # how each source was split (what a leave-one-source-out fold measures), by behaviour
+    by = m["counts"]["behaviours_by_source_per_split"]
+    assert {s: sum(v.values()) for s, v in by.items()} == m["counts"]["behaviours_per_split"]
+    row = next(line for line in shown.split("harmful behaviours by source")[1].splitlines() if "harmbench" in line)
+    assert row.split()[1:] == [str(by[s].get("harmbench", 0)) for s in ("train", "val", "test")]
+    older = json.loads((tmp_path / "d" / "manifest.json").read_text())  # a folder built before the field
+    del older["counts"]["behaviours_by_source_per_split"]
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(older))
+    assert main(["data", "show", str(tmp_path / "d")]) == 0
+    assert "by source" not in capsys.readouterr().out
     (tmp_path / "d" / "test.jsonl").write_text("")
     assert main(["data", "show", str(tmp_path / "d")]) == 0
     assert "WARNING: test.jsonl differs from the manifest" in capsys.readouterr().out

@@ -592,7 +592,7 @@ def test_leave_one_source_out_with_shots_puts_back_nested_draws_of_the_source(lm
     rep = leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val", shots=[3, 1, 6, 10_000])
     for s, r in rep["sources"].items():
         w = r["with_shots"]
-        assert w["pool_requests"] == len(own[s]) and w["too_many"] == [10_000]
+        assert w["pool_requests"] == len(own[s]) and w["left_out"] == {"10000": f"more than its {len(own[s])} pool requests"}
         assert [c["shots"] for c in w["curve"]] == [0, 1, 3, 6]
         n_direct = r["direct_vs_benign"]["auroc"]["n_pos"]
         assert w["measured_on"] == n_direct - 6  # the pool's requests are among the fold's direct ones
@@ -611,21 +611,27 @@ def test_leave_one_source_out_with_shots_puts_back_nested_draws_of_the_source(lm
     out = tmp_path / "shots.json"
     args = ["gate", "eval", "--gate", str(gate_dir), "--data", str(data_dir), "--model", str(tiny_dir), "--attacks", "none"]
     assert main([*args, "--leave-one-source-out", "--source-shots", "1,3", "--out", str(out)]) == 0
-    assert "with k of its own requests put back" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.count("pool requests put back, caught at 5% look-alike FPR (Wilson)") == len(own)
     got = json.loads(out.read_text())["leave_one_source_out"]["sources"]
     assert all([c["shots"] for c in r["with_shots"]["curve"]] == [0, 1, 3] for r in got.values())
     for flags, msg in ((["--leave-one-source-out", "--source-shots", "0"], "1 or more"),
                        (["--leave-one-source-out", "--source-shots", "1,x"], "request counts like"),
                        (["--leave-one-source-out", "--source-shots", ","], "names no count"),
+                       (["--leave-one-source-out", "--source-shots", "25,,50"], "has an empty entry"),
+                       (["--leave-one-source-out", "--source-shots", "25,50,25"], "names 25 twice"),
                        (["--source-shots", "3"], "give --leave-one-source-out too")):
         assert main([*args, *flags]) != 0
         assert msg in capsys.readouterr().err
 
 
-def test_with_shots_says_so_when_no_request_is_left_to_measure():
-    """A source whose every direct request is in the pool (the hand-written one) and is put back has
-    nothing left to measure on: the curve says why instead of a rate over zero requests."""
-    from safety_patch.gate.crossfit import _with_shots
+def test_with_shots_leaves_out_a_k_that_would_leave_nothing_to_measure_and_says_so():
+    """A source whose every direct request is in the pool (the hand-written one): a k that puts them
+    all back would leave nothing to measure, so that k is left out with the reason (and a curve
+    with no k left is skipped, saying why), printed as well as in the JSON; a curve on few
+    requests says so."""
+    from safety_patch.gate.crossfit import FEW_MEASURED, _with_shots
+    from safety_patch.gate.evaluate import report_table, shots_lines
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 4, generator=g)
@@ -633,12 +639,35 @@ def test_with_shots_says_so_when_no_request_is_left_to_measure():
     src, req = ["a"] * 3 + ["b"] * 3 + [None] * 6, ["q1", "q2", "q3", "r1", "r2", "r3"] + [None] * 6
     look = torch.randn(20, 4, generator=g)
     cfg = GateFitConfig(**{**CFG.__dict__, "layer": 0})
-    w = _with_shots("a", [3], x, y, src, req, x[:3], ["q1", "q2", "q3"], look, 0, cfg, {})
-    assert w == {"skipped": "a has 3 requests in the pool: none left to measure after 3 put back"}
-    w = _with_shots("a", [2, 3], x, y, src, req, x[:3], ["q1", "q2", "q3"], look, 0, cfg, {})
-    assert "skipped" in w
-    w = _with_shots("a", [2], x, y, src, req, x[:3], ["q1", "q2", "q3"], look, 0, cfg, {})
-    assert w["measured_on"] == 1 and [c["pool_prompts_added"] for c in w["curve"]] == [0, 2]
+
+    def curve(shots):
+        return _with_shots("a", shots, x, y, src, req, x[:3], ["q1", "q2", "q3"], look, 0, cfg, {})
+
+    none_left = "would leave none of its 3 direct requests to measure"
+    assert curve([3]) == {"pool_requests": 3, "left_out": {"3": none_left},
+                          "skipped": f"no k to measure: k=3 {none_left}"}
+    w = curve([2, 3, 9])
+    assert w["left_out"] == {"3": none_left, "9": "more than its 3 pool requests"}
+    assert w["measured_on"] == 1 and [c["shots"] for c in w["curve"]] == [0, 2] and w["few"] is True
+    assert [c["pool_prompts_added"] for c in w["curve"]] == [0, 2] and 1 < FEW_MEASURED
+
+    def pct(p):
+        return f"{100 * p['value']:.1f}%"
+
+    lines = shots_lines(w, pct)
+    assert "of its 3 pool requests put back" in lines[0] and "same 1 requests" in lines[0]
+    assert lines[1].startswith("    k=0 ") and "at k=2 [" in lines[1]
+    assert f"    k=3 left out: {none_left}" in lines and "    k=9 left out: more than its 3 pool requests" in lines
+    assert any(line.startswith("    few: 1 requests measured") for line in lines)
+    assert shots_lines(curve([3]), pct) == [f"  with its own requests put back: skipped (no k to measure: k=3 {none_left})"]
+    assert shots_lines(None, pct) == []
+    # in the whole table, under the fold (and a long source name keeps its columns apart)
+    fold = {"direct_vs_benign": discrimination(torch.tensor([1.0, 2.0]), torch.tensor([0.0, -1.0]), 0.5), "with_shots": w}
+    text = report_table({"threshold": 0.5, "fired": {}, **{k: fold["direct_vs_benign"] for k in
+                                                           ("direct_vs_benign", "wrapped_vs_wrapped_benign",
+                                                            "harmful_vs_benign")},
+                         "leave_one_source_out": {"sources": {"file:my-own-requests.csv": fold}}})
+    assert "LOSO file:my-own-requests.csv direct 1.000" in text and "k=3 left out" in text
 
 
 def test_a_refit_reuses_the_features_and_recomputes_a_damaged_cache(lm, data_dir, tmp_path, monkeypatch):

@@ -143,6 +143,8 @@ def _number_list(text: str, flag: str, cast, example: str, noun: str) -> list:
         raise SafetyPatchError(f"{flag} must be comma-separated {example}, got {text!r}") from None
     if not out:
         raise SafetyPatchError(f"{flag} {text!r} names no {noun}")
+    if len(out) < len(text.split(",")):  # "12,,21" or a trailing comma: a typo, not a shorter list
+        raise SafetyPatchError(f"{flag} {text!r} has an empty entry; separate {example} by single commas")
     return out
 
 

@@ -153,10 +153,10 @@ def gate_eval_cmd(
     leave_one_source_out: Annotated[bool, typer.Option(help="Also refit without each harmful source and measure on it "
                                                              "(costs about one gate fit).")] = False,
     source_shots: Annotated[str, typer.Option(help="With --leave-one-source-out, a learning curve: comma-separated "
-                                                   "counts k (e.g. 25,50,100) of the held-out source's own train "
-                                                   "requests put back in each refit, all measured on its requests "
-                                                   "none put back (how many examples of a new source the gate "
-                                                   "needs).")] = "",
+                                                   "counts k (e.g. 25,50,100) of the held-out source's own requests "
+                                                   "in the gate's pool (its train split's) put back in each refit, "
+                                                   "all measured on its direct requests no k put back (how many "
+                                                   "examples of a new source the gate needs).")] = "",
     leave_one_family_out: Annotated[bool, typer.Option(help="Also refit without each group of train template families "
                                                             "and score their wrapped prompts (five refits).")] = False,
     attacks: Annotated[str, typer.Option(help="Rule attacks to run through the gate, on the split's harmful requests and "
@@ -194,6 +194,8 @@ def gate_eval_cmd(
         if source_shots.strip() else []
     if any(k < 1 for k in shots):
         raise SafetyPatchError(f"--source-shots counts must be 1 or more, got {source_shots!r}")
+    if twice := sorted({k for k in shots if shots.count(k) > 1}):
+        raise SafetyPatchError(f"--source-shots {source_shots!r} names {', '.join(map(str, twice))} twice")
     if shots and not leave_one_source_out:
         raise SafetyPatchError("--source-shots puts a held-out source's requests back into a leave-one-source-out "
                                "refit: give --leave-one-source-out too")

@@ -411,6 +411,11 @@ def build(out: str | Path, cfg: DataConfig, model: str = "default", device: str 
         "rows_per_split": {s: len(rows) for s, rows in harmful.items()},
         "wrapped_train_rows": sum(r["meta"]["template"] != "direct" for r in harmful["train"]),
         "category_per_split": {s: dict(sorted(Counter(r["meta"]["category"] for r in rows).items())) for s, rows in harmful.items()},
+        # how each source (a user's file: source too) was split: what a leave-one-source-out fold
+        # measures and what reaches the gate's pool
+        "behaviours_by_source_per_split": {s: dict(sorted(Counter(src for src, _ in {(r["meta"]["source"], r["meta"]["behavior_id"])
+                                                                                     for r in rows}).items()))
+                                           for s, rows in harmful.items()},
         "template_per_split": {s: dict(Counter("direct" if r["meta"]["template"] == "direct" else
                                                r["meta"]["template"] if not r["meta"]["template"].startswith(("inthewild", "dan", "autodan")) else "template"
                                                for r in rows)) for s, rows in harmful.items()},
@@ -498,6 +503,12 @@ def show(data_dir: str | Path) -> str:
     lines.append(line("general prompts", c["general_per_split"]))
     lines.append(line("borderline prompts", c["borderline_per_split"]))
     lines.append("")
+    by_source = c.get("behaviours_by_source_per_split")
+    if by_source:  # folders built before 2026-12-05 do not have it
+        lines.append("harmful behaviours by source")
+        for k in sorted({k for d in by_source.values() for k in d}):
+            lines.append(line(f"  {k}", {s: by_source.get(s, {}).get(k, 0) for s in splits.SPLITS}))
+        lines.append("")
     cats = sorted({k for d in c["category_per_split"].values() for k in d})
     lines.append("harmful conversations by category")
     for k in cats:

@@ -205,6 +205,7 @@ class Counts(TypedDict):
     rows_per_split: PerSplit
     wrapped_train_rows: int
     category_per_split: dict[str, PerSplit]
+    behaviours_by_source_per_split: NotRequired[dict[str, PerSplit]]  # since 2026-12-05
     template_families_per_split: PerSplit
     templates_per_split: PerSplit
     general_per_split: PerSplit

@@ -120,18 +120,29 @@ def _with_shots(source: str, shots: Sequence[int], x_train: torch.Tensor, y: tor
     put back. The bar is the fold's stricter one: the logit where 5% of the split's look-alikes
     (borderline prompts, ``x_lookalike`` [m, f]) fire, with Wilson and bootstrap intervals
     (:func:`tpr_at_fpr_bootstrap`), and the AUROC against those look-alikes. ``src``/``req``: each
-    pool row's source and request (None for benign rows). A ``k`` above the source's pool requests
-    is left out and named in ``too_many``; with no request left to measure, ``{"skipped": why}``."""
+    pool row's source and request (None for benign rows). A ``k`` above the source's pool requests,
+    or one that would leave none of its direct requests to measure (a source whose every request is
+    in the pool: the hand-written one), is left out and named in ``left_out`` with the reason; with
+    no ``k`` left, ``{"skipped": why}``. ``few`` is set where fewer than :data:`FEW_MEASURED`
+    requests are measured."""
     import random
 
     own = sorted({q for v, q in zip(src, req, strict=True) if v == source and q is not None})
     order = random.Random(f"{cfg.seed}:{source}").sample(own, len(own))
-    ks = sorted({k for k in shots if k <= len(own)})
-    put_back = set(order[: max(ks, default=0)])
+    left_out: dict[str, str] = {}
+    ks = []
+    for k in sorted(set(shots)):
+        if k > len(own):
+            left_out[str(k)] = f"more than its {len(own)} pool requests"
+        elif set(direct) <= set(order[:k]):
+            left_out[str(k)] = f"would leave none of its {len(direct)} direct requests to measure"
+        else:
+            ks.append(k)
+    if not ks:
+        return {"pool_requests": len(own), "left_out": left_out,
+                "skipped": f"no k to measure: {'; '.join(f'k={k} {why}' for k, why in left_out.items())}"}
+    put_back = set(order[: max(ks)])
     test = torch.tensor([q not in put_back for q in direct], dtype=torch.bool)
-    if not bool(test.any()):
-        return {"skipped": f"{source} has {len(own)} requests in the pool: none left to measure after "
-                           f"{max(ks)} put back"}
     curve = []
     for k in [0, *ks]:
         chosen = set(order[:k])
@@ -144,8 +155,14 @@ def _with_shots(source: str, shots: Sequence[int], x_train: torch.Tensor, y: tor
                       "direct_at_lookalike_fpr_0.05": proportion(int((zp > t).sum()), len(zp))
                       | {"threshold": t, "ci95_with_threshold": tpr_at_fpr_bootstrap(zp, zn, 0.05)},
                       "auroc_vs_lookalikes": discrimination(zp, zn, t)["auroc"]})
-    return {"pool_requests": len(own), "measured_on": int(test.sum()), "curve": curve,
-            **({"too_many": sorted({k for k in shots if k > len(own)})} if len(ks) < len(set(shots)) else {})}
+    n = int(test.sum())
+    return {"pool_requests": len(own), "measured_on": n, "curve": curve, **({"left_out": left_out} if left_out else {}),
+            **({"few": True} if n < FEW_MEASURED else {})}
+
+
+FEW_MEASURED = 30
+"""Requests measured below which a learning curve (:func:`_with_shots`) is flagged ``few``: its
+figures rest on so few requests that their intervals span tens of points."""
 
 
 def _caught_by_category(z: torch.Tensor, categories: list[str], threshold: float, at_lookalike: float | None) -> dict:

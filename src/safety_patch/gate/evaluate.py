@@ -205,6 +205,29 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
             "base": {"fingerprint": lm.fingerprint},  # the model every figure below was read from
             "data": {"dir": str(Path(data_dir).resolve()), "manifest_sha256": manifest_sha256(data_dir), "split": split, "seed": seed},
             "n": sizes, **rep, **({"note": note} if note else {}), "seconds": round(time.time() - t0, 1), **provenance()}
+def shots_lines(w: dict | None, pct) -> list[str]:
+    """The printed lines of one leave-one-source-out fold's learning curve (``with_shots``, see
+    ``crossfit._with_shots``): the rates per k with Wilson intervals, the bootstrap at the largest
+    k, the k values left out and why, and a warning where few requests are measured."""
+    if not w:
+        return []
+    if "skipped" in w:
+        return [f"  with its own requests put back: skipped ({w['skipped']})"]
+    m, last = w["measured_on"], w["curve"][-1]
+    boot = last["direct_at_lookalike_fpr_0.05"].get("ci95_with_threshold")
+    lines = [f"  with k of its {w['pool_requests']} pool requests put back, caught at 5% look-alike FPR (Wilson), all on "
+             f"the same {m} requests no k put back (k=0: this fold on those {m}):",
+             "    " + ", ".join(f"k={p['shots']} {pct(p['direct_at_lookalike_fpr_0.05']).strip()}" for p in w["curve"])
+             + (f"; at k={last['shots']} [{100 * boot[0]:.1f}, {100 * boot[1]:.1f}] with the threshold's own "
+                "uncertainty, bootstrap" if boot else "")]
+    for k, why in (w.get("left_out") or {}).items():
+        lines.append(f"    k={k} left out: {why}")
+    if w.get("few"):
+        lines.append(f"    few: {m} requests measured, so each figure above is a rough one (see its interval); "
+                     "smaller k values leave more to measure")
+    return lines
+
+
 USER_PROMPTS_SHOWN = 5
 """Missed / fired user prompts (gate eval --harmful/--benign) the printed table lists; the JSON has all."""
 
@@ -290,7 +313,8 @@ def report_table(rep: dict) -> str:
             c = r[name]
             a = c["auroc"]
             auc = "n/a" if a["value"] is None else f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
-            held_rows.append(f"{'LOSO ' + src + ' ' + name.split('_')[0]:<26}{auc:<24}{tpr_at_fpr_text(c, 0.01, pct):<24}"
+            label = f"LOSO {src} {name.split('_')[0]}"
+            held_rows.append(f"{label:<26}{' ' * (len(label) >= 26)}{auc:<24}{tpr_at_fpr_text(c, 0.01, pct):<24}"
                              f"{tpr_at_fpr_text(c, 0.05, pct):<24}{pct(c['tpr_at_threshold']):<24}"
                              f"{pct(c['fpr_at_threshold']):<24}{a['n_pos']}/{a['n_neg']}")
             if name != "direct_vs_benign":
@@ -304,14 +328,7 @@ def report_table(rep: dict) -> str:
                                  f"alone as negatives, {la['fpr_reached']['k']}/{la['fpr_reached']['n']} fire"
                                  + (f"; [{100 * boot[0]:.1f}, {100 * boot[1]:.1f}] with the threshold's own "
                                     "uncertainty, bootstrap" if boot else "") + ")")
-            curve = r.get("with_shots") or {}
-            if "curve" in curve:
-                held_rows.append(f"  with k of its own requests put back (measured on the {curve['measured_on']} "
-                                 "none put back, at 5% look-alike FPR): "
-                                 + ", ".join(f"k={p['shots']} {pct(p['direct_at_lookalike_fpr_0.05']).strip()}"
-                                             for p in curve["curve"]))
-            elif "skipped" in curve:
-                held_rows.append(f"  with its own requests put back: skipped, {curve['skipped']}")
+            held_rows += shots_lines(r.get("with_shots"), pct)
             by = r.get("direct_by_category") or {}
             if len(by) > 1:
                 key = "at_lookalike_fpr_0.05" if la else "at_threshold"
