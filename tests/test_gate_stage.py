@@ -604,6 +604,15 @@ def test_leave_one_source_out_with_shots_puts_back_nested_draws_of_the_source(lm
             lo, hi = c["direct_at_lookalike_fpr_0.05"]["ci95_with_threshold"]
             assert 0 <= lo <= hi <= 1 and c["auroc_vs_lookalikes"]["n_pos"] == w["measured_on"]
     assert leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val", shots=[3, 1, 6, 10_000]) == rep
+    # a split without look-alikes has no bar to draw the curve at: each fold says so
+    import safety_patch.gate.crossfit as gate_crossfit
+
+    real = gate_crossfit.held_out_prompts
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gate_crossfit, "held_out_prompts", lambda *a, **k: {**real(*a, **k), "borderline": []})
+        bare = leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val", shots=[3])
+    assert all(r["with_shots"] == {"skipped": "the val split has no borderline prompts to set the look-alike bar on"}
+               for r in bare["sources"].values())
     with pytest.raises(SafetyPatchError, match="positive"):
         leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val", shots=[0])
     with pytest.raises(SafetyPatchError, match="--leave-one-source-out"):

@@ -100,10 +100,13 @@ def leave_one_source_out(model, tokenizer, data, cfg: GateFitConfig, split: str 
                   "direct_by_category": _caught_by_category(z[a:b_], pos[s]["direct_categories"], t, t_la)}
         if e > c:  # a source with no wrapped rows (the hand-written one) has no wrapped comparison
             out[s]["wrapped_vs_wrapped_benign"] = discrimination(z[c:e], zn_w, t)
-        if shots and len(zn_b):
+        if shots and len(zn_b) and b_ > a:
             out[s]["with_shots"] = _with_shots(s, shots, x_train, y, src, list(requests) + [None] * len(benign),
                                                x_test[a:b_], [m[-1]["content"] for m in pos[s]["direct"]],
                                                x_test[nd[0] : nd[0] + len(zn_b)], layer, cfg, norm)
+        elif shots:  # asked for, and nothing to draw it on: said, not left out
+            out[s]["with_shots"] = {"skipped": f"the {split} split has no borderline prompts to set the look-alike bar on"
+                                    if not len(zn_b) else f"{s} has no direct requests to measure"}
     return {"split": split, "layer": layer[0], **({"extra_layers": list(layer[1:])} if len(layer) > 1 else {}),
             "sources": out}
 

@@ -205,6 +205,8 @@ def evaluate_gate(lm, gate_dir: str | Path, data_dir: str | Path, split: str = "
             "base": {"fingerprint": lm.fingerprint},  # the model every figure below was read from
             "data": {"dir": str(Path(data_dir).resolve()), "manifest_sha256": manifest_sha256(data_dir), "split": split, "seed": seed},
             "n": sizes, **rep, **({"note": note} if note else {}), "seconds": round(time.time() - t0, 1), **provenance()}
+
+
 def shots_lines(w: dict | None, pct) -> list[str]:
     """The printed lines of one leave-one-source-out fold's learning curve (``with_shots``, see
     ``crossfit._with_shots``): the rates per k with Wilson intervals, the bootstrap at the largest
