@@ -31,6 +31,7 @@ def tiny_plan(model: str):
             a.train.update({"data.max_train_rows": 8, "optim.batch_size": 4, "data.max_seq_len": 1024})
     plan.gate = {"self_instruct": 0, "wrapped_benign": 6, "wrapped_harmful": 4}
     plan.gate_attacks = ("past_tense", "prefill")
+    plan.gate_source_shots = (2,)  # quick mode has none; the full report's learning curve, on the tiny run
     plan.eval_limit, plan.max_new_tokens, plan.capability_limit, plan.analysis_prompts = 4, 4, 6, 2
     plan.analysis_ks = (4, 8)
     return plan
@@ -278,6 +279,13 @@ def test_reproduce_tiny_run_tree_and_report(tiny_dir, tmp_path, monkeypatch, cap
     assert "leave one harmful source out" in md.lower() and "prefill" in md
     assert "| direct at 5% look-alike FPR |" in md and all(
         "ci95_with_threshold" in r["direct_at_lookalike_fpr_0.05"] for r in rep["leave_one_source_out"]["sources"].values())
+    # each fold's learning curve, in the JSON and as the report's table
+    curves = {s: r["with_shots"] for s, r in rep["leave_one_source_out"]["sources"].items()}
+    assert all([p["shots"] for p in w["curve"]] == [0, 2] for w in curves.values())
+    assert "| held-out source | pool requests | measured on | k=0 | k=2 | bootstrap at the largest k |" in md
+    for s, w in curves.items():
+        row = next(line for line in md.splitlines() if line.startswith(f"| {s}") and f"| {w['pool_requests']} |" in line)
+        assert f"{100 * w['curve'][1]['direct_at_lookalike_fpr_0.05']['value']:.1f}%" in row
     # beside the folds, the gate itself on the split's requests at the same look-alike bar
     inside = rep["direct_vs_lookalikes"]["tpr_at_fpr_0.05"]
     assert f"| none (the gate itself, on the split's requests) | {100 * rep['fired']['harmful_direct']['value']:.1f}%" in md
@@ -307,6 +315,8 @@ def test_quick_arms_train_long_enough_to_move_and_default_arms_keep_the_recipes(
     assert [a for a in default if a.startswith("full-mix")] == ["full-mix-1", "full-mix-2"]
     assert default["full-mix-2"]["data.general_ratio"] == 2.0
     assert quick["lora-safety+gate"] == {"from": "lora-safety"}
+    # the gate report's learning curve: on the default and full plans' sources, not quick mode's small ones
+    assert make_plan(quick=True).gate_source_shots == () and make_plan().gate_source_shots == (25, 50, 100)
     assert not any(k in t for t in default.values() for k in ("optim.epochs", "optim.lr"))
     for lr, recipe in ((QUICK_LORA["optim.lr"], "paper"), (QUICK_FULL["optim.lr"], "full-safety")):
         assert abs(lr / resolve_config(recipe).resolved_lr() - 5) < 1e-9  # "5x the recipe's rate", as the report says

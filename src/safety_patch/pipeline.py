@@ -60,6 +60,10 @@ class Plan:
     the plan's data folder does not build); None = no gate and no gated arm."""
     gate_attacks: tuple[str, ...] | None = None
     """Rule attacks of the gate's reliability report; None = those the train split never used."""
+    gate_source_shots: tuple[int, ...] = (25, 50, 100)
+    """The report's leave-one-source-out learning curve (`gate eval --source-shots`): how many of a
+    held-out source's own requests the gate needs; () = none (quick mode: its sources are too small
+    to leave enough to measure)."""
 
 
 QUICK_LORA = {"optim.epochs": 3.0, "optim.lr": 1e-3}
@@ -138,6 +142,7 @@ def make_plan(model: str = "default", quick: bool = False, full: bool = False, s
         # history, prefill) keep the gate stage to a few minutes on a CPU
         plan.gate = {"self_instruct": 0, "wrapped_benign": 200, "wrapped_harmful": 100, "rephrased": 150}
         plan.gate_attacks = ("past_tense", "base64", "multi_turn", "prefill")
+        plan.gate_source_shots = ()
     return plan
 
 
@@ -239,7 +244,7 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
     # 2a. the gate (its own stage: gate fit), and its reliability on the held-out test split
     gate_dir = run / "02-gate"
     gate_key = _hash({"gate": plan.gate, "attacks": plan.gate_attacks, "data": data_hash, "model": model_fp,
-                      "code": code})
+                      "code": code, **({"shots": plan.gate_source_shots} if plan.gate_source_shots else {})})
     if plan.gate is not None:
         step += 1
         if not st.done(gate_dir, gate_key):
@@ -261,7 +266,8 @@ def reproduce(out: str | Path, plan: Plan, device: str = "auto", dtype: str = "a
                     f"any threshold gives it a working gate with `safety-patch gate fit --data {data_dir} --out GATE "
                     f"--model {plan.model}{_gate_fit_flags(plan.gate)} --target-fpr 0.05` (or --threshold)") from None
             write_json(gate_dir / "eval.json", evaluate_gate(lm, gate_dir / "gate", data_dir, "test", loso=True,
-                                                             attacks=plan.gate_attacks, lofo=True))
+                                                             attacks=plan.gate_attacks, lofo=True,
+                                                             shots=plan.gate_source_shots))
             del lm
             st.mark(gate_dir, gate_key, time.time() - t)
         else:

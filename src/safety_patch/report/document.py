@@ -242,6 +242,28 @@ def gate_blocks(g: dict) -> list[tuple]:
                          auc(g["wrapped_vs_wrapped_benign"]["auroc"])])
         B.append(("table", ["held-out source", "direct caught", "direct at 5% look-alike FPR", "direct AUROC",
                             "wrapped caught", "wrapped AUROC"], rows))
+        curves = {s: w for s, r in loso.items() if "curve" in (w := r.get("with_shots") or {})}
+        if curves:
+            ks = sorted({p["shots"] for w in curves.values() for p in w["curve"]})
+            B.append(("p", "How many of a held-out source's own requests the gate needs: each fold refit again with "
+                           "k of the source's pool requests put back (nested draws), every k measured on the same "
+                           "requests (those no k put back), direct caught at 5% look-alike FPR with a Wilson interval; "
+                           "the last column carries the threshold's own uncertainty at the largest k (bootstrap). "
+                           "'-': a k the source cannot give (more than its pool requests, or none left to measure)."))
+
+            def at(w: dict, k: int) -> str:
+                p = next((p for p in w["curve"] if p["shots"] == k), None)
+                return pct(p["direct_at_lookalike_fpr_0.05"]) if p else "-"
+
+            def boot(w: dict) -> str:
+                last = w["curve"][-1]
+                b = last["direct_at_lookalike_fpr_0.05"].get("ci95_with_threshold")
+                return f"k={last['shots']}: [{100 * b[0]:.1f}, {100 * b[1]:.1f}]" if b else "-"
+
+            B.append(("table", ["held-out source", "pool requests", "measured on", *(f"k={k}" for k in ks),
+                                "bootstrap at the largest k"],
+                      [[s + (" (few)" if w.get("few") else ""), str(w["pool_requests"]), str(w["measured_on"]),
+                        *(at(w, k) for k in ks), boot(w)] for s, w in curves.items()]))
     if lofo := g.get("leave_one_family_out"):
         c = lofo["wrapped_vs_wrapped_benign"]
         B.append(("p", f"Leave one template family out: the gate refit without each group of the train split's "
