@@ -604,6 +604,10 @@ def test_leave_one_source_out_with_shots_puts_back_nested_draws_of_the_source(lm
             lo, hi = c["direct_at_lookalike_fpr_0.05"]["ci95_with_threshold"]
             assert 0 <= lo <= hi <= 1 and c["auroc_vs_lookalikes"]["n_pos"] == w["measured_on"]
     assert leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val", shots=[3, 1, 6, 10_000]) == rep
+    # every request put back brings back every pool prompt of the source (direct and wrapped): the in-source pool
+    s0 = sorted(own)[0]
+    whole = leave_one_source_out(lm.model, lm.tokenizer, data_dir, CFG, "val", shots=[len(own[s0])])
+    assert whole["sources"][s0]["with_shots"]["curve"][-1]["pool_prompts_added"] == p.sources.count(s0)
     # a split without look-alikes has no bar to draw the curve at: each fold says so
     import safety_patch.gate.crossfit as gate_crossfit
 
