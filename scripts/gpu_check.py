@@ -34,6 +34,13 @@ from safety_patch.train.run import train
 
 
 def main() -> None:
+    # its folders (a tiny model, a data folder, four patches: ~20 MB) go when it ends, also on failure
+    with tempfile.TemporaryDirectory(prefix="safety-patch-gpu-check-") as d:
+        run(Path(d))
+
+
+def run(tmp: Path) -> None:
+    """The whole check, its files under ``tmp``."""
     t0 = time.time()
     out = {}
     cpu = "--cpu" in sys.argv[1:]
@@ -41,7 +48,6 @@ def main() -> None:
     print("runtime:", rt.describe())
     assert cpu or (rt.device.type == "cuda" and rt.dtype is torch.bfloat16), rt
     dev = rt.device.type
-    tmp = Path(tempfile.mkdtemp())
     model_dir = save_tiny_model(tmp / "tiny", hidden=256, layers=4, tie=False)
     lm = load_model(str(model_dir), device=dev)
     assert next(lm.model.parameters()).device.type == dev and next(lm.model.parameters()).dtype is rt.dtype

@@ -14,9 +14,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
 
 def test_gpu_check_runs_on_the_cpu(tmp_path):
-    env = dict(os.environ, SAFETY_PATCH_HOME=str(tmp_path / "home"))
+    (scratch := tmp_path / "tmpdir").mkdir()
+    env = dict(os.environ, SAFETY_PATCH_HOME=str(tmp_path / "home"), TMPDIR=str(scratch))
     r = subprocess.run([sys.executable, str(SCRIPT), "--cpu"], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    # its ~20 MB of folders went with it (they were left in /tmp each run); torch's own compile cache may stay
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
     out = json.loads(r.stdout[r.stdout.rindex("\n{\n") + 1:])  # the final report (json, indented)
     assert out["gpu"] == "none (--cpu)" and out["detach_max_abs_diff"] == 0.0
     g = out["gated"]
