@@ -146,15 +146,17 @@ def _with_shots(source: str, shots: Sequence[int], x_train: torch.Tensor, y: tor
                 "skipped": f"no k to measure: {'; '.join(f'k={k} {why}' for k, why in left_out.items())}"}
     put_back = set(order[: max(ks)])
     test = torch.tensor([q not in put_back for q in direct], dtype=torch.bool)
+    # a pool row of the source comes back once k exceeds its request's rank (a row without a request: never)
+    rank = {q: i for i, q in enumerate(order)}
+    own_rank = torch.tensor([rank.get(q, len(order)) if v == source else -1 for v, q in zip(src, req, strict=True)])
     curve = []
     for k in [0, *ks]:
-        chosen = set(order[:k])
-        keep = torch.tensor([v != source or q in chosen for v, q in zip(src, req, strict=True)])
+        added = (own_rank >= 0) & (own_rank < k)
+        keep = (own_rank < 0) | added
         gate = fit_gate_probe(x_train[keep], y[keep], layer, cfg, norm)
         zp, zn = gate.scores(x_direct[test]), gate.scores(x_lookalike)
         t = threshold_at_fpr(zn, 0.05)
-        curve.append({"shots": k, "pool_prompts_added": int(sum(v == source and q in chosen
-                                                                for v, q in zip(src, req, strict=True))),
+        curve.append({"shots": k, "pool_prompts_added": int(added.sum()),
                       "direct_at_lookalike_fpr_0.05": proportion(int((zp > t).sum()), len(zp))
                       | {"threshold": t, "ci95_with_threshold": tpr_at_fpr_bootstrap(zp, zn, 0.05)},
                       "auroc_vs_lookalikes": discrimination(zp, zn, t)["auroc"]})
