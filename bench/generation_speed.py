@@ -11,8 +11,9 @@ batches decoded by the decoder below) on the same prompts (general + borderline
 resources), nothing read from the generation cache. Tokens counted: every position each row
 decodes until its EOS or the limit (what the hardware computed for kept rows). Greedy outputs
 are compared: fp32 at each batch size with fp32 at batch 8 (or the smallest batch of
-``--batches`` when 8 is not among them: ``ref_batch``), bf16 with fp32 at the same batch size; the share of prompts whose whole answer is identical, and the
-share whose first 16 tokens are. Beside each batch size: the model's linear layers alone at that
+``--batches`` when 8 is not among them: ``ref_batch``), bf16 with fp32 at the same batch
+size; the share of prompts whose whole answer is identical, and the share whose first 16
+tokens are. Beside each batch size: the model's linear layers alone at that
 many rows (:func:`linear_bound`), the ceiling for an engine that computes the same fp32 matmuls.
 
 Decoders (``--decoders``): ``pruned`` is ``decoding.greedy``, the product's greedy path, which
