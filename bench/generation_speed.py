@@ -10,11 +10,10 @@ Each row times ``generation.generate`` (the path evaluation uses: length-sorted,
 batches decoded by the decoder below) on the same prompts (general + borderline
 resources), nothing read from the generation cache. Tokens counted: every position each row
 decodes until its EOS or the limit (what the hardware computed for kept rows). Greedy outputs
-are compared: fp32 at each batch size with fp32 at batch 8 (or the smallest batch of
-``--batches`` when 8 is not among them: ``ref_batch``), bf16 with fp32 at the same batch
-size; the share of prompts whose whole answer is identical, and the share whose first 16
-tokens are. Beside each batch size: the model's linear layers alone at that
-many rows (:func:`linear_bound`), the ceiling for an engine that computes the same fp32 matmuls.
+are compared: fp32 at each batch size with fp32 at the smallest batch of ``--batches``
+(``ref_batch``: 8 by default), bf16 with fp32 at the same batch size; the share of prompts
+whose whole answer is identical, and the share whose first 16 tokens are. Beside each batch
+size: the model's linear layers alone at that many rows (:func:`linear_bound`), the ceiling for an engine that computes the same fp32 matmuls.
 
 Decoders (``--decoders``): ``pruned`` is ``decoding.greedy``, the product's greedy path, which
 drops a row from the batch once it has stopped; ``hf`` is transformers' ``generate`` on the same
@@ -119,7 +118,7 @@ def main() -> None:
     if (args.data is None) != (args.patch is None):
         ap.error("--data and --patch go together")
     threads = rt.configure_threads()
-    batches = sorted({int(x) for x in args.batches.split(",")})
+    batches = sorted({int(x) for x in args.batches.split(",")})  # ascending: the reference batch is timed first
     res = Path(__file__).resolve().parents[1] / "src" / "safety_patch" / "resources"
     texts = [line.split("\t")[-1] for name in ("general_prompts.tsv", "borderline_prompts.tsv")
              for line in (res / name).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -220,7 +219,7 @@ def main() -> None:
         limit = peak32 * 1e9 / (2 * n_params)
         tok = lm.tokenizer
         generate(lm.model, tok, convs[:4], GenerationConfig(max_new_tokens=4, batch_size=4))  # warm-up
-        for b in sorted({int(x) for x in args.batches.split(",")}):
+        for b in batches:
             tps = linear_bound(lm.model, b)
             bounds[f"{dt}/{b}"] = {"tokens_per_s": round(tps, 1), "pct_of_2N_limit": round(100 * tps / limit, 1)}
             print(f"{dt} batch {b}: the model's linear layers alone {tps:.1f} tokens/s "
@@ -231,7 +230,7 @@ def main() -> None:
                          eval_prompts(args.data, args.eval_prompts), 96))
         model, made = None, None
         for (wl, make, cv, max_new), b, rep, dec in itertools.product(
-                work, [int(x) for x in args.batches.split(",")], range(args.repeats), args.decoders.split(",")):
+                work, batches, range(args.repeats), args.decoders.split(",")):
             if made != wl:
                 model, made = make(), wl
             cfg = GenerationConfig(max_new_tokens=max_new, batch_size=b)
@@ -271,9 +270,7 @@ def main() -> None:
                 print(row, flush=True)
                 continue
             ref = outs.get((wl, "float32", b, dec))
-            # the reference batch: 8 (the evaluations' default before session 14) when measured,
-            # else the smallest batch of --batches
-            b0 = 8 if 8 in batches else batches[0]
+            b0 = batches[0]  # the reference: the smallest batch (8 by default, the evaluations' before session 14)
             ref0 = outs.get((wl, "float32", b0, dec))
             if dt == "float32" and b != b0 and ref0 is not None:
                 # batch composition changes the last bits of each matmul (padding, shapes): the
